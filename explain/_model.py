@@ -1,0 +1,235 @@
+"""Torch-side helpers: checks on the model, a numpy predict function, targets."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from explain._checks import as_inputs, check_background, check_feature_names, check_seed, check_task
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+# Rows per forward pass when evaluating many perturbed inputs; bounded memory.
+_BATCH = 2048
+
+
+def check_model(model: nn.Module) -> nn.Module:
+    """Check that ``model`` is a plain torch module in eval mode.
+
+    Raises
+    ------
+    ValueError
+        If it is not an ``nn.Module``, is in training mode, or is still wrapped
+        by Opacus (``GradSampleModule``), whose hooks break SHAP.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model is a {type(model).__name__}; pass a torch.nn.Module.")
+    if type(model).__name__ == "GradSampleModule" or hasattr(model, "_module"):
+        raise ValueError(
+            "model is wrapped by Opacus (GradSampleModule); copy its weights into a fresh, "
+            "unwrapped model (strip the '_module.' prefix) before explaining it."
+        )
+    if model.training:
+        raise ValueError("model is in training mode (dropout/noise would make explanations random); call model.eval().")
+    return model
+
+
+def make_predict_fn(model: nn.Module, *, task: str) -> PredictFn:
+    """Numpy prediction function over a torch model.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Regressor ``(N, F) -> (N, 1)`` or classifier ``(N, ...) -> (N, K)`` logits.
+    task : {"regression", "classification"}
+        Regression returns ``(m,)`` values; classification returns ``(m, K)`` logits.
+
+    Returns
+    -------
+    callable
+        ``predict(x: np.ndarray) -> np.ndarray``, evaluated without gradients in
+        batches of at most 2048 rows.
+    """
+    check_model(model)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], _BATCH):
+                chunks.append(model(torch.from_numpy(x[start : start + _BATCH])).double().numpy())
+        out = np.concatenate(chunks, axis=0) if chunks else np.zeros((0,))
+        if task == "regression":
+            if out.ndim == 2 and out.shape[1] != 1:
+                raise ValueError(
+                    f"task='regression' but the model returns {out.shape[1]} outputs per row; "
+                    "use task='classification' or a single-output model."
+                )
+            return out.reshape(-1)
+        if out.ndim != 2:
+            raise ValueError(f"task='classification' needs (N, K) logits; the model returned shape {out.shape}.")
+        return out
+
+    return predict
+
+
+def resolve_targets(
+    predict: PredictFn, x: np.ndarray, *, task: str, targets: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Explained outputs ``(n,)`` and targets: the given class, else the predicted one.
+
+    Raises
+    ------
+    ValueError
+        If targets are given for regression, or have the wrong shape or range.
+    """
+    out = predict(x)
+    if task == "regression":
+        if targets is not None:
+            raise ValueError("targets were given for task='regression'; pass targets=None.")
+        return out, None
+    n_classes = out.shape[1]
+    if targets is None:
+        tgt = out.argmax(axis=1)
+    else:
+        tgt = np.asarray(targets).reshape(-1)
+        if tgt.shape != (x.shape[0],) or not np.issubdtype(tgt.dtype, np.integer):
+            raise ValueError(f"targets must be {x.shape[0]} integer class indices; got shape {tgt.shape} {tgt.dtype}.")
+        if tgt.min() < 0 or tgt.max() >= n_classes:
+            raise ValueError(f"targets must lie in [0, {n_classes - 1}]; got range [{tgt.min()}, {tgt.max()}].")
+    tgt = tgt.astype(np.int64)
+    return out[np.arange(x.shape[0]), tgt], tgt
+
+
+def select_output(predict: PredictFn, *, task: str, target: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> (m,)``: the regression value, or logit ``target`` of a classifier."""
+    if task == "regression":
+        return predict
+    return lambda x: predict(x)[:, target]
+
+
+def _select_logit(n_classes: int, target: int) -> nn.Linear:
+    """A fixed one-hot ``nn.Linear(K, 1)`` that picks logit ``target``.
+
+    A plain ``nn.Linear`` (not a subclass: shap matches modules by class name)
+    lets DeepExplainer pass DeepLIFT multipliers through it, so one class is
+    explained without back-propagating all K outputs.
+    """
+    layer = nn.Linear(n_classes, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[0, target] = 1.0
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+def single_output_model(model: nn.Module, *, task: str, n_classes: int | None, target: int | None) -> nn.Module:
+    """The model restricted to the one output explained, shape ``(N, 1)``."""
+    if task == "regression":
+        return model
+    return nn.Sequential(model, _select_logit(int(n_classes), int(target))).eval()
+
+
+@contextlib.contextmanager
+def clean_shap_attributes(model: nn.Module) -> Iterator[None]:
+    """Remove the ``x``/``y`` tensors DeepExplainer's hooks leave on leaf modules.
+
+    shap only cleans children of ``nn.Sequential`` containers; on custom
+    modules the saved activations would otherwise stay attached to the model.
+    """
+    before = {id(m): (hasattr(m, "x"), hasattr(m, "y")) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            had = before.get(id(m), (False, False))
+            for attr, existed in zip(("x", "y"), had):
+                if not existed and isinstance(getattr(m, attr, None), torch.Tensor):
+                    delattr(m, attr)
+
+
+@contextlib.contextmanager
+def scoped_numpy_seed(seed: int) -> Iterator[None]:
+    """Seed numpy's global RNG for a block, then restore its previous state.
+
+    shap's Kernel and Gradient explainers draw from ``np.random`` (Gradient even
+    calls ``np.random.seed``). This confines that to the call, so the caller's
+    global RNG state is left as it was and our result depends only on ``seed``.
+    """
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def n_outputs(predict: PredictFn, background: np.ndarray, *, task: str) -> int | None:
+    """Number of classes K for a classifier, ``None`` for regression."""
+    if task == "regression":
+        return None
+    return int(predict(background[:1]).shape[1])
+
+
+class Prepared:
+    """Validated arguments shared by every explainer (see :func:`prepare`)."""
+
+    __slots__ = ("model", "x", "background", "task", "seed", "feature_names", "predict", "outputs", "targets", "n_classes")
+
+    def __init__(self, **kw: object) -> None:
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+def prepare(
+    model: nn.Module,
+    x: np.ndarray,
+    *,
+    background: np.ndarray,
+    task: str,
+    seed: int,
+    feature_names: object = None,
+    targets: np.ndarray | None = None,
+    ndims: tuple[int, ...] = (2, 4),
+    method: str = "",
+) -> Prepared:
+    """Check the common explainer arguments and compute outputs and targets.
+
+    Raises
+    ------
+    ValueError
+        On any invalid argument; the message names it and the fix.
+    """
+    check_task(task)
+    seed = check_seed(seed)
+    check_model(model)
+    try:
+        xa = as_inputs(x, name="x", ndims=ndims)
+    except ValueError as err:
+        if method and np.ndim(x) in (2, 4):
+            kinds = {2: "tabular (n, F)", 4: "image (n, C, H, W)"}
+            raise ValueError(
+                f"{method} explains {' and '.join(kinds[d] for d in ndims)} inputs, not shape {np.shape(x)}; "
+                "choose an explainer for this input kind (see explain.available_explainers())."
+            ) from err
+        raise
+    bg = check_background(background, xa)
+    names = check_feature_names(feature_names, xa)  # type: ignore[arg-type]
+    predict = make_predict_fn(model, task=task)
+    outputs, tgt = resolve_targets(predict, xa, task=task, targets=targets)
+    return Prepared(
+        model=model,
+        x=xa,
+        background=bg,
+        task=task,
+        seed=seed,
+        feature_names=names,
+        predict=predict,
+        outputs=outputs,
+        targets=tgt,
+        n_classes=n_outputs(predict, bg, task=task),
+    )

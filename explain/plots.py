@@ -1,0 +1,171 @@
+"""Figures as PNG bytes. No files are written and no global style is set.
+
+Our own figures are drawn on ``matplotlib.figure.Figure`` objects with an Agg
+canvas, which bypasses pyplot and the global backend. shap's plots draw on
+pyplot's current figure, so for those a fresh pyplot figure is opened, saved
+and closed.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from explain._checks import check_positive_int
+from explain.quality import DeletionInsertionResult
+from explain.types import Explanation
+
+__all__ = ["beeswarm_png", "waterfall_png", "importance_bar_png", "image_grid_png", "deletion_insertion_png"]
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _require_tabular(expl: Explanation, what: str) -> None:
+    if expl.is_image:
+        raise ValueError(f"{what} needs a tabular explanation; got feature shape {expl.feature_shape}. Use image_grid_png.")
+
+
+def _to_shap(expl: Explanation):  # -> shap.Explanation
+    import shap
+
+    base = expl.base_values if expl.base_values is not None else np.zeros(expl.n)
+    return shap.Explanation(values=expl.values, base_values=base, data=expl.inputs, feature_names=list(expl.names()))
+
+
+def _shap_png(draw) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    try:
+        draw()
+        fig = plt.gcf()  # shap may resize or replace the current figure
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def beeswarm_png(expl: Explanation, *, max_display: int = 10) -> bytes:
+    """shap beeswarm of a tabular explanation: one dot per row and feature.
+
+    Raises
+    ------
+    ValueError
+        For image explanations.
+    """
+    import shap
+
+    _require_tabular(expl, "beeswarm_png")
+    max_display = check_positive_int("max_display", max_display)
+    return _shap_png(lambda: shap.plots.beeswarm(_to_shap(expl), max_display=max_display, show=False))
+
+
+def waterfall_png(expl: Explanation, *, row: int = 0, max_display: int = 10) -> bytes:
+    """shap waterfall of one row: base value, contributions, output.
+
+    Raises
+    ------
+    ValueError
+        For image explanations, explanations without base values, or a bad row.
+    """
+    import shap
+
+    _require_tabular(expl, "waterfall_png")
+    if expl.base_values is None:
+        raise ValueError(f"{expl.method} has no base values; a waterfall needs them (use a shap-* explanation).")
+    if not 0 <= row < expl.n:
+        raise ValueError(f"row={row} is out of range; pass 0 <= row < {expl.n}.")
+    max_display = check_positive_int("max_display", max_display)
+    return _shap_png(lambda: shap.plots.waterfall(_to_shap(expl)[row], max_display=max_display, show=False))
+
+
+def importance_bar_png(expls: Explanation | Sequence[Explanation], *, max_display: int = 10) -> bytes:
+    """Horizontal bars of mean |attribution| per feature, one bar group per explanation.
+
+    Features are ordered by the first explanation's importance; several
+    explanations of the same features (e.g. SHAP vs LIME, teacher vs student)
+    are drawn side by side.
+    """
+    expls = [expls] if isinstance(expls, Explanation) else list(expls)
+    if not expls:
+        raise ValueError("expls is empty; pass at least one Explanation.")
+    for e in expls:
+        _require_tabular(e, "importance_bar_png")
+        if e.feature_shape != expls[0].feature_shape:
+            raise ValueError(f"explanations cover {e.feature_shape} vs {expls[0].feature_shape} features; pass matching ones.")
+    max_display = check_positive_int("max_display", max_display)
+    order = np.argsort(-expls[0].mean_abs(), kind="stable")[:max_display][::-1]
+    names = np.asarray(expls[0].names())[order]
+    fig = Figure(figsize=(6, 0.35 * len(order) + 1.2))
+    ax = fig.add_subplot()
+    height = 0.8 / len(expls)
+    for j, e in enumerate(expls):
+        ax.barh(np.arange(len(order)) + j * height, e.mean_abs()[order], height=height, label=e.method)
+    ax.set_yticks(np.arange(len(order)) + 0.4 - height / 2, labels=names)
+    ax.set_xlabel("mean |attribution|")
+    if len(expls) > 1:
+        ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def image_grid_png(expls: Sequence[Explanation], *, n_images: int = 4) -> bytes:
+    """Grid: one row per image; the input, then one heatmap per explanation.
+
+    Heatmaps show the attribution summed over channels, in a diverging map
+    centred at 0 (red: toward the explained class). Titles give class and logit.
+    """
+    expls = list(expls)
+    if not expls or not all(e.is_image for e in expls):
+        raise ValueError("image_grid_png needs one or more image explanations (values of shape (n, C, H, W)).")
+    for e in expls[1:]:
+        if e.values.shape != expls[0].values.shape:
+            raise ValueError(f"{e.method} has shape {e.values.shape}, {expls[0].method} {expls[0].values.shape}; explain the same images.")
+    n = min(check_positive_int("n_images", n_images), expls[0].n)
+    cols = 1 + len(expls)
+    fig = Figure(figsize=(1.8 * cols, 1.8 * n + 0.3))
+    axes = fig.subplots(n, cols, squeeze=False)
+    for i in range(n):
+        img = np.transpose(expls[0].inputs[i], (1, 2, 0))
+        img = (img - img.min()) / max(np.ptp(img), 1e-12)  # display scaling only
+        axes[i, 0].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+        t = "" if expls[0].targets is None else f"class {expls[0].targets[i]}"
+        axes[i, 0].set_title(f"input {t}", fontsize=8)
+        for j, e in enumerate(expls, start=1):
+            heat = e.values[i].sum(axis=0)
+            lim = max(float(np.abs(heat).max()), 1e-12)
+            axes[i, j].imshow(heat, cmap="bwr", vmin=-lim, vmax=lim)
+            axes[i, j].set_title(f"{e.method}\nlogit {e.outputs[i]:.2f}", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _png(fig)
+
+
+def deletion_insertion_png(results: DeletionInsertionResult | Sequence[DeletionInsertionResult]) -> bytes:
+    """Mean deletion and insertion curves, each beside its random-order reference."""
+    results = [results] if isinstance(results, DeletionInsertionResult) else list(results)
+    if not results:
+        raise ValueError("results is empty; pass at least one DeletionInsertionResult.")
+    fig = Figure(figsize=(9, 3.5))
+    ax_del, ax_ins = fig.subplots(1, 2)
+    for r in results:
+        line = ax_del.plot(r.fractions, r.deletion_curve, label=f"{r.method} (AUC {r.deletion_auc:.3g})")[0]
+        ax_del.plot(r.fractions, r.random_deletion_curve, ls="--", color=line.get_color(), alpha=0.6)
+        line = ax_ins.plot(r.fractions, r.insertion_curve, label=f"{r.method} (AUC {r.insertion_auc:.3g})")[0]
+        ax_ins.plot(r.fractions, r.random_insertion_curve, ls="--", color=line.get_color(), alpha=0.6)
+    for ax, title in ((ax_del, "deletion (lower is better)"), (ax_ins, "insertion (higher is better)")):
+        ax.set_title(title + "; dashed: random order", fontsize=9)
+        ax.set_xlabel("fraction of features")
+        ax.set_ylabel("explained output")
+        ax.legend(fontsize=7)
+    return _png(fig)

@@ -1,0 +1,68 @@
+"""Byte encodings of the artifacts stages hand to the runner: JSON, .npz arrays, safetensors weights.
+
+None of them unpickles anything on the way back in.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN/inf; null says "not available"
+    return obj
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Encode ``obj`` as pretty, key-sorted UTF-8 JSON (numpy values converted, NaN -> null)."""
+    return (json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def read_json(data: bytes) -> Any:
+    """Decode :func:`json_bytes` output."""
+    return json.loads(data.decode("utf-8"))
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Encode named arrays as an uncompressed .npz archive."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def read_npz(data: bytes) -> dict[str, np.ndarray]:
+    """Decode :func:`npz_bytes` output without allowing pickled objects."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {k: archive[k] for k in archive.files}
+
+
+def state_dict_bytes(state_dict: Mapping[str, Any], *, metadata: Mapping[str, str] | None = None) -> bytes:
+    """Encode a torch state dict as safetensors (tensors only, no code)."""
+    import torch
+    from safetensors.torch import save
+
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("_module.") for k in clean):
+        raise ValueError("state dict still carries Opacus' '_module.' prefix; unwrap it with pipeline.privacy.unwrap_state_dict")
+    return save(clean, metadata=dict(metadata or {}))
+
+
+def read_state_dict(data: bytes) -> dict[str, Any]:
+    """Decode :func:`state_dict_bytes` output into CPU tensors."""
+    from safetensors.torch import load
+
+    return load(data)

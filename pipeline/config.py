@@ -1,0 +1,360 @@
+"""The configuration tree: frozen, typed dataclasses with defaults in code.
+
+Load order: defaults -> TOML file -> dotted overrides (``cnn.fit.epochs=3``).
+An unknown key, a wrong type or an impossible value raises :class:`ConfigError`
+naming the key and what is valid, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pipeline.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tabular_csv: str = ""  # CSV file for the regressor; "" = scikit-learn's embedded diabetes table
+    target: str = ""  # target column of tabular_csv (required when tabular_csv is set)
+    images: str = ""  # .npz (x, y) or folder of class sub-folders of PNGs; "" = embedded 8x8 digits
+    nan_policy: Literal["error", "drop", "impute"] = "error"  # NaN/inf rows: fail, drop them, or impute train medians
+    test_fraction: float = 0.2  # share of rows held out for the final test metrics, (0, 0.5]
+    val_fraction: float = 0.1  # share of rows for validation / early stopping, (0, 0.5]
+    public_fraction: float = 0.1  # share declared public (explanation backgrounds, distillation), [0, 0.5]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int = 30  # passes over the training split, >= 1
+    batch_size: int = 32  # rows per batch (under DP: expected batch size of Poisson sampling), >= 1
+    lr: float = 1e-3  # learning rate, > 0
+    optimizer: Literal["adam", "sgd"] = "adam"  # torch optimizer
+    momentum: float = 0.9  # SGD momentum, [0, 1)
+    weight_decay: float = 0.0  # L2 penalty, >= 0
+    max_grad_norm: float = 1.0  # DP only: per-sample gradient clipping norm C, > 0
+
+
+@dataclass(frozen=True)
+class RegressorConfig:
+    hidden_sizes: tuple[int, ...] = (64, 32)  # widths of the MLP's hidden layers
+    activation: Literal["relu", "tanh"] = "relu"  # hidden activation
+    ridge_alpha: float = 1.0  # L2 strength of the scikit-learn Ridge baseline, >= 0
+    fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=200, batch_size=32, lr=1e-3, weight_decay=1e-4))
+    dp_fit: FitConfig = field(  # training settings used instead of `fit` when dp.enabled
+        default_factory=lambda: FitConfig(epochs=60, batch_size=64, lr=5e-3, max_grad_norm=1.0)
+    )
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    channels: tuple[int, ...] = (32, 64)  # output channels of each conv -> activation -> pool block
+    kernel_size: int = 3  # odd conv kernel size, padded to keep the spatial size
+    hidden: int = 64  # width of the hidden linear layer before the head (0 = none)
+    activation: Literal["relu", "tanh"] = "relu"  # activation after every conv and hidden layer
+    fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=40, batch_size=32, lr=1e-3))
+    dp_fit: FitConfig = field(  # training settings used instead of `fit` when dp.enabled
+        default_factory=lambda: FitConfig(epochs=40, batch_size=256, lr=2e-3, max_grad_norm=1.0)
+    )
+    dp_activation: Literal["relu", "tanh", "same"] = "tanh"  # activation under DP ("same" = activation)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: Literal["central", "federated"] = "central"  # where training runs
+    patience: int = 10  # early stopping: epochs without validation improvement (0 = off; off under DP)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present
+    num_threads: int = 1  # torch CPU threads per process (1 is fastest for these small models), >= 1
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    enabled: bool = False  # train with DP-SGD (Opacus)
+    target_epsilon: float = 3.0  # privacy budget epsilon for the whole training of each model, > 0
+    delta: float = 1e-5  # delta, in (0, 1); keep it well below 1/n_train
+    noise_multiplier: float = 0.0  # sigma; 0 = derive it from target_epsilon (refused if it would overspend)
+    accountant: Literal["prv", "rdp", "gdp"] = "prv"  # Opacus accountant
+    secure_mode: bool = False  # cryptographically secure noise (not seedable; needs torchcsprng)
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"  # Opacus per-sample gradient engine
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    n_clients: int = 5  # simulated clients, >= 1
+    rounds: int = 10  # federated rounds, >= 1
+    local_epochs: int = 1  # epochs each client trains per round, >= 1
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"  # Flower strategy
+    partitioner: Literal["iid", "dirichlet", "quantity"] = "iid"  # how rows are split between clients
+    dirichlet_alpha: float = 0.5  # label skew of the dirichlet partitioner, > 0
+    min_clients: int = 2  # a round goes on with at least this many clients replying, >= 1
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0  # root seed; every stage and client derives its own from it
+    data: DataConfig = field(default_factory=DataConfig)
+    regressor: RegressorConfig = field(default_factory=RegressorConfig)
+    cnn: CNNConfig = field(default_factory=CNNConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the configuration: defaults, then a TOML file, then ``key=value`` overrides.
+
+    Parameters
+    ----------
+    path : TOML file, or None for the defaults only.
+    overrides : dotted assignments such as ``"cnn.fit.epochs=3"``; values are parsed as TOML
+        (``true``, ``3``, ``1e-5``, ``[16, 32]``), falling back to a plain string.
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    ConfigError
+        For a missing or malformed file, an unknown key, a wrong type or an impossible value.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing TOML file to --config")
+        try:
+            tree = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML ({exc}); fix the syntax") from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. cnn.fit.epochs=3")
+        _set_dotted(tree, key.strip(), _parse_scalar(raw.strip()))
+    cfg = _build(Config(), tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _build(default: Any, tree: Mapping[str, Any], prefix: str) -> Any:
+    """Apply ``tree`` onto the ``default`` dataclass instance, checking keys and types."""
+    cls = type(default)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(tree) - set(names))
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys in {where}: {', '.join(names)}")
+    changes = {}
+    for name, value in tree.items():
+        key, current = prefix + name, getattr(default, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key {key!r} is a section; set its keys, e.g. {key}.<name>=...")
+            changes[name] = _build(current, value, key + ".")
+        elif isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} is a value, not a section; write {key}=...")
+        else:
+            changes[name] = _coerce(value, hints[name], key)
+    return dataclasses.replace(default, **changes)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} = {value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list of {item_type.__name__}, e.g. [32, 64]; got {value!r}")
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} must be true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} must be an integer; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r} must be a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a string; got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module, not user input
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} = {value!r} is out of range; it must be {valid}")
+
+
+def _validate_fit(fit: FitConfig, key: str) -> None:
+    _check(fit.epochs >= 1, f"{key}.epochs", fit.epochs, ">= 1")
+    _check(fit.batch_size >= 1, f"{key}.batch_size", fit.batch_size, ">= 1")
+    _check(fit.lr > 0 and math.isfinite(fit.lr), f"{key}.lr", fit.lr, "a finite number > 0")
+    _check(0 <= fit.momentum < 1, f"{key}.momentum", fit.momentum, "in [0, 1)")
+    _check(fit.weight_decay >= 0, f"{key}.weight_decay", fit.weight_decay, ">= 0")
+    _check(fit.max_grad_norm > 0, f"{key}.max_grad_norm", fit.max_grad_norm, "> 0")
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges and cross-field rules; raise ConfigError naming the key and the valid range."""
+    d = cfg.data
+    _check(0 < d.test_fraction <= 0.5, "data.test_fraction", d.test_fraction, "in (0, 0.5]")
+    _check(0 < d.val_fraction <= 0.5, "data.val_fraction", d.val_fraction, "in (0, 0.5]")
+    _check(0 <= d.public_fraction <= 0.5, "data.public_fraction", d.public_fraction, "in [0, 0.5]")
+    total = d.test_fraction + d.val_fraction + d.public_fraction
+    _check(total < 0.9, "data.test_fraction + val_fraction + public_fraction", round(total, 4), "< 0.9 (leave rows to train on)")
+    if d.tabular_csv and not d.target:
+        raise ConfigError("data.tabular_csv is set but data.target is empty; set data.target to the CSV's target column")
+    for name, model in (("regressor", cfg.regressor), ("cnn", cfg.cnn)):
+        _validate_fit(model.fit, f"{name}.fit")
+        _validate_fit(model.dp_fit, f"{name}.dp_fit")
+    _check(all(h >= 1 for h in cfg.regressor.hidden_sizes), "regressor.hidden_sizes", cfg.regressor.hidden_sizes, "positive widths")
+    _check(cfg.regressor.ridge_alpha >= 0, "regressor.ridge_alpha", cfg.regressor.ridge_alpha, ">= 0")
+    _check(len(cfg.cnn.channels) >= 1 and all(c >= 1 for c in cfg.cnn.channels), "cnn.channels", cfg.cnn.channels, "one or more positive channel counts")
+    _check(cfg.cnn.kernel_size >= 1 and cfg.cnn.kernel_size % 2 == 1, "cnn.kernel_size", cfg.cnn.kernel_size, "an odd integer >= 1")
+    _check(cfg.cnn.hidden >= 0, "cnn.hidden", cfg.cnn.hidden, ">= 0")
+    _check(cfg.train.patience >= 0, "train.patience", cfg.train.patience, ">= 0")
+    _check(cfg.train.num_threads >= 1, "train.num_threads", cfg.train.num_threads, ">= 1")
+    p = cfg.dp
+    _check(p.target_epsilon > 0 and math.isfinite(p.target_epsilon), "dp.target_epsilon", p.target_epsilon, "a finite number > 0")
+    _check(0 < p.delta < 1, "dp.delta", p.delta, "in (0, 1), typically well below 1/n_train")
+    _check(p.noise_multiplier >= 0, "dp.noise_multiplier", p.noise_multiplier, ">= 0 (0 = derive from dp.target_epsilon)")
+    f = cfg.federated
+    _check(f.n_clients >= 1, "federated.n_clients", f.n_clients, ">= 1")
+    _check(f.rounds >= 1, "federated.rounds", f.rounds, ">= 1")
+    _check(f.local_epochs >= 1, "federated.local_epochs", f.local_epochs, ">= 1")
+    _check(f.dirichlet_alpha > 0, "federated.dirichlet_alpha", f.dirichlet_alpha, "> 0")
+    _check(1 <= f.min_clients <= f.n_clients, "federated.min_clients", f.min_clients, f"in [1, federated.n_clients={f.n_clients}]")
+
+
+# --------------------------------------------------------------------------- flat views and TOML
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Scalar | list[Scalar]]:
+    """Flatten a config dataclass into dotted keys (the form of overrides and Flower's run-config)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def from_flat(flat: Mapping[str, Any]) -> Config:
+    """Inverse of :func:`flatten`: rebuild (and validate) a Config from dotted keys."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        _set_dotted(tree, key, value)
+    cfg = _build(Config(), tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def to_toml(cfg: Any) -> str:
+    """Render a config as TOML that :func:`load_config` reads back to an equal Config.
+
+    The standard library reads TOML but cannot write it; our values are only
+    scalars, lists of scalars and nested sections, so a small emitter suffices
+    and spares a dependency.
+    """
+    lines: list[str] = []
+    _emit(cfg, "", lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _emit(obj: Any, section: str, lines: list[str]) -> None:
+    comments = _field_comments(type(obj))
+    nested = []
+    if section:
+        lines.append(f"\n[{section}]")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            nested.append((f.name, value))
+            continue
+        comment = f"  # {comments[f.name]}" if comments.get(f.name) else ""
+        lines.append(f"{f.name} = {_toml_value(value)}{comment}")
+    for name, value in nested:
+        _emit(value, f"{section}.{name}" if section else name, lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in the class source: one place for the docs."""
+    import inspect
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in source.splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and "#" in rest and name.isidentifier():
+            out[name] = rest.split("#", 1)[1].strip()
+    return out
+
+
+def section_help() -> str:
+    """One line per config section with its keys, for ``--help``."""
+    parts = []
+    for f in dataclasses.fields(Config):
+        value = getattr(Config(), f.name)
+        if dataclasses.is_dataclass(value):
+            parts.append(f"  [{f.name}] " + ", ".join(flatten(value).keys()))
+        else:
+            parts.append(f"  {f.name}")
+    return "\n".join(parts)

@@ -1,0 +1,205 @@
+"""Reading and validating raw data at the edge: embedded scikit-learn tables, CSV, .npz, image folders.
+
+Every function returns plain arrays plus a provenance record, or raises
+:class:`DataError` with a message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """A numeric table before splitting."""
+
+    x: np.ndarray  # (N, F) float64
+    y: np.ndarray  # (N,) float64
+    feature_names: tuple[str, ...]
+    target_name: str
+    provenance: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RawImages:
+    """Labelled images before splitting."""
+
+    x: np.ndarray  # (N, C, H, W) float64, raw intensities
+    y: np.ndarray  # (N,) int64 class index into class_names
+    class_names: tuple[str, ...]
+    provenance: dict[str, Any]
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _array_digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def load_table(csv_path: str, target: str) -> RawTable:
+    """Load the regressor's table: scikit-learn's diabetes data when ``csv_path`` is empty, else a CSV.
+
+    Raises
+    ------
+    DataError
+        Missing file, unreadable CSV, missing target column, non-numeric columns, no rows.
+    """
+    if not csv_path:
+        from sklearn.datasets import load_diabetes
+
+        bunch = load_diabetes()
+        x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.float64)
+        return RawTable(
+            x=x,
+            y=y,
+            feature_names=tuple(bunch.feature_names),
+            target_name="disease_progression",
+            provenance={
+                "source": "sklearn.datasets.load_diabetes (embedded, ships with scikit-learn)",
+                "sha256_of_arrays": _array_digest(x, y),
+                "rows": int(x.shape[0]),
+                "columns": int(x.shape[1]) + 1,
+            },
+        )
+    import pandas as pd
+
+    path = Path(csv_path)
+    if not path.is_file():
+        raise DataError(f"CSV file {csv_path!r} does not exist; set data.tabular_csv to an existing file")
+    raw = path.read_bytes()
+    try:
+        frame = pd.read_csv(io.BytesIO(raw))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"CSV file {csv_path!r} cannot be parsed ({str(exc).splitlines()[0]}); check its delimiter and quoting") from None
+    if target not in frame.columns:
+        shown = ", ".join(map(str, list(frame.columns)[:20]))
+        raise DataError(f"target column {target!r} is not in {csv_path!r}; set data.target to one of: {shown}")
+    if len(frame) == 0:
+        raise DataError(f"CSV file {csv_path!r} has no data rows; supply a table with at least a few rows")
+    non_numeric = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])]
+    if non_numeric:
+        raise DataError(
+            f"column(s) {', '.join(map(repr, non_numeric[:5]))} of {csv_path!r} are not numeric; "
+            "encode them as numbers (e.g. one-hot) or drop them before running"
+        )
+    features = [c for c in frame.columns if c != target]
+    if not features:
+        raise DataError(f"{csv_path!r} has only the target column {target!r}; add at least one feature column")
+    return RawTable(
+        x=frame[features].to_numpy(dtype=np.float64),
+        y=frame[target].to_numpy(dtype=np.float64),
+        feature_names=tuple(str(c) for c in features),
+        target_name=str(target),
+        provenance={"source": str(path), "sha256": sha256_bytes(raw), "rows": int(len(frame)), "columns": int(frame.shape[1])},
+    )
+
+
+def load_images(spec: str) -> RawImages:
+    """Load the CNN's images: 8x8 digits when ``spec`` is empty, an ``.npz`` file, or a folder of class folders.
+
+    Raises
+    ------
+    DataError
+        Missing file, wrong keys or ranks, mismatched lengths, unreadable or differently sized images.
+    """
+    if not spec:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = np.asarray(bunch.images, dtype=np.float64)[:, None]  # (N, 1, 8, 8)
+        y = np.asarray(bunch.target, dtype=np.int64)
+        return RawImages(
+            x=x,
+            y=y,
+            class_names=tuple(str(c) for c in range(10)),
+            provenance={
+                "source": "sklearn.datasets.load_digits (embedded, ships with scikit-learn)",
+                "sha256_of_arrays": _array_digest(x, y),
+                "rows": int(len(y)),
+                "shape": list(x.shape[1:]),
+            },
+        )
+    path = Path(spec)
+    if path.is_dir():
+        return _load_image_folder(path)
+    if not path.is_file():
+        raise DataError(f"image data {spec!r} does not exist; set data.images to an .npz file or a folder of class folders")
+    if path.suffix != ".npz":
+        raise DataError(f"image data {spec!r} is neither an .npz file nor a folder; save arrays x and y with numpy.savez")
+    raw = path.read_bytes()
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+            missing = [k for k in ("x", "y") if k not in archive.files]
+            if missing:
+                raise DataError(f"{spec!r} lacks array(s) {', '.join(missing)}; it has {', '.join(archive.files) or 'none'}; save x (images) and y (labels)")
+            x, y = archive["x"], archive["y"]
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{spec!r} is not a readable .npz archive without pickled objects ({exc}); save it with numpy.savez") from None
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"x in {spec!r} has shape {x.shape}; expected (N, H, W) or (N, C, H, W)")
+    if y.ndim != 1:
+        raise DataError(f"y in {spec!r} has shape {y.shape}; expected (N,) labels")
+    if len(x) != len(y):
+        raise DataError(f"x and y in {spec!r} differ in length ({len(x)} vs {len(y)}); give one label per image")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"x in {spec!r} has dtype {x.dtype}; images must be numeric")
+    if x.shape[1] not in (1, 3):
+        raise DataError(f"x in {spec!r} has {x.shape[1]} channels; expected 1 (grey) or 3 (RGB) in (N, C, H, W) order")
+    labels, y_index = np.unique(y, return_inverse=True)
+    return RawImages(
+        x=x.astype(np.float64),
+        y=y_index.astype(np.int64),
+        class_names=tuple(str(v) for v in labels),
+        provenance={"source": str(path), "sha256": sha256_bytes(raw), "rows": int(len(y)), "shape": list(x.shape[1:])},
+    )
+
+
+def _load_image_folder(root: Path) -> RawImages:
+    from PIL import Image, UnidentifiedImageError
+
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise DataError(f"image folder {str(root)!r} has no class sub-folders; put each class's images in root/<class>/")
+    images, labels, digest = [], [], hashlib.sha256()
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for file in files:
+            data = file.read_bytes()
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + data)
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"), dtype=np.float64)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"image {str(file)!r} cannot be read ({exc}); remove it or re-save it as PNG") from None
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
+            if images and arr.shape != images[0].shape:
+                raise DataError(f"image {str(file)!r} has shape {arr.shape}, others {images[0].shape}; resize all images to one size")
+            images.append(arr)
+            labels.append(label)
+    if not images:
+        raise DataError(f"image folder {str(root)!r} holds no {'/'.join(IMAGE_SUFFIXES)} files in its class folders")
+    x = np.stack(images)
+    return RawImages(
+        x=x,
+        y=np.asarray(labels, dtype=np.int64),
+        class_names=tuple(p.name for p in class_dirs),
+        provenance={"source": str(root), "sha256": digest.hexdigest(), "rows": len(labels), "shape": list(x.shape[1:])},
+    )

@@ -1,0 +1,33 @@
+"""Errors a user can fix. The CLI prints their message on one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error caused by input the user controls; its message says how to fix it."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    """An unknown key, a wrong type or an impossible value in the configuration."""
+
+    exit_code = 2
+
+
+class DataError(UserError):
+    """Input data that cannot be used as given (missing, malformed, too small)."""
+
+    exit_code = 2
+
+
+class PrivacyBudgetError(UserError):
+    """Planned training would spend more privacy budget than configured."""
+
+    exit_code = 2
+
+
+class RunDirError(UserError):
+    """A run directory that is missing, incomplete or was edited."""
+
+    exit_code = 2

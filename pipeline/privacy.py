@@ -1,0 +1,203 @@
+"""The one seam where differential privacy enters: plan a DP-SGD run, wrap, unwrap, account.
+
+Opacus does the work (per-sample gradients, clipping, noise, Poisson sampling,
+accountants). What this module adds is the bookkeeping auditors need:
+
+- the noise multiplier is derived once for the *whole* planned training
+  (every epoch, round and resume), so ε is never a per-round figure;
+- the accountant's history (σ, sample rate, steps) travels with checkpoints and
+  federated client state and is restored before training continues, so ε only grows;
+- a run whose planned training would exceed the budget is refused before it starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.config import DPConfig
+from pipeline.errors import PrivacyBudgetError
+
+History = list[tuple[float, float, int]]  # Opacus accountant history: (noise_multiplier, sample_rate, steps)
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """Everything that determines one DP-SGD training call's guarantee."""
+
+    noise_multiplier: float  # sigma, Gaussian noise std / clipping norm
+    max_grad_norm: float  # C, per-sample gradient clipping norm
+    sample_rate: float  # q, Poisson sampling probability per record and step
+    steps: int  # optimizer steps this call will take
+    delta: float
+    target_epsilon: float  # the budget
+    planned_epsilon: float  # ε after this call, including everything spent before
+    accountant: str  # "prv", "rdp" or "gdp"
+    secure_mode: bool
+
+
+def steps_per_epoch(n_samples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of Poisson sampling with expected batch ``batch_size`` (as Opacus)."""
+    return math.ceil(n_samples / batch_size)
+
+
+def epsilon_of(history: Iterable[Sequence[float]], *, delta: float, accountant: str) -> float:
+    """ε spent by an accountant history at ``delta`` (0 for an empty history)."""
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    if not acc.history:
+        return 0.0
+    return float(acc.get_epsilon(delta=delta))
+
+
+def plan(
+    dp: DPConfig,
+    *,
+    n_samples: int,
+    batch_size: int,
+    max_grad_norm: float,
+    epochs: int,
+    total_epochs: int | None = None,
+    history: History = (),
+) -> PrivacyPlan:
+    """Plan a DP-SGD call and refuse it if it would overspend the budget.
+
+    Parameters
+    ----------
+    dp : privacy settings (budget ``target_epsilon``, ``delta``, optional fixed ``noise_multiplier``).
+    n_samples : records in the (local) training set.
+    batch_size : expected batch size; the sample rate is ``1 / ceil(n_samples / batch_size)``.
+    max_grad_norm : clipping norm C.
+    epochs : epochs this call trains.
+    total_epochs : epochs of the whole training the budget must cover (all rounds, all resumes);
+        the noise multiplier is derived for this many. Defaults to ``epochs``.
+    history : the accountant history already spent (from a checkpoint or earlier rounds).
+
+    Returns
+    -------
+    PrivacyPlan
+
+    Raises
+    ------
+    PrivacyBudgetError
+        If ``history`` plus this call would exceed ``dp.target_epsilon``, or no noise reaches it.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    per_epoch = steps_per_epoch(n_samples, batch_size)
+    sample_rate = 1.0 / per_epoch
+    steps = per_epoch * epochs
+    if dp.noise_multiplier > 0:
+        sigma = dp.noise_multiplier
+    else:
+        total_steps = per_epoch * (total_epochs or epochs)
+        try:
+            sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=dp.target_epsilon, target_delta=dp.delta, sample_rate=sample_rate,
+                    steps=total_steps, accountant=dp.accountant,
+                )
+            )
+        except ValueError as exc:
+            raise PrivacyBudgetError(
+                f"no noise multiplier reaches ε={dp.target_epsilon} at δ={dp.delta} for {total_steps} steps ({exc}); "
+                "raise dp.target_epsilon or dp.delta, or train fewer epochs"
+            ) from None
+    planned = epsilon_of([*history, (sigma, sample_rate, steps)], delta=dp.delta, accountant=dp.accountant)
+    if planned > dp.target_epsilon:
+        spent = epsilon_of(history, delta=dp.delta, accountant=dp.accountant)
+        raise PrivacyBudgetError(
+            f"planned training would spend ε={planned:.3f} (already spent {spent:.3f}) > budget dp.target_epsilon="
+            f"{dp.target_epsilon} at δ={dp.delta}; raise dp.noise_multiplier, lower the epochs, or raise the budget"
+        )
+    return PrivacyPlan(
+        noise_multiplier=sigma, max_grad_norm=max_grad_norm, sample_rate=sample_rate, steps=steps, delta=dp.delta,
+        target_epsilon=dp.target_epsilon, planned_epsilon=planned, accountant=dp.accountant, secure_mode=dp.secure_mode,
+    )
+
+
+@dataclass
+class PrivateTraining:
+    """The private versions of (model, optimizer, loader) and the engine that accounts for them."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Any  # opacus DPDataLoader
+    engine: Any  # opacus PrivacyEngine
+    plan: PrivacyPlan
+
+    def history(self) -> History:
+        """Accountant history so far (everything spent, earlier calls included)."""
+        return [(float(s), float(q), int(n)) for s, q, n in self.engine.accountant.history]
+
+    def epsilon(self) -> float:
+        """ε spent so far at the plan's δ."""
+        return epsilon_of(self.history(), delta=self.plan.delta, accountant=self.plan.accountant)
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: torch.utils.data.Dataset,
+    *,
+    plan: PrivacyPlan,
+    history: History = (),
+    generator: torch.Generator | None = None,
+    grad_sample_mode: str = "hooks",
+) -> PrivateTraining:
+    """Wrap a model, optimizer and dataset for DP-SGD with Poisson sampling, restoring ``history``.
+
+    ``generator`` seeds both the Poisson sampling and the noise (ignored in secure mode,
+    whose noise cannot be seeded).
+    """
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+
+    engine = PrivacyEngine(accountant=plan.accountant, secure_mode=plan.secure_mode)
+    engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})
+    loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=None if plan.secure_mode else generator)
+    priv_model, priv_opt, priv_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        poisson_sampling=False,  # the loader above already samples (Poisson) with our generator
+        noise_generator=None if plan.secure_mode else generator,
+        grad_sample_mode=grad_sample_mode,
+    )
+    return PrivateTraining(model=priv_model, optimizer=priv_opt, loader=priv_loader, engine=engine, plan=plan)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside an Opacus GradSampleModule (or the module itself)."""
+    return getattr(model, "_module", model)
+
+
+def unwrap_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's weights with no Opacus ``_module.`` prefix."""
+    state = unwrap(model).state_dict()
+    return {k.removeprefix("_module."): v.detach().to("cpu").clone() for k, v in state.items()}
+
+
+def privacy_record(plan: PrivacyPlan, history: History) -> dict[str, Any]:
+    """The JSON record of a DP training that reaches the report: every number that defines ε."""
+    import opacus
+
+    spent = epsilon_of(history, delta=plan.delta, accountant=plan.accountant)
+    return {
+        **asdict(plan),
+        "epsilon": spent,
+        "total_steps": int(sum(n for _, _, n in history)),
+        "accountant_history": [list(h) for h in history],
+        "opacus_version": opacus.__version__,
+        "mechanism": "DP-SGD (Gaussian mechanism, Poisson subsampling, per-sample clipping)",
+        "unit_of_privacy": "one training record (sample-level DP)",
+        "noise_seeded": not plan.secure_mode,
+    }

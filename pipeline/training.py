@@ -1,0 +1,302 @@
+"""The one training core: device choice, batching, one epoch, evaluation, early stopping, fit.
+
+Central training and the Flower ClientApp both call :func:`fit`; nothing here
+imports Flower. Differential privacy enters only through :mod:`pipeline.privacy`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import privacy
+from pipeline.config import DPConfig, FitConfig
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto", *, num_threads: int = 1) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; also sets the CPU thread count.
+
+    Raises
+    ------
+    ConfigError
+        If ``cuda`` is asked for on a machine without a usable CUDA device.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but no CUDA device is available; use --device auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={name!r} is not valid; choose one of: auto, cpu, cuda")
+    # One thread per process is fastest for these small models (measured: see PLATFORM.md).
+    torch.set_num_threads(num_threads)
+    return torch.device(name)
+
+
+def loss_fn(task: str) -> nn.Module:
+    """MSE for regression (on the (N,) output), cross-entropy for classification."""
+    return nn.MSELoss() if task == "regression" else nn.CrossEntropyLoss()
+
+
+def _output(model: nn.Module, xb: torch.Tensor, task: str) -> torch.Tensor:
+    out = model(xb)
+    return out.squeeze(-1) if task == "regression" else out  # (B,) or (B, K)
+
+
+def make_optimizer(model: nn.Module, fit: FitConfig) -> torch.optim.Optimizer:
+    """The optimizer ``fit`` names."""
+    if fit.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=fit.lr, momentum=fit.momentum, weight_decay=fit.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of one shuffled epoch (no DataLoader: it dominates the cost of these tiny models)."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Any,
+    *,
+    task: str,
+) -> float:
+    """One pass over ``batches`` (an iterable of ``(x, y)`` tensors on the model's device).
+
+    Empty batches (possible under Poisson sampling) are skipped. Returns the mean training loss.
+    """
+    model.train()
+    criterion = loss_fn(task)
+    total, count = 0.0, 0
+    for xb, yb in batches:
+        if len(xb) == 0:
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(_output(model, xb, task), yb)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(xb)
+        count += len(xb)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray | torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 1024) -> np.ndarray:
+    """Model outputs for ``x``: (N,) for a regressor, (N, K) logits for a classifier."""
+    model.eval()
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    outs = [model(xt[i : i + batch_size].to(device)).cpu() for i in range(0, len(xt), batch_size)]
+    out = torch.cat(outs) if outs else torch.empty(0)
+    return (out.squeeze(-1) if out.ndim == 2 and out.shape[1] == 1 else out).numpy()
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, task: str, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Loss and headline metric (R² on the scale trained on, or accuracy) on one split."""
+    out = predict(model, x, device=device)
+    if task == "regression":
+        y = np.asarray(y, dtype=np.float64)
+        mse = float(np.mean((out - y) ** 2))
+        var = float(np.var(y))
+        return {"loss": mse, "r2": 1.0 - mse / var if var > 0 else float("nan")}
+    logits = torch.as_tensor(out)
+    loss = float(nn.functional.cross_entropy(logits, torch.as_tensor(y, dtype=torch.long)))
+    return {"loss": loss, "accuracy": float((out.argmax(axis=1) == y).mean())}
+
+
+@dataclass
+class TrainingResult:
+    """What every training path (central, federated client, resumed) returns."""
+
+    state_dict: dict[str, torch.Tensor]  # unwrapped CPU weights (no "_module." keys)
+    history: list[dict[str, float]]  # per epoch: epoch, train_loss, val_loss, val metric, seconds, epsilon
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    n_train: int
+    privacy: dict[str, Any] | None = None  # pipeline.privacy.privacy_record when trained with DP
+    accountant_history: privacy.History = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe view (without the weights)."""
+        secs = [h["seconds"] for h in self.history]
+        return {
+            "history": self.history, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
+            "seconds": self.seconds, "seconds_per_epoch": float(np.mean(secs)) if secs else 0.0,
+            "n_train": self.n_train, "privacy": self.privacy,
+        }
+
+
+@dataclass
+class Checkpoint:
+    """Training state after an epoch: enough to resume with the same weights, optimizer and ε history."""
+
+    epoch: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    accountant_history: privacy.History
+    history: list[dict[str, float]]
+    generator_state: torch.Tensor
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
+    best_loss: float = float("inf")
+    done: bool = False  # training finished (last epoch or early stop): resuming trains no further
+
+
+def fit(
+    model: nn.Module,
+    *,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    task: str,
+    fit_cfg: FitConfig,
+    dp: DPConfig | None,
+    device: torch.device,
+    seed: int,
+    patience: int = 0,
+    epochs: int | None = None,
+    dp_total_epochs: int | None = None,
+    privacy_history: privacy.History = (),
+    resume: Checkpoint | None = None,
+    on_epoch_end: Callable[[Checkpoint], None] | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> TrainingResult:
+    """Train ``model`` in place and return its unwrapped weights and history.
+
+    Parameters
+    ----------
+    model : a plain ``nn.Module`` (never an Opacus wrapper).
+    x_train, y_train : training arrays; y is float (regression) or int class indices.
+    x_val, y_val : validation arrays for early stopping and the history, or None.
+    task : ``"regression"`` or ``"classification"``.
+    fit_cfg : optimizer settings; ``fit_cfg.max_grad_norm`` is the DP clipping norm.
+    dp : privacy settings, or None / ``dp.enabled=False`` for non-private training.
+    device : where to train.
+    seed : seeds the batch order, Poisson sampling and DP noise (not in DP secure mode).
+    patience : early-stopping patience in epochs (0 = off). Ignored under DP: choosing an
+        epoch by private validation data is not covered by the accountant, and the noise is
+        calibrated to the full planned number of steps anyway.
+    epochs : epochs for this call (default ``fit_cfg.epochs``); federated clients pass their local epochs.
+    dp_total_epochs : epochs the privacy budget must cover overall (federated: rounds x local epochs).
+    privacy_history : accountant history already spent on this data (earlier rounds).
+    resume : a checkpoint to continue from; its epoch count and ε history carry over.
+    on_epoch_end : called with a :class:`Checkpoint` after each epoch (the runner persists it).
+    progress : show a progress bar.
+
+    Raises
+    ------
+    PrivacyBudgetError
+        If DP training would exceed the budget (checked before any step).
+    """
+    epochs = epochs or fit_cfg.epochs
+    private = dp is not None and dp.enabled
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device)
+    optimizer = make_optimizer(model, fit_cfg)
+    start_epoch, history = 0, []
+    best_state, best_epoch, best_loss = None, 0, float("inf")
+    spent_history = list(privacy_history)
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        generator.set_state(resume.generator_state)
+        start_epoch, history = resume.epoch, list(resume.history)
+        best_state, best_epoch, best_loss = resume.best_state, resume.best_epoch, resume.best_loss
+        spent_history = list(resume.accountant_history)
+    remaining = 0 if resume is not None and resume.done else epochs - start_epoch
+    xt = torch.as_tensor(x_train).to(device)
+    yt = torch.as_tensor(y_train).to(device)
+    run_model, run_opt, private_run = model, optimizer, None
+    if private and remaining > 0:
+        # σ is derived for the whole planned training (dp_total_epochs), so a resumed run or a later
+        # federated round gets the same σ; what was spent before is in spent_history and counts.
+        the_plan = privacy.plan(
+            dp, n_samples=len(xt), batch_size=fit_cfg.batch_size, max_grad_norm=fit_cfg.max_grad_norm,
+            epochs=remaining, total_epochs=dp_total_epochs or epochs, history=spent_history,
+        )
+        private_run = privacy.make_private(
+            model, optimizer, torch.utils.data.TensorDataset(xt, yt), plan=the_plan, history=spent_history,
+            generator=generator, grad_sample_mode=dp.grad_sample_mode,
+        )
+        run_model, run_opt = private_run.model, private_run.optimizer
+    bar = _progress(range(start_epoch, start_epoch + remaining), progress, desc)
+    t_start = time.perf_counter()
+    for epoch in bar:
+        t0 = time.perf_counter()
+        if private_run is not None:
+            batches = private_run.loader
+        else:
+            batches = ((xt[i], yt[i]) for i in shuffled_batches(len(xt), fit_cfg.batch_size, generator))
+        train_loss = train_one_epoch(run_model, run_opt, batches, task=task)
+        row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - t0}
+        if x_val is not None and len(x_val):
+            row.update({f"val_{k}": v for k, v in evaluate(model, x_val, y_val, task=task, device=device).items()})
+        if private_run is not None:
+            spent_history = private_run.history()
+            row["epsilon"] = private_run.epsilon()
+        history.append(row)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix({k: round(v, 4) for k, v in row.items() if k not in ("epoch", "seconds")})
+        stop = False
+        if not private and patience > 0 and "val_loss" in row:
+            if row["val_loss"] < best_loss:
+                best_loss, best_epoch, best_state = row["val_loss"], epoch + 1, privacy.unwrap_state_dict(model)
+            elif epoch + 1 - best_epoch >= patience:
+                stop = True
+        if on_epoch_end is not None:
+            on_epoch_end(Checkpoint(
+                epoch=epoch + 1, model=privacy.unwrap_state_dict(model),
+                optimizer=copy.deepcopy(getattr(run_opt, "original_optimizer", run_opt).state_dict()),
+                accountant_history=list(spent_history), history=list(history),
+                generator_state=generator.get_state(), best_state=best_state, best_epoch=best_epoch, best_loss=best_loss,
+                done=stop or epoch + 1 == epochs,
+            ))
+        if stop:
+            log.info("%s: early stop at epoch %d (best %d)", desc, epoch + 1, best_epoch)
+            break
+    if best_state is not None and not private:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history)
+    if private_run is not None:
+        # Detach Opacus' hooks so the returned module is plain again (explainers fail on hooked modules).
+        private_run.model._close()
+    record = None
+    if private:
+        record = privacy.privacy_record(private_run.plan if private_run else _plan_from(dp, spent_history, fit_cfg), spent_history)
+    return TrainingResult(
+        state_dict=privacy.unwrap_state_dict(model), history=history, best_epoch=best_epoch,
+        epochs_run=len(history), seconds=time.perf_counter() - t_start, n_train=len(xt),
+        privacy=record, accountant_history=spent_history,
+    )
+
+
+def _plan_from(dp: DPConfig, history: privacy.History, fit_cfg: FitConfig) -> privacy.PrivacyPlan:
+    sigma, q, _ = history[-1] if history else (0.0, 0.0, 0)
+    return privacy.PrivacyPlan(
+        noise_multiplier=sigma, max_grad_norm=fit_cfg.max_grad_norm, sample_rate=q, steps=0, delta=dp.delta,
+        target_epsilon=dp.target_epsilon, accountant=dp.accountant, secure_mode=dp.secure_mode,
+        planned_epsilon=privacy.epsilon_of(history, delta=dp.delta, accountant=dp.accountant),
+    )
+
+
+def _progress(it: range, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False)
