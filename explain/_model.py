@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ def check_model(model: nn.Module) -> nn.Module:
     ------
     ValueError
         If it is not an ``nn.Module``, is in training mode, or is still wrapped
-        by Opacus (``GradSampleModule``), whose hooks break SHAP.
+        by Opacus (``GradSampleModule``) or carries its hooks, which break SHAP.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model is a {type(model).__name__}; pass a torch.nn.Module.")
@@ -35,7 +36,19 @@ def check_model(model: nn.Module) -> nn.Module:
         )
     if model.training:
         raise ValueError("model is in training mode (dropout/noise would make explanations random); call model.eval().")
+    hooked = sorted({type(m).__name__ for m in model.modules() if _has_opacus_hooks(m)})
+    if hooked:
+        raise ValueError(
+            f"model still has Opacus hooks on {hooked} (left after private training; shap fails on them); "
+            "load its state dict into a fresh model of the same class before explaining it."
+        )
     return model
+
+
+def _has_opacus_hooks(module: nn.Module) -> bool:
+    hooks = [*module._forward_hooks.values(), *module._backward_hooks.values()]
+    hooks += list(getattr(module, "_forward_pre_hooks", {}).values())
+    return any("opacus" in (getattr(getattr(h, "func", h), "__module__", None) or "") for h in hooks)
 
 
 def make_predict_fn(model: nn.Module, *, task: str) -> PredictFn:
@@ -175,14 +188,20 @@ def n_outputs(predict: PredictFn, background: np.ndarray, *, task: str) -> int |
     return int(predict(background[:1]).shape[1])
 
 
+@dataclass(frozen=True)
 class Prepared:
     """Validated arguments shared by every explainer (see :func:`prepare`)."""
 
-    __slots__ = ("model", "x", "background", "task", "seed", "feature_names", "predict", "outputs", "targets", "n_classes")
-
-    def __init__(self, **kw: object) -> None:
-        for k, v in kw.items():
-            setattr(self, k, v)
+    model: nn.Module
+    x: np.ndarray  # (n, F) or (n, C, H, W), float32
+    background: np.ndarray  # (B, *feature_shape), float32
+    task: str
+    seed: int
+    feature_names: tuple[str, ...] | None
+    predict: PredictFn
+    outputs: np.ndarray  # (n,) explained output per row
+    targets: np.ndarray | None  # (n,) class per row, None for regression
+    n_classes: int | None
 
 
 def prepare(
@@ -192,7 +211,7 @@ def prepare(
     background: np.ndarray,
     task: str,
     seed: int,
-    feature_names: object = None,
+    feature_names: Sequence[str] | None = None,
     targets: np.ndarray | None = None,
     ndims: tuple[int, ...] = (2, 4),
     method: str = "",
@@ -210,7 +229,7 @@ def prepare(
     try:
         xa = as_inputs(x, name="x", ndims=ndims)
     except ValueError as err:
-        if method and np.ndim(x) in (2, 4):
+        if method and np.ndim(x) in (2, 4) and np.ndim(x) not in ndims:
             kinds = {2: "tabular (n, F)", 4: "image (n, C, H, W)"}
             raise ValueError(
                 f"{method} explains {' and '.join(kinds[d] for d in ndims)} inputs, not shape {np.shape(x)}; "
@@ -218,7 +237,7 @@ def prepare(
             ) from err
         raise
     bg = check_background(background, xa)
-    names = check_feature_names(feature_names, xa)  # type: ignore[arg-type]
+    names = check_feature_names(feature_names, xa)
     predict = make_predict_fn(model, task=task)
     outputs, tgt = resolve_targets(predict, xa, task=task, targets=targets)
     return Prepared(

@@ -61,7 +61,9 @@ def _segmenter(segmentation: str | Segmenter, *, cell_size: int | None, n_segmen
             return slic(img, n_segments=n_segments, compactness=0.1, start_label=0,
                         channel_axis=None if img.ndim == 2 else -1)
         return slic_fn
-    raise ValueError(f"segmentation={segmentation!r} is not valid; use 'grid', 'slic' or a callable (H, W, C) -> (H, W).")
+    raise ValueError(
+        f"segmentation={segmentation!r} is not valid; use 'grid', 'slic' or a callable (H, W, C) -> (H, W)."
+    )
 
 
 def _lime_explainer_class() -> type:
@@ -194,7 +196,9 @@ def explain(
         extras={
             "seed": p.seed,
             "num_samples": num_samples,
-            "segmentation": segmentation if isinstance(segmentation, str) else getattr(segmentation, "__name__", "callable"),
+            "segmentation": (
+                segmentation if isinstance(segmentation, str) else getattr(segmentation, "__name__", "callable")
+            ),
             "n_segments": [int(s.max()) + 1 for s in all_segments],
             "segments": all_segments,
             "hide": hide,

@@ -31,7 +31,9 @@ def _png(fig: Figure) -> bytes:
 
 def _require_tabular(expl: Explanation, what: str) -> None:
     if expl.is_image:
-        raise ValueError(f"{what} needs a tabular explanation; got feature shape {expl.feature_shape}. Use image_grid_png.")
+        raise ValueError(
+            f"{what} needs a tabular explanation; got feature shape {expl.feature_shape}. Use image_grid_png."
+        )
 
 
 def _to_shap(expl: Explanation):  # -> shap.Explanation
@@ -102,7 +104,9 @@ def importance_bar_png(expls: Explanation | Sequence[Explanation], *, max_displa
     for e in expls:
         _require_tabular(e, "importance_bar_png")
         if e.feature_shape != expls[0].feature_shape:
-            raise ValueError(f"explanations cover {e.feature_shape} vs {expls[0].feature_shape} features; pass matching ones.")
+            raise ValueError(
+                f"explanations cover {e.feature_shape} vs {expls[0].feature_shape} features; pass matching ones."
+            )
     max_display = check_positive_int("max_display", max_display)
     order = np.argsort(-expls[0].mean_abs(), kind="stable")[:max_display][::-1]
     names = np.asarray(expls[0].names())[order]
@@ -129,7 +133,10 @@ def image_grid_png(expls: Sequence[Explanation], *, n_images: int = 4) -> bytes:
         raise ValueError("image_grid_png needs one or more image explanations (values of shape (n, C, H, W)).")
     for e in expls[1:]:
         if e.values.shape != expls[0].values.shape:
-            raise ValueError(f"{e.method} has shape {e.values.shape}, {expls[0].method} {expls[0].values.shape}; explain the same images.")
+            raise ValueError(
+                f"{e.method} has shape {e.values.shape} but {expls[0].method} has {expls[0].values.shape}; "
+                "explain the same images with both."
+            )
     n = min(check_positive_int("n_images", n_images), expls[0].n)
     cols = 1 + len(expls)
     fig = Figure(figsize=(1.8 * cols, 1.8 * n + 0.3))

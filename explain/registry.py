@@ -143,7 +143,9 @@ def explain_all(
     options = dict(options or {})
     stray = sorted(set(options) - set(methods))
     if stray:
-        raise ValueError(f"options given for {stray}, which are not in methods={list(methods)}; remove them or add the methods.")
+        raise ValueError(
+            f"options given for {stray}, which are not in methods={list(methods)}; remove them or add the methods."
+        )
     return {
         name: get_explainer(name)(
             model,

@@ -72,6 +72,7 @@ class TrainConfig:
     patience: int = 10  # early stopping: epochs without validation improvement (0 = off; off under DP)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present
     num_threads: int = 1  # torch CPU threads per process (1 is fastest for these small models), >= 1
+    checkpoint_every_s: float = 5.0  # seconds between training checkpoints (always one after the last epoch), >= 0
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.cnn.hidden >= 0, "cnn.hidden", cfg.cnn.hidden, ">= 0")
     _check(cfg.train.patience >= 0, "train.patience", cfg.train.patience, ">= 0")
     _check(cfg.train.num_threads >= 1, "train.num_threads", cfg.train.num_threads, ">= 1")
+    _check(cfg.train.checkpoint_every_s >= 0, "train.checkpoint_every_s", cfg.train.checkpoint_every_s, ">= 0")
     p = cfg.dp
     _check(p.target_epsilon > 0 and math.isfinite(p.target_epsilon), "dp.target_epsilon", p.target_epsilon, "a finite number > 0")
     _check(0 < p.delta < 1, "dp.delta", p.delta, "in (0, 1), typically well below 1/n_train")

@@ -38,7 +38,7 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray, *, seed: int) -> dict[st
         return float(np.mean(np.abs(a - b)))
 
     def r2(a, b):
-        return float(skm.r2_score(a, b))
+        return float(1.0 - np.sum((a - b) ** 2) / np.sum((a - a.mean()) ** 2))
 
     out = {}
     for name, fn in (("rmse", rmse), ("mae", mae), ("r2", r2)):
@@ -48,16 +48,25 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray, *, seed: int) -> dict[st
     return out
 
 
+def _macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    # Confusion-matrix arithmetic: ~100x faster than sklearn.metrics.f1_score inside a bootstrap loop.
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(axis=0) + cm.sum(axis=1)
+    return float(np.mean(np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)))
+
+
 def classification_metrics(y: np.ndarray, logits: np.ndarray, class_names: tuple[str, ...], *, seed: int) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class recall/precision and the confusion matrix, with bootstrap CIs."""
-    labels = np.arange(len(class_names))
+    k = len(class_names)
+    labels = np.arange(k)
     pred = logits.argmax(axis=1)
 
     def acc(a, b):
         return float(np.mean(a == b))
 
     def f1(a, b):
-        return float(skm.f1_score(a, b, labels=labels, average="macro", zero_division=0))
+        return _macro_f1(a, b, k)
 
     recall = skm.recall_score(y, pred, labels=labels, average=None, zero_division=0)
     precision = skm.precision_score(y, pred, labels=labels, average=None, zero_division=0)

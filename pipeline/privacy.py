@@ -50,10 +50,21 @@ def epsilon_of(history: Iterable[Sequence[float]], *, delta: float, accountant: 
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = _merge(history)
     if not acc.history:
         return 0.0
     return float(acc.get_epsilon(delta=delta))
+
+
+def _merge(history: Iterable[Sequence[float]]) -> History:
+    """Join consecutive entries with the same (σ, q): same ε, and PRV's cost grows with the entry count."""
+    out: History = []
+    for s, q, n in history:
+        if out and out[-1][0] == float(s) and out[-1][1] == float(q):
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(n))
+        else:
+            out.append((float(s), float(q), int(n)))
+    return out
 
 
 def plan(

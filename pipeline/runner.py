@@ -93,7 +93,7 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
         if explicit_rerun:
             run.invalidate(name)  # its checkpoints too: an explicit re-run starts afresh
         run.begin_stage(name, seed=seed)
-        runtime = Runtime(progress=progress, save_bytes=lambda rel, data, n=name, s=seed: _save_intermediate(run, rel, data, n, s),
+        runtime = Runtime(progress=progress, checkpoint_every_s=cfg.train.checkpoint_every_s, save_bytes=lambda rel, data, n=name, s=seed: _save_intermediate(run, rel, data, n, s),
                           load_bytes=lambda rel: _load_intermediate(run, rel))
         log.info("stage %s: %s", name, DESCRIPTIONS.get(name, ""))
         t0 = time.perf_counter()

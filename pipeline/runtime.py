@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,10 +41,16 @@ class Runtime:
     progress: bool = False  # show progress bars
     save_bytes: Callable[[str, bytes], None] | None = None  # persist an intermediate file (checkpoints)
     load_bytes: Callable[[str], bytes | None] | None = None  # read it back, None when absent
+    checkpoint_every_s: float = 5.0  # write a checkpoint at most this often (always after the last epoch)
     _memory: dict[str, bytes] = field(default_factory=dict)
+    _last_save: dict[str, float] = field(default_factory=dict)
 
     def save_checkpoint(self, name: str, ck) -> None:
-        """Persist the training checkpoint of model ``name`` (replacing the previous one)."""
+        """Persist the training checkpoint of model ``name`` (replacing the previous one), throttled."""
+        now = time.monotonic()
+        if not ck.done and now - self._last_save.get(name, -1e9) < self.checkpoint_every_s:
+            return
+        self._last_save[name] = now
         data = checkpoint_bytes(ck)
         if self.save_bytes is not None:
             self.save_bytes(f"checkpoints/{name}.pt", data)

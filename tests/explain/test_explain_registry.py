@@ -111,3 +111,39 @@ def test_global_rng_state_is_untouched(mlp, tabular):
         _call(name, mlp, tabular[:2], background=tabular[20:40])
     np.testing.assert_array_equal(np.random.get_state()[1], np_state)
     assert torch.equal(torch.random.get_rng_state(), torch_state)
+
+
+def test_model_with_leftover_opacus_hooks_is_refused(tabular):
+    def capture_activations_hook(module, inputs, output):  # stands in for Opacus' hook
+        return None
+
+    capture_activations_hook.__module__ = "opacus.grad_sample.grad_sample_module"
+    model = nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 1)).eval()
+    handle = model[0].register_forward_hook(capture_activations_hook)
+    try:
+        with pytest.raises(ValueError, match=r"Opacus hooks on \['Linear'\].*fresh model"):
+            _call("shap-deep", model, tabular[:2], background=tabular[20:])
+    finally:
+        handle.remove()
+    _call("shap-deep", model, tabular[:2], background=tabular[20:])  # fine once the hook is gone
+
+
+def test_input_kind_error_does_not_mask_nan_error(mlp, tabular):
+    x = tabular[:2].copy()
+    x[0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _call("lime-tabular", mlp, x, background=tabular[20:])
+
+
+def test_real_opacus_wrapper_and_hooks_are_refused(tabular):
+    opacus = pytest.importorskip("opacus")
+    model = nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 1))
+    gsm = opacus.GradSampleModule(model)
+    gsm.eval()
+    with pytest.raises(ValueError, match="wrapped by Opacus"):
+        _call("shap-deep", gsm, tabular[:2], background=tabular[20:])
+    with pytest.raises(ValueError, match="Opacus hooks"):
+        _call("shap-deep", gsm._module, tabular[:2], background=tabular[20:])
+    gsm.remove_hooks()
+    e = _call("shap-deep", gsm._module, tabular[:2], background=tabular[20:])
+    assert e.values.shape == (2, 10)

@@ -1,0 +1,30 @@
+# Two commands on a fresh clone: `make run` (install + run the pipeline on the embedded data) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch this project's machines carry on disk; GPU users may set TORCH_SPEC to their own build.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: install run test test-fast clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: install
+	$(PY) -m pipeline $(ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

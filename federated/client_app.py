@@ -1,0 +1,115 @@
+"""The Flower ClientApp: a thin handler around the pipeline's training core.
+
+Each client trains the global model on its partition with :func:`pipeline.training.fit`
+(DP-SGD when ``dp.enabled``), with the noise multiplier derived for the whole run
+(``federated.rounds x federated.local_epochs`` epochs) and its own accountant history
+restored every round, so the ε it reports covers everything it has spent. A client that
+would overspend refuses: its reply carries no weights and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from pipeline import models, training
+from pipeline.errors import ConfigError, PrivacyBudgetError
+from pipeline.privacy import epsilon_of
+from pipeline.runtime import derive_seed
+
+from federated import client_state
+from federated.run_config import from_run_config
+from federated.task import Task, load_task
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the test-only ``app.fail-partition`` setting."""
+
+
+def check_unwrapped(state_dict) -> None:
+    """Refuse to send Opacus-wrapped weights (``_module.`` keys) to the server."""
+    wrapped = [k for k in state_dict if k.startswith("_module.")]
+    if wrapped:
+        raise ValueError(f"state dict key {wrapped[0]!r} still carries Opacus' '_module.' prefix; unwrap before sending")
+
+
+def _client(context: Context) -> tuple[Task, int]:
+    cfg, settings = from_run_config(context.run_config)
+    partition_id = int(context.node_config["partition-id"])
+    n_partitions = int(context.node_config.get("num-partitions", cfg.federated.n_clients))
+    if n_partitions != cfg.federated.n_clients:
+        raise ConfigError(
+            f"this SuperNode was started for {n_partitions} partitions but federated.n_clients={cfg.federated.n_clients}; "
+            "make num-supernodes / num-partitions equal to federated.n_clients"
+        )
+    return load_task(cfg, settings, run_id=context.run_id), partition_id
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this client's partition; reply with weights, size and ε."""
+    t0 = time.perf_counter()
+    task, pid = _client(context)
+    _, settings = from_run_config(context.run_config)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    if settings.fail_partition == pid and settings.fail_round in (0, server_round):
+        raise InjectedFailure(f"injected failure of client {pid} in round {server_round} (app.fail-partition={pid})")
+    cfg, ds = task.cfg, task.dataset
+    rows = task.partition()[pid]
+    model = models.build(task.spec)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    path = client_state.ledger_path(task.work_dir, task.name, pid)
+    history = client_state.load_history(context, path=path, model=task.name)
+    device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
+    f = cfg.federated
+    from federated.proximal import proximal_term
+
+    try:
+        with proximal_term(model, mu=float(config.get("proximal-mu", 0.0))):
+            result = training.fit(
+                model, x_train=ds.x["train"][rows], y_train=ds.y["train"][rows], x_val=None, y_val=None,
+                task=ds.task, fit_cfg=task.fit_cfg, dp=cfg.dp, device=device,
+                seed=derive_seed(task.model_seed, "client", pid, "round", server_round),
+                epochs=f.local_epochs, dp_total_epochs=f.rounds * f.local_epochs, privacy_history=history,
+            )
+    except PrivacyBudgetError as exc:
+        spent = epsilon_of(history, delta=cfg.dp.delta, accountant=cfg.dp.accountant)
+        log.warning("client %d refuses round %d: %s", pid, server_round, exc)
+        return Message(RecordDict({
+            "metrics": MetricRecord({"num-examples": 0, "partition-id": pid, "epsilon": spent, "refused": 1}),
+            "status": ConfigRecord({"refused": f"client {pid} refuses to train in round {server_round}: {exc}"}),
+        }), reply_to=msg)
+    rounds = [*client_state.load_rounds(path), server_round]
+    if cfg.dp.enabled:
+        client_state.save_history(context, result.accountant_history, path=path, model=task.name, rounds=rounds)
+    check_unwrapped(result.state_dict)
+    metrics = {
+        "num-examples": len(rows), "partition-id": pid, "refused": 0,
+        "epsilon": float(result.privacy["epsilon"]) if result.privacy else 0.0,
+        "train-loss": float(result.history[-1]["train_loss"]) if result.history else float("nan"),
+        "seconds": time.perf_counter() - t0,
+    }
+    content = RecordDict({"arrays": ArrayRecord(result.state_dict), "metrics": MetricRecord(metrics)})
+    if result.privacy:
+        content["status"] = ConfigRecord({"privacy": json.dumps(result.privacy)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this client's share of the validation split."""
+    task, pid = _client(context)
+    rows = task.partition("val")[pid]
+    model = models.build(task.spec)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    ds = task.dataset
+    metrics = training.evaluate(model, ds.x["val"][rows], ds.y["val"][rows], task=ds.task) if len(rows) else {}
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(rows)})}), reply_to=msg)

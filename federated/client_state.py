@@ -1,0 +1,59 @@
+"""A client's privacy ledger: its accountant history, kept across rounds and resumes.
+
+Two copies, because they survive different things:
+
+- Flower's per-client ``context.state`` lives as long as the Flower run (simulation
+  keeps it between rounds, not across a restart);
+- a JSON file in the client's own folder survives a crash and a resumed run.
+
+On reading, the longer history wins: a round whose spend reached one copy but not the
+other was still spent (ε may be overstated, never understated).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+
+from pipeline.privacy import History
+from pipeline.rundir import atomic_write
+
+STATE_KEY = "privacy-ledger"
+
+
+def ledger_path(work_dir: Path, model: str, partition_id: int) -> Path:
+    """The client's own ledger file."""
+    return work_dir / "clients" / model / f"client-{partition_id}.json"
+
+
+def _steps(history: History) -> int:
+    return sum(int(n) for _, _, n in history)
+
+
+def load_history(context: Context, *, path: Path, model: str) -> History:
+    """The accountant history this client has spent on ``model`` so far."""
+    candidates: list[History] = []
+    record = context.state.config_records.get(STATE_KEY)
+    if record is not None and model in record:
+        candidates.append([tuple(h) for h in json.loads(str(record[model]))])
+    if path.is_file():
+        candidates.append([tuple(h) for h in json.loads(path.read_text())["accountant_history"]])
+    if not candidates:
+        return []
+    return [(float(s), float(q), int(n)) for s, q, n in max(candidates, key=_steps)]
+
+
+def save_history(context: Context, history: History, *, path: Path, model: str, rounds: list[int]) -> None:
+    """Record ``history`` in both copies (file first: it is the one a crash cannot lose)."""
+    payload = {"model": model, "accountant_history": [list(h) for h in history], "rounds_trained": rounds}
+    atomic_write(path, json.dumps(payload, indent=1).encode())
+    record = context.state.config_records.get(STATE_KEY) or ConfigRecord()
+    record[model] = json.dumps([list(h) for h in history])
+    context.state[STATE_KEY] = record
+
+
+def load_rounds(path: Path) -> list[int]:
+    """Rounds this client has trained (from its file), for its record."""
+    return list(json.loads(path.read_text())["rounds_trained"]) if path.is_file() else []

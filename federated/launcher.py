@@ -1,0 +1,201 @@
+"""Start and stop Flower's processes (SuperLink, SuperNodes, ``flwr run``) and clean up after them.
+
+Everything started here runs in its own session, and :meth:`Processes.stop` ends each
+one with its whole process tree (found through ``/proc`` before anything is killed, so
+Ray's workers that outlive their parent are found too): on success, on failure, on
+Ctrl-C and on SIGTERM. Flower's own settings go through the environment
+(:func:`flower_env`), never through the user's ``~/.flwr``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml with [tool.flwr.app]
+
+
+class FederatedRunError(UserError):
+    """The Flower run failed; the message carries the server's error or the log's tail."""
+
+
+def bin_path(name: str) -> str:
+    """A console script of this environment (``flwr``, ``flower-superlink``...), by absolute path."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: own FLWR_HOME, no telemetry, no update check, no runtime installs."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # Otherwise the SuperLink runs `uv sync` on the app's dependencies, which ignores the
+        # environment's torch build and downloads another one.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        "RAY_DISABLE_USAGE_STATS": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_connection(flwr_home: Path, name: str, *, address: str, root_certificates: str | None = None) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection, the default."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
+    if root_certificates:
+        lines.append(f'root-certificates = "{root_certificates}"')
+    else:
+        lines.append("insecure = true")
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    if not Path("/proc").is_dir():
+        return []
+    children, out, todo = _children_map(), [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+class Processes:
+    """The processes of one federated run; a context manager that always stops them all."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]):
+        self.log_dir, self.env = log_dir, env
+        self.procs: dict[str, subprocess.Popen] = {}
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None) -> subprocess.Popen:
+        """Start ``argv`` in its own session, output to ``<log_dir>/<name>.log``."""
+        with (self.log_dir / f"{name}.log").open("ab") as out:
+            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.env, cwd=str(cwd) if cwd else None, start_new_session=True)
+        self.procs[name] = proc
+        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
+        return proc
+
+    def log_tail(self, name: str, lines: int = 25) -> str:
+        """The last lines of a process's log."""
+        path = self.log_dir / f"{name}.log"
+        if not path.is_file():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every process and its descendants, SIGKILL whatever is left after ``timeout_s``."""
+        targets: list[int] = []
+        for proc in reversed(list(self.procs.values())):
+            targets += [proc.pid, *descendants(proc.pid)]
+        for pid in targets:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(_alive(p) for p in targets):
+            time.sleep(0.2)
+        for pid in targets:
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self.procs.clear()
+
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while active, so ``finally`` blocks stop the processes."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_until_healthy(proc: subprocess.Popen, port: int, *, timeout_s: float, what: str, logs: Processes, name: str,
+                       scheme: str = "http", verify: str | bool = True) -> None:
+    """Wait for ``GET <scheme>://127.0.0.1:<port>/health`` to succeed; fail fast if ``proc`` exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FederatedRunError(f"{what} exited with code {proc.returncode} while starting:\n{logs.log_tail(name)}")
+        try:
+            if httpx.get(f"{scheme}://127.0.0.1:{port}/health", timeout=1.0, verify=verify).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise FederatedRunError(f"{what} did not become ready within {timeout_s:.0f} s:\n{logs.log_tail(name)}")

@@ -1,0 +1,246 @@
+"""The Flower ServerApp: run the configured strategy, evaluate, checkpoint and record every round.
+
+It trains one pipeline model (``app.model``) for ``federated.rounds`` rounds, evaluating
+the global model on the validation and test splits after each round. After every round
+it rewrites one checkpoint (global weights, strategy state, the record so far), so a
+crashed run resumes from its last completed round. At the end it writes the final
+global weights (safetensors) and the JSON record the train stage reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from pipeline import models, training
+from pipeline.artifacts import json_bytes, state_dict_bytes
+from pipeline.errors import UserError
+from pipeline.rundir import atomic_write
+
+from federated import checkpoint
+from federated.partition import label_histograms
+from federated.run_config import AppSettings, from_run_config
+from federated.strategies import Recording, RecordingFedAdam, build_strategy
+from federated.task import Task, load_task
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+class NodesMissingError(UserError):
+    """Fewer SuperNodes connected than federated.n_clients."""
+
+
+def result_paths(work_dir: Path, model: str) -> tuple[Path, Path, Path]:
+    """(weights, record, error) files the train stage reads."""
+    out = work_dir / "result"
+    return out / f"{model}.safetensors", out / f"{model}.json", out / f"{model}.error.json"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls; failures are written down for the train stage, then re-raised."""
+    cfg, settings = from_run_config(context.run_config)
+    task = load_task(cfg, settings, run_id=context.run_id)
+    _, record_path, error_path = result_paths(task.work_dir, task.name)
+    error_path.unlink(missing_ok=True)
+    try:
+        run_server(grid, task, settings, run_config=dict(context.run_config))
+    except BaseException as exc:
+        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        atomic_write(error_path, json_bytes({"error": message, "user_error": isinstance(exc, UserError), "error_type": type(exc).__name__,
+                                             "traceback": traceback.format_exc()}))
+        raise
+    log.info("federated training of %s done; record in %s", task.name, record_path)
+
+
+def _initial_weights(task: Task) -> OrderedDict[str, torch.Tensor]:
+    # The central path seeds torch's global generator, then builds; same seed, same initial model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(task.model_seed)
+        return models.build(task.spec).state_dict()
+
+
+def _wait_for_nodes(grid: Grid, n_clients: int, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while (n := len(list(grid.get_node_ids()))) < n_clients:
+        if time.monotonic() > deadline:
+            raise NodesMissingError(
+                f"{n} SuperNode(s) connected after {wait_s:.0f} s, but federated.n_clients={n_clients}; start "
+                f"{n_clients} SuperNodes (simulation: num-supernodes={n_clients}) or lower federated.n_clients"
+            )
+        time.sleep(0.5)
+
+
+def _evaluate(task: Task, arrays: ArrayRecord) -> dict[str, float]:
+    model = models.build(task.spec)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    ds = task.dataset
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        if len(ds.y[split]):
+            out.update({f"{split}_{k}": v for k, v in training.evaluate(model, ds.x[split], ds.y[split], task=ds.task).items()})
+    return out
+
+
+def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray], fp: str) -> dict[str, Any]:
+    cfg, ds = task.cfg, task.dataset
+    f = cfg.federated
+    partition: dict[str, Any] = {"method": f.partitioner, "dirichlet_alpha": f.dirichlet_alpha,
+                                 "sizes": [len(p) for p in parts]}
+    if ds.task == "classification":
+        partition["label_histograms"] = label_histograms(ds.y["train"], parts, len(ds.class_names))
+    strategy: dict[str, Any] = {"name": f.strategy}
+    if f.strategy == "fedprox":
+        strategy["proximal_mu"] = settings.proximal_mu
+    elif f.strategy == "fedadam":
+        strategy["server_lr"] = settings.server_lr
+    return {
+        "mode": "federated", "model": task.name, "clients": f.n_clients, "min_clients": f.min_clients,
+        "rounds": f.rounds, "local_epochs": f.local_epochs, "completed_rounds": 0, "strategy": strategy,
+        "partition": partition, "seed": task.model_seed, "fit": dict(task.fit_cfg.__dict__), "dp_enabled": cfg.dp.enabled,
+        "history": [], "initial_metrics": {}, "client_epsilon": {str(i): [] for i in range(f.n_clients)},
+        "client_rounds": [], "failures": [], "seconds_per_round": [], "resumed_from_round": [],
+        "n_parameters": models.n_parameters(models.build(task.spec)), "fingerprint": fp,
+        "n_train": int(sum(len(p) for p in parts)),
+    }
+
+
+def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], seconds: float) -> None:
+    """Fold one finished round into the record."""
+    r = replies.round
+    eps = {str(int(c["partition-id"])): float(c["epsilon"]) for c in replies.trained + replies.refused}
+    for pid, series in record["client_epsilon"].items():
+        series.append(eps.get(pid))  # None: the client did not answer this round
+    trained = [{k: v for k, v in c.items() if k != "privacy"} for c in replies.trained]
+    record["client_rounds"].append({"round": r, "trained": trained, "refused": replies.refused, "failed": replies.failed})
+    record["failures"].extend({"round": r, **f} for f in replies.failed)
+    record["seconds_per_round"].append(seconds)
+    record["history"].append({
+        "round": r, **metrics, "seconds": seconds, "clients_trained": len(replies.trained),
+        "clients_refused": len(replies.refused), "clients_failed": len(replies.failed),
+        "epsilon_max": max(eps.values()) if eps else 0.0,
+    })
+    record["completed_rounds"] = r
+    for c in replies.trained:
+        if "privacy" in c:
+            record.setdefault("client_privacy", {})[str(int(c["partition-id"]))] = c["privacy"]
+
+
+def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dict[str, Any]) -> None:
+    """Train ``task`` federated for its configured rounds, resuming from a checkpoint if one matches."""
+    t_start = time.time()
+    f = task.cfg.federated
+    parts = task.partition()  # raises DataError early if a client's share is below the batch size
+    fp = checkpoint.fingerprint(run_config)
+    ck_path = checkpoint.checkpoint_path(task.work_dir, task.name)
+    ck = checkpoint.load(ck_path)
+    if ck is not None and ck.record.get("fingerprint") != fp:
+        raise UserError(f"the checkpoint {ck_path} belongs to a run with other settings; delete it or restore those settings")
+    if ck is not None:
+        record = ck.record
+        done = int(record["completed_rounds"])
+        record["resumed_from_round"].append(done)
+        arrays = ArrayRecord({k: _array(v) for k, v in ck.weights.items()})
+        log.info("resuming %s after round %d of %d", task.name, done, f.rounds)
+    else:
+        record, done = _new_record(task, settings, parts, fp), 0
+        arrays = ArrayRecord(_initial_weights(task))
+    record["server_started_unix"] = t_start
+    strategy = build_strategy(
+        f.strategy, n_clients=f.n_clients, min_clients=f.min_clients, round_offset=done,
+        proximal_mu=settings.proximal_mu, server_lr=settings.server_lr, client_evaluate=settings.client_evaluate,
+    )
+    if ck is not None and isinstance(strategy, RecordingFedAdam):
+        strategy.load_optimizer_state(ck.strategy_state)
+    last = {"t": time.time(), "arrays": arrays}
+
+    def evaluate_fn(server_round: int, round_arrays: ArrayRecord) -> MetricRecord:
+        metrics = _evaluate(task, round_arrays)
+        now = time.time()
+        if server_round == 0:
+            record.setdefault("first_round_started_unix", now)
+            if done == 0:
+                record["initial_metrics"] = metrics
+        else:
+            absolute = server_round + done
+            _round_entry(record, strategy.rounds[absolute], metrics, now - last["t"])
+            last["arrays"] = round_arrays
+            checkpoint.save(ck_path, checkpoint.ServerCheckpoint(
+                weights={k: v.numpy() for k, v in round_arrays.items()}, strategy_state=_strategy_state(strategy), record=record))
+            log.info("round %d/%d: %s", absolute, f.rounds, {k: round(v, 4) for k, v in metrics.items()})
+        last["t"] = now
+        return MetricRecord(metrics)
+
+    if done < f.rounds:
+        _wait_for_nodes(grid, f.n_clients, settings.node_wait_s)
+        strategy.start(
+            grid=grid, initial_arrays=arrays, num_rounds=f.rounds - done, timeout=settings.round_timeout_s,
+            train_config=ConfigRecord({"model": task.name}), evaluate_fn=evaluate_fn,
+        )
+    _write_result(task, record, last["arrays"], t_start)
+
+
+def _array(v: np.ndarray):
+    from flwr.app import Array
+
+    return Array(np.asarray(v))
+
+
+def _strategy_state(strategy: Recording) -> dict[str, np.ndarray]:
+    return strategy.optimizer_state() if isinstance(strategy, RecordingFedAdam) else {}
+
+
+def _write_result(task: Task, record: dict[str, Any], arrays: ArrayRecord, t_start: float) -> None:
+    weights_path, record_path, _ = result_paths(task.work_dir, task.name)
+    record["server_seconds"] = time.time() - t_start
+    record["finished_unix"] = time.time()
+    if task.cfg.dp.enabled:
+        record["privacy"] = _privacy_summary(task, record)
+    state = {k: torch.as_tensor(v.numpy()) for k, v in arrays.items()}
+    atomic_write(weights_path, state_dict_bytes(state))
+    atomic_write(record_path, json_bytes(record))
+
+
+def _privacy_summary(task: Task, record: dict[str, Any]) -> dict[str, Any]:
+    """Every number that defines the federation's ε: per client, and the worst client."""
+    import opacus
+
+    dp = task.cfg.dp
+    finals = {pid: next((e for e in reversed(series) if e is not None), 0.0) for pid, series in record["client_epsilon"].items()}
+    per_client = record.get("client_privacy", {})
+    return {
+        "epsilon": max(finals.values()) if finals else 0.0, "delta": dp.delta, "target_epsilon": dp.target_epsilon,
+        "accountant": dp.accountant, "opacus_version": opacus.__version__, "secure_mode": dp.secure_mode,
+        "epsilon_per_client": finals,
+        "noise_multiplier_per_client": {pid: p.get("noise_multiplier") for pid, p in per_client.items()},
+        "sample_rate_per_client": {pid: p.get("sample_rate") for pid, p in per_client.items()},
+        "max_grad_norm": task.fit_cfg.max_grad_norm, "per_client": per_client,
+        "mechanism": "DP-SGD on each client (Gaussian mechanism, Poisson subsampling, per-sample clipping)",
+        "unit_of_privacy": "one training record of one client (sample-level DP, accounted per client over all rounds)",
+        "noise_seeded": not dp.secure_mode,
+    }
+
+
+def read_result(work_dir: Path, model: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The final weights and record a finished run wrote."""
+    from pipeline.artifacts import read_json, read_state_dict
+
+    weights_path, record_path, _ = result_paths(work_dir, model)
+    return read_state_dict(weights_path.read_bytes()), read_json(record_path.read_bytes())
+
+
+def read_error(work_dir: Path, model: str) -> dict[str, Any] | None:
+    """The error the ServerApp wrote down, if it failed."""
+    path = result_paths(work_dir, model)[2]
+    return json.loads(path.read_text()) if path.is_file() else None

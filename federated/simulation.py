@@ -1,0 +1,205 @@
+"""Federated training from the train stage: a real ``flwr run`` of this repo in local simulation.
+
+:func:`train_federated` prepares a work folder (the dataset written with
+:func:`pipeline.data.dump`, the model spec, the run-config derived from the Config),
+starts its own SuperLink in simulation mode on free loopback ports, submits this repo
+as a Flower app with ``flwr run`` (which streams the logs until the run ends), and reads
+back the final global weights and the federation's record that the ServerApp wrote.
+Server checkpoints and the clients' privacy ledgers are copied into the pipeline's run
+directory as they appear (``runtime.save_bytes``) and restored from it, so
+``python -m pipeline --run-dir ...`` resumes a crashed run from its last completed round.
+Every process started here is stopped on the way out, also on failure and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.config import Config
+from pipeline.data import Dataset
+from pipeline.errors import ConfigError, DataError, PrivacyBudgetError
+from pipeline.runtime import Runtime
+
+from federated import launcher
+from federated.run_config import check_declared, run_config_toml, to_run_config
+from federated.task import Task, write_inputs
+
+log = logging.getLogger(__name__)
+CONNECTION = "pipeline-sim"
+SUPERLINK_START_TIMEOUT_S = 60.0
+_ERROR_TYPES = {"DataError": DataError, "ConfigError": ConfigError, "PrivacyBudgetError": PrivacyBudgetError}
+
+
+def train_federated(
+    cfg: Config,
+    *,
+    name: str,
+    dataset: Dataset,
+    spec: Mapping[str, Any],
+    seed: int,
+    runtime: Runtime | None = None,
+    app_settings: Mapping[str, Any] | None = None,
+):
+    """Train pipeline model ``name`` with ``federated.n_clients`` simulated Flower clients.
+
+    Parameters
+    ----------
+    cfg : resolved configuration (``cfg.federated``, ``cfg.dp`` and the model's fit settings are used).
+    name : ``"regressor"`` or ``"cnn"``.
+    dataset : the model's prepared dataset (train split is partitioned; val/test evaluate the global model).
+    spec : the model spec (:func:`pipeline.train.model_specs`).
+    seed : model seed: initial weights, partition and per-client seeds derive from it.
+    runtime : checkpoint store of the run directory (optional).
+    app_settings : extra ``app.*`` run-config settings (tests: fault injection).
+
+    Returns
+    -------
+    pipeline.train.TrainedModel whose ``training`` is the federation's record.
+
+    Raises
+    ------
+    DataError
+        If a client's partition is smaller than the batch size.
+    FederatedRunError
+        If the Flower run fails (the server's error or the log's tail is in the message).
+    """
+    from pipeline import models
+    from pipeline.train import TrainedModel, fit_config
+
+    runtime = runtime or Runtime()
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"flwr-{name}-") as tmp:
+        work = Path(tmp)
+        task = Task(cfg=cfg, name=name, dataset=dataset, spec=spec, fit_cfg=fit_config(cfg, name), model_seed=seed, work_dir=work)
+        task.partition()  # fail here, in one line, before any process starts
+        write_inputs(work, name=name, dataset=dataset, spec=spec)
+        mirror = _CheckpointMirror(work, name, runtime, n_clients=cfg.federated.n_clients)
+        mirror.restore()
+        run_config = to_run_config(cfg, model=name, work_dir=str(work), seed=seed, **dict(app_settings or {}))
+        run_flower(work, run_config, n_supernodes=cfg.federated.n_clients, on_poll=mirror.sync)
+        mirror.sync()
+        from federated.server_app import read_result
+
+        state_dict, record = read_result(work, name)
+    record = dict(record)
+    record.update({
+        "seconds": time.time() - t0,
+        "startup_seconds": record.get("first_round_started_unix", t0) - t0,
+        "device": cfg.train.device, "flwr_version": _flwr_version(),
+    })
+    model = models.build(spec)
+    model.load_state_dict(state_dict)  # checks the weights fit the spec
+    return TrainedModel(spec=spec, state_dict=state_dict, training=record)
+
+
+def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, on_poll=None) -> None:
+    """Run this repo as a Flower app on a private simulation SuperLink; return when the run has ended.
+
+    Raises
+    ------
+    FederatedRunError
+        If the run did not produce its result.
+    """
+    check_declared(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
+    flwr_home = work / "flwr-home"
+    port = launcher.free_port()
+    launcher.write_connection(flwr_home, CONNECTION, address=f"127.0.0.1:{port}")
+    rc_path = work / "run_config.toml"
+    rc_path.write_text(run_config_toml(run_config))
+    env = launcher.flower_env(flwr_home)
+    model = str(run_config["app.model"])
+    with launcher.sigterm_as_exit(), launcher.Processes(work / "logs", env) as procs:
+        superlink = procs.start("superlink", [
+            launcher.bin_path("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+            "--port", str(port), "--disable-runtime-dependency-installation",
+        ])
+        launcher.wait_until_healthy(superlink, port, timeout_s=SUPERLINK_START_TIMEOUT_S, what="flower-superlink",
+                                    logs=procs, name="superlink")
+        run = procs.start("flwr-run", [
+            launcher.bin_path("flwr"), "run", str(launcher.REPO_ROOT), CONNECTION, "--stream",
+            "--run-config", str(rc_path),
+            "--federation-config", f"num-supernodes={n_supernodes} client-resources-num-cpus=1",
+        ])
+        while run.poll() is None:
+            if superlink.poll() is not None:
+                raise launcher.FederatedRunError(f"flower-superlink exited during the run:\n{procs.log_tail('superlink')}")
+            if on_poll is not None:
+                on_poll()
+            time.sleep(1.0)
+        _raise_if_failed(work, model, procs)
+
+
+def _raise_if_failed(work: Path, model: str, procs: launcher.Processes) -> None:
+    from federated.server_app import read_error, result_paths
+
+    error = read_error(work, model)
+    if error is not None:
+        first_line = error["error"].splitlines()[0] if error["error"] else "unknown error"
+        if error.get("user_error"):
+            raise _ERROR_TYPES.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])
+        raise launcher.FederatedRunError(f"the federated run of {model} failed: {first_line}\n{procs.log_tail('flwr-run')}")
+    if not result_paths(work, model)[1].is_file():
+        raise launcher.FederatedRunError(f"the federated run of {model} ended without a result:\n{procs.log_tail('flwr-run')}")
+
+
+class _CheckpointMirror:
+    """Copy the server checkpoint and client ledgers between the work folder and the run directory."""
+
+    def __init__(self, work: Path, name: str, runtime: Runtime, *, n_clients: int):
+        self.work, self.name, self.runtime, self.n_clients = work, name, runtime, n_clients
+        self.seen: dict[Path, float] = {}
+
+    def _files(self) -> list[Path]:
+        return sorted([*(self.work / "server").glob(f"{self.name}.*"), *(self.work / "clients" / self.name).glob("*.json")])
+
+    def _rel(self, path: Path) -> str:
+        return f"checkpoints/federated/{path.relative_to(self.work).as_posix()}"
+
+    def restore(self) -> None:
+        """Put what the run directory kept back into the work folder (resume).
+
+        Client ledgers are restored even without a server checkpoint: a round the server
+        never finished was still spent by the clients that trained in it.
+        """
+        if self.runtime.load_bytes is None:
+            return
+        from pipeline.rundir import atomic_write
+
+        rels = [f"server/{self.name}.checkpoint.safetensors",
+                *(f"clients/{self.name}/client-{pid}.json" for pid in range(self.n_clients))]
+        restored = 0
+        for rel in rels:
+            data = self.runtime.load_bytes(f"checkpoints/federated/{rel}")
+            if data is not None:
+                atomic_write(self.work / rel, data)
+                restored += 1
+        if restored:
+            log.info("%s: restored %d federated checkpoint file(s) from the run directory", self.name, restored)
+
+    def sync(self) -> None:
+        """Forward new or changed files to the run directory."""
+        if self.runtime.save_bytes is None:
+            return
+        for path in self._files():
+            if path.name.startswith("."):
+                continue  # an atomic write in progress
+            try:
+                mtime = path.stat().st_mtime_ns
+                if self.seen.get(path) == mtime:
+                    continue
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            self.runtime.save_bytes(self._rel(path), data)
+            self.seen[path] = mtime
+
+
+def _flwr_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("flwr")
+

@@ -1,0 +1,46 @@
+"""Plots return PNG bytes and leave no figures open."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pytest
+
+from explain import deletion_insertion, get_explainer, make_predict_fn
+from explain import plots
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tab_expls(mlp, tabular):
+    kw = dict(background=tabular[20:50], task="regression", seed=0, feature_names=[f"f{i}" for i in range(10)])
+    return (get_explainer("shap-deep")(mlp, tabular[:8], **kw),
+            get_explainer("lime-tabular")(mlp, tabular[:8], num_samples=200, **kw))
+
+
+def test_tabular_plots(tab_expls, mlp, tabular):
+    shap_e, lime_e = tab_expls
+    before = plt.get_fignums()
+    for png in (
+        plots.beeswarm_png(shap_e),
+        plots.waterfall_png(shap_e, row=1),
+        plots.importance_bar_png([shap_e, lime_e]),
+        plots.deletion_insertion_png(
+            deletion_insertion(shap_e, make_predict_fn(mlp, task="regression"), baseline=0.0, n_steps=5, seed=0)
+        ),
+    ):
+        assert png.startswith(PNG) and len(png) > 1000
+    assert plt.get_fignums() == before
+    with pytest.raises(ValueError, match="row=8 is out of range"):
+        plots.waterfall_png(shap_e, row=8)
+
+
+def test_image_grid(cnn, images):
+    kw = dict(background=images[10:], task="classification", seed=0)
+    shap_e = get_explainer("shap-deep")(cnn, images[:3], **kw)
+    lime_e = get_explainer("lime-image")(cnn, images[:3], num_samples=100, **kw)
+    assert plots.image_grid_png([shap_e, lime_e], n_images=2).startswith(PNG)
+    with pytest.raises(ValueError, match="needs a tabular explanation"):
+        plots.beeswarm_png(shap_e)
+    with pytest.raises(ValueError, match="needs one or more image explanations"):
+        plots.image_grid_png([])
