@@ -22,7 +22,7 @@ from pipeline.privacy import epsilon_of
 from pipeline.runtime import derive_seed
 
 from federated import client_state
-from federated.run_config import from_run_config
+from federated.run_config import AppSettings, from_run_config
 from federated.task import Task, load_task
 
 log = logging.getLogger(__name__)
@@ -40,24 +40,23 @@ def check_unwrapped(state_dict) -> None:
         raise ValueError(f"state dict key {wrapped[0]!r} still carries Opacus' '_module.' prefix; unwrap before sending")
 
 
-def _client(context: Context) -> tuple[Task, int]:
+def _client(context: Context) -> tuple[Task, int, AppSettings]:
     cfg, settings = from_run_config(context.run_config)
     partition_id = int(context.node_config["partition-id"])
     n_partitions = int(context.node_config.get("num-partitions", cfg.federated.n_clients))
-    if n_partitions != cfg.federated.n_clients:
+    if n_partitions != cfg.federated.n_clients or not 0 <= partition_id < n_partitions:
         raise ConfigError(
-            f"this SuperNode was started for {n_partitions} partitions but federated.n_clients={cfg.federated.n_clients}; "
-            "make num-supernodes / num-partitions equal to federated.n_clients"
+            f"this SuperNode is partition {partition_id} of {n_partitions}, but federated.n_clients={cfg.federated.n_clients}; "
+            "make num-supernodes / num-partitions equal to federated.n_clients and partition-id in [0, num-partitions)"
         )
-    return load_task(cfg, settings, run_id=context.run_id), partition_id
+    return load_task(cfg, settings, run_id=context.run_id), partition_id, settings
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's partition; reply with weights, size and ε."""
     t0 = time.perf_counter()
-    task, pid = _client(context)
-    _, settings = from_run_config(context.run_config)
+    task, pid, settings = _client(context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     if settings.fail_partition == pid and settings.fail_round in (0, server_round):
@@ -106,10 +105,13 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's share of the validation split."""
-    task, pid = _client(context)
+    task, pid, _ = _client(context)
     rows = task.partition("val")[pid]
     model = models.build(task.spec)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     ds = task.dataset
-    metrics = training.evaluate(model, ds.x["val"][rows], ds.y["val"][rows], task=ds.task) if len(rows) else {}
+    if len(rows):
+        metrics = training.evaluate(model, ds.x["val"][rows], ds.y["val"][rows], task=ds.task)
+    else:  # same keys for every client, or Flower refuses to aggregate
+        metrics = {"loss": float("nan"), "r2" if ds.task == "regression" else "accuracy": float("nan")}
     return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(rows)})}), reply_to=msg)

@@ -36,9 +36,15 @@ def bin_path(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: own FLWR_HOME, no telemetry, no update check, no runtime installs."""
+def flower_env(flwr_home: Path, *, ray_tmp: Path | None = None) -> dict[str, str]:
+    """Environment for Flower processes: own FLWR_HOME, no telemetry, no update check, no runtime installs.
+
+    ``ray_tmp`` keeps Ray's session files (logs, sockets) in a folder of ours instead of ``/tmp/ray``.
+    """
     env = dict(os.environ)
+    if ray_tmp is not None:
+        ray_tmp.mkdir(parents=True, exist_ok=True)
+        env["RAY_TMPDIR"] = str(ray_tmp)
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
@@ -184,18 +190,23 @@ def sigterm_as_exit() -> Iterator[None]:
 
 
 def wait_until_healthy(proc: subprocess.Popen, port: int, *, timeout_s: float, what: str, logs: Processes, name: str,
-                       scheme: str = "http", verify: str | bool = True) -> None:
-    """Wait for ``GET <scheme>://127.0.0.1:<port>/health`` to succeed; fail fast if ``proc`` exits."""
-    import httpx
+                       ca_file: str | None = None) -> None:
+    """Wait until ``GET /health`` on 127.0.0.1:``port`` answers 200 (HTTPS when ``ca_file``); fail fast if ``proc`` exits."""
+    import ssl
+    import urllib.error
+    import urllib.request
 
+    scheme = "https" if ca_file else "http"
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise FederatedRunError(f"{what} exited with code {proc.returncode} while starting:\n{logs.log_tail(name)}")
         try:
-            if httpx.get(f"{scheme}://127.0.0.1:{port}/health", timeout=1.0, verify=verify).is_success:
-                return
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1.0, context=context) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
     raise FederatedRunError(f"{what} did not become ready within {timeout_s:.0f} s:\n{logs.log_tail(name)}")

@@ -110,7 +110,7 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
     launcher.write_connection(flwr_home, CONNECTION, address=f"127.0.0.1:{port}")
     rc_path = work / "run_config.toml"
     rc_path.write_text(run_config_toml(run_config))
-    env = launcher.flower_env(flwr_home)
+    env = launcher.flower_env(flwr_home, ray_tmp=work / "ray")
     model = str(run_config["app.model"])
     with launcher.sigterm_as_exit(), launcher.Processes(work / "logs", env) as procs:
         superlink = procs.start("superlink", [

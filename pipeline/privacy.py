@@ -120,7 +120,14 @@ def plan(
                 f"no noise multiplier reaches ε={dp.target_epsilon} at δ={dp.delta} for {total_steps} steps ({exc}); "
                 "raise dp.target_epsilon or dp.delta, or train fewer epochs"
             ) from None
-    planned = epsilon_of([*history, (sigma, sample_rate, steps)], delta=dp.delta, accountant=dp.accountant)
+    planned_history = [*history, (sigma, sample_rate, steps)]
+    # PRV can run for minutes (numerical overflow) when σ is tiny and ε enormous. RDP is fast and, in
+    # practice, never below PRV; when it says ε is far over budget, refuse without asking PRV.
+    rough = epsilon_of(planned_history, delta=dp.delta, accountant="rdp") if dp.accountant == "prv" else None
+    if rough is not None and rough > 10 * dp.target_epsilon:
+        planned = rough
+    else:
+        planned = epsilon_of(planned_history, delta=dp.delta, accountant=dp.accountant)
     if planned > dp.target_epsilon:
         spent = epsilon_of(history, delta=dp.delta, accountant=dp.accountant)
         raise PrivacyBudgetError(

@@ -6,7 +6,7 @@ Both models go through the one training core (:func:`pipeline.training.fit`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -97,6 +97,8 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
     tab = datasets["tabular"]
     ridge = Ridge(alpha=cfg.regressor.ridge_alpha).fit(tab.x["train"], tab.y["train"])
     out["ridge"] = RidgeBaseline(coef=np.asarray(ridge.coef_, dtype=np.float64), intercept=float(ridge.intercept_), alpha=cfg.regressor.ridge_alpha)
+    if cfg.dp.enabled and cfg.train.mode == "central":
+        _preflight(cfg, datasets)
     if cfg.train.mode == "federated":
         from federated.simulation import train_federated  # imported lazily: Flower is heavy
 
@@ -126,6 +128,16 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
     return out
 
 
+def _preflight(cfg: Config, datasets: Mapping[str, Dataset]) -> None:
+    """Refuse before training anything if either model's planned DP training would overspend its budget."""
+    from pipeline import privacy
+
+    for name, key in (("regressor", "tabular"), ("cnn", "images")):
+        fit = fit_config(cfg, name)
+        privacy.plan(cfg.dp, n_samples=len(datasets[key].y["train"]), batch_size=fit.batch_size,
+                     max_grad_norm=fit.max_grad_norm, epochs=fit.epochs)
+
+
 def dump(out: Mapping[str, Any]) -> dict[str, bytes]:
     """Weights as safetensors, specs and training records as JSON."""
     files = {}
@@ -147,8 +159,3 @@ def load(read) -> dict[str, Any]:
     r = read_json(read("models/ridge.json"))
     out["ridge"] = RidgeBaseline(coef=np.asarray(r["coef"]), intercept=float(r["intercept"]), alpha=float(r["alpha"]))
     return out
-
-
-def with_dp(cfg: Config, **changes: Any) -> Config:
-    """``cfg`` with DP settings changed (used by benchmarks and tests)."""
-    return replace(cfg, dp=replace(cfg.dp, **changes))

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+
+from federated.run_config import (
+    APP_DEFAULTS, check_declared, declared_keys, from_run_config, pyproject_section, replace_section, run_config_toml,
+    to_run_config,
+)
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def test_default_config_round_trips():
+    cfg, settings = from_run_config(to_run_config(Config()))
+    assert cfg == Config()
+    assert settings.model == APP_DEFAULTS["app.model"]
+
+
+def test_changed_config_round_trips_with_tuples_and_app_settings():
+    cfg = load_config(None, ["cnn.channels=[8, 16, 4]", "regressor.hidden_sizes=[3]", "dp.enabled=true",
+                             "federated.strategy=fedadam", "federated.n_clients=3", "seed=11"])
+    rc = to_run_config(cfg, model="regressor", work_dir="/somewhere", seed=5, fail_partition=1)
+    assert all(isinstance(v, (bool, int, float, str)) for v in rc.values())  # what Flower accepts
+    back, settings = from_run_config(rc)
+    assert back == cfg
+    assert (settings.model, settings.work_dir, settings.seed, settings.fail_partition) == ("regressor", "/somewhere", 5, 1)
+
+
+def test_flower_parses_our_run_config_file_and_accepts_every_key(tmp_path):
+    """What `flwr run --run-config F.toml` does: parse, then fuse onto the app's declared defaults."""
+    cfg = load_config(None, ["cnn.channels=[8]", "data.images=\"x \\\"quoted\\\".npz\"", "federated.rounds=4"])
+    rc = to_run_config(cfg, work_dir="/tmp/w")
+    path = tmp_path / "rc.toml"
+    path.write_text(run_config_toml(rc))
+    parsed = parse_config_args([str(path)])
+    assert parsed == rc
+    import tomllib
+
+    defaults = flatten_dict(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
+    fused = fuse_dicts(defaults, parsed)  # raises for a key the app does not declare
+    assert from_run_config(fused)[0] == cfg
+
+
+def test_pyproject_declares_exactly_the_generated_defaults():
+    text = PYPROJECT.read_text()
+    assert declared_keys(text) == to_run_config(Config()), "run `python -m federated.run_config --write`"
+    assert text.rstrip().endswith(pyproject_section().rstrip())
+    assert replace_section(text) == text
+
+
+def test_an_undeclared_key_is_named_with_the_fix():
+    rc = {**to_run_config(Config()), "train.new_key": 1}
+    with pytest.raises(ConfigError, match=r"train\.new_key.*federated\.run_config --write"):
+        check_declared(rc, PYPROJECT.read_text())
+
+
+def test_bad_values_fail_with_the_key_named():
+    rc = to_run_config(Config())
+    with pytest.raises(ConfigError, match="cnn.channels"):
+        from_run_config({**rc, "cnn.channels": "[32,"})
+    with pytest.raises(ConfigError, match="app.model"):
+        from_run_config({**rc, "app.model": "gbm"})
+    with pytest.raises(ConfigError, match="app.nope"):
+        from_run_config({**rc, "app.nope": 1})
+    with pytest.raises(ConfigError, match="federated.rounds"):
+        from_run_config({**rc, "federated.rounds": 0})

@@ -1,0 +1,105 @@
+"""The ServerApp's main driven in-process through a Grid whose nodes are ClientApp calls (no Ray)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_context
+
+from federated import checkpoint, client_state
+from federated.server_app import main, read_error, read_result
+from federated.strategies import RoundFailedError
+from pipeline import models
+
+
+def _run(tmp_path, digits_data, *overrides, n_nodes=2, crash_in_round=0, **app):
+    cfg = make_cfg(*overrides)
+    rc = prepare_work_dir(tmp_path, cfg, digits_data, **app)
+    grid = InProcessGrid(rc, n_nodes, crash_in_round=crash_in_round)
+    main(grid, server_context(rc))
+    return cfg, grid, read_result(tmp_path, "cnn")
+
+
+def test_a_private_run_records_rounds_clients_and_epsilon(tmp_path, digits_data):
+    cfg, _, (weights, record) = _run(tmp_path, digits_data, "dp.enabled=true", "dp.accountant=rdp")
+    assert [h["round"] for h in record["history"]] == [1, 2, 3]
+    assert all({"val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(h) for h in record["history"])
+    assert len(record["seconds_per_round"]) == 3 and record["failures"] == []
+    assert sum(record["partition"]["sizes"]) == len(digits_data["images"].y["train"]) == record["n_train"]
+    assert np.sum(record["partition"]["label_histograms"]) == record["n_train"]
+    for series in record["client_epsilon"].values():
+        assert len(series) == 3 and all(b > a for a, b in zip(series, series[1:]))
+        assert series[-1] <= cfg.dp.target_epsilon
+    privacy = record["privacy"]
+    assert privacy["epsilon"] == max(s[-1] for s in record["client_epsilon"].values())
+    assert set(privacy["per_client"]) == {"0", "1"} and privacy["accountant"] == "rdp"
+    assert all(p["noise_multiplier"] > 0 for p in privacy["per_client"].values())
+    model = models.build(json.loads((tmp_path / "spec.json").read_text()))
+    model.load_state_dict(weights)  # plain keys, the spec's shapes
+
+
+def test_a_crashed_server_resumes_from_its_last_completed_round(tmp_path, digits_data):
+    cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp")
+    rc = prepare_work_dir(tmp_path, cfg, digits_data)
+    with pytest.raises(SystemExit):
+        main(InProcessGrid(rc, 2, crash_in_round=3), server_context(rc))
+    assert read_error(tmp_path, "cnn") is not None
+    ck = checkpoint.load(checkpoint.checkpoint_path(tmp_path, "cnn"))
+    assert ck.record["completed_rounds"] == 2
+    eps_before = {pid: s[-1] for pid, s in ck.record["client_epsilon"].items()}
+
+    grid = InProcessGrid(rc, 2)  # fresh client contexts: only the ledger files remember the spend
+    main(grid, server_context(rc))
+    _, record = read_result(tmp_path, "cnn")
+    assert grid.sent_rounds == [3, 3]
+    assert record["resumed_from_round"] == [2]
+    assert [h["round"] for h in record["history"]] == [1, 2, 3]
+    for pid, series in record["client_epsilon"].items():
+        assert series[1] == eps_before[pid] and series[2] > series[1]
+        assert series[2] <= cfg.dp.target_epsilon
+    assert read_error(tmp_path, "cnn") is None
+
+
+def test_a_failing_client_does_not_stop_the_run(tmp_path, digits_data):
+    _, _, (_, record) = _run(tmp_path, digits_data, "federated.n_clients=3", "federated.min_clients=2",
+                             n_nodes=3, fail_partition=0)
+    assert [h["clients_trained"] for h in record["history"]] == [2, 2, 2]
+    assert [f["round"] for f in record["failures"]] == [1, 2, 3]
+    assert "injected failure of client 0" in record["failures"][0]["reason"]
+    assert record["client_epsilon"]["0"] == [None, None, None]
+
+
+def test_below_min_clients_the_run_stops_with_a_clear_error(tmp_path, digits_data):
+    with pytest.raises(RoundFailedError, match="fewer than federated.min_clients=2"):
+        _run(tmp_path, digits_data, "federated.min_clients=2", fail_partition=1, fail_round=2)
+    error = read_error(tmp_path, "cnn")
+    assert error["user_error"] and "round 2" in error["error"]
+    assert checkpoint.load(checkpoint.checkpoint_path(tmp_path, "cnn")).record["completed_rounds"] == 1
+
+
+def test_clients_out_of_budget_refuse_and_the_model_stays(tmp_path, digits_data):
+    cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp", "federated.rounds=1")
+    rc = prepare_work_dir(tmp_path, cfg, digits_data)
+    spent = [(50.0, 0.2, 10), (0.5, 0.5, 1000)]  # a ledger already over ε=3
+    from flwr.app import Context, RecordDict
+
+    for pid in range(2):
+        client_state.save_history(Context(7, pid, {}, RecordDict(), {}), spent,
+                                  path=client_state.ledger_path(tmp_path, "cnn", pid), model="cnn", rounds=[])
+    main(InProcessGrid(rc, 2), server_context(rc))
+    weights, record = read_result(tmp_path, "cnn")
+    refused = record["client_rounds"][0]["refused"]
+    assert len(refused) == 2 and all("refuses to train" in r["reason"] for r in refused)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        initial = models.build(json.loads((tmp_path / "spec.json").read_text())).state_dict()
+    assert all(torch.equal(weights[k], initial[k]) for k in initial)
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_other_strategies_run_and_checkpoint(tmp_path, digits_data, strategy):
+    _, _, (_, record) = _run(tmp_path, digits_data, f"federated.strategy={strategy}", "federated.rounds=2")
+    assert record["strategy"]["name"] == strategy and record["completed_rounds"] == 2
+    ck = checkpoint.load(checkpoint.checkpoint_path(tmp_path, "cnn"))
+    assert bool(ck.strategy_state) == (strategy == "fedadam")  # FedAdam's moments resume with it
