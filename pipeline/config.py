@@ -40,6 +40,7 @@ class FitConfig:
     momentum: float = 0.9  # SGD momentum, [0, 1)
     weight_decay: float = 0.0  # L2 penalty, >= 0
     max_grad_norm: float = 1.0  # DP only: per-sample gradient clipping norm C, > 0
+    augment_shift: int = 0  # images only: random translation by up to this many pixels per sample and step, >= 0
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,7 @@ def _validate_fit(fit: FitConfig, key: str) -> None:
     _check(0 <= fit.momentum < 1, f"{key}.momentum", fit.momentum, "in [0, 1)")
     _check(fit.weight_decay >= 0, f"{key}.weight_decay", fit.weight_decay, ">= 0")
     _check(fit.max_grad_norm > 0, f"{key}.max_grad_norm", fit.max_grad_norm, "> 0")
+    _check(fit.augment_shift >= 0, f"{key}.augment_shift", fit.augment_shift, ">= 0")
 
 
 def validate(cfg: Config) -> None:

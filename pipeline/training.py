@@ -66,12 +66,34 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
         yield order[start : start + batch_size]
 
 
+def random_shift(xb: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image of ``xb`` (B, C, H, W) by its own random offset in [-max_shift, max_shift].
+
+    Uncovered pixels take the image's own minimum (the background of standardised digits).
+
+    A per-record transformation: under DP it touches only the record it augments, so the
+    guarantee is unchanged.
+    """
+    if max_shift <= 0 or len(xb) == 0:
+        return xb
+    b, _, h, w = xb.shape
+    floor = xb.amin(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    padded = nn.functional.pad(xb - floor, (max_shift,) * 4) + floor  # (B, C, H+2s, W+2s)
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(xb.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(xb.device)
+    rows = (dy[:, None] + torch.arange(h, device=xb.device))[:, None, :, None].expand(b, xb.shape[1], h, w + 2 * max_shift)
+    out = padded.gather(2, rows)  # (B, C, H, W+2s)
+    cols = (dx[:, None] + torch.arange(w, device=xb.device))[:, None, None, :].expand(b, xb.shape[1], h, w)
+    return out.gather(3, cols)  # (B, C, H, W)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Any,
     *,
     task: str,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """One pass over ``batches`` (an iterable of ``(x, y)`` tensors on the model's device).
 
@@ -83,6 +105,8 @@ def train_one_epoch(
     criterion = loss_fn(task)
     total, count = 0.0, 0
     for xb, yb in batches:
+        if transform is not None:
+            xb = transform(xb)
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(_output(model, xb, task), yb)
         loss.backward()
@@ -234,6 +258,9 @@ def fit(
             generator=generator, grad_sample_mode=dp.grad_sample_mode,
         )
         run_model, run_opt = private_run.model, private_run.optimizer
+    transform = None
+    if fit_cfg.augment_shift and xt.ndim == 4:
+        transform = lambda xb: random_shift(xb, fit_cfg.augment_shift, generator)  # noqa: E731
     bar = _progress(range(start_epoch, start_epoch + remaining), progress, desc)
     t_start = time.perf_counter()
     for epoch in bar:
@@ -242,7 +269,7 @@ def fit(
             batches = private_run.loader
         else:
             batches = ((xt[i], yt[i]) for i in shuffled_batches(len(xt), fit_cfg.batch_size, generator))
-        train_loss = train_one_epoch(run_model, run_opt, batches, task=task)
+        train_loss = train_one_epoch(run_model, run_opt, batches, task=task, transform=transform)
         row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - t0}
         if x_val is not None and len(x_val):
             row.update({f"val_{k}": v for k, v in evaluate(model, x_val, y_val, task=task, device=device).items()})

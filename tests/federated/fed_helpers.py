@@ -37,7 +37,7 @@ def prepare_work_dir(work: Path, cfg, datasets, *, name: str = "cnn", seed: int 
     key = {"cnn": "images", "regressor": "tabular"}[name]
     spec = train_stage.model_specs(cfg, datasets)[name]
     write_inputs(work, name=name, dataset=datasets[key], spec=spec)
-    return to_run_config(cfg, model=name, work_dir=str(work), seed=seed, node_wait_s=2.0, **app)
+    return to_run_config(cfg, model=name, work_dir=str(work), seed=seed, **{"node_wait_s": 2.0, **app})
 
 
 def client_context(run_config: dict, partition_id: int, n_partitions: int) -> Context:

@@ -103,3 +103,10 @@ def test_other_strategies_run_and_checkpoint(tmp_path, digits_data, strategy):
     assert record["strategy"]["name"] == strategy and record["completed_rounds"] == 2
     ck = checkpoint.load(checkpoint.checkpoint_path(tmp_path, "cnn"))
     assert bool(ck.strategy_state) == (strategy == "fedadam")  # FedAdam's moments resume with it
+
+
+def test_missing_supernodes_fail_with_the_fix_named(tmp_path, digits_data):
+    from federated.server_app import NodesMissingError
+
+    with pytest.raises(NodesMissingError, match="federated.n_clients=2"):
+        _run(tmp_path, digits_data, n_nodes=1, node_wait_s=0.5)
