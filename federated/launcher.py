@@ -103,6 +103,17 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _tree(root: int) -> list[tuple[int, int]]:
+    """``(pid, depth)`` of ``root`` (depth 0) and every process below it."""
+    children = _children_map() if Path("/proc").is_dir() else {}
+    out, todo = [], [(root, 0)]
+    while todo:
+        pid, depth = todo.pop()
+        out.append((pid, depth))
+        todo.extend((child, depth + 1) for child in children.get(pid, []))
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -146,22 +157,35 @@ class Processes:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM every process and its descendants, SIGKILL whatever is left after ``timeout_s``."""
-        targets: list[int] = []
-        for proc in reversed(list(self.procs.values())):
-            targets += [proc.pid, *descendants(proc.pid)]
-        for pid in targets:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(_alive(p) for p in targets):
-            time.sleep(0.2)
+        """Stop every process and its descendants, deepest first; SIGKILL whatever ignores SIGTERM.
+
+        Leaves go first so that every process is reaped by its own (still living) parent:
+        orphans would be left to PID 1, which in some containers never reaps them.
+        """
+        levels: dict[int, list[int]] = {}
+        for proc in self.procs.values():
+            for pid, depth in _tree(proc.pid):
+                levels.setdefault(depth, []).append(pid)
+        targets = [pid for pids in levels.values() for pid in pids]
+        per_level = timeout_s / max(len(levels), 1)
+        for depth in sorted(levels, reverse=True):
+            for pid in levels[depth]:
+                _signal(pid, signal.SIGTERM)
+            self._wait_all(levels[depth], per_level)
         for pid in targets:
             if _alive(pid):
                 _signal(pid, signal.SIGKILL)
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+        self._wait_all(targets, 5.0)  # SIGKILL is not instantaneous either
         self.procs.clear()
+
+    def _wait_all(self, pids: list[int], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for proc in self.procs.values():
+                proc.poll()  # reap our own children so they do not linger as zombies
+            if not any(_alive(p) for p in pids):
+                return
+            time.sleep(0.1)
 
     def __enter__(self) -> "Processes":
         return self

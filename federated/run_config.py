@@ -28,6 +28,7 @@ from pipeline.errors import ConfigError
 
 Scalar = bool | int | float | str
 APP_PREFIX = "app."
+PYPROJECT = "pyproject.toml"
 
 # App-level settings: defaults of `flwr run .` without overrides. One comment each (units, range).
 APP_DEFAULTS: dict[str, Scalar] = {
@@ -118,6 +119,13 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, AppSettings]
                 raise ConfigError(f"run-config key {key!r} = {value!r} is not a JSON list; write e.g. \"[32, 64]\"") from None
         else:
             flat[key] = value
+    known = set(flatten(Config()))
+    stale = sorted(set(flat) - known)
+    if stale:
+        raise ConfigError(
+            f"run-config key {stale[0]!r} is not a pipeline config key (any more); if it comes from {PYPROJECT}, "
+            "regenerate its [tool.flwr.app.config] with `python -m federated.run_config --write`"
+        )
     cfg = from_flat(flat)
     return cfg, _app_settings(app)
 
@@ -161,9 +169,6 @@ def pyproject_section() -> str:
     return "[tool.flwr.app.config]\n" + run_config_toml(to_run_config(Config()))
 
 
-PYPROJECT = "pyproject.toml"
-
-
 def declared_keys(pyproject_text: str) -> dict[str, Any]:
     """The flat ``[tool.flwr.app.config]`` of a pyproject.toml text."""
     import tomllib
@@ -193,20 +198,34 @@ def replace_section(pyproject_text: str) -> str:
     return before + pyproject_section()
 
 
-def check_declared(run_config: Mapping[str, Any], pyproject_text: str) -> None:
-    """Raise if ``flwr run`` would refuse ``run_config`` (keys the app does not declare).
+def overrides_for(run_config: Mapping[str, Any], pyproject_text: str) -> dict[str, Scalar]:
+    """The part of ``run_config`` that ``flwr run`` must send: values that differ from the app's declared defaults.
+
+    ``flwr run`` refuses keys the app does not declare. A key the pyproject table lacks (the
+    pipeline config gained it since the table was generated) is harmless while it holds
+    the code's default, because :func:`from_run_config` fills missing keys with defaults.
 
     Raises
     ------
     ConfigError
-        Naming the missing keys and the command that regenerates the table.
+        For an undeclared key with a non-default value, naming the command that regenerates the table.
     """
-    missing = sorted(set(run_config) - set(declared_keys(pyproject_text)))
+    declared = declared_keys(pyproject_text)
+    code_defaults = to_run_config(Config())
+    out: dict[str, Scalar] = {}
+    missing = []
+    for key, value in run_config.items():
+        if key in declared:
+            if declared[key] != value or type(declared[key]) is not type(value):
+                out[key] = value
+        elif code_defaults.get(key) != value:
+            missing.append(key)
     if missing:
         raise ConfigError(
-            f"{PYPROJECT} [tool.flwr.app.config] lacks {len(missing)} config key(s) ({', '.join(missing[:5])}); "
+            f"{PYPROJECT} [tool.flwr.app.config] lacks {len(missing)} config key(s) set here ({', '.join(missing[:5])}); "
             "regenerate it with `python -m federated.run_config --write`"
         )
+    return out
 
 
 if __name__ == "__main__":

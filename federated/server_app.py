@@ -50,18 +50,23 @@ def result_paths(work_dir: Path, model: str) -> tuple[Path, Path, Path]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls; failures are written down for the train stage, then re-raised."""
-    cfg, settings = from_run_config(context.run_config)
-    task = load_task(cfg, settings, run_id=context.run_id)
-    _, record_path, error_path = result_paths(task.work_dir, task.name)
-    error_path.unlink(missing_ok=True)
+    error_path = None
     try:
+        cfg, settings = from_run_config(context.run_config)
+        task = load_task(cfg, settings, run_id=context.run_id)
+        error_path = result_paths(task.work_dir, task.name)[2]
+        error_path.unlink(missing_ok=True)
         run_server(grid, task, settings, run_config=dict(context.run_config))
     except BaseException as exc:
-        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        atomic_write(error_path, json_bytes({"error": message, "user_error": isinstance(exc, UserError), "error_type": type(exc).__name__,
-                                             "traceback": traceback.format_exc()}))
+        if error_path is None and context.run_config.get("app.work-dir"):  # failed before the task was known
+            error_path = result_paths(Path(str(context.run_config["app.work-dir"])),
+                                      str(context.run_config.get("app.model", "cnn")))[2]
+        if error_path is not None:
+            message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            atomic_write(error_path, json_bytes({"error": message, "user_error": isinstance(exc, UserError),
+                                                 "error_type": type(exc).__name__, "traceback": traceback.format_exc()}))
         raise
-    log.info("federated training of %s done; record in %s", task.name, record_path)
+    log.info("federated training of %s done; record in %s", task.name, result_paths(task.work_dir, task.name)[1])
 
 
 def _initial_weights(task: Task) -> OrderedDict[str, torch.Tensor]:

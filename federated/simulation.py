@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError, DataError, PrivacyBudgetError
 from pipeline.runtime import Runtime
 
 from federated import launcher
-from federated.run_config import check_declared, run_config_toml, to_run_config
+from federated.run_config import overrides_for, run_config_toml, to_run_config
 from federated.task import Task, write_inputs
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,12 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
     FederatedRunError
         If the run did not produce its result.
     """
-    check_declared(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
+    overrides = overrides_for(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
     flwr_home = work / "flwr-home"
     port = launcher.free_port()
     launcher.write_connection(flwr_home, CONNECTION, address=f"127.0.0.1:{port}")
     rc_path = work / "run_config.toml"
-    rc_path.write_text(run_config_toml(run_config))
+    rc_path.write_text(run_config_toml(overrides))
     env = launcher.flower_env(flwr_home, ray_tmp=work / "ray")
     model = str(run_config["app.model"])
     with launcher.sigterm_as_exit(), launcher.Processes(work / "logs", env) as procs:

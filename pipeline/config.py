@@ -45,12 +45,12 @@ class FitConfig:
 
 @dataclass(frozen=True)
 class RegressorConfig:
-    hidden_sizes: tuple[int, ...] = (64, 32)  # widths of the MLP's hidden layers
+    hidden_sizes: tuple[int, ...] = (32,)  # widths of the MLP's hidden layers
     activation: Literal["relu", "tanh"] = "relu"  # hidden activation
     ridge_alpha: float = 1.0  # L2 strength of the scikit-learn Ridge baseline, >= 0
-    fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=200, batch_size=32, lr=1e-3, weight_decay=1e-4))
+    fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=200, batch_size=32, lr=3e-3, weight_decay=1e-2))
     dp_fit: FitConfig = field(  # training settings used instead of `fit` when dp.enabled
-        default_factory=lambda: FitConfig(epochs=60, batch_size=64, lr=5e-3, max_grad_norm=1.0)
+        default_factory=lambda: FitConfig(epochs=30, batch_size=128, lr=5e-3, max_grad_norm=1.0)
     )
 
 
@@ -60,9 +60,9 @@ class CNNConfig:
     kernel_size: int = 3  # odd conv kernel size, padded to keep the spatial size
     hidden: int = 64  # width of the hidden linear layer before the head (0 = none)
     activation: Literal["relu", "tanh"] = "relu"  # activation after every conv and hidden layer
-    fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=40, batch_size=32, lr=1e-3))
+    fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=120, batch_size=32, lr=1e-3, augment_shift=1))
     dp_fit: FitConfig = field(  # training settings used instead of `fit` when dp.enabled
-        default_factory=lambda: FitConfig(epochs=40, batch_size=256, lr=2e-3, max_grad_norm=1.0)
+        default_factory=lambda: FitConfig(epochs=40, batch_size=256, lr=1e-2, max_grad_norm=1.0)
     )
     dp_activation: Literal["relu", "tanh", "same"] = "tanh"  # activation under DP ("same" = activation)
 
@@ -70,7 +70,7 @@ class CNNConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     mode: Literal["central", "federated"] = "central"  # where training runs
-    patience: int = 10  # early stopping: epochs without validation improvement (0 = off; off under DP)
+    patience: int = 15  # early stopping: epochs without validation improvement (0 = off; off under DP)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present
     num_threads: int = 1  # torch CPU threads per process (1 is fastest for these small models), >= 1
     checkpoint_every_s: float = 5.0  # seconds between training checkpoints (always one after the last epoch), >= 0
@@ -99,6 +99,44 @@ class FederatedConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    cnn_channels: tuple[int, ...] = (8, 16)  # student CNN conv blocks (teacher: cnn.channels)
+    cnn_hidden: int = 0  # student CNN hidden linear width (0 = none)
+    regressor_hidden: tuple[int, ...] = (3,)  # student MLP hidden widths (teacher: regressor.hidden_sizes)
+    tree_depth: int = 4  # depth of the interpretable decision-tree student of the regressor, >= 1
+    transfer: Literal["auto", "public", "private"] = "auto"  # student inputs; auto = public split under DP, else train+public
+    synthetic_per_row: int = 20  # tabular: jittered copies of each transfer row, labelled by the teacher, >= 0
+    synthetic_noise: float = 0.3  # std of that jitter in standardised feature units, >= 0
+    temperature: float = 4.0  # softening temperature T of the distillation loss (scaled by T^2), > 0
+    label_weight: float = 0.0  # weight of the hard-label loss in [0, 1]; private labels void DP inheritance
+    student_dp: bool = False  # with private transfer data under DP: train the student with its own DP-SGD
+    fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=150, batch_size=64, lr=3e-3, augment_shift=1))
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    n_rows: int = 100  # test-split table rows explained (all if the split is smaller), >= 1
+    n_images: int = 100  # test-split images explained (all if the split is smaller), >= 1
+    background_split: Literal["public", "train"] = "public"  # reference data; "train" reads private records (not covered by DP)
+    background_size: int = 50  # background rows/images drawn from background_split (all if fewer); SHAP cost grows with it, >= 1
+    min_background: int = 10  # fewest background rows accepted; fewer fails (raise data.public_fraction), >= 1
+    regressor_shap: Literal["shap-deep", "shap-gradient", "shap-kernel"] = "shap-deep"  # SHAP explainer of the MLP (deep: exact-additive)
+    cnn_shap: Literal["shap-deep", "shap-gradient"] = "shap-deep"  # SHAP explainer of the CNN (deep falls back to gradient if it fails)
+    lime_num_samples: int = 2000  # LIME perturbations per table row, >= 10
+    lime_image_num_samples: int = 500  # LIME perturbations per image, >= 10
+    lime_cell_size: int = 0  # side in pixels of LIME's grid segments (0 = min(H, W) // 4), >= 0
+    top_k: int = 3  # features compared by SHAP-LIME agreement and LIME stability (tables), >= 1
+    top_k_pixels: int = 8  # pixels compared likewise for images, >= 1
+    agreement_threshold: float = 0.5  # rows whose SHAP-LIME top-k overlap is below this are flagged, [0, 1]
+    stability_seeds: int = 3  # LIME runs with different seeds compared for stability, >= 2
+    stability_rows: int = 20  # first explained rows (and images) re-explained for stability, >= 1
+    deletion_steps: int = 16  # steps of the deletion/insertion curves, >= 1
+    deletion_random_orders: int = 3  # random feature orders averaged into their reference curve, >= 1
+    n_waterfalls: int = 3  # table rows given a local waterfall plot, >= 0
+    n_grid_images: int = 6  # images shown in the attribution grid, >= 1
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0  # root seed; every stage and client derives its own from it
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,6 +145,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -263,6 +303,24 @@ def validate(cfg: Config) -> None:
     _check(p.target_epsilon > 0 and math.isfinite(p.target_epsilon), "dp.target_epsilon", p.target_epsilon, "a finite number > 0")
     _check(0 < p.delta < 1, "dp.delta", p.delta, "in (0, 1), typically well below 1/n_train")
     _check(p.noise_multiplier >= 0, "dp.noise_multiplier", p.noise_multiplier, ">= 0 (0 = derive from dp.target_epsilon)")
+    k = cfg.distill
+    _validate_fit(k.fit, "distill.fit")
+    _check(k.tree_depth >= 1, "distill.tree_depth", k.tree_depth, ">= 1")
+    _check(k.synthetic_per_row >= 0, "distill.synthetic_per_row", k.synthetic_per_row, ">= 0")
+    _check(k.synthetic_noise >= 0, "distill.synthetic_noise", k.synthetic_noise, ">= 0")
+    _check(k.temperature > 0, "distill.temperature", k.temperature, "> 0")
+    _check(0 <= k.label_weight <= 1, "distill.label_weight", k.label_weight, "in [0, 1]")
+    _check(len(k.cnn_channels) >= 1 and all(c >= 1 for c in k.cnn_channels), "distill.cnn_channels", k.cnn_channels, "one or more positive channel counts")
+    e = cfg.explain
+    for key in ("n_rows", "n_images", "background_size", "min_background", "top_k",
+                "top_k_pixels", "stability_rows", "deletion_steps", "deletion_random_orders", "n_grid_images"):
+        _check(getattr(e, key) >= 1, f"explain.{key}", getattr(e, key), ">= 1")
+    for key in ("lime_num_samples", "lime_image_num_samples"):
+        _check(getattr(e, key) >= 10, f"explain.{key}", getattr(e, key), ">= 10")
+    _check(e.lime_cell_size >= 0, "explain.lime_cell_size", e.lime_cell_size, ">= 0 (0 = automatic)")
+    _check(0 <= e.agreement_threshold <= 1, "explain.agreement_threshold", e.agreement_threshold, "in [0, 1]")
+    _check(e.stability_seeds >= 2, "explain.stability_seeds", e.stability_seeds, ">= 2 (stability compares seeds)")
+    _check(e.n_waterfalls >= 0, "explain.n_waterfalls", e.n_waterfalls, ">= 0")
     f = cfg.federated
     _check(f.n_clients >= 1, "federated.n_clients", f.n_clients, ">= 1")
     _check(f.rounds >= 1, "federated.rounds", f.rounds, ">= 1")

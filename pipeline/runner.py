@@ -27,11 +27,17 @@ STAGES: dict[str, str] = {
     "data": "pipeline.data",
     "train": "pipeline.train",
     "evaluate": "pipeline.evaluate",
+    "explain": "pipeline.explain_stage",
+    "distill": "pipeline.distill",
+    "report": "pipeline.report",
 }
 DESCRIPTIONS = {
     "data": "load, validate, split (train/val/test/public) and standardise both datasets",
     "train": "train the MLP regressor (+ Ridge baseline) and the CNN, central or federated, optionally DP",
     "evaluate": "test metrics with bootstrap confidence intervals",
+    "explain": "SHAP and LIME for both models (public-split backgrounds) with additivity, faithfulness, agreement, stability",
+    "distill": "compress each teacher into a >=10x smaller student (+ a decision tree for the regressor); fidelity, latency, ONNX",
+    "report": "report.html, report.json (+ schema) and a model card per model, listing every earlier artifact's hash",
 }
 
 
@@ -94,7 +100,7 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
             run.invalidate(name)  # its checkpoints too: an explicit re-run starts afresh
         run.begin_stage(name, seed=seed)
         runtime = Runtime(progress=progress, checkpoint_every_s=cfg.train.checkpoint_every_s, save_bytes=lambda rel, data, n=name, s=seed: _save_intermediate(run, rel, data, n, s),
-                          load_bytes=lambda rel: _load_intermediate(run, rel))
+                          load_bytes=lambda rel: _load_intermediate(run, rel), manifest=run.manifest)
         log.info("stage %s: %s", name, DESCRIPTIONS.get(name, ""))
         t0 = time.perf_counter()
         module = stage_module(name)

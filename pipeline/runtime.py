@@ -42,6 +42,7 @@ class Runtime:
     save_bytes: Callable[[str, bytes], None] | None = None  # persist an intermediate file (checkpoints)
     load_bytes: Callable[[str], bytes | None] | None = None  # read it back, None when absent
     checkpoint_every_s: float = 5.0  # write a checkpoint at most this often (always after the last epoch)
+    manifest: dict | None = None  # the run directory's manifest, read-only by convention (the report lists its hashes)
     _memory: dict[str, bytes] = field(default_factory=dict)
     _last_save: dict[str, float] = field(default_factory=dict)
 

@@ -94,6 +94,7 @@ def train_one_epoch(
     *,
     task: str,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    criterion: nn.Module | None = None,
 ) -> float:
     """One pass over ``batches`` (an iterable of ``(x, y)`` tensors on the model's device).
 
@@ -102,7 +103,7 @@ def train_one_epoch(
     accountant counts; skipping it would make the released steps depend on the batch being empty.
     """
     model.train()
-    criterion = loss_fn(task)
+    criterion = criterion or loss_fn(task)
     total, count = 0.0, 0
     for xb, yb in batches:
         if transform is not None:
@@ -199,6 +200,7 @@ def fit(
     on_epoch_end: Callable[[Checkpoint], None] | None = None,
     progress: bool = False,
     desc: str = "train",
+    criterion: nn.Module | None = None,
 ) -> TrainingResult:
     """Train ``model`` in place and return its unwrapped weights and history.
 
@@ -221,6 +223,7 @@ def fit(
     resume : a checkpoint to continue from; its epoch count and ε history carry over.
     on_epoch_end : called with a :class:`Checkpoint` after each epoch (the runner persists it).
     progress : show a progress bar.
+    criterion : loss on ``(model output, y)`` replacing the task's default (distillation passes its KD loss).
 
     Raises
     ------
@@ -269,7 +272,7 @@ def fit(
             batches = private_run.loader
         else:
             batches = ((xt[i], yt[i]) for i in shuffled_batches(len(xt), fit_cfg.batch_size, generator))
-        train_loss = train_one_epoch(run_model, run_opt, batches, task=task, transform=transform)
+        train_loss = train_one_epoch(run_model, run_opt, batches, task=task, transform=transform, criterion=criterion)
         row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - t0}
         if x_val is not None and len(x_val):
             row.update({f"val_{k}": v for k, v in evaluate(model, x_val, y_val, task=task, device=device).items()})

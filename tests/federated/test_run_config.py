@@ -4,8 +4,8 @@ import pytest
 from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
 from federated.run_config import (
-    APP_DEFAULTS, check_declared, declared_keys, from_run_config, pyproject_section, replace_section, run_config_toml,
-    to_run_config,
+    APP_DEFAULTS, declared_keys, from_run_config, pyproject_section, replace_section, run_config_toml,
+    overrides_for, to_run_config,
 )
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
@@ -51,10 +51,21 @@ def test_pyproject_declares_exactly_the_generated_defaults():
     assert replace_section(text) == text
 
 
-def test_an_undeclared_key_is_named_with_the_fix():
-    rc = {**to_run_config(Config()), "train.new_key": 1}
-    with pytest.raises(ConfigError, match=r"train\.new_key.*federated\.run_config --write"):
-        check_declared(rc, PYPROJECT.read_text())
+def test_only_changed_values_travel_and_an_undeclared_changed_key_is_named_with_the_fix():
+    text = PYPROJECT.read_text()
+    cfg = load_config(None, ["federated.rounds=4", "cnn.channels=[8]"])
+    sent = overrides_for(to_run_config(cfg, work_dir="/w"), text)
+    assert sent == {"federated.rounds": 4, "cnn.channels": "[8]", "app.work-dir": "/w"}
+    # A key the table lacks is fine at its default (the app fills it in) and refused otherwise.
+    declared_only = "\n".join(ln for ln in text.splitlines() if not ln.startswith('"federated.rounds"'))
+    assert "federated.rounds" not in overrides_for(to_run_config(load_config(None, [])), declared_only)
+    with pytest.raises(ConfigError, match=r"federated\.rounds.*federated\.run_config --write"):
+        overrides_for(to_run_config(cfg), declared_only)
+
+
+def test_a_stale_key_from_the_table_is_named_with_the_fix():
+    with pytest.raises(ConfigError, match="gone.key.*--write"):
+        from_run_config({**to_run_config(Config()), "gone.key": 1})
 
 
 def test_bad_values_fail_with_the_key_named():

@@ -1,0 +1,505 @@
+"""Stage ``report``: one self-contained ``report.html``, ``report.json`` and a model card per model.
+
+The content is built once, as a JSON-safe tree (:func:`build_content`), that
+``report.json`` holds as it is (its schema is ``pipeline/report_schema.json``);
+:mod:`pipeline.report_html` and :mod:`pipeline.model_card` render the same tree,
+escaping every string that came from the user (column names, file names, labels).
+
+The report lists the SHA-256 of every artifact that earlier stages recorded,
+read from the manifest the runner passes in ``runtime.manifest``. It cannot
+list its own hashes: those are in ``manifest.json`` (stage ``report``), which
+``python -m pipeline verify RUN_DIR`` checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline import config as config_mod
+from pipeline.artifacts import _jsonable, json_bytes, read_json
+from pipeline.config import Config
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
+SCHEMA_ID = "pipeline-report/1"
+MODEL_NAMES = {"regressor": "MLP regressor", "cnn": "CNN classifier"}
+FILES = {"html": "report.html", "json": "report.json",
+         "model_cards": {"regressor": "model_card_regressor.md", "cnn": "model_card_cnn.md"}}
+# Stage outputs the report may read when present (the distill stage is optional).
+OPTIONAL_STAGES = ("distill",)
+
+
+@dataclass(frozen=True)
+class Report:
+    """The stage output: the content tree and its renderings."""
+
+    content: Mapping[str, Any]  # what report.json holds
+    html: str
+    model_cards: Mapping[str, str]  # model -> Markdown
+
+
+# --------------------------------------------------------------------------- content
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _optional_stage(inputs: Mapping[str, Any], name: str, manifest: Mapping[str, Any] | None) -> Any:
+    """An optional stage's output when this run has it, else None (never an error)."""
+    if dict.__contains__(inputs, name) if isinstance(inputs, dict) else name in inputs:
+        return inputs[name]
+    if manifest and manifest.get("stages", {}).get(name, {}).get("status") == "complete":
+        try:
+            return inputs[name]
+        except (UserError, KeyError) as exc:
+            log.warning("report: the %s stage's output could not be read (%s); it is left out", name, exc)
+    return None
+
+
+def _plain(obj: Any, depth: int = 0) -> Any:
+    """A JSON-safe copy of an arbitrary stage output (dataclasses, mappings), large arrays summarised."""
+    import numpy as np
+
+    if depth > 8:
+        return repr(obj)[:200]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, depth + 1) for v in obj[:200]]
+    if isinstance(obj, (bytes, bytearray)):
+        return f"<{len(obj)} bytes>"
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):  # numpy array or tensor
+        arr = np.asarray(obj.detach().cpu() if hasattr(obj, "detach") else obj)
+        return _jsonable(arr) if arr.size <= 64 else {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return _jsonable(obj)
+    if isinstance(obj, np.generic):
+        return _jsonable(obj)
+    return repr(obj)[:200]
+
+
+def _headline(name: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    test = metrics.get(name, {}).get("test", {})
+    key = "r2" if name in ("regressor", "ridge") else "accuracy"
+    return {"metric": key, "value": test.get(key), "ci95": test.get(f"{key}_ci95"), "n": test.get("n")}
+
+
+def data_section(datasets: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Provenance, sizes per split (incl. public), preprocessing and the data artifacts' hashes."""
+    out = {}
+    artifacts = (manifest or {}).get("artifacts", {})
+    for key, ds in datasets.items():
+        s = ds.summary()
+        s["files"] = {rel: artifacts[rel]["sha256"] for rel in (f"data/{key}.npz", f"data/{key}.json") if rel in artifacts}
+        out[key] = s
+    return out
+
+
+def models_section(cfg: Config, trained: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Per model: spec, parameters, training record (without weights) and metrics with CIs."""
+    out = {}
+    for name in MODEL_NAMES:
+        m = trained[name]
+        training = dict(m.training)
+        privacy = training.pop("privacy", None)
+        out[name] = {
+            "title": MODEL_NAMES[name],
+            "spec": _plain(m.spec),
+            "n_parameters": training.get("n_parameters"),
+            "training": _plain(training),
+            "privacy": _plain(privacy),
+            "metrics": _plain(metrics.get(name, {})),
+        }
+    ridge = trained.get("ridge")
+    out["regressor"]["baseline"] = {
+        "title": "Ridge baseline (scikit-learn, not DP)",
+        "alpha": None if ridge is None else ridge.alpha,
+        "metrics": _plain(metrics.get("ridge", {})),
+    }
+    return out
+
+
+def privacy_section(cfg: Config, trained: Mapping[str, Any], datasets: Mapping[str, Any], explain_out: Any) -> dict[str, Any]:
+    """What is guaranteed, for which artifacts, with which numbers, and every caveat."""
+    dp = cfg.dp
+    mode = cfg.train.mode
+    records = {name: trained[name].training.get("privacy") for name in MODEL_NAMES}
+    n_train = {name: trained[name].training.get("n_train") or len(datasets[k].y["train"])
+               for name, k in (("regressor", "tabular"), ("cnn", "images"))}
+    caveats: list[str] = []
+    bg_split = cfg.explain.background_split
+    if not dp.enabled or not any(records.values()):
+        statement = ("No formal privacy guarantee: the models were trained without differential privacy "
+                     "(dp.enabled = false), so their weights, metrics and explanations may reveal training records.")
+        covered: list[str] = []
+        not_covered = ["every artifact of this run: without DP nothing bounds what it reveals about a training record"]
+        caveats.append("DP is off: there is no formal guarantee for any artifact; do not release the models as private.")
+        return {"enabled": False, "mode": mode, "statement": statement, "models": {}, "covered": covered,
+                "not_covered": not_covered, "caveats": caveats}
+    parts = []
+    for name, rec in records.items():
+        if not rec:
+            continue
+        eps, delta = rec.get("epsilon"), rec.get("delta")
+        detail = [f"accountant {str(rec.get('accountant', '?')).upper()}", f"Opacus {rec.get('opacus_version', '?')}"]
+        if rec.get("noise_multiplier") is not None:
+            detail.insert(0, f"σ = {_fmt(rec['noise_multiplier'])}, C = {_fmt(rec.get('max_grad_norm'))}")
+        if "epsilon_per_client" in rec:
+            detail.insert(0, f"worst of {len(rec['epsilon_per_client'])} clients")
+        parts.append(f"the {MODEL_NAMES[name]} is (ε = {_fmt(eps)}, δ = {_fmt(delta)})-DP ({', '.join(detail)})")
+        if not rec.get("secure_mode", False):
+            caveats.append(f"{MODEL_NAMES[name]}: secure_mode is off, so the DP noise comes from a seeded pseudo-random "
+                           "generator and is not cryptographically secure (the guarantee assumes an adversary who cannot "
+                           "predict it; set dp.secure_mode = true for releases).")
+        n = n_train[name]
+        if delta is not None and n:
+            if delta >= 1.0 / n:
+                caveats.append(f"{MODEL_NAMES[name]}: δ = {_fmt(delta)} is not below 1/n = 1/{n} = {_fmt(1.0 / n)}; "
+                               "such a δ permits leaking whole records. Lower dp.delta well below 1/n.")
+            else:
+                caveats.append(f"{MODEL_NAMES[name]}: δ = {_fmt(delta)} vs 1/n = {_fmt(1.0 / n)} (n = {n} training "
+                               f"records); δ·n = {_fmt(delta * n)}.")
+        target = rec.get("target_epsilon")
+        if target is not None and eps is not None and eps > target + 1e-9:
+            caveats.append(f"{MODEL_NAMES[name]}: spent ε = {_fmt(eps)} exceeds the target {_fmt(target)}.")
+    unit = next((r.get("unit_of_privacy") for r in records.values() if r and r.get("unit_of_privacy")),
+                "one training record (sample-level DP)")
+    where = "in each client's local data" if mode == "federated" else "of the training split"
+    statement = (f"Differential privacy (DP-SGD) protects each {unit} {where}: " + "; ".join(parts)
+                 + ". The Ridge baseline, the scaler statistics and the other splits are not covered.")
+    covered = [
+        "models/regressor.safetensors and models/cnn.safetensors: the network weights (DP-SGD output)",
+        "checkpoints/*.pt of the networks: intermediate DP-SGD iterates and optimizer state (all iterates are accounted)",
+        "predictions, evaluation metrics and explanations computed from the DP weights, as far as they depend on the "
+        "training split (post-processing)",
+    ]
+    if bg_split == "public":
+        covered.append("explain/*: computed from the DP weights, the public split and test rows only (post-processing)")
+    not_covered = [
+        "models/ridge.json: the Ridge baseline is fitted on the training split without DP",
+        "data/*.json preprocessing: scaler means and standard deviations (and imputed medians) come from the training "
+        "split without DP",
+        "data/*.npz: the data files themselves hold every split, training records included; never release them",
+        "the public split: declared public, so not protected at all",
+        "the validation and test splits: metrics, predictions and explained rows reveal them (DP covers training records only)",
+        "training history in models/*.json: per-epoch training loss is computed on private batches without noise",
+        "hyper-parameter choices and repeated runs on the same data: not accounted for in ε",
+        "the number of training records (n_train) is treated as public",
+    ]
+    if bg_split != "public":
+        not_covered.append(f"explain/*: explanation backgrounds come from the private {bg_split} split "
+                           "(explain.background_split), so the explanations are not covered by DP")
+        caveats.append(f"explain.background_split = {bg_split!r}: explanation backgrounds use private training records, "
+                       "outside the DP guarantee.")
+    if mode == "federated":
+        caveats.append("Federated run: ε is computed per client, for records of that client's local data; the reported "
+                       "ε is the worst client. Client-level (whole-client) privacy is not claimed.")
+    return {"enabled": True, "mode": mode, "statement": statement, "models": _plain(records), "covered": covered,
+            "not_covered": not_covered, "caveats": caveats}
+
+
+HOW_TO_READ = {
+    "beeswarm": "Each dot is one explained test row. Its horizontal position is the feature's SHAP value: how much "
+                "that feature moved this row's prediction away from the average prediction, in the target's original "
+                "units. Colour is the feature's value (red high, blue low). Features are sorted by mean |SHAP|.",
+    "importance_bar": "Mean absolute attribution per feature, SHAP and LIME side by side (standardised target units). "
+                      "Long bars are the features the model relies on overall; where the two methods rank features "
+                      "differently, read the agreement metrics before trusting either.",
+    "waterfall": "One test row. Start at the bottom at E[f(X)], the mean prediction over the background; each bar adds "
+                 "one feature's SHAP value (red pushes the prediction up, blue down) and the top is this row's "
+                 "prediction f(x). Feature values are shown in original units.",
+    "deletion_insertion": "Faithfulness. Left: features (pixels) are replaced by the background mean in order of "
+                          "decreasing attribution; a faithful explanation makes the explained output fall faster than "
+                          "a random order (dashed), so lower is better. Right: features are restored in the same order "
+                          "starting from the background mean; higher is better.",
+    "image_grid": "Each row: an explained test image, then the SHAP and LIME attributions toward its predicted class, "
+                  "summed over channels. Red pixels raise that class's logit, blue pixels lower it; each panel's "
+                  "colour scale is symmetric around 0. LIME works on grid cells, so its maps are blocky.",
+    "training": "Loss per epoch (or round) on the training and validation splits, and ε spent where DP was on.",
+}
+
+
+def _plot_kind(fname: str) -> str:
+    for kind in HOW_TO_READ:
+        if kind in fname:
+            return kind
+    return "training"
+
+
+def explanations_section(cfg: Config, explain_out: Any, manifest: Mapping[str, Any] | None,
+                         variants: list[dict[str, Any]]) -> dict[str, Any]:
+    """Methods, backgrounds, quality summaries, flagged rows and the plots (file, hash, how to read) per model."""
+    artifacts = (manifest or {}).get("artifacts", {})
+    models = {}
+    caveats: list[str] = []
+    for name, me in explain_out.models.items():
+        m = me.metrics
+        q = m["quality"]
+        shap_m, lime_m = m["methods"]["shap"], m["methods"]["lime"]
+        di = q["deletion_insertion"]
+        summary = {
+            "additivity_max_abs_error": q["additivity"]["max_abs_error"],
+            "additivity_max_rel_error": q["additivity"]["max_rel_error"],
+            "faithfulness": {meth: {k: d[k] for k in ("deletion_auc", "random_deletion_auc", "insertion_auc",
+                                                      "random_insertion_auc", "deletion_gain", "insertion_gain",
+                                                      "deletion_win_rate", "insertion_win_rate", "output_scale")}
+                             for meth, d in di.items()},
+            "agreement": {k: q["agreement"][k] for k in ("method_a", "method_b", "k", "threshold", "mean_topk",
+                                                         "mean_spearman", "mean_sign")},
+            "n_flagged": len(m["flagged"]),
+            "lime_stability": {k: q["lime_stability"][k] for k in ("k", "seeds", "mean", "min")}
+            | {"n_rows": len(q["lime_stability"]["per_row"])},
+            "lime_fidelity": {k: q["lime_fidelity"][k] for k in ("mean_r2", "median_r2", "min_r2")},
+        }
+        plots = []
+        for fname in m["plots"]:
+            rel = f"explain/plots/{fname}"
+            kind = _plot_kind(fname)
+            plots.append({"file": rel, "sha256": artifacts.get(rel, {}).get("sha256"), "kind": kind,
+                          "title": _plot_title(name, fname, kind), "how_to_read": HOW_TO_READ[kind]})
+        importance = m["explanations"][shap_m].get("mean_abs_attribution")
+        models[name] = {
+            "title": MODEL_NAMES.get(name, name),
+            "methods": m["methods"],
+            "explained_output": m["explained_output"],
+            "n_explained": m["n_explained"],
+            "explained_split": m["explained_split"],
+            "background": {k: v for k, v in m["background"].items() if k != "index"}
+            | {"index_recorded_in": "explain/metrics.json"},
+            "top_k": m["top_k"],
+            "quality": summary,
+            "flagged": m["flagged"][:50],
+            "mean_abs_shap": importance,
+            "notes": m["notes"],
+            "seconds": m["seconds"],
+            "plots": plots,
+        }
+        caveats += [f"{MODEL_NAMES.get(name, name)}: {n}" for n in m["notes"]]
+        if summary["n_flagged"]:
+            caveats.append(f"{MODEL_NAMES.get(name, name)}: SHAP and LIME share fewer than "
+                           f"{_fmt(summary['agreement']['threshold'])} of their top-{m['top_k']} features on "
+                           f"{summary['n_flagged']} of {m['n_explained']} explained inputs (listed as flagged disagreements "
+                           "in the report); read those explanations with care.")
+        if summary["lime_fidelity"]["mean_r2"] is not None and summary["lime_fidelity"]["mean_r2"] < 0.5:
+            caveats.append(f"{MODEL_NAMES.get(name, name)}: LIME's local surrogate explains on average only "
+                           f"R² = {_fmt(summary['lime_fidelity']['mean_r2'])} of the model's local behaviour.")
+        if summary["lime_stability"]["mean"] is not None and summary["lime_stability"]["mean"] < 0.7:
+            caveats.append(f"{MODEL_NAMES.get(name, name)}: LIME's top-{m['top_k']} set changes with its seed "
+                           f"(mean Jaccard {_fmt(summary['lime_stability']['mean'])}).")
+        for meth, d in summary["faithfulness"].items():
+            if d["deletion_gain"] is not None and d["deletion_gain"] <= 0:
+                caveats.append(f"{MODEL_NAMES.get(name, name)}: {meth}'s feature order removes the output no faster "
+                               "than a random order (deletion gain ≤ 0): its ranking is not faithful here.")
+    caveats += [f"While explaining: {w}" for w in explain_out.summary.get("warnings", [])]
+    if cfg.explain.background_split != "public":
+        caveats.append(f"Backgrounds come from the {cfg.explain.background_split} split (private records), as configured.")
+    return {
+        "background_split": cfg.explain.background_split,
+        "seconds": explain_out.summary.get("seconds"),
+        "target_seconds": explain_out.summary.get("target_seconds"),
+        "models": models,
+        "variants": variants,
+        "warnings": list(explain_out.summary.get("warnings", [])),
+        "caveats": caveats,
+    }
+
+
+def _plot_title(model: str, fname: str, kind: str) -> str:
+    titles = {"beeswarm": "SHAP beeswarm (global)", "importance_bar": "Mean |attribution|: SHAP vs LIME (global)",
+              "deletion_insertion": "Deletion and insertion curves (faithfulness)",
+              "image_grid": "Attribution maps: SHAP and LIME (local)", "training": "Training curves"}
+    if kind == "waterfall":
+        row = fname.rsplit("_row", 1)[-1].removesuffix(".png")
+        return f"SHAP waterfall of explained row {row} (local)"
+    return titles[kind]
+
+
+def _variants(distill_out: Any) -> list[dict[str, Any]]:
+    """Teacher/student explanation comparisons the distill stage recorded (any record key naming explanations)."""
+    out = []
+    for model, o in (distill_out.items() if isinstance(distill_out, Mapping) else []):
+        record = o.get("record", o) if isinstance(o, Mapping) else {}
+        for key, value in (record.items() if isinstance(record, Mapping) else []):
+            if "explanation" in key and isinstance(value, Mapping):
+                out.append({"model": str(model), "comparison": "teacher vs student", **_plain(value)})
+    return out
+
+
+def distill_section(distill_out: Any) -> dict[str, Any]:
+    """The distill stage's records per student (weights and ONNX bytes left out: they are artifacts)."""
+    if not isinstance(distill_out, Mapping):
+        return {"output": _plain(distill_out)}
+    return {str(model): _plain({k: v for k, v in o.items() if k not in ("state_dict", "onnx")})
+            if isinstance(o, Mapping) else _plain(o) for model, o in distill_out.items()}
+
+
+def _student_privacy(distill_out: Any) -> tuple[list[str], list[str]]:
+    """(covered, not covered) lines for distilled students, from their recorded privacy status."""
+    covered, not_covered = [], []
+    for model, o in (distill_out.items() if isinstance(distill_out, Mapping) else []):
+        status = (o.get("record", {}) or {}).get("privacy") if isinstance(o, Mapping) else None
+        if not isinstance(status, Mapping):
+            continue
+        what = f"students/{model}.* (distilled student of the {MODEL_NAMES.get(model, model)})"
+        guarantee = status.get("guarantee")
+        detail = status.get("reason") or (f"ε = {_fmt(status.get('epsilon'))}" if status.get("epsilon") is not None else "")
+        if guarantee in ("inherited", "composed"):
+            covered.append(f"{what}: {guarantee} guarantee" + (f", ε = {_fmt(status.get('epsilon'))}" if status.get("epsilon") is not None else "")
+                           + (f" ({status['reason']})" if status.get("reason") else ""))
+        else:
+            not_covered.append(f"{what}: no guarantee ({detail})")
+    return covered, not_covered
+
+
+def reproducibility_section(cfg: Config, manifest: Mapping[str, Any] | None, seed: int) -> dict[str, Any]:
+    """Resolved config, seeds per stage, versions, git commit, artifact hashes, the commands that re-run it."""
+    from pipeline.rundir import git_commit, library_versions
+
+    m = manifest or {}
+    command = m.get("command")
+    stages = m.get("stages", {})
+    artifacts = [{"path": rel, **{k: a.get(k) for k in ("sha256", "bytes", "stage", "kind")}}
+                 for rel, a in sorted(m.get("artifacts", {}).items()) if a.get("stage") != "report"]
+    if m.get("config"):
+        artifacts.insert(0, {"path": m["config"]["path"], "sha256": m["config"]["sha256"], "bytes": None,
+                             "stage": "config", "kind": "config"})
+    seeds = {name: s.get("seed") for name, s in stages.items()}
+    seeds.setdefault("report", seed)
+    return {
+        "config_toml": config_mod.to_toml(cfg),
+        "config": config_mod.flatten(cfg),
+        "root_seed": cfg.seed,
+        "seeds": seeds,
+        "seed_note": "every stage, model, client and explainer derives its seed from the root seed "
+                     "(pipeline.runtime.derive_seed); DP noise in secure mode is not seedable.",
+        "library_versions": m.get("library_versions") or library_versions(),
+        "git_commit": m.get("git_commit", git_commit()),
+        "python_executable": m.get("python_executable"),
+        "platform": m.get("platform"),
+        "device": m.get("device"),
+        "run_id": m.get("run_id"),
+        "command": shlex.join(command) if command else None,
+        "rerun_commands": [
+            "python -m pipeline --config RUN_DIR/config.toml --out runs   # a new run with this resolved config",
+            "python -m pipeline --run-dir RUN_DIR --from report          # re-render this report from recorded outputs",
+            "python -m pipeline verify RUN_DIR                           # re-hash every artifact against the manifest",
+        ],
+        "stage_seconds": {name: s.get("seconds") for name, s in stages.items()},
+        "artifacts": artifacts,
+        "self_hash_note": "The report's own files cannot contain their hashes; manifest.json records them "
+                          "(stage 'report') and `python -m pipeline verify RUN_DIR` checks them.",
+    }
+
+
+def summary_section(content: Mapping[str, Any], explain_out: Any) -> dict[str, Any]:
+    """The first screen: models, headline metrics, one sentence on privacy and one on explanation quality."""
+    models = []
+    for name, title in MODEL_NAMES.items():
+        mod = content["models"][name]
+        models.append({"name": name, "title": title, "n_parameters": mod["n_parameters"],
+                       "mode": mod["training"].get("mode"), "headline": _headline(name, content["_metrics"])})
+    baseline = _headline("ridge", content["_metrics"])
+    ex = content["explanations"]["models"]
+    bits = []
+    for name, e in sorted(ex.items(), key=lambda kv: list(MODEL_NAMES).index(kv[0]) if kv[0] in MODEL_NAMES else 99):
+        q = e["quality"]
+        shap_m = e["methods"]["shap"]
+        f = q["faithfulness"][shap_m]
+        bits.append(f"{MODEL_NAMES.get(name, name)}: {shap_m} additive to {_fmt(q['additivity_max_abs_error'], 2)}, "
+                    f"deletion AUC {_fmt(f['deletion_auc'])} vs {_fmt(f['random_deletion_auc'])} for a random order, "
+                    f"SHAP-LIME top-{e['top_k']} overlap {_fmt(q['agreement']['mean_topk'], 2)} "
+                    f"({q['n_flagged']} flagged), LIME stability {_fmt(q['lime_stability']['mean'], 2)}")
+    sentence = "; ".join(bits) + f" (explain stage: {_fmt(explain_out.summary.get('seconds', 0.0))} s)."
+    n_caveats = len(content["privacy"]["caveats"]) + len(content["explanations"]["caveats"])
+    return {"models": models, "baseline": baseline, "privacy": content["privacy"]["statement"],
+            "explanations": sentence, "n_caveats": n_caveats}
+
+
+def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int, manifest: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The whole report as a JSON-safe tree (what ``report.json`` holds)."""
+    datasets, trained, metrics, explain_out = inputs["data"], inputs["train"], inputs["evaluate"], inputs["explain"]
+    distill_out = None
+    for name in OPTIONAL_STAGES:
+        distill_out = _optional_stage(inputs, name, manifest)
+    content: dict[str, Any] = {
+        "schema": SCHEMA_ID,
+        "title": "Run report",
+        "run_id": (manifest or {}).get("run_id"),
+        "created": (manifest or {}).get("created"),
+        "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": FILES,
+        "_metrics": metrics,
+    }
+    content["data"] = data_section(datasets, manifest)
+    content["models"] = models_section(cfg, trained, metrics)
+    content["privacy"] = privacy_section(cfg, trained, datasets, explain_out)
+    content["explanations"] = explanations_section(cfg, explain_out, manifest, _variants(distill_out))
+    if distill_out is not None:
+        content["distill"] = distill_section(distill_out)
+        covered, not_covered = _student_privacy(distill_out)
+        if content["privacy"]["enabled"]:
+            content["privacy"]["covered"] += covered
+            content["privacy"]["not_covered"] += not_covered
+    content["reproducibility"] = reproducibility_section(cfg, manifest, seed)
+    content["summary"] = summary_section(content, explain_out)
+    content["caveats"] = content["privacy"]["caveats"] + content["explanations"]["caveats"]
+    del content["_metrics"]
+    return _jsonable(content)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> Report:
+    """Build the report from every earlier stage's output.
+
+    Parameters
+    ----------
+    cfg : resolved configuration.
+    inputs : ``data``, ``train``, ``evaluate``, ``explain`` (and ``distill`` when the run has it).
+    seed : stage seed (recorded; the report draws nothing at random).
+    runtime : gives ``runtime.manifest`` (artifact hashes, seeds, versions); without it those parts are thinner.
+
+    Returns
+    -------
+    Report
+    """
+    from pipeline import model_card, report_html
+
+    manifest = getattr(runtime, "manifest", None)
+    content = build_content(cfg, inputs, seed=seed, manifest=manifest)
+    figures = report_html.figures(inputs["explain"], inputs["train"])
+    html = report_html.render(content, figures)
+    cards = {name: model_card.render(content, name) for name in MODEL_NAMES}
+    return Report(content=content, html=html, model_cards=cards)
+
+
+def dump(report: Report) -> dict[str, bytes]:
+    """``report.html``, ``report.json`` and the model cards, at the top of the run directory."""
+    files = {FILES["html"]: report.html.encode("utf-8"), FILES["json"]: json_bytes(report.content)}
+    for name, text in report.model_cards.items():
+        files[FILES["model_cards"][name]] = text.encode("utf-8")
+    return files
+
+
+def load(read) -> Report:
+    """Rebuild the stage output from the run directory."""
+    cards = {name: read(rel).decode("utf-8") for name, rel in FILES["model_cards"].items()}
+    return Report(content=read_json(read(FILES["json"])), html=read(FILES["html"]).decode("utf-8"), model_cards=cards)
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema that ``report.json`` follows (``pipeline/report_schema.json``)."""
+    return read_json(SCHEMA_PATH.read_bytes())

@@ -1,0 +1,412 @@
+"""Render the report's content tree as ONE self-contained HTML file.
+
+Inline CSS, figures as base64 ``data:`` URIs, no scripts and no external
+fetches (a Content-Security-Policy says so to the browser). Every value is
+passed through :func:`esc` (``html.escape``) on its way into the page, so a
+column named ``<script>alert(1)</script>`` shows as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any, Iterable, Mapping
+
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1100px;
+padding:1em 1.5em;color:#1b1b1b;line-height:1.45}
+h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.5em}
+nav ol{columns:2}table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}th{background:#f3f3f3}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.box{background:#f7f9fc;border-left:4px solid #3a6ea5;
+padding:.6em 1em;margin:.8em 0}.warn{border-left-color:#c0392b;background:#fdf3f2}
+figure{margin:1em 0;border:1px solid #e3e3e3;padding:.5em}figure img{max-width:100%;height:auto}
+figcaption{font-size:.9em;color:#333}.howto{font-size:.88em;color:#444}code,pre{font-family:ui-monospace,monospace;
+font-size:.85em}pre{background:#f5f5f5;padding:.6em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
+.small{font-size:.85em;color:#555}details{margin:.5em 0}
+@media print{nav{display:none}figure{break-inside:avoid}}
+"""
+
+
+def esc(value: Any) -> str:
+    """HTML-escape any value (quotes too): the one way text enters the page."""
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number for humans (escaped): floats to ``digits`` significant digits, None as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return esc(f"{value:.{digits}g}")
+    return esc(value)
+
+
+def ci(value: Any, interval: Any) -> str:
+    """``value [lo, hi]`` for a metric with its 95% confidence interval."""
+    if isinstance(interval, (list, tuple)) and len(interval) == 2:
+        return f"{fmt(value)} <span class=small>[{fmt(interval[0])}, {fmt(interval[1])}]</span>"
+    return fmt(value)
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# --------------------------------------------------------------------------- generic tables
+
+
+def value_html(value: Any, depth: int = 0) -> str:
+    """Any JSON-safe value as HTML: scalars, short lists inline, mappings as nested tables, record lists as tables."""
+    if isinstance(value, Mapping):
+        return kv_table(value, depth + 1) if value else "—"
+    if isinstance(value, list):
+        if value and all(isinstance(v, Mapping) for v in value):
+            return records_table(value)
+        if len(value) > 24:
+            shown = ", ".join(fmt(v) for v in value[:12])
+            return f"{shown}, … <span class=small>({len(value)} items)</span>"
+        return ", ".join(value_html(v, depth + 1) for v in value) if value else "—"
+    if isinstance(value, str) and "\n" in value:
+        return f"<pre>{esc(value)}</pre>"
+    return fmt(value)
+
+
+def kv_table(mapping: Mapping[str, Any], depth: int = 0) -> str:
+    """A two-column table of a mapping (nested mappings nest)."""
+    if depth > 6:
+        return esc(mapping)
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{value_html(v, depth)}</td></tr>" for k, v in mapping.items())
+    return f"<table>{rows}</table>"
+
+
+def records_table(records: list[Mapping[str, Any]], *, limit: int = 12) -> str:
+    """A table of homogeneous records (training history, per-round records); long lists show head and tail."""
+    cols = list(dict.fromkeys(k for r in records for k in r))
+    shown = records if len(records) <= limit else records[: limit // 2] + [None] + records[-limit // 2:]
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    body = []
+    for r in shown:
+        if r is None:
+            body.append(f"<tr><td colspan={len(cols)} class=small>… {len(records) - limit} more …</td></tr>")
+            continue
+        body.append("<tr>" + "".join(f"<td class=num>{value_html(r.get(c), 7)}</td>" for c in cols) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
+    """A table from already-escaped cells."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def bullet_list(items: Iterable[str], cls: str = "") -> str:
+    items = list(items)
+    if not items:
+        return "<p>None.</p>"
+    return f"<ul{' class=' + cls if cls else ''}>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>"
+
+
+def figure(png: bytes | None, title: str, how_to_read: str, caption: str = "") -> str:
+    if not png:
+        return f"<p class=small>(figure {esc(title)} is missing)</p>"
+    return (f"<figure><img src=\"{data_uri(png)}\" alt=\"{esc(title)}\"><figcaption><strong>{esc(title)}</strong>"
+            f"{' — ' + esc(caption) if caption else ''}<div class=howto><em>How to read this:</em> {esc(how_to_read)}"
+            "</div></figcaption></figure>")
+
+
+# --------------------------------------------------------------------------- figures drawn here
+
+
+def training_curves_png(history: list[Mapping[str, Any]], title: str) -> bytes | None:
+    """Loss curves per epoch or round (and ε where recorded), or None without a history."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not history:
+        return None
+    xkey = "epoch" if "epoch" in history[0] else ("round" if "round" in history[0] else None)
+    xs = [h.get(xkey, i + 1) if xkey else i + 1 for i, h in enumerate(history)]
+    losses = [k for k in dict.fromkeys(k for h in history for k in h) if "loss" in k]
+    eps_key = next((k for k in ("epsilon", "epsilon_max") if any(h.get(k) for h in history)), None)
+    fig = Figure(figsize=(9 if eps_key else 5, 3))
+    axes = fig.subplots(1, 2 if eps_key else 1, squeeze=False)[0]
+    for k in losses:
+        pts = [(x, h[k]) for x, h in zip(xs, history) if isinstance(h.get(k), (int, float))]
+        if pts:
+            axes[0].plot(*zip(*pts), label=k)
+    axes[0].set_xlabel(xkey or "step")
+    axes[0].set_ylabel("loss")
+    axes[0].set_title(title, fontsize=9)
+    if losses:
+        axes[0].legend(fontsize=7)
+    if eps_key:
+        pts = [(x, h[eps_key]) for x, h in zip(xs, history) if isinstance(h.get(eps_key), (int, float))]
+        axes[1].plot(*zip(*pts), marker="o")
+        axes[1].set_xlabel(xkey or "step")
+        axes[1].set_ylabel(f"ε spent ({eps_key})")
+        axes[1].set_title("privacy budget spent", fontsize=9)
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def figures(explain_out: Any, trained: Mapping[str, Any]) -> dict[str, bytes]:
+    """Every figure the page embeds: the explain stage's plots (by run-directory path) and training curves."""
+    out = {f"explain/plots/{f}": png for me in explain_out.models.values() for f, png in me.plots.items()}
+    for name in ("regressor", "cnn"):
+        png = training_curves_png(list(trained[name].training.get("history") or []), f"{name} training")
+        if png:
+            out[f"training/{name}"] = png
+    return out
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _summary(c: Mapping[str, Any]) -> str:
+    s = c["summary"]
+    rows = []
+    for m in s["models"]:
+        h = m["headline"]
+        rows.append([esc(m["title"]), fmt(m["n_parameters"]), esc(m["mode"] or "—"),
+                     f"test {esc(h['metric'])} = {ci(h['value'], h['ci95'])} (n = {fmt(h['n'])})"])
+    b = s["baseline"]
+    rows.append(["Ridge baseline (not DP)", "—", "central", f"test {esc(b['metric'])} = {ci(b['value'], b['ci95'])}"])
+    cls = "box" if c["privacy"]["enabled"] else "box warn"
+    return (
+        "<section id=summary><h2>Summary</h2>"
+        + table(["model", "parameters", "training", "headline metric [95% CI]"], rows)
+        + f"<div class='{cls}'><strong>Privacy:</strong> {esc(s['privacy'])}</div>"
+        + f"<div class=box><strong>Explanation quality:</strong> {esc(s['explanations'])}</div>"
+        + f"<p>{fmt(s['n_caveats'])} caveat(s) are listed in the privacy and explanation sections.</p></section>"
+    )
+
+
+def _data(c: Mapping[str, Any]) -> str:
+    parts = ["<section id=data><h2>Data provenance</h2>"]
+    for key, d in c["data"].items():
+        prov = d.get("provenance", {})
+        parts.append(f"<h3>{esc(key)}: {esc(d['task'])}</h3>")
+        parts.append(kv_table({"source": prov.get("source"), **{k: v for k, v in prov.items() if k != "source"},
+                               "input shape": d.get("input_shape"), "recorded files (SHA-256)": d.get("files", {})}))
+        sizes = d["sizes"]
+        rows = [[esc(s), fmt(n), esc(_split_role(s))] for s, n in sizes.items()]
+        parts.append(table(["split", "rows", "role"], rows))
+        if d.get("feature_names"):
+            parts.append(f"<p>Features: {', '.join(f'<code>{esc(n)}</code>' for n in d['feature_names'])}; "
+                         f"target: <code>{esc(d.get('target_name', ''))}</code>.</p>")
+        if d.get("class_names"):
+            counts = d.get("class_counts", {})
+            rows = [[esc(cn)] + [fmt(counts.get(s, [])[i] if i < len(counts.get(s, [])) else None) for s in sizes]
+                    for i, cn in enumerate(d["class_names"])]
+            parts.append("<details><summary>Class counts per split</summary>"
+                         + table(["class", *map(esc, sizes)], rows) + "</details>")
+        parts.append("<details><summary>Preprocessing (fitted on the training split only)</summary>"
+                     + kv_table(d.get("preprocessing", {})) + "</details>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _split_role(split: str) -> str:
+    return {"train": "fits the models (private; the only split DP protects)", "val": "validation / early stopping",
+            "test": "final metrics and explained rows", "public": "declared public: explanation backgrounds, distillation"
+            }.get(split, "")
+
+
+def _metrics_table(metrics: Mapping[str, Any]) -> str:
+    rows = []
+    for split in ("test", "val"):
+        mm = metrics.get(split)
+        if not mm:
+            continue
+        for key, value in mm.items():
+            if key.endswith("_ci95") or not isinstance(value, (int, float)) or key == "n":
+                continue
+            rows.append([esc(split), esc(key), ci(value, mm.get(f"{key}_ci95")), fmt(mm.get("n"))])
+    return table(["split", "metric", "value [95% bootstrap CI]", "n"], rows)
+
+
+def _per_class(metrics: Mapping[str, Any]) -> str:
+    test = metrics.get("test", {})
+    names = test.get("class_names") or []
+    cm = test.get("confusion_matrix") or []
+    if not names or not cm:
+        return ""
+    rec, prec = test.get("per_class_recall", {}), test.get("per_class_precision", {})
+    rows = [[esc(n), fmt(rec.get(n)), fmt(prec.get(n)), fmt(int(sum(cm[i])) if i < len(cm) else None)]
+            for i, n in enumerate(names)]
+    out = "<h4>Per-class results (test)</h4>" + table(["class", "recall", "precision", "support"], rows)
+    peak = max((max(r) for r in cm), default=1) or 1
+    head = "<th>true \\ predicted</th>" + "".join(f"<th>{esc(n)}</th>" for n in names)
+    body = ""
+    for i, r in enumerate(cm):
+        cells = "".join(f"<td class=num style='background:rgba(58,110,165,{0.8 * v / peak:.2f})'>{fmt(v)}</td>" for v in r)
+        body += f"<tr><th>{esc(names[i])}</th>{cells}</tr>"
+    return out + f"<h4>Confusion matrix (test)</h4><table><tr>{head}</tr>{body}</table>"
+
+
+def _models(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
+    parts = ["<section id=models><h2>Models</h2>"]
+    for name, m in c["models"].items():
+        t = dict(m["training"])
+        history = t.pop("history", None)
+        parts.append(f"<h3>{esc(m['title'])}</h3>")
+        parts.append(kv_table({"architecture": m["spec"], "trainable parameters": m["n_parameters"]}))
+        parts.append("<h4>Training settings and record</h4>" + kv_table(t))
+        if history:
+            parts.append(f"<details><summary>Training history ({len(history)} entries)</summary>"
+                         + records_table(history) + "</details>")
+            parts.append(figure(figs.get(f"training/{name}"), f"{m['title']}: training curves",
+                                "Loss per epoch (or round) on the training and validation splits; the right panel, "
+                                "when present, shows the privacy budget ε spent so far."))
+        parts.append("<h4>Metrics</h4>" + _metrics_table(m["metrics"]))
+        parts.append(_per_class(m["metrics"]))
+        if "baseline" in m:
+            b = m["baseline"]
+            parts.append(f"<h4>{esc(b['title'])}, alpha = {fmt(b['alpha'])}</h4>" + _metrics_table(b["metrics"]))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _privacy(c: Mapping[str, Any]) -> str:
+    p = c["privacy"]
+    cls = "box" if p["enabled"] else "box warn"
+    parts = ["<section id=privacy><h2>Privacy</h2>", f"<div class='{cls}'>{esc(p['statement'])}</div>"]
+    if p["enabled"]:
+        parts.append(f"<p>Training mode: {esc(p['mode'])}.</p>")
+        key_fields = ("mechanism", "epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm",
+                      "sample_rate", "total_steps", "accountant", "opacus_version", "secure_mode", "noise_seeded",
+                      "unit_of_privacy")
+        for name, rec in p["models"].items():
+            if not rec:
+                continue
+            parts.append(f"<h3>{esc(name)}</h3>")
+            main = {k: rec.get(k) for k in key_fields if k in rec}
+            rest = {k: v for k, v in rec.items() if k not in key_fields}
+            parts.append(kv_table(main))
+            if "epsilon_per_client" in rec:
+                rows = [[esc(cid), fmt(e)] for cid, e in rec["epsilon_per_client"].items()]
+                parts.append("<h4>ε per client</h4>" + table(["client", "ε"], rows))
+            if rest:
+                parts.append("<details><summary>Full privacy record (accountant history, per-client details)</summary>"
+                             + kv_table(rest) + "</details>")
+    parts.append("<h3>What the guarantee covers</h3>" + bullet_list(p["covered"]))
+    parts.append("<h3>What it does not cover</h3>" + bullet_list(p["not_covered"]))
+    parts.append("<h3>Privacy caveats</h3>" + bullet_list(p["caveats"], "warnlist"))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
+    e = c["explanations"]
+    parts = ["<section id=explanations><h2>Explanations</h2>",
+             f"<p>Backgrounds and reference data: the <strong>{esc(e['background_split'])}</strong> split. Explained "
+             f"inputs: test rows. Models were explained on fresh copies of their weights (no Opacus hooks). The explain "
+             f"stage took {fmt(e['seconds'])} s (target: {fmt(e['target_seconds'])} s).</p>"]
+    for name, m in e["models"].items():
+        q = m["quality"]
+        parts.append(f"<h3>{esc(m['title'])}</h3>")
+        bg = m["background"]
+        parts.append(f"<p>Methods: SHAP <code>{esc(m['methods']['shap'])}</code>, LIME <code>{esc(m['methods']['lime'])}"
+                     f"</code>. Explained output: {esc(m['explained_output'])}. {fmt(m['n_explained'])} "
+                     f"{esc(m['explained_split'])} inputs explained against {fmt(bg['size'])} background rows of the "
+                     f"{esc(bg['split'])} split ({fmt(bg['available'])} available; their source-row indices are recorded "
+                     f"in {esc(bg['index_recorded_in'])}).</p>")
+        rows = [["SHAP additivity |base + Σφ − f(x)|", f"max {fmt(q['additivity_max_abs_error'])}, relative "
+                 f"{fmt(q['additivity_max_rel_error'])}", "0 means the attributions add up exactly to the output"]]
+        for meth, f in q["faithfulness"].items():
+            rows.append([f"deletion AUC, {esc(meth)}", f"{fmt(f['deletion_auc'])} vs random {fmt(f['random_deletion_auc'])}"
+                         f" (beats random on {fmt(100 * f['deletion_win_rate'], 3)}% of rows)", "lower than random is faithful"])
+            rows.append([f"insertion AUC, {esc(meth)}", f"{fmt(f['insertion_auc'])} vs random "
+                         f"{fmt(f['random_insertion_auc'])} ({fmt(100 * f['insertion_win_rate'], 3)}% of rows)",
+                         "higher than random is faithful"])
+        a = q["agreement"]
+        rows.append([f"SHAP–LIME agreement (top-{fmt(a['k'])})", f"overlap {fmt(a['mean_topk'])}, Spearman "
+                     f"{fmt(a['mean_spearman'])}, sign {fmt(a['mean_sign'])}; {fmt(q['n_flagged'])} flagged",
+                     f"rows with overlap below {fmt(a['threshold'])} are flagged"])
+        s = q["lime_stability"]
+        rows.append([f"LIME stability ({fmt(len(s['seeds']))} seeds, {fmt(s['n_rows'])} rows)",
+                     f"mean top-{fmt(s['k'])} Jaccard {fmt(s['mean'])}, min {fmt(s['min'])}", "1 = the same features every run"])
+        lf = q["lime_fidelity"]
+        rows.append(["LIME local fidelity (R² of the surrogate)", f"mean {fmt(lf['mean_r2'])}, median "
+                     f"{fmt(lf['median_r2'])}, min {fmt(lf['min_r2'])}", "1 = the linear surrogate fits the model locally"])
+        parts.append(table(["quality measure", "value", "meaning"], rows))
+        if m.get("mean_abs_shap"):
+            ranked = sorted(m["mean_abs_shap"].items(), key=lambda kv: -(kv[1] or 0))
+            parts.append("<details><summary>Mean |SHAP| per feature (standardised target units)</summary>"
+                         + table(["feature", "mean |SHAP|"], [[f"<code>{esc(k)}</code>", fmt(v)] for k, v in ranked])
+                         + "</details>")
+        for plot in m["plots"]:
+            parts.append(figure(figs.get(plot["file"]), plot["title"], plot["how_to_read"],
+                                caption=f"{plot['file']} (SHA-256 {plot['sha256'] or 'n/a'})"))
+        if m["flagged"]:
+            cols = list(dict.fromkeys(k for r in m["flagged"] for k in r))
+            parts.append(f"<h4>Flagged disagreements ({fmt(q['n_flagged'])})</h4><p class=small>Rows where SHAP and LIME "
+                         "share fewer top features than the threshold; <code>row</code> is the position among the "
+                         "explained inputs, <code>source_index</code> the row in the source data.</p>"
+                         + records_table(m["flagged"], limit=20))
+        if m["notes"]:
+            parts.append(bullet_list(m["notes"]))
+    if e["variants"]:
+        parts.append("<h3>Model variants (teacher vs student)</h3><p>How differently the variants attribute the same "
+                     "inputs: global rank correlation and top-k overlap of mean |attribution|, L1 distance of the "
+                     "normalised importances (0 = identical, 2 = disjoint), mean per-row agreement.</p>"
+                     + records_table(e["variants"]))
+    parts.append("<h3>Explanation caveats</h3>" + bullet_list(e["caveats"]))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _distill(c: Mapping[str, Any]) -> str:
+    if "distill" not in c:
+        return ""
+    return "<section id=distill><h2>Distillation</h2>" + value_html(c["distill"]) + "</section>"
+
+
+def _reproducibility(c: Mapping[str, Any]) -> str:
+    r = c["reproducibility"]
+    rows = [[f"<code>{esc(a['path'])}</code>", esc(a.get("stage")), esc(a.get("kind")), fmt(a.get("bytes")),
+             f"<code>{esc(a.get('sha256'))}</code>"] for a in r["artifacts"]]
+    return (
+        "<section id=reproducibility><h2>Reproducibility</h2>"
+        + kv_table({"run id": r["run_id"], "git commit": r["git_commit"], "device": r["device"], "platform": r["platform"],
+                    "python": r["python_executable"], "root seed": r["root_seed"], "seeds per stage": r["seeds"],
+                    "stage seconds": r["stage_seconds"], "library versions": r["library_versions"]})
+        + f"<p class=small>{esc(r['seed_note'])}</p>"
+        + f"<h3>Command of this run</h3><pre>{esc(r['command'] or '(not recorded)')}</pre>"
+        + f"<h3>Re-run</h3><pre>{esc(chr(10).join(r['rerun_commands']))}</pre>"
+        + f"<h3>Artifacts of earlier stages</h3><p class=small>{esc(r['self_hash_note'])}</p>"
+        + table(["path", "stage", "kind", "bytes", "SHA-256"], rows)
+        + f"<h3>Resolved configuration</h3><pre>{esc(r['config_toml'])}</pre></section>"
+    )
+
+
+SECTIONS = (("summary", "Summary"), ("data", "Data provenance"), ("models", "Models"), ("privacy", "Privacy"),
+            ("explanations", "Explanations"), ("reproducibility", "Reproducibility"))
+
+
+def render(content: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
+    """The complete HTML page."""
+    title = f"{content['title']} {content.get('run_id') or ''}".strip()
+    sections = [*SECTIONS[:5], ("distill", "Distillation"), SECTIONS[5]] if "distill" in content else SECTIONS
+    nav = "".join(f"<li><a href='#{sid}'>{esc(label)}</a></li>" for sid, label in sections)
+    body = (_summary(content) + _data(content) + _models(content, figs) + _privacy(content)
+            + _explanations(content, figs) + _distill(content) + _reproducibility(content))
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        f"<meta http-equiv=Content-Security-Policy content=\"{CSP}\">"
+        "<meta name=viewport content='width=device-width, initial-scale=1'>"
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>{esc(title)}</h1><p class=small>Run created {esc(content.get('created') or '—')}; report generated "
+        f"{esc(content['generated'])}. Machine-readable twin: <code>{esc(content['files']['json'])}</code>.</p></header>"
+        f"<nav><ol>{nav}</ol></nav>{body}</body></html>\n"
+    )
+

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from federated import checkpoint
+from federated.strategies import STRATEGIES, RoundFailedError, build_strategy
+from pipeline.errors import ConfigError
+
+
+def _sent(node: int) -> Message:
+    return Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def _trained(node: int, value: float, n: int, pid: int) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))}),
+        "metrics": MetricRecord({"num-examples": n, "partition-id": pid, "epsilon": 1.5, "refused": 0}),
+    })
+    return Message(content, reply_to=_sent(node))
+
+
+def _refused(node: int, pid: int) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "partition-id": pid, "epsilon": 3.0, "refused": 1}),
+                          "status": ConfigRecord({"refused": "client refuses: budget"})})
+    return Message(content, reply_to=_sent(node))
+
+
+def _failed(node: int) -> Message:
+    return Message(Error(code=2, reason="Traceback...\nRuntimeError: disk on fire"), reply_to=_sent(node))
+
+
+def _strategy(name="fedavg", *, min_clients=1, sent=(1, 2, 3, 4), offset=0):
+    s = build_strategy(name, n_clients=len(sent), min_clients=min_clients, round_offset=offset)
+    from federated.strategies import RoundReplies
+
+    s.rounds[1 + offset] = RoundReplies(round=1 + offset, sent_to=list(sent))
+    return s
+
+
+def test_only_trained_replies_are_averaged_and_everything_is_recorded():
+    s = _strategy(min_clients=2)
+    arrays, _ = s.aggregate_train(1, [_trained(1, 1.0, 10, 0), _trained(2, 4.0, 30, 1), _refused(3, 2), _failed(4)])
+    assert np.allclose(arrays["w"].numpy(), (1.0 * 10 + 4.0 * 30) / 40)
+    rec = s.rounds[1]
+    assert [c["partition-id"] for c in rec.trained] == [0, 1]
+    assert rec.refused[0]["reason"] == "client refuses: budget"
+    assert rec.failed[0]["node_id"] == 4 and rec.failed[0]["reason"].endswith("RuntimeError: disk on fire")
+
+
+def test_a_node_that_never_replies_is_a_failure():
+    s = _strategy(min_clients=1, sent=(1, 2))
+    s.aggregate_train(1, [_trained(1, 1.0, 10, 0)])
+    assert s.rounds[1].failed == [{"node_id": 2, "reason": "no reply before the round timeout"}]
+
+
+def test_failures_below_min_clients_stop_the_run():
+    s = _strategy(min_clients=3, sent=(1, 2, 3))
+    with pytest.raises(RoundFailedError, match="federated.min_clients=3"):
+        s.aggregate_train(1, [_trained(1, 1.0, 10, 0), _trained(2, 1.0, 10, 1), _failed(3)])
+
+
+def test_refusals_alone_leave_the_model_unchanged():
+    s = _strategy(min_clients=1, sent=(1, 2))
+    assert s.aggregate_train(1, [_refused(1, 0), _refused(2, 1)]) == (None, None)
+
+
+def test_rounds_continue_their_numbering_after_a_resume():
+    s = _strategy(offset=4, sent=(1,))
+    s.aggregate_train(1, [_trained(1, 2.0, 5, 0)])
+    assert 5 in s.rounds and s.rounds[5].trained
+
+
+def test_factory_lists_the_valid_strategies():
+    with pytest.raises(ConfigError, match=", ".join(STRATEGIES)):
+        build_strategy("scaffold", n_clients=2, min_clients=1)
+
+
+def test_fedadam_moments_round_trip_through_the_checkpoint(tmp_path):
+    s = build_strategy("fedadam", n_clients=2, min_clients=1)
+    s.m_t, s.v_t = {"w": np.ones(3)}, {"w": np.full(3, 2.0)}
+    path = tmp_path / "ck.safetensors"
+    checkpoint.save(path, checkpoint.ServerCheckpoint(weights={"w": np.zeros(3)}, strategy_state=s.optimizer_state(),
+                                                      record={"completed_rounds": 1, "x": float("nan")}))
+    ck = checkpoint.load(path)
+    t = build_strategy("fedadam", n_clients=2, min_clients=1)
+    t.load_optimizer_state(ck.strategy_state)
+    assert np.array_equal(t.m_t["w"], s.m_t["w"]) and np.array_equal(t.v_t["w"], s.v_t["w"])
+    assert ck.record["completed_rounds"] == 1 and np.array_equal(ck.weights["w"], np.zeros(3))
+
+
+def test_fingerprint_ignores_where_files_live_but_not_what_is_trained():
+    base = {"federated.rounds": 3, "app.work-dir": "/a"}
+    assert checkpoint.fingerprint(base) == checkpoint.fingerprint({**base, "app.work-dir": "/b"})
+    assert checkpoint.fingerprint(base) != checkpoint.fingerprint({**base, "federated.rounds": 4})

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline import data, distill, train
+from pipeline.config import load_config
+
+TINY = ["regressor.hidden_sizes=[8]", "regressor.fit.epochs=20", "regressor.dp_fit.epochs=2", "cnn.channels=[8, 16]",
+        "cnn.hidden=32", "cnn.fit.epochs=6", "cnn.dp_fit.epochs=2", "distill.fit.epochs=20", "distill.cnn_channels=[2]",
+        "distill.regressor_hidden=[4]", "distill.synthetic_per_row=5"]
+
+
+def test_kd_loss_matches_hand_computation():
+    s = torch.tensor([[1.0, 0.0, -1.0]])
+    t = torch.tensor([[0.5, 0.5, 0.0]])
+    T = 2.0
+    p_t = torch.softmax(t / T, 1)
+    log_p_s = torch.log_softmax(s / T, 1)
+    expected = float((p_t * (torch.log(p_t) - log_p_s)).sum() * T * T)
+    y = torch.cat([t, torch.tensor([[2.0]])], 1)
+    assert float(distill.DistillationLoss(temperature=T)(s, y)) == pytest.approx(expected, rel=1e-6)
+    ce = float(torch.nn.functional.cross_entropy(s, torch.tensor([2])))
+    mixed = float(distill.DistillationLoss(temperature=T, label_weight=0.25)(s, y))
+    assert mixed == pytest.approx(0.75 * expected + 0.25 * ce, rel=1e-6)
+    assert float(distill.DistillationLoss(temperature=T)(t, torch.cat([t, y[:, -1:]], 1))) == pytest.approx(0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def dp_run():
+    cfg = load_config(None, TINY + ["dp.enabled=true", "dp.target_epsilon=8"])
+    ds = data.run(cfg, {}, seed=0)
+    trained = train.run(cfg, {"data": ds}, seed=1)
+    return cfg, ds, trained, distill.run(cfg, {"data": ds, "train": trained}, seed=2)
+
+
+def test_dp_teacher_student_reads_only_public_rows(dp_run):
+    cfg, ds, trained, out = dp_run
+    for name, key in (("cnn", "images"), ("regressor", "tabular")):
+        rec = out[name]["record"]
+        public = set(ds[key].index["public"].tolist())
+        used = set(out[name]["transfer_index"].tolist())
+        assert used and used <= public  # no private row reached the student
+        assert not used & set(ds[key].index["train"].tolist())
+        assert rec["transfer"]["splits"] == ["public"] and not rec["transfer"]["uses_private_labels"]
+        assert rec["privacy"]["guarantee"] == "inherited"
+        assert rec["privacy"]["epsilon"] == trained[name].training["privacy"]["epsilon"]
+
+
+def test_students_are_smaller_and_onnx_matches_torch(dp_run):
+    _, ds, _, out = dp_run
+    for name, key in (("cnn", "images"), ("regressor", "tabular")):
+        rec = out[name]["record"]
+        assert rec["compression_ratio"] >= (10 if name == "cnn" else 1.5)
+        assert rec["onnx_max_abs_diff"] < 1e-4
+        student = train.TrainedModel(spec=out[name]["spec"], state_dict=out[name]["state_dict"], training={}).build()
+        session = distill.onnx_session(out[name]["onnx"])
+        x = ds[key].x["test"][:7]
+        np.testing.assert_allclose(session.run(None, {"x": x})[0].squeeze(), student(torch.as_tensor(x)).detach().numpy().squeeze(), atol=1e-4)
+
+
+def test_private_transfer_without_student_dp_says_no_guarantee():
+    cfg = load_config(None, TINY + ["dp.enabled=true", "dp.target_epsilon=8", "distill.transfer=\"private\""])
+    ds = data.run(cfg, {}, seed=0)
+    trained = train.run(cfg, {"data": ds}, seed=1)
+    rec = distill._distill_one(cfg, "regressor", ds["tabular"], trained["regressor"], seed=3)["record"]
+    assert rec["privacy"]["guarantee"] == "none" and "NO differential-privacy guarantee" in rec["privacy"]["reason"]
+
+
+def test_student_agrees_with_teacher_on_embedded_digits():
+    cfg = load_config(None, ["cnn.fit.epochs=15", "regressor.fit.epochs=30", "distill.fit.epochs=60"])
+    ds = data.run(cfg, {}, seed=0)
+    trained = train.run(cfg, {"data": ds}, seed=1)
+    out = distill.run(cfg, {"data": ds, "train": trained}, seed=2)
+    cnn, reg = out["cnn"]["record"], out["regressor"]["record"]
+    assert cnn["compression_ratio"] >= 10 and cnn["top1_agreement"] >= 0.9
+    assert reg["student_fidelity_r2"] >= 0.9
