@@ -87,8 +87,8 @@ def cmd_run(argv: list[str]) -> int:
             raise ConfigError("a run directory keeps the config it started with; drop --config/overrides, or start a new run")
         cfg = config_mod.load_config(run.path / CONFIG)
     else:
-        if args.start or args.stages:
-            raise ConfigError("--from/--stages re-run part of an existing run: add --run-dir runs/<run>")
+        if args.start:
+            raise ConfigError("--from re-runs part of an existing run: add --run-dir runs/<run>")
         cfg = config_mod.load_config(args.config, overrides)
     names = runner.select_stages(stages=args.stages.split(",") if args.stages else None, start=args.start)
     if args.run_dir and not (args.start or args.stages):

@@ -84,7 +84,8 @@ class DPConfig:
     noise_multiplier: float = 0.0  # sigma; 0 = derive it from target_epsilon (refused if it would overspend)
     accountant: Literal["prv", "rdp", "gdp"] = "prv"  # Opacus accountant
     secure_mode: bool = False  # cryptographically secure noise (not seedable; needs torchcsprng)
-    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"  # Opacus per-sample gradient engine
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "ew"  # Opacus per-sample gradient engine (ew: expanded weights, fastest here)
+    public_pretrain_epochs: int = 60  # epochs of non-private pretraining on the public split before DP-SGD (0 = off), >= 0
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,7 @@ def validate(cfg: Config) -> None:
     p = cfg.dp
     _check(p.target_epsilon > 0 and math.isfinite(p.target_epsilon), "dp.target_epsilon", p.target_epsilon, "a finite number > 0")
     _check(0 < p.delta < 1, "dp.delta", p.delta, "in (0, 1), typically well below 1/n_train")
+    _check(p.public_pretrain_epochs >= 0, "dp.public_pretrain_epochs", p.public_pretrain_epochs, ">= 0")
     _check(p.noise_multiplier >= 0, "dp.noise_multiplier", p.noise_multiplier, ">= 0 (0 = derive from dp.target_epsilon)")
     k = cfg.distill
     _validate_fit(k.fit, "distill.fit")

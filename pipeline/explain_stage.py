@@ -366,8 +366,11 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
         log.warning("while explaining: %s", msg)
     for msg in deprecations:
         log.debug("while explaining: %s", msg)
+    seconds = time.perf_counter() - t0
+    log.info("explain: %s in %.1f s (target for 100 rows and 100 images: 30 s)",
+             ", ".join(f"{n} {m.metrics['n_explained']} inputs" for n, m in out.items()), seconds)
     summary = {
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "background_split": cfg.explain.background_split,
         "warnings": messages,
         "library_deprecations": deprecations,

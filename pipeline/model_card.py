@@ -24,6 +24,7 @@ def md(value: Any) -> str:
 
 
 def num(value: Any, digits: int = 4) -> str:
+    """A number for a card: floats to ``digits`` significant digits, None as "n/a"."""
     if value is None:
         return "n/a"
     if isinstance(value, float):

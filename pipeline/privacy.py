@@ -150,6 +150,16 @@ class PrivateTraining:
     engine: Any  # opacus PrivacyEngine
     plan: PrivacyPlan
 
+    def batches(self, x: torch.Tensor, y: torch.Tensor):
+        """One epoch of Poisson-sampled ``(x, y)`` batches, drawn by Opacus' sampler.
+
+        Indexing the tensors directly instead of iterating the DataLoader skips its per-record
+        collation, which took ~40% of a DP epoch of the digits CNN on this machine.
+        """
+        for idx in self.loader.batch_sampler:
+            idx = torch.as_tensor(idx, dtype=torch.long)
+            yield x[idx], y[idx]
+
     def history(self) -> History:
         """Accountant history so far (everything spent, earlier calls included)."""
         return [(float(s), float(q), int(n)) for s, q, n in self.engine.accountant.history]
@@ -191,6 +201,19 @@ def make_private(
         grad_sample_mode=grad_sample_mode,
     )
     return PrivateTraining(model=priv_model, optimizer=priv_opt, loader=priv_loader, engine=engine, plan=plan)
+
+
+def noise_only_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The DP-SGD step of an empty Poisson batch: no gradient, only noise, and the accountant counts it.
+
+    Skipping the step would make what is released depend on the batch being empty; Opacus'
+    expanded-weights engine refuses empty batches, so the empty per-sample gradients are set here.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for p in unwrap(model).parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

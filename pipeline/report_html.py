@@ -19,7 +19,8 @@ CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1100px;
 padding:1em 1.5em;color:#1b1b1b;line-height:1.45}
 h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.5em}
-nav ol{columns:2}table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+nav ol{columns:2}table{border-collapse:collapse;margin:.6em 0;font-size:.9em;display:block;max-width:100%;
+overflow-x:auto}table table{display:table}code{overflow-wrap:anywhere}
 th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}th{background:#f3f3f3}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.box{background:#f7f9fc;border-left:4px solid #3a6ea5;
 padding:.6em 1em;margin:.8em 0}.warn{border-left-color:#c0392b;background:#fdf3f2}
@@ -55,6 +56,7 @@ def ci(value: Any, interval: Any) -> str:
 
 
 def data_uri(png: bytes) -> str:
+    """A PNG as an inline ``data:`` URI (base64)."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -107,6 +109,7 @@ def table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
 
 
 def bullet_list(items: Iterable[str], cls: str = "") -> str:
+    """An escaped bulleted list, or "None." when empty."""
     items = list(items)
     if not items:
         return "<p>None.</p>"
@@ -114,6 +117,7 @@ def bullet_list(items: Iterable[str], cls: str = "") -> str:
 
 
 def figure(png: bytes | None, title: str, how_to_read: str, caption: str = "") -> str:
+    """An embedded figure with its title, caption and a "how to read this" note."""
     if not png:
         return f"<p class=small>(figure {esc(title)} is missing)</p>"
     return (f"<figure><img src=\"{data_uri(png)}\" alt=\"{esc(title)}\"><figcaption><strong>{esc(title)}</strong>"
@@ -368,7 +372,11 @@ def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
 def _distill(c: Mapping[str, Any]) -> str:
     if "distill" not in c:
         return ""
-    return "<section id=distill><h2>Distillation</h2>" + value_html(c["distill"]) + "</section>"
+    parts = ["<section id=distill><h2>Distillation</h2><p>The distill stage's record of each student, as it wrote it "
+             "(teacher-student explanation similarity is summarised under Explanations).</p>"]
+    for model, record in c["distill"].items():
+        parts.append(f"<details><summary>{esc(model)}</summary>{value_html(record)}</details>")
+    return "".join(parts) + "</section>"
 
 
 def _reproducibility(c: Mapping[str, Any]) -> str:

@@ -98,23 +98,24 @@ def train_one_epoch(
 ) -> float:
     """One pass over ``batches`` (an iterable of ``(x, y)`` tensors on the model's device).
 
-    Returns the mean training loss. An empty batch (possible under Poisson sampling) still takes
-    its step: Opacus then adds noise only, which is what DP-SGD's analysis assumes and what the
-    accountant counts; skipping it would make the released steps depend on the batch being empty.
+    Returns the mean training loss. An empty batch (only possible under Poisson sampling) still
+    takes its noise-only step (:func:`pipeline.privacy.noise_only_step`), as DP-SGD's analysis assumes.
     """
     model.train()
     criterion = criterion or loss_fn(task)
     total, count = 0.0, 0
     for xb, yb in batches:
+        if len(xb) == 0:
+            privacy.noise_only_step(model, optimizer)
+            continue
         if transform is not None:
             xb = transform(xb)
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(_output(model, xb, task), yb)
         loss.backward()
         optimizer.step()
-        if len(xb):  # the loss of an empty batch is NaN
-            total += float(loss.detach()) * len(xb)
-            count += len(xb)
+        total += float(loss.detach()) * len(xb)
+        count += len(xb)
     return total / max(count, 1)
 
 
@@ -233,7 +234,7 @@ def fit(
     epochs = epochs or fit_cfg.epochs
     private = dp is not None and dp.enabled
     generator = torch.Generator().manual_seed(seed)
-    model.to(device)
+    model.to(device).train()  # Opacus refuses a module in eval mode
     optimizer = make_optimizer(model, fit_cfg)
     start_epoch, history = 0, []
     best_state, best_epoch, best_loss = None, 0, float("inf")
@@ -269,7 +270,7 @@ def fit(
     for epoch in bar:
         t0 = time.perf_counter()
         if private_run is not None:
-            batches = private_run.loader
+            batches = private_run.batches(xt, yt)
         else:
             batches = ((xt[i], yt[i]) for i in shuffled_batches(len(xt), fit_cfg.batch_size, generator))
         train_loss = train_one_epoch(run_model, run_opt, batches, task=task, transform=transform, criterion=criterion)

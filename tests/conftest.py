@@ -15,7 +15,7 @@ def rng():
 # A configuration small enough for end-to-end tests: a few epochs, tiny models.
 TINY_OVERRIDES = [
     "regressor.hidden_sizes=[8]", "regressor.fit.epochs=3", "regressor.dp_fit.epochs=2",
-    "cnn.channels=[4]", "cnn.hidden=8", "cnn.fit.epochs=2", "cnn.dp_fit.epochs=2",
+    "cnn.channels=[4]", "cnn.hidden=8", "cnn.fit.epochs=2", "cnn.dp_fit.epochs=2", "dp.public_pretrain_epochs=2",
 ]
 
 

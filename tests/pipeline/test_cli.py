@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.rundir import RunDir, sha256_file
@@ -56,6 +57,9 @@ def test_dp_run_records_the_guarantee(tmp_path, tiny_overrides):
         assert 0 < rec["epsilon"] <= 2.0 and rec["delta"] == 1e-5
         for key in ("noise_multiplier", "max_grad_norm", "sample_rate", "total_steps", "accountant", "opacus_version", "secure_mode"):
             assert key in rec
+        pre = json.loads((run / "models" / f"{name}.json").read_text())["training"]["public_pretraining"]
+        arrays = np.load(run / "data" / ("tabular.npz" if name == "regressor" else "images.npz"))
+        assert pre["split"] == "public" and pre["epochs"] == 2 and pre["rows"] == len(arrays["y_public"]) > 0
 
 
 @pytest.mark.parametrize(
@@ -66,6 +70,7 @@ def test_dp_run_records_the_guarantee(tmp_path, tiny_overrides):
         (["data.images=\"/no/such.npz\""], "does not exist"),
         (["dp.enabled=true", "dp.noise_multiplier=0.1"], "budget"),
         (["--from", "train"], "--run-dir"),
+        (["--stages", "train"], "stage 'data' has not completed"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, fragment):

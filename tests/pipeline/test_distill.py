@@ -5,7 +5,7 @@ import torch
 from pipeline import data, distill, train
 from pipeline.config import load_config
 
-TINY = ["regressor.hidden_sizes=[8]", "regressor.fit.epochs=20", "regressor.dp_fit.epochs=2", "cnn.channels=[8, 16]",
+TINY = ["dp.public_pretrain_epochs=2", "regressor.hidden_sizes=[8]", "regressor.fit.epochs=20", "regressor.dp_fit.epochs=2", "cnn.channels=[8, 16]",
         "cnn.hidden=32", "cnn.fit.epochs=6", "cnn.dp_fit.epochs=2", "distill.fit.epochs=20", "distill.cnn_channels=[2]",
         "distill.regressor_hidden=[4]", "distill.synthetic_per_row=5"]
 

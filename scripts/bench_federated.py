@@ -1,0 +1,129 @@
+"""Benchmark: federated CNN (Flower simulation) against central training of the same model. Prints figures.
+
+Usage (from the repo root)::
+
+    python scripts/bench_federated.py --central
+    python scripts/bench_federated.py --partitioner iid --rounds 20 --local-epochs 2
+    python scripts/bench_federated.py --partitioner dirichlet --alpha 0.5 --rounds 20 --local-epochs 2
+    python scripts/bench_federated.py --dp --rounds 10 --local-epochs 2 cnn.dp_fit.batch_size=64
+
+Extra ``KEY=VALUE`` arguments are pipeline config overrides. Figures: test accuracy of the
+final global model, ε per client, startup seconds (launch to first round), seconds per
+round, wall time, and the peak resident memory of this process plus every process it
+started (SuperLink, simulation, Ray), sampled every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from federated.launcher import descendants  # noqa: E402
+from pipeline import data as data_stage, models, training  # noqa: E402
+from pipeline import train as train_stage  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.runtime import derive_seed  # noqa: E402
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class PeakMemory:
+    """Peak summed RSS of this process and all its descendants."""
+
+    def __init__(self) -> None:
+        self.peak_mb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, sum(_rss_mb(p) for p in [me, *descendants(me)]))
+            time.sleep(0.5)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--central", action="store_true", help="train the CNN centrally instead (the baseline)")
+    p.add_argument("--partitioner", default="iid", choices=["iid", "dirichlet", "quantity"])
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--n-clients", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"])
+    p.add_argument("--dp", action="store_true", help="DP-SGD on every client (dp.target_epsilon, default 3)")
+    args = p.parse_args()
+    overrides = [
+        f"federated.partitioner={args.partitioner}", f"federated.dirichlet_alpha={args.alpha}",
+        f"federated.n_clients={args.n_clients}", f"federated.rounds={args.rounds}",
+        f"federated.local_epochs={args.local_epochs}", f"federated.strategy={args.strategy}",
+        f"dp.enabled={'true' if args.dp else 'false'}", *args.overrides,
+    ]
+    cfg = load_config(None, overrides)
+    datasets = data_stage.run(cfg, {}, seed=derive_seed(cfg.seed, "data"))
+    spec = train_stage.model_specs(cfg, datasets)["cnn"]
+    seed = derive_seed(derive_seed(cfg.seed, "train"), "cnn")
+    ds = datasets["images"]
+    t0 = time.time()
+    with PeakMemory() as mem:
+        if args.central:
+            device = training.resolve_device("cpu", num_threads=1)
+            import torch
+
+            torch.manual_seed(seed)
+            model = models.build(spec)
+            result = training.fit(model, x_train=ds.x["train"], y_train=ds.y["train"], x_val=ds.x["val"], y_val=ds.y["val"],
+                                  task=ds.task, fit_cfg=train_stage.fit_config(cfg, "cnn"), dp=cfg.dp, device=device,
+                                  seed=seed, patience=cfg.train.patience)
+            test = training.evaluate(model, ds.x["test"], ds.y["test"], task=ds.task)
+            out = {"mode": "central", "test_accuracy": test["accuracy"], "epochs_run": result.epochs_run,
+                   "epsilon": result.privacy["epsilon"] if result.privacy else None}
+        else:
+            from federated.simulation import train_federated
+
+            trained = train_federated(cfg, name="cnn", dataset=ds, spec=spec, seed=seed)
+            rec = trained.training
+            final = rec["history"][-1]
+            spr = rec["seconds_per_round"]
+            out = {
+                "mode": "federated", "partitioner": args.partitioner, "alpha": args.alpha, "clients": args.n_clients,
+                "rounds": args.rounds, "local_epochs": args.local_epochs, "strategy": args.strategy,
+                "test_accuracy": final["test_accuracy"], "val_accuracy": final["val_accuracy"],
+                "best_round_test_accuracy": max(h["test_accuracy"] for h in rec["history"]),
+                "partition_sizes": rec["partition"]["sizes"],
+                "epsilon_per_client": {k: v[-1] for k, v in rec["client_epsilon"].items()} if args.dp else None,
+                "startup_seconds": round(rec["startup_seconds"], 1),
+                "first_round_seconds": round(spr[0], 1),
+                "later_rounds_mean_seconds": round(sum(spr[1:]) / max(len(spr) - 1, 1), 2),
+                "failures": len(rec["failures"]),
+            }
+    out.update({"wall_seconds": round(time.time() - t0, 1), "peak_rss_mb_all_processes": round(mem.peak_mb),
+                "overrides": overrides})
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
