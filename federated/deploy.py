@@ -53,8 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def deploy(cfg, *, model: str, work: Path, n_supernodes: int, tls: bool = False, auth: bool = False) -> dict:
+def deploy(cfg, *, model: str, work: Path, n_supernodes: int, tls: bool = False, auth: bool = False,
+           app_settings: dict | None = None) -> dict:
     """Run one federated training of ``model`` on a loopback deployment; return the server's record.
+
+    ``app_settings`` are extra ``app.*`` run-config settings (tests: fault injection).
 
     Raises
     ------
@@ -72,7 +75,8 @@ def deploy(cfg, *, model: str, work: Path, n_supernodes: int, tls: bool = False,
     datasets = data_stage.run(cfg, {}, seed=derive_seed(cfg.seed, "data"))
     spec = train_stage.model_specs(cfg, datasets)[model]
     write_inputs(work, name=model, dataset=datasets[DATASET_OF[model]], spec=spec)
-    run_config = to_run_config(cfg, model=model, work_dir=str(work.resolve()))  # app.seed -1: as the train stage
+    # app.seed stays -1: the model seed is derived from `seed` as the train stage does.
+    run_config = to_run_config(cfg, model=model, work_dir=str(work.resolve()), **dict(app_settings or {}))
     overrides = overrides_for(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
     rc_path = work / "run_config.toml"
     rc_path.write_text(run_config_toml(overrides))
@@ -111,7 +115,7 @@ def deploy(cfg, *, model: str, work: Path, n_supernodes: int, tls: bool = False,
             for name, proc in list(procs.procs.items()):
                 if name != "flwr-run" and proc.poll() is not None:
                     raise launcher.FederatedRunError(f"{name} exited with code {proc.returncode}:\n{procs.log_tail(name)}")
-            time.sleep(1.0)
+            time.sleep(0.25)
         error = read_error(work, model)
         if error is not None:
             raise _ERROR_TYPES.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])

@@ -129,7 +129,7 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
                 raise launcher.FederatedRunError(f"flower-superlink exited during the run:\n{procs.log_tail('superlink')}")
             if on_poll is not None:
                 on_poll()
-            time.sleep(1.0)
+            time.sleep(0.25)
         _raise_if_failed(work, model, procs)
 
 

@@ -62,7 +62,7 @@ class CNNConfig:
     activation: Literal["relu", "tanh"] = "relu"  # activation after every conv and hidden layer
     fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=120, batch_size=32, lr=1e-3, augment_shift=1))
     dp_fit: FitConfig = field(  # training settings used instead of `fit` when dp.enabled
-        default_factory=lambda: FitConfig(epochs=40, batch_size=256, lr=1e-2, max_grad_norm=1.0)
+        default_factory=lambda: FitConfig(epochs=40, batch_size=256, lr=3e-3, max_grad_norm=1.0)
     )
     dp_activation: Literal["relu", "tanh", "same"] = "tanh"  # activation under DP ("same" = activation)
 
