@@ -129,6 +129,8 @@ class RunDir:
             raise RunDirError(f"{str(p)!r} is not a run directory (no {MANIFEST}); pass a directory under runs/") from None
         except ValueError:
             raise RunDirError(f"{str(p / MANIFEST)!r} is not valid JSON; the run directory is damaged") from None
+        for tmp in p.rglob(".*.tmp"):
+            tmp.unlink()  # left by a write that a kill interrupted; never referenced by the manifest
         return cls(p, manifest)
 
     def save_manifest(self) -> None:

@@ -1,0 +1,197 @@
+"""The report stage: schema, escaping of user strings, hashes of earlier artifacts, verify, self-containment."""
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pipeline import config as config_mod
+from pipeline import report, report_html, runner
+from pipeline.config import load_config
+from pipeline.rundir import RunDir
+
+jsonschema = pytest.importorskip("jsonschema")
+
+HOSTILE = "<script>alert(1)</script>"
+TARGET = 'y"><img src=x onerror=alert(2)>'
+TINY = ["regressor.hidden_sizes=[8]", "regressor.fit.epochs=3", "regressor.dp_fit.epochs=2",
+        "cnn.channels=[4]", "cnn.hidden=8", "cnn.fit.epochs=2", "cnn.dp_fit.epochs=2"]
+SMALL_EXPLAIN = ["explain.n_rows=10", "explain.n_images=4", "explain.lime_num_samples=100",
+                 "explain.lime_image_num_samples=60", "explain.stability_rows=3", "explain.deletion_steps=4",
+                 "explain.n_waterfalls=1", "explain.n_grid_images=2", "explain.background_size=20"]
+STAGES = ["data", "train", "evaluate", "explain", "report"]
+
+
+def hostile_csv(folder):
+    """The diabetes table with one column named like a script tag and a target named like an attribute break-out."""
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes()
+    names = list(bunch.feature_names)
+    names[2] = HOSTILE
+    path = folder / "<b>evil<i>.csv"  # no slash: a file name cannot hold one
+    header = ",".join('"' + n.replace('"', '""') + '"' for n in [*names, TARGET])
+    rows = np.column_stack([bunch.data, bunch.target])
+    path.write_text(header + "\n" + "\n".join(",".join(f"{v:.6g}" for v in r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report")
+    csv = hostile_csv(folder)
+    overrides = TINY + SMALL_EXPLAIN + [f'data.tabular_csv="{csv}"', f"data.target='{TARGET}'"]
+    cfg = load_config(None, overrides)
+    assert cfg.data.target == TARGET
+    run = RunDir.create(folder / "runs", config_toml=config_mod.to_toml(cfg), command=["python", "-m", "pipeline", *overrides],
+                        device="cpu")
+    runner.run_stages(cfg, run, STAGES)
+    return run
+
+
+def test_report_files_are_recorded_and_json_validates(hostile_run):
+    run = hostile_run
+    assert run.stage_status("report") == "complete"
+    for rel in ("report.html", "report.json", "model_card_regressor.md", "model_card_cnn.md"):
+        assert run.manifest["artifacts"][rel]["stage"] == "report"
+    content = json.loads(run.read("report.json"))
+    jsonschema.validate(content, report.schema())
+    jsonschema.Draft202012Validator.check_schema(report.schema())
+    # The report is a twin of what the stages recorded.
+    assert content["data"]["tabular"]["feature_names"][2] == HOSTILE
+    assert content["summary"]["privacy"].startswith("No formal privacy guarantee")
+    assert content["explanations"]["background_split"] == "public"
+    assert content["reproducibility"]["seeds"]["explain"] == run.manifest["stages"]["explain"]["seed"]
+
+
+def test_broken_report_json_fails_the_schema(hostile_run):
+    content = json.loads(hostile_run.read("report.json"))
+    del content["privacy"]["not_covered"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(content, report.schema())
+
+
+def test_hostile_names_are_text_in_html_and_model_cards(hostile_run):
+    html = hostile_run.read("report.html").decode()
+    assert HOSTILE not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<img src=x" not in html and "onerror=alert(2)&gt;" in html
+    assert "<b>evil" not in html and "&lt;b&gt;evil&lt;i&gt;.csv" in html
+    assert "<script" not in html.lower()
+    for rel in ("model_card_regressor.md", "model_card_cnn.md"):
+        card = hostile_run.read(rel).decode()
+        assert HOSTILE not in card and "<img" not in card and "<b>" not in card
+    card = hostile_run.read("model_card_regressor.md").decode()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in card
+    for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
+                    "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):
+        assert f"## {section}" in card
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_html_is_self_contained_and_lists_every_earlier_hash(hostile_run):
+    html = hostile_run.read("report.html").decode()
+    parser = _Tags()
+    parser.feed(html)
+    imgs = [a for t, a in parser.tags if t == "img"]
+    assert len(imgs) >= 6 and all(a["src"].startswith("data:image/png;base64,") for a in imgs)
+    assert not [t for t, a in parser.tags if t in ("script", "link", "iframe", "object", "embed")]
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html)
+    assert any(t == "meta" and a.get("http-equiv") == "Content-Security-Policy" for t, a in parser.tags)
+    headings = [m.group(1) for m in re.finditer(r"<h2>([^<]+)</h2>", html)]
+    assert headings[:2] == ["Summary", "Data provenance"] and "Privacy" in headings and headings[-1] == "Reproducibility"
+    content = json.loads(hostile_run.read("report.json"))
+    listed = {a["path"]: a["sha256"] for a in content["reproducibility"]["artifacts"]}
+    for rel, entry in hostile_run.manifest["artifacts"].items():
+        if entry["stage"] != "report":
+            assert listed[rel] == entry["sha256"] and entry["sha256"] in html, rel
+    assert not any(rel.startswith("report") or rel.startswith("model_card") for rel in listed)
+
+
+def test_verify_catches_an_edited_report(hostile_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(hostile_run.path, copy)
+    assert RunDir.open(copy).verify() == []
+    path = copy / "report.html"
+    path.write_text(path.read_text().replace("Summary", "Summery", 1))
+    assert RunDir.open(copy).verify() == ["edited: report.html (SHA-256 differs from the manifest)"]
+
+
+def _trained(record, n_train=300):
+    return {name: SimpleNamespace(training={"privacy": record, "n_train": n_train}) for name in ("regressor", "cnn")}
+
+
+def test_privacy_section_states_coverage_and_caveats():
+    cfg = load_config(None, ["dp.enabled=true"])
+    record = {"epsilon": 2.5, "delta": 1e-2, "target_epsilon": 3.0, "noise_multiplier": 1.1, "max_grad_norm": 1.0,
+              "sample_rate": 0.1, "total_steps": 100, "accountant": "prv", "opacus_version": "1.6.0", "secure_mode": False}
+    p = report.privacy_section(cfg, _trained(record), {}, None)
+    assert p["enabled"] and "ε = 2.5, δ = 0.01" in p["statement"]
+    assert any("ridge" in line.lower() for line in p["not_covered"])
+    assert any("scaler" in line for line in p["not_covered"]) and any("public split" in line for line in p["not_covered"])
+    assert any("explain/" in line for line in p["covered"])
+    assert any("secure_mode is off" in c for c in p["caveats"])
+    assert any("not below 1/n" in c for c in p["caveats"])  # δ = 0.01 >= 1/300
+    off = report.privacy_section(load_config(None, []), _trained(None), {}, None)
+    assert not off["enabled"] and off["statement"].startswith("No formal privacy guarantee") and not off["covered"]
+    train_bg = report.privacy_section(load_config(None, ["dp.enabled=true", "explain.background_split=train"]),
+                                      _trained({**record, "delta": 1e-5}), {}, None)
+    assert any("explain/*" in line for line in train_bg["not_covered"])
+    assert not any("explain/" in line for line in train_bg["covered"])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+# Sets the title to "IMAGES decoded/total" once the page has loaded; injected into a copy, never the report.
+PROBE = ("<script>addEventListener('load', () => { const i = [...document.images]; document.title = 'IMAGES ' + "
+         "i.filter(x => x.complete && x.naturalWidth > 0).length + '/' + i.length; });</script>")
+
+
+def _chromium(*args, profile):
+    import subprocess
+
+    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+                           "--virtual-time-budget=10000", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed; `make browser` installs it "
+                                             "(Debian: apt-get install --no-install-recommends chromium)")
+def test_report_opens_in_a_headless_browser_and_every_image_decodes(hostile_run, tmp_path):
+    html = hostile_run.read("report.html").decode()
+    n_images = html.count("<img ")
+    probe = html.replace(report_html.CSP, report_html.CSP + "; script-src 'unsafe-inline'", 1).replace("</body>", PROBE + "</body>")
+    (tmp_path / "probe.html").write_text(probe)
+    dom = _chromium("--dump-dom", (tmp_path / "probe.html").as_uri(), profile=tmp_path / "p1")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert re.search(r"<title>(.*?)</title>", dom.stdout).group(1) == f"IMAGES {n_images}/{n_images}"
+    assert n_images >= 6
+    # The report itself, unmodified: it renders, and the console reports nothing (no blocked fetch, no error).
+    shot = tmp_path / "report.png"
+    proc = _chromium("--window-size=1200,2400", f"--screenshot={shot}", (hostile_run.path / "report.html").as_uri(),
+                     profile=tmp_path / "p2")
+    assert proc.returncode == 0 and shot.stat().st_size > 20_000, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == []
+
+
+def test_report_runs_standalone_without_a_manifest(hostile_run):
+    from pipeline import data, evaluate, explain_stage, train
+
+    cfg = load_config(hostile_run.path / "config.toml")
+    read = hostile_run.read
+    inputs = {"data": data.load(read), "train": train.load(read), "evaluate": evaluate.load(read), "explain": explain_stage.load(read)}
+    out = report.run(cfg, inputs, seed=0)
+    jsonschema.validate(json.loads(report.dump(out)["report.json"]), report.schema())
+    assert out.content["reproducibility"]["artifacts"] == [] and "&lt;script&gt;" in out.html
