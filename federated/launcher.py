@@ -132,6 +132,39 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
+def _wait_dead(pids: list[int], timeout_s: float, reap=None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if reap is not None:
+            reap()  # reap our own children so they do not linger as zombies
+        if not any(_alive(p) for p in pids):
+            return
+        time.sleep(0.1)
+
+
+def stop_trees(roots: Sequence[int], *, timeout_s: float = 10.0, reap=None) -> None:
+    """Stop processes ``roots`` and everything below them, deepest first; SIGKILL whatever ignores SIGTERM.
+
+    Leaves go first so that every process is reaped by its own (still living) parent:
+    orphans would be left to PID 1, which in some containers never reaps them. The tree is
+    recorded before any signal, so children that outlive their parent are found too.
+    """
+    levels: dict[int, list[int]] = {}
+    for root in roots:
+        for pid, depth in _tree(root):
+            levels.setdefault(depth, []).append(pid)
+    targets = [pid for pids in levels.values() for pid in pids]
+    per_level = timeout_s / max(len(levels), 1)
+    for depth in sorted(levels, reverse=True):
+        for pid in levels[depth]:
+            _signal(pid, signal.SIGTERM)
+        _wait_dead(levels[depth], per_level, reap)
+    for pid in targets:
+        if _alive(pid):
+            _signal(pid, signal.SIGKILL)
+    _wait_dead(targets, 5.0, reap)  # SIGKILL is not instantaneous either
+
+
 class Processes:
     """The processes of one federated run; a context manager that always stops them all."""
 
@@ -157,35 +190,13 @@ class Processes:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop every process and its descendants, deepest first; SIGKILL whatever ignores SIGTERM.
-
-        Leaves go first so that every process is reaped by its own (still living) parent:
-        orphans would be left to PID 1, which in some containers never reaps them.
-        """
-        levels: dict[int, list[int]] = {}
-        for proc in self.procs.values():
-            for pid, depth in _tree(proc.pid):
-                levels.setdefault(depth, []).append(pid)
-        targets = [pid for pids in levels.values() for pid in pids]
-        per_level = timeout_s / max(len(levels), 1)
-        for depth in sorted(levels, reverse=True):
-            for pid in levels[depth]:
-                _signal(pid, signal.SIGTERM)
-            self._wait_all(levels[depth], per_level)
-        for pid in targets:
-            if _alive(pid):
-                _signal(pid, signal.SIGKILL)
-        self._wait_all(targets, 5.0)  # SIGKILL is not instantaneous either
+        """Stop every process started here with its descendants (see :func:`stop_trees`)."""
+        procs = list(self.procs.values())
+        stop_trees([p.pid for p in procs], timeout_s=timeout_s, reap=lambda: [p.poll() for p in procs])
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
         self.procs.clear()
-
-    def _wait_all(self, pids: list[int], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for proc in self.procs.values():
-                proc.poll()  # reap our own children so they do not linger as zombies
-            if not any(_alive(p) for p in pids):
-                return
-            time.sleep(0.1)
 
     def __enter__(self) -> "Processes":
         return self
@@ -234,3 +245,44 @@ def wait_until_healthy(proc: subprocess.Popen, port: int, *, timeout_s: float, w
             pass
         time.sleep(0.2)
     raise FederatedRunError(f"{what} did not become ready within {timeout_s:.0f} s:\n{logs.log_tail(name)}")
+
+
+def local_superlinks(flwr_home: Path) -> list[int]:
+    """PIDs of SuperLinks that ``flwr run`` started on its own (``:local:`` connections) for this FLWR_HOME.
+
+    ``flwr run`` leaves that SuperLink running after the run. It is recognised by its command
+    line (``flower-superlink ... --simulation``) and its environment's ``FLWR_HOME``, so only
+    the one started for ``flwr_home`` matches.
+    """
+    found = []
+    want = f"FLWR_HOME={Path(flwr_home).expanduser().resolve()}".encode()
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"flower-superlink") for a in argv) and b"--simulation" in argv and want in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def stop_local_superlink(flwr_home: Path) -> list[int]:
+    """Stop (with their process trees) the SuperLinks :func:`local_superlinks` finds; return their PIDs."""
+    pids = local_superlinks(flwr_home)
+    stop_trees(pids)
+    return pids
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m federated.launcher",
+                                     description="Stop the SuperLink that `flwr run` left running for a local simulation.")
+    parser.add_argument("command", choices=["stop-local-superlink"])
+    parser.add_argument("--flwr-home", default=os.environ.get("FLWR_HOME", str(Path.home() / ".flwr")),
+                        help="the FLWR_HOME `flwr run` used (default: $FLWR_HOME or ~/.flwr)")
+    stopped = stop_local_superlink(Path(parser.parse_args().flwr_home))
+    print(f"stopped {len(stopped)} local SuperLink(s): {stopped}" if stopped else "no local SuperLink found for that FLWR_HOME")
