@@ -22,6 +22,7 @@ from pipeline.privacy import epsilon_of
 from pipeline.runtime import derive_seed
 
 from federated import client_state
+from federated.proximal import proximal_term
 from federated.run_config import AppSettings, from_run_config
 from federated.task import Task, load_task
 
@@ -69,8 +70,6 @@ def train(msg: Message, context: Context) -> Message:
     history = client_state.load_history(context, path=path, model=task.name)
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     f = cfg.federated
-    from federated.proximal import proximal_term
-
     try:
         with proximal_term(model, mu=float(config.get("proximal-mu", 0.0))):
             result = training.fit(

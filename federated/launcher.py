@@ -154,6 +154,7 @@ def stop_trees(roots: Sequence[int], *, timeout_s: float = 10.0, reap=None) -> N
         for pid, depth in _tree(root):
             levels.setdefault(depth, []).append(pid)
     targets = [pid for pids in levels.values() for pid in pids]
+    sessions = {_session(pid) for pid in targets} - {os.getsid(0), None}  # recorded while they live
     per_level = timeout_s / max(len(levels), 1)
     for depth in sorted(levels, reverse=True):
         for pid in levels[depth]:
@@ -163,6 +164,23 @@ def stop_trees(roots: Sequence[int], *, timeout_s: float = 10.0, reap=None) -> N
         if _alive(pid):
             _signal(pid, signal.SIGKILL)
     _wait_dead(targets, 5.0, reap)  # SIGKILL is not instantaneous either
+    # Processes spawned while we were stopping (Ray restarts workers) are no longer below a
+    # root, but they are still in one of the tree's sessions (never our own session).
+    stragglers = [pid for pid in _all_pids() if pid != os.getpid() and _session(pid) in sessions and _alive(pid)]
+    for pid in stragglers:
+        _signal(pid, signal.SIGKILL)
+    _wait_dead(stragglers, 5.0, reap)
+
+
+def _all_pids() -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()] if Path("/proc").is_dir() else []
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 class Processes:

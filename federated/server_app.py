@@ -22,10 +22,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from pipeline import models, training
+from pipeline import models, privacy, training
 from pipeline.artifacts import json_bytes, state_dict_bytes
 from pipeline.errors import UserError
 from pipeline.rundir import atomic_write
+from pipeline.runtime import derive_seed
 
 from federated import checkpoint
 from federated.partition import label_histograms
@@ -69,11 +70,22 @@ def main(grid: Grid, context: Context) -> None:
     log.info("federated training of %s done; record in %s", task.name, result_paths(task.work_dir, task.name)[1])
 
 
-def _initial_weights(task: Task) -> OrderedDict[str, torch.Tensor]:
-    # The central path seeds torch's global generator, then builds; same seed, same initial model.
+def _initial_weights(task: Task) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any] | None]:
+    """The first global model: seeded as the central path seeds it, and (under DP) pretrained on the public split.
+
+    The server holds only the splits that are not the clients' training data; the public
+    split is public by declaration, so pretraining on it spends no privacy budget, exactly
+    as in central DP training.
+    """
+    from pipeline.train import _public_pretrain  # the central path's own pretraining (see the report's hook note)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(task.model_seed)
-        return models.build(task.spec).state_dict()
+        model = models.build(task.spec)
+    device = training.resolve_device(task.cfg.train.device, num_threads=task.cfg.train.num_threads)
+    pretraining = _public_pretrain(task.cfg, task.name, model, task.dataset, device=device,
+                                   seed=derive_seed(task.model_seed, "pretrain"))
+    return privacy.unwrap_state_dict(model), pretraining
 
 
 def _wait_for_nodes(grid: Grid, n_clients: int, wait_s: float) -> None:
@@ -160,7 +172,8 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         log.info("resuming %s after round %d of %d", task.name, done, f.rounds)
     else:
         record, done = _new_record(task, settings, parts, fp), 0
-        arrays = ArrayRecord(_initial_weights(task))
+        initial, record["public_pretraining"] = _initial_weights(task)
+        arrays = ArrayRecord(initial)
     record["server_started_unix"] = t_start
     strategy = build_strategy(
         f.strategy, n_clients=f.n_clients, min_clients=f.min_clients, round_offset=done,

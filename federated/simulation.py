@@ -75,7 +75,7 @@ def train_federated(
     with tempfile.TemporaryDirectory(prefix=f"flwr-{name}-") as tmp:
         work = Path(tmp)
         task = Task(cfg=cfg, name=name, dataset=dataset, spec=spec, fit_cfg=fit_config(cfg, name), model_seed=seed, work_dir=work)
-        task.partition()  # fail here, in one line, before any process starts
+        _preflight(task)  # fail here, in one line, before any process starts
         write_inputs(work, name=name, dataset=dataset, spec=spec)
         mirror = _CheckpointMirror(work, name, runtime, n_clients=cfg.federated.n_clients)
         mirror.restore()
@@ -94,6 +94,24 @@ def train_federated(
     model = models.build(spec)
     model.load_state_dict(state_dict)  # checks the weights fit the spec
     return TrainedModel(spec=spec, state_dict=state_dict, training=record)
+
+
+def _preflight(task: Task) -> None:
+    """Refuse impossible settings before any process starts: a partition below the batch size, or (under DP)
+    a budget no noise multiplier reaches for the smallest client (largest sample rate) over all rounds.
+
+    Raises
+    ------
+    DataError, PrivacyBudgetError
+    """
+    parts = task.partition()
+    cfg = task.cfg
+    if cfg.dp.enabled:
+        from pipeline import privacy
+
+        f = cfg.federated
+        privacy.plan(cfg.dp, n_samples=min(len(p) for p in parts), batch_size=task.fit_cfg.batch_size,
+                     max_grad_norm=task.fit_cfg.max_grad_norm, epochs=f.rounds * f.local_epochs)
 
 
 def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, on_poll=None) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from federated.launcher import descendants  # noqa: E402
-from pipeline import data as data_stage, models, training  # noqa: E402
+from pipeline import data as data_stage, training  # noqa: E402
 from pipeline import train as train_stage  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runtime import derive_seed  # noqa: E402
@@ -90,17 +90,13 @@ def main() -> None:
     t0 = time.time()
     with PeakMemory() as mem:
         if args.central:
-            device = training.resolve_device("cpu", num_threads=1)
-            import torch
-
-            torch.manual_seed(seed)
-            model = models.build(spec)
-            result = training.fit(model, x_train=ds.x["train"], y_train=ds.y["train"], x_val=ds.x["val"], y_val=ds.y["val"],
-                                  task=ds.task, fit_cfg=train_stage.fit_config(cfg, "cnn"), dp=cfg.dp, device=device,
-                                  seed=seed, patience=cfg.train.patience)
-            test = training.evaluate(model, ds.x["test"], ds.y["test"], task=ds.task)
-            out = {"mode": "central", "test_accuracy": test["accuracy"], "epochs_run": result.epochs_run,
-                   "epsilon": result.privacy["epsilon"] if result.privacy else None}
+            # The train stage's own central path (public pretraining under DP included); it also fits the regressor.
+            trained = train_stage.run(cfg, {"data": datasets}, seed=derive_seed(cfg.seed, "train"))["cnn"]
+            test = training.evaluate(trained.build(), ds.x["test"], ds.y["test"], task=ds.task)
+            privacy = trained.training.get("privacy")
+            out = {"mode": "central", "test_accuracy": test["accuracy"], "epochs_run": trained.training["epochs_run"],
+                   "epsilon": privacy["epsilon"] if privacy else None,
+                   "public_pretraining": bool(trained.training.get("public_pretraining"))}
         else:
             from federated.simulation import train_federated
 
@@ -118,7 +114,7 @@ def main() -> None:
                 "startup_seconds": round(rec["startup_seconds"], 1),
                 "first_round_seconds": round(spr[0], 1),
                 "later_rounds_mean_seconds": round(sum(spr[1:]) / max(len(spr) - 1, 1), 2),
-                "failures": len(rec["failures"]),
+                "failures": len(rec["failures"]), "public_pretraining": bool(rec.get("public_pretraining")),
             }
     out.update({"wall_seconds": round(time.time() - t0, 1), "peak_rss_mb_all_processes": round(mem.peak_mb),
                 "overrides": overrides})

@@ -11,6 +11,9 @@ from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+# What `python -m federated.run_config --write` produces; tests of the mechanism use it so that only
+# test_pyproject_declares_exactly_the_generated_defaults fails when pyproject.toml is stale.
+GENERATED = '[tool.flwr.app]\npublisher = "x"\n\n' + pyproject_section()
 
 
 def test_default_config_round_trips():
@@ -39,7 +42,7 @@ def test_flower_parses_our_run_config_file_and_accepts_every_key(tmp_path):
     assert parsed == rc
     import tomllib
 
-    defaults = flatten_dict(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
+    defaults = flatten_dict(tomllib.loads(GENERATED)["tool"]["flwr"]["app"]["config"])
     fused = fuse_dicts(defaults, parsed)  # raises for a key the app does not declare
     assert from_run_config(fused)[0] == cfg
 
@@ -52,7 +55,7 @@ def test_pyproject_declares_exactly_the_generated_defaults():
 
 
 def test_only_changed_values_travel_and_an_undeclared_changed_key_is_named_with_the_fix():
-    text = PYPROJECT.read_text()
+    text = GENERATED
     cfg = load_config(None, ["federated.rounds=4", "cnn.channels=[8]"])
     sent = overrides_for(to_run_config(cfg, work_dir="/w"), text)
     assert sent == {"federated.rounds": 4, "cnn.channels": "[8]", "app.work-dir": "/w"}

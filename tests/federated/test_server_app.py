@@ -31,6 +31,7 @@ def test_a_private_run_records_rounds_clients_and_epsilon(tmp_path, digits_data)
     for series in record["client_epsilon"].values():
         assert len(series) == 3 and all(b > a for a, b in zip(series, series[1:]))
         assert series[-1] <= cfg.dp.target_epsilon
+    assert record["public_pretraining"]["split"] == "public"  # as central DP training does
     privacy = record["privacy"]
     assert privacy["epsilon"] == max(s[-1] for s in record["client_epsilon"].values())
     assert set(privacy["per_client"]) == {"0", "1"} and privacy["accountant"] == "rdp"
@@ -79,7 +80,7 @@ def test_below_min_clients_the_run_stops_with_a_clear_error(tmp_path, digits_dat
 
 
 def test_clients_out_of_budget_refuse_and_the_model_stays(tmp_path, digits_data):
-    cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp", "federated.rounds=1")
+    cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp", "federated.rounds=1", "dp.public_pretrain_epochs=0")
     rc = prepare_work_dir(tmp_path, cfg, digits_data)
     spent = [(50.0, 0.2, 10), (0.5, 0.5, 1000)]  # a ledger already over ε=3
     from flwr.app import Context, RecordDict

@@ -1,0 +1,63 @@
+"""Real Flower runs: the pipeline CLI in local simulation, and a loopback deployment. Slow (Ray, processes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from federated import launcher
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["federated.n_clients=2", "federated.rounds=2", "federated.local_epochs=1",
+        "regressor.hidden_sizes=[8]", "cnn.channels=[4]", "cnn.hidden=8", "cnn.dp_fit.batch_size=64"]
+
+
+def _flower_processes() -> set[int]:
+    mine = set(launcher.descendants(os.getpid()))
+    return {pid for pid in mine if launcher._alive(pid)}
+
+
+@pytest.mark.slow
+def test_pipeline_trains_both_models_federated_with_per_round_per_client_epsilon(tmp_path):
+    # RDP keeps each client's noise calibration cheap; the plumbing is the same for PRV.
+    cmd = [sys.executable, "-m", "pipeline", "--out", str(tmp_path), "--quiet", "train.mode=federated",
+           "dp.enabled=true", "dp.accountant=rdp", *TINY]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = next(tmp_path.iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert all(s["status"] == "complete" for s in manifest["stages"].values())
+    for name in ("regressor", "cnn"):
+        training = json.loads((run / "models" / f"{name}.json").read_text())["training"]
+        assert training["mode"] == "federated" and training["clients"] == 2 and training["strategy"]["name"] == "fedavg"
+        assert [h["round"] for h in training["history"]] == [1, 2]
+        assert len(training["seconds_per_round"]) == 2 and training["failures"] == []
+        eps = training["client_epsilon"]
+        assert set(eps) == {"0", "1"}
+        for series in eps.values():
+            assert len(series) == 2 and 0 < series[0] < series[1] <= 3.0
+        assert training["privacy"]["epsilon"] == max(s[-1] for s in eps.values())
+        assert sum(training["partition"]["sizes"]) == training["n_train"]
+        assert ("label_histograms" in training["partition"]) == (name == "cnn")
+    # The server checkpoints and client ledgers reached the run directory (what a resume restores).
+    assert "checkpoints/federated/server/cnn.checkpoint.safetensors" in manifest["artifacts"]
+    assert "checkpoints/federated/clients/cnn/client-1.json" in manifest["artifacts"]
+    assert not _flower_processes()
+
+
+@pytest.mark.slow
+def test_loopback_deployment_with_tls_and_supernode_auth_survives_a_failing_client(tmp_path):
+    from federated.deploy import deploy
+    from pipeline.config import load_config
+
+    cfg = load_config(None, [*TINY, "federated.min_clients=1"])
+    record = deploy(cfg, model="cnn", work=tmp_path, n_supernodes=2, tls=True, auth=True,
+                    app_settings={"fail_partition": 0, "fail_round": 2})
+    assert record["deployment"] == {**record["deployment"], "supernodes": 2, "tls": True, "supernode_auth": True}
+    assert [h["clients_trained"] for h in record["history"]] == [2, 1]
+    assert [f["round"] for f in record["failures"]] == [2]
+    assert "injected failure of client 0" in record["failures"][0]["reason"]
+    assert not _flower_processes()

@@ -1,0 +1,33 @@
+"""train_federated refuses impossible settings in one line, before any Flower process starts."""
+
+import pytest
+from fed_helpers import make_cfg
+
+from federated import launcher
+from federated.simulation import train_federated
+from pipeline import train as train_stage
+from pipeline.errors import DataError, PrivacyBudgetError
+
+
+@pytest.fixture
+def no_processes(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(launcher.Processes, "start", refuse)
+
+
+def _train(cfg, digits_data):
+    spec = train_stage.model_specs(cfg, digits_data)["cnn"]
+    return train_federated(cfg, name="cnn", dataset=digits_data["images"], spec=spec, seed=1)
+
+
+def test_a_partition_below_the_batch_size_names_the_key(digits_data, no_processes):
+    with pytest.raises(DataError, match=r"cnn\.fit\.batch_size=600.*federated\.n_clients"):
+        _train(make_cfg("cnn.fit.batch_size=600"), digits_data)
+
+
+def test_a_budget_the_clients_cannot_keep_is_refused_up_front(digits_data, no_processes):
+    cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp", "dp.noise_multiplier=0.3", "federated.rounds=10")
+    with pytest.raises(PrivacyBudgetError, match="dp.target_epsilon"):
+        _train(cfg, digits_data)
