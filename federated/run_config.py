@@ -35,8 +35,6 @@ APP_DEFAULTS: dict[str, Scalar] = {
     "app.model": "cnn",  # which pipeline model this run trains: "regressor" or "cnn"
     "app.work-dir": "",  # folder with data/, spec.json, checkpoints, result; "" = prepare data from the config in a temp folder
     "app.seed": -1,  # model seed (weights init, partition, client seeds); -1 = derive it from `seed` as the train stage does
-    "app.proximal-mu": 0.01,  # FedProx proximal weight mu, >= 0 (pipeline config has no key for it yet)
-    "app.server-lr": 0.01,  # FedAdam server learning rate eta, > 0 (pipeline config has no key for it yet)
     "app.client-evaluate": False,  # also send the global model to clients for evaluation on their validation shard
     "app.node-wait-s": 120.0,  # seconds the server waits for federated.n_clients SuperNodes to connect
     "app.round-timeout-s": 3600.0,  # seconds the server waits for replies in one round
@@ -52,8 +50,6 @@ class AppSettings:
     model: str
     work_dir: str
     seed: int
-    proximal_mu: float
-    server_lr: float
     client_evaluate: bool
     node_wait_s: float
     round_timeout_s: float
@@ -144,10 +140,6 @@ def _app_settings(app: Mapping[str, Any]) -> AppSettings:
     settings = AppSettings(**values)
     if settings.model not in ("regressor", "cnn"):
         raise ConfigError(f"run-config key 'app.model' = {settings.model!r} is not valid; choose one of: regressor, cnn")
-    if settings.proximal_mu < 0:
-        raise ConfigError(f"run-config key 'app.proximal-mu' = {settings.proximal_mu} must be >= 0")
-    if settings.server_lr <= 0:
-        raise ConfigError(f"run-config key 'app.server-lr' = {settings.server_lr} must be > 0")
     return settings
 
 

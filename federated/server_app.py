@@ -77,13 +77,13 @@ def _initial_weights(task: Task) -> tuple[OrderedDict[str, torch.Tensor], dict[s
     split is public by declaration, so pretraining on it spends no privacy budget, exactly
     as in central DP training.
     """
-    from pipeline.train import _public_pretrain  # the central path's own pretraining (see the report's hook note)
+    from pipeline.train import public_pretrain  # the central path's own pretraining
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(task.model_seed)
         model = models.build(task.spec)
     device = training.resolve_device(task.cfg.train.device, num_threads=task.cfg.train.num_threads)
-    pretraining = _public_pretrain(task.cfg, task.name, model, task.dataset, device=device,
+    pretraining = public_pretrain(task.cfg, task.name, model, task.dataset, device=device,
                                    seed=derive_seed(task.model_seed, "pretrain"))
     return privacy.unwrap_state_dict(model), pretraining
 
@@ -119,9 +119,9 @@ def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray], fp: 
         partition["label_histograms"] = label_histograms(ds.y["train"], parts, len(ds.class_names))
     strategy: dict[str, Any] = {"name": f.strategy}
     if f.strategy == "fedprox":
-        strategy["proximal_mu"] = settings.proximal_mu
+        strategy["proximal_mu"] = f.proximal_mu
     elif f.strategy == "fedadam":
-        strategy["server_lr"] = settings.server_lr
+        strategy["server_lr"] = f.server_lr
     return {
         "mode": "federated", "model": task.name, "clients": f.n_clients, "min_clients": f.min_clients,
         "rounds": f.rounds, "local_epochs": f.local_epochs, "completed_rounds": 0, "strategy": strategy,
@@ -177,7 +177,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     record["server_started_unix"] = t_start
     strategy = build_strategy(
         f.strategy, n_clients=f.n_clients, min_clients=f.min_clients, round_offset=done,
-        proximal_mu=settings.proximal_mu, server_lr=settings.server_lr, client_evaluate=settings.client_evaluate,
+        proximal_mu=f.proximal_mu, server_lr=f.server_lr, client_evaluate=settings.client_evaluate,
     )
     if ck is not None and isinstance(strategy, RecordingFedAdam):
         strategy.load_optimizer_state(ck.strategy_state)

@@ -97,6 +97,8 @@ class FederatedConfig:
     partitioner: Literal["iid", "dirichlet", "quantity"] = "iid"  # how rows are split between clients
     dirichlet_alpha: float = 0.5  # label skew of the dirichlet partitioner, > 0
     min_clients: int = 2  # a round goes on with at least this many clients replying, >= 1
+    proximal_mu: float = 0.01  # FedProx proximal weight mu, >= 0
+    server_lr: float = 0.01  # FedAdam server learning rate eta, > 0
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,8 @@ def validate(cfg: Config) -> None:
     _check(f.rounds >= 1, "federated.rounds", f.rounds, ">= 1")
     _check(f.local_epochs >= 1, "federated.local_epochs", f.local_epochs, ">= 1")
     _check(f.dirichlet_alpha > 0, "federated.dirichlet_alpha", f.dirichlet_alpha, "> 0")
+    _check(f.proximal_mu >= 0, "federated.proximal_mu", f.proximal_mu, ">= 0")
+    _check(f.server_lr > 0, "federated.server_lr", f.server_lr, "> 0")
     _check(1 <= f.min_clients <= f.n_clients, "federated.min_clients", f.min_clients, f"in [1, federated.n_clients={f.n_clients}]")
 
 

@@ -115,7 +115,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
             log.info("%s: resuming from the checkpoint after epoch %d", name, resume.epoch)
         pretraining = None
         if resume is None:
-            pretraining = _public_pretrain(cfg, name, model, ds, device=device, seed=derive_seed(model_seed, "pretrain"))
+            pretraining = public_pretrain(cfg, name, model, ds, device=device, seed=derive_seed(model_seed, "pretrain"))
         result = training.fit(
             model, x_train=ds.x["train"], y_train=ds.y["train"], x_val=ds.x["val"], y_val=ds.y["val"],
             task=ds.task, fit_cfg=fit_cfg, dp=cfg.dp, device=device, seed=model_seed, patience=cfg.train.patience,
@@ -131,7 +131,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
     return out
 
 
-def _public_pretrain(cfg: Config, name: str, model: torch.nn.Module, ds: Dataset, *, device: torch.device,
+def public_pretrain(cfg: Config, name: str, model: torch.nn.Module, ds: Dataset, *, device: torch.device,
                      seed: int) -> dict[str, Any] | None:
     """Under DP, first fit the model non-privately on the split declared public (when configured).
 
