@@ -24,7 +24,7 @@ def test_notebooks_are_stored_without_outputs():
 def test_notebook_executes(path, tmp_path, monkeypatch, tiny_overrides):
     monkeypatch.setenv("PIPELINE_NOTEBOOK_OVERRIDES", " ".join(tiny_overrides))
     monkeypatch.setenv("PIPELINE_NOTEBOOK_OUT", str(tmp_path))
-    for key, value in {"NB_CLIENTS": "2", "NB_ROUNDS": "2", "NB_EPSILONS": "8"}.items():  # 02: a small federation
+    for key, value in {"NB_CLIENTS": "2", "NB_ROUNDS": "2", "NB_EPSILONS": "8", "NB_REFERENCE": "0"}.items():  # 02: small
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     book = nbformat.read(path, as_version=4)

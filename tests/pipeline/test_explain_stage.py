@@ -11,9 +11,8 @@ from pipeline import data, explain_stage, train
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
 
-# tests/conftest.py's tiny_overrides (a function fixture; module fixtures cannot use it) plus small explain settings.
-TINY = ["regressor.hidden_sizes=[8]", "regressor.fit.epochs=3", "regressor.dp_fit.epochs=2",
-        "cnn.channels=[4]", "cnn.hidden=8", "cnn.fit.epochs=2", "cnn.dp_fit.epochs=2"]
+from tests.tiny import TRAIN as TINY  # noqa: E402
+
 SMALL_EXPLAIN = ["explain.n_rows=12", "explain.n_images=6", "explain.lime_num_samples=200",
                  "explain.lime_image_num_samples=100", "explain.stability_rows=4", "explain.deletion_steps=6",
                  "explain.n_waterfalls=2", "explain.n_grid_images=2"]

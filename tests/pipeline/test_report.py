@@ -18,11 +18,8 @@ jsonschema = pytest.importorskip("jsonschema")
 
 HOSTILE = "<script>alert(1)</script>"
 TARGET = 'y"><img src=x onerror=alert(2)>'
-TINY = ["regressor.hidden_sizes=[8]", "regressor.fit.epochs=3", "regressor.dp_fit.epochs=2",
-        "cnn.channels=[4]", "cnn.hidden=8", "cnn.fit.epochs=2", "cnn.dp_fit.epochs=2"]
-SMALL_EXPLAIN = ["explain.n_rows=10", "explain.n_images=4", "explain.lime_num_samples=100",
-                 "explain.lime_image_num_samples=60", "explain.stability_rows=3", "explain.deletion_steps=4",
-                 "explain.n_waterfalls=1", "explain.n_grid_images=2", "explain.background_size=20"]
+from tests.tiny import EXPLAIN as SMALL_EXPLAIN, TRAIN as TINY  # noqa: E402
+
 STAGES = ["data", "train", "evaluate", "explain", "report"]
 
 

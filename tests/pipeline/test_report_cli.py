@@ -6,15 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL_EXPLAIN = ["explain.n_rows=10", "explain.n_images=4", "explain.lime_num_samples=100",
-                 "explain.lime_image_num_samples=60", "explain.stability_rows=3", "explain.deletion_steps=4",
-                 "explain.n_waterfalls=1", "explain.n_grid_images=2", "explain.background_size=20"]
-# The distill stage runs between explain and report; keep it short where the config has it.
-SMALL_DISTILL = ["distill.fit.epochs=2"] if hasattr(Config(), "distill") else []
-
 
 def cli(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -22,7 +15,7 @@ def cli(*args):
 
 
 def test_cli_writes_report_json_and_model_cards_and_prints_the_path(tmp_path, tiny_overrides):
-    proc = cli("--out", str(tmp_path), "--quiet", *tiny_overrides, *SMALL_EXPLAIN, *SMALL_DISTILL)
+    proc = cli("--out", str(tmp_path), "--quiet", *tiny_overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
     run = Path(lines["run directory"])
