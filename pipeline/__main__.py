@@ -7,11 +7,10 @@ import logging
 import resource
 import sys
 import time
-from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline import runner
-from pipeline.errors import ConfigError, RunDirError, UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.rundir import CONFIG, RunDir
 
 log = logging.getLogger("pipeline")

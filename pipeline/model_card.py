@@ -69,7 +69,7 @@ def render(content: Mapping[str, Any], name: str) -> str:
             f"- Training: {md(t.get('mode', 'central'))}; settings: "
             + ", ".join(f"{md(k)} = {md(v)}" for k, v in (t.get("fit") or {}).items()) + ".",
             f"- Differential privacy: {'yes' if m.get('privacy') else 'no'}. {md(priv['statement'])}",
-            f"- Libraries: " + ", ".join(f"{md(k)} {md(v)}" for k, v in repro.get("library_versions", {}).items()) + ".",
+            "- Libraries: " + ", ".join(f"{md(k)} {md(v)}" for k, v in repro.get("library_versions", {}).items()) + ".",
             ""]
 
     out += ["## Intended use", ""]

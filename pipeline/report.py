@@ -168,7 +168,7 @@ def explanations_section(cfg: Config, explain_out: Any, manifest: Mapping[str, A
     for name, me in explain_out.models.items():
         m = me.metrics
         q = m["quality"]
-        shap_m, lime_m = m["methods"]["shap"], m["methods"]["lime"]
+        shap_m = m["methods"]["shap"]
         di = q["deletion_insertion"]
         summary = {
             "additivity_max_abs_error": q["additivity"]["max_abs_error"],

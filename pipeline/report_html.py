@@ -352,7 +352,6 @@ def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
             parts.append(figure(figs.get(plot["file"]), plot["title"], plot["how_to_read"],
                                 caption=f"{plot['file']} (SHA-256 {plot['sha256'] or 'n/a'})"))
         if m["flagged"]:
-            cols = list(dict.fromkeys(k for r in m["flagged"] for k in r))
             parts.append(f"<h4>Flagged disagreements ({fmt(q['n_flagged'])})</h4><p class=small>Rows where SHAP and LIME "
                          "share fewer top features than the threshold; <code>row</code> is the position among the "
                          "explained inputs, <code>source_index</code> the row in the source data.</p>"

@@ -1,6 +1,5 @@
 """Process hygiene: everything a federated run starts is stopped, with its whole tree."""
 
-import subprocess
 import sys
 import time
 
