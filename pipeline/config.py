@@ -103,7 +103,7 @@ class FederatedConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    cnn_channels: tuple[int, ...] = (8, 16)  # student CNN conv blocks (teacher: cnn.channels)
+    cnn_channels: tuple[int, ...] = (10, 20)  # student CNN conv blocks (teacher: cnn.channels)
     cnn_hidden: int = 0  # student CNN hidden linear width (0 = none)
     regressor_hidden: tuple[int, ...] = (3,)  # student MLP hidden widths (teacher: regressor.hidden_sizes)
     tree_depth: int = 4  # depth of the interpretable decision-tree student of the regressor, >= 1
