@@ -13,15 +13,16 @@ from typing import Any, Mapping
 import numpy as np
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` with numpy values made plain and non-finite floats as None (JSON-safe)."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None  # JSON has no NaN/inf; null says "not available"
     return obj
@@ -29,7 +30,7 @@ def _jsonable(obj: Any) -> Any:
 
 def json_bytes(obj: Any) -> bytes:
     """Encode ``obj`` as pretty, key-sorted UTF-8 JSON (numpy values converted, NaN -> null)."""
-    return (json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    return (json.dumps(jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 def read_json(data: bytes) -> Any:

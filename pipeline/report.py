@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline import config as config_mod
-from pipeline.artifacts import _jsonable, json_bytes, read_json
+from pipeline.artifacts import jsonable, json_bytes, read_json
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.report_privacy import MODEL_NAMES, privacy_section, student_privacy
+from pipeline.report_privacy import MODEL_NAMES, _fmt, privacy_section, student_privacy
 
 log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
@@ -46,12 +46,6 @@ class Report:
 
 
 # --------------------------------------------------------------------------- content
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
 
 
 def _optional_stage(inputs: Mapping[str, Any], name: str, manifest: Mapping[str, Any] | None) -> Any:
@@ -82,11 +76,11 @@ def _plain(obj: Any, depth: int = 0) -> Any:
         return f"<{len(obj)} bytes>"
     if hasattr(obj, "shape") and hasattr(obj, "dtype"):  # numpy array or tensor
         arr = np.asarray(obj.detach().cpu() if hasattr(obj, "detach") else obj)
-        return _jsonable(arr) if arr.size <= 64 else {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+        return jsonable(arr) if arr.size <= 64 else {"shape": list(arr.shape), "dtype": str(arr.dtype)}
     if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return _jsonable(obj)
+        return jsonable(obj)
     if isinstance(obj, np.generic):
-        return _jsonable(obj)
+        return jsonable(obj)
     return repr(obj)[:200]
 
 
@@ -359,7 +353,7 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int, manifest
     content["summary"] = summary_section(content, explain_out)
     content["caveats"] = content["privacy"]["caveats"] + content["explanations"]["caveats"]
     del content["_metrics"]
-    return _jsonable(content)
+    return jsonable(content)
 
 
 # --------------------------------------------------------------------------- the stage

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pipeline.artifacts import _jsonable
+from pipeline.artifacts import jsonable
 from pipeline.config import Config
 
 MODEL_NAMES = {"regressor": "MLP regressor", "cnn": "CNN classifier"}
@@ -97,7 +97,7 @@ def privacy_section(cfg: Config, trained: Mapping[str, Any], datasets: Mapping[s
     if mode == "federated":
         caveats.append("Federated run: ε is computed per client, for records of that client's local data; the reported "
                        "ε is the worst client. Client-level (whole-client) privacy is not claimed.")
-    return {"enabled": True, "mode": mode, "statement": statement, "models": _jsonable(records), "covered": covered,
+    return {"enabled": True, "mode": mode, "statement": statement, "models": jsonable(records), "covered": covered,
             "not_covered": not_covered, "caveats": caveats}
 
 
