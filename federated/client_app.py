@@ -22,7 +22,6 @@ from pipeline.privacy import epsilon_of
 from pipeline.runtime import derive_seed
 
 from federated import client_state
-from federated.proximal import proximal_term
 from federated.run_config import AppSettings, from_run_config
 from federated.task import Task, load_task
 
@@ -71,13 +70,13 @@ def train(msg: Message, context: Context) -> Message:
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     f = cfg.federated
     try:
-        with proximal_term(model, mu=float(config.get("proximal-mu", 0.0))):
-            result = training.fit(
-                model, x_train=ds.x["train"][rows], y_train=ds.y["train"][rows], x_val=None, y_val=None,
-                task=ds.task, fit_cfg=task.fit_cfg, dp=cfg.dp, device=device,
-                seed=derive_seed(task.model_seed, "client", pid, "round", server_round),
-                epochs=f.local_epochs, dp_total_epochs=f.rounds * f.local_epochs, privacy_history=history,
-            )
+        result = training.fit(
+            model, x_train=ds.x["train"][rows], y_train=ds.y["train"][rows], x_val=None, y_val=None,
+            task=ds.task, fit_cfg=task.fit_cfg, dp=cfg.dp, device=device,
+            seed=derive_seed(task.model_seed, "client", pid, "round", server_round),
+            epochs=f.local_epochs, dp_total_epochs=f.rounds * f.local_epochs, privacy_history=history,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by Flower's FedProx
+        )
     except PrivacyBudgetError as exc:
         spent = epsilon_of(history, delta=cfg.dp.delta, accountant=cfg.dp.accountant)
         log.warning("client %d refuses round %d: %s", pid, server_round, exc)

@@ -202,6 +202,7 @@ def fit(
     progress: bool = False,
     desc: str = "train",
     criterion: nn.Module | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainingResult:
     """Train ``model`` in place and return its unwrapped weights and history.
 
@@ -225,6 +226,8 @@ def fit(
     on_epoch_end : called with a :class:`Checkpoint` after each epoch (the runner persists it).
     progress : show a progress bar.
     criterion : loss on ``(model output, y)`` replacing the task's default (distillation passes its KD loss).
+    proximal_mu : FedProx weight μ: adds ``μ/2 ||w - w_start||²`` to the loss, ``w_start`` being the
+        weights ``model`` arrives with (the global model of a federated round). 0 = off.
 
     Raises
     ------
@@ -236,6 +239,8 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()  # Opacus refuses a module in eval mode
     optimizer = make_optimizer(model, fit_cfg)
+    if proximal_mu > 0:
+        _add_proximal_term(optimizer, model, proximal_mu)
     start_epoch, history = 0, []
     best_state, best_epoch, best_loss = None, 0, float("inf")
     spent_history = list(privacy_history)
@@ -317,6 +322,25 @@ def fit(
         epochs_run=len(history), seconds=time.perf_counter() - t_start, n_train=len(xt),
         privacy=record, accountant_history=spent_history,
     )
+
+
+def _add_proximal_term(optimizer: torch.optim.Optimizer, model: nn.Module, mu: float) -> None:
+    """Add FedProx's gradient ``mu * (w - w_start)`` before every update of ``optimizer``.
+
+    It depends on no training record, so it is added to the gradient rather than the loss:
+    under DP-SGD, Opacus' optimizer writes the clipped, noised gradient and then steps this
+    (wrapped) optimizer, whose pre-hook adds the term after the noise: post-processing, no
+    privacy cost. Per-sample gradients of a loss term would instead be clipped and noised.
+    """
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            for p, ref in zip(model.parameters(), reference):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - ref, alpha=mu)
+
+    optimizer.register_step_pre_hook(hook)
 
 
 def _plan_from(dp: DPConfig, history: privacy.History, fit_cfg: FitConfig) -> privacy.PrivacyPlan:

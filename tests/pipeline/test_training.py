@@ -52,3 +52,22 @@ def test_device_resolution():
     assert training.resolve_device("cpu").type == "cpu"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert training.resolve_device("auto").type == expected
+
+
+def test_proximal_term_pulls_towards_the_starting_weights_with_and_without_dp(rng):
+    from pipeline.config import DPConfig
+
+    x, y = _digits_like(rng)
+
+    def drift(mu, dp):
+        torch.manual_seed(0)
+        m = models.build_cnn(input_shape=(1, 8, 8), n_classes=3, channels=(4,), hidden=8)
+        start = {k: v.clone() for k, v in m.state_dict().items()}
+        res = training.fit(m, x_train=x, y_train=y, x_val=None, y_val=None, task="classification",
+                           fit_cfg=FitConfig(epochs=3, batch_size=16, lr=0.05, optimizer="sgd"), dp=dp,
+                           device=torch.device("cpu"), seed=0, proximal_mu=mu)
+        return sum(float(((res.state_dict[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
+
+    dp = DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=50.0)
+    for privacy in (None, dp):
+        assert drift(5.0, privacy) < 0.8 * drift(0.0, privacy)
