@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install run test test-fast browser clean
+.PHONY: install run test test-slow test-all lint browser clean
 
 install: $(VENV)/.installed
 
@@ -26,11 +26,20 @@ browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium) \
 		|| echo "chromium could not be installed: the browser test will be skipped"
 
+# The default tier (what the README gives and CI runs first): under 10 minutes on 2 cores.
 test: install browser
+	$(PY) -m pytest -q -m "not slow"
+
+# The slow tier (Flower simulations, notebooks, hostile and scale cases); CI runs it after `make test`.
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-all: install browser
 	$(PY) -m pytest -q
 
-test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf runs .pytest_cache

@@ -29,6 +29,7 @@ from explain.quality import (
 )
 from explain.registry import ExplainerFn, available_explainers, explain_all, get_explainer
 from explain.types import Explanation, json_safe
+from explain.variants import compare_variants
 
 __all__ = [
     "Explanation",
@@ -49,4 +50,5 @@ __all__ = [
     "deletion_insertion",
     "explanation_distance",
     "stability",
+    "compare_variants",
 ]

@@ -92,8 +92,13 @@ def agreement(
         sign.append(float((np.sign(a[i, union]) == np.sign(b[i, union])).mean()))
     rho_arr = np.asarray(rho)
     return AgreementResult(
-        method_a=expl_a.method, method_b=expl_b.method, k=k, threshold=float(threshold),
-        topk=tuple(topk), spearman=tuple(rho), sign=tuple(sign),
+        method_a=expl_a.method,
+        method_b=expl_b.method,
+        k=k,
+        threshold=float(threshold),
+        topk=tuple(topk),
+        spearman=tuple(rho),
+        sign=tuple(sign),
         mean_topk=float(np.mean(topk)),
         mean_spearman=float(np.nanmean(rho_arr)) if np.isfinite(rho_arr).any() else float("nan"),
         mean_sign=float(np.mean(sign)),
@@ -157,8 +162,12 @@ def stability(
             per_row[i] += len(a & b) / len(a | b)
     per_row /= len(pairs)
     return StabilityResult(
-        method=expls[0].method, k=k, seeds=seeds, per_row=tuple(float(v) for v in per_row),
-        mean=float(per_row.mean()), min=float(per_row.min()),
+        method=expls[0].method,
+        k=k,
+        seeds=seeds,
+        per_row=tuple(float(v) for v in per_row),
+        mean=float(per_row.mean()),
+        min=float(per_row.min()),
     )
 
 
@@ -206,9 +215,12 @@ def explanation_distance(expl_a: Explanation, expl_b: Explanation, *, k: int = 5
     const = np.ptp(ga) == 0 or np.ptp(gb) == 0
     ta, tb = top_k_indices(ga[None], row.k)[0], top_k_indices(gb[None], row.k)[0]
     return DistanceResult(
-        method_a=expl_a.method, method_b=expl_b.method, k=row.k,
+        method_a=expl_a.method,
+        method_b=expl_b.method,
+        k=row.k,
         global_spearman=float("nan") if const else float(spearmanr(ga, gb).statistic),
         global_topk=len(set(ta) & set(tb)) / row.k,
         global_l1=float(np.abs(ga / max(ga.sum(), 1e-300) - gb / max(gb.sum(), 1e-300)).sum()),
-        mean_row_spearman=row.mean_spearman, mean_row_topk=row.mean_topk,
+        mean_row_spearman=row.mean_spearman,
+        mean_row_topk=row.mean_topk,
     )

@@ -49,17 +49,21 @@ def _segmenter(segmentation: str | Segmenter, *, cell_size: int | None, n_segmen
     if callable(segmentation):
         return segmentation
     if segmentation == "grid":
+
         def grid(image: np.ndarray) -> np.ndarray:
             h, w = image.shape[:2]
             return grid_segments(h, w, cell_size=cell_size or max(1, min(h, w) // 4))
+
         return grid
     if segmentation == "slic":
         from skimage.segmentation import slic
 
         def slic_fn(image: np.ndarray) -> np.ndarray:
             img = image[..., 0] if image.shape[-1] == 1 else image
-            return slic(img, n_segments=n_segments, compactness=0.1, start_label=0,
-                        channel_axis=None if img.ndim == 2 else -1)
+            return slic(
+                img, n_segments=n_segments, compactness=0.1, start_label=0, channel_axis=None if img.ndim == 2 else -1
+            )
+
         return slic_fn
     raise ValueError(
         f"segmentation={segmentation!r} is not valid; use 'grid', 'slic' or a callable (H, W, C) -> (H, W)."
@@ -139,8 +143,17 @@ def explain(
     start = time.perf_counter()
     if task == "regression":
         raise ValueError("lime-image explains classifiers; use task='classification' (or lime-tabular for regression).")
-    p = prepare(model, x, background=background, task=task, seed=seed, feature_names=feature_names,
-                targets=targets, ndims=(4,), method=NAME)
+    p = prepare(
+        model,
+        x,
+        background=background,
+        task=task,
+        seed=seed,
+        feature_names=feature_names,
+        targets=targets,
+        ndims=(4,),
+        method=NAME,
+    )
     num_samples = check_positive_int("num_samples", num_samples, minimum=10)
     segment = _segmenter(segmentation, cell_size=cell_size, n_segments=n_segments)
     if isinstance(hide, str):
@@ -171,8 +184,14 @@ def explain(
         explainer = explainer_cls(kernel_width=kernel_width, feature_selection="none", random_state=rs)
         target = int(p.targets[i])
         exp = explainer.explain_instance(
-            image_hwc - baseline_hwc, classifier_fn, labels=(target,), hide_color=0.0, top_labels=None,
-            num_features=int(seg.max()) + 1, num_samples=num_samples, segmentation_fn=lambda _img, s=seg: s,
+            image_hwc - baseline_hwc,
+            classifier_fn,
+            labels=(target,),
+            hide_color=0.0,
+            top_labels=None,
+            num_features=int(seg.max()) + 1,
+            num_samples=num_samples,
+            segmentation_fn=lambda _img, s=seg: s,
             random_seed=rs,
         )
         weights = np.zeros(int(seg.max()) + 1)

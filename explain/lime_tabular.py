@@ -74,8 +74,15 @@ def explain(
 
     start = time.perf_counter()
     p = prepare(
-        model, x, background=background, task=task, seed=seed, feature_names=feature_names, targets=targets,
-        ndims=(2,), method=NAME,
+        model,
+        x,
+        background=background,
+        task=task,
+        seed=seed,
+        feature_names=feature_names,
+        targets=targets,
+        ndims=(2,),
+        method=NAME,
     )
     num_samples = check_positive_int("num_samples", num_samples, minimum=10)
     if kernel_width is not None and not float(kernel_width) > 0:
@@ -99,9 +106,7 @@ def explain(
         )
         target = None if p.targets is None else int(p.targets[i])
         f = select_output(p.predict, task=p.task, target=target)
-        exp = explainer.explain_instance(
-            p.x[i].astype(np.float64), f, num_features=n_features, num_samples=num_samples
-        )
+        exp = explainer.explain_instance(p.x[i].astype(np.float64), f, num_features=n_features, num_samples=num_samples)
         # In regression mode lime stores the surrogate's coefficients under key 1
         # and their negation under key 0 (for its two-sided plot).
         for j, w in exp.local_exp[1]:

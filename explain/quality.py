@@ -29,8 +29,16 @@ from explain.agreement import (
 from explain.types import Explanation
 
 __all__ = [
-    "AdditivityResult", "DeletionInsertionResult", "AgreementResult", "StabilityResult", "DistanceResult",
-    "additivity_error", "deletion_insertion", "agreement", "stability", "explanation_distance",
+    "AdditivityResult",
+    "DeletionInsertionResult",
+    "AgreementResult",
+    "StabilityResult",
+    "DistanceResult",
+    "additivity_error",
+    "deletion_insertion",
+    "agreement",
+    "stability",
+    "explanation_distance",
 ]
 
 
@@ -78,8 +86,13 @@ def additivity_error(expl: Explanation, predict: PredictFn | None = None) -> Add
     err = np.abs(expl.base_values + expl.values.reshape(expl.n, -1).sum(axis=1) - out)
     scale = max(float(np.abs(out - expl.base_values).mean()), 1e-12)
     return AdditivityResult(
-        method=expl.method, n=expl.n, max_abs_error=float(err.max()), mean_abs_error=float(err.mean()),
-        max_rel_error=float(err.max() / scale), mean_rel_error=float(err.mean() / scale), scale=scale,
+        method=expl.method,
+        n=expl.n,
+        max_abs_error=float(err.max()),
+        mean_abs_error=float(err.mean()),
+        max_rel_error=float(err.max() / scale),
+        mean_rel_error=float(err.mean() / scale),
+        scale=scale,
     )
 
 
@@ -197,9 +210,15 @@ def deletion_insertion(
     mean_curve = curves.mean(axis=0)
     f_x, f_b = curves[:, 0, 0, 0], curves[:, 0, 0, -1]
     return DeletionInsertionResult(
-        method=expl.method, n=expl.n, n_steps=n_steps, n_random=n_random, seed=int(seed),
-        deletion_auc=float(auc[:, 0, 0].mean()), insertion_auc=float(auc[:, 1, 0].mean()),
-        random_deletion_auc=float(rand[:, 0].mean()), random_insertion_auc=float(rand[:, 1].mean()),
+        method=expl.method,
+        n=expl.n,
+        n_steps=n_steps,
+        n_random=n_random,
+        seed=int(seed),
+        deletion_auc=float(auc[:, 0, 0].mean()),
+        insertion_auc=float(auc[:, 1, 0].mean()),
+        random_deletion_auc=float(rand[:, 0].mean()),
+        random_insertion_auc=float(rand[:, 1].mean()),
         deletion_gain=float((rand[:, 0] - auc[:, 0, 0]).mean()),
         insertion_gain=float((auc[:, 1, 0] - rand[:, 1]).mean()),
         deletion_win_rate=float((auc[:, 0, 0] < rand[:, 0]).mean()),

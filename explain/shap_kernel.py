@@ -65,8 +65,15 @@ def explain(
 
     start = time.perf_counter()
     p = prepare(
-        model, x, background=background, task=task, seed=seed, feature_names=feature_names, targets=targets,
-        ndims=(2,), method=NAME,
+        model,
+        x,
+        background=background,
+        task=task,
+        seed=seed,
+        feature_names=feature_names,
+        targets=targets,
+        ndims=(2,),
+        method=NAME,
     )
     if nsamples != "auto":
         nsamples = check_positive_int("nsamples", nsamples, minimum=2)  # type: ignore[arg-type]

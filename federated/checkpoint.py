@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.rundir import atomic_write
+from core.artifacts import atomic_write
 
 # Run-config keys that may differ between a run and its resume (where files live, fault injection).
 RESUME_NEUTRAL = ("app.work-dir", "app.fail-partition", "app.fail-round", "app.node-wait-s", "app.round-timeout-s")
@@ -37,11 +37,6 @@ def fingerprint(run_config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def checkpoint_path(work_dir: Path, model: str) -> Path:
-    """Where the server keeps model ``model``'s checkpoint."""
-    return work_dir / "server" / f"{model}.checkpoint.safetensors"
-
-
 def save(path: Path, ck: ServerCheckpoint) -> None:
     """Write ``ck`` atomically (the previous checkpoint stays valid until the new one is complete)."""
     from safetensors.numpy import save as st_save
@@ -60,6 +55,6 @@ def load(path: Path) -> ServerCheckpoint | None:
     with safe_open(str(path), framework="numpy") as fh:
         record = json.loads(fh.metadata()["record"])
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    strategy = {k[len("strategy/"):]: v for k, v in tensors.items() if k.startswith("strategy/")}
+    weights = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    strategy = {k[len("strategy/") :]: v for k, v in tensors.items() if k.startswith("strategy/")}
     return ServerCheckpoint(weights=weights, strategy_state=strategy, record=record)

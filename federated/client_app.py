@@ -1,6 +1,6 @@
 """The Flower ClientApp: a thin handler around the pipeline's training core.
 
-Each client trains the global model on its partition with :func:`pipeline.training.fit`
+Each client trains the global model on its partition with :func:`core.training.fit`
 (DP-SGD when ``dp.enabled``), with the noise multiplier derived for the whole run
 (``federated.rounds x federated.local_epochs`` epochs) and its own accountant history
 restored every round, so the ε it reports covers everything it has spent. A client that
@@ -16,12 +16,10 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pipeline import models, training
-from pipeline.errors import ConfigError, PrivacyBudgetError
-from pipeline.privacy import epsilon_of
-from pipeline.runtime import derive_seed
-
-from federated import client_state
+from core import models, seeds, training
+from core.errors import ConfigError, PrivacyBudgetError
+from core.privacy import epsilon_of
+from federated import client_state, workdir
 from federated.run_config import AppSettings, from_run_config
 from federated.task import Task, load_task
 
@@ -37,7 +35,9 @@ def check_unwrapped(state_dict) -> None:
     """Refuse to send Opacus-wrapped weights (``_module.`` keys) to the server."""
     wrapped = [k for k in state_dict if k.startswith("_module.")]
     if wrapped:
-        raise ValueError(f"state dict key {wrapped[0]!r} still carries Opacus' '_module.' prefix; unwrap before sending")
+        raise ValueError(
+            f"state dict key {wrapped[0]!r} still carries Opacus' '_module.' prefix; unwrap before sending"
+        )
 
 
 def _client(context: Context) -> tuple[Task, int, AppSettings]:
@@ -65,31 +65,49 @@ def train(msg: Message, context: Context) -> Message:
     rows = task.partition()[pid]
     model = models.build(task.spec)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    path = client_state.ledger_path(task.work_dir, task.name, pid)
+    path = workdir.ledger_path(task.work_dir, task.name, pid)
     history = client_state.load_history(context, path=path, model=task.name)
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     f = cfg.federated
     try:
         result = training.fit(
-            model, x_train=ds.x["train"][rows], y_train=ds.y["train"][rows], x_val=None, y_val=None,
-            task=ds.task, fit_cfg=task.fit_cfg, dp=cfg.dp, device=device,
-            seed=derive_seed(task.model_seed, "client", pid, "round", server_round),
-            epochs=f.local_epochs, dp_total_epochs=f.rounds * f.local_epochs, privacy_history=history,
+            model,
+            x_train=ds.x["train"][rows],
+            y_train=ds.y["train"][rows],
+            x_val=None,
+            y_val=None,
+            task=ds.task,
+            fit_cfg=task.fit_cfg,
+            dp=cfg.dp,
+            device=device,
+            seed=seeds.client_round_seed(task.model_seed, pid, server_round),
+            epochs=f.local_epochs,
+            dp_total_epochs=f.rounds * f.local_epochs,
+            privacy_history=history,
             proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by Flower's FedProx
         )
     except PrivacyBudgetError as exc:
         spent = epsilon_of(history, delta=cfg.dp.delta, accountant=cfg.dp.accountant)
         log.warning("client %d refuses round %d: %s", pid, server_round, exc)
-        return Message(RecordDict({
-            "metrics": MetricRecord({"num-examples": 0, "partition-id": pid, "epsilon": spent, "refused": 1}),
-            "status": ConfigRecord({"refused": f"client {pid} refuses to train in round {server_round}: {exc}"}),
-        }), reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "metrics": MetricRecord({"num-examples": 0, "partition-id": pid, "epsilon": spent, "refused": 1}),
+                    "status": ConfigRecord(
+                        {"refused": f"client {pid} refuses to train in round {server_round}: {exc}"}
+                    ),
+                }
+            ),
+            reply_to=msg,
+        )
     rounds = [*client_state.load_rounds(path), server_round]
     if cfg.dp.enabled:
         client_state.save_history(context, result.accountant_history, path=path, model=task.name, rounds=rounds)
     check_unwrapped(result.state_dict)
     metrics = {
-        "num-examples": len(rows), "partition-id": pid, "refused": 0,
+        "num-examples": len(rows),
+        "partition-id": pid,
+        "refused": 0,
         "epsilon": float(result.privacy["epsilon"]) if result.privacy else 0.0,
         "train-loss": float(result.history[-1]["train_loss"]) if result.history else float("nan"),
         "seconds": time.perf_counter() - t0,

@@ -17,15 +17,10 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
-from pipeline.privacy import History
-from pipeline.rundir import atomic_write
+from core.artifacts import atomic_write
+from core.privacy import History
 
 STATE_KEY = "privacy-ledger"
-
-
-def ledger_path(work_dir: Path, model: str, partition_id: int) -> Path:
-    """The client's own ledger file."""
-    return work_dir / "clients" / model / f"client-{partition_id}.json"
 
 
 def _steps(history: History) -> int:

@@ -25,15 +25,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from pipeline import data as data_stage
-from pipeline import train as train_stage
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.runtime import derive_seed
-
-from federated import launcher
+from core import data as core_data
+from core import models, seeds
+from core.config import load_config
+from core.errors import USER_ERRORS, UserError
+from core.teacher import model_specs
+from federated import launcher, workdir
 from federated.run_config import overrides_for, run_config_toml, to_run_config
-from federated.task import DATASET_OF, write_inputs
+from federated.tls import make_server_credentials, make_supernode_keys
 
 log = logging.getLogger("federated.deploy")
 CONNECTION = "loopback"
@@ -41,20 +40,37 @@ START_TIMEOUT_S = 60.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m federated.deploy", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pipeline config overrides, e.g. federated.rounds=2")
+    p = argparse.ArgumentParser(
+        prog="python -m federated.deploy",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="pipeline config overrides, e.g. federated.rounds=2"
+    )
     p.add_argument("--config", metavar="FILE.toml", help="pipeline TOML config")
     p.add_argument("--n-supernodes", type=int, default=2, help="sites to start; sets federated.n_clients (default 2)")
-    p.add_argument("--model", choices=sorted(DATASET_OF), default="cnn", help="which pipeline model to train (default cnn)")
-    p.add_argument("--work-dir", metavar="DIR", help="where data, logs, checkpoints and the result go (default runs/deploy-<UTC>)")
+    p.add_argument(
+        "--model", choices=list(models.MODELS), default="cnn", help="which pipeline model to train (default cnn)"
+    )
+    p.add_argument(
+        "--work-dir", metavar="DIR", help="where data, logs, checkpoints and the result go (default runs/deploy-<UTC>)"
+    )
     p.add_argument("--tls", action="store_true", help="encrypt every connection with generated demo certificates")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (needs --tls)")
     return p
 
 
-def deploy(cfg, *, model: str, work: Path, n_supernodes: int, tls: bool = False, auth: bool = False,
-           app_settings: dict | None = None) -> dict:
+def deploy(
+    cfg,
+    *,
+    model: str,
+    work: Path,
+    n_supernodes: int,
+    tls: bool = False,
+    auth: bool = False,
+    app_settings: dict | None = None,
+) -> dict:
     """Run one federated training of ``model`` on a loopback deployment; return the server's record.
 
     ``app_settings`` are extra ``app.*`` run-config settings (tests: fault injection).
@@ -64,17 +80,16 @@ def deploy(cfg, *, model: str, work: Path, n_supernodes: int, tls: bool = False,
     UserError
         For impossible settings; ``FederatedRunError`` when the run fails (with the log's tail).
     """
-    from federated.server_app import read_error, read_result
-    from federated.simulation import _ERROR_TYPES
-
     if auth and not tls:
         raise UserError("--auth needs --tls: Flower authenticates SuperNodes only over TLS")
     if cfg.federated.n_clients != n_supernodes:
-        raise UserError(f"federated.n_clients={cfg.federated.n_clients} but --n-supernodes={n_supernodes}; make them equal")
+        raise UserError(
+            f"federated.n_clients={cfg.federated.n_clients} but --n-supernodes={n_supernodes}; make them equal"
+        )
     work.mkdir(parents=True, exist_ok=True)
-    datasets = data_stage.run(cfg, {}, seed=derive_seed(cfg.seed, "data"))
-    spec = train_stage.model_specs(cfg, datasets)[model]
-    write_inputs(work, name=model, dataset=datasets[DATASET_OF[model]], spec=spec)
+    datasets = core_data.prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))
+    spec = model_specs(cfg, datasets)[model]
+    workdir.write_inputs(work, name=model, dataset=datasets[models.model_entry(model).dataset], spec=spec)
     # app.seed stays -1: the model seed is derived from `seed` as the train stage does.
     run_config = to_run_config(cfg, model=model, work_dir=str(work.resolve()), **dict(app_settings or {}))
     overrides = overrides_for(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
@@ -85,47 +100,97 @@ def deploy(cfg, *, model: str, work: Path, n_supernodes: int, tls: bool = False,
     port = launcher.free_port()
     creds = None
     if tls:
-        from federated.tls import make_server_credentials
-
         creds = make_server_credentials(work / "certs")
-    launcher.write_connection(flwr_home, CONNECTION, address=f"127.0.0.1:{port}",
-                              root_certificates=str(creds.ca_cert.resolve()) if creds else None)
+    launcher.write_connection(
+        flwr_home,
+        CONNECTION,
+        address=f"127.0.0.1:{port}",
+        root_certificates=str(creds.ca_cert.resolve()) if creds else None,
+    )
     env = launcher.flower_env(flwr_home)
-    security = (["--ssl-ca-certfile", str(creds.ca_cert), "--ssl-certfile", str(creds.server_cert),
-                 "--ssl-keyfile", str(creds.server_key)] if creds else ["--insecure"])
+    security = (
+        [
+            "--ssl-ca-certfile",
+            str(creds.ca_cert),
+            "--ssl-certfile",
+            str(creds.server_cert),
+            "--ssl-keyfile",
+            str(creds.server_key),
+        ]
+        if creds
+        else ["--insecure"]
+    )
     t0 = time.time()
     with launcher.sigterm_as_exit(), launcher.Processes(work / "logs", env) as procs:
-        superlink = procs.start("superlink", [
-            launcher.bin_path("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(port),
-            "--disable-runtime-dependency-installation", *(["--enable-supernode-auth"] if auth else []),
-        ])
-        launcher.wait_until_healthy(superlink, port, timeout_s=START_TIMEOUT_S, what="flower-superlink", logs=procs,
-                                    name="superlink", ca_file=str(creds.ca_cert) if creds else None)
+        superlink = procs.start(
+            "superlink",
+            [
+                launcher.bin_path("flower-superlink"),
+                *security,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+                *(["--enable-supernode-auth"] if auth else []),
+            ],
+        )
+        launcher.wait_until_healthy(
+            superlink,
+            port,
+            timeout_s=START_TIMEOUT_S,
+            what="flower-superlink",
+            logs=procs,
+            name="superlink",
+            ca_file=str(creds.ca_cert) if creds else None,
+        )
         for i in range(n_supernodes):
             node_security = ["--root-certificates", str(creds.ca_cert)] if creds else ["--insecure"]
             if auth:
                 node_security += ["--auth-supernode-private-key", str(_register(procs, work, i))]
-            procs.start(f"supernode-{i}", [
-                launcher.bin_path("flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{port}",
-                "--port", str(launcher.free_port()), "--node-config", f"partition-id={i} num-partitions={n_supernodes}",
-            ])
-        run = procs.start("flwr-run", [launcher.bin_path("flwr"), "run", str(launcher.REPO_ROOT), CONNECTION, "--stream",
-                                       "--run-config", str(rc_path)])
+            procs.start(
+                f"supernode-{i}",
+                [
+                    launcher.bin_path("flower-supernode"),
+                    *node_security,
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--port",
+                    str(launcher.free_port()),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={n_supernodes}",
+                ],
+            )
+        run = procs.start(
+            "flwr-run",
+            [
+                launcher.bin_path("flwr"),
+                "run",
+                str(launcher.REPO_ROOT),
+                CONNECTION,
+                "--stream",
+                "--run-config",
+                str(rc_path),
+            ],
+        )
         while run.poll() is None:
             for name, proc in list(procs.procs.items()):
                 if name != "flwr-run" and proc.poll() is not None:
-                    raise launcher.FederatedRunError(f"{name} exited with code {proc.returncode}:\n{procs.log_tail(name)}")
+                    raise launcher.FederatedRunError(
+                        f"{name} exited with code {proc.returncode}:\n{procs.log_tail(name)}"
+                    )
             time.sleep(0.25)
-        error = read_error(work, model)
+        error = workdir.read_error(work, model)
         if error is not None:
-            raise _ERROR_TYPES.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])
+            raise USER_ERRORS.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])
         try:
-            _, record = read_result(work, model)
+            _, record = workdir.read_result(work, model)
         except FileNotFoundError:
             raise launcher.FederatedRunError(f"the run ended without a result:\n{procs.log_tail('flwr-run')}") from None
     record = dict(record)
-    record.update({"deployment": {"supernodes": n_supernodes, "tls": tls, "supernode_auth": auth,
-                                  "seconds": time.time() - t0}})
+    record.update(
+        {"deployment": {"supernodes": n_supernodes, "tls": tls, "supernode_auth": auth, "seconds": time.time() - t0}}
+    )
     return record
 
 
@@ -133,13 +198,18 @@ def _register(procs: launcher.Processes, work: Path, i: int) -> Path:
     """Create SuperNode ``i``'s key pair and register its public key with the SuperLink; return the private key."""
     import subprocess
 
-    from federated.tls import make_supernode_keys
-
     private, public = make_supernode_keys(work / "certs", f"supernode-{i}")
-    done = subprocess.run([launcher.bin_path("flwr"), "supernode", "register", str(public), CONNECTION],
-                          env=procs.env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [launcher.bin_path("flwr"), "supernode", "register", str(public), CONNECTION],
+        env=procs.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if done.returncode != 0:
-        raise launcher.FederatedRunError(f"registering SuperNode {i} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        raise launcher.FederatedRunError(
+            f"registering SuperNode {i} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
     return private
 
 
@@ -161,9 +231,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: every Flower process was stopped", file=sys.stderr)
         return 130
     last = record["history"][-1] if record["history"] else {}
-    print(json.dumps({"work_dir": str(work), "rounds": record["completed_rounds"], "last_round": last,
-                      "failures": len(record["failures"]), "deployment": record["deployment"],
-                      "epsilon": record.get("privacy", {}).get("epsilon")}, indent=1, default=str))
+    print(
+        json.dumps(
+            {
+                "work_dir": str(work),
+                "rounds": record["completed_rounds"],
+                "last_round": last,
+                "failures": len(record["failures"]),
+                "deployment": record["deployment"],
+                "epsilon": record.get("privacy", {}).get("epsilon"),
+            },
+            indent=1,
+            default=str,
+        )
+    )
     return 0
 
 

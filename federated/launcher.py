@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from pipeline.errors import UserError
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml with [tool.flwr.app]
@@ -45,17 +45,19 @@ def flower_env(flwr_home: Path, *, ray_tmp: Path | None = None) -> dict[str, str
     if ray_tmp is not None:
         ray_tmp.mkdir(parents=True, exist_ok=True)
         env["RAY_TMPDIR"] = str(ray_tmp)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        # Otherwise the SuperLink runs `uv sync` on the app's dependencies, which ignores the
-        # environment's torch build and downloads another one.
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        "RAY_DISABLE_USAGE_STATS": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            # Otherwise the SuperLink runs `uv sync` on the app's dependencies, which ignores the
+            # environment's torch build and downloads another one.
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            "RAY_DISABLE_USAGE_STATS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -194,8 +196,15 @@ class Processes:
     def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None) -> subprocess.Popen:
         """Start ``argv`` in its own session, output to ``<log_dir>/<name>.log``."""
         with (self.log_dir / f"{name}.log").open("ab") as out:
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env, cwd=str(cwd) if cwd else None, start_new_session=True)
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=str(cwd) if cwd else None,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
         return proc
@@ -242,8 +251,16 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def wait_until_healthy(proc: subprocess.Popen, port: int, *, timeout_s: float, what: str, logs: Processes, name: str,
-                       ca_file: str | None = None) -> None:
+def wait_until_healthy(
+    proc: subprocess.Popen,
+    port: int,
+    *,
+    timeout_s: float,
+    what: str,
+    logs: Processes,
+    name: str,
+    ca_file: str | None = None,
+) -> None:
     """Wait until ``GET /health`` on 127.0.0.1:``port`` answers 200 (HTTPS when ``ca_file``); fail fast if ``proc`` exits."""
     import ssl
     import urllib.error
@@ -297,10 +314,19 @@ def stop_local_superlink(flwr_home: Path) -> list[int]:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m federated.launcher",
-                                     description="Stop the SuperLink that `flwr run` left running for a local simulation.")
+    parser = argparse.ArgumentParser(
+        prog="python -m federated.launcher",
+        description="Stop the SuperLink that `flwr run` left running for a local simulation.",
+    )
     parser.add_argument("command", choices=["stop-local-superlink"])
-    parser.add_argument("--flwr-home", default=os.environ.get("FLWR_HOME", str(Path.home() / ".flwr")),
-                        help="the FLWR_HOME `flwr run` used (default: $FLWR_HOME or ~/.flwr)")
+    parser.add_argument(
+        "--flwr-home",
+        default=os.environ.get("FLWR_HOME", str(Path.home() / ".flwr")),
+        help="the FLWR_HOME `flwr run` used (default: $FLWR_HOME or ~/.flwr)",
+    )
     stopped = stop_local_superlink(Path(parser.parse_args().flwr_home))
-    print(f"stopped {len(stopped)} local SuperLink(s): {stopped}" if stopped else "no local SuperLink found for that FLWR_HOME")
+    print(
+        f"stopped {len(stopped)} local SuperLink(s): {stopped}"
+        if stopped
+        else "no local SuperLink found for that FLWR_HOME"
+    )

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from pipeline.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 
 N_TARGET_BINS = 10  # regression targets are binned into this many quantile bins for label skew
 MAX_TRIES = 20  # redraws of a skewed partition until every client reaches the minimum size

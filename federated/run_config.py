@@ -4,7 +4,7 @@ Flower run-config values may only be ``bool``, ``int``, ``float`` or ``str``, an
 ``flwr run --run-config`` may only override keys that the app's
 ``[tool.flwr.app.config]`` declares. So:
 
-- every key of :func:`pipeline.config.flatten` becomes a run-config key of the same
+- every key of :func:`core.config.flatten` becomes a run-config key of the same
   dotted name; tuples (``cnn.channels``) travel as JSON strings (``"[32, 64]"``);
 - a few app-level settings that are not pipeline config (where the data and
   checkpoints live, which model to train, test-only fault injection) live under
@@ -23,8 +23,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pipeline.config import Config, flatten, from_flat
-from pipeline.errors import ConfigError
+from core.config import Config, flatten, from_flat
+from core.errors import ConfigError
+from core.models import MODELS
 
 Scalar = bool | int | float | str
 APP_PREFIX = "app."
@@ -86,7 +87,9 @@ def to_run_config(cfg: Config, **app: Scalar) -> dict[str, Scalar]:
     for name, value in app.items():
         key = APP_PREFIX + name.replace("_", "-")
         if key not in APP_DEFAULTS:
-            raise ConfigError(f"unknown app setting {name!r}; valid: {', '.join(k[len(APP_PREFIX):] for k in APP_DEFAULTS)}")
+            raise ConfigError(
+                f"unknown app setting {name!r}; valid: {', '.join(k[len(APP_PREFIX) :] for k in APP_DEFAULTS)}"
+            )
         settings[key] = value
     out.update(settings)
     return out
@@ -112,7 +115,9 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, AppSettings]
             try:
                 flat[key] = json.loads(value)
             except json.JSONDecodeError:
-                raise ConfigError(f"run-config key {key!r} = {value!r} is not a JSON list; write e.g. \"[32, 64]\"") from None
+                raise ConfigError(
+                    f'run-config key {key!r} = {value!r} is not a JSON list; write e.g. "[32, 64]"'
+                ) from None
         else:
             flat[key] = value
     known = set(flatten(Config()))
@@ -138,8 +143,10 @@ def _app_settings(app: Mapping[str, Any]) -> AppSettings:
             raise ConfigError(f"run-config key {key!r} must be {hint.__name__}; got {value!r}")
         values[f.name] = value
     settings = AppSettings(**values)
-    if settings.model not in ("regressor", "cnn"):
-        raise ConfigError(f"run-config key 'app.model' = {settings.model!r} is not valid; choose one of: regressor, cnn")
+    if settings.model not in MODELS:
+        raise ConfigError(
+            f"run-config key 'app.model' = {settings.model!r} is not valid; choose one of: {', '.join(MODELS)}"
+        )
     return settings
 
 
@@ -224,8 +231,10 @@ if __name__ == "__main__":
     import argparse
     from pathlib import Path
 
-    parser = argparse.ArgumentParser(prog="python -m federated.run_config",
-                                     description="Print (or --write into pyproject.toml) the Flower app's run-config table.")
+    parser = argparse.ArgumentParser(
+        prog="python -m federated.run_config",
+        description="Print (or --write into pyproject.toml) the Flower app's run-config table.",
+    )
     parser.add_argument("--write", action="store_true", help="regenerate the table in ./pyproject.toml")
     if parser.parse_args().write:
         path = Path(PYPROJECT)

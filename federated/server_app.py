@@ -9,7 +9,6 @@ global weights (safetensors) and the JSON record the train stage reads back.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -22,13 +21,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from pipeline import models, privacy, training
-from pipeline.artifacts import json_bytes, state_dict_bytes
-from pipeline.errors import UserError
-from pipeline.rundir import atomic_write
-from pipeline.runtime import derive_seed
-
-from federated import checkpoint
+from core import models, privacy, seeds, training
+from core.artifacts import atomic_write, json_bytes, state_dict_bytes
+from core.errors import UserError
+from core.teacher import public_pretrain
+from federated import checkpoint, workdir
 from federated.partition import label_histograms
 from federated.run_config import AppSettings, from_run_config
 from federated.strategies import Recording, RecordingFedAdam, build_strategy
@@ -42,12 +39,6 @@ class NodesMissingError(UserError):
     """Fewer SuperNodes connected than federated.n_clients."""
 
 
-def result_paths(work_dir: Path, model: str) -> tuple[Path, Path, Path]:
-    """(weights, record, error) files the train stage reads."""
-    out = work_dir / "result"
-    return out / f"{model}.safetensors", out / f"{model}.json", out / f"{model}.error.json"
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls; failures are written down for the train stage, then re-raised."""
@@ -55,19 +46,31 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg, settings = from_run_config(context.run_config)
         task = load_task(cfg, settings, run_id=context.run_id)
-        error_path = result_paths(task.work_dir, task.name)[2]
+        error_path = workdir.result_paths(task.work_dir, task.name)[2]
         error_path.unlink(missing_ok=True)
         run_server(grid, task, settings, run_config=dict(context.run_config))
     except BaseException as exc:
         if error_path is None and context.run_config.get("app.work-dir"):  # failed before the task was known
-            error_path = result_paths(Path(str(context.run_config["app.work-dir"])),
-                                      str(context.run_config.get("app.model", "cnn")))[2]
+            error_path = workdir.result_paths(
+                Path(str(context.run_config["app.work-dir"])), str(context.run_config.get("app.model", "cnn"))
+            )[2]
         if error_path is not None:
             message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            atomic_write(error_path, json_bytes({"error": message, "user_error": isinstance(exc, UserError),
-                                                 "error_type": type(exc).__name__, "traceback": traceback.format_exc()}))
+            atomic_write(
+                error_path,
+                json_bytes(
+                    {
+                        "error": message,
+                        "user_error": isinstance(exc, UserError),
+                        "error_type": type(exc).__name__,
+                        "traceback": traceback.format_exc(),
+                    }
+                ),
+            )
         raise
-    log.info("federated training of %s done; record in %s", task.name, result_paths(task.work_dir, task.name)[1])
+    log.info(
+        "federated training of %s done; record in %s", task.name, workdir.result_paths(task.work_dir, task.name)[1]
+    )
 
 
 def _initial_weights(task: Task) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any] | None]:
@@ -77,14 +80,13 @@ def _initial_weights(task: Task) -> tuple[OrderedDict[str, torch.Tensor], dict[s
     split is public by declaration, so pretraining on it spends no privacy budget, exactly
     as in central DP training.
     """
-    from pipeline.train import public_pretrain  # the central path's own pretraining
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(task.model_seed)
         model = models.build(task.spec)
     device = training.resolve_device(task.cfg.train.device, num_threads=task.cfg.train.num_threads)
-    pretraining = public_pretrain(task.cfg, task.name, model, task.dataset, device=device,
-                                   seed=derive_seed(task.model_seed, "pretrain"))
+    pretraining = public_pretrain(
+        task.cfg, task.name, model, task.dataset, device=device, seed=seeds.pretrain_seed(task.model_seed)
+    )
     return privacy.unwrap_state_dict(model), pretraining
 
 
@@ -106,15 +108,20 @@ def _evaluate(task: Task, arrays: ArrayRecord) -> dict[str, float]:
     out: dict[str, float] = {}
     for split in ("val", "test"):
         if len(ds.y[split]):
-            out.update({f"{split}_{k}": v for k, v in training.evaluate(model, ds.x[split], ds.y[split], task=ds.task).items()})
+            out.update(
+                {f"{split}_{k}": v for k, v in training.evaluate(model, ds.x[split], ds.y[split], task=ds.task).items()}
+            )
     return out
 
 
 def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray], fp: str) -> dict[str, Any]:
     cfg, ds = task.cfg, task.dataset
     f = cfg.federated
-    partition: dict[str, Any] = {"method": f.partitioner, "dirichlet_alpha": f.dirichlet_alpha,
-                                 "sizes": [len(p) for p in parts]}
+    partition: dict[str, Any] = {
+        "method": f.partitioner,
+        "dirichlet_alpha": f.dirichlet_alpha,
+        "sizes": [len(p) for p in parts],
+    }
     if ds.task == "classification":
         partition["label_histograms"] = label_histograms(ds.y["train"], parts, len(ds.class_names))
     strategy: dict[str, Any] = {"name": f.strategy}
@@ -123,12 +130,27 @@ def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray], fp: 
     elif f.strategy == "fedadam":
         strategy["server_lr"] = f.server_lr
     return {
-        "mode": "federated", "model": task.name, "clients": f.n_clients, "min_clients": f.min_clients,
-        "rounds": f.rounds, "local_epochs": f.local_epochs, "completed_rounds": 0, "strategy": strategy,
-        "partition": partition, "seed": task.model_seed, "fit": dict(task.fit_cfg.__dict__), "dp_enabled": cfg.dp.enabled,
-        "history": [], "initial_metrics": {}, "client_epsilon": {str(i): [] for i in range(f.n_clients)},
-        "client_rounds": [], "failures": [], "seconds_per_round": [], "resumed_from_round": [],
-        "n_parameters": models.n_parameters(models.build(task.spec)), "fingerprint": fp,
+        "mode": "federated",
+        "model": task.name,
+        "clients": f.n_clients,
+        "min_clients": f.min_clients,
+        "rounds": f.rounds,
+        "local_epochs": f.local_epochs,
+        "completed_rounds": 0,
+        "strategy": strategy,
+        "partition": partition,
+        "seed": task.model_seed,
+        "fit": dict(task.fit_cfg.__dict__),
+        "dp_enabled": cfg.dp.enabled,
+        "history": [],
+        "initial_metrics": {},
+        "client_epsilon": {str(i): [] for i in range(f.n_clients)},
+        "client_rounds": [],
+        "failures": [],
+        "seconds_per_round": [],
+        "resumed_from_round": [],
+        "n_parameters": models.n_parameters(models.build(task.spec)),
+        "fingerprint": fp,
         "n_train": int(sum(len(p) for p in parts)),
     }
 
@@ -140,14 +162,22 @@ def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], sec
     for pid, series in record["client_epsilon"].items():
         series.append(eps.get(pid))  # None: the client did not answer this round
     trained = [{k: v for k, v in c.items() if k != "privacy"} for c in replies.trained]
-    record["client_rounds"].append({"round": r, "trained": trained, "refused": replies.refused, "failed": replies.failed})
+    record["client_rounds"].append(
+        {"round": r, "trained": trained, "refused": replies.refused, "failed": replies.failed}
+    )
     record["failures"].extend({"round": r, **f} for f in replies.failed)
     record["seconds_per_round"].append(seconds)
-    record["history"].append({
-        "round": r, **metrics, "seconds": seconds, "clients_trained": len(replies.trained),
-        "clients_refused": len(replies.refused), "clients_failed": len(replies.failed),
-        "epsilon_max": max(eps.values()) if eps else 0.0,
-    })
+    record["history"].append(
+        {
+            "round": r,
+            **metrics,
+            "seconds": seconds,
+            "clients_trained": len(replies.trained),
+            "clients_refused": len(replies.refused),
+            "clients_failed": len(replies.failed),
+            "epsilon_max": max(eps.values()) if eps else 0.0,
+        }
+    )
     record["completed_rounds"] = r
     for c in replies.trained:
         if "privacy" in c:
@@ -160,10 +190,12 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     f = task.cfg.federated
     parts = task.partition()  # raises DataError early if a client's share is below the batch size
     fp = checkpoint.fingerprint(run_config)
-    ck_path = checkpoint.checkpoint_path(task.work_dir, task.name)
+    ck_path = workdir.checkpoint_path(task.work_dir, task.name)
     ck = checkpoint.load(ck_path)
     if ck is not None and ck.record.get("fingerprint") != fp:
-        raise UserError(f"the checkpoint {ck_path} belongs to a run with other settings; delete it or restore those settings")
+        raise UserError(
+            f"the checkpoint {ck_path} belongs to a run with other settings; delete it or restore those settings"
+        )
     if ck is not None:
         record = ck.record
         done = int(record["completed_rounds"])
@@ -176,8 +208,13 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         arrays = ArrayRecord(initial)
     record["server_started_unix"] = t_start
     strategy = build_strategy(
-        f.strategy, n_clients=f.n_clients, min_clients=f.min_clients, round_offset=done,
-        proximal_mu=f.proximal_mu, server_lr=f.server_lr, client_evaluate=settings.client_evaluate,
+        f.strategy,
+        n_clients=f.n_clients,
+        min_clients=f.min_clients,
+        round_offset=done,
+        proximal_mu=f.proximal_mu,
+        server_lr=f.server_lr,
+        client_evaluate=settings.client_evaluate,
     )
     if ck is not None and isinstance(strategy, RecordingFedAdam):
         strategy.load_optimizer_state(ck.strategy_state)
@@ -194,8 +231,14 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
             absolute = server_round + done
             _round_entry(record, strategy.rounds[absolute], metrics, now - last["t"])
             last["arrays"] = round_arrays
-            checkpoint.save(ck_path, checkpoint.ServerCheckpoint(
-                weights={k: v.numpy() for k, v in round_arrays.items()}, strategy_state=_strategy_state(strategy), record=record))
+            checkpoint.save(
+                ck_path,
+                checkpoint.ServerCheckpoint(
+                    weights={k: v.numpy() for k, v in round_arrays.items()},
+                    strategy_state=_strategy_state(strategy),
+                    record=record,
+                ),
+            )
             log.info("round %d/%d: %s", absolute, f.rounds, {k: round(v, 4) for k, v in metrics.items()})
         last["t"] = now
         return MetricRecord(metrics)
@@ -203,8 +246,12 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     if done < f.rounds:
         _wait_for_nodes(grid, f.n_clients, settings.node_wait_s)
         strategy.start(
-            grid=grid, initial_arrays=arrays, num_rounds=f.rounds - done, timeout=settings.round_timeout_s,
-            train_config=ConfigRecord({"model": task.name}), evaluate_fn=evaluate_fn,
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=f.rounds - done,
+            timeout=settings.round_timeout_s,
+            train_config=ConfigRecord({"model": task.name}),
+            evaluate_fn=evaluate_fn,
         )
     _write_result(task, record, last["arrays"], t_start)
 
@@ -220,7 +267,7 @@ def _strategy_state(strategy: Recording) -> dict[str, np.ndarray]:
 
 
 def _write_result(task: Task, record: dict[str, Any], arrays: ArrayRecord, t_start: float) -> None:
-    weights_path, record_path, _ = result_paths(task.work_dir, task.name)
+    weights_path, record_path, _ = workdir.result_paths(task.work_dir, task.name)
     record["server_seconds"] = time.time() - t_start
     record["finished_unix"] = time.time()
     if task.cfg.dp.enabled:
@@ -235,30 +282,24 @@ def _privacy_summary(task: Task, record: dict[str, Any]) -> dict[str, Any]:
     import opacus
 
     dp = task.cfg.dp
-    finals = {pid: next((e for e in reversed(series) if e is not None), 0.0) for pid, series in record["client_epsilon"].items()}
+    finals = {
+        pid: next((e for e in reversed(series) if e is not None), 0.0)
+        for pid, series in record["client_epsilon"].items()
+    }
     per_client = record.get("client_privacy", {})
     return {
-        "epsilon": max(finals.values()) if finals else 0.0, "delta": dp.delta, "target_epsilon": dp.target_epsilon,
-        "accountant": dp.accountant, "opacus_version": opacus.__version__, "secure_mode": dp.secure_mode,
+        "epsilon": max(finals.values()) if finals else 0.0,
+        "delta": dp.delta,
+        "target_epsilon": dp.target_epsilon,
+        "accountant": dp.accountant,
+        "opacus_version": opacus.__version__,
+        "secure_mode": dp.secure_mode,
         "epsilon_per_client": finals,
         "noise_multiplier_per_client": {pid: p.get("noise_multiplier") for pid, p in per_client.items()},
         "sample_rate_per_client": {pid: p.get("sample_rate") for pid, p in per_client.items()},
-        "max_grad_norm": task.fit_cfg.max_grad_norm, "per_client": per_client,
+        "max_grad_norm": task.fit_cfg.max_grad_norm,
+        "per_client": per_client,
         "mechanism": "DP-SGD on each client (Gaussian mechanism, Poisson subsampling, per-sample clipping)",
         "unit_of_privacy": "one training record of one client (sample-level DP, accounted per client over all rounds)",
         "noise_seeded": not dp.secure_mode,
     }
-
-
-def read_result(work_dir: Path, model: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The final weights and record a finished run wrote."""
-    from pipeline.artifacts import read_json, read_state_dict
-
-    weights_path, record_path, _ = result_paths(work_dir, model)
-    return read_state_dict(weights_path.read_bytes()), read_json(record_path.read_bytes())
-
-
-def read_error(work_dir: Path, model: str) -> dict[str, Any] | None:
-    """The error the ServerApp wrote down, if it failed."""
-    path = result_paths(work_dir, model)[2]
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,7 +1,7 @@
 """Federated training from the train stage: a real ``flwr run`` of this repo in local simulation.
 
 :func:`train_federated` prepares a work folder (the dataset written with
-:func:`pipeline.data.dump`, the model spec, the run-config derived from the Config),
+:func:`core.data.dump`, the model spec, the run-config derived from the Config),
 starts its own SuperLink in simulation mode on free loopback ports, submits this repo
 as a Flower app with ``flwr run`` (which streams the logs until the run ends), and reads
 back the final global weights and the federation's record that the ServerApp wrote.
@@ -19,19 +19,20 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.config import Config
-from pipeline.data import Dataset
-from pipeline.errors import ConfigError, DataError, PrivacyBudgetError
-from pipeline.runtime import Runtime
-
-from federated import launcher
+from core import models, privacy
+from core.artifacts import atomic_write
+from core.config import Config
+from core.data import Dataset
+from core.errors import USER_ERRORS
+from core.runtime import Runtime
+from core.teacher import TrainedModel, fit_config
+from federated import launcher, workdir
 from federated.run_config import overrides_for, run_config_toml, to_run_config
-from federated.task import Task, write_inputs
+from federated.task import Task
 
 log = logging.getLogger(__name__)
 CONNECTION = "pipeline-sim"
 SUPERLINK_START_TIMEOUT_S = 60.0
-_ERROR_TYPES = {"DataError": DataError, "ConfigError": ConfigError, "PrivacyBudgetError": PrivacyBudgetError}
 
 
 def train_federated(
@@ -51,14 +52,14 @@ def train_federated(
     cfg : resolved configuration (``cfg.federated``, ``cfg.dp`` and the model's fit settings are used).
     name : ``"regressor"`` or ``"cnn"``.
     dataset : the model's prepared dataset (train split is partitioned; val/test evaluate the global model).
-    spec : the model spec (:func:`pipeline.train.model_specs`).
+    spec : the model spec (:func:`core.teacher.model_spec`).
     seed : model seed: initial weights, partition and per-client seeds derive from it.
     runtime : checkpoint store of the run directory (optional).
     app_settings : extra ``app.*`` run-config settings (tests: fault injection).
 
     Returns
     -------
-    pipeline.train.TrainedModel whose ``training`` is the federation's record.
+    core.teacher.TrainedModel whose ``training`` is the federation's record.
 
     Raises
     ------
@@ -67,30 +68,36 @@ def train_federated(
     FederatedRunError
         If the Flower run fails (the server's error or the log's tail is in the message).
     """
-    from pipeline import models
-    from pipeline.train import TrainedModel, fit_config
-
     runtime = runtime or Runtime()
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"flwr-{name}-") as tmp:
         work = Path(tmp)
-        task = Task(cfg=cfg, name=name, dataset=dataset, spec=spec, fit_cfg=fit_config(cfg, name), model_seed=seed, work_dir=work)
+        task = Task(
+            cfg=cfg,
+            name=name,
+            dataset=dataset,
+            spec=spec,
+            fit_cfg=fit_config(cfg, name),
+            model_seed=seed,
+            work_dir=work,
+        )
         _preflight(task)  # fail here, in one line, before any process starts
-        write_inputs(work, name=name, dataset=dataset, spec=spec)
+        workdir.write_inputs(work, name=name, dataset=dataset, spec=spec)
         mirror = _CheckpointMirror(work, name, runtime, n_clients=cfg.federated.n_clients)
         mirror.restore()
         run_config = to_run_config(cfg, model=name, work_dir=str(work), seed=seed, **dict(app_settings or {}))
         run_flower(work, run_config, n_supernodes=cfg.federated.n_clients, on_poll=mirror.sync)
         mirror.sync()
-        from federated.server_app import read_result
-
-        state_dict, record = read_result(work, name)
+        state_dict, record = workdir.read_result(work, name)
     record = dict(record)
-    record.update({
-        "seconds": time.time() - t0,
-        "startup_seconds": record.get("first_round_started_unix", t0) - t0,
-        "device": cfg.train.device, "flwr_version": _flwr_version(),
-    })
+    record.update(
+        {
+            "seconds": time.time() - t0,
+            "startup_seconds": record.get("first_round_started_unix", t0) - t0,
+            "device": cfg.train.device,
+            "flwr_version": _flwr_version(),
+        }
+    )
     model = models.build(spec)
     model.load_state_dict(state_dict)  # checks the weights fit the spec
     return TrainedModel(spec=spec, state_dict=state_dict, training=record)
@@ -107,11 +114,14 @@ def _preflight(task: Task) -> None:
     parts = task.partition()
     cfg = task.cfg
     if cfg.dp.enabled:
-        from pipeline import privacy
-
         f = cfg.federated
-        privacy.plan(cfg.dp, n_samples=min(len(p) for p in parts), batch_size=task.fit_cfg.batch_size,
-                     max_grad_norm=task.fit_cfg.max_grad_norm, epochs=f.rounds * f.local_epochs)
+        privacy.plan(
+            cfg.dp,
+            n_samples=min(len(p) for p in parts),
+            batch_size=task.fit_cfg.batch_size,
+            max_grad_norm=task.fit_cfg.max_grad_norm,
+            epochs=f.rounds * f.local_epochs,
+        )
 
 
 def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, on_poll=None) -> None:
@@ -131,20 +141,41 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
     env = launcher.flower_env(flwr_home, ray_tmp=work / "ray")
     model = str(run_config["app.model"])
     with launcher.sigterm_as_exit(), launcher.Processes(work / "logs", env) as procs:
-        superlink = procs.start("superlink", [
-            launcher.bin_path("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
-            "--port", str(port), "--disable-runtime-dependency-installation",
-        ])
-        launcher.wait_until_healthy(superlink, port, timeout_s=SUPERLINK_START_TIMEOUT_S, what="flower-superlink",
-                                    logs=procs, name="superlink")
-        run = procs.start("flwr-run", [
-            launcher.bin_path("flwr"), "run", str(launcher.REPO_ROOT), CONNECTION, "--stream",
-            "--run-config", str(rc_path),
-            "--federation-config", f"num-supernodes={n_supernodes} client-resources-num-cpus=1",
-        ])
+        superlink = procs.start(
+            "superlink",
+            [
+                launcher.bin_path("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        launcher.wait_until_healthy(
+            superlink, port, timeout_s=SUPERLINK_START_TIMEOUT_S, what="flower-superlink", logs=procs, name="superlink"
+        )
+        run = procs.start(
+            "flwr-run",
+            [
+                launcher.bin_path("flwr"),
+                "run",
+                str(launcher.REPO_ROOT),
+                CONNECTION,
+                "--stream",
+                "--run-config",
+                str(rc_path),
+                "--federation-config",
+                f"num-supernodes={n_supernodes} client-resources-num-cpus=1",
+            ],
+        )
         while run.poll() is None:
             if superlink.poll() is not None:
-                raise launcher.FederatedRunError(f"flower-superlink exited during the run:\n{procs.log_tail('superlink')}")
+                raise launcher.FederatedRunError(
+                    f"flower-superlink exited during the run:\n{procs.log_tail('superlink')}"
+                )
             if on_poll is not None:
                 on_poll()
             time.sleep(0.25)
@@ -152,16 +183,18 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
 
 
 def _raise_if_failed(work: Path, model: str, procs: launcher.Processes) -> None:
-    from federated.server_app import read_error, result_paths
-
-    error = read_error(work, model)
+    error = workdir.read_error(work, model)
     if error is not None:
         first_line = error["error"].splitlines()[0] if error["error"] else "unknown error"
         if error.get("user_error"):
-            raise _ERROR_TYPES.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])
-        raise launcher.FederatedRunError(f"the federated run of {model} failed: {first_line}\n{procs.log_tail('flwr-run')}")
-    if not result_paths(work, model)[1].is_file():
-        raise launcher.FederatedRunError(f"the federated run of {model} ended without a result:\n{procs.log_tail('flwr-run')}")
+            raise USER_ERRORS.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])
+        raise launcher.FederatedRunError(
+            f"the federated run of {model} failed: {first_line}\n{procs.log_tail('flwr-run')}"
+        )
+    if not workdir.result_paths(work, model)[1].is_file():
+        raise launcher.FederatedRunError(
+            f"the federated run of {model} ended without a result:\n{procs.log_tail('flwr-run')}"
+        )
 
 
 class _CheckpointMirror:
@@ -172,7 +205,9 @@ class _CheckpointMirror:
         self.seen: dict[Path, float] = {}
 
     def _files(self) -> list[Path]:
-        return sorted([*(self.work / "server").glob(f"{self.name}.*"), *(self.work / "clients" / self.name).glob("*.json")])
+        return sorted(
+            [*(self.work / "server").glob(f"{self.name}.*"), *(self.work / "clients" / self.name).glob("*.json")]
+        )
 
     def _rel(self, path: Path) -> str:
         return f"checkpoints/federated/{path.relative_to(self.work).as_posix()}"
@@ -185,10 +220,10 @@ class _CheckpointMirror:
         """
         if self.runtime.load_bytes is None:
             return
-        from pipeline.rundir import atomic_write
-
-        rels = [f"server/{self.name}.checkpoint.safetensors",
-                *(f"clients/{self.name}/client-{pid}.json" for pid in range(self.n_clients))]
+        rels = [
+            f"server/{self.name}.checkpoint.safetensors",
+            *(f"clients/{self.name}/client-{pid}.json" for pid in range(self.n_clients)),
+        ]
         restored = 0
         for rel in rels:
             data = self.runtime.load_bytes(f"checkpoints/federated/{rel}")
@@ -220,4 +255,3 @@ def _flwr_version() -> str:
     from importlib import metadata
 
     return metadata.version("flwr")
-

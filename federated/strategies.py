@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from pipeline.errors import ConfigError, UserError
+from core.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,17 @@ class Recording:
     def _init_recording(self, *, min_clients: int, round_offset: int) -> None:
         self.min_clients, self.round_offset, self.rounds = min_clients, round_offset, {}
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         absolute = server_round + self.round_offset
         messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
         self.rounds[absolute] = RoundReplies(round=absolute, sent_to=[m.metadata.dst_node_id for m in messages])
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         absolute = server_round + self.round_offset
         record = self.rounds.setdefault(absolute, RoundReplies(round=absolute))
         trained: list[Message] = []
@@ -89,8 +93,11 @@ class Recording:
                     f"round {absolute}: {len(trained)} client(s) trained, {len(record.failed)} failed, {len(record.refused)} "
                     f"refused; fewer than federated.min_clients={self.min_clients}. First failure: {record.failed[0]['reason']}"
                 )
-            log.warning("round %d: only %d client(s) trained (others refused: privacy budget spent); global model unchanged",
-                        absolute, len(trained))
+            log.warning(
+                "round %d: only %d client(s) trained (others refused: privacy budget spent); global model unchanged",
+                absolute,
+                len(trained),
+            )
             return None, None
         return super().aggregate_train(absolute, trained)  # type: ignore[misc]
 
@@ -161,8 +168,11 @@ def build_strategy(
     common: dict[str, Any] = {
         # Every client trains every round (cross-silo): the per-client ε is then the same
         # composition for everyone, and a missing client is a failure, not a sampling choice.
-        "fraction_train": 1.0, "min_train_nodes": n_clients, "min_available_nodes": n_clients,
-        "fraction_evaluate": 1.0 if client_evaluate else 0.0, "min_evaluate_nodes": n_clients if client_evaluate else 0,
+        "fraction_train": 1.0,
+        "min_train_nodes": n_clients,
+        "min_available_nodes": n_clients,
+        "fraction_evaluate": 1.0 if client_evaluate else 0.0,
+        "min_evaluate_nodes": n_clients if client_evaluate else 0,
     }
     extra = {"proximal_mu": proximal_mu} if name == "fedprox" else {"server_lr": server_lr} if name == "fedadam" else {}
     strategy = STRATEGIES[name](**common, **extra)

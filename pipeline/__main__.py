@@ -8,18 +8,23 @@ import resource
 import sys
 import time
 
-from pipeline import config as config_mod
+from core import config as config_mod
+from core.errors import ConfigError, UserError
+from core.training import resolve_device
 from pipeline import runner
-from pipeline.errors import ConfigError, UserError
 from pipeline.rundir import CONFIG, RunDir
 
 log = logging.getLogger("pipeline")
 
-EPILOG = "stages, in order:\n" + "\n".join(f"  {n:<9} {d}" for n, d in runner.DESCRIPTIONS.items()) + (
-    "\n\nconfig sections and keys (set with KEY=VALUE, e.g. cnn.fit.epochs=3 dp.enabled=true):\n"
-    + config_mod.section_help()
-    + "\n\nother commands:\n  python -m pipeline config [--config F] [KEY=VALUE ...]   print the resolved config as TOML"
-    "\n  python -m pipeline verify RUN_DIR                       re-hash every artifact of a run"
+EPILOG = (
+    "stages, in order:\n"
+    + "\n".join(f"  {n:<9} {d}" for n, d in runner.DESCRIPTIONS.items())
+    + (
+        "\n\nconfig sections and keys (set with KEY=VALUE, e.g. cnn.fit.epochs=3 dp.enabled=true):\n"
+        + config_mod.section_help()
+        + "\n\nother commands:\n  python -m pipeline config [--config F] [KEY=VALUE ...]   print the resolved config as TOML"
+        "\n  python -m pipeline verify RUN_DIR                       re-hash every artifact of a run"
+    )
 )
 
 
@@ -42,14 +47,19 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _config_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline config", description="Print the fully resolved config as TOML.")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline config", description="Print the fully resolved config as TOML."
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--config", metavar="FILE.toml")
     return p
 
 
 def _verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline verify", description="Re-hash every artifact a run recorded; non-zero exit on any difference.")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline verify",
+        description="Re-hash every artifact a run recorded; non-zero exit on any difference.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     return p
 
@@ -83,7 +93,9 @@ def cmd_run(argv: list[str]) -> int:
     if args.run_dir:
         run = RunDir.open(args.run_dir)
         if args.config or overrides:
-            raise ConfigError("a run directory keeps the config it started with; drop --config/overrides, or start a new run")
+            raise ConfigError(
+                "a run directory keeps the config it started with; drop --config/overrides, or start a new run"
+            )
         cfg = config_mod.load_config(run.path / CONFIG)
     else:
         if args.start:
@@ -93,11 +105,14 @@ def cmd_run(argv: list[str]) -> int:
     if args.run_dir and not (args.start or args.stages):
         # Resume: skip stages already complete.
         names = [n for n in names if run.stage_status(n) != "complete"] or names[-1:]
-    from pipeline.training import resolve_device
-
     device = resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     if not args.run_dir:
-        run = RunDir.create(args.out, config_toml=config_mod.to_toml(cfg), command=[sys.executable, "-m", "pipeline", *argv], device=str(device))
+        run = RunDir.create(
+            args.out,
+            config_toml=config_mod.to_toml(cfg),
+            command=[sys.executable, "-m", "pipeline", *argv],
+            device=str(device),
+        )
     log.info("run directory: %s", run.path)
     progress = not args.quiet and sys.stderr.isatty()
     t0 = time.perf_counter()
@@ -105,7 +120,8 @@ def cmd_run(argv: list[str]) -> int:
     wall = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     run.manifest.setdefault("invocations", []).append(
-        {"stages": names, "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak_mb, 1), "device": str(device)})
+        {"stages": names, "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak_mb, 1), "device": str(device)}
+    )
     run.save_manifest()
     report = run.path / "report.html"
     print(f"run directory: {run.path}" + (f"\nreport: {report}" if report.exists() else ""))

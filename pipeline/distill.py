@@ -25,12 +25,14 @@ import torch
 from sklearn.tree import DecisionTreeRegressor, export_text
 from torch import nn
 
-from pipeline import models, privacy, training
-from pipeline.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
-from pipeline.config import Config
-from pipeline.data import Dataset
-from pipeline.runtime import derive_seed
-from pipeline.train import TrainedModel
+from core import models, privacy, training
+from core.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
+from core.config import Config
+from core.data import Dataset
+from core.errors import DataError
+from core.seeds import derive_seed
+from core.teacher import TrainedModel
+from explain import compare_variants
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,16 @@ class DistillationLoss(nn.Module):
     def forward(self, student_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = self.temperature
         teacher_logits, labels = y[:, :-1], y[:, -1].long()
-        kd = nn.functional.kl_div(
-            nn.functional.log_softmax(student_logits / t, dim=1),
-            nn.functional.log_softmax(teacher_logits / t, dim=1),
-            reduction="batchmean", log_target=True,
-        ) * t * t
+        kd = (
+            nn.functional.kl_div(
+                nn.functional.log_softmax(student_logits / t, dim=1),
+                nn.functional.log_softmax(teacher_logits / t, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            * t
+            * t
+        )
         if self.label_weight == 0:
             return kd
         return (1 - self.label_weight) * kd + self.label_weight * nn.functional.cross_entropy(student_logits, labels)
@@ -80,9 +87,9 @@ def transfer_set(cfg: Config, ds: Dataset, *, seed: int) -> Transfer:
     x = np.concatenate([ds.x[s] for s in splits])
     index = np.concatenate([ds.index[s] for s in splits])
     if len(x) == 0:
-        from pipeline.errors import DataError
-
-        raise DataError("the public split is empty, so a student cannot be distilled without private data; raise data.public_fraction")
+        raise DataError(
+            "the public split is empty, so a student cannot be distilled without private data; raise data.public_fraction"
+        )
     labels = np.concatenate([ds.y[s] for s in splits]) if k.label_weight > 0 else None
     synthetic = 0
     if ds.task == "regression" and k.synthetic_per_row > 0:
@@ -94,7 +101,9 @@ def transfer_set(cfg: Config, ds: Dataset, *, seed: int) -> Transfer:
         x = np.concatenate([x, jitter])
         if labels is not None:
             labels = np.concatenate([labels, np.repeat(labels, k.synthetic_per_row)])
-    return Transfer(x=x.astype(np.float32), source_index=np.sort(index), splits=splits, labels=labels, synthetic_rows=synthetic)
+    return Transfer(
+        x=x.astype(np.float32), source_index=np.sort(index), splits=splits, labels=labels, synthetic_rows=synthetic
+    )
 
 
 def privacy_status(cfg: Config, transfer: Transfer, teacher: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,14 +113,24 @@ def privacy_status(cfg: Config, transfer: Transfer, teacher: Mapping[str, Any]) 
     if not cfg.dp.enabled or not teacher_privacy:
         return {"guarantee": "none", "reason": "the teacher was trained without differential privacy"}
     if not private_inputs:  # public labels, if used, are public
-        return {"guarantee": "inherited", "epsilon": teacher_privacy["epsilon"], "delta": teacher_privacy["delta"],
-                "reason": "the student saw only the public split (and synthetic inputs) labelled by the DP teacher: "
-                          "post-processing keeps the teacher's (ε, δ)"}
+        return {
+            "guarantee": "inherited",
+            "epsilon": teacher_privacy["epsilon"],
+            "delta": teacher_privacy["delta"],
+            "reason": "the student saw only the public split (and synthetic inputs) labelled by the DP teacher: "
+            "post-processing keeps the teacher's (ε, δ)",
+        }
     if cfg.distill.student_dp:
-        return {"guarantee": "composed", "reason": "the student read private records and was trained with its own DP-SGD; "
-                                                   "the budgets add (basic composition)"}
-    return {"guarantee": "none", "reason": "the student read private training records (distill.transfer=private) "
-                                           "without DP: it carries NO differential-privacy guarantee"}
+        return {
+            "guarantee": "composed",
+            "reason": "the student read private records and was trained with its own DP-SGD; "
+            "the budgets add (basic composition)",
+        }
+    return {
+        "guarantee": "none",
+        "reason": "the student read private training records (distill.transfer=private) "
+        "without DP: it carries NO differential-privacy guarantee",
+    }
 
 
 def _latency_ms(fn, x: np.ndarray, *, repeats: int = 20) -> float:
@@ -131,8 +150,15 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     which this project does not depend on, and these Sequential models need nothing more.
     """
     buf = io.BytesIO()
-    torch.onnx.export(model.eval(), example, buf, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(
+        model.eval(),
+        example,
+        buf,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        dynamo=False,
+    )
     return buf.getvalue()
 
 
@@ -161,7 +187,10 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
     transfer = transfer_set(cfg, ds, seed=seed)
     t_out = training.predict(teacher, transfer.x)  # (N,) or (N, K): the teacher's outputs are the only labels
     if name == "cnn":
-        spec = {"kind": "cnn", "kwargs": {**teacher_tm.spec["kwargs"], "channels": list(k.cnn_channels), "hidden": k.cnn_hidden}}
+        spec = {
+            "kind": "cnn",
+            "kwargs": {**teacher_tm.spec["kwargs"], "channels": list(k.cnn_channels), "hidden": k.cnn_hidden},
+        }
         labels = transfer.labels if transfer.labels is not None else np.zeros(len(t_out))
         y = np.concatenate([t_out, labels[:, None]], axis=1).astype(np.float32)  # (N, K + 1)
         criterion = DistillationLoss(temperature=k.temperature, label_weight=k.label_weight)
@@ -172,8 +201,20 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
     torch.manual_seed(seed)
     student = models.build(spec)
     dp = cfg.dp if (cfg.dp.enabled and k.student_dp and "train" in transfer.splits) else None
-    result = training.fit(student, x_train=transfer.x, y_train=y, x_val=None, y_val=None, task=task, fit_cfg=k.fit,
-                          dp=dp, device=torch.device("cpu"), seed=seed, criterion=criterion, desc=f"distill {name}")
+    result = training.fit(
+        student,
+        x_train=transfer.x,
+        y_train=y,
+        x_val=None,
+        y_val=None,
+        task=task,
+        fit_cfg=k.fit,
+        dp=dp,
+        device=torch.device("cpu"),
+        seed=seed,
+        criterion=criterion,
+        desc=f"distill {name}",
+    )
     student.eval()
     x_test = ds.x["test"]
     t_test, s_test = training.predict(teacher, x_test), training.predict(student, x_test)
@@ -181,13 +222,22 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
     session = onnx_session(onnx)
     onnx_out = session.run(None, {"x": x_test.astype(np.float32)})[0]
     record: dict[str, Any] = {
-        "teacher_parameters": models.n_parameters(teacher), "student_parameters": models.n_parameters(student),
-        "transfer": {"splits": list(transfer.splits), "real_rows": int(len(transfer.source_index)),
-                     "synthetic_rows": transfer.synthetic_rows, "uses_private_labels": transfer.labels is not None and "train" in transfer.splits},
-        "privacy": privacy_status(cfg, transfer, teacher_tm.training) if dp is None else {
-            "guarantee": "composed", "student_epsilon": result.privacy["epsilon"],
+        "teacher_parameters": models.n_parameters(teacher),
+        "student_parameters": models.n_parameters(student),
+        "transfer": {
+            "splits": list(transfer.splits),
+            "real_rows": int(len(transfer.source_index)),
+            "synthetic_rows": transfer.synthetic_rows,
+            "uses_private_labels": transfer.labels is not None and "train" in transfer.splits,
+        },
+        "privacy": privacy_status(cfg, transfer, teacher_tm.training)
+        if dp is None
+        else {
+            "guarantee": "composed",
+            "student_epsilon": result.privacy["epsilon"],
             "epsilon": result.privacy["epsilon"] + (teacher_tm.training.get("privacy") or {}).get("epsilon", 0.0),
-            "reason": "the student read private records with its own DP-SGD; ε adds to the teacher's (basic composition)"},
+            "reason": "the student read private records with its own DP-SGD; ε adds to the teacher's (basic composition)",
+        },
         "training": result.summary(),
         "onnx_max_abs_diff": float(np.max(np.abs(onnx_out.reshape(s_test.shape) - s_test))),
         "latency": _speed(teacher, student, session, x_test),
@@ -196,37 +246,46 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
     record["compression_ratio"] = record["teacher_parameters"] / record["student_parameters"]
     record["explanation_similarity"] = _explanation_similarity(teacher, student, ds, task=task, seed=seed)
     if name == "cnn":
-        record.update({
-            "teacher_accuracy": float((t_test.argmax(1) == ds.y["test"]).mean()),
-            "student_accuracy": float((s_test.argmax(1) == ds.y["test"]).mean()),
-            "top1_agreement": float((t_test.argmax(1) == s_test.argmax(1)).mean()),
-        })
+        record.update(
+            {
+                "teacher_accuracy": float((t_test.argmax(1) == ds.y["test"]).mean()),
+                "student_accuracy": float((s_test.argmax(1) == ds.y["test"]).mean()),
+                "top1_agreement": float((t_test.argmax(1) == s_test.argmax(1)).mean()),
+            }
+        )
     else:
         record.update(_regression_fidelity(ds, t_test, s_test, "student"))
         tree = DecisionTreeRegressor(max_depth=k.tree_depth, random_state=seed).fit(transfer.x, t_out)
         record["tree_student"] = {
-            "max_depth": k.tree_depth, "leaves": int(tree.get_n_leaves()),
+            "max_depth": k.tree_depth,
+            "leaves": int(tree.get_n_leaves()),
             **_regression_fidelity(ds, t_test, tree.predict(x_test), "tree"),
             "rules": export_text(tree, feature_names=list(ds.feature_names), decimals=3),
         }
-    return {"spec": spec, "state_dict": privacy.unwrap_state_dict(student), "record": record, "onnx": onnx,
-            "transfer_index": transfer.source_index}
+    return {
+        "spec": spec,
+        "state_dict": privacy.unwrap_state_dict(student),
+        "record": record,
+        "onnx": onnx,
+        "transfer_index": transfer.source_index,
+    }
 
 
-def _explanation_similarity(teacher: nn.Module, student: nn.Module, ds: Dataset, *, task: str, seed: int, n: int = 50) -> dict[str, Any]:
-    """Do teacher and student rely on the same features / pixels? SHAP (DeepExplainer) on the same test
-    rows, background from the public split; top-k overlap and rank correlation of attributions."""
-    from explain import explanation_distance, get_explainer
-
+def _explanation_similarity(
+    teacher: nn.Module, student: nn.Module, ds: Dataset, *, task: str, seed: int, n: int = 50
+) -> dict[str, Any]:
+    """Do teacher and student rely on the same features / pixels? SHAP on the same test rows, background
+    from the public split (:func:`explain.compare_variants`)."""
     background = ds.x["public"][:50] if len(ds.x["public"]) else ds.x["train"][:50]
-    x = ds.x["test"][:n]
-    shap_deep = get_explainer("shap-deep")
-    # Explain the teacher's predicted class in both models, so both answer the same question.
-    targets = training.predict(teacher, x).argmax(1) if task == "classification" else None
-    a = shap_deep(teacher, x, background=background, task=task, seed=seed, targets=targets)
-    b = shap_deep(student, x, background=background, task=task, seed=seed, targets=targets)
-    k = 3 if task == "regression" else 8
-    return {"method": "shap-deep", "n": int(len(x)), **explanation_distance(a, b, k=k).to_dict()}
+    return compare_variants(
+        teacher,
+        student,
+        ds.x["test"][:n],
+        background=background,
+        task=task,
+        seed=seed,
+        k=3 if task == "regression" else 8,
+    )
 
 
 def _regression_fidelity(ds: Dataset, teacher_pred: np.ndarray, student_pred: np.ndarray, who: str) -> dict[str, float]:
@@ -235,7 +294,11 @@ def _regression_fidelity(ds: Dataset, teacher_pred: np.ndarray, student_pred: np
     def r2(a, b):
         return float(1 - np.sum((a - b) ** 2) / np.sum((a - a.mean()) ** 2))
 
-    return {"teacher_r2": r2(y, teacher_pred), f"{who}_r2": r2(y, student_pred), f"{who}_fidelity_r2": r2(teacher_pred, student_pred)}
+    return {
+        "teacher_r2": r2(y, teacher_pred),
+        f"{who}_r2": r2(y, student_pred),
+        f"{who}_fidelity_r2": r2(teacher_pred, student_pred),
+    }
 
 
 def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> dict[str, Any]:
@@ -248,8 +311,10 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     source-row indices of its real transfer rows.
     """
     datasets, trained = inputs["data"], inputs["train"]
-    return {name: _distill_one(cfg, name, datasets[key], trained[name], seed=derive_seed(seed, name))
-            for name, key in (("regressor", "tabular"), ("cnn", "images"))}
+    return {
+        name: _distill_one(cfg, name, datasets[entry.dataset], trained.models[name], seed=derive_seed(seed, name))
+        for name, entry in models.MODELS.items()
+    }
 
 
 def dump(out: Mapping[str, Any]) -> dict[str, bytes]:
@@ -257,15 +322,21 @@ def dump(out: Mapping[str, Any]) -> dict[str, bytes]:
     for name, o in out.items():
         files[f"students/{name}.safetensors"] = state_dict_bytes(o["state_dict"])
         files[f"students/{name}.onnx"] = o["onnx"]
-        files[f"students/{name}.json"] = json_bytes({"spec": o["spec"], "record": o["record"],
-                                                     "transfer_index": o["transfer_index"]})
+        files[f"students/{name}.json"] = json_bytes(
+            {"spec": o["spec"], "record": o["record"], "transfer_index": o["transfer_index"]}
+        )
     return files
 
 
 def load(read) -> dict[str, Any]:
     out = {}
-    for name in ("regressor", "cnn"):
+    for name in models.MODELS:
         meta = read_json(read(f"students/{name}.json"))
-        out[name] = {"spec": meta["spec"], "record": meta["record"], "transfer_index": np.asarray(meta["transfer_index"]),
-                     "state_dict": read_state_dict(read(f"students/{name}.safetensors")), "onnx": read(f"students/{name}.onnx")}
+        out[name] = {
+            "spec": meta["spec"],
+            "record": meta["record"],
+            "transfer_index": np.asarray(meta["transfer_index"]),
+            "state_dict": read_state_dict(read(f"students/{name}.safetensors")),
+            "onnx": read(f"students/{name}.onnx"),
+        }
     return out

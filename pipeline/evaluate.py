@@ -11,16 +11,24 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from sklearn import metrics as skm
 
-from pipeline import training
-from pipeline.artifacts import json_bytes, read_json
-from pipeline.config import Config
-from pipeline.data import Dataset
+from core import training
+from core.artifacts import json_bytes, read_json
+from core.config import Config
+from core.data import Dataset
+from core.models import MODELS
+from pipeline.train import TrainOutput
 
 N_BOOTSTRAP = 1000  # resamples for the 95% confidence intervals
 
 
-def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, pred: np.ndarray, *, seed: int,
-                 n: int = N_BOOTSTRAP) -> list[float]:
+def bootstrap_ci(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    y: np.ndarray,
+    pred: np.ndarray,
+    *,
+    seed: int,
+    n: int = N_BOOTSTRAP,
+) -> list[float]:
     """Percentile 95% confidence interval of ``metric(y, pred)`` over ``n`` seeded resamples of the rows."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(y), size=(n, len(y)))
@@ -31,6 +39,7 @@ def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y: np.ndarra
 
 def regression_metrics(y: np.ndarray, pred: np.ndarray, *, seed: int) -> dict[str, Any]:
     """RMSE, MAE and R² (original units) with bootstrap 95% CIs."""
+
     def rmse(a, b):
         return float(np.sqrt(np.mean((a - b) ** 2)))
 
@@ -56,7 +65,9 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
     return float(np.mean(np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)))
 
 
-def classification_metrics(y: np.ndarray, logits: np.ndarray, class_names: tuple[str, ...], *, seed: int) -> dict[str, Any]:
+def classification_metrics(
+    y: np.ndarray, logits: np.ndarray, class_names: tuple[str, ...], *, seed: int
+) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class recall/precision and the confusion matrix, with bootstrap CIs."""
     k = len(class_names)
     labels = np.arange(k)
@@ -71,8 +82,10 @@ def classification_metrics(y: np.ndarray, logits: np.ndarray, class_names: tuple
     recall = skm.recall_score(y, pred, labels=labels, average=None, zero_division=0)
     precision = skm.precision_score(y, pred, labels=labels, average=None, zero_division=0)
     return {
-        "accuracy": acc(y, pred), "accuracy_ci95": bootstrap_ci(acc, y, pred, seed=seed),
-        "macro_f1": f1(y, pred), "macro_f1_ci95": bootstrap_ci(f1, y, pred, seed=seed),
+        "accuracy": acc(y, pred),
+        "accuracy_ci95": bootstrap_ci(acc, y, pred, seed=seed),
+        "macro_f1": f1(y, pred),
+        "macro_f1_ci95": bootstrap_ci(f1, y, pred, seed=seed),
         "per_class_recall": {c: float(r) for c, r in zip(class_names, recall)},
         "per_class_precision": {c: float(p) for c, p in zip(class_names, precision)},
         "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
@@ -92,17 +105,26 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     -------
     ``{"regressor": {...}, "ridge": {...}, "cnn": {...}}`` JSON-safe metric trees.
     """
-    tab: Dataset = inputs["data"]["tabular"]
-    img: Dataset = inputs["data"]["images"]
-    trained = inputs["train"]
-    out: dict[str, Any] = {"regressor": {}, "ridge": {}, "cnn": {}}
-    reg, cnn = trained["regressor"].build(), trained["cnn"].build()
-    for split in ("test", "val"):
-        y_true = tab.target_to_original(tab.y[split])
-        out["regressor"][split] = regression_metrics(y_true, tab.target_to_original(training.predict(reg, tab.x[split])), seed=seed)
-        out["ridge"][split] = regression_metrics(y_true, tab.target_to_original(trained["ridge"].predict(tab.x[split])), seed=seed)
-        out["cnn"][split] = classification_metrics(img.y[split], training.predict(cnn, img.x[split]), img.class_names, seed=seed)
+    trained: TrainOutput = inputs["train"]
+    out: dict[str, Any] = {}
+    for name, entry in MODELS.items():
+        ds: Dataset = inputs["data"][entry.dataset]
+        model = trained.models[name].build()
+        out[name] = {
+            split: _metrics(ds, split, training.predict(model, ds.x[split]), seed=seed) for split in ("test", "val")
+        }
+    tab: Dataset = inputs["data"][MODELS["regressor"].dataset]
+    out["ridge"] = {
+        split: _metrics(tab, split, trained.ridge.predict(tab.x[split]), seed=seed) for split in ("test", "val")
+    }
     return out
+
+
+def _metrics(ds: Dataset, split: str, pred: np.ndarray, *, seed: int) -> dict[str, Any]:
+    """Metrics of raw model outputs ``pred`` against ``split``'s labels (regression in original units)."""
+    if ds.task == "regression":
+        return regression_metrics(ds.target_to_original(ds.y[split]), ds.target_to_original(pred), seed=seed)
+    return classification_metrics(ds.y[split], pred, ds.class_names, seed=seed)
 
 
 def dump(out: Mapping[str, Any]) -> dict[str, bytes]:

@@ -11,7 +11,7 @@ Backgrounds, LIME's sampling statistics and the deletion baseline come from the
 split named by ``explain.background_split``: the ``public`` split unless the
 user explicitly chooses ``train`` (private records, which DP does not then
 cover). Models are rebuilt with :meth:`TrainedModel.build`, a fresh copy
-without Opacus hooks. :func:`compare_variants` measures how differently two
+without Opacus hooks. :func:`explain.compare_variants` measures how differently two
 variants of a model (teacher and student) attribute the same inputs.
 """
 
@@ -27,19 +27,24 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from torch import nn
 
+from core.artifacts import json_bytes, npz_bytes, read_json, read_npz
+from core.config import Config, ExplainConfig
+from core.data import Dataset
+from core.errors import DataError
+from core.models import MODELS
+from core.seeds import derive_seed
 from explain import (
-    Explanation, additivity_error, agreement, deletion_insertion, explanation_distance, get_explainer, make_predict_fn,
+    Explanation,
+    additivity_error,
+    agreement,
+    deletion_insertion,
+    get_explainer,
+    make_predict_fn,
+    plots,
     stability,
 )
-from explain import plots
-from pipeline.artifacts import json_bytes, npz_bytes, read_json, read_npz
-from pipeline.config import Config, ExplainConfig
-from pipeline.data import Dataset
-from pipeline.errors import DataError
-from pipeline.runtime import derive_seed
 
 log = logging.getLogger(__name__)
-MODELS = {"regressor": "tabular", "cnn": "images"}  # model -> dataset it explains
 METRICS_FILE = "explain/metrics.json"
 
 
@@ -79,9 +84,14 @@ def background_rows(ds: Dataset, ecfg: ExplainConfig, *, size: int, seed: int) -
     split = ecfg.background_split
     x, index = ds.x[split], ds.index[split]
     if len(x) < ecfg.min_background:
-        fix = ("raise data.public_fraction (e.g. data.public_fraction=0.1), or set explain.background_split=\"train\" "
-               "to use private training records (then the explanations are not covered by DP)") if split == "public" \
+        fix = (
+            (
+                'raise data.public_fraction (e.g. data.public_fraction=0.1), or set explain.background_split="train" '
+                "to use private training records (then the explanations are not covered by DP)"
+            )
+            if split == "public"
             else "supply more rows"
+        )
         raise DataError(
             f"the {split} split of the {ds.name} data has {len(x)} rows, fewer than explain.min_background="
             f"{ecfg.min_background} needed for explanation backgrounds; {fix}"
@@ -95,13 +105,20 @@ def background_rows(ds: Dataset, ecfg: ExplainConfig, *, size: int, seed: int) -
 
 def _subset(expl: Explanation, m: int) -> Explanation:
     """The first ``m`` rows of an explanation (per-row extras sliced, others kept)."""
-    extras = {k: (v[:m] if isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == expl.n else v)
-              for k, v in expl.extras.items()}
+    extras = {
+        k: (v[:m] if isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == expl.n else v)
+        for k, v in expl.extras.items()
+    }
     return Explanation(
-        method=expl.method, values=expl.values[:m], inputs=expl.inputs[:m], outputs=expl.outputs[:m],
+        method=expl.method,
+        values=expl.values[:m],
+        inputs=expl.inputs[:m],
+        outputs=expl.outputs[:m],
         base_values=None if expl.base_values is None else expl.base_values[:m],
-        targets=None if expl.targets is None else expl.targets[:m], feature_names=expl.feature_names,
-        seconds=expl.seconds * m / max(expl.n, 1), extras=extras,
+        targets=None if expl.targets is None else expl.targets[:m],
+        feature_names=expl.feature_names,
+        seconds=expl.seconds * m / max(expl.n, 1),
+        extras=extras,
     )
 
 
@@ -150,13 +167,16 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
     shap_method = ecfg.cnn_shap if image else ecfg.regressor_shap
     t0 = time.perf_counter()
     try:
-        shap_expl = get_explainer(shap_method)(model, x, background=bg, task=task, seed=derive_seed(seed, shap_method),
-                                               feature_names=names)
+        shap_expl = get_explainer(shap_method)(
+            model, x, background=bg, task=task, seed=derive_seed(seed, shap_method), feature_names=names
+        )
     except (ValueError, RuntimeError, AssertionError) as exc:
         if not (image and shap_method == "shap-deep"):
             raise
-        notes.append(f"shap-deep failed on the CNN ({str(exc).splitlines()[0][:300]}); fell back to shap-gradient, "
-                     "whose values are a sampled, only approximately additive estimate")
+        notes.append(
+            f"shap-deep failed on the CNN ({str(exc).splitlines()[0][:300]}); fell back to shap-gradient, "
+            "whose values are a sampled, only approximately additive estimate"
+        )
         log.warning("%s: %s", name, notes[-1])
         shap_method = "shap-gradient"
         shap_expl = get_explainer(shap_method)(model, x, background=bg, task=task, seed=derive_seed(seed, shap_method))
@@ -166,9 +186,12 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
     lime_method = "lime-image" if image else "lime-tabular"
     lime_opts: dict[str, Any] = (
         {"num_samples": ecfg.lime_image_num_samples, "segmentation": "grid", "cell_size": ecfg.lime_cell_size or None}
-        if image else {"num_samples": ecfg.lime_num_samples}
+        if image
+        else {"num_samples": ecfg.lime_num_samples}
     )
-    lime = functools.partial(get_explainer(lime_method), model, background=bg, task=task, feature_names=names, **lime_opts)
+    lime = functools.partial(
+        get_explainer(lime_method), model, background=bg, task=task, feature_names=names, **lime_opts
+    )
 
     def lime_fn(xs: np.ndarray, *, seed: int) -> Explanation:
         return lime(xs, seed=seed, targets=None if targets is None else targets[: len(xs)])
@@ -185,8 +208,14 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
     t0 = time.perf_counter()
     faith = {}
     for method, expl in ((shap_method, shap_expl), (lime_method, lime_expl)):
-        faith[method] = deletion_insertion(expl, predict, baseline=baseline, n_steps=ecfg.deletion_steps,
-                                           seed=derive_seed(seed, "deletion", method), n_random=ecfg.deletion_random_orders)
+        faith[method] = deletion_insertion(
+            expl,
+            predict,
+            baseline=baseline,
+            n_steps=ecfg.deletion_steps,
+            seed=derive_seed(seed, "deletion", method),
+            n_random=ecfg.deletion_random_orders,
+        )
     quality["deletion_insertion"] = {m: r.to_dict() for m, r in faith.items()}
     timings["deletion_insertion"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -204,12 +233,24 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
     quality["lime_stability"] = stability(rerun, x[:m], seeds=stability_seeds, k=k).to_dict()
     timings["lime_stability"] = time.perf_counter() - t0
     score = np.asarray(lime_expl.extras["score"], dtype=np.float64)
-    quality["lime_fidelity"] = {"mean_r2": float(score.mean()), "min_r2": float(score.min()),
-                                "median_r2": float(np.median(score)), "per_row_r2": score}
+    quality["lime_fidelity"] = {
+        "mean_r2": float(score.mean()),
+        "min_r2": float(score.min()),
+        "median_r2": float(np.median(score)),
+        "per_row_r2": score,
+    }
 
-    flagged = [{"row": int(i), "source_index": int(row_index[i]), "topk": agree.topk[i], "spearman": agree.spearman[i],
-                "sign": agree.sign[i], **({"class": int(targets[i])} if targets is not None else {})}
-               for i in agree.flagged]
+    flagged = [
+        {
+            "row": int(i),
+            "source_index": int(row_index[i]),
+            "topk": agree.topk[i],
+            "spearman": agree.spearman[i],
+            "sign": agree.sign[i],
+            **({"class": int(targets[i])} if targets is not None else {}),
+        }
+        for i in agree.flagged
+    ]
     t0 = time.perf_counter()
     png = _plots(name, ds, shap_expl, lime_expl, list(faith.values()), agree, ecfg)
     timings["plots"] = time.perf_counter() - t0
@@ -219,14 +260,25 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
         "dataset": ds.name,
         "task": task,
         "feature_names": names,
-        "explained_output": "logit of the predicted class" if image else "standardised regression output "
-                            f"(x {ds.preprocessing.get('y_std', 1.0):.6g} + {ds.preprocessing.get('y_mean', 0.0):.6g} = original units)",
-        "methods": {"shap": shap_method, "lime": lime_method, "requested_shap": ecfg.cnn_shap if image else ecfg.regressor_shap},
+        "explained_output": "logit of the predicted class"
+        if image
+        else "standardised regression output "
+        f"(x {ds.preprocessing.get('y_std', 1.0):.6g} + {ds.preprocessing.get('y_mean', 0.0):.6g} = original units)",
+        "methods": {
+            "shap": shap_method,
+            "lime": lime_method,
+            "requested_shap": ecfg.cnn_shap if image else ecfg.regressor_shap,
+        },
         "n_explained": int(n_explain),
         "explained_split": "test",
         "explained_index": row_index,
-        "background": {"split": ecfg.background_split, "size": int(len(bg)), "available": int(len(ds.x[ecfg.background_split])),
-                       "index": bg_index, "private": ecfg.background_split != "public"},
+        "background": {
+            "split": ecfg.background_split,
+            "size": int(len(bg)),
+            "available": int(len(ds.x[ecfg.background_split])),
+            "index": bg_index,
+            "private": ecfg.background_split != "public",
+        },
         "top_k": int(k),
         "lime_options": {k_: v for k_, v in lime_opts.items() if v is not None},
         "stability_seeds": stability_seeds,
@@ -247,13 +299,21 @@ def _display_units(expl: Explanation, ds: Dataset) -> Explanation:
     y_std, y_mean = float(p.get("y_std", 1.0)), float(p.get("y_mean", 0.0))
     x_std, x_mean = np.asarray(p.get("x_std", 1.0)), np.asarray(p.get("x_mean", 0.0))
     base = None if expl.base_values is None else expl.base_values * y_std + y_mean
-    return Explanation(method=expl.method, values=expl.values * y_std, base_values=base, inputs=expl.inputs * x_std + x_mean,
-                       outputs=expl.outputs * y_std + y_mean, targets=None, feature_names=expl.feature_names,
-                       seconds=expl.seconds)
+    return Explanation(
+        method=expl.method,
+        values=expl.values * y_std,
+        base_values=base,
+        inputs=expl.inputs * x_std + x_mean,
+        outputs=expl.outputs * y_std + y_mean,
+        targets=None,
+        feature_names=expl.feature_names,
+        seconds=expl.seconds,
+    )
 
 
-def _plots(name: str, ds: Dataset, shap_expl: Explanation, lime_expl: Explanation, faith: list, agree,
-           ecfg: ExplainConfig) -> dict[str, bytes]:
+def _plots(
+    name: str, ds: Dataset, shap_expl: Explanation, lime_expl: Explanation, faith: list, agree, ecfg: ExplainConfig
+) -> dict[str, bytes]:
     """PNG bytes of every figure of one model, keyed by file name."""
     out = {f"{name}_deletion_insertion.png": plots.deletion_insertion_png(faith)}
     if shap_expl.is_image:
@@ -272,58 +332,6 @@ def waterfall_rows(expl: Explanation, agree, n: int) -> list[int]:
     order = [int(np.argmax(expl.outputs)), int(np.argmin(expl.outputs)), int(np.argmin(agree.topk))]
     order += list(range(expl.n))
     return list(dict.fromkeys(order))[: min(n, expl.n)]
-
-
-# --------------------------------------------------------------------------- variants (distillation)
-
-
-def compare_variants(model_a: nn.Module, model_b: nn.Module, x: np.ndarray, *, background: np.ndarray, task: str,
-                     seed: int, method: str = "shap-deep", k: int = 3, feature_names=None,
-                     labels: tuple[str, str] = ("teacher", "student")) -> dict[str, Any]:
-    """How differently two variants of a model (e.g. teacher and student) attribute the same inputs.
-
-    Both are explained with the same ``method`` and, for classifiers, toward the
-    same class (``model_a``'s prediction), then compared with
-    :func:`explain.explanation_distance`. Falls back to ``shap-gradient`` for a
-    variant ``shap-deep`` cannot explain.
-
-    Parameters
-    ----------
-    model_a, model_b : plain eval-mode modules with the same inputs.
-    x : ``(n, F)`` or ``(n, C, H, W)`` inputs (test rows).
-    background : reference inputs (the public split).
-    task : "regression" or "classification".
-    seed : explainer seed.
-    method : registry name of the explainer.
-    k : size of the top-k sets.
-    feature_names : tabular feature names.
-    labels : names of the two variants in the result.
-
-    Returns
-    -------
-    JSON-safe dict: ``labels``, ``method`` per variant and the fields of
-    :class:`explain.DistanceResult` (global Spearman, top-k overlap, L1 of
-    normalised importances, mean per-row agreement).
-    """
-    targets = None
-    if task == "classification":
-        targets = make_predict_fn(model_a, task=task)(x).argmax(axis=1)
-    used = []
-    expls = []
-    for model in (model_a, model_b):
-        try:
-            e = get_explainer(method)(model, x, background=background, task=task, seed=seed, feature_names=feature_names,
-                                      targets=targets)
-        except ValueError:
-            if method != "shap-deep":
-                raise
-            e = get_explainer("shap-gradient")(model, x, background=background, task=task, seed=seed,
-                                               feature_names=feature_names, targets=targets)
-        used.append(e.method)
-        expls.append(e)
-    n_units = int(np.prod(expls[0].values.shape[2:])) if expls[0].is_image else expls[0].values.shape[1]
-    dist = explanation_distance(expls[0], expls[1], k=min(k, n_units)).to_dict()
-    return {"labels": list(labels), "methods": used, "n": int(len(x)), **dist}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -354,21 +362,28 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     with warnings.catch_warnings(record=True) as caught:
         # Recorded, not silenced: each is logged now and copied into the report's caveats.
         warnings.simplefilter("always")
-        for name, key in MODELS.items():
-            model = trained[name].build()  # a fresh copy: no Opacus hooks
-            out[name] = explain_model(name, model, datasets[key], cfg.explain, seed=derive_seed(seed, name))
+        for name, entry in MODELS.items():
+            model = trained.models[name].build()  # a fresh copy: no Opacus hooks
+            out[name] = explain_model(name, model, datasets[entry.dataset], cfg.explain, seed=derive_seed(seed, name))
     # Deprecation notices (e.g. matplotlib's, raised inside shap's plots) say nothing about the explanations;
     # they are kept apart from the warnings the report copies into its caveats.
     maintenance = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
-    messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, maintenance)))
-    deprecations = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, maintenance)))
+    messages = list(
+        dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, maintenance))
+    )
+    deprecations = list(
+        dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, maintenance))
+    )
     for msg in messages:
         log.warning("while explaining: %s", msg)
     for msg in deprecations:
         log.debug("while explaining: %s", msg)
     seconds = time.perf_counter() - t0
-    log.info("explain: %s in %.1f s (target for 100 rows and 100 images: 30 s)",
-             ", ".join(f"{n} {m.metrics['n_explained']} inputs" for n, m in out.items()), seconds)
+    log.info(
+        "explain: %s in %.1f s (target for 100 rows and 100 images: 30 s)",
+        ", ".join(f"{n} {m.metrics['n_explained']} inputs" for n, m in out.items()),
+        seconds,
+    )
     summary = {
         "seconds": seconds,
         "background_split": cfg.explain.background_split,
@@ -417,12 +432,18 @@ def load(read: Callable[[str], bytes]) -> ExplainResult:
         for method, rel in m["files"]["arrays"].items():
             a = read_npz(read(rel))
             recorded = m["explanations"][method]
-            extras = {k[len("extra_"):]: v for k, v in a.items() if k.startswith("extra_")}
+            extras = {k[len("extra_") :]: v for k, v in a.items() if k.startswith("extra_")}
             names = m.get("feature_names")
             expls[method] = Explanation(
-                method=method, values=a["values"], base_values=a.get("base_values"), inputs=a["inputs"],
-                outputs=a["outputs"], targets=a.get("targets"), feature_names=None if a["values"].ndim == 4 else names,
-                seconds=float(recorded.get("seconds", 0.0)), extras=extras,
+                method=method,
+                values=a["values"],
+                base_values=a.get("base_values"),
+                inputs=a["inputs"],
+                outputs=a["outputs"],
+                targets=a.get("targets"),
+                feature_names=None if a["values"].ndim == 4 else names,
+                seconds=float(recorded.get("seconds", 0.0)),
+                extras=extras,
             )
         png = {f: read(rel) for f, rel in m["files"]["plots"].items()}
         metrics = {k: v for k, v in m.items() if k != "files"}

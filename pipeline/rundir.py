@@ -15,36 +15,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import platform
 import secrets
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.artifacts import json_bytes, read_json
-from pipeline.errors import RunDirError
+from core.artifacts import atomic_write, json_bytes, read_json
+from core.errors import RunDirError
 
 MANIFEST = "manifest.json"
 CONFIG = "config.toml"
 LIBRARIES = ("numpy", "scikit-learn", "torch", "opacus", "flwr", "shap", "lime", "safetensors", "matplotlib")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sha256_file(path: Path) -> str:
@@ -73,8 +56,16 @@ def git_commit() -> str | None:
     """The code's git commit (with ``-dirty`` when the tree has changes), or None outside a checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
@@ -126,7 +117,9 @@ class RunDir:
         try:
             manifest = read_json((p / MANIFEST).read_bytes())
         except FileNotFoundError:
-            raise RunDirError(f"{str(p)!r} is not a run directory (no {MANIFEST}); pass a directory under runs/") from None
+            raise RunDirError(
+                f"{str(p)!r} is not a run directory (no {MANIFEST}); pass a directory under runs/"
+            ) from None
         except ValueError:
             raise RunDirError(f"{str(p / MANIFEST)!r} is not valid JSON; the run directory is damaged") from None
         for tmp in p.rglob(".*.tmp"):
@@ -144,7 +137,9 @@ class RunDir:
         """Mark ``name`` as running and forget any outputs it (and nothing else) had before."""
         previous = self.manifest["stages"].get(name, {})
         self.manifest["stages"][name] = {
-            "status": "running", "seed": seed, "attempt": int(previous.get("attempt", 0)) + 1,
+            "status": "running",
+            "seed": seed,
+            "attempt": int(previous.get("attempt", 0)) + 1,
             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         self.save_manifest()
@@ -163,10 +158,16 @@ class RunDir:
         target = self._inside(rel)
         atomic_write(target, data)
         self.manifest["artifacts"][rel] = {
-            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "stage": stage, "seed": seed, "kind": kind,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "stage": stage,
+            "seed": seed,
+            "kind": kind,
         }
 
-    def complete_stage(self, name: str, files: Mapping[str, bytes], *, seed: int, seconds: float, summary: Any = None) -> None:
+    def complete_stage(
+        self, name: str, files: Mapping[str, bytes], *, seed: int, seconds: float, summary: Any = None
+    ) -> None:
         """Write all of a stage's files, then (only then) mark it complete."""
         for rel, data in files.items():
             self.write(rel, data, stage=name, seed=seed)
@@ -197,13 +198,19 @@ class RunDir:
         """
         entry = self.manifest["artifacts"].get(rel)
         if entry is None:
-            raise RunDirError(f"{rel!r} is not recorded in {self.path / MANIFEST}; re-run the stage that writes it (--from)")
+            raise RunDirError(
+                f"{rel!r} is not recorded in {self.path / MANIFEST}; re-run the stage that writes it (--from)"
+            )
         try:
             data = self._inside(rel).read_bytes()
         except FileNotFoundError:
-            raise RunDirError(f"{rel!r} is missing from {self.path}; re-run the stage {entry['stage']!r} with --from {entry['stage']}") from None
+            raise RunDirError(
+                f"{rel!r} is missing from {self.path}; re-run the stage {entry['stage']!r} with --from {entry['stage']}"
+            ) from None
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise RunDirError(f"{rel!r} in {self.path} was modified after it was written (SHA-256 differs); re-run --from {entry['stage']}")
+            raise RunDirError(
+                f"{rel!r} in {self.path} was modified after it was written (SHA-256 differs); re-run --from {entry['stage']}"
+            )
         return data
 
     def verify(self) -> list[str]:

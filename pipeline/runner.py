@@ -1,51 +1,100 @@
-"""The ordered stage registry and the runner that executes a slice of it inside a run directory.
+"""The ordered stage registry, with each stage's declared inputs, and the runner that executes a slice of it.
 
-Stages are modules with ``run(cfg, inputs, *, seed, runtime)``, ``dump(outputs) -> {relpath: bytes}``
-and ``load(read) -> outputs``. Only the runner touches files: it writes what ``dump``
-returns into the run directory and, when a later stage needs an earlier stage's
-output that this invocation did not compute, rebuilds it with ``load`` from the
-recorded (hash-checked) files.
+A stage is a module with ``run(cfg, inputs, *, seed, runtime)``, ``dump(outputs) -> {relpath: bytes}``
+and ``load(read) -> outputs``; its :class:`Stage` entry declares which earlier stages it
+reads. Only the runner touches files: it writes what ``dump`` returns into the run
+directory and, when a stage needs an earlier stage's output that this invocation did
+not compute, rebuilds it with ``load`` from the recorded (hash-checked) files. A slice
+whose inputs are neither computed now nor complete in the run directory is refused
+before any work.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import time
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Iterable
 
-from pipeline.config import Config
-from pipeline.errors import RunDirError, UserError
+from core.config import Config
+from core.errors import RunDirError, UserError
+from core.runtime import Runtime
+from core.seeds import stage_seed
 from pipeline.rundir import RunDir
-from pipeline.runtime import Runtime, derive_seed
 
 log = logging.getLogger(__name__)
 
-# name -> module; order is execution order.
-STAGES: dict[str, str] = {
-    "data": "pipeline.data",
-    "train": "pipeline.train",
-    "evaluate": "pipeline.evaluate",
-    "explain": "pipeline.explain_stage",
-    "distill": "pipeline.distill",
-    "report": "pipeline.report",
+PROVENANCE = "provenance"  # input name of the run's manifest (artifact hashes, seeds, versions)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline and its contract."""
+
+    name: str
+    module: str  # implementing module: run / dump / load
+    description: str  # one line for --help and the log
+    requires: tuple[str, ...] = ()  # earlier stages whose outputs it reads
+    optional: tuple[str, ...] = ()  # earlier stages it reads when the run has them
+    provenance: bool = False  # whether it reads the run's manifest (inputs["provenance"])
+
+
+# Order is execution order.
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("data", "pipeline.data", "load, validate, split (train/val/test/public) and standardise both datasets"),
+        Stage(
+            "train",
+            "pipeline.train",
+            "train the MLP regressor (+ Ridge baseline) and the CNN, central or federated, optionally DP",
+            requires=("data",),
+        ),
+        Stage(
+            "evaluate",
+            "pipeline.evaluate",
+            "test metrics with bootstrap confidence intervals",
+            requires=("data", "train"),
+        ),
+        Stage(
+            "explain",
+            "pipeline.explain_stage",
+            "SHAP and LIME for both models (public-split backgrounds) with additivity, faithfulness, agreement, "
+            "stability",
+            requires=("data", "train"),
+        ),
+        Stage(
+            "distill",
+            "pipeline.distill",
+            "compress each teacher into a >=10x smaller student (+ a decision tree for the regressor); fidelity, "
+            "latency, ONNX",
+            requires=("data", "train"),
+        ),
+        Stage(
+            "report",
+            "pipeline.report",
+            "report.html, report.json (+ schema) and a model card per model, listing every earlier artifact's hash",
+            requires=("data", "train", "evaluate", "explain"),
+            optional=("distill",),
+            provenance=True,
+        ),
+    )
 }
-DESCRIPTIONS = {
-    "data": "load, validate, split (train/val/test/public) and standardise both datasets",
-    "train": "train the MLP regressor (+ Ridge baseline) and the CNN, central or federated, optionally DP",
-    "evaluate": "test metrics with bootstrap confidence intervals",
-    "explain": "SHAP and LIME for both models (public-split backgrounds) with additivity, faithfulness, agreement, stability",
-    "distill": "compress each teacher into a >=10x smaller student (+ a decision tree for the regressor); fidelity, latency, ONNX",
-    "report": "report.html, report.json (+ schema) and a model card per model, listing every earlier artifact's hash",
-}
+DESCRIPTIONS = {name: s.description for name, s in STAGES.items()}
+
+
+def _check_name(name: str) -> None:
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; valid stages in order: {', '.join(STAGES)}")
 
 
 def stage_module(name: str) -> ModuleType:
-    """The module implementing stage ``name``."""
-    if name not in STAGES:
-        raise UserError(f"unknown stage {name!r}; valid stages in order: {', '.join(STAGES)}")
-    return importlib.import_module(STAGES[name])
+    """The module implementing stage ``name`` (imported when first needed: stages pull in heavy libraries)."""
+    _check_name(name)
+    return importlib.import_module(STAGES[name].module)
 
 
 def select_stages(*, stages: Iterable[str] | None = None, start: str | None = None) -> list[str]:
@@ -54,29 +103,44 @@ def select_stages(*, stages: Iterable[str] | None = None, start: str | None = No
     if stages:
         chosen = [s.strip() for s in stages if s.strip()]
         for s in chosen:
-            stage_module(s)
+            _check_name(s)
         return [s for s in names if s in chosen]
     if start:
-        stage_module(start)
-        return names[names.index(start):]
+        _check_name(start)
+        return names[names.index(start) :]
     return names
 
 
-class _Outputs(dict):
-    """Stage outputs computed now, falling back to what the run directory recorded."""
+def check_inputs(run: RunDir, names: list[str]) -> None:
+    """Refuse a slice whose required inputs are neither computed in it nor complete in ``run``.
 
-    def __init__(self, run: RunDir):
-        super().__init__()
-        self.run = run
-
-    def __missing__(self, name: str) -> Any:
-        if self.run.stage_status(name) != "complete":
+    Raises
+    ------
+    RunDirError
+        Naming the stage, the missing input and the fix.
+    """
+    available = {n for n in STAGES if run.stage_status(n) == "complete"}
+    for name in names:
+        missing = [r for r in STAGES[name].requires if r not in available]
+        if missing:
             raise RunDirError(
-                f"stage {name!r} has not completed in {self.run.path}; re-run with --from {name} (or without --stages)"
+                f"stage {name!r} needs the output of {', '.join(map(repr, missing))}, which has not completed in "
+                f"{run.path}; add it to --stages or re-run with --from {missing[0]}"
             )
-        value = stage_module(name).load(self.run.read)
-        self[name] = value
-        return value
+        available.add(name)
+
+
+def _inputs(stage: Stage, outputs: dict[str, Any], run: RunDir) -> dict[str, Any]:
+    """The inputs ``stage`` declared: computed now, else loaded from the run directory."""
+    inputs: dict[str, Any] = {}
+    for dep in (*stage.requires, *stage.optional):
+        if dep not in outputs and run.stage_status(dep) == "complete":
+            outputs[dep] = stage_module(dep).load(run.read)
+        if dep in outputs:
+            inputs[dep] = outputs[dep]
+    if stage.provenance:
+        inputs[PROVENANCE] = copy.deepcopy(run.manifest)
+    return inputs
 
 
 def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = False) -> dict[str, Any]:
@@ -84,28 +148,36 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
 
     Raises
     ------
+    RunDirError
+        If a stage's declared inputs are missing (before any work).
     UserError
         From any stage; the failing stage is marked ``failed`` in the manifest first.
     """
-    outputs = _Outputs(run)
+    check_inputs(run, names)
+    outputs: dict[str, Any] = {}
     order = list(STAGES)
     first = order.index(names[0])
     for later in order[first:]:
         if later not in names and run.stage_status(later) == "complete":
             run.invalidate(later)  # its inputs are being recomputed
     for name in names:
-        seed = derive_seed(cfg.seed, name)
-        explicit_rerun = run.stage_status(name) == "complete"
-        if explicit_rerun:
+        seed = stage_seed(cfg.seed, name)
+        if run.stage_status(name) == "complete":
             run.invalidate(name)  # its checkpoints too: an explicit re-run starts afresh
+        stage = STAGES[name]
+        inputs = _inputs(stage, outputs, run)
         run.begin_stage(name, seed=seed)
-        runtime = Runtime(progress=progress, checkpoint_every_s=cfg.train.checkpoint_every_s, save_bytes=lambda rel, data, n=name, s=seed: _save_intermediate(run, rel, data, n, s),
-                          load_bytes=lambda rel: _load_intermediate(run, rel), manifest=run.manifest)
-        log.info("stage %s: %s", name, DESCRIPTIONS.get(name, ""))
+        runtime = Runtime(
+            progress=progress,
+            checkpoint_every_s=cfg.train.checkpoint_every_s,
+            save_bytes=lambda rel, data, n=name, s=seed: _save_intermediate(run, rel, data, n, s),
+            load_bytes=lambda rel: _load_intermediate(run, rel),
+        )
+        log.info("stage %s: %s", name, stage.description)
         t0 = time.perf_counter()
         module = stage_module(name)
         try:
-            out = module.run(cfg, outputs, seed=seed, runtime=runtime)
+            out = module.run(cfg, inputs, seed=seed, runtime=runtime)
             files = module.dump(out)
         except UserError as exc:
             run.fail_stage(name, str(exc))
@@ -115,7 +187,7 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
             raise
         run.complete_stage(name, files, seed=seed, seconds=time.perf_counter() - t0)
         outputs[name] = out
-    return dict(outputs)
+    return outputs
 
 
 def _save_intermediate(run: RunDir, rel: str, data: bytes, stage: str, seed: int) -> None:

@@ -25,11 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core import data as core_data  # noqa: E402
+from core import (
+    seeds,  # noqa: E402
+    training,  # noqa: E402
+)
+from core.config import load_config  # noqa: E402
+from core.teacher import model_specs  # noqa: E402
 from federated.launcher import descendants  # noqa: E402
-from pipeline import data as data_stage, training  # noqa: E402
 from pipeline import train as train_stage  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.runtime import derive_seed  # noqa: E402
 
 
 def _rss_mb(pid: int) -> float:
@@ -77,26 +81,34 @@ def main() -> None:
     p.add_argument("--dp", action="store_true", help="DP-SGD on every client (dp.target_epsilon, default 3)")
     args = p.parse_args()
     overrides = [
-        f"federated.partitioner={args.partitioner}", f"federated.dirichlet_alpha={args.alpha}",
-        f"federated.n_clients={args.n_clients}", f"federated.rounds={args.rounds}",
-        f"federated.local_epochs={args.local_epochs}", f"federated.strategy={args.strategy}",
-        f"dp.enabled={'true' if args.dp else 'false'}", *args.overrides,
+        f"federated.partitioner={args.partitioner}",
+        f"federated.dirichlet_alpha={args.alpha}",
+        f"federated.n_clients={args.n_clients}",
+        f"federated.rounds={args.rounds}",
+        f"federated.local_epochs={args.local_epochs}",
+        f"federated.strategy={args.strategy}",
+        f"dp.enabled={'true' if args.dp else 'false'}",
+        *args.overrides,
     ]
     cfg = load_config(None, overrides)
-    datasets = data_stage.run(cfg, {}, seed=derive_seed(cfg.seed, "data"))
-    spec = train_stage.model_specs(cfg, datasets)["cnn"]
-    seed = derive_seed(derive_seed(cfg.seed, "train"), "cnn")
+    datasets = core_data.prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))
+    spec = model_specs(cfg, datasets)["cnn"]
+    seed = seeds.model_seed(cfg.seed, "cnn")
     ds = datasets["images"]
     t0 = time.time()
     with PeakMemory() as mem:
         if args.central:
             # The train stage's own central path (public pretraining under DP included); it also fits the regressor.
-            trained = train_stage.run(cfg, {"data": datasets}, seed=derive_seed(cfg.seed, "train"))["cnn"]
+            trained = train_stage.run(cfg, {"data": datasets}, seed=seeds.stage_seed(cfg.seed, "train")).models["cnn"]
             test = training.evaluate(trained.build(), ds.x["test"], ds.y["test"], task=ds.task)
             privacy = trained.training.get("privacy")
-            out = {"mode": "central", "test_accuracy": test["accuracy"], "epochs_run": trained.training["epochs_run"],
-                   "epsilon": privacy["epsilon"] if privacy else None,
-                   "public_pretraining": bool(trained.training.get("public_pretraining"))}
+            out = {
+                "mode": "central",
+                "test_accuracy": test["accuracy"],
+                "epochs_run": trained.training["epochs_run"],
+                "epsilon": privacy["epsilon"] if privacy else None,
+                "public_pretraining": bool(trained.training.get("public_pretraining")),
+            }
         else:
             from federated.simulation import train_federated
 
@@ -105,19 +117,31 @@ def main() -> None:
             final = rec["history"][-1]
             spr = rec["seconds_per_round"]
             out = {
-                "mode": "federated", "partitioner": args.partitioner, "alpha": args.alpha, "clients": args.n_clients,
-                "rounds": args.rounds, "local_epochs": args.local_epochs, "strategy": args.strategy,
-                "test_accuracy": final["test_accuracy"], "val_accuracy": final["val_accuracy"],
+                "mode": "federated",
+                "partitioner": args.partitioner,
+                "alpha": args.alpha,
+                "clients": args.n_clients,
+                "rounds": args.rounds,
+                "local_epochs": args.local_epochs,
+                "strategy": args.strategy,
+                "test_accuracy": final["test_accuracy"],
+                "val_accuracy": final["val_accuracy"],
                 "best_round_test_accuracy": max(h["test_accuracy"] for h in rec["history"]),
                 "partition_sizes": rec["partition"]["sizes"],
                 "epsilon_per_client": {k: v[-1] for k, v in rec["client_epsilon"].items()} if args.dp else None,
                 "startup_seconds": round(rec["startup_seconds"], 1),
                 "first_round_seconds": round(spr[0], 1),
                 "later_rounds_mean_seconds": round(sum(spr[1:]) / max(len(spr) - 1, 1), 2),
-                "failures": len(rec["failures"]), "public_pretraining": bool(rec.get("public_pretraining")),
+                "failures": len(rec["failures"]),
+                "public_pretraining": bool(rec.get("public_pretraining")),
             }
-    out.update({"wall_seconds": round(time.time() - t0, 1), "peak_rss_mb_all_processes": round(mem.peak_mb),
-                "overrides": overrides})
+    out.update(
+        {
+            "wall_seconds": round(time.time() - t0, 1),
+            "peak_rss_mb_all_processes": round(mem.peak_mb),
+            "overrides": overrides,
+        }
+    )
     print(json.dumps(out, indent=1))
 
 

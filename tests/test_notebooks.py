@@ -24,10 +24,17 @@ def test_notebooks_are_stored_without_outputs():
 def test_notebook_executes(path, tmp_path, monkeypatch, tiny_overrides):
     monkeypatch.setenv("PIPELINE_NOTEBOOK_OVERRIDES", " ".join(tiny_overrides))
     monkeypatch.setenv("PIPELINE_NOTEBOOK_OUT", str(tmp_path))
-    for key, value in {"NB_CLIENTS": "2", "NB_ROUNDS": "2", "NB_EPSILONS": "8", "NB_REFERENCE": "0"}.items():  # 02: small
+    for key, value in {
+        "NB_CLIENTS": "2",
+        "NB_ROUNDS": "2",
+        "NB_EPSILONS": "8",
+        "NB_REFERENCE": "0",
+    }.items():  # 02: small
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     book = nbformat.read(path, as_version=4)
-    NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    NotebookClient(
+        book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors

@@ -1,13 +1,30 @@
 """Configuration overrides small enough for end-to-end tests: a few epochs, tiny models, short explanations."""
 
 TRAIN = [
-    "regressor.hidden_sizes=[8]", "regressor.fit.epochs=3", "regressor.dp_fit.epochs=2",
-    "cnn.channels=[4]", "cnn.hidden=8", "cnn.fit.epochs=2", "cnn.dp_fit.epochs=2", "dp.public_pretrain_epochs=2",
+    "regressor.hidden_sizes=[8]",
+    "regressor.fit.epochs=3",
+    "regressor.dp_fit.epochs=2",
+    "cnn.channels=[4]",
+    "cnn.hidden=8",
+    "cnn.fit.epochs=2",
+    "cnn.dp_fit.epochs=2",
+    "dp.public_pretrain_epochs=2",
 ]
 EXPLAIN = [
-    "explain.n_rows=10", "explain.n_images=4", "explain.lime_num_samples=100", "explain.lime_image_num_samples=60",
-    "explain.stability_rows=3", "explain.deletion_steps=4", "explain.n_waterfalls=1", "explain.n_grid_images=2",
+    "explain.n_rows=10",
+    "explain.n_images=4",
+    "explain.lime_num_samples=100",
+    "explain.lime_image_num_samples=60",
+    "explain.stability_rows=3",
+    "explain.deletion_steps=4",
+    "explain.n_waterfalls=1",
+    "explain.n_grid_images=2",
     "explain.background_size=20",
 ]
-DISTILL = ["distill.fit.epochs=2", "distill.synthetic_per_row=2", "distill.cnn_channels=[2]", "distill.regressor_hidden=[2]"]
+DISTILL = [
+    "distill.fit.epochs=2",
+    "distill.synthetic_per_row=2",
+    "distill.cnn_channels=[2]",
+    "distill.regressor_hidden=[2]",
+]
 ALL = TRAIN + EXPLAIN + DISTILL

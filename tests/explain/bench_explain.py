@@ -43,8 +43,16 @@ def main() -> None:
     digits = load_digits()
     xi = (digits.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
     cnn = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
     cnn = _train(cnn, xi[:1500], digits.target[:1500], nn.CrossEntropyLoss(), epochs=8, seed=0)
     acc = (make_predict_fn(cnn, task="classification")(xi[1500:]).argmax(1) == digits.target[1500:]).mean()
@@ -58,10 +66,20 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     cases = {
-        "images": (cnn, "classification", xi[1500 : 1500 + N_EXPLAIN], xi[rng.choice(1500, N_BACKGROUND, replace=False)],
-                   ["shap-deep", "shap-gradient", "lime-image"]),
-        "rows": (mlp, "regression", xt[300 : 300 + N_EXPLAIN], xt[rng.choice(300, N_BACKGROUND, replace=False)],
-                 ["shap-deep", "shap-gradient", "shap-kernel", "lime-tabular"]),
+        "images": (
+            cnn,
+            "classification",
+            xi[1500 : 1500 + N_EXPLAIN],
+            xi[rng.choice(1500, N_BACKGROUND, replace=False)],
+            ["shap-deep", "shap-gradient", "lime-image"],
+        ),
+        "rows": (
+            mlp,
+            "regression",
+            xt[300 : 300 + N_EXPLAIN],
+            xt[rng.choice(300, N_BACKGROUND, replace=False)],
+            ["shap-deep", "shap-gradient", "shap-kernel", "lime-tabular"],
+        ),
     }
     for kind, (model, task, x, bg, methods) in cases.items():
         predict = make_predict_fn(model, task=task)
@@ -73,17 +91,21 @@ def main() -> None:
             t0 = time.perf_counter()
             r = deletion_insertion(e, predict, baseline=bg.mean(axis=0), n_steps=N_STEPS, seed=0)
             t_del = time.perf_counter() - t0
-            print(f"{kind:6s} {name:13s} {e.seconds / len(x) * 1e3:7.1f} ms/row  (deletion/insertion {t_del:5.2f} s: "
-                  f"del gain {r.deletion_gain:+.3f}, ins gain {r.insertion_gain:+.3f}, win {r.deletion_win_rate:.2f})")
+            print(
+                f"{kind:6s} {name:13s} {e.seconds / len(x) * 1e3:7.1f} ms/row  (deletion/insertion {t_del:5.2f} s: "
+                f"del gain {r.deletion_gain:+.3f}, ins gain {r.insertion_gain:+.3f}, win {r.deletion_win_rate:.2f})"
+            )
         lime = "lime-image" if kind == "images" else "lime-tabular"
         t0 = time.perf_counter()
         k = 8 if kind == "images" else 3
         a = agreement(expls["shap-deep"], expls[lime], k=k)
         explain_fn = functools.partial(get_explainer(lime), model, background=bg, task=task)
         s = stability(explain_fn, x[:N_STABILITY], seeds=(0, 1, 2), k=k)
-        print(f"{kind:6s} agreement deep vs lime top-{k} {a.mean_topk:.2f}, spearman {a.mean_spearman:.2f}, "
-              f"flagged {len(a.flagged)}; lime stability ({N_STABILITY} rows x 3 seeds) mean {s.mean:.2f} min {s.min:.2f} "
-              f"[{time.perf_counter() - t0:.2f} s]")
+        print(
+            f"{kind:6s} agreement deep vs lime top-{k} {a.mean_topk:.2f}, spearman {a.mean_spearman:.2f}, "
+            f"flagged {len(a.flagged)}; lime stability ({N_STABILITY} rows x 3 seeds) mean {s.mean:.2f} min {s.min:.2f} "
+            f"[{time.perf_counter() - t0:.2f} s]"
+        )
         print(f"{kind:6s} whole step ({len(x)} explained, all methods + metrics): {time.perf_counter() - step:.1f} s")
 
 

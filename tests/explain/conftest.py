@@ -20,7 +20,9 @@ def tabular() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def mlp() -> nn.Module:
-    return seeded(1, lambda: nn.Sequential(nn.Linear(N_FEATURES, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1)))
+    return seeded(
+        1, lambda: nn.Sequential(nn.Linear(N_FEATURES, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+    )
 
 
 @pytest.fixture(scope="session")

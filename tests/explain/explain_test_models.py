@@ -20,8 +20,18 @@ def seeded(seed: int, build):
 
 def make_cnn(channels: int, height: int, width: int, *, n_classes: int = 10, seed: int = 0) -> nn.Module:
     """Conv-ReLU-MaxPool x2 + Linear head: the shape the pipeline's CNN has."""
-    return seeded(seed, lambda: nn.Sequential(
-        nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * (height // 4) * (width // 4), 32), nn.ReLU(), nn.Linear(32, n_classes),
-    ))
+    return seeded(
+        seed,
+        lambda: nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * (height // 4) * (width // 4), 32),
+            nn.ReLU(),
+            nn.Linear(32, n_classes),
+        ),
+    )

@@ -58,9 +58,7 @@ def test_lime_image_values_are_constant_within_a_segment(cnn, images):
         cell = e.values[0, 0][seg == s]
         assert np.ptp(cell) == 0
     # Segment weights are spread over pixels: per-image sum equals the surrogate's weights.
-    np.testing.assert_allclose(
-        e.base_values + e.values.reshape(2, -1).sum(axis=1), e.extras["local_pred"], rtol=1e-6
-    )
+    np.testing.assert_allclose(e.base_values + e.values.reshape(2, -1).sum(axis=1), e.extras["local_pred"], rtol=1e-6)
 
 
 def test_quiet_sampler_matches_lime(cnn, images):

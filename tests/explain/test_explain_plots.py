@@ -5,8 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pytest
 
-from explain import deletion_insertion, get_explainer, make_predict_fn
-from explain import plots
+from explain import deletion_insertion, get_explainer, make_predict_fn, plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -14,8 +13,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tab_expls(mlp, tabular):
     kw = dict(background=tabular[20:50], task="regression", seed=0, feature_names=[f"f{i}" for i in range(10)])
-    return (get_explainer("shap-deep")(mlp, tabular[:8], **kw),
-            get_explainer("lime-tabular")(mlp, tabular[:8], num_samples=200, **kw))
+    return (
+        get_explainer("shap-deep")(mlp, tabular[:8], **kw),
+        get_explainer("lime-tabular")(mlp, tabular[:8], num_samples=200, **kw),
+    )
 
 
 def test_tabular_plots(tab_expls, mlp, tabular):

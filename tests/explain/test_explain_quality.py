@@ -24,8 +24,15 @@ def _e(values, *, method="m", inputs=None, base=None, outputs=None, targets=None
     values = np.asarray(values, dtype=float)
     n = values.shape[0]
     return Explanation(
-        method=method, values=values, base_values=base, inputs=np.zeros_like(values) if inputs is None else inputs,
-        outputs=np.zeros(n) if outputs is None else outputs, targets=targets, feature_names=None, seconds=0.0, extras={},
+        method=method,
+        values=values,
+        base_values=base,
+        inputs=np.zeros_like(values) if inputs is None else inputs,
+        outputs=np.zeros(n) if outputs is None else outputs,
+        targets=targets,
+        feature_names=None,
+        seconds=0.0,
+        extras={},
     )
 
 
@@ -141,7 +148,9 @@ def test_faithfulness_beats_random_and_shap_lime_agree_on_linear_model(linear, t
         assert r.deletion_win_rate >= 0.9 and r.insertion_win_rate >= 0.9
     agree = agreement(shap_e, lime_e, k=3)
     assert agree.mean_topk >= 0.95 and agree.mean_sign >= 0.95 and agree.mean_spearman >= 0.8
-    explain_fn = functools.partial(get_explainer("lime-tabular"), linear, background=bg, task="regression", num_samples=300)
+    explain_fn = functools.partial(
+        get_explainer("lime-tabular"), linear, background=bg, task="regression", num_samples=300
+    )
     stab = stability(explain_fn, x[:5], seeds=(0, 1, 2), k=3)
     assert stab.min >= 0.5 and stab.mean >= 0.8  # only 3 features matter, so their ranking is stable
 

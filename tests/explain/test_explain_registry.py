@@ -95,14 +95,26 @@ def test_bad_option_values(mlp, cnn, tabular, images):
 
 def test_explain_all_runs_each_method_on_same_rows(mlp, tabular):
     out = explain_all(
-        mlp, tabular[:3], methods=["shap-deep", "lime-tabular"], background=tabular[20:60], task="regression",
-        seed=3, options={"lime-tabular": {"num_samples": 200}},
+        mlp,
+        tabular[:3],
+        methods=["shap-deep", "lime-tabular"],
+        background=tabular[20:60],
+        task="regression",
+        seed=3,
+        options={"lime-tabular": {"num_samples": 200}},
     )
     assert list(out) == ["shap-deep", "lime-tabular"]
     np.testing.assert_array_equal(out["shap-deep"].outputs, out["lime-tabular"].outputs)
     with pytest.raises(ValueError, match=r"options given for \['shap-kernel'\]"):
-        explain_all(mlp, tabular[:1], methods=["shap-deep"], background=tabular[20:], task="regression", seed=0,
-                    options={"shap-kernel": {}})
+        explain_all(
+            mlp,
+            tabular[:1],
+            methods=["shap-deep"],
+            background=tabular[20:],
+            task="regression",
+            seed=0,
+            options={"shap-kernel": {}},
+        )
 
 
 def test_global_rng_state_is_untouched(mlp, tabular):

@@ -25,5 +25,7 @@ def test_image_explainers_on_shape(name, shape):
         assert additivity_error(e).max_rel_error <= 1e-4
     if name == "lime-image":
         assert e.extras["n_segments"] == [16, 16]  # default grid: 4 x 4 cells at every size
-    r = deletion_insertion(e, make_predict_fn(model, task="classification"), baseline=bg.mean(axis=0), n_steps=8, seed=0)
+    r = deletion_insertion(
+        e, make_predict_fn(model, task="classification"), baseline=bg.mean(axis=0), n_steps=8, seed=0
+    )
     assert len(r.deletion_curve) == 9

@@ -13,9 +13,15 @@ from explain import Explanation, json_safe
 def _expl(n=3, shape=(4,), **kw):
     rng = np.random.default_rng(0)
     args = dict(
-        method="shap-deep", values=rng.normal(size=(n, *shape)), base_values=np.zeros(n),
-        inputs=rng.normal(size=(n, *shape)), outputs=rng.normal(size=n), targets=None,
-        feature_names=None, seconds=0.5, extras={"seed": 1, "score": np.array([0.5, np.nan, 1.0])},
+        method="shap-deep",
+        values=rng.normal(size=(n, *shape)),
+        base_values=np.zeros(n),
+        inputs=rng.normal(size=(n, *shape)),
+        outputs=rng.normal(size=n),
+        targets=None,
+        feature_names=None,
+        seconds=0.5,
+        extras={"seed": 1, "score": np.array([0.5, np.nan, 1.0])},
     )
     args.update(kw)
     return Explanation(**args)
@@ -66,5 +72,8 @@ def test_inconsistent_shapes_raise(kw, match):
 
 def test_json_safe_handles_numpy_and_non_finite():
     assert json_safe({"a": np.float32(1.5), "b": np.int64(2), "c": float("inf"), "d": (np.bool_(True),)}) == {
-        "a": 1.5, "b": 2, "c": None, "d": [True]
+        "a": 1.5,
+        "b": 2,
+        "c": None,
+        "d": [True],
     }

@@ -7,18 +7,21 @@ from typing import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 
-from pipeline import data as data_stage
-from pipeline import train as train_stage
-from pipeline.config import load_config
-from pipeline.runtime import derive_seed
-
+from core import data as core_data
+from core import seeds
+from core.config import load_config
+from core.teacher import model_specs
 from federated.run_config import to_run_config
-from federated.task import write_inputs
+from federated.workdir import write_inputs
 
 # Tiny models and few rounds: the in-process federation must stay fast on two cores.
 TINY_FED = [
-    "cnn.channels=[4]", "cnn.hidden=8", "regressor.hidden_sizes=[8]",
-    "cnn.dp_fit.batch_size=64", "federated.n_clients=2", "federated.rounds=3",
+    "cnn.channels=[4]",
+    "cnn.hidden=8",
+    "regressor.hidden_sizes=[8]",
+    "cnn.dp_fit.batch_size=64",
+    "federated.n_clients=2",
+    "federated.rounds=3",
 ]
 
 
@@ -29,20 +32,25 @@ def make_cfg(*overrides: str):
 def digits_datasets():
     """The real (embedded) datasets, prepared with the tiny config."""
     cfg = load_config(None, TINY_FED)
-    return data_stage.run(cfg, {}, seed=derive_seed(cfg.seed, "data"))
+    return core_data.prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))
 
 
 def prepare_work_dir(work: Path, cfg, datasets, *, name: str = "cnn", seed: int = 3, **app) -> dict:
     """Write the inputs a Flower run reads; return its run-config."""
     key = {"cnn": "images", "regressor": "tabular"}[name]
-    spec = train_stage.model_specs(cfg, datasets)[name]
+    spec = model_specs(cfg, datasets)[name]
     write_inputs(work, name=name, dataset=datasets[key], spec=spec)
     return to_run_config(cfg, model=name, work_dir=str(work), seed=seed, **{"node_wait_s": 2.0, **app})
 
 
 def client_context(run_config: dict, partition_id: int, n_partitions: int) -> Context:
-    return Context(run_id=7, node_id=100 + partition_id, state=RecordDict(), run_config=dict(run_config),
-                   node_config={"partition-id": partition_id, "num-partitions": n_partitions})
+    return Context(
+        run_id=7,
+        node_id=100 + partition_id,
+        state=RecordDict(),
+        run_config=dict(run_config),
+        node_config={"partition-id": partition_id, "num-partitions": n_partitions},
+    )
 
 
 class InProcessGrid:

@@ -8,22 +8,25 @@ import torch
 from fed_helpers import client_context, make_cfg, prepare_work_dir
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from federated import client_state
+from core import models
+from core.privacy import epsilon_of
+from core.teacher import model_specs
+from federated import workdir
 from federated.client_app import InjectedFailure, evaluate, train
-from pipeline import models, train as train_stage
-from pipeline.privacy import epsilon_of
 
 ROUNDS = 3
 
 
 def _message(state_dict, server_round: int, **config) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(state_dict), "config": ConfigRecord({"server-round": server_round, **config})})
+    content = RecordDict(
+        {"arrays": ArrayRecord(state_dict), "config": ConfigRecord({"server-round": server_round, **config})}
+    )
     return Message(content, dst_node_id=100, message_type=MessageType.TRAIN)
 
 
 def _initial(cfg, digits_data):
     torch.manual_seed(0)
-    return models.build(train_stage.model_specs(cfg, digits_data)["cnn"]).state_dict()
+    return models.build(model_specs(cfg, digits_data)["cnn"]).state_dict()
 
 
 @pytest.fixture
@@ -66,7 +69,7 @@ def test_the_ledger_survives_a_restart_through_the_clients_file(dp_setup, digits
     fresh = client_context(rc, 1, 2)
     second = train(_message(weights, 2), fresh).content["metrics"]["epsilon"]
     assert second > first
-    path = client_state.ledger_path(tmp_path, "cnn", 1)
+    path = workdir.ledger_path(tmp_path, "cnn", 1)
     stored = json.loads(path.read_text())
     assert stored["rounds_trained"] == [1, 2]
     assert epsilon_of(stored["accountant_history"], delta=cfg.dp.delta, accountant="rdp") == pytest.approx(second)
@@ -100,7 +103,11 @@ def test_fedprox_term_keeps_the_local_model_closer_to_the_global_one(tmp_path, d
     weights = _initial(cfg, digits_data)
 
     def drift(mu):
-        out = train(_message(weights, 1, **{"proximal-mu": mu}), client_context(rc, 0, 2)).content["arrays"].to_torch_state_dict()
+        out = (
+            train(_message(weights, 1, **{"proximal-mu": mu}), client_context(rc, 0, 2))
+            .content["arrays"]
+            .to_torch_state_dict()
+        )
         return sum(float(((out[k] - weights[k]) ** 2).sum()) for k in weights) ** 0.5
 
     free, held = drift(0.0), drift(5.0)
@@ -118,7 +125,7 @@ def test_fault_injection_raises_only_for_the_named_client_and_round(tmp_path, di
 
 
 def test_a_supernode_for_another_federation_size_is_refused(tmp_path, digits_data):
-    from pipeline.errors import ConfigError
+    from core.errors import ConfigError
 
     cfg = make_cfg()
     rc = prepare_work_dir(tmp_path, cfg, digits_data)
@@ -129,8 +136,11 @@ def test_a_supernode_for_another_federation_size_is_refused(tmp_path, digits_dat
 def test_evaluate_reports_the_clients_validation_share(tmp_path, digits_data):
     cfg = make_cfg()
     rc = prepare_work_dir(tmp_path, cfg, digits_data)
-    msg = Message(RecordDict({"arrays": ArrayRecord(_initial(cfg, digits_data)), "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=100, message_type=MessageType.EVALUATE)
+    msg = Message(
+        RecordDict({"arrays": ArrayRecord(_initial(cfg, digits_data)), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=100,
+        message_type=MessageType.EVALUATE,
+    )
     metrics = [evaluate(msg, client_context(rc, i, 2)).content["metrics"] for i in range(2)]
     assert sum(m["num-examples"] for m in metrics) == len(digits_data["images"].y["val"])
     assert all(0.0 <= m["accuracy"] <= 1.0 and np.isfinite(m["loss"]) for m in metrics)

@@ -11,8 +11,15 @@ import pytest
 from federated import launcher
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["federated.n_clients=2", "federated.rounds=2", "federated.local_epochs=1",
-        "regressor.hidden_sizes=[8]", "cnn.channels=[4]", "cnn.hidden=8", "cnn.dp_fit.batch_size=64"]
+TINY = [
+    "federated.n_clients=2",
+    "federated.rounds=2",
+    "federated.local_epochs=1",
+    "regressor.hidden_sizes=[8]",
+    "cnn.channels=[4]",
+    "cnn.hidden=8",
+    "cnn.dp_fit.batch_size=64",
+]
 
 
 def _flower_processes() -> set[int]:
@@ -23,8 +30,18 @@ def _flower_processes() -> set[int]:
 @pytest.mark.slow
 def test_pipeline_trains_both_models_federated_with_per_round_per_client_epsilon(tmp_path):
     # RDP keeps each client's noise calibration cheap; the plumbing is the same for PRV.
-    cmd = [sys.executable, "-m", "pipeline", "--out", str(tmp_path), "--quiet", "train.mode=federated",
-           "dp.enabled=true", "dp.accountant=rdp", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "train.mode=federated",
+        "dp.enabled=true",
+        "dp.accountant=rdp",
+        *TINY,
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     run = next(tmp_path.iterdir())
@@ -50,12 +67,19 @@ def test_pipeline_trains_both_models_federated_with_per_round_per_client_epsilon
 
 @pytest.mark.slow
 def test_loopback_deployment_with_tls_and_supernode_auth_survives_a_failing_client(tmp_path):
+    from core.config import load_config
     from federated.deploy import deploy
-    from pipeline.config import load_config
 
     cfg = load_config(None, [*TINY, "federated.min_clients=1"])
-    record = deploy(cfg, model="cnn", work=tmp_path, n_supernodes=2, tls=True, auth=True,
-                    app_settings={"fail_partition": 0, "fail_round": 2})
+    record = deploy(
+        cfg,
+        model="cnn",
+        work=tmp_path,
+        n_supernodes=2,
+        tls=True,
+        auth=True,
+        app_settings={"fail_partition": 0, "fail_round": 2},
+    )
     assert record["deployment"] == {**record["deployment"], "supernodes": 2, "tls": True, "supernode_auth": True}
     assert [h["clients_trained"] for h in record["history"]] == [2, 1]
     assert [f["round"] for f in record["failures"]] == [2]

@@ -13,8 +13,10 @@ def _alive(pid):
 def test_stop_ends_a_process_and_the_children_it_spawned(tmp_path):
     procs = launcher.Processes(tmp_path, env=launcher.flower_env(tmp_path / "home"))
     # A parent that starts a grandchild in a new session (as Ray's raylet does) and ignores SIGTERM.
-    code = ("import subprocess, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)")
+    code = (
+        "import subprocess, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)"
+    )
     parent = procs.start("tree", [sys.executable, "-c", code])
     deadline = time.monotonic() + 10
     while not launcher.descendants(parent.pid) and time.monotonic() < deadline:

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from core.errors import ConfigError, DataError
 from federated.partition import PARTITIONERS, label_histograms, partition
-from pipeline.errors import ConfigError, DataError
 
 N = 1000
 

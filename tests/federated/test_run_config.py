@@ -3,12 +3,18 @@ from pathlib import Path
 import pytest
 from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
+from core.config import Config, load_config
+from core.errors import ConfigError
 from federated.run_config import (
-    APP_DEFAULTS, declared_keys, from_run_config, pyproject_section, replace_section, run_config_toml,
-    overrides_for, to_run_config,
+    APP_DEFAULTS,
+    declared_keys,
+    from_run_config,
+    overrides_for,
+    pyproject_section,
+    replace_section,
+    run_config_toml,
+    to_run_config,
 )
-from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 # What `python -m federated.run_config --write` produces; tests of the mechanism use it so that only
@@ -23,18 +29,32 @@ def test_default_config_round_trips():
 
 
 def test_changed_config_round_trips_with_tuples_and_app_settings():
-    cfg = load_config(None, ["cnn.channels=[8, 16, 4]", "regressor.hidden_sizes=[3]", "dp.enabled=true",
-                             "federated.strategy=fedadam", "federated.n_clients=3", "seed=11"])
+    cfg = load_config(
+        None,
+        [
+            "cnn.channels=[8, 16, 4]",
+            "regressor.hidden_sizes=[3]",
+            "dp.enabled=true",
+            "federated.strategy=fedadam",
+            "federated.n_clients=3",
+            "seed=11",
+        ],
+    )
     rc = to_run_config(cfg, model="regressor", work_dir="/somewhere", seed=5, fail_partition=1)
     assert all(isinstance(v, (bool, int, float, str)) for v in rc.values())  # what Flower accepts
     back, settings = from_run_config(rc)
     assert back == cfg
-    assert (settings.model, settings.work_dir, settings.seed, settings.fail_partition) == ("regressor", "/somewhere", 5, 1)
+    assert (settings.model, settings.work_dir, settings.seed, settings.fail_partition) == (
+        "regressor",
+        "/somewhere",
+        5,
+        1,
+    )
 
 
 def test_flower_parses_our_run_config_file_and_accepts_every_key(tmp_path):
     """What `flwr run --run-config F.toml` does: parse, then fuse onto the app's declared defaults."""
-    cfg = load_config(None, ["cnn.channels=[8]", "data.images=\"x \\\"quoted\\\".npz\"", "federated.rounds=4"])
+    cfg = load_config(None, ["cnn.channels=[8]", 'data.images="x \\"quoted\\".npz"', "federated.rounds=4"])
     rc = to_run_config(cfg, work_dir="/tmp/w")
     path = tmp_path / "rc.toml"
     path.write_text(run_config_toml(rc))

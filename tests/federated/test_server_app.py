@@ -7,10 +7,11 @@ import pytest
 import torch
 from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_context
 
-from federated import checkpoint, client_state
-from federated.server_app import main, read_error, read_result
+from core import models
+from federated import checkpoint, client_state, workdir
+from federated.server_app import main
 from federated.strategies import RoundFailedError
-from pipeline import models
+from federated.workdir import read_error, read_result
 
 
 def _run(tmp_path, digits_data, *overrides, n_nodes=2, crash_in_round=0, **app):
@@ -46,7 +47,7 @@ def test_a_crashed_server_resumes_from_its_last_completed_round(tmp_path, digits
     with pytest.raises(SystemExit):
         main(InProcessGrid(rc, 2, crash_in_round=3), server_context(rc))
     assert read_error(tmp_path, "cnn") is not None
-    ck = checkpoint.load(checkpoint.checkpoint_path(tmp_path, "cnn"))
+    ck = checkpoint.load(workdir.checkpoint_path(tmp_path, "cnn"))
     assert ck.record["completed_rounds"] == 2
     eps_before = {pid: s[-1] for pid, s in ck.record["client_epsilon"].items()}
 
@@ -63,8 +64,9 @@ def test_a_crashed_server_resumes_from_its_last_completed_round(tmp_path, digits
 
 
 def test_a_failing_client_does_not_stop_the_run(tmp_path, digits_data):
-    _, _, (_, record) = _run(tmp_path, digits_data, "federated.n_clients=3", "federated.min_clients=2",
-                             n_nodes=3, fail_partition=0)
+    _, _, (_, record) = _run(
+        tmp_path, digits_data, "federated.n_clients=3", "federated.min_clients=2", n_nodes=3, fail_partition=0
+    )
     assert [h["clients_trained"] for h in record["history"]] == [2, 2, 2]
     assert [f["round"] for f in record["failures"]] == [1, 2, 3]
     assert "injected failure of client 0" in record["failures"][0]["reason"]
@@ -76,7 +78,7 @@ def test_below_min_clients_the_run_stops_with_a_clear_error(tmp_path, digits_dat
         _run(tmp_path, digits_data, "federated.min_clients=2", fail_partition=1, fail_round=2)
     error = read_error(tmp_path, "cnn")
     assert error["user_error"] and "round 2" in error["error"]
-    assert checkpoint.load(checkpoint.checkpoint_path(tmp_path, "cnn")).record["completed_rounds"] == 1
+    assert checkpoint.load(workdir.checkpoint_path(tmp_path, "cnn")).record["completed_rounds"] == 1
 
 
 def test_clients_out_of_budget_refuse_and_the_model_stays(tmp_path, digits_data):
@@ -86,8 +88,13 @@ def test_clients_out_of_budget_refuse_and_the_model_stays(tmp_path, digits_data)
     from flwr.app import Context, RecordDict
 
     for pid in range(2):
-        client_state.save_history(Context(7, pid, {}, RecordDict(), {}), spent,
-                                  path=client_state.ledger_path(tmp_path, "cnn", pid), model="cnn", rounds=[])
+        client_state.save_history(
+            Context(7, pid, {}, RecordDict(), {}),
+            spent,
+            path=workdir.ledger_path(tmp_path, "cnn", pid),
+            model="cnn",
+            rounds=[],
+        )
     main(InProcessGrid(rc, 2), server_context(rc))
     weights, record = read_result(tmp_path, "cnn")
     refused = record["client_rounds"][0]["refused"]
@@ -102,7 +109,7 @@ def test_clients_out_of_budget_refuse_and_the_model_stays(tmp_path, digits_data)
 def test_other_strategies_run_and_checkpoint(tmp_path, digits_data, strategy):
     _, _, (_, record) = _run(tmp_path, digits_data, f"federated.strategy={strategy}", "federated.rounds=2")
     assert record["strategy"]["name"] == strategy and record["completed_rounds"] == 2
-    ck = checkpoint.load(checkpoint.checkpoint_path(tmp_path, "cnn"))
+    ck = checkpoint.load(workdir.checkpoint_path(tmp_path, "cnn"))
     assert bool(ck.strategy_state) == (strategy == "fedadam")  # FedAdam's moments resume with it
 
 

@@ -3,10 +3,10 @@
 import pytest
 from fed_helpers import make_cfg
 
+from core.errors import DataError, PrivacyBudgetError
+from core.teacher import model_specs
 from federated import launcher
 from federated.simulation import train_federated
-from pipeline import train as train_stage
-from pipeline.errors import DataError, PrivacyBudgetError
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def no_processes(monkeypatch):
 
 
 def _train(cfg, digits_data):
-    spec = train_stage.model_specs(cfg, digits_data)["cnn"]
+    spec = model_specs(cfg, digits_data)["cnn"]
     return train_federated(cfg, name="cnn", dataset=digits_data["images"], spec=spec, seed=1)
 
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from core.errors import ConfigError
 from federated import checkpoint
 from federated.strategies import STRATEGIES, RoundFailedError, build_strategy
-from pipeline.errors import ConfigError
 
 
 def _sent(node: int) -> Message:
@@ -12,16 +12,22 @@ def _sent(node: int) -> Message:
 
 
 def _trained(node: int, value: float, n: int, pid: int) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))}),
-        "metrics": MetricRecord({"num-examples": n, "partition-id": pid, "epsilon": 1.5, "refused": 0}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))}),
+            "metrics": MetricRecord({"num-examples": n, "partition-id": pid, "epsilon": 1.5, "refused": 0}),
+        }
+    )
     return Message(content, reply_to=_sent(node))
 
 
 def _refused(node: int, pid: int) -> Message:
-    content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "partition-id": pid, "epsilon": 3.0, "refused": 1}),
-                          "status": ConfigRecord({"refused": "client refuses: budget"})})
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"num-examples": 0, "partition-id": pid, "epsilon": 3.0, "refused": 1}),
+            "status": ConfigRecord({"refused": "client refuses: budget"}),
+        }
+    )
     return Message(content, reply_to=_sent(node))
 
 
@@ -79,8 +85,14 @@ def test_fedadam_moments_round_trip_through_the_checkpoint(tmp_path):
     s = build_strategy("fedadam", n_clients=2, min_clients=1)
     s.m_t, s.v_t = {"w": np.ones(3)}, {"w": np.full(3, 2.0)}
     path = tmp_path / "ck.safetensors"
-    checkpoint.save(path, checkpoint.ServerCheckpoint(weights={"w": np.zeros(3)}, strategy_state=s.optimizer_state(),
-                                                      record={"completed_rounds": 1, "x": float("nan")}))
+    checkpoint.save(
+        path,
+        checkpoint.ServerCheckpoint(
+            weights={"w": np.zeros(3)},
+            strategy_state=s.optimizer_state(),
+            record={"completed_rounds": 1, "x": float("nan")},
+        ),
+    )
     ck = checkpoint.load(path)
     t = build_strategy("fedadam", n_clients=2, min_clients=1)
     t.load_optimizer_state(ck.strategy_state)

@@ -18,14 +18,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cli(*args, cwd=None, check=False):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=600
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
 
 
 def _run_dir(proc) -> Path:
-    line = [l for l in proc.stdout.splitlines() if l.startswith("run directory:")][-1]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("run directory:")][-1]
     return Path(line.split(":", 1)[1].strip())
 
 
@@ -33,7 +35,9 @@ def test_end_to_end_run_directory(tmp_path, tiny_overrides):
     proc = cli("--out", str(tmp_path), "--quiet", *tiny_overrides, check=True)
     run = _run_dir(proc)
     manifest = json.loads((run / "manifest.json").read_text())
-    assert {s: manifest["stages"][s]["status"] for s in ("data", "train", "evaluate")} == dict.fromkeys(("data", "train", "evaluate"), "complete")
+    assert {s: manifest["stages"][s]["status"] for s in ("data", "train", "evaluate")} == dict.fromkeys(
+        ("data", "train", "evaluate"), "complete"
+    )
     for rel, entry in manifest["artifacts"].items():
         assert sha256_file(run / rel) == entry["sha256"], rel
         assert entry["stage"] in manifest["stages"]
@@ -55,7 +59,15 @@ def test_dp_run_records_the_guarantee(tmp_path, tiny_overrides):
     for name in ("regressor", "cnn"):
         rec = json.loads((run / "models" / f"{name}.json").read_text())["training"]["privacy"]
         assert 0 < rec["epsilon"] <= 2.0 and rec["delta"] == 1e-5
-        for key in ("noise_multiplier", "max_grad_norm", "sample_rate", "total_steps", "accountant", "opacus_version", "secure_mode"):
+        for key in (
+            "noise_multiplier",
+            "max_grad_norm",
+            "sample_rate",
+            "total_steps",
+            "accountant",
+            "opacus_version",
+            "secure_mode",
+        ):
             assert key in rec
         pre = json.loads((run / "models" / f"{name}.json").read_text())["training"]["public_pretraining"]
         arrays = np.load(run / "data" / ("tabular.npz" if name == "regressor" else "images.npz"))
@@ -67,10 +79,10 @@ def test_dp_run_records_the_guarantee(tmp_path, tiny_overrides):
     [
         (["cnn.fit.epoch=3"], "unknown config key 'cnn.fit.epoch'"),
         (["dp.delta=5"], "dp.delta"),
-        (["data.images=\"/no/such.npz\""], "does not exist"),
+        (['data.images="/no/such.npz"'], "does not exist"),
         (["dp.enabled=true", "dp.noise_multiplier=0.1"], "budget"),
         (["--from", "train"], "--run-dir"),
-        (["--stages", "train"], "stage 'data' has not completed"),
+        (["--stages", "train"], "needs the output of 'data'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, fragment):
@@ -85,7 +97,7 @@ def test_config_command_prints_loadable_toml(tmp_path):
     proc = cli("config", "cnn.fit.epochs=7", check=True)
     path = tmp_path / "c.toml"
     path.write_text(proc.stdout)
-    from pipeline.config import load_config
+    from core.config import load_config
 
     assert load_config(path).cnn.fit.epochs == 7
 
@@ -98,8 +110,18 @@ def test_help_lists_stages_and_sections():
 
 def test_killed_run_resumes_from_checkpoint(tmp_path, tiny_overrides):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "pipeline", "--out", str(tmp_path), "--quiet", *tiny_overrides,
-            "cnn.fit.epochs=400", "train.patience=0", "train.checkpoint_every_s=0"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        *tiny_overrides,
+        "cnn.fit.epochs=400",
+        "train.patience=0",
+        "train.checkpoint_every_s=0",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     run = None
@@ -138,7 +160,11 @@ def test_from_reruns_a_slice_and_verify_catches_edits(tmp_path, tiny_overrides):
     (run / "extra.txt").write_text("x")
     proc = cli("verify", str(run))
     assert proc.returncode == 1
-    assert "edited: metrics/evaluation.json" in proc.stdout and "missing: models/ridge.json" in proc.stdout and "extra: extra.txt" in proc.stdout
+    assert (
+        "edited: metrics/evaluation.json" in proc.stdout
+        and "missing: models/ridge.json" in proc.stdout
+        and "extra: extra.txt" in proc.stdout
+    )
     # A later stage refuses inputs that were edited.
     proc = cli("--run-dir", str(run), "--stages", "evaluate", "--quiet")
     assert proc.returncode == 2 and "ridge.json" in proc.stderr

@@ -2,12 +2,24 @@ import numpy as np
 import pytest
 import torch
 
+from core.config import load_config
+from core.teacher import TrainedModel
 from pipeline import data, distill, train
-from pipeline.config import load_config
 
-TINY = ["dp.public_pretrain_epochs=2", "regressor.hidden_sizes=[8]", "regressor.fit.epochs=20", "regressor.dp_fit.epochs=2", "cnn.channels=[8, 16]",
-        "cnn.hidden=32", "cnn.fit.epochs=6", "cnn.dp_fit.epochs=2", "distill.fit.epochs=20", "distill.cnn_channels=[2]",
-        "distill.regressor_hidden=[4]", "distill.synthetic_per_row=5"]
+TINY = [
+    "dp.public_pretrain_epochs=2",
+    "regressor.hidden_sizes=[8]",
+    "regressor.fit.epochs=20",
+    "regressor.dp_fit.epochs=2",
+    "cnn.channels=[8, 16]",
+    "cnn.hidden=32",
+    "cnn.fit.epochs=6",
+    "cnn.dp_fit.epochs=2",
+    "distill.fit.epochs=20",
+    "distill.cnn_channels=[2]",
+    "distill.regressor_hidden=[4]",
+    "distill.synthetic_per_row=5",
+]
 
 
 def test_kd_loss_matches_hand_computation():
@@ -43,7 +55,7 @@ def test_dp_teacher_student_reads_only_public_rows(dp_run):
         assert not used & set(ds[key].index["train"].tolist())
         assert rec["transfer"]["splits"] == ["public"] and not rec["transfer"]["uses_private_labels"]
         assert rec["privacy"]["guarantee"] == "inherited"
-        assert rec["privacy"]["epsilon"] == trained[name].training["privacy"]["epsilon"]
+        assert rec["privacy"]["epsilon"] == trained.models[name].training["privacy"]["epsilon"]
 
 
 def test_students_are_smaller_and_onnx_matches_torch(dp_run):
@@ -52,17 +64,19 @@ def test_students_are_smaller_and_onnx_matches_torch(dp_run):
         rec = out[name]["record"]
         assert rec["compression_ratio"] >= (10 if name == "cnn" else 1.5)
         assert rec["onnx_max_abs_diff"] < 1e-4
-        student = train.TrainedModel(spec=out[name]["spec"], state_dict=out[name]["state_dict"], training={}).build()
+        student = TrainedModel(spec=out[name]["spec"], state_dict=out[name]["state_dict"], training={}).build()
         session = distill.onnx_session(out[name]["onnx"])
         x = ds[key].x["test"][:7]
-        np.testing.assert_allclose(session.run(None, {"x": x})[0].squeeze(), student(torch.as_tensor(x)).detach().numpy().squeeze(), atol=1e-4)
+        np.testing.assert_allclose(
+            session.run(None, {"x": x})[0].squeeze(), student(torch.as_tensor(x)).detach().numpy().squeeze(), atol=1e-4
+        )
 
 
 def test_private_transfer_without_student_dp_says_no_guarantee():
-    cfg = load_config(None, TINY + ["dp.enabled=true", "dp.target_epsilon=8", "distill.transfer=\"private\""])
+    cfg = load_config(None, TINY + ["dp.enabled=true", "dp.target_epsilon=8", 'distill.transfer="private"'])
     ds = data.run(cfg, {}, seed=0)
     trained = train.run(cfg, {"data": ds}, seed=1)
-    rec = distill._distill_one(cfg, "regressor", ds["tabular"], trained["regressor"], seed=3)["record"]
+    rec = distill._distill_one(cfg, "regressor", ds["tabular"], trained.models["regressor"], seed=3)["record"]
     assert rec["privacy"]["guarantee"] == "none" and "NO differential-privacy guarantee" in rec["privacy"]["reason"]
 
 

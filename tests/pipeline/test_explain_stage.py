@@ -6,16 +6,23 @@ import json
 import numpy as np
 import pytest
 
-from explain import make_predict_fn
+from core.config import load_config
+from core.errors import ConfigError, DataError
+from core.models import MODELS
+from explain import compare_variants, make_predict_fn
 from pipeline import data, explain_stage, train
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, DataError
-
 from tests.tiny import TRAIN as TINY  # noqa: E402
 
-SMALL_EXPLAIN = ["explain.n_rows=12", "explain.n_images=6", "explain.lime_num_samples=200",
-                 "explain.lime_image_num_samples=100", "explain.stability_rows=4", "explain.deletion_steps=6",
-                 "explain.n_waterfalls=2", "explain.n_grid_images=2"]
+SMALL_EXPLAIN = [
+    "explain.n_rows=12",
+    "explain.n_images=6",
+    "explain.lime_num_samples=200",
+    "explain.lime_image_num_samples=100",
+    "explain.stability_rows=4",
+    "explain.deletion_steps=6",
+    "explain.n_waterfalls=2",
+    "explain.n_grid_images=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +37,13 @@ def tiny():
 
 def test_shap_values_add_up_to_the_model_output(tiny):
     _, datasets, trained, result = tiny
-    for name, key in explain_stage.MODELS.items():
+    for name, key in ((n, e.dataset) for n, e in MODELS.items()):
         me = result.models[name]
         shap_method = me.metrics["methods"]["shap"]
         assert shap_method == "shap-deep"  # exact on these nn.ReLU / MaxPool / Linear models; no fallback
         expl = me.explanations[shap_method]
         # Recomputed from a fresh model, not read back from the explanation.
-        out = make_predict_fn(trained[name].build(), task=datasets[key].task)(expl.inputs.astype(np.float32))
+        out = make_predict_fn(trained.models[name].build(), task=datasets[key].task)(expl.inputs.astype(np.float32))
         out = out if expl.targets is None else out[np.arange(expl.n), expl.targets]
         gap = np.abs(expl.base_values + expl.values.reshape(expl.n, -1).sum(axis=1) - out)
         assert gap.max() < 1e-4, name
@@ -45,21 +52,25 @@ def test_shap_values_add_up_to_the_model_output(tiny):
 
 def test_same_seed_gives_identical_arrays_and_another_seed_changes_lime(tiny):
     cfg, datasets, trained, result = tiny
-    for name, key in explain_stage.MODELS.items():
-        again = explain_stage.explain_model(name, trained[name].build(), datasets[key], cfg.explain,
-                                            seed=explain_stage.derive_seed(2, name))
+    for name, key in ((n, e.dataset) for n, e in MODELS.items()):
+        again = explain_stage.explain_model(
+            name, trained.models[name].build(), datasets[key], cfg.explain, seed=explain_stage.derive_seed(2, name)
+        )
         for method, expl in result.models[name].explanations.items():
             np.testing.assert_array_equal(again.explanations[method].values, expl.values)
             if expl.base_values is not None:
                 np.testing.assert_array_equal(again.explanations[method].base_values, expl.base_values)
-    other = explain_stage.explain_model("regressor", trained["regressor"].build(), datasets["tabular"], cfg.explain, seed=99)
-    assert not np.array_equal(other.explanations["lime-tabular"].values,
-                              result.models["regressor"].explanations["lime-tabular"].values)
+    other = explain_stage.explain_model(
+        "regressor", trained.models["regressor"].build(), datasets["tabular"], cfg.explain, seed=99
+    )
+    assert not np.array_equal(
+        other.explanations["lime-tabular"].values, result.models["regressor"].explanations["lime-tabular"].values
+    )
 
 
 def test_backgrounds_are_exactly_the_public_split_and_explained_rows_the_test_split(tiny):
     _, datasets, _, result = tiny
-    for name, key in explain_stage.MODELS.items():
+    for name, key in ((n, e.dataset) for n, e in MODELS.items()):
         m, ds = result.models[name].metrics, datasets[key]
         assert m["background"]["split"] == "public" and not m["background"]["private"]
         np.testing.assert_array_equal(np.sort(m["background"]["index"]), np.sort(ds.index["public"]))
@@ -82,7 +93,9 @@ def test_a_smaller_background_is_a_seeded_subset_of_the_public_split(tiny):
 def test_too_small_public_split_fails_with_the_fix_unless_train_is_chosen(tiny):
     cfg, datasets, _, _ = tiny
     ds = datasets["tabular"]
-    empty = dataclasses.replace(ds, x={**ds.x, "public": ds.x["public"][:0]}, index={**ds.index, "public": ds.index["public"][:0]})
+    empty = dataclasses.replace(
+        ds, x={**ds.x, "public": ds.x["public"][:0]}, index={**ds.index, "public": ds.index["public"][:0]}
+    )
     with pytest.raises(DataError, match=r"data\.public_fraction.*background_split"):
         explain_stage.background_rows(empty, cfg.explain, size=50, seed=0)
     train_cfg = dataclasses.replace(cfg.explain, background_split="train")
@@ -113,7 +126,11 @@ def test_quality_metrics_are_computed_and_in_range(tiny):
 def test_dump_and_load_round_trip(tiny):
     _, _, _, result = tiny
     files = explain_stage.dump(result)
-    assert "explain/metrics.json" in files and "explain/regressor_shap-deep.npz" in files and "explain/cnn_lime-image.npz" in files
+    assert (
+        "explain/metrics.json" in files
+        and "explain/regressor_shap-deep.npz" in files
+        and "explain/cnn_lime-image.npz" in files
+    )
     pngs = [rel for rel in files if rel.endswith(".png")]
     assert pngs and all(files[rel].startswith(b"\x89PNG") for rel in pngs)
     json.loads(files["explain/metrics.json"])
@@ -130,7 +147,18 @@ def test_dump_and_load_round_trip(tiny):
 def test_compare_variants_of_one_model_is_identity(tiny):
     _, datasets, trained, _ = tiny
     ds = datasets["tabular"]
-    model = trained["regressor"].build()
-    d = explain_stage.compare_variants(model, trained["regressor"].build(), ds.x["test"][:8], background=ds.x["public"],
-                                       task="regression", seed=0, k=3)
-    assert d["global_topk"] == 1.0 and d["global_l1"] == pytest.approx(0, abs=1e-9) and d["labels"] == ["teacher", "student"]
+    model = trained.models["regressor"].build()
+    d = compare_variants(
+        model,
+        trained.models["regressor"].build(),
+        ds.x["test"][:8],
+        background=ds.x["public"],
+        task="regression",
+        seed=0,
+        k=3,
+    )
+    assert (
+        d["global_topk"] == 1.0
+        and d["global_l1"] == pytest.approx(0, abs=1e-9)
+        and d["labels"] == ["teacher", "student"]
+    )

@@ -9,16 +9,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline import config as config_mod
-from pipeline import report, report_html, runner
-from pipeline.config import load_config
+from core import config as config_mod
+from core.config import load_config
+from core.models import MODELS
+from pipeline import report, runner
+from pipeline.report import html_page as report_html
+from pipeline.report.privacy import privacy_section
 from pipeline.rundir import RunDir
 
 jsonschema = pytest.importorskip("jsonschema")
 
 HOSTILE = "<script>alert(1)</script>"
 TARGET = 'y"><img src=x onerror=alert(2)>'
-from tests.tiny import EXPLAIN as SMALL_EXPLAIN, TRAIN as TINY  # noqa: E402
+from tests.tiny import EXPLAIN as SMALL_EXPLAIN  # noqa: E402
+from tests.tiny import TRAIN as TINY  # noqa: E402
 
 STAGES = ["data", "train", "evaluate", "explain", "report"]
 
@@ -44,8 +48,12 @@ def hostile_run(tmp_path_factory):
     overrides = TINY + SMALL_EXPLAIN + [f'data.tabular_csv="{csv}"', f"data.target='{TARGET}'"]
     cfg = load_config(None, overrides)
     assert cfg.data.target == TARGET
-    run = RunDir.create(folder / "runs", config_toml=config_mod.to_toml(cfg), command=["python", "-m", "pipeline", *overrides],
-                        device="cpu")
+    run = RunDir.create(
+        folder / "runs",
+        config_toml=config_mod.to_toml(cfg),
+        command=["python", "-m", "pipeline", *overrides],
+        device="cpu",
+    )
     runner.run_stages(cfg, run, STAGES)
     return run
 
@@ -83,8 +91,17 @@ def test_hostile_names_are_text_in_html_and_model_cards(hostile_run):
         assert HOSTILE not in card and "<img" not in card and "<b>" not in card
     card = hostile_run.read("model_card_regressor.md").decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in card
-    for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
-                    "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):
+    for section in (
+        "Model details",
+        "Intended use",
+        "Factors",
+        "Metrics",
+        "Evaluation data",
+        "Training data",
+        "Quantitative analyses",
+        "Ethical considerations",
+        "Caveats and recommendations",
+    ):
         assert f"## {section}" in card
 
 
@@ -107,7 +124,9 @@ def test_html_is_self_contained_and_lists_every_earlier_hash(hostile_run):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html)
     assert any(t == "meta" and a.get("http-equiv") == "Content-Security-Policy" for t, a in parser.tags)
     headings = [m.group(1) for m in re.finditer(r"<h2>([^<]+)</h2>", html)]
-    assert headings[:2] == ["Summary", "Data provenance"] and "Privacy" in headings and headings[-1] == "Reproducibility"
+    assert (
+        headings[:2] == ["Summary", "Data provenance"] and "Privacy" in headings and headings[-1] == "Reproducibility"
+    )
     content = json.loads(hostile_run.read("report.json"))
     listed = {a["path"]: a["sha256"] for a in content["reproducibility"]["artifacts"]}
     for rel, entry in hostile_run.manifest["artifacts"].items():
@@ -126,49 +145,92 @@ def test_verify_catches_an_edited_report(hostile_run, tmp_path):
 
 
 def _trained(record, n_train=300):
-    return {name: SimpleNamespace(training={"privacy": record, "n_train": n_train}) for name in ("regressor", "cnn")}
+    models = {name: SimpleNamespace(training={"privacy": record, "n_train": n_train}) for name in MODELS}
+    return SimpleNamespace(models=models)
 
 
 def test_privacy_section_states_coverage_and_caveats():
     cfg = load_config(None, ["dp.enabled=true"])
-    record = {"epsilon": 2.5, "delta": 1e-2, "target_epsilon": 3.0, "noise_multiplier": 1.1, "max_grad_norm": 1.0,
-              "sample_rate": 0.1, "total_steps": 100, "accountant": "prv", "opacus_version": "1.6.0", "secure_mode": False}
-    p = report.privacy_section(cfg, _trained(record), {}, None)
+    record = {
+        "epsilon": 2.5,
+        "delta": 1e-2,
+        "target_epsilon": 3.0,
+        "noise_multiplier": 1.1,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.1,
+        "total_steps": 100,
+        "accountant": "prv",
+        "opacus_version": "1.6.0",
+        "secure_mode": False,
+    }
+    p = privacy_section(cfg, _trained(record), {}, None)
     assert p["enabled"] and "ε = 2.5, δ = 0.01" in p["statement"]
     assert any("ridge" in line.lower() for line in p["not_covered"])
-    assert any("scaler" in line for line in p["not_covered"]) and any("public split" in line for line in p["not_covered"])
+    assert any("scaler" in line for line in p["not_covered"]) and any(
+        "public split" in line for line in p["not_covered"]
+    )
     assert any("explain/" in line for line in p["covered"])
     assert any("secure_mode is off" in c for c in p["caveats"])
     assert any("not below 1/n" in c for c in p["caveats"])  # δ = 0.01 >= 1/300
-    off = report.privacy_section(load_config(None, []), _trained(None), {}, None)
+    off = privacy_section(load_config(None, []), _trained(None), {}, None)
     assert not off["enabled"] and off["statement"].startswith("No formal privacy guarantee") and not off["covered"]
-    train_bg = report.privacy_section(load_config(None, ["dp.enabled=true", "explain.background_split=train"]),
-                                      _trained({**record, "delta": 1e-5}), {}, None)
+    train_bg = privacy_section(
+        load_config(None, ["dp.enabled=true", "explain.background_split=train"]),
+        _trained({**record, "delta": 1e-5}),
+        {},
+        None,
+    )
     assert any("explain/*" in line for line in train_bg["not_covered"])
     assert not any("explain/" in line for line in train_bg["covered"])
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 # Sets the title to "IMAGES decoded/total" once the page has loaded; injected into a copy, never the report.
-PROBE = ("<script>addEventListener('load', () => { const i = [...document.images]; document.title = 'IMAGES ' + "
-         "i.filter(x => x.complete && x.naturalWidth > 0).length + '/' + i.length; });</script>")
+PROBE = (
+    "<script>addEventListener('load', () => { const i = [...document.images]; document.title = 'IMAGES ' + "
+    "i.filter(x => x.complete && x.naturalWidth > 0).length + '/' + i.length; });</script>"
+)
 
 
 def _chromium(*args, profile):
     import subprocess
 
-    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-                           "--virtual-time-budget=10000", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed; `make browser` installs it "
-                                             "(Debian: apt-get install --no-install-recommends chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed; `make browser` installs it "
+    "(Debian: apt-get install --no-install-recommends chromium)",
+)
 def test_report_opens_in_a_headless_browser_and_every_image_decodes(hostile_run, tmp_path):
     html = hostile_run.read("report.html").decode()
     n_images = html.count("<img ")
-    probe = html.replace(report_html.CSP, report_html.CSP + "; script-src 'unsafe-inline'", 1).replace("</body>", PROBE + "</body>")
+    probe = html.replace(report_html.CSP, report_html.CSP + "; script-src 'unsafe-inline'", 1).replace(
+        "</body>", PROBE + "</body>"
+    )
     (tmp_path / "probe.html").write_text(probe)
     dom = _chromium("--dump-dom", (tmp_path / "probe.html").as_uri(), profile=tmp_path / "p1")
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -176,8 +238,12 @@ def test_report_opens_in_a_headless_browser_and_every_image_decodes(hostile_run,
     assert n_images >= 6
     # The report itself, unmodified: it renders, and the console reports nothing (no blocked fetch, no error).
     shot = tmp_path / "report.png"
-    proc = _chromium("--window-size=1200,2400", f"--screenshot={shot}", (hostile_run.path / "report.html").as_uri(),
-                     profile=tmp_path / "p2")
+    proc = _chromium(
+        "--window-size=1200,2400",
+        f"--screenshot={shot}",
+        (hostile_run.path / "report.html").as_uri(),
+        profile=tmp_path / "p2",
+    )
     assert proc.returncode == 0 and shot.stat().st_size > 20_000, proc.stderr[-2000:]
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
     assert console == []
@@ -188,7 +254,12 @@ def test_report_runs_standalone_without_a_manifest(hostile_run):
 
     cfg = load_config(hostile_run.path / "config.toml")
     read = hostile_run.read
-    inputs = {"data": data.load(read), "train": train.load(read), "evaluate": evaluate.load(read), "explain": explain_stage.load(read)}
+    inputs = {
+        "data": data.load(read),
+        "train": train.load(read),
+        "evaluate": evaluate.load(read),
+        "explain": explain_stage.load(read),
+    }
     out = report.run(cfg, inputs, seed=0)
     jsonschema.validate(json.loads(report.dump(out)["report.json"]), report.schema())
     assert out.content["reproducibility"]["artifacts"] == [] and "&lt;script&gt;" in out.html

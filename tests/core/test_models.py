@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline import models
+from core import models
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 16, 16), (1, 28, 28), (3, 28, 28), (3, 8, 8), (1, 5, 7)])
@@ -13,10 +13,20 @@ def test_cnn_adapts_to_input_shape(shape):
 def test_models_are_valid_for_opacus_and_use_only_known_modules():
     from opacus.validators import ModuleValidator
 
-    for model in (models.build_cnn(input_shape=(1, 8, 8), n_classes=10), models.build_regressor(n_features=10, hidden_sizes=(8,))):
+    for model in (
+        models.build_cnn(input_shape=(1, 8, 8), n_classes=10),
+        models.build_regressor(n_features=10, hidden_sizes=(8,)),
+    ):
         assert ModuleValidator.validate(model, strict=False) == []
         kinds = {type(m) for m in model.modules()} - {torch.nn.Sequential}
-        assert kinds <= {torch.nn.Conv2d, torch.nn.ReLU, torch.nn.Tanh, torch.nn.MaxPool2d, torch.nn.Flatten, torch.nn.Linear}
+        assert kinds <= {
+            torch.nn.Conv2d,
+            torch.nn.ReLU,
+            torch.nn.Tanh,
+            torch.nn.MaxPool2d,
+            torch.nn.Flatten,
+            torch.nn.Linear,
+        }
 
 
 def test_build_from_spec_and_errors():

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DataError
+from core.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -86,13 +86,19 @@ def load_table(csv_path: str, target: str) -> RawTable:
     try:
         frame = pd.read_csv(io.BytesIO(raw))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"CSV file {csv_path!r} cannot be parsed ({str(exc).splitlines()[0]}); check its delimiter and quoting") from None
+        raise DataError(
+            f"CSV file {csv_path!r} cannot be parsed ({str(exc).splitlines()[0]}); check its delimiter and quoting"
+        ) from None
     if target not in frame.columns:
         shown = ", ".join(map(str, list(frame.columns)[:20]))
         raise DataError(f"target column {target!r} is not in {csv_path!r}; set data.target to one of: {shown}")
     if len(frame) == 0:
         raise DataError(f"CSV file {csv_path!r} has no data rows; supply a table with at least a few rows")
-    non_numeric = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])]
+    non_numeric = [
+        str(c)
+        for c in frame.columns
+        if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
+    ]
     if non_numeric:
         raise DataError(
             f"column(s) {', '.join(map(repr, non_numeric[:5]))} of {csv_path!r} are not numeric; "
@@ -106,7 +112,12 @@ def load_table(csv_path: str, target: str) -> RawTable:
         y=frame[target].to_numpy(dtype=np.float64),
         feature_names=tuple(str(c) for c in features),
         target_name=str(target),
-        provenance={"source": str(path), "sha256": sha256_bytes(raw), "rows": int(len(frame)), "columns": int(frame.shape[1])},
+        provenance={
+            "source": str(path),
+            "sha256": sha256_bytes(raw),
+            "rows": int(len(frame)),
+            "columns": int(frame.shape[1]),
+        },
     )
 
 
@@ -139,18 +150,26 @@ def load_images(spec: str) -> RawImages:
     if path.is_dir():
         return _load_image_folder(path)
     if not path.is_file():
-        raise DataError(f"image data {spec!r} does not exist; set data.images to an .npz file or a folder of class folders")
+        raise DataError(
+            f"image data {spec!r} does not exist; set data.images to an .npz file or a folder of class folders"
+        )
     if path.suffix != ".npz":
-        raise DataError(f"image data {spec!r} is neither an .npz file nor a folder; save arrays x and y with numpy.savez")
+        raise DataError(
+            f"image data {spec!r} is neither an .npz file nor a folder; save arrays x and y with numpy.savez"
+        )
     raw = path.read_bytes()
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
             missing = [k for k in ("x", "y") if k not in archive.files]
             if missing:
-                raise DataError(f"{spec!r} lacks array(s) {', '.join(missing)}; it has {', '.join(archive.files) or 'none'}; save x (images) and y (labels)")
+                raise DataError(
+                    f"{spec!r} lacks array(s) {', '.join(missing)}; it has {', '.join(archive.files) or 'none'}; save x (images) and y (labels)"
+                )
             x, y = archive["x"], archive["y"]
     except (ValueError, OSError) as exc:
-        raise DataError(f"{spec!r} is not a readable .npz archive without pickled objects ({exc}); save it with numpy.savez") from None
+        raise DataError(
+            f"{spec!r} is not a readable .npz archive without pickled objects ({exc}); save it with numpy.savez"
+        ) from None
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
@@ -177,7 +196,9 @@ def _load_image_folder(root: Path) -> RawImages:
 
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
-        raise DataError(f"image folder {str(root)!r} has no class sub-folders; put each class's images in root/<class>/")
+        raise DataError(
+            f"image folder {str(root)!r} has no class sub-folders; put each class's images in root/<class>/"
+        )
     images, labels, digest = [], [], hashlib.sha256()
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -186,12 +207,16 @@ def _load_image_folder(root: Path) -> RawImages:
             digest.update(file.relative_to(root).as_posix().encode() + b"\0" + data)
             try:
                 with Image.open(io.BytesIO(data)) as img:
-                    arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"), dtype=np.float64)
+                    arr = np.asarray(
+                        img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"), dtype=np.float64
+                    )
             except (UnidentifiedImageError, OSError) as exc:
                 raise DataError(f"image {str(file)!r} cannot be read ({exc}); remove it or re-save it as PNG") from None
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
             if images and arr.shape != images[0].shape:
-                raise DataError(f"image {str(file)!r} has shape {arr.shape}, others {images[0].shape}; resize all images to one size")
+                raise DataError(
+                    f"image {str(file)!r} has shape {arr.shape}, others {images[0].shape}; resize all images to one size"
+                )
             images.append(arr)
             labels.append(label)
     if not images:

@@ -20,8 +20,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from pipeline.config import DPConfig
-from pipeline.errors import PrivacyBudgetError
+from core.config import DPConfig
+from core.errors import PrivacyBudgetError
 
 History = list[tuple[float, float, int]]  # Opacus accountant history: (noise_multiplier, sample_rate, steps)
 
@@ -73,8 +73,15 @@ def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, s
     # A pure function costing ~1.4 s (PRV); federated clients ask it again every round with the same arguments.
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
 
 
 def plan(
@@ -138,8 +145,15 @@ def plan(
             f"{dp.target_epsilon} at δ={dp.delta}; raise dp.noise_multiplier, lower the epochs, or raise the budget"
         )
     return PrivacyPlan(
-        noise_multiplier=sigma, max_grad_norm=max_grad_norm, sample_rate=sample_rate, steps=steps, delta=dp.delta,
-        target_epsilon=dp.target_epsilon, planned_epsilon=planned, accountant=dp.accountant, secure_mode=dp.secure_mode,
+        noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=dp.delta,
+        target_epsilon=dp.target_epsilon,
+        planned_epsilon=planned,
+        accountant=dp.accountant,
+        secure_mode=dp.secure_mode,
     )
 
 

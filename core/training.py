@@ -1,12 +1,14 @@
 """The one training core: device choice, batching, one epoch, evaluation, early stopping, fit.
 
 Central training and the Flower ClientApp both call :func:`fit`; nothing here
-imports Flower. Differential privacy enters only through :mod:`pipeline.privacy`.
+imports Flower. Differential privacy enters only through :mod:`core.privacy`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import privacy
-from pipeline.config import DPConfig, FitConfig
-from pipeline.errors import ConfigError
+from core import privacy
+from core.config import DPConfig, FitConfig
+from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,9 @@ def random_shift(xb: torch.Tensor, max_shift: int, generator: torch.Generator) -
     padded = nn.functional.pad(xb - floor, (max_shift,) * 4) + floor  # (B, C, H+2s, W+2s)
     dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(xb.device)
     dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(xb.device)
-    rows = (dy[:, None] + torch.arange(h, device=xb.device))[:, None, :, None].expand(b, xb.shape[1], h, w + 2 * max_shift)
+    rows = (dy[:, None] + torch.arange(h, device=xb.device))[:, None, :, None].expand(
+        b, xb.shape[1], h, w + 2 * max_shift
+    )
     out = padded.gather(2, rows)  # (B, C, H, W+2s)
     cols = (dx[:, None] + torch.arange(w, device=xb.device))[:, None, None, :].expand(b, xb.shape[1], h, w)
     return out.gather(3, cols)  # (B, C, H, W)
@@ -99,7 +103,7 @@ def train_one_epoch(
     """One pass over ``batches`` (an iterable of ``(x, y)`` tensors on the model's device).
 
     Returns the mean training loss. An empty batch (only possible under Poisson sampling) still
-    takes its noise-only step (:func:`pipeline.privacy.noise_only_step`), as DP-SGD's analysis assumes.
+    takes its noise-only step (:func:`core.privacy.noise_only_step`), as DP-SGD's analysis assumes.
     """
     model.train()
     criterion = criterion or loss_fn(task)
@@ -120,7 +124,9 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: np.ndarray | torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 1024) -> np.ndarray:
+def predict(
+    model: nn.Module, x: np.ndarray | torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 1024
+) -> np.ndarray:
     """Model outputs for ``x``: (N,) for a regressor, (N, K) logits for a classifier."""
     model.eval()
     xt = torch.as_tensor(x, dtype=torch.float32)
@@ -129,7 +135,9 @@ def predict(model: nn.Module, x: np.ndarray | torch.Tensor, *, device: torch.dev
     return (out.squeeze(-1) if out.ndim == 2 and out.shape[1] == 1 else out).numpy()
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, task: str, device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, task: str, device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """Loss and headline metric (R² on the scale trained on, or accuracy) on one split."""
     out = predict(model, x, device=device)
     if task == "regression":
@@ -152,16 +160,20 @@ class TrainingResult:
     epochs_run: int
     seconds: float
     n_train: int
-    privacy: dict[str, Any] | None = None  # pipeline.privacy.privacy_record when trained with DP
+    privacy: dict[str, Any] | None = None  # core.privacy.privacy_record when trained with DP
     accountant_history: privacy.History = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe view (without the weights)."""
         secs = [h["seconds"] for h in self.history]
         return {
-            "history": self.history, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
-            "seconds": self.seconds, "seconds_per_epoch": float(np.mean(secs)) if secs else 0.0,
-            "n_train": self.n_train, "privacy": self.privacy,
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "seconds": self.seconds,
+            "seconds_per_epoch": float(np.mean(secs)) if secs else 0.0,
+            "n_train": self.n_train,
+            "privacy": self.privacy,
         }
 
 
@@ -179,6 +191,20 @@ class Checkpoint:
     best_epoch: int = 0
     best_loss: float = float("inf")
     done: bool = False  # training finished (last epoch or early stop): resuming trains no further
+
+
+def checkpoint_bytes(ck: Checkpoint) -> bytes:
+    """Encode a :class:`Checkpoint` (tensors and plain values only)."""
+    buf = io.BytesIO()
+    torch.save(dataclasses.asdict(ck), buf)
+    return buf.getvalue()
+
+
+def read_checkpoint(data: bytes) -> Checkpoint:
+    """Decode :func:`checkpoint_bytes` output; ``weights_only`` refuses anything but tensors and plain values."""
+    state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    state["accountant_history"] = [tuple(h) for h in state["accountant_history"]]
+    return Checkpoint(**state)
 
 
 def fit(
@@ -259,12 +285,22 @@ def fit(
         # σ is derived for the whole planned training (dp_total_epochs), so a resumed run or a later
         # federated round gets the same σ; what was spent before is in spent_history and counts.
         the_plan = privacy.plan(
-            dp, n_samples=len(xt), batch_size=fit_cfg.batch_size, max_grad_norm=fit_cfg.max_grad_norm,
-            epochs=remaining, total_epochs=dp_total_epochs or epochs, history=spent_history,
+            dp,
+            n_samples=len(xt),
+            batch_size=fit_cfg.batch_size,
+            max_grad_norm=fit_cfg.max_grad_norm,
+            epochs=remaining,
+            total_epochs=dp_total_epochs or epochs,
+            history=spent_history,
         )
         private_run = privacy.make_private(
-            model, optimizer, torch.utils.data.TensorDataset(xt, yt), plan=the_plan, history=spent_history,
-            generator=generator, grad_sample_mode=dp.grad_sample_mode,
+            model,
+            optimizer,
+            torch.utils.data.TensorDataset(xt, yt),
+            plan=the_plan,
+            history=spent_history,
+            generator=generator,
+            grad_sample_mode=dp.grad_sample_mode,
         )
         run_model, run_opt = private_run.model, private_run.optimizer
     transform = None
@@ -297,13 +333,20 @@ def fit(
             elif epoch + 1 - best_epoch >= patience:
                 stop = True
         if on_epoch_end is not None:
-            on_epoch_end(Checkpoint(
-                epoch=epoch + 1, model=privacy.unwrap_state_dict(model),
-                optimizer=copy.deepcopy(getattr(run_opt, "original_optimizer", run_opt).state_dict()),
-                accountant_history=list(spent_history), history=list(history),
-                generator_state=generator.get_state(), best_state=best_state, best_epoch=best_epoch, best_loss=best_loss,
-                done=stop or epoch + 1 == epochs,
-            ))
+            on_epoch_end(
+                Checkpoint(
+                    epoch=epoch + 1,
+                    model=privacy.unwrap_state_dict(model),
+                    optimizer=copy.deepcopy(getattr(run_opt, "original_optimizer", run_opt).state_dict()),
+                    accountant_history=list(spent_history),
+                    history=list(history),
+                    generator_state=generator.get_state(),
+                    best_state=best_state,
+                    best_epoch=best_epoch,
+                    best_loss=best_loss,
+                    done=stop or epoch + 1 == epochs,
+                )
+            )
         if stop:
             log.info("%s: early stop at epoch %d (best %d)", desc, epoch + 1, best_epoch)
             break
@@ -316,11 +359,18 @@ def fit(
         private_run.model._close()
     record = None
     if private:
-        record = privacy.privacy_record(private_run.plan if private_run else _plan_from(dp, spent_history, fit_cfg), spent_history)
+        record = privacy.privacy_record(
+            private_run.plan if private_run else _plan_from(dp, spent_history, fit_cfg), spent_history
+        )
     return TrainingResult(
-        state_dict=privacy.unwrap_state_dict(model), history=history, best_epoch=best_epoch,
-        epochs_run=len(history), seconds=time.perf_counter() - t_start, n_train=len(xt),
-        privacy=record, accountant_history=spent_history,
+        state_dict=privacy.unwrap_state_dict(model),
+        history=history,
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        seconds=time.perf_counter() - t_start,
+        n_train=len(xt),
+        privacy=record,
+        accountant_history=spent_history,
     )
 
 
@@ -346,8 +396,14 @@ def _add_proximal_term(optimizer: torch.optim.Optimizer, model: nn.Module, mu: f
 def _plan_from(dp: DPConfig, history: privacy.History, fit_cfg: FitConfig) -> privacy.PrivacyPlan:
     sigma, q, _ = history[-1] if history else (0.0, 0.0, 0)
     return privacy.PrivacyPlan(
-        noise_multiplier=sigma, max_grad_norm=fit_cfg.max_grad_norm, sample_rate=q, steps=0, delta=dp.delta,
-        target_epsilon=dp.target_epsilon, accountant=dp.accountant, secure_mode=dp.secure_mode,
+        noise_multiplier=sigma,
+        max_grad_norm=fit_cfg.max_grad_norm,
+        sample_rate=q,
+        steps=0,
+        delta=dp.delta,
+        target_epsilon=dp.target_epsilon,
+        accountant=dp.accountant,
+        secure_mode=dp.secure_mode,
         planned_epsilon=privacy.epsilon_of(history, delta=dp.delta, accountant=dp.accountant),
     )
 

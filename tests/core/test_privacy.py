@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import models, privacy, training
-from pipeline.config import DPConfig, FitConfig
-from pipeline.errors import PrivacyBudgetError
-from pipeline.runtime import checkpoint_bytes, read_checkpoint
+from core import models, privacy, training
+from core.config import DPConfig, FitConfig
+from core.errors import PrivacyBudgetError
+from core.training import checkpoint_bytes, read_checkpoint
 
 DP = DPConfig(enabled=True, target_epsilon=3.0, delta=1e-5)
 FIT = FitConfig(epochs=4, batch_size=16, lr=0.05, max_grad_norm=1.0)
@@ -22,8 +22,19 @@ def _data(rng, n=96):
 def _fit(x, y, *, dp=DP, fit=FIT, **kw):
     torch.manual_seed(0)
     model = models.build_regressor(n_features=4, hidden_sizes=(8,))
-    res = training.fit(model, x_train=x, y_train=y, x_val=x[:16], y_val=y[:16], task="regression", fit_cfg=fit, dp=dp,
-                       device=torch.device("cpu"), seed=0, **kw)
+    res = training.fit(
+        model,
+        x_train=x,
+        y_train=y,
+        x_val=x[:16],
+        y_val=y[:16],
+        task="regression",
+        fit_cfg=fit,
+        dp=dp,
+        device=torch.device("cpu"),
+        seed=0,
+        **kw,
+    )
     return model, res
 
 
@@ -50,8 +61,12 @@ def test_weights_carry_no_opacus_prefix_and_model_is_plain(rng):
 
 def test_explicit_noise_that_overspends_is_refused():
     with pytest.raises(PrivacyBudgetError, match="budget dp.target_epsilon=3.0"):
-        privacy.plan(dataclasses.replace(DP, noise_multiplier=0.3), n_samples=100, batch_size=10, max_grad_norm=1, epochs=10)
-    ok = privacy.plan(dataclasses.replace(DP, noise_multiplier=5.0), n_samples=100, batch_size=10, max_grad_norm=1, epochs=1)
+        privacy.plan(
+            dataclasses.replace(DP, noise_multiplier=0.3), n_samples=100, batch_size=10, max_grad_norm=1, epochs=10
+        )
+    ok = privacy.plan(
+        dataclasses.replace(DP, noise_multiplier=5.0), n_samples=100, batch_size=10, max_grad_norm=1, epochs=1
+    )
     assert ok.planned_epsilon < 3.0
 
 

@@ -1,4 +1,4 @@
-"""Byte encodings of the artifacts stages hand to the runner: JSON, .npz arrays, safetensors weights.
+"""Byte encodings of the artifacts stages hand to the runner (JSON, .npz arrays, safetensors weights) and atomic writes.
 
 None of them unpickles anything on the way back in.
 """
@@ -8,6 +8,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import tempfile
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -58,7 +61,9 @@ def state_dict_bytes(state_dict: Mapping[str, Any], *, metadata: Mapping[str, st
 
     clean = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if any(k.startswith("_module.") for k in clean):
-        raise ValueError("state dict still carries Opacus' '_module.' prefix; unwrap it with pipeline.privacy.unwrap_state_dict")
+        raise ValueError(
+            "state dict still carries Opacus' '_module.' prefix; unwrap it with core.privacy.unwrap_state_dict"
+        )
     return save(clean, metadata=dict(metadata or {}))
 
 
@@ -67,3 +72,18 @@ def read_state_dict(data: bytes) -> dict[str, Any]:
     from safetensors.torch import load
 
     return load(data)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 Scalar = bool | int | float | str
 
@@ -84,8 +84,12 @@ class DPConfig:
     noise_multiplier: float = 0.0  # sigma; 0 = derive it from target_epsilon (refused if it would overspend)
     accountant: Literal["prv", "rdp", "gdp"] = "prv"  # Opacus accountant
     secure_mode: bool = False  # cryptographically secure noise (not seedable; needs torchcsprng)
-    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "ew"  # Opacus per-sample gradient engine (ew: expanded weights, fastest here)
-    public_pretrain_epochs: int = 60  # epochs of non-private pretraining on the public split before DP-SGD (0 = off), >= 0
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = (
+        "ew"  # Opacus per-sample gradient engine (ew: expanded weights, fastest here)
+    )
+    public_pretrain_epochs: int = (
+        60  # epochs of non-private pretraining on the public split before DP-SGD (0 = off), >= 0
+    )
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,9 @@ class DistillConfig:
     cnn_hidden: int = 0  # student CNN hidden linear width (0 = none)
     regressor_hidden: tuple[int, ...] = (3,)  # student MLP hidden widths (teacher: regressor.hidden_sizes)
     tree_depth: int = 4  # depth of the interpretable decision-tree student of the regressor, >= 1
-    transfer: Literal["auto", "public", "private"] = "auto"  # student inputs; auto = public split under DP, else train+public
+    transfer: Literal["auto", "public", "private"] = (
+        "auto"  # student inputs; auto = public split under DP, else train+public
+    )
     synthetic_per_row: int = 20  # tabular: jittered copies of each transfer row, labelled by the teacher, >= 0
     synthetic_noise: float = 0.3  # std of that jitter in standardised feature units, >= 0
     temperature: float = 4.0  # softening temperature T of the distillation loss (scaled by T^2), > 0
@@ -120,11 +126,19 @@ class DistillConfig:
 class ExplainConfig:
     n_rows: int = 100  # test-split table rows explained (all if the split is smaller), >= 1
     n_images: int = 100  # test-split images explained (all if the split is smaller), >= 1
-    background_split: Literal["public", "train"] = "public"  # reference data; "train" reads private records (not covered by DP)
-    background_size: int = 50  # background rows/images drawn from background_split (all if fewer); SHAP cost grows with it, >= 1
+    background_split: Literal["public", "train"] = (
+        "public"  # reference data; "train" reads private records (not covered by DP)
+    )
+    background_size: int = (
+        50  # background rows/images drawn from background_split (all if fewer); SHAP cost grows with it, >= 1
+    )
     min_background: int = 10  # fewest background rows accepted; fewer fails (raise data.public_fraction), >= 1
-    regressor_shap: Literal["shap-deep", "shap-gradient", "shap-kernel"] = "shap-deep"  # SHAP explainer of the MLP (deep: exact-additive)
-    cnn_shap: Literal["shap-deep", "shap-gradient"] = "shap-deep"  # SHAP explainer of the CNN (deep falls back to gradient if it fails)
+    regressor_shap: Literal["shap-deep", "shap-gradient", "shap-kernel"] = (
+        "shap-deep"  # SHAP explainer of the MLP (deep: exact-additive)
+    )
+    cnn_shap: Literal["shap-deep", "shap-gradient"] = (
+        "shap-deep"  # SHAP explainer of the CNN (deep falls back to gradient if it fails)
+    )
     lime_num_samples: int = 2000  # LIME perturbations per table row, >= 10
     lime_image_num_samples: int = 500  # LIME perturbations per image, >= 10
     lime_cell_size: int = 0  # side in pixels of LIME's grid segments (0 = min(H, W) // 4), >= 0
@@ -237,12 +251,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
-            raise ConfigError(f"config key {key!r} = {value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+            raise ConfigError(
+                f"config key {key!r} = {value!r} is not valid; choose one of: {', '.join(map(str, choices))}"
+            )
         return value
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} must be a list of {item_type.__name__}, e.g. [32, 64]; got {value!r}")
+            raise ConfigError(
+                f"config key {key!r} must be a list of {item_type.__name__}, e.g. [32, 64]; got {value!r}"
+            )
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
@@ -288,25 +306,54 @@ def validate(cfg: Config) -> None:
     _check(0 < d.val_fraction <= 0.5, "data.val_fraction", d.val_fraction, "in (0, 0.5]")
     _check(0 <= d.public_fraction <= 0.5, "data.public_fraction", d.public_fraction, "in [0, 0.5]")
     total = d.test_fraction + d.val_fraction + d.public_fraction
-    _check(total < 0.9, "data.test_fraction + val_fraction + public_fraction", round(total, 4), "< 0.9 (leave rows to train on)")
+    _check(
+        total < 0.9,
+        "data.test_fraction + val_fraction + public_fraction",
+        round(total, 4),
+        "< 0.9 (leave rows to train on)",
+    )
     if d.tabular_csv and not d.target:
-        raise ConfigError("data.tabular_csv is set but data.target is empty; set data.target to the CSV's target column")
+        raise ConfigError(
+            "data.tabular_csv is set but data.target is empty; set data.target to the CSV's target column"
+        )
     for name, model in (("regressor", cfg.regressor), ("cnn", cfg.cnn)):
         _validate_fit(model.fit, f"{name}.fit")
         _validate_fit(model.dp_fit, f"{name}.dp_fit")
-    _check(all(h >= 1 for h in cfg.regressor.hidden_sizes), "regressor.hidden_sizes", cfg.regressor.hidden_sizes, "positive widths")
+    _check(
+        all(h >= 1 for h in cfg.regressor.hidden_sizes),
+        "regressor.hidden_sizes",
+        cfg.regressor.hidden_sizes,
+        "positive widths",
+    )
     _check(cfg.regressor.ridge_alpha >= 0, "regressor.ridge_alpha", cfg.regressor.ridge_alpha, ">= 0")
-    _check(len(cfg.cnn.channels) >= 1 and all(c >= 1 for c in cfg.cnn.channels), "cnn.channels", cfg.cnn.channels, "one or more positive channel counts")
-    _check(cfg.cnn.kernel_size >= 1 and cfg.cnn.kernel_size % 2 == 1, "cnn.kernel_size", cfg.cnn.kernel_size, "an odd integer >= 1")
+    _check(
+        len(cfg.cnn.channels) >= 1 and all(c >= 1 for c in cfg.cnn.channels),
+        "cnn.channels",
+        cfg.cnn.channels,
+        "one or more positive channel counts",
+    )
+    _check(
+        cfg.cnn.kernel_size >= 1 and cfg.cnn.kernel_size % 2 == 1,
+        "cnn.kernel_size",
+        cfg.cnn.kernel_size,
+        "an odd integer >= 1",
+    )
     _check(cfg.cnn.hidden >= 0, "cnn.hidden", cfg.cnn.hidden, ">= 0")
     _check(cfg.train.patience >= 0, "train.patience", cfg.train.patience, ">= 0")
     _check(cfg.train.num_threads >= 1, "train.num_threads", cfg.train.num_threads, ">= 1")
     _check(cfg.train.checkpoint_every_s >= 0, "train.checkpoint_every_s", cfg.train.checkpoint_every_s, ">= 0")
     p = cfg.dp
-    _check(p.target_epsilon > 0 and math.isfinite(p.target_epsilon), "dp.target_epsilon", p.target_epsilon, "a finite number > 0")
+    _check(
+        p.target_epsilon > 0 and math.isfinite(p.target_epsilon),
+        "dp.target_epsilon",
+        p.target_epsilon,
+        "a finite number > 0",
+    )
     _check(0 < p.delta < 1, "dp.delta", p.delta, "in (0, 1), typically well below 1/n_train")
     _check(p.public_pretrain_epochs >= 0, "dp.public_pretrain_epochs", p.public_pretrain_epochs, ">= 0")
-    _check(p.noise_multiplier >= 0, "dp.noise_multiplier", p.noise_multiplier, ">= 0 (0 = derive from dp.target_epsilon)")
+    _check(
+        p.noise_multiplier >= 0, "dp.noise_multiplier", p.noise_multiplier, ">= 0 (0 = derive from dp.target_epsilon)"
+    )
     k = cfg.distill
     _validate_fit(k.fit, "distill.fit")
     _check(k.tree_depth >= 1, "distill.tree_depth", k.tree_depth, ">= 1")
@@ -314,10 +361,25 @@ def validate(cfg: Config) -> None:
     _check(k.synthetic_noise >= 0, "distill.synthetic_noise", k.synthetic_noise, ">= 0")
     _check(k.temperature > 0, "distill.temperature", k.temperature, "> 0")
     _check(0 <= k.label_weight <= 1, "distill.label_weight", k.label_weight, "in [0, 1]")
-    _check(len(k.cnn_channels) >= 1 and all(c >= 1 for c in k.cnn_channels), "distill.cnn_channels", k.cnn_channels, "one or more positive channel counts")
+    _check(
+        len(k.cnn_channels) >= 1 and all(c >= 1 for c in k.cnn_channels),
+        "distill.cnn_channels",
+        k.cnn_channels,
+        "one or more positive channel counts",
+    )
     e = cfg.explain
-    for key in ("n_rows", "n_images", "background_size", "min_background", "top_k",
-                "top_k_pixels", "stability_rows", "deletion_steps", "deletion_random_orders", "n_grid_images"):
+    for key in (
+        "n_rows",
+        "n_images",
+        "background_size",
+        "min_background",
+        "top_k",
+        "top_k_pixels",
+        "stability_rows",
+        "deletion_steps",
+        "deletion_random_orders",
+        "n_grid_images",
+    ):
         _check(getattr(e, key) >= 1, f"explain.{key}", getattr(e, key), ">= 1")
     for key in ("lime_num_samples", "lime_image_num_samples"):
         _check(getattr(e, key) >= 10, f"explain.{key}", getattr(e, key), ">= 10")
@@ -332,7 +394,12 @@ def validate(cfg: Config) -> None:
     _check(f.dirichlet_alpha > 0, "federated.dirichlet_alpha", f.dirichlet_alpha, "> 0")
     _check(f.proximal_mu >= 0, "federated.proximal_mu", f.proximal_mu, ">= 0")
     _check(f.server_lr > 0, "federated.server_lr", f.server_lr, "> 0")
-    _check(1 <= f.min_clients <= f.n_clients, "federated.min_clients", f.min_clients, f"in [1, federated.n_clients={f.n_clients}]")
+    _check(
+        1 <= f.min_clients <= f.n_clients,
+        "federated.min_clients",
+        f.min_clients,
+        f"in [1, federated.n_clients={f.n_clients}]",
+    )
 
 
 # --------------------------------------------------------------------------- flat views and TOML

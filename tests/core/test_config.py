@@ -1,11 +1,11 @@
 import pytest
 
-from pipeline.config import Config, flatten, from_flat, load_config, to_toml
-from pipeline.errors import ConfigError
+from core.config import Config, flatten, from_flat, load_config, to_toml
+from core.errors import ConfigError
 
 
 def test_defaults_round_trip_through_toml(tmp_path):
-    cfg = load_config(None, ["cnn.fit.epochs=3", "dp.enabled=true", "regressor.hidden_sizes=[8, 4]", "data.target=\"y\""])
+    cfg = load_config(None, ["cnn.fit.epochs=3", "dp.enabled=true", "regressor.hidden_sizes=[8, 4]", 'data.target="y"'])
     path = tmp_path / "c.toml"
     path.write_text(to_toml(cfg))
     assert load_config(path) == cfg
@@ -55,7 +55,7 @@ def test_bad_values_name_the_key(override, fragment):
 
 def test_csv_requires_target():
     with pytest.raises(ConfigError, match="data.target"):
-        load_config(None, ["data.tabular_csv=\"x.csv\""])
+        load_config(None, ['data.tabular_csv="x.csv"'])
 
 
 def test_bad_toml_file(tmp_path):

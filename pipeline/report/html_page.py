@@ -9,10 +9,10 @@ column named ``<script>alert(1)</script>`` shows as text.
 from __future__ import annotations
 
 import base64
-import html
 import io
 from typing import Any, Iterable, Mapping
 
+from pipeline.report.fmt import esc, number
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 CSS = """
@@ -32,20 +32,9 @@ font-size:.85em}pre{background:#f5f5f5;padding:.6em;overflow-x:auto;white-space:
 """
 
 
-def esc(value: Any) -> str:
-    """HTML-escape any value (quotes too): the one way text enters the page."""
-    return html.escape(str(value), quote=True)
-
-
 def fmt(value: Any, digits: int = 4) -> str:
-    """A number for humans (escaped): floats to ``digits`` significant digits, None as an em dash."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return esc(f"{value:.{digits}g}")
-    return esc(value)
+    """A number for the page (escaped), None as an em dash."""
+    return esc(number(value, digits))
 
 
 def ci(value: Any, interval: Any) -> str:
@@ -90,7 +79,7 @@ def kv_table(mapping: Mapping[str, Any], depth: int = 0) -> str:
 def records_table(records: list[Mapping[str, Any]], *, limit: int = 12) -> str:
     """A table of homogeneous records (training history, per-round records); long lists show head and tail."""
     cols = list(dict.fromkeys(k for r in records for k in r))
-    shown = records if len(records) <= limit else records[: limit // 2] + [None] + records[-limit // 2:]
+    shown = records if len(records) <= limit else records[: limit // 2] + [None] + records[-limit // 2 :]
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = []
     for r in shown:
@@ -120,9 +109,11 @@ def figure(png: bytes | None, title: str, how_to_read: str, caption: str = "") -
     """An embedded figure with its title, caption and a "how to read this" note."""
     if not png:
         return f"<p class=small>(figure {esc(title)} is missing)</p>"
-    return (f"<figure><img src=\"{data_uri(png)}\" alt=\"{esc(title)}\"><figcaption><strong>{esc(title)}</strong>"
-            f"{' — ' + esc(caption) if caption else ''}<div class=howto><em>How to read this:</em> {esc(how_to_read)}"
-            "</div></figcaption></figure>")
+    return (
+        f'<figure><img src="{data_uri(png)}" alt="{esc(title)}"><figcaption><strong>{esc(title)}</strong>'
+        f"{' — ' + esc(caption) if caption else ''}<div class=howto><em>How to read this:</em> {esc(how_to_read)}"
+        "</div></figcaption></figure>"
+    )
 
 
 # --------------------------------------------------------------------------- figures drawn here
@@ -162,11 +153,11 @@ def training_curves_png(history: list[Mapping[str, Any]], title: str) -> bytes |
     return buf.getvalue()
 
 
-def figures(explain_out: Any, trained: Mapping[str, Any]) -> dict[str, bytes]:
+def figures(explain_out: Any, trained: Any) -> dict[str, bytes]:
     """Every figure the page embeds: the explain stage's plots (by run-directory path) and training curves."""
     out = {f"explain/plots/{f}": png for me in explain_out.models.values() for f, png in me.plots.items()}
-    for name in ("regressor", "cnn"):
-        png = training_curves_png(list(trained[name].training.get("history") or []), f"{name} training")
+    for name, m in trained.models.items():
+        png = training_curves_png(list(m.training.get("history") or []), f"{name} training")
         if png:
             out[f"training/{name}"] = png
     return out
@@ -180,8 +171,14 @@ def _summary(c: Mapping[str, Any]) -> str:
     rows = []
     for m in s["models"]:
         h = m["headline"]
-        rows.append([esc(m["title"]), fmt(m["n_parameters"]), esc(m["mode"] or "—"),
-                     f"test {esc(h['metric'])} = {ci(h['value'], h['ci95'])} (n = {fmt(h['n'])})"])
+        rows.append(
+            [
+                esc(m["title"]),
+                fmt(m["n_parameters"]),
+                esc(m["mode"] or "—"),
+                f"test {esc(h['metric'])} = {ci(h['value'], h['ci95'])} (n = {fmt(h['n'])})",
+            ]
+        )
     b = s["baseline"]
     rows.append(["Ridge baseline (not DP)", "—", "central", f"test {esc(b['metric'])} = {ci(b['value'], b['ci95'])}"])
     cls = "box" if c["privacy"]["enabled"] else "box warn"
@@ -199,30 +196,51 @@ def _data(c: Mapping[str, Any]) -> str:
     for key, d in c["data"].items():
         prov = d.get("provenance", {})
         parts.append(f"<h3>{esc(key)}: {esc(d['task'])}</h3>")
-        parts.append(kv_table({"source": prov.get("source"), **{k: v for k, v in prov.items() if k != "source"},
-                               "input shape": d.get("input_shape"), "recorded files (SHA-256)": d.get("files", {})}))
+        parts.append(
+            kv_table(
+                {
+                    "source": prov.get("source"),
+                    **{k: v for k, v in prov.items() if k != "source"},
+                    "input shape": d.get("input_shape"),
+                    "recorded files (SHA-256)": d.get("files", {}),
+                }
+            )
+        )
         sizes = d["sizes"]
         rows = [[esc(s), fmt(n), esc(_split_role(s))] for s, n in sizes.items()]
         parts.append(table(["split", "rows", "role"], rows))
         if d.get("feature_names"):
-            parts.append(f"<p>Features: {', '.join(f'<code>{esc(n)}</code>' for n in d['feature_names'])}; "
-                         f"target: <code>{esc(d.get('target_name', ''))}</code>.</p>")
+            parts.append(
+                f"<p>Features: {', '.join(f'<code>{esc(n)}</code>' for n in d['feature_names'])}; "
+                f"target: <code>{esc(d.get('target_name', ''))}</code>.</p>"
+            )
         if d.get("class_names"):
             counts = d.get("class_counts", {})
-            rows = [[esc(cn)] + [fmt(counts.get(s, [])[i] if i < len(counts.get(s, [])) else None) for s in sizes]
-                    for i, cn in enumerate(d["class_names"])]
-            parts.append("<details><summary>Class counts per split</summary>"
-                         + table(["class", *map(esc, sizes)], rows) + "</details>")
-        parts.append("<details><summary>Preprocessing (fitted on the training split only)</summary>"
-                     + kv_table(d.get("preprocessing", {})) + "</details>")
+            rows = [
+                [esc(cn)] + [fmt(counts.get(s, [])[i] if i < len(counts.get(s, [])) else None) for s in sizes]
+                for i, cn in enumerate(d["class_names"])
+            ]
+            parts.append(
+                "<details><summary>Class counts per split</summary>"
+                + table(["class", *map(esc, sizes)], rows)
+                + "</details>"
+            )
+        parts.append(
+            "<details><summary>Preprocessing (fitted on the training split only)</summary>"
+            + kv_table(d.get("preprocessing", {}))
+            + "</details>"
+        )
     parts.append("</section>")
     return "".join(parts)
 
 
 def _split_role(split: str) -> str:
-    return {"train": "fits the models (private; the only split DP protects)", "val": "validation / early stopping",
-            "test": "final metrics and explained rows", "public": "declared public: explanation backgrounds, distillation"
-            }.get(split, "")
+    return {
+        "train": "fits the models (private; the only split DP protects)",
+        "val": "validation / early stopping",
+        "test": "final metrics and explained rows",
+        "public": "declared public: explanation backgrounds, distillation",
+    }.get(split, "")
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
@@ -245,14 +263,18 @@ def _per_class(metrics: Mapping[str, Any]) -> str:
     if not names or not cm:
         return ""
     rec, prec = test.get("per_class_recall", {}), test.get("per_class_precision", {})
-    rows = [[esc(n), fmt(rec.get(n)), fmt(prec.get(n)), fmt(int(sum(cm[i])) if i < len(cm) else None)]
-            for i, n in enumerate(names)]
+    rows = [
+        [esc(n), fmt(rec.get(n)), fmt(prec.get(n)), fmt(int(sum(cm[i])) if i < len(cm) else None)]
+        for i, n in enumerate(names)
+    ]
     out = "<h4>Per-class results (test)</h4>" + table(["class", "recall", "precision", "support"], rows)
     peak = max((max(r) for r in cm), default=1) or 1
     head = "<th>true \\ predicted</th>" + "".join(f"<th>{esc(n)}</th>" for n in names)
     body = ""
     for i, r in enumerate(cm):
-        cells = "".join(f"<td class=num style='background:rgba(58,110,165,{0.8 * v / peak:.2f})'>{fmt(v)}</td>" for v in r)
+        cells = "".join(
+            f"<td class=num style='background:rgba(58,110,165,{0.8 * v / peak:.2f})'>{fmt(v)}</td>" for v in r
+        )
         body += f"<tr><th>{esc(names[i])}</th>{cells}</tr>"
     return out + f"<h4>Confusion matrix (test)</h4><table><tr>{head}</tr>{body}</table>"
 
@@ -266,11 +288,19 @@ def _models(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
         parts.append(kv_table({"architecture": m["spec"], "trainable parameters": m["n_parameters"]}))
         parts.append("<h4>Training settings and record</h4>" + kv_table(t))
         if history:
-            parts.append(f"<details><summary>Training history ({len(history)} entries)</summary>"
-                         + records_table(history) + "</details>")
-            parts.append(figure(figs.get(f"training/{name}"), f"{m['title']}: training curves",
-                                "Loss per epoch (or round) on the training and validation splits; the right panel, "
-                                "when present, shows the privacy budget ε spent so far."))
+            parts.append(
+                f"<details><summary>Training history ({len(history)} entries)</summary>"
+                + records_table(history)
+                + "</details>"
+            )
+            parts.append(
+                figure(
+                    figs.get(f"training/{name}"),
+                    f"{m['title']}: training curves",
+                    "Loss per epoch (or round) on the training and validation splits; the right panel, "
+                    "when present, shows the privacy budget ε spent so far.",
+                )
+            )
         parts.append("<h4>Metrics</h4>" + _metrics_table(m["metrics"]))
         parts.append(_per_class(m["metrics"]))
         if "baseline" in m:
@@ -286,9 +316,21 @@ def _privacy(c: Mapping[str, Any]) -> str:
     parts = ["<section id=privacy><h2>Privacy</h2>", f"<div class='{cls}'>{esc(p['statement'])}</div>"]
     if p["enabled"]:
         parts.append(f"<p>Training mode: {esc(p['mode'])}.</p>")
-        key_fields = ("mechanism", "epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm",
-                      "sample_rate", "total_steps", "accountant", "opacus_version", "secure_mode", "noise_seeded",
-                      "unit_of_privacy")
+        key_fields = (
+            "mechanism",
+            "epsilon",
+            "delta",
+            "target_epsilon",
+            "noise_multiplier",
+            "max_grad_norm",
+            "sample_rate",
+            "total_steps",
+            "accountant",
+            "opacus_version",
+            "secure_mode",
+            "noise_seeded",
+            "unit_of_privacy",
+        )
         for name, rec in p["models"].items():
             if not rec:
                 continue
@@ -300,8 +342,11 @@ def _privacy(c: Mapping[str, Any]) -> str:
                 rows = [[esc(cid), fmt(e)] for cid, e in rec["epsilon_per_client"].items()]
                 parts.append("<h4>ε per client</h4>" + table(["client", "ε"], rows))
             if rest:
-                parts.append("<details><summary>Full privacy record (accountant history, per-client details)</summary>"
-                             + kv_table(rest) + "</details>")
+                parts.append(
+                    "<details><summary>Full privacy record (accountant history, per-client details)</summary>"
+                    + kv_table(rest)
+                    + "</details>"
+                )
     parts.append("<h3>What the guarantee covers</h3>" + bullet_list(p["covered"]))
     parts.append("<h3>What it does not cover</h3>" + bullet_list(p["not_covered"]))
     parts.append("<h3>Privacy caveats</h3>" + bullet_list(p["caveats"], "warnlist"))
@@ -311,58 +356,105 @@ def _privacy(c: Mapping[str, Any]) -> str:
 
 def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
     e = c["explanations"]
-    parts = ["<section id=explanations><h2>Explanations</h2>",
-             f"<p>Backgrounds and reference data: the <strong>{esc(e['background_split'])}</strong> split. Explained "
-             f"inputs: test rows. Models were explained on fresh copies of their weights (no Opacus hooks). The explain "
-             f"stage took {fmt(e['seconds'])} s (target: {fmt(e['target_seconds'])} s).</p>"]
+    parts = [
+        "<section id=explanations><h2>Explanations</h2>",
+        f"<p>Backgrounds and reference data: the <strong>{esc(e['background_split'])}</strong> split. Explained "
+        f"inputs: test rows. Models were explained on fresh copies of their weights (no Opacus hooks). The explain "
+        f"stage took {fmt(e['seconds'])} s (target: {fmt(e['target_seconds'])} s).</p>",
+    ]
     for name, m in e["models"].items():
         q = m["quality"]
         parts.append(f"<h3>{esc(m['title'])}</h3>")
         bg = m["background"]
-        parts.append(f"<p>Methods: SHAP <code>{esc(m['methods']['shap'])}</code>, LIME <code>{esc(m['methods']['lime'])}"
-                     f"</code>. Explained output: {esc(m['explained_output'])}. {fmt(m['n_explained'])} "
-                     f"{esc(m['explained_split'])} inputs explained against {fmt(bg['size'])} background rows of the "
-                     f"{esc(bg['split'])} split ({fmt(bg['available'])} available; their source-row indices are recorded "
-                     f"in {esc(bg['index_recorded_in'])}).</p>")
-        rows = [["SHAP additivity |base + Σφ − f(x)|", f"max {fmt(q['additivity_max_abs_error'])}, relative "
-                 f"{fmt(q['additivity_max_rel_error'])}", "0 means the attributions add up exactly to the output"]]
+        parts.append(
+            f"<p>Methods: SHAP <code>{esc(m['methods']['shap'])}</code>, LIME <code>{esc(m['methods']['lime'])}"
+            f"</code>. Explained output: {esc(m['explained_output'])}. {fmt(m['n_explained'])} "
+            f"{esc(m['explained_split'])} inputs explained against {fmt(bg['size'])} background rows of the "
+            f"{esc(bg['split'])} split ({fmt(bg['available'])} available; their source-row indices are recorded "
+            f"in {esc(bg['index_recorded_in'])}).</p>"
+        )
+        rows = [
+            [
+                "SHAP additivity |base + Σφ − f(x)|",
+                f"max {fmt(q['additivity_max_abs_error'])}, relative {fmt(q['additivity_max_rel_error'])}",
+                "0 means the attributions add up exactly to the output",
+            ]
+        ]
         for meth, f in q["faithfulness"].items():
-            rows.append([f"deletion AUC, {esc(meth)}", f"{fmt(f['deletion_auc'])} vs random {fmt(f['random_deletion_auc'])}"
-                         f" (beats random on {fmt(100 * f['deletion_win_rate'], 3)}% of rows)", "lower than random is faithful"])
-            rows.append([f"insertion AUC, {esc(meth)}", f"{fmt(f['insertion_auc'])} vs random "
-                         f"{fmt(f['random_insertion_auc'])} ({fmt(100 * f['insertion_win_rate'], 3)}% of rows)",
-                         "higher than random is faithful"])
+            rows.append(
+                [
+                    f"deletion AUC, {esc(meth)}",
+                    f"{fmt(f['deletion_auc'])} vs random {fmt(f['random_deletion_auc'])}"
+                    f" (beats random on {fmt(100 * f['deletion_win_rate'], 3)}% of rows)",
+                    "lower than random is faithful",
+                ]
+            )
+            rows.append(
+                [
+                    f"insertion AUC, {esc(meth)}",
+                    f"{fmt(f['insertion_auc'])} vs random "
+                    f"{fmt(f['random_insertion_auc'])} ({fmt(100 * f['insertion_win_rate'], 3)}% of rows)",
+                    "higher than random is faithful",
+                ]
+            )
         a = q["agreement"]
-        rows.append([f"SHAP–LIME agreement (top-{fmt(a['k'])})", f"overlap {fmt(a['mean_topk'])}, Spearman "
-                     f"{fmt(a['mean_spearman'])}, sign {fmt(a['mean_sign'])}; {fmt(q['n_flagged'])} flagged",
-                     f"rows with overlap below {fmt(a['threshold'])} are flagged"])
+        rows.append(
+            [
+                f"SHAP–LIME agreement (top-{fmt(a['k'])})",
+                f"overlap {fmt(a['mean_topk'])}, Spearman "
+                f"{fmt(a['mean_spearman'])}, sign {fmt(a['mean_sign'])}; {fmt(q['n_flagged'])} flagged",
+                f"rows with overlap below {fmt(a['threshold'])} are flagged",
+            ]
+        )
         s = q["lime_stability"]
-        rows.append([f"LIME stability ({fmt(len(s['seeds']))} seeds, {fmt(s['n_rows'])} rows)",
-                     f"mean top-{fmt(s['k'])} Jaccard {fmt(s['mean'])}, min {fmt(s['min'])}", "1 = the same features every run"])
+        rows.append(
+            [
+                f"LIME stability ({fmt(len(s['seeds']))} seeds, {fmt(s['n_rows'])} rows)",
+                f"mean top-{fmt(s['k'])} Jaccard {fmt(s['mean'])}, min {fmt(s['min'])}",
+                "1 = the same features every run",
+            ]
+        )
         lf = q["lime_fidelity"]
-        rows.append(["LIME local fidelity (R² of the surrogate)", f"mean {fmt(lf['mean_r2'])}, median "
-                     f"{fmt(lf['median_r2'])}, min {fmt(lf['min_r2'])}", "1 = the linear surrogate fits the model locally"])
+        rows.append(
+            [
+                "LIME local fidelity (R² of the surrogate)",
+                f"mean {fmt(lf['mean_r2'])}, median {fmt(lf['median_r2'])}, min {fmt(lf['min_r2'])}",
+                "1 = the linear surrogate fits the model locally",
+            ]
+        )
         parts.append(table(["quality measure", "value", "meaning"], rows))
         if m.get("mean_abs_shap"):
             ranked = sorted(m["mean_abs_shap"].items(), key=lambda kv: -(kv[1] or 0))
-            parts.append("<details><summary>Mean |SHAP| per feature (standardised target units)</summary>"
-                         + table(["feature", "mean |SHAP|"], [[f"<code>{esc(k)}</code>", fmt(v)] for k, v in ranked])
-                         + "</details>")
+            parts.append(
+                "<details><summary>Mean |SHAP| per feature (standardised target units)</summary>"
+                + table(["feature", "mean |SHAP|"], [[f"<code>{esc(k)}</code>", fmt(v)] for k, v in ranked])
+                + "</details>"
+            )
         for plot in m["plots"]:
-            parts.append(figure(figs.get(plot["file"]), plot["title"], plot["how_to_read"],
-                                caption=f"{plot['file']} (SHA-256 {plot['sha256'] or 'n/a'})"))
+            parts.append(
+                figure(
+                    figs.get(plot["file"]),
+                    plot["title"],
+                    plot["how_to_read"],
+                    caption=f"{plot['file']} (SHA-256 {plot['sha256'] or 'n/a'})",
+                )
+            )
         if m["flagged"]:
-            parts.append(f"<h4>Flagged disagreements ({fmt(q['n_flagged'])})</h4><p class=small>Rows where SHAP and LIME "
-                         "share fewer top features than the threshold; <code>row</code> is the position among the "
-                         "explained inputs, <code>source_index</code> the row in the source data.</p>"
-                         + records_table(m["flagged"], limit=20))
+            parts.append(
+                f"<h4>Flagged disagreements ({fmt(q['n_flagged'])})</h4><p class=small>Rows where SHAP and LIME "
+                "share fewer top features than the threshold; <code>row</code> is the position among the "
+                "explained inputs, <code>source_index</code> the row in the source data.</p>"
+                + records_table(m["flagged"], limit=20)
+            )
         if m["notes"]:
             parts.append(bullet_list(m["notes"]))
     if e["variants"]:
-        parts.append("<h3>Model variants (teacher vs student)</h3><p>How differently the variants attribute the same "
-                     "inputs: global rank correlation and top-k overlap of mean |attribution|, L1 distance of the "
-                     "normalised importances (0 = identical, 2 = disjoint), mean per-row agreement.</p>"
-                     + records_table(e["variants"]))
+        parts.append(
+            "<h3>Model variants (teacher vs student)</h3><p>How differently the variants attribute the same "
+            "inputs: global rank correlation and top-k overlap of mean |attribution|, L1 distance of the "
+            "normalised importances (0 = identical, 2 = disjoint), mean per-row agreement.</p>"
+            + records_table(e["variants"])
+        )
     parts.append("<h3>Explanation caveats</h3>" + bullet_list(e["caveats"]))
     parts.append("</section>")
     return "".join(parts)
@@ -371,8 +463,10 @@ def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
 def _distill(c: Mapping[str, Any]) -> str:
     if "distill" not in c:
         return ""
-    parts = ["<section id=distill><h2>Distillation</h2><p>The distill stage's record of each student, as it wrote it "
-             "(teacher-student explanation similarity is summarised under Explanations).</p>"]
+    parts = [
+        "<section id=distill><h2>Distillation</h2><p>The distill stage's record of each student, as it wrote it "
+        "(teacher-student explanation similarity is summarised under Explanations).</p>"
+    ]
     for model, record in c["distill"].items():
         parts.append(f"<details><summary>{esc(model)}</summary>{value_html(record)}</details>")
     return "".join(parts) + "</section>"
@@ -380,13 +474,31 @@ def _distill(c: Mapping[str, Any]) -> str:
 
 def _reproducibility(c: Mapping[str, Any]) -> str:
     r = c["reproducibility"]
-    rows = [[f"<code>{esc(a['path'])}</code>", esc(a.get("stage")), esc(a.get("kind")), fmt(a.get("bytes")),
-             f"<code>{esc(a.get('sha256'))}</code>"] for a in r["artifacts"]]
+    rows = [
+        [
+            f"<code>{esc(a['path'])}</code>",
+            esc(a.get("stage")),
+            esc(a.get("kind")),
+            fmt(a.get("bytes")),
+            f"<code>{esc(a.get('sha256'))}</code>",
+        ]
+        for a in r["artifacts"]
+    ]
     return (
         "<section id=reproducibility><h2>Reproducibility</h2>"
-        + kv_table({"run id": r["run_id"], "git commit": r["git_commit"], "device": r["device"], "platform": r["platform"],
-                    "python": r["python_executable"], "root seed": r["root_seed"], "seeds per stage": r["seeds"],
-                    "stage seconds": r["stage_seconds"], "library versions": r["library_versions"]})
+        + kv_table(
+            {
+                "run id": r["run_id"],
+                "git commit": r["git_commit"],
+                "device": r["device"],
+                "platform": r["platform"],
+                "python": r["python_executable"],
+                "root seed": r["root_seed"],
+                "seeds per stage": r["seeds"],
+                "stage seconds": r["stage_seconds"],
+                "library versions": r["library_versions"],
+            }
+        )
         + f"<p class=small>{esc(r['seed_note'])}</p>"
         + f"<h3>Command of this run</h3><pre>{esc(r['command'] or '(not recorded)')}</pre>"
         + f"<h3>Re-run</h3><pre>{esc(chr(10).join(r['rerun_commands']))}</pre>"
@@ -396,8 +508,14 @@ def _reproducibility(c: Mapping[str, Any]) -> str:
     )
 
 
-SECTIONS = (("summary", "Summary"), ("data", "Data provenance"), ("models", "Models"), ("privacy", "Privacy"),
-            ("explanations", "Explanations"), ("reproducibility", "Reproducibility"))
+SECTIONS = (
+    ("summary", "Summary"),
+    ("data", "Data provenance"),
+    ("models", "Models"),
+    ("privacy", "Privacy"),
+    ("explanations", "Explanations"),
+    ("reproducibility", "Reproducibility"),
+)
 
 
 def render(content: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
@@ -405,15 +523,21 @@ def render(content: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
     title = f"{content['title']} {content.get('run_id') or ''}".strip()
     sections = [*SECTIONS[:5], ("distill", "Distillation"), SECTIONS[5]] if "distill" in content else SECTIONS
     nav = "".join(f"<li><a href='#{sid}'>{esc(label)}</a></li>" for sid, label in sections)
-    body = (_summary(content) + _data(content) + _models(content, figs) + _privacy(content)
-            + _explanations(content, figs) + _distill(content) + _reproducibility(content))
+    body = (
+        _summary(content)
+        + _data(content)
+        + _models(content, figs)
+        + _privacy(content)
+        + _explanations(content, figs)
+        + _distill(content)
+        + _reproducibility(content)
+    )
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-        f"<meta http-equiv=Content-Security-Policy content=\"{CSP}\">"
+        f'<meta http-equiv=Content-Security-Policy content="{CSP}">'
         "<meta name=viewport content='width=device-width, initial-scale=1'>"
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
         f"<header><h1>{esc(title)}</h1><p class=small>Run created {esc(content.get('created') or '—')}; report generated "
         f"{esc(content['generated'])}. Machine-readable twin: <code>{esc(content['files']['json'])}</code>.</p></header>"
         f"<nav><ol>{nav}</ol></nav>{body}</body></html>\n"
     )
-

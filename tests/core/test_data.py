@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from pipeline import data
-from pipeline.config import load_config
-from pipeline.errors import DataError
+from core import data
+from core.config import load_config
+from core.datasets import load_images, load_table
+from core.errors import DataError
 
 
 def _csv(tmp_path, text, name="t.csv"):
@@ -25,7 +26,7 @@ def _cfg(**kw):
 
 
 def test_embedded_defaults_split_disjoint_and_stratified():
-    ds = data.run(load_config(), {}, seed=0)
+    ds = data.prepare(load_config(), seed=0)
     for d in ds.values():
         all_idx = np.concatenate([d.index[s] for s in data.SPLITS])
         assert len(np.unique(all_idx)) == len(all_idx)  # disjoint
@@ -40,14 +41,14 @@ def test_embedded_defaults_split_disjoint_and_stratified():
 
 def test_same_seed_same_split_other_seed_differs():
     cfg = load_config()
-    a, b, c = (data.run(cfg, {}, seed=s)["images"] for s in (1, 1, 2))
+    a, b, c = (data.prepare(cfg, seed=s)["images"] for s in (1, 1, 2))
     assert np.array_equal(a.index["train"], b.index["train"])
     assert not np.array_equal(a.index["train"], c.index["train"])
 
 
 def test_csv_loads_and_target_round_trips(tmp_path, rng):
     path = _csv(tmp_path, _table(rng))
-    ds = data.prepare_table(data.load_table(path, "target"), _cfg(), seed=0)
+    ds = data.prepare_table(load_table(path, "target"), _cfg(), seed=0)
     assert ds.feature_names == ("f0", "f1", "f2") and ds.target_name == "target"
     raw = np.loadtxt(path, delimiter=",", skiprows=1)[:, -1]
     assert np.allclose(ds.target_to_original(ds.y["test"]), raw[ds.index["test"]], atol=1e-4)
@@ -64,19 +65,19 @@ def test_csv_loads_and_target_round_trips(tmp_path, rng):
 )
 def test_bad_csv(tmp_path, text, target, fragment):
     with pytest.raises(DataError, match=fragment):
-        data.load_table(_csv(tmp_path, text), target)
+        load_table(_csv(tmp_path, text), target)
 
 
 def test_missing_csv():
     with pytest.raises(DataError, match="does not exist"):
-        data.load_table("/no/such.csv", "y")
+        load_table("/no/such.csv", "y")
 
 
 def test_nan_policy(tmp_path, rng):
     text = _table(rng).splitlines()
     text[5] = "nan," + text[5].split(",", 1)[1]
     path = _csv(tmp_path, "\n".join(text) + "\n")
-    raw = data.load_table(path, "target")
+    raw = load_table(path, "target")
     with pytest.raises(DataError, match="NaN or inf.*nan_policy"):
         data.prepare_table(raw, _cfg(), seed=0)
     dropped = data.prepare_table(raw, _cfg(nan_policy="drop"), seed=0)
@@ -88,16 +89,16 @@ def test_nan_policy(tmp_path, rng):
 
 def test_constant_target_and_too_few_rows(tmp_path):
     with pytest.raises(DataError, match="constant"):
-        data.prepare_table(data.load_table(_csv(tmp_path, "a,y\n" + "1,3\n2,3\n" * 10), "y"), _cfg(), seed=0)
+        data.prepare_table(load_table(_csv(tmp_path, "a,y\n" + "1,3\n2,3\n" * 10), "y"), _cfg(), seed=0)
     with pytest.raises(DataError, match="at least 10"):
-        data.prepare_table(data.load_table(_csv(tmp_path, "a,y\n1,3\n2,4\n"), "y"), _cfg(), seed=0)
+        data.prepare_table(load_table(_csv(tmp_path, "a,y\n1,3\n2,4\n"), "y"), _cfg(), seed=0)
 
 
 def test_fewer_rows_than_batch_size(tmp_path, rng):
     path = _csv(tmp_path, _table(rng, n=40))
     cfg = load_config(None, [f'data.tabular_csv="{path}"', 'data.target="target"', "regressor.fit.batch_size=64"])
     with pytest.raises(DataError, match="regressor.fit.batch_size"):
-        data.run(cfg, {}, seed=0)
+        data.prepare(cfg, seed=0)
 
 
 def _npz(tmp_path, **arrays):
@@ -109,7 +110,7 @@ def _npz(tmp_path, **arrays):
 @pytest.mark.parametrize("shape", [(40, 8, 8), (40, 1, 16, 16), (40, 3, 28, 28)])
 def test_npz_shapes(tmp_path, rng, shape):
     y = np.repeat(["cat", "dog"], 20)
-    ds = data.prepare_images(data.load_images(_npz(tmp_path, x=rng.random(shape), y=y)), _cfg(), seed=0)
+    ds = data.prepare_images(load_images(_npz(tmp_path, x=rng.random(shape), y=y)), _cfg(), seed=0)
     assert ds.class_names == ("cat", "dog")
     assert ds.input_shape == ((1,) + shape[1:] if len(shape) == 3 else shape[1:])
 
@@ -126,16 +127,16 @@ def test_npz_shapes(tmp_path, rng, shape):
 )
 def test_bad_npz(tmp_path, arrays, fragment):
     with pytest.raises(DataError, match=fragment):
-        data.load_images(_npz(tmp_path, **arrays))
+        load_images(_npz(tmp_path, **arrays))
 
 
 def test_one_class_and_nan_images(tmp_path, rng):
-    raw = data.load_images(_npz(tmp_path, x=rng.random((30, 8, 8)), y=np.zeros(30)))
+    raw = load_images(_npz(tmp_path, x=rng.random((30, 8, 8)), y=np.zeros(30)))
     with pytest.raises(DataError, match="only one class"):
         data.prepare_images(raw, _cfg(), seed=0)
     x = rng.random((30, 8, 8))
     x[3, 2, 2] = np.nan
-    raw = data.load_images(_npz(tmp_path, x=x, y=np.arange(30) % 2))
+    raw = load_images(_npz(tmp_path, x=x, y=np.arange(30) % 2))
     with pytest.raises(DataError, match="NaN"):
         data.prepare_images(raw, _cfg(), seed=0)
     assert np.isfinite(data.prepare_images(raw, _cfg(nan_policy="impute"), seed=0).x["train"]).all()
@@ -148,15 +149,15 @@ def test_image_folder(tmp_path, rng):
         (tmp_path / "imgs" / label).mkdir(parents=True)
         for i in range(12):
             Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / label / f"{i}.png")
-    raw = data.load_images(str(tmp_path / "imgs"))
+    raw = load_images(str(tmp_path / "imgs"))
     assert raw.x.shape == (24, 1, 16, 16) and raw.class_names == ("a", "b")
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / "a" / "odd.png")
     with pytest.raises(DataError, match="resize"):
-        data.load_images(str(tmp_path / "imgs"))
+        load_images(str(tmp_path / "imgs"))
 
 
 def test_dump_load_round_trip():
-    ds = data.run(load_config(), {}, seed=0)
+    ds = data.prepare(load_config(), seed=0)
     files = data.dump(ds)
     back = data.load(files.__getitem__)
     for key in ds:

@@ -8,6 +8,7 @@ JSON-safe spec, so weights can be reloaded without unpickling any code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from torch import nn
@@ -85,3 +86,39 @@ def build(spec: Mapping[str, Any]) -> nn.Sequential:
 def n_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- the model registry
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model the pipeline trains: every loop over models reads :data:`MODELS`.
+
+    A third model is one entry here, one builder in :data:`BUILDERS`, a config section
+    of the same name (``fit``/``dp_fit`` sub-sections) and a branch in
+    :func:`core.teacher.model_specs`.
+    """
+
+    name: str  # config section and artifact stem (models/<name>.safetensors)
+    dataset: str  # key of the prepared dataset it trains on ("tabular" or "images")
+    task: str  # "regression" or "classification"
+    title: str  # how the report names it
+
+
+MODELS: dict[str, ModelEntry] = {
+    "regressor": ModelEntry(name="regressor", dataset="tabular", task="regression", title="MLP regressor"),
+    "cnn": ModelEntry(name="cnn", dataset="images", task="classification", title="CNN classifier"),
+}
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry of model ``name``; the error lists the valid names."""
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is unknown; choose one of: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def title(name: str) -> str:
+    """The report's name for model ``name`` (the name itself when it is not registered)."""
+    return MODELS[name].title if name in MODELS else name

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from pipeline import models, training
-from pipeline.config import FitConfig
+from core import models, training
+from core.config import FitConfig
 
 
 def _digits_like(rng, n=120):
@@ -17,9 +17,19 @@ def _fit(x, y, seed=0, x_val=None, y_val=None, **kw):
     torch.manual_seed(seed)
     m = models.build_cnn(input_shape=(1, 8, 8), n_classes=3, channels=(4,), hidden=8)
     x_val, y_val = (x[:30], y[:30]) if x_val is None else (x_val, y_val)
-    res = training.fit(m, x_train=x, y_train=y, x_val=x_val, y_val=y_val, task="classification",
-                       fit_cfg=FitConfig(epochs=kw.pop("epochs", 5), batch_size=16, lr=1e-2), dp=None,
-                       device=torch.device("cpu"), seed=seed, **kw)
+    res = training.fit(
+        m,
+        x_train=x,
+        y_train=y,
+        x_val=x_val,
+        y_val=y_val,
+        task="classification",
+        fit_cfg=FitConfig(epochs=kw.pop("epochs", 5), batch_size=16, lr=1e-2),
+        dp=None,
+        device=torch.device("cpu"),
+        seed=seed,
+        **kw,
+    )
     return m, res
 
 
@@ -55,7 +65,7 @@ def test_device_resolution():
 
 
 def test_proximal_term_pulls_towards_the_starting_weights_with_and_without_dp(rng):
-    from pipeline.config import DPConfig
+    from core.config import DPConfig
 
     x, y = _digits_like(rng)
 
@@ -63,9 +73,19 @@ def test_proximal_term_pulls_towards_the_starting_weights_with_and_without_dp(rn
         torch.manual_seed(0)
         m = models.build_cnn(input_shape=(1, 8, 8), n_classes=3, channels=(4,), hidden=8)
         start = {k: v.clone() for k, v in m.state_dict().items()}
-        res = training.fit(m, x_train=x, y_train=y, x_val=None, y_val=None, task="classification",
-                           fit_cfg=FitConfig(epochs=3, batch_size=16, lr=0.05, optimizer="sgd"), dp=dp,
-                           device=torch.device("cpu"), seed=0, proximal_mu=mu)
+        res = training.fit(
+            m,
+            x_train=x,
+            y_train=y,
+            x_val=None,
+            y_val=None,
+            task="classification",
+            fit_cfg=FitConfig(epochs=3, batch_size=16, lr=0.05, optimizer="sgd"),
+            dp=dp,
+            device=torch.device("cpu"),
+            seed=0,
+            proximal_mu=mu,
+        )
         return sum(float(((res.state_dict[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
 
     dp = DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=50.0)

@@ -31,3 +31,9 @@ class RunDirError(UserError):
     """A run directory that is missing, incomplete or was edited."""
 
     exit_code = 2
+
+
+# error class name -> class, to re-raise an error a Flower app wrote down (federated/workdir.py) as the same type
+USER_ERRORS: dict[str, type[UserError]] = {
+    cls.__name__: cls for cls in (UserError, ConfigError, DataError, PrivacyBudgetError, RunDirError)
+}

@@ -1,14 +1,9 @@
-"""Stage ``report``: one self-contained ``report.html``, ``report.json`` and a model card per model.
+"""The report's content: one JSON-safe tree (what ``report.json`` holds) built from every earlier stage's output.
 
-The content is built once, as a JSON-safe tree (:func:`build_content`), that
-``report.json`` holds as it is (its schema is ``pipeline/report_schema.json``);
-:mod:`pipeline.report_html` and :mod:`pipeline.model_card` render the same tree,
-escaping every string that came from the user (column names, file names, labels).
-
-The report lists the SHA-256 of every artifact that earlier stages recorded,
-read from the manifest the runner passes in ``runtime.manifest``. It cannot
-list its own hashes: those are in ``manifest.json`` (stage ``report``), which
-``python -m pipeline verify RUN_DIR`` checks.
+:mod:`pipeline.report.html_page` and :mod:`pipeline.report.model_card` render the same
+tree, escaping every string that came from the user (column names, file names, labels).
+The SHA-256 of every artifact earlier stages recorded comes from the run's provenance
+(the manifest), an explicit input the runner passes as ``inputs["provenance"]``.
 """
 
 from __future__ import annotations
@@ -17,47 +12,27 @@ import dataclasses
 import datetime as dt
 import logging
 import shlex
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline import config as config_mod
-from pipeline.artifacts import jsonable, json_bytes, read_json
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.report_privacy import MODEL_NAMES, _fmt, privacy_section, student_privacy
+from core import config as config_mod
+from core.artifacts import jsonable
+from core.config import Config
+from core.models import MODELS, title
+from pipeline.report.fmt import number
+from pipeline.report.privacy import privacy_section, student_privacy
+from pipeline.rundir import git_commit, library_versions
+from pipeline.train import TrainOutput
 
 log = logging.getLogger(__name__)
-SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 SCHEMA_ID = "pipeline-report/1"
-FILES = {"html": "report.html", "json": "report.json",
-         "model_cards": {"regressor": "model_card_regressor.md", "cnn": "model_card_cnn.md"}}
-# Stage outputs the report may read when present (the distill stage is optional).
-OPTIONAL_STAGES = ("distill",)
-
-
-@dataclass(frozen=True)
-class Report:
-    """The stage output: the content tree and its renderings."""
-
-    content: Mapping[str, Any]  # what report.json holds
-    html: str
-    model_cards: Mapping[str, str]  # model -> Markdown
+FILES = {
+    "html": "report.html",
+    "json": "report.json",
+    "model_cards": {name: f"model_card_{name}.md" for name in MODELS},
+}
 
 
 # --------------------------------------------------------------------------- content
-
-
-def _optional_stage(inputs: Mapping[str, Any], name: str, manifest: Mapping[str, Any] | None) -> Any:
-    """An optional stage's output when this run has it, else None (never an error)."""
-    if dict.__contains__(inputs, name) if isinstance(inputs, dict) else name in inputs:
-        return inputs[name]
-    if manifest and manifest.get("stages", {}).get(name, {}).get("status") == "complete":
-        try:
-            return inputs[name]
-        except (UserError, KeyError) as exc:
-            log.warning("report: the %s stage's output could not be read (%s); it is left out", name, exc)
-    return None
 
 
 def _plain(obj: Any, depth: int = 0) -> Any:
@@ -96,30 +71,31 @@ def data_section(datasets: Mapping[str, Any], manifest: Mapping[str, Any] | None
     artifacts = (manifest or {}).get("artifacts", {})
     for key, ds in datasets.items():
         s = ds.summary()
-        s["files"] = {rel: artifacts[rel]["sha256"] for rel in (f"data/{key}.npz", f"data/{key}.json") if rel in artifacts}
+        s["files"] = {
+            rel: artifacts[rel]["sha256"] for rel in (f"data/{key}.npz", f"data/{key}.json") if rel in artifacts
+        }
         out[key] = s
     return out
 
 
-def models_section(cfg: Config, trained: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+def models_section(cfg: Config, trained: TrainOutput, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Per model: spec, parameters, training record (without weights) and metrics with CIs."""
     out = {}
-    for name in MODEL_NAMES:
-        m = trained[name]
+    for name in MODELS:
+        m = trained.models[name]
         training = dict(m.training)
         privacy = training.pop("privacy", None)
         out[name] = {
-            "title": MODEL_NAMES[name],
+            "title": title(name),
             "spec": _plain(m.spec),
             "n_parameters": training.get("n_parameters"),
             "training": _plain(training),
             "privacy": _plain(privacy),
             "metrics": _plain(metrics.get(name, {})),
         }
-    ridge = trained.get("ridge")
     out["regressor"]["baseline"] = {
         "title": "Ridge baseline (scikit-learn, not DP)",
-        "alpha": None if ridge is None else ridge.alpha,
+        "alpha": trained.ridge.alpha,
         "metrics": _plain(metrics.get("ridge", {})),
     }
     return out
@@ -127,21 +103,21 @@ def models_section(cfg: Config, trained: Mapping[str, Any], metrics: Mapping[str
 
 HOW_TO_READ = {
     "beeswarm": "Each dot is one explained test row. Its horizontal position is the feature's SHAP value: how much "
-                "that feature moved this row's prediction away from the average prediction, in the target's original "
-                "units. Colour is the feature's value (red high, blue low). Features are sorted by mean |SHAP|.",
+    "that feature moved this row's prediction away from the average prediction, in the target's original "
+    "units. Colour is the feature's value (red high, blue low). Features are sorted by mean |SHAP|.",
     "importance_bar": "Mean absolute attribution per feature, SHAP and LIME side by side (standardised target units). "
-                      "Long bars are the features the model relies on overall; where the two methods rank features "
-                      "differently, read the agreement metrics before trusting either.",
+    "Long bars are the features the model relies on overall; where the two methods rank features "
+    "differently, read the agreement metrics before trusting either.",
     "waterfall": "One test row. Start at the bottom at E[f(X)], the mean prediction over the background; each bar adds "
-                 "one feature's SHAP value (red pushes the prediction up, blue down) and the top is this row's "
-                 "prediction f(x). Feature values are shown in original units.",
+    "one feature's SHAP value (red pushes the prediction up, blue down) and the top is this row's "
+    "prediction f(x). Feature values are shown in original units.",
     "deletion_insertion": "Faithfulness. Left: features (pixels) are replaced by the background mean in order of "
-                          "decreasing attribution; a faithful explanation makes the explained output fall faster than "
-                          "a random order (dashed), so lower is better. Right: features are restored in the same order "
-                          "starting from the background mean; higher is better.",
+    "decreasing attribution; a faithful explanation makes the explained output fall faster than "
+    "a random order (dashed), so lower is better. Right: features are restored in the same order "
+    "starting from the background mean; higher is better.",
     "image_grid": "Each row: an explained test image, then the SHAP and LIME attributions toward its predicted class, "
-                  "summed over channels. Red pixels raise that class's logit, blue pixels lower it; each panel's "
-                  "colour scale is symmetric around 0. LIME works on grid cells, so its maps are blocky.",
+    "summed over channels. Red pixels raise that class's logit, blue pixels lower it; each panel's "
+    "colour scale is symmetric around 0. LIME works on grid cells, so its maps are blocky.",
     "training": "Loss per epoch (or round) on the training and validation splits, and ε spent where DP was on.",
 }
 
@@ -153,8 +129,9 @@ def _plot_kind(fname: str) -> str:
     return "training"
 
 
-def explanations_section(cfg: Config, explain_out: Any, manifest: Mapping[str, Any] | None,
-                         variants: list[dict[str, Any]]) -> dict[str, Any]:
+def explanations_section(
+    cfg: Config, explain_out: Any, manifest: Mapping[str, Any] | None, variants: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Methods, backgrounds, quality summaries, flagged rows and the plots (file, hash, how to read) per model."""
     artifacts = (manifest or {}).get("artifacts", {})
     models = {}
@@ -167,12 +144,27 @@ def explanations_section(cfg: Config, explain_out: Any, manifest: Mapping[str, A
         summary = {
             "additivity_max_abs_error": q["additivity"]["max_abs_error"],
             "additivity_max_rel_error": q["additivity"]["max_rel_error"],
-            "faithfulness": {meth: {k: d[k] for k in ("deletion_auc", "random_deletion_auc", "insertion_auc",
-                                                      "random_insertion_auc", "deletion_gain", "insertion_gain",
-                                                      "deletion_win_rate", "insertion_win_rate", "output_scale")}
-                             for meth, d in di.items()},
-            "agreement": {k: q["agreement"][k] for k in ("method_a", "method_b", "k", "threshold", "mean_topk",
-                                                         "mean_spearman", "mean_sign")},
+            "faithfulness": {
+                meth: {
+                    k: d[k]
+                    for k in (
+                        "deletion_auc",
+                        "random_deletion_auc",
+                        "insertion_auc",
+                        "random_insertion_auc",
+                        "deletion_gain",
+                        "insertion_gain",
+                        "deletion_win_rate",
+                        "insertion_win_rate",
+                        "output_scale",
+                    )
+                }
+                for meth, d in di.items()
+            },
+            "agreement": {
+                k: q["agreement"][k]
+                for k in ("method_a", "method_b", "k", "threshold", "mean_topk", "mean_spearman", "mean_sign")
+            },
             "n_flagged": len(m["flagged"]),
             "lime_stability": {k: q["lime_stability"][k] for k in ("k", "seeds", "mean", "min")}
             | {"n_rows": len(q["lime_stability"]["per_row"])},
@@ -182,11 +174,18 @@ def explanations_section(cfg: Config, explain_out: Any, manifest: Mapping[str, A
         for fname in m["plots"]:
             rel = f"explain/plots/{fname}"
             kind = _plot_kind(fname)
-            plots.append({"file": rel, "sha256": artifacts.get(rel, {}).get("sha256"), "kind": kind,
-                          "title": _plot_title(name, fname, kind), "how_to_read": HOW_TO_READ[kind]})
+            plots.append(
+                {
+                    "file": rel,
+                    "sha256": artifacts.get(rel, {}).get("sha256"),
+                    "kind": kind,
+                    "title": _plot_title(name, fname, kind),
+                    "how_to_read": HOW_TO_READ[kind],
+                }
+            )
         importance = m["explanations"][shap_m].get("mean_abs_attribution")
         models[name] = {
-            "title": MODEL_NAMES.get(name, name),
+            "title": title(name),
             "methods": m["methods"],
             "explained_output": m["explained_output"],
             "n_explained": m["n_explained"],
@@ -201,25 +200,35 @@ def explanations_section(cfg: Config, explain_out: Any, manifest: Mapping[str, A
             "seconds": m["seconds"],
             "plots": plots,
         }
-        caveats += [f"{MODEL_NAMES.get(name, name)}: {n}" for n in m["notes"]]
+        caveats += [f"{title(name)}: {n}" for n in m["notes"]]
         if summary["n_flagged"]:
-            caveats.append(f"{MODEL_NAMES.get(name, name)}: SHAP and LIME share fewer than "
-                           f"{_fmt(summary['agreement']['threshold'])} of their top-{m['top_k']} features on "
-                           f"{summary['n_flagged']} of {m['n_explained']} explained inputs (listed as flagged disagreements "
-                           "in the report); read those explanations with care.")
+            caveats.append(
+                f"{title(name)}: SHAP and LIME share fewer than "
+                f"{number(summary['agreement']['threshold'], 3)} of their top-{m['top_k']} features on "
+                f"{summary['n_flagged']} of {m['n_explained']} explained inputs (listed as flagged disagreements "
+                "in the report); read those explanations with care."
+            )
         if summary["lime_fidelity"]["mean_r2"] is not None and summary["lime_fidelity"]["mean_r2"] < 0.5:
-            caveats.append(f"{MODEL_NAMES.get(name, name)}: LIME's local surrogate explains on average only "
-                           f"R² = {_fmt(summary['lime_fidelity']['mean_r2'])} of the model's local behaviour.")
+            caveats.append(
+                f"{title(name)}: LIME's local surrogate explains on average only "
+                f"R² = {number(summary['lime_fidelity']['mean_r2'], 3)} of the model's local behaviour."
+            )
         if summary["lime_stability"]["mean"] is not None and summary["lime_stability"]["mean"] < 0.7:
-            caveats.append(f"{MODEL_NAMES.get(name, name)}: LIME's top-{m['top_k']} set changes with its seed "
-                           f"(mean Jaccard {_fmt(summary['lime_stability']['mean'])}).")
+            caveats.append(
+                f"{title(name)}: LIME's top-{m['top_k']} set changes with its seed "
+                f"(mean Jaccard {number(summary['lime_stability']['mean'], 3)})."
+            )
         for meth, d in summary["faithfulness"].items():
             if d["deletion_gain"] is not None and d["deletion_gain"] <= 0:
-                caveats.append(f"{MODEL_NAMES.get(name, name)}: {meth}'s feature order removes the output no faster "
-                               "than a random order (deletion gain ≤ 0): its ranking is not faithful here.")
+                caveats.append(
+                    f"{title(name)}: {meth}'s feature order removes the output no faster "
+                    "than a random order (deletion gain ≤ 0): its ranking is not faithful here."
+                )
     caveats += [f"While explaining: {w}" for w in explain_out.summary.get("warnings", [])]
     if cfg.explain.background_split != "public":
-        caveats.append(f"Backgrounds come from the {cfg.explain.background_split} split (private records), as configured.")
+        caveats.append(
+            f"Backgrounds come from the {cfg.explain.background_split} split (private records), as configured."
+        )
     return {
         "background_split": cfg.explain.background_split,
         "seconds": explain_out.summary.get("seconds"),
@@ -232,9 +241,13 @@ def explanations_section(cfg: Config, explain_out: Any, manifest: Mapping[str, A
 
 
 def _plot_title(model: str, fname: str, kind: str) -> str:
-    titles = {"beeswarm": "SHAP beeswarm (global)", "importance_bar": "Mean |attribution|: SHAP vs LIME (global)",
-              "deletion_insertion": "Deletion and insertion curves (faithfulness)",
-              "image_grid": "Attribution maps: SHAP and LIME (local)", "training": "Training curves"}
+    titles = {
+        "beeswarm": "SHAP beeswarm (global)",
+        "importance_bar": "Mean |attribution|: SHAP vs LIME (global)",
+        "deletion_insertion": "Deletion and insertion curves (faithfulness)",
+        "image_grid": "Attribution maps: SHAP and LIME (local)",
+        "training": "Training curves",
+    }
     if kind == "waterfall":
         row = fname.rsplit("_row", 1)[-1].removesuffix(".png")
         return f"SHAP waterfall of explained row {row} (local)"
@@ -244,9 +257,9 @@ def _plot_title(model: str, fname: str, kind: str) -> str:
 def _variants(distill_out: Any) -> list[dict[str, Any]]:
     """Teacher/student explanation comparisons the distill stage recorded (any record key naming explanations)."""
     out = []
-    for model, o in (distill_out.items() if isinstance(distill_out, Mapping) else []):
+    for model, o in distill_out.items() if isinstance(distill_out, Mapping) else []:
         record = o.get("record", o) if isinstance(o, Mapping) else {}
-        for key, value in (record.items() if isinstance(record, Mapping) else []):
+        for key, value in record.items() if isinstance(record, Mapping) else []:
             if "explanation" in key and isinstance(value, Mapping):
                 out.append({"model": str(model), "comparison": "teacher vs student", **_plain(value)})
     return out
@@ -256,22 +269,36 @@ def distill_section(distill_out: Any) -> dict[str, Any]:
     """The distill stage's records per student (weights and ONNX bytes left out: they are artifacts)."""
     if not isinstance(distill_out, Mapping):
         return {"output": _plain(distill_out)}
-    return {str(model): _plain({k: v for k, v in o.items() if k not in ("state_dict", "onnx")})
-            if isinstance(o, Mapping) else _plain(o) for model, o in distill_out.items()}
+    return {
+        str(model): _plain({k: v for k, v in o.items() if k not in ("state_dict", "onnx")})
+        if isinstance(o, Mapping)
+        else _plain(o)
+        for model, o in distill_out.items()
+    }
 
 
 def reproducibility_section(cfg: Config, manifest: Mapping[str, Any] | None, seed: int) -> dict[str, Any]:
     """Resolved config, seeds per stage, versions, git commit, artifact hashes, the commands that re-run it."""
-    from pipeline.rundir import git_commit, library_versions
 
     m = manifest or {}
     command = m.get("command")
     stages = m.get("stages", {})
-    artifacts = [{"path": rel, **{k: a.get(k) for k in ("sha256", "bytes", "stage", "kind")}}
-                 for rel, a in sorted(m.get("artifacts", {}).items()) if a.get("stage") != "report"]
+    artifacts = [
+        {"path": rel, **{k: a.get(k) for k in ("sha256", "bytes", "stage", "kind")}}
+        for rel, a in sorted(m.get("artifacts", {}).items())
+        if a.get("stage") != "report"
+    ]
     if m.get("config"):
-        artifacts.insert(0, {"path": m["config"]["path"], "sha256": m["config"]["sha256"], "bytes": None,
-                             "stage": "config", "kind": "config"})
+        artifacts.insert(
+            0,
+            {
+                "path": m["config"]["path"],
+                "sha256": m["config"]["sha256"],
+                "bytes": None,
+                "stage": "config",
+                "kind": "config",
+            },
+        )
     seeds = {name: s.get("seed") for name, s in stages.items()}
     seeds.setdefault("report", seed)
     return {
@@ -280,7 +307,7 @@ def reproducibility_section(cfg: Config, manifest: Mapping[str, Any] | None, see
         "root_seed": cfg.seed,
         "seeds": seeds,
         "seed_note": "every stage, model, client and explainer derives its seed from the root seed "
-                     "(pipeline.runtime.derive_seed); DP noise in secure mode is not seedable.",
+        "(core.seeds); DP noise in secure mode is not seedable.",
         "library_versions": m.get("library_versions") or library_versions(),
         "git_commit": m.get("git_commit", git_commit()),
         "python_executable": m.get("python_executable"),
@@ -296,40 +323,53 @@ def reproducibility_section(cfg: Config, manifest: Mapping[str, Any] | None, see
         "stage_seconds": {name: s.get("seconds") for name, s in stages.items()},
         "artifacts": artifacts,
         "self_hash_note": "The report's own files cannot contain their hashes; manifest.json records them "
-                          "(stage 'report') and `python -m pipeline verify RUN_DIR` checks them.",
+        "(stage 'report') and `python -m pipeline verify RUN_DIR` checks them.",
     }
 
 
 def summary_section(content: Mapping[str, Any], explain_out: Any) -> dict[str, Any]:
     """The first screen: models, headline metrics, one sentence on privacy and one on explanation quality."""
     models = []
-    for name, title in MODEL_NAMES.items():
+    for name in MODELS:
         mod = content["models"][name]
-        models.append({"name": name, "title": title, "n_parameters": mod["n_parameters"],
-                       "mode": mod["training"].get("mode"), "headline": _headline(name, content["_metrics"])})
+        models.append(
+            {
+                "name": name,
+                "title": title(name),
+                "n_parameters": mod["n_parameters"],
+                "mode": mod["training"].get("mode"),
+                "headline": _headline(name, content["_metrics"]),
+            }
+        )
     baseline = _headline("ridge", content["_metrics"])
     ex = content["explanations"]["models"]
     bits = []
-    for name, e in sorted(ex.items(), key=lambda kv: list(MODEL_NAMES).index(kv[0]) if kv[0] in MODEL_NAMES else 99):
+    for name, e in sorted(ex.items(), key=lambda kv: list(MODELS).index(kv[0]) if kv[0] in MODELS else 99):
         q = e["quality"]
         shap_m = e["methods"]["shap"]
         f = q["faithfulness"][shap_m]
-        bits.append(f"{MODEL_NAMES.get(name, name)}: {shap_m} additive to {_fmt(q['additivity_max_abs_error'], 2)}, "
-                    f"deletion AUC {_fmt(f['deletion_auc'])} vs {_fmt(f['random_deletion_auc'])} for a random order, "
-                    f"SHAP-LIME top-{e['top_k']} overlap {_fmt(q['agreement']['mean_topk'], 2)} "
-                    f"({q['n_flagged']} flagged), LIME stability {_fmt(q['lime_stability']['mean'], 2)}")
-    sentence = "; ".join(bits) + f" (explain stage: {_fmt(explain_out.summary.get('seconds', 0.0))} s)."
+        bits.append(
+            f"{title(name)}: {shap_m} additive to {number(q['additivity_max_abs_error'], 2)}, "
+            f"deletion AUC {number(f['deletion_auc'], 3)} vs {number(f['random_deletion_auc'], 3)} for a random order, "
+            f"SHAP-LIME top-{e['top_k']} overlap {number(q['agreement']['mean_topk'], 2)} "
+            f"({q['n_flagged']} flagged), LIME stability {number(q['lime_stability']['mean'], 2)}"
+        )
+    sentence = "; ".join(bits) + f" (explain stage: {number(explain_out.summary.get('seconds', 0.0), 3)} s)."
     n_caveats = len(content["privacy"]["caveats"]) + len(content["explanations"]["caveats"])
-    return {"models": models, "baseline": baseline, "privacy": content["privacy"]["statement"],
-            "explanations": sentence, "n_caveats": n_caveats}
+    return {
+        "models": models,
+        "baseline": baseline,
+        "privacy": content["privacy"]["statement"],
+        "explanations": sentence,
+        "n_caveats": n_caveats,
+    }
 
 
-def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int, manifest: Mapping[str, Any] | None) -> dict[str, Any]:
+def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[str, Any]:
     """The whole report as a JSON-safe tree (what ``report.json`` holds)."""
     datasets, trained, metrics, explain_out = inputs["data"], inputs["train"], inputs["evaluate"], inputs["explain"]
-    distill_out = None
-    for name in OPTIONAL_STAGES:
-        distill_out = _optional_stage(inputs, name, manifest)
+    manifest = inputs.get("provenance")
+    distill_out = inputs.get("distill")  # optional: present when the run has it
     content: dict[str, Any] = {
         "schema": SCHEMA_ID,
         "title": "Run report",
@@ -354,49 +394,3 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int, manifest
     content["caveats"] = content["privacy"]["caveats"] + content["explanations"]["caveats"]
     del content["_metrics"]
     return jsonable(content)
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> Report:
-    """Build the report from every earlier stage's output.
-
-    Parameters
-    ----------
-    cfg : resolved configuration.
-    inputs : ``data``, ``train``, ``evaluate``, ``explain`` (and ``distill`` when the run has it).
-    seed : stage seed (recorded; the report draws nothing at random).
-    runtime : gives ``runtime.manifest`` (artifact hashes, seeds, versions); without it those parts are thinner.
-
-    Returns
-    -------
-    Report
-    """
-    from pipeline import model_card, report_html
-
-    manifest = getattr(runtime, "manifest", None)
-    content = build_content(cfg, inputs, seed=seed, manifest=manifest)
-    figures = report_html.figures(inputs["explain"], inputs["train"])
-    html = report_html.render(content, figures)
-    cards = {name: model_card.render(content, name) for name in MODEL_NAMES}
-    return Report(content=content, html=html, model_cards=cards)
-
-
-def dump(report: Report) -> dict[str, bytes]:
-    """``report.html``, ``report.json`` and the model cards, at the top of the run directory."""
-    files = {FILES["html"]: report.html.encode("utf-8"), FILES["json"]: json_bytes(report.content)}
-    for name, text in report.model_cards.items():
-        files[FILES["model_cards"][name]] = text.encode("utf-8")
-    return files
-
-
-def load(read) -> Report:
-    """Rebuild the stage output from the run directory."""
-    cards = {name: read(rel).decode("utf-8") for name, rel in FILES["model_cards"].items()}
-    return Report(content=read_json(read(FILES["json"])), html=read(FILES["html"]).decode("utf-8"), model_cards=cards)
-
-
-def schema() -> dict[str, Any]:
-    """The JSON Schema that ``report.json`` follows (``pipeline/report_schema.json``)."""
-    return read_json(SCHEMA_PATH.read_bytes())

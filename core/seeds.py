@@ -1,0 +1,58 @@
+"""Every seed of a run, derived from the root seed in one place.
+
+The derivation tree (each arrow is :func:`derive_seed` with that name)::
+
+    root ── "<stage>" ── stage seed
+                 train ── "<model>" ── model seed (weights init, central training)
+                                ├── "pretrain" ── public pretraining
+                                ├── "partition", "<split>" ── federated partition
+                                └── "client", i, "round", r ── client i's training in round r
+                 explain ── "<model>" ── ...   distill ── "<model>" ── ...
+
+The runner, the Flower apps, the deployment launcher and the scripts all call these
+functions, so a bare ``flwr run .`` trains the model the pipeline would. DP-SGD's
+sampling and noise are not derived here: see :mod:`core.privacy`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+DERIVATION = {
+    "stage": "derive_seed(root, stage)",
+    "model": "derive_seed(stage_seed, model)",
+    "pretrain": "derive_seed(model_seed, 'pretrain')",
+    "partition": "derive_seed(model_seed, 'partition', split)",
+    "client_round": "derive_seed(model_seed, 'client', client, 'round', round)",
+}
+
+
+def derive_seed(root: int, *names: str | int) -> int:
+    """A stable 31-bit seed for a named part of the run (stage, model, client) from ``root``."""
+    text = "/".join([str(root), *map(str, names)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def stage_seed(root: int, stage: str) -> int:
+    """The seed the runner gives ``stage``."""
+    return derive_seed(root, stage)
+
+
+def model_seed(root: int, model: str, *, stage: str = "train") -> int:
+    """The seed of ``model`` inside ``stage`` (training: weights init and the training loop)."""
+    return derive_seed(stage_seed(root, stage), model)
+
+
+def pretrain_seed(model_seed_: int) -> int:
+    """Public pretraining of a model (central and federated alike)."""
+    return derive_seed(model_seed_, "pretrain")
+
+
+def partition_seed(model_seed_: int, split: str) -> int:
+    """The federated partition of ``split``."""
+    return derive_seed(model_seed_, "partition", split)
+
+
+def client_round_seed(model_seed_: int, client: int, server_round: int) -> int:
+    """Client ``client``'s local training in round ``server_round``."""
+    return derive_seed(model_seed_, "client", client, "round", server_round)

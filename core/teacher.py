@@ -1,0 +1,147 @@
+"""What a trained model is and how each model is set up: shared by central and federated training.
+
+Nothing here knows of Flower or of stages: :mod:`pipeline.train` (central) and
+:mod:`federated` (ServerApp, ClientApp) both stand on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from core import models, privacy, training
+from core.config import Config, FitConfig
+from core.data import Dataset
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A trained network: how to build it, its weights, and how it was trained."""
+
+    spec: Mapping[str, Any]  # {"kind", "kwargs"} for core.models.build
+    state_dict: Mapping[str, torch.Tensor]  # unwrapped CPU weights
+    training: Mapping[str, Any]  # TrainingResult.summary() plus settings (mode, fit config, seed)
+
+    def build(self) -> torch.nn.Module:
+        """A fresh plain module with these weights, in eval mode (no Opacus hooks)."""
+        model = models.build(self.spec)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+@dataclass(frozen=True)
+class RidgeBaseline:
+    """scikit-learn Ridge fitted on the same standardised split; stored as numbers, not a pickle."""
+
+    coef: np.ndarray  # (F,)
+    intercept: float
+    alpha: float
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64) @ self.coef + self.intercept
+
+
+def _regressor_kwargs(cfg: Config, ds: Dataset) -> dict[str, Any]:
+    return {
+        "n_features": int(ds.input_shape[0]),
+        "hidden_sizes": list(cfg.regressor.hidden_sizes),
+        "activation": cfg.regressor.activation,
+    }
+
+
+def _cnn_kwargs(cfg: Config, ds: Dataset) -> dict[str, Any]:
+    act = cfg.cnn.activation if (not cfg.dp.enabled or cfg.cnn.dp_activation == "same") else cfg.cnn.dp_activation
+    return {
+        "input_shape": list(ds.input_shape),
+        "n_classes": len(ds.class_names),
+        "channels": list(cfg.cnn.channels),
+        "kernel_size": cfg.cnn.kernel_size,
+        "hidden": cfg.cnn.hidden,
+        "activation": act,
+    }
+
+
+# model name -> its builder's arguments for these data and this config (one line per registered model)
+_SPEC_KWARGS = {"regressor": _regressor_kwargs, "cnn": _cnn_kwargs}
+
+
+def model_spec(cfg: Config, name: str, ds: Dataset) -> dict[str, Any]:
+    """The architecture of model ``name`` for dataset ``ds`` (the CNN adapts to shape and class count)."""
+    models.model_entry(name)
+    return {"kind": name, "kwargs": _SPEC_KWARGS[name](cfg, ds)}
+
+
+def model_specs(cfg: Config, datasets: Mapping[str, Dataset]) -> dict[str, dict[str, Any]]:
+    """The architecture of every registered model for these data."""
+    return {name: model_spec(cfg, name, datasets[entry.dataset]) for name, entry in models.MODELS.items()}
+
+
+def fit_config(cfg: Config, name: str) -> FitConfig:
+    """The training settings of model ``name`` (``dp_fit`` when DP is on)."""
+    return getattr(getattr(cfg, name), fit_section(cfg))
+
+
+def fit_section(cfg: Config) -> str:
+    """The name of the training-settings section in use: ``dp_fit`` under DP, else ``fit``."""
+    return "dp_fit" if cfg.dp.enabled else "fit"
+
+
+def public_pretrain(
+    cfg: Config, name: str, model: torch.nn.Module, ds: Dataset, *, device: torch.device, seed: int
+) -> dict[str, Any] | None:
+    """Under DP, first fit the model non-privately on the split declared public (when configured).
+
+    Public pretraining followed by private fine-tuning is the standard way to make DP-SGD
+    useful on small data; the DP guarantee then covers the training split, and the public
+    split, by declaration, has none. Returns the record of what was done, or None.
+    """
+    epochs = cfg.dp.public_pretrain_epochs
+    if not cfg.dp.enabled or epochs == 0 or len(ds.y["public"]) == 0:
+        return None
+    fit = replace(
+        getattr(cfg, name).fit, epochs=epochs, batch_size=min(getattr(cfg, name).fit.batch_size, len(ds.y["public"]))
+    )
+    result = training.fit(
+        model,
+        x_train=ds.x["public"],
+        y_train=ds.y["public"],
+        x_val=None,
+        y_val=None,
+        task=ds.task,
+        fit_cfg=fit,
+        dp=None,
+        device=device,
+        seed=seed,
+        desc=f"{name} public pretraining",
+    )
+    return {
+        "split": "public",
+        "rows": int(len(ds.y["public"])),
+        "epochs": epochs,
+        "seconds": result.seconds,
+        "seed": seed,
+        "final_train_loss": result.history[-1]["train_loss"],
+        "privacy": "none needed: the public split is declared public (data.public_fraction) and is not protected",
+    }
+
+
+def preflight(cfg: Config, datasets: Mapping[str, Dataset]) -> None:
+    """Refuse before training anything if any model's planned DP training would overspend its budget.
+
+    Raises
+    ------
+    PrivacyBudgetError
+        If a model's plan exceeds ``dp.target_epsilon``.
+    """
+    for name, entry in models.MODELS.items():
+        fit = fit_config(cfg, name)
+        privacy.plan(
+            cfg.dp,
+            n_samples=len(datasets[entry.dataset].y["train"]),
+            batch_size=fit.batch_size,
+            max_grad_norm=fit.max_grad_norm,
+            epochs=fit.epochs,
+        )

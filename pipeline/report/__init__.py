@@ -1,0 +1,72 @@
+"""Stage ``report``: one self-contained ``report.html``, ``report.json`` and a model card per model.
+
+The content is built once (:mod:`pipeline.report.content`), ``report.json`` holds it as it
+is (schema: ``pipeline/report/report_schema.json``) and the HTML page and the model cards
+render it. The report cannot list its own hashes: those are in ``manifest.json`` (stage
+``report``), which ``python -m pipeline verify RUN_DIR`` checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from core.artifacts import json_bytes, read_json
+from core.config import Config
+from core.models import MODELS
+from pipeline.report import html_page, model_card
+from pipeline.report.content import FILES, SCHEMA_ID, build_content
+
+SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
+__all__ = ["FILES", "SCHEMA_ID", "SCHEMA_PATH", "Report", "build_content", "dump", "load", "run", "schema"]
+
+
+@dataclass(frozen=True)
+class Report:
+    """The stage output: the content tree and its renderings."""
+
+    content: Mapping[str, Any]  # what report.json holds
+    html: str
+    model_cards: Mapping[str, str]  # model -> Markdown
+
+
+def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> Report:
+    """Build the report from every earlier stage's output.
+
+    Parameters
+    ----------
+    cfg : resolved configuration.
+    inputs : ``data``, ``train``, ``evaluate``, ``explain``, ``provenance`` (the manifest:
+        artifact hashes, seeds, versions) and ``distill`` when the run has it.
+    seed : stage seed (recorded; the report draws nothing at random).
+    runtime : unused.
+
+    Returns
+    -------
+    Report
+    """
+    content = build_content(cfg, inputs, seed=seed)
+    figures = html_page.figures(inputs["explain"], inputs["train"])
+    html = html_page.render(content, figures)
+    cards = {name: model_card.render(content, name) for name in MODELS}
+    return Report(content=content, html=html, model_cards=cards)
+
+
+def dump(report: Report) -> dict[str, bytes]:
+    """``report.html``, ``report.json`` and the model cards, at the top of the run directory."""
+    files = {FILES["html"]: report.html.encode("utf-8"), FILES["json"]: json_bytes(report.content)}
+    for name, text in report.model_cards.items():
+        files[FILES["model_cards"][name]] = text.encode("utf-8")
+    return files
+
+
+def load(read: Callable[[str], bytes]) -> Report:
+    """Rebuild the stage output from the run directory."""
+    cards = {name: read(rel).decode("utf-8") for name, rel in FILES["model_cards"].items()}
+    return Report(content=read_json(read(FILES["json"])), html=read(FILES["html"]).decode("utf-8"), model_cards=cards)
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema that ``report.json`` follows."""
+    return read_json(SCHEMA_PATH.read_bytes())
