@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from explain._checks import check_positive_int
+from explain._model import scoped_numpy_seed
 from explain.quality import DeletionInsertionResult
 from explain.types import Explanation
 
@@ -69,7 +70,9 @@ def beeswarm_png(expl: Explanation, *, max_display: int = 10) -> bytes:
 
     _require_tabular(expl, "beeswarm_png")
     max_display = check_positive_int("max_display", max_display)
-    return _shap_png(lambda: shap.plots.beeswarm(_to_shap(expl), max_display=max_display, show=False))
+    # shap's beeswarm jitters dots with numpy's global RNG: a fixed seed makes the figure (and its hash) reproducible.
+    with scoped_numpy_seed(0):
+        return _shap_png(lambda: shap.plots.beeswarm(_to_shap(expl), max_display=max_display, show=False))
 
 
 def waterfall_png(expl: Explanation, *, row: int = 0, max_display: int = 10) -> bytes:

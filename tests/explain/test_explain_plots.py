@@ -45,3 +45,13 @@ def test_image_grid(cnn, images):
         plots.beeswarm_png(shap_e)
     with pytest.raises(ValueError, match="needs one or more image explanations"):
         plots.image_grid_png([])
+
+
+def test_beeswarm_is_reproducible_whatever_the_global_rng(tab_expls):
+    import numpy as np
+
+    np.random.seed(1)
+    a = plots.beeswarm_png(tab_expls[0])
+    np.random.seed(2)
+    b = plots.beeswarm_png(tab_expls[0])
+    assert a == b
