@@ -53,6 +53,7 @@ def test_end_to_end_run_directory(tmp_path, tiny_overrides):
     assert not any(k.startswith("_module.") for k in load_file(run / "models" / "cnn.safetensors"))
 
 
+@pytest.mark.slow  # a whole pipeline run: the default tier keeps one (test_end_to_end_run_directory)
 def test_dp_run_records_the_guarantee(tmp_path, tiny_overrides):
     proc = cli("--out", str(tmp_path), "--quiet", *tiny_overrides, "dp.enabled=true", "dp.target_epsilon=2", check=True)
     run = _run_dir(proc)
@@ -108,6 +109,7 @@ def test_help_lists_stages_and_sections():
         assert word in out
 
 
+@pytest.mark.slow  # a whole pipeline run: the default tier keeps one (test_end_to_end_run_directory)
 def test_killed_run_resumes_from_checkpoint(tmp_path, tiny_overrides):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [
@@ -148,6 +150,7 @@ def test_killed_run_resumes_from_checkpoint(tmp_path, tiny_overrides):
     assert final.verify() == []
 
 
+@pytest.mark.slow  # a whole pipeline run: the default tier keeps one (test_end_to_end_run_directory)
 def test_from_reruns_a_slice_and_verify_catches_edits(tmp_path, tiny_overrides):
     run = _run_dir(cli("--out", str(tmp_path), "--quiet", *tiny_overrides, check=True))
     before = json.loads((run / "manifest.json").read_text())

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -16,6 +18,7 @@ def cli(*args):
     )
 
 
+@pytest.mark.slow  # a whole pipeline run: the default tier keeps one (tests/pipeline/test_cli.py)
 def test_cli_writes_report_json_and_model_cards_and_prints_the_path(tmp_path, tiny_overrides):
     proc = cli("--out", str(tmp_path), "--quiet", *tiny_overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
