@@ -92,6 +92,22 @@ class DPConfig:
     )
 
 
+# --- user-level DP (issue 14) ---------------------------------------------------------------
+@dataclass(frozen=True)
+class ClientDPConfig:
+    enabled: bool = False  # user-level DP-FedAvg (federated only): clip each client's update, Gaussian noise on the sum
+    clipping_norm: float = 1.0  # L2 bound C on one client's model update (its weights minus the global weights), > 0
+    noise_placement: Literal["server"] = "server"  # who adds the noise; "client" needs secure aggregation (not built)
+    target_epsilon: float = 3.0  # user-level budget: ε for a whole client's data over all rounds, > 0
+    delta: float = 1e-3  # user-level δ, in (0, 1); keep it well below 1/federated.n_clients
+    sample_rate: float = 1.0  # q: each client takes part in a round independently with this probability, (0, 1]
+    noise_multiplier: float = 0.0  # σ (noise std / C on the sum); 0 = plan it from target_epsilon
+    accountant: Literal["prv", "rdp", "gdp"] = "rdp"  # Opacus accountant for the subsampled Gaussian over rounds
+
+
+# ----------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class FederatedConfig:
     n_clients: int = 5  # simulated clients, >= 1
@@ -162,6 +178,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -400,6 +417,29 @@ def validate(cfg: Config) -> None:
         f.min_clients,
         f"in [1, federated.n_clients={f.n_clients}]",
     )
+    _validate_client_dp(cfg)
+
+
+def _validate_client_dp(cfg: Config) -> None:
+    """User-level DP settings (issue 14)."""
+    u = cfg.client_dp
+    _check(u.clipping_norm > 0, "client_dp.clipping_norm", u.clipping_norm, "> 0")
+    _check(
+        u.target_epsilon > 0 and math.isfinite(u.target_epsilon),
+        "client_dp.target_epsilon",
+        u.target_epsilon,
+        "a finite number > 0",
+    )
+    _check(0 < u.delta < 1, "client_dp.delta", u.delta, "in (0, 1), well below 1/federated.n_clients")
+    _check(0 < u.sample_rate <= 1, "client_dp.sample_rate", u.sample_rate, "in (0, 1]")
+    _check(u.noise_multiplier >= 0, "client_dp.noise_multiplier", u.noise_multiplier, ">= 0 (0 = plan it)")
+    if u.enabled:
+        _check(
+            cfg.federated.strategy == "fedavg",
+            "federated.strategy",
+            cfg.federated.strategy,
+            "'fedavg' when client_dp.enabled (DP-FedAvg replaces the aggregation)",
+        )
 
 
 # --------------------------------------------------------------------------- flat views and TOML

@@ -21,11 +21,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from core import models, privacy, seeds, training
+from core import models, privacy, seeds, training, user_privacy
 from core.artifacts import atomic_write, json_bytes, state_dict_bytes
 from core.errors import UserError
 from core.teacher import public_pretrain
-from federated import checkpoint, workdir
+from federated import checkpoint, user_dp, workdir
 from federated.partition import label_histograms
 from federated.run_config import AppSettings, from_run_config
 from federated.strategies import Recording, RecordingFedAdam, build_strategy
@@ -207,15 +207,26 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         initial, record["public_pretraining"] = _initial_weights(task)
         arrays = ArrayRecord(initial)
     record["server_started_unix"] = t_start
-    strategy = build_strategy(
-        f.strategy,
-        n_clients=f.n_clients,
-        min_clients=f.min_clients,
-        round_offset=done,
-        proximal_mu=f.proximal_mu,
-        server_lr=f.server_lr,
-        client_evaluate=settings.client_evaluate,
+    # --- user-level DP (issue 14): planned (and refused past budget) before any round runs
+    user_plan = (
+        user_privacy.plan_user_dp(task.cfg.client_dp, rounds=f.rounds, n_clients=f.n_clients)
+        if task.cfg.client_dp.enabled
+        else None
     )
+    if user_plan is not None:
+        strategy = user_dp.build_user_dp_strategy(
+            user_plan, round_offset=done, client_evaluate=settings.client_evaluate
+        )
+    else:
+        strategy = build_strategy(
+            f.strategy,
+            n_clients=f.n_clients,
+            min_clients=f.min_clients,
+            round_offset=done,
+            proximal_mu=f.proximal_mu,
+            server_lr=f.server_lr,
+            client_evaluate=settings.client_evaluate,
+        )
     if ck is not None and isinstance(strategy, RecordingFedAdam):
         strategy.load_optimizer_state(ck.strategy_state)
     last = {"t": time.time(), "arrays": arrays}
@@ -252,6 +263,13 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
             timeout=settings.round_timeout_s,
             train_config=ConfigRecord({"model": task.name}),
             evaluate_fn=evaluate_fn,
+        )
+    if user_plan is not None:
+        record.setdefault("user_dp_rounds", {}).update({str(r): c for r, c in strategy.dp_rounds.items()})
+        record["user_level_privacy"] = user_privacy.user_privacy_record(
+            user_plan,
+            completed_rounds=int(record["completed_rounds"]),
+            sample_level=_privacy_summary(task, record) if task.cfg.dp.enabled else None,
         )
     _write_result(task, record, last["arrays"], t_start)
 

@@ -1,0 +1,168 @@
+"""User-level DP-FedAvg: the accountant (plan, refusal, independent check), the mechanism, a whole run."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from core.config import ClientDPConfig, load_config
+from core.errors import ConfigError, PrivacyBudgetError
+from core.privacy_check import independent_epsilons
+from core.user_privacy import (
+    UNIT_OF_PRIVACY,
+    dp_fedavg_aggregate,
+    l2_norm,
+    plan_user_dp,
+    poisson_sample,
+    user_epsilon,
+    user_privacy_record,
+)
+from federated.server_app import main
+from federated.user_dp import build_user_dp_strategy
+from federated.workdir import read_result
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize(("q", "rounds", "n"), [(0.1, 50, 100), (1.0, 10, 10)])
+def test_planned_sigma_reaches_the_target_and_dp_accounting_agrees(accountant, q, rounds, n):
+    cfg = ClientDPConfig(enabled=True, target_epsilon=2.0, delta=1e-4, sample_rate=q, accountant=accountant)
+    plan = plan_user_dp(cfg, rounds=rounds, n_clients=n)
+    # Opacus' search stops within 0.01 below the target
+    assert cfg.target_epsilon - 0.05 <= plan.planned_epsilon <= cfg.target_epsilon
+    pld, rdp = independent_epsilons(plan.history(), delta=cfg.delta)
+    assert pld * 0.98 <= plan.planned_epsilon <= rdp * 1.02
+    if accountant == "rdp":  # the same analysis, another implementation: equal within 2 %
+        assert plan.planned_epsilon == pytest.approx(rdp, rel=0.02)
+
+
+def test_sampling_amplifies_and_epsilon_grows_with_rounds():
+    kw = dict(noise_multiplier=1.0, delta=1e-4, accountant="rdp")
+    eps = [user_epsilon(sample_rate=0.1, rounds=r, **kw) for r in (1, 10, 100)]
+    assert eps[0] < eps[1] < eps[2]
+    assert user_epsilon(sample_rate=0.1, rounds=10, **kw) < user_epsilon(sample_rate=1.0, rounds=10, **kw)
+
+
+def test_a_fixed_sigma_over_budget_is_refused_before_training():
+    cfg = ClientDPConfig(enabled=True, target_epsilon=1.0, delta=1e-4, noise_multiplier=0.5, sample_rate=1.0)
+    with pytest.raises(PrivacyBudgetError, match="client_dp.target_epsilon=1.0"):
+        plan_user_dp(cfg, rounds=20, n_clients=10)
+    with pytest.raises(PrivacyBudgetError, match="client_dp.delta"):
+        plan_user_dp(dataclasses.replace(cfg, noise_multiplier=0.0, delta=0.2), rounds=20, n_clients=10)
+
+
+def test_config_validates_the_section():
+    with pytest.raises(ConfigError, match="client_dp.sample_rate"):
+        load_config(None, ["client_dp.sample_rate=0"])
+    with pytest.raises(ConfigError, match="federated.strategy"):
+        load_config(None, ["client_dp.enabled=true", "federated.strategy=fedadam"])
+
+
+def test_recorded_epsilon_is_checked_and_both_levels_stated():
+    plan = plan_user_dp(
+        ClientDPConfig(enabled=True, target_epsilon=3.0, delta=1e-3, sample_rate=0.5), rounds=8, n_clients=20
+    )
+    rec = user_privacy_record(
+        plan, completed_rounds=5, sample_level={"epsilon": 2.0, "delta": 1e-5, "unit_of_privacy": "one record"}
+    )
+    assert rec["epsilon"] < plan.planned_epsilon  # 5 of 8 rounds spent
+    assert rec["independent_check"]["agrees"] and rec["accountant_history"] == [[plan.noise_multiplier, 0.5, 5]]
+    assert rec["unit_of_privacy"] == UNIT_OF_PRIVACY and rec["sample_level"]["unit_of_privacy"] == "one record"
+
+
+def test_poisson_sampling_has_rate_q():
+    rng = np.random.default_rng(0)
+    counts = [len(poisson_sample(list(range(100)), sample_rate=0.2, rng=rng)) for _ in range(200)]
+    assert np.mean(counts) == pytest.approx(20, abs=1.0)  # sd of the mean 4/sqrt(200) = 0.28
+    assert len(set(counts)) > 5  # not a fixed-size sample
+
+
+def test_one_client_moves_the_noiseless_aggregate_by_at_most_c_over_qn():
+    rng = np.random.default_rng(1)
+    g = [np.zeros((4, 3), np.float32), np.zeros(5, np.float32)]
+    clients = [[rng.normal(0, s, (4, 3)), rng.normal(0, s, 5)] for s in (0.01, 3.0, 50.0, 0.2)]
+    c, expected = 0.5, 4.0
+    kw = dict(clipping_norm=c, noise_multiplier=0.0, expected_clients=expected, rng=rng)
+    full, counts = dp_fedavg_aggregate(g, clients, **kw)
+    assert counts == {"aggregated": 4, "clipped": 3}
+    for drop in range(4):  # add/remove-one-client sensitivity of the released average
+        without, _ = dp_fedavg_aggregate(g, clients[:drop] + clients[drop + 1 :], **kw)
+        diff = l2_norm([a - b for a, b in zip(full, without)])
+        assert diff <= c / expected * (1 + 1e-5)
+    # the big client is clipped to exactly C
+    one, _ = dp_fedavg_aggregate(g, [clients[2]], **{**kw, "expected_clients": 1.0})
+    assert l2_norm(one) == pytest.approx(c, rel=1e-5)
+
+
+def test_noise_on_the_sum_has_std_sigma_c_over_qn():
+    g = [np.zeros(20000, np.float64)]
+    out, _ = dp_fedavg_aggregate(
+        g, [], clipping_norm=2.0, noise_multiplier=1.5, expected_clients=10.0, rng=np.random.default_rng(2)
+    )
+    assert np.std(out[0]) == pytest.approx(1.5 * 2.0 / 10.0, rel=0.03)  # 20k samples: sd of the std ~0.5 %
+
+
+class _Nodes:
+    def __init__(self, n):
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+
+def _reply(to: Message, value: float) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))}),
+            "metrics": MetricRecord(
+                {"num-examples": 5, "partition-id": to.metadata.dst_node_id - 1, "epsilon": 0.0, "refused": 0}
+            ),
+        }
+    )
+    return Message(content, reply_to=to)
+
+
+def test_strategy_samples_poisson_clips_and_releases_even_an_empty_round():
+    plan = plan_user_dp(
+        ClientDPConfig(enabled=True, sample_rate=0.5, clipping_norm=1.0, delta=1e-3), rounds=4, n_clients=10
+    )
+    s = build_user_dp_strategy(plan, rng=np.random.default_rng(5))
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    sizes = []
+    for r in (1, 2, 3):
+        msgs = list(s.configure_train(r, arrays, ConfigRecord({}), _Nodes(10)))
+        sizes.append(len(msgs))
+        new, _ = s.aggregate_train(r, [_reply(m, 100.0) for m in msgs])
+        assert new is not None  # also with zero participants: noise only
+        assert s.dp_rounds[r]["clipped"] == len(msgs)
+    assert s.rounds[1].sent_to and len(set(sizes)) >= 1
+    msgs = list(s.configure_train(4, arrays, ConfigRecord({}), _Nodes(10)))
+    new, _ = s.aggregate_train(4, [])  # nobody answered
+    assert new is not None and s.dp_rounds[4]["aggregated"] == 0
+
+
+def test_a_user_dp_run_records_plan_epsilon_and_check(tmp_path, digits_data):
+    cfg = make_cfg(
+        "client_dp.enabled=true", "client_dp.sample_rate=0.5", "client_dp.delta=0.01", "client_dp.target_epsilon=8"
+    )
+    rc = prepare_work_dir(tmp_path, cfg, digits_data)
+    main(InProcessGrid(rc, 2), server_context(rc))
+    weights, record = read_result(tmp_path, "cnn")
+    u = record["user_level_privacy"]
+    assert u["completed_rounds"] == 3 and u["rounds"] == 3 and u["sample_rate"] == 0.5
+    assert u["epsilon"] == pytest.approx(u["planned_epsilon"]) and u["epsilon"] <= 8.0
+    assert u["independent_check"]["agrees"]
+    assert set(record["user_dp_rounds"]) == {"1", "2", "3"}
+    assert all(np.isfinite(v.numpy()).all() for v in weights.values())
+
+
+def test_a_run_over_the_user_budget_fails_before_any_round(tmp_path, digits_data):
+    cfg = make_cfg(
+        "client_dp.enabled=true", "client_dp.noise_multiplier=0.3", "client_dp.delta=0.01", "client_dp.target_epsilon=1"
+    )
+    rc = prepare_work_dir(tmp_path, cfg, digits_data)
+    grid = InProcessGrid(rc, 2)
+    with pytest.raises(PrivacyBudgetError, match="user-level"):
+        main(grid, server_context(rc))
+    assert grid.sent_rounds == []
