@@ -19,7 +19,7 @@ from core.artifacts import jsonable
 from core.config import Config
 from core.models import MODELS, title
 from pipeline.report.fmt import number
-from pipeline.report.privacy import privacy_section, student_privacy
+from pipeline.report.privacy import federated_privacy, privacy_section, student_privacy
 from pipeline.rundir import git_commit, library_versions
 from pipeline.train import TrainOutput
 
@@ -381,7 +381,7 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
     }
     content["data"] = data_section(datasets, manifest)
     content["models"] = models_section(cfg, trained, metrics)
-    content["privacy"] = privacy_section(cfg, trained, datasets, explain_out)
+    content["privacy"] = federated_privacy(privacy_section(cfg, trained, datasets, explain_out), cfg, trained)
     content["explanations"] = explanations_section(cfg, explain_out, manifest, _variants(distill_out))
     if distill_out is not None:
         content["distill"] = distill_section(distill_out)

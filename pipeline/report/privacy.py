@@ -155,3 +155,115 @@ def student_privacy(distill_out: Any) -> tuple[list[str], list[str]]:
         else:
             not_covered.append(f"{what}: no guarantee ({detail})")
     return covered, not_covered
+
+
+# --- federated runs: threat model and user-level DP (issue 14) -----------------------------------
+
+
+def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dict[str, Any]:
+    """Add the federated threat model, the unit of privacy and ε, δ per level to ``section`` (returned).
+
+    A no-op for central runs. For a federated run it states who is trusted with what
+    (honest-but-curious server; no secure aggregation, so the server sees every client's
+    update), what DP hides from whom at each level that is on, and what neither covers.
+    """
+    if cfg.train.mode != "federated":
+        return section
+    user = {name: trained.models[name].training.get("user_level_privacy") for name in MODELS}
+    user = {k: v for k, v in user.items() if v}
+    sample_on = bool(section.get("enabled")) and cfg.dp.enabled
+    levels: list[dict[str, Any]] = []
+    for name, rec in user.items():
+        levels.append(
+            {
+                "model": name,
+                "level": "user",
+                "unit_of_privacy": rec.get("unit_of_privacy"),
+                "epsilon": rec.get("epsilon"),
+                "delta": rec.get("delta"),
+                "noise_multiplier": rec.get("noise_multiplier"),
+                "clipping_norm": rec.get("clipping_norm"),
+                "sample_rate": rec.get("sample_rate"),
+                "rounds": rec.get("completed_rounds"),
+                "accountant": rec.get("accountant"),
+                "independent_check": rec.get("independent_check"),
+            }
+        )
+    if sample_on:
+        for name, rec in (section.get("models") or {}).items():
+            if rec:
+                levels.append(
+                    {
+                        "model": name,
+                        "level": "sample",
+                        "unit_of_privacy": rec.get("unit_of_privacy"),
+                        "epsilon": rec.get("epsilon"),
+                        "delta": rec.get("delta"),
+                    }
+                )
+    threat = [
+        "Threat model: an honest-but-curious server (it follows the protocol but reads everything it receives) and "
+        "anyone who later sees the released model, metrics or explanations.",
+        "Secure aggregation is not used: the server sees each participating client's model update in the clear.",
+    ]
+    if user:
+        threat.append(
+            "User-level DP (DP-FedAvg, noise added by the server): protects a whole client's data from whoever sees "
+            "the released global models (every round's model, the final weights and everything computed from them). "
+            "It does NOT protect a client from the server itself, which receives the un-noised individual updates."
+        )
+    if sample_on:
+        threat.append(
+            "Sample-level DP-SGD on each client: protects each training record of a client from the server and from "
+            "anyone who sees the released models, since every update a client sends is already DP-SGD output."
+        )
+    not_covered = [
+        "participation: which clients took part in which round, how many, and their reported metrics (loss, "
+        "num-examples, seconds) reach the server and the record in the clear",
+        "the number of rounds, the model architecture and the hyper-parameters are public choices, not protected",
+        "the server's view of individual client updates (no secure aggregation)",
+    ]
+    lines = [
+        f"{title(lv['model'])}: {lv['level']}-level (ε = {number(lv['epsilon'], 4)}, δ = {number(lv['delta'], 3)}), "
+        f"unit of privacy: {lv['unit_of_privacy']}"
+        for lv in levels
+    ]
+    section = dict(section)
+    section["federated"] = {"threat_model": threat, "levels": levels, "not_covered": not_covered}
+    if user:
+        for name, rec in user.items():
+            chk = rec.get("independent_check") or {}
+            section.setdefault("caveats", []).append(
+                f"{title(name)}: user-level ε = {number(rec.get('epsilon'), 4)} after {rec.get('completed_rounds')} "
+                f"rounds (σ = {number(rec.get('noise_multiplier'), 4)}, C = {number(rec.get('clipping_norm'), 3)}, "
+                f"q = {number(rec.get('sample_rate'), 3)}, {str(rec.get('accountant', '?')).upper()}; "
+                f"{rec.get('sampling')}); dp-accounting recomputes PLD ε = {number(chk.get('pld_epsilon'), 4)}, RDP ε = "
+                f"{number(chk.get('rdp_epsilon'), 4)} ({'agrees' if chk.get('agrees') else 'DISAGREES'})."
+            )
+        section["caveats"] = [
+            c for c in section.get("caveats", []) if "Client-level (whole-client) privacy is not claimed" not in c
+        ]
+        if not sample_on:
+            section["enabled"] = True
+            section["statement"] = (
+                "User-level differential privacy (DP-FedAvg) protects a whole client's data in the released global "
+                "models: " + "; ".join(lines) + ". Individual records get no separate sample-level guarantee "
+                "(dp.enabled = false), and the server sees every client's update in the clear."
+            )
+            section["covered"] = [
+                "models/*.safetensors of the federated networks and every per-round global model: DP-FedAvg output",
+                "predictions, metrics and explanations computed from those weights (post-processing)",
+            ]
+            section["not_covered"] = [
+                c for c in section.get("not_covered", []) if not c.startswith("every artifact of this run")
+            ] + ["models/ridge.json, data/* preprocessing statistics and data files: fitted without DP"]
+        else:
+            section["statement"] = (
+                section["statement"]
+                + " Both levels hold at once (different adjacencies; they do not add up): "
+                + "; ".join(lines)
+                + "."
+            )
+    section["statement"] = section["statement"] + " " + " ".join(threat)
+    section["not_covered"] = list(section.get("not_covered", [])) + not_covered
+    return section

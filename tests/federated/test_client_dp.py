@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_context
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from core.config import ClientDPConfig, load_config
 from core.errors import ConfigError, PrivacyBudgetError
@@ -166,3 +166,37 @@ def test_a_run_over_the_user_budget_fails_before_any_round(tmp_path, digits_data
     with pytest.raises(PrivacyBudgetError, match="user-level"):
         main(grid, server_context(rc))
     assert grid.sent_rounds == []
+
+
+def test_report_states_threat_model_unit_and_both_levels():
+    from types import SimpleNamespace
+
+    from pipeline.report.privacy import federated_privacy
+
+    plan = plan_user_dp(ClientDPConfig(enabled=True, delta=1e-3), rounds=5, n_clients=10)
+    rec = user_privacy_record(plan, completed_rounds=5)
+    trained = SimpleNamespace(
+        models={"cnn": SimpleNamespace(training={"user_level_privacy": rec}), "regressor": SimpleNamespace(training={})}
+    )
+    cfg = load_config(None, ["train.mode=federated", "client_dp.enabled=true"])
+    off = {
+        "enabled": False,
+        "mode": "federated",
+        "statement": "No formal privacy guarantee.",
+        "models": {},
+        "covered": [],
+        "not_covered": ["every artifact of this run: x"],
+        "caveats": [],
+    }
+    out = federated_privacy(off, cfg, trained)
+    assert out["enabled"] and "whole client's data" in out["statement"] and "honest-but-curious" in out["statement"]
+    assert "No formal" not in out["statement"]
+    [level] = out["federated"]["levels"]
+    assert level["level"] == "user" and level["epsilon"] == pytest.approx(rec["epsilon"]) and level["delta"] == 1e-3
+    assert any(c.startswith("participation") for c in out["not_covered"])
+    cfg2 = load_config(None, ["train.mode=federated", "client_dp.enabled=true", "dp.enabled=true"])
+    sample = {"epsilon": 2.5, "delta": 1e-5, "accountant": "rdp", "unit_of_privacy": "one training record"}
+    on = {**off, "enabled": True, "statement": "DP-SGD protects records.", "models": {"cnn": sample}, "not_covered": []}
+    out2 = federated_privacy(on, cfg2, trained)
+    assert {lv["level"] for lv in out2["federated"]["levels"]} == {"user", "sample"}
+    assert "Both levels" in out2["statement"]
