@@ -5,13 +5,14 @@ None of them unpickles anything on the way back in.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Iterator, Mapping
 
 import numpy as np
 
@@ -74,16 +75,29 @@ def read_state_dict(data: bytes) -> dict[str, Any]:
     return load(data)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file handle whose content appears at ``path`` only when the ``with`` block ends without error.
+
+    For outputs too large to hold in memory (streamed predictions): written to a temporary file in
+    the same folder, fsynced, then moved into place with ``os.replace``; on any error the temporary
+    file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    with atomic_open(path) as fh:
+        fh.write(data)

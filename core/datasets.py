@@ -191,9 +191,25 @@ def load_images(spec: str) -> RawImages:
     )
 
 
-def _load_image_folder(root: Path) -> RawImages:
+def decode_image(data: bytes, *, name: str) -> np.ndarray:
+    """Decode one image file's bytes to a (C, H, W) float64 array: grey modes to 1 channel, the rest to RGB.
+
+    Raises
+    ------
+    DataError
+        If the bytes are not a readable image; the message names the file.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"), dtype=np.float64)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"image {name!r} cannot be read ({exc}); remove it or re-save it as PNG") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
+
+
+def _load_image_folder(root: Path) -> RawImages:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise DataError(
@@ -205,14 +221,7 @@ def _load_image_folder(root: Path) -> RawImages:
         for file in files:
             data = file.read_bytes()
             digest.update(file.relative_to(root).as_posix().encode() + b"\0" + data)
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    arr = np.asarray(
-                        img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"), dtype=np.float64
-                    )
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"image {str(file)!r} cannot be read ({exc}); remove it or re-save it as PNG") from None
-            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
+            arr = decode_image(data, name=str(file))
             if images and arr.shape != images[0].shape:
                 raise DataError(
                     f"image {str(file)!r} has shape {arr.shape}, others {images[0].shape}; resize all images to one size"

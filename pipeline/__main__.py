@@ -11,7 +11,7 @@ import time
 from core import config as config_mod
 from core.errors import ConfigError, UserError
 from core.training import resolve_device
-from pipeline import runner
+from pipeline import predict, runner
 from pipeline.rundir import CONFIG, RunDir
 
 log = logging.getLogger("pipeline")
@@ -24,6 +24,7 @@ EPILOG = (
         + config_mod.section_help()
         + "\n\nother commands:\n  python -m pipeline config [--config F] [KEY=VALUE ...]   print the resolved config as TOML"
         "\n  python -m pipeline verify RUN_DIR                       re-hash every artifact of a run"
+        "\n  python -m pipeline predict RUN_DIR --input FILE         apply a trained model to new data (see predict -h)"
     )
 )
 
@@ -129,7 +130,7 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "verify": cmd_verify}
+COMMANDS = {"config": cmd_config, "verify": cmd_verify, "predict": predict.cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:

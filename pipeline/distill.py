@@ -143,40 +143,119 @@ def _latency_ms(fn, x: np.ndarray, *, repeats: int = 20) -> float:
     return float(np.median(times) * 1000)
 
 
-def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """Export ``model`` to ONNX with a dynamic batch axis.
+class ServedModel(nn.Module):
+    """A trained network with its preprocessing inside: raw inputs in, served outputs out.
 
+    - regressor: ``(N, F)`` raw features -> standardise -> model -> ``* y_std + y_mean`` -> ``(N,)``
+      prediction in the target's original units;
+    - CNN: ``(N, C, H, W)`` raw intensities -> per-channel standardise -> model -> softmax ->
+      ``(N, K)`` class probabilities.
+
+    The statistics are buffers (float32), so an ONNX export carries them and ONNX Runtime alone
+    reproduces ``python -m pipeline predict``.
+    """
+
+    def __init__(self, model: nn.Module, *, task: str, preprocessing: Mapping[str, Any]):
+        super().__init__()
+        self.model, self.task = model.eval(), task
+        p = preprocessing
+        if task == "regression":
+            mean, std = np.asarray(p["x_mean"]), np.asarray(p["x_std"])  # (F,)
+            y_mean, y_std = float(p["y_mean"]), float(p["y_std"])
+        else:
+            mean = np.asarray(p["channel_mean"])[:, None, None]  # (C, 1, 1)
+            std = np.asarray(p["channel_std"])[:, None, None]
+            y_mean, y_std = 0.0, 1.0
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        self.register_buffer("y_mean", torch.tensor(y_mean, dtype=torch.float32))
+        self.register_buffer("y_std", torch.tensor(y_std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model((x - self.mean) / self.std)
+        if self.task == "regression":
+            return out.squeeze(-1) * self.y_std + self.y_mean  # (N,)
+        return torch.softmax(out, dim=1)  # (N, K)
+
+
+# ONNX input / output names of the served graphs, by task
+ONNX_NAMES = {"regression": ("features", "prediction"), "classification": ("images", "probabilities")}
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, *, task: str) -> bytes:
+    """Export a served model (:class:`ServedModel`) to ONNX with named inputs/outputs and a dynamic batch axis.
+
+    The input is ``features`` (N, F) or ``images`` (N, C, H, W), raw float32; the output is
+    ``prediction`` (N,) in original target units or ``probabilities`` (N, K).
     The TorchScript-based exporter is used (``dynamo=False``): the new one needs onnxscript,
     which this project does not depend on, and these Sequential models need nothing more.
     """
+    name_in, name_out = ONNX_NAMES[task]
     buf = io.BytesIO()
     torch.onnx.export(
         model.eval(),
         example,
         buf,
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        input_names=[name_in],
+        output_names=[name_out],
+        dynamic_axes={name_in: {0: "batch"}, name_out: {0: "batch"}},
         dynamo=False,
     )
     return buf.getvalue()
 
 
-def onnx_session(data: bytes):
-    """An ONNX Runtime CPU session over exported bytes."""
+def onnx_session(data: bytes, *, device: str = "cpu"):
+    """An ONNX Runtime session over exported bytes (CUDA provider first when ``device`` is cuda and it is available)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(data, providers=providers)
 
 
-def _speed(teacher: nn.Module, student: nn.Module, session, x_test: np.ndarray) -> dict[str, Any]:
+def raw_inputs(ds: Dataset, split: str) -> np.ndarray:
+    """The split's inputs back in raw units (inverse of the standardisation), float64."""
+    p = ds.preprocessing
+    if ds.task == "regression":
+        return ds.x[split].astype(np.float64) * np.asarray(p["x_std"]) + np.asarray(p["x_mean"])
+    std, mean = np.asarray(p["channel_std"])[None, :, None, None], np.asarray(p["channel_mean"])[None, :, None, None]
+    return ds.x[split].astype(np.float64) * std + mean
+
+
+def served_reference(model: nn.Module, ds: Dataset, x_scaled: np.ndarray) -> np.ndarray:
+    """What ``predict`` serves for standardised inputs: original-unit predictions or softmax probabilities."""
+    out = training.predict(model, x_scaled)
+    if ds.task == "regression":
+        return ds.target_to_original(out)
+    return torch.softmax(torch.as_tensor(out), dim=1).numpy()
+
+
+def export_served(model: nn.Module, ds: Dataset) -> tuple[bytes, float]:
+    """ONNX bytes of ``model`` with ``ds``'s preprocessing inside, and its parity on the raw test split.
+
+    Parity is the max abs difference between ONNX Runtime on raw test inputs and torch on the
+    standardised ones (post-processed the same way): original target units or probabilities.
+    """
+    served = ServedModel(model, task=ds.task, preprocessing=ds.preprocessing)
+    raw = raw_inputs(ds, "test").astype(np.float32)
+    data = onnx_bytes(served, torch.as_tensor(raw[:1]), task=ds.task)
+    onnx_out = onnx_session(data).run(None, {ONNX_NAMES[ds.task][0]: raw})[0]
+    reference = served_reference(model, ds, ds.x["test"])
+    return data, float(np.max(np.abs(onnx_out.reshape(reference.shape) - reference)))
+
+
+def _speed(
+    teacher: nn.Module, student: nn.Module, session, x_scaled: np.ndarray, x_raw: np.ndarray, *, input_name: str
+) -> dict[str, Any]:
     out = {}
     for batch in (1, 256):
-        xb = np.resize(x_test, (batch, *x_test.shape[1:])).astype(np.float32)
+        xb = np.resize(x_scaled, (batch, *x_scaled.shape[1:])).astype(np.float32)
+        rb = np.resize(x_raw, (batch, *x_raw.shape[1:])).astype(np.float32)  # the served graph takes raw inputs
         out[f"batch_{batch}"] = {
             "teacher_torch_ms": _latency_ms(lambda v: training.predict(teacher, v), xb),
             "student_torch_ms": _latency_ms(lambda v: training.predict(student, v), xb),
-            "student_onnx_ms": _latency_ms(lambda v: session.run(None, {"x": v}), xb),
+            "student_onnx_ms": _latency_ms(lambda v: session.run(None, {input_name: v}), rb),
         }
     return out
 
@@ -218,9 +297,8 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
     student.eval()
     x_test = ds.x["test"]
     t_test, s_test = training.predict(teacher, x_test), training.predict(student, x_test)
-    onnx = onnx_bytes(student, torch.as_tensor(x_test[:1]))
-    session = onnx_session(onnx)
-    onnx_out = session.run(None, {"x": x_test.astype(np.float32)})[0]
+    onnx, onnx_diff = export_served(student, ds)
+    teacher_onnx, teacher_onnx_diff = export_served(teacher, ds)
     record: dict[str, Any] = {
         "teacher_parameters": models.n_parameters(teacher),
         "student_parameters": models.n_parameters(student),
@@ -239,8 +317,20 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
             "reason": "the student read private records with its own DP-SGD; ε adds to the teacher's (basic composition)",
         },
         "training": result.summary(),
-        "onnx_max_abs_diff": float(np.max(np.abs(onnx_out.reshape(s_test.shape) - s_test))),
-        "latency": _speed(teacher, student, session, x_test),
+        "onnx": {
+            "inputs": "raw (unstandardised) float32; standardisation"
+            + (", inverse target scaling" if ds.task == "regression" else ", softmax")
+            + " inside the graph",
+            "input": ONNX_NAMES[ds.task][0],
+            "output": ONNX_NAMES[ds.task][1],
+            "teacher_file": f"models/{name}.onnx",
+            "student_file": f"students/{name}.onnx",
+            "teacher_max_abs_diff": teacher_onnx_diff,
+        },
+        "onnx_max_abs_diff": onnx_diff,  # student graph on raw test inputs vs torch (served units)
+        "latency": _speed(
+            teacher, student, onnx_session(onnx), x_test, raw_inputs(ds, "test"), input_name=ONNX_NAMES[ds.task][0]
+        ),
         "seed": seed,
     }
     record["compression_ratio"] = record["teacher_parameters"] / record["student_parameters"]
@@ -267,6 +357,7 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
         "state_dict": privacy.unwrap_state_dict(student),
         "record": record,
         "onnx": onnx,
+        "teacher_onnx": teacher_onnx,
         "transfer_index": transfer.source_index,
     }
 
@@ -307,7 +398,8 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     Returns
     -------
     ``{"cnn": {...}, "regressor": {...}}``: each with the student's ``spec``, ``state_dict``,
-    ``record`` (metrics, privacy status, latency, ONNX parity), ``onnx`` bytes and the
+    ``record`` (metrics, privacy status, latency, ONNX parity), ``onnx`` / ``teacher_onnx`` bytes
+    (served graphs: raw inputs, preprocessing inside; see :class:`ServedModel`) and the
     source-row indices of its real transfer rows.
     """
     datasets, trained = inputs["data"], inputs["train"]
@@ -322,6 +414,7 @@ def dump(out: Mapping[str, Any]) -> dict[str, bytes]:
     for name, o in out.items():
         files[f"students/{name}.safetensors"] = state_dict_bytes(o["state_dict"])
         files[f"students/{name}.onnx"] = o["onnx"]
+        files[f"models/{name}.onnx"] = o["teacher_onnx"]  # the teacher's served graph: written here, with the student's
         files[f"students/{name}.json"] = json_bytes(
             {"spec": o["spec"], "record": o["record"], "transfer_index": o["transfer_index"]}
         )
@@ -338,5 +431,6 @@ def load(read) -> dict[str, Any]:
             "transfer_index": np.asarray(meta["transfer_index"]),
             "state_dict": read_state_dict(read(f"students/{name}.safetensors")),
             "onnx": read(f"students/{name}.onnx"),
+            "teacher_onnx": read(f"models/{name}.onnx"),
         }
     return out

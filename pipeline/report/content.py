@@ -270,7 +270,7 @@ def distill_section(distill_out: Any) -> dict[str, Any]:
     if not isinstance(distill_out, Mapping):
         return {"output": _plain(distill_out)}
     return {
-        str(model): _plain({k: v for k, v in o.items() if k not in ("state_dict", "onnx")})
+        str(model): _plain({k: v for k, v in o.items() if k not in ("state_dict", "onnx", "teacher_onnx")})
         if isinstance(o, Mapping)
         else _plain(o)
         for model, o in distill_out.items()
