@@ -202,11 +202,12 @@ def load_served(run_dir: str | Path, *, name: str, which: str = "student") -> Se
 def standardise(served: ServedModel, raw: np.ndarray) -> np.ndarray:
     """Raw inputs -> the model's inputs, with the same float64 arithmetic as :mod:`core.data` (then float32)."""
     p = served.preprocessing
-    raw = np.asarray(raw, dtype=np.float64)
+    # C order: a column-major chunk (pandas) would take another BLAS path and differ in the last float32 bit.
+    raw = np.ascontiguousarray(raw, dtype=np.float64)
     if served.task == "regression":
-        return ((raw - np.asarray(p["x_mean"])) / np.asarray(p["x_std"])).astype(np.float32)
+        return np.ascontiguousarray(((raw - np.asarray(p["x_mean"])) / np.asarray(p["x_std"])).astype(np.float32))
     mean, std = np.asarray(p["channel_mean"]), np.asarray(p["channel_std"])
-    return ((raw - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+    return np.ascontiguousarray(((raw - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32))
 
 
 def predict_torch(served: ServedModel, raw: np.ndarray, *, device: torch.device | str = "cpu") -> np.ndarray:
@@ -270,7 +271,7 @@ def iter_table(
     medians = served.preprocessing.get("imputed_medians")
     offset = 0
     try:
-        reader = pd.read_csv(path, usecols=features, chunksize=chunk_rows, float_precision="round_trip")
+        reader = pd.read_csv(path, usecols=features, chunksize=chunk_rows)
         for chunk in reader:
             for col in features:
                 values = chunk[col]
@@ -623,6 +624,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows/images per chunk (memory bound)")
     p.add_argument("--explain", action="store_true", help="also write SHAP values (<out>.shap.csv / .shap.npz)")
     p.add_argument("--explain-max", type=int, default=1000, help="refuse --explain beyond this many rows")
+    p.add_argument("--quiet", action="store_true", help="warnings and errors only")
     return p
 
 
