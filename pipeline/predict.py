@@ -35,6 +35,7 @@ from core import models, training
 from core.artifacts import atomic_open, atomic_write, json_bytes, npz_bytes, read_json, read_npz, read_state_dict
 from core.datasets import IMAGE_SUFFIXES, decode_image
 from core.errors import DataError, RunDirError, UserError
+from explain import get_explainer
 from pipeline import distill
 from pipeline.rundir import CONFIG, RunDir, library_versions, sha256_file
 
@@ -390,8 +391,6 @@ class _Explainer:
         chosen = np.isin(public_index, np.asarray(index)) if index is not None else np.arange(len(public)) < 100
         self.background = public[chosen] if chosen.any() else public[:100]
         self.method, self.note = method, note
-        from explain import get_explainer
-
         self.fn = get_explainer(method)
         self.values: list[np.ndarray] = []
         self.base: list[np.ndarray] = []
