@@ -110,18 +110,23 @@ def _privacy(run: RunDir, which: str, teacher_training: Mapping[str, Any], stude
         "predicting reads no private training data."
     )
     if which == "teacher":
-        if dp_enabled and tp:
+        if dp_enabled and isinstance(tp.get("epsilon"), (int, float)) and isinstance(tp.get("delta"), (int, float)):
             return {
                 "guarantee": "differential privacy",
                 "epsilon": tp.get("epsilon"),
                 "delta": tp.get("delta"),
+                "unit_of_privacy": tp.get("unit_of_privacy", "one training record"),
                 "statement": f"The teacher was trained with (ε={tp.get('epsilon'):.4g}, δ={tp.get('delta'):.3g})-DP "
                 f"on its private training split. {post}",
             }
+        if dp_enabled:  # DP was configured but no (ε, δ) was recorded: claim nothing
+            return {"guarantee": "unknown", "statement": "DP was configured but the teacher's record holds no (ε, δ)."}
         return {"guarantee": "none", "statement": "The teacher was trained without differential privacy."}
     sp = (student_record or {}).get("privacy") or {}
-    if sp.get("guarantee") in ("inherited", "composed") and sp.get("epsilon") is not None:
-        delta = sp.get("delta", tp.get("delta"))
+    delta = sp.get("delta", tp.get("delta"))
+    if sp.get("guarantee") in ("inherited", "composed") and all(
+        isinstance(v, (int, float)) for v in (sp.get("epsilon"), delta)
+    ):
         return {
             "guarantee": f"differential privacy ({sp['guarantee']})",
             "epsilon": sp["epsilon"],
@@ -129,6 +134,8 @@ def _privacy(run: RunDir, which: str, teacher_training: Mapping[str, Any], stude
             "statement": f"The student carries (ε={sp['epsilon']:.4g}, δ={delta:.3g})-DP ({sp['guarantee']}: "
             f"{sp.get('reason', '')}). {post}",
         }
+    if sp.get("guarantee", "none") != "none":  # a guarantee without a recorded (ε, δ): claim nothing
+        return {"guarantee": "unknown", "statement": f"The student's record holds no (ε, δ): {sp.get('reason', '')}"}
     return {
         "guarantee": "none",
         "statement": f"The student carries no differential-privacy guarantee: {sp.get('reason', 'none recorded')}.",
