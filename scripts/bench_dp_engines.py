@@ -105,28 +105,40 @@ def bench(name: str, *, shape, n: int, batch_sizes, channels, hidden, activation
             input_shape=shape, n_classes=10, channels=channels, hidden=hidden, activation=activation
         )
 
+    def timed(engine, batch):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            secs = epoch_seconds(engine=engine, build=build, x=x, y=y, batch_size=batch, reps=reps, device=device)
+        except Exception as exc:  # a benchmark reports a failing engine and goes on
+            log.warning("%s batch %d engine %s failed: %s: %s", name, batch, engine, type(exc).__name__, exc)
+            secs = float("nan")
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+        return secs, peak
+
     rows = []
     for batch in batch_sizes:
-        base = epoch_seconds(engine=None, build=build, x=x, y=y, batch_size=batch, reps=reps, device=device)
-        rows.append({"workload": name, "batch": batch, "engine": "non-DP", "seconds": base, "ratio": 1.0})
+        base, peak = timed(None, batch)
+        rows.append({"workload": name, "batch": batch, "engine": "non-DP", "seconds": base, "peak_mb": peak})
         for engine in engines:
-            try:
-                secs = epoch_seconds(engine=engine, build=build, x=x, y=y, batch_size=batch, reps=reps, device=device)
-            except Exception as exc:  # a benchmark reports a failing engine and goes on
-                log.warning("%s batch %d engine %s failed: %s", name, batch, engine, exc)
-                secs = float("nan")
-            rows.append({"workload": name, "batch": batch, "engine": engine, "seconds": secs, "ratio": secs / base})
+            secs, peak = timed(engine, batch)
+            rows.append({"workload": name, "batch": batch, "engine": engine, "seconds": secs, "peak_mb": peak})
         for r in rows[-len(engines) - 1 :]:
             r["samples_per_s"] = n / r["seconds"]
+            r["ratio"] = r["seconds"] / base
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'workload':<28} {'batch':>5} {'engine':<10} {'s/epoch':>9} {'samples/s':>11} {'DP/non-DP':>9}")
+    gpu = any(r["peak_mb"] == r["peak_mb"] for r in rows)  # NaN on the CPU
+    print(
+        f"{'workload':<28} {'batch':>5} {'engine':<10} {'s/epoch':>9} {'samples/s':>11} {'DP/non-DP':>9}"
+        + (f" {'peak GPU MB':>11}" if gpu else "")
+    )
     for r in rows:
         print(
             f"{r['workload']:<28} {r['batch']:>5} {r['engine']:<10} {r['seconds']:>9.3f} "
-            f"{r['samples_per_s']:>11.0f} {r['ratio']:>8.2f}x"
+            f"{r['samples_per_s']:>11.0f} {r['ratio']:>8.2f}x" + (f" {r['peak_mb']:>11.0f}" if gpu else "")
         )
 
 
@@ -143,7 +155,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
     device = torch.device(args.device)
-    torch.set_num_threads(1) if device.type == "cpu" else None
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     rows = bench(
         "synthetic 28x28 CNN[32,64]",
         shape=(1, 28, 28),
