@@ -84,8 +84,8 @@ class DPConfig:
     noise_multiplier: float = 0.0  # sigma; 0 = derive it from target_epsilon (refused if it would overspend)
     accountant: Literal["prv", "rdp", "gdp"] = "prv"  # Opacus accountant
     secure_mode: bool = False  # cryptographically secure noise (not seedable; needs torchcsprng)
-    grad_sample_mode: Literal["hooks", "functorch", "ew"] = (
-        "ew"  # Opacus per-sample gradient engine (ew: expanded weights, fastest here)
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = (
+        "ghost"  # Opacus clipping engine; ghost = norms without per-sample gradients (fastest CNN: bench_dp_engines)
     )
     public_pretrain_epochs: int = (
         60  # epochs of non-private pretraining on the public split before DP-SGD (0 = off), >= 0

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from core import ghost_conv  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
 from core.config import DPConfig
 from core.errors import PrivacyBudgetError
 
@@ -166,6 +167,7 @@ class PrivateTraining:
     loader: Any  # opacus DPDataLoader
     engine: Any  # opacus PrivacyEngine
     plan: PrivacyPlan
+    criterion: Any = None  # ghost mode: Opacus' DPLossFastGradientClipping, the loss the loop must use
 
     def batches(self, x: torch.Tensor, y: torch.Tensor):
         """One epoch of Poisson-sampled ``(x, y)`` batches, drawn by Opacus' sampler.
@@ -195,11 +197,14 @@ def make_private(
     history: History = (),
     generator: torch.Generator | None = None,
     grad_sample_mode: str = "hooks",
+    criterion: nn.Module | None = None,
 ) -> PrivateTraining:
     """Wrap a model, optimizer and dataset for DP-SGD with Poisson sampling, restoring ``history``.
 
     ``generator`` seeds both the Poisson sampling and the noise (ignored in secure mode,
-    whose noise cannot be seeded).
+    whose noise cannot be seeded). With ``grad_sample_mode="ghost"`` (ghost clipping), the
+    training loss must be computed with the returned ``criterion`` (a wrap of ``criterion``,
+    which must accept ``reduction="none"``): its ``backward`` runs the two passes that clip.
     """
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
@@ -207,7 +212,8 @@ def make_private(
     engine = PrivacyEngine(accountant=plan.accountant, secure_mode=plan.secure_mode)
     engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})
     loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=None if plan.secure_mode else generator)
-    priv_model, priv_opt, priv_loader = engine.make_private(
+    ghost = {"criterion": criterion or nn.CrossEntropyLoss()} if grad_sample_mode == "ghost" else {}
+    wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
@@ -216,8 +222,17 @@ def make_private(
         poisson_sampling=False,  # the loader above already samples (Poisson) with our generator
         noise_generator=None if plan.secure_mode else generator,
         grad_sample_mode=grad_sample_mode,
+        **ghost,
     )
-    return PrivateTraining(model=priv_model, optimizer=priv_opt, loader=priv_loader, engine=engine, plan=plan)
+    priv_model, priv_opt, *priv_criterion, priv_loader = wrapped  # ghost mode also returns the criterion
+    return PrivateTraining(
+        model=priv_model,
+        optimizer=priv_opt,
+        loader=priv_loader,
+        engine=engine,
+        plan=plan,
+        criterion=priv_criterion[0] if priv_criterion else None,
+    )
 
 
 def noise_only_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -230,6 +245,7 @@ def noise_only_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for p in unwrap(model).parameters():
         if p.requires_grad:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            p.grad = torch.zeros_like(p)  # ghost mode's optimizer sums p.grad; the others overwrite it
     optimizer.step()
 
 

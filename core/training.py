@@ -301,8 +301,10 @@ def fit(
             history=spent_history,
             generator=generator,
             grad_sample_mode=dp.grad_sample_mode,
+            criterion=criterion or loss_fn(task),
         )
         run_model, run_opt = private_run.model, private_run.optimizer
+        criterion = private_run.criterion or criterion  # ghost clipping: the loss must be Opacus' wrap
     transform = None
     if fit_cfg.augment_shift and xt.ndim == 4:
         transform = lambda xb: random_shift(xb, fit_cfg.augment_shift, generator)  # noqa: E731

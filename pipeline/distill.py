@@ -44,9 +44,10 @@ class DistillationLoss(nn.Module):
     (ignored when ``label_weight`` is 0).
     """
 
-    def __init__(self, *, temperature: float, label_weight: float = 0.0):
+    def __init__(self, *, temperature: float, label_weight: float = 0.0, reduction: str = "mean"):
         super().__init__()
         self.temperature, self.label_weight = temperature, label_weight
+        self.reduction = reduction  # "mean" or "none" (per-sample losses, as ghost clipping asks)
 
     def forward(self, student_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = self.temperature
@@ -55,15 +56,16 @@ class DistillationLoss(nn.Module):
             nn.functional.kl_div(
                 nn.functional.log_softmax(student_logits / t, dim=1),
                 nn.functional.log_softmax(teacher_logits / t, dim=1),
-                reduction="batchmean",
+                reduction="none",
                 log_target=True,
-            )
+            ).sum(dim=1)
             * t
             * t
-        )
-        if self.label_weight == 0:
-            return kd
-        return (1 - self.label_weight) * kd + self.label_weight * nn.functional.cross_entropy(student_logits, labels)
+        )  # (B,)
+        if self.label_weight > 0:
+            ce = nn.functional.cross_entropy(student_logits, labels, reduction="none")  # (B,)
+            kd = (1 - self.label_weight) * kd + self.label_weight * ce
+        return kd if self.reduction == "none" else kd.mean()
 
 
 @dataclass(frozen=True)

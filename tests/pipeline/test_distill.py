@@ -37,6 +37,22 @@ def test_kd_loss_matches_hand_computation():
     assert float(distill.DistillationLoss(temperature=T)(t, torch.cat([t, y[:, -1:]], 1))) == pytest.approx(0, abs=1e-6)
 
 
+def test_kd_loss_per_sample_reduction_averages_to_the_batch_loss():
+    # ghost clipping calls the loss with reduction="none" and clips each sample's loss gradient
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    y = torch.cat([t, torch.randint(0, 3, (5, 1), generator=g).float()], 1)
+    loss = distill.DistillationLoss(temperature=2.0, label_weight=0.3)
+    batch = float(loss(s, y))
+    loss.reduction = "none"
+    per_sample = loss(s, y)
+    assert per_sample.shape == (5,)
+    assert float(per_sample.mean()) == pytest.approx(batch, rel=1e-6)
+    assert float(distill.DistillationLoss(temperature=2.0, reduction="none")(s[:1], y[:1])[0]) == pytest.approx(
+        float(distill.DistillationLoss(temperature=2.0)(s[:1], y[:1])), rel=1e-6
+    )
+
+
 @pytest.fixture(scope="module")
 def dp_run():
     cfg = load_config(None, TINY + ["dp.enabled=true", "dp.target_epsilon=8"])

@@ -1,0 +1,108 @@
+"""Ghost clipping for ``nn.Conv2d``: per-sample gradient norms without per-sample gradients.
+
+Opacus 1.6's fast gradient clipping (``grad_sample_mode="ghost"``) ships norm samplers for
+``nn.Linear`` and ``nn.Embedding`` only; for any other layer it materialises the per-sample
+gradients and takes their norm. This module registers a norm sampler for ``nn.Conv2d``
+through Opacus' own extension point (:func:`opacus.grad_sample.register_norm_sampler`);
+importing it is all it takes.
+
+The identity (Li et al. 2021; Bu et al. 2022, "mixed ghost clipping"): a convolution is a
+linear map on unfolded patches. For sample ``i`` with unfolded activations ``A_i`` (T, d)
+(``T`` output positions, ``d = C_in/groups · k_h · k_w``) and output gradients ``B_i``
+(T, p) (``p = C_out``), the weight gradient is ``G_i = B_iᵀ A_i`` (p, d) and
+
+    ||G_i||_F² = ⟨A_i A_iᵀ, B_i B_iᵀ⟩   (two T×T Gram matrices: "ghost"),
+
+which costs ``O(T² (d + p))`` per sample against ``O(T d p)`` for materialising ``G_i``.
+Per layer we take the cheaper of the two (``T² < d p`` → ghost), as Bu et al. do.
+The bias gradient is ``Σ_t B_i[t]`` (p,), cheap either way.
+
+Grouped convolutions fall back to materialising (through Opacus' own conv grad sampler).
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.utils import register_norm_sampler
+from opacus.utils.tensor_utils import unfold2d
+from torch import nn
+
+# The "ghost" path's T×T Gram matrices are formed in blocks of this many samples at most,
+# so its peak memory stays bounded whatever the batch size.
+_GHOST_BLOCK_ELEMENTS = 1 << 25  # float elements per block (128 MiB in float32)
+
+
+def use_ghost(layer: nn.Conv2d, out_positions: int) -> bool:
+    """True when the Gram-matrix ("ghost") norm is cheaper than materialising for ``layer``.
+
+    Parameters
+    ----------
+    layer : the convolution.
+    out_positions : ``T``, the number of output positions (H_out · W_out).
+    """
+    d = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+    return out_positions * out_positions < d * layer.out_channels
+
+
+def conv2d_norm_sample(
+    layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of a ``Conv2d``'s weight and bias, shape (B,) each.
+
+    Parameters
+    ----------
+    layer : the convolution (any padding, stride, dilation; groups > 1 materialise).
+    activations : ``[input]``, the layer's input (B, C_in, H, W) captured in the forward pass.
+    backprops : gradient of the loss w.r.t. the layer's output (B, C_out, H_out, W_out),
+        already scaled by Opacus for the loss reduction.
+
+    Returns
+    -------
+    dict
+        ``{parameter: (B,) tensor of per-sample gradient L2 norms}`` for each trainable parameter.
+    """
+    x = activations[0].to(backprops.dtype)  # (B, C_in, H, W)
+    n = x.shape[0]
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if n == 0:
+        for p in (layer.weight, layer.bias):
+            if p is not None and p.requires_grad:
+                ret[p] = torch.zeros(0, device=backprops.device, dtype=backprops.dtype)
+        return ret
+    b = backprops.reshape(n, layer.out_channels, -1)  # (B, p, T)
+    if layer.weight.requires_grad:
+        if layer.groups != 1 or isinstance(layer.padding, str):
+            # Rare shapes: let Opacus' per-sample conv gradient do the unfolding, then take norms.
+            grads = compute_conv_grad_sample(layer, [x], backprops)
+            ret[layer.weight] = grads[layer.weight].reshape(n, -1).norm(2, dim=1)
+        else:
+            a = unfold2d(
+                x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation
+            )  # (B, d, T)
+            if use_ghost(layer, b.shape[-1]):
+                ret[layer.weight] = _ghost_norm(a, b)
+            else:
+                g = torch.bmm(b, a.transpose(1, 2))  # (B, p, d): the per-sample gradients
+                ret[layer.weight] = g.reshape(n, -1).norm(2, dim=1)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = b.sum(dim=2).norm(2, dim=1)  # (B,)
+    return ret
+
+
+def _ghost_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sqrt(⟨AᵀA, BᵀB⟩) per sample for ``a`` (B, d, T) and ``b`` (B, p, T), in bounded blocks."""
+    n, _, t = a.shape
+    block = max(1, _GHOST_BLOCK_ELEMENTS // max(1, 2 * t * t))
+    out = []
+    for s in range(0, n, block):
+        aa = torch.bmm(a[s : s + block].transpose(1, 2), a[s : s + block])  # (b, T, T)
+        bb = torch.bmm(b[s : s + block].transpose(1, 2), b[s : s + block])  # (b, T, T)
+        out.append((aa * bb).sum(dim=(1, 2)))
+    # The inner product of two PSD Gram matrices is ≥ 0; rounding can make it a hair negative.
+    return torch.cat(out).clamp(min=0).sqrt()  # (B,)
+
+
+register_norm_sampler(nn.Conv2d)(conv2d_norm_sample)
+
+__all__ = ["conv2d_norm_sample", "use_ghost"]
