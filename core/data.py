@@ -199,11 +199,17 @@ def prepare_images(raw: RawImages, cfg: DataConfig, *, seed: int) -> Dataset:
     if min(h, w) < 4:
         raise DataError(f"images are {h}x{w}; the CNN needs at least 4x4 pixels")
     split = _split_indices(len(y), cfg, seed=seed, stratify=y)
-    x = np.where(np.isfinite(x), x, np.nan)  # "impute" kept non-finite pixels: fill them with the train mean
+    finite = bool(np.isfinite(x).all())  # one pass; whole-array copies below only when pixels need filling
+    if not finite:
+        x = np.where(np.isfinite(x), x, np.nan)  # "impute" kept non-finite pixels: fill them with the train mean
     train = x[split["train"]]
-    mean = np.nan_to_num(np.nanmean(train, axis=(0, 2, 3)))
-    x = np.where(np.isnan(x), mean[None, :, None, None], x)
-    std = x[split["train"]].std(axis=(0, 2, 3))
+    # nanmean copies its input to mask NaNs; with every pixel finite the plain mean is the same number.
+    mean = train.mean(axis=(0, 2, 3)) if finite else np.nan_to_num(np.nanmean(train, axis=(0, 2, 3)))
+    if not finite:
+        x = np.where(np.isnan(x), mean[None, :, None, None], x)
+        train = x[split["train"]]
+    std = train.std(axis=(0, 2, 3))
+    del train
     std = np.where(std > 0, std, 1.0)
 
     def scale(v: np.ndarray) -> np.ndarray:
