@@ -4,7 +4,8 @@
 strategy aggregates a round it sorts the replies into trained, refused (a client out of
 privacy budget says so and sends no weights) and failed (the ClientApp raised, or no
 reply came), keeps every client's metrics and ε for the record, and lets the round go on
-while at least ``federated.min_clients`` clients trained. Rounds are numbered from the
+while at least ``federated.min_clients`` clients trained; otherwise the run fails (naming
+the privacy budget when clients refused), never returning an unchanged model as trained. Rounds are numbered from the
 start of the whole training (``round_offset``), so a resumed run continues the numbering
 and FedAdam's bias correction.
 """
@@ -21,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from core.errors import ConfigError, UserError
+from core.errors import ConfigError, PrivacyBudgetError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,13 @@ class Recording:
                     f"round {absolute}: {len(trained)} client(s) trained, {len(record.failed)} failed, {len(record.refused)} "
                     f"refused; fewer than federated.min_clients={self.min_clients}. First failure: {record.failed[0]['reason']}"
                 )
-            log.warning(
-                "round %d: only %d client(s) trained (others refused: privacy budget spent); global model unchanged",
-                absolute,
-                len(trained),
+            # Only refusals: going on would return an unchanged model that looks trained.
+            raise PrivacyBudgetError(
+                f"round {absolute}: {len(trained)} client(s) trained and {len(record.refused)} refused because their "
+                f"privacy budget (dp.target_epsilon) is spent; fewer than federated.min_clients={self.min_clients}, so "
+                "the run stops instead of returning an unchanged model. Raise dp.target_epsilon or lower "
+                f"federated.rounds. First refusal: {record.refused[0]['reason'] if record.refused else 'none'}"
             )
-            return None, None
         return super().aggregate_train(absolute, trained)  # type: ignore[misc]
 
 

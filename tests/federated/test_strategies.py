@@ -65,9 +65,12 @@ def test_failures_below_min_clients_stop_the_run():
         s.aggregate_train(1, [_trained(1, 1.0, 10, 0), _trained(2, 1.0, 10, 1), _failed(3)])
 
 
-def test_refusals_alone_leave_the_model_unchanged():
+def test_refusals_alone_fail_the_run_naming_the_budget():
+    from core.errors import PrivacyBudgetError
+
     s = _strategy(min_clients=1, sent=(1, 2))
-    assert s.aggregate_train(1, [_refused(1, 0), _refused(2, 1)]) == (None, None)
+    with pytest.raises(PrivacyBudgetError, match=r"2 refused.*dp\.target_epsilon.*client refuses: budget"):
+        s.aggregate_train(1, [_refused(1, 0), _refused(2, 1)])
 
 
 def test_rounds_continue_their_numbering_after_a_resume():
