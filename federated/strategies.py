@@ -51,13 +51,19 @@ class Recording:
 
     def _init_recording(self, *, min_clients: int, round_offset: int) -> None:
         self.min_clients, self.round_offset, self.rounds = min_clients, round_offset, {}
+        self.known_nodes: set[int] = set()  # every node sent a round so far: one missing later is a failure
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         absolute = server_round + self.round_offset
         messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
-        self.rounds[absolute] = RoundReplies(round=absolute, sent_to=[m.metadata.dst_node_id for m in messages])
+        record = RoundReplies(round=absolute, sent_to=[m.metadata.dst_node_id for m in messages])
+        for node in sorted(self.known_nodes - set(record.sent_to)):
+            # The SuperLink no longer lists it (its SuperNode died or lost its connection).
+            record.failed.append({"node_id": int(node), "reason": "node not connected when the round started"})
+        self.known_nodes.update(record.sent_to)
+        self.rounds[absolute] = record
         return messages
 
     def aggregate_train(
@@ -170,9 +176,12 @@ def build_strategy(
     common: dict[str, Any] = {
         # Every client trains every round (cross-silo): the per-client ε is then the same
         # composition for everyone, and a missing client is a failure, not a sampling choice.
+        # The server waits for all n_clients before the first round (server_app._wait_for_nodes); later rounds
+        # go to whoever is connected, so a SuperNode that died is recorded as failed and the run goes on while
+        # min_clients train (Flower's sampling would otherwise wait forever for the dead node).
         "fraction_train": 1.0,
-        "min_train_nodes": n_clients,
-        "min_available_nodes": n_clients,
+        "min_train_nodes": min_clients,
+        "min_available_nodes": min_clients,
         "fraction_evaluate": 1.0 if client_evaluate else 0.0,
         "min_evaluate_nodes": n_clients if client_evaluate else 0,
     }
