@@ -118,11 +118,10 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.slow
 def test_kill_9_of_the_pipeline_mid_round_leaves_no_flower_process_and_no_training(tmp_path):
-    import signal
-    import time
-
     import shutil
+    import signal
     import tempfile
+    import time
 
     # The run's unique folder: its work folders live here. Short: Ray's socket paths must fit in 107 bytes.
     tmp = Path(tempfile.mkdtemp(prefix="fk-", dir="/tmp"))
