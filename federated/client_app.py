@@ -16,12 +16,12 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from core import models, seeds, training
+from core import models, privacy, seeds, training
 from core.errors import ConfigError, PrivacyBudgetError
 from core.privacy import epsilon_of
 from federated import client_state, workdir
-from federated.run_config import AppSettings, from_run_config
-from federated.task import Task, load_task
+from federated.run_config import AppSettings
+from federated.task import Task, task_for
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -41,7 +41,8 @@ def check_unwrapped(state_dict) -> None:
 
 
 def _client(context: Context) -> tuple[Task, int, AppSettings]:
-    cfg, settings = from_run_config(context.run_config)
+    task, settings = task_for(context.run_config, run_id=context.run_id)  # built once per process
+    cfg = task.cfg
     partition_id = int(context.node_config["partition-id"])
     n_partitions = int(context.node_config.get("num-partitions", cfg.federated.n_clients))
     if n_partitions != cfg.federated.n_clients or not 0 <= partition_id < n_partitions:
@@ -49,7 +50,7 @@ def _client(context: Context) -> tuple[Task, int, AppSettings]:
             f"this SuperNode is partition {partition_id} of {n_partitions}, but federated.n_clients={cfg.federated.n_clients}; "
             "make num-supernodes / num-partitions equal to federated.n_clients and partition-id in [0, num-partitions)"
         )
-    return load_task(cfg, settings, run_id=context.run_id), partition_id, settings
+    return task, partition_id, settings
 
 
 @app.train()
@@ -69,7 +70,21 @@ def train(msg: Message, context: Context) -> Message:
     history = client_state.load_history(context, path=path, model=task.name)
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     f = cfg.federated
+    fit_cfg = task.client_fit_cfg(pid)
     try:
+        if cfg.dp.enabled:
+            # Write-ahead: reserve this round's ε before any step touches the data (fit plans the same call).
+            plan = privacy.plan(
+                cfg.dp,
+                n_samples=len(rows),
+                batch_size=fit_cfg.batch_size,
+                max_grad_norm=fit_cfg.max_grad_norm,
+                epochs=f.local_epochs,
+                total_epochs=f.rounds * f.local_epochs,
+                history=history,
+            )
+            planned = [*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)]
+            client_state.reserve(context, planned, path=path, model=task.name, server_round=server_round)
         result = training.fit(
             model,
             x_train=ds.x["train"][rows],
@@ -77,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
             x_val=None,
             y_val=None,
             task=ds.task,
-            fit_cfg=task.fit_cfg,
+            fit_cfg=fit_cfg,
             dp=cfg.dp,
             device=device,
             seed=seeds.client_round_seed(task.model_seed, pid, server_round),
@@ -86,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
             privacy_history=history,
             proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by Flower's FedProx
         )
-    except PrivacyBudgetError as exc:
+    except PrivacyBudgetError as exc:  # raised by the plan, before any reservation or step
         spent = epsilon_of(history, delta=cfg.dp.delta, accountant=cfg.dp.accountant)
         log.warning("client %d refuses round %d: %s", pid, server_round, exc)
         return Message(

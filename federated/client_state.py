@@ -8,6 +8,12 @@ Two copies, because they survive different things:
 
 On reading, the longer history wins: a round whose spend reached one copy but not the
 other was still spent (ε may be overstated, never understated).
+
+Write-ahead: before a round touches the data, the client reserves that round's planned
+spend (:func:`reserve`): the ledger then already holds the history *after* the round,
+with the round listed in ``reserved_round``. Training replaces it with what was really
+spent (:func:`save_history`, never more than reserved). A crash in between leaves the
+reservation standing, so a crash can only overstate ε, never hide a round that ran.
 """
 
 from __future__ import annotations
@@ -40,9 +46,30 @@ def load_history(context: Context, *, path: Path, model: str) -> History:
     return [(float(s), float(q), int(n)) for s, q, n in max(candidates, key=_steps)]
 
 
-def save_history(context: Context, history: History, *, path: Path, model: str, rounds: list[int]) -> None:
-    """Record ``history`` in both copies (file first: it is the one a crash cannot lose)."""
-    payload = {"model": model, "accountant_history": [list(h) for h in history], "rounds_trained": rounds}
+def reserve(context: Context, planned: History, *, path: Path, model: str, server_round: int) -> None:
+    """Write ahead: record ``planned`` (the history including this round's planned spend) before training."""
+    save_history(context, planned, path=path, model=model, rounds=load_rounds(path), reserved_round=server_round)
+
+
+def save_history(
+    context: Context,
+    history: History,
+    *,
+    path: Path,
+    model: str,
+    rounds: list[int],
+    reserved_round: int | None = None,
+) -> None:
+    """Record ``history`` in both copies (file first: it is the one a crash cannot lose).
+
+    ``reserved_round``: the round whose spend ``history`` already includes but which has not finished.
+    """
+    payload = {
+        "model": model,
+        "accountant_history": [list(h) for h in history],
+        "rounds_trained": rounds,
+        "reserved_round": reserved_round,
+    }
     atomic_write(path, json.dumps(payload, indent=1).encode())
     record = context.state.config_records.get(STATE_KEY) or ConfigRecord()
     record[model] = json.dumps([list(h) for h in history])

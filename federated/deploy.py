@@ -173,12 +173,22 @@ def deploy(
                 str(rc_path),
             ],
         )
+        node_exits: list[dict] = []
         while run.poll() is None:
+            if superlink.poll() is not None:
+                raise launcher.FederatedRunError(
+                    f"flower-superlink exited with code {superlink.returncode}:\n{procs.log_tail('superlink')}"
+                )
             for name, proc in list(procs.procs.items()):
-                if name != "flwr-run" and proc.poll() is not None:
-                    raise launcher.FederatedRunError(
-                        f"{name} exited with code {proc.returncode}:\n{procs.log_tail(name)}"
-                    )
+                if (
+                    name.startswith("supernode-")
+                    and proc.poll() is not None
+                    and name not in {e["name"] for e in node_exits}
+                ):
+                    # A site going away is the federation's business: the server records its missing replies
+                    # and goes on while federated.min_clients train (or fails the round, saying so).
+                    node_exits.append({"name": name, "exit_code": proc.returncode, "after_s": time.time() - t0})
+                    log.warning("%s exited with code %s; the run goes on without it", name, proc.returncode)
             time.sleep(0.25)
         error = workdir.read_error(work, model)
         if error is not None:
@@ -189,7 +199,15 @@ def deploy(
             raise launcher.FederatedRunError(f"the run ended without a result:\n{procs.log_tail('flwr-run')}") from None
     record = dict(record)
     record.update(
-        {"deployment": {"supernodes": n_supernodes, "tls": tls, "supernode_auth": auth, "seconds": time.time() - t0}}
+        {
+            "deployment": {
+                "supernodes": n_supernodes,
+                "tls": tls,
+                "supernode_auth": auth,
+                "seconds": time.time() - t0,
+                "supernode_exits": node_exits,
+            }
+        }
     )
     return record
 

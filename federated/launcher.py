@@ -5,6 +5,18 @@ one with its whole process tree (found through ``/proc`` before anything is kill
 Ray's workers that outlive their parent are found too): on success, on failure, on
 Ctrl-C and on SIGTERM. Flower's own settings go through the environment
 (:func:`flower_env`), never through the user's ``~/.flwr``.
+
+When the parent itself dies without running any ``finally`` (``kill -9``, OOM killer),
+two mechanisms still end the run (Linux):
+
+- every direct child is started with ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel
+  kills it when the thread that started it dies;
+- grandchildren (``flwr-simulation``, Ray's raylet and workers) do not inherit that
+  and re-parent to PID 1, so every process carries a run token in its environment
+  (``AUDITABLE_FED_RUN=<uuid>``; children inherit the environment) and a small
+  watchdog process (:mod:`federated.watchdog`, in a session of its own so Ctrl-C does
+  not reach it) polls the parent; when the parent is gone it SIGKILLs every process
+  whose environment carries the token, until none is left.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -185,16 +198,132 @@ def _session(pid: int) -> int | None:
         return None
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_peak_tree_bytes = 0  # highest sum of RSS over this process and all its descendants seen by any TreeMemory
+
+
+def tree_rss_bytes(root: int | None = None) -> int:
+    """Sum of the resident set sizes of ``root`` (default: this process) and every process below it.
+
+    Pages shared between processes (libraries, Ray's object store) count once per process,
+    as ``ps`` and ``top`` show them: an upper bound of the memory the tree holds.
+    """
+    total = 0
+    for pid, _ in _tree(os.getpid() if root is None else root):
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def peak_tree_rss_mb() -> float:
+    """Peak of :func:`tree_rss_bytes` seen while any :class:`Processes` ran in this process, in MB (0 if none)."""
+    return _peak_tree_bytes / 2**20
+
+
+class TreeMemory:
+    """Samples :func:`tree_rss_bytes` every ``interval_s`` in a daemon thread while Flower's processes run."""
+
+    def __init__(self, interval_s: float = 0.5):
+        import threading
+
+        self.interval_s, self._stop, self._thread = interval_s, threading.Event(), None
+
+    def _loop(self) -> None:
+        global _peak_tree_bytes
+        while not self._stop.is_set():
+            _peak_tree_bytes = max(_peak_tree_bytes, tree_rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> None:
+        import threading
+
+        if self._thread is None and Path("/proc").is_dir():
+            self._thread = threading.Thread(target=self._loop, name="tree-memory", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+RUN_TOKEN_VAR = "AUDITABLE_FED_RUN"  # environment variable marking every process of one federated run
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _load_prctl():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the watchdog still covers the parent's death
+        return None
+
+
+# Looked up once here: the preexec_fn runs between fork and exec, where it should do as little as possible.
+_PRCTL = _load_prctl() if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: ask the kernel to SIGKILL this child when the thread that started it dies (Linux only).
+
+    The setting survives ``execve``, so it holds for the program the child becomes.
+    """
+    _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def pids_with_token(token: str) -> list[int]:
+    """Live processes (other than this one) whose environment carries ``AUDITABLE_FED_RUN=<token>``."""
+    want = f"{RUN_TOKEN_VAR}={token}".encode()
+    found = []
+    for pid in _all_pids():
+        if pid == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want in environ and _alive(pid):
+            found.append(pid)
+    return found
+
+
 class Processes:
-    """The processes of one federated run; a context manager that always stops them all."""
+    """The processes of one federated run; a context manager that always stops them all.
+
+    Every process gets the run token in its environment (``env[AUDITABLE_FED_RUN]``) and,
+    while the context is open, a watchdog ends them all if this process dies abruptly.
+    """
 
     def __init__(self, log_dir: Path, env: dict[str, str]):
-        self.log_dir, self.env = log_dir, env
+        self.token = uuid.uuid4().hex
+        self.log_dir, self.env = log_dir, {**env, RUN_TOKEN_VAR: self.token}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.watchdog: subprocess.Popen | None = None
+        self.memory = TreeMemory()
         log_dir.mkdir(parents=True, exist_ok=True)
 
+    def _start_watchdog(self) -> None:
+        env = {k: v for k, v in self.env.items() if k != RUN_TOKEN_VAR}  # it must not match its own token
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+        with (self.log_dir / "watchdog.log").open("ab") as out:
+            self.watchdog = subprocess.Popen(
+                [sys.executable, "-m", "federated.watchdog", str(os.getpid()), self.token],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # Ctrl-C in the terminal must not stop it before it has cleaned up
+            )
+
     def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None) -> subprocess.Popen:
-        """Start ``argv`` in its own session, output to ``<log_dir>/<name>.log``."""
+        """Start ``argv`` in its own session (killed with this process), output to ``<log_dir>/<name>.log``."""
+        if self.watchdog is None:
+            self._start_watchdog()
+        self.memory.start()
         with (self.log_dir / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(
                 list(argv),
@@ -204,6 +333,7 @@ class Processes:
                 env=self.env,
                 cwd=str(cwd) if cwd else None,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if _PRCTL is not None else None,
             )
         self.procs[name] = proc
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
@@ -223,7 +353,20 @@ class Processes:
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+        # Whatever carries the run token but was not below a root any more (re-parented, restarted by Ray).
+        for _ in range(3):
+            stragglers = pids_with_token(self.token)
+            if not stragglers:
+                break
+            for pid in stragglers:
+                _signal(pid, signal.SIGKILL)
+            _wait_dead(stragglers, 5.0)
         self.procs.clear()
+        self.memory.stop()
+        if self.watchdog is not None:
+            self.watchdog.kill()
+            self.watchdog.wait(timeout=5)
+            self.watchdog = None
 
     def __enter__(self) -> "Processes":
         return self

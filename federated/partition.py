@@ -114,11 +114,16 @@ def partition(
         if smallest >= min_size:
             return parts
     client = int(np.argmin([len(p) for p in parts]))
-    key = min_size_key or "the batch size"
+    skew = ", or raise federated.dirichlet_alpha" if method != "iid" else ""
+    if min_size <= 1 or not min_size_key:
+        raise DataError(
+            f"client {client} gets {smallest} training rows with federated.partitioner={method!r} over {n_clients} "
+            f"clients ({len(y)} rows): the partition is too small (every client needs at least {min_size} row(s)); "
+            f"lower federated.n_clients{skew}"
+        )
     raise DataError(
         f"client {client} gets {smallest} training rows with federated.partitioner={method!r} over {n_clients} clients "
-        f"({len(y)} rows), fewer than {key}={min_size}; lower {key} or federated.n_clients"
-        + (", or raise federated.dirichlet_alpha" if method != "iid" else "")
+        f"({len(y)} rows), fewer than {min_size_key}={min_size}; lower {min_size_key} or federated.n_clients{skew}"
     )
 
 

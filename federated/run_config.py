@@ -4,8 +4,11 @@ Flower run-config values may only be ``bool``, ``int``, ``float`` or ``str``, an
 ``flwr run --run-config`` may only override keys that the app's
 ``[tool.flwr.app.config]`` declares. So:
 
-- every key of :func:`core.config.flatten` becomes a run-config key of the same
-  dotted name; tuples (``cnn.channels``) travel as JSON strings (``"[32, 64]"``);
+- every key of :func:`core.config.flatten` in a section the Flower apps read
+  (:func:`app_sections`: every section but :data:`NOT_CARRIED`) becomes a run-config key of the same dotted name; tuples
+  (``cnn.channels``) travel as JSON strings (``"[32, 64]"``). The other sections
+  (``explain``, ``distill``) never reach Flower: the apps rebuild them at their defaults,
+  changing them needs no table regeneration and does not invalidate a federated checkpoint;
 - a few app-level settings that are not pipeline config (where the data and
   checkpoints live, which model to train, test-only fault injection) live under
   ``app.*`` (:data:`APP_DEFAULTS`);
@@ -58,13 +61,30 @@ class AppSettings:
     fail_round: int
 
 
+# Config sections no Flower app reads: they never travel in the run-config (a new section travels by default).
+NOT_CARRIED = ("explain", "distill")
+
+
+def app_sections() -> tuple[str, ...]:
+    """Top-level config sections the ServerApp and ClientApp read (the rest stay at their defaults there)."""
+    return tuple(k for k in flatten(Config()) if "." not in k) + tuple(
+        dict.fromkeys(
+            k.split(".", 1)[0] for k in flatten(Config()) if "." in k and k.split(".", 1)[0] not in NOT_CARRIED
+        )
+    )
+
+
+def _carried(key: str) -> bool:
+    return key.split(".", 1)[0] in app_sections()
+
+
 def _tuple_keys() -> set[str]:
     """Dotted keys whose Config value is a tuple (sent as JSON strings)."""
     return {k for k, v in flatten(Config()).items() if isinstance(v, list)}
 
 
 def to_run_config(cfg: Config, **app: Scalar) -> dict[str, Scalar]:
-    """The flat Flower run-config for ``cfg`` plus app settings.
+    """The flat Flower run-config for ``cfg`` (the sections of :func:`app_sections`) plus app settings.
 
     Parameters
     ----------
@@ -82,7 +102,8 @@ def to_run_config(cfg: Config, **app: Scalar) -> dict[str, Scalar]:
     """
     out: dict[str, Scalar] = {}
     for key, value in flatten(cfg).items():
-        out[key] = json.dumps(value) if isinstance(value, list) else value
+        if _carried(key):
+            out[key] = json.dumps(value) if isinstance(value, list) else value
     settings = dict(APP_DEFAULTS)
     for name, value in app.items():
         key = APP_PREFIX + name.replace("_", "-")
@@ -97,6 +118,8 @@ def to_run_config(cfg: Config, **app: Scalar) -> dict[str, Scalar]:
 
 def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, AppSettings]:
     """Rebuild (and validate) the Config and the app settings from a Flower run-config.
+
+    Sections the run-config does not carry (:func:`app_sections`) are at their defaults.
 
     Raises
     ------
@@ -120,11 +143,11 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, AppSettings]
                 ) from None
         else:
             flat[key] = value
-    known = set(flatten(Config()))
+    known = {k for k in flatten(Config()) if _carried(k)}
     stale = sorted(set(flat) - known)
     if stale:
         raise ConfigError(
-            f"run-config key {stale[0]!r} is not a pipeline config key (any more); if it comes from {PYPROJECT}, "
+            f"run-config key {stale[0]!r} is not a config key the Flower apps read (any more); if it comes from {PYPROJECT}, "
             "regenerate its [tool.flwr.app.config] with `python -m federated.run_config --write`"
         )
     cfg = from_flat(flat)

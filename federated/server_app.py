@@ -141,6 +141,7 @@ def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray], fp: 
         "partition": partition,
         "seed": task.model_seed,
         "fit": dict(task.fit_cfg.__dict__),
+        "batch_size": task.batch_size_record(),
         "dp_enabled": cfg.dp.enabled,
         "history": [],
         "initial_metrics": {},
@@ -207,6 +208,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         initial, record["public_pretraining"] = _initial_weights(task)
         arrays = ArrayRecord(initial)
     record["server_started_unix"] = t_start
+    record.pop("first_round_started_unix", None)  # a resumed record carries the previous launch's
     # --- user-level DP (issue 14): planned (and refused past budget) before any round runs
     user_plan = (
         user_privacy.plan_user_dp(task.cfg.client_dp, rounds=f.rounds, n_clients=f.n_clients)
@@ -235,7 +237,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         metrics = _evaluate(task, round_arrays)
         now = time.time()
         if server_round == 0:
-            record.setdefault("first_round_started_unix", now)
+            record["first_round_started_unix"] = now  # of this launch (a resume starts a new one)
             if done == 0:
                 record["initial_metrics"] = metrics
         else:

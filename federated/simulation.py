@@ -93,7 +93,8 @@ def train_federated(
     record.update(
         {
             "seconds": time.time() - t0,
-            "startup_seconds": record.get("first_round_started_unix", t0) - t0,
+            # From this call to this launch's first round (None: no round ran, e.g. resuming a finished run).
+            "startup_seconds": first - t0 if (first := record.get("first_round_started_unix")) is not None else None,
             "device": cfg.train.device,
             "flwr_version": _flwr_version(),
         }
@@ -115,13 +116,20 @@ def _preflight(task: Task) -> None:
     cfg = task.cfg
     if cfg.dp.enabled:
         f = cfg.federated
+        # The client with the fewest steps per epoch has the largest sample rate: the hardest to keep in budget.
+        hardest = min(
+            range(len(parts)), key=lambda i: privacy.steps_per_epoch(len(parts[i]), task.client_batch_size(i))
+        )
         privacy.plan(
             cfg.dp,
-            n_samples=min(len(p) for p in parts),
-            batch_size=task.fit_cfg.batch_size,
+            n_samples=len(parts[hardest]),
+            batch_size=task.client_batch_size(hardest),
             max_grad_norm=task.fit_cfg.max_grad_norm,
             epochs=f.rounds * f.local_epochs,
         )
+        note = task.batch_size_record().get("note")
+        if note:
+            log.warning("%s: %s", task.name, note)
 
 
 def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, on_poll=None) -> None:

@@ -4,7 +4,8 @@
 strategy aggregates a round it sorts the replies into trained, refused (a client out of
 privacy budget says so and sends no weights) and failed (the ClientApp raised, or no
 reply came), keeps every client's metrics and ε for the record, and lets the round go on
-while at least ``federated.min_clients`` clients trained. Rounds are numbered from the
+while at least ``federated.min_clients`` clients trained; otherwise the run fails (naming
+the privacy budget when clients refused), never returning an unchanged model as trained. Rounds are numbered from the
 start of the whole training (``round_offset``), so a resumed run continues the numbering
 and FedAdam's bias correction.
 """
@@ -21,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from core.errors import ConfigError, UserError
+from core.errors import ConfigError, PrivacyBudgetError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,19 @@ class Recording:
 
     def _init_recording(self, *, min_clients: int, round_offset: int) -> None:
         self.min_clients, self.round_offset, self.rounds = min_clients, round_offset, {}
+        self.known_nodes: set[int] = set()  # every node sent a round so far: one missing later is a failure
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         absolute = server_round + self.round_offset
         messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
-        self.rounds[absolute] = RoundReplies(round=absolute, sent_to=[m.metadata.dst_node_id for m in messages])
+        record = RoundReplies(round=absolute, sent_to=[m.metadata.dst_node_id for m in messages])
+        for node in sorted(self.known_nodes - set(record.sent_to)):
+            # The SuperLink no longer lists it (its SuperNode died or lost its connection).
+            record.failed.append({"node_id": int(node), "reason": "node not connected when the round started"})
+        self.known_nodes.update(record.sent_to)
+        self.rounds[absolute] = record
         return messages
 
     def aggregate_train(
@@ -93,12 +100,13 @@ class Recording:
                     f"round {absolute}: {len(trained)} client(s) trained, {len(record.failed)} failed, {len(record.refused)} "
                     f"refused; fewer than federated.min_clients={self.min_clients}. First failure: {record.failed[0]['reason']}"
                 )
-            log.warning(
-                "round %d: only %d client(s) trained (others refused: privacy budget spent); global model unchanged",
-                absolute,
-                len(trained),
+            # Only refusals: going on would return an unchanged model that looks trained.
+            raise PrivacyBudgetError(
+                f"round {absolute}: {len(trained)} client(s) trained and {len(record.refused)} refused because their "
+                f"privacy budget (dp.target_epsilon) is spent; fewer than federated.min_clients={self.min_clients}, so "
+                "the run stops instead of returning an unchanged model. Raise dp.target_epsilon or lower "
+                f"federated.rounds. First refusal: {record.refused[0]['reason'] if record.refused else 'none'}"
             )
-            return None, None
         return super().aggregate_train(absolute, trained)  # type: ignore[misc]
 
 
@@ -168,9 +176,12 @@ def build_strategy(
     common: dict[str, Any] = {
         # Every client trains every round (cross-silo): the per-client ε is then the same
         # composition for everyone, and a missing client is a failure, not a sampling choice.
+        # The server waits for all n_clients before the first round (server_app._wait_for_nodes); later rounds
+        # go to whoever is connected, so a SuperNode that died is recorded as failed and the run goes on while
+        # min_clients train (Flower's sampling would otherwise wait forever for the dead node).
         "fraction_train": 1.0,
-        "min_train_nodes": n_clients,
-        "min_available_nodes": n_clients,
+        "min_train_nodes": min_clients,
+        "min_available_nodes": min_clients,
         "fraction_evaluate": 1.0 if client_evaluate else 0.0,
         "min_evaluate_nodes": n_clients if client_evaluate else 0,
     }

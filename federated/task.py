@@ -9,9 +9,12 @@ to a temporary folder named after the Flower run.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,9 +27,15 @@ from core.data import Dataset
 from core.teacher import fit_config, model_specs
 from federated import workdir
 from federated.partition import partition
-from federated.run_config import AppSettings
+from federated.run_config import AppSettings, from_run_config
 
 log = logging.getLogger(__name__)
+
+
+# Under DP a client's expected batch is capped so that it takes at least this many steps per epoch
+# (sample rate q <= 1/4): the configured DP batch sizes (128, 256) were chosen for central training
+# on the whole split and exceed a client's share (e.g. ~230 rows with 5 clients).
+MIN_DP_STEPS_PER_EPOCH = 4
 
 
 @dataclass(frozen=True)
@@ -37,9 +46,10 @@ class Task:
     name: str  # "regressor" or "cnn"
     dataset: Dataset
     spec: Mapping[str, Any]  # core.models.build spec
-    fit_cfg: FitConfig  # local optimizer settings (dp_fit under DP)
+    fit_cfg: FitConfig  # local optimizer settings (dp_fit under DP), before the per-client DP batch cap
     model_seed: int  # weights init; partition and client seeds derive from it
     work_dir: Path
+    _parts: dict = field(default_factory=dict, compare=False, repr=False)  # split -> partition, computed once
 
     @property
     def fit_key(self) -> str:
@@ -47,18 +57,52 @@ class Task:
         return f"{self.name}.{'dp_fit' if self.cfg.dp.enabled else 'fit'}"
 
     def partition(self, split: str = "train") -> list[np.ndarray]:
-        """Row indices of every client's share of ``split`` (same on every process)."""
-        f = self.cfg.federated
-        min_size = self.fit_cfg.batch_size if split == "train" else 0
-        return partition(
-            self.dataset.y[split],
-            n_clients=f.n_clients,
-            method=f.partitioner,
-            alpha=f.dirichlet_alpha,
-            seed=seeds.partition_seed(self.model_seed, split),
-            min_size=min_size,
-            min_size_key=f"{self.fit_key}.batch_size",
-        )
+        """Row indices of every client's share of ``split`` (same on every process).
+
+        Without DP every training share must hold a whole batch (``<model>.fit.batch_size``);
+        under DP the batch is capped per client (:meth:`client_fit_cfg`), so one row is enough.
+        """
+        if split not in self._parts:
+            f = self.cfg.federated
+            min_size = (1 if self.cfg.dp.enabled else self.fit_cfg.batch_size) if split == "train" else 0
+            self._parts[split] = partition(
+                self.dataset.y[split],
+                n_clients=f.n_clients,
+                method=f.partitioner,
+                alpha=f.dirichlet_alpha,
+                seed=seeds.partition_seed(self.model_seed, split),
+                min_size=min_size,
+                min_size_key="" if self.cfg.dp.enabled else f"{self.fit_key}.batch_size",
+            )
+        return self._parts[split]
+
+    def client_batch_size(self, partition_id: int) -> int:
+        """The (expected) batch size client ``partition_id`` trains with.
+
+        Under DP: ``min(<model>.dp_fit.batch_size, max(1, n_i // MIN_DP_STEPS_PER_EPOCH))`` for a
+        share of ``n_i`` rows; without DP the configured batch size.
+        """
+        b = self.fit_cfg.batch_size
+        if not self.cfg.dp.enabled:
+            return b
+        return min(b, max(1, len(self.partition()[partition_id]) // MIN_DP_STEPS_PER_EPOCH))
+
+    def client_fit_cfg(self, partition_id: int) -> FitConfig:
+        """:attr:`fit_cfg` with client ``partition_id``'s batch size (:meth:`client_batch_size`)."""
+        b = self.client_batch_size(partition_id)
+        return self.fit_cfg if b == self.fit_cfg.batch_size else dataclasses.replace(self.fit_cfg, batch_size=b)
+
+    def batch_size_record(self) -> dict[str, Any]:
+        """What the federation's record says about the per-client batch sizes (and why they differ)."""
+        sizes = [self.client_batch_size(i) for i in range(self.cfg.federated.n_clients)]
+        out: dict[str, Any] = {"configured": self.fit_cfg.batch_size, "per_client": sizes}
+        if any(b != self.fit_cfg.batch_size for b in sizes):
+            out["note"] = (
+                f"{self.fit_key}.batch_size={self.fit_cfg.batch_size} capped per client at "
+                f"max(1, rows // {MIN_DP_STEPS_PER_EPOCH}) so that each DP client takes at least "
+                f"{MIN_DP_STEPS_PER_EPOCH} steps per epoch"
+            )
+        return out
 
 
 def model_seed(cfg: Config, name: str, settings: AppSettings) -> int:
@@ -86,3 +130,48 @@ def load_task(cfg: Config, settings: AppSettings, *, run_id: int) -> Task:
         model_seed=model_seed(cfg, name, settings),
         work_dir=work_dir,
     )
+
+
+# One ClientApp / ServerApp process serves many messages of the same run (simulation: one Ray actor per
+# client; deployment: a long-lived `flwr-clientapp` under `--isolation process`). Rebuilding the Config from
+# ~100 flat keys and re-reading the dataset for every message cost more than a small model's round, so each
+# process keeps the last few tasks, keyed by everything they are built from: the run id, a hash of the whole
+# run-config and the size and mtime of the data file (a work folder rewritten under the same settings is
+# read again). Bounded (TASK_CACHE_SIZE) so that a process serving many runs does not grow.
+TASK_CACHE_SIZE = 2
+_TASKS: OrderedDict[str, tuple[Task, AppSettings]] = OrderedDict()
+
+
+def _cache_key(run_config: Mapping[str, Any], run_id: int) -> str:
+    text = json.dumps(dict(sorted(run_config.items())), sort_keys=True, default=str)
+    key = f"{run_id}:{hashlib.sha256(text.encode()).hexdigest()}"
+    work_dir = str(run_config.get("app.work-dir", ""))
+    model = str(run_config.get("app.model", ""))
+    if work_dir and model in models.MODELS:
+        data = Path(work_dir) / "data" / f"{models.model_entry(model).dataset}.npz"
+        try:
+            st = data.stat()
+            key += f":{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            pass
+    return key
+
+
+def task_for(run_config: Mapping[str, Any], *, run_id: int) -> tuple[Task, AppSettings]:
+    """The task and app settings of a Flower run-config, built once per process (see ``TASK_CACHE_SIZE``).
+
+    Raises
+    ------
+    ConfigError
+        For an invalid run-config (never cached).
+    """
+    key = _cache_key(run_config, run_id)
+    if key in _TASKS:
+        _TASKS.move_to_end(key)
+        return _TASKS[key]
+    cfg, settings = from_run_config(run_config)
+    entry = (load_task(cfg, settings, run_id=run_id), settings)
+    _TASKS[key] = entry
+    while len(_TASKS) > TASK_CACHE_SIZE:
+        _TASKS.popitem(last=False)
+    return entry

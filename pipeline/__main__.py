@@ -122,6 +122,7 @@ def cmd_run(argv: list[str]) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     run.manifest.setdefault("invocations", []).append(
         {"stages": names, "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak_mb, 1), "device": str(device)}
+        | ({"peak_tree_rss_mb": round(tree_mb, 1)} if (tree_mb := _peak_tree_rss_mb()) else {})
     )
     run.save_manifest()
     report = run.path / "report.html"
@@ -148,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the run directory keeps every completed stage; resume with --run-dir", file=sys.stderr)
         return 130
+
+
+def _peak_tree_rss_mb() -> float:
+    """Peak summed RSS of this process and its children (Flower, Ray) during a federated run; 0 if none ran."""
+    launcher = sys.modules.get("federated.launcher")  # loaded only if a federated run happened
+    return launcher.peak_tree_rss_mb() if launcher is not None else 0.0
 
 
 if __name__ == "__main__":

@@ -144,3 +144,67 @@ def test_evaluate_reports_the_clients_validation_share(tmp_path, digits_data):
     metrics = [evaluate(msg, client_context(rc, i, 2)).content["metrics"] for i in range(2)]
     assert sum(m["num-examples"] for m in metrics) == len(digits_data["images"].y["val"])
     assert all(0.0 <= m["accuracy"] <= 1.0 and np.isfinite(m["loss"]) for m in metrics)
+
+
+def test_the_round_is_reserved_in_the_ledger_before_training_so_a_crash_only_overstates(
+    dp_setup, digits_data, tmp_path, monkeypatch
+):
+    from core import training
+
+    cfg, rc = dp_setup
+    path = workdir.ledger_path(tmp_path, "cnn", 0)
+    seen, real_fit = {}, training.fit
+
+    def crash(*args, **kwargs):  # the client dies in the middle of its round
+        seen["ledger"] = json.loads(path.read_text())
+        raise MemoryError("killed mid-round")
+
+    monkeypatch.setattr(training, "fit", crash)
+    with pytest.raises(MemoryError):
+        train(_message(_initial(cfg, digits_data), 1), client_context(rc, 0, 2))
+    # What training found on disk when it started: this round's spend, already recorded.
+    assert seen["ledger"]["reserved_round"] == 1 and seen["ledger"]["rounds_trained"] == []
+    reserved_eps = epsilon_of(seen["ledger"]["accountant_history"], delta=cfg.dp.delta, accountant="rdp")
+    assert reserved_eps > 0
+    monkeypatch.setattr(training, "fit", real_fit)
+    # The restarted client (fresh Context) trains round 1 again on top of the reservation: ε covers both.
+    reply = train(_message(_initial(cfg, digits_data), 1), client_context(rc, 0, 2))
+    eps_after = reply.content["metrics"]["epsilon"]
+    privacy = json.loads(reply.content["status"]["privacy"])
+    assert eps_after > reserved_eps + 1e-6  # never understated: the crashed round still counts
+    # The reservation is exactly one round's spend (same σ and q; the accountant merges equal entries).
+    ((sigma, q, steps),) = seen["ledger"]["accountant_history"]
+    assert privacy["accountant_history"] == [[sigma, q, 2 * steps]] or privacy["accountant_history"] == [
+        [sigma, q, steps],
+        [sigma, q, steps],
+    ]
+    stored = json.loads(path.read_text())
+    assert stored["reserved_round"] is None and stored["rounds_trained"] == [1]
+
+
+def test_dp_batch_sizes_above_a_clients_share_are_capped_and_said(tmp_path, digits_data):
+    from federated.task import MIN_DP_STEPS_PER_EPOCH, task_for
+
+    cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp", "cnn.dp_fit.batch_size=4096", "federated.n_clients=5")
+    rc = prepare_work_dir(tmp_path, cfg, digits_data)
+    task, _ = task_for(rc, run_id=7)
+    parts = task.partition()
+    for pid, rows in enumerate(parts):
+        assert task.client_batch_size(pid) == len(rows) // MIN_DP_STEPS_PER_EPOCH
+    record = task.batch_size_record()
+    assert record["configured"] == 4096 and "cnn.dp_fit.batch_size=4096 capped" in record["note"]
+    reply = train(_message(_initial(cfg, digits_data), 1), client_context(rc, 2, 5))
+    privacy = json.loads(reply.content["status"]["privacy"])
+    assert reply.content["metrics"]["refused"] == 0
+    assert privacy["sample_rate"] == pytest.approx(1 / MIN_DP_STEPS_PER_EPOCH, rel=0.3)
+
+
+def test_config_and_data_are_built_once_per_process_for_the_same_run(tmp_path, digits_data):
+    from federated import task as task_mod
+
+    cfg = make_cfg()
+    rc = prepare_work_dir(tmp_path, cfg, digits_data)
+    first, _ = task_mod.task_for(rc, run_id=7)
+    assert task_mod.task_for(dict(rc), run_id=7)[0] is first
+    assert task_mod.task_for(rc, run_id=8)[0] is not first  # another run
+    assert task_mod.task_for({**rc, "federated.rounds": 4}, run_id=7)[0].cfg.federated.rounds == 4

@@ -85,3 +85,84 @@ def test_loopback_deployment_with_tls_and_supernode_auth_survives_a_failing_clie
     assert [f["round"] for f in record["failures"]] == [2]
     assert "injected failure of client 0" in record["failures"][0]["reason"]
     assert not _flower_processes()
+
+
+def _processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """Live processes whose command line or environment contains ``text`` (a run's unique folder)."""
+    found = []
+    needle = text.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if (needle in cmdline or needle in environ) and launcher._alive(int(entry.name)):
+            found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]))
+    return found
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for p in folder.rglob("*"):
+        try:
+            if p.is_file():
+                st = p.stat()
+                out[str(p)] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_pipeline_mid_round_leaves_no_flower_process_and_no_training(tmp_path):
+    import shutil
+    import signal
+    import tempfile
+    import time
+
+    # The run's unique folder: its work folders live here. Short: Ray's socket paths must fit in 107 bytes.
+    tmp = Path(tempfile.mkdtemp(prefix="fk-", dir="/tmp"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--stages",
+        "data,train",
+        "train.mode=federated",
+        *[o for o in TINY if not o.startswith("federated.rounds")],
+        "federated.rounds=30",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}  # as a user runs it
+    env.update({"TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)})
+    err_path = tmp_path / "pipeline.err"  # a file, not a pipe: a full pipe would stall the pipeline
+    pipeline = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err_path.open("wb"))
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp.glob("flwr-*/server/*.checkpoint.safetensors")):  # a round has completed
+            assert pipeline.poll() is None, err_path.read_text()[-6000:]
+            assert time.monotonic() < deadline, "no federated round completed within 300 s"
+            time.sleep(0.2)
+        assert _processes_mentioning(str(tmp))  # Flower and Ray are running now
+        os.kill(pipeline.pid, signal.SIGKILL)
+        pipeline.wait(timeout=10)
+        t_kill = time.monotonic()
+        while _processes_mentioning(str(tmp)) and time.monotonic() - t_kill < 10:
+            time.sleep(0.1)
+        left = _processes_mentioning(str(tmp))
+        assert not left, f"processes of the killed run still alive {time.monotonic() - t_kill:.1f} s later: {left}"
+        print(f"every process of the run gone {time.monotonic() - t_kill:.2f} s after kill -9")
+        before = _files(tmp)
+        time.sleep(5)
+        assert _files(tmp) == before, "files of the killed run changed after the kill: training went on"
+    finally:
+        if pipeline.poll() is None:
+            pipeline.kill()
+        for pid, _ in _processes_mentioning(str(tmp)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)

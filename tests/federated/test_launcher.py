@@ -1,5 +1,6 @@
 """Process hygiene: everything a federated run starts is stopped, with its whole tree."""
 
+import re
 import sys
 import time
 
@@ -43,3 +44,65 @@ def test_connection_file_is_what_flwr_reads(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     conn = read_superlink_connection(None)
     assert (conn.name, conn.address, conn.insecure) == ("sim", "127.0.0.1:5555", True)
+
+
+_ORPHAN_PARENT = """
+import sys, time
+from pathlib import Path
+from federated import launcher
+work = Path(sys.argv[1])
+procs = launcher.Processes(work / "logs", env=launcher.flower_env(work / "home"))
+# A child that starts a grandchild in a new session (as Ray does): PDEATHSIG covers the child only.
+code = ("import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True); time.sleep(120)")
+procs.start("tree", [sys.executable, "-c", code])
+print(procs.token, flush=True)
+time.sleep(120)
+"""
+
+
+def test_kill_9_of_the_parent_ends_children_and_reparented_grandchildren(tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    root = launcher.REPO_ROOT
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env, cwd=root
+    )
+    try:
+        token = parent.stdout.readline().strip()
+        assert token
+        deadline = time.monotonic() + 15
+        while len(launcher.pids_with_token(token)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run_pids = launcher.pids_with_token(token)
+        assert len(run_pids) == 2  # child and grandchild, both marked with the run token
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=5)
+        t0 = time.monotonic()
+        while launcher.pids_with_token(token) and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert launcher.pids_with_token(token) == [], "processes of the run outlived its parent"
+        assert not any(_alive(p) for p in run_pids)
+        log_file = tmp_path / "logs" / "watchdog.log"
+        while "killed" not in log_file.read_text() and time.monotonic() - t0 < 10:
+            time.sleep(0.1)  # the watchdog sweeps a little longer before it reports
+        assert re.search(r"killed [12] process", log_file.read_text())  # the grandchild (PDEATHSIG took the child)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in launcher.pids_with_token(token) if token else []:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_stop_also_ends_the_watchdog_and_records_the_tree_memory(tmp_path):
+    procs = launcher.Processes(tmp_path, env=launcher.flower_env(tmp_path / "home"))
+    child = procs.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(1.2)  # at least two samples of the memory sampler
+    watchdog = procs.watchdog
+    procs.stop(timeout_s=1.0)
+    assert not _alive(child.pid) and not _alive(watchdog.pid)
+    # The tree held this interpreter and a second one: more than this process alone.
+    assert launcher.peak_tree_rss_mb() > launcher.tree_rss_bytes() / 2**20

@@ -7,6 +7,7 @@ from core.config import Config, load_config
 from core.errors import ConfigError
 from federated.run_config import (
     APP_DEFAULTS,
+    app_sections,
     declared_keys,
     from_run_config,
     overrides_for,
@@ -101,3 +102,14 @@ def test_bad_values_fail_with_the_key_named():
         from_run_config({**rc, "app.nope": 1})
     with pytest.raises(ConfigError, match="federated.rounds"):
         from_run_config({**rc, "federated.rounds": 0})
+
+
+def test_only_the_sections_the_apps_read_travel_to_flower():
+    rc = to_run_config(Config())
+    assert {k.split(".", 1)[0] for k in rc if not k.startswith("app.")} == set(app_sections())
+    assert not any(k.startswith(("explain.", "distill.")) for k in declared_keys(PYPROJECT.read_text()))
+    # Changing what no Flower app reads changes nothing Flower sees (no regeneration, same checkpoint fingerprint).
+    other = load_config(None, ["explain.n_rows=7", "distill.temperature=2.0"])
+    assert to_run_config(other) == rc
+    with pytest.raises(ConfigError, match="explain.n_rows.*not a config key the Flower apps read"):
+        from_run_config({**rc, "explain.n_rows": 7})

@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_context
 
 from core import models
+from core.errors import PrivacyBudgetError
 from federated import checkpoint, client_state, workdir
 from federated.server_app import main
 from federated.strategies import RoundFailedError
@@ -81,7 +81,7 @@ def test_below_min_clients_the_run_stops_with_a_clear_error(tmp_path, digits_dat
     assert checkpoint.load(workdir.checkpoint_path(tmp_path, "cnn")).record["completed_rounds"] == 1
 
 
-def test_clients_out_of_budget_refuse_and_the_model_stays(tmp_path, digits_data):
+def test_clients_out_of_budget_refuse_and_the_run_fails_naming_the_budget(tmp_path, digits_data):
     cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp", "federated.rounds=1", "dp.public_pretrain_epochs=0")
     rc = prepare_work_dir(tmp_path, cfg, digits_data)
     spent = [(50.0, 0.2, 10), (0.5, 0.5, 1000)]  # a ledger already over ε=3
@@ -95,14 +95,12 @@ def test_clients_out_of_budget_refuse_and_the_model_stays(tmp_path, digits_data)
             model="cnn",
             rounds=[],
         )
-    main(InProcessGrid(rc, 2), server_context(rc))
-    weights, record = read_result(tmp_path, "cnn")
-    refused = record["client_rounds"][0]["refused"]
-    assert len(refused) == 2 and all("refuses to train" in r["reason"] for r in refused)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        initial = models.build(json.loads((tmp_path / "spec.json").read_text())).state_dict()
-    assert all(torch.equal(weights[k], initial[k]) for k in initial)
+    with pytest.raises(PrivacyBudgetError, match="dp.target_epsilon"):
+        main(InProcessGrid(rc, 2), server_context(rc))
+    error = workdir.read_error(tmp_path, "cnn")
+    assert error["user_error"] and error["error_type"] == "PrivacyBudgetError"
+    assert "2 refused" in error["error"] and "refuses to train" in error["error"]
+    assert not workdir.result_paths(tmp_path, "cnn")[1].exists()  # no result that looks like a trained model
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])

@@ -65,9 +65,12 @@ def test_failures_below_min_clients_stop_the_run():
         s.aggregate_train(1, [_trained(1, 1.0, 10, 0), _trained(2, 1.0, 10, 1), _failed(3)])
 
 
-def test_refusals_alone_leave_the_model_unchanged():
+def test_refusals_alone_fail_the_run_naming_the_budget():
+    from core.errors import PrivacyBudgetError
+
     s = _strategy(min_clients=1, sent=(1, 2))
-    assert s.aggregate_train(1, [_refused(1, 0), _refused(2, 1)]) == (None, None)
+    with pytest.raises(PrivacyBudgetError, match=r"2 refused.*dp\.target_epsilon.*client refuses: budget"):
+        s.aggregate_train(1, [_refused(1, 0), _refused(2, 1)])
 
 
 def test_rounds_continue_their_numbering_after_a_resume():
@@ -104,3 +107,27 @@ def test_fingerprint_ignores_where_files_live_but_not_what_is_trained():
     base = {"federated.rounds": 3, "app.work-dir": "/a"}
     assert checkpoint.fingerprint(base) == checkpoint.fingerprint({**base, "app.work-dir": "/b"})
     assert checkpoint.fingerprint(base) != checkpoint.fingerprint({**base, "federated.rounds": 4})
+
+
+class _Grid:
+    """The Grid surface configure_train uses: connected node ids (a SuperNode that died is no longer listed)."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_a_supernode_gone_between_rounds_is_recorded_and_the_round_goes_to_the_others():
+    s = build_strategy("fedavg", n_clients=3, min_clients=2)
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    sent1 = s.configure_train(1, arrays, ConfigRecord(), _Grid([1, 2, 3]))
+    assert sorted(m.metadata.dst_node_id for m in sent1) == [1, 2, 3]
+    s.aggregate_train(1, [_trained(1, 1.0, 10, 0), _trained(2, 1.0, 10, 1), _trained(3, 1.0, 10, 2)])
+    # Node 3's SuperNode was killed: round 2 must not wait for it (Flower would wait for min_available_nodes).
+    sent2 = s.configure_train(2, arrays, ConfigRecord(), _Grid([1, 2]))
+    assert sorted(m.metadata.dst_node_id for m in sent2) == [1, 2]
+    arrays2, _ = s.aggregate_train(2, [_trained(1, 2.0, 10, 0), _trained(2, 2.0, 10, 1)])
+    assert arrays2 is not None
+    assert s.rounds[2].failed == [{"node_id": 3, "reason": "node not connected when the round started"}]
