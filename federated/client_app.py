@@ -21,6 +21,7 @@ from core.errors import ConfigError, PrivacyBudgetError
 from core.privacy import epsilon_of
 from federated import client_state, workdir
 from federated.run_config import AppSettings, from_run_config
+from federated.secagg import secagg_mod
 from federated.task import Task, load_task
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def _client(context: Context) -> tuple[Task, int, AppSettings]:
     return load_task(cfg, settings, run_id=context.run_id), partition_id, settings
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # SecAgg+ only when federated.secure_aggregation=true (federated/secagg.py)
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's partition; reply with weights, size and ε."""
     t0 = time.perf_counter()
