@@ -42,6 +42,8 @@ from flwr.server import ServerConfig
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from core.config import Config, SecAggConfig
@@ -160,12 +162,13 @@ class SecAggFedAvg(LegacyFedAvg):
             min_available_clients=n_clients,
             min_evaluate_clients=0,
             evaluate_fn=evaluate_fn,
-            on_fit_config_fn=lambda r: {"server-round": r + round_offset, "param-keys": list(keys)},
+            on_fit_config_fn=lambda r: {"server-round": r + round_offset, "param-keys": json.dumps(list(keys))},
             accept_failures=True,
             **kw,
         )
         self.min_clients, self.round_offset, self.keys = min_clients, round_offset, list(keys)
         self.rounds: dict[int, RoundReplies] = {}
+        self.aggregated: set[int] = set()  # rounds SecAgg+ completed (it halts a round silently otherwise)
 
     def configure_fit(self, server_round, parameters, client_manager):
         """Sample every client; open the round's record."""
@@ -201,8 +204,7 @@ class SecAggFedAvg(LegacyFedAvg):
                 f"round {absolute}: {len(results)} client(s) completed SecAgg+, fewer than federated.min_clients="
                 f"{self.min_clients}; {len(record.failed)} dropped out"
             )
-        if not results:
-            return None, {}
+        self.aggregated.add(absolute)
         return results[0][1].parameters, {"secagg-clients": len(results)}
 
 
@@ -249,7 +251,20 @@ def run_secagg(
     strategy.evaluate_fn = legacy_evaluate
     base = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     context = LegacyContext(base, config=ServerConfig(num_rounds=num_rounds, round_timeout=timeout), strategy=strategy)
-    DefaultWorkflow(fit_workflow=params.workflow(timeout=timeout))(grid, context)
+    secagg_round = params.workflow(timeout=timeout)
+
+    def fit_round(grid_: Grid, ctx: LegacyContext) -> None:
+        secagg_round(grid_, ctx)
+        absolute = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]) + strategy.round_offset
+        if absolute not in strategy.aggregated:  # Flower only logs "Secure aggregation halted."
+            replies = strategy.rounds.get(absolute)
+            raise RoundFailedError(
+                f"round {absolute}: SecAgg+ halted (too few clients answered one of its stages for the reconstruction "
+                f"threshold of {params.shares_and_threshold(len(replies.sent_to) if replies else 0)[1]}); the global "
+                "model would not change. Check the clients' logs, or lower federated.secagg.reconstruction_threshold"
+            )
+
+    DefaultWorkflow(fit_workflow=fit_round)(grid, context)
 
 
 # ------------------------------------------------------------------------------------ client
@@ -286,7 +301,7 @@ def _legacy_adapter(call_next):
 
     def handler(msg: Message, ctxt: Context) -> Message:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        keys = [str(k) for k in fitins.config["param-keys"]]
+        keys = [str(k) for k in json.loads(str(fitins.config["param-keys"]))]
         arrays = ArrayRecord(
             OrderedDict((k, Array(np.asarray(v))) for k, v in zip(keys, parameters_to_ndarrays(fitins.parameters)))
         )

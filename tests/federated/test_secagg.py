@@ -13,19 +13,24 @@ reply the server receives and every result its strategy aggregates. Then:
   correct average of the survivors.
 """
 
+import copy
+import importlib
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_context
-from flwr.client.mod.secure_aggregation import secaggplus_mod as client_mod
 from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from core import models
 from core.errors import ConfigError
 from federated import secagg
 from federated.server_app import main
 from federated.workdir import read_result
+
+client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
 SECAGG = ["federated.secure_aggregation=true", "federated.n_clients=3", "federated.min_clients=2"]
 
@@ -40,7 +45,8 @@ class RecordingGrid(InProcessGrid):
         self.replies = []
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = super().send_and_receive(messages, timeout=timeout)
+        # a real transport serialises each message: a client must not mutate the copy another receives
+        replies = super().send_and_receive([copy.deepcopy(m) for m in messages], timeout=timeout)
         self.replies.extend(replies)
         return replies
 
@@ -102,7 +108,9 @@ def _fedavg_and_bound(uploads, cfg):
     n = np.array([u["n"] for u in uploads], dtype=float)
     ratios = n / uploads[0]["max_weight"]
     q_ratios = np.round(ratios * a.quantization_range) / a.quantization_range
-    fedavg = [sum(ni * u["weights"][j] for ni, u in zip(n, uploads)) / n.sum() for j in range(len(uploads[0]["weights"]))]
+    fedavg = [
+        sum(ni * u["weights"][j] for ni, u in zip(n, uploads)) / n.sum() for j in range(len(uploads[0]["weights"]))
+    ]
     w_max = max(float(np.max(np.abs(w))) for u in uploads for w in u["weights"])
     step = 2 * a.clipping_range / a.quantization_range
     bound = (len(uploads) * step + len(uploads) * w_max / a.quantization_range) / q_ratios.sum()
@@ -115,7 +123,10 @@ def test_the_server_sees_only_the_average_and_it_is_fedavgs(tmp_path, digits_dat
     a = cfg.federated.secagg
     assert [h["round"] for h in record["history"]] == [1, 2, 3]
     assert [h["clients_trained"] for h in record["history"]] == [3, 3, 3]
-    assert record["secure_aggregation"]["num_shares"] == 3 and record["secure_aggregation"]["reconstruction_threshold"] == 2
+    assert (
+        record["secure_aggregation"]["num_shares"] == 3
+        and record["secure_aggregation"]["reconstruction_threshold"] == 2
+    )
     assert len(spy.rounds) == 3
 
     # 1. nothing the server receives holds a tensor in the clear
@@ -136,8 +147,16 @@ def test_the_server_sees_only_the_average_and_it_is_fedavgs(tmp_path, digits_dat
         flat_masked = np.concatenate([v.ravel() for v in vec[1:]]).astype(np.int64)
         for u in uploads:
             ratio = round(u["n"] / u["max_weight"] * q) / q
-            truth = np.concatenate([((np.clip(w * ratio, -a.clipping_range, a.clipping_range) + a.clipping_range)
-                                     * q / (2 * a.clipping_range)).ravel() for w in u["weights"]])
+            truth = np.concatenate(
+                [
+                    (
+                        (np.clip(w * ratio, -a.clipping_range, a.clipping_range) + a.clipping_range)
+                        * q
+                        / (2 * a.clipping_range)
+                    ).ravel()
+                    for w in u["weights"]
+                ]
+            )
             gap = np.abs(flat_masked - np.round(truth).astype(np.int64)) % 2**32
             gap = np.minimum(gap, 2**32 - gap)
             assert np.mean(gap <= 2) < 0.01, "a masked upload reveals a client's quantised weights"
@@ -158,8 +177,9 @@ def test_the_server_sees_only_the_average_and_it_is_fedavgs(tmp_path, digits_dat
         for u in rnd["uploads"]:
             assert max(float(np.max(np.abs(g - w))) for g, w in zip(rnd["aggregate"], u["weights"])) > 100 * bound
     # the released model is the last average
-    for (k, w), g in zip(weights.items(), spy.rounds[-1]["aggregate"]):
-        np.testing.assert_allclose(w.numpy(), g, atol=1e-6, err_msg=k)
+    keys = list(models.build(json.loads((tmp_path / "spec.json").read_text())).state_dict())
+    for k, g in zip(keys, spy.rounds[-1]["aggregate"], strict=True):
+        np.testing.assert_allclose(weights[k].numpy(), g, atol=1e-6, err_msg=k)
     assert all(c["secagg-clipped"] == 0 for r in record["client_rounds"] for c in r["trained"])
 
 
