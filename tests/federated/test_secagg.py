@@ -222,3 +222,28 @@ def test_config_refuses_settings_secagg_cannot_run():
         make_cfg(*SECAGG, "federated.secagg.quantization_range=4294967295")
     with pytest.raises(ConfigError, match="odd"):
         make_cfg(*SECAGG, "federated.secagg.num_shares=4")
+
+
+def test_report_says_what_secure_aggregation_hides_and_from_whom():
+    from core.config import load_config
+    from pipeline.report.privacy import federated_privacy
+
+    params = secagg.SecAggParams.from_config(make_cfg(*SECAGG).federated.secagg, max_weight=300)
+    rec = secagg.secagg_record(params, n_clients=3)
+    assert rec["num_shares"] == 3 and rec["reconstruction_threshold"] == 2
+    assert rec["server_cannot_see"] == ["any single client's model weights or update"]
+    trained = SimpleNamespace(
+        models={"cnn": SimpleNamespace(training={"secure_aggregation": rec}), "regressor": SimpleNamespace(training={})}
+    )
+    cfg = load_config(None, ["train.mode=federated", *SECAGG])
+    off = {"enabled": False, "statement": "No formal privacy guarantee.", "models": {}, "not_covered": []}
+    out = federated_privacy(off, cfg, trained)
+    assert "Secure aggregation (SecAgg+, for" in out["statement"] and "not used" not in out["statement"]
+    assert "honest-but-curious" in out["statement"] and "at least 2 of that client's 3" in out["statement"]
+    assert any("aggregate of each round" in c for c in out["not_covered"])
+    plain = federated_privacy(
+        off,
+        load_config(None, ["train.mode=federated"]),
+        SimpleNamespace(models={"cnn": SimpleNamespace(training={}), "regressor": SimpleNamespace(training={})}),
+    )
+    assert "Secure aggregation is not used" in plain["statement"]
