@@ -66,6 +66,7 @@ def main_cli() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--channels", default="[32, 64]", help="cnn.channels (default: the pipeline's CNN)")
     ap.add_argument("--hidden", type=int, default=64, help="cnn.hidden")
+    ap.add_argument("--num-shares", type=int, default=0, help="federated.secagg.num_shares (0 = every client)")
     args = ap.parse_args()
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 7, 1, 1  # what Flower's runtime sets
     import logging
@@ -74,7 +75,11 @@ def main_cli() -> None:
     data = digits_datasets()
     rows = []
     for n in args.clients:
-        model = [f"cnn.channels={args.channels}", f"cnn.hidden={args.hidden}"]
+        model = [
+            f"cnn.channels={args.channels}",
+            f"cnn.hidden={args.hidden}",
+            f"federated.secagg.num_shares={args.num_shares}",
+        ]
         plain = one_run(n, args.rounds, False, data, model)
         secure = one_run(n, args.rounds, True, data, model)
         rows.append((n, plain, secure))
