@@ -112,7 +112,7 @@ class ClientDPConfig:
 class SecAggConfig:
     # --- SecAgg+ (issue 14; federated/secagg.py). Each client uploads (n_i/max_n)·weights: with max_n the largest
     # client's row count that factor is <= 1, so clipping_range bounds the weights themselves.
-    num_shares: int = 0  # key shares per client (SecAgg+ neighbours); 0 = every sampled client, else an odd int >= 3
+    num_shares: int = 0  # key shares per client (SecAgg+ neighbours); 0 = every client (cost ~n²), else odd >= 3
     reconstruction_threshold: float = 0.5  # fraction of num_shares that must survive to unmask, in (0, 1]
     clipping_range: float = 8.0  # each uploaded coordinate is clipped to ±this before quantisation (counted, recorded)
     quantization_range: int = 4194304  # integer levels over [-clipping_range, clipping_range]; n_clients·this < 2^32
