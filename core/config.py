@@ -109,6 +109,16 @@ class ClientDPConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    # --- SecAgg+ (issue 14; federated/secagg.py). Each client uploads (n_i/max_n)·weights: with max_n the largest
+    # client's row count that factor is <= 1, so clipping_range bounds the weights themselves.
+    num_shares: int = 0  # key shares per client (SecAgg+ neighbours); 0 = every client (cost ~n²), else odd >= 3
+    reconstruction_threshold: float = 0.5  # fraction of num_shares that must survive to unmask, in (0, 1]
+    clipping_range: float = 8.0  # each uploaded coordinate is clipped to ±this before quantisation (counted, recorded)
+    quantization_range: int = 4194304  # integer levels over [-clipping_range, clipping_range]; n_clients·this < 2^32
+
+
+@dataclass(frozen=True)
 class FederatedConfig:
     n_clients: int = 5  # simulated clients, >= 1
     rounds: int = 10  # federated rounds, >= 1
@@ -119,6 +129,8 @@ class FederatedConfig:
     min_clients: int = 2  # a round goes on with at least this many clients replying, >= 1
     proximal_mu: float = 0.01  # FedProx proximal weight mu, >= 0
     server_lr: float = 0.01  # FedAdam server learning rate eta, > 0
+    secure_aggregation: bool = False  # SecAgg+: the server learns only the sum of the clients' uploads (FedAvg only)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 @dataclass(frozen=True)
@@ -418,6 +430,39 @@ def validate(cfg: Config) -> None:
         f"in [1, federated.n_clients={f.n_clients}]",
     )
     _validate_client_dp(cfg)
+    _validate_secagg(cfg)
+
+
+def _validate_secagg(cfg: Config) -> None:
+    """SecAgg+ settings (issue 14)."""
+    f, a = cfg.federated, cfg.federated.secagg
+    _check(
+        a.num_shares == 0 or (a.num_shares >= 3 and a.num_shares % 2 == 1),
+        "federated.secagg.num_shares",
+        a.num_shares,
+        "0 (every sampled client) or an odd integer >= 3",
+    )
+    _check(
+        0 < a.reconstruction_threshold <= 1,
+        "federated.secagg.reconstruction_threshold",
+        a.reconstruction_threshold,
+        "in (0, 1]",
+    )
+    _check(a.clipping_range > 0, "federated.secagg.clipping_range", a.clipping_range, "> 0")
+    _check(
+        a.quantization_range >= 2 and f.n_clients * a.quantization_range < 2**32,
+        "federated.secagg.quantization_range",
+        a.quantization_range,
+        f">= 2 and < 2^32 / federated.n_clients = {2**32 // f.n_clients} (the masked sum must not wrap around)",
+    )
+    if f.secure_aggregation:
+        _check(
+            f.strategy == "fedavg",
+            "federated.strategy",
+            f.strategy,
+            "'fedavg' when federated.secure_aggregation=true (SecAgg+ computes a weighted sum)",
+        )
+        _check(f.n_clients >= 3, "federated.n_clients", f.n_clients, ">= 3 when federated.secure_aggregation=true")
 
 
 def _validate_client_dp(cfg: Config) -> None:

@@ -21,6 +21,7 @@ from core.errors import ConfigError, PrivacyBudgetError
 from core.privacy import epsilon_of
 from federated import client_state, workdir
 from federated.run_config import AppSettings
+from federated.secagg import secagg_mod
 from federated.task import Task, task_for
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _client(context: Context) -> tuple[Task, int, AppSettings]:
     return task, partition_id, settings
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # SecAgg+ only when federated.secure_aggregation=true (federated/secagg.py)
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's partition; reply with weights, size and ε."""
     t0 = time.perf_counter()

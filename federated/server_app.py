@@ -25,7 +25,7 @@ from core import models, privacy, seeds, training, user_privacy
 from core.artifacts import atomic_write, json_bytes, state_dict_bytes
 from core.errors import UserError
 from core.teacher import public_pretrain
-from federated import checkpoint, user_dp, workdir
+from federated import checkpoint, secagg, user_dp, workdir
 from federated.partition import label_histograms
 from federated.run_config import AppSettings, from_run_config
 from federated.strategies import Recording, RecordingFedAdam, build_strategy
@@ -190,6 +190,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     t_start = time.time()
     f = task.cfg.federated
     parts = task.partition()  # raises DataError early if a client's share is below the batch size
+    partition_sizes = [len(p) for p in parts]
     fp = checkpoint.fingerprint(run_config)
     ck_path = workdir.checkpoint_path(task.work_dir, task.name)
     ck = checkpoint.load(ck_path)
@@ -215,7 +216,15 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         if task.cfg.client_dp.enabled
         else None
     )
-    if user_plan is not None:
+    secagg_params = None
+    if f.secure_aggregation:  # --- SecAgg+ (issue 14): Flower's legacy workflow, see federated/secagg.py
+        secagg.check_supported(task.cfg, client_evaluate=settings.client_evaluate)
+        secagg_params = secagg.SecAggParams.from_config(f.secagg, max_weight=secagg.max_weight_of(partition_sizes))
+        record["secure_aggregation"] = secagg.secagg_record(secagg_params, n_clients=f.n_clients)
+        strategy = secagg.build_secagg_strategy(
+            n_clients=f.n_clients, min_clients=f.min_clients, round_offset=done, initial_arrays=arrays
+        )
+    elif user_plan is not None:
         strategy = user_dp.build_user_dp_strategy(
             user_plan, round_offset=done, client_evaluate=settings.client_evaluate
         )
@@ -258,6 +267,17 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
 
     if done < f.rounds:
         _wait_for_nodes(grid, f.n_clients, settings.node_wait_s)
+    if done < f.rounds and secagg_params is not None:
+        secagg.run_secagg(
+            grid,
+            strategy,
+            params=secagg_params,
+            num_rounds=f.rounds - done,
+            evaluate_fn=evaluate_fn,
+            run_config=run_config,
+            timeout=settings.round_timeout_s,
+        )
+    elif done < f.rounds:
         strategy.start(
             grid=grid,
             initial_arrays=arrays,

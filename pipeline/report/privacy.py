@@ -164,8 +164,8 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
     """Add the federated threat model, the unit of privacy and ε, δ per level to ``section`` (returned).
 
     A no-op for central runs. For a federated run it states who is trusted with what
-    (honest-but-curious server; no secure aggregation, so the server sees every client's
-    update), what DP hides from whom at each level that is on, and what neither covers.
+    (honest-but-curious server; with SecAgg+ it sees only the aggregate, without it every
+    client's update), what DP hides from whom at each level that is on, and what neither covers.
     """
     if cfg.train.mode != "federated":
         return section
@@ -201,11 +201,28 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
                         "delta": rec.get("delta"),
                     }
                 )
+    secagg = {name: trained.models[name].training.get("secure_aggregation") for name in MODELS}
+    secagg = {k: v for k, v in secagg.items() if v}
     threat = [
         "Threat model: an honest-but-curious server (it follows the protocol but reads everything it receives) and "
         "anyone who later sees the released model, metrics or explanations.",
-        "Secure aggregation is not used: the server sees each participating client's model update in the clear.",
     ]
+    if secagg:  # --- SecAgg+ (issue 14; federated/secagg.py)
+        sa = next(iter(secagg.values()))
+        threat.append(
+            f"Secure aggregation (SecAgg+, for {', '.join(title(n) for n in secagg)}): each client masks its upload, so "
+            "the server learns only the weighted average of the clients that completed a round, never one client's "
+            f"model or update, unless it colludes with at least {sa.get('reconstruction_threshold')} of that client's "
+            f"{sa.get('num_shares')} key-share holders. It hides individual updates from the server only: the average "
+            "(the global model) is seen by the server and released. The server relays the clients' public keys, so "
+            "this holds against an honest-but-curious server, not an actively malicious one. Uploads are clipped to "
+            f"±{sa.get('clipping_range')} and quantised in steps of {number(sa.get('quantization_step'), 3)} "
+            "(the clipped-coordinate count each client reports is in the record)."
+        )
+    else:
+        threat.append(
+            "Secure aggregation is not used: the server sees each participating client's model update in the clear."
+        )
     if user:
         threat.append(
             "User-level DP (DP-FedAvg, noise added by the server): protects a whole client's data from whoever sees "
@@ -221,8 +238,12 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
         "participation: which clients took part in which round, how many, and their reported metrics (loss, "
         "num-examples, seconds) reach the server and the record in the clear",
         "the number of rounds, the model architecture and the hyper-parameters are public choices, not protected",
-        "the server's view of individual client updates (no secure aggregation)",
     ]
+    not_covered.append(
+        "the server's view of the aggregate of each round (secure aggregation hides only the individual updates)"
+        if secagg
+        else "the server's view of individual client updates (no secure aggregation)"
+    )
     lines = [
         f"{title(lv['model'])}: {lv['level']}-level (ε = {number(lv['epsilon'], 4)}, δ = {number(lv['delta'], 3)}), "
         f"unit of privacy: {lv['unit_of_privacy']}"
