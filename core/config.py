@@ -161,12 +161,19 @@ class ExplainConfig:
         50  # background rows/images drawn from background_split (all if fewer); SHAP cost grows with it, >= 1
     )
     min_background: int = 10  # fewest background rows accepted; fewer fails (raise data.public_fraction), >= 1
-    regressor_shap: Literal["shap-deep", "shap-gradient", "shap-kernel"] = (
-        "shap-deep"  # SHAP explainer of the MLP (deep: exact-additive)
-    )
-    cnn_shap: Literal["shap-deep", "shap-gradient"] = (
-        "shap-deep"  # SHAP explainer of the CNN (deep falls back to gradient if it fails)
-    )
+    regressor_methods: tuple[str, ...] = (
+        "shap-exact",
+        "lime-tabular",
+    )  # explainers of the MLP (explain.available_explainers()); the first SHAP one is primary; agreement per pair
+    cnn_methods: tuple[str, ...] = (
+        "shap-deep",
+        "lime-image",
+    )  # explainers of the CNN, likewise (shap-deep falls back to shap-gradient if DeepLIFT fails)
+    reference_rows: int = 4  # table rows re-explained by a reference to measure the primary SHAP error, >= 0
+    reference_images: int = 2  # images likewise (each costs reference_nsamples x background_size CNN passes), >= 0
+    reference_nsamples: int = 2000  # coalitions per image of the sampled Kernel SHAP reference (images), >= 100
+    randomisation_rows: int = 20  # rows/images re-explained with re-initialised weights (sanity check), >= 1
+    randomisation_threshold: float = 0.5  # sanity check passes when |mean Spearman(trained, random)| < this, (0, 1]
     lime_num_samples: int = 2000  # LIME perturbations per table row, >= 10
     lime_image_num_samples: int = 500  # LIME perturbations per image, >= 10
     lime_cell_size: int = 0  # side in pixels of LIME's grid segments (0 = min(H, W) // 4), >= 0
@@ -408,6 +415,7 @@ def validate(cfg: Config) -> None:
         "deletion_steps",
         "deletion_random_orders",
         "n_grid_images",
+        "randomisation_rows",
     ):
         _check(getattr(e, key) >= 1, f"explain.{key}", getattr(e, key), ">= 1")
     for key in ("lime_num_samples", "lime_image_num_samples"):
@@ -416,6 +424,20 @@ def validate(cfg: Config) -> None:
     _check(0 <= e.agreement_threshold <= 1, "explain.agreement_threshold", e.agreement_threshold, "in [0, 1]")
     _check(e.stability_seeds >= 2, "explain.stability_seeds", e.stability_seeds, ">= 2 (stability compares seeds)")
     _check(e.n_waterfalls >= 0, "explain.n_waterfalls", e.n_waterfalls, ">= 0")
+    for key in ("reference_rows", "reference_images"):
+        _check(getattr(e, key) >= 0, f"explain.{key}", getattr(e, key), ">= 0 (0 = no reference check)")
+    _check(e.reference_nsamples >= 100, "explain.reference_nsamples", e.reference_nsamples, ">= 100")
+    _check(
+        0 < e.randomisation_threshold <= 1, "explain.randomisation_threshold", e.randomisation_threshold, "in (0, 1]"
+    )
+    for key in ("regressor_methods", "cnn_methods"):
+        methods = getattr(e, key)
+        _check(
+            len(methods) >= 1 and len(set(methods)) == len(methods),
+            f"explain.{key}",
+            list(methods),
+            'one or more distinct explainer names, e.g. ["shap-exact", "lime-tabular"]',
+        )
     f = cfg.federated
     _check(f.n_clients >= 1, "federated.n_clients", f.n_clients, ">= 1")
     _check(f.rounds >= 1, "federated.rounds", f.rounds, ">= 1")

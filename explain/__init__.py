@@ -27,7 +27,9 @@ from explain.quality import (
     explanation_distance,
     stability,
 )
+from explain.reference import ReferenceErrorResult, reference_error
 from explain.registry import ExplainerFn, available_explainers, explain_all, get_explainer
+from explain.sanity import RandomisationResult, model_randomisation, randomised_copy
 from explain.types import Explanation, json_safe
 from explain.variants import compare_variants
 
@@ -51,4 +53,9 @@ __all__ = [
     "explanation_distance",
     "stability",
     "compare_variants",
+    "ReferenceErrorResult",
+    "reference_error",
+    "RandomisationResult",
+    "model_randomisation",
+    "randomised_copy",
 ]

@@ -21,12 +21,27 @@ class Result:
         return json_safe(asdict(self))  # type: ignore[call-overload]
 
 
-def unit_attributions(expl: Explanation, *, sum_channels: bool = True) -> np.ndarray:
-    """Attributions as ``(n, U)``: features, or pixels (channels summed) for images."""
+def unit_attributions(
+    expl: Explanation, *, sum_channels: bool = True, segments: np.ndarray | None = None
+) -> np.ndarray:
+    """Attributions as ``(n, U)``: features, pixels (channels summed) for images, or segments.
+
+    With ``segments`` (an ``(H, W)`` label map, or ``(n, H, W)`` one per image,
+    labels ``0 .. S-1``) image attributions are summed per segment, ``(n, S)``:
+    the resolution at which a pixel-level and a segment-level explanation
+    (LIME's cells) can be compared like with like.
+    """
     v = expl.values
-    if expl.is_image and sum_channels:
+    if expl.is_image and (sum_channels or segments is not None):
         v = v.sum(axis=1)
-    return v.reshape(expl.n, -1)
+    if segments is None or not expl.is_image:
+        return v.reshape(expl.n, -1)
+    seg = np.broadcast_to(np.asarray(segments, dtype=np.int64), v.shape)
+    n_seg = int(seg.max()) + 1
+    out = np.zeros((expl.n, n_seg))
+    for i in range(expl.n):
+        out[i] = np.bincount(seg[i].ravel(), weights=v[i].ravel(), minlength=n_seg)
+    return out
 
 
 def explained_output(predict: PredictFn, x: np.ndarray, targets: np.ndarray | int | None) -> np.ndarray:

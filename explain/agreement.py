@@ -55,7 +55,13 @@ class AgreementResult(Result):
 
 
 def agreement(
-    expl_a: Explanation, expl_b: Explanation, *, k: int, threshold: float = 0.5, sum_channels: bool = True
+    expl_a: Explanation,
+    expl_b: Explanation,
+    *,
+    k: int,
+    threshold: float = 0.5,
+    sum_channels: bool = True,
+    segments: np.ndarray | None = None,
 ) -> AgreementResult:
     """Compare two explanations of the same inputs row by row.
 
@@ -69,6 +75,13 @@ def agreement(
         Rows whose top-k agreement is below this are flagged.
     sum_channels : bool
         Compare images per pixel (channels summed) rather than per element.
+    segments : np.ndarray, optional
+        ``(H, W)`` or ``(n, H, W)`` label map: compare images per segment, each
+        explanation summed over the segment's pixels, and ``k`` counts
+        segments. Use the coarser explanation's segmentation (LIME's cells):
+        a segment-level explanation is constant over a cell, so comparing it
+        pixel by pixel with a pixel-level one measures the resolution
+        difference, not a disagreement.
 
     Returns
     -------
@@ -80,7 +93,8 @@ def agreement(
         If the explanations' inputs differ, or ``k`` is out of range.
     """
     _check_pair(expl_a, expl_b)
-    a, b = unit_attributions(expl_a, sum_channels=sum_channels), unit_attributions(expl_b, sum_channels=sum_channels)
+    a = unit_attributions(expl_a, sum_channels=sum_channels, segments=segments)
+    b = unit_attributions(expl_b, sum_channels=sum_channels, segments=segments)
     k = check_k(k, a.shape[1])
     ta, tb = top_k_indices(a, k), top_k_indices(b, k)
     topk, rho, sign = [], [], []
@@ -119,7 +133,13 @@ class StabilityResult(Result):
 
 
 def stability(
-    explain_fn: Callable[..., Explanation], x: np.ndarray, *, seeds: Sequence[int], k: int, sum_channels: bool = True
+    explain_fn: Callable[..., Explanation],
+    x: np.ndarray,
+    *,
+    seeds: Sequence[int],
+    k: int,
+    sum_channels: bool = True,
+    segments: np.ndarray | None = None,
 ) -> StabilityResult:
     """How much a stochastic explainer's top-k features change with its seed.
 
@@ -136,6 +156,9 @@ def stability(
         Size of the top-k sets.
     sum_channels : bool
         Rank image pixels with channels summed.
+    segments : np.ndarray, optional
+        Rank image segments instead of pixels (see :func:`agreement`); ``k``
+        then counts segments.
 
     Returns
     -------
@@ -151,7 +174,7 @@ def stability(
     if len(set(seeds)) < 2:
         raise ValueError(f"seeds={list(seeds)} has fewer than two distinct seeds; pass e.g. seeds=(0, 1, 2).")
     expls = [explain_fn(x, seed=s) for s in seeds]
-    units = [unit_attributions(e, sum_channels=sum_channels) for e in expls]
+    units = [unit_attributions(e, sum_channels=sum_channels, segments=segments) for e in expls]
     k = check_k(k, units[0].shape[1])
     tops = [top_k_indices(u, k) for u in units]
     per_row = np.zeros(units[0].shape[0])

@@ -20,7 +20,14 @@ from explain._model import scoped_numpy_seed
 from explain.quality import DeletionInsertionResult
 from explain.types import Explanation
 
-__all__ = ["beeswarm_png", "waterfall_png", "importance_bar_png", "image_grid_png", "deletion_insertion_png"]
+__all__ = [
+    "beeswarm_png",
+    "waterfall_png",
+    "importance_bar_png",
+    "image_grid_png",
+    "attribution_rows_png",
+    "deletion_insertion_png",
+]
 
 
 def _png(fig: Figure) -> bytes:
@@ -155,6 +162,76 @@ def image_grid_png(expls: Sequence[Explanation], *, n_images: int = 4) -> bytes:
             lim = max(float(np.abs(heat).max()), 1e-12)
             axes[i, j].imshow(heat, cmap="bwr", vmin=-lim, vmax=lim)
             axes[i, j].set_title(f"{e.method}\nlogit {e.outputs[i]:.2f}", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _png(fig)
+
+
+def attribution_rows_png(
+    expls: Sequence[Explanation],
+    *,
+    rows: Sequence[int],
+    baseline: np.ndarray,
+    true_labels: np.ndarray | None = None,
+    row_notes: Sequence[str] | None = None,
+) -> bytes:
+    """Image attributions the way shap's ``image_plot`` shows them, with the baseline beside them.
+
+    One row per chosen image: the input (true and predicted label), the
+    baseline the attributions are measured from (the mean background image),
+    then each explanation summed over channels and overlaid on the faded input.
+    Every row has ONE symmetric colour scale shared by its attribution panels
+    (red raises the explained logit, blue lowers it, white is 0), with its own
+    colour bar. Drawn here rather than with ``shap.image_plot`` because that
+    plot has one scale for the whole figure, no baseline panel and no way to
+    show two methods of different resolution side by side.
+
+    Parameters
+    ----------
+    expls : explanations of the same images (e.g. SHAP and LIME).
+    rows : indices of the images to show, in order.
+    baseline : ``(C, H, W)`` reference image.
+    true_labels : ``(n,)`` true classes, optional.
+    row_notes : one short note per shown row (why it is shown), optional.
+
+    Raises
+    ------
+    ValueError
+        If the explanations are not image explanations of the same shape, or a row is out of range.
+    """
+    expls = list(expls)
+    if not expls or not all(e.is_image for e in expls):
+        raise ValueError("attribution_rows_png needs image explanations (values of shape (n, C, H, W)).")
+    rows = [int(r) for r in rows]
+    if not rows or min(rows) < 0 or max(rows) >= expls[0].n:
+        raise ValueError(f"rows={rows} must be non-empty indices in [0, {expls[0].n - 1}].")
+    cols = 2 + len(expls)
+    fig = Figure(figsize=(1.9 * cols + 0.6, 2.0 * len(rows) + 0.2), layout="constrained")
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+
+    def gray(a: np.ndarray) -> np.ndarray:
+        return np.asarray(a, dtype=np.float64).mean(axis=0)  # (H, W)
+
+    base_img = gray(baseline)
+    for r, i in enumerate(rows):
+        img = gray(expls[0].inputs[i])
+        lo, hi = min(img.min(), base_img.min()), max(img.max(), base_img.max(), img.min() + 1e-12)
+        truth = "" if true_labels is None else f"true {int(true_labels[i])}, "
+        pred = "" if expls[0].targets is None else f"pred {int(expls[0].targets[i])}"
+        note = "" if row_notes is None else f"\n{row_notes[r]}"
+        axes[r, 0].imshow(img, cmap="gray_r", vmin=lo, vmax=hi)
+        axes[r, 0].set_title(f"#{i}: {truth}{pred}{note}", fontsize=7)
+        axes[r, 1].imshow(base_img, cmap="gray_r", vmin=lo, vmax=hi)
+        axes[r, 1].set_title("baseline (mean background)", fontsize=7)
+        heats = [e.values[i].sum(axis=0) for e in expls]
+        lim = max(max(float(np.abs(h).max()) for h in heats), 1e-12)
+        im = None
+        for j, (e, heat) in enumerate(zip(expls, heats), start=2):
+            axes[r, j].imshow(img, cmap="gray_r", vmin=lo, vmax=hi, alpha=0.25)
+            im = axes[r, j].imshow(heat, cmap="bwr", vmin=-lim, vmax=lim, alpha=0.85)
+            axes[r, j].set_title(f"{e.method}, logit {e.outputs[i]:.2f}", fontsize=7)
+        fig.colorbar(im, ax=list(axes[r, 2:]), shrink=0.9, aspect=12).ax.tick_params(labelsize=6)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])

@@ -7,16 +7,21 @@ returns an :class:`~explain.types.Explanation`. Members are imported lazily, so
 =================  =========================================  ================
 name               what                                       inputs
 =================  =========================================  ================
-``shap-deep``      shap.DeepExplainer (DeepLIFT), exact-additive tabular, image
+``shap-exact``     exact interventional Shapley (all 2^F      tabular, F <= 14
+                   coalitions enumerated against background)
+``shap-deep``      shap.DeepExplainer (DeepLIFT): additive,   tabular, image
+                   but an approximation of Shapley values
 ``shap-gradient``  shap.GradientExplainer (expected gradients) tabular, image
 ``shap-kernel``    shap.KernelExplainer, model-agnostic        tabular
 ``lime-tabular``   lime LimeTabularExplainer (regression mode) tabular
 ``lime-image``     lime LimeImageExplainer on a pixel grid     image
 =================  =========================================  ================
 
-For the MLP regressor and the ReLU CNN use ``shap-deep``: it is the fastest and
-its values sum exactly to ``output - base``; ``shap-kernel`` is the
-model-agnostic reference for tabular models.
+For tabular models with up to ~14 features use ``shap-exact``: its values are
+the exact interventional Shapley values. For images (64+ pixels: not
+enumerable) ``shap-deep`` is fast and additive (its values sum to
+``output - base``), but additivity does not make them Shapley values: measure
+their error against a sampling reference (:func:`explain.reference_error`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from explain.types import Explanation
 __all__ = ["ExplainerFn", "available_explainers", "get_explainer", "explain_all"]
 
 _MEMBERS: Mapping[str, str] = {
+    "shap-exact": "explain.shap_exact",
     "shap-deep": "explain.shap_deep",
     "shap-gradient": "explain.shap_gradient",
     "shap-kernel": "explain.shap_kernel",

@@ -5,7 +5,12 @@ covers F <= 11) every coalition is enumerated and the result is the exact
 interventional Shapley value against the background; values sum to
 ``output - base`` by construction. Cost is ``nsamples x background_size``
 model evaluations per row, so keep the background small (<= 50 rows) or pass
-k-means centres. Images are refused (thousands of features).
+k-means centres. Images are explained pixel by pixel (each element of
+``(C, H, W)`` is one feature, flattened for shap): with 64+ features the
+coalitions are sampled, so the result is a sampling *reference* for judging a
+faster approximation on a few images (:func:`explain.reference_error`), not an
+exact value, and its cost is ``nsamples x background_size`` forward passes per
+image.
 
 Seeding: for larger F shap samples coalitions from numpy's global RNG; that is
 confined to a per-row seeded scope that restores the caller's RNG state.
@@ -43,7 +48,7 @@ def explain(
     Parameters
     ----------
     model, x, background, task, seed, feature_names, targets
-        As for :func:`explain.shap_deep.explain`; ``x`` must be ``(n, F)``.
+        As for :func:`explain.shap_deep.explain`; ``x`` is ``(n, F)`` or ``(n, C, H, W)``.
     nsamples : int or "auto"
         Coalitions evaluated per row; ``"auto"`` is ``2F + 2048`` (capped at
         ``2**F - 2``, i.e. exact, for F <= 11).
@@ -59,7 +64,7 @@ def explain(
     Raises
     ------
     ValueError
-        On invalid inputs, or image inputs.
+        On invalid inputs.
     """
     import shap
 
@@ -72,9 +77,12 @@ def explain(
         seed=seed,
         feature_names=feature_names,
         targets=targets,
-        ndims=(2,),
+        ndims=(2, 4),
         method=NAME,
     )
+    shape = p.x.shape[1:]
+    flat_x = p.x.reshape(len(p.x), -1)
+    flat_bg = p.background.reshape(len(p.background), -1)
     if nsamples != "auto":
         nsamples = check_positive_int("nsamples", nsamples, minimum=2)  # type: ignore[arg-type]
     values = np.zeros(p.x.shape, dtype=np.float64)
@@ -83,11 +91,11 @@ def explain(
     for target in groups:
         rows = np.arange(p.x.shape[0]) if target is None else np.flatnonzero(p.targets == target)
         f = select_output(p.predict, task=p.task, target=target)
-        explainer = shap.KernelExplainer(f, p.background)
+        explainer = shap.KernelExplainer(_unflatten(f, shape), flat_bg)
         for i in rows:
             with scoped_numpy_seed(row_seed(p.seed, int(i))):
-                phi = explainer.shap_values(p.x[i : i + 1], nsamples=nsamples, l1_reg=l1_reg, silent=True)
-            values[i] = np.asarray(phi).reshape(-1)
+                phi = explainer.shap_values(flat_x[i : i + 1], nsamples=nsamples, l1_reg=l1_reg, silent=True)
+            values[i] = np.asarray(phi).reshape(shape)
         base[rows] = float(np.asarray(explainer.expected_value).reshape(-1)[0])
     return Explanation(
         method=NAME,
@@ -105,3 +113,8 @@ def explain(
             "output": "regression value" if p.task == "regression" else "class logit",
         },
     )
+
+
+def _unflatten(f, shape: tuple[int, ...]):
+    """``f`` on ``(m, prod(shape))`` rows: shap passes flat vectors, the model takes ``shape``."""
+    return lambda flat: f(np.asarray(flat).reshape((-1,) + tuple(shape)))

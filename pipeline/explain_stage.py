@@ -1,11 +1,17 @@
-"""Stage ``explain``: SHAP and LIME for both models, and how far to trust them.
+"""Stage ``explain``: the configured explainers for every model, and how far to trust them.
 
-For each model (MLP regressor, CNN) the stage explains test-split rows with one
-SHAP explainer (``shap-deep`` by default: exact-additive on these models) and
-the matching LIME explainer (``lime-tabular`` / ``lime-image`` on a pixel grid),
-then measures: SHAP additivity, deletion/insertion faithfulness against random
-orders, SHAP-LIME agreement (top-k, rank correlation, sign) with disagreeing
-rows flagged, LIME stability across seeds and LIME's local fidelity (R²).
+For each model the stage explains test-split rows with the methods listed in
+``explain.<model>_methods`` (default: ``shap-exact`` + ``lime-tabular`` for the
+MLP regressor, whose 10 features allow enumerating all 2^10 coalitions;
+``shap-deep`` + ``lime-image`` on a pixel grid for the CNN, whose 64 pixels do
+not), then measures: additivity of the primary (first) SHAP method, its error
+against an independent reference (shap's KernelExplainer: every coalition for
+tables, sampled coalitions on a few images), a model-randomisation sanity
+check, deletion/insertion faithfulness against random orders for every method,
+agreement (top-k, rank correlation, sign) for every pair of methods at a
+common resolution (image pairs at the coarser one's segments: LIME's cells)
+with disagreeing rows flagged, stability across seeds of every stochastic
+method, and LIME's local fidelity (R² and its error at the explained row).
 
 Backgrounds, LIME's sampling statistics and the deletion baseline come from the
 split named by ``explain.background_split``: the ``public`` split unless the
@@ -17,11 +23,11 @@ variants of a model (teacher and student) attribute the same inputs.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import warnings
 from dataclasses import dataclass, field
+from itertools import combinations
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -40,7 +46,9 @@ from explain import (
     deletion_insertion,
     get_explainer,
     make_predict_fn,
+    model_randomisation,
     plots,
+    reference_error,
     stability,
 )
 
@@ -125,12 +133,101 @@ def _subset(expl: Explanation, m: int) -> Explanation:
 # --------------------------------------------------------------------------- one model
 
 
+def _lime_options(method: str, ecfg: ExplainConfig) -> dict[str, Any]:
+    """The stage's options for a LIME member (none for the others)."""
+    if method == "lime-image":
+        return {
+            "num_samples": ecfg.lime_image_num_samples,
+            "segmentation": "grid",
+            "cell_size": ecfg.lime_cell_size or None,
+        }
+    if method == "lime-tabular":
+        return {"num_samples": ecfg.lime_num_samples}
+    return {}
+
+
+def _is_stochastic(method: str) -> bool:
+    """Methods whose result depends on the seed: their stability across seeds is measured."""
+    return method.startswith("lime") or method == "shap-gradient"
+
+
+def _primary(methods: list[str]) -> str:
+    """The method the additivity, reference and randomisation checks and the figures use: the first SHAP one."""
+    return next((m for m in methods if m.startswith("shap")), methods[0])
+
+
+def _exactness(expl: Explanation) -> str:
+    """What the values of ``expl`` are, in words the report prints."""
+    if expl.method == "shap-exact":
+        n = int(expl.extras["n_coalitions"])
+        return f"exact (enumeration of 2^{n.bit_length() - 1} coalitions)"
+    return "approximate"
+
+
+def _reference(
+    primary: Explanation, model: nn.Module, bg: np.ndarray, ecfg: ExplainConfig, *, task: str, seed: int, k: int
+) -> dict[str, Any] | None:
+    """The primary SHAP values against an independent reference on the first ``explain.reference_rows`` rows
+    (``explain.reference_images`` images).
+
+    Tabular: shap's KernelExplainer with every coalition (exact for F <= 11) when the primary is
+    ``shap-exact`` (an independent check of our enumeration), else ``shap-exact`` itself. Images:
+    KernelExplainer with ``explain.reference_nsamples`` sampled coalitions (a sampling estimate).
+    """
+    m = min(ecfg.reference_images if primary.is_image else ecfg.reference_rows, primary.n)
+    if m == 0 or not primary.method.startswith("shap"):
+        return None
+    rows = np.arange(m)
+    n_features = int(np.prod(primary.feature_shape))
+    if primary.is_image or primary.method == "shap-exact":
+        method = "shap-kernel"
+        opts: dict[str, Any] = {"nsamples": ecfg.reference_nsamples if primary.is_image else "auto"}
+        exact = not primary.is_image and n_features <= 11  # shap's "auto" enumerates all 2^F - 2 coalitions
+        how = (
+            f"shap KernelExplainer, all {2**n_features - 2} non-trivial coalitions (exact)"
+            if exact
+            else f"shap KernelExplainer, {opts['nsamples']} sampled coalitions (a sampling estimate, not exact)"
+        )
+    else:
+        method, opts, exact = "shap-exact", {}, True
+        how = f"exact enumeration of 2^{n_features} coalitions"
+    t0 = time.perf_counter()
+    ref = get_explainer(method)(
+        model,
+        primary.inputs[rows],
+        background=bg,
+        task=task,
+        seed=seed,
+        feature_names=primary.feature_names,
+        targets=None if primary.targets is None else primary.targets[rows],
+        **opts,
+    )
+    err = reference_error(primary, ref, k=min(k, n_features), rows=rows)
+    return err.to_dict() | {"reference_description": how, "reference_exact": exact, "seconds": time.perf_counter() - t0}
+
+
+def _comparison_segments(a: Explanation, b: Explanation) -> tuple[np.ndarray | None, str]:
+    """Segmentation at which two image explanations are compared: the coarser one's (LIME's cells), if any."""
+    for e in (a, b):
+        seg = e.extras.get("segments") if e.is_image else None
+        if seg is not None:
+            return np.asarray(seg), str(e.extras.get("segmentation_description", f"{e.method}'s segments"))
+    return None, "pixels (channels summed)" if a.is_image else "features"
+
+
+def _cell_k(k_pixels: int, segments: np.ndarray) -> int:
+    """Top-k in segments covering the same area as ``k_pixels`` pixels (at least one segment)."""
+    n_seg = int(segments.max()) + 1
+    per_cell = segments[0].size / n_seg if segments.ndim == 3 else segments.size / n_seg
+    return max(1, min(n_seg, int(round(k_pixels / per_cell))))
+
+
 def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig, *, seed: int) -> ModelExplanations:
-    """Explain ``model`` on the first test rows of ``ds`` with SHAP and LIME and measure the quality.
+    """Explain ``model`` on the first test rows of ``ds`` with its configured methods and measure the quality.
 
     Parameters
     ----------
-    name : "regressor" or "cnn".
+    name : a key of ``core.models.MODELS``.
     model : a plain eval-mode module (``TrainedModel.build()``), never an Opacus-wrapped one.
     ds : its prepared dataset.
     ecfg : the ``explain`` config section.
@@ -144,6 +241,8 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
     ------
     DataError
         If the background split is too small, or the test split is empty.
+    ValueError
+        If a configured method is not a registered explainer, or does not explain this input kind.
     """
     t_start = time.perf_counter()
     image = ds.task == "classification"
@@ -161,54 +260,68 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
     k = min(ecfg.top_k_pixels if image else ecfg.top_k, n_units)
     notes: list[str] = []
     timings: dict[str, float] = {}
+    requested = list(ecfg.cnn_methods if image else ecfg.regressor_methods)
+    primary_requested = _primary(requested)
 
-    # SHAP: shap-deep is exact on nn.ReLU/Tanh/MaxPool/Linear/Conv models; for the CNN it falls back to
-    # shap-gradient when DeepLIFT cannot pass a layer (its additivity check fails).
-    shap_method = ecfg.cnn_shap if image else ecfg.regressor_shap
+    def run_method(method: str, xs: np.ndarray, *, seed_: int, targets: np.ndarray | None, mdl: nn.Module = model):
+        return get_explainer(method)(
+            mdl,
+            xs,
+            background=bg,
+            task=task,
+            seed=seed_,
+            feature_names=names,
+            targets=targets,
+            **_lime_options(method, ecfg),
+        )
+
+    # The primary method runs first: its targets (the predicted class) are the ones every other method explains.
+    explanations: dict[str, Explanation] = {}
+    primary = primary_requested
     t0 = time.perf_counter()
     try:
-        shap_expl = get_explainer(shap_method)(
-            model, x, background=bg, task=task, seed=derive_seed(seed, shap_method), feature_names=names
-        )
+        explanations[primary] = run_method(primary, x, seed_=derive_seed(seed, primary), targets=None)
     except (ValueError, RuntimeError, AssertionError) as exc:
-        if not (image and shap_method == "shap-deep"):
+        if not (image and primary == "shap-deep"):
             raise
         notes.append(
             f"shap-deep failed on the CNN ({str(exc).splitlines()[0][:300]}); fell back to shap-gradient, "
             "whose values are a sampled, only approximately additive estimate"
         )
         log.warning("%s: %s", name, notes[-1])
-        shap_method = "shap-gradient"
-        shap_expl = get_explainer(shap_method)(model, x, background=bg, task=task, seed=derive_seed(seed, shap_method))
-    timings[shap_method] = time.perf_counter() - t0
-    targets = shap_expl.targets  # LIME explains the same class (the predicted one)
-
-    lime_method = "lime-image" if image else "lime-tabular"
-    lime_opts: dict[str, Any] = (
-        {"num_samples": ecfg.lime_image_num_samples, "segmentation": "grid", "cell_size": ecfg.lime_cell_size or None}
-        if image
-        else {"num_samples": ecfg.lime_num_samples}
-    )
-    lime = functools.partial(
-        get_explainer(lime_method), model, background=bg, task=task, feature_names=names, **lime_opts
-    )
-
-    def lime_fn(xs: np.ndarray, *, seed: int) -> Explanation:
-        return lime(xs, seed=seed, targets=None if targets is None else targets[: len(xs)])
-
-    stability_seeds = [derive_seed(seed, lime_method, i) for i in range(ecfg.stability_seeds)]
-    t0 = time.perf_counter()
-    lime_expl = lime_fn(x, seed=stability_seeds[0])
-    timings[lime_method] = time.perf_counter() - t0
+        primary = "shap-gradient"
+        explanations[primary] = run_method(primary, x, seed_=derive_seed(seed, primary), targets=None)
+    timings[primary] = time.perf_counter() - t0
+    targets = explanations[primary].targets
+    methods = [primary] + [m for m in requested if m not in (primary_requested, primary)]
+    for method in methods[1:]:
+        t0 = time.perf_counter()
+        explanations[method] = run_method(method, x, seed_=_seeds(seed, method, 1)[0], targets=targets)
+        timings[method] = time.perf_counter() - t0
+    shap_expl = explanations[primary]
 
     quality: dict[str, Any] = {}
     t0 = time.perf_counter()
-    quality["additivity"] = additivity_error(shap_expl, predict).to_dict()
-    timings["additivity"] = time.perf_counter() - t0
+    if primary.startswith("shap"):
+        quality["additivity"] = additivity_error(shap_expl, predict).to_dict()
+    quality["exactness"] = _exactness(shap_expl)
+    quality["reference"] = _reference(shap_expl, model, bg, ecfg, task=task, seed=derive_seed(seed, "reference"), k=k)
+    timings["reference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    faith = {}
-    for method, expl in ((shap_method, shap_expl), (lime_method, lime_expl)):
-        faith[method] = deletion_insertion(
+    m_rand = min(ecfg.randomisation_rows, n_explain)
+    sub = _subset(shap_expl, m_rand)
+    quality["randomisation"] = model_randomisation(
+        lambda mdl: run_method(primary, x[:m_rand], seed_=derive_seed(seed, primary), targets=sub.targets, mdl=mdl),
+        model,
+        sub,
+        seed=derive_seed(seed, "randomise"),
+        baseline=baseline,
+        threshold=ecfg.randomisation_threshold,
+    ).to_dict()
+    timings["randomisation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    faith = {
+        method: deletion_insertion(
             expl,
             predict,
             baseline=baseline,
@@ -216,45 +329,79 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
             seed=derive_seed(seed, "deletion", method),
             n_random=ecfg.deletion_random_orders,
         )
+        for method, expl in explanations.items()
+    }
     quality["deletion_insertion"] = {m: r.to_dict() for m, r in faith.items()}
     timings["deletion_insertion"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    agree = agreement(shap_expl, lime_expl, k=k, threshold=ecfg.agreement_threshold)
-    quality["agreement"] = agree.to_dict()
+    pairs: dict[str, Any] = {}
+    pair_results = {}
+    for a_name, b_name in combinations(methods, 2):
+        segments, resolution = _comparison_segments(explanations[a_name], explanations[b_name])
+        k_pair = k if segments is None else _cell_k(k, segments)
+        res = agreement(
+            explanations[a_name], explanations[b_name], k=k_pair, threshold=ecfg.agreement_threshold, segments=segments
+        )
+        key = f"{a_name} vs {b_name}"
+        pair_results[key] = res
+        pairs[key] = res.to_dict() | {"resolution": resolution, "k_unit": "features" if segments is None else "cells"}
+        if segments is not None:
+            pixel = agreement(explanations[a_name], explanations[b_name], k=k, threshold=ecfg.agreement_threshold)
+            pairs[key]["pixel_level"] = {
+                "k": pixel.k,
+                "mean_topk": pixel.mean_topk,
+                "mean_spearman": pixel.mean_spearman,
+                "n_flagged": len(pixel.flagged),
+                "note": "per pixel, for comparison only: a cell-level explanation is constant over its cell, "
+                "so this mixes the resolution difference into the disagreement",
+            }
+    quality["agreement"] = pairs
     timings["agreement"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    quality["stability"] = {}
     m = min(ecfg.stability_rows, n_explain)
-    first = _subset(lime_expl, m)
+    stability_seeds: dict[str, list[int]] = {}
+    for method in methods:
+        if not _is_stochastic(method):
+            continue
+        seeds = _seeds(seed, method, ecfg.stability_seeds)
+        stability_seeds[method] = seeds
+        first = _subset(explanations[method], m)
 
-    def rerun(xs: np.ndarray, *, seed: int) -> Explanation:
-        # LIME seeds each row from (seed, row), so the first m rows of the main run are the seed-0 run.
-        return first if seed == stability_seeds[0] else lime_fn(xs, seed=seed)
+        def rerun(xs: np.ndarray, *, seed: int, method: str = method, first: Explanation = first) -> Explanation:
+            # Each row is seeded from (seed, row), so the first m rows of the main run are the first seed's run.
+            if seed == stability_seeds[method][0] and method != primary:
+                return first
+            return run_method(method, xs, seed_=seed, targets=None if targets is None else targets[: len(xs)])
 
-    quality["lime_stability"] = stability(rerun, x[:m], seeds=stability_seeds, k=k).to_dict()
-    timings["lime_stability"] = time.perf_counter() - t0
-    score = np.asarray(lime_expl.extras["score"], dtype=np.float64)
+        segments, resolution = _comparison_segments(first, first)
+        k_stab = k if segments is None else _cell_k(k, segments)
+        quality["stability"][method] = stability(
+            rerun, x[:m], seeds=seeds, k=k_stab, segments=None if segments is None else segments[:m]
+        ).to_dict() | {"resolution": resolution}
+    timings["stability"] = time.perf_counter() - t0
     quality["lime_fidelity"] = {
-        "mean_r2": float(score.mean()),
-        "min_r2": float(score.min()),
-        "median_r2": float(np.median(score)),
-        "per_row_r2": score,
+        method: _lime_fidelity(expl) for method, expl in explanations.items() if "score" in expl.extras
     }
 
     flagged = [
         {
+            "pair": key,
             "row": int(i),
             "source_index": int(row_index[i]),
-            "topk": agree.topk[i],
-            "spearman": agree.spearman[i],
-            "sign": agree.sign[i],
+            "topk": res.topk[i],
+            "spearman": res.spearman[i],
+            "sign": res.sign[i],
             **({"class": int(targets[i])} if targets is not None else {}),
         }
-        for i in agree.flagged
+        for key, res in pair_results.items()
+        for i in res.flagged
     ]
+    lime_name = next((mm for mm in methods if mm.startswith("lime")), methods[-1])
+    worst = pair_results[next(iter(pair_results))] if pair_results else None
     t0 = time.perf_counter()
-    png = _plots(name, ds, shap_expl, lime_expl, list(faith.values()), agree, ecfg)
+    png = _plots(name, ds, shap_expl, explanations[lime_name], list(faith.values()), worst, ecfg, baseline)
     timings["plots"] = time.perf_counter() - t0
-    explanations = {shap_method: shap_expl, lime_method: lime_expl}
     metrics = {
         "model": name,
         "dataset": ds.name,
@@ -263,11 +410,13 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
         "explained_output": "logit of the predicted class"
         if image
         else "standardised regression output "
-        f"(x {ds.preprocessing.get('y_std', 1.0):.6g} + {ds.preprocessing.get('y_mean', 0.0):.6g} = original units)",
+        f"(x {ds.preprocessing.get('y_std', 1.0):.6g} + {ds.preprocessing.get('y_mean', 0.0):.6g} = target units)",
         "methods": {
-            "shap": shap_method,
-            "lime": lime_method,
-            "requested_shap": ecfg.cnn_shap if image else ecfg.regressor_shap,
+            "run": methods,
+            "requested": requested,
+            "primary": primary,
+            "shap": primary,
+            "lime": lime_name,
         },
         "n_explained": int(n_explain),
         "explained_split": "test",
@@ -280,7 +429,11 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
             "private": ecfg.background_split != "public",
         },
         "top_k": int(k),
-        "lime_options": {k_: v for k_, v in lime_opts.items() if v is not None},
+        "lime_options": {
+            mm: {k_: v for k_, v in _lime_options(mm, ecfg).items() if v is not None}
+            for mm in methods
+            if mm.startswith("lime")
+        },
         "stability_seeds": stability_seeds,
         "quality": quality,
         "flagged": flagged,
@@ -291,6 +444,29 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
     }
     metrics["seconds"]["total"] = time.perf_counter() - t_start
     return ModelExplanations(model=name, explanations=explanations, metrics=metrics, plots=png)
+
+
+def _seeds(seed: int, method: str, n: int) -> list[int]:
+    return [derive_seed(seed, method, i) for i in range(n)]
+
+
+def _lime_fidelity(expl: Explanation) -> dict[str, Any]:
+    """LIME's in-sample R² and its surrogate's error at the explained row itself (in output units)."""
+    score = np.asarray(expl.extras["score"], dtype=np.float64)
+    out: dict[str, Any] = {
+        "mean_r2": float(score.mean()),
+        "min_r2": float(score.min()),
+        "median_r2": float(np.median(score)),
+        "per_row_r2": score,
+    }
+    if "local_pred" in expl.extras:
+        gap = np.abs(np.asarray(expl.extras["local_pred"], dtype=np.float64) - expl.outputs)
+        out |= {
+            "mean_abs_error_at_row": float(gap.mean()),
+            "max_abs_error_at_row": float(gap.max()),
+            "per_row_abs_error_at_row": gap,
+        }
+    return out
 
 
 def _display_units(expl: Explanation, ds: Dataset) -> Explanation:
@@ -312,12 +488,23 @@ def _display_units(expl: Explanation, ds: Dataset) -> Explanation:
 
 
 def _plots(
-    name: str, ds: Dataset, shap_expl: Explanation, lime_expl: Explanation, faith: list, agree, ecfg: ExplainConfig
+    name: str,
+    ds: Dataset,
+    shap_expl: Explanation,
+    lime_expl: Explanation,
+    faith: list,
+    agree,
+    ecfg: ExplainConfig,
+    baseline: np.ndarray,
 ) -> dict[str, bytes]:
     """PNG bytes of every figure of one model, keyed by file name."""
     out = {f"{name}_deletion_insertion.png": plots.deletion_insertion_png(faith)}
     if shap_expl.is_image:
-        out[f"{name}_image_grid.png"] = plots.image_grid_png([shap_expl, lime_expl], n_images=ecfg.n_grid_images)
+        truth = np.asarray(ds.y["test"][: shap_expl.n])
+        rows, why = image_rows(shap_expl, truth, agree, ecfg.n_grid_images)
+        out[f"{name}_image_grid.png"] = plots.attribution_rows_png(
+            [shap_expl, lime_expl], rows=rows, baseline=baseline, true_labels=truth, row_notes=why
+        )
         return out
     shown = _display_units(shap_expl, ds)
     out[f"{name}_beeswarm.png"] = plots.beeswarm_png(shown)
@@ -327,9 +514,22 @@ def _plots(
     return out
 
 
+def image_rows(expl: Explanation, truth: np.ndarray, agree, n: int) -> tuple[list[int], list[str]]:
+    """Images worth showing: the misclassified ones, then the worst SHAP-LIME agreement, then the rest."""
+    wrong = [int(i) for i in np.flatnonzero(expl.targets != truth)]
+    worst = [] if agree is None else [int(i) for i in np.argsort(np.asarray(agree.topk), kind="stable")]
+    order = list(dict.fromkeys(wrong + worst + list(range(expl.n))))[: min(n, expl.n)]
+    why = [
+        "misclassified" if i in wrong else (f"agreement {agree.topk[i]:.2f}" if agree is not None else "")
+        for i in order
+    ]
+    return order, why
+
+
 def waterfall_rows(expl: Explanation, agree, n: int) -> list[int]:
     """Rows worth a local plot: highest and lowest prediction, then the worst SHAP-LIME disagreement, then the rest."""
-    order = [int(np.argmax(expl.outputs)), int(np.argmin(expl.outputs)), int(np.argmin(agree.topk))]
+    order = [int(np.argmax(expl.outputs)), int(np.argmin(expl.outputs))]
+    order += [] if agree is None else [int(np.argmin(agree.topk))]
     order += list(range(expl.n))
     return list(dict.fromkeys(order))[: min(n, expl.n)]
 

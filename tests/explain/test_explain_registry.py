@@ -9,7 +9,7 @@ from torch import nn
 
 from explain import available_explainers, explain_all, get_explainer
 
-NAMES = ("lime-image", "lime-tabular", "shap-deep", "shap-gradient", "shap-kernel")
+NAMES = ("lime-image", "lime-tabular", "shap-deep", "shap-exact", "shap-gradient", "shap-kernel")
 
 
 def test_available_names():
@@ -70,8 +70,8 @@ def test_classifier_target_checks(cnn, images):
 
 
 def test_explainer_refuses_wrong_input_kind(mlp, cnn, tabular, images):
-    with pytest.raises(ValueError, match=r"shap-kernel explains tabular \(n, F\) inputs, not shape \(2, 1, 8, 8\)"):
-        _call("shap-kernel", cnn, images[:2], background=images[10:], task="classification")
+    with pytest.raises(ValueError, match=r"shap-exact explains tabular \(n, F\) inputs, not shape \(2, 1, 8, 8\)"):
+        _call("shap-exact", cnn, images[:2], background=images[10:], task="classification")
     with pytest.raises(ValueError, match=r"lime-image explains image \(n, C, H, W\) inputs"):
         _call("lime-image", mlp, tabular[:2], background=tabular[20:], task="classification")
     with pytest.raises(ValueError, match="lime-image explains classifiers"):
