@@ -19,7 +19,7 @@ from pipeline.report import html_page, model_card
 from pipeline.report.content import FILES, SCHEMA_ID, build_content
 
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
-__all__ = ["FILES", "SCHEMA_ID", "SCHEMA_PATH", "Report", "build_content", "dump", "load", "run", "schema"]
+__all__ = ["FILES", "SCHEMA_ID", "SCHEMA_PATH", "Report", "build_content", "dump", "load", "run", "schema", "validate"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     Report
     """
     content = build_content(cfg, inputs, seed=seed)
+    validate(content)
     figures = html_page.figures(inputs["explain"], inputs["train"])
     html = html_page.render(content, figures)
     cards = {name: model_card.render(content, name) for name in MODELS}
@@ -65,6 +66,27 @@ def load(read: Callable[[str], bytes]) -> Report:
     """Rebuild the stage output from the run directory."""
     cards = {name: read(rel).decode("utf-8") for name, rel in FILES["model_cards"].items()}
     return Report(content=read_json(read(FILES["json"])), html=read(FILES["html"]).decode("utf-8"), model_cards=cards)
+
+
+def validate(content: Mapping[str, Any]) -> None:
+    """Check the content, as ``report.json`` will hold it, against :func:`schema` before anything is written.
+
+    Raises
+    ------
+    ValueError
+        Naming the first violation's path and message: a report that breaks its own schema is a bug
+        in the stage that produced the value, never something to write and fix later.
+    """
+    import jsonschema  # lazy: only the report stage needs it (~0.1 s import)
+
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(read_json(json_bytes(content))), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
+        raise ValueError(
+            f"report.json would break its schema at {where}: {errors[0].message} "
+            f"({len(errors)} violation(s)); fix the stage that produced this value."
+        )
 
 
 def schema() -> dict[str, Any]:

@@ -104,20 +104,28 @@ def models_section(cfg: Config, trained: TrainOutput, metrics: Mapping[str, Any]
 HOW_TO_READ = {
     "beeswarm": "Each dot is one explained test row. Its horizontal position is the feature's SHAP value: how much "
     "that feature moved this row's prediction away from the average prediction, in the target's original "
-    "units. Colour is the feature's value (red high, blue low). Features are sorted by mean |SHAP|.",
+    "units. Colour is the feature's value (red high, blue low). Features are sorted by mean |SHAP|. "
+    "Feature values are as the dataset provides them (scikit-learn's diabetes features, the default data, are "
+    "already mean-centred and scaled, not clinical measurements).",
     "importance_bar": "Mean absolute attribution per feature, SHAP and LIME side by side (standardised target units). "
     "Long bars are the features the model relies on overall; where the two methods rank features "
     "differently, read the agreement metrics before trusting either.",
     "waterfall": "One test row. Start at the bottom at E[f(X)], the mean prediction over the background; each bar adds "
     "one feature's SHAP value (red pushes the prediction up, blue down) and the top is this row's "
-    "prediction f(x). Feature values are shown in original units.",
+    "prediction f(x), in target units. Feature values are shown as the dataset provides them (scikit-learn's "
+    "diabetes features, the default data, are already mean-centred and scaled, not clinical units).",
     "deletion_insertion": "Faithfulness. Left: features (pixels) are replaced by the background mean in order of "
     "decreasing attribution; a faithful explanation makes the explained output fall faster than "
     "a random order (dashed), so lower is better. Right: features are restored in the same order "
     "starting from the background mean; higher is better.",
-    "image_grid": "Each row: an explained test image, then the SHAP and LIME attributions toward its predicted class, "
-    "summed over channels. Red pixels raise that class's logit, blue pixels lower it; each panel's "
-    "colour scale is symmetric around 0. LIME works on grid cells, so its maps are blocky.",
+    "image_grid": "Each row: an explained test image (true and predicted label; misclassified images first, then "
+    "the worst SHAP-LIME agreement), the baseline the attributions are measured from (the mean background "
+    "image), then the SHAP and LIME attributions toward the predicted class, summed over channels and "
+    "overlaid on the faded input. Red pixels raise that class's logit relative to the baseline, blue pixels "
+    "lower it; one symmetric colour scale per row (its colour bar on the right), white is 0. A red pixel "
+    "where the baseline has no ink but the input has can mean 'ink here raises the logit'; read attributions "
+    "against the baseline, not as absolute importance. LIME works on 2x2-pixel grid cells, so its maps are "
+    "blocky, and SHAP and LIME are compared at those cells.",
     "training": "Loss per epoch (or round) on the training and validation splits, and ε spent where DP was on.",
 }
 
@@ -129,6 +137,143 @@ def _plot_kind(fname: str) -> str:
     return "training"
 
 
+_FAITH_KEYS = (
+    "deletion_auc",
+    "random_deletion_auc",
+    "insertion_auc",
+    "random_insertion_auc",
+    "deletion_gain",
+    "insertion_gain",
+    "deletion_win_rate",
+    "insertion_win_rate",
+    "output_scale",
+)
+_AGREE_KEYS = (
+    "method_a",
+    "method_b",
+    "k",
+    "k_unit",
+    "resolution",
+    "threshold",
+    "mean_topk",
+    "mean_spearman",
+    "mean_sign",
+)
+_REFERENCE_KEYS = (
+    "reference",
+    "reference_description",
+    "reference_exact",
+    "n",
+    "k",
+    "max_abs_error",
+    "max_rel_error",
+    "mean_rel_error",
+    "pearson",
+    "min_pearson",
+    "topk",
+)
+_RANDOMISATION_KEYS = (
+    "method",
+    "n",
+    "randomisation",
+    "threshold",
+    "spearman_signed",
+    "spearman_abs",
+    "input_only_spearman_abs",
+    "passed_signed",
+    "passed_abs",
+    "rule",
+)
+
+
+def _quality_summary(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's view of one model's explanation quality (the explain stage's metrics, without per-row arrays)."""
+    q = m["quality"]
+    primary = m["methods"].get("primary", m["methods"]["shap"])
+    add = q.get("additivity") or {}
+    ref = q.get("reference")
+    return {
+        "primary": primary,
+        "exactness": q.get("exactness", "approximate"),
+        "reference": None if ref is None else {k: ref.get(k) for k in _REFERENCE_KEYS},
+        "additivity_max_abs_error": add.get("max_abs_error"),
+        "additivity_max_rel_error": add.get("max_rel_error"),
+        "faithfulness": {meth: {k: d[k] for k in _FAITH_KEYS} for meth, d in q["deletion_insertion"].items()},
+        "agreement": {
+            pair: {k: a.get(k) for k in _AGREE_KEYS}
+            | {"n_flagged": len(a["flagged"]), "pixel_level": a.get("pixel_level")}
+            for pair, a in q["agreement"].items()
+        },
+        "n_flagged": len(m["flagged"]),
+        "stability": {
+            meth: {k: st[k] for k in ("k", "seeds", "mean", "min")}
+            | {"n_rows": len(st["per_row"]), "resolution": st.get("resolution")}
+            for meth, st in q["stability"].items()
+        },
+        "lime_fidelity": {
+            meth: {
+                k: f.get(k) for k in ("mean_r2", "median_r2", "min_r2", "mean_abs_error_at_row", "max_abs_error_at_row")
+            }
+            for meth, f in q["lime_fidelity"].items()
+        },
+        "randomisation": {k: q["randomisation"][k] for k in _RANDOMISATION_KEYS},
+    }
+
+
+def _quality_caveats(name: str, summary: Mapping[str, Any], m: Mapping[str, Any]) -> list[str]:
+    """Caveats a reader must see for one model's explanations."""
+    caveats = []
+    ref = summary["reference"]
+    if summary["exactness"] == "approximate" and ref is not None:
+        caveats.append(
+            f"{name}: {summary['primary']} values are an approximation of Shapley values: against "
+            f"{ref['reference_description']} on {ref['n']} inputs, the largest error is "
+            f"{number(ref['max_rel_error'], 2)} of the largest reference value (Pearson {number(ref['pearson'], 3)}, "
+            f"top-{ref['k']} overlap {number(ref['topk'], 2)}). Additivity alone does not make them exact."
+        )
+    r = summary["randomisation"]
+    if not r["passed_signed"]:
+        caveats.append(
+            f"{name}: the signed {r['method']} attributions FAIL the model-randomisation check (Spearman "
+            f"{number(r['spearman_signed'], 2)} between trained and re-initialised weights; {r['rule']}): they do "
+            "not depend enough on what the model learned."
+        )
+    if not r["passed_abs"]:
+        caveats.append(
+            f"{name}: rankings by |attribution| FAIL the model-randomisation check (Spearman "
+            f"{number(r['spearman_abs'], 2)} trained vs re-initialised weights; |x - baseline| alone gives "
+            f"{number(r['input_only_spearman_abs'], 2)}): much of every |attribution| ranking (top-k agreement, "
+            "stability) follows the input, not the model. Signed attributions pass."
+            if r["passed_signed"]
+            else ""
+        )
+    for pair, a in summary["agreement"].items():
+        if a["n_flagged"]:
+            caveats.append(
+                f"{name}: {pair} share fewer than {number(a['threshold'], 3)} of their top-{a['k']} {a['k_unit']} "
+                f"(compared at {a['resolution']}) on {a['n_flagged']} of {m['n_explained']} explained inputs "
+                "(listed as flagged disagreements in the report); read those explanations with care."
+            )
+    for meth, f in summary["lime_fidelity"].items():
+        if f["mean_r2"] is not None and f["mean_r2"] < 0.5:
+            caveats.append(
+                f"{name}: {meth}'s local surrogate explains on average only "
+                f"R² = {number(f['mean_r2'], 3)} of the model's local behaviour."
+            )
+    for meth, st in summary["stability"].items():
+        if st["mean"] is not None and st["mean"] < 0.7:
+            caveats.append(
+                f"{name}: {meth}'s top-{st['k']} set changes with its seed (mean Jaccard {number(st['mean'], 3)})."
+            )
+    for meth, d in summary["faithfulness"].items():
+        if d["deletion_gain"] is not None and d["deletion_gain"] <= 0:
+            caveats.append(
+                f"{name}: {meth}'s feature order removes the output no faster "
+                "than a random order (deletion gain ≤ 0): its ranking is not faithful here."
+            )
+    return [c for c in caveats if c]
+
+
 def explanations_section(
     cfg: Config, explain_out: Any, manifest: Mapping[str, Any] | None, variants: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -138,38 +283,7 @@ def explanations_section(
     caveats: list[str] = []
     for name, me in explain_out.models.items():
         m = me.metrics
-        q = m["quality"]
-        shap_m = m["methods"]["shap"]
-        di = q["deletion_insertion"]
-        summary = {
-            "additivity_max_abs_error": q["additivity"]["max_abs_error"],
-            "additivity_max_rel_error": q["additivity"]["max_rel_error"],
-            "faithfulness": {
-                meth: {
-                    k: d[k]
-                    for k in (
-                        "deletion_auc",
-                        "random_deletion_auc",
-                        "insertion_auc",
-                        "random_insertion_auc",
-                        "deletion_gain",
-                        "insertion_gain",
-                        "deletion_win_rate",
-                        "insertion_win_rate",
-                        "output_scale",
-                    )
-                }
-                for meth, d in di.items()
-            },
-            "agreement": {
-                k: q["agreement"][k]
-                for k in ("method_a", "method_b", "k", "threshold", "mean_topk", "mean_spearman", "mean_sign")
-            },
-            "n_flagged": len(m["flagged"]),
-            "lime_stability": {k: q["lime_stability"][k] for k in ("k", "seeds", "mean", "min")}
-            | {"n_rows": len(q["lime_stability"]["per_row"])},
-            "lime_fidelity": {k: q["lime_fidelity"][k] for k in ("mean_r2", "median_r2", "min_r2")},
-        }
+        summary = _quality_summary(m)
         plots = []
         for fname in m["plots"]:
             rel = f"explain/plots/{fname}"
@@ -183,7 +297,7 @@ def explanations_section(
                     "how_to_read": HOW_TO_READ[kind],
                 }
             )
-        importance = m["explanations"][shap_m].get("mean_abs_attribution")
+        importance = m["explanations"][summary["primary"]].get("mean_abs_attribution")
         models[name] = {
             "title": title(name),
             "methods": m["methods"],
@@ -196,34 +310,15 @@ def explanations_section(
             "quality": summary,
             "flagged": m["flagged"][:50],
             "mean_abs_shap": importance,
+            "mean_abs_shap_units": "standardised target units (1 = one standard deviation of the target)"
+            if importance
+            else None,
             "notes": m["notes"],
             "seconds": m["seconds"],
             "plots": plots,
         }
         caveats += [f"{title(name)}: {n}" for n in m["notes"]]
-        if summary["n_flagged"]:
-            caveats.append(
-                f"{title(name)}: SHAP and LIME share fewer than "
-                f"{number(summary['agreement']['threshold'], 3)} of their top-{m['top_k']} features on "
-                f"{summary['n_flagged']} of {m['n_explained']} explained inputs (listed as flagged disagreements "
-                "in the report); read those explanations with care."
-            )
-        if summary["lime_fidelity"]["mean_r2"] is not None and summary["lime_fidelity"]["mean_r2"] < 0.5:
-            caveats.append(
-                f"{title(name)}: LIME's local surrogate explains on average only "
-                f"R² = {number(summary['lime_fidelity']['mean_r2'], 3)} of the model's local behaviour."
-            )
-        if summary["lime_stability"]["mean"] is not None and summary["lime_stability"]["mean"] < 0.7:
-            caveats.append(
-                f"{title(name)}: LIME's top-{m['top_k']} set changes with its seed "
-                f"(mean Jaccard {number(summary['lime_stability']['mean'], 3)})."
-            )
-        for meth, d in summary["faithfulness"].items():
-            if d["deletion_gain"] is not None and d["deletion_gain"] <= 0:
-                caveats.append(
-                    f"{title(name)}: {meth}'s feature order removes the output no faster "
-                    "than a random order (deletion gain ≤ 0): its ranking is not faithful here."
-                )
+        caveats += _quality_caveats(title(name), summary, m)
     caveats += [f"While explaining: {w}" for w in explain_out.summary.get("warnings", [])]
     if cfg.explain.background_split != "public":
         caveats.append(
@@ -346,13 +441,24 @@ def summary_section(content: Mapping[str, Any], explain_out: Any) -> dict[str, A
     bits = []
     for name, e in sorted(ex.items(), key=lambda kv: list(MODELS).index(kv[0]) if kv[0] in MODELS else 99):
         q = e["quality"]
-        shap_m = e["methods"]["shap"]
-        f = q["faithfulness"][shap_m]
+        primary = q["primary"]
+        f = q["faithfulness"][primary]
+        ref = q["reference"]
+        accuracy = (
+            ""
+            if ref is None
+            else f", max error {number(ref['max_rel_error'], 2)} of the largest value vs {ref['reference']}"
+        )
+        agree = "; ".join(
+            f"{pair} top-{a['k']} overlap {number(a['mean_topk'], 2)} at {a['resolution']} ({a['n_flagged']} flagged)"
+            for pair, a in q["agreement"].items()
+        )
+        r = q["randomisation"]
         bits.append(
-            f"{title(name)}: {shap_m} additive to {number(q['additivity_max_abs_error'], 2)}, "
-            f"deletion AUC {number(f['deletion_auc'], 3)} vs {number(f['random_deletion_auc'], 3)} for a random order, "
-            f"SHAP-LIME top-{e['top_k']} overlap {number(q['agreement']['mean_topk'], 2)} "
-            f"({q['n_flagged']} flagged), LIME stability {number(q['lime_stability']['mean'], 2)}"
+            f"{title(name)}: {primary} ({q['exactness']}{accuracy}), "
+            f"deletion AUC {number(f['deletion_auc'], 3)} vs {number(f['random_deletion_auc'], 3)} for a random "
+            f"order (lower is better); {agree}; randomisation check {'passed' if r['passed_signed'] else 'FAILED'} "
+            f"(signed Spearman {number(r['spearman_signed'], 2)})"
         )
     sentence = "; ".join(bits) + f" (explain stage: {number(explain_out.summary.get('seconds', 0.0), 3)} s)."
     n_caveats = len(content["privacy"]["caveats"]) + len(content["explanations"]["caveats"])

@@ -354,6 +354,94 @@ def _privacy(c: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+def _quality_rows(q: Mapping[str, Any]) -> list[list[str]]:
+    """Rows of one model's explanation-quality table: (measure, value, how to read it)."""
+    rows = []
+    ref = q["reference"]
+    if ref is not None:
+        rows.append(
+            [
+                f"{esc(q['primary'])} vs reference ({fmt(ref['n'])} inputs)",
+                f"max error {fmt(ref['max_rel_error'])} of the largest reference value (abs "
+                f"{fmt(ref['max_abs_error'])}), mean relative error {fmt(ref['mean_rel_error'])}, Pearson "
+                f"{fmt(ref['pearson'])}, top-{fmt(ref['k'])} overlap {fmt(ref['topk'])}",
+                f"reference: {esc(ref['reference_description'])}; 0 error = identical values",
+            ]
+        )
+    if q["additivity_max_abs_error"] is not None:
+        rows.append(
+            [
+                "SHAP additivity |base + Σφ − f(x)|",
+                f"max {fmt(q['additivity_max_abs_error'])}, relative {fmt(q['additivity_max_rel_error'])}",
+                "0 means the attributions add up to the output (necessary, not sufficient, for exact values)",
+            ]
+        )
+    r = q["randomisation"]
+    rows.append(
+        [
+            f"model-randomisation check ({fmt(r['n'])} inputs)",
+            f"Spearman trained vs random weights: signed {fmt(r['spearman_signed'])} "
+            f"({'pass' if r['passed_signed'] else 'FAIL'}), |attribution| {fmt(r['spearman_abs'])} "
+            f"({'pass' if r['passed_abs'] else 'FAIL'}); |x − baseline| alone vs |attribution| "
+            f"{fmt(r['input_only_spearman_abs'])}",
+            f"Adebayo et al. 2018; {esc(r['randomisation'])}; {esc(r['rule'])}",
+        ]
+    )
+    for meth, f in q["faithfulness"].items():
+        rows.append(
+            [
+                f"deletion AUC, {esc(meth)}",
+                f"{fmt(f['deletion_auc'])} vs random {fmt(f['random_deletion_auc'])}"
+                f" (beats random on {fmt(100 * f['deletion_win_rate'], 3)}% of rows)",
+                "lower is better; lower than random is faithful",
+            ]
+        )
+        rows.append(
+            [
+                f"insertion AUC, {esc(meth)}",
+                f"{fmt(f['insertion_auc'])} vs random "
+                f"{fmt(f['random_insertion_auc'])} ({fmt(100 * f['insertion_win_rate'], 3)}% of rows)",
+                "higher is better; higher than random is faithful",
+            ]
+        )
+    for pair, a in q["agreement"].items():
+        pixel = a.get("pixel_level")
+        extra = (
+            ""
+            if not pixel
+            else f" (per pixel, top-{fmt(pixel['k'])}: overlap {fmt(pixel['mean_topk'])}, Spearman "
+            f"{fmt(pixel['mean_spearman'])}, {fmt(pixel['n_flagged'])} flagged; not like with like)"
+        )
+        rows.append(
+            [
+                f"agreement {esc(pair)} (top-{fmt(a['k'])} {esc(a['k_unit'])})",
+                f"overlap {fmt(a['mean_topk'])}, Spearman {fmt(a['mean_spearman'])}, sign {fmt(a['mean_sign'])}; "
+                f"{fmt(a['n_flagged'])} flagged{extra}",
+                f"compared at {esc(a['resolution'])}; rows with overlap below {fmt(a['threshold'])} are flagged",
+            ]
+        )
+    for meth, st in q["stability"].items():
+        rows.append(
+            [
+                f"{esc(meth)} stability ({fmt(len(st['seeds']))} seeds, {fmt(st['n_rows'])} rows)",
+                f"mean top-{fmt(st['k'])} Jaccard {fmt(st['mean'])}, min {fmt(st['min'])}",
+                f"1 = the same features every run; compared at {esc(st['resolution'] or 'features')}",
+            ]
+        )
+    for meth, lf in q["lime_fidelity"].items():
+        rows.append(
+            [
+                f"{esc(meth)} local fidelity",
+                f"R² mean {fmt(lf['mean_r2'])}, median {fmt(lf['median_r2'])}, min {fmt(lf['min_r2'])}; "
+                f"surrogate error at the explained input: mean {fmt(lf['mean_abs_error_at_row'])}, max "
+                f"{fmt(lf['max_abs_error_at_row'])}",
+                "R² is in-sample on LIME's perturbations (1 = perfect fit); the error at the explained input is in "
+                "explained-output units (0 = the surrogate reproduces the model there)",
+            ]
+        )
+    return rows
+
+
 def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
     e = c["explanations"]
     parts = [
@@ -366,67 +454,21 @@ def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
         q = m["quality"]
         parts.append(f"<h3>{esc(m['title'])}</h3>")
         bg = m["background"]
+        run = m["methods"].get("run", [m["methods"]["shap"], m["methods"]["lime"]])
         parts.append(
-            f"<p>Methods: SHAP <code>{esc(m['methods']['shap'])}</code>, LIME <code>{esc(m['methods']['lime'])}"
-            f"</code>. Explained output: {esc(m['explained_output'])}. {fmt(m['n_explained'])} "
+            f"<p>Methods: {', '.join(f'<code>{esc(x)}</code>' for x in run)}; primary SHAP method "
+            f"<code>{esc(q['primary'])}</code>: <strong>{esc(q['exactness'])}</strong>. Explained output: "
+            f"{esc(m['explained_output'])}. {fmt(m['n_explained'])} "
             f"{esc(m['explained_split'])} inputs explained against {fmt(bg['size'])} background rows of the "
             f"{esc(bg['split'])} split ({fmt(bg['available'])} available; their source-row indices are recorded "
             f"in {esc(bg['index_recorded_in'])}).</p>"
         )
-        rows = [
-            [
-                "SHAP additivity |base + Σφ − f(x)|",
-                f"max {fmt(q['additivity_max_abs_error'])}, relative {fmt(q['additivity_max_rel_error'])}",
-                "0 means the attributions add up exactly to the output",
-            ]
-        ]
-        for meth, f in q["faithfulness"].items():
-            rows.append(
-                [
-                    f"deletion AUC, {esc(meth)}",
-                    f"{fmt(f['deletion_auc'])} vs random {fmt(f['random_deletion_auc'])}"
-                    f" (beats random on {fmt(100 * f['deletion_win_rate'], 3)}% of rows)",
-                    "lower than random is faithful",
-                ]
-            )
-            rows.append(
-                [
-                    f"insertion AUC, {esc(meth)}",
-                    f"{fmt(f['insertion_auc'])} vs random "
-                    f"{fmt(f['random_insertion_auc'])} ({fmt(100 * f['insertion_win_rate'], 3)}% of rows)",
-                    "higher than random is faithful",
-                ]
-            )
-        a = q["agreement"]
-        rows.append(
-            [
-                f"SHAP–LIME agreement (top-{fmt(a['k'])})",
-                f"overlap {fmt(a['mean_topk'])}, Spearman "
-                f"{fmt(a['mean_spearman'])}, sign {fmt(a['mean_sign'])}; {fmt(q['n_flagged'])} flagged",
-                f"rows with overlap below {fmt(a['threshold'])} are flagged",
-            ]
-        )
-        s = q["lime_stability"]
-        rows.append(
-            [
-                f"LIME stability ({fmt(len(s['seeds']))} seeds, {fmt(s['n_rows'])} rows)",
-                f"mean top-{fmt(s['k'])} Jaccard {fmt(s['mean'])}, min {fmt(s['min'])}",
-                "1 = the same features every run",
-            ]
-        )
-        lf = q["lime_fidelity"]
-        rows.append(
-            [
-                "LIME local fidelity (R² of the surrogate)",
-                f"mean {fmt(lf['mean_r2'])}, median {fmt(lf['median_r2'])}, min {fmt(lf['min_r2'])}",
-                "1 = the linear surrogate fits the model locally",
-            ]
-        )
-        parts.append(table(["quality measure", "value", "meaning"], rows))
+        parts.append(table(["quality measure", "value", "meaning"], _quality_rows(q)))
         if m.get("mean_abs_shap"):
             ranked = sorted(m["mean_abs_shap"].items(), key=lambda kv: -(kv[1] or 0))
             parts.append(
-                "<details><summary>Mean |SHAP| per feature (standardised target units)</summary>"
+                "<details><summary>Mean |SHAP| per feature (standardised target units: 1 = one standard "
+                "deviation of the target)</summary>"
                 + table(["feature", "mean |SHAP|"], [[f"<code>{esc(k)}</code>", fmt(v)] for k, v in ranked])
                 + "</details>"
             )
@@ -441,10 +483,10 @@ def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
             )
         if m["flagged"]:
             parts.append(
-                f"<h4>Flagged disagreements ({fmt(q['n_flagged'])})</h4><p class=small>Rows where SHAP and LIME "
-                "share fewer top features than the threshold; <code>row</code> is the position among the "
-                "explained inputs, <code>source_index</code> the row in the source data.</p>"
-                + records_table(m["flagged"], limit=20)
+                f"<h4>Flagged disagreements ({fmt(q['n_flagged'])})</h4><p class=small>Rows where two methods "
+                "share fewer top features (image cells) than the threshold, at the resolution stated above; "
+                "<code>row</code> is the position among the explained inputs, <code>source_index</code> the row "
+                "in the source data.</p>" + records_table(m["flagged"], limit=20)
             )
         if m["notes"]:
             parts.append(bullet_list(m["notes"]))

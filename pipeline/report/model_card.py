@@ -33,6 +33,84 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _explanation_lines(ex: Mapping[str, Any]) -> list[str]:
+    """The card's explanation paragraph, quality table and mean |SHAP| table."""
+    q = ex["quality"]
+    primary = q["primary"]
+    f = q["faithfulness"].get(primary, {})
+    ref = q["reference"]
+    r = q["randomisation"]
+    run = ex["methods"].get("run", [ex["methods"]["shap"], ex["methods"]["lime"]])
+    out = [
+        f"Explanations ({', '.join(md(x) for x in run)}; {num(ex['n_explained'])} test inputs, backgrounds from "
+        f"the {md(ex['background']['split'])} split). Primary SHAP method {md(primary)}: "
+        f"**{md(q['exactness'])}**.",
+        "",
+    ]
+    rows = []
+    if ref is not None:
+        rows.append(
+            [
+                md(f"{primary} vs reference ({ref['reference_description']}, {ref['n']} inputs)"),
+                md(
+                    f"max error {number(ref['max_rel_error'], 3)} of the largest value, Pearson "
+                    f"{number(ref['pearson'], 4)}, top-{ref['k']} overlap {number(ref['topk'], 3)}"
+                ),
+            ]
+        )
+    if q["additivity_max_abs_error"] is not None:
+        rows.append([md("SHAP additivity error (max |base + sum - output|)"), num(q["additivity_max_abs_error"])])
+    rows.append(
+        [
+            md(f"model-randomisation check ({r['rule']})"),
+            md(
+                f"signed Spearman {number(r['spearman_signed'], 3)} ({'pass' if r['passed_signed'] else 'FAIL'}), "
+                f"|attribution| {number(r['spearman_abs'], 3)} ({'pass' if r['passed_abs'] else 'FAIL'})"
+            ),
+        ]
+    )
+    rows.append(
+        [
+            md("deletion AUC (lower is better)"),
+            md(f"{number(f.get('deletion_auc'), 4)} vs {number(f.get('random_deletion_auc'), 4)} for a random order"),
+        ]
+    )
+    for pair, a in q["agreement"].items():
+        rows.append(
+            [
+                md(f"agreement {pair}, top-{a['k']} {a['k_unit']} at {a['resolution']}"),
+                md(
+                    f"overlap {number(a['mean_topk'], 3)}, Spearman {number(a['mean_spearman'], 3)}, "
+                    f"{a['n_flagged']} inputs flagged"
+                ),
+            ]
+        )
+    for meth, st in q["stability"].items():
+        rows.append([md(f"{meth} stability (top-{st['k']} Jaccard across seeds)"), num(st["mean"])])
+    for meth, lf in q["lime_fidelity"].items():
+        rows.append(
+            [
+                md(f"{meth} fidelity: R² (in-sample); surrogate error at the explained input"),
+                md(
+                    f"{number(lf['mean_r2'], 3)}; mean {number(lf['mean_abs_error_at_row'], 3)}, "
+                    f"max {number(lf['max_abs_error_at_row'], 3)}"
+                ),
+            ]
+        )
+    out += [_table(["explanation check", "value"], rows), ""]
+    if ex.get("mean_abs_shap"):
+        ranked = sorted(ex["mean_abs_shap"].items(), key=lambda kv: -(kv[1] or 0))[:10]
+        out += [
+            f"Mean absolute SHAP value per feature, in {md(ex.get('mean_abs_shap_units') or 'target units')}. "
+            "Feature values are as the dataset provides them (scikit-learn's diabetes features, the default data, "
+            "are already mean-centred and scaled, not clinical units).",
+            "",
+            _table([md("feature"), md("mean |SHAP|")], [[md(k), num(v)] for k, v in ranked]),
+            "",
+        ]
+    return out
+
+
 def render(content: Mapping[str, Any], name: str) -> str:
     """The model card of model ``name`` ("regressor" or "cnn") as Markdown."""
     m = content["models"][name]
@@ -144,21 +222,7 @@ def render(content: Mapping[str, Any], name: str) -> str:
         rec, prec = test.get("per_class_recall", {}), test.get("per_class_precision", {})
         out += [_table(["class", "recall", "precision"], [[md(c), num(rec.get(c)), num(prec.get(c))] for c in rec]), ""]
     if ex:
-        q = ex["quality"]
-        shap_m = ex["methods"]["shap"]
-        f = q["faithfulness"].get(shap_m, {})
-        out += [
-            f"Explanations ({md(shap_m)} and {md(ex['methods']['lime'])}, {num(ex['n_explained'])} test inputs, "
-            f"backgrounds from the {md(ex['background']['split'])} split): SHAP additivity error "
-            f"{num(q['additivity_max_abs_error'])}; deletion AUC {num(f.get('deletion_auc'))} vs "
-            f"{num(f.get('random_deletion_auc'))} for a random order; SHAP-LIME top-{num(ex['top_k'])} overlap "
-            f"{num(q['agreement']['mean_topk'])} ({num(q['n_flagged'])} inputs flagged); LIME stability "
-            f"{num(q['lime_stability']['mean'])}; LIME fidelity R² {num(q['lime_fidelity']['mean_r2'])}.",
-            "",
-        ]
-        if ex.get("mean_abs_shap"):
-            ranked = sorted(ex["mean_abs_shap"].items(), key=lambda kv: -(kv[1] or 0))[:10]
-            out += [_table(["feature", "mean |SHAP|"], [[md(k), num(v)] for k, v in ranked]), ""]
+        out += _explanation_lines(ex)
 
     out += ["## Ethical considerations", ""]
     out += [
