@@ -20,6 +20,10 @@ EXPLAIN = [
     "explain.n_waterfalls=1",
     "explain.n_grid_images=2",
     "explain.background_size=20",
+    "explain.reference_rows=2",
+    "explain.reference_images=1",
+    "explain.reference_nsamples=200",
+    "explain.randomisation_rows=3",
 ]
 DISTILL = [
     "distill.fit.epochs=2",

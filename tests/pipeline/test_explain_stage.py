@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,10 @@ SMALL_EXPLAIN = [
     "explain.deletion_steps=6",
     "explain.n_waterfalls=2",
     "explain.n_grid_images=2",
+    "explain.reference_rows=2",
+    "explain.reference_images=1",
+    "explain.reference_nsamples=200",
+    "explain.randomisation_rows=4",
 ]
 
 
@@ -40,7 +45,11 @@ def test_shap_values_add_up_to_the_model_output(tiny):
     for name, key in ((n, e.dataset) for n, e in MODELS.items()):
         me = result.models[name]
         shap_method = me.metrics["methods"]["shap"]
-        assert shap_method == "shap-deep"  # exact on these nn.ReLU / MaxPool / Linear models; no fallback
+        # The defaults: exact enumeration for 10 features; DeepLIFT (additive, approximate) for 64 pixels, no fallback.
+        assert shap_method == {"regressor": "shap-exact", "cnn": "shap-deep"}[name]
+        assert me.metrics["quality"]["exactness"] == (
+            "exact (enumeration of 2^10 coalitions)" if name == "regressor" else "approximate"
+        )
         expl = me.explanations[shap_method]
         # Recomputed from a fresh model, not read back from the explanation.
         out = make_predict_fn(trained.models[name].build(), task=datasets[key].task)(expl.inputs.astype(np.float32))
@@ -111,16 +120,72 @@ def test_quality_metrics_are_computed_and_in_range(tiny):
     _, _, _, result = tiny
     for name, me in result.models.items():
         q = me.metrics["quality"]
-        assert set(q) == {"additivity", "deletion_insertion", "agreement", "lime_stability", "lime_fidelity"}
+        assert set(q) == {
+            "additivity",
+            "exactness",
+            "reference",
+            "randomisation",
+            "deletion_insertion",
+            "agreement",
+            "stability",
+            "lime_fidelity",
+        }
         assert set(q["deletion_insertion"]) == set(me.explanations)
-        assert 0 <= q["agreement"]["mean_topk"] <= 1 and 0 <= q["lime_stability"]["mean"] <= 1
-        assert len(q["lime_stability"]["seeds"]) == 3 and len(q["lime_stability"]["per_row"]) == 4
-        assert len(me.metrics["flagged"]) == len(q["agreement"]["flagged"])
+        methods = me.metrics["methods"]["run"]
+        assert list(q["agreement"]) == [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1 :]]
+        for a in q["agreement"].values():
+            assert 0 <= a["mean_topk"] <= 1 and a["resolution"]
+        lime = me.metrics["methods"]["lime"]
+        assert 0 <= q["stability"][lime]["mean"] <= 1
+        assert len(q["stability"][lime]["seeds"]) == 3 and len(q["stability"][lime]["per_row"]) == 4
+        assert len(me.metrics["flagged"]) == sum(len(a["flagged"]) for a in q["agreement"].values())
+        r = q["randomisation"]
+        assert (
+            r["n"] == 4 and -1 <= r["spearman_signed"] <= 1 and r["passed_signed"] == (abs(r["spearman_signed"]) < 0.5)
+        )
+        gap = q["lime_fidelity"][lime]["per_row_abs_error_at_row"]
+        assert len(gap) == me.metrics["n_explained"] and min(gap) >= 0
         assert me.metrics["seconds"]["total"] > 0
+    ref = result.models["regressor"].metrics["quality"]["reference"]
+    # shap-exact against shap's KernelExplainer over every coalition: two exact computations agree.
+    assert ref["reference_exact"] and ref["n"] == 2 and ref["max_rel_error"] < 1e-4
+    ref = result.models["cnn"].metrics["quality"]["reference"]
+    assert not ref["reference_exact"] and ref["n"] == 1 and "sampled" in ref["reference_description"]
+    cnn_agree = next(iter(result.models["cnn"].metrics["quality"]["agreement"].values()))
+    assert cnn_agree["k_unit"] == "cells" and "pixel_level" in cnn_agree
     reg_plots = set(result.models["regressor"].plots)
     assert {"regressor_beeswarm.png", "regressor_importance_bar.png", "regressor_deletion_insertion.png"} <= reg_plots
     assert sum("waterfall" in p for p in reg_plots) == 2  # explain.n_waterfalls
     assert "cnn_image_grid.png" in result.models["cnn"].plots
+
+
+def test_image_rows_show_misclassified_first_then_worst_agreement(tiny):
+    _, datasets, _, result = tiny
+    expl = result.models["cnn"].explanations["shap-deep"]
+    truth = np.asarray(datasets["images"].y["test"][: expl.n])
+    agree = SimpleNamespace(topk=tuple(np.linspace(1, 0, expl.n)))  # the last row agrees worst
+    rows, why = explain_stage.image_rows(expl, truth, agree, expl.n)
+    wrong = [i for i in range(expl.n) if expl.targets[i] != truth[i]]
+    assert rows[: len(wrong)] == wrong and all(w == "misclassified" for w in why[: len(wrong)])
+    rest = [i for i in range(expl.n - 1, -1, -1) if i not in wrong]
+    assert rows[len(wrong) :] == rest
+
+
+def test_a_new_method_in_the_list_reaches_every_pair(tiny):
+    cfg, datasets, trained, _ = tiny
+    ecfg = dataclasses.replace(cfg.explain, regressor_methods=("shap-exact", "lime-tabular", "shap-deep"))
+    me = explain_stage.explain_model(
+        "regressor", trained.models["regressor"].build(), datasets["tabular"], ecfg, seed=3
+    )
+    assert set(me.explanations) == {"shap-exact", "lime-tabular", "shap-deep"}
+    assert set(me.metrics["quality"]["agreement"]) == {
+        "shap-exact vs lime-tabular",
+        "shap-exact vs shap-deep",
+        "lime-tabular vs shap-deep",
+    }
+    bad = dataclasses.replace(cfg.explain, regressor_methods=("shap-exact", "shap-tree"))
+    with pytest.raises(ValueError, match="Unknown explainer 'shap-tree'"):
+        explain_stage.explain_model("regressor", trained.models["regressor"].build(), datasets["tabular"], bad, seed=3)
 
 
 def test_dump_and_load_round_trip(tiny):
@@ -128,7 +193,7 @@ def test_dump_and_load_round_trip(tiny):
     files = explain_stage.dump(result)
     assert (
         "explain/metrics.json" in files
-        and "explain/regressor_shap-deep.npz" in files
+        and "explain/regressor_shap-exact.npz" in files
         and "explain/cnn_lime-image.npz" in files
     )
     pngs = [rel for rel in files if rel.endswith(".png")]
