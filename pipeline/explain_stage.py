@@ -207,11 +207,23 @@ def _reference(
 
 
 def _comparison_segments(a: Explanation, b: Explanation) -> tuple[np.ndarray | None, str]:
-    """Segmentation at which two image explanations are compared: the coarser one's (LIME's cells), if any."""
+    """Segmentation at which two image explanations are compared: the coarser one's (LIME's cells), if any.
+
+    The rule: a segment-level explanation (LIME) is constant over each segment, so it is compared with a
+    pixel-level one (SHAP) at the segments, each explanation summed per segment, and top-k counts segments
+    covering the same area as ``explain.top_k_pixels`` pixels. Comparing per pixel would count the resolution
+    difference as disagreement.
+    """
     for e in (a, b):
         seg = e.extras.get("segments") if e.is_image else None
         if seg is not None:
-            return np.asarray(seg), str(e.extras.get("segmentation_description", f"{e.method}'s segments"))
+            seg = np.asarray(seg)
+            if e.extras.get("segmentation") == "grid":
+                side = int(round(np.sqrt(seg[0].size / (int(seg[0].max()) + 1))))
+                where = f"{e.method}'s {side}x{side}-pixel grid cells"
+            else:
+                where = f"{e.method}'s {e.extras.get('segmentation', '')} segments"
+            return seg, f"{where} (each explanation summed per cell)"
     return None, "pixels (channels summed)" if a.is_image else "features"
 
 

@@ -447,7 +447,8 @@ def summary_section(content: Mapping[str, Any], explain_out: Any) -> dict[str, A
         accuracy = (
             ""
             if ref is None
-            else f", max error {number(ref['max_rel_error'], 2)} of the largest value vs {ref['reference']}"
+            else f"; max error {number(ref['max_rel_error'], 2)} of the largest value against {ref['reference']} "
+            f"on {ref['n']} inputs"
         )
         agree = "; ".join(
             f"{pair} top-{a['k']} overlap {number(a['mean_topk'], 2)} at {a['resolution']} ({a['n_flagged']} flagged)"
@@ -455,7 +456,7 @@ def summary_section(content: Mapping[str, Any], explain_out: Any) -> dict[str, A
         )
         r = q["randomisation"]
         bits.append(
-            f"{title(name)}: {primary} ({q['exactness']}{accuracy}), "
+            f"{title(name)}: {primary}, {q['exactness']}{accuracy}; "
             f"deletion AUC {number(f['deletion_auc'], 3)} vs {number(f['random_deletion_auc'], 3)} for a random "
             f"order (lower is better); {agree}; randomisation check {'passed' if r['passed_signed'] else 'FAILED'} "
             f"(signed Spearman {number(r['spearman_signed'], 2)})"

@@ -90,7 +90,7 @@ def _explanation_lines(ex: Mapping[str, Any]) -> list[str]:
     for meth, lf in q["lime_fidelity"].items():
         rows.append(
             [
-                md(f"{meth} fidelity: R² (in-sample); surrogate error at the explained input"),
+                md(f"{meth} fidelity: R² (in-sample); surrogate error at the explained input (explained-output units)"),
                 md(
                     f"{number(lf['mean_r2'], 3)}; mean {number(lf['mean_abs_error_at_row'], 3)}, "
                     f"max {number(lf['max_abs_error_at_row'], 3)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from explain import deletion_insertion, get_explainer, make_predict_fn, plots
@@ -45,6 +46,16 @@ def test_image_grid(cnn, images):
         plots.beeswarm_png(shap_e)
     with pytest.raises(ValueError, match="needs one or more image explanations"):
         plots.image_grid_png([])
+    png = plots.attribution_rows_png(
+        [shap_e, lime_e],
+        rows=[2, 0],
+        baseline=images[10:].mean(axis=0),
+        true_labels=np.array([1, 2, 3]),
+        row_notes=["misclassified", "agreement 0.5"],
+    )
+    assert png.startswith(PNG)
+    with pytest.raises(ValueError, match=r"rows=\[3\] must be non-empty indices in \[0, 2\]"):
+        plots.attribution_rows_png([shap_e], rows=[3], baseline=images[10:].mean(axis=0))
 
 
 def test_beeswarm_is_reproducible_whatever_the_global_rng(tab_expls):

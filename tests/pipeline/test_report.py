@@ -263,3 +263,37 @@ def test_report_runs_standalone_without_a_manifest(hostile_run):
     out = report.run(cfg, inputs, seed=0)
     jsonschema.validate(json.loads(report.dump(out)["report.json"]), report.schema())
     assert out.content["reproducibility"]["artifacts"] == [] and "&lt;script&gt;" in out.html
+
+
+def test_model_cards_render_their_tables_in_standard_markdown(hostile_run):
+    # A CommonMark + GFM-tables parser, not a regex: an unescaped "|" in a header or cell would change the column
+    # count, and a table that does not parse would come out as a paragraph.
+    markdown_it = pytest.importorskip("markdown_it")
+    md = markdown_it.MarkdownIt("commonmark").enable("table")
+    for name in MODELS:
+        text = hostile_run.read(f"model_card_{name}.md").decode()
+        tokens = md.parse(text)
+        tables, i = [], 0
+        while i < len(tokens):
+            if tokens[i].type == "table_open":
+                rows, cells = [], None
+                while tokens[i].type != "table_close":
+                    if tokens[i].type == "tr_open":
+                        cells = []
+                    elif tokens[i].type in ("th_open", "td_open"):
+                        cells.append(tokens[i + 1].content)
+                    elif tokens[i].type == "tr_close":
+                        rows.append(cells)
+                    i += 1
+                tables.append(rows)
+            i += 1
+        n_pipes = sum(line.startswith("|") and line.endswith("|") for line in text.splitlines())
+        assert sum(len(t) for t in tables) + len(tables) == n_pipes, f"{name}: a Markdown table did not parse"
+        for rows in tables:
+            assert len({len(r) for r in rows}) == 1, f"{name}: ragged table {rows}"
+        checks = next(t for t in tables if t[0][0] == "explanation check")
+        assert any("exact" in r[0] or "reference" in r[0] for r in checks[1:])
+        if name == "regressor":
+            shap_table = next(t for t in tables if t[0][1] == "mean |SHAP|")  # the escaped pipes render as pipes
+            assert len(shap_table) == 11 and all(len(r) == 2 for r in shap_table)
+            assert "standardised target units" in text and "already mean-centred and scaled" in text
