@@ -29,7 +29,7 @@ from explain.quality import (
 )
 from explain.reference import ReferenceErrorResult, reference_error
 from explain.registry import ExplainerFn, available_explainers, explain_all, get_explainer
-from explain.sanity import RandomisationResult, model_randomisation, randomised_copy
+from explain.sanity import RandomisationResult, class_randomisation, model_randomisation, randomised_copy
 from explain.types import Explanation, json_safe
 from explain.variants import compare_variants
 
@@ -57,5 +57,6 @@ __all__ = [
     "reference_error",
     "RandomisationResult",
     "model_randomisation",
+    "class_randomisation",
     "randomised_copy",
 ]

@@ -43,6 +43,7 @@ from explain import (
     Explanation,
     additivity_error,
     agreement,
+    class_randomisation,
     deletion_insertion,
     get_explainer,
     make_predict_fn,
@@ -330,6 +331,15 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
         baseline=baseline,
         threshold=ecfg.randomisation_threshold,
     ).to_dict()
+    if sub.targets is not None:
+        quality["class_randomisation"] = class_randomisation(
+            lambda tgt: run_method(primary, x[:m_rand], seed_=derive_seed(seed, primary), targets=tgt),
+            sub,
+            n_classes=int(predict(x[:1]).shape[1]),
+            seed=derive_seed(seed, "randomise-class"),
+            baseline=baseline,
+            threshold=ecfg.randomisation_threshold,
+        ).to_dict()
     timings["randomisation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     faith = {

@@ -217,6 +217,9 @@ def _quality_summary(m: Mapping[str, Any]) -> dict[str, Any]:
             for meth, f in q["lime_fidelity"].items()
         },
         "randomisation": {k: q["randomisation"][k] for k in _RANDOMISATION_KEYS},
+        "class_randomisation": None
+        if q.get("class_randomisation") is None
+        else {k: q["class_randomisation"][k] for k in _RANDOMISATION_KEYS},
     }
 
 
@@ -246,6 +249,13 @@ def _quality_caveats(name: str, summary: Mapping[str, Any], m: Mapping[str, Any]
             "stability) follows the input, not the model. Signed attributions pass."
             if r["passed_signed"]
             else ""
+        )
+    c = summary["class_randomisation"]
+    if c is not None and not c["passed_signed"]:
+        caveats.append(
+            f"{name}: the signed {c['method']} attributions FAIL the class-randomisation check (Spearman "
+            f"{number(c['spearman_signed'], 2)} between the explained class and a random other class; {c['rule']}): "
+            "they change little with the class explained."
         )
     for pair, a in summary["agreement"].items():
         if a["n_flagged"]:

@@ -376,17 +376,19 @@ def _quality_rows(q: Mapping[str, Any]) -> list[list[str]]:
                 "0 means the attributions add up to the output (necessary, not sufficient, for exact values)",
             ]
         )
-    r = q["randomisation"]
-    rows.append(
-        [
-            f"model-randomisation check ({fmt(r['n'])} inputs)",
-            f"Spearman trained vs random weights: signed {fmt(r['spearman_signed'])} "
-            f"({'pass' if r['passed_signed'] else 'FAIL'}), |attribution| {fmt(r['spearman_abs'])} "
-            f"({'pass' if r['passed_abs'] else 'FAIL'}); |x − baseline| alone vs |attribution| "
-            f"{fmt(r['input_only_spearman_abs'])}",
-            f"Adebayo et al. 2018; {esc(r['randomisation'])}; {esc(r['rule'])}",
-        ]
-    )
+    for label, r in (("model-randomisation", q["randomisation"]), ("class-randomisation", q["class_randomisation"])):
+        if r is None:
+            continue
+        rows.append(
+            [
+                f"{label} check ({fmt(r['n'])} inputs)",
+                f"Spearman original vs randomised: signed {fmt(r['spearman_signed'])} "
+                f"({'pass' if r['passed_signed'] else 'FAIL'}), |attribution| {fmt(r['spearman_abs'])} "
+                f"({'pass' if r['passed_abs'] else 'FAIL'}); |x − baseline| alone vs |attribution| "
+                f"{fmt(r['input_only_spearman_abs'])}",
+                f"Adebayo et al. 2018; {esc(r['randomisation'])}; {esc(r['rule'])}",
+            ]
+        )
     for meth, f in q["faithfulness"].items():
         rows.append(
             [

@@ -60,15 +60,19 @@ def _explanation_lines(ex: Mapping[str, Any]) -> list[str]:
         )
     if q["additivity_max_abs_error"] is not None:
         rows.append([md("SHAP additivity error (max |base + sum - output|)"), num(q["additivity_max_abs_error"])])
-    rows.append(
-        [
-            md(f"model-randomisation check ({r['rule']})"),
-            md(
-                f"signed Spearman {number(r['spearman_signed'], 3)} ({'pass' if r['passed_signed'] else 'FAIL'}), "
-                f"|attribution| {number(r['spearman_abs'], 3)} ({'pass' if r['passed_abs'] else 'FAIL'})"
-            ),
-        ]
-    )
+    for label, rr in (("model-randomisation", r), ("class-randomisation", q.get("class_randomisation"))):
+        if rr is None:
+            continue
+        rows.append(
+            [
+                md(f"{label} check ({rr['randomisation']}; {rr['rule']})"),
+                md(
+                    f"signed Spearman {number(rr['spearman_signed'], 3)} "
+                    f"({'pass' if rr['passed_signed'] else 'FAIL'}), |attribution| {number(rr['spearman_abs'], 3)} "
+                    f"({'pass' if rr['passed_abs'] else 'FAIL'})"
+                ),
+            ]
+        )
     rows.append(
         [
             md("deletion AUC (lower is better)"),

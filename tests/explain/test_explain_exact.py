@@ -13,6 +13,7 @@ from torch import nn
 from explain import (
     Explanation,
     agreement,
+    class_randomisation,
     get_explainer,
     grid_segments,
     make_predict_fn,
@@ -119,3 +120,20 @@ def test_agreement_at_cell_resolution_removes_the_resolution_artefact():
     assert cells.mean_topk == 1.0 and cells.mean_spearman == pytest.approx(1.0) and not cells.flagged
     pixels = agreement(a, b, k=8)
     assert pixels.mean_topk < 1.0
+
+
+def test_class_randomisation_explains_another_class_and_states_its_rule(cnn, images):
+    deep = get_explainer("shap-deep")
+    kw = dict(background=images[10:], task="classification", seed=0)
+    trained = deep(cnn, images[:5], **kw)
+    seen = []
+
+    def explain_other(targets):
+        seen.append(targets)
+        return deep(cnn, images[:5], targets=targets, **kw)
+
+    res = class_randomisation(explain_other, trained, n_classes=10, seed=1, baseline=images[10:].mean(axis=0))
+    assert (seen[0] != trained.targets).all() and seen[0].min() >= 0 and seen[0].max() <= 9
+    assert res.passed_signed == (abs(res.spearman_signed) < 0.5) and "other class" in res.randomisation
+    with pytest.raises(ValueError, match="needs a classifier"):
+        class_randomisation(explain_other, trained, n_classes=1, seed=1, baseline=0.0)
