@@ -465,11 +465,17 @@ def summary_section(content: Mapping[str, Any], explain_out: Any) -> dict[str, A
             for pair, a in q["agreement"].items()
         )
         r = q["randomisation"]
+        checks = [("model", r)] + ([("class", q["class_randomisation"])] if q["class_randomisation"] else [])
+        sanity = ", ".join(
+            f"{kind}-randomisation {'passed' if c['passed_signed'] else 'FAILED'} for signed values "
+            f"(Spearman {number(c['spearman_signed'], 2)}) and {'passed' if c['passed_abs'] else 'FAILED'} "
+            f"for |values| ({number(c['spearman_abs'], 2)})"
+            for kind, c in checks
+        )
         bits.append(
             f"{title(name)}: {primary}, {q['exactness']}{accuracy}; "
             f"deletion AUC {number(f['deletion_auc'], 3)} vs {number(f['random_deletion_auc'], 3)} for a random "
-            f"order (lower is better); {agree}; randomisation check {'passed' if r['passed_signed'] else 'FAILED'} "
-            f"(signed Spearman {number(r['spearman_signed'], 2)})"
+            f"order (lower is better); {agree}; sanity checks: {sanity}"
         )
     sentence = "; ".join(bits) + f" (explain stage: {number(explain_out.summary.get('seconds', 0.0), 3)} s)."
     n_caveats = len(content["privacy"]["caveats"]) + len(content["explanations"]["caveats"])
