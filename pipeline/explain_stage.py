@@ -187,7 +187,8 @@ def _reference(
         how = (
             f"shap KernelExplainer, all {2**n_features - 2} non-trivial coalitions (exact)"
             if exact
-            else f"shap KernelExplainer, {opts['nsamples']} sampled coalitions (a sampling estimate, not exact)"
+            else f"shap KernelExplainer, {opts['nsamples'] if primary.is_image else 2 * n_features + 2048} sampled "
+            "coalitions (a sampling estimate, not exact)"
         )
     else:
         method, opts, exact = "shap-exact", {}, True

@@ -468,7 +468,9 @@ class _Explainer:
 
 def _exactness(method: str, err: float | None, units: str) -> str:
     kind = {
-        "shap-deep": "DeepLIFT (shap-deep): exact-additive on these ReLU/Tanh/MaxPool/Linear/Conv models by construction",
+        "shap-exact": "exact interventional Shapley values (shap-exact: every coalition enumerated)",
+        "shap-deep": "DeepLIFT (shap-deep): additive by construction on ReLU/Tanh/MaxPool/Linear/Conv models, but an "
+        "approximation of Shapley values (the run's report gives its measured error)",
         "shap-gradient": "expected gradients (shap-gradient): a sampled estimate, only approximately additive",
         "shap-kernel": "Kernel SHAP: a sampled, regression-based estimate, approximately additive",
     }.get(method, method)
