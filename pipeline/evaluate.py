@@ -1,6 +1,7 @@
 """Stage ``evaluate``: test-set metrics with bootstrap confidence intervals.
 
-Regressor (and its Ridge baseline): RMSE, MAE, R² in the target's original units.
+Regressor (and its Ridge baseline): RMSE, MAE, R² in the target's original units, and
+MAE/RMSE/bias per subgroup of ``sex`` and ``age`` bands where the table has those features.
 CNN: accuracy, macro-F1, per-class recall and precision, confusion matrix.
 """
 
@@ -19,6 +20,9 @@ from core.models import MODELS
 from pipeline.train import TrainOutput
 
 N_BOOTSTRAP = 1000  # resamples for the 95% confidence intervals
+# Features whose groups a regulated reader asks about; each one present in a table gets a subgroup table.
+SUBGROUP_FEATURES = ("sex", "age")
+N_AGE_BANDS = 3  # equal-count bands of a continuous subgroup feature (tertiles of the test split)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # resampled values gathered at once (~32 MiB per float64 array)
@@ -179,8 +183,63 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
 def _metrics(ds: Dataset, split: str, pred: np.ndarray, *, seed: int) -> dict[str, Any]:
     """Metrics of raw model outputs ``pred`` against ``split``'s labels (regression in original units)."""
     if ds.task == "regression":
-        return regression_metrics(ds.target_to_original(ds.y[split]), ds.target_to_original(pred), seed=seed)
+        y, p = ds.target_to_original(ds.y[split]), ds.target_to_original(pred)
+        out = regression_metrics(y, p, seed=seed)
+        groups = subgroup_metrics(ds, split, y, p, seed=seed)
+        if groups:
+            out["subgroups"] = groups
+        return out
     return classification_metrics(ds.y[split], pred, ds.class_names, seed=seed)
+
+
+def subgroup_metrics(ds: Dataset, split: str, y: np.ndarray, pred: np.ndarray, *, seed: int) -> dict[str, Any]:
+    """Error per group of each :data:`SUBGROUP_FEATURES` feature the table has (Fairlearn's MetricFrame idea).
+
+    A feature with at most 5 distinct values is split by value; a continuous one into
+    :data:`N_AGE_BANDS` equal-count bands of the split. Values are in the dataset's units (for
+    scikit-learn's diabetes data: already mean-centred and scaled, so a band is a range of scaled
+    values, not years). Written by hand: a few lines, where Fairlearn would be a new dependency.
+
+    Returns
+    -------
+    dict
+        ``{feature: {"kind", "groups": [{"group", "n", "mae", "mae_ci95", "rmse", "bias"}], "mae_gap"}}``;
+        ``bias`` is mean(prediction - target), ``mae_gap`` the largest minus the smallest group MAE.
+    """
+    names = list(ds.feature_names or [])
+    x_mean = np.asarray(ds.preprocessing.get("x_mean", 0.0), dtype=np.float64)
+    x_std = np.asarray(ds.preprocessing.get("x_std", 1.0), dtype=np.float64)
+    x = np.asarray(ds.x[split], dtype=np.float64) * x_std + x_mean  # dataset units
+    out: dict[str, Any] = {}
+    for feat in (f for f in SUBGROUP_FEATURES if f in names):
+        col = x[:, names.index(feat)]
+        values = np.unique(np.round(col, 6))
+        if len(values) <= 5:
+            kind = "value"
+            masks = [(f"{feat} = {v:.4g}", np.isclose(col, v, atol=1e-6)) for v in values]
+        else:
+            kind = f"{N_AGE_BANDS} equal-count bands"
+            edges = np.quantile(col, np.linspace(0, 1, N_AGE_BANDS + 1))
+            band = np.clip(np.searchsorted(edges, col, side="right") - 1, 0, N_AGE_BANDS - 1)
+            masks = [(f"{feat} in [{edges[b]:.4g}, {edges[b + 1]:.4g}]", band == b) for b in range(N_AGE_BANDS)]
+        groups = []
+        for label, mask in masks:
+            if not mask.any():
+                continue
+            yy, pp = y[mask], pred[mask]
+            groups.append(
+                {
+                    "group": label,
+                    "n": int(mask.sum()),
+                    "mae": float(np.mean(np.abs(yy - pp))),
+                    "mae_ci95": bootstrap_ci(lambda a, b: float(np.mean(np.abs(a - b))), yy, pp, seed=seed),
+                    "rmse": float(np.sqrt(np.mean((yy - pp) ** 2))),
+                    "bias": float(np.mean(pp - yy)),
+                }
+            )
+        maes = [g["mae"] for g in groups]
+        out[feat] = {"kind": kind, "groups": groups, "mae_gap": float(max(maes) - min(maes)) if maes else None}
+    return out
 
 
 def dump(out: Mapping[str, Any]) -> dict[str, bytes]:

@@ -167,13 +167,36 @@ def render(content: Mapping[str, Any], name: str) -> str:
 
     out += ["## Factors", ""]
     if regression:
+        groups = (m["metrics"].get("test") or {}).get("subgroups") or {}
         out += [
             "- Relevant factors are the input features ("
             + ", ".join(f"`{md(f)}`" for f in d.get("feature_names", []))
-            + "). No subgroup analysis was run; where features encode groups (e.g. age or sex), performance per "
-            "group is unknown and should be checked before use.",
+            + ")."
+            + (
+                " Test error per group is below (MAE with a 95% bootstrap CI, in target units; bias = mean of "
+                "prediction minus target). Groups are small: overlapping intervals do not show equal performance."
+                if groups
+                else " No subgroup analysis was run; where features encode groups (e.g. age or sex), performance "
+                "per group is unknown and should be checked before use."
+            ),
             "",
         ]
+        units = (
+            "dataset units: scikit-learn's diabetes features are already mean-centred and scaled, not years or codes"
+            if "load_diabetes" in str(prov.get("source", ""))
+            else "dataset units"
+        )
+        for feat, g in groups.items():
+            out += [
+                f"Test error by `{md(feat)}` ({md(g['kind'])}; {units}). Largest MAE gap between groups: "
+                f"{num(g['mae_gap'])}.",
+                "",
+                _table(
+                    ["group", "n", "MAE [95% CI]", "RMSE", "bias"],
+                    [[md(r["group"]), num(r["n"]), _ci(r, "mae"), num(r["rmse"]), num(r["bias"])] for r in g["groups"]],
+                ),
+                "",
+            ]
     else:
         out += [
             "- Evaluation factor: the class. Per-class recall and precision are reported below; other factors "
