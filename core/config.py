@@ -90,6 +90,7 @@ class DPConfig:
     public_pretrain_epochs: int = (
         60  # epochs of non-private pretraining on the public split before DP-SGD (0 = off), >= 0
     )
+    pretrain_non_private: bool = False  # also pretrain non-DP runs likewise (like-with-like privacy-utility plots)
 
 
 # --- user-level DP (issue 14) ---------------------------------------------------------------

@@ -96,10 +96,13 @@ def public_pretrain(
 
     Public pretraining followed by private fine-tuning is the standard way to make DP-SGD
     useful on small data; the DP guarantee then covers the training split, and the public
-    split, by declaration, has none. Returns the record of what was done, or None.
+    split, by declaration, has none. With ``dp.pretrain_non_private`` a non-DP run is
+    pretrained the same way, so that a DP run and its non-private reference differ only
+    in DP. Returns the record of what was done, or None.
     """
     epochs = cfg.dp.public_pretrain_epochs
-    if not cfg.dp.enabled or epochs == 0 or len(ds.y["public"]) == 0:
+    wanted = cfg.dp.enabled or cfg.dp.pretrain_non_private
+    if not wanted or epochs == 0 or len(ds.y["public"]) == 0:
         return None
     fit = replace(
         getattr(cfg, name).fit, epochs=epochs, batch_size=min(getattr(cfg, name).fit.batch_size, len(ds.y["public"]))
