@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from core.errors import UserError
+from federated.watchdog import alive, all_pids, pids_with_markers
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml with [tool.flwr.app]
@@ -129,19 +130,6 @@ def _tree(root: int) -> list[tuple[int, int]]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purpose
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
@@ -152,7 +140,7 @@ def _wait_dead(pids: list[int], timeout_s: float, reap=None) -> None:
     while time.monotonic() < deadline:
         if reap is not None:
             reap()  # reap our own children so they do not linger as zombies
-        if not any(_alive(p) for p in pids):
+        if not any(alive(p) for p in pids):
             return
         time.sleep(0.1)
 
@@ -176,19 +164,15 @@ def stop_trees(roots: Sequence[int], *, timeout_s: float = 10.0, reap=None) -> N
             _signal(pid, signal.SIGTERM)
         _wait_dead(levels[depth], per_level, reap)
     for pid in targets:
-        if _alive(pid):
+        if alive(pid):
             _signal(pid, signal.SIGKILL)
     _wait_dead(targets, 5.0, reap)  # SIGKILL is not instantaneous either
     # Processes spawned while we were stopping (Ray restarts workers) are no longer below a
     # root, but they are still in one of the tree's sessions (never our own session).
-    stragglers = [pid for pid in _all_pids() if pid != os.getpid() and _session(pid) in sessions and _alive(pid)]
+    stragglers = [pid for pid in all_pids() if pid != os.getpid() and _session(pid) in sessions and alive(pid)]
     for pid in stragglers:
         _signal(pid, signal.SIGKILL)
     _wait_dead(stragglers, 5.0, reap)
-
-
-def _all_pids() -> list[int]:
-    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()] if Path("/proc").is_dir() else []
 
 
 def _session(pid: int) -> int | None:
@@ -277,18 +261,7 @@ def _die_with_parent() -> None:
 
 def pids_with_token(token: str) -> list[int]:
     """Live processes (other than this one) whose environment carries ``AUDITABLE_FED_RUN=<token>``."""
-    want = f"{RUN_TOKEN_VAR}={token}".encode()
-    found = []
-    for pid in _all_pids():
-        if pid == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if want in environ and _alive(pid):
-            found.append(pid)
-    return found
+    return pids_with_markers([f"{RUN_TOKEN_VAR}={token}"])
 
 
 class Processes:
@@ -301,6 +274,10 @@ class Processes:
     def __init__(self, log_dir: Path, env: dict[str, str]):
         self.token = uuid.uuid4().hex
         self.log_dir, self.env = log_dir, {**env, RUN_TOKEN_VAR: self.token}
+        # Ray starts some agents without our token but with these per-run folders in their environment.
+        self.markers = [f"{RUN_TOKEN_VAR}={self.token}"] + [
+            f"{k}={env[k]}" for k in ("FLWR_HOME", "RAY_TMPDIR") if k in env
+        ]
         self.procs: dict[str, subprocess.Popen] = {}
         self.watchdog: subprocess.Popen | None = None
         self.memory = TreeMemory()
@@ -311,7 +288,7 @@ class Processes:
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
         with (self.log_dir / "watchdog.log").open("ab") as out:
             self.watchdog = subprocess.Popen(
-                [sys.executable, "-m", "federated.watchdog", str(os.getpid()), self.token],
+                [sys.executable, "-m", "federated.watchdog", str(os.getpid()), *self.markers],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -355,7 +332,7 @@ class Processes:
                 proc.wait(timeout=5)
         # Whatever carries the run token but was not below a root any more (re-parented, restarted by Ray).
         for _ in range(3):
-            stragglers = pids_with_token(self.token)
+            stragglers = pids_with_markers(self.markers)
             if not stragglers:
                 break
             for pid in stragglers:

@@ -13,11 +13,12 @@ Every process started here is stopped on the way out, also on failure and Ctrl-C
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from core import models, privacy
 from core.artifacts import atomic_write
@@ -132,6 +133,23 @@ def _preflight(task: Task) -> None:
             log.warning("%s: %s", task.name, note)
 
 
+# Ray puts Unix sockets at <RAY_TMPDIR>/ray/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store, and a
+# socket path may not exceed 107 bytes: a deep TMPDIR crashes the simulation ("Simulation Runtime crashed").
+RAY_SOCKET_SUFFIX = len("/ray/session_2026-11-28_18-15-21_485616_4194304/sockets/plasma_store")
+AF_UNIX_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def _ray_tmp(work: Path) -> Iterator[Path]:
+    """Ray's session folder: inside the work folder when its socket paths fit, else a short one under /tmp."""
+    inside = work / "ray"
+    if len(str(inside)) + RAY_SOCKET_SUFFIX <= AF_UNIX_PATH_MAX:
+        yield inside
+        return
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as short:
+        yield Path(short)
+
+
 def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, on_poll=None) -> None:
     """Run this repo as a Flower app on a private simulation SuperLink; return when the run has ended.
 
@@ -146,9 +164,12 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
     launcher.write_connection(flwr_home, CONNECTION, address=f"127.0.0.1:{port}")
     rc_path = work / "run_config.toml"
     rc_path.write_text(run_config_toml(overrides))
-    env = launcher.flower_env(flwr_home, ray_tmp=work / "ray")
     model = str(run_config["app.model"])
-    with launcher.sigterm_as_exit(), launcher.Processes(work / "logs", env) as procs:
+    with (
+        _ray_tmp(work) as ray_tmp,
+        launcher.sigterm_as_exit(),
+        launcher.Processes(work / "logs", launcher.flower_env(flwr_home, ray_tmp=ray_tmp)) as procs,
+    ):
         superlink = procs.start(
             "superlink",
             [

@@ -1,10 +1,12 @@
-"""``python -m federated.watchdog PARENT_PID TOKEN``: end a federated run whose parent died abruptly.
+"""``python -m federated.watchdog PARENT_PID MARKER...``: end a federated run whose parent died abruptly.
 
 Started by :class:`federated.launcher.Processes` in a session of its own. It polls
 ``PARENT_PID`` every :data:`POLL_S` seconds; once that process is gone (``kill -9``,
-OOM killer: no ``finally`` ran), it SIGKILLs every process whose environment carries
-``AUDITABLE_FED_RUN=TOKEN`` (SuperLink, ``flwr-simulation``, Ray's raylet and workers,
-SuperNodes, ClientApps), repeating until none has been seen for a while, then exits.
+OOM killer: no ``finally`` ran), it SIGKILLs every process whose environment carries one
+of the run's markers (``AUDITABLE_FED_RUN=<token>``, and the run's own ``FLWR_HOME`` and
+``RAY_TMPDIR``: Ray starts some agents without our token but with those) — SuperLink,
+``flwr-simulation``, Ray's raylet, agents and workers, SuperNodes, ClientApps —
+repeating until none has been seen for a while, then exits.
 On a normal exit the parent stops the processes itself and kills this watchdog.
 Kept free of heavy imports: it must start in a fraction of a second.
 """
@@ -15,6 +17,8 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
+from typing import Sequence
 
 POLL_S = 0.2  # how often the parent is checked, seconds
 QUIET_S = 3.0  # stop sweeping after this long without finding a process of the run
@@ -37,13 +41,46 @@ def _parent_alive(pid: int, original_ppid: int) -> bool:
         return False
 
 
-def sweep(token: str) -> int:
-    """SIGKILL every process of the run until none has been seen for QUIET_S seconds; return how many were killed."""
-    from federated.launcher import pids_with_token
+def all_pids() -> list[int]:
+    """Every process id (Linux ``/proc``; empty elsewhere)."""
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()] if Path("/proc").is_dir() else []
 
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def pids_with_markers(markers: Sequence[str]) -> list[int]:
+    """Live processes (other than this one) whose environment holds any of ``markers`` (``NAME=value``)."""
+    wanted = {m.encode() for m in markers}
+    found = []
+    for pid in all_pids():
+        if pid == os.getpid():
+            continue
+        try:
+            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if environ & wanted and alive(pid):
+            found.append(pid)
+    return found
+
+
+def sweep(markers: Sequence[str]) -> int:
+    """SIGKILL every process of the run until none has been seen for QUIET_S seconds; return how many were killed."""
     killed, quiet_since, deadline = set(), time.monotonic(), time.monotonic() + MAX_SWEEP_S
     while time.monotonic() < deadline and time.monotonic() - quiet_since < QUIET_S:
-        pids = pids_with_token(token)
+        pids = pids_with_markers(markers)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -57,12 +94,12 @@ def sweep(token: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parent, token = int(argv[0]), argv[1]
+    parent, markers = int(argv[0]), argv[1:]
     original_ppid = os.getppid()
     while _parent_alive(parent, original_ppid):
         time.sleep(POLL_S)
-    n = sweep(token)
-    print(f"watchdog: parent {parent} died; killed {n} process(es) of run {token}", flush=True)
+    n = sweep(markers)
+    print(f"watchdog: parent {parent} died; killed {n} process(es) of run {markers[0]}", flush=True)
     return 0
 
 

@@ -24,7 +24,7 @@ TINY = [
 
 def _flower_processes() -> set[int]:
     mine = set(launcher.descendants(os.getpid()))
-    return {pid for pid in mine if launcher._alive(pid)}
+    return {pid for pid in mine if launcher.alive(pid)}
 
 
 @pytest.mark.slow
@@ -99,7 +99,7 @@ def _processes_mentioning(text: str) -> list[tuple[int, str]]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if (needle in cmdline or needle in environ) and launcher._alive(int(entry.name)):
+        if (needle in cmdline or needle in environ) and launcher.alive(int(entry.name)):
             found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]))
     return found
 

@@ -8,7 +8,7 @@ from federated import launcher
 
 
 def _alive(pid):
-    return launcher._alive(pid)
+    return launcher.alive(pid)
 
 
 def test_stop_ends_a_process_and_the_children_it_spawned(tmp_path):
