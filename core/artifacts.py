@@ -45,7 +45,8 @@ def read_json(data: bytes) -> Any:
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """Encode named arrays as an uncompressed .npz archive."""
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    named: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}  # Any: the stub types **kw as allow_pickle
+    np.savez(buf, **named)
     return buf.getvalue()
 
 

@@ -34,7 +34,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class FitConfig:
     epochs: int = 30  # passes over the training split, >= 1
-    batch_size: int = 32  # rows per batch (under DP: expected batch size of Poisson sampling), >= 1
+    batch_size: int = 32  # rows per batch, >= 1; under DP: Poisson rate q = 1/ceil(n/B), expected batch n/ceil(n/B)
     lr: float = 1e-3  # learning rate, > 0
     optimizer: Literal["adam", "sgd"] = "adam"  # torch optimizer
     momentum: float = 0.9  # SGD momentum, [0, 1)
@@ -83,7 +83,9 @@ class DPConfig:
     delta: float = 1e-5  # delta, in (0, 1); keep it well below 1/n_train
     noise_multiplier: float = 0.0  # sigma; 0 = derive it from target_epsilon (refused if it would overspend)
     accountant: Literal["prv", "rdp", "gdp"] = "prv"  # Opacus accountant
-    secure_mode: bool = False  # cryptographically secure noise (not seedable; needs torchcsprng)
+    reproducible_noise: bool = (
+        False  # seed DP sampling and noise from the run seed: DP then holds only while it is secret
+    )
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = (
         "ghost"  # Opacus clipping engine; ghost = norms without per-sample gradients (fastest CNN: bench_dp_engines)
     )

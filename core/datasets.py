@@ -215,7 +215,9 @@ def _load_image_folder(root: Path) -> RawImages:
         raise DataError(
             f"image folder {str(root)!r} has no class sub-folders; put each class's images in root/<class>/"
         )
-    images, labels, digest = [], [], hashlib.sha256()
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    digest = hashlib.sha256()
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         for file in files:

@@ -47,7 +47,7 @@ def use_ghost(layer: nn.Conv2d, out_positions: int) -> bool:
 
 def conv2d_norm_sample(
     layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
+) -> dict[torch.Tensor, torch.Tensor]:
     """Per-sample gradient norms of a ``Conv2d``'s weight and bias, shape (B,) each.
 
     Parameters
@@ -64,7 +64,7 @@ def conv2d_norm_sample(
     """
     x = activations[0].to(backprops.dtype)  # (B, C_in, H, W)
     n = x.shape[0]
-    ret: dict[nn.Parameter, torch.Tensor] = {}
+    ret: dict[torch.Tensor, torch.Tensor] = {}
     if n == 0:
         for p in (layer.weight, layer.bias):
             if p is not None and p.requires_grad:

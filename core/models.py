@@ -9,7 +9,7 @@ JSON-safe spec, so weights can be reloaded without unpickling any code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -68,7 +68,7 @@ def build_cnn(
     return nn.Sequential(*layers)
 
 
-BUILDERS = {"regressor": build_regressor, "cnn": build_cnn}
+BUILDERS: dict[str, Callable[..., nn.Sequential]] = {"regressor": build_regressor, "cnn": build_cnn}
 
 
 def build(spec: Mapping[str, Any]) -> nn.Sequential:

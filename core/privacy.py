@@ -7,24 +7,33 @@ accountants). What this module adds is the bookkeeping auditors need:
   (every epoch, round and resume), so ε is never a per-round figure;
 - the accountant's history (σ, sample rate, steps) travels with checkpoints and
   federated client state and is restored before training continues, so ε only grows;
-- a run whose planned training would exceed the budget is refused before it starts.
+- a run whose planned training would exceed the budget is refused before it starts;
+- the randomness the guarantee rests on (Poisson sampling, Gaussian noise) comes by default
+  from generators seeded by the OS's CSPRNG, whose seeds and states are never recorded
+  (:func:`dp_generators`); ``dp.reproducible_noise`` is the explicit, recorded opt-out.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
-from core import ghost_conv  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
+from core import (
+    ghost_conv,  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
+    seeds,
+)
 from core.config import DPConfig
 from core.errors import PrivacyBudgetError
 
 History = list[tuple[float, float, int]]  # Opacus accountant history: (noise_multiplier, sample_rate, steps)
+HistoryLike = Sequence[tuple[float, float, int]]  # any read-only history (a list, a tuple, ())
+NoiseSource = Literal["os-csprng", "seeded"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,7 @@ class PrivacyPlan:
     target_epsilon: float  # the budget
     planned_epsilon: float  # ε after this call, including everything spent before
     accountant: str  # "prv", "rdp" or "gdp"
-    secure_mode: bool
+    noise_source: NoiseSource  # "os-csprng": secret seeds, never recorded; "seeded": dp.reproducible_noise
 
 
 def steps_per_epoch(n_samples: int, batch_size: int) -> int:
@@ -93,7 +102,7 @@ def plan(
     max_grad_norm: float,
     epochs: int,
     total_epochs: int | None = None,
-    history: History = (),
+    history: HistoryLike = (),
 ) -> PrivacyPlan:
     """Plan a DP-SGD call and refuse it if it would overspend the budget.
 
@@ -154,8 +163,47 @@ def plan(
         target_epsilon=dp.target_epsilon,
         planned_epsilon=planned,
         accountant=dp.accountant,
-        secure_mode=dp.secure_mode,
+        noise_source=noise_source(dp),
     )
+
+
+def noise_source(dp: DPConfig) -> NoiseSource:
+    """Where DP-SGD's sampling and noise randomness comes from under ``dp``."""
+    return "seeded" if dp.reproducible_noise else "os-csprng"
+
+
+def dp_generators(
+    dp: DPConfig, *, seed: int, noise_device: torch.device | str
+) -> tuple[torch.Generator, torch.Generator]:
+    """The (Poisson sampling, Gaussian noise) generators of one DP-SGD training call.
+
+    By default both are seeded with 64 bits from the OS's CSPRNG that are never returned,
+    logged or checkpointed: an adversary holding the whole run directory (the root seed
+    included) cannot replay the noise. Residual: torch's generators are PRNGs (Mersenne
+    Twister on CPU, Philox on CUDA), not CSPRNGs; their secret 64-bit seed is what the
+    adversary would have to guess, and none of their raw output is released. Opacus'
+    own CSPRNG route (``secure_mode``) needs torchcsprng, which is unmaintained and not
+    installable here.
+
+    With ``dp.reproducible_noise`` both derive from ``seed`` (:func:`core.seeds.dp_seed`),
+    which the run records: the guarantee then holds only while that seed stays secret.
+
+    Parameters
+    ----------
+    dp : privacy settings (``reproducible_noise``).
+    seed : the training call's recorded seed (used only with ``reproducible_noise``).
+    noise_device : the device of the parameters the noise is added to; sampling stays on the CPU.
+
+    Returns
+    -------
+    (sampling generator on the CPU, noise generator on ``noise_device``)
+    """
+    if dp.reproducible_noise:
+        return (
+            seeds.make_generator("cpu", seeds.dp_seed(seed, "sampling")),
+            seeds.make_generator(noise_device, seeds.dp_seed(seed, "noise")),
+        )
+    return seeds.make_generator("cpu"), seeds.make_generator(noise_device)
 
 
 @dataclass
@@ -167,9 +215,11 @@ class PrivateTraining:
     loader: Any  # opacus DPDataLoader
     engine: Any  # opacus PrivacyEngine
     plan: PrivacyPlan
+    sampling_generator: torch.Generator  # Poisson sampling (CPU); secret unless plan.noise_source == "seeded"
+    noise_generator: torch.Generator  # Gaussian noise (parameters' device); same secrecy
     criterion: Any = None  # ghost mode: Opacus' DPLossFastGradientClipping, the loss the loop must use
 
-    def batches(self, x: torch.Tensor, y: torch.Tensor):
+    def batches(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of Poisson-sampled ``(x, y)`` batches, drawn by Opacus' sampler.
 
         Indexing the tensors directly instead of iterating the DataLoader skips its per-record
@@ -187,6 +237,10 @@ class PrivateTraining:
         """ε spent so far at the plan's δ."""
         return epsilon_of(self.history(), delta=self.plan.delta, accountant=self.plan.accountant)
 
+    def close(self) -> None:
+        """Detach Opacus' hooks so the module is plain again (explainers fail on hooked modules)."""
+        getattr(self.model, "_close")()
+
 
 def make_private(
     model: nn.Module,
@@ -194,24 +248,48 @@ def make_private(
     dataset: torch.utils.data.Dataset,
     *,
     plan: PrivacyPlan,
-    history: History = (),
-    generator: torch.Generator | None = None,
+    history: HistoryLike = (),
+    sampling_generator: torch.Generator,
+    noise_generator: torch.Generator,
     grad_sample_mode: str = "hooks",
     criterion: nn.Module | None = None,
 ) -> PrivateTraining:
     """Wrap a model, optimizer and dataset for DP-SGD with Poisson sampling, restoring ``history``.
 
-    ``generator`` seeds both the Poisson sampling and the noise (ignored in secure mode,
-    whose noise cannot be seeded). With ``grad_sample_mode="ghost"`` (ghost clipping), the
-    training loss must be computed with the returned ``criterion`` (a wrap of ``criterion``,
-    which must accept ``reduction="none"``): its ``backward`` runs the two passes that clip.
+    Parameters
+    ----------
+    model, optimizer : the plain module (its parameters already on the training device) and its optimizer.
+    dataset : the training records (one record = one unit of privacy).
+    plan : from :func:`plan`.
+    history : accountant history already spent; the new engine's accountant continues it.
+    sampling_generator : CPU generator of the Poisson sampling (from :func:`dp_generators`).
+    noise_generator : generator of the Gaussian noise, on the parameters' device (from :func:`dp_generators`).
+    grad_sample_mode : Opacus' per-sample gradient engine. With ``"ghost"`` (ghost clipping), the
+        training loss must be computed with the returned ``criterion`` (a wrap of ``criterion``,
+        which must accept ``reduction="none"``): its ``backward`` runs the two passes that clip.
+    criterion : the training loss (ghost mode only; default cross-entropy).
+
+    Raises
+    ------
+    ValueError
+        If ``noise_generator`` is not on the device of ``model``'s parameters.
     """
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
 
-    engine = PrivacyEngine(accountant=plan.accountant, secure_mode=plan.secure_mode)
+    device = next(model.parameters()).device
+    if noise_generator.device.type != device.type:
+        raise ValueError(
+            f"the noise generator is on {noise_generator.device} but the parameters are on {device}; "
+            "create it with core.seeds.make_generator(<parameters' device>)"
+        )
+    with warnings.catch_warnings():
+        # Opacus warns that its torchcsprng route (secure_mode) is off; our noise comes instead from
+        # generators seeded by the OS's CSPRNG (dp_generators), and the report says which source was used.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=plan.accountant, secure_mode=False)
     engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})
-    loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=None if plan.secure_mode else generator)
+    loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=sampling_generator)
     ghost = {"criterion": criterion or nn.CrossEntropyLoss()} if grad_sample_mode == "ghost" else {}
     wrapped = engine.make_private(
         module=model,
@@ -220,17 +298,23 @@ def make_private(
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         poisson_sampling=False,  # the loader above already samples (Poisson) with our generator
-        noise_generator=None if plan.secure_mode else generator,
+        noise_generator=noise_generator,
         grad_sample_mode=grad_sample_mode,
         **ghost,
     )
     priv_model, priv_opt, *priv_criterion, priv_loader = wrapped  # ghost mode also returns the criterion
+    # Floating-point-safe noise (Opacus' _generate_noise: sum of 4 Gaussians / 2, after Holohan et al.):
+    # in DPOptimizer ``secure_mode`` selects only this noise recipe; the engine keeps secure_mode=False,
+    # which is what would import torchcsprng. Same N(0, σ²C²) distribution, so accounting is unchanged.
+    priv_opt.secure_mode = True
     return PrivateTraining(
         model=priv_model,
         optimizer=priv_opt,
         loader=priv_loader,
         engine=engine,
         plan=plan,
+        sampling_generator=sampling_generator,
+        noise_generator=noise_generator,
         criterion=priv_criterion[0] if priv_criterion else None,
     )
 
@@ -244,7 +328,7 @@ def noise_only_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     for p in unwrap(model).parameters():
         if p.requires_grad:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            setattr(p, "grad_sample", torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device))  # (0, *shape)
             p.grad = torch.zeros_like(p)  # ghost mode's optimizer sums p.grad; the others overwrite it
     optimizer.step()
 
@@ -260,7 +344,7 @@ def unwrap_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix("_module."): v.detach().to("cpu").clone() for k, v in state.items()}
 
 
-def privacy_record(plan: PrivacyPlan, history: History) -> dict[str, Any]:
+def privacy_record(plan: PrivacyPlan, history: HistoryLike) -> dict[str, Any]:
     """The JSON record of a DP training that reaches the report: every number that defines ε."""
     import opacus
 
@@ -273,5 +357,5 @@ def privacy_record(plan: PrivacyPlan, history: History) -> dict[str, Any]:
         "opacus_version": opacus.__version__,
         "mechanism": "DP-SGD (Gaussian mechanism, Poisson subsampling, per-sample clipping)",
         "unit_of_privacy": "one training record (sample-level DP)",
-        "noise_seeded": not plan.secure_mode,
+        "floating_point_safe_noise": True,
     }

@@ -1,7 +1,9 @@
-"""The one training core: device choice, batching, one epoch, evaluation, early stopping, fit.
+"""The one training core: :func:`fit`, in parts (resume, DP setup, epoch loop, early stopping, checkpoints).
 
-Central training and the Flower ClientApp both call :func:`fit`; nothing here
-imports Flower. Differential privacy enters only through :mod:`core.privacy`.
+Central training, the Flower ClientApp, distillation and public pretraining all call
+:func:`fit`; nothing here imports Flower. Differential privacy enters only through
+:mod:`core.privacy`. The per-epoch primitives live in :mod:`core.epoch` and are
+re-exported here (``training.predict``, ``training.evaluate``, ...).
 """
 
 from __future__ import annotations
@@ -12,142 +14,46 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from core import privacy
+from core import privacy, seeds
 from core.config import DPConfig, FitConfig
-from core.errors import ConfigError
+from core.epoch import (
+    add_proximal_term,
+    evaluate,
+    loss_fn,
+    make_optimizer,
+    predict,
+    progress_bar,
+    random_shift,
+    resolve_device,
+    shuffled_batches,
+    train_one_epoch,
+)
+from core.privacy import History, HistoryLike
+
+__all__ = [  # the training core's public names, the re-exported primitives of core.epoch included
+    "Checkpoint",
+    "EarlyStopping",
+    "TrainingResult",
+    "checkpoint_bytes",
+    "evaluate",
+    "fit",
+    "loss_fn",
+    "make_optimizer",
+    "predict",
+    "random_shift",
+    "read_checkpoint",
+    "resolve_device",
+    "shuffled_batches",
+    "train_one_epoch",
+]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str = "auto", *, num_threads: int = 1) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; also sets the CPU thread count.
-
-    Raises
-    ------
-    ConfigError
-        If ``cuda`` is asked for on a machine without a usable CUDA device.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device='cuda' but no CUDA device is available; use --device auto or cpu")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device={name!r} is not valid; choose one of: auto, cpu, cuda")
-    # One thread per process is fastest for these small models (measured: see PLATFORM.md).
-    torch.set_num_threads(num_threads)
-    return torch.device(name)
-
-
-def loss_fn(task: str) -> nn.Module:
-    """MSE for regression (on the (N,) output), cross-entropy for classification."""
-    return nn.MSELoss() if task == "regression" else nn.CrossEntropyLoss()
-
-
-def _output(model: nn.Module, xb: torch.Tensor, task: str) -> torch.Tensor:
-    out = model(xb)
-    return out.squeeze(-1) if task == "regression" else out  # (B,) or (B, K)
-
-
-def make_optimizer(model: nn.Module, fit: FitConfig) -> torch.optim.Optimizer:
-    """The optimizer ``fit`` names."""
-    if fit.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=fit.lr, momentum=fit.momentum, weight_decay=fit.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
-
-
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches of one shuffled epoch (no DataLoader: it dominates the cost of these tiny models)."""
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
-
-
-def random_shift(xb: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image of ``xb`` (B, C, H, W) by its own random offset in [-max_shift, max_shift].
-
-    Uncovered pixels take the image's own minimum (the background of standardised digits).
-
-    A per-record transformation: under DP it touches only the record it augments, so the
-    guarantee is unchanged.
-    """
-    if max_shift <= 0 or len(xb) == 0:
-        return xb
-    b, _, h, w = xb.shape
-    floor = xb.amin(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-    padded = nn.functional.pad(xb - floor, (max_shift,) * 4) + floor  # (B, C, H+2s, W+2s)
-    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(xb.device)
-    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(xb.device)
-    rows = (dy[:, None] + torch.arange(h, device=xb.device))[:, None, :, None].expand(
-        b, xb.shape[1], h, w + 2 * max_shift
-    )
-    out = padded.gather(2, rows)  # (B, C, H, W+2s)
-    cols = (dx[:, None] + torch.arange(w, device=xb.device))[:, None, None, :].expand(b, xb.shape[1], h, w)
-    return out.gather(3, cols)  # (B, C, H, W)
-
-
-def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Any,
-    *,
-    task: str,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    criterion: nn.Module | None = None,
-) -> float:
-    """One pass over ``batches`` (an iterable of ``(x, y)`` tensors on the model's device).
-
-    Returns the mean training loss. An empty batch (only possible under Poisson sampling) still
-    takes its noise-only step (:func:`core.privacy.noise_only_step`), as DP-SGD's analysis assumes.
-    """
-    model.train()
-    criterion = criterion or loss_fn(task)
-    total, count = 0.0, 0
-    for xb, yb in batches:
-        if len(xb) == 0:
-            privacy.noise_only_step(model, optimizer)
-            continue
-        if transform is not None:
-            xb = transform(xb)
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(_output(model, xb, task), yb)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(xb)
-        count += len(xb)
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module, x: np.ndarray | torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 1024
-) -> np.ndarray:
-    """Model outputs for ``x``: (N,) for a regressor, (N, K) logits for a classifier."""
-    model.eval()
-    xt = torch.as_tensor(x, dtype=torch.float32)
-    outs = [model(xt[i : i + batch_size].to(device)).cpu() for i in range(0, len(xt), batch_size)]
-    out = torch.cat(outs) if outs else torch.empty(0)
-    return (out.squeeze(-1) if out.ndim == 2 and out.shape[1] == 1 else out).numpy()
-
-
-def evaluate(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, *, task: str, device: torch.device | str = "cpu"
-) -> dict[str, float]:
-    """Loss and headline metric (R² on the scale trained on, or accuracy) on one split."""
-    out = predict(model, x, device=device)
-    if task == "regression":
-        y = np.asarray(y, dtype=np.float64)
-        mse = float(np.mean((out - y) ** 2))
-        var = float(np.var(y))
-        return {"loss": mse, "r2": 1.0 - mse / var if var > 0 else float("nan")}
-    logits = torch.as_tensor(out)
-    loss = float(nn.functional.cross_entropy(logits, torch.as_tensor(y, dtype=torch.long)))
-    return {"loss": loss, "accuracy": float((out.argmax(axis=1) == y).mean())}
 
 
 @dataclass
@@ -161,7 +67,7 @@ class TrainingResult:
     seconds: float
     n_train: int
     privacy: dict[str, Any] | None = None  # core.privacy.privacy_record when trained with DP
-    accountant_history: privacy.History = field(default_factory=list)
+    accountant_history: History = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe view (without the weights)."""
@@ -179,18 +85,26 @@ class TrainingResult:
 
 @dataclass
 class Checkpoint:
-    """Training state after an epoch: enough to resume with the same weights, optimizer and ε history."""
+    """Training state after an epoch: enough to resume with the same weights, optimizer and ε history.
+
+    It never holds the secret state of DP-SGD's sampling and noise generators (see
+    :func:`core.privacy.dp_generators`): a DP run resumed from it draws fresh CSPRNG-seeded
+    randomness, which DP-SGD's analysis allows (each step's noise need only be independent and
+    unknown to the adversary); the accountant history carries over, so ε still counts every step.
+    """
 
     epoch: int
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    accountant_history: privacy.History
+    accountant_history: History
     history: list[dict[str, float]]
-    generator_state: torch.Tensor
+    generator_state: torch.Tensor  # batch order and augmentation: seeded from the recorded seed, not secret
     best_state: dict[str, torch.Tensor] | None = None
     best_epoch: int = 0
     best_loss: float = float("inf")
     done: bool = False  # training finished (last epoch or early stop): resuming trains no further
+    # (sampling, noise) generator states, only under dp.reproducible_noise (derived from the recorded seed anyway)
+    dp_generator_states: list[torch.Tensor] | None = None
 
 
 def checkpoint_bytes(ck: Checkpoint) -> bytes:
@@ -205,6 +119,122 @@ def read_checkpoint(data: bytes) -> Checkpoint:
     state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     state["accountant_history"] = [tuple(h) for h in state["accountant_history"]]
     return Checkpoint(**state)
+
+
+@dataclass
+class EarlyStopping:
+    """Keep the weights of the lowest validation loss; stop after ``patience`` epochs without a new low.
+
+    ``patience = 0`` turns it off (and :func:`fit` turns it off under DP).
+    """
+
+    patience: int
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
+    best_loss: float = float("inf")
+
+    def update(self, epoch: int, row: Mapping[str, float], model: nn.Module) -> bool:
+        """Record epoch ``epoch`` (1-based) of ``row``; True when training should stop."""
+        if self.patience <= 0 or "val_loss" not in row:
+            return False
+        if row["val_loss"] < self.best_loss:
+            self.best_loss, self.best_epoch, self.best_state = row["val_loss"], epoch, privacy.unwrap_state_dict(model)
+            return False
+        return epoch - self.best_epoch >= self.patience
+
+
+@dataclass
+class _Progress:
+    """Where a (possibly resumed) training call starts: epochs done, history, ε spent, best epoch."""
+
+    epoch: int
+    history: list[dict[str, float]]
+    spent_history: History
+    stopping: EarlyStopping
+    done: bool = False
+
+
+def _start(
+    resume: Checkpoint | None,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_generator: torch.Generator,
+    privacy_history: HistoryLike,
+    patience: int,
+) -> _Progress:
+    """Fresh progress, or the one ``resume`` holds (restoring weights, optimizer and batch order in place)."""
+    if resume is None:
+        return _Progress(0, [], list(privacy_history), EarlyStopping(patience))
+    model.load_state_dict(resume.model)
+    optimizer.load_state_dict(resume.optimizer)
+    data_generator.set_state(resume.generator_state)
+    stopping = EarlyStopping(patience, resume.best_state, resume.best_epoch, resume.best_loss)
+    return _Progress(resume.epoch, list(resume.history), list(resume.accountant_history), stopping, resume.done)
+
+
+def _make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    *,
+    dp: DPConfig,
+    fit_cfg: FitConfig,
+    epochs: int,
+    total_epochs: int,
+    history: History,
+    seed: int,
+    resume: Checkpoint | None,
+    criterion: nn.Module,
+) -> privacy.PrivateTraining:
+    """Plan the DP-SGD call (refusing one that overspends) and wrap model, optimizer and data.
+
+    σ is derived for the whole planned training (``total_epochs``), so a resumed run or a later
+    federated round gets the same σ; what was spent before is in ``history`` and counts.
+    """
+    the_plan = privacy.plan(
+        dp,
+        n_samples=len(xt),
+        batch_size=fit_cfg.batch_size,
+        max_grad_norm=fit_cfg.max_grad_norm,
+        epochs=epochs,
+        total_epochs=total_epochs,
+        history=history,
+    )
+    sampling, noise = privacy.dp_generators(dp, seed=seed, noise_device=next(model.parameters()).device)
+    if dp.reproducible_noise and resume is not None and resume.dp_generator_states is not None:
+        sampling.set_state(resume.dp_generator_states[0])
+        noise.set_state(resume.dp_generator_states[1])
+    return privacy.make_private(
+        model,
+        optimizer,
+        torch.utils.data.TensorDataset(xt, yt),
+        plan=the_plan,
+        history=history,
+        sampling_generator=sampling,
+        noise_generator=noise,
+        grad_sample_mode=dp.grad_sample_mode,
+        criterion=criterion,
+    )
+
+
+def _epoch_row(
+    epoch: int,
+    train_loss: float,
+    seconds: float,
+    *,
+    model: nn.Module,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    task: str,
+    device: torch.device,
+) -> dict[str, float]:
+    """One history row: training loss, time and (when there is a validation split) its metrics."""
+    row: dict[str, float] = {"epoch": epoch, "train_loss": train_loss, "seconds": seconds}
+    if x_val is not None and y_val is not None and len(x_val):
+        row.update({f"val_{k}": v for k, v in evaluate(model, x_val, y_val, task=task, device=device).items()})
+    return row
 
 
 def fit(
@@ -222,7 +252,7 @@ def fit(
     patience: int = 0,
     epochs: int | None = None,
     dp_total_epochs: int | None = None,
-    privacy_history: privacy.History = (),
+    privacy_history: HistoryLike = (),
     resume: Checkpoint | None = None,
     on_epoch_end: Callable[[Checkpoint], None] | None = None,
     progress: bool = False,
@@ -241,7 +271,8 @@ def fit(
     fit_cfg : optimizer settings; ``fit_cfg.max_grad_norm`` is the DP clipping norm.
     dp : privacy settings, or None / ``dp.enabled=False`` for non-private training.
     device : where to train.
-    seed : seeds the batch order, Poisson sampling and DP noise (not in DP secure mode).
+    seed : seeds the batch order and augmentation; under DP, the sampling and noise only with
+        ``dp.reproducible_noise`` (by default they are seeded secretly from the OS's CSPRNG).
     patience : early-stopping patience in epochs (0 = off). Ignored under DP: choosing an
         epoch by private validation data is not covered by the accountant, and the noise is
         calibrated to the full planned number of steps anyway.
@@ -255,147 +286,198 @@ def fit(
     proximal_mu : FedProx weight μ: adds ``μ/2 ||w - w_start||²`` to the loss, ``w_start`` being the
         weights ``model`` arrives with (the global model of a federated round). 0 = off.
 
+    Returns
+    -------
+    TrainingResult
+
     Raises
     ------
     PrivacyBudgetError
         If DP training would exceed the budget (checked before any step).
     """
     epochs = epochs or fit_cfg.epochs
-    private = dp is not None and dp.enabled
-    generator = torch.Generator().manual_seed(seed)
+    private_dp = dp if dp is not None and dp.enabled else None
+    data_generator = seeds.make_generator("cpu", seed)  # batch order and augmentation (indices drawn on the CPU)
     model.to(device).train()  # Opacus refuses a module in eval mode
     optimizer = make_optimizer(model, fit_cfg)
     if proximal_mu > 0:
-        _add_proximal_term(optimizer, model, proximal_mu)
-    start_epoch, history = 0, []
-    best_state, best_epoch, best_loss = None, 0, float("inf")
-    spent_history = list(privacy_history)
-    if resume is not None:
-        model.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
-        generator.set_state(resume.generator_state)
-        start_epoch, history = resume.epoch, list(resume.history)
-        best_state, best_epoch, best_loss = resume.best_state, resume.best_epoch, resume.best_loss
-        spent_history = list(resume.accountant_history)
-    remaining = 0 if resume is not None and resume.done else epochs - start_epoch
+        add_proximal_term(optimizer, model, proximal_mu)
+    state = _start(
+        resume,
+        model=model,
+        optimizer=optimizer,
+        data_generator=data_generator,
+        privacy_history=privacy_history,
+        patience=0 if private_dp is not None else patience,
+    )
+    remaining = 0 if state.done else epochs - state.epoch
     xt = torch.as_tensor(x_train).to(device)
     yt = torch.as_tensor(y_train).to(device)
-    run_model, run_opt, private_run = model, optimizer, None
-    if private and remaining > 0:
-        # σ is derived for the whole planned training (dp_total_epochs), so a resumed run or a later
-        # federated round gets the same σ; what was spent before is in spent_history and counts.
-        the_plan = privacy.plan(
-            dp,
-            n_samples=len(xt),
-            batch_size=fit_cfg.batch_size,
-            max_grad_norm=fit_cfg.max_grad_norm,
-            epochs=remaining,
-            total_epochs=dp_total_epochs or epochs,
-            history=spent_history,
-        )
-        private_run = privacy.make_private(
+    private_run = None
+    if private_dp is not None and remaining > 0:
+        private_run = _make_private(
             model,
             optimizer,
-            torch.utils.data.TensorDataset(xt, yt),
-            plan=the_plan,
-            history=spent_history,
-            generator=generator,
-            grad_sample_mode=dp.grad_sample_mode,
+            xt,
+            yt,
+            dp=private_dp,
+            fit_cfg=fit_cfg,
+            epochs=remaining,
+            total_epochs=dp_total_epochs or epochs,
+            history=state.spent_history,
+            seed=seed,
+            resume=resume,
             criterion=criterion or loss_fn(task),
         )
-        run_model, run_opt = private_run.model, private_run.optimizer
-        criterion = private_run.criterion or criterion  # ghost clipping: the loss must be Opacus' wrap
-    transform = None
-    if fit_cfg.augment_shift and xt.ndim == 4:
-        transform = lambda xb: random_shift(xb, fit_cfg.augment_shift, generator)  # noqa: E731
-    bar = _progress(range(start_epoch, start_epoch + remaining), progress, desc)
+    loop = _Loop(
+        model=model,
+        run_model=private_run.model if private_run is not None else model,
+        optimizer=private_run.optimizer if private_run is not None else optimizer,
+        private_run=private_run,
+        xt=xt,
+        yt=yt,
+        task=task,
+        fit_cfg=fit_cfg,
+        device=device,
+        epochs=epochs,
+        data_generator=data_generator,
+        criterion=(private_run.criterion if private_run is not None else None) or criterion,  # ghost: Opacus' wrap
+    )
     t_start = time.perf_counter()
+    bar = progress_bar(range(state.epoch, state.epoch + remaining), progress, desc)
     for epoch in bar:
-        t0 = time.perf_counter()
-        if private_run is not None:
-            batches = private_run.batches(xt, yt)
-        else:
-            batches = ((xt[i], yt[i]) for i in shuffled_batches(len(xt), fit_cfg.batch_size, generator))
-        train_loss = train_one_epoch(run_model, run_opt, batches, task=task, transform=transform, criterion=criterion)
-        row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - t0}
-        if x_val is not None and len(x_val):
-            row.update({f"val_{k}": v for k, v in evaluate(model, x_val, y_val, task=task, device=device).items()})
-        if private_run is not None:
-            spent_history = private_run.history()
-            # ε for ~10 epochs and the last: an accountant query costs ~0.5 s (PRV) on this machine.
-            if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:
-                row["epsilon"] = private_run.epsilon()
-        history.append(row)
+        row = loop.epoch(epoch + 1, state, x_val=x_val, y_val=y_val)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix({k: round(v, 4) for k, v in row.items() if k not in ("epoch", "seconds")})
-        stop = False
-        if not private and patience > 0 and "val_loss" in row:
-            if row["val_loss"] < best_loss:
-                best_loss, best_epoch, best_state = row["val_loss"], epoch + 1, privacy.unwrap_state_dict(model)
-            elif epoch + 1 - best_epoch >= patience:
-                stop = True
+        stop = state.stopping.update(epoch + 1, row, model)
         if on_epoch_end is not None:
-            on_epoch_end(
-                Checkpoint(
-                    epoch=epoch + 1,
-                    model=privacy.unwrap_state_dict(model),
-                    optimizer=copy.deepcopy(getattr(run_opt, "original_optimizer", run_opt).state_dict()),
-                    accountant_history=list(spent_history),
-                    history=list(history),
-                    generator_state=generator.get_state(),
-                    best_state=best_state,
-                    best_epoch=best_epoch,
-                    best_loss=best_loss,
-                    done=stop or epoch + 1 == epochs,
-                )
-            )
+            on_epoch_end(loop.checkpoint(epoch + 1, state, done=stop or epoch + 1 == epochs))
         if stop:
-            log.info("%s: early stop at epoch %d (best %d)", desc, epoch + 1, best_epoch)
+            log.info("%s: early stop at epoch %d (best %d)", desc, epoch + 1, state.stopping.best_epoch)
             break
-    if best_state is not None and not private:
-        model.load_state_dict(best_state)
-    else:
-        best_epoch = len(history)
-    if private_run is not None:
-        # Detach Opacus' hooks so the returned module is plain again (explainers fail on hooked modules).
-        private_run.model._close()
-    record = None
-    if private:
-        record = privacy.privacy_record(
-            private_run.plan if private_run else _plan_from(dp, spent_history, fit_cfg), spent_history
-        )
-    return TrainingResult(
-        state_dict=privacy.unwrap_state_dict(model),
-        history=history,
-        best_epoch=best_epoch,
-        epochs_run=len(history),
-        seconds=time.perf_counter() - t_start,
-        n_train=len(xt),
-        privacy=record,
-        accountant_history=spent_history,
+    return _result(
+        model, state, private_dp, private_run, fit_cfg, n_train=len(xt), seconds=time.perf_counter() - t_start
     )
 
 
-def _add_proximal_term(optimizer: torch.optim.Optimizer, model: nn.Module, mu: float) -> None:
-    """Add FedProx's gradient ``mu * (w - w_start)`` before every update of ``optimizer``.
+@dataclass
+class _Loop:
+    """What stays fixed through the epochs of one :func:`fit` call, and one epoch of it."""
 
-    It depends on no training record, so it is added to the gradient rather than the loss:
-    under DP-SGD, Opacus' optimizer writes the clipped, noised gradient and then steps this
-    (wrapped) optimizer, whose pre-hook adds the term after the noise: post-processing, no
-    privacy cost. Per-sample gradients of a loss term would instead be clipped and noised.
-    """
-    reference = [p.detach().clone() for p in model.parameters()]
+    model: nn.Module  # the plain module (evaluation, checkpoints)
+    run_model: nn.Module  # what trains: the Opacus wrapper under DP, else ``model``
+    optimizer: torch.optim.Optimizer  # the DP optimizer under DP
+    private_run: privacy.PrivateTraining | None
+    xt: torch.Tensor  # training inputs on the device
+    yt: torch.Tensor  # training targets on the device
+    task: str
+    fit_cfg: FitConfig
+    device: torch.device
+    epochs: int  # epochs of this call (ε is queried ~10 times over them)
+    data_generator: torch.Generator  # batch order and augmentation
+    criterion: nn.Module | None
 
-    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        with torch.no_grad():
-            for p, ref in zip(model.parameters(), reference):
-                if p.grad is not None:
-                    p.grad.add_(p.detach() - ref, alpha=mu)
+    def batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's batches: Poisson-sampled under DP, else a seeded shuffle."""
+        if self.private_run is not None:
+            return self.private_run.batches(self.xt, self.yt)
+        order = shuffled_batches(len(self.xt), self.fit_cfg.batch_size, self.data_generator)
+        return ((self.xt[i], self.yt[i]) for i in order)
 
-    optimizer.register_step_pre_hook(hook)
+    def transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The per-record augmentation of image batches, if configured."""
+        shift = self.fit_cfg.augment_shift
+        if not shift or self.xt.ndim != 4:
+            return None
+        return lambda xb: random_shift(xb, shift, self.data_generator)
+
+    def epoch(
+        self, epoch: int, state: _Progress, *, x_val: np.ndarray | None, y_val: np.ndarray | None
+    ) -> dict[str, float]:
+        """Train epoch ``epoch`` (1-based), append its history row to ``state`` and return the row."""
+        t0 = time.perf_counter()
+        train_loss = train_one_epoch(
+            self.run_model,
+            self.optimizer,
+            self.batches(),
+            task=self.task,
+            transform=self.transform(),
+            criterion=self.criterion,
+        )
+        row = _epoch_row(
+            epoch,
+            train_loss,
+            time.perf_counter() - t0,
+            model=self.model,
+            x_val=x_val,
+            y_val=y_val,
+            task=self.task,
+            device=self.device,
+        )
+        if self.private_run is not None:
+            state.spent_history = self.private_run.history()
+            # ε for ~10 epochs and the last: an accountant query costs ~0.5 s (PRV) on this machine.
+            if epoch % max(1, self.epochs // 10) == 0 or epoch == self.epochs:
+                row["epsilon"] = self.private_run.epsilon()
+        state.history.append(row)
+        return row
+
+    def checkpoint(self, epoch: int, state: _Progress, *, done: bool) -> Checkpoint:
+        """The resumable state after ``epoch``; secret DP generator state stays out (see :class:`Checkpoint`)."""
+        dp_states = None
+        if self.private_run is not None and self.private_run.plan.noise_source == "seeded":
+            dp_states = [self.private_run.sampling_generator.get_state(), self.private_run.noise_generator.get_state()]
+        stopping = state.stopping
+        return Checkpoint(
+            epoch=epoch,
+            model=privacy.unwrap_state_dict(self.model),
+            optimizer=copy.deepcopy(getattr(self.optimizer, "original_optimizer", self.optimizer).state_dict()),
+            accountant_history=list(state.spent_history),
+            history=list(state.history),
+            generator_state=self.data_generator.get_state(),
+            best_state=stopping.best_state,
+            best_epoch=stopping.best_epoch,
+            best_loss=stopping.best_loss,
+            done=done,
+            dp_generator_states=dp_states,
+        )
 
 
-def _plan_from(dp: DPConfig, history: privacy.History, fit_cfg: FitConfig) -> privacy.PrivacyPlan:
+def _result(
+    model: nn.Module,
+    state: _Progress,
+    dp: DPConfig | None,
+    private_run: privacy.PrivateTraining | None,
+    fit_cfg: FitConfig,
+    *,
+    n_train: int,
+    seconds: float,
+) -> TrainingResult:
+    """Restore the best epoch's weights (non-DP early stopping), unhook Opacus and assemble the result."""
+    best_epoch = len(state.history)
+    if state.stopping.best_state is not None and dp is None:
+        model.load_state_dict(state.stopping.best_state)
+        best_epoch = state.stopping.best_epoch
+    if private_run is not None:
+        private_run.close()
+    record = None
+    if dp is not None:
+        the_plan = private_run.plan if private_run is not None else _plan_from(dp, state.spent_history, fit_cfg)
+        record = privacy.privacy_record(the_plan, state.spent_history)
+    return TrainingResult(
+        state_dict=privacy.unwrap_state_dict(model),
+        history=state.history,
+        best_epoch=best_epoch,
+        epochs_run=len(state.history),
+        seconds=seconds,
+        n_train=n_train,
+        privacy=record,
+        accountant_history=state.spent_history,
+    )
+
+
+def _plan_from(dp: DPConfig, history: HistoryLike, fit_cfg: FitConfig) -> privacy.PrivacyPlan:
+    """The plan of a call that trained no further (resumed after its last epoch), from the spent history."""
     sigma, q, _ = history[-1] if history else (0.0, 0.0, 0)
     return privacy.PrivacyPlan(
         noise_multiplier=sigma,
@@ -405,14 +487,6 @@ def _plan_from(dp: DPConfig, history: privacy.History, fit_cfg: FitConfig) -> pr
         delta=dp.delta,
         target_epsilon=dp.target_epsilon,
         accountant=dp.accountant,
-        secure_mode=dp.secure_mode,
+        noise_source=privacy.noise_source(dp),
         planned_epsilon=privacy.epsilon_of(history, delta=dp.delta, accountant=dp.accountant),
     )
-
-
-def _progress(it: range, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, leave=False)

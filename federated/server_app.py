@@ -333,7 +333,7 @@ def _privacy_summary(task: Task, record: dict[str, Any]) -> dict[str, Any]:
         "target_epsilon": dp.target_epsilon,
         "accountant": dp.accountant,
         "opacus_version": opacus.__version__,
-        "secure_mode": dp.secure_mode,
+        "noise_source": privacy.noise_source(dp),
         "epsilon_per_client": finals,
         "noise_multiplier_per_client": {pid: p.get("noise_multiplier") for pid, p in per_client.items()},
         "sample_rate_per_client": {pid: p.get("sample_rate") for pid, p in per_client.items()},
@@ -341,5 +341,5 @@ def _privacy_summary(task: Task, record: dict[str, Any]) -> dict[str, Any]:
         "per_client": per_client,
         "mechanism": "DP-SGD on each client (Gaussian mechanism, Poisson subsampling, per-sample clipping)",
         "unit_of_privacy": "one training record of one client (sample-level DP, accounted per client over all rounds)",
-        "noise_seeded": not dp.secure_mode,
+        "floating_point_safe_noise": True,
     }

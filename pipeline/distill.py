@@ -77,6 +77,7 @@ class Transfer:
     splits: tuple[str, ...]
     labels: np.ndarray | None  # real labels, only when a label loss is used
     synthetic_rows: int
+    synthetic_from: tuple[str, ...] = ()  # splits whose rows were jittered into the synthetic rows
 
 
 def transfer_set(cfg: Config, ds: Dataset, *, seed: int) -> Transfer:
@@ -93,19 +94,56 @@ def transfer_set(cfg: Config, ds: Dataset, *, seed: int) -> Transfer:
             "the public split is empty, so a student cannot be distilled without private data; raise data.public_fraction"
         )
     labels = np.concatenate([ds.y[s] for s in splits]) if k.label_weight > 0 else None
-    synthetic = 0
+    synthetic, jittered = 0, ()
     if ds.task == "regression" and k.synthetic_per_row > 0:
-        # Synthetic inputs: jittered copies of the transfer rows, labelled later by the teacher only.
+        # Synthetic inputs: jittered copies of transfer rows, labelled later by the teacher only. When the
+        # student's own DP-SGD reads private rows, jittered copies of a private row would enter DP-SGD as
+        # independent records (group privacy of size 1 + synthetic_per_row, no per-record bound): only
+        # public rows are jittered then.
+        jittered = ("public",) if (mode == "private" and cfg.dp.enabled and k.student_dp) else splits
+        base = np.concatenate([ds.x[s] for s in jittered])
         rng = np.random.default_rng(seed)
-        jitter = np.repeat(x, k.synthetic_per_row, axis=0)
+        jitter = np.repeat(base, k.synthetic_per_row, axis=0)
         jitter = (jitter + rng.normal(scale=k.synthetic_noise, size=jitter.shape)).astype(np.float32)
         synthetic = len(jitter)
         x = np.concatenate([x, jitter])
         if labels is not None:
-            labels = np.concatenate([labels, np.repeat(labels, k.synthetic_per_row)])
+            base_labels = np.concatenate([ds.y[s] for s in jittered])
+            labels = np.concatenate([labels, np.repeat(base_labels, k.synthetic_per_row)])
     return Transfer(
-        x=x.astype(np.float32), source_index=np.sort(index), splits=splits, labels=labels, synthetic_rows=synthetic
+        x=x.astype(np.float32),
+        source_index=np.sort(index),
+        splits=splits,
+        labels=labels,
+        synthetic_rows=synthetic,
+        synthetic_from=tuple(jittered),
     )
+
+
+def composed_privacy(cfg: Config, student: Mapping[str, Any], teacher: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The per-record guarantee of a student trained with its own DP-SGD on private rows.
+
+    A private training record reaches the student twice: through the DP teacher's weights and as
+    one record of the student's DP-SGD (each private row enters once; synthetic rows come from
+    public rows only, see :func:`transfer_set`). Basic composition: ε and δ both add.
+    """
+    teacher = teacher or {}
+    eps = float(student["epsilon"]) + float(teacher.get("epsilon", 0.0))
+    delta = float(student["delta"]) + float(teacher.get("delta", 0.0))
+    return {
+        "guarantee": "composed",
+        "student_epsilon": student["epsilon"],
+        "student_delta": student["delta"],
+        "teacher_epsilon": teacher.get("epsilon"),
+        "teacher_delta": teacher.get("delta"),
+        "epsilon": eps,
+        "delta": delta,
+        "composition": "basic (ε and δ add)",
+        "target_epsilon": cfg.dp.target_epsilon,
+        "over_budget": eps > cfg.dp.target_epsilon,
+        "reason": "the student read each private record once, with its own DP-SGD (synthetic rows jittered "
+        "from public rows only); its (ε, δ) adds to the teacher's (basic composition)",
+    }
 
 
 def privacy_status(cfg: Config, transfer: Transfer, teacher: Mapping[str, Any]) -> dict[str, Any]:
@@ -308,16 +346,12 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
             "splits": list(transfer.splits),
             "real_rows": int(len(transfer.source_index)),
             "synthetic_rows": transfer.synthetic_rows,
+            "synthetic_from": list(transfer.synthetic_from),
             "uses_private_labels": transfer.labels is not None and "train" in transfer.splits,
         },
         "privacy": privacy_status(cfg, transfer, teacher_tm.training)
-        if dp is None
-        else {
-            "guarantee": "composed",
-            "student_epsilon": result.privacy["epsilon"],
-            "epsilon": result.privacy["epsilon"] + (teacher_tm.training.get("privacy") or {}).get("epsilon", 0.0),
-            "reason": "the student read private records with its own DP-SGD; ε adds to the teacher's (basic composition)",
-        },
+        if dp is None or result.privacy is None
+        else composed_privacy(cfg, result.privacy, teacher_tm.training.get("privacy")),
         "training": result.summary(),
         "onnx": {
             "inputs": "raw (unstandardised) float32; standardisation"

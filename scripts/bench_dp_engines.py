@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from core import models, privacy, training  # noqa: E402
+from core import models, privacy, seeds, training  # noqa: E402
 from core.config import DPConfig  # noqa: E402
 
 ENGINES = ("hooks", "ew", "functorch", "ghost")
@@ -51,23 +51,22 @@ def epoch_seconds(
     torch.manual_seed(0)
     model = build().to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
+    generator = seeds.make_generator("cpu", 0)  # batch order (non-DP) and Poisson sampling (DP)
     run_model, run_opt, criterion, run = model, optimizer, torch.nn.CrossEntropyLoss(), None
     if engine is not None:
         dp = DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=1e6, accountant="rdp")
         the_plan = privacy.plan(dp, n_samples=len(x), batch_size=batch_size, max_grad_norm=1.0, epochs=reps + 1)
-        noise_gen = torch.Generator(device=device).manual_seed(1)
+        noise_gen = seeds.make_generator(device, 1)  # the noise lives on the parameters' device
         run = privacy.make_private(
             model,
             optimizer,
             torch.utils.data.TensorDataset(x, y),
             plan=the_plan,
-            generator=generator,
+            sampling_generator=generator,
+            noise_generator=noise_gen,
             grad_sample_mode=engine,
             criterion=criterion,
         )
-        if noise_gen.device != generator.device:  # the noise lives on the parameters' device
-            run.optimizer.generator = noise_gen
         run_model, run_opt, criterion = run.model, run.optimizer, run.criterion or criterion
     best = float("inf")
     for rep in range(reps + 1):
@@ -82,7 +81,7 @@ def epoch_seconds(
         if rep > 0:
             best = min(best, time.perf_counter() - t0)
     if run is not None:
-        run.model._close()
+        run.close()
     return best
 
 
@@ -92,7 +91,7 @@ def bench(name: str, *, shape, n: int, batch_sizes, channels, hidden, activation
     ``channels=None`` benchmarks the MLP (``hidden`` = its hidden sizes) on ``shape = (n_features,)``
     as a 10-class classifier (the regressor's layers; the loss does not change the engines' cost).
     """
-    g = torch.Generator().manual_seed(0)
+    g = seeds.make_generator("cpu", 0)
     x = torch.randn(n, *shape, generator=g).to(device)
     y = torch.randint(0, 10, (n,), generator=g).to(device)
 

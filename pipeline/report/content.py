@@ -19,7 +19,7 @@ from core.artifacts import jsonable
 from core.config import Config
 from core.models import MODELS, title
 from pipeline.report.fmt import number
-from pipeline.report.privacy import federated_privacy, privacy_section, student_privacy
+from pipeline.report.privacy import federated_privacy, privacy_section, student_caveats, student_privacy
 from pipeline.rundir import git_commit, library_versions
 from pipeline.train import TrainOutput
 
@@ -411,8 +411,14 @@ def reproducibility_section(cfg: Config, manifest: Mapping[str, Any] | None, see
         "config": config_mod.flatten(cfg),
         "root_seed": cfg.seed,
         "seeds": seeds,
-        "seed_note": "every stage, model, client and explainer derives its seed from the root seed "
-        "(core.seeds); DP noise in secure mode is not seedable.",
+        "seed_note": "every stage, model, client and explainer derives its seed from the root seed (core.seeds), "
+        + (
+            "DP-SGD's sampling and noise included (dp.reproducible_noise = true): a rerun reproduces the DP weights, "
+            "so the DP guarantee holds only while the seed stays secret."
+            if cfg.dp.reproducible_noise
+            else "except DP-SGD's sampling and noise: they are seeded from the OS's CSPRNG and never recorded, so a "
+            "DP run is not bit-for-bit reproducible, by design."
+        ),
         "library_versions": m.get("library_versions") or library_versions(),
         "git_commit": m.get("git_commit", git_commit()),
         "python_executable": m.get("python_executable"),
@@ -512,6 +518,7 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
         if content["privacy"]["enabled"]:
             content["privacy"]["covered"] += covered
             content["privacy"]["not_covered"] += not_covered
+            content["privacy"]["caveats"] += student_caveats(distill_out)
     content["reproducibility"] = reproducibility_section(cfg, manifest, seed)
     content["summary"] = summary_section(content, explain_out)
     content["caveats"] = content["privacy"]["caveats"] + content["explanations"]["caveats"]

@@ -327,8 +327,8 @@ def _privacy(c: Mapping[str, Any]) -> str:
             "total_steps",
             "accountant",
             "opacus_version",
-            "secure_mode",
-            "noise_seeded",
+            "noise_source",
+            "floating_point_safe_noise",
             "unit_of_privacy",
         )
         for name, rec in p["models"].items():

@@ -234,8 +234,16 @@ def render(content: Mapping[str, Any], name: str) -> str:
         f"{num(d['sizes'].get('public'))} rows.",
         "- Preprocessing: standardisation with statistics fitted on the training split only"
         f" (NaN policy: {md(d.get('preprocessing', {}).get('nan_policy', 'n/a'))}).",
-        "",
     ]
+    pre = t.get("public_pretraining")
+    if m.get("privacy") and isinstance(pre, Mapping):
+        out += [
+            f"- Public pretraining: before DP-SGD, the weights were first fitted WITHOUT differential privacy on "
+            f"the {md(pre.get('split', 'public'))} split ({num(pre.get('rows'))} rows, {num(pre.get('epochs'))} "
+            "epochs). Those rows are declared public and not protected; part of this model's accuracy may come "
+            "from them rather than from the private training split."
+        ]
+    out += [""]
 
     out += ["## Quantitative analyses", ""]
     keys = ("rmse", "mae", "r2") if regression else ("accuracy", "macro_f1")

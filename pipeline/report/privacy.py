@@ -49,6 +49,7 @@ def privacy_section(
             "caveats": caveats,
         }
     parts = []
+    csprng_models: list[str] = []
     for name, rec in records.items():
         if not rec:
             continue
@@ -58,13 +59,21 @@ def privacy_section(
             detail.insert(0, f"σ = {number(rec['noise_multiplier'], 3)}, C = {number(rec.get('max_grad_norm'), 3)}")
         if "epsilon_per_client" in rec:
             detail.insert(0, f"worst of {len(rec['epsilon_per_client'])} clients")
-        parts.append(f"the {title(name)} is (ε = {number(eps, 4)}, δ = {number(delta, 3)})-DP ({', '.join(detail)})")
-        if not rec.get("secure_mode", False):
+        # Records written before noise_source existed came from seeded generators: read them as seeded.
+        seeded = rec.get("noise_source", "seeded") != "os-csprng"
+        only_while = " only while the seed stays secret" if seeded else ""
+        parts.append(
+            f"the {title(name)} is (ε = {number(eps, 4)}, δ = {number(delta, 3)})-DP{only_while} ({', '.join(detail)})"
+        )
+        if seeded:
             caveats.append(
-                f"{title(name)}: secure_mode is off, so the DP noise comes from a seeded pseudo-random "
-                "generator and is not cryptographically secure (the guarantee assumes an adversary who cannot "
-                "predict it; set dp.secure_mode = true for releases)."
+                f"{title(name)}: dp.reproducible_noise = true, so DP-SGD's sampling and noise come from generators "
+                "seeded by the run's recorded seed. Anyone holding this run directory can replay the training with "
+                "and without a record and match the released weights exactly: the (ε, δ) guarantee holds only while "
+                "the seed stays secret. Retrain with dp.reproducible_noise = false before release."
             )
+        else:
+            csprng_models.append(title(name))
         n = n_train[name]
         if delta is not None and n:
             if delta >= 1.0 / n:
@@ -80,6 +89,13 @@ def privacy_section(
         target = rec.get("target_epsilon")
         if target is not None and eps is not None and eps > target + 1e-9:
             caveats.append(f"{title(name)}: spent ε = {number(eps, 3)} exceeds the target {number(target, 3)}.")
+    if csprng_models:
+        caveats.append(
+            f"{', '.join(csprng_models)}: DP-SGD's Poisson sampling and Gaussian noise come from torch generators "
+            "(pseudo-random, not cryptographic) seeded with 64 bits from the OS's CSPRNG that are never recorded, "
+            "so nothing in the run directory lets anyone replay them; the noise uses Opacus' floating-point-safe "
+            "recipe. The guarantee assumes the adversary cannot guess that seed."
+        )
     unit = next(
         (r.get("unit_of_privacy") for r in records.values() if r and r.get("unit_of_privacy")),
         "one training record (sample-level DP)",
@@ -108,6 +124,8 @@ def privacy_section(
         "training history in models/*.json: per-epoch training loss is computed on private batches without noise",
         "hyper-parameter choices and repeated runs on the same data: not accounted for in ε",
         "the number of training records (n_train) is treated as public",
+        "class_counts of the training split (data section of report.json and report.html): exact "
+        "per-class counts of the private records, released without noise",
     ]
     if bg_split != "public":
         not_covered.append(
@@ -134,13 +152,33 @@ def privacy_section(
     }
 
 
+def _student_statuses(distill_out: Any) -> dict[str, Mapping[str, Any]]:
+    out = {}
+    for model, o in distill_out.items() if isinstance(distill_out, Mapping) else []:
+        status = (o.get("record", {}) or {}).get("privacy") if isinstance(o, Mapping) else None
+        if isinstance(status, Mapping):
+            out[model] = status
+    return out
+
+
+def student_caveats(distill_out: Any) -> list[str]:
+    """Caveats on distilled students' guarantees: a composed (ε, δ) above the budget is flagged."""
+    caveats = []
+    for model, status in _student_statuses(distill_out).items():
+        if status.get("guarantee") == "composed" and status.get("over_budget"):
+            caveats.append(
+                f"students/{model}.*: the student of the {title(model)} read private records with its own DP-SGD; "
+                f"composed with its teacher (basic composition) it is (ε = {number(status.get('epsilon'), 4)}, "
+                f"δ = {number(status.get('delta'), 3)})-DP, OVER the budget dp.target_epsilon = "
+                f"{number(status.get('target_epsilon'), 3)}. Use distill.transfer = public to keep the teacher's (ε, δ)."
+            )
+    return caveats
+
+
 def student_privacy(distill_out: Any) -> tuple[list[str], list[str]]:
     """(covered, not covered) lines for distilled students, from their recorded privacy status."""
     covered, not_covered = [], []
-    for model, o in distill_out.items() if isinstance(distill_out, Mapping) else []:
-        status = (o.get("record", {}) or {}).get("privacy") if isinstance(o, Mapping) else None
-        if not isinstance(status, Mapping):
-            continue
+    for model, status in _student_statuses(distill_out).items():
         what = f"students/{model}.* (distilled student of the {title(model)})"
         guarantee = status.get("guarantee")
         detail = status.get("reason") or (
@@ -150,6 +188,8 @@ def student_privacy(distill_out: Any) -> tuple[list[str], list[str]]:
             covered.append(
                 f"{what}: {guarantee} guarantee"
                 + (f", ε = {number(status.get('epsilon'), 4)}" if status.get("epsilon") is not None else "")
+                + (f", δ = {number(status.get('delta'), 3)}" if status.get("delta") is not None else "")
+                + (" (OVER the budget dp.target_epsilon)" if status.get("over_budget") else "")
                 + (f" ({status['reason']})" if status.get("reason") else "")
             )
         else:

@@ -13,7 +13,7 @@ from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 from torch import nn
 
-from core import ghost_conv, models, privacy, training
+from core import ghost_conv, models, privacy, seeds, training
 from core.config import DPConfig, FitConfig
 
 DP = DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=1e3, delta=1e-5, accountant="rdp")
@@ -82,7 +82,8 @@ def _private_step(model, engine, x, y, *, steps=1):
         opt,
         ds,
         plan=the_plan,
-        generator=torch.Generator().manual_seed(7),
+        sampling_generator=seeds.make_generator("cpu", 7),
+        noise_generator=seeds.make_generator("cpu", 7),  # the same noise for every engine compared
         grad_sample_mode=engine,
         criterion=nn.CrossEntropyLoss(),
     )
@@ -137,7 +138,8 @@ def test_fit_with_ghost_matches_hooks(rng, kind):
             y_val=y[:16],
             task=task,
             fit_cfg=fit_cfg,
-            dp=dataclasses.replace(DP, grad_sample_mode=engine),
+            # reproducible_noise: both engines must see the same sampling and noise to be compared
+            dp=dataclasses.replace(DP, grad_sample_mode=engine, reproducible_noise=True),
             device=torch.device("cpu"),
             seed=0,
         )

@@ -1,12 +1,14 @@
 import dataclasses
+import json
+import types
 
 import numpy as np
 import pytest
 import torch
 
-from core import models, privacy, training
-from core.config import DPConfig, FitConfig
-from core.errors import PrivacyBudgetError
+from core import models, privacy, seeds, training
+from core.config import DPConfig, FitConfig, load_config
+from core.errors import ConfigError, PrivacyBudgetError
 from core.training import checkpoint_bytes, read_checkpoint
 
 DP = DPConfig(enabled=True, target_epsilon=3.0, delta=1e-5)
@@ -88,19 +90,181 @@ def test_accountants_agree_roughly():
     assert privacy.epsilon_of([], delta=1e-5, accountant="prv") == 0.0
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(rng):
+SEEDED = dataclasses.replace(DP, reproducible_noise=True)
+
+
+def _same_weights(a, b):
+    return all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_reproduction_attack_fails_by_default_and_succeeds_only_when_opted_in(rng):
+    """The issue-10 attack: retrain with everything the run directory publishes (data, config, seed, init)."""
     x, y = _data(rng)
-    _, full = _fit(x, y)
+    released, replayed = _fit(x, y)[1], _fit(x, y)[1]
+    assert not _same_weights(released, replayed)  # secret CSPRNG-seeded sampling and noise: no replay
+    assert released.privacy["noise_source"] == "os-csprng"
+    seeded_a, seeded_b = _fit(x, y, dp=SEEDED)[1], _fit(x, y, dp=SEEDED)[1]
+    assert _same_weights(seeded_a, seeded_b)  # the opt-out reproduces bit for bit
+    assert seeded_a.privacy["noise_source"] == "seeded"
+    # Both spend the same, fully accounted budget: the noise source changes who can replay, not ε.
+    assert released.privacy["epsilon"] == pytest.approx(seeded_a.privacy["epsilon"], rel=1e-12)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+@pytest.mark.parametrize("dp", [DP, SEEDED], ids=["default", "reproducible"])
+def test_no_artifact_holds_the_secret_noise_state(rng, monkeypatch, dp):
+    """Checkpoints and records of a default DP run hold neither the secret seeds nor the DP generators' states.
+
+    The reproducible run is the positive control: there the detector must find the generator states.
+    """
+    secrets_drawn, generators = [], []
+    real_secret, real_generators = seeds.secret_seed, privacy.dp_generators
+
+    def spy_secret():
+        secrets_drawn.append(real_secret())
+        return secrets_drawn[-1]
+
+    def spy_generators(*args, **kwargs):
+        pair = real_generators(*args, **kwargs)
+        generators.append((pair, [g.get_state().clone() for g in pair]))
+        return pair
+
+    monkeypatch.setattr(seeds, "secret_seed", spy_secret)
+    monkeypatch.setattr(privacy, "dp_generators", spy_generators)
+    x, y = _data(rng)
+    blobs = []
+    _, res = _fit(x, y, dp=dp, on_epoch_end=lambda ck: blobs.append(checkpoint_bytes(ck)))
+    ((pair, initial),) = generators
+    dp_states = [*initial, *(g.get_state() for g in pair)]  # at creation and after the last step
+    record_text = json.dumps(res.summary())
+    found = 0
+    for blob in blobs:
+        ck = read_checkpoint(blob)
+        found += any(torch.equal(t, s) for t in _tensors(dataclasses.asdict(ck)) for s in dp_states)
+        for secret in secrets_drawn:
+            assert secret.to_bytes(8, "little") not in blob and secret.to_bytes(8, "big") not in blob
+    for secret in secrets_drawn:
+        assert str(secret) not in record_text
+    if dp.reproducible_noise:
+        # seeded: the states are in the checkpoints, as documented; the last one holds the final states
+        assert not secrets_drawn and found >= 1 and read_checkpoint(blobs[-1]).dp_generator_states is not None
+    else:
+        assert len(secrets_drawn) == 2 and found == 0  # sampling + noise seeds drawn, neither state stored
+        assert all(read_checkpoint(b).dp_generator_states is None for b in blobs)
+
+
+@pytest.mark.parametrize("dp", [DP, SEEDED], ids=["default", "reproducible"])
+def test_resume_from_checkpoint_continues_the_accounting(rng, dp):
+    x, y = _data(rng)
+    _, full = _fit(x, y, dp=dp)
     # Interrupt after 2 of 4 epochs: keep the checkpoint written after epoch 2.
     seen = []
-    _fit(x, y, on_epoch_end=lambda ck: seen.append(checkpoint_bytes(ck)))
+    _fit(x, y, dp=dp, on_epoch_end=lambda ck: seen.append(checkpoint_bytes(ck)))
     ck = read_checkpoint(seen[1])
     assert ck.epoch == 2 and sum(n for _, _, n in ck.accountant_history) == 2 * privacy.steps_per_epoch(len(x), 16)
-    _, resumed = _fit(x, y, resume=ck)
+    _, resumed = _fit(x, y, dp=dp, resume=ck)
     assert resumed.privacy["epsilon"] == pytest.approx(full.privacy["epsilon"], rel=1e-9)
     assert [h.get("epsilon") for h in resumed.history] == pytest.approx([h.get("epsilon") for h in full.history])
-    for k in full.state_dict:
-        assert torch.allclose(full.state_dict[k], resumed.state_dict[k], atol=1e-6)
+    assert all(torch.isfinite(v).all() for v in resumed.state_dict.values())
+    if dp.reproducible_noise:  # the seeded generators' states travel with the checkpoint: same weights
+        for k in full.state_dict:
+            assert torch.allclose(full.state_dict[k], resumed.state_dict[k], atol=1e-6)
+    else:  # a resumed default run draws fresh secret randomness for its remaining steps
+        assert not _same_weights(full, resumed)
+
+
+def test_noise_is_floating_point_safe_and_calibrated():
+    """Opacus' 4-Gaussian noise recipe is on, and one noise-only step moves weights by N(0, (σC/B)²)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(200, 100)  # 20 100 parameters: the std estimate is within ~1%
+    before = [p.detach().clone() for p in model.parameters()]
+    the_plan = privacy.plan(
+        dataclasses.replace(DP, noise_multiplier=2.0, target_epsilon=1e3),
+        n_samples=64,
+        batch_size=16,
+        max_grad_norm=0.5,
+        epochs=1,
+    )
+    sampling, noise = privacy.dp_generators(DP, seed=0, noise_device="cpu")
+    run = privacy.make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        torch.utils.data.TensorDataset(torch.zeros(64, 200), torch.zeros(64, 100)),
+        plan=the_plan,
+        sampling_generator=sampling,
+        noise_generator=noise,
+    )
+    assert run.optimizer.secure_mode is True and run.optimizer.generator is noise
+    privacy.noise_only_step(run.model, run.optimizer)
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    expected = 2.0 * 0.5 / run.optimizer.expected_batch_size  # σ·C / expected batch (mean loss reduction)
+    assert float(step.std()) == pytest.approx(expected, rel=0.03)
+    assert abs(float(step.mean())) < 4 * expected / len(step) ** 0.5
+    run.close()
+
+
+def test_noise_generator_lives_on_the_parameters_device():
+    for dp in (DP, SEEDED):
+        sampling, noise = privacy.dp_generators(dp, seed=3, noise_device=torch.device("cpu"))
+        assert sampling.device.type == "cpu" and noise.device.type == "cpu"
+    if torch.cuda.is_available():
+        _, noise = privacy.dp_generators(DP, seed=3, noise_device="cuda")
+        assert noise.device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dp_training_runs_on_cuda(rng):
+    x, y = _data(rng)
+    torch.manual_seed(0)
+    model = models.build_regressor(n_features=4, hidden_sizes=(8,))
+    res = training.fit(
+        model,
+        x_train=x,
+        y_train=y,
+        x_val=None,
+        y_val=None,
+        task="regression",
+        fit_cfg=FIT,
+        dp=DP,
+        device=torch.device("cuda"),
+        seed=0,
+    )
+    assert res.privacy["epsilon"] <= DP.target_epsilon and all(torch.isfinite(v).all() for v in res.state_dict.values())
+
+
+def test_a_noise_generator_on_another_device_is_refused():
+    """The CUDA crash of issue 11, caught before any step: a stand-in generator claims to be on CUDA."""
+    model = torch.nn.Linear(3, 1)  # CPU parameters
+    plan_ = privacy.plan(
+        dataclasses.replace(DP, noise_multiplier=5.0), n_samples=10, batch_size=5, max_grad_norm=1.0, epochs=1
+    )
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda"))  # no CUDA needed to name the device
+    with pytest.raises(ValueError, match="make_generator"):
+        privacy.make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            torch.utils.data.TensorDataset(torch.zeros(10, 3), torch.zeros(10)),
+            plan=plan_,
+            sampling_generator=seeds.make_generator("cpu", 0),
+            noise_generator=on_cuda,
+        )
+
+
+def test_secure_mode_is_gone_and_the_opt_out_is_a_config_key():
+    with pytest.raises(ConfigError, match="secure_mode"):
+        load_config(None, ["dp.secure_mode=true"])
+    assert load_config(None, []).dp.reproducible_noise is False
+    assert load_config(None, ["dp.reproducible_noise=true"]).dp.reproducible_noise is True
 
 
 def test_empty_poisson_batches_still_take_noisy_steps(rng):

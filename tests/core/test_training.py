@@ -91,3 +91,80 @@ def test_proximal_term_pulls_towards_the_starting_weights_with_and_without_dp(rn
     dp = DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=50.0)
     for privacy in (None, dp):
         assert drift(5.0, privacy) < 0.8 * drift(0.0, privacy)
+
+
+def test_make_generator_is_device_correct_and_seeded():
+    from core import seeds
+
+    cpu = seeds.make_generator("cpu", 7)
+    assert cpu.device.type == "cpu"
+    a = torch.randn(5, generator=cpu)
+    assert torch.equal(a, torch.randn(5, generator=seeds.make_generator(torch.device("cpu"), 7)))  # seeded: replayable
+    secret_a, secret_b = seeds.make_generator("cpu"), seeds.make_generator("cpu")  # secret seeds differ
+    assert not torch.equal(torch.randn(8, generator=secret_a), torch.randn(8, generator=secret_b))
+    if torch.cuda.is_available():
+        gen = seeds.make_generator("cuda", 7)
+        assert gen.device.type == "cuda" and torch.randn(3, device="cuda", generator=gen).is_cuda
+
+
+def test_every_generator_of_the_training_core_comes_from_the_helper(rng, monkeypatch):
+    """Non-DP and DP training ask make_generator for each generator, on the device of what it fills."""
+    from core import privacy, seeds
+    from core.config import DPConfig
+
+    made = []
+    real = seeds.make_generator
+
+    def spy(device, seed=None):
+        made.append((torch.device(device).type, seed is None))
+        return real(device, seed)
+
+    monkeypatch.setattr(seeds, "make_generator", spy)
+    x, y = _digits_like(rng, 40)
+    _fit(x, y, epochs=1)
+    assert made == [("cpu", False)]  # batch order + augmentation: seeded from the recorded seed
+    made.clear()
+    torch.manual_seed(0)
+    m = models.build_cnn(input_shape=(1, 8, 8), n_classes=3, channels=(4,), hidden=8)
+    training.fit(
+        m,
+        x_train=x,
+        y_train=y,
+        x_val=None,
+        y_val=None,
+        task="classification",
+        fit_cfg=FitConfig(epochs=1, batch_size=16, lr=1e-2),
+        dp=DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=100.0, accountant="rdp"),
+        device=torch.device("cpu"),
+        seed=0,
+    )
+    # data order (seeded), then DP sampling on the CPU and noise on the parameters' device, both secret
+    assert made == [("cpu", False), ("cpu", True), ("cpu", True)]
+    assert privacy.seeds is seeds
+
+
+def test_no_generator_is_made_outside_the_helper():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    offenders = [
+        str(p.relative_to(root))
+        for pkg in ("core", "pipeline", "federated", "explain", "scripts")
+        for p in (root / pkg).rglob("*.py")
+        if "torch.Generator(" in p.read_text() and p.relative_to(root) != Path("core/seeds.py")
+    ]
+    assert offenders == []  # create generators with core.seeds.make_generator(device, seed)
+
+
+def test_early_stopping_unit():
+    stop = training.EarlyStopping(patience=2)
+    model = torch.nn.Linear(1, 1)
+    assert [stop.update(e, {"val_loss": v}, model) for e, v in enumerate([3.0, 2.0, 2.5, 2.1], 1)] == [
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert stop.best_epoch == 2 and stop.best_loss == 2.0 and stop.best_state is not None
+    off = training.EarlyStopping(patience=0)
+    assert not any(off.update(e, {"val_loss": float(e)}, model) for e in range(1, 10)) and off.best_state is None

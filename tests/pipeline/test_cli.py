@@ -67,12 +67,15 @@ def test_dp_run_records_the_guarantee(tmp_path, tiny_overrides):
             "total_steps",
             "accountant",
             "opacus_version",
-            "secure_mode",
+            "noise_source",
         ):
             assert key in rec
+        assert rec["noise_source"] == "os-csprng" and "secure_mode" not in rec
         pre = json.loads((run / "models" / f"{name}.json").read_text())["training"]["public_pretraining"]
         arrays = np.load(run / "data" / ("tabular.npz" if name == "regressor" else "images.npz"))
         assert pre["split"] == "public" and pre["epochs"] == 2 and pre["rows"] == len(arrays["y_public"]) > 0
+        card = (run / f"model_card_{name}.md").read_text()
+        assert "Public pretraining: before DP-SGD, the weights were first fitted WITHOUT differential privacy" in card
 
 
 @pytest.mark.parametrize(

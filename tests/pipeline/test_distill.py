@@ -96,6 +96,36 @@ def test_private_transfer_without_student_dp_says_no_guarantee():
     assert rec["privacy"]["guarantee"] == "none" and "NO differential-privacy guarantee" in rec["privacy"]["reason"]
 
 
+def test_composed_student_is_accounted_per_record_with_delta_and_budget_flag():
+    from pipeline.report.privacy import student_caveats, student_privacy
+
+    cfg = load_config(
+        None, TINY + ["dp.enabled=true", "dp.target_epsilon=8", 'distill.transfer="private"', "distill.student_dp=true"]
+    )
+    ds = data.run(cfg, {}, seed=0)
+    trained = train.run(cfg, {"data": ds}, seed=1)
+    tab, teacher = ds["tabular"], trained.models["regressor"].training["privacy"]
+    out = distill._distill_one(cfg, "regressor", tab, trained.models["regressor"], seed=3)
+    rec = out["record"]
+    n_train, n_public = len(tab.y["train"]), len(tab.y["public"])
+    # Each private row enters the student's DP-SGD once; synthetic rows are jittered from public rows only.
+    assert rec["transfer"]["synthetic_from"] == ["public"]
+    assert rec["transfer"]["synthetic_rows"] == n_public * cfg.distill.synthetic_per_row
+    assert rec["training"]["n_train"] == n_train + n_public + n_public * cfg.distill.synthetic_per_row
+    p = rec["privacy"]
+    assert p["guarantee"] == "composed"
+    assert p["epsilon"] == pytest.approx(p["student_epsilon"] + teacher["epsilon"], rel=1e-12)
+    assert p["delta"] == pytest.approx(2 * cfg.dp.delta, rel=1e-12)  # basic composition: δ adds too
+    assert p["over_budget"] is (p["epsilon"] > cfg.dp.target_epsilon) is True  # two budgets of 8 exceed 8
+    covered, _ = student_privacy({"regressor": out})
+    assert any("OVER the budget" in line and "δ = " in line for line in covered)
+    assert any("OVER the budget" in c for c in student_caveats({"regressor": out}))
+    # The public-transfer default jitters only public rows too, and needs no student DP.
+    assert distill.transfer_set(load_config(None, TINY + ["dp.enabled=true"]), tab, seed=0).synthetic_from == (
+        "public",
+    )
+
+
 def test_student_agrees_with_teacher_on_embedded_digits():
     cfg = load_config(None, ["cnn.fit.epochs=15", "regressor.fit.epochs=30", "distill.fit.epochs=60"])
     ds = data.run(cfg, {}, seed=0)

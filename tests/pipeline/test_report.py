@@ -161,7 +161,7 @@ def test_privacy_section_states_coverage_and_caveats():
         "total_steps": 100,
         "accountant": "prv",
         "opacus_version": "1.6.0",
-        "secure_mode": False,
+        "noise_source": "os-csprng",
     }
     p = privacy_section(cfg, _trained(record), {}, None)
     assert p["enabled"] and "ε = 2.5, δ = 0.01" in p["statement"]
@@ -170,7 +170,12 @@ def test_privacy_section_states_coverage_and_caveats():
         "public split" in line for line in p["not_covered"]
     )
     assert any("explain/" in line for line in p["covered"])
-    assert any("secure_mode is off" in c for c in p["caveats"])
+    assert not any("secure_mode" in c for c in p["caveats"])  # the setting is gone: no caveat may recommend it
+    assert "only while the seed stays secret" not in p["statement"]
+    assert any("OS's CSPRNG" in c and "never recorded" in c for c in p["caveats"])
+    seeded = privacy_section(cfg, _trained({**record, "noise_source": "seeded"}), {}, None)
+    assert "-DP only while the seed stays secret" in seeded["statement"]
+    assert any("dp.reproducible_noise = true" in c for c in seeded["caveats"])
     assert any("not below 1/n" in c for c in p["caveats"])  # δ = 0.01 >= 1/300
     off = privacy_section(load_config(None, []), _trained(None), {}, None)
     assert not off["enabled"] and off["statement"].startswith("No formal privacy guarantee") and not off["covered"]

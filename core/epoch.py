@@ -1,0 +1,174 @@
+"""One epoch and its parts: device choice, loss, optimizer, batch order, augmentation, evaluation.
+
+The primitives under :func:`core.training.fit` (which re-exports them: callers write
+``training.predict``). Nothing here knows about DP beyond the noise-only step of an empty
+Poisson batch, which :mod:`core.privacy` performs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from core import privacy
+from core.config import FitConfig
+from core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto", *, num_threads: int = 1) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; also sets the CPU thread count.
+
+    Raises
+    ------
+    ConfigError
+        If ``cuda`` is asked for on a machine without a usable CUDA device.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but no CUDA device is available; use --device auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={name!r} is not valid; choose one of: auto, cpu, cuda")
+    # One thread per process is fastest for these small models (measured: see PLATFORM.md).
+    torch.set_num_threads(num_threads)
+    return torch.device(name)
+
+
+def loss_fn(task: str) -> nn.Module:
+    """MSE for regression (on the (N,) output), cross-entropy for classification."""
+    return nn.MSELoss() if task == "regression" else nn.CrossEntropyLoss()
+
+
+def _output(model: nn.Module, xb: torch.Tensor, task: str) -> torch.Tensor:
+    out = model(xb)
+    return out.squeeze(-1) if task == "regression" else out  # (B,) or (B, K)
+
+
+def make_optimizer(model: nn.Module, fit: FitConfig) -> torch.optim.Optimizer:
+    """The optimizer ``fit`` names."""
+    if fit.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=fit.lr, momentum=fit.momentum, weight_decay=fit.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
+
+
+def add_proximal_term(optimizer: torch.optim.Optimizer, model: nn.Module, mu: float) -> None:
+    """Add FedProx's gradient ``mu * (w - w_start)`` before every update of ``optimizer``.
+
+    It depends on no training record, so it is added to the gradient rather than the loss:
+    under DP-SGD, Opacus' optimizer writes the clipped, noised gradient and then steps this
+    (wrapped) optimizer, whose pre-hook adds the term after the noise: post-processing, no
+    privacy cost. Per-sample gradients of a loss term would instead be clipped and noised.
+    """
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            for p, ref in zip(model.parameters(), reference):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - ref, alpha=mu)
+
+    optimizer.register_step_pre_hook(hook)
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of one shuffled epoch (no DataLoader: it dominates the cost of these tiny models)."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def random_shift(xb: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image of ``xb`` (B, C, H, W) by its own random offset in [-max_shift, max_shift].
+
+    Uncovered pixels take the image's own minimum (the background of standardised digits).
+
+    A per-record transformation: under DP it touches only the record it augments, so the
+    guarantee is unchanged.
+    """
+    if max_shift <= 0 or len(xb) == 0:
+        return xb
+    b, _, h, w = xb.shape
+    floor = xb.amin(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    padded = nn.functional.pad(xb - floor, (max_shift,) * 4) + floor  # (B, C, H+2s, W+2s)
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(xb.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(xb.device)
+    rows = (dy[:, None] + torch.arange(h, device=xb.device))[:, None, :, None].expand(
+        b, xb.shape[1], h, w + 2 * max_shift
+    )
+    out = padded.gather(2, rows)  # (B, C, H, W+2s)
+    cols = (dx[:, None] + torch.arange(w, device=xb.device))[:, None, None, :].expand(b, xb.shape[1], h, w)
+    return out.gather(3, cols)  # (B, C, H, W)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Any,
+    *,
+    task: str,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    criterion: nn.Module | None = None,
+) -> float:
+    """One pass over ``batches`` (an iterable of ``(x, y)`` tensors on the model's device).
+
+    Returns the mean training loss. An empty batch (only possible under Poisson sampling) still
+    takes its noise-only step (:func:`core.privacy.noise_only_step`), as DP-SGD's analysis assumes.
+    """
+    model.train()
+    criterion = criterion or loss_fn(task)
+    total, count = 0.0, 0
+    for xb, yb in batches:
+        if len(xb) == 0:
+            privacy.noise_only_step(model, optimizer)
+            continue
+        if transform is not None:
+            xb = transform(xb)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(_output(model, xb, task), yb)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(xb)
+        count += len(xb)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, x: np.ndarray | torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 1024
+) -> np.ndarray:
+    """Model outputs for ``x``: (N,) for a regressor, (N, K) logits for a classifier."""
+    model.eval()
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    outs = [model(xt[i : i + batch_size].to(device)).cpu() for i in range(0, len(xt), batch_size)]
+    out = torch.cat(outs) if outs else torch.empty(0)
+    return (out.squeeze(-1) if out.ndim == 2 and out.shape[1] == 1 else out).numpy()
+
+
+def evaluate(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, task: str, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Loss and headline metric (R² on the scale trained on, or accuracy) on one split."""
+    out = predict(model, x, device=device)
+    if task == "regression":
+        y = np.asarray(y, dtype=np.float64)
+        mse = float(np.mean((out - y) ** 2))
+        var = float(np.var(y))
+        return {"loss": mse, "r2": 1.0 - mse / var if var > 0 else float("nan")}
+    logits = torch.as_tensor(out)
+    loss = float(nn.functional.cross_entropy(logits, torch.as_tensor(y, dtype=torch.long)))
+    return {"loss": loss, "accuracy": float((out.argmax(axis=1) == y).mean())}
+
+
+def progress_bar(it: range, enabled: bool, desc: str) -> Iterable[int]:
+    """``it``, wrapped in a tqdm bar when ``enabled``."""
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False)
