@@ -401,7 +401,11 @@ def validate(cfg: Config) -> None:
         p.noise_multiplier,
         f"in [0, {MAX_NOISE_MULTIPLIER:g}] (0 = derive from dp.target_epsilon)",
     )
-    dp_fits = [("regressor.dp_fit", cfg.regressor.dp_fit), ("cnn.dp_fit", cfg.cnn.dp_fit), ("distill.fit", cfg.distill.fit)]
+    dp_fits = [
+        ("regressor.dp_fit", cfg.regressor.dp_fit),
+        ("cnn.dp_fit", cfg.cnn.dp_fit),
+        ("distill.fit", cfg.distill.fit),
+    ]
     for key, fit in dp_fits:
         _check(fit.epochs <= MAX_DP_EPOCHS, f"{key}.epochs", fit.epochs, f"<= {MAX_DP_EPOCHS} (the accountant's range)")
     total = cfg.federated.rounds * cfg.federated.local_epochs
@@ -415,7 +419,9 @@ def validate(cfg: Config) -> None:
     _validate_fit(k.fit, "distill.fit")
     _check(k.tree_depth >= 1, "distill.tree_depth", k.tree_depth, ">= 1")
     _check(k.synthetic_per_row >= 0, "distill.synthetic_per_row", k.synthetic_per_row, ">= 0")
-    _check(0 <= k.synthetic_noise <= 100, "distill.synthetic_noise", k.synthetic_noise, "in [0, 100] (standardised units)")
+    _check(
+        0 <= k.synthetic_noise <= 100, "distill.synthetic_noise", k.synthetic_noise, "in [0, 100] (standardised units)"
+    )
     _check(0 < k.temperature <= 1000, "distill.temperature", k.temperature, "in (0, 1000]")
     _check(0 <= k.label_weight <= 1, "distill.label_weight", k.label_weight, "in [0, 1]")
     _check(

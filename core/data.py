@@ -169,7 +169,11 @@ def prepare_table(raw: RawTable, cfg: DataConfig, *, seed: int) -> Dataset:
         x_scaled = {s: ((v - mean) / std).astype(np.float32) for s, v in xs.items()}
         y_scaled = {s: ((y[i] - y_mean) / y_std).astype(np.float32) for s, i in split.items()}
     source = raw.provenance.get("source")
-    bad = [name for j, name in enumerate(raw.feature_names) if not all(np.isfinite(v[:, j]).all() for v in x_scaled.values())]
+    bad = [
+        name
+        for j, name in enumerate(raw.feature_names)
+        if not all(np.isfinite(v[:, j]).all() for v in x_scaled.values())
+    ]
     if not (math.isfinite(y_mean) and math.isfinite(y_std) and all(np.isfinite(v).all() for v in y_scaled.values())):
         bad.append(raw.target_name)
     if bad or not (np.isfinite(mean).all() and np.isfinite(std).all()):

@@ -87,7 +87,9 @@ def load_table(csv_path: str, target: str) -> RawTable:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"CSV file {csv_path!r} cannot be read ({exc.strerror or exc}); check its permissions") from None
+        raise DataError(
+            f"CSV file {csv_path!r} cannot be read ({exc.strerror or exc}); check its permissions"
+        ) from None
     try:
         frame = pd.read_csv(io.BytesIO(raw))
         # pandas renames a repeated column name ("y", "y" -> "y", "y.1"): read the header as written.
@@ -252,7 +254,9 @@ def _load_image_folder(root: Path) -> RawImages:
         raise DataError(
             f"image folder {str(root)!r} has no class sub-folders; put each class's images in root/<class>/"
         )
-    listing = {d: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) for d in class_dirs}
+    listing = {
+        d: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) for d in class_dirs
+    }
     empty = [d.name for d, files in listing.items() if not files]
     if empty and len(empty) < len(class_dirs):
         raise DataError(

@@ -20,7 +20,7 @@ from torch import nn
 
 from core import privacy
 from core.config import DPConfig, FitConfig
-from core.errors import ConfigError
+from core.errors import ConfigError, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,7 @@ def fit(
         else:
             batches = ((xt[i], yt[i]) for i in shuffled_batches(len(xt), fit_cfg.batch_size, generator))
         train_loss = train_one_epoch(run_model, run_opt, batches, task=task, transform=transform, criterion=criterion)
+        check_diverged(model, train_loss, epoch=epoch + 1, desc=desc)
         row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - t0}
         if x_val is not None and len(x_val):
             row.update({f"val_{k}": v for k, v in evaluate(model, x_val, y_val, task=task, device=device).items()})
@@ -373,6 +374,23 @@ def fit(
         n_train=len(xt),
         privacy=record,
         accountant_history=spent_history,
+    )
+
+
+def check_diverged(model: nn.Module, train_loss: float, *, epoch: int, desc: str) -> None:
+    """Stop training whose loss or weights stopped being finite (a too-large learning rate, for one).
+
+    Raises
+    ------
+    TrainingDivergedError
+        Naming the epoch; callers that know the config key add it (``lower cnn.fit.lr``).
+    """
+    finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if np.isfinite(train_loss) and finite_weights:
+        return
+    what = "weights" if np.isfinite(train_loss) else f"train loss ({train_loss})"
+    raise TrainingDivergedError(
+        f"training diverged at epoch {epoch} ({desc}: {what} not finite); lower the learning rate", epoch=epoch
     )
 
 

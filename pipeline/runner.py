@@ -23,7 +23,7 @@ from core.config import Config
 from core.errors import RunDirError, UserError
 from core.runtime import Runtime
 from core.seeds import stage_seed
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, damaged
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,34 @@ def _inputs(stage: Stage, outputs: dict[str, Any], run: RunDir) -> dict[str, Any
     inputs: dict[str, Any] = {}
     for dep in (*stage.requires, *stage.optional):
         if dep not in outputs and run.stage_status(dep) == "complete":
-            outputs[dep] = stage_module(dep).load(run.read)
+            outputs[dep] = _load_recorded(dep, run)
         if dep in outputs:
             inputs[dep] = outputs[dep]
     if stage.provenance:
         inputs[PROVENANCE] = copy.deepcopy(run.manifest)
     return inputs
+
+
+def _load_recorded(name: str, run: RunDir) -> Any:
+    """Stage ``name``'s output rebuilt from its hash-checked files; undecodable files say which file is damaged.
+
+    A file whose hash matches can still be hostile (the manifest was edited to match it): the
+    decoders refuse pickles and code, and any decoding failure becomes a one-line RunDirError.
+    """
+    last: list[str] = []
+
+    def read(rel: str) -> bytes:
+        last.append(rel)
+        return run.read(rel)
+
+    try:
+        return stage_module(name).load(read)
+    except UserError:
+        raise
+    except Exception as exc:  # a decoder's error on a file it did not write: ValueError, KeyError, SafetensorError...
+        where = run.path / last[-1] if last else run.path
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise damaged(where, f"{type(exc).__name__}: {reason}; re-run --from {name}") from None
 
 
 def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = False) -> dict[str, Any]:
