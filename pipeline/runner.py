@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any, Iterable
 
 from core.config import Config
-from core.errors import RunDirError, UserError
+from core.errors import ConfigError, RunDirError, UserError
 from core.runtime import Runtime
 from core.seeds import stage_seed
 from pipeline.rundir import RunDir, damaged
@@ -88,7 +88,7 @@ DESCRIPTIONS = {name: s.description for name, s in STAGES.items()}
 
 def _check_name(name: str) -> None:
     if name not in STAGES:
-        raise UserError(f"unknown stage {name!r}; valid stages in order: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {name!r}; valid stages in order: {', '.join(STAGES)}")
 
 
 def stage_module(name: str) -> ModuleType:
