@@ -81,6 +81,11 @@ def _verify_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--key", metavar="PUBLIC.pem", help="also check manifest.sig against this Ed25519 public key")
+    p.add_argument(
+        "--rerender",
+        action="store_true",
+        help="also re-render the report from the recorded artifacts and compare it byte for byte",
+    )
     return p
 
 
@@ -108,6 +113,8 @@ def cmd_verify(argv: list[str]) -> int:
     if args.key:
         bad_signature = evidence.check_signature(run, args.key)
         problems += [bad_signature] if bad_signature else []
+    if args.rerender and not problems:
+        problems += evidence.rerender(run)
     incomplete = run.incomplete(list(runner.STAGES))
     for line in problems + incomplete:
         print(line)

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from core.artifacts import atomic_write
-from core.errors import ConfigError
+from core.errors import ConfigError, RunDirError
 from pipeline.rundir import MANIFEST, SIGNATURE, RunDir
 
 SIG_PREFIX = b"ed25519 "  # manifest.sig: "ed25519 <base64 signature>\n"
@@ -102,3 +102,42 @@ def check_signature(run: RunDir, public_key: str | Path) -> str | None:
     except (ValueError, InvalidSignature):
         return f"signature: {SIGNATURE} does not verify against {MANIFEST} with this public key (edited or re-signed)"
     return None
+
+
+def rerender(run: RunDir) -> list[str]:
+    """Re-render the report from the run's recorded (hash-checked) artifacts; one line per file that differs.
+
+    The report is a pure function of its recorded inputs (``report_provenance.json`` holds the
+    manifest it read), so an unmodified run re-renders byte for byte. An empty list means every
+    report file was reproduced exactly.
+
+    Raises
+    ------
+    RunDirError
+        If the report stage is not complete or a recorded input is missing, edited or damaged.
+    """
+    from core.artifacts import read_json
+    from core.config import load_config
+    from pipeline import runner
+    from pipeline.report import PROVENANCE_FILE
+
+    if run.stage_status("report") != "complete":
+        raise RunDirError(f"the report of {run.path} is not complete; run the report stage before --rerender")
+    stage = runner.STAGES["report"]
+    cfg = load_config(run.read_config())
+    inputs = {}
+    for dep in (*stage.requires, *stage.optional):
+        if run.stage_status(dep) == "complete":
+            inputs[dep] = runner.load_recorded(dep, run)
+    inputs[runner.PROVENANCE] = read_json(run.read(PROVENANCE_FILE))
+    module = runner.stage_module("report")
+    seed = int(run.manifest["stages"]["report"]["seed"])
+    files = module.dump(module.run(cfg, inputs, seed=seed))
+    recorded = sorted(r for r, a in run.manifest["artifacts"].items() if a["stage"] == "report")
+    problems = [
+        f"not reproduced: {rel} (re-rendered bytes differ)" for rel in recorded if files.get(rel) != run.read(rel)
+    ]
+    problems += [
+        f"not recorded: {rel} (re-rendering writes it; the run did not)" for rel in sorted(set(files) - set(recorded))
+    ]
+    return problems

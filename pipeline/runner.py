@@ -135,15 +135,28 @@ def _inputs(stage: Stage, outputs: dict[str, Any], run: RunDir) -> dict[str, Any
     inputs: dict[str, Any] = {}
     for dep in (*stage.requires, *stage.optional):
         if dep not in outputs and run.stage_status(dep) == "complete":
-            outputs[dep] = _load_recorded(dep, run)
+            outputs[dep] = load_recorded(dep, run)
         if dep in outputs:
             inputs[dep] = outputs[dep]
     if stage.provenance:
-        inputs[PROVENANCE] = copy.deepcopy(run.manifest)
+        inputs[PROVENANCE] = provenance_view(run.manifest, stage.name)
     return inputs
 
 
-def _load_recorded(name: str, run: RunDir) -> Any:
+def provenance_view(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """What stage ``name`` may know of the run: the manifest without its own record and the invocation log.
+
+    Both change on every re-run of ``name`` (attempt counters, previous timings) while its inputs do
+    not; leaving them out makes the stage's output a pure function of its recorded inputs.
+    """
+    view = copy.deepcopy(manifest)
+    view["stages"].pop(name, None)
+    view.pop("invocations", None)
+    view["artifacts"] = {rel: a for rel, a in view["artifacts"].items() if a.get("stage") != name}
+    return view
+
+
+def load_recorded(name: str, run: RunDir) -> Any:
     """Stage ``name``'s output rebuilt from its hash-checked files; undecodable files say which file is damaged.
 
     A file whose hash matches can still be hostile (the manifest was edited to match it): the
