@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Iterable
 
+from core.artifacts import json_bytes, read_json
 from core.config import Config
 from core.errors import ConfigError, RunDirError, UserError
 from core.runtime import Runtime
@@ -134,6 +135,12 @@ def _inputs(stage: Stage, outputs: dict[str, Any], run: RunDir) -> dict[str, Any
     """The inputs ``stage`` declared: computed now, else loaded from the run directory."""
     inputs: dict[str, Any] = {}
     for dep in (*stage.requires, *stage.optional):
+        if stage.provenance and run.stage_status(dep) == "complete":
+            # A stage that records provenance (the report) always reads the recorded, hash-checked files,
+            # never in-memory objects: it then describes exactly what is on disk, and re-rendering it
+            # from the run directory gives the same bytes.
+            inputs[dep] = load_recorded(dep, run)
+            continue
         if dep not in outputs and run.stage_status(dep) == "complete":
             outputs[dep] = load_recorded(dep, run)
         if dep in outputs:
@@ -153,7 +160,7 @@ def provenance_view(manifest: dict[str, Any], name: str) -> dict[str, Any]:
     view["stages"].pop(name, None)
     view.pop("invocations", None)
     view["artifacts"] = {rel: a for rel, a in view["artifacts"].items() if a.get("stage") != name}
-    return view
+    return read_json(json_bytes(view))  # its recorded form (sorted keys), exactly what a re-render reads back
 
 
 def load_recorded(name: str, run: RunDir) -> Any:
