@@ -220,19 +220,19 @@ def prepare_images(raw: RawImages, cfg: DataConfig, *, seed: int) -> Dataset:
     if not finite:
         x = np.where(np.isfinite(x), x, np.nan)  # "impute" kept non-finite pixels: fill them with the train mean
     train = x[split["train"]]
-    # nanmean copies its input to mask NaNs; with every pixel finite the plain mean is the same number.
-    mean = train.mean(axis=(0, 2, 3)) if finite else np.nan_to_num(np.nanmean(train, axis=(0, 2, 3)))
-    if not finite:
-        x = np.where(np.isnan(x), mean[None, :, None, None], x)
-        train = x[split["train"]]
-    std = train.std(axis=(0, 2, 3))
-    del train
-    std = np.where(std > 0, std, 1.0)
 
     def scale(v: np.ndarray) -> np.ndarray:
         return ((v - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
 
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below, by name
+        # nanmean copies its input to mask NaNs; with every pixel finite the plain mean is the same number.
+        mean = train.mean(axis=(0, 2, 3)) if finite else np.nan_to_num(np.nanmean(train, axis=(0, 2, 3)))
+        if not finite:
+            x = np.where(np.isnan(x), mean[None, :, None, None], x)
+            train = x[split["train"]]
+        std = train.std(axis=(0, 2, 3))
+        del train
+        std = np.where(std > 0, std, 1.0)
         x_scaled = {s: scale(x[i]) for s, i in split.items()}
     if not (np.isfinite(std).all() and all(np.isfinite(v).all() for v in x_scaled.values())):
         raise DataError(
