@@ -180,9 +180,11 @@ def load_recorded(name: str, run: RunDir) -> Any:
     except UserError:
         raise
     except Exception as exc:  # a decoder's error on a file it did not write: ValueError, KeyError, SafetensorError...
+        # A decoder fails on the file it just read; a wrong key shows only once the loader combines them.
         where = run.path / last[-1] if last else run.path
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise damaged(where, f"{type(exc).__name__}: {reason}; re-run --from {name}") from None
+        read_too = f"; stage {name!r} files read: {', '.join(last)}" if len(last) > 1 else ""
+        raise damaged(where, f"{type(exc).__name__}: {reason}{read_too}; re-run --from {name}") from None
 
 
 def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = False) -> dict[str, Any]:
