@@ -19,8 +19,10 @@ import base64
 import os
 from pathlib import Path
 
-from core.artifacts import atomic_write
+from core.artifacts import atomic_write, read_json
+from core.config import load_config
 from core.errors import ConfigError, RunDirError
+from pipeline import runner
 from pipeline.rundir import MANIFEST, SIGNATURE, RunDir
 
 SIG_PREFIX = b"ed25519 "  # manifest.sig: "ed25519 <base64 signature>\n"
@@ -116,11 +118,6 @@ def rerender(run: RunDir) -> list[str]:
     RunDirError
         If the report stage is not complete or a recorded input is missing, edited or damaged.
     """
-    from core.artifacts import read_json
-    from core.config import load_config
-    from pipeline import runner
-    from pipeline.report import PROVENANCE_FILE
-
     if run.stage_status("report") != "complete":
         raise RunDirError(f"the report of {run.path} is not complete; run the report stage before --rerender")
     stage = runner.STAGES["report"]
@@ -129,8 +126,8 @@ def rerender(run: RunDir) -> list[str]:
     for dep in (*stage.requires, *stage.optional):
         if run.stage_status(dep) == "complete":
             inputs[dep] = runner.load_recorded(dep, run)
-    inputs[runner.PROVENANCE] = read_json(run.read(PROVENANCE_FILE))
     module = runner.stage_module("report")
+    inputs[runner.PROVENANCE] = read_json(run.read(module.PROVENANCE_FILE))
     seed = int(run.manifest["stages"]["report"]["seed"])
     files = module.dump(module.run(cfg, inputs, seed=seed))
     recorded = sorted(r for r, a in run.manifest["artifacts"].items() if a["stage"] == "report")
