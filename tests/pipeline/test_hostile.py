@@ -121,6 +121,17 @@ def test_a_symlink_leading_out_of_the_run_is_refused(run, capsys):
     clean_refusal(code, err, "damaged", "models/ridge.json")
 
 
+def test_opening_a_run_never_deletes_temporary_files_outside_it(run):
+    """Not in the issue: open() removes interrupted writes (.*.tmp), and rglob follows a symlinked folder."""
+    outside = run.parent / "outside"
+    outside.mkdir()
+    (outside / ".precious.tmp").write_text("x")
+    (run / "linked").symlink_to(outside, target_is_directory=True)
+    (run / "models" / ".ridge.json.abc.tmp").write_text("half-written")
+    RunDir.open(run)
+    assert (outside / ".precious.tmp").is_file() and not (run / "models" / ".ridge.json.abc.tmp").exists()
+
+
 # --------------------------------------------------------------------------- finding 10: damaged files
 
 
