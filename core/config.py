@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+import tomli_w
+
 from core.errors import ConfigError
 
 Scalar = bool | int | float | str
@@ -328,18 +330,42 @@ def _check(ok: bool, key: str, value: Any, valid: str) -> None:
         raise ConfigError(f"config key {key!r} = {value!r} is out of range; it must be {valid}")
 
 
+# Upper bounds of the DP numbers. Opacus adds noise of std sigma * C in float32 and the accountants
+# integrate over sigma, q and the step count: beyond these bounds a plan is either meaningless
+# (C = 1e300 clips nothing, sigma * C overflows float32 to inf) or the accountant cannot bound it.
+MAX_GRAD_NORM = 1e6  # clipping norm C
+MAX_NOISE_MULTIPLIER = 1e4  # sigma
+MAX_EPSILON = 1e3  # a budget above this guarantees nothing worth reporting
+MAX_DP_EPOCHS = 100_000  # accountant steps grow with epochs; PRV's cost grows with them
+
+
 def _validate_fit(fit: FitConfig, key: str) -> None:
     _check(fit.epochs >= 1, f"{key}.epochs", fit.epochs, ">= 1")
     _check(fit.batch_size >= 1, f"{key}.batch_size", fit.batch_size, ">= 1")
     _check(fit.lr > 0 and math.isfinite(fit.lr), f"{key}.lr", fit.lr, "a finite number > 0")
     _check(0 <= fit.momentum < 1, f"{key}.momentum", fit.momentum, "in [0, 1)")
     _check(fit.weight_decay >= 0, f"{key}.weight_decay", fit.weight_decay, ">= 0")
-    _check(fit.max_grad_norm > 0, f"{key}.max_grad_norm", fit.max_grad_norm, "> 0")
+    _check(
+        0 < fit.max_grad_norm <= MAX_GRAD_NORM,
+        f"{key}.max_grad_norm",
+        fit.max_grad_norm,
+        f"in (0, {MAX_GRAD_NORM:g}] (a finite clipping norm: without one DP-SGD guarantees nothing)",
+    )
     _check(fit.augment_shift >= 0, f"{key}.augment_shift", fit.augment_shift, ">= 0")
+
+
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """Refuse NaN and ±inf in every float key: no setting of this pipeline means anything at infinity."""
+    for key, value in flatten(cfg, prefix).items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config key {key!r} = {v!r} is not a finite number; set it to a finite value")
 
 
 def validate(cfg: Config) -> None:
     """Check value ranges and cross-field rules; raise ConfigError naming the key and the valid range."""
+    _check_finite(cfg)
     d = cfg.data
     _check(0 < d.test_fraction <= 0.5, "data.test_fraction", d.test_fraction, "in (0, 0.5]")
     _check(0 < d.val_fraction <= 0.5, "data.val_fraction", d.val_fraction, "in (0, 0.5]")
@@ -388,17 +414,37 @@ def validate(cfg: Config) -> None:
         p.target_epsilon,
         "a finite number > 0",
     )
+    _check(p.target_epsilon <= MAX_EPSILON, "dp.target_epsilon", p.target_epsilon, f"<= {MAX_EPSILON:g}")
     _check(0 < p.delta < 1, "dp.delta", p.delta, "in (0, 1), typically well below 1/n_train")
     _check(p.public_pretrain_epochs >= 0, "dp.public_pretrain_epochs", p.public_pretrain_epochs, ">= 0")
     _check(
-        p.noise_multiplier >= 0, "dp.noise_multiplier", p.noise_multiplier, ">= 0 (0 = derive from dp.target_epsilon)"
+        0 <= p.noise_multiplier <= MAX_NOISE_MULTIPLIER,
+        "dp.noise_multiplier",
+        p.noise_multiplier,
+        f"in [0, {MAX_NOISE_MULTIPLIER:g}] (0 = derive from dp.target_epsilon)",
+    )
+    dp_fits = [
+        ("regressor.dp_fit", cfg.regressor.dp_fit),
+        ("cnn.dp_fit", cfg.cnn.dp_fit),
+        ("distill.fit", cfg.distill.fit),
+    ]
+    for key, fit in dp_fits:
+        _check(fit.epochs <= MAX_DP_EPOCHS, f"{key}.epochs", fit.epochs, f"<= {MAX_DP_EPOCHS} (the accountant's range)")
+    total = cfg.federated.rounds * cfg.federated.local_epochs
+    _check(
+        total <= MAX_DP_EPOCHS,
+        "federated.rounds * federated.local_epochs",
+        total,
+        f"<= {MAX_DP_EPOCHS} (the accountant's range)",
     )
     k = cfg.distill
     _validate_fit(k.fit, "distill.fit")
     _check(k.tree_depth >= 1, "distill.tree_depth", k.tree_depth, ">= 1")
     _check(k.synthetic_per_row >= 0, "distill.synthetic_per_row", k.synthetic_per_row, ">= 0")
-    _check(k.synthetic_noise >= 0, "distill.synthetic_noise", k.synthetic_noise, ">= 0")
-    _check(k.temperature > 0, "distill.temperature", k.temperature, "> 0")
+    _check(
+        0 <= k.synthetic_noise <= 100, "distill.synthetic_noise", k.synthetic_noise, "in [0, 100] (standardised units)"
+    )
+    _check(0 < k.temperature <= 1000, "distill.temperature", k.temperature, "in (0, 1000]")
     _check(0 <= k.label_weight <= 1, "distill.label_weight", k.label_weight, "in [0, 1]")
     _check(
         len(k.cnn_channels) >= 1 and all(c >= 1 for c in k.cnn_channels),
@@ -540,13 +586,32 @@ def from_flat(flat: Mapping[str, Any]) -> Config:
 def to_toml(cfg: Any) -> str:
     """Render a config as TOML that :func:`load_config` reads back to an equal Config.
 
-    The standard library reads TOML but cannot write it; our values are only
-    scalars, lists of scalars and nested sections, so a small emitter suffices
-    and spares a dependency.
+    Every key and value is written by ``tomli_w`` (a real TOML writer: strings with quotes,
+    backslashes, newlines or control characters survive); this function only adds the section
+    headers, whose names are our own identifiers, and each key's documenting comment.
+
+    Raises
+    ------
+    ConfigError
+        If the rendered text does not read back to the same values (never expected; a guard
+        so a run directory is never given a config it cannot resume from).
     """
     lines: list[str] = []
     _emit(cfg, "", lines)
-    return "\n".join(lines).strip() + "\n"
+    text = "\n".join(lines).strip() + "\n"
+    if dataclasses.is_dataclass(cfg) and _flat_tree(tomllib.loads(text)) != flatten(cfg):
+        raise ConfigError("the resolved config does not survive a TOML round trip; report this as a bug")
+    return text
+
+
+def _flat_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat_tree(value, prefix + key + "."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _emit(obj: Any, section: str, lines: list[str]) -> None:
@@ -560,21 +625,10 @@ def _emit(obj: Any, section: str, lines: list[str]) -> None:
             nested.append((f.name, value))
             continue
         comment = f"  # {comments[f.name]}" if comments.get(f.name) else ""
-        lines.append(f"{f.name} = {_toml_value(value)}{comment}")
+        plain = list(value) if isinstance(value, tuple) else value
+        lines.append(tomli_w.dumps({f.name: plain}).rstrip("\n") + comment)
     for name, value in nested:
         _emit(value, f"{section}.{name}" if section else name, lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def _field_comments(cls: type) -> dict[str, str]:

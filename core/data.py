@@ -8,6 +8,7 @@ touching private training records (explanation backgrounds, distillation).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -161,14 +162,30 @@ def prepare_table(raw: RawTable, cfg: DataConfig, *, seed: int) -> Dataset:
         medians = np.where(np.isfinite(medians), medians, 0.0)
         xs = {s: np.where(np.isfinite(v), v, medians) for s, v in xs.items()}
         info["imputed_medians"] = medians.tolist()
-    mean, std = xs["train"].mean(axis=0), xs["train"].std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    y_mean, y_std = float(y[split["train"]].mean()), float(y[split["train"]].std() or 1.0)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below, by name
+        mean, std = xs["train"].mean(axis=0), xs["train"].std(axis=0)
+        std = np.where(std > 0, std, 1.0)
+        y_mean, y_std = float(y[split["train"]].mean()), float(y[split["train"]].std() or 1.0)
+        x_scaled = {s: ((v - mean) / std).astype(np.float32) for s, v in xs.items()}
+        y_scaled = {s: ((y[i] - y_mean) / y_std).astype(np.float32) for s, i in split.items()}
+    source = raw.provenance.get("source")
+    bad = [
+        name
+        for j, name in enumerate(raw.feature_names)
+        if not all(np.isfinite(v[:, j]).all() for v in x_scaled.values())
+    ]
+    if not (math.isfinite(y_mean) and math.isfinite(y_std) and all(np.isfinite(v).all() for v in y_scaled.values())):
+        bad.append(raw.target_name)
+    if bad or not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise DataError(
+            f"column(s) {', '.join(map(repr, bad[:5]))} of {source!r} hold values too large to standardise "
+            "(their mean or spread overflows a float); rescale them (e.g. to other units or a log scale)"
+        )
     return Dataset(
         name="tabular",
         task="regression",
-        x={s: ((v - mean) / std).astype(np.float32) for s, v in xs.items()},
-        y={s: ((y[i] - y_mean) / y_std).astype(np.float32) for s, i in split.items()},
+        x=x_scaled,
+        y=y_scaled,
         index=split,
         feature_names=raw.feature_names,
         target_name=raw.target_name,
@@ -203,22 +220,29 @@ def prepare_images(raw: RawImages, cfg: DataConfig, *, seed: int) -> Dataset:
     if not finite:
         x = np.where(np.isfinite(x), x, np.nan)  # "impute" kept non-finite pixels: fill them with the train mean
     train = x[split["train"]]
-    # nanmean copies its input to mask NaNs; with every pixel finite the plain mean is the same number.
-    mean = train.mean(axis=(0, 2, 3)) if finite else np.nan_to_num(np.nanmean(train, axis=(0, 2, 3)))
-    if not finite:
-        x = np.where(np.isnan(x), mean[None, :, None, None], x)
-        train = x[split["train"]]
-    std = train.std(axis=(0, 2, 3))
-    del train
-    std = np.where(std > 0, std, 1.0)
 
     def scale(v: np.ndarray) -> np.ndarray:
         return ((v - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
 
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below, by name
+        # nanmean copies its input to mask NaNs; with every pixel finite the plain mean is the same number.
+        mean = train.mean(axis=(0, 2, 3)) if finite else np.nan_to_num(np.nanmean(train, axis=(0, 2, 3)))
+        if not finite:
+            x = np.where(np.isnan(x), mean[None, :, None, None], x)
+            train = x[split["train"]]
+        std = train.std(axis=(0, 2, 3))
+        del train
+        std = np.where(std > 0, std, 1.0)
+        x_scaled = {s: scale(x[i]) for s, i in split.items()}
+    if not (np.isfinite(std).all() and all(np.isfinite(v).all() for v in x_scaled.values())):
+        raise DataError(
+            f"image data {raw.provenance.get('source')!r} holds intensities too large to standardise (their spread "
+            "overflows a float); rescale the images, e.g. to [0, 1] or [0, 255]"
+        )
     return Dataset(
         name="images",
         task="classification",
-        x={s: scale(x[i]) for s, i in split.items()},
+        x=x_scaled,
         y={s: y[i] for s, i in split.items()},
         index=split,
         class_names=raw.class_names,

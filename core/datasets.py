@@ -80,15 +80,32 @@ def load_table(csv_path: str, target: str) -> RawTable:
     import pandas as pd
 
     path = Path(csv_path)
+    if path.is_dir():
+        raise DataError(f"data.tabular_csv {csv_path!r} is a directory; set it to a CSV file")
     if not path.is_file():
         raise DataError(f"CSV file {csv_path!r} does not exist; set data.tabular_csv to an existing file")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(
+            f"CSV file {csv_path!r} cannot be read ({exc.strerror or exc}); check its permissions"
+        ) from None
     try:
         frame = pd.read_csv(io.BytesIO(raw))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        # pandas renames a repeated column name ("y", "y" -> "y", "y.1"): read the header as written.
+        header = pd.read_csv(io.BytesIO(raw), header=None, nrows=1, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(
-            f"CSV file {csv_path!r} cannot be parsed ({str(exc).splitlines()[0]}); check its delimiter and quoting"
+            f"CSV file {csv_path!r} cannot be parsed ({(str(exc).splitlines() or [type(exc).__name__])[0]}); "
+            "check its delimiter and quoting"
         ) from None
+    names = [str(v) for v in header.iloc[0].tolist()] if len(header) else []
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise DataError(
+            f"CSV file {csv_path!r} repeats column name(s) {', '.join(map(repr, duplicated))}; give every column "
+            "a unique name (a repeated target column would be trained on as a feature)"
+        )
     if target not in frame.columns:
         shown = ", ".join(map(str, list(frame.columns)[:20]))
         raise DataError(f"target column {target!r} is not in {csv_path!r}; set data.target to one of: {shown}")
@@ -170,6 +187,9 @@ def load_images(spec: str) -> RawImages:
         raise DataError(
             f"{spec!r} is not a readable .npz archive without pickled objects ({exc}); save it with numpy.savez"
         ) from None
+    for name, arr in (("x", x), ("y", y)):
+        if np.iscomplexobj(arr):
+            raise DataError(f"{name} in {spec!r} has complex dtype {arr.dtype}; only real numbers are accepted")
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
@@ -178,10 +198,13 @@ def load_images(spec: str) -> RawImages:
         raise DataError(f"y in {spec!r} has shape {y.shape}; expected (N,) labels")
     if len(x) != len(y):
         raise DataError(f"x and y in {spec!r} differ in length ({len(x)} vs {len(y)}); give one label per image")
-    if not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"x in {spec!r} has dtype {x.dtype}; images must be numeric")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"x in {spec!r} has dtype {x.dtype}; images must be real numbers (integer or float)")
+    if x.size == 0:
+        raise DataError(f"x in {spec!r} is empty (shape {x.shape}); supply at least a few labelled images")
     if x.shape[1] not in (1, 3):
         raise DataError(f"x in {spec!r} has {x.shape[1]} channels; expected 1 (grey) or 3 (RGB) in (N, C, H, W) order")
+    _check_labels(y, spec)
     labels, y_index = np.unique(y, return_inverse=True)
     return RawImages(
         x=x.astype(np.float64),
@@ -197,33 +220,63 @@ def decode_image(data: bytes, *, name: str) -> np.ndarray:
     Raises
     ------
     DataError
-        If the bytes are not a readable image; the message names the file.
+        If the bytes are not a readable image (corrupt, truncated, a decompression bomb); the message names the file.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
             arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"), dtype=np.float64)
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"image {name!r} cannot be read ({exc}); remove it or re-save it as PNG") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
 
 
+def _check_labels(y: np.ndarray, spec: str) -> None:
+    """Refuse labels that are not classes: booleans are fine, strings and integers too, floats only when whole."""
+    if y.dtype.kind in "biuUS":
+        return
+    if y.dtype.kind != "f":
+        raise DataError(f"y in {spec!r} has dtype {y.dtype}; give integer or string class labels")
+    finite = y[np.isfinite(y)]
+    fractional = finite[finite != np.round(finite)]
+    if fractional.size:
+        raise DataError(
+            f"labels look continuous: y in {spec!r} has {fractional.size} non-integer value(s) (e.g. {fractional[0]:g}) "
+            f"among {np.unique(finite).size} distinct values; the CNN is a classifier, give integer or string class labels"
+        )
+
+
 def _load_image_folder(root: Path) -> RawImages:
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    # Hidden folders (.ipynb_checkpoints, .git, .DS_Store's kin) are tool droppings, never classes.
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(
             f"image folder {str(root)!r} has no class sub-folders; put each class's images in root/<class>/"
+        )
+    listing = {
+        d: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) for d in class_dirs
+    }
+    empty = [d.name for d, files in listing.items() if not files]
+    if empty and len(empty) < len(class_dirs):
+        raise DataError(
+            f"class folder(s) {', '.join(map(repr, empty))} of {str(root)!r} hold no {'/'.join(IMAGE_SUFFIXES)} "
+            "images; add images to them or remove them (a class with no images cannot be learnt or tested)"
         )
     images: list[np.ndarray] = []
     labels: list[int] = []
     digest = hashlib.sha256()
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for file in files:
+        for file in listing[class_dir]:
             data = file.read_bytes()
             digest.update(file.relative_to(root).as_posix().encode() + b"\0" + data)
             arr = decode_image(data, name=str(file))
+            if images and arr.shape[0] != images[0].shape[0]:
+                kinds = {1: "grey", 3: "RGB"}
+                raise DataError(
+                    f"image {str(file)!r} is {kinds[arr.shape[0]]}, others are {kinds[images[0].shape[0]]}; "
+                    "convert all images to one colour mode (all grey or all RGB)"
+                )
             if images and arr.shape != images[0].shape:
                 raise DataError(
                     f"image {str(file)!r} has shape {arr.shape}, others {images[0].shape}; resize all images to one size"

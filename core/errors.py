@@ -33,7 +33,18 @@ class RunDirError(UserError):
     exit_code = 2
 
 
+class TrainingDivergedError(UserError):
+    """Training produced a non-finite loss or weights; nothing trained by it may be recorded as a result."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, epoch: int = 0):
+        super().__init__(message)
+        self.epoch = epoch  # 1-based epoch whose loss or weights were not finite
+
+
 # error class name -> class, to re-raise an error a Flower app wrote down (federated/workdir.py) as the same type
 USER_ERRORS: dict[str, type[UserError]] = {
-    cls.__name__: cls for cls in (UserError, ConfigError, DataError, PrivacyBudgetError, RunDirError)
+    cls.__name__: cls
+    for cls in (UserError, ConfigError, DataError, PrivacyBudgetError, RunDirError, TrainingDivergedError)
 }

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from core.errors import RunDirError
 from core.training import Checkpoint, checkpoint_bytes, read_checkpoint
 
 
@@ -34,5 +35,15 @@ class Runtime:
 
     def load_checkpoint(self, name: str) -> Checkpoint | None:
         """The last checkpoint of model ``name``, or None."""
-        data = self.load_bytes(f"checkpoints/{name}.pt") if self.load_bytes is not None else self._memory.get(name)
-        return None if data is None else read_checkpoint(data)
+        rel = f"checkpoints/{name}.pt"
+        data = self.load_bytes(rel) if self.load_bytes is not None else self._memory.get(name)
+        if data is None:
+            return None
+        try:
+            return read_checkpoint(data)
+        except Exception as exc:  # torch.load(weights_only=True) refuses with several types; all mean "damaged"
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise RunDirError(
+                f"this run directory is damaged: {rel} (not a checkpoint this pipeline wrote: {reason}); "
+                "re-run the stage afresh with --from"
+            ) from None

@@ -34,6 +34,7 @@ from core.epoch import (
     shuffled_batches,
     train_one_epoch,
 )
+from core.errors import TrainingDivergedError
 from core.privacy import History, HistoryLike
 
 __all__ = [  # the training core's public names, the re-exported primitives of core.epoch included
@@ -342,6 +343,7 @@ def fit(
         epochs=epochs,
         data_generator=data_generator,
         criterion=(private_run.criterion if private_run is not None else None) or criterion,  # ghost: Opacus' wrap
+        desc=desc,
     )
     t_start = time.perf_counter()
     bar = progress_bar(range(state.epoch, state.epoch + remaining), progress, desc)
@@ -357,6 +359,23 @@ def fit(
             break
     return _result(
         model, state, private_dp, private_run, fit_cfg, n_train=len(xt), seconds=time.perf_counter() - t_start
+    )
+
+
+def check_diverged(model: nn.Module, train_loss: float, *, epoch: int, desc: str) -> None:
+    """Stop training whose loss or weights stopped being finite (a too-large learning rate, for one).
+
+    Raises
+    ------
+    TrainingDivergedError
+        Naming the epoch; callers that know the config key add it (``lower cnn.fit.lr``).
+    """
+    finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if np.isfinite(train_loss) and finite_weights:
+        return
+    what = "weights" if np.isfinite(train_loss) else f"train loss ({train_loss})"
+    raise TrainingDivergedError(
+        f"training diverged at epoch {epoch} ({desc}: {what} not finite); lower the learning rate", epoch=epoch
     )
 
 
@@ -376,6 +395,7 @@ class _Loop:
     epochs: int  # epochs of this call (ε is queried ~10 times over them)
     data_generator: torch.Generator  # batch order and augmentation
     criterion: nn.Module | None
+    desc: str  # what trains, for messages ("cnn", "distill regressor")
 
     def batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's batches: Poisson-sampled under DP, else a seeded shuffle."""
@@ -404,6 +424,7 @@ class _Loop:
             transform=self.transform(),
             criterion=self.criterion,
         )
+        check_diverged(self.model, train_loss, epoch=epoch, desc=self.desc)
         row = _epoch_row(
             epoch,
             train_loss,

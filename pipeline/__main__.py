@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
+import signal
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from core import config as config_mod
 from core.errors import ConfigError, UserError
 from core.training import resolve_device
-from pipeline import predict, runner
-from pipeline.rundir import CONFIG, RunDir
+from pipeline import evidence, predict, runner
+from pipeline.rundir import RunDir
 
 log = logging.getLogger("pipeline")
 
@@ -23,7 +27,9 @@ EPILOG = (
         "\n\nconfig sections and keys (set with KEY=VALUE, e.g. cnn.fit.epochs=3 dp.enabled=true):\n"
         + config_mod.section_help()
         + "\n\nother commands:\n  python -m pipeline config [--config F] [KEY=VALUE ...]   print the resolved config as TOML"
-        "\n  python -m pipeline verify RUN_DIR                       re-hash every artifact of a run"
+        "\n  python -m pipeline verify RUN_DIR [--key PUB.pem]       re-hash every artifact, check completeness"
+        "\n  python -m pipeline sign RUN_DIR --key KEY.pem           sign the run's manifest (Ed25519)"
+        "\n  python -m pipeline keygen KEY.pem                       make an Ed25519 key pair for sign/verify"
         "\n  python -m pipeline predict RUN_DIR --input FILE         apply a trained model to new data (see predict -h)"
     )
 )
@@ -56,17 +62,46 @@ def _config_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Exit codes of `verify`: integrity and completeness are separate questions with separate answers.
+VERIFY_OK = 0  # every artifact matches the manifest (and the signature, with --key) and every stage is complete
+VERIFY_MISMATCH = 1  # an artifact is edited, missing, extra or outside the run, or the signature fails
+VERIFY_INCOMPLETE = 3  # every recorded artifact matches, but some stage is not complete (killed, failed, stale)
+# 2: the run directory cannot be read at all (damaged manifest) or a usage error, as for every command
+
+
 def _verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline verify",
-        description="Re-hash every artifact a run recorded; non-zero exit on any difference.",
+        description="Re-hash every artifact a run recorded and check that every stage completed.",
+        epilog=(
+            f"exit codes: {VERIFY_OK} = artifacts match and the run is complete; {VERIFY_MISMATCH} = an artifact "
+            f"(or the signature) does not match; {VERIFY_INCOMPLETE} = artifacts match but a stage is not complete; "
+            "2 = the run directory is damaged or the arguments are wrong"
+        ),
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--key", metavar="PUBLIC.pem", help="also check manifest.sig against this Ed25519 public key")
+    p.add_argument(
+        "--rerender",
+        action="store_true",
+        help="also re-render the report from the recorded artifacts and compare it byte for byte",
+    )
+    return p
+
+
+def _sign_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline sign", description="Sign a run's manifest.json with an Ed25519 key (manifest.sig)."
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--key", required=True, metavar="PRIVATE.pem", help="Ed25519 private key (python -m pipeline keygen)"
+    )
     return p
 
 
 def cmd_config(argv: list[str]) -> int:
-    args = _config_parser().parse_args(argv)
+    args = _config_parser().parse_intermixed_args(argv)
     sys.stdout.write(config_mod.to_toml(config_mod.load_config(args.config, args.overrides)))
     return 0
 
@@ -75,39 +110,75 @@ def cmd_verify(argv: list[str]) -> int:
     args = _verify_parser().parse_args(argv)
     run = RunDir.open(args.run_dir)
     problems = run.verify()
+    if args.key:
+        bad_signature = evidence.check_signature(run, args.key)
+        problems += [bad_signature] if bad_signature else []
+    if args.rerender and not problems:
+        problems += evidence.rerender(run)
+    incomplete = run.incomplete(list(runner.STAGES))
+    for line in problems + incomplete:
+        print(line)
+    print(f"manifest sha256: {run.manifest_sha256()}")
     if problems:
-        for line in problems:
-            print(line)
-        print(f"FAILED: {len(problems)} problem(s) in {args.run_dir}", file=sys.stderr)
-        return 1
-    print(f"OK: {len(run.manifest['artifacts']) + 1} artifacts match the manifest of {args.run_dir}")
+        print(f"FAILED: {len(problems)} integrity problem(s) in {args.run_dir}", file=sys.stderr)
+        return VERIFY_MISMATCH
+    n = len(run.manifest["artifacts"]) + 1
+    signed = ", signature valid" if args.key else ""
+    if incomplete:
+        print(
+            f"INCOMPLETE: {n} artifacts match the manifest{signed}, but {len(incomplete)} stage(s) are not complete "
+            f"in {args.run_dir}; resume with --run-dir",
+            file=sys.stderr,
+        )
+        return VERIFY_INCOMPLETE
+    print(f"OK: {n} artifacts match the manifest{signed}; every stage is complete in {args.run_dir}")
+    return VERIFY_OK
+
+
+def cmd_sign(argv: list[str]) -> int:
+    args = _sign_parser().parse_args(argv)
+    run = RunDir.open(args.run_dir)
+    digest = evidence.sign(run, args.key)
+    print(f"signed {run.path / 'manifest.json'} (sha256 {digest}) -> {run.path / 'manifest.sig'}")
+    return 0
+
+
+def cmd_keygen(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline keygen", description="Make an Ed25519 key pair.")
+    p.add_argument(
+        "private_key", metavar="KEY.pem", help="where to write the private key (the public key goes next to it)"
+    )
+    args = p.parse_args(argv)
+    pub = evidence.keygen(args.private_key)
+    print(f"private key: {args.private_key} (keep it secret)\npublic key: {pub} (give it to the auditor)")
     return 0
 
 
 def cmd_run(argv: list[str]) -> int:
-    args = _run_parser().parse_args(argv)
+    args = _run_parser().parse_intermixed_args(argv)  # KEY=VALUE before, between or after options
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={args.device}")
     if args.start and args.stages:
         raise ConfigError("give either --from or --stages, not both")
+    names = runner.select_stages(stages=args.stages.split(",") if args.stages else None, start=args.start)
     if args.run_dir:
         run = RunDir.open(args.run_dir)
         if args.config or overrides:
             raise ConfigError(
                 "a run directory keeps the config it started with; drop --config/overrides, or start a new run"
             )
-        cfg = config_mod.load_config(run.path / CONFIG)
+        cfg = config_mod.load_config(run.read_config())
     else:
         if args.start:
             raise ConfigError("--from re-runs part of an existing run: add --run-dir runs/<run>")
         cfg = config_mod.load_config(args.config, overrides)
-    names = runner.select_stages(stages=args.stages.split(",") if args.stages else None, start=args.start)
     if args.run_dir and not (args.start or args.stages):
         # Resume: skip stages already complete.
         names = [n for n in names if run.stage_status(n) != "complete"] or names[-1:]
     device = resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     if not args.run_dir:
+        _check_out(args.out)
         run = RunDir.create(
             args.out,
             config_toml=config_mod.to_toml(cfg),
@@ -127,11 +198,39 @@ def cmd_run(argv: list[str]) -> int:
     run.save_manifest()
     report = run.path / "report.html"
     print(f"run directory: {run.path}" + (f"\nreport: {report}" if report.exists() else ""))
+    print(f"manifest sha256: {run.manifest_sha256()} (record it out of band; verify checks the run against it)")
     log.info("stages %s done in %.1f s, peak memory %.0f MB", ",".join(names), wall, peak_mb)
     return 0
 
 
-COMMANDS = {"config": cmd_config, "verify": cmd_verify, "predict": predict.cmd_predict}
+def _check_out(out: str) -> None:
+    """Refuse an --out that is a file, sits under a file, or cannot be written, before any work."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out {out!r} is not a directory; pass a folder for the run directories")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out!r} cannot be created ({exc.strerror or exc}); pass a writable folder") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out!r} is not writable; pass a folder you can write to")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every stage's cleanup (mark failed, keep completed) runs the same way."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+COMMANDS = {
+    "config": cmd_config,
+    "verify": cmd_verify,
+    "sign": cmd_sign,
+    "keygen": cmd_keygen,
+    "predict": predict.cmd_predict,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,13 +241,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.captureWarnings(True)  # library warnings (Opacus, shap) go through logging, not lost
     command = COMMANDS.get(argv[0]) if argv else None
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        previous = None
+    try:
         return command(argv[1:]) if command else cmd_run(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("terminated (SIGTERM): the running stage is marked failed; resume with --run-dir", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted: the run directory keeps every completed stage; resume with --run-dir", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _peak_tree_rss_mb() -> float:

@@ -29,10 +29,11 @@ from core import models, privacy, training
 from core.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
 from core.config import Config
 from core.data import Dataset
-from core.errors import DataError
+from core.errors import DataError, TrainingDivergedError
 from core.seeds import derive_seed
 from core.teacher import TrainedModel
 from explain import compare_variants
+from pipeline.train import diverged
 
 log = logging.getLogger(__name__)
 
@@ -320,20 +321,23 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
     torch.manual_seed(seed)
     student = models.build(spec)
     dp = cfg.dp if (cfg.dp.enabled and k.student_dp and "train" in transfer.splits) else None
-    result = training.fit(
-        student,
-        x_train=transfer.x,
-        y_train=y,
-        x_val=None,
-        y_val=None,
-        task=task,
-        fit_cfg=k.fit,
-        dp=dp,
-        device=torch.device("cpu"),
-        seed=seed,
-        criterion=criterion,
-        desc=f"distill {name}",
-    )
+    try:
+        result = training.fit(
+            student,
+            x_train=transfer.x,
+            y_train=y,
+            x_val=None,
+            y_val=None,
+            task=task,
+            fit_cfg=k.fit,
+            dp=dp,
+            device=torch.device("cpu"),
+            seed=seed,
+            criterion=criterion,
+            desc=f"distill {name}",
+        )
+    except TrainingDivergedError as exc:
+        raise diverged(exc, "distill.fit", k.fit) from None
     student.eval()
     x_test = ds.x["test"]
     t_test, s_test = training.predict(teacher, x_test), training.predict(student, x_test)

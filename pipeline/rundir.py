@@ -27,6 +27,7 @@ from core.errors import RunDirError
 
 MANIFEST = "manifest.json"
 CONFIG = "config.toml"
+SIGNATURE = "manifest.sig"  # optional Ed25519 signature of manifest.json (python -m pipeline sign)
 LIBRARIES = ("numpy", "scikit-learn", "torch", "opacus", "flwr", "shap", "lime", "safetensors", "matplotlib")
 
 
@@ -114,17 +115,48 @@ class RunDir:
             If it has no readable manifest.
         """
         p = Path(path)
+        if not p.is_dir():
+            raise RunDirError(f"{str(p)!r} is not a directory; pass a run directory under runs/")
         try:
             manifest = read_json((p / MANIFEST).read_bytes())
         except FileNotFoundError:
             raise RunDirError(
                 f"{str(p)!r} is not a run directory (no {MANIFEST}); pass a directory under runs/"
             ) from None
-        except ValueError:
-            raise RunDirError(f"{str(p / MANIFEST)!r} is not valid JSON; the run directory is damaged") from None
+        except (ValueError, OSError) as exc:
+            raise damaged(p / MANIFEST, f"not readable JSON: {type(exc).__name__}") from None
+        run = cls(p, manifest)
+        run._check_manifest()
         for tmp in p.rglob(".*.tmp"):
-            tmp.unlink()  # left by a write that a kill interrupted; never referenced by the manifest
-        return cls(p, manifest)
+            if tmp.is_file() and not tmp.is_symlink() and p.resolve() in tmp.resolve().parents:
+                tmp.unlink()  # left by a write that a kill interrupted; never referenced by the manifest
+        return run
+
+    def _check_manifest(self) -> None:
+        """Refuse a manifest of the wrong shape or naming a path outside the run (it is untrusted input)."""
+        m, where = self.manifest, self.path / MANIFEST
+
+        def need(ok: bool, reason: str) -> None:
+            if not ok:
+                raise damaged(where, reason)
+
+        need(isinstance(m, dict), "not a JSON object")
+        for key, kind in (("stages", dict), ("artifacts", dict), ("config", dict)):
+            need(isinstance(m.get(key), kind), f"key {key!r} is missing or not a {kind.__name__}")
+        need(isinstance(m["config"].get("sha256"), str), "config.sha256 is missing")
+        for name, entry in m["stages"].items():
+            need(isinstance(entry, dict) and isinstance(entry.get("status", ""), str), f"stage {name!r} is malformed")
+        for rel, entry in m["artifacts"].items():
+            need(
+                isinstance(entry, dict)
+                and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("stage"), str),
+                f"artifact {rel!r} lacks a sha256 or stage",
+            )
+            try:
+                self._inside(rel)
+            except RunDirError:
+                need(False, f"artifact path {rel!r} leaves the run directory")
 
     def save_manifest(self) -> None:
         atomic_write(self.path / MANIFEST, json_bytes(self.manifest))
@@ -145,9 +177,16 @@ class RunDir:
         self.save_manifest()
 
     def invalidate(self, name: str) -> None:
-        """Drop a stage's record and artifacts (a later stage whose inputs are being recomputed)."""
-        for rel in [r for r, a in self.manifest["artifacts"].items() if a["stage"] == name]:
-            (self.path / rel).unlink(missing_ok=True)
+        """Drop a stage's record and artifacts (a later stage whose inputs are being recomputed).
+
+        Raises
+        ------
+        RunDirError
+            If any recorded path leaves the run directory (checked for all before anything is deleted).
+        """
+        doomed = [(rel, self._inside(rel)) for rel, a in self.manifest["artifacts"].items() if a["stage"] == name]
+        for rel, target in doomed:
+            target.unlink(missing_ok=True)
             del self.manifest["artifacts"][rel]
         if name in self.manifest["stages"]:
             self.manifest["stages"][name]["status"] = "stale"
@@ -183,9 +222,29 @@ class RunDir:
 
     # ---------------------------------------------------------------- reading
     def _inside(self, rel: str) -> Path:
+        """``rel`` resolved inside the run; refuses absolute paths, ``..`` and symlinks that lead out."""
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or "\\" in rel or "\0" in rel:
+            raise RunDirError(f"artifact path {rel!r} leaves the run directory (or is not a relative path)")
         target = (self.path / rel).resolve()
         if self.path.resolve() not in target.parents:
             raise RunDirError(f"artifact path {rel!r} leaves the run directory")
+        return target
+
+    def read_config(self) -> Path:
+        """The run's ``config.toml``, checked against the hash the manifest recorded.
+
+        Raises
+        ------
+        RunDirError
+            If it is missing, leads outside the run (a symlink) or was modified.
+        """
+        target = self._inside(CONFIG)
+        try:
+            data = target.read_bytes()
+        except OSError as exc:
+            raise damaged(self.path / CONFIG, exc.strerror or type(exc).__name__) from None
+        if hashlib.sha256(data).hexdigest() != self.manifest["config"]["sha256"]:
+            raise damaged(self.path / CONFIG, "SHA-256 differs from the manifest: it was edited")
         return target
 
     def read(self, rel: str) -> bytes:
@@ -207,6 +266,8 @@ class RunDir:
             raise RunDirError(
                 f"{rel!r} is missing from {self.path}; re-run the stage {entry['stage']!r} with --from {entry['stage']}"
             ) from None
+        except OSError as exc:
+            raise damaged(self.path / rel, exc.strerror or type(exc).__name__) from None
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise RunDirError(
                 f"{rel!r} in {self.path} was modified after it was written (SHA-256 differs); re-run --from {entry['stage']}"
@@ -214,18 +275,51 @@ class RunDir:
         return data
 
     def verify(self) -> list[str]:
-        """Re-hash every artifact; return one line per problem (edited, missing or extra file)."""
+        """Re-hash every artifact; return one line per problem (edited, missing, outside or extra file).
+
+        Completeness is a separate question: see :meth:`incomplete`.
+        """
         problems = []
         recorded = dict(self.manifest["artifacts"])
         recorded[CONFIG] = {"sha256": self.manifest["config"]["sha256"]}
         for rel, entry in sorted(recorded.items()):
-            p = self.path / rel
+            try:
+                p = self._inside(rel)
+            except RunDirError:
+                problems.append(f"outside: {rel} (leaves the run directory; not read)")
+                continue
             if not p.is_file():
                 problems.append(f"missing: {rel}")
             elif sha256_file(p) != entry["sha256"]:
                 problems.append(f"edited: {rel} (SHA-256 differs from the manifest)")
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path).as_posix()
-            if p.is_file() and rel != MANIFEST and rel not in recorded:
+            if p.is_symlink() and rel not in recorded:
+                problems.append(f"extra: {rel} (a symbolic link, not in the manifest)")
+            elif p.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in recorded:
                 problems.append(f"extra: {rel} (not in the manifest)")
         return problems
+
+    def incomplete(self, stages: list[str]) -> list[str]:
+        """One line per stage of ``stages`` (registry order) that is not ``complete``, with its status."""
+        out = []
+        for name in stages:
+            status = self.stage_status(name)
+            if status != "complete":
+                why = {
+                    "running": "killed or still running",
+                    "failed": self.manifest["stages"].get(name, {}).get("error", "failed"),
+                    "stale": "its inputs were recomputed after it ran",
+                    "pending": "never run",
+                }.get(status, "unknown status")
+                out.append(f"incomplete: stage {name} is {status} ({why})")
+        return out
+
+    def manifest_sha256(self) -> str:
+        """SHA-256 of ``manifest.json`` as it is on disk: the anchor an auditor records out of band."""
+        return sha256_file(self.path / MANIFEST)
+
+
+def damaged(path: Path, reason: str) -> RunDirError:
+    """The one wording of a corrupt run-directory file."""
+    return RunDirError(f"this run directory is damaged: {path} ({reason})")

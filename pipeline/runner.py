@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Iterable
 
+from core.artifacts import json_bytes, read_json
 from core.config import Config
-from core.errors import RunDirError, UserError
+from core.errors import ConfigError, RunDirError, UserError
 from core.runtime import Runtime
 from core.seeds import stage_seed
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, damaged
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ DESCRIPTIONS = {name: s.description for name, s in STAGES.items()}
 
 def _check_name(name: str) -> None:
     if name not in STAGES:
-        raise UserError(f"unknown stage {name!r}; valid stages in order: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {name!r}; valid stages in order: {', '.join(STAGES)}")
 
 
 def stage_module(name: str) -> ModuleType:
@@ -134,13 +135,56 @@ def _inputs(stage: Stage, outputs: dict[str, Any], run: RunDir) -> dict[str, Any
     """The inputs ``stage`` declared: computed now, else loaded from the run directory."""
     inputs: dict[str, Any] = {}
     for dep in (*stage.requires, *stage.optional):
+        if stage.provenance and run.stage_status(dep) == "complete":
+            # A stage that records provenance (the report) always reads the recorded, hash-checked files,
+            # never in-memory objects: it then describes exactly what is on disk, and re-rendering it
+            # from the run directory gives the same bytes.
+            inputs[dep] = load_recorded(dep, run)
+            continue
         if dep not in outputs and run.stage_status(dep) == "complete":
-            outputs[dep] = stage_module(dep).load(run.read)
+            outputs[dep] = load_recorded(dep, run)
         if dep in outputs:
             inputs[dep] = outputs[dep]
     if stage.provenance:
-        inputs[PROVENANCE] = copy.deepcopy(run.manifest)
+        inputs[PROVENANCE] = provenance_view(run.manifest, stage.name)
     return inputs
+
+
+def provenance_view(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """What stage ``name`` may know of the run: the manifest without its own record and the invocation log.
+
+    Both change on every re-run of ``name`` (attempt counters, previous timings) while its inputs do
+    not; leaving them out makes the stage's output a pure function of its recorded inputs.
+    """
+    view = copy.deepcopy(manifest)
+    view["stages"].pop(name, None)
+    view.pop("invocations", None)
+    view["artifacts"] = {rel: a for rel, a in view["artifacts"].items() if a.get("stage") != name}
+    return read_json(json_bytes(view))  # its recorded form (sorted keys), exactly what a re-render reads back
+
+
+def load_recorded(name: str, run: RunDir) -> Any:
+    """Stage ``name``'s output rebuilt from its hash-checked files; undecodable files say which file is damaged.
+
+    A file whose hash matches can still be hostile (the manifest was edited to match it): the
+    decoders refuse pickles and code, and any decoding failure becomes a one-line RunDirError.
+    """
+    last: list[str] = []
+
+    def read(rel: str) -> bytes:
+        last.append(rel)
+        return run.read(rel)
+
+    try:
+        return stage_module(name).load(read)
+    except UserError:
+        raise
+    except Exception as exc:  # a decoder's error on a file it did not write: ValueError, KeyError, SafetensorError...
+        # A decoder fails on the file it just read; a wrong key shows only once the loader combines them.
+        where = run.path / last[-1] if last else run.path
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        read_too = f"; stage {name!r} files read: {', '.join(last)}" if len(last) > 1 else ""
+        raise damaged(where, f"{type(exc).__name__}: {reason}{read_too}; re-run --from {name}") from None
 
 
 def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = False) -> dict[str, Any]:

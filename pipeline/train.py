@@ -18,8 +18,9 @@ from core import models, seeds, training
 from core.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
 from core.config import Config
 from core.data import Dataset
+from core.errors import TrainingDivergedError
 from core.runtime import Runtime
-from core.teacher import RidgeBaseline, TrainedModel, fit_config, model_specs, preflight, public_pretrain
+from core.teacher import RidgeBaseline, TrainedModel, fit_config, fit_section, model_specs, preflight, public_pretrain
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,52 @@ def _train_central(
         log.info("%s: resuming from the checkpoint after epoch %d", name, resume.epoch)
     pretraining = None
     if resume is None:
-        pretraining = public_pretrain(cfg, name, model, ds, device=device, seed=seeds.pretrain_seed(seed))
-    result = training.fit(
+        try:
+            pretraining = public_pretrain(cfg, name, model, ds, device=device, seed=seeds.pretrain_seed(seed))
+        except TrainingDivergedError as exc:
+            raise diverged(exc, f"{name}.fit", getattr(cfg, name).fit) from None
+    try:
+        result = _fit_central(cfg, name, model, ds, fit_cfg, device=device, seed=seed, runtime=runtime, resume=resume)
+    except TrainingDivergedError as exc:
+        raise diverged(exc, f"{name}.{fit_section(cfg)}", fit_cfg) from None
+    return TrainedModel(
+        spec=spec,
+        state_dict=result.state_dict,
+        training={
+            **result.summary(),
+            "mode": "central",
+            "seed": seed,
+            "device": str(device),
+            "fit": fit_cfg.__dict__,
+            "n_parameters": models.n_parameters(model),
+            "resumed_from_epoch": resume.epoch if resume else 0,
+            "public_pretraining": pretraining,
+        },
+    )
+
+
+def diverged(exc: TrainingDivergedError, key: str, fit_cfg: Any) -> TrainingDivergedError:
+    """The core's divergence error, reworded with the config key to lower."""
+    return TrainingDivergedError(
+        f"training diverged at epoch {exc.epoch}; lower {key}.lr (now {fit_cfg.lr:g})"
+        + (f" or {key}.weight_decay (now {fit_cfg.weight_decay:g})" if fit_cfg.weight_decay > 1 else ""),
+        epoch=exc.epoch,
+    )
+
+
+def _fit_central(
+    cfg: Config,
+    name: str,
+    model: Any,
+    ds: Dataset,
+    fit_cfg: Any,
+    *,
+    device: torch.device,
+    seed: int,
+    runtime: Runtime,
+    resume: Any,
+) -> training.TrainingResult:
+    return training.fit(
         model,
         x_train=ds.x["train"],
         y_train=ds.y["train"],
@@ -119,20 +164,6 @@ def _train_central(
         on_epoch_end=lambda ck: runtime.save_checkpoint(name, ck),
         progress=runtime.progress,
         desc=name,
-    )
-    return TrainedModel(
-        spec=spec,
-        state_dict=result.state_dict,
-        training={
-            **result.summary(),
-            "mode": "central",
-            "seed": seed,
-            "device": str(device),
-            "fit": fit_cfg.__dict__,
-            "n_parameters": models.n_parameters(model),
-            "resumed_from_epoch": resume.epoch if resume else 0,
-            "public_pretraining": pretraining,
-        },
     )
 
 

@@ -8,6 +8,7 @@ render it. The report cannot list its own hashes: those are in ``manifest.json``
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,7 +20,20 @@ from pipeline.report import html_page, model_card
 from pipeline.report.content import FILES, SCHEMA_ID, build_content
 
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
-__all__ = ["FILES", "SCHEMA_ID", "SCHEMA_PATH", "Report", "build_content", "dump", "load", "run", "schema", "validate"]
+PROVENANCE_FILE = "report_provenance.json"  # the manifest exactly as the report read it; its SHA-256 is in the header
+__all__ = [
+    "FILES",
+    "PROVENANCE_FILE",
+    "SCHEMA_ID",
+    "SCHEMA_PATH",
+    "Report",
+    "build_content",
+    "dump",
+    "load",
+    "run",
+    "schema",
+    "validate",
+]
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,7 @@ class Report:
     content: Mapping[str, Any]  # what report.json holds
     html: str
     model_cards: Mapping[str, str]  # model -> Markdown
+    provenance: bytes = b""  # the manifest as the report read it (written as report_provenance.json)
 
 
 def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> Report:
@@ -46,17 +61,21 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     -------
     Report
     """
+    provenance = json_bytes(inputs.get("provenance") or {})
+    inputs = {**inputs, "provenance_sha256": hashlib.sha256(provenance).hexdigest()}
     content = build_content(cfg, inputs, seed=seed)
     validate(content)
     figures = html_page.figures(inputs["explain"], inputs["train"])
     html = html_page.render(content, figures)
     cards = {name: model_card.render(content, name) for name in MODELS}
-    return Report(content=content, html=html, model_cards=cards)
+    return Report(content=content, html=html, model_cards=cards, provenance=provenance)
 
 
 def dump(report: Report) -> dict[str, bytes]:
     """``report.html``, ``report.json`` and the model cards, at the top of the run directory."""
     files = {FILES["html"]: report.html.encode("utf-8"), FILES["json"]: json_bytes(report.content)}
+    if report.provenance:
+        files[PROVENANCE_FILE] = report.provenance
     for name, text in report.model_cards.items():
         files[FILES["model_cards"][name]] = text.encode("utf-8")
     return files
@@ -65,7 +84,12 @@ def dump(report: Report) -> dict[str, bytes]:
 def load(read: Callable[[str], bytes]) -> Report:
     """Rebuild the stage output from the run directory."""
     cards = {name: read(rel).decode("utf-8") for name, rel in FILES["model_cards"].items()}
-    return Report(content=read_json(read(FILES["json"])), html=read(FILES["html"]).decode("utf-8"), model_cards=cards)
+    return Report(
+        content=read_json(read(FILES["json"])),
+        html=read(FILES["html"]).decode("utf-8"),
+        model_cards=cards,
+        provenance=read(PROVENANCE_FILE),
+    )
 
 
 def validate(content: Mapping[str, Any]) -> None:

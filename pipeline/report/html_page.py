@@ -581,7 +581,9 @@ def render(content: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
         f'<meta http-equiv=Content-Security-Policy content="{CSP}">'
         "<meta name=viewport content='width=device-width, initial-scale=1'>"
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-        f"<header><h1>{esc(title)}</h1><p class=small>Run created {esc(content.get('created') or '—')}; report generated "
-        f"{esc(content['generated'])}. Machine-readable twin: <code>{esc(content['files']['json'])}</code>.</p></header>"
+        f"<header><h1>{esc(title)}</h1><p class=small>Run created {esc(content.get('created') or '—')}; report built "
+        f"from stages recorded up to {esc(content['generated'])}. Machine-readable twin: "
+        f"<code>{esc(content['files']['json'])}</code>.<br>Manifest SHA-256 (of <code>report_provenance.json</code>, "
+        f"the manifest as this report read it): <code>{esc(content.get('manifest_sha256') or '—')}</code></p></header>"
         f"<nav><ol>{nav}</ol></nav>{body}</body></html>\n"
     )

@@ -130,7 +130,8 @@ def render(content: Mapping[str, Any], name: str) -> str:
     out = [f"# Model card: {md(m['title'])}", ""]
     out += [
         f"Run `{md(content.get('run_id') or 'n/a')}`, git commit `{md(repro.get('git_commit') or 'n/a')}`, "
-        f"generated {md(content['generated'])}. Full report: `{md(content['files']['html'])}`.",
+        f"built from stages recorded up to {md(content['generated'])}, manifest SHA-256 "
+        f"`{md(content.get('manifest_sha256') or 'n/a')}`. Full report: `{md(content['files']['html'])}`.",
         "",
     ]
 

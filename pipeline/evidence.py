@@ -1,0 +1,140 @@
+"""The manifest as evidence: its SHA-256 to record out of band, and an optional Ed25519 signature.
+
+``verify`` proves the artifacts match ``manifest.json``; it cannot prove the manifest itself is
+the one the run wrote, since whoever edits a file can edit its hash too. Two anchors close that:
+
+- the manifest's SHA-256, printed at the end of every run, which the auditor records elsewhere;
+- a detached Ed25519 signature, ``manifest.sig``, made with a key the user holds
+  (``python -m pipeline sign RUN_DIR --key PRIVATE.pem``) and checked with the public key
+  (``python -m pipeline verify RUN_DIR --key PUBLIC.pem``).
+
+The signature covers the exact bytes of ``manifest.json``; any later change to the run (a re-run
+stage, a resumed invocation) rewrites the manifest and the old signature no longer verifies: sign
+again after the last invocation.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+from core.artifacts import atomic_write, read_json
+from core.config import load_config
+from core.errors import ConfigError, RunDirError
+from pipeline import runner
+from pipeline.rundir import MANIFEST, SIGNATURE, RunDir
+
+SIG_PREFIX = b"ed25519 "  # manifest.sig: "ed25519 <base64 signature>\n"
+
+
+def _load_key(path: str | Path, *, private: bool):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"key file {str(p)!r} cannot be read ({exc.strerror or exc}); pass an Ed25519 PEM key"
+        ) from None
+    try:
+        key = (
+            serialization.load_pem_private_key(data, password=None)
+            if private
+            else serialization.load_pem_public_key(data)
+        )
+    except (ValueError, TypeError) as exc:
+        kind = "private" if private else "public"
+        raise ConfigError(
+            f"key file {str(p)!r} is not an unencrypted PEM {kind} key ({exc}); "
+            "make one with `python -m pipeline keygen KEY.pem`"
+        ) from None
+    wanted = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
+    if not isinstance(key, wanted):
+        raise ConfigError(
+            f"key file {str(p)!r} is not an Ed25519 key; make one with `python -m pipeline keygen KEY.pem`"
+        )
+    return key
+
+
+def keygen(private_path: str | Path) -> Path:
+    """Write a new Ed25519 private key (mode 0600) and its public key next to it (``.pub.pem``); return the latter."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    p = Path(private_path)
+    if p.exists():
+        raise ConfigError(f"{str(p)!r} exists; choose a new path for the key (an existing key is never overwritten)")
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    pub = p.with_name(p.name.removesuffix(".pem") + ".pub.pem")
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return pub
+
+
+def sign(run: RunDir, private_key: str | Path) -> str:
+    """Sign the exact bytes of ``run``'s manifest; write ``manifest.sig``; return the manifest's SHA-256."""
+    key = _load_key(private_key, private=True)
+    signature = key.sign((run.path / MANIFEST).read_bytes())
+    atomic_write(run.path / SIGNATURE, SIG_PREFIX + base64.b64encode(signature) + b"\n")
+    return run.manifest_sha256()
+
+
+def check_signature(run: RunDir, public_key: str | Path) -> str | None:
+    """None when ``manifest.sig`` is a valid signature of ``manifest.json`` by ``public_key``, else the problem."""
+    from cryptography.exceptions import InvalidSignature
+
+    key = _load_key(public_key, private=False)
+    sig_path = run.path / SIGNATURE
+    if not sig_path.is_file() or sig_path.is_symlink():
+        return f"unsigned: {SIGNATURE} is missing; sign the run with `python -m pipeline sign RUN_DIR --key KEY.pem`"
+    raw = sig_path.read_bytes().strip()
+    try:
+        if not raw.startswith(SIG_PREFIX):
+            raise ValueError("no 'ed25519 ' prefix")
+        signature = base64.b64decode(raw[len(SIG_PREFIX) :], validate=True)
+        key.verify(signature, (run.path / MANIFEST).read_bytes())
+    except (ValueError, InvalidSignature):
+        return f"signature: {SIGNATURE} does not verify against {MANIFEST} with this public key (edited or re-signed)"
+    return None
+
+
+def rerender(run: RunDir) -> list[str]:
+    """Re-render the report from the run's recorded (hash-checked) artifacts; one line per file that differs.
+
+    The report is a pure function of its recorded inputs (``report_provenance.json`` holds the
+    manifest it read), so an unmodified run re-renders byte for byte. An empty list means every
+    report file was reproduced exactly.
+
+    Raises
+    ------
+    RunDirError
+        If the report stage is not complete or a recorded input is missing, edited or damaged.
+    """
+    if run.stage_status("report") != "complete":
+        raise RunDirError(f"the report of {run.path} is not complete; run the report stage before --rerender")
+    stage = runner.STAGES["report"]
+    cfg = load_config(run.read_config())
+    inputs = {}
+    for dep in (*stage.requires, *stage.optional):
+        if run.stage_status(dep) == "complete":
+            inputs[dep] = runner.load_recorded(dep, run)
+    module = runner.stage_module("report")
+    inputs[runner.PROVENANCE] = read_json(run.read(module.PROVENANCE_FILE))
+    seed = int(run.manifest["stages"]["report"]["seed"])
+    files = module.dump(module.run(cfg, inputs, seed=seed))
+    recorded = sorted(r for r, a in run.manifest["artifacts"].items() if a["stage"] == "report")
+    problems = [
+        f"not reproduced: {rel} (re-rendered bytes differ)" for rel in recorded if files.get(rel) != run.read(rel)
+    ]
+    problems += [
+        f"not recorded: {rel} (re-rendering writes it; the run did not)" for rel in sorted(set(files) - set(recorded))
+    ]
+    return problems
