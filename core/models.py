@@ -115,11 +115,14 @@ def build_scatter(
     only ever sees gradients of the head): the image itself and its responses to a bank of
     oriented Gabor filters (:func:`gabor_bank`, applied to every input channel), each split into
     its positive and negative parts by a ReLU (the two halves of a modulus, which the head can
-    recombine), average-pooled ``pool x pool``. Head: a linear layer, or ``hidden`` units with
-    ``activation`` and a linear layer.
+    recombine), average-pooled ``pool x pool``, then, if ``norm_groups`` > 0, standardised per image
+    by a parameter-free ``GroupNorm`` (each image by its own statistics: nothing is estimated from
+    a data set). Head: a linear layer, or ``hidden`` units with ``activation`` and a linear layer.
 
-    Built only from ``nn`` modules shap's DeepExplainer knows (Conv2d, ReLU, AvgPool2d, Linear,
-    Tanh) and with no normalisation layer, so it is valid for Opacus as it is.
+    Valid for Opacus as it is (GroupNorm without affine parameters holds nothing to train). With
+    ``norm_groups=0`` it is built only from ``nn`` modules shap's DeepExplainer knows (Conv2d, ReLU,
+    AvgPool2d, Linear, Tanh); with GroupNorm DeepExplainer fails its additivity check, and the
+    gradient explainer is what works (see PLATFORM.md).
     """
     c, h, w = input_shape
     if n_classes < 2:
@@ -144,6 +147,8 @@ def build_scatter(
         layers.append(nn.AvgPool2d(p))
         h, w = h // p, w // p
     if norm_groups:
+        if conv.out_channels % norm_groups:
+            raise ValueError(f"norm_groups={norm_groups} does not divide the {conv.out_channels} feature channels")
         layers.append(nn.GroupNorm(norm_groups, conv.out_channels, affine=False))
     layers.append(nn.Flatten())
     width = conv.out_channels * h * w
@@ -169,9 +174,28 @@ def build(spec: Mapping[str, Any]) -> nn.Sequential:
     return BUILDERS[kind](**kwargs)
 
 
-def n_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def n_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of trainable parameters (all parameters, fixed ones included, with ``trainable_only=False``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def front_end_record(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a model's fixed feature front-end is, for the training record (None when it has none)."""
+    if spec.get("kind") != "scatter":
+        return None
+    model = build(spec)
+    fixed = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    kw = spec["kwargs"]
+    return {
+        "kind": "fixed Gabor filter bank (scattering-like), ReLU halves, average pooling"
+        + (", per-image GroupNorm" if kw.get("norm_groups") else ""),
+        "fixed_parameters": int(fixed),
+        "trainable_parameters": n_parameters(model),
+        "data_independent": True,
+        "privacy": "spends no privacy budget: its filters are a function of the spec alone (never trained, "
+        "never fitted to any data) and any normalisation uses each image's own statistics; DP-SGD trains "
+        "only the head, and the guarantee covers the whole model",
+    }
 
 
 # --------------------------------------------------------------------------- the model registry
