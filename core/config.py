@@ -394,8 +394,7 @@ def validate(cfg: Config) -> None:
     _check(c.scatter_hidden >= 0, "cnn.scatter_hidden", c.scatter_hidden, ">= 0")
     n_scatter_channels = 2 + 4 * c.scatter_orientations * len(c.scatter_wavelengths)  # per input channel
     _check(
-        c.scatter_norm_groups >= 0
-        and (c.scatter_norm_groups == 0 or n_scatter_channels % c.scatter_norm_groups == 0),
+        c.scatter_norm_groups >= 0 and (c.scatter_norm_groups == 0 or n_scatter_channels % c.scatter_norm_groups == 0),
         "cnn.scatter_norm_groups",
         c.scatter_norm_groups,
         f"0 or a divisor of the {n_scatter_channels} feature channels per input channel",

@@ -8,10 +8,9 @@ JSON-safe spec, so weights can be reloaded without unpickling any code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
-
-import math
 
 import torch
 from torch import nn

@@ -102,11 +102,11 @@ def main() -> None:
         for eps in args.epsilons:
             runs = [run_one(arch, eps, repeat=r) for r in range(args.repeats)]
             rows.append((arch, eps, runs))
-            log.info(
-                "%s ε=%g: test %s (%.0f s)", arch, eps, [round(r["test"], 3) for r in runs], runs[-1]["seconds"]
-            )
+            log.info("%s ε=%g: test %s (%.0f s)", arch, eps, [round(r["test"], 3) for r in runs], runs[-1]["seconds"])
     print(f"\nDP-SGD without public data, embedded digits (n_train={rows[0][2][0]['n_train']}), δ=1e-5, PRV accountant")
-    print(f"{'model':8} {'ε target':>8} {'ε spent':>8} {'σ':>6} {'val acc':>14} {'test acc':>14}  params (trainable/fixed)")
+    print(
+        f"{'model':8} {'ε target':>8} {'ε spent':>8} {'σ':>6} {'val acc':>14} {'test acc':>14}  params (trainable/fixed)"
+    )
     for arch, eps, runs in rows:
         val = np.array([r["val"] for r in runs])
         test = np.array([r["test"] for r in runs])
