@@ -11,7 +11,7 @@ model's front-end is a fixed Gabor filter bank computed from its spec alone (no 
 Prints, per architecture and ε: the settings, ε spent (the accountant's figure), and the
 validation and test accuracy (mean and spread over ``--repeats`` seeds of the DP noise).
 
-How the ``scatter`` settings were chosen (honest account): 16 configurations of the front-end
+How the ``scatter`` settings were chosen (honest account): 20 trainings (configuration x ε) of the front-end
 (pooling 2 or 4, wavelengths, kernel size, orientations, per-image GroupNorm groups) and of the
 head's DP-SGD settings (lr, batch size, epochs, clipping norm) were compared by **validation**
 accuracy (180 images) at ε = 1, 3 and 8 by training only the head on the fixed features; the
