@@ -52,8 +52,28 @@ def _regressor_kwargs(cfg: Config, ds: Dataset) -> dict[str, Any]:
     }
 
 
+def cnn_architecture(cfg: Config) -> str:
+    """The image model's architecture in use: ``cnn.dp_architecture`` under DP (unless "same"), else ``cnn.architecture``."""
+    if cfg.dp.enabled and cfg.cnn.dp_architecture != "same":
+        return cfg.cnn.dp_architecture
+    return cfg.cnn.architecture
+
+
 def _cnn_kwargs(cfg: Config, ds: Dataset) -> dict[str, Any]:
     act = cfg.cnn.activation if (not cfg.dp.enabled or cfg.cnn.dp_activation == "same") else cfg.cnn.dp_activation
+    if cnn_architecture(cfg) == "scatter":
+        c = cfg.cnn
+        return {
+            "input_shape": list(ds.input_shape),
+            "n_classes": len(ds.class_names),
+            "orientations": c.scatter_orientations,
+            "wavelengths": list(c.scatter_wavelengths),
+            "kernel_size": c.scatter_kernel_size,
+            "pool": c.scatter_pool,
+            "norm_groups": c.scatter_norm_groups * ds.input_shape[0],
+            "hidden": c.scatter_hidden,
+            "activation": act,
+        }
     return {
         "input_shape": list(ds.input_shape),
         "n_classes": len(ds.class_names),
@@ -66,12 +86,15 @@ def _cnn_kwargs(cfg: Config, ds: Dataset) -> dict[str, Any]:
 
 # model name -> its builder's arguments for these data and this config (one line per registered model)
 _SPEC_KWARGS = {"regressor": _regressor_kwargs, "cnn": _cnn_kwargs}
+# model name -> the builder (core.models.BUILDERS key) it uses under this config, when it is not its own name
+_SPEC_KIND = {"cnn": cnn_architecture}
 
 
 def model_spec(cfg: Config, name: str, ds: Dataset) -> dict[str, Any]:
     """The architecture of model ``name`` for dataset ``ds`` (the CNN adapts to shape and class count)."""
     models.model_entry(name)
-    return {"kind": name, "kwargs": _SPEC_KWARGS[name](cfg, ds)}
+    kind = _SPEC_KIND[name](cfg) if name in _SPEC_KIND else name
+    return {"kind": kind, "kwargs": _SPEC_KWARGS[name](cfg, ds)}
 
 
 def model_specs(cfg: Config, datasets: Mapping[str, Dataset]) -> dict[str, dict[str, Any]]:

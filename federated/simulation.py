@@ -98,6 +98,7 @@ def train_federated(
             "startup_seconds": first - t0 if (first := record.get("first_round_started_unix")) is not None else None,
             "device": cfg.train.device,
             "flwr_version": _flwr_version(),
+            "fixed_front_end": models.front_end_record(spec),
         }
     )
     model = models.build(spec)

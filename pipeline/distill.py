@@ -307,9 +307,18 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
     transfer = transfer_set(cfg, ds, seed=seed)
     t_out = training.predict(teacher, transfer.x)  # (N,) or (N, K): the teacher's outputs are the only labels
     if name == "cnn":
+        t_kwargs = teacher_tm.spec["kwargs"]
+        same_kind = teacher_tm.spec["kind"] == "cnn"  # a "scatter" teacher's kwargs describe its fixed filters
         spec = {
             "kind": "cnn",
-            "kwargs": {**teacher_tm.spec["kwargs"], "channels": list(k.cnn_channels), "hidden": k.cnn_hidden},
+            "kwargs": {
+                "input_shape": list(t_kwargs["input_shape"]),
+                "n_classes": int(t_kwargs["n_classes"]),
+                "channels": list(k.cnn_channels),
+                "kernel_size": t_kwargs["kernel_size"] if same_kind else cfg.cnn.kernel_size,
+                "hidden": k.cnn_hidden,
+                "activation": t_kwargs.get("activation", "relu"),
+            },
         }
         labels = transfer.labels if transfer.labels is not None else np.zeros(len(t_out))
         y = np.concatenate([t_out, labels[:, None]], axis=1).astype(np.float32)  # (N, K + 1)
@@ -344,8 +353,9 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
     onnx, onnx_diff = export_served(student, ds)
     teacher_onnx, teacher_onnx_diff = export_served(teacher, ds)
     record: dict[str, Any] = {
-        "teacher_parameters": models.n_parameters(teacher),
-        "student_parameters": models.n_parameters(student),
+        # all weights, fixed ones included: a fixed front-end is still part of what is served
+        "teacher_parameters": models.n_parameters(teacher, trainable_only=False),
+        "student_parameters": models.n_parameters(student, trainable_only=False),
         "transfer": {
             "splits": list(transfer.splits),
             "real_rows": int(len(transfer.source_index)),

@@ -123,6 +123,7 @@ def _train_central(
             "n_parameters": models.n_parameters(model),
             "resumed_from_epoch": resume.epoch if resume else 0,
             "public_pretraining": pretraining,
+            "fixed_front_end": models.front_end_record(spec),
         },
     )
 

@@ -141,6 +141,14 @@ def render(content: Mapping[str, Any], name: str) -> str:
         f"- Type: {md(spec.get('kind'))} ({'MLP regression' if regression else 'convolutional classifier'}), "
         f"PyTorch; architecture arguments: {', '.join(f'{md(k)} = {md(v)}' for k, v in spec.get('kwargs', {}).items())}.",
         f"- Trainable parameters: {num(m['n_parameters'])}.",
+        *(
+            [
+                f"- Fixed feature front-end: {md(fe['kind'])}; {num(fe['fixed_parameters'])} fixed weights, "
+                f"{'data-independent' if fe.get('data_independent') else 'fitted to data'}: {md(fe['privacy'])}."
+            ]
+            if (fe := t.get("fixed_front_end"))
+            else []
+        ),
         f"- Training: {md(t.get('mode', 'central'))}; settings: "
         + ", ".join(f"{md(k)} = {md(v)}" for k, v in (t.get("fit") or {}).items())
         + ".",
