@@ -8,6 +8,12 @@ The derivation tree (each arrow is :func:`derive_seed` with that name)::
                                 ├── "partition", "<split>" ── federated partition
                                 └── "client", i, "round", r ── client i's training in round r
                  explain ── "<model>" ── ...   distill ── "<model>" ── ...
+                 audit ── "<model>" ── audit model seed
+                                ├── "members" ── which train/test rows are attacked
+                                ├── "shadow", i ── LiRA shadow model i (assignment: "shadow", "assignment")
+                                ├── "control" ── the overfit positive control (rows and training)
+                                ├── "control_shadow", i ── shadow i of the control's LiRA
+                                └── "statistics" ── bootstrap and held-out split of the audit statistics
 
 The runner, the Flower apps, the deployment launcher and the scripts all call these
 functions, so a bare ``flwr run .`` trains the model the pipeline would. DP-SGD's
@@ -24,7 +30,9 @@ DERIVATION = {
     "pretrain": "derive_seed(model_seed, 'pretrain')",
     "partition": "derive_seed(model_seed, 'partition', split)",
     "client_round": "derive_seed(model_seed, 'client', client, 'round', round)",
+    "audit": "derive_seed(audit_model_seed, part[, index])",
 }
+AUDIT_PARTS = ("members", "shadow", "control", "control_shadow", "statistics")
 
 
 def derive_seed(root: int, *names: str | int) -> int:
@@ -56,3 +64,10 @@ def partition_seed(model_seed_: int, split: str) -> int:
 def client_round_seed(model_seed_: int, client: int, server_round: int) -> int:
     """Client ``client``'s local training in round ``server_round``."""
     return derive_seed(model_seed_, "client", client, "round", server_round)
+
+
+def audit_seed(audit_model_seed: int, part: str, index: int | None = None) -> int:
+    """A part of the membership-inference audit of one model (``part`` in :data:`AUDIT_PARTS`)."""
+    if part not in AUDIT_PARTS:
+        raise ValueError(f"audit seed part {part!r} is unknown; choose one of: {', '.join(AUDIT_PARTS)}")
+    return derive_seed(audit_model_seed, part) if index is None else derive_seed(audit_model_seed, part, index)
