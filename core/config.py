@@ -196,7 +196,7 @@ class AuditConfig:
     n_shadows: int = 4  # LiRA shadow models per audited model; even, >= 2 (16-64 for a thorough audit)
     shadow_epochs: int = 0  # epochs of each shadow model (0 = as many as the audited model trained), >= 0
     control_rows: int = 64  # training rows of the deliberately overfit positive control (capped by test size), >= 4
-    control_epochs: int = 300  # non-private epochs of the positive control (it must memorise its rows), >= 1
+    control_epochs: int = 200  # non-private epochs of the positive control (it must memorise its rows), >= 1
     bootstrap: int = 1000  # bootstrap resamples of each AUC confidence interval, >= 100
 
 

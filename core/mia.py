@@ -180,9 +180,7 @@ def roc_auc(scores: np.ndarray, members: np.ndarray) -> float:
     return float(roc_auc_score(np.asarray(members, dtype=bool), np.asarray(scores, dtype=np.float64)))
 
 
-def auc_bootstrap_ci(
-    scores: np.ndarray, members: np.ndarray, *, seed: int, n_resamples: int = 1000
-) -> list[float]:
+def auc_bootstrap_ci(scores: np.ndarray, members: np.ndarray, *, seed: int, n_resamples: int = 1000) -> list[float]:
     """95% percentile-bootstrap interval of the AUC, resampling members and non-members separately."""
     rng = np.random.default_rng(seed)
     members = np.asarray(members, dtype=bool)

@@ -271,7 +271,9 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     datasets, trained = inputs["data"], inputs["train"]
     records, scores = {}, {}
     for name, entry in models.MODELS.items():
-        result = audit_model(cfg, name, datasets[entry.dataset], trained.models[name], seed=seeds.derive_seed(seed, name))
+        result = audit_model(
+            cfg, name, datasets[entry.dataset], trained.models[name], seed=seeds.derive_seed(seed, name)
+        )
         records[name], scores[name] = result["record"], result["scores"]
         log.info(
             "audit %s: loss AUC %.3f, LiRA AUC %.3f; control %.3f / %.3f",
