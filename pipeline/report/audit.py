@@ -133,7 +133,8 @@ def public_only_baseline(name: str, metrics: Mapping[str, Any], privacy: Any) ->
     if not po:
         return {
             "available": False,
-            "statement": "No public-only baseline was recorded (no public pretraining, or a federated run): the "
+            "statement": "No public-only baseline was recorded (no public pretraining, a federated run, or training resumed "
+            "from a checkpoint): the "
             "utility of this DP model cannot be compared with a model that never read private data.",
         }
     key = po["metric"]
