@@ -198,24 +198,18 @@ def public_only_comparison(
     x, y = ds.x["test"], ds.y["test"]
     p_released, p_public = training.predict(released.build(), x), training.predict(baseline, x)
     if ds.task == "regression":
-        key = "r2"
-        y_orig = ds.target_to_original(y)
-        pair = np.stack([ds.target_to_original(p_released), ds.target_to_original(p_public)], axis=1)  # (N, 2)
-
-        def gain(a, b):
-            ss = np.sum((a - a.mean()) ** 2)
-            return float((np.sum((a - b[:, 1]) ** 2) - np.sum((a - b[:, 0]) ** 2)) / ss)
-
+        key, metric = "r2", r2
+        y_eval, released_pred, public_pred = (ds.target_to_original(v) for v in (y, p_released, p_public))
     else:
-        key = "accuracy"
-        y_orig = y
-        pair = np.stack([p_released.argmax(axis=1), p_public.argmax(axis=1)], axis=1)  # (N, 2)
+        key, metric = "accuracy", accuracy
+        y_eval, released_pred, public_pred = y, p_released.argmax(axis=1), p_public.argmax(axis=1)
 
-        def gain(a, b):
-            return float(np.mean(b[:, 0] == a) - np.mean(b[:, 1] == a))
+    def gain(idx: np.ndarray) -> dict[str, np.ndarray]:
+        # The same resampled rows (c, N) for both models: a paired difference.
+        return {"gain": metric(y_eval[idx], released_pred[idx]) - metric(y_eval[idx], public_pred[idx])}
 
-    value = gain(y_orig, pair)
-    interval = bootstrap_ci(gain, y_orig, pair, seed=seed)
+    value = float(metric(y_eval, released_pred) - metric(y_eval, public_pred))
+    interval = bootstrap_cis(gain, len(y_eval), seed=seed)["gain"]
     return {
         "description": "the same architecture after public pretraining only (no private record), on the test split",
         "metric": key,

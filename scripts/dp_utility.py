@@ -28,13 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core import data, models, seeds, training  # noqa: E402
 from core.config import Config, load_config  # noqa: E402
 from core.teacher import fit_config, model_spec, public_pretrain  # noqa: E402
-from pipeline.evaluate import bootstrap_ci  # noqa: E402
+from pipeline.evaluate import accuracy, bootstrap_ci  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0)
 # The lever search (--lever): larger expected batches with fewer steps and a higher learning rate, the tanh
@@ -51,7 +50,7 @@ LEVER_GRID = [
 def _accuracy(model: torch.nn.Module, ds: data.Dataset, split: str) -> tuple[float, list[float]]:
     pred = training.predict(model, ds.x[split]).argmax(axis=1)
     y = ds.y[split]
-    return float((pred == y).mean()), bootstrap_ci(lambda a, b: float(np.mean(a == b)), y, pred, seed=0)
+    return float((pred == y).mean()), bootstrap_ci(accuracy, y, pred, seed=0)
 
 
 def train_cnn(cfg: Config, ds: data.Dataset) -> tuple[torch.nn.Module, torch.nn.Module | None, float]:
