@@ -10,9 +10,9 @@ The derivation tree (each arrow is :func:`derive_seed` with that name)::
                  explain ── "<model>" ── ...   distill ── "<model>" ── ...
                  audit ── "<model>" ── audit model seed
                                 ├── "members" ── which train/test rows are attacked
-                                ├── "shadow", i ── LiRA shadow model i (assignment: "shadow", "assignment")
+                                ├── "shadow", i ── LiRA shadow model i (i = -1: which records each shadow trains on)
                                 ├── "control" ── the overfit positive control (rows and training)
-                                ├── "control_shadow", i ── shadow i of the control's LiRA
+                                ├── "control_shadow", i ── shadow i of the control's LiRA (-1: assignment)
                                 └── "statistics" ── bootstrap and held-out split of the audit statistics
 
 The runner, the Flower apps, the deployment launcher and the scripts all call these
