@@ -204,6 +204,17 @@ class ExplainConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    enabled: bool = True  # run the membership-inference audit stage (false: the report says no audit was run)
+    n_eval: int = 500  # members attacked per model, and as many non-members (capped by train/test sizes), >= 10
+    n_shadows: int = 4  # LiRA shadow models per audited model; even, >= 2 (16-64 for a thorough audit)
+    shadow_epochs: int = 0  # epochs of each shadow model (0 = as many as the audited model trained), >= 0
+    control_rows: int = 64  # training rows of the deliberately overfit positive control (capped by test size), >= 4
+    control_epochs: int = 200  # non-private epochs of the positive control (it must memorise its rows), >= 1
+    bootstrap: int = 1000  # bootstrap resamples of each AUC confidence interval, >= 100
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0  # root seed; every stage and client derives its own from it
     data: DataConfig = field(default_factory=DataConfig)
@@ -215,6 +226,7 @@ class Config:
     client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -485,6 +497,13 @@ def validate(cfg: Config) -> None:
         k.cnn_channels,
         "one or more positive channel counts",
     )
+    a = cfg.audit
+    _check(a.n_eval >= 10, "audit.n_eval", a.n_eval, ">= 10")
+    _check(a.n_shadows >= 2 and a.n_shadows % 2 == 0, "audit.n_shadows", a.n_shadows, "an even number >= 2")
+    _check(a.shadow_epochs >= 0, "audit.shadow_epochs", a.shadow_epochs, ">= 0 (0 = the audited model's epochs)")
+    _check(a.control_rows >= 4, "audit.control_rows", a.control_rows, ">= 4")
+    _check(a.control_epochs >= 1, "audit.control_epochs", a.control_epochs, ">= 1")
+    _check(a.bootstrap >= 100, "audit.bootstrap", a.bootstrap, ">= 100")
     e = cfg.explain
     for key in (
         "n_rows",

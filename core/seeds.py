@@ -9,6 +9,12 @@ The derivation tree (each arrow is :func:`derive_seed` with that name)::
                                 ├── "partition", "<split>" ── federated partition
                                 └── "client", i, "round", r ── client i's training in round r
                  explain ── "<model>" ── ...   distill ── "<model>" ── ...
+                 audit ── "<model>" ── audit model seed
+                                ├── "members" ── which train/test rows are attacked
+                                ├── "shadow", i ── LiRA shadow model i (i = -1: which records each shadow trains on)
+                                ├── "control" ── the overfit positive control (rows and training)
+                                ├── "control_shadow", i ── shadow i of the control's LiRA (-1: assignment)
+                                └── "statistics" ── bootstrap and held-out split of the audit statistics
 
 The runner, the Flower apps, the deployment launcher and the scripts all call these
 functions, so a bare ``flwr run .`` trains the model the pipeline would.
@@ -37,7 +43,9 @@ DERIVATION = {
     "client_round": "derive_seed(model_seed, 'client', client, 'round', round)",
     "dp": "derive_seed(training_seed, 'dp-sampling' | 'dp-noise'), only with dp.reproducible_noise; "
     "otherwise drawn from the OS CSPRNG and never recorded",
+    "audit": "derive_seed(audit_model_seed, part[, index])",
 }
+AUDIT_PARTS = ("members", "shadow", "control", "control_shadow", "statistics")
 
 
 def derive_seed(root: int, *names: str | int) -> int:
@@ -101,3 +109,10 @@ def make_generator(device: torch.device | str, seed: int | None = None) -> torch
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed(secret_seed() if seed is None else seed)
     return generator
+
+
+def audit_seed(audit_model_seed: int, part: str, index: int | None = None) -> int:
+    """A part of the membership-inference audit of one model (``part`` in :data:`AUDIT_PARTS`)."""
+    if part not in AUDIT_PARTS:
+        raise ValueError(f"audit seed part {part!r} is unknown; choose one of: {', '.join(AUDIT_PARTS)}")
+    return derive_seed(audit_model_seed, part) if index is None else derive_seed(audit_model_seed, part, index)

@@ -17,6 +17,7 @@ from core.artifacts import json_bytes, read_json
 from core.config import Config
 from core.data import Dataset
 from core.models import MODELS
+from core.teacher import TrainedModel
 from pipeline.train import TrainOutput
 
 N_BOOTSTRAP = 1000  # resamples for the 95% confidence intervals
@@ -173,11 +174,54 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
         out[name] = {
             split: _metrics(ds, split, training.predict(model, ds.x[split]), seed=seed) for split in ("test", "val")
         }
+        if name in trained.public_only:
+            out[name]["public_only"] = public_only_comparison(
+                ds, trained.models[name], trained.public_only[name], seed=seed
+            )
     tab: Dataset = inputs["data"][MODELS["regressor"].dataset]
     out["ridge"] = {
         split: _metrics(tab, split, trained.ridge.predict(tab.x[split]), seed=seed) for split in ("test", "val")
     }
     return out
+
+
+def public_only_comparison(
+    ds: Dataset, released: TrainedModel, public_state: Mapping[str, Any], *, seed: int
+) -> dict[str, Any]:
+    """The public-only baseline (the same architecture after public pretraining alone) against the released model.
+
+    Returns its test metrics and ``private_gain``: the released model's headline test metric minus the
+    baseline's, with a paired 95% bootstrap interval (the same resampled test rows for both models). A gain
+    whose interval reaches 0 means DP training on the private split added nothing measurable.
+    """
+    baseline = TrainedModel(spec=released.spec, state_dict=public_state, training={}).build()
+    x, y = ds.x["test"], ds.y["test"]
+    p_released, p_public = training.predict(released.build(), x), training.predict(baseline, x)
+    if ds.task == "regression":
+        key, metric = "r2", r2
+        y_eval, released_pred, public_pred = (ds.target_to_original(v) for v in (y, p_released, p_public))
+    else:
+        key, metric = "accuracy", accuracy
+        y_eval, released_pred, public_pred = y, p_released.argmax(axis=1), p_public.argmax(axis=1)
+
+    def gain(idx: np.ndarray) -> dict[str, np.ndarray]:
+        # The same resampled rows (c, N) for both models: a paired difference.
+        return {"gain": metric(y_eval[idx], released_pred[idx]) - metric(y_eval[idx], public_pred[idx])}
+
+    value = float(metric(y_eval, released_pred) - metric(y_eval, public_pred))
+    interval = bootstrap_cis(gain, len(y_eval), seed=seed)["gain"]
+    return {
+        "description": "the same architecture after public pretraining only (no private record), on the test split",
+        "metric": key,
+        "test": _metrics(ds, "test", p_public, seed=seed),
+        "private_gain": {
+            "metric": key,
+            "value": value,
+            "ci95": interval,
+            "measurable": bool(interval[0] > 0),
+            "method": "released minus public-only test metric; paired percentile bootstrap over test rows",
+        },
+    }
 
 
 def _metrics(ds: Dataset, split: str, pred: np.ndarray, *, seed: int) -> dict[str, Any]:

@@ -75,11 +75,18 @@ STAGES: dict[str, Stage] = {
             requires=("data", "train"),
         ),
         Stage(
+            "audit",
+            "pipeline.audit",
+            "membership-inference audit (loss threshold, LiRA with shadow models) of every model, beside an "
+            "overfit positive control",
+            requires=("data", "train"),
+        ),
+        Stage(
             "report",
             "pipeline.report",
             "report.html, report.json (+ schema) and a model card per model, listing every earlier artifact's hash",
             requires=("data", "train", "evaluate", "explain"),
-            optional=("distill",),
+            optional=("distill", "audit"),
             provenance=True,
         ),
     )

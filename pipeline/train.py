@@ -7,7 +7,7 @@ federated path runs the same core inside Flower ClientApps.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -31,6 +31,9 @@ class TrainOutput:
 
     models: Mapping[str, TrainedModel]  # model name -> trained network
     ridge: RidgeBaseline  # scikit-learn Ridge on the regressor's data
+    # model name -> weights right after public pretraining, before any private record was read (DP runs with
+    # dp.public_pretrain_epochs > 0): the public-only baseline that shows what DP training on the private data added
+    public_only: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime | None = None) -> TrainOutput:
@@ -79,6 +82,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
         return TrainOutput(models=trained, ridge=baseline)
     if cfg.dp.enabled:
         preflight(cfg, datasets)
+    public_only: dict[str, dict[str, torch.Tensor]] = {}
     for name, entry in models.MODELS.items():
         trained[name] = _train_central(
             cfg,
@@ -88,12 +92,21 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
             device=device,
             seed=seeds.derive_seed(seed, name),
             runtime=runtime,
+            public_only=public_only,
         )
-    return TrainOutput(models=trained, ridge=baseline)
+    return TrainOutput(models=trained, ridge=baseline, public_only=public_only)
 
 
 def _train_central(
-    cfg: Config, name: str, ds: Dataset, spec: Mapping[str, Any], *, device: torch.device, seed: int, runtime: Runtime
+    cfg: Config,
+    name: str,
+    ds: Dataset,
+    spec: Mapping[str, Any],
+    *,
+    device: torch.device,
+    seed: int,
+    runtime: Runtime,
+    public_only: dict[str, dict[str, torch.Tensor]],
 ) -> TrainedModel:
     fit_cfg = fit_config(cfg, name)
     torch.manual_seed(seed)  # weight initialisation draws from torch's global generator
@@ -107,6 +120,10 @@ def _train_central(
             pretraining = public_pretrain(cfg, name, model, ds, device=device, seed=seeds.pretrain_seed(seed))
         except TrainingDivergedError as exc:
             raise diverged(exc, f"{name}.fit", getattr(cfg, name).fit) from None
+        if pretraining is not None:
+            # A copy of the model before DP-SGD touches the private split: the public-only baseline.
+            public_only[name] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            pretraining = {**pretraining, "weights": public_only_path(name)}
     try:
         result = _fit_central(cfg, name, model, ds, fit_cfg, device=device, seed=seed, runtime=runtime, resume=resume)
     except TrainingDivergedError as exc:
@@ -168,9 +185,14 @@ def _fit_central(
     )
 
 
+def public_only_path(name: str) -> str:
+    """Where the public-only (pretrained, pre-DP) weights of model ``name`` are recorded."""
+    return f"models/{name}_public_only.safetensors"
+
+
 def dump(out: TrainOutput) -> dict[str, bytes]:
     """Weights as safetensors, specs and training records as JSON."""
-    files = {}
+    files = {public_only_path(name): state_dict_bytes(sd) for name, sd in out.public_only.items()}
     for name, m in out.models.items():
         files[f"models/{name}.safetensors"] = state_dict_bytes(m.state_dict)
         files[f"models/{name}.json"] = json_bytes({"spec": m.spec, "training": m.training})
@@ -183,14 +205,18 @@ def dump(out: TrainOutput) -> dict[str, bytes]:
 
 def load(read: Callable[[str], bytes]) -> TrainOutput:
     """Rebuild the stage output from the run directory."""
-    trained = {}
+    trained, public_only = {}, {}
     for name in models.MODELS:
         meta = read_json(read(f"models/{name}.json"))
         trained[name] = TrainedModel(
             spec=meta["spec"], state_dict=read_state_dict(read(f"models/{name}.safetensors")), training=meta["training"]
         )
+        weights = (meta["training"].get("public_pretraining") or {}).get("weights")
+        if weights:
+            public_only[name] = read_state_dict(read(weights))
     r = read_json(read("models/ridge.json"))
     return TrainOutput(
         models=trained,
         ridge=RidgeBaseline(coef=np.asarray(r["coef"]), intercept=float(r["intercept"]), alpha=float(r["alpha"])),
+        public_only=public_only,
     )

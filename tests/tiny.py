@@ -31,4 +31,12 @@ DISTILL = [
     "distill.cnn_channels=[2]",
     "distill.regressor_hidden=[2]",
 ]
-ALL = TRAIN + EXPLAIN + DISTILL
+AUDIT = [
+    "audit.n_eval=40",
+    "audit.n_shadows=2",
+    "audit.shadow_epochs=2",
+    "audit.control_rows=8",
+    "audit.control_epochs=5",
+    "audit.bootstrap=100",
+]
+ALL = TRAIN + EXPLAIN + DISTILL + AUDIT

@@ -17,6 +17,7 @@ from core import config as config_mod
 from core.artifacts import jsonable
 from core.config import Config
 from core.models import MODELS, title
+from pipeline.report.audit import audit_section, public_only_baseline
 from pipeline.report.fmt import number
 from pipeline.report.privacy import federated_privacy, privacy_section, student_caveats, student_privacy
 from pipeline.rundir import git_commit, library_versions
@@ -90,7 +91,8 @@ def models_section(cfg: Config, trained: TrainOutput, metrics: Mapping[str, Any]
             "n_parameters": training.get("n_parameters"),
             "training": _plain(training),
             "privacy": _plain(privacy),
-            "metrics": _plain(metrics.get(name, {})),
+            "metrics": _plain({k: v for k, v in metrics.get(name, {}).items() if k != "public_only"}),
+            "public_only_baseline": _plain(public_only_baseline(name, metrics, privacy)),
         }
     out["regressor"]["baseline"] = {
         "title": "Ridge baseline (scikit-learn, not DP)",
@@ -484,7 +486,9 @@ def summary_section(content: Mapping[str, Any], explain_out: Any) -> dict[str, A
             f"order (lower is better); {agree}; sanity checks: {sanity}"
         )
     sentence = "; ".join(bits) + f" (explain stage: {number(explain_out.summary.get('seconds', 0.0), 3)} s)."
-    n_caveats = len(content["privacy"]["caveats"]) + len(content["explanations"]["caveats"])
+    n_caveats = (
+        len(content["privacy"]["caveats"]) + len(content["audit"]["caveats"]) + len(content["explanations"]["caveats"])
+    )
     return {
         "models": models,
         "baseline": baseline,
@@ -528,8 +532,15 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
             content["privacy"]["covered"] += covered
             content["privacy"]["not_covered"] += not_covered
             content["privacy"]["caveats"] += student_caveats(distill_out)
+    content["audit"] = audit_section(inputs.get("audit"))  # optional input: the audit stage's records
+    for name, m in content["models"].items():
+        po = m.get("public_only_baseline")
+        if po and po.get("available") and not po["private_data_contributed"]:
+            content["privacy"]["caveats"].append(f"{title(name)}: {po['statement']}")
     content["reproducibility"] = reproducibility_section(cfg, manifest, seed)
     content["summary"] = summary_section(content, explain_out)
-    content["caveats"] = content["privacy"]["caveats"] + content["explanations"]["caveats"]
+    content["caveats"] = (
+        content["privacy"]["caveats"] + content["audit"]["caveats"] + content["explanations"]["caveats"]
+    )
     del content["_metrics"]
     return jsonable(content)

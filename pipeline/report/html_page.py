@@ -302,12 +302,85 @@ def _models(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
                 )
             )
         parts.append("<h4>Metrics</h4>" + _metrics_table(m["metrics"]))
+        parts.append(_public_only(m.get("public_only_baseline")))
         parts.append(_per_class(m["metrics"]))
         if "baseline" in m:
             b = m["baseline"]
             parts.append(f"<h4>{esc(b['title'])}, alpha = {fmt(b['alpha'])}</h4>" + _metrics_table(b["metrics"]))
     parts.append("</section>")
     return "".join(parts)
+
+
+def _public_only(po: Mapping[str, Any] | None) -> str:
+    """A DP model beside the same architecture trained on the public split alone."""
+    if not po:
+        return ""
+    if not po.get("available"):
+        return f"<h4>Utility from the private data</h4><div class='box warn'>{esc(po['statement'])}</div>"
+    cls = "box" if po["private_data_contributed"] else "box warn"
+    rows = [
+        ["released DP model", ci(po["released"], po.get("released_ci95"))],
+        ["public split only (no private record)", ci(po["public_only"], po.get("public_only_ci95"))],
+        ["added by DP training on the private split", ci(po["private_gain"], po.get("private_gain_ci95"))],
+    ]
+    return (
+        "<h4>Utility from the private data</h4>"
+        + table(["model", f"test {esc(po['metric'])} [95% CI]"], rows)
+        + f"<div class='{cls}'>{esc(po['statement'])}</div>"
+    )
+
+
+def _attack_rows(attacks: list[Mapping[str, Any]], who: str, claimed: Any) -> list[list[str]]:
+    rows = []
+    for a in attacks:
+        tprs = []
+        for t in a["tpr_at_fpr"]:
+            cell = f"{fmt(t['target_fpr'], 2)}: {ci(t['tpr'], t['tpr_ci95'])}"
+            if t.get("dp_bound") is not None:
+                cell += f" <span class=small>(DP bound {fmt(t['dp_bound'], 3)})</span>"
+            if t.get("resolution_limited"):
+                cell += " <span class=small>(no false positive)</span>"
+            tprs.append(cell)
+        rows.append(
+            [
+                esc(who),
+                esc(a["attack"]),
+                ci(a["auc"], a["auc_ci95"]),
+                "<br>".join(tprs),
+                f"{fmt(a['epsilon_lower_bound'], 3)} <span class=small>(optimistic "
+                f"{fmt(a['epsilon_lower_bound_optimistic'], 3)})</span>",
+                fmt(claimed, 4),
+            ]
+        )
+    return rows
+
+
+def _audit(c: Mapping[str, Any]) -> str:
+    a = c["audit"]
+    parts = ["<section id=audit><h2>Privacy audit (membership inference)</h2>"]
+    parts.append(f"<p class=howto><em>How to read this:</em> {esc(a['how_to_read'])}</p>")
+    if not a["ran"]:
+        return "".join(parts) + bullet_list(a["caveats"]) + "</section>"
+    for name, m in a["models"].items():
+        parts.append(f"<h3>{esc(m['title'])}</h3>")
+        sh = m["shadows"]
+        parts.append(
+            f"<p>{fmt(m['n_members'])} members (training split) and {fmt(m['n_non_members'])} non-members (test "
+            f"split). LiRA: {esc(sh['variant'])}, {fmt(sh['n'])} shadow models trained by "
+            f"<code>{esc(sh['trained_by'])}</code> for {fmt(sh['epochs'])} epochs on {esc(sh['training_data'])}"
+            f"{' with DP' if sh['dp'] else ''}. Positive control: {esc(m['control']['description'])} (its "
+            f"training loss {fmt(m['control']['train_loss'], 3)}, test loss {fmt(m['control']['test_loss'], 3)}).</p>"
+        )
+        rows = _attack_rows(m["attacks"], "released model", m["claimed_epsilon"])
+        rows += _attack_rows(m["control"]["attacks"], "positive control (overfit, no DP)", None)
+        parts.append(
+            table(
+                ["model", "attack", "ROC-AUC [95% CI]", "TPR at FPR [95% CI]", "empirical ε lower bound", "claimed ε"],
+                rows,
+            )
+        )
+    parts.append("<h3>Audit caveats</h3>" + bullet_list(a["caveats"], "warnlist"))
+    return "".join(parts) + "</section>"
 
 
 def _privacy(c: Mapping[str, Any]) -> str:
@@ -557,6 +630,7 @@ SECTIONS = (
     ("data", "Data provenance"),
     ("models", "Models"),
     ("privacy", "Privacy"),
+    ("audit", "Privacy audit (membership inference)"),
     ("explanations", "Explanations"),
     ("reproducibility", "Reproducibility"),
 )
@@ -565,13 +639,14 @@ SECTIONS = (
 def render(content: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
     """The complete HTML page."""
     title = f"{content['title']} {content.get('run_id') or ''}".strip()
-    sections = [*SECTIONS[:5], ("distill", "Distillation"), SECTIONS[5]] if "distill" in content else SECTIONS
+    sections = [*SECTIONS[:6], ("distill", "Distillation"), SECTIONS[6]] if "distill" in content else SECTIONS
     nav = "".join(f"<li><a href='#{sid}'>{esc(label)}</a></li>" for sid, label in sections)
     body = (
         _summary(content)
         + _data(content)
         + _models(content, figs)
         + _privacy(content)
+        + _audit(content)
         + _explanations(content, figs)
         + _distill(content)
         + _reproducibility(content)

@@ -241,6 +241,15 @@ def render(content: Mapping[str, Any], name: str) -> str:
         f"- The train split: {num(d['sizes'].get('train'))} rows of the same source; validation: "
         f"{num(d['sizes'].get('val'))} rows; public split (explanation backgrounds, distillation): "
         f"{num(d['sizes'].get('public'))} rows.",
+        *(
+            [
+                f"- Public pretraining: before DP-SGD the weights were fitted without DP on the public split "
+                f"({num((t.get('public_pretraining') or {}).get('rows'))} rows, "
+                f"{num((t.get('public_pretraining') or {}).get('epochs'))} epochs)."
+            ]
+            if t.get("public_pretraining")
+            else []
+        ),
         "- Preprocessing: standardisation with statistics fitted on the training split only"
         f" (NaN policy: {md(d.get('preprocessing', {}).get('nan_policy', 'n/a'))}).",
     ]
@@ -267,6 +276,25 @@ def render(content: Mapping[str, Any], name: str) -> str:
         out += [_table(["class", "recall", "precision"], [[md(c), num(rec.get(c)), num(prec.get(c))] for c in rec]), ""]
     if ex:
         out += _explanation_lines(ex)
+
+    po = m.get("public_only_baseline")
+    if po:
+        out += [f"Utility from the private data: {md(po['statement'])}", ""]
+    audit = content.get("audit", {})
+    am = audit.get("models", {}).get(name)
+    if am:
+        bits = []
+        for who, attacks in (("released model", am["attacks"]), ("overfit positive control", am["control"]["attacks"])):
+            for a in attacks:
+                tprs = ", ".join(f"TPR@FPR {num(t['target_fpr'], 2)} = {num(t['tpr'], 3)}" for t in a["tpr_at_fpr"])
+                bits.append(
+                    f"{who}, {md(a['attack'])} attack: AUC {num(a['auc'], 3)} [{num(a['auc_ci95'][0], 3)}, "
+                    f"{num(a['auc_ci95'][1], 3)}], {tprs}, empirical ε ≥ {num(a['epsilon_lower_bound'], 3)}"
+                )
+        claimed = f" (claimed ε = {num(am['claimed_epsilon'])})" if am.get("claimed_epsilon") is not None else ""
+        out += [f"Privacy audit (membership inference){claimed}: " + "; ".join(bits) + ".", ""]
+    elif audit and not audit.get("ran", True):
+        out += ["Privacy audit (membership inference): not run.", ""]
 
     out += ["## Ethical considerations", ""]
     out += [

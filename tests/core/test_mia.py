@@ -1,0 +1,128 @@
+"""Membership-inference attacks and audit statistics (core.mia) on generated data."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import beta
+
+from core import mia, models, training
+from core.config import FitConfig
+
+
+@pytest.mark.parametrize("n", [1, 7, 88, 359])
+def test_clopper_pearson_matches_scipy_beta_quantiles(n):
+    # The textbook formula (beta quantiles) is an implementation independent of mia's bisection on binomial tails.
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n} - {-1}):
+        if not 0 <= k <= n:
+            continue
+        lo, hi = mia.clopper_pearson(k, n, confidence=0.95)
+        exp_lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
+        exp_hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
+        assert lo == pytest.approx(exp_lo, abs=1e-9) and hi == pytest.approx(exp_hi, abs=1e-9), (k, n)
+
+
+def test_clopper_pearson_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        mia.clopper_pearson(5, 4)
+
+
+def test_dp_bound_is_the_hypothesis_testing_region():
+    assert mia.dp_tpr_bound(0.01, epsilon=1.0, delta=1e-5) == pytest.approx(np.e * 0.01 + 1e-5)
+    assert mia.dp_tpr_bound(0.5, epsilon=0.0, delta=0.0) == pytest.approx(0.5)  # ε = 0: no test beats chance
+    assert mia.dp_tpr_bound(0.9, epsilon=5.0, delta=0.0) <= 1.0
+
+
+def _mlp(n_features):
+    return models.build_regressor(n_features=n_features, hidden_sizes=(64,), activation="relu")
+
+
+def _fit(model, x, y, *, epochs, seed):
+    fit = FitConfig(epochs=epochs, batch_size=64, lr=3e-2)  # full-batch steps on these small sets: fast
+    training.fit(
+        model,
+        x_train=x,
+        y_train=y,
+        x_val=None,
+        y_val=None,
+        task="regression",
+        fit_cfg=fit,
+        dp=None,
+        device=torch.device("cpu"),
+        seed=seed,
+    )
+    return model.eval()
+
+
+def _noise_data(rng, n, f=8):
+    # Targets independent of the features: a model can only do well on the rows it memorised.
+    return rng.normal(size=(n, f)).astype(np.float32), rng.normal(size=n).astype(np.float32)
+
+
+def _both_attacks(target, x, y, members, *, epochs, n_shadows=4):
+    in_mask = mia.shadow_assignment(len(x), n_shadows, seed=1)
+    phis = []
+    for i in range(n_shadows):
+        torch.manual_seed(100 + i)
+        shadow = _fit(_mlp(x.shape[1]), x[in_mask[i]], y[in_mask[i]], epochs=epochs, seed=100 + i)
+        phis.append(mia.confidence_logit(training.predict(shadow, x), y, task="regression"))
+    out = training.predict(target, x)
+    loss = mia.loss_scores(out, y, task="regression")
+    lira = mia.lira_scores(mia.confidence_logit(out, y, task="regression"), np.stack(phis), in_mask)
+    return mia.roc_auc(loss, members), mia.roc_auc(lira, members)
+
+
+def test_attacks_break_a_memorising_model(rng):
+    x, y = _noise_data(rng, 128)
+    members = np.r_[np.ones(64, bool), np.zeros(64, bool)]
+    torch.manual_seed(0)
+    target = _fit(_mlp(8), x[members], y[members], epochs=100, seed=0)
+    auc_loss, auc_lira = _both_attacks(target, x, y, members, epochs=100)
+    assert auc_loss > 0.8 and auc_lira > 0.8, (auc_loss, auc_lira)
+
+
+def test_attacks_are_at_chance_on_a_model_that_never_saw_the_members(rng):
+    x, y = _noise_data(rng, 400)
+    x_third, y_third = _noise_data(rng, 64)  # the model trains on a third set from the same distribution
+    members = np.r_[np.ones(200, bool), np.zeros(200, bool)]
+    torch.manual_seed(0)
+    target = _fit(_mlp(8), x_third, y_third, epochs=100, seed=0)
+    auc_loss, auc_lira = _both_attacks(target, x, y, members, epochs=30, n_shadows=2)
+    # The AUC of an uninformative score on 200 + 200 records has standard deviation ~0.029: 4 of them.
+    assert abs(auc_loss - 0.5) < 0.12 and abs(auc_lira - 0.5) < 0.12, (auc_loss, auc_lira)
+
+
+def test_empirical_epsilon_is_rarely_positive_for_an_uninformative_score():
+    positives = 0
+    for seed in range(20):
+        r = np.random.default_rng(seed)
+        scores, members = r.normal(size=200), np.r_[np.ones(100, bool), np.zeros(100, bool)]
+        positives += mia.empirical_epsilon(scores, members, delta=1e-5, seed=seed)["epsilon_lower_bound"] > 0
+    # A valid 95% bound is positive with probability <= 5% when ε = 0; P(Binomial(20, 0.05) > 3) ≈ 1.6%.
+    assert positives <= 3
+
+
+def test_empirical_epsilon_of_a_perfect_attack_is_what_its_sample_size_can_certify():
+    n = 100
+    scores, members = np.r_[np.ones(n), np.zeros(n)], np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    e = mia.empirical_epsilon(scores, members, delta=0.0, seed=0)
+    half = n // 2
+    lo, _ = mia.clopper_pearson(half, half)
+    _, hi = mia.clopper_pearson(0, half)
+    assert e["epsilon_lower_bound"] == pytest.approx(np.log(lo / hi), rel=1e-9)
+    assert e["optimistic_max_over_thresholds"] >= e["epsilon_lower_bound"]
+
+
+def test_tpr_at_fpr_respects_the_fpr_and_reports_resolution():
+    scores = np.r_[np.arange(10, 20), np.arange(0, 10)].astype(float)
+    members = np.r_[np.ones(10, bool), np.zeros(10, bool)]
+    row = mia.tpr_at_fpr(scores, members, 0.01)
+    assert row["tpr"] == 1.0 and row["fpr"] == 0.0 and row["resolution_limited"]
+    row = mia.tpr_at_fpr(-scores, members, 0.1)  # a reversed score: one false positive allowed, no member found
+    assert row["fpr"] <= 0.1 and row["tpr"] == 0.0
+
+
+def test_shadow_assignment_is_balanced():
+    mask = mia.shadow_assignment(50, 4, seed=0)
+    assert mask.shape == (4, 50) and (mask.sum(axis=0) == 2).all()
+    with pytest.raises(ValueError, match="even"):
+        mia.shadow_assignment(10, 3, seed=0)

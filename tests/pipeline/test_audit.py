@@ -1,0 +1,112 @@
+"""The audit stage (membership inference) and its place in the report: round trip, schema, loud caveats."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from core import config as config_mod
+from core.config import load_config
+from pipeline import audit, report, runner
+from pipeline.report.audit import audit_section
+from pipeline.rundir import RunDir
+from tests.tiny import AUDIT, EXPLAIN, TRAIN
+
+jsonschema = pytest.importorskip("jsonschema")
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """A tiny DP run through every stage the report reads, the audit included."""
+    overrides = TRAIN + EXPLAIN + AUDIT + ["dp.enabled=true", "dp.target_epsilon=3"]
+    cfg = load_config(None, overrides)
+    run = RunDir.create(
+        tmp_path_factory.mktemp("audit") / "runs",
+        config_toml=config_mod.to_toml(cfg),
+        command=["python", "-m", "pipeline", *overrides],
+        device="cpu",
+    )
+    runner.run_stages(cfg, run, ["data", "train", "evaluate", "explain", "audit", "report"])
+    return cfg, run
+
+
+@pytest.mark.slow  # a DP run through explain and report: ~30 s alone, minutes on a loaded machine
+def test_audit_stage_round_trips_through_the_run_directory(dp_run):
+    cfg, run = dp_run
+    loaded = audit.load(run.read)
+    assert loaded["enabled"] and set(loaded["models"]) == {"regressor", "cnn"}
+    again = audit.load(lambda rel: audit.dump(loaded)[rel])
+    assert again["models"] == loaded["models"]
+    for name, arrays in loaded["scores"].items():
+        assert set(arrays) == set(again["scores"][name])
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(value, again["scores"][name][key])
+        n = loaded["models"][name]["n_members"]
+        assert arrays["members"].sum() == n and len(arrays["target_loss"]) == 2 * n
+    rec = loaded["models"]["cnn"]
+    assert rec["dp"] and rec["claimed_epsilon"] <= 3.0
+    for attack in rec["attacks"].values():
+        assert 0 <= attack["auc"] <= 1 and attack["auc_ci95"][0] <= attack["auc"] <= attack["auc_ci95"][1]
+        for row in attack["tpr_at_fpr"]:
+            assert row["fpr"] <= row["target_fpr"] and row["dp_bound"] >= row["target_fpr"]
+
+
+@pytest.mark.slow  # a DP run through explain and report: ~30 s alone, minutes on a loaded machine
+def test_report_shows_the_audit_and_the_public_only_baseline(dp_run):
+    _, run = dp_run
+    content = json.loads(run.read("report.json"))
+    jsonschema.validate(content, report.schema())
+    a = content["audit"]
+    assert a["ran"] and set(a["models"]) == {"regressor", "cnn"}
+    for m in a["models"].values():
+        assert {x["attack"] for x in m["attacks"]} == {"loss", "lira"} and len(m["control"]["attacks"]) == 2
+        assert m["claimed_epsilon"] is not None
+    for name in ("regressor", "cnn"):
+        po = content["models"][name]["public_only_baseline"]
+        assert po["available"] and po["statement"]
+        lo, hi = po["private_gain_ci95"]
+        assert lo <= po["private_gain"] <= hi
+        assert po["private_gain"] == pytest.approx(po["released"] - po["public_only"], abs=1e-9)
+        assert po["private_data_contributed"] == (lo > 0)
+    html = run.read("report.html").decode()
+    assert "Privacy audit (membership inference)" in html and "Utility from the private data" in html
+    card = run.read("model_card_cnn.md").decode()
+    assert "Privacy audit (membership inference)" in card and "Public pretraining" in card
+    assert "models/cnn_public_only.safetensors" in run.manifest["artifacts"]
+
+
+@pytest.mark.slow  # a DP run through explain and report: ~30 s alone, minutes on a loaded machine
+def test_an_empirical_epsilon_above_the_claim_is_a_loud_caveat(dp_run):
+    loaded = audit.load(dp_run[1].read)
+    broken = copy.deepcopy({k: v for k, v in loaded.items() if k != "scores"})
+    rec = broken["models"]["cnn"]
+    rec["attacks"]["lira"]["empirical_epsilon"]["epsilon_lower_bound"] = rec["claimed_epsilon"] + 1.0
+    caveats = audit_section(broken)["caveats"]
+    assert any(c.startswith("PRIVACY AUDIT FAILED for the CNN classifier") for c in caveats)
+    assert not any("FAILED" in c for c in audit_section(loaded)["caveats"])
+
+
+def test_audit_stage_on_a_tiny_non_dp_run_round_trips(tmp_path):
+    cfg = load_config(None, TRAIN + AUDIT)
+    run = RunDir.create(tmp_path / "runs", config_toml=config_mod.to_toml(cfg), command=["test"], device="cpu")
+    outputs = runner.run_stages(cfg, run, ["data", "train", "audit"])
+    out, loaded = outputs["audit"], audit.load(run.read)
+    assert loaded["models"] == json.loads(json.dumps(out["models"]))
+    for name, rec in loaded["models"].items():
+        assert not rec["dp"] and rec["claimed_epsilon"] is None
+        assert rec["n_members"] == min(cfg.audit.n_eval, len(outputs["data"][rec_dataset(name)].y["test"]))
+        np.testing.assert_array_equal(loaded["scores"][name]["target_lira"], out["scores"][name]["target_lira"])
+        assert rec["shadows"]["n"] == cfg.audit.n_shadows and rec["control"]["n_members"] == cfg.audit.control_rows
+
+
+def rec_dataset(name):
+    from core.models import MODELS
+
+    return MODELS[name].dataset
+
+
+def test_the_report_says_when_no_audit_ran():
+    section = audit_section(None)
+    assert not section["ran"] and "No membership-inference audit" in section["caveats"][0]
+    assert audit.run(load_config(None, ["audit.enabled=false"]), {}, seed=0)["enabled"] is False
