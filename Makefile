@@ -40,6 +40,7 @@ test-all: install browser
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf runs .pytest_cache

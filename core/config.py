@@ -71,12 +71,12 @@ class CNNConfig:
     # architecture under DP ("same" = architecture). "scatter" reaches 0.88/0.95/0.97 at ε=1/3/8 without public
     # data (scripts/dp_no_public.py) but its students are ~4.5x smaller, not 10x, and DeepExplainer cannot explain it.
     dp_architecture: Literal["cnn", "scatter", "same"] = "same"
-    scatter_orientations: int = 8  # scatter: filter orientations per wavelength, >= 1
+    scatter_orientations: int = 8  # scatter: filter orientations per wavelength, in [1, 64]
     scatter_wavelengths: tuple[float, ...] = (3.0, 6.0)  # scatter: Gabor wavelengths in pixels, each >= 2
-    scatter_kernel_size: int = 5  # scatter: odd filter side in pixels
-    scatter_pool: int = 2  # scatter: side of the average pooling of the filter responses, >= 1
+    scatter_kernel_size: int = 5  # scatter: odd filter side in pixels, in [1, 63]
+    scatter_pool: int = 2  # scatter: side of the average pooling of the filter responses, in [1, 64]
     scatter_norm_groups: int = 6  # scatter: per-image GroupNorm groups over the features (0 = none; divides channels)
-    scatter_hidden: int = 0  # scatter: hidden width of the trainable head (0 = linear head)
+    scatter_hidden: int = 0  # scatter: hidden width of the trainable head (0 = linear head), <= 100000
 
 
 @dataclass(frozen=True)
@@ -427,7 +427,7 @@ def validate(cfg: Config) -> None:
     )
     _check(cfg.cnn.hidden >= 0, "cnn.hidden", cfg.cnn.hidden, ">= 0")
     c = cfg.cnn
-    _check(c.scatter_orientations >= 1, "cnn.scatter_orientations", c.scatter_orientations, ">= 1")
+    _check(1 <= c.scatter_orientations <= 64, "cnn.scatter_orientations", c.scatter_orientations, "in [1, 64]")
     _check(
         len(c.scatter_wavelengths) >= 1 and all(w >= 2 for w in c.scatter_wavelengths),
         "cnn.scatter_wavelengths",
@@ -435,13 +435,13 @@ def validate(cfg: Config) -> None:
         "one or more wavelengths >= 2 pixels (the Nyquist limit)",
     )
     _check(
-        c.scatter_kernel_size >= 1 and c.scatter_kernel_size % 2 == 1,
+        1 <= c.scatter_kernel_size <= 63 and c.scatter_kernel_size % 2 == 1,
         "cnn.scatter_kernel_size",
         c.scatter_kernel_size,
-        "an odd integer >= 1",
+        "an odd integer in [1, 63]",
     )
-    _check(c.scatter_pool >= 1, "cnn.scatter_pool", c.scatter_pool, ">= 1")
-    _check(c.scatter_hidden >= 0, "cnn.scatter_hidden", c.scatter_hidden, ">= 0")
+    _check(1 <= c.scatter_pool <= 64, "cnn.scatter_pool", c.scatter_pool, "in [1, 64]")
+    _check(0 <= c.scatter_hidden <= 100_000, "cnn.scatter_hidden", c.scatter_hidden, "in [0, 100000]")
     n_scatter_channels = 2 + 4 * c.scatter_orientations * len(c.scatter_wavelengths)  # per input channel
     _check(
         c.scatter_norm_groups >= 0 and (c.scatter_norm_groups == 0 or n_scatter_channels % c.scatter_norm_groups == 0),

@@ -28,17 +28,7 @@ MAX_SWEEP_S = 60.0  # give up sweeping after this long
 def _parent_alive(pid: int, original_ppid: int) -> bool:
     if os.getppid() != original_ppid:
         return False  # re-parented: our parent is gone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return alive(pid)
 
 
 def all_pids() -> list[int]:
