@@ -177,3 +177,23 @@ def test_deployment_with_three_sites_reading_their_own_csv(tmp_path):
             n_supernodes=3,
             sites=SiteFiles(data=tuple(bad), target="y"),
         )
+
+
+def test_tls_cli_issues_a_certificate_for_the_named_hosts(tmp_path):
+    import ipaddress
+
+    from cryptography import x509
+
+    from federated import tls
+
+    assert tls.main(["--hosts", "a.example,10.0.0.5", "--supernodes", "site0", "--out", str(tmp_path)]) == 0
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"a.example", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("10.0.0.5"),
+        ipaddress.ip_address("127.0.0.1"),
+    }
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    assert (tmp_path / "site0.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
