@@ -148,6 +148,11 @@ def _finite_rows(x: np.ndarray, y: np.ndarray, policy: str, what: str) -> tuple[
     return x, y, info
 
 
+# Public names for per-site preparation (federated/site.py splits and cleans each site's own rows the same way).
+split_indices = _split_indices
+finite_rows = _finite_rows
+
+
 def prepare_table(raw: RawTable, cfg: DataConfig, *, seed: int) -> Dataset:
     """Clean, split and standardise a table (features and target scaled on train statistics)."""
     x, y, info = _finite_rows(raw.x, raw.y, cfg.nan_policy, f"table {raw.provenance.get('source')!r}")

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from core import models, privacy, seeds, training
 from core.errors import ConfigError, PrivacyBudgetError
 from core.privacy import epsilon_of
-from federated import client_state, workdir
+from federated import client_state, site, workdir
 from federated.run_config import AppSettings
 from federated.secagg import secagg_mod
 from federated.task import Task, task_for
@@ -51,7 +51,15 @@ def _client(context: Context) -> tuple[Task, int, AppSettings]:
             f"this SuperNode is partition {partition_id} of {n_partitions}, but federated.n_clients={cfg.federated.n_clients}; "
             "make num-supernodes / num-partitions equal to federated.n_clients and partition-id in [0, num-partitions)"
         )
+    site.require_site_mode_data(context.node_config, settings.sites)
     return task, partition_id, settings
+
+
+@app.query("schema")  # per-site mode: the server's question before training (federated/site.py)
+def schema(msg: Message, context: Context) -> Message:
+    """Report this site's schema and training moments (never a row or a label)."""
+    task, pid, _ = _client(context)
+    return site.schema_reply(msg, context, task.cfg, model=task.name, partition_id=pid)
 
 
 @app.train(mods=[secagg_mod])  # SecAgg+ only when federated.secure_aggregation=true (federated/secagg.py)
@@ -63,21 +71,31 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     if settings.fail_partition == pid and settings.fail_round in (0, server_round):
         raise InjectedFailure(f"injected failure of client {pid} in round {server_round} (app.fail-partition={pid})")
-    cfg, ds = task.cfg, task.dataset
-    rows = task.partition()[pid]
-    model = models.build(task.spec)
+    cfg = task.cfg
+    if settings.sites:  # this site's own file, standardised as the federation agreed; its own ledger
+        shard = site.train_shard(task, context, config)
+    else:  # emulated site: its share of the prepared data, its ledger under the work folder
+        rows = task.partition()[pid]
+        shard = site.Shard(
+            x=task.dataset.x["train"][rows],
+            y=task.dataset.y["train"][rows],
+            spec=task.spec,
+            ledger=workdir.ledger_path(task.work_dir, task.name, pid),
+        )
+    n_rows = len(shard.y)
+    model = models.build(shard.spec)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    path = workdir.ledger_path(task.work_dir, task.name, pid)
+    path = shard.ledger
     history = client_state.load_history(context, path=path, model=task.name)
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     f = cfg.federated
-    fit_cfg = task.client_fit_cfg(pid)
+    fit_cfg = task.client_fit_cfg(pid, n_rows=n_rows)
     try:
         if cfg.dp.enabled:
             # Write-ahead: reserve this round's ε before any step touches the data (fit plans the same call).
             plan = privacy.plan(
                 cfg.dp,
-                n_samples=len(rows),
+                n_samples=n_rows,
                 batch_size=fit_cfg.batch_size,
                 max_grad_norm=fit_cfg.max_grad_norm,
                 epochs=f.local_epochs,
@@ -88,11 +106,11 @@ def train(msg: Message, context: Context) -> Message:
             client_state.reserve(context, planned, path=path, model=task.name, server_round=server_round)
         result = training.fit(
             model,
-            x_train=ds.x["train"][rows],
-            y_train=ds.y["train"][rows],
+            x_train=shard.x,
+            y_train=shard.y,
             x_val=None,
             y_val=None,
-            task=ds.task,
+            task="regression" if models.model_entry(task.name).dataset == "tabular" else "classification",
             fit_cfg=fit_cfg,
             dp=cfg.dp,
             device=device,
@@ -121,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         client_state.save_history(context, result.accountant_history, path=path, model=task.name, rounds=rounds)
     check_unwrapped(result.state_dict)
     metrics = {
-        "num-examples": len(rows),
+        "num-examples": n_rows,
         "partition-id": pid,
         "refused": 0,
         "epsilon": float(result.privacy["epsilon"]) if result.privacy else 0.0,
@@ -137,7 +155,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's share of the validation split."""
-    task, pid, _ = _client(context)
+    task, pid, settings = _client(context)
+    if settings.sites:
+        return site.evaluate_reply(msg, context, task, partition_id=pid)
     rows = task.partition("val")[pid]
     model = models.build(task.spec)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

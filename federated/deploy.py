@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +33,7 @@ from core.errors import USER_ERRORS, UserError
 from core.teacher import model_specs
 from federated import launcher, workdir
 from federated.run_config import overrides_for, run_config_toml, to_run_config
+from federated.schema import SiteMismatchError
 from federated.tls import make_server_credentials, make_supernode_keys
 
 log = logging.getLogger("federated.deploy")
@@ -51,10 +53,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml", help="pipeline TOML config")
     p.add_argument("--n-supernodes", type=int, default=2, help="sites to start; sets federated.n_clients (default 2)")
     p.add_argument(
-        "--model", choices=list(models.MODELS), default="cnn", help="which pipeline model to train (default cnn)"
+        "--model",
+        choices=list(models.MODELS),
+        default=None,
+        help="which pipeline model to train (default cnn; regressor for CSV --site-data)",
     )
     p.add_argument(
         "--work-dir", metavar="DIR", help="where data, logs, checkpoints and the result go (default runs/deploy-<UTC>)"
+    )
+    p.add_argument(
+        "--site-data",
+        action="append",
+        metavar="FILE",
+        help="per-site data: one SuperNode per FILE reads only that file (CSV -> regressor; .npz / image folder -> CNN); "
+        "repeat once per site; the server never reads them",
+    )
+    p.add_argument(
+        "--site-target", default="", metavar="COLUMN", help="the sites' CSV target column (default data.target)"
+    )
+    p.add_argument(
+        "--site-ledger",
+        action="append",
+        metavar="DIR",
+        help="site i's privacy-ledger folder (repeat in --site-data order; default <work>/site-<i>/privacy-ledger)",
     )
     p.add_argument("--tls", action="store_true", help="encrypt every connection with generated demo certificates")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (needs --tls)")
@@ -70,6 +91,7 @@ def deploy(
     tls: bool = False,
     auth: bool = False,
     app_settings: dict | None = None,
+    sites: SiteFiles | None = None,
 ) -> dict:
     """Run one federated training of ``model`` on a loopback deployment; return the server's record.
 
@@ -87,9 +109,14 @@ def deploy(
             f"federated.n_clients={cfg.federated.n_clients} but --n-supernodes={n_supernodes}; make them equal"
         )
     work.mkdir(parents=True, exist_ok=True)
-    datasets = core_data.prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))
-    spec = model_specs(cfg, datasets)[model]
-    workdir.write_inputs(work, name=model, dataset=datasets[models.model_entry(model).dataset], spec=spec)
+    if sites is not None:  # --- per-site data: nothing is prepared here; each SuperNode reads its own file
+        node_configs = sites.node_configs(work, n_supernodes)
+        app_settings = {**dict(app_settings or {}), "sites": True}
+    else:
+        datasets = core_data.prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))
+        spec = model_specs(cfg, datasets)[model]
+        workdir.write_inputs(work, name=model, dataset=datasets[models.model_entry(model).dataset], spec=spec)
+        node_configs = [f"partition-id={i} num-partitions={n_supernodes}" for i in range(n_supernodes)]
     # app.seed stays -1: the model seed is derived from `seed` as the train stage does.
     run_config = to_run_config(cfg, model=model, work_dir=str(work.resolve()), **dict(app_settings or {}))
     overrides = overrides_for(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
@@ -158,7 +185,7 @@ def deploy(
                     "--port",
                     str(launcher.free_port()),
                     "--node-config",
-                    f"partition-id={i} num-partitions={n_supernodes}",
+                    node_configs[i],
                 ],
             )
         run = procs.start(
@@ -192,7 +219,8 @@ def deploy(
             time.sleep(0.25)
         error = workdir.read_error(work, model)
         if error is not None:
-            raise USER_ERRORS.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])
+            known = {**USER_ERRORS, "SiteMismatchError": SiteMismatchError}
+            raise known.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])
         try:
             _, record = workdir.read_result(work, model)
         except FileNotFoundError:
@@ -206,10 +234,43 @@ def deploy(
                 "supernode_auth": auth,
                 "seconds": time.time() - t0,
                 "supernode_exits": node_exits,
+                "per_site_data": sites is not None,
             }
         }
     )
     return record
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    """Per-site data of a loopback deployment: one file (and ledger folder) per SuperNode."""
+
+    data: tuple[Path, ...]  # site i reads only data[i]
+    target: str = ""  # CSV target column ("" = data.target)
+    ledgers: tuple[Path, ...] = ()  # site i's privacy-ledger folder (default <work>/site-<i>/privacy-ledger)
+
+    def node_configs(self, work: Path, n_supernodes: int) -> list[str]:
+        """``--node-config`` of every site: its number, its file, its target, its ledger."""
+        if len(self.data) != n_supernodes:
+            raise UserError(f"{len(self.data)} --site-data file(s) for {n_supernodes} SuperNodes; give one per site")
+        if self.ledgers and len(self.ledgers) != len(self.data):
+            raise UserError(
+                f"{len(self.ledgers)} --site-ledger folder(s) for {len(self.data)} sites; give one per site"
+            )
+        out = []
+        for i, path in enumerate(self.data):
+            ledger = self.ledgers[i] if self.ledgers else work / f"site-{i}" / "privacy-ledger"
+            values = {"data-path": str(path.resolve()), "ledger-path": str(ledger.resolve())}
+            if self.target:
+                values["target"] = self.target
+            if any('"' in v for v in values.values()):
+                raise UserError(
+                    f"site {i}: a path or column name holding '\"' cannot travel in --node-config; rename it"
+                )
+            parts = [f"partition-id={i}", f"num-partitions={n_supernodes}"]
+            parts += [f"{k}={json.dumps(v)}" for k, v in values.items()]
+            out.append(" ".join(parts))
+        return out
 
 
 def _register(procs: launcher.Processes, work: Path, i: int) -> Path:
@@ -236,12 +297,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        sites = None
+        if args.site_data:  # one SuperNode per file
+            sites = SiteFiles(
+                data=tuple(Path(p) for p in args.site_data),
+                target=args.site_target,
+                ledgers=tuple(Path(p) for p in args.site_ledger or ()),
+            )
+            args.n_supernodes = len(args.site_data)
+        model = args.model or ("regressor" if sites and sites.data[0].suffix.lower() == ".csv" else "cnn")
         forced = [f"federated.n_clients={args.n_supernodes}"]
         if not any(o.startswith("federated.min_clients=") for o in args.overrides):
             forced.append(f"federated.min_clients={min(args.n_supernodes, 2)}")
         cfg = load_config(args.config, [*args.overrides, *forced])
         work = Path(args.work_dir or f"runs/deploy-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}")
-        record = deploy(cfg, model=args.model, work=work, n_supernodes=args.n_supernodes, tls=args.tls, auth=args.auth)
+        record = deploy(
+            cfg, model=model, work=work, n_supernodes=args.n_supernodes, tls=args.tls, auth=args.auth, sites=sites
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -42,6 +42,7 @@ APP_DEFAULTS: dict[str, Scalar] = {
     "app.client-evaluate": False,  # also send the global model to clients for evaluation on their validation shard
     "app.node-wait-s": 120.0,  # seconds the server waits for federated.n_clients SuperNodes to connect
     "app.round-timeout-s": 3600.0,  # seconds the server waits for replies in one round
+    "app.sites": False,  # per-site data: each SuperNode reads its own file (data-path in its node config), the server none
     "app.fail-partition": -1,  # TEST ONLY: this client raises during training (-1 = none)
     "app.fail-round": 0,  # TEST ONLY: ... in this round only (0 = every round)
 }
@@ -57,6 +58,7 @@ class AppSettings:
     client_evaluate: bool
     node_wait_s: float
     round_timeout_s: float
+    sites: bool
     fail_partition: int
     fail_round: int
 

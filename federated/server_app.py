@@ -25,7 +25,7 @@ from core import models, privacy, seeds, training, user_privacy
 from core.artifacts import atomic_write, json_bytes, state_dict_bytes
 from core.errors import UserError
 from core.teacher import public_pretrain
-from federated import checkpoint, secagg, user_dp, workdir
+from federated import checkpoint, secagg, site, user_dp, workdir
 from federated.partition import label_histograms
 from federated.run_config import AppSettings, from_run_config
 from federated.strategies import Recording, RecordingFedAdam, build_strategy
@@ -48,6 +48,9 @@ def main(grid: Grid, context: Context) -> None:
         task = load_task(cfg, settings, run_id=context.run_id)
         error_path = workdir.result_paths(task.work_dir, task.name)[2]
         error_path.unlink(missing_ok=True)
+        if settings.sites:  # --- per-site data (federated/site.py): agree on schema and scaling; no row comes here
+            _wait_for_nodes(grid, cfg.federated.n_clients, settings.node_wait_s)
+            task = site.agree(grid, task, timeout=settings.round_timeout_s)
         run_server(grid, task, settings, run_config=dict(context.run_config))
     except BaseException as exc:
         if error_path is None and context.run_config.get("app.work-dir"):  # failed before the task was known
@@ -101,7 +104,9 @@ def _wait_for_nodes(grid: Grid, n_clients: int, wait_s: float) -> None:
         time.sleep(0.5)
 
 
-def _evaluate(task: Task, arrays: ArrayRecord) -> dict[str, float]:
+def _evaluate(task: Task, arrays: ArrayRecord, grid: Grid | None = None) -> dict[str, float]:
+    if task.sites is not None:  # per-site mode: the sites evaluate on their own val/test rows
+        return site.evaluate_at_sites(grid, task, arrays)
     model = models.build(task.spec)
     model.load_state_dict(arrays.to_torch_state_dict())
     ds = task.dataset
@@ -114,15 +119,19 @@ def _evaluate(task: Task, arrays: ArrayRecord) -> dict[str, float]:
     return out
 
 
-def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray], fp: str) -> dict[str, Any]:
+def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray] | None, fp: str) -> dict[str, Any]:
     cfg, ds = task.cfg, task.dataset
     f = cfg.federated
     partition: dict[str, Any] = {
         "method": f.partitioner,
         "dirichlet_alpha": f.dirichlet_alpha,
-        "sizes": [len(p) for p in parts],
+        "sizes": task.train_sizes(),
     }
-    if ds.task == "classification":
+    if task.sites is not None:  # per-site mode: sizes and (without DP) histograms as the sites reported them
+        partition = {"method": "sites", "sizes": task.train_sizes()}
+        if task.sites.get("label_histograms") is not None:
+            partition["label_histograms"] = task.sites["label_histograms"]
+    elif ds.task == "classification":
         partition["label_histograms"] = label_histograms(ds.y["train"], parts, len(ds.class_names))
     strategy: dict[str, Any] = {"name": f.strategy}
     if f.strategy == "fedprox":
@@ -152,7 +161,8 @@ def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray], fp: 
         "resumed_from_round": [],
         "n_parameters": models.n_parameters(models.build(task.spec)),
         "fingerprint": fp,
-        "n_train": int(sum(len(p) for p in parts)),
+        "n_train": int(sum(task.train_sizes())),
+        **({"sites": dict(task.sites)} if task.sites is not None else {}),
     }
 
 
@@ -189,8 +199,9 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     """Train ``task`` federated for its configured rounds, resuming from a checkpoint if one matches."""
     t_start = time.time()
     f = task.cfg.federated
-    parts = task.partition()  # raises DataError early if a client's share is below the batch size
-    partition_sizes = [len(p) for p in parts]
+    # raises DataError early if a client's share is below the batch size (per-site mode: checked in site.agree)
+    parts = task.partition() if task.sites is None else None
+    partition_sizes = task.train_sizes()
     fp = checkpoint.fingerprint(run_config)
     ck_path = workdir.checkpoint_path(task.work_dir, task.name)
     ck = checkpoint.load(ck_path)
@@ -243,7 +254,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     last = {"t": time.time(), "arrays": arrays}
 
     def evaluate_fn(server_round: int, round_arrays: ArrayRecord) -> MetricRecord:
-        metrics = _evaluate(task, round_arrays)
+        metrics = _evaluate(task, round_arrays, grid)
         now = time.time()
         if server_round == 0:
             record["first_round_started_unix"] = now  # of this launch (a resume starts a new one)
@@ -283,7 +294,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
             initial_arrays=arrays,
             num_rounds=f.rounds - done,
             timeout=settings.round_timeout_s,
-            train_config=ConfigRecord({"model": task.name}),
+            train_config=ConfigRecord({"model": task.name, **site.message_config(task)}),
             evaluate_fn=evaluate_fn,
         )
     if user_plan is not None:

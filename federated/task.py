@@ -44,11 +44,12 @@ class Task:
 
     cfg: Config
     name: str  # "regressor" or "cnn"
-    dataset: Dataset
-    spec: Mapping[str, Any]  # core.models.build spec
+    dataset: Dataset | None  # None on a site in per-site mode (its rows are federated.site's); row-less on the server
+    spec: Mapping[str, Any]  # core.models.build spec ({} until per-site agreement: federated.site.agree)
     fit_cfg: FitConfig  # local optimizer settings (dp_fit under DP), before the per-client DP batch cap
     model_seed: int  # weights init; partition and client seeds derive from it
     work_dir: Path
+    sites: Mapping[str, Any] | None = None  # per-site mode, server side: what the sites reported (federated.site.agree)
     _parts: dict = field(default_factory=dict, compare=False, repr=False)  # split -> partition, computed once
 
     @property
@@ -82,14 +83,24 @@ class Task:
         Under DP: ``min(<model>.dp_fit.batch_size, max(1, n_i // MIN_DP_STEPS_PER_EPOCH))`` for a
         share of ``n_i`` rows; without DP the configured batch size.
         """
+        return self.batch_size_for(self.train_sizes()[partition_id])
+
+    def batch_size_for(self, n_rows: int) -> int:
+        """The (expected) batch size of a client with ``n_rows`` training rows (see :meth:`client_batch_size`)."""
         b = self.fit_cfg.batch_size
         if not self.cfg.dp.enabled:
             return b
-        return min(b, max(1, len(self.partition()[partition_id]) // MIN_DP_STEPS_PER_EPOCH))
+        return min(b, max(1, n_rows // MIN_DP_STEPS_PER_EPOCH))
 
-    def client_fit_cfg(self, partition_id: int) -> FitConfig:
-        """:attr:`fit_cfg` with client ``partition_id``'s batch size (:meth:`client_batch_size`)."""
-        b = self.client_batch_size(partition_id)
+    def train_sizes(self) -> list[int]:
+        """Training rows per client: the sites' reports in per-site mode, else the partition's sizes."""
+        if self.sites is not None:
+            return [int(n) for n in self.sites["train_sizes"]]
+        return [len(p) for p in self.partition()]
+
+    def client_fit_cfg(self, partition_id: int, *, n_rows: int | None = None) -> FitConfig:
+        """:attr:`fit_cfg` with client ``partition_id``'s batch size (or that of ``n_rows`` rows, on a site)."""
+        b = self.client_batch_size(partition_id) if n_rows is None else self.batch_size_for(n_rows)
         return self.fit_cfg if b == self.fit_cfg.batch_size else dataclasses.replace(self.fit_cfg, batch_size=b)
 
     def batch_size_record(self) -> dict[str, Any]:
@@ -115,7 +126,9 @@ def load_task(cfg: Config, settings: AppSettings, *, run_id: int) -> Task:
     name = settings.model
     key = models.model_entry(name).dataset
     work_dir = Path(settings.work_dir) if settings.work_dir else workdir.default_work_dir(run_id)
-    if (work_dir / "data" / f"{key}.npz").is_file():
+    if settings.sites:  # per-site data: no process of the run-config prepares or reads rows (federated/site.py)
+        dataset, spec = None, {}
+    elif (work_dir / "data" / f"{key}.npz").is_file():
         dataset = workdir.read_dataset(work_dir, key)
         spec = json.loads((work_dir / "spec.json").read_text())
     else:

@@ -1,8 +1,15 @@
-"""Demo credentials for a loopback deployment: a throw-away CA, a SuperLink certificate, SuperNode keys.
+"""Credentials for a deployment: a CA, a SuperLink certificate for given host names / IPs, SuperNode keys.
 
-For demonstrations and tests only: the CA's key sits next to its certificate, the
-certificates are valid for 127.0.0.1/localhost for a week. Real deployments use
-certificates from their own PKI. Built with ``cryptography`` (a Flower dependency).
+By default (loopback demos, tests) the certificate covers 127.0.0.1 and localhost for a
+week. For real hosts, name them (every name and address the SuperNodes will dial)::
+
+    python -m federated.tls --hosts superlink.example.org,10.0.0.5 --supernodes site0,site1,site2 --out certs/
+
+writes ``ca.pem`` (give it to every SuperNode: ``--root-certificates``), ``server.pem`` /
+``server.key`` (the SuperLink's ``--ssl-certfile`` / ``--ssl-keyfile``, with ``--ssl-ca-certfile ca.pem``),
+``ca.key`` (keep it offline: it signs certificates) and one OpenSSH key pair per SuperNode
+(``<name>.key`` stays at the site, ``<name>.pub`` is registered with ``flwr supernode register``).
+A site with its own PKI uses its certificates instead. Built with ``cryptography`` (a Flower dependency).
 """
 
 from __future__ import annotations
@@ -34,9 +41,25 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.chmod(0o600)
 
 
-def make_server_credentials(folder: Path, *, days: int = 7) -> ServerCredentials:
-    """A self-signed CA and a SuperLink certificate for 127.0.0.1 and localhost, signed by it."""
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_server_credentials(folder: Path, *, days: int = 7, hosts: tuple[str, ...] = ()) -> ServerCredentials:
+    """A self-signed CA and a SuperLink certificate signed by it.
+
+    Parameters
+    ----------
+    folder : where the files go (created).
+    days : validity.
+    hosts : host names and IP addresses the certificate is valid for (its subject alternative names),
+        in addition to localhost and 127.0.0.1; the first one is its common name.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys([*(h.strip() for h in hosts if h.strip()), "localhost", "127.0.0.1"]))
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "auditable-pipeline demo CA")])
@@ -68,14 +91,14 @@ def make_server_credentials(folder: Path, *, days: int = 7) -> ServerCredentials
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName([_san(h) for h in names]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -105,3 +128,26 @@ def make_supernode_keys(folder: Path, name: str) -> tuple[Path, Path]:
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     )
     return private, public
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m federated.tls``: issue a CA, a SuperLink certificate for ``--hosts`` and SuperNode keys."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m federated.tls", description=main.__doc__)
+    p.add_argument("--hosts", default="", help="comma-separated host names / IPs of the SuperLink (its SANs)")
+    p.add_argument("--supernodes", default="", help="comma-separated SuperNode names: one key pair each")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    creds = make_server_credentials(out, days=args.days, hosts=tuple(h for h in args.hosts.split(",") if h))
+    print(f"CA {creds.ca_cert}, SuperLink certificate {creds.server_cert} / key {creds.server_key}")
+    for name in (n.strip() for n in args.supernodes.split(",") if n.strip()):
+        private, public = make_supernode_keys(out, name)
+        print(f"SuperNode {name}: private key {private} (stays at the site), public key {public} (register it)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

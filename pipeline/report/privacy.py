@@ -279,6 +279,10 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
         "num-examples, seconds) reach the server and the record in the clear",
         "the number of rounds, the model architecture and the hyper-parameters are public choices, not protected",
     ]
+    for name in MODELS:  # per-site data (federated/site.py): what the sites told the server in the clear
+        sites = (trained.models[name].training or {}).get("sites")
+        if sites:
+            not_covered += [f"{title(name)}, per-site data: {line}" for line in sites.get("not_dp_protected", [])]
     not_covered.append(
         "the server's view of the aggregate of each round (secure aggregation hides only the individual updates)"
         if secagg

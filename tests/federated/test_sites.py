@@ -1,0 +1,199 @@
+"""Per-site data: schema agreement, federated standardisation, a federation in which the server holds no row.
+
+Fast tests drive the ServerApp and ClientApps in-process (fed_helpers.InProcessGrid) with three
+CSV files; the slow one runs a real loopback deployment with three SuperNodes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fed_helpers import InProcessGrid, make_cfg, server_context
+from flwr.app import Context, RecordDict
+from sklearn.datasets import load_diabetes
+
+from federated import schema, site
+from federated.run_config import to_run_config
+from federated.schema import SiteMismatchError
+from federated.server_app import main
+from federated.workdir import read_error, read_result
+
+SIZES = (150, 120, 172)  # three slices of the 442-row diabetes table
+
+
+def _site_files(folder: Path, *, drop_column_at: int = -1) -> list[Path]:
+    bunch = load_diabetes(as_frame=True)
+    frame = bunch.frame.rename(columns={"target": "y"})
+    out, start = [], 0
+    for i, n in enumerate(SIZES):
+        part = frame.iloc[start : start + n]
+        start += n
+        if i == drop_column_at:
+            part = part.drop(columns=["bmi"])
+        path = folder / f"site{i}" / "data.csv"
+        path.parent.mkdir(parents=True)
+        part.to_csv(path, index=False)
+        out.append(path)
+    return out
+
+
+def test_pooled_moments_equal_the_pooled_rows_mean_and_std():
+    rng = np.random.default_rng(0)
+    # Large offsets against small spreads: the naive sum-of-squares formula would lose digits here.
+    parts = [rng.normal(1e4, 0.5, size=(n, 3)) + np.arange(3) for n in (7, 40, 133)]
+    pooled = schema.pool_moments([schema.local_moments(p) for p in parts])
+    mean, std = schema.mean_std(pooled)
+    rows = np.concatenate(parts)
+    np.testing.assert_allclose(mean, rows.mean(axis=0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(std, rows.std(axis=0), rtol=1e-9, atol=0)
+    assert pooled.n == len(rows)
+    # JSON round trip (what travels in the Flower message) loses nothing.
+    again = schema.Moments.from_json(json.loads(json.dumps(pooled.to_json())))
+    np.testing.assert_array_equal(again.total, pooled.total)
+
+
+def test_compare_schemas_names_the_site_and_the_difference():
+    base = {"kind": "table", "feature_names": ["a", "b", "c"], "target": "y", "input_shape": [3], "class_names": []}
+    schema.compare_schemas({"site 0": base, "site 1": dict(base)})  # agreement: no error
+    other = {**base, "feature_names": ["a", "c", "d"], "input_shape": [3]}
+    with pytest.raises(
+        SiteMismatchError, match=r"site 1 disagrees with site 0: it lacks column\(s\) 'b' and has extra column\(s\) 'd'"
+    ):
+        schema.compare_schemas({"site 0": base, "site 1": other})
+    with pytest.raises(SiteMismatchError, match="same columns in another order"):
+        schema.compare_schemas({"site 0": base, "site 2": {**base, "feature_names": ["b", "a", "c"]}})
+    with pytest.raises(SiteMismatchError, match="site 1 .* has target 'z'"):
+        schema.compare_schemas({"site 0": base, "site 1": {**base, "target": "z"}})
+    img = {"kind": "images", "feature_names": [], "target": "", "input_shape": [1, 8, 8], "class_names": ["0", "1"]}
+    with pytest.raises(SiteMismatchError, match=r"class list \['0', '2'\]"):
+        schema.compare_schemas({"site 0": img, "site 1": {**img, "class_names": ["0", "2"]}})
+
+
+def _site_grid(rc: dict, files: list[Path], ledgers: Path) -> InProcessGrid:
+    grid = InProcessGrid(rc, len(files))
+    for i, (nid, ctx) in enumerate(sorted(grid.contexts.items())):
+        grid.contexts[nid] = Context(
+            run_id=ctx.run_id,
+            node_id=nid,
+            state=RecordDict(),
+            run_config=dict(rc),
+            node_config={
+                "partition-id": i,
+                "num-partitions": len(files),
+                "data-path": str(files[i]),
+                "target": "y",
+                "ledger-path": str(ledgers / f"site{i}"),
+            },
+        )
+    return grid
+
+
+def _run(tmp_path: Path, *overrides: str, drop_column_at: int = -1):
+    files = _site_files(tmp_path / "sites", drop_column_at=drop_column_at)
+    cfg = make_cfg("federated.n_clients=3", "federated.min_clients=3", "federated.rounds=2", *overrides)
+    work = tmp_path / "server"
+    rc = to_run_config(cfg, model="regressor", work_dir=str(work), seed=3, node_wait_s=2.0, sites=True)
+    main(_site_grid(rc, files, tmp_path / "ledgers"), server_context(rc))
+    return files, work, rc
+
+
+def test_three_sites_train_without_the_server_holding_a_row(tmp_path):
+    files, work, rc = _run(tmp_path, "dp.enabled=true", "regressor.dp_fit.batch_size=16", "dp.target_epsilon=50")
+    _, record = read_result(work, "regressor")
+    sites = record["sites"]
+    # Each site split its own file locally: train sizes differ as the files do, and they are what trained.
+    assert [s["rows"] for s in sites["sites"]] == list(SIZES)
+    assert record["partition"] == {"method": "sites", "sizes": sites["train_sizes"]}
+    assert sites["train_sizes"][0] < sites["train_sizes"][2] and sites["train_sizes"][1] < sites["train_sizes"][0]
+    assert [h["clients_trained"] for h in record["history"]] == [3, 3]
+    assert all(np.isfinite(h["val_r2"]) and np.isfinite(h["test_r2"]) for h in record["history"])
+    # Federated standardisation = the pooled train rows' mean / std, to 1e-9, without pooling them.
+    cfg = make_cfg("federated.n_clients=3")
+    locals_ = [site.local_data({"data-path": str(f), "target": "y"}, cfg, model="regressor").x["train"] for f in files]
+    rows = np.concatenate(locals_)
+    np.testing.assert_allclose(sites["standardisation"]["x_mean"], rows.mean(axis=0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(sites["standardisation"]["x_std"], rows.std(axis=0), rtol=1e-9, atol=0)
+    assert any("not DP-noised" in line for line in sites["not_dp_protected"])
+    # The server's inputs never name a site's file; its work folder holds no data.
+    text = json.dumps(rc) + json.dumps(record)
+    assert not any(str(f) in text or f.name in text.replace("data-path", "") for f in files)
+    assert not (work / "data").exists() and not (work / "clients").exists()
+    # Each site's ledger is at the site, and it holds that site's spend (3 sites x 2 rounds).
+    for i in range(3):
+        ledger = json.loads((tmp_path / "ledgers" / f"site{i}" / "regressor.json").read_text())
+        assert ledger["rounds_trained"] == [1, 2] and ledger["reserved_round"] is None
+        assert record["client_epsilon"][str(i)][-1] > 0
+
+
+def test_a_site_with_other_columns_is_refused_by_name_before_training(tmp_path):
+    with pytest.raises(
+        SiteMismatchError, match=r"site 1 \(node 101\) disagrees with site 0 \(node 100\): it lacks column\(s\) 'bmi'"
+    ):
+        _run(tmp_path, drop_column_at=1)
+    error = read_error(tmp_path / "server", "regressor")
+    assert error["error_type"] == "SiteMismatchError" and "'bmi'" in error["error"]
+    assert not (tmp_path / "ledgers").exists()  # no site trained (no ledger was even written)
+
+
+def test_a_site_without_data_path_is_refused_in_per_site_mode(tmp_path):
+    from federated.client_app import _client
+
+    cfg = make_cfg()
+    rc = to_run_config(cfg, model="regressor", work_dir=str(tmp_path), sites=True)
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=rc, node_config={"partition-id": 0})
+    with pytest.raises(Exception, match="no data-path in its node config"):
+        _client(ctx)
+
+
+@pytest.mark.slow
+def test_deployment_with_three_sites_reading_their_own_csv(tmp_path):
+    """A real loopback deployment: three SuperNodes, each given only its own file in its node config."""
+    from core.config import load_config
+    from federated.deploy import SiteFiles, deploy
+
+    files = _site_files(tmp_path / "sites")
+    cfg = load_config(
+        None, ["regressor.hidden_sizes=[8]", "federated.n_clients=3", "federated.min_clients=2", "federated.rounds=2"]
+    )
+    work = tmp_path / "run"
+    record = deploy(cfg, model="regressor", work=work, n_supernodes=3, sites=SiteFiles(data=tuple(files), target="y"))
+    assert record["completed_rounds"] == 2 and record["deployment"]["per_site_data"]
+    assert [s["rows"] for s in record["sites"]["sites"]] == list(SIZES)
+    rc_text = (work / "run_config.toml").read_text()
+    assert not any(str(f) in rc_text or str(f.parent) in rc_text for f in files)
+    assert not (work / "data").exists()
+    logs = "".join(p.read_text(errors="replace") for p in (work / "logs").glob("superlink*"))
+    assert not any(str(f) in logs for f in files)
+    # the bad-site case, deployed: refused before training, by site
+    bad = _site_files(tmp_path / "bad", drop_column_at=2)
+    with pytest.raises(SiteMismatchError, match=r"site 2 \(node \d+\) disagrees"):
+        deploy(
+            cfg,
+            model="regressor",
+            work=tmp_path / "bad-run",
+            n_supernodes=3,
+            sites=SiteFiles(data=tuple(bad), target="y"),
+        )
+
+
+def test_tls_cli_issues_a_certificate_for_the_named_hosts(tmp_path):
+    import ipaddress
+
+    from cryptography import x509
+
+    from federated import tls
+
+    assert tls.main(["--hosts", "a.example,10.0.0.5", "--supernodes", "site0", "--out", str(tmp_path)]) == 0
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"a.example", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("10.0.0.5"),
+        ipaddress.ip_address("127.0.0.1"),
+    }
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    assert (tmp_path / "site0.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
