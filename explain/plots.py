@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from explain._checks import check_positive_int
 from explain._model import scoped_numpy_seed
+from explain.dependence import PartialDependenceResult
 from explain.quality import DeletionInsertionResult
 from explain.types import Explanation
 
@@ -27,6 +28,9 @@ __all__ = [
     "image_grid_png",
     "attribution_rows_png",
     "deletion_insertion_png",
+    "dependence_png",
+    "pdp_ice_png",
+    "misclassified_grid_png",
 ]
 
 
@@ -54,15 +58,17 @@ def _to_shap(expl: Explanation):  # -> shap.Explanation
 def _shap_png(draw) -> bytes:
     import matplotlib.pyplot as plt
 
-    fig = plt.figure()
+    before = set(plt.get_fignums())
+    plt.figure()
     try:
         draw()
-        fig = plt.gcf()  # shap may resize or replace the current figure
+        fig = plt.gcf()  # shap may resize the current figure or open a new one (scatter does)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         return buf.getvalue()
     finally:
-        plt.close(fig)
+        for num in set(plt.get_fignums()) - before:  # every figure opened here, and only those
+            plt.close(num)
 
 
 def beeswarm_png(expl: Explanation, *, max_display: int = 10) -> bytes:
@@ -255,4 +261,103 @@ def deletion_insertion_png(results: DeletionInsertionResult | Sequence[DeletionI
         ax.set_xlabel("fraction of features")
         ax.set_ylabel("explained output")
         ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def dependence_png(expl: Explanation, *, feature: int, interaction: int | None = None) -> bytes:
+    """shap's dependence plot (``shap.plots.scatter``) of one feature, coloured by ``interaction``.
+
+    x: the feature's value; y: its SHAP value for each explained row; colour: the value of the
+    ``interaction`` feature (see :func:`explain.dependence.strongest_interaction`), none if None.
+
+    Raises
+    ------
+    ValueError
+        For image explanations or a feature out of range.
+    """
+    import shap
+
+    _require_tabular(expl, "dependence_png")
+    n_features = expl.values.shape[1]
+    for name, f in (("feature", feature), ("interaction", interaction)):
+        if f is not None and not 0 <= f < n_features:
+            raise ValueError(f"{name}={f} is out of range; pass 0 <= {name} < {n_features}.")
+    sx = _to_shap(expl)
+    color = sx[:, interaction] if interaction is not None else "#1E88E5"
+    with scoped_numpy_seed(0):  # shap's scatter jitters and subsamples with numpy's global RNG
+        return _shap_png(lambda: shap.plots.scatter(sx[:, feature], color=color, show=False))
+
+
+def pdp_ice_png(result: PartialDependenceResult, *, feature_name: str, output_label: str, max_ice: int = 50) -> bytes:
+    """Partial dependence (thick line) over individual conditional expectation curves (thin lines).
+
+    Parameters
+    ----------
+    result : :func:`explain.dependence.partial_dependence` of one feature.
+    feature_name, output_label : axis labels.
+    max_ice : at most this many ICE curves are drawn (the first rows), to keep the figure legible.
+    """
+    max_ice = check_positive_int("max_ice", max_ice)
+    fig = Figure(figsize=(4.6, 3.4))
+    ax = fig.add_subplot()
+    ice = result.individual[:max_ice]
+    for curve in ice:
+        ax.plot(result.grid, curve, color="#7a9cc6", alpha=0.35, lw=0.8)
+    ax.plot(result.grid, result.average, color="#c0392b", lw=2.4, label="partial dependence (mean)")
+    ax.plot([], [], color="#7a9cc6", lw=0.8, label=f"ICE: {len(ice)} of {len(result.individual)} rows")
+    ax.set_xlabel(feature_name)
+    ax.set_ylabel(output_label)
+    ax.set_title(f"PDP and ICE: {feature_name}", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def misclassified_grid_png(
+    images: np.ndarray,
+    true_labels: np.ndarray,
+    predicted: np.ndarray,
+    *,
+    class_names: Sequence[str],
+    per_class: int = 4,
+) -> bytes:
+    """One row per true class: up to ``per_class`` misclassified images, each titled "true → predicted".
+
+    Parameters
+    ----------
+    images : ``(n, C, H, W)`` inputs.
+    true_labels, predicted : ``(n,)`` class indices.
+    class_names : one name per class index.
+    per_class : images shown per class (the first misclassified ones in input order).
+
+    Raises
+    ------
+    ValueError
+        If the arrays disagree in length or are not images.
+    """
+    images = np.asarray(images)
+    true_labels, predicted = np.asarray(true_labels).astype(int), np.asarray(predicted).astype(int)
+    if images.ndim != 4 or not len(images) == len(true_labels) == len(predicted):
+        raise ValueError(
+            f"need (n, C, H, W) images and (n,) labels of the same n; got {images.shape}, {true_labels.shape}, "
+            f"{predicted.shape}."
+        )
+    per_class = check_positive_int("per_class", per_class)
+    k = len(class_names)
+    fig = Figure(figsize=(1.2 * (per_class + 1), 1.15 * k + 0.3), layout="constrained")
+    axes = fig.subplots(k, per_class + 1, squeeze=False)
+    for c in range(k):
+        wrong = np.flatnonzero((true_labels == c) & (predicted != c))
+        axes[c, 0].text(
+            0.5, 0.5, f"true {class_names[c]}\n{len(wrong)} wrong", ha="center", va="center", fontsize=8
+        )
+        for j in range(per_class):
+            ax = axes[c, j + 1]
+            if j < len(wrong):
+                i = wrong[j]
+                ax.imshow(np.asarray(images[i], dtype=np.float64).mean(axis=0), cmap="gray_r")
+                ax.set_title(f"{class_names[c]} → {class_names[predicted[i]]}", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
     return _png(fig)
