@@ -201,6 +201,8 @@ class ExplainConfig:
     deletion_random_orders: int = 3  # random feature orders averaged into their reference curve, >= 1
     n_waterfalls: int = 3  # table rows given a local waterfall plot, >= 0
     n_grid_images: int = 6  # images shown in the attribution grid, >= 1
+    n_dependence_plots: int = 3  # top regressor features (by mean |SHAP|) given a dependence and a PDP/ICE plot, >= 0
+    n_error_examples: int = 4  # misclassified test images shown per true class in the CNN error figure, >= 0
 
 
 @dataclass(frozen=True)
@@ -524,7 +526,8 @@ def validate(cfg: Config) -> None:
     _check(e.lime_cell_size >= 0, "explain.lime_cell_size", e.lime_cell_size, ">= 0 (0 = automatic)")
     _check(0 <= e.agreement_threshold <= 1, "explain.agreement_threshold", e.agreement_threshold, "in [0, 1]")
     _check(e.stability_seeds >= 2, "explain.stability_seeds", e.stability_seeds, ">= 2 (stability compares seeds)")
-    _check(e.n_waterfalls >= 0, "explain.n_waterfalls", e.n_waterfalls, ">= 0")
+    for key in ("n_waterfalls", "n_dependence_plots", "n_error_examples"):
+        _check(getattr(e, key) >= 0, f"explain.{key}", getattr(e, key), ">= 0")
     for key in ("reference_rows", "reference_images"):
         _check(getattr(e, key) >= 0, f"explain.{key}", getattr(e, key), ">= 0 (0 = no reference check)")
     _check(e.reference_nsamples >= 100, "explain.reference_nsamples", e.reference_nsamples, ">= 100")

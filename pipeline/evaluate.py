@@ -1,8 +1,10 @@
 """Stage ``evaluate``: test-set metrics with bootstrap confidence intervals.
 
-Regressor (and its Ridge baseline): RMSE, MAE, R² in the target's original units, and
-MAE/RMSE/bias per subgroup of ``sex`` and ``age`` bands where the table has those features.
-CNN: accuracy, macro-F1, per-class recall and precision, confusion matrix.
+Regressor (and its Ridge baseline): RMSE, MAE, R² in the target's original units,
+MAE/RMSE/bias per subgroup of ``sex`` and ``age`` bands where the table has those features, and
+the cohorts of a shallow error-analysis tree (where the model is worst; descriptive).
+CNN: accuracy, macro-F1, per-class recall and precision, confusion matrix, per-class errors
+(most-confused-with class).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ N_BOOTSTRAP = 1000  # resamples for the 95% confidence intervals
 # Features whose groups a regulated reader asks about; each one present in a table gets a subgroup table.
 SUBGROUP_FEATURES = ("sex", "age")
 N_AGE_BANDS = 3  # equal-count bands of a continuous subgroup feature (tertiles of the test split)
+COHORT_MAX_DEPTH = 2  # depth of the error-analysis tree: at most 2^depth cohorts, each a readable rule
+COHORT_MIN_LEAF_FRACTION = 0.1  # smallest cohort as a share of the split's rows (no cohort of a handful of rows)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # resampled values gathered at once (~32 MiB per float64 array)
@@ -142,6 +146,7 @@ def classification_metrics(
 
     recall = skm.recall_score(y, pred, labels=labels, average=None, zero_division=0)
     precision = skm.precision_score(y, pred, labels=labels, average=None, zero_division=0)
+    cm = skm.confusion_matrix(y, pred, labels=labels)
     return {
         "accuracy": float(accuracy(y, pred)),
         "accuracy_ci95": cis["accuracy"],
@@ -149,7 +154,8 @@ def classification_metrics(
         "macro_f1_ci95": cis["macro_f1"],
         "per_class_recall": {c: float(r) for c, r in zip(class_names, recall)},
         "per_class_precision": {c: float(p) for c, p in zip(class_names, precision)},
-        "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
+        "confusion_matrix": cm.tolist(),
+        "per_class_errors": per_class_errors(cm, class_names),
         "class_names": list(class_names),
         "n": int(len(y)),
     }
@@ -232,6 +238,7 @@ def _metrics(ds: Dataset, split: str, pred: np.ndarray, *, seed: int) -> dict[st
         groups = subgroup_metrics(ds, split, y, p, seed=seed)
         if groups:
             out["subgroups"] = groups
+        out["cohorts"] = cohort_errors(_dataset_units(ds, split), list(ds.feature_names or []), y, p, seed=seed)
         return out
     return classification_metrics(ds.y[split], pred, ds.class_names, seed=seed)
 
@@ -251,9 +258,7 @@ def subgroup_metrics(ds: Dataset, split: str, y: np.ndarray, pred: np.ndarray, *
         ``bias`` is mean(prediction - target), ``mae_gap`` the largest minus the smallest group MAE.
     """
     names = list(ds.feature_names or [])
-    x_mean = np.asarray(ds.preprocessing.get("x_mean", 0.0), dtype=np.float64)
-    x_std = np.asarray(ds.preprocessing.get("x_std", 1.0), dtype=np.float64)
-    x = np.asarray(ds.x[split], dtype=np.float64) * x_std + x_mean  # dataset units
+    x = _dataset_units(ds, split)
     out: dict[str, Any] = {}
     for feat in (f for f in SUBGROUP_FEATURES if f in names):
         col = x[:, names.index(feat)]
@@ -283,6 +288,129 @@ def subgroup_metrics(ds: Dataset, split: str, y: np.ndarray, pred: np.ndarray, *
             )
         maes = [g["mae"] for g in groups]
         out[feat] = {"kind": kind, "groups": groups, "mae_gap": float(max(maes) - min(maes)) if maes else None}
+    return out
+
+
+def _dataset_units(ds: Dataset, split: str) -> np.ndarray:
+    """The split's features in the dataset's own units (the standardisation undone)."""
+    x_mean = np.asarray(ds.preprocessing.get("x_mean", 0.0), dtype=np.float64)
+    x_std = np.asarray(ds.preprocessing.get("x_std", 1.0), dtype=np.float64)
+    return np.asarray(ds.x[split], dtype=np.float64) * x_std + x_mean
+
+
+def cohort_errors(
+    x: np.ndarray,
+    feature_names: list[str],
+    y: np.ndarray,
+    pred: np.ndarray,
+    *,
+    seed: int,
+    max_depth: int = COHORT_MAX_DEPTH,
+    min_leaf_fraction: float = COHORT_MIN_LEAF_FRACTION,
+) -> dict[str, Any]:
+    """Where the model is worst: a shallow regression tree on the features predicting the absolute error.
+
+    The idea of the error-analysis tree in Microsoft's Responsible AI Toolbox, with scikit-learn's
+    ``DecisionTreeRegressor`` (that toolbox's tree comes with a dashboard this static report cannot
+    embed). Each leaf is a cohort described by a rule on the features (dataset units); its MAE gets
+    a bootstrap CI. The leaves partition the rows, so the row-weighted mean of the cohort MAEs is the
+    overall MAE. Descriptive only: the tree is fitted on the very rows it describes (the test split),
+    so the worst cohort's MAE is optimistic about being the worst and needs fresh data to confirm.
+
+    Parameters
+    ----------
+    x : ``(n, F)`` features in dataset units.
+    feature_names : ``F`` names (``x0, ...`` if empty).
+    y, pred : ``(n,)`` targets and predictions (target units).
+    seed : seeds the tree's tie-breaking and the bootstrap.
+    max_depth : tree depth (2 or 3 keeps rules readable).
+    min_leaf_fraction : smallest cohort as a share of ``n``.
+
+    Returns
+    -------
+    dict
+        ``{"method", "max_depth", "min_leaf_rows", "n", "overall_mae", "cohorts": [{"rule", "n", "share",
+        "mae", "mae_ci95", "mae_ratio", "bias"}], "descriptive": note}``, cohorts sorted by MAE, worst first.
+    """
+    from sklearn.tree import DecisionTreeRegressor
+
+    x = np.asarray(x, dtype=np.float64)
+    y, pred = np.asarray(y, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    names = list(feature_names) or [f"x{i}" for i in range(x.shape[1])]
+    abs_err = np.abs(y - pred)
+    n = len(y)
+    min_leaf = max(1, int(np.ceil(min_leaf_fraction * n)))
+    tree = DecisionTreeRegressor(max_depth=max_depth, min_samples_leaf=min_leaf, random_state=seed % 2**32)
+    tree.fit(x, abs_err)
+    leaves = tree.apply(x)
+    t = tree.tree_
+    conditions: dict[int, list[dict[str, Any]]] = {0: []}
+    for node in range(t.node_count):  # parents come before children in sklearn's node order
+        left, right = t.children_left[node], t.children_right[node]
+        if left == -1:
+            continue
+        f, thr = int(t.feature[node]), float(t.threshold[node])
+        conditions[left] = conditions[node] + [{"feature": names[f], "feature_index": f, "op": "<=", "threshold": thr}]
+        conditions[right] = conditions[node] + [{"feature": names[f], "feature_index": f, "op": ">", "threshold": thr}]
+    overall = float(abs_err.mean())
+    cohorts = []
+    for leaf in np.unique(leaves):
+        mask = leaves == leaf
+        e = abs_err[mask]
+        cohorts.append(
+            {
+                "rule": " and ".join(f"{c['feature']} {c['op']} {c['threshold']:.4g}" for c in conditions[int(leaf)])
+                or "all rows",
+                "conditions": conditions[int(leaf)],
+                "n": int(mask.sum()),
+                "share": float(mask.mean()),
+                "mae": float(e.mean()),
+                "mae_ci95": bootstrap_cis(lambda idx, e=e: {"m": e[idx].mean(axis=-1)}, len(e), seed=seed)["m"],
+                "mae_ratio": float(e.mean() / overall) if overall > 0 else None,
+                "bias": float(np.mean(pred[mask] - y[mask])),
+            }
+        )
+    cohorts.sort(key=lambda c: -c["mae"])
+    return {
+        "method": "scikit-learn DecisionTreeRegressor on the features, predicting |target - prediction|",
+        "max_depth": int(max_depth),
+        "min_leaf_rows": min_leaf,
+        "n": int(n),
+        "overall_mae": overall,
+        "cohorts": cohorts,
+        "descriptive": "found on the same rows it describes: a description of where this split's errors are, "
+        "not a tested finding; confirm a cohort on new data before acting on it",
+    }
+
+
+def per_class_errors(cm: np.ndarray, class_names: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
+    """Per true class: support, recall, errors and the class it is most often mistaken for (from the confusion matrix).
+
+    Returns
+    -------
+    list of dict
+        ``{"class", "support", "correct", "errors", "recall", "most_confused_with", "most_confused_count"}``;
+        ``most_confused_with`` is None for a class with no errors.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    out = []
+    for i, name in enumerate(class_names):
+        row = cm[i].copy()
+        support, correct = int(row.sum()), int(row[i])
+        row[i] = -1
+        j = int(np.argmax(row))
+        confused = int(row[j]) if row[j] > 0 else 0
+        out.append(
+            {
+                "class": str(name),
+                "support": support,
+                "correct": correct,
+                "errors": support - correct,
+                "recall": correct / support if support else None,
+                "most_confused_with": str(class_names[j]) if confused else None,
+                "most_confused_count": confused,
+            }
+        )
     return out
 
 

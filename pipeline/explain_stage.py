@@ -52,6 +52,7 @@ from explain import (
     reference_error,
     stability,
 )
+from explain.dependence import partial_dependence, strongest_interaction
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "explain/metrics.json"
@@ -424,6 +425,12 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
     worst = pair_results[next(iter(pair_results))] if pair_results else None
     t0 = time.perf_counter()
     png = _plots(name, ds, shap_expl, explanations[lime_name], list(faith.values()), worst, ecfg, baseline)
+    if image:
+        png |= _error_examples(name, ds, predict, ecfg.n_error_examples)
+        dependence: list[dict[str, Any]] = []
+    else:
+        dep_png, dependence = _dependence(name, ds, shap_expl, predict, bg, ecfg.n_dependence_plots)
+        png |= dep_png
     timings["plots"] = time.perf_counter() - t0
     metrics = {
         "model": name,
@@ -460,6 +467,7 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
         "stability_seeds": stability_seeds,
         "quality": quality,
         "flagged": flagged,
+        "dependence": dependence,
         "explanations": {m_: e.to_dict() for m_, e in explanations.items()},
         "notes": notes,
         "seconds": timings,
@@ -535,6 +543,68 @@ def _plots(
     for j, row in enumerate(waterfall_rows(shap_expl, agree, ecfg.n_waterfalls)):
         out[f"{name}_waterfall_{j}_row{row}.png"] = plots.waterfall_png(shown, row=row)
     return out
+
+
+def _dependence(
+    name: str, ds: Dataset, shap_expl: Explanation, predict: Callable, bg: np.ndarray, n: int
+) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
+    """Dependence (shap scatter) and PDP/ICE plots of the ``n`` features with the largest mean |SHAP|.
+
+    The PDP averages over the background rows (the public split by default), never the private
+    training rows, and is drawn in the data's units: features as the dataset gives them, output in
+    target units. Files are named by feature index, not name (names are user strings).
+    """
+    p = ds.preprocessing
+    y_std, y_mean = float(p.get("y_std", 1.0)), float(p.get("y_mean", 0.0))
+    x_std, x_mean = np.asarray(p.get("x_std", 1.0), dtype=np.float64), np.asarray(p.get("x_mean", 0.0), dtype=np.float64)
+
+    def predict_units(x_units: np.ndarray) -> np.ndarray:  # dataset units in, target units out
+        return np.asarray(predict((x_units - x_mean) / x_std), dtype=np.float64).reshape(-1) * y_std + y_mean
+
+    shown = _display_units(shap_expl, ds)
+    bg_units = np.asarray(bg, dtype=np.float64) * x_std + x_mean
+    feature_names = list(shap_expl.names())
+    png: dict[str, bytes] = {}
+    records = []
+    for rank, f in enumerate(np.argsort(-shap_expl.mean_abs(), kind="stable")[: min(n, len(feature_names))]):
+        f = int(f)
+        partner = strongest_interaction(shap_expl.values, shap_expl.inputs, f) if len(feature_names) > 1 else None
+        dep_file, pdp_file = f"{name}_dependence_{rank}_f{f}.png", f"{name}_pdp_{rank}_f{f}.png"
+        png[dep_file] = plots.dependence_png(shown, feature=f, interaction=partner)
+        pd_res = partial_dependence(predict_units, bg_units, f, grid_resolution=20)
+        png[pdp_file] = plots.pdp_ice_png(
+            pd_res, feature_name=feature_names[f], output_label=f"prediction ({ds.target_name or 'target'} units)"
+        )
+        slope = np.diff(pd_res.average) / np.where(np.diff(pd_res.grid) == 0, np.nan, np.diff(pd_res.grid))
+        records.append(
+            {
+                "rank": rank,
+                "feature": feature_names[f],
+                "feature_index": f,
+                "mean_abs_shap": float(shap_expl.mean_abs()[f]),
+                "interaction": None if partner is None else feature_names[partner],
+                "dependence_plot": dep_file,
+                "pdp_plot": pdp_file,
+                "pdp_rows": int(len(bg_units)),
+                "pdp_range": float(pd_res.average.max() - pd_res.average.min()),
+                "pdp_monotone": bool(np.all(np.nan_to_num(slope) >= 0) or np.all(np.nan_to_num(slope) <= 0)),
+                "ice_spread": float(np.ptp(pd_res.individual - pd_res.individual.mean(axis=1, keepdims=True), axis=0).max()),
+            }
+        )
+    return png, records
+
+
+def _error_examples(name: str, ds: Dataset, predict: Callable, per_class: int) -> dict[str, bytes]:
+    """The misclassified-examples figure of the whole test split (none when ``per_class`` is 0)."""
+    if per_class == 0:
+        return {}
+    x, y = ds.x["test"], np.asarray(ds.y["test"]).astype(int)
+    pred = np.asarray(predict(x)).argmax(axis=1)
+    return {
+        f"{name}_misclassified.png": plots.misclassified_grid_png(
+            x, y, pred, class_names=list(ds.class_names), per_class=per_class
+        )
+    }
 
 
 def image_rows(expl: Explanation, truth: np.ndarray, agree, n: int) -> tuple[list[int], list[str]]:
