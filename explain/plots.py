@@ -347,9 +347,7 @@ def misclassified_grid_png(
     axes = fig.subplots(k, per_class + 1, squeeze=False)
     for c in range(k):
         wrong = np.flatnonzero((true_labels == c) & (predicted != c))
-        axes[c, 0].text(
-            0.5, 0.5, f"true {class_names[c]}\n{len(wrong)} wrong", ha="center", va="center", fontsize=8
-        )
+        axes[c, 0].text(0.5, 0.5, f"true {class_names[c]}\n{len(wrong)} wrong", ha="center", va="center", fontsize=8)
         for j in range(per_class):
             ax = axes[c, j + 1]
             if j < len(wrong):

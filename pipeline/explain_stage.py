@@ -556,7 +556,10 @@ def _dependence(
     """
     p = ds.preprocessing
     y_std, y_mean = float(p.get("y_std", 1.0)), float(p.get("y_mean", 0.0))
-    x_std, x_mean = np.asarray(p.get("x_std", 1.0), dtype=np.float64), np.asarray(p.get("x_mean", 0.0), dtype=np.float64)
+    x_std, x_mean = (
+        np.asarray(p.get("x_std", 1.0), dtype=np.float64),
+        np.asarray(p.get("x_mean", 0.0), dtype=np.float64),
+    )
 
     def predict_units(x_units: np.ndarray) -> np.ndarray:  # dataset units in, target units out
         return np.asarray(predict((x_units - x_mean) / x_std), dtype=np.float64).reshape(-1) * y_std + y_mean
@@ -588,7 +591,9 @@ def _dependence(
                 "pdp_rows": int(len(bg_units)),
                 "pdp_range": float(pd_res.average.max() - pd_res.average.min()),
                 "pdp_monotone": bool(np.all(np.nan_to_num(slope) >= 0) or np.all(np.nan_to_num(slope) <= 0)),
-                "ice_spread": float(np.ptp(pd_res.individual - pd_res.individual.mean(axis=1, keepdims=True), axis=0).max()),
+                "ice_spread": float(
+                    np.ptp(pd_res.individual - pd_res.individual.mean(axis=1, keepdims=True), axis=0).max()
+                ),
             }
         )
     return png, records

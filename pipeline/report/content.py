@@ -78,8 +78,12 @@ def data_section(datasets: Mapping[str, Any], manifest: Mapping[str, Any] | None
     return out
 
 
-def models_section(cfg: Config, trained: TrainOutput, metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Per model: spec, parameters, training record (without weights) and metrics with CIs."""
+def models_section(
+    cfg: Config, trained: TrainOutput, metrics: Mapping[str, Any], manifest: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Per model: spec, parameters, training record (without weights), metrics with CIs, and the recorded
+    file its training curves are drawn from (with that file's SHA-256 from the provenance)."""
+    artifacts = (manifest or {}).get("artifacts", {})
     out = {}
     for name in MODELS:
         m = trained.models[name]
@@ -93,6 +97,11 @@ def models_section(cfg: Config, trained: TrainOutput, metrics: Mapping[str, Any]
             "privacy": _plain(privacy),
             "metrics": _plain({k: v for k, v in metrics.get(name, {}).items() if k != "public_only"}),
             "public_only_baseline": _plain(public_only_baseline(name, metrics, privacy)),
+            "training_curves_source": {
+                "file": f"models/{name}.json",
+                "sha256": artifacts.get(f"models/{name}.json", {}).get("sha256"),
+                "what": "the training history recorded in this file (training.history)",
+            },
         }
     out["regressor"]["baseline"] = {
         "title": "Ridge baseline (scikit-learn, not DP)",
@@ -127,6 +136,21 @@ HOW_TO_READ = {
     "where the baseline has no ink but the input has can mean 'ink here raises the logit'; read attributions "
     "against the baseline, not as absolute importance. LIME works on 2x2-pixel grid cells, so its maps are "
     "blocky, and SHAP and LIME are compared at those cells.",
+    "dependence": "shap's dependence plot of one of the features with the largest mean |SHAP|. Each dot is one "
+    "explained test row: horizontal, the feature's value (as the dataset provides it); vertical, its SHAP value "
+    "in target units. A rising cloud means higher values push the prediction up. The colour is the value of the "
+    "feature shap finds most interacting with it (named on the colour bar): at a given x, a vertical spread that "
+    "sorts by colour is an interaction. The shape describes the model, not a causal effect.",
+    "pdp": "Partial dependence (thick red line) and individual conditional expectation curves (thin blue lines, one "
+    "per background row of the public split): the model's prediction, in target units, as this one feature is set "
+    "to each value of the grid (its 5th to 95th percentile on the background) while every other feature keeps the "
+    "row's own value. Computed by scikit-learn's partial_dependence (brute force) on the trained network. Parallel "
+    "ICE curves mean the feature acts additively; crossing or fanning curves mean it interacts with others, and the "
+    "average can hide opposite effects. Values off the grid, and combinations the data never shows, are "
+    "extrapolation.",
+    "misclassified": "Per true class (one row each): the misclassified test images, in test order, titled "
+    "'true → predicted'. The count on the left is every misclassified test image of that class; the images are "
+    "the first few of them. Look for a pattern (a writing style, a confusable pair) rather than single images.",
     "training": "Loss per epoch (or round) on the training and validation splits, and ε spent where DP was on.",
 }
 
@@ -309,9 +333,34 @@ def explanations_section(
                 }
             )
         importance = m["explanations"][summary["primary"]].get("mean_abs_attribution")
+        dependence = {d_[f]: d_ for d_ in m.get("dependence", []) for f in ("dependence_plot", "pdp_plot")}
+        for plot in plots:
+            dep = dependence.get(plot["file"].rsplit("/", 1)[-1])
+            if dep is not None:
+                partner = (
+                    f", coloured by {dep['interaction']}" if plot["kind"] == "dependence" and dep["interaction"] else ""
+                )
+                what = "SHAP dependence" if plot["kind"] == "dependence" else "Partial dependence and ICE"
+                plot["title"] = f"{what}: {dep['feature']} (top feature #{dep['rank'] + 1} by mean |SHAP|{partner})"
         models[name] = {
             "title": title(name),
             "methods": m["methods"],
+            "dependence": [
+                {
+                    k: d_[k]
+                    for k in (
+                        "rank",
+                        "feature",
+                        "mean_abs_shap",
+                        "interaction",
+                        "pdp_rows",
+                        "pdp_range",
+                        "pdp_monotone",
+                        "ice_spread",
+                    )
+                }
+                for d_ in m.get("dependence", [])
+            ],
             "explained_output": m["explained_output"],
             "n_explained": m["n_explained"],
             "explained_split": m["explained_split"],
@@ -352,6 +401,9 @@ def _plot_title(model: str, fname: str, kind: str) -> str:
         "importance_bar": "Mean |attribution|: SHAP vs LIME (global)",
         "deletion_insertion": "Deletion and insertion curves (faithfulness)",
         "image_grid": "Attribution maps: SHAP and LIME (local)",
+        "dependence": "SHAP dependence",
+        "pdp": "Partial dependence and ICE",
+        "misclassified": "Misclassified test images per true class (true → predicted)",
         "training": "Training curves",
     }
     if kind == "waterfall":
@@ -522,7 +574,7 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
         "_metrics": metrics,
     }
     content["data"] = data_section(datasets, manifest)
-    content["models"] = models_section(cfg, trained, metrics)
+    content["models"] = models_section(cfg, trained, metrics, manifest)
     content["privacy"] = federated_privacy(privacy_section(cfg, trained, datasets, explain_out), cfg, trained)
     content["explanations"] = explanations_section(cfg, explain_out, manifest, _variants(distill_out))
     if distill_out is not None:

@@ -28,6 +28,7 @@ figure{margin:1em 0;border:1px solid #e3e3e3;padding:.5em}figure img{max-width:1
 figcaption{font-size:.9em;color:#333}.howto{font-size:.88em;color:#444}code,pre{font-family:ui-monospace,monospace;
 font-size:.85em}pre{background:#f5f5f5;padding:.6em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
 .small{font-size:.85em;color:#555}details{margin:.5em 0}
+table.wrap{display:table;table-layout:fixed;width:100%}table.wrap td,table.wrap th{overflow-wrap:anywhere}
 @media print{nav{display:none}figure{break-inside:avoid}}
 """
 
@@ -279,6 +280,84 @@ def _per_class(metrics: Mapping[str, Any]) -> str:
     return out + f"<h4>Confusion matrix (test)</h4><table><tr>{head}</tr>{body}</table>"
 
 
+def _subgroups(metrics: Mapping[str, Any]) -> str:
+    """Test error per subgroup (sex, age band) where the evaluate stage measured it."""
+    groups = (metrics.get("test") or {}).get("subgroups") or {}
+    parts = []
+    for feat, g in groups.items():
+        rows = [
+            [esc(r["group"]), fmt(r["n"]), ci(r["mae"], r.get("mae_ci95")), fmt(r["rmse"]), fmt(r["bias"])]
+            for r in g["groups"]
+        ]
+        parts.append(
+            f"<h4>Test error by <code>{esc(feat)}</code> ({esc(g['kind'])})</h4>"
+            + table(["group", "n", "MAE [95% bootstrap CI]", "RMSE", "bias (mean prediction − target)"], rows)
+            + f"<p class=small>Largest MAE gap between groups: {fmt(g['mae_gap'])} target units. Groups are small: "
+            "overlapping intervals do not show equal performance. Group values are in the dataset's units "
+            "(scikit-learn's diabetes features are already mean-centred and scaled).</p>"
+        )
+    return "".join(parts)
+
+
+def _cohorts(metrics: Mapping[str, Any]) -> str:
+    """The error-analysis cohorts of the test split (where the model is worst)."""
+    co = (metrics.get("test") or {}).get("cohorts")
+    if not co or not co.get("cohorts"):
+        return ""
+    rows = [
+        [
+            f"<code>{esc(r['rule'])}</code>",
+            fmt(r["n"]),
+            ci(r["mae"], r.get("mae_ci95")),
+            fmt(r["mae_ratio"], 3),
+            fmt(r["bias"]),
+        ]
+        for r in co["cohorts"]
+    ]
+    return (
+        "<h4>Where the model is worst: error cohorts (test)</h4>"
+        f"<p class=small>A regression tree of depth {fmt(co['max_depth'])} (each cohort at least "
+        f"{fmt(co['min_leaf_rows'])} of {fmt(co['n'])} rows) fitted on the test rows' features to predict the "
+        f"absolute error; each leaf is a cohort. Overall MAE {fmt(co['overall_mae'])}; the cohorts partition the "
+        "rows, so their row-weighted MAEs average to it. <strong>Descriptive:</strong> "
+        f"{esc(co['descriptive'])}. Thresholds are in the dataset's units.</p>"
+        + table(["cohort (rule)", "n", "MAE [95% bootstrap CI]", "MAE / overall", "bias"], rows)
+    )
+
+
+def _plots_of(c: Mapping[str, Any], model: str, kind: str) -> list[Mapping[str, Any]]:
+    """The explain stage's plots of one kind for a model (with their hashes), as listed in the content."""
+    plots = c["explanations"]["models"].get(model, {}).get("plots", [])
+    return [p for p in plots if p["kind"] == kind]
+
+
+def _class_errors(metrics: Mapping[str, Any], plots: list[Mapping[str, Any]], figs: Mapping[str, bytes]) -> str:
+    """Per-class error analysis of a classifier: recall, the most-confused-with class, and example images."""
+    rows_ = (metrics.get("test") or {}).get("per_class_errors")
+    if not rows_:
+        return ""
+    rows = [
+        [
+            esc(r["class"]),
+            fmt(r["support"]),
+            fmt(r["errors"]),
+            fmt(r["recall"]),
+            "—"
+            if r["most_confused_with"] is None
+            else f"{esc(r['most_confused_with'])} ({fmt(r['most_confused_count'])})",
+        ]
+        for r in rows_
+    ]
+    out = "<h4>Per-class errors (test)</h4>" + table(
+        ["true class", "support", "errors", "recall", "most often predicted instead (count)"], rows
+    )
+    for p in plots:
+        out += figure(
+            figs.get(p["file"]), p["title"], p["how_to_read"], caption=f"{p['file']} (SHA-256 {p['sha256'] or 'n/a'})"
+        )
+    return out
+
+
 def _models(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
     parts = ["<section id=models><h2>Models</h2>"]
     for name, m in c["models"].items():
@@ -293,17 +372,23 @@ def _models(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
                 + records_table(history)
                 + "</details>"
             )
+            src = m.get("training_curves_source") or {}
             parts.append(
                 figure(
                     figs.get(f"training/{name}"),
                     f"{m['title']}: training curves",
                     "Loss per epoch (or round) on the training and validation splits; the right panel, "
                     "when present, shows the privacy budget ε spent so far.",
+                    caption=f"drawn from {src.get('file', 'n/a')} (SHA-256 {src.get('sha256') or 'n/a'}): "
+                    f"{src.get('what', 'the recorded training history')}",
                 )
             )
         parts.append("<h4>Metrics</h4>" + _metrics_table(m["metrics"]))
         parts.append(_public_only(m.get("public_only_baseline")))
+        parts.append(_subgroups(m["metrics"]))
+        parts.append(_cohorts(m["metrics"]))
         parts.append(_per_class(m["metrics"]))
+        parts.append(_class_errors(m["metrics"], _plots_of(c, name, "misclassified"), figs))
         if "baseline" in m:
             b = m["baseline"]
             parts.append(f"<h4>{esc(b['title'])}, alpha = {fmt(b['alpha'])}</h4>" + _metrics_table(b["metrics"]))
@@ -547,7 +632,39 @@ def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
                 + table(["feature", "mean |SHAP|"], [[f"<code>{esc(k)}</code>", fmt(v)] for k, v in ranked])
                 + "</details>"
             )
+        if m.get("dependence"):
+            parts.append(
+                "<h4>Feature dependence of the top features</h4><p>For each feature with the largest mean |SHAP|: "
+                "shap's dependence plot (SHAP value against feature value, coloured by the feature that interacts "
+                "most with it) and the partial dependence with ICE curves over the public background rows "
+                "(scikit-learn's <code>partial_dependence</code> on the trained network). PDP range: how far the "
+                "average prediction moves across the grid (target units). ICE spread: the largest spread of the "
+                "row-centred ICE curves at one grid value (0 = the feature acts additively; large = it interacts). "
+                "Read the figures below with their notes.</p>"
+                + table(
+                    ["#", "feature", "mean |SHAP|", "coloured by", "PDP range", "monotone", "ICE spread", "rows"],
+                    [
+                        [
+                            fmt(d["rank"] + 1),
+                            f"<code>{esc(d['feature'])}</code>",
+                            fmt(d["mean_abs_shap"]),
+                            f"<code>{esc(d['interaction'] or '—')}</code>",
+                            fmt(d["pdp_range"]),
+                            "yes" if d["pdp_monotone"] else "no",
+                            fmt(d["ice_spread"]),
+                            fmt(d["pdp_rows"]),
+                        ]
+                        for d in m["dependence"]
+                    ],
+                )
+            )
         for plot in m["plots"]:
+            if plot["kind"] == "misclassified":
+                parts.append(
+                    f"<p class=small>The misclassified-examples figure ({esc(plot['file'])}) is shown with the "
+                    "per-class errors under Models.</p>"
+                )
+                continue
             parts.append(
                 figure(
                     figs.get(plot["file"]),
@@ -570,11 +687,38 @@ def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
             "<h3>Model variants (teacher vs student)</h3><p>How differently the variants attribute the same "
             "inputs: global rank correlation and top-k overlap of mean |attribution|, L1 distance of the "
             "normalised importances (0 = identical, 2 = disjoint), mean per-row agreement.</p>"
-            + records_table(e["variants"])
+            + _variants_table(e["variants"])
         )
     parts.append("<h3>Explanation caveats</h3>" + bullet_list(e["caveats"]))
     parts.append("</section>")
     return "".join(parts)
+
+
+_VARIANT_COLUMNS = (
+    ("model", "model"),
+    ("labels", "variants"),
+    ("methods", "methods"),
+    ("n", "inputs"),
+    ("k", "k"),
+    ("global_spearman", "global Spearman"),
+    ("global_topk", "global top-k"),
+    ("global_l1", "L1 of importances"),
+    ("mean_row_spearman", "row Spearman"),
+    ("mean_row_topk", "row top-k"),
+)
+
+
+def _variants_table(records: list[Mapping[str, Any]]) -> str:
+    """The teacher/student comparisons in a fixed set of columns that fit the page (the full records are in
+    report.json); cells wrap."""
+    rows = [
+        [
+            esc(", ".join(map(str, r.get(k)))) if isinstance(r.get(k), list) else value_html(r.get(k), 7)
+            for k, _ in _VARIANT_COLUMNS
+        ]
+        for r in records
+    ]
+    return table([esc(label) for _, label in _VARIANT_COLUMNS], rows).replace("<table>", "<table class=wrap>", 1)
 
 
 def _distill(c: Mapping[str, Any]) -> str:

@@ -112,6 +112,27 @@ def _explanation_lines(ex: Mapping[str, Any]) -> list[str]:
             _table([md("feature"), md("mean |SHAP|")], [[md(k), num(v)] for k, v in ranked]),
             "",
         ]
+    if ex.get("dependence"):
+        out += [
+            "Feature dependence of the top features (figures in the report): partial dependence computed by "
+            "scikit-learn over the public background rows, in target units; ICE spread is the largest spread of the "
+            "row-centred ICE curves (0 = additive, large = interacting).",
+            "",
+            _table(
+                ["feature", "coloured by (strongest interaction)", "PDP range", "monotone", "ICE spread"],
+                [
+                    [
+                        md(d["feature"]),
+                        md(d["interaction"] or "none"),
+                        num(d["pdp_range"]),
+                        "yes" if d["pdp_monotone"] else "no",
+                        num(d["ice_spread"]),
+                    ]
+                    for d in ex["dependence"]
+                ],
+            ),
+            "",
+        ]
     return out
 
 
@@ -270,10 +291,52 @@ def render(content: Mapping[str, Any], name: str) -> str:
         base = m.get("baseline", {}).get("metrics", {}).get("test", {})
         rows = [[r[0], r[1], _ci(base, k)] for r, k in zip(rows, [k for k in keys if k in test])]
         out += [_table(["test metric", "value [95% CI]", "Ridge baseline [95% CI]"], rows), ""]
+        co = test.get("cohorts")
+        if co and co.get("cohorts"):
+            out += [
+                f"Where the model is worst (error cohorts of the test split): a regression tree of depth "
+                f"{num(co['max_depth'])}, each leaf at least {num(co['min_leaf_rows'])} of {num(co['n'])} rows, fitted "
+                f"on the test rows' features to predict the absolute error. Overall MAE {num(co['overall_mae'])}. "
+                f"Descriptive only: {md(co['descriptive'])}.",
+                "",
+                _table(
+                    ["cohort", "n", "MAE [95% CI]", "MAE / overall", "bias"],
+                    [
+                        [md(r["rule"]), num(r["n"]), _ci(r, "mae"), num(r["mae_ratio"], 3), num(r["bias"])]
+                        for r in co["cohorts"]
+                    ],
+                ),
+                "",
+            ]
     else:
         out += [_table(["test metric", "value [95% CI]"], rows), ""]
         rec, prec = test.get("per_class_recall", {}), test.get("per_class_precision", {})
-        out += [_table(["class", "recall", "precision"], [[md(c), num(rec.get(c)), num(prec.get(c))] for c in rec]), ""]
+        errs = {r["class"]: r for r in test.get("per_class_errors") or []}
+        out += [
+            _table(
+                ["class", "recall", "precision", "errors", "most often predicted instead (count)"],
+                [
+                    [
+                        md(c),
+                        num(rec.get(c)),
+                        num(prec.get(c)),
+                        num(errs.get(c, {}).get("errors")),
+                        "none"
+                        if not errs.get(c, {}).get("most_confused_with")
+                        else f"{md(errs[c]['most_confused_with'])} ({num(errs[c]['most_confused_count'])})",
+                    ]
+                    for c in rec
+                ],
+            ),
+            "",
+        ]
+        if any(p["kind"] == "misclassified" for p in ex.get("plots", [])):
+            out += [
+                "Misclassified test images per true class are shown in the report (`"
+                + md(next(p["file"] for p in ex["plots"] if p["kind"] == "misclassified"))
+                + "`).",
+                "",
+            ]
     if ex:
         out += _explanation_lines(ex)
 
