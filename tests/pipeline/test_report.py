@@ -302,3 +302,40 @@ def test_model_cards_render_their_tables_in_standard_markdown(hostile_run):
             shap_table = next(t for t in tables if t[0][1] == "mean |SHAP|")  # the escaped pipes render as pipes
             assert len(shap_table) == 11 and all(len(r) == 2 for r in shap_table)
             assert "standardised target units" in text and "already mean-centred and scaled" in text
+
+
+def test_error_analysis_and_dependence_figures_are_in_the_report_with_their_hashes(hostile_run):
+    html = hostile_run.read("report.html").decode()
+    content = json.loads(hostile_run.read("report.json"))
+    artifacts = hostile_run.manifest["artifacts"]
+    reg = content["explanations"]["models"]["regressor"]
+    kinds = {p["kind"] for p in reg["plots"]}
+    assert {"dependence", "pdp"} <= kinds
+    n_dep = len(reg["dependence"])
+    assert n_dep == 3 and sum(p["kind"] == "pdp" for p in reg["plots"]) == n_dep
+    cnn_plots = content["explanations"]["models"]["cnn"]["plots"]
+    assert any(p["kind"] == "misclassified" for p in cnn_plots)
+    for p in reg["plots"] + cnn_plots:
+        png = hostile_run.read(p["file"])
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        assert p["sha256"] == artifacts[p["file"]]["sha256"] and p["sha256"] in html, p["file"]
+    # The dependence titles name the feature (a user string, escaped in the page).
+    for d in reg["dependence"]:
+        assert sum(d["feature"] in p["title"] for p in reg["plots"] if p["kind"] in ("pdp", "dependence")) >= 2
+    assert HOSTILE not in html
+    # Training curves name the file they are drawn from and its hash.
+    for name in MODELS:
+        src = content["models"][name]["training_curves_source"]
+        assert src["file"] == f"models/{name}.json" and src["sha256"] == artifacts[src["file"]]["sha256"]
+        assert f"drawn from {src['file']} (SHA-256 {src['sha256']})" in html
+    # Subgroups, cohorts and per-class errors are shown in the page, not only in report.json.
+    test = content["models"]["regressor"]["metrics"]["test"]
+    co = test["cohorts"]
+    assert sum(c["n"] for c in co["cohorts"]) == test["n"]
+    assert abs(sum(c["n"] * c["mae"] for c in co["cohorts"]) / test["n"] - test["mae"]) < 1e-9
+    assert "Where the model is worst: error cohorts (test)" in html and "Descriptive:" in html
+    assert "Test error by <code>sex</code>" in html
+    cnn_test = content["models"]["cnn"]["metrics"]["test"]
+    cm = cnn_test["confusion_matrix"]
+    assert [r["support"] for r in cnn_test["per_class_errors"]] == [sum(row) for row in cm]
+    assert "Per-class errors (test)" in html
