@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from explain._checks import check_positive_int
 from explain._model import scoped_numpy_seed
@@ -305,6 +306,8 @@ def pdp_ice_png(result: PartialDependenceResult, *, feature_name: str, output_la
         ax.plot(result.grid, curve, color="#7a9cc6", alpha=0.35, lw=0.8)
     ax.plot(result.grid, result.average, color="#c0392b", lw=2.4, label="partial dependence (mean)")
     ax.plot([], [], color="#7a9cc6", lw=0.8, label=f"ICE: {len(ice)} of {len(result.individual)} rows")
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.tick_params(labelsize=7)
     ax.set_xlabel(feature_name)
     ax.set_ylabel(output_label)
     ax.set_title(f"PDP and ICE: {feature_name}", fontsize=9)
@@ -320,7 +323,9 @@ def misclassified_grid_png(
     class_names: Sequence[str],
     per_class: int = 4,
 ) -> bytes:
-    """One row per true class: up to ``per_class`` misclassified images, each titled "true → predicted".
+    """One row per true class with errors: up to ``per_class`` misclassified images, each titled "true → predicted".
+
+    Classes without errors get no row; the title names them and counts all errors.
 
     Parameters
     ----------
@@ -342,18 +347,25 @@ def misclassified_grid_png(
             f"{predicted.shape}."
         )
     per_class = check_positive_int("per_class", per_class)
-    k = len(class_names)
-    fig = Figure(figsize=(1.2 * (per_class + 1), 1.15 * k + 0.3), layout="constrained")
-    axes = fig.subplots(k, per_class + 1, squeeze=False)
-    for c in range(k):
-        wrong = np.flatnonzero((true_labels == c) & (predicted != c))
-        axes[c, 0].text(0.5, 0.5, f"true {class_names[c]}\n{len(wrong)} wrong", ha="center", va="center", fontsize=8)
-        for j in range(per_class):
-            ax = axes[c, j + 1]
-            if j < len(wrong):
-                i = wrong[j]
-                ax.imshow(np.asarray(images[i], dtype=np.float64).mean(axis=0), cmap="gray_r")
-                ax.set_title(f"{class_names[c]} → {class_names[predicted[i]]}", fontsize=7)
+    wrong_by_class = {c: np.flatnonzero((true_labels == c) & (predicted != c)) for c in range(len(class_names))}
+    shown = [c for c, w in wrong_by_class.items() if len(w)]  # rows only for classes with errors
+    clean = [str(class_names[c]) for c, w in wrong_by_class.items() if not len(w)]
+    fig = Figure(figsize=(1.2 * (per_class + 1), 1.15 * max(len(shown), 1) + 0.5), layout="constrained")
+    fig.suptitle(
+        f"{sum(len(w) for w in wrong_by_class.values())} of {len(true_labels)} misclassified"
+        + (f"; no errors in class {', '.join(clean)}" if clean else ""),
+        fontsize=8,
+    )
+    axes = fig.subplots(max(len(shown), 1), per_class + 1, squeeze=False)
+    for r, c in enumerate(shown):
+        wrong = wrong_by_class[c]
+        axes[r, 0].text(0.5, 0.5, f"true {class_names[c]}\n{len(wrong)} wrong", ha="center", va="center", fontsize=8)
+        for j, i in enumerate(wrong[:per_class]):
+            ax = axes[r, j + 1]
+            ax.imshow(np.asarray(images[i], dtype=np.float64).mean(axis=0), cmap="gray_r")
+            ax.set_title(f"{class_names[c]} → {class_names[predicted[i]]}", fontsize=7)
+    if not shown:
+        axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])

@@ -589,6 +589,7 @@ def _dependence(
                 "dependence_plot": dep_file,
                 "pdp_plot": pdp_file,
                 "pdp_rows": int(len(bg_units)),
+                "pdp_grid_points": int(len(pd_res.grid)),
                 "pdp_range": float(pd_res.average.max() - pd_res.average.min()),
                 "pdp_monotone": bool(np.all(np.nan_to_num(slope) >= 0) or np.all(np.nan_to_num(slope) <= 0)),
                 "ice_spread": float(

@@ -148,9 +148,9 @@ HOW_TO_READ = {
     "ICE curves mean the feature acts additively; crossing or fanning curves mean it interacts with others, and the "
     "average can hide opposite effects. Values off the grid, and combinations the data never shows, are "
     "extrapolation.",
-    "misclassified": "Per true class (one row each): the misclassified test images, in test order, titled "
-    "'true → predicted'. The count on the left is every misclassified test image of that class; the images are "
-    "the first few of them. Look for a pattern (a writing style, a confusable pair) rather than single images.",
+    "misclassified": "One row per true class that has errors (the title names the classes without any): the "
+    "misclassified test images, in test order, titled 'true → predicted'. The count on the left is every "
+    "misclassified test image of that class; the images are the first few of them. Look for a pattern (a writing style, a confusable pair) rather than single images.",
     "training": "Loss per epoch (or round) on the training and validation splits, and ε spent where DP was on.",
 }
 
@@ -354,6 +354,7 @@ def explanations_section(
                         "mean_abs_shap",
                         "interaction",
                         "pdp_rows",
+                        "pdp_grid_points",
                         "pdp_range",
                         "pdp_monotone",
                         "ice_spread",

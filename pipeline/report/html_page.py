@@ -637,12 +637,23 @@ def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
                 "<h4>Feature dependence of the top features</h4><p>For each feature with the largest mean |SHAP|: "
                 "shap's dependence plot (SHAP value against feature value, coloured by the feature that interacts "
                 "most with it) and the partial dependence with ICE curves over the public background rows "
-                "(scikit-learn's <code>partial_dependence</code> on the trained network). PDP range: how far the "
+                "(scikit-learn's <code>partial_dependence</code> on the trained network; grid: the feature's distinct "
+                "values when it has fewer than 20, so a binary feature has 2 points and is trivially monotone). PDP range: how far the "
                 "average prediction moves across the grid (target units). ICE spread: the largest spread of the "
                 "row-centred ICE curves at one grid value (0 = the feature acts additively; large = it interacts). "
                 "Read the figures below with their notes.</p>"
                 + table(
-                    ["#", "feature", "mean |SHAP|", "coloured by", "PDP range", "monotone", "ICE spread", "rows"],
+                    [
+                        "#",
+                        "feature",
+                        "mean |SHAP|",
+                        "coloured by",
+                        "PDP range",
+                        "monotone",
+                        "ICE spread",
+                        "rows",
+                        "grid",
+                    ],
                     [
                         [
                             fmt(d["rank"] + 1),
@@ -653,6 +664,7 @@ def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
                             "yes" if d["pdp_monotone"] else "no",
                             fmt(d["ice_spread"]),
                             fmt(d["pdp_rows"]),
+                            fmt(d["pdp_grid_points"]),
                         ]
                         for d in m["dependence"]
                     ],
