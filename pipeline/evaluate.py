@@ -378,7 +378,7 @@ def cohort_errors(
         "n": int(n),
         "overall_mae": overall,
         "cohorts": cohorts,
-        "descriptive": "found on the same rows it describes: a description of where this split's errors are, "
+        "descriptive": "found on the same rows it describes: a description of where the errors of this split lie, "
         "not a tested finding; confirm a cohort on new data before acting on it",
     }
 
