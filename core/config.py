@@ -43,6 +43,7 @@ class FitConfig:
     weight_decay: float = 0.0  # L2 penalty, >= 0
     max_grad_norm: float = 1.0  # DP only: per-sample gradient clipping norm C, > 0
     augment_shift: int = 0  # images only: random translation by up to this many pixels per sample and step, >= 0
+    ema_decay: float = 0.0  # release an EMA of the iterates (warm-up min(d, (1+t)/(10+t))) instead of the last, [0, 1)
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,13 @@ class DistillConfig:
     temperature: float = 4.0  # softening temperature T of the distillation loss (scaled by T^2), > 0
     label_weight: float = 0.0  # weight of the hard-label loss in [0, 1]; private labels void DP inheritance
     student_dp: bool = False  # with private transfer data under DP: train the student with its own DP-SGD
+    augment_per_row: int = 0  # images under DP: teacher-labelled augmented copies of each public image, >= 0
+    augment_shift: float = 1.0  # max translation of those copies in pixels (sub-pixel, bilinear), >= 0
+    augment_rotation: float = 10.0  # max rotation of those copies in degrees, [0, 180]
+    augment_scale: float = 0.1  # max relative zoom of those copies (scale in [1 - s, 1 + s]), [0, 0.5]
+    augment_noise: float = 0.1  # std of Gaussian pixel noise on those copies (standardised units), >= 0
+    mixup_per_row: int = 0  # images under DP: teacher-labelled mixups of two public images per public image, >= 0
+    mixup_alpha: float = 0.4  # mixing weight λ ~ Beta(α, α) of those mixups, > 0
     fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=150, batch_size=64, lr=3e-3, augment_shift=1))
 
 
@@ -376,6 +384,7 @@ def _validate_fit(fit: FitConfig, key: str) -> None:
         f"in (0, {MAX_GRAD_NORM:g}] (a finite clipping norm: without one DP-SGD guarantees nothing)",
     )
     _check(fit.augment_shift >= 0, f"{key}.augment_shift", fit.augment_shift, ">= 0")
+    _check(0 <= fit.ema_decay < 1, f"{key}.ema_decay", fit.ema_decay, "in [0, 1) (0 = off)")
 
 
 def _check_finite(cfg: Any, prefix: str = "") -> None:
@@ -492,6 +501,13 @@ def validate(cfg: Config) -> None:
         0 <= k.synthetic_noise <= 100, "distill.synthetic_noise", k.synthetic_noise, "in [0, 100] (standardised units)"
     )
     _check(0 < k.temperature <= 1000, "distill.temperature", k.temperature, "in (0, 1000]")
+    _check(k.augment_per_row >= 0, "distill.augment_per_row", k.augment_per_row, ">= 0")
+    _check(0 <= k.augment_shift <= 100, "distill.augment_shift", k.augment_shift, "in [0, 100] pixels")
+    _check(0 <= k.augment_rotation <= 180, "distill.augment_rotation", k.augment_rotation, "in [0, 180] degrees")
+    _check(0 <= k.augment_scale <= 0.5, "distill.augment_scale", k.augment_scale, "in [0, 0.5]")
+    _check(0 <= k.augment_noise <= 100, "distill.augment_noise", k.augment_noise, "in [0, 100] (standardised units)")
+    _check(k.mixup_per_row >= 0, "distill.mixup_per_row", k.mixup_per_row, ">= 0")
+    _check(0 < k.mixup_alpha <= 100, "distill.mixup_alpha", k.mixup_alpha, "in (0, 100]")
     _check(0 <= k.label_weight <= 1, "distill.label_weight", k.label_weight, "in [0, 1]")
     _check(
         len(k.cnn_channels) >= 1 and all(c >= 1 for c in k.cnn_channels),

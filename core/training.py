@@ -69,6 +69,7 @@ class TrainingResult:
     n_train: int
     privacy: dict[str, Any] | None = None  # core.privacy.privacy_record when trained with DP
     accountant_history: History = field(default_factory=list)
+    ema: dict[str, Any] | None = None  # when fit_cfg.ema_decay > 0: the released weights are the EMA (see _EMA)
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe view (without the weights)."""
@@ -81,6 +82,8 @@ class TrainingResult:
             "seconds_per_epoch": float(np.mean(secs)) if secs else 0.0,
             "n_train": self.n_train,
             "privacy": self.privacy,
+            "released_weights": "ema" if self.ema else "last iterate",
+            **({"ema": self.ema} if self.ema else {}),
         }
 
 
@@ -106,6 +109,8 @@ class Checkpoint:
     done: bool = False  # training finished (last epoch or early stop): resuming trains no further
     # (sampling, noise) generator states, only under dp.reproducible_noise (derived from the recorded seed anyway)
     dp_generator_states: list[torch.Tensor] | None = None
+    ema_state: dict[str, torch.Tensor] | None = None  # the EMA of the iterates so far (fit_cfg.ema_decay > 0)
+    ema_steps: int = 0  # optimizer steps averaged into ema_state
 
 
 def checkpoint_bytes(ck: Checkpoint) -> bytes:
@@ -142,6 +147,44 @@ class EarlyStopping:
             self.best_loss, self.best_epoch, self.best_state = row["val_loss"], epoch, privacy.unwrap_state_dict(model)
             return False
         return epoch - self.best_epoch >= self.patience
+
+
+class _EMA:
+    """Exponential moving average of the trainable parameters over the optimizer's steps (De et al. 2022).
+
+    After step ``t`` (1-based): ``ema = d_t * ema + (1 - d_t) * w_t`` with ``d_t = min(decay, (1 + t) / (10 + t))``
+    (a warm-up, so that short runs are not dominated by the initial weights), starting from the weights
+    training starts with. Under DP it is post-processing of the DP iterates: each ``w_t`` is already
+    released-safe, the average reads no data, so the released EMA costs no extra privacy.
+    Parameters that do not train (fixed filters) are left as they are.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, state: Mapping[str, torch.Tensor] | None = None, steps: int = 0):
+        self.decay, self.steps = decay, steps
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.state = {n: (state[n] if state is not None else p).detach().clone() for n, p in self.params.items()}
+
+    def hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer step post-hook: average the new iterate in."""
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                self.state[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    def release(self) -> None:
+        """Copy the EMA into the model's parameters (the weights :func:`fit` returns)."""
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.state[n])
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "steps": self.steps,
+            "warmup": "d_t = min(decay, (1 + t) / (10 + t))",
+            "privacy": "post-processing of the DP iterates: no extra privacy cost",
+        }
 
 
 @dataclass
@@ -312,6 +355,11 @@ def fit(
         patience=0 if private_dp is not None else patience,
     )
     remaining = 0 if state.done else epochs - state.epoch
+    ema = None
+    if fit_cfg.ema_decay > 0:
+        # on the plain optimizer, which Opacus' DP optimizer steps once per DP-SGD step (empty batches included)
+        ema = _EMA(model, fit_cfg.ema_decay, *((resume.ema_state, resume.ema_steps) if resume is not None else ()))
+        optimizer.register_step_post_hook(ema.hook)
     xt = torch.as_tensor(x_train).to(device)
     yt = torch.as_tensor(y_train).to(device)
     private_run = None
@@ -344,6 +392,7 @@ def fit(
         data_generator=data_generator,
         criterion=(private_run.criterion if private_run is not None else None) or criterion,  # ghost: Opacus' wrap
         desc=desc,
+        ema=ema,
     )
     t_start = time.perf_counter()
     bar = progress_bar(range(state.epoch, state.epoch + remaining), progress, desc)
@@ -358,7 +407,7 @@ def fit(
             log.info("%s: early stop at epoch %d (best %d)", desc, epoch + 1, state.stopping.best_epoch)
             break
     return _result(
-        model, state, private_dp, private_run, fit_cfg, n_train=len(xt), seconds=time.perf_counter() - t_start
+        model, state, private_dp, private_run, fit_cfg, n_train=len(xt), seconds=time.perf_counter() - t_start, ema=ema
     )
 
 
@@ -396,6 +445,7 @@ class _Loop:
     data_generator: torch.Generator  # batch order and augmentation
     criterion: nn.Module | None
     desc: str  # what trains, for messages ("cnn", "distill regressor")
+    ema: _EMA | None = None  # parameter averaging of the iterates, when configured
 
     def batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's batches: Poisson-sampled under DP, else a seeded shuffle."""
@@ -461,6 +511,8 @@ class _Loop:
             best_loss=stopping.best_loss,
             done=done,
             dp_generator_states=dp_states,
+            ema_state=dict(self.ema.state) if self.ema is not None else None,
+            ema_steps=self.ema.steps if self.ema is not None else 0,
         )
 
 
@@ -473,10 +525,13 @@ def _result(
     *,
     n_train: int,
     seconds: float,
+    ema: _EMA | None = None,
 ) -> TrainingResult:
-    """Restore the best epoch's weights (non-DP early stopping), unhook Opacus and assemble the result."""
+    """Restore the best epoch's weights (non-DP early stopping) or release the EMA, unhook Opacus, assemble the result."""
     best_epoch = len(state.history)
-    if state.stopping.best_state is not None and dp is None:
+    if ema is not None:
+        ema.release()  # the EMA replaces the last iterate (and early stopping's choice, which tracked iterates)
+    elif state.stopping.best_state is not None and dp is None:
         model.load_state_dict(state.stopping.best_state)
         best_epoch = state.stopping.best_epoch
     if private_run is not None:
@@ -494,6 +549,7 @@ def _result(
         n_train=n_train,
         privacy=record,
         accountant_history=state.spent_history,
+        ema=ema.record() if ema is not None else None,
     )
 
 

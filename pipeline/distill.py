@@ -79,6 +79,9 @@ class Transfer:
     labels: np.ndarray | None  # real labels, only when a label loss is used
     synthetic_rows: int
     synthetic_from: tuple[str, ...] = ()  # splits whose rows were jittered into the synthetic rows
+    # (synthetic rows, 2) source-row numbers of each synthetic row's parent(s); -1 = no second parent
+    synthetic_parents: np.ndarray | None = None
+    synthetic_method: str = ""  # how the synthetic rows were made (for the record and the privacy statement)
 
 
 def transfer_set(cfg: Config, ds: Dataset, *, seed: int) -> Transfer:
@@ -111,6 +114,19 @@ def transfer_set(cfg: Config, ds: Dataset, *, seed: int) -> Transfer:
         if labels is not None:
             base_labels = np.concatenate([ds.y[s] for s in jittered])
             labels = np.concatenate([labels, np.repeat(base_labels, k.synthetic_per_row)])
+    parents, method = None, ""
+    if synthetic:
+        base_index = np.concatenate([ds.index[s] for s in jittered])
+        parents = np.stack([np.repeat(base_index, k.synthetic_per_row), np.full(synthetic, -1)], axis=1)
+        method = f"Gaussian jitter (std {k.synthetic_noise:g}) of {', '.join(jittered)} rows"
+    if ds.task == "classification" and cfg.dp.enabled and mode == "public":
+        images = _image_augmentations(cfg, ds, seed=seed)
+        if images is not None:
+            x_aug, parents, method = images
+            synthetic, jittered = len(x_aug), ("public",)
+            x = np.concatenate([x, x_aug])
+            if labels is not None:  # public labels of the parent(s): the first parent's
+                labels = np.concatenate([labels, ds.y["public"][np.searchsorted(ds.index["public"], parents[:, 0])]])
     return Transfer(
         x=x.astype(np.float32),
         source_index=np.sort(index),
@@ -118,7 +134,104 @@ def transfer_set(cfg: Config, ds: Dataset, *, seed: int) -> Transfer:
         labels=labels,
         synthetic_rows=synthetic,
         synthetic_from=tuple(jittered),
+        synthetic_parents=parents,
+        synthetic_method=method,
     )
+
+
+def augment_images(
+    x: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    per_row: int,
+    shift: float,
+    rotation: float,
+    scale: float,
+    noise: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``per_row`` randomly shifted, rotated, zoomed and noised copies of each image of ``x`` (N, C, H, W).
+
+    Each copy is computed from its parent image alone (a per-image affine warp, bilinear, the
+    uncovered area filled with the image's own minimum, i.e. its background, plus Gaussian noise):
+    nothing else, no dataset statistic, enters it.
+
+    Returns
+    -------
+    ``(copies (N * per_row, C, H, W) float32, parent (N * per_row,) row numbers in x)``
+    """
+    parent = np.repeat(np.arange(len(x)), per_row)
+    m = len(parent)
+    if m == 0:
+        return np.zeros((0, *x.shape[1:]), np.float32), parent
+    _, c, h, w = x.shape
+    angle = np.deg2rad(rng.uniform(-rotation, rotation, m))
+    zoom = rng.uniform(1 - scale, 1 + scale, m)
+    # translation in affine_grid's normalised coordinates (align_corners=False: the image spans [-1, 1])
+    tx, ty = rng.uniform(-shift, shift, m) * 2 / w, rng.uniform(-shift, shift, m) * 2 / h
+    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+    theta = torch.as_tensor(
+        np.stack([np.stack([cos, -sin, tx], 1), np.stack([sin, cos, ty], 1)], 1), dtype=torch.float32
+    )
+    src = torch.as_tensor(x[parent], dtype=torch.float32)  # (M, C, H, W)
+    floor = src.amin(dim=(1, 2, 3), keepdim=True)
+    grid = nn.functional.affine_grid(theta, [m, c, h, w], align_corners=False)
+    warped = nn.functional.grid_sample(src - floor, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = (
+        (warped + floor).numpy() + rng.normal(scale=noise, size=(m, c, h, w)) if noise > 0 else (warped + floor).numpy()
+    )
+    return out.astype(np.float32), parent
+
+
+def mixup_images(
+    x: np.ndarray, rng: np.random.Generator, *, per_row: int, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``per_row * N`` mixups ``λ x_i + (1 - λ) x_j`` of random pairs of images of ``x``, λ ~ Beta(α, α).
+
+    Returns
+    -------
+    ``(mixups (M, C, H, W) float32, parents (M, 2) row numbers in x)``
+    """
+    m = len(x) * per_row
+    pairs = rng.integers(0, len(x), size=(m, 2)) if len(x) else np.zeros((0, 2), np.int64)
+    lam = rng.beta(alpha, alpha, size=m)[:, None, None, None]
+    return (lam * x[pairs[:, 0]] + (1 - lam) * x[pairs[:, 1]]).astype(np.float32), pairs
+
+
+def _image_augmentations(cfg: Config, ds: Dataset, *, seed: int) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """Synthetic inputs for a DP teacher's image student, made from the public split only.
+
+    The teacher labels them (post-processing of its DP weights), so the student still reads nothing
+    the teacher's guarantee does not cover. Returns ``(images, parents (M, 2) source-row numbers,
+    description)``, or None when none are configured.
+    """
+    k = cfg.distill
+    if k.augment_per_row == 0 and k.mixup_per_row == 0:
+        return None
+    public, public_index = ds.x["public"], ds.index["public"]
+    rng = np.random.default_rng(seed)
+    x_aug, parent = augment_images(
+        public,
+        rng,
+        per_row=k.augment_per_row,
+        shift=k.augment_shift,
+        rotation=k.augment_rotation,
+        scale=k.augment_scale,
+        noise=k.augment_noise,
+    )
+    x_mix, pairs = mixup_images(public, rng, per_row=k.mixup_per_row, alpha=k.mixup_alpha)
+    parents = np.concatenate(
+        [np.stack([public_index[parent], np.full(len(parent), -1)], axis=1), public_index[pairs].reshape(-1, 2)]
+    ).astype(np.int64)
+    parts = []
+    if k.augment_per_row:
+        parts.append(
+            f"{len(x_aug)} augmentations (shift <= {k.augment_shift:g} px, rotation <= {k.augment_rotation:g} deg, "
+            f"zoom <= {k.augment_scale:g}, pixel noise std {k.augment_noise:g})"
+        )
+    if k.mixup_per_row:
+        parts.append(f"{len(x_mix)} mixups of two images (Beta({k.mixup_alpha:g}, {k.mixup_alpha:g}))")
+    method = " and ".join(parts) + " of public images"
+    return np.concatenate([x_aug, x_mix]), parents, method
 
 
 def composed_privacy(cfg: Config, student: Mapping[str, Any], teacher: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -147,6 +260,15 @@ def composed_privacy(cfg: Config, student: Mapping[str, Any], teacher: Mapping[s
     }
 
 
+def transfer_provenance(transfer: Transfer) -> str:
+    """Where the student's inputs came from, in words: "the public split + N teacher-labelled augmentations of it"."""
+    what = " + ".join("the public split" if s == "public" else f"the {s} split" for s in transfer.splits)
+    if not transfer.synthetic_rows:
+        return what
+    of_it = "it" if transfer.synthetic_from == transfer.splits else " + ".join(transfer.synthetic_from) + " rows"
+    return f"{what} + {transfer.synthetic_rows} teacher-labelled synthetic rows made from {of_it} only: {transfer.synthetic_method}"
+
+
 def privacy_status(cfg: Config, transfer: Transfer, teacher: Mapping[str, Any]) -> dict[str, Any]:
     """What DP guarantee the student carries, and why."""
     teacher_privacy = teacher.get("privacy")
@@ -158,7 +280,7 @@ def privacy_status(cfg: Config, transfer: Transfer, teacher: Mapping[str, Any]) 
             "guarantee": "inherited",
             "epsilon": teacher_privacy["epsilon"],
             "delta": teacher_privacy["delta"],
-            "reason": "the student saw only the public split (and synthetic inputs) labelled by the DP teacher: "
+            "reason": f"the student saw only {transfer_provenance(transfer)}, labelled by the DP teacher: "
             "post-processing keeps the teacher's (ε, δ)",
         }
     if cfg.distill.student_dp:
@@ -361,6 +483,8 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
             "real_rows": int(len(transfer.source_index)),
             "synthetic_rows": transfer.synthetic_rows,
             "synthetic_from": list(transfer.synthetic_from),
+            "synthetic_method": transfer.synthetic_method,
+            "provenance": transfer_provenance(transfer),
             "uses_private_labels": transfer.labels is not None and "train" in transfer.splits,
         },
         "privacy": privacy_status(cfg, transfer, teacher_tm.training)

@@ -168,3 +168,62 @@ def test_early_stopping_unit():
     assert stop.best_epoch == 2 and stop.best_loss == 2.0 and stop.best_state is not None
     off = training.EarlyStopping(patience=0)
     assert not any(off.update(e, {"val_loss": float(e)}, model) for e in range(1, 10)) and off.best_state is None
+
+
+def _ema_fit(rng, decay):
+    """A tiny reproducible DP-SGD fit, recording every iterate (the weights after each optimizer step)."""
+    from opacus.optimizers import DPOptimizer
+
+    from core.config import DPConfig
+
+    x, y = _digits_like(rng, n=64)
+    torch.manual_seed(0)
+    m = models.build_cnn(input_shape=(1, 8, 8), n_classes=3, channels=(2,), hidden=4)
+    start = {n: p.detach().clone() for n, p in m.named_parameters()}
+    iterates = []
+
+    def record(opt, args, kwargs):  # every plain optimizer step (Opacus' DP optimizer steps the plain one)
+        if not isinstance(opt, DPOptimizer):
+            iterates.append({n: p.detach().clone() for n, p in m.named_parameters()})
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        res = training.fit(
+            m,
+            x_train=x,
+            y_train=y,
+            x_val=None,
+            y_val=None,
+            task="classification",
+            fit_cfg=FitConfig(epochs=3, batch_size=16, lr=0.05, ema_decay=decay),
+            dp=DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=50.0, reproducible_noise=True),
+            device=torch.device("cpu"),
+            seed=0,
+        )
+    finally:
+        handle.remove()
+    return start, iterates, res, m
+
+
+def test_ema_off_releases_the_last_iterate_and_on_releases_the_hand_computed_ema(rng):
+    start, iterates, off, _ = _ema_fit(np.random.default_rng(0), 0.0)
+    assert len(iterates) >= 12 and off.ema is None and off.summary()["released_weights"] == "last iterate"
+    for n, w in iterates[-1].items():
+        assert torch.equal(off.state_dict[n], w)  # decay 0: the last iterate, bit for bit
+    start2, iterates2, on, model = _ema_fit(np.random.default_rng(0), 0.9)
+    # the EMA is post-processing: the DP trajectory itself is unchanged, bit for bit
+    assert len(iterates2) == len(iterates)
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(iterates, iterates2) for n in a)
+    ema = {n: w.double() for n, w in start2.items()}
+    for t, it in enumerate(iterates2, start=1):
+        d = min(0.9, (1 + t) / (10 + t))
+        ema = {n: d * ema[n] + (1 - d) * it[n].double() for n in ema}
+    for n in ema:
+        np.testing.assert_allclose(on.state_dict[n].double().numpy(), ema[n].numpy(), rtol=0, atol=1e-6)
+        assert torch.equal(dict(model.named_parameters())[n].detach(), on.state_dict[n])  # the model holds it too
+    gap = max(float((on.state_dict[n] - iterates2[-1][n]).abs().max()) for n in ema)
+    assert gap > 1e-3  # the EMA is not the last iterate
+    assert on.summary()["released_weights"] == "ema" and on.summary()["ema"]["steps"] == len(iterates2)
+    assert on.privacy["epsilon"] == off.privacy["epsilon"]  # no extra privacy cost
