@@ -42,8 +42,11 @@ log = logging.getLogger("dp_no_public")
 ARCHITECTURES = ("cnn", "scatter")
 
 
-def run_one(architecture: str, epsilon: float, *, repeat: int) -> dict[str, float]:
-    """Train the image model with DP-SGD and no public data; return ε spent, val and test accuracy."""
+def run_one(architecture: str, epsilon: float, *, repeat: int, ema_decay: float | None = None) -> dict[str, float]:
+    """Train the image model with DP-SGD and no public data; return ε spent, val and test accuracy.
+
+    ``ema_decay`` overrides ``cnn.dp_fit.ema_decay`` (None = the config's default; 0 = last iterate).
+    """
     cfg = load_config(
         None,
         [
@@ -52,6 +55,7 @@ def run_one(architecture: str, epsilon: float, *, repeat: int) -> dict[str, floa
             "dp.delta=1e-5",
             f"dp.target_epsilon={epsilon}",
             f"cnn.dp_architecture={architecture!r}".replace("'", '"'),
+            *([f"cnn.dp_fit.ema_decay={ema_decay}"] if ema_decay is not None else []),
         ],
     )
     ds = prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))["images"]
@@ -83,7 +87,8 @@ def run_one(architecture: str, epsilon: float, *, repeat: int) -> dict[str, floa
         "trainable": models.n_parameters(model),
         "fixed": models.n_parameters(model, trainable_only=False) - models.n_parameters(model),
         "settings": f"{spec['kind']} {spec['kwargs']} | lr={fit.lr} batch={fit.batch_size} "
-        f"epochs={fit.epochs} C={fit.max_grad_norm} {fit.optimizer}",
+        f"epochs={fit.epochs} C={fit.max_grad_norm} {fit.optimizer} ema_decay={fit.ema_decay}",
+        "ema_decay": fit.ema_decay,
         "n_train": len(ds.y["train"]),
     }
 
@@ -93,6 +98,13 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     parser.add_argument("--repeats", type=int, default=1, help="seeds of the DP noise per cell (mean and spread)")
+    parser.add_argument(
+        "--ema-decays",
+        type=float,
+        nargs="+",
+        default=None,
+        help="release the EMA of the DP iterates with each of these decays (0 = last iterate; default: the config's)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # RDP range note, not PRV's
@@ -100,12 +112,21 @@ def main() -> None:
     rows = []
     for arch in args.architectures:
         for eps in args.epsilons:
-            runs = [run_one(arch, eps, repeat=r) for r in range(args.repeats)]
-            rows.append((arch, eps, runs))
-            log.info("%s ε=%g: test %s (%.0f s)", arch, eps, [round(r["test"], 3) for r in runs], runs[-1]["seconds"])
+            for decay in args.ema_decays or [None]:
+                runs = [run_one(arch, eps, repeat=r, ema_decay=decay) for r in range(args.repeats)]
+                rows.append((arch, eps, runs))
+                log.info(
+                    "%s ε=%g ema %g: test %s (%.0f s)",
+                    arch,
+                    eps,
+                    runs[0]["ema_decay"],
+                    [round(r["test"], 3) for r in runs],
+                    runs[-1]["seconds"],
+                )
     print(f"\nDP-SGD without public data, embedded digits (n_train={rows[0][2][0]['n_train']}), δ=1e-5, PRV accountant")
     print(
-        f"{'model':8} {'ε target':>8} {'ε spent':>8} {'σ':>6} {'val acc':>14} {'test acc':>14}  params (trainable/fixed)"
+        f"{'model':8} {'ε target':>8} {'ε spent':>8} {'σ':>6} {'EMA':>6} {'val acc':>14} {'test acc':>14}  "
+        "params (trainable/fixed)"
     )
     for arch, eps, runs in rows:
         val = np.array([r["val"] for r in runs])
@@ -113,10 +134,11 @@ def main() -> None:
         spread = (lambda a: f"{a.mean():.3f} ± {a.std(ddof=1):.3f}") if len(runs) > 1 else (lambda a: f"{a[0]:.3f}")
         print(
             f"{arch:8} {eps:8g} {max(r['epsilon_spent'] for r in runs):8.3f} {runs[0]['sigma']:6.2f} "
+            f"{runs[0]['ema_decay']:6g} "
             f"{spread(val):>14} {spread(test):>14}  {runs[0]['trainable']}/{runs[0]['fixed']}"
         )
     print("\nsettings:")
-    for arch, _eps, runs in rows[:: len(args.epsilons)]:
+    for arch, _eps, runs in rows[:: len(args.epsilons) * len(args.ema_decays or [None])]:
         print(f"  {arch}: {runs[0]['settings']}")
 
 

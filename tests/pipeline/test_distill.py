@@ -134,3 +134,49 @@ def test_student_agrees_with_teacher_on_embedded_digits():
     cnn, reg = out["cnn"]["record"], out["regressor"]["record"]
     assert cnn["compression_ratio"] >= 10 and cnn["top1_agreement"] >= 0.9
     assert reg["student_fidelity_r2"] >= 0.9
+
+
+def test_dp_image_transfer_set_holds_no_private_row_nor_anything_computed_from_one():
+    import dataclasses
+
+    aug = ["distill.augment_per_row=3", "distill.mixup_per_row=2"]
+    cfg = load_config(None, TINY + ["dp.enabled=true"] + aug)
+    ds = data.run(cfg, {}, seed=0)["images"]
+    public, n_public = ds.index["public"], len(ds.index["public"])
+    t = distill.transfer_set(cfg, ds, seed=4)
+    private = np.concatenate([ds.index[s] for s in ("train", "val", "test")])
+    assert set(t.source_index.tolist()) == set(public.tolist())  # real rows: the public split, all of it, only it
+    parents = t.synthetic_parents
+    assert t.synthetic_rows == len(parents) == n_public * 5 and len(t.x) == n_public * 6
+    assert np.isin(parents[:, 0], public).all() and np.isin(parents[parents[:, 1] >= 0, 1], public).all()
+    assert not np.isin(parents, private).any() and t.synthetic_from == ("public",)
+    # Nothing outside the public split enters: poisoning every other split leaves the transfer set bit-identical.
+    poisoned = dataclasses.replace(
+        ds,
+        x={s: (v if s == "public" else np.full_like(v, np.nan)) for s, v in ds.x.items()},
+        y={s: (v if s == "public" else np.zeros_like(v)) for s, v in ds.y.items()},
+        preprocessing={"channel_mean": [np.nan], "channel_std": [np.nan]},
+    )
+    t2 = distill.transfer_set(cfg, poisoned, seed=4)
+    assert np.array_equal(t.x, t2.x) and np.isfinite(t2.x).all() and np.array_equal(parents, t2.synthetic_parents)
+    # The recorded parents are the real ones: an identity "augmentation" returns its parent, a mixup lies between its two.
+    ident = load_config(
+        None,
+        TINY + ["dp.enabled=true"] + aug + [f"distill.augment_{k}=0" for k in ("shift", "rotation", "scale", "noise")],
+    )
+    t3 = distill.transfer_set(ident, ds, seed=4)
+    row = {int(i): r for r, i in enumerate(public)}
+    synth, par = t3.x[n_public:], t3.synthetic_parents
+    single = par[:, 1] < 0
+    assert single.sum() == n_public * 3
+    np.testing.assert_allclose(synth[single], ds.x["public"][[row[i] for i in par[single, 0]]], atol=1e-5)
+    a = ds.x["public"][[row[i] for i in par[~single, 0]]]
+    b = ds.x["public"][[row[i] for i in par[~single, 1]]]
+    assert (synth[~single] >= np.minimum(a, b) - 1e-5).all() and (synth[~single] <= np.maximum(a, b) + 1e-5).all()
+    # The privacy statement names the provenance.
+    status = distill.privacy_status(cfg, t, {"privacy": {"epsilon": 3.0, "delta": 1e-5}})
+    assert status["guarantee"] == "inherited"
+    assert f"the public split + {n_public * 5} teacher-labelled synthetic rows made from it only" in status["reason"]
+    assert "augmentations" in status["reason"] and "mixups" in status["reason"]
+    # Without DP the student's transfer set is unchanged by these keys (they are for a DP teacher's student).
+    assert distill.transfer_set(load_config(None, TINY + aug), ds, seed=4).synthetic_rows == 0
