@@ -170,6 +170,7 @@ class DistillConfig:
     augment_noise: float = 0.1  # std of Gaussian pixel noise on those copies (standardised units), >= 0
     mixup_per_row: int = 0  # images under DP: teacher-labelled mixups of two public images per public image, >= 0
     mixup_alpha: float = 0.4  # mixing weight λ ~ Beta(α, α) of those mixups, > 0
+    augmented_epochs: int = 60  # distill.fit.epochs for a transfer set with those images (it is larger), >= 1
     fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=150, batch_size=64, lr=3e-3, augment_shift=1))
 
 
@@ -508,6 +509,12 @@ def validate(cfg: Config) -> None:
     _check(0 <= k.augment_noise <= 100, "distill.augment_noise", k.augment_noise, "in [0, 100] (standardised units)")
     _check(k.mixup_per_row >= 0, "distill.mixup_per_row", k.mixup_per_row, ">= 0")
     _check(0 < k.mixup_alpha <= 100, "distill.mixup_alpha", k.mixup_alpha, "in (0, 100]")
+    _check(
+        1 <= k.augmented_epochs <= MAX_DP_EPOCHS,
+        "distill.augmented_epochs",
+        k.augmented_epochs,
+        f"in [1, {MAX_DP_EPOCHS}]",
+    )
     _check(0 <= k.label_weight <= 1, "distill.label_weight", k.label_weight, "in [0, 1]")
     _check(
         len(k.cnn_channels) >= 1 and all(c >= 1 for c in k.cnn_channels),

@@ -14,6 +14,7 @@ private labels. Choosing private transfer data either trains the student with it
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -449,6 +450,9 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
     else:
         spec = {"kind": "regressor", "kwargs": {**teacher_tm.spec["kwargs"], "hidden_sizes": list(k.regressor_hidden)}}
         y, criterion, task = t_out.astype(np.float32), None, "regression"
+    fit_cfg = k.fit
+    if ds.task == "classification" and transfer.synthetic_rows:  # augmented images: (1 + copies per row)x more rows
+        fit_cfg = dataclasses.replace(k.fit, epochs=k.augmented_epochs)
     torch.manual_seed(seed)
     student = models.build(spec)
     dp = cfg.dp if (cfg.dp.enabled and k.student_dp and "train" in transfer.splits) else None
@@ -460,7 +464,7 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
             x_val=None,
             y_val=None,
             task=task,
-            fit_cfg=k.fit,
+            fit_cfg=fit_cfg,
             dp=dp,
             device=torch.device("cpu"),
             seed=seed,
@@ -468,7 +472,7 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
             desc=f"distill {name}",
         )
     except TrainingDivergedError as exc:
-        raise diverged(exc, "distill.fit", k.fit) from None
+        raise diverged(exc, "distill.fit", fit_cfg) from None
     student.eval()
     x_test = ds.x["test"]
     t_test, s_test = training.predict(teacher, x_test), training.predict(student, x_test)
