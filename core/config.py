@@ -163,12 +163,12 @@ class DistillConfig:
     temperature: float = 4.0  # softening temperature T of the distillation loss (scaled by T^2), > 0
     label_weight: float = 0.0  # weight of the hard-label loss in [0, 1]; private labels void DP inheritance
     student_dp: bool = False  # with private transfer data under DP: train the student with its own DP-SGD
-    augment_per_row: int = 0  # images under DP: teacher-labelled augmented copies of each public image, >= 0
+    augment_per_row: int = 10  # images under DP: teacher-labelled augmented copies of each public image, >= 0
     augment_shift: float = 1.0  # max translation of those copies in pixels (sub-pixel, bilinear), >= 0
     augment_rotation: float = 10.0  # max rotation of those copies in degrees, [0, 180]
     augment_scale: float = 0.1  # max relative zoom of those copies (scale in [1 - s, 1 + s]), [0, 0.5]
     augment_noise: float = 0.1  # std of Gaussian pixel noise on those copies (standardised units), >= 0
-    mixup_per_row: int = 0  # images under DP: teacher-labelled mixups of two public images per public image, >= 0
+    mixup_per_row: int = 10  # images under DP: teacher-labelled mixups of two public images per public image, >= 0
     mixup_alpha: float = 0.4  # mixing weight λ ~ Beta(α, α) of those mixups, > 0
     augmented_epochs: int = 60  # distill.fit.epochs for a transfer set with those images (it is larger), >= 1
     fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=150, batch_size=64, lr=3e-3, augment_shift=1))

@@ -28,6 +28,9 @@ EXPLAIN = [
 DISTILL = [
     "distill.fit.epochs=2",
     "distill.synthetic_per_row=2",
+    "distill.augment_per_row=2",
+    "distill.mixup_per_row=1",
+    "distill.augmented_epochs=2",
     "distill.cnn_channels=[2]",
     "distill.regressor_hidden=[2]",
 ]

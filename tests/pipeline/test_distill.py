@@ -19,6 +19,7 @@ TINY = [
     "distill.cnn_channels=[2]",
     "distill.regressor_hidden=[4]",
     "distill.synthetic_per_row=5",
+    "distill.augmented_epochs=5",
 ]
 
 
