@@ -43,7 +43,7 @@ class FitConfig:
     weight_decay: float = 0.0  # L2 penalty, >= 0
     max_grad_norm: float = 1.0  # DP only: per-sample gradient clipping norm C, > 0
     augment_shift: int = 0  # images only: random translation by up to this many pixels per sample and step, >= 0
-    ema_decay: float = 0.0  # release an EMA of the iterates (warm-up min(d, (1+t)/(10+t))) instead of the last, [0, 1)
+    ema_decay: float = 0.0  # release the EMA of the iterates (DP: post-processing, no extra ε); 0 = off, [0, 1)
 
 
 @dataclass(frozen=True)

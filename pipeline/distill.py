@@ -7,8 +7,9 @@
 
 Privacy rule: a student inherits its teacher's (ε, δ) only by post-processing, i.e. when its
 training touches nothing private except the DP teacher's outputs. Under DP the default transfer
-set is therefore the split declared public (plus, for tables, synthetic jitter of it) with no
-private labels. Choosing private transfer data either trains the student with its own DP-SGD
+set is therefore the split declared public (plus, for tables, synthetic jitter of it; for images,
+teacher-labelled augmentations and mixups of public images, ``distill.augment_*`` / ``mixup_*``)
+with no private labels. Choosing private transfer data either trains the student with its own DP-SGD
 (budgets add) or leaves it with no DP guarantee; the record says which.
 """
 

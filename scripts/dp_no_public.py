@@ -10,6 +10,8 @@ model's front-end is a fixed Gabor filter bank computed from its spec alone (no 
 
 Prints, per architecture and ε: the settings, ε spent (the accountant's figure), and the
 validation and test accuracy (mean and spread over ``--repeats`` seeds of the DP noise).
+``--ema-decays 0 0.95`` adds a row per decay of ``cnn.dp_fit.ema_decay`` (the released weights are the
+EMA of the DP iterates: post-processing, same ε); choose a decay by the validation column only.
 
 How the ``scatter`` settings were chosen (honest account): 20 trainings (configuration x ε) of the front-end
 (pooling 2 or 4, wavelengths, kernel size, orientations, per-image GroupNorm groups) and of the
