@@ -41,8 +41,15 @@ def check_unwrapped(state_dict) -> None:
         )
 
 
-def _client(context: Context) -> tuple[Task, int, AppSettings]:
-    task, settings = task_for(context.run_config, run_id=context.run_id)  # built once per process
+def _client(context: Context, msg: Message | None = None) -> tuple[Task, int, AppSettings]:
+    # The model a message is for (issue 12: one run trains every model in turn): its config's "model" key.
+    model = None
+    if msg is not None and "config" in msg.content.config_records and "model" in msg.content["config"]:
+        model = str(msg.content["config"]["model"])
+    listed = str(context.run_config.get("app.model", "cnn"))
+    if model is None and "," in listed:
+        raise ConfigError(f"this run trains {listed!r} but the message names no model (its config has no 'model' key)")
+    task, settings = task_for(context.run_config, run_id=context.run_id, model=model)  # built once per process
     cfg = task.cfg
     partition_id = int(context.node_config["partition-id"])
     n_partitions = int(context.node_config.get("num-partitions", cfg.federated.n_clients))
@@ -58,7 +65,7 @@ def _client(context: Context) -> tuple[Task, int, AppSettings]:
 @app.query("schema")  # per-site mode: the server's question before training (federated/site.py)
 def schema(msg: Message, context: Context) -> Message:
     """Report this site's schema and training moments (never a row or a label)."""
-    task, pid, _ = _client(context)
+    task, pid, _ = _client(context, msg)
     return site.schema_reply(msg, context, task.cfg, model=task.name, partition_id=pid)
 
 
@@ -66,7 +73,7 @@ def schema(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's partition; reply with weights, size and ε."""
     t0 = time.perf_counter()
-    task, pid, settings = _client(context)
+    task, pid, settings = _client(context, msg)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     if settings.fail_partition == pid and settings.fail_round in (0, server_round):
@@ -155,7 +162,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's share of the validation split."""
-    task, pid, settings = _client(context)
+    task, pid, settings = _client(context, msg)
     if settings.sites:
         return site.evaluate_reply(msg, context, task, partition_id=pid)
     rows = task.partition("val")[pid]

@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -79,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls", action="store_true", help="encrypt every connection with generated demo certificates")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (needs --tls)")
+    p.add_argument(
+        "--isolation",
+        choices=["process", "subprocess"],
+        default="process",
+        help="process: one long-lived ClientApp process per site (default); subprocess: Flower's, one per message",
+    )
     return p
 
 
@@ -92,10 +99,13 @@ def deploy(
     auth: bool = False,
     app_settings: dict | None = None,
     sites: SiteFiles | None = None,
+    isolation: str = "process",
 ) -> dict:
     """Run one federated training of ``model`` on a loopback deployment; return the server's record.
 
     ``app_settings`` are extra ``app.*`` run-config settings (tests: fault injection).
+    ``isolation="process"`` (default) runs one long-lived ClientApp process per SuperNode
+    (:mod:`federated.clientapp_worker`); ``"subprocess"`` is Flower's default, a fresh process per message.
 
     Raises
     ------
@@ -135,6 +145,8 @@ def deploy(
         root_certificates=str(creds.ca_cert.resolve()) if creds else None,
     )
     env = launcher.flower_env(flwr_home)
+    # federated.fast_poll and federated.clientapp_worker run as `python -m` from any working directory
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(launcher.REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     security = (
         [
             "--ssl-ca-certfile",
@@ -175,19 +187,29 @@ def deploy(
             node_security = ["--root-certificates", str(creds.ca_cert)] if creds else ["--insecure"]
             if auth:
                 node_security += ["--auth-supernode-private-key", str(_register(procs, work, i))]
-            procs.start(
+            runtime_port = launcher.free_port()
+            # The Runtime API is a loopback port any local user could poll for this site's tasks: a per-site
+            # shared secret (Flower's SuperExec auth) restricts AcquireTask to our ClientApp process.
+            secret = _superexec_secret(work, i) if isolation == "process" else None
+            node = procs.start(
                 f"supernode-{i}",
                 [
-                    launcher.bin_path("flower-supernode"),
+                    # flower-supernode with its 3 s message polling shortened (federated/fast_poll.py, issue 12)
+                    *[sys.executable, "-m", "federated.fast_poll", "supernode"],
                     *node_security,
                     "--superlink",
                     f"127.0.0.1:{port}",
+                    "--isolation",
+                    isolation,
                     "--port",
-                    str(launcher.free_port()),
+                    str(runtime_port),
+                    *(["--superexec-auth-secret-file", str(secret)] if secret else []),
                     "--node-config",
                     node_configs[i],
                 ],
             )
+            if isolation == "process":  # --- issue 12 finding 3: one long-lived ClientApp process per site
+                _start_clientapp_worker(procs, i, runtime_port=runtime_port, supernode_pid=node.pid, secret=secret)
         run = procs.start(
             "flwr-run",
             [
@@ -208,7 +230,7 @@ def deploy(
                 )
             for name, proc in list(procs.procs.items()):
                 if (
-                    name.startswith("supernode-")
+                    name.startswith(("supernode-", "clientapp-"))
                     and proc.poll() is not None
                     and name not in {e["name"] for e in node_exits}
                 ):
@@ -273,6 +295,42 @@ class SiteFiles:
         return out
 
 
+def _superexec_secret(work: Path, i: int) -> Path:
+    """A fresh random shared secret for site ``i``'s SuperNode and ClientApp process (owner-only file)."""
+    path = (work / "certs" / f"superexec-{i}.secret").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(os.urandom(32))
+    return path
+
+
+def _start_clientapp_worker(
+    procs: launcher.Processes, i: int, *, runtime_port: int, supernode_pid: int, secret: Path | None
+) -> None:
+    """Start site ``i``'s long-lived ClientApp process (:mod:`federated.clientapp_worker`) next to its SuperNode.
+
+    It talks to the SuperNode's Runtime API on loopback only (plain HTTP, as Flower's own
+    SuperExec does in subprocess isolation) and exits with the SuperNode (``--parent-pid``).
+    """
+    import sys
+
+    procs.start(
+        f"clientapp-{i}",
+        [
+            sys.executable,
+            "-m",
+            "federated.clientapp_worker",
+            "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}",
+            "--insecure",
+            "--parent-pid",
+            str(supernode_pid),
+            *(["--superexec-auth-secret-file", str(secret)] if secret else []),
+        ],
+    )
+
+
 def _register(procs: launcher.Processes, work: Path, i: int) -> Path:
     """Create SuperNode ``i``'s key pair and register its public key with the SuperLink; return the private key."""
     import subprocess
@@ -312,7 +370,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, [*args.overrides, *forced])
         work = Path(args.work_dir or f"runs/deploy-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}")
         record = deploy(
-            cfg, model=model, work=work, n_supernodes=args.n_supernodes, tls=args.tls, auth=args.auth, sites=sites
+            cfg,
+            model=model,
+            work=work,
+            n_supernodes=args.n_supernodes,
+            tls=args.tls,
+            auth=args.auth,
+            sites=sites,
+            isolation=args.isolation,
         )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

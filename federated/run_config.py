@@ -36,8 +36,8 @@ PYPROJECT = "pyproject.toml"
 
 # App-level settings: defaults of `flwr run .` without overrides. One comment each (units, range).
 APP_DEFAULTS: dict[str, Scalar] = {
-    "app.model": "cnn",  # which pipeline model this run trains: "regressor" or "cnn"
-    "app.work-dir": "",  # folder with data/, spec.json, checkpoints, result; "" = prepare data from the config in a temp folder
+    "app.model": "cnn",  # which pipeline model(s) this run trains, in turn: "regressor", "cnn" or "regressor,cnn"
+    "app.work-dir": "",  # folder with data/, spec/, checkpoints, result; "" = prepare data from the config in a temp folder
     "app.seed": -1,  # model seed (weights init, partition, client seeds); -1 = derive it from `seed` as the train stage does
     "app.client-evaluate": False,  # also send the global model to clients for evaluation on their validation shard
     "app.node-wait-s": 120.0,  # seconds the server waits for federated.n_clients SuperNodes to connect
@@ -61,6 +61,11 @@ class AppSettings:
     sites: bool
     fail_partition: int
     fail_round: int
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models this run trains, in order (``app.model`` is one name or a comma-separated list)."""
+        return tuple(m.strip() for m in self.model.split(",") if m.strip())
 
 
 # Config sections no Flower app reads: they never travel in the run-config (a new section travels by default).
@@ -168,9 +173,11 @@ def _app_settings(app: Mapping[str, Any]) -> AppSettings:
             raise ConfigError(f"run-config key {key!r} must be {hint.__name__}; got {value!r}")
         values[f.name] = value
     settings = AppSettings(**values)
-    if settings.model not in MODELS:
+    bad = [m for m in settings.models if m not in MODELS]
+    if bad or not settings.models or len(set(settings.models)) != len(settings.models):
         raise ConfigError(
-            f"run-config key 'app.model' = {settings.model!r} is not valid; choose one of: {', '.join(MODELS)}"
+            f"run-config key 'app.model' = {settings.model!r} is not valid; choose one of {', '.join(MODELS)} "
+            "or a comma-separated list of them (each once)"
         )
     return settings
 

@@ -154,7 +154,17 @@ class SecAggFedAvg(LegacyFedAvg):
     :meth:`aggregate_fit` returns that average and records each client's metrics.
     """
 
-    def __init__(self, *, n_clients: int, min_clients: int, round_offset: int, keys: list[str], evaluate_fn, **kw):
+    def __init__(
+        self,
+        *,
+        n_clients: int,
+        min_clients: int,
+        round_offset: int,
+        keys: list[str],
+        evaluate_fn,
+        model: str = "",
+        **kw,
+    ):
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,  # client-side evaluation replies are not legacy records
@@ -162,7 +172,11 @@ class SecAggFedAvg(LegacyFedAvg):
             min_available_clients=n_clients,
             min_evaluate_clients=0,
             evaluate_fn=evaluate_fn,
-            on_fit_config_fn=lambda r: {"server-round": r + round_offset, "param-keys": json.dumps(list(keys))},
+            on_fit_config_fn=lambda r: {
+                "server-round": r + round_offset,
+                "param-keys": json.dumps(list(keys)),
+                **({"model": model} if model else {}),  # which model of the run (issue 12: one run, every model)
+            },
             accept_failures=True,
             **kw,
         )
@@ -213,7 +227,7 @@ def _short(reason: str, limit: int = 300) -> str:
 
 
 def build_secagg_strategy(
-    *, n_clients: int, min_clients: int, round_offset: int, initial_arrays: ArrayRecord
+    *, n_clients: int, min_clients: int, round_offset: int, initial_arrays: ArrayRecord, model: str = ""
 ) -> SecAggFedAvg:
     """The legacy FedAvg that :func:`run_secagg` drives, starting from ``initial_arrays``."""
     keys = list(initial_arrays.keys())
@@ -223,6 +237,7 @@ def build_secagg_strategy(
         round_offset=round_offset,
         keys=keys,
         evaluate_fn=None,
+        model=model,
         initial_parameters=ndarrays_to_parameters([initial_arrays[k].numpy() for k in keys]),
     )
 

@@ -1,6 +1,7 @@
 """The Flower ServerApp: run the configured strategy, evaluate, checkpoint and record every round.
 
-It trains one pipeline model (``app.model``) for ``federated.rounds`` rounds, evaluating
+It trains each pipeline model of ``app.model`` in turn (one name, or e.g. ``regressor,cnn``: one
+federation for both, so start-up is paid once) for ``federated.rounds`` rounds, evaluating
 the global model on the validation and test splits after each round. After every round
 it rewrites one checkpoint (global weights, strategy state, the record so far), so a
 crashed run resumes from its last completed round. At the end it writes the final
@@ -9,6 +10,7 @@ global weights (safetensors) and the JSON record the train stage reads back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -25,7 +27,7 @@ from core import models, privacy, seeds, training, user_privacy
 from core.artifacts import atomic_write, json_bytes, state_dict_bytes
 from core.errors import UserError
 from core.teacher import public_pretrain
-from federated import checkpoint, secagg, site, user_dp, workdir
+from federated import checkpoint, fast_poll, secagg, site, user_dp, workdir
 from federated.partition import label_histograms
 from federated.run_config import AppSettings, from_run_config
 from federated.strategies import Recording, RecordingFedAdam, build_strategy
@@ -44,19 +46,24 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls; failures are written down for the train stage, then re-raised."""
     error_path = None
     try:
-        cfg, settings = from_run_config(context.run_config)
-        task = load_task(cfg, settings, run_id=context.run_id)
-        error_path = workdir.result_paths(task.work_dir, task.name)[2]
-        error_path.unlink(missing_ok=True)
-        if settings.sites:  # --- per-site data (federated/site.py): agree on schema and scaling; no row comes here
-            _wait_for_nodes(grid, cfg.federated.n_clients, settings.node_wait_s)
-            task = site.agree(grid, task, timeout=settings.round_timeout_s)
-        run_server(grid, task, settings, run_config=dict(context.run_config))
+        cfg, all_settings = from_run_config(context.run_config)
+        grid = fast_poll.wrap_grid(grid)  # deployments: poll every 0.1 s, not Flower's 3 s (federated/fast_poll.py)
+        # One federation trains every model of app.model in turn (issue 12: start-up paid once); each message
+        # names its model, each model has its own checkpoint, client ledgers, result and error file.
+        for name in all_settings.models:
+            settings = dataclasses.replace(all_settings, model=name)
+            task = load_task(cfg, settings, run_id=context.run_id)
+            error_path = workdir.result_paths(task.work_dir, task.name)[2]
+            error_path.unlink(missing_ok=True)
+            if settings.sites:  # --- per-site data (federated/site.py): agree on schema and scaling; no row comes here
+                _wait_for_nodes(grid, cfg.federated.n_clients, settings.node_wait_s)
+                task = site.agree(grid, task, timeout=settings.round_timeout_s)
+            run_server(grid, task, settings, run_config=dict(context.run_config))
+            log.info("federated training of %s done; record in %s", name, workdir.result_paths(task.work_dir, name)[1])
     except BaseException as exc:
         if error_path is None and context.run_config.get("app.work-dir"):  # failed before the task was known
-            error_path = workdir.result_paths(
-                Path(str(context.run_config["app.work-dir"])), str(context.run_config.get("app.model", "cnn"))
-            )[2]
+            first = str(context.run_config.get("app.model", "cnn")).split(",")[0].strip()
+            error_path = workdir.result_paths(Path(str(context.run_config["app.work-dir"])), first)[2]
         if error_path is not None:
             message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             atomic_write(
@@ -71,9 +78,6 @@ def main(grid: Grid, context: Context) -> None:
                 ),
             )
         raise
-    log.info(
-        "federated training of %s done; record in %s", task.name, workdir.result_paths(task.work_dir, task.name)[1]
-    )
 
 
 def _initial_weights(task: Task) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any] | None]:
@@ -233,7 +237,11 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         secagg_params = secagg.SecAggParams.from_config(f.secagg, max_weight=secagg.max_weight_of(partition_sizes))
         record["secure_aggregation"] = secagg.secagg_record(secagg_params, n_clients=f.n_clients)
         strategy = secagg.build_secagg_strategy(
-            n_clients=f.n_clients, min_clients=f.min_clients, round_offset=done, initial_arrays=arrays
+            n_clients=f.n_clients,
+            min_clients=f.min_clients,
+            round_offset=done,
+            initial_arrays=arrays,
+            model=task.name,
         )
     elif user_plan is not None:
         strategy = user_dp.build_user_dp_strategy(
@@ -295,6 +303,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
             num_rounds=f.rounds - done,
             timeout=settings.round_timeout_s,
             train_config=ConfigRecord({"model": task.name, **site.message_config(task)}),
+            evaluate_config=ConfigRecord({"model": task.name, **site.message_config(task)}),
             evaluate_fn=evaluate_fn,
         )
     if user_plan is not None:

@@ -48,6 +48,8 @@ def train_federated(
 ):
     """Train pipeline model ``name`` with ``federated.n_clients`` simulated Flower clients.
 
+    One model in its own federation; :func:`train_federated_models` trains several in one.
+
     Parameters
     ----------
     cfg : resolved configuration (``cfg.federated``, ``cfg.dp`` and the model's fit settings are used).
@@ -69,41 +71,114 @@ def train_federated(
     FederatedRunError
         If the Flower run fails (the server's error or the log's tail is in the message).
     """
+    return train_federated_models(
+        cfg,
+        datasets={name: dataset},
+        specs={name: spec},
+        seeds={name: seed},
+        runtime=runtime,
+        app_settings={"seed": seed, **dict(app_settings or {})},
+    )[name]
+
+
+def train_federated_models(
+    cfg: Config,
+    *,
+    datasets: Mapping[str, Dataset],
+    specs: Mapping[str, Mapping[str, Any]],
+    seeds: Mapping[str, int],
+    runtime: Runtime | None = None,
+    app_settings: Mapping[str, Any] | None = None,
+) -> dict[str, TrainedModel]:
+    """Train several pipeline models in ONE federation: one SuperLink, one ``flwr run``, one Ray start.
+
+    The ServerApp trains the models in the order of ``datasets`` (``app.model="regressor,cnn"``);
+    every message names its model, and each model keeps its own checkpoint, client ledgers,
+    result and record in the work folder. The Flower start-up (~10-13 s to a ready server here)
+    is paid once instead of once per model.
+
+    Parameters
+    ----------
+    datasets : model name -> its prepared dataset.
+    specs, seeds : model name -> model spec, model seed. Several models share one ``app.seed``
+        only through the train stage's derivation (``core.seeds.model_seed(cfg.seed, name)``):
+        other seeds need ``app_settings["seed"]`` and one model.
+
+    Returns
+    -------
+    dict of model name -> core.teacher.TrainedModel.
+
+    Raises
+    ------
+    DataError, PrivacyBudgetError
+        Before any process starts, for impossible settings.
+    FederatedRunError
+        If the Flower run fails (the server's error or the log's tail is in the message).
+    """
+    from core import seeds as core_seeds
+
     runtime = runtime or Runtime()
+    names = list(datasets)
+    settings = dict(app_settings or {})
+    if "seed" not in settings:
+        derived = {n: core_seeds.model_seed(cfg.seed, n) for n in names}
+        if any(seeds[n] != derived[n] for n in names):
+            raise ValueError(
+                "several models in one federation derive their seeds from cfg.seed (core.seeds.model_seed); "
+                f"got {dict(seeds)}, expected {derived}"
+            )
+        settings["seed"] = -1
+    elif len(names) > 1:
+        raise ValueError("app.seed sets one seed: train one model per federation to give it")
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix=f"flwr-{name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="flwr-") as tmp:
         work = Path(tmp)
-        task = Task(
-            cfg=cfg,
-            name=name,
-            dataset=dataset,
-            spec=spec,
-            fit_cfg=fit_config(cfg, name),
-            model_seed=seed,
-            work_dir=work,
+        mirrors = []
+        for name in names:
+            task = Task(
+                cfg=cfg,
+                name=name,
+                dataset=datasets[name],
+                spec=specs[name],
+                fit_cfg=fit_config(cfg, name),
+                model_seed=seeds[name],
+                work_dir=work,
+            )
+            _preflight(task)  # fail here, in one line, before any process starts
+            workdir.write_inputs(work, name=name, dataset=datasets[name], spec=specs[name])
+            mirrors.append(_CheckpointMirror(work, name, runtime, n_clients=cfg.federated.n_clients))
+            mirrors[-1].restore()
+        run_config = to_run_config(cfg, model=",".join(names), work_dir=str(work), **settings)
+
+        def sync() -> None:
+            for mirror in mirrors:
+                mirror.sync()
+
+        run_flower(work, run_config, n_supernodes=cfg.federated.n_clients, on_poll=sync)
+        sync()
+        results = {name: workdir.read_result(work, name) for name in names}
+    out = {}
+    for name in names:
+        state_dict, record = results[name]
+        record = dict(record)
+        first = record.get("first_round_started_unix")
+        record.update(
+            {
+                # Of the whole federation (every model of it), from this call to the end.
+                "seconds": time.time() - t0,
+                "federation_models": names,
+                # From this call to this launch's first round of this model (None: no round ran, e.g. resuming a
+                # finished run); the later models of one federation wait for the earlier ones' rounds.
+                "startup_seconds": first - t0 if first is not None else None,
+                "device": cfg.train.device,
+                "flwr_version": _flwr_version(),
+                "fixed_front_end": models.front_end_record(specs[name]),
+            }
         )
-        _preflight(task)  # fail here, in one line, before any process starts
-        workdir.write_inputs(work, name=name, dataset=dataset, spec=spec)
-        mirror = _CheckpointMirror(work, name, runtime, n_clients=cfg.federated.n_clients)
-        mirror.restore()
-        run_config = to_run_config(cfg, model=name, work_dir=str(work), seed=seed, **dict(app_settings or {}))
-        run_flower(work, run_config, n_supernodes=cfg.federated.n_clients, on_poll=mirror.sync)
-        mirror.sync()
-        state_dict, record = workdir.read_result(work, name)
-    record = dict(record)
-    record.update(
-        {
-            "seconds": time.time() - t0,
-            # From this call to this launch's first round (None: no round ran, e.g. resuming a finished run).
-            "startup_seconds": first - t0 if (first := record.get("first_round_started_unix")) is not None else None,
-            "device": cfg.train.device,
-            "flwr_version": _flwr_version(),
-            "fixed_front_end": models.front_end_record(spec),
-        }
-    )
-    model = models.build(spec)
-    model.load_state_dict(state_dict)  # checks the weights fit the spec
-    return TrainedModel(spec=spec, state_dict=state_dict, training=record)
+        model = models.build(specs[name])
+        model.load_state_dict(state_dict)  # checks the weights fit the spec
+        out[name] = TrainedModel(spec=specs[name], state_dict=state_dict, training=record)
+    return out
 
 
 def _preflight(task: Task) -> None:
@@ -209,7 +284,8 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
             if on_poll is not None:
                 on_poll()
             time.sleep(0.25)
-        _raise_if_failed(work, model, procs)
+        for name in str(model).split(","):
+            _raise_if_failed(work, name.strip(), procs)
 
 
 def _raise_if_failed(work: Path, model: str, procs: launcher.Processes) -> None:

@@ -1,7 +1,7 @@
 """What the ServerApp and every ClientApp agree on: config, data, model spec, partition, seeds.
 
 The train stage hands the prepared data over as files in a work folder
-(``data/<key>.npz|json`` written with :func:`core.data.dump`, ``spec.json``).
+(``data/<key>.npz|json`` written with :func:`core.data.dump`, ``spec/<model>.json``).
 A bare ``flwr run .`` has no work folder: then each process prepares the data from
 the config itself (the data stage is deterministic given its seed) and the outputs go
 to a temporary folder named after the Flower run.
@@ -24,6 +24,7 @@ from core import data as core_data
 from core import models, seeds
 from core.config import Config, FitConfig
 from core.data import Dataset
+from core.errors import ConfigError
 from core.teacher import fit_config, model_specs
 from federated import workdir
 from federated.partition import partition
@@ -130,7 +131,7 @@ def load_task(cfg: Config, settings: AppSettings, *, run_id: int) -> Task:
         dataset, spec = None, {}
     elif (work_dir / "data" / f"{key}.npz").is_file():
         dataset = workdir.read_dataset(work_dir, key)
-        spec = json.loads((work_dir / "spec.json").read_text())
+        spec = json.loads(workdir.spec_path(work_dir, name).read_text())
     else:
         datasets = core_data.prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))
         dataset, spec = datasets[key], model_specs(cfg, datasets)[name]
@@ -170,14 +171,21 @@ def _cache_key(run_config: Mapping[str, Any], run_id: int) -> str:
     return key
 
 
-def task_for(run_config: Mapping[str, Any], *, run_id: int) -> tuple[Task, AppSettings]:
+def task_for(run_config: Mapping[str, Any], *, run_id: int, model: str | None = None) -> tuple[Task, AppSettings]:
     """The task and app settings of a Flower run-config, built once per process (see ``TASK_CACHE_SIZE``).
+
+    ``model`` picks one model of a run that trains several (``app.model="regressor,cnn"``): the
+    one a message names; it must be one of the run's models.
 
     Raises
     ------
     ConfigError
         For an invalid run-config (never cached).
     """
+    if model is not None:
+        if model not in [m.strip() for m in str(run_config.get("app.model", "cnn")).split(",")]:
+            raise ConfigError(f"the message asks for model {model!r}, which this run (app.model) does not train")
+        run_config = {**run_config, "app.model": model}
     key = _cache_key(run_config, run_id)
     if key in _TASKS:
         _TASKS.move_to_end(key)

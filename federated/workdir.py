@@ -3,7 +3,7 @@
 ::
 
     <work>/data/<dataset>.npz|json     the prepared dataset (core.data.dump format)   [launcher -> apps]
-    <work>/spec.json                   the model spec                                 [launcher -> apps]
+    <work>/spec/<model>.json           the model's spec                               [launcher -> apps]
     <work>/run_config.toml             the Flower run-config                          [launcher -> flwr run]
     <work>/server/<model>.checkpoint.safetensors   the server's checkpoint (resume)   [ServerApp]
     <work>/clients/<model>/client-<i>.json         client i's privacy ledger          [ClientApp]
@@ -35,7 +35,12 @@ def write_inputs(work_dir: Path, *, name: str, dataset: Dataset, spec: Mapping[s
     """Write what the Flower run reads: the dataset (core.data.dump format) and the model spec."""
     for rel, payload in core_data.dump({models.model_entry(name).dataset: dataset}).items():
         atomic_write(work_dir / rel, payload)
-    atomic_write(work_dir / "spec.json", json.dumps(dict(spec), sort_keys=True).encode())
+    atomic_write(spec_path(work_dir, name), json.dumps(dict(spec), sort_keys=True).encode())
+
+
+def spec_path(work_dir: Path, model: str) -> Path:
+    """Where the model spec of ``model`` lies (one per model: one run may train several)."""
+    return work_dir / "spec" / f"{model}.json"
 
 
 def read_dataset(work_dir: Path, key: str) -> Dataset:

@@ -68,17 +68,31 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
     trained: dict[str, TrainedModel] = {}
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     if cfg.train.mode == "federated":
-        from federated.simulation import train_federated  # lazily: Flower and Ray take seconds to import
+        # lazily: Flower and Ray take seconds to import
+        from federated.simulation import train_federated, train_federated_models
 
-        for name, entry in models.MODELS.items():
-            trained[name] = train_federated(
-                cfg,
-                name=name,
-                dataset=datasets[entry.dataset],
-                spec=specs[name],
-                seed=seeds.derive_seed(seed, name),
-                runtime=runtime,
+        model_seeds = {name: seeds.derive_seed(seed, name) for name in models.MODELS}
+        if seed == seeds.stage_seed(cfg.seed, "train"):  # the runner's seed: the apps derive the same ones
+            # One federation trains every model in turn: Flower's start-up (SuperLink, Ray) is paid once.
+            trained.update(
+                train_federated_models(
+                    cfg,
+                    datasets={name: datasets[entry.dataset] for name, entry in models.MODELS.items()},
+                    specs={name: specs[name] for name in models.MODELS},
+                    seeds=model_seeds,
+                    runtime=runtime,
+                )
             )
+        else:  # another stage seed: it travels as app.seed, one model per federation
+            for name, entry in models.MODELS.items():
+                trained[name] = train_federated(
+                    cfg,
+                    name=name,
+                    dataset=datasets[entry.dataset],
+                    spec=specs[name],
+                    seed=model_seeds[name],
+                    runtime=runtime,
+                )
         return TrainOutput(models=trained, ridge=baseline)
     if cfg.dp.enabled:
         preflight(cfg, datasets)

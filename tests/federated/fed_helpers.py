@@ -36,11 +36,11 @@ def digits_datasets():
 
 
 def prepare_work_dir(work: Path, cfg, datasets, *, name: str = "cnn", seed: int = 3, **app) -> dict:
-    """Write the inputs a Flower run reads; return its run-config."""
+    """Write the inputs a Flower run reads; return its run-config (``model=`` overrides ``app.model``)."""
     key = {"cnn": "images", "regressor": "tabular"}[name]
     spec = model_specs(cfg, datasets)[name]
     write_inputs(work, name=name, dataset=datasets[key], spec=spec)
-    return to_run_config(cfg, model=name, work_dir=str(work), seed=seed, **{"node_wait_s": 2.0, **app})
+    return to_run_config(cfg, work_dir=str(work), seed=seed, **{"model": name, "node_wait_s": 2.0, **app})
 
 
 def client_context(run_config: dict, partition_id: int, n_partitions: int) -> Context:

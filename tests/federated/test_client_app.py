@@ -208,3 +208,19 @@ def test_config_and_data_are_built_once_per_process_for_the_same_run(tmp_path, d
     assert task_mod.task_for(dict(rc), run_id=7)[0] is first
     assert task_mod.task_for(rc, run_id=8)[0] is not first  # another run
     assert task_mod.task_for({**rc, "federated.rounds": 4}, run_id=7)[0].cfg.federated.rounds == 4
+
+
+def test_in_a_multi_model_run_a_message_must_name_one_of_its_models(tmp_path, digits_data):
+    from core.errors import ConfigError
+
+    cfg = make_cfg()
+    prepare_work_dir(tmp_path, cfg, digits_data, name="regressor")
+    rc = prepare_work_dir(tmp_path, cfg, digits_data, name="cnn", model="regressor,cnn")
+    weights = _initial(cfg, digits_data)
+    with pytest.raises(ConfigError, match="names no model"):
+        train(_message(weights, 1), client_context(rc, 0, 2))
+    rc_one = {**rc, "app.model": "cnn"}
+    with pytest.raises(ConfigError, match="does not train"):
+        train(_message(weights, 1, model="regressor"), client_context(rc_one, 0, 2))
+    reply = train(_message(weights, 1, model="cnn"), client_context(rc, 0, 2))
+    assert reply.content["metrics"]["num-examples"] > 0

@@ -59,6 +59,7 @@ def test_pipeline_trains_both_models_federated_with_per_round_per_client_epsilon
         assert training["privacy"]["epsilon"] == max(s[-1] for s in eps.values())
         assert sum(training["partition"]["sizes"]) == training["n_train"]
         assert ("label_histograms" in training["partition"]) == (name == "cnn")
+        assert training["federation_models"] == ["regressor", "cnn"]  # one federation trained both (issue 12)
     # The server checkpoints and client ledgers reached the run directory (what a resume restores).
     assert "checkpoints/federated/server/cnn.checkpoint.safetensors" in manifest["artifacts"]
     assert "checkpoints/federated/clients/cnn/client-1.json" in manifest["artifacts"]

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_context
 
 from core import models
@@ -37,7 +38,7 @@ def test_a_private_run_records_rounds_clients_and_epsilon(tmp_path, digits_data)
     assert privacy["epsilon"] == max(s[-1] for s in record["client_epsilon"].values())
     assert set(privacy["per_client"]) == {"0", "1"} and privacy["accountant"] == "rdp"
     assert all(p["noise_multiplier"] > 0 for p in privacy["per_client"].values())
-    model = models.build(json.loads((tmp_path / "spec.json").read_text()))
+    model = models.build(json.loads(workdir.spec_path(tmp_path, "cnn").read_text()))
     model.load_state_dict(weights)  # plain keys, the spec's shapes
 
 
@@ -116,3 +117,39 @@ def test_missing_supernodes_fail_with_the_fix_named(tmp_path, digits_data):
 
     with pytest.raises(NodesMissingError, match="federated.n_clients=2"):
         _run(tmp_path, digits_data, n_nodes=1, node_wait_s=0.5)
+
+
+def _both(work, cfg, digits_data):
+    prepare_work_dir(work, cfg, digits_data, name="regressor")
+    rc = prepare_work_dir(work, cfg, digits_data, name="cnn", model="regressor,cnn")
+    grid = InProcessGrid(rc, 2)
+    main(grid, server_context(rc))
+    return grid
+
+
+def test_one_federation_trains_every_model_in_turn_as_separate_runs_would(tmp_path, digits_data):
+    """Issue 12: app.model="regressor,cnn" trains both in one run, and the CNN comes out bit for bit
+    as from a CNN-only run with the same seed."""
+    cfg = make_cfg("federated.rounds=2")
+    grid = _both(tmp_path / "both", cfg, digits_data)
+    assert grid.sent_rounds == [1, 1, 2, 2, 1, 1, 2, 2]  # the regressor's two rounds, then the CNN's
+    rc_alone = prepare_work_dir(tmp_path / "alone", cfg, digits_data, name="cnn")
+    main(InProcessGrid(rc_alone, 2), server_context(rc_alone))
+    (w_both, r_both), (w_alone, r_alone) = read_result(tmp_path / "both", "cnn"), read_result(tmp_path / "alone", "cnn")
+    assert set(w_both) == set(w_alone) and all(torch.equal(w_both[k], w_alone[k]) for k in w_both)
+    assert [h["test_accuracy"] for h in r_both["history"]] == [h["test_accuracy"] for h in r_alone["history"]]
+    _, r_reg = read_result(tmp_path / "both", "regressor")
+    assert r_reg["completed_rounds"] == 2 and {"val_r2", "test_r2"} <= set(r_reg["history"][-1])
+
+
+def test_in_one_federation_each_model_keeps_its_own_checkpoint_and_ledgers(tmp_path, digits_data):
+    cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp", "federated.rounds=2")
+    _both(tmp_path, cfg, digits_data)
+    for name in ("regressor", "cnn"):
+        _, record = read_result(tmp_path, name)
+        assert record["completed_rounds"] == 2 and record["failures"] == []
+        assert checkpoint.load(workdir.checkpoint_path(tmp_path, name)).record["completed_rounds"] == 2
+        for pid in range(2):  # each model's ε is accounted in its own ledger, over its own rounds only
+            assert client_state.load_rounds(workdir.ledger_path(tmp_path, name, pid)) == [1, 2]
+            series = record["client_epsilon"][str(pid)]
+            assert len(series) == 2 and 0 < series[0] < series[1] <= cfg.dp.target_epsilon

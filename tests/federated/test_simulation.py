@@ -31,3 +31,20 @@ def test_a_budget_the_clients_cannot_keep_is_refused_up_front(digits_data, no_pr
     cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp", "dp.noise_multiplier=0.3", "federated.rounds=10")
     with pytest.raises(PrivacyBudgetError, match="dp.target_epsilon"):
         _train(cfg, digits_data)
+
+
+def test_one_federation_for_several_models_refuses_seeds_the_apps_cannot_derive(digits_data, no_processes):
+    from core import seeds
+    from federated.simulation import train_federated_models
+
+    cfg = make_cfg()
+    specs = model_specs(cfg, digits_data)
+    kwargs = dict(
+        datasets={"regressor": digits_data["tabular"], "cnn": digits_data["images"]},
+        specs=specs,
+    )
+    with pytest.raises(ValueError, match="derive their seeds"):
+        train_federated_models(cfg, seeds={"regressor": 1, "cnn": 2}, **kwargs)
+    derived = {n: seeds.model_seed(cfg.seed, n) for n in ("regressor", "cnn")}
+    with pytest.raises(DataError, match=r"cnn\.fit\.batch_size=600"):  # every model is checked before any start
+        train_federated_models(make_cfg("cnn.fit.batch_size=600"), seeds=derived, **kwargs)
