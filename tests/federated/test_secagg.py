@@ -177,7 +177,7 @@ def test_the_server_sees_only_the_average_and_it_is_fedavgs(tmp_path, digits_dat
         for u in rnd["uploads"]:
             assert max(float(np.max(np.abs(g - w))) for g, w in zip(rnd["aggregate"], u["weights"])) > 100 * bound
     # the released model is the last average
-    keys = list(models.build(json.loads(workdir.spec_path(tmp_path, "cnn").read_text())).state_dict())
+    keys = list(models.build(json.loads(workdir.spec_path(tmp_path, name).read_text())).state_dict())
     for k, g in zip(keys, spy.rounds[-1]["aggregate"], strict=True):
         np.testing.assert_allclose(weights[k].numpy(), g, atol=1e-6, err_msg=k)
     assert all(c["secagg-clipped"] == 0 for r in record["client_rounds"] for c in r["trained"])
