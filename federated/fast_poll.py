@@ -4,16 +4,14 @@ A deployment round is one message to every SuperNode and one reply back. Flower 
 SuperNode sleeps 3 s whenever it finds no message (``flwr.supernode.start_client_internal``,
 plus 0.5 s sleeps while it waits for the ClientApp's reply), and the ServerApp's gRPC/HTTP
 grid sleeps 3 s between reply pulls (``flwr.superlink.grid.http_grid``): measured here, ~6 s
-of every deployment round was these sleeps, with 0.05-1 s of training; pulling a message's
-objects retries after 1 s (doubling to 10 s) when the header arrives before them. None of
-these is a setting in 1.42, so:
+of every deployment round was these sleeps, with 0.05-1 s of training. Neither interval
+is a setting in 1.42, so:
 
 - :class:`FastPollGrid` wraps the ServerApp's grid and implements ``send_and_receive`` with
   the public ``push_messages`` / ``pull_messages`` calls and a ``POLL_S`` interval;
 - ``python -m federated.fast_poll supernode <flower-supernode args>`` runs ``flower-supernode``
-  with the sleeps of its message loop capped at ``POLL_S`` and a short object-pull backoff
-  (``PULL_BACKOFF_S``; the ServerApp's grid module gets the same). This patches names in
-  Flower's modules (``time``, ``pull_objects``) and is applied only to the Flower versions it was checked against
+  with the sleeps of its message loop capped at ``POLL_S``. This patches a module of Flower's
+  (its ``time`` name) and is applied only to the Flower versions it was checked against
   (``CHECKED_FLWR``); on any other version the SuperNode runs unpatched and says so.
 
 Cost: each SuperNode asks the SuperLink for messages every ``POLL_S`` s instead of every 3 s
@@ -22,7 +20,6 @@ when idle (``POLL_S = 0.1``: 10 small requests per second per site).
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import time
@@ -30,7 +27,6 @@ from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1  # seconds between polls (both sides)
-PULL_BACKOFF_S = (0.05, 0.5)  # first retry and cap (s) while a message's objects are not there yet (Flower: 1, 10)
 CHECKED_FLWR = ("1.42.",)  # Flower versions whose SuperNode message loop was read for the patch
 
 
@@ -59,37 +55,10 @@ class FastPollGrid:
 
 
 def wrap_grid(grid: Any) -> Any:
-    """:class:`FastPollGrid` around a deployment's grid (Flower's HTTP grid); any other grid as it is.
-
-    Also shortens the grid module's object-pull backoff (:func:`_short_pull_backoff`).
-    """
+    """:class:`FastPollGrid` around a deployment's grid (Flower's HTTP grid); any other grid as it is."""
     if type(grid).__module__ == "flwr.superlink.grid.http_grid" and hasattr(grid, "pull_messages"):
-        import flwr.superlink.grid.http_grid as http_grid
-
-        _short_pull_backoff(http_grid)
         return FastPollGrid(grid)
     return grid
-
-
-def _short_pull_backoff(module: Any) -> bool:
-    """Make ``module.pull_objects`` (Flower's) retry after 0.05 s, doubling up to 0.5 s, instead of 1 s up to 10 s.
-
-    A message's header can be pulled before its objects are all pushed; the retry then waited
-    1 s (measured: ~1 s of every round on the SuperNode side). Applied once, to checked versions only.
-    """
-    from importlib import metadata
-
-    from flwr.supercore.inflatable import inflatable_utils
-
-    if (
-        not metadata.version("flwr").startswith(CHECKED_FLWR)
-        or module.pull_objects is not inflatable_utils.pull_objects
-    ):
-        return False
-    module.pull_objects = functools.partial(
-        inflatable_utils.pull_objects, initial_backoff=PULL_BACKOFF_S[0], backoff_cap=PULL_BACKOFF_S[1]
-    )
-    return True
 
 
 class _CappedSleep:
@@ -118,7 +87,6 @@ def patch_supernode(cap_s: float = POLL_S) -> bool:
         )
         return False
     loop.time = _CappedSleep(cap_s)
-    _short_pull_backoff(loop)
     return True
 
 
