@@ -99,7 +99,7 @@ class DPConfig:
     reproducible_noise: bool = (
         False  # seed DP sampling and noise from the run seed: DP then holds only while it is secret
     )
-    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = (
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost", "bk"] = (
         "ghost"  # Opacus clipping engine; ghost = norms without per-sample gradients (fastest CNN: bench_dp_engines)
     )
     public_pretrain_epochs: int = (

@@ -267,6 +267,8 @@ def make_private(
     grad_sample_mode : Opacus' per-sample gradient engine. With ``"ghost"`` (ghost clipping), the
         training loss must be computed with the returned ``criterion`` (a wrap of ``criterion``,
         which must accept ``reduction="none"``): its ``backward`` runs the two passes that clip.
+        ``"bk"`` is book-keeping clipping (:mod:`core.bk`): one backward pass, Opacus' noise and
+        accounting; the loss must be the batch mean, as for ``"hooks"``.
     criterion : the training loss (ghost mode only; default cross-entropy).
 
     Raises
@@ -291,17 +293,30 @@ def make_private(
     engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})
     loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=sampling_generator)
     ghost = {"criterion": criterion or nn.CrossEntropyLoss()} if grad_sample_mode == "ghost" else {}
-    wrapped = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=False,  # the loader above already samples (Poisson) with our generator
-        noise_generator=noise_generator,
-        grad_sample_mode=grad_sample_mode,
-        **ghost,
-    )
+    if grad_sample_mode == "bk":  # --- book-keeping clipping (core/bk.py): one backward, Opacus' noise ---
+        from core import bk
+
+        wrapped = bk.make_private(
+            engine,
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            noise_generator=noise_generator,
+        )
+    else:
+        wrapped = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            poisson_sampling=False,  # the loader above already samples (Poisson) with our generator
+            noise_generator=noise_generator,
+            grad_sample_mode=grad_sample_mode,
+            **ghost,
+        )
     priv_model, priv_opt, *priv_criterion, priv_loader = wrapped  # ghost mode also returns the criterion
     # Floating-point-safe noise (Opacus' _generate_noise: sum of 4 Gaussians / 2, after Holohan et al.):
     # in DPOptimizer ``secure_mode`` selects only this noise recipe; the engine keeps secure_mode=False,

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from core import models, privacy, seeds, training  # noqa: E402
 from core.config import DPConfig  # noqa: E402
 
-ENGINES = ("hooks", "ew", "functorch", "ghost")
+ENGINES = ("hooks", "ew", "functorch", "ghost", "bk")
 log = logging.getLogger("bench_dp_engines")
 
 

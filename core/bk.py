@@ -1,0 +1,329 @@
+"""Book-keeping (BK) clipping: DP-SGD with one forward and one backward pass (``dp.grad_sample_mode="bk"``).
+
+Bu et al. 2023, "Differentially private optimization on large model at small cost". Ghost
+clipping (Opacus' ``grad_sample_mode="ghost"``) gets the per-sample gradient norms from
+the layers' activations ``A`` and output gradients ``B`` without materialising per-sample
+gradients, but then runs a *second* backward pass on the loss re-weighted by the clipping
+coefficients. BK keeps ``A`` and ``B`` ("book-keeping") and assembles the clipped gradient
+sum from them directly:
+
+- ``nn.Linear``: ``Σ_i c_i B_iᵀ A_i`` (one matmul on ``B`` scaled by ``c``); bias ``Σ_i c_i Σ_t B_i[t]``;
+- ``nn.Conv2d``: the convolution weight gradient of ``A`` with ``B`` scaled by ``c``
+  (``torch.nn.grad.conv2d_weight``), or, where the per-sample gradients were materialised
+  for the norm anyway (the cheaper path when ``T² ≥ d·p``, :func:`core.ghost_conv.use_ghost`),
+  ``Σ_i c_i G_i`` of those ("mixed" BK);
+
+with ``c_i = min(1, C / (‖g_i‖ + 1e-6))`` exactly as Opacus' ``DPOptimizer.clip_and_accumulate``.
+During the forward pass the trainable weights are switched to ``requires_grad=False`` (the
+first supported layer's input is made a gradient leaf instead), so autograd computes only the
+activation gradients the hooks need and not the discarded, unclipped weight gradients.
+
+Noise, the division by the expected batch size, the accountant's step and Poisson sampling are
+Opacus' own: :class:`BKOptimizer` subclasses ``DPOptimizer`` and only replaces where the clipped
+sum ``p.summed_grad`` comes from.
+
+Supported trainable layers: ``nn.Linear`` and ``nn.Conv2d`` (zero padding). Layers without
+trainable parameters pass through; any other layer with trainable parameters is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from opacus.grad_sample.linear import compute_linear_norm_sample
+from opacus.optimizers.optimizer import DPOptimizer
+from opacus.utils.tensor_utils import unfold2d
+from torch import nn
+
+from core import ghost_conv
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+
+def check_supported(model: nn.Module) -> list[nn.Module]:
+    """The layers BK clips (every module with own trainable parameters); refuse anything else.
+
+    Raises
+    ------
+    ValueError
+        Naming every module with trainable parameters that is not an ``nn.Linear`` or a
+        zero-padded ``nn.Conv2d``.
+    """
+    layers, bad = [], []
+    for name, m in model.named_modules():
+        if not _trainable(m):
+            continue
+        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or m.padding == "same"):
+            bad.append(f"{name or '<root>'} (Conv2d with padding={m.padding!r}, padding_mode={m.padding_mode!r})")
+        elif isinstance(m, SUPPORTED):
+            layers.append(m)
+        else:
+            bad.append(f"{name or '<root>'} ({type(m).__name__})")
+    if bad:
+        raise ValueError(
+            "dp.grad_sample_mode='bk' supports trainable nn.Linear and zero-padded nn.Conv2d layers only; "
+            f"unsupported trainable layers: {', '.join(bad)}. Freeze them, or use dp.grad_sample_mode='hooks'"
+        )
+    if not layers:
+        raise ValueError("dp.grad_sample_mode='bk': the model has no trainable parameters")
+    return layers
+
+
+class BKModule(nn.Module):
+    """Wraps a model; records each supported layer's input ``A`` and output gradient ``B`` for one step.
+
+    The wrapped model is ``self._module`` (as Opacus' GradSampleModule, so state-dict keys carry
+    the same ``_module.`` prefix and :func:`core.privacy.unwrap` works).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._module = module
+        self._layers = check_supported(module)
+        self._params = [p for m in self._layers for p in _trainable(m)]
+        self._acts: dict[nn.Module, torch.Tensor] = {}
+        self._grads: dict[nn.Module, torch.Tensor] = {}
+        self._handles = []
+        for m in self._layers:
+            self._handles.append(m.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(m.register_forward_hook(self._fwd_hook))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self._module(*args, **kwargs)
+        if self._grads:
+            raise RuntimeError(
+                "dp.grad_sample_mode='bk': a second forward/backward before optimizer.step(); gradient "
+                "accumulation is not supported (call optimizer.zero_grad() and step once per batch)"
+            )
+        self._acts.clear()
+        # Autograd then computes activation gradients only; BK assembles the weight gradients itself.
+        for p in self._params:
+            p.requires_grad_(False)
+        try:
+            return self._module(*args, **kwargs)
+        finally:
+            for p in self._params:
+                p.requires_grad_(True)
+
+    def _pre_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Optional[tuple[torch.Tensor, ...]]:
+        if not torch.is_grad_enabled() or inputs[0].requires_grad:
+            return None
+        # The first clipped layer: its output needs a gradient, and its weights no longer give it one.
+        return (inputs[0].detach().requires_grad_(True), *inputs[1:])
+
+    def _fwd_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        if layer in self._acts:
+            raise RuntimeError(
+                f"dp.grad_sample_mode='bk': layer {type(layer).__name__} ran twice in one forward pass "
+                "(shared weights); use dp.grad_sample_mode='hooks'"
+            )
+        self._acts[layer] = inputs[0].detach()
+        output.register_hook(lambda g, layer=layer: self._store_grad(layer, g))
+
+    def _store_grad(self, layer: nn.Module, grad: torch.Tensor) -> None:
+        if layer in self._grads:
+            raise RuntimeError(
+                "dp.grad_sample_mode='bk': backward ran twice through the same graph before optimizer.step(); "
+                "gradient accumulation is not supported"
+            )
+        self._grads[layer] = grad.detach()
+
+    def clear(self) -> None:
+        """Forget the recorded activations and gradients."""
+        self._acts.clear()
+        self._grads.clear()
+
+    def has_batch(self) -> bool:
+        """True when a backward pass has recorded gradients not yet consumed by a step."""
+        return bool(self._grads)
+
+    def clipped_sums(self, max_grad_norm: float) -> dict[nn.Parameter, torch.Tensor]:
+        """``Σ_i c_i g_i`` per trainable parameter, ``c_i = min(1, C / (‖g_i‖ + 1e-6))`` (Opacus' factor).
+
+        The recorded gradients are those of the batch-mean loss (Opacus' ``loss_reduction="mean"``):
+        they are multiplied by the batch length to give per-sample gradients, as Opacus' hooks do.
+        """
+        missing = [type(m).__name__ for m in self._layers if m in self._acts and m not in self._grads]
+        if missing or len(self._grads) != len(self._layers):
+            raise RuntimeError(
+                "dp.grad_sample_mode='bk': not every trainable layer received a gradient in the last backward "
+                f"pass ({len(self._grads)} of {len(self._layers)}); every trainable layer must be used in the loss"
+            )
+        per_layer = []  # (layer, A, B scaled, {param: norm}, {param: per-sample grads} or None)
+        for m in self._layers:
+            a, b = self._acts[m], self._grads[m]
+            b = b * a.shape[0]  # mean loss → per-sample gradients
+            if isinstance(m, nn.Conv2d):
+                norms, materialised = _conv_norms(m, a, b)
+            else:
+                norms, materialised = compute_linear_norm_sample(m, [a], b), None
+            per_layer.append((m, a, b, norms, materialised))
+        norms_all = [n for *_, norms, _ in per_layer for n in norms.values()]
+        sample_norms = torch.stack(norms_all, dim=1).norm(2, dim=1)  # (B,)
+        c = (max_grad_norm / (sample_norms + 1e-6)).clamp(max=1.0)  # (B,)
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        for m, a, b, _, materialised in per_layer:
+            out.update(_clipped_layer_sum(m, a, b, c, materialised))
+        self.clear()
+        return out
+
+    def _close(self) -> None:
+        """Remove the hooks (the plain module is ``self._module`` again)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+
+def _conv_norms(
+    layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor
+) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor | None]:
+    """Per-sample norms of a Conv2d's parameters; also the materialised weight gradients (B, p, d) when the
+    materialising path is the cheaper one (they then give the clipped sum for free)."""
+    n = a.shape[0]
+    if n == 0 or layer.groups != 1 or not layer.weight.requires_grad:
+        return ghost_conv.conv2d_norm_sample(layer, [a], b), None
+    bb = b.reshape(n, layer.out_channels, -1)  # (B, p, T)
+    if ghost_conv.use_ghost(layer, bb.shape[-1]):
+        return ghost_conv.conv2d_norm_sample(layer, [a], b), None
+    au = unfold2d(
+        a.to(b.dtype),
+        kernel_size=layer.kernel_size,
+        padding=layer.padding,
+        stride=layer.stride,
+        dilation=layer.dilation,
+    )  # (B, d, T)
+    g = torch.bmm(bb, au.transpose(1, 2))  # (B, p, d): per-sample weight gradients
+    norms = {layer.weight: g.reshape(n, -1).norm(2, dim=1)}
+    if layer.bias is not None and layer.bias.requires_grad:
+        norms[layer.bias] = bb.sum(dim=2).norm(2, dim=1)
+    return norms, g
+
+
+def _clipped_layer_sum(
+    layer: nn.Module, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, materialised: torch.Tensor | None
+) -> dict[nn.Parameter, torch.Tensor]:
+    """``Σ_i c_i g_i`` for each trainable parameter of one layer from its ``A``, per-sample ``B`` and ``c``."""
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    w, bias = layer.weight, layer.bias
+    c = c.to(b.dtype)
+    if isinstance(layer, nn.Conv2d):
+        cb = b * c[:, None, None, None]  # (B, p, H_out, W_out)
+        if w.requires_grad:
+            if materialised is not None:
+                out[w] = torch.einsum("n,npd->pd", c, materialised).reshape(w.shape)
+            else:
+                padding = (0, 0) if layer.padding == "valid" else layer.padding
+                out[w] = torch.nn.grad.conv2d_weight(
+                    a.to(b.dtype), w.shape, cb, layer.stride, padding, layer.dilation, layer.groups
+                )
+        if bias is not None and bias.requires_grad:
+            out[bias] = cb.sum(dim=(0, 2, 3))
+    else:  # nn.Linear: A (B, ..., d), B (B, ..., p)
+        cb = b * c.reshape(-1, *([1] * (b.dim() - 1)))
+        if w.requires_grad:
+            out[w] = cb.reshape(-1, b.shape[-1]).T @ a.to(b.dtype).reshape(-1, a.shape[-1])
+        if bias is not None and bias.requires_grad:
+            out[bias] = cb.reshape(-1, b.shape[-1]).sum(dim=0)
+    return {p: g.to(p.dtype) for p, g in out.items()}
+
+
+class BKOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer whose clipped sum comes from a :class:`BKModule` instead of ``p.grad_sample``.
+
+    Noise (``add_noise``), the mean-reduction scaling (``scale_grad``, by ``expected_batch_size``),
+    the skip-step logic and the accountant's step hook are inherited unchanged.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, module: BKModule, **kwargs: Any) -> None:
+        super().__init__(optimizer, **kwargs)
+        self._bk = module
+        managed = set(module._params)
+        stray = [p for p in self.params if p not in managed]
+        if stray:
+            raise ValueError(
+                f"dp.grad_sample_mode='bk': {len(stray)} optimized parameter(s) are not in a clipped layer of the model"
+            )
+
+    @property
+    def accumulated_iterations(self) -> int:
+        return 1  # BK refuses gradient accumulation (BKModule raises on a second backward)
+
+    def clip_and_accumulate(self) -> None:
+        if self._bk.has_batch():
+            sums = self._bk.clipped_sums(self.max_grad_norm)
+        elif all(getattr(p, "grad_sample", None) is not None and len(p.grad_sample) == 0 for p in self.params):
+            sums = {}  # an empty Poisson batch (core.privacy.noise_only_step): the clipped sum is zero
+        else:
+            raise RuntimeError("dp.grad_sample_mode='bk': optimizer.step() without a backward pass since the last step")
+        for p in self.params:
+            grad = sums[p] if p in sums else torch.zeros_like(p)
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+
+    def pre_step(self, closure: Optional[Callable[[], float]] = None) -> bool:
+        # DPOptimizer.pre_step, without its look at p.grad_sample (BK keeps none)
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        self._bk.clear()
+
+
+def make_private(
+    engine: Any,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: Any,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    noise_generator: torch.Generator,
+) -> tuple[BKModule, BKOptimizer, Any]:
+    """The BK counterpart of ``PrivacyEngine.make_private`` (flat clipping, mean loss, no Poisson re-wrap).
+
+    ``data_loader`` must already Poisson-sample (a ``DPDataLoader``). Sample rate and expected batch
+    size are computed as Opacus does (``1 / len(loader)``, ``int(len(dataset) * sample_rate)``) and the
+    engine's accountant is attached to the optimizer's step, as in ``PrivacyEngine.make_private``.
+    """
+    params = {id(p) for p in module.parameters()}
+    if any(id(p) not in params for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError("Module parameters are different than optimizer Parameters")
+    engine.validate(module=module, optimizer=None, data_loader=None)  # Opacus' checks (BatchNorm, ...)
+    wrapped = BKModule(module)
+    sample_rate = 1 / len(data_loader)
+    expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+    dp_opt = BKOptimizer(
+        optimizer,
+        module=wrapped,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=noise_generator,
+        secure_mode=False,
+    )
+    dp_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return wrapped, dp_opt, data_loader
+
+
+__all__ = ["BKModule", "BKOptimizer", "check_supported", "make_private"]

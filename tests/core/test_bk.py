@@ -1,0 +1,170 @@
+"""Book-keeping clipping (grad_sample_mode="bk") against Opacus' per-sample engine ("hooks").
+
+The per-sample engine materialises every per-sample gradient and clips them in Opacus'
+DPOptimizer; it is the independent reference for the clipped sum, the noised step and ε.
+"""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from core import bk, ghost_conv, models, privacy, seeds, training
+from core.config import DPConfig, FitConfig
+
+DP = DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=1e3, delta=1e-5, accountant="rdp")
+CLIP = 0.5
+
+
+def _cnn(shape=(1, 8, 8), channels=(8, 16)):
+    torch.manual_seed(0)
+    return models.build_cnn(input_shape=shape, n_classes=10, channels=channels, hidden=16)
+
+
+def _regressor():
+    torch.manual_seed(0)
+    return models.build_regressor(n_features=5, hidden_sizes=(8, 4))
+
+
+def _data(kind, n=24):
+    g = torch.Generator().manual_seed(1)
+    if kind == "cnn":
+        return (
+            _cnn(),
+            torch.randn(n, 1, 8, 8, generator=g),
+            torch.randint(0, 10, (n,), generator=g),
+            nn.CrossEntropyLoss(),
+        )
+    x = torch.randn(n, 5, generator=g)
+    return _regressor(), x, (x @ torch.arange(5.0)).unsqueeze(1), nn.MSELoss()
+
+
+def _reference_clipped_sum(model, x, y, loss):
+    """Σ_i c_i g_i from Opacus' own per-sample engine and DPOptimizer.clip_and_accumulate."""
+    gsm = GradSampleModule(copy.deepcopy(model))
+    opt = DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=CLIP, expected_batch_size=len(x)
+    )
+    loss(gsm(x), y).backward()
+    opt.clip_and_accumulate()
+    return [p.summed_grad for p in gsm._module.parameters()]
+
+
+def _bk_clipped_sum(model, x, y, loss):
+    wrapped = bk.BKModule(copy.deepcopy(model))
+    loss(wrapped(x), y).backward()
+    assert all(p.grad is None for p in wrapped.parameters())  # autograd computed no (unclipped) weight grads
+    sums = wrapped.clipped_sums(CLIP)
+    return [sums[p] for p in wrapped._module.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["cnn", "regressor"])
+@pytest.mark.parametrize("conv_path", ["ghost", "materialise", "mixed"])
+def test_clipped_sum_matches_per_sample_engine(monkeypatch, kind, conv_path):
+    if conv_path != "mixed":  # force one Conv2d path (the weight sum then comes from conv2d_weight or from G)
+        monkeypatch.setattr(ghost_conv, "use_ghost", lambda layer, t: conv_path == "ghost")
+    model, x, y, loss = _data(kind)
+    ref, got = _reference_clipped_sum(model, x, y, loss), _bk_clipped_sum(model, x, y, loss)
+    assert len(ref) == len(got) == (8 if kind == "cnn" else 6)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    # the check must bite: some samples are clipped, so the clipped sum differs from the plain one
+    plain = copy.deepcopy(model)
+    loss(plain(x), y).backward()
+    unclipped = [p.grad * len(x) for p in plain.parameters()]
+    assert max(float((u - r).abs().max()) for u, r in zip(unclipped, ref)) > 1e-2
+
+
+def test_strided_dilated_conv_matches():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 5, 3, stride=2, padding=2, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(125, 3)
+    )
+    x, y = torch.randn(6, 2, 9, 9), torch.randint(0, 3, (6,))
+    for r, g in zip(
+        _reference_clipped_sum(model, x, y, nn.CrossEntropyLoss()), _bk_clipped_sum(model, x, y, nn.CrossEntropyLoss())
+    ):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def _private_steps(model, engine, x, y, *, steps, loss, empty_at=None):
+    """``steps`` DP-SGD steps on the fixed batch (lr 0.05, SGD); returns per-step parameters and ε."""
+    ds = torch.utils.data.TensorDataset(torch.zeros(240, *x.shape[1:]), torch.zeros(240, *y.shape[1:]))
+    the_plan = privacy.plan(DP, n_samples=len(ds), batch_size=len(x), max_grad_norm=CLIP, epochs=1)
+    run = privacy.make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        ds,
+        plan=the_plan,
+        sampling_generator=seeds.make_generator("cpu", 7),
+        noise_generator=seeds.make_generator("cpu", 7),  # the same noise for both engines
+        grad_sample_mode=engine,
+    )
+    params = []
+    for step in range(steps):
+        if step == empty_at:
+            privacy.noise_only_step(run.model, run.optimizer)
+        else:
+            run.optimizer.zero_grad(set_to_none=True)
+            loss(run.model(x), y).backward()
+            run.optimizer.step()
+        params.append([p.detach().clone() for p in privacy.unwrap(run.model).parameters()])
+    eps, history = run.epsilon(), run.history()
+    run.close()
+    return params, eps, history
+
+
+@pytest.mark.parametrize("kind", ["cnn", "regressor"])
+def test_full_dp_steps_and_accounting_match_hooks(kind):
+    model, x, y, loss = _data(kind)
+    ref, eps_ref, hist_ref = _private_steps(copy.deepcopy(model), "hooks", x, y, steps=3, loss=loss, empty_at=1)
+    got, eps_got, hist_got = _private_steps(copy.deepcopy(model), "bk", x, y, steps=3, loss=loss, empty_at=1)
+    for step_ref, step_got in zip(ref, got):
+        for r, g in zip(step_ref, step_got):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert hist_got == hist_ref and sum(n for *_, n in hist_ref) == 3  # the empty batch's step is counted
+    assert eps_got == eps_ref and eps_ref > 0
+    # the empty step moved the weights (noise only), and by noise of the expected size σC/expected batch
+    moved = torch.cat([(b - a).flatten() for a, b in zip(got[0], got[1])])
+    expected_std = 0.05 * DP.noise_multiplier * CLIP / len(x)
+    assert 0.5 * expected_std < float(moved.std()) < 2 * expected_std
+
+
+def test_refuses_unsupported_trainable_layer():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(ValueError, match=r"unsupported trainable layers: 1 \(GroupNorm\)"):
+        bk.BKModule(model)
+    # a frozen (or parameter-free) GroupNorm passes through
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    assert len(bk.BKModule(model)._layers) == 2
+
+
+def test_fit_with_bk_matches_hooks(rng):
+    x = rng.normal(size=(64, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=64)
+    fit_cfg = FitConfig(epochs=2, batch_size=16, lr=0.05, max_grad_norm=1.0)
+    out = {}
+    for engine in ("hooks", "bk"):
+        model = _cnn(channels=(4,))
+        out[engine] = training.fit(
+            model,
+            x_train=x,
+            y_train=y,
+            x_val=x[:16],
+            y_val=y[:16],
+            task="classification",
+            fit_cfg=fit_cfg,
+            dp=dataclasses.replace(DP, grad_sample_mode=engine, reproducible_noise=True),
+            device=torch.device("cpu"),
+            seed=0,
+        )
+    for k, w in out["hooks"].state_dict.items():
+        torch.testing.assert_close(out["bk"].state_dict[k], w, rtol=1e-4, atol=1e-5)
+    assert out["bk"].privacy["epsilon"] == out["hooks"].privacy["epsilon"]
+    assert all(p.requires_grad for p in model.parameters()) and not hasattr(model, "_module")
