@@ -14,9 +14,10 @@ sum from them directly:
   ``Σ_i c_i G_i`` of those ("mixed" BK);
 
 with ``c_i = min(1, C / (‖g_i‖ + 1e-6))`` exactly as Opacus' ``DPOptimizer.clip_and_accumulate``.
-During the forward pass the trainable weights are switched to ``requires_grad=False`` (the
-first supported layer's input is made a gradient leaf instead), so autograd computes only the
-activation gradients the hooks need and not the discarded, unclipped weight gradients.
+During the forward pass the trainable weights are switched to ``requires_grad=False`` (except
+those of a layer whose input needs no gradient, so that its output still gets one), so autograd
+computes only the activation gradients the hooks need and not the discarded, unclipped weight
+gradients.
 
 Noise, the division by the expected batch size, the accountant's step and Poisson sampling are
 Opacus' own: :class:`BKOptimizer` subclasses ``DPOptimizer`` and only replaces where the clipped
@@ -33,7 +34,6 @@ from typing import Any, Callable, Optional
 import torch
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from opacus.optimizers.optimizer import DPOptimizer
-from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 from core import ghost_conv
@@ -85,7 +85,8 @@ class BKModule(nn.Module):
         super().__init__()
         self._module = module
         self._layers = check_supported(module)
-        self._params = [p for m in self._layers for p in _trainable(m)]
+        self._own = {m: _trainable(m) for m in self._layers}
+        self._params = [p for m in self._layers for p in self._own[m]]
         self._acts: dict[nn.Module, torch.Tensor] = {}
         self._grads: dict[nn.Module, torch.Tensor] = {}
         self._handles = []
@@ -111,11 +112,13 @@ class BKModule(nn.Module):
             for p in self._params:
                 p.requires_grad_(True)
 
-    def _pre_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Optional[tuple[torch.Tensor, ...]]:
-        if not torch.is_grad_enabled() or inputs[0].requires_grad:
-            return None
-        # The first clipped layer: its output needs a gradient, and its weights no longer give it one.
-        return (inputs[0].detach().requires_grad_(True), *inputs[1:])
+    def _pre_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if torch.is_grad_enabled() and not inputs[0].requires_grad:
+            # The first clipped layer: its output needs a gradient. Its own weights give it one (autograd
+            # then computes this layer's unclipped weight gradient, which is discarded: for a first layer
+            # with few input channels it costs less than the input gradient would).
+            for p in self._own[layer]:
+                p.requires_grad_(True)
 
     def _fwd_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not (torch.is_grad_enabled() and output.requires_grad):
@@ -194,18 +197,39 @@ def _conv_norms(
     bb = b.reshape(n, layer.out_channels, -1)  # (B, p, T)
     if ghost_conv.use_ghost(layer, bb.shape[-1]):
         return ghost_conv.conv2d_norm_sample(layer, [a], b), None
-    au = unfold2d(
-        a.to(b.dtype),
-        kernel_size=layer.kernel_size,
-        padding=layer.padding,
-        stride=layer.stride,
-        dilation=layer.dilation,
-    )  # (B, d, T)
-    g = torch.bmm(bb, au.transpose(1, 2))  # (B, p, d): per-sample weight gradients
+    g = _per_sample_conv_grads(layer, a.to(b.dtype), b)  # (B, p, d)
     norms = {layer.weight: g.reshape(n, -1).norm(2, dim=1)}
     if layer.bias is not None and layer.bias.requires_grad:
         norms[layer.bias] = bb.sum(dim=2).norm(2, dim=1)
     return norms, g
+
+
+# Per-sample convolution weight gradients are computed this many samples at a time, as one grouped
+# convolution-weight gradient (one group per sample): measured ~2x faster on this machine's CPU than
+# unfold + bmm over the whole batch, whose im2col copy does not stay in cache.
+_PER_SAMPLE_BLOCK = 64
+
+
+def _per_sample_conv_grads(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients (B, p, d) of a ``groups=1`` Conv2d from its input and output gradient."""
+    n, c_in = a.shape[:2]
+    p = layer.out_channels
+    padding = (0, 0) if layer.padding == "valid" else layer.padding
+    out = []
+    for s in range(0, n, _PER_SAMPLE_BLOCK):
+        ab, bb = a[s : s + _PER_SAMPLE_BLOCK], b[s : s + _PER_SAMPLE_BLOCK]
+        m = ab.shape[0]
+        g = torch.nn.grad.conv2d_weight(
+            ab.reshape(1, m * c_in, *ab.shape[2:]),
+            (m * p, c_in, *layer.kernel_size),
+            bb.reshape(1, m * p, *bb.shape[2:]),
+            layer.stride,
+            padding,
+            layer.dilation,
+            groups=m,
+        )  # (m·p, C_in, kh, kw)
+        out.append(g.reshape(m, p, -1))
+    return torch.cat(out)
 
 
 def _clipped_layer_sum(
