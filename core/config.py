@@ -100,7 +100,7 @@ class DPConfig:
         False  # seed DP sampling and noise from the run seed: DP then holds only while it is secret
     )
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost", "bk"] = (
-        "ghost"  # Opacus clipping engine; ghost = norms without per-sample gradients (fastest CNN: bench_dp_engines)
+        "bk"  # clipping engine; bk = book-keeping, one backward pass (core/bk.py; fastest: bench_dp_engines)
     )
     public_pretrain_epochs: int = (
         60  # epochs of non-private pretraining on the public split before DP-SGD (0 = off), >= 0
