@@ -5,8 +5,8 @@
 
 Workloads: synthetic 28x28 images with the CNN [32, 64] (batch 256), and the default digits
 config (8x8, CNN [32, 64], hidden 64, tanh as under DP, batch 256). Engines: hooks, ew,
-functorch (Opacus' per-sample engines) and ghost (Opacus' fast gradient clipping with this
-project's Conv2d norm sampler, core/ghost_conv.py). Each figure is the fastest of ``--reps``
+functorch (Opacus' per-sample engines), ghost (Opacus' fast gradient clipping with this
+project's Conv2d norm sampler, core/ghost_conv.py) and bk (book-keeping clipping, core/bk.py). Each figure is the fastest of ``--reps``
 timed epochs after one warm-up epoch; data is resident on the device and batches are indexed
 there, exactly as core.training.fit does. A benchmark, not a test: it asserts nothing.
 """

@@ -7,7 +7,7 @@ Prints, in one run:
 1. the default pipeline (``python -m pipeline``, non-DP and ``dp.enabled=true``) on CUDA: wall
    time per stage from each run's manifest, or the error that stopped it;
 2. 60k synthetic 28x28 images, CNN [32, 64]: non-DP and DP samples/s and their ratio at equal
-   batch (256 and 1024), for each engine (hooks, ew, functorch, ghost), with peak GPU memory.
+   batch (256 and 1024), for each engine (hooks, ew, functorch, ghost, bk), with peak GPU memory.
 
 It asserts nothing. On a machine without CUDA it says so, skips the CUDA parts and exits 0.
 """
@@ -62,7 +62,7 @@ def pipeline_stages(overrides: list[str], *, device: str, timeout_s: int) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="batch 256 only, engines ghost and ew")
+    ap.add_argument("--quick", action="store_true", help="batch 256 only, engines ew, ghost and bk")
     ap.add_argument("--n", type=int, default=60_000, help="synthetic 28x28 images per epoch")
     ap.add_argument("--reps", type=int, default=2, help="timed epochs per figure (fastest kept)")
     ap.add_argument("--pipeline-timeout", type=int, default=240, help="seconds allowed per pipeline run")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device("cuda")
     batches = [256] if args.quick else [256, 1024]
-    engines = ["ew", "ghost"] if args.quick else list(bench_dp_engines.ENGINES)
+    engines = ["ew", "ghost", "bk"] if args.quick else list(bench_dp_engines.ENGINES)
     rows = bench_dp_engines.bench(
         "synthetic 28x28 CNN[32,64]",
         shape=(1, 28, 28),
