@@ -32,20 +32,19 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.grad
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from opacus.optimizers.optimizer import DPOptimizer
 from torch import nn
 
 from core import ghost_conv
 
-SUPPORTED = (nn.Linear, nn.Conv2d)
-
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters(recurse=False) if p.requires_grad]
 
 
-def check_supported(model: nn.Module) -> list[nn.Module]:
+def check_supported(model: nn.Module) -> list[nn.Linear | nn.Conv2d]:
     """The layers BK clips (every module with own trainable parameters); refuse anything else.
 
     Raises
@@ -54,13 +53,14 @@ def check_supported(model: nn.Module) -> list[nn.Module]:
         Naming every module with trainable parameters that is not an ``nn.Linear`` or a
         zero-padded ``nn.Conv2d``.
     """
-    layers, bad = [], []
+    layers: list[nn.Linear | nn.Conv2d] = []
+    bad: list[str] = []
     for name, m in model.named_modules():
         if not _trainable(m):
             continue
         if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or m.padding == "same"):
             bad.append(f"{name or '<root>'} (Conv2d with padding={m.padding!r}, padding_mode={m.padding_mode!r})")
-        elif isinstance(m, SUPPORTED):
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
             layers.append(m)
         else:
             bad.append(f"{name or '<root>'} ({type(m).__name__})")
@@ -85,7 +85,7 @@ class BKModule(nn.Module):
         super().__init__()
         self._module = module
         self._layers = check_supported(module)
-        self._own = {m: _trainable(m) for m in self._layers}
+        self._own: dict[nn.Module, list[nn.Parameter]] = {m: _trainable(m) for m in self._layers}
         self._params = [p for m in self._layers for p in self._own[m]]
         self._acts: dict[nn.Module, torch.Tensor] = {}
         self._grads: dict[nn.Module, torch.Tensor] = {}
@@ -148,7 +148,7 @@ class BKModule(nn.Module):
         """True when a backward pass has recorded gradients not yet consumed by a step."""
         return bool(self._grads)
 
-    def clipped_sums(self, max_grad_norm: float) -> dict[nn.Parameter, torch.Tensor]:
+    def clipped_sums(self, max_grad_norm: float) -> dict[torch.Tensor, torch.Tensor]:
         """``Σ_i c_i g_i`` per trainable parameter, ``c_i = min(1, C / (‖g_i‖ + 1e-6))`` (Opacus' factor).
 
         The recorded gradients are those of the batch-mean loss (Opacus' ``loss_reduction="mean"``):
@@ -172,7 +172,7 @@ class BKModule(nn.Module):
         norms_all = [n for *_, norms, _ in per_layer for n in norms.values()]
         sample_norms = torch.stack(norms_all, dim=1).norm(2, dim=1)  # (B,)
         c = (max_grad_norm / (sample_norms + 1e-6)).clamp(max=1.0)  # (B,)
-        out: dict[nn.Parameter, torch.Tensor] = {}
+        out: dict[torch.Tensor, torch.Tensor] = {}
         for m, a, b, _, materialised in per_layer:
             out.update(_clipped_layer_sum(m, a, b, c, materialised))
         self.clear()
@@ -188,7 +188,7 @@ class BKModule(nn.Module):
 
 def _conv_norms(
     layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor
-) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor | None]:
+) -> tuple[dict[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """Per-sample norms of a Conv2d's parameters; also the materialised weight gradients (B, p, d) when the
     materialising path is the cheaper one (they then give the clipped sum for free)."""
     n = a.shape[0]
@@ -233,10 +233,10 @@ def _per_sample_conv_grads(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -
 
 
 def _clipped_layer_sum(
-    layer: nn.Module, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, materialised: torch.Tensor | None
-) -> dict[nn.Parameter, torch.Tensor]:
+    layer: nn.Linear | nn.Conv2d, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, materialised: torch.Tensor | None
+) -> dict[torch.Tensor, torch.Tensor]:
     """``Σ_i c_i g_i`` for each trainable parameter of one layer from its ``A``, per-sample ``B`` and ``c``."""
-    out: dict[nn.Parameter, torch.Tensor] = {}
+    out: dict[torch.Tensor, torch.Tensor] = {}
     w, bias = layer.weight, layer.bias
     c = c.to(b.dtype)
     if isinstance(layer, nn.Conv2d):

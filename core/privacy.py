@@ -296,7 +296,7 @@ def make_private(
     if grad_sample_mode == "bk":  # --- book-keeping clipping (core/bk.py): one backward, Opacus' noise ---
         from core import bk
 
-        wrapped = bk.make_private(
+        wrapped: tuple[Any, ...] = bk.make_private(
             engine,
             model,
             optimizer,
