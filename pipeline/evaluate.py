@@ -281,7 +281,7 @@ def subgroup_metrics(ds: Dataset, split: str, y: np.ndarray, pred: np.ndarray, *
                     "group": label,
                     "n": int(mask.sum()),
                     "mae": float(np.mean(np.abs(yy - pp))),
-                    "mae_ci95": bootstrap_ci(lambda a, b: float(np.mean(np.abs(a - b))), yy, pp, seed=seed),
+                    "mae_ci95": bootstrap_ci(mae, yy, pp, seed=seed),  # row-wise over (c, N) resamples
                     "rmse": float(np.sqrt(np.mean((yy - pp) ** 2))),
                     "bias": float(np.mean(pp - yy)),
                 }

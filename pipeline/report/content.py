@@ -586,6 +586,14 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
             content["privacy"]["not_covered"] += not_covered
             content["privacy"]["caveats"] += student_caveats(distill_out)
     content["audit"] = audit_section(inputs.get("audit"))  # optional input: the audit stage's records
+    if content["audit"]["ran"] and content["privacy"]["enabled"]:
+        content["privacy"]["not_covered"].append(
+            "audit/* and the privacy-audit section: per-record attack scores and losses of training records "
+            "(members), and the AUCs, TPRs and ε lower bounds computed from them, are functions of the private "
+            "records themselves, not post-processing of the DP weights; the positive control is trained WITHOUT DP "
+            "on training records, and the shadow models' trainings on training records are not accounted in ε. "
+            "Keep audit/* with the data files, not with the released model."
+        )
     for name, m in content["models"].items():
         po = m.get("public_only_baseline")
         if po and po.get("available") and not po["private_data_contributed"]:

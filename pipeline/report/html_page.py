@@ -188,7 +188,7 @@ def _summary(c: Mapping[str, Any]) -> str:
         + table(["model", "parameters", "training", "headline metric [95% CI]"], rows)
         + f"<div class='{cls}'><strong>Privacy:</strong> {esc(s['privacy'])}</div>"
         + f"<div class=box><strong>Explanation quality:</strong> {esc(s['explanations'])}</div>"
-        + f"<p>{fmt(s['n_caveats'])} caveat(s) are listed in the privacy and explanation sections.</p></section>"
+        + f"<p>{fmt(s['n_caveats'])} caveat(s) are listed in the privacy, privacy-audit and explanation sections.</p></section>"
     )
 
 
@@ -496,6 +496,26 @@ def _privacy(c: Mapping[str, Any]) -> str:
             main = {k: rec.get(k) for k in key_fields if k in rec}
             rest = {k: v for k, v in rec.items() if k not in key_fields}
             parts.append(kv_table(main))
+            chk = (p.get("independent_checks") or {}).get(name)
+            if chk and chk.get("available"):
+                rows = [
+                    [
+                        esc(x["who"]),
+                        fmt(x["recorded_epsilon"]),
+                        fmt(x["pld_epsilon"]),
+                        fmt(x["rdp_epsilon"]),
+                        fmt(x["delta"], 3),
+                        "agrees" if x["agrees"] else "<strong>DISAGREES</strong>",
+                    ]
+                    for x in chk["checks"]
+                ]
+                parts.append(
+                    f"<h4>Independent check of ε ({esc(chk['checks'][0]['implementation'])}, from the recorded "
+                    f"accountant history; {esc(chk['rule'])})</h4>"
+                    + table(["history", "recorded ε", "PLD ε", "RDP ε (upper bound)", "δ", "verdict"], rows)
+                )
+            elif chk:
+                parts.append(f"<p class=warn>ε not independently checked: {esc(chk.get('reason'))}</p>")
             if "epsilon_per_client" in rec:
                 rows = [[esc(cid), fmt(e)] for cid, e in rec["epsilon_per_client"].items()]
                 parts.append("<h4>ε per client</h4>" + table(["client", "ε"], rows))

@@ -13,7 +13,68 @@ from typing import Any, Mapping
 from core.artifacts import jsonable
 from core.config import Config
 from core.models import MODELS, title
+from core.privacy_check import RELATIVE_TOLERANCE, check_epsilon
 from pipeline.report.fmt import number
+
+
+def independent_check(rec: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Recompute a DP record's ε with dp-accounting (PLD and RDP) from the accountant history it recorded.
+
+    Central records carry ``accountant_history``; federated sample-level records carry one client
+    record per client under ``per_client`` (each with its own history), and every client is checked.
+    Returns None for no record, else ``{"available": False, "reason": ...}`` when the record has no
+    history to replay, or ``{"available": True, "agrees": ..., "checks": [...]}`` with one entry per
+    history: the recorded ε, dp-accounting's PLD and RDP ε at the recorded δ, and whether the recorded
+    ε lies in [PLD·(1 − tol), RDP·(1 + tol)].
+    """
+    if not rec:
+        return None
+    sources: list[tuple[str, Mapping[str, Any]]] = []
+    if isinstance(rec.get("per_client"), Mapping) and rec["per_client"]:
+        sources = [(f"client {pid}", c) for pid, c in sorted(rec["per_client"].items()) if isinstance(c, Mapping)]
+    elif rec.get("accountant_history") is not None:
+        sources = [("model", rec)]
+    checks = []
+    for who, src in sources:
+        history, delta, eps = src.get("accountant_history"), src.get("delta", rec.get("delta")), src.get("epsilon")
+        if not history or delta is None or eps is None:
+            return {"available": False, "reason": f"{who}: the record has no accountant history, δ or ε to replay"}
+        try:
+            chk = check_epsilon(history, delta=float(delta), recorded_epsilon=float(eps)).to_dict()
+        except ValueError as exc:
+            return {"available": False, "reason": f"{who}: {exc}"}
+        checks.append({"who": who, **chk})
+    if not checks:
+        return {"available": False, "reason": "the record has no accountant history to replay"}
+    return {
+        "available": True,
+        "agrees": all(c["agrees"] for c in checks),
+        "tolerance": RELATIVE_TOLERANCE,
+        "rule": f"recorded ε within [PLD ε·(1 − {RELATIVE_TOLERANCE:g}), RDP ε·(1 + {RELATIVE_TOLERANCE:g})]",
+        "checks": checks,
+    }
+
+
+def _check_caveat(name: str, chk: Mapping[str, Any] | None) -> str | None:
+    if chk is None:
+        return None
+    if not chk["available"]:
+        return f"{title(name)}: ε was NOT independently checked ({chk['reason']})."
+    lines = [
+        f"{c['who']}: recorded ε = {number(c['recorded_epsilon'], 4)}, PLD ε = {number(c['pld_epsilon'], 4)}, "
+        f"RDP ε = {number(c['rdp_epsilon'], 4)}"
+        for c in chk["checks"]
+    ]
+    verdict = (
+        "the recorded ε lies between them (agrees)"
+        if chk["agrees"]
+        else "the recorded ε does NOT lie between them: DISAGREES, do not rely on the stated ε"
+    )
+    return (
+        f"{title(name)}: independent check of ε ({chk['checks'][0]['implementation']}, replaying the recorded "
+        f"accountant history at δ = {number(chk['checks'][0]['delta'], 3)}): " + "; ".join(lines) + f"; {verdict} "
+        f"({chk['rule']})."
+    )
 
 
 def privacy_section(
@@ -50,15 +111,27 @@ def privacy_section(
         }
     parts = []
     csprng_models: list[str] = []
+    checks = {name: independent_check(rec) for name, rec in records.items() if rec}
     for name, rec in records.items():
         if not rec:
             continue
+        if (check_line := _check_caveat(name, checks.get(name))) is not None:
+            caveats.append(check_line)
         eps, delta = rec.get("epsilon"), rec.get("delta")
         detail = [f"accountant {str(rec.get('accountant', '?')).upper()}", f"Opacus {rec.get('opacus_version', '?')}"]
         if rec.get("noise_multiplier") is not None:
             detail.insert(0, f"σ = {number(rec['noise_multiplier'], 3)}, C = {number(rec.get('max_grad_norm'), 3)}")
         if "epsilon_per_client" in rec:
             detail.insert(0, f"worst of {len(rec['epsilon_per_client'])} clients")
+        chk = checks.get(name)
+        if chk and chk["available"]:
+            c = max(chk["checks"], key=lambda c: c["recorded_epsilon"])
+            detail.append(
+                f"independently recomputed by {c['implementation']}: PLD ε = {number(c['pld_epsilon'], 4)}, "
+                f"RDP ε = {number(c['rdp_epsilon'], 4)}, {'agrees' if chk['agrees'] else 'DISAGREES'}"
+            )
+        elif chk:
+            detail.append("not independently checked")
         # Records written before noise_source existed came from seeded generators: read them as seeded.
         seeded = rec.get("noise_source", "seeded") != "os-csprng"
         only_while = " only while the seed stays secret" if seeded else ""
@@ -146,6 +219,7 @@ def privacy_section(
         "mode": mode,
         "statement": statement,
         "models": jsonable(records),
+        "independent_checks": jsonable(checks),
         "covered": covered,
         "not_covered": not_covered,
         "caveats": caveats,
