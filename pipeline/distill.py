@@ -271,6 +271,42 @@ def transfer_provenance(transfer: Transfer) -> str:
     return f"{what} + {transfer.synthetic_rows} teacher-labelled synthetic rows made from {of_it} only: {transfer.synthetic_method}"
 
 
+def tree_rows(
+    cfg: Config, ds: Dataset, transfer: Transfer, teacher_privacy: Mapping[str, Any] | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Which transfer rows the decision-tree student may be fitted on, and the guarantee that leaves it.
+
+    A tree's split thresholds are midpoints between its input values and it is fitted without
+    DP, so under DP it sees only public rows (and synthetic rows jittered from public rows),
+    labelled by the DP teacher: post-processing keeps the teacher's (ε, δ). Without DP it uses the
+    whole transfer set. Rows of :func:`transfer_set` are [the real rows of ``splits`` in order,
+    then the synthetic rows, whose source rows ``synthetic_parents`` records (-1: no parent)].
+    """
+    n = len(transfer.x)
+    if not (cfg.dp.enabled and teacher_privacy):
+        return np.ones(n, dtype=bool), {"guarantee": "none", "reason": "the teacher was trained without DP"}
+    mask = np.zeros(n, dtype=bool)
+    start = 0
+    for split in transfer.splits:
+        mask[start : start + len(ds.x[split])] = split == "public"
+        start += len(ds.x[split])
+    parents = transfer.synthetic_parents
+    if transfer.synthetic_rows:  # a synthetic row is public when every parent it was made from is a public row
+        if parents is None or len(parents) != n - start:
+            raise AssertionError(f"transfer layout mismatch: {start} real rows and {transfer.synthetic_rows} synthetic")
+        mask[start:] = np.all((parents == -1) | np.isin(parents, ds.index["public"]), axis=1)
+        start = n
+    if start != n:
+        raise AssertionError(f"transfer layout mismatch: {start} rows accounted of {n}")
+    return mask, {
+        "guarantee": "inherited",
+        "epsilon": teacher_privacy["epsilon"],
+        "delta": teacher_privacy["delta"],
+        "reason": "fitted without DP on public rows only (and synthetic rows jittered from them), labelled by the "
+        "DP teacher: post-processing keeps the teacher's (ε, δ); private transfer rows are left out",
+    }
+
+
 def privacy_status(cfg: Config, transfer: Transfer, teacher: Mapping[str, Any]) -> dict[str, Any]:
     """What DP guarantee the student carries, and why."""
     teacher_privacy = teacher.get("privacy")
@@ -524,10 +560,13 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
         )
     else:
         record.update(_regression_fidelity(ds, t_test, s_test, "student"))
-        tree = DecisionTreeRegressor(max_depth=k.tree_depth, random_state=seed).fit(transfer.x, t_out)
+        rows, tree_privacy = tree_rows(cfg, ds, transfer, teacher_tm.training.get("privacy"))
+        tree = DecisionTreeRegressor(max_depth=k.tree_depth, random_state=seed).fit(transfer.x[rows], t_out[rows])
         record["tree_student"] = {
             "max_depth": k.tree_depth,
             "leaves": int(tree.get_n_leaves()),
+            "fitted_on_rows": int(rows.sum()),
+            "privacy": tree_privacy,
             **_regression_fidelity(ds, t_test, tree.predict(x_test), "tree"),
             "rules": export_text(tree, feature_names=list(ds.feature_names), decimals=3),
         }

@@ -268,6 +268,31 @@ def student_privacy(distill_out: Any) -> tuple[list[str], list[str]]:
             )
         else:
             not_covered.append(f"{what}: no guarantee ({detail})")
+    for model, o in distill_out.items() if isinstance(distill_out, Mapping) else []:
+        record = (o.get("record") or {}) if isinstance(o, Mapping) else {}
+        tree = record.get("tree_student") if isinstance(record, Mapping) else None
+        if isinstance(tree, Mapping) and isinstance(tree.get("privacy"), Mapping):
+            tp = tree["privacy"]
+            what = f"students/{model}.json tree_student (the decision-tree student's rules, thresholds and leaves)"
+            if tp.get("guarantee") == "inherited":
+                covered.append(
+                    f"{what}: inherited guarantee, ε = {number(tp.get('epsilon'), 4)}, δ = {number(tp.get('delta'), 3)} "
+                    f"({tp.get('reason')})"
+                )
+            else:
+                not_covered.append(f"{what}: no guarantee ({tp.get('reason')})")
+        elif isinstance(tree, Mapping):  # recorded before trees had a privacy status: fitted on the whole transfer set
+            splits = (record.get("transfer") or {}).get("splits") or []
+            if "train" in splits:
+                not_covered.append(
+                    f"students/{model}.json tree_student: the decision tree was fitted without DP on the transfer "
+                    "set, which holds private training rows; its thresholds are midpoints of private values"
+                )
+        if "train" in ((record.get("transfer") or {}).get("splits") or []) and record.get("training"):
+            not_covered.append(
+                f"students/{model}.json training history: the student's per-epoch training loss is computed on "
+                "private transfer rows without noise"
+            )
     return covered, not_covered
 
 
@@ -341,7 +366,13 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
         threat.append(
             "User-level DP (DP-FedAvg, noise added by the server): protects a whole client's data from whoever sees "
             "the released global models (every round's model, the final weights and everything computed from them). "
-            "It does NOT protect a client from the server itself, which receives the un-noised individual updates."
+            + (
+                "It does NOT protect a client from the server itself, which adds the noise after receiving the "
+                "un-noised aggregate of the clients' updates (secure aggregation hides the individual ones)."
+                if secagg
+                else "It does NOT protect a client from the server itself, which receives the un-noised individual "
+                "updates."
+            )
         )
     if sample_on:
         threat.append(
@@ -376,8 +407,13 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
                 f"{title(name)}: user-level ε = {number(rec.get('epsilon'), 4)} after {rec.get('completed_rounds')} "
                 f"rounds (σ = {number(rec.get('noise_multiplier'), 4)}, C = {number(rec.get('clipping_norm'), 3)}, "
                 f"q = {number(rec.get('sample_rate'), 3)}, {str(rec.get('accountant', '?')).upper()}; "
-                f"{rec.get('sampling')}); dp-accounting recomputes PLD ε = {number(chk.get('pld_epsilon'), 4)}, RDP ε = "
-                f"{number(chk.get('rdp_epsilon'), 4)} ({'agrees' if chk.get('agrees') else 'DISAGREES'})."
+                f"{rec.get('sampling')}); "
+                + (
+                    f"dp-accounting recomputes PLD ε = {number(chk.get('pld_epsilon'), 4)}, RDP ε = "
+                    f"{number(chk.get('rdp_epsilon'), 4)} ({'agrees' if chk.get('agrees') else 'DISAGREES'})."
+                    if chk
+                    else "NOT independently checked (the record has no independent_check)."
+                )
             )
         section["caveats"] = [
             c for c in section.get("caveats", []) if "Client-level (whole-client) privacy is not claimed" not in c

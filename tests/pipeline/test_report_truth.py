@@ -161,5 +161,42 @@ def test_dp_report_states_independent_epsilon_checks_audit_coverage_and_caveat_s
     card = dp_run.read("model_card_cnn.md").decode()
     assert "audit/*" in card and "independently recomputed by dp-accounting" in card
     assert "privacy, privacy-audit and explanation sections" in html
+    tree = json.loads(dp_run.read("students/regressor.json"))["record"]["tree_student"]
+    assert tree["privacy"]["guarantee"] == "inherited"  # transfer=private: the tree was fitted on public rows only
+    assert any(line.startswith("students/regressor.json tree_student") for line in p["covered"])
+    assert any("students/regressor.json training history" in line for line in p["not_covered"])
     n = len(p["caveats"]) + len(content["audit"]["caveats"]) + len(content["explanations"]["caveats"])
     assert content["summary"]["n_caveats"] == n == len(content["caveats"])
+
+
+# --------------------------------------------------------------------------- the decision-tree student
+
+
+@pytest.mark.parametrize("student_dp", [True, False])
+def test_the_tree_student_of_a_dp_run_never_sees_a_private_row(student_dp):
+    """Under DP the tree (fitted without DP) gets public rows and their jitter only; private rows sit far away here."""
+    from core.data import Dataset
+    from pipeline.distill import transfer_set, tree_rows
+
+    rng = np.random.default_rng(1)
+    x = {"train": rng.normal(size=(30, 3)) + 1000.0, "public": rng.normal(size=(10, 3))}  # private rows near 1000
+    ds = Dataset(
+        name="tabular",
+        task="regression",
+        x={k: v.astype(np.float32) for k, v in x.items()},
+        y={k: np.zeros(len(v), dtype=np.float32) for k, v in x.items()},
+        index={"train": np.arange(30), "public": np.arange(30, 40)},
+        feature_names=("a", "b", "c"),
+        preprocessing={},
+    )
+    cfg = load_config(
+        None, ["dp.enabled=true", "distill.transfer=private", f"distill.student_dp={str(student_dp).lower()}"]
+    )
+    transfer = transfer_set(cfg, ds, seed=0)
+    assert "train" in transfer.splits
+    rows, status = tree_rows(cfg, ds, transfer, {"epsilon": 2.0, "delta": 1e-5})
+    private = np.abs(transfer.x).max(axis=1) > 500
+    np.testing.assert_array_equal(rows, ~private)
+    assert rows.sum() == 10 * (1 + cfg.distill.synthetic_per_row) and status["guarantee"] == "inherited"
+    every, none = tree_rows(load_config(None, []), ds, transfer_set(load_config(None, []), ds, seed=0), None)
+    assert every.all() and none["guarantee"] == "none"
