@@ -116,11 +116,15 @@ def audit_section(audit_out: Any) -> dict[str, Any]:
                 f"(AUC ≤ {TOOTHLESS_AUC}); the attacks are too weak here for a low AUC to mean anything "
                 "(raise audit.n_eval, audit.control_epochs or audit.n_shadows)."
             )
-        if r["n_non_members"] < 1000:
+        n_non = r["n_non_members"]
+        below = [f for f in sorted({t["target_fpr"] for a in attacks for t in a["tpr_at_fpr"]}) if f * n_non < 1]
+        if below:
+            rates = " and ".join(f"{number(100 * f, 3)}%" for f in below)
             caveats.append(
-                f"Privacy audit of the {t}: {r['n_non_members']} non-members, so FPR = 0.1% is below the "
-                f"resolution 1/{r['n_non_members']}: read TPR at 0.1% as TPR with no false positive; the empirical "
-                "ε bound that this many records can certify is limited."
+                f"Privacy audit of the {t}: {n_non} non-members, so FPR = {rates} "
+                f"{'is' if len(below) == 1 else 'are'} below the resolution 1/{n_non}: read TPR at "
+                f"{rates} as TPR with no false positive; the empirical ε bound that this many records can certify "
+                "is limited."
             )
     return {"ran": True, "how_to_read": HOW_TO_READ_AUDIT, "models": models, "caveats": caveats}
 
@@ -151,8 +155,9 @@ def public_only_baseline(name: str, metrics: Mapping[str, Any], privacy: Any) ->
         statement = (
             f"DP training on the private split added no measurable test {key}: {number(released, 4)} vs "
             f"{number(public, 4)} for the same architecture trained on the public split alone (difference "
-            f"{number(gain['value'], 3)} [{number(gain['ci95'][0], 3)}, {number(gain['ci95'][1], 3)}]). This "
-            "model's utility comes from the public data, not from the private records DP protects."
+            f"{number(gain['value'], 3)} [{number(gain['ci95'][0], 3)}, {number(gain['ci95'][1], 3)}]). On this "
+            "test split the released model cannot be told apart from one that never read the private records DP "
+            "protects: as far as this test can show, its utility comes from the public data."
         )
     return {
         "available": True,

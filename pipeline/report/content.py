@@ -592,7 +592,7 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
             "(members), and the AUCs, TPRs and ε lower bounds computed from them, are functions of the private "
             "records themselves, not post-processing of the DP weights; the positive control is trained WITHOUT DP "
             "on training records, and the shadow models' trainings on training records are not accounted in ε. "
-            "Keep audit/* with the data files, not with the released model."
+            "Keep audit/* with the data files, not with the released model"
         )
     for name, m in content["models"].items():
         po = m.get("public_only_baseline")

@@ -200,3 +200,64 @@ def test_the_tree_student_of_a_dp_run_never_sees_a_private_row(student_dp):
     assert rows.sum() == 10 * (1 + cfg.distill.synthetic_per_row) and status["guarantee"] == "inherited"
     every, none = tree_rows(load_config(None, []), ds, transfer_set(load_config(None, []), ds, seed=0), None)
     assert every.all() and none["guarantee"] == "none"
+
+
+# --------------------------------------------------------------------------- audit and public-only wording
+
+
+def _attack(n_non):
+    return {
+        "auc": 0.5,
+        "auc_ci95": [0.4, 0.6],
+        "n_members": n_non,
+        "n_non_members": n_non,
+        "tpr_at_fpr": [{"target_fpr": 0.01, "tpr": 0.0}, {"target_fpr": 0.001, "tpr": 0.0}],
+        "empirical_epsilon": {"epsilon_lower_bound": 0.0, "optimistic_max_over_thresholds": 0.0, "method": "cp"},
+    }
+
+
+@pytest.mark.parametrize(("n_non", "below"), [(40, ["1%", "0.1%"]), (359, ["0.1%"]), (1000, [])])
+def test_audit_resolution_caveat_names_every_fpr_below_one_over_n(n_non, below):
+    from pipeline.report.audit import audit_section
+
+    r = {
+        "attacks": {"loss": _attack(n_non)},
+        "control": {
+            "attacks": {"loss": {**_attack(8), "auc": 0.9}},
+            "description": "c",
+            "train_loss": 0,
+            "test_loss": 1,
+        },
+        "claimed_epsilon": None,
+        "dp": False,
+        "delta": None,
+        "n_members": n_non,
+        "n_non_members": n_non,
+        "shadows": {},
+    }
+    caveats = [c for c in audit_section({"enabled": True, "models": {"cnn": r}})["caveats"] if "resolution" in c]
+    if not below:
+        assert caveats == []
+        return
+    (line,) = caveats
+    for rate in below:  # every FPR under 1/n is named: at n = 40, FPR = 1% is no-false-positive too
+        assert f"FPR = {rate}" in line or f" and {rate}" in line or f"{rate} and" in line
+
+
+def test_a_gain_that_is_not_measurable_is_not_stated_as_proof_of_no_contribution():
+    from pipeline.report.audit import public_only_baseline
+
+    metrics = {
+        "cnn": {
+            "test": {"accuracy": 0.978},
+            "public_only": {
+                "metric": "accuracy",
+                "test": {"accuracy": 0.975},
+                "private_gain": {"value": 0.003, "ci95": [-0.008, 0.014], "measurable": False},
+            },
+        }
+    }
+    po = public_only_baseline("cnn", metrics, {"epsilon": 3.0})
+    assert not po["private_data_contributed"]
+    assert "comes from the public data, not from the private records" not in po["statement"]
+    assert "cannot be told apart" in po["statement"] and "as far as this test can show" in po["statement"]
