@@ -136,6 +136,19 @@ def _explanation_lines(ex: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _dp_levels(m: Mapping[str, Any]) -> str:
+    """'yes (...)' naming the DP levels this model's training records hold, else 'no'."""
+    levels = [
+        level
+        for level, rec in (
+            ("sample-level DP-SGD", m.get("privacy")),
+            ("user-level DP-FedAvg", (m.get("training") or {}).get("user_level_privacy")),
+        )
+        if rec
+    ]
+    return f"yes ({', '.join(levels)})" if levels else "no"
+
+
 def render(content: Mapping[str, Any], name: str) -> str:
     """The model card of model ``name`` ("regressor" or "cnn") as Markdown."""
     m = content["models"][name]
@@ -173,7 +186,7 @@ def render(content: Mapping[str, Any], name: str) -> str:
         f"- Training: {md(t.get('mode', 'central'))}; settings: "
         + ", ".join(f"{md(k)} = {md(v)}" for k, v in (t.get("fit") or {}).items())
         + ".",
-        f"- Differential privacy: {'yes' if m.get('privacy') else 'no'}. {md(priv['statement'])}",
+        f"- Differential privacy: {_dp_levels(m)}. {md(priv['statement'])}",
         "- Libraries: " + ", ".join(f"{md(k)} {md(v)}" for k, v in repro.get("library_versions", {}).items()) + ".",
         "",
     ]

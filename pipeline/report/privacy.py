@@ -419,11 +419,20 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
             c for c in section.get("caveats", []) if "Client-level (whole-client) privacy is not claimed" not in c
         ]
         if not sample_on:
+            server_sees = (
+                "the server sees the un-noised aggregate of each round (secure aggregation hides individual updates)"
+                if secagg
+                else "the server sees every client's update in the clear"
+            )
+            section["caveats"] = [c for c in section.get("caveats", []) if not c.startswith("DP is off:")] + [
+                "Sample-level DP is off (dp.enabled = false): only the user-level guarantee above holds; a record is "
+                f"protected only as part of its client's data, in the released models, and {server_sees}."
+            ]
             section["enabled"] = True
             section["statement"] = (
                 "User-level differential privacy (DP-FedAvg) protects a whole client's data in the released global "
                 "models: " + "; ".join(lines) + ". Individual records get no separate sample-level guarantee "
-                "(dp.enabled = false), and the server sees every client's update in the clear."
+                f"(dp.enabled = false), and {server_sees}."
             )
             section["covered"] = [
                 "models/*.safetensors of the federated networks and every per-round global model: DP-FedAvg output",

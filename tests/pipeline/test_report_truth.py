@@ -261,3 +261,38 @@ def test_a_gain_that_is_not_measurable_is_not_stated_as_proof_of_no_contribution
     assert not po["private_data_contributed"]
     assert "comes from the public data, not from the private records" not in po["statement"]
     assert "cannot be told apart" in po["statement"] and "as far as this test can show" in po["statement"]
+
+
+def test_the_model_card_says_yes_for_user_level_dp_alone():
+    from pipeline.report.model_card import _dp_levels
+
+    assert _dp_levels({"privacy": None, "training": {"user_level_privacy": {"epsilon": 4.0}}}) == (
+        "yes (user-level DP-FedAvg)"
+    )
+    assert _dp_levels({"privacy": {"epsilon": 1.0}, "training": {}}) == "yes (sample-level DP-SGD)"
+    assert _dp_levels({"privacy": None, "training": {}}) == "no"
+
+
+@pytest.mark.parametrize("secagg", [False, True])
+def test_user_level_only_run_drops_dp_is_off_and_says_what_the_server_sees(secagg):
+    """dp.enabled = false with client_dp on: 'DP is off, no guarantee for any artifact' contradicted the statement."""
+    from core.config import ClientDPConfig
+    from core.user_privacy import plan_user_dp, user_privacy_record
+    from pipeline.report.privacy import federated_privacy
+
+    rec = user_privacy_record(
+        plan_user_dp(ClientDPConfig(enabled=True, delta=1e-3), rounds=5, n_clients=10), completed_rounds=5
+    )
+    training = {"user_level_privacy": rec, "n_train": 300}
+    if secagg:
+        training["secure_aggregation"] = {"reconstruction_threshold": 3, "num_shares": 5, "clipping_range": 8.0}
+    trained = SimpleNamespace(models={name: SimpleNamespace(training=dict(training)) for name in MODELS})
+    cfg = load_config(None, ["train.mode=federated", "client_dp.enabled=true"])
+    out = federated_privacy(privacy_section(cfg, trained, {}, None), cfg, trained)
+    assert out["enabled"] and not any(c.startswith("DP is off") for c in out["caveats"])
+    assert any(c.startswith("Sample-level DP is off") for c in out["caveats"])
+    in_clear = "every client's update in the clear"
+    assert (in_clear in out["statement"]) != secagg
+    if secagg:
+        assert "un-noised aggregate" in out["statement"] and "receives the un-noised individual" not in out["statement"]
+    assert rec["independent_check"]["agrees"] and "DISAGREES" not in " ".join(out["caveats"])
