@@ -257,8 +257,9 @@ def composed_privacy(cfg: Config, student: Mapping[str, Any], teacher: Mapping[s
         "composition": "basic (ε and δ add)",
         "target_epsilon": cfg.dp.target_epsilon,
         "over_budget": eps > cfg.dp.target_epsilon,
-        "reason": "the student read each private record once, with its own DP-SGD (synthetic rows jittered "
-        "from public rows only); its (ε, δ) adds to the teacher's (basic composition)",
+        "reason": "each private record is one row of the student's transfer set (synthetic rows are jittered from "
+        "public rows only) and the student's own DP-SGD accounts every pass over it; its (ε, δ) adds to the "
+        "teacher's (basic composition)",
     }
 
 

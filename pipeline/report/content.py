@@ -19,7 +19,14 @@ from core.config import Config
 from core.models import MODELS, title
 from pipeline.report.audit import audit_section, public_only_baseline
 from pipeline.report.fmt import number
-from pipeline.report.privacy import federated_privacy, privacy_section, student_caveats, student_privacy
+from pipeline.report.privacy import (
+    federated_privacy,
+    privacy_section,
+    student_caveats,
+    student_check_caveats,
+    student_checks,
+    student_privacy,
+)
 from pipeline.rundir import git_commit, library_versions
 from pipeline.train import TrainOutput
 
@@ -585,6 +592,9 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
             content["privacy"]["covered"] += covered
             content["privacy"]["not_covered"] += not_covered
             content["privacy"]["caveats"] += student_caveats(distill_out)
+            checks = student_checks(distill_out)
+            content["privacy"].setdefault("independent_checks", {}).update(checks)
+            content["privacy"]["caveats"] += student_check_caveats(checks)
     content["audit"] = audit_section(inputs.get("audit"))  # optional input: the audit stage's records
     if content["audit"]["ran"] and content["privacy"]["enabled"]:
         content["privacy"]["not_covered"].append(

@@ -468,6 +468,30 @@ def _audit(c: Mapping[str, Any]) -> str:
     return "".join(parts) + "</section>"
 
 
+def _epsilon_check(chk: Mapping[str, Any] | None, what: str) -> str:
+    """The independent ε check of one record (dp-accounting's PLD and RDP beside the recorded ε), or ''."""
+    if not chk:
+        return ""
+    if not chk.get("available"):
+        return f"<p class=warn>ε{esc(what)} not independently checked: {esc(chk.get('reason'))}</p>"
+    rows = [
+        [
+            esc(x["who"]),
+            fmt(x["recorded_epsilon"]),
+            fmt(x["pld_epsilon"]),
+            fmt(x["rdp_epsilon"]),
+            fmt(x["delta"], 3),
+            "agrees" if x["agrees"] else "<strong>DISAGREES</strong>",
+        ]
+        for x in chk["checks"]
+    ]
+    return (
+        f"<h4>Independent check of ε{esc(what)} ({esc(chk['checks'][0]['implementation'])}, from the recorded "
+        f"accountant history; {esc(chk['rule'])})</h4>"
+        + table(["history", "recorded ε", "PLD ε", "RDP ε (upper bound)", "δ", "verdict"], rows)
+    )
+
+
 def _privacy(c: Mapping[str, Any]) -> str:
     p = c["privacy"]
     cls = "box" if p["enabled"] else "box warn"
@@ -496,26 +520,7 @@ def _privacy(c: Mapping[str, Any]) -> str:
             main = {k: rec.get(k) for k in key_fields if k in rec}
             rest = {k: v for k, v in rec.items() if k not in key_fields}
             parts.append(kv_table(main))
-            chk = (p.get("independent_checks") or {}).get(name)
-            if chk and chk.get("available"):
-                rows = [
-                    [
-                        esc(x["who"]),
-                        fmt(x["recorded_epsilon"]),
-                        fmt(x["pld_epsilon"]),
-                        fmt(x["rdp_epsilon"]),
-                        fmt(x["delta"], 3),
-                        "agrees" if x["agrees"] else "<strong>DISAGREES</strong>",
-                    ]
-                    for x in chk["checks"]
-                ]
-                parts.append(
-                    f"<h4>Independent check of ε ({esc(chk['checks'][0]['implementation'])}, from the recorded "
-                    f"accountant history; {esc(chk['rule'])})</h4>"
-                    + table(["history", "recorded ε", "PLD ε", "RDP ε (upper bound)", "δ", "verdict"], rows)
-                )
-            elif chk:
-                parts.append(f"<p class=warn>ε not independently checked: {esc(chk.get('reason'))}</p>")
+            parts.append(_epsilon_check((p.get("independent_checks") or {}).get(name), ""))
             if "epsilon_per_client" in rec:
                 rows = [[esc(cid), fmt(e)] for cid, e in rec["epsilon_per_client"].items()]
                 parts.append("<h4>ε per client</h4>" + table(["client", "ε"], rows))
@@ -525,6 +530,9 @@ def _privacy(c: Mapping[str, Any]) -> str:
                     + kv_table(rest)
                     + "</details>"
                 )
+    students = {k: v for k, v in (p.get("independent_checks") or {}).items() if k not in (p.get("models") or {})}
+    for key, chk in students.items():
+        parts.append(_epsilon_check(chk, f", {key}'s own DP-SGD before composition"))
     parts.append("<h3>What the guarantee covers</h3>" + bullet_list(p["covered"]))
     parts.append("<h3>What it does not cover</h3>" + bullet_list(p["not_covered"]))
     parts.append("<h3>Privacy caveats</h3>" + bullet_list(p["caveats"], "warnlist"))

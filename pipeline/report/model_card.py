@@ -266,7 +266,7 @@ def render(content: Mapping[str, Any], name: str) -> str:
         f"- The test split: {num(d['sizes'].get('test'))} rows of `{md(prov.get('source', 'n/a'))}` "
         f"(SHA-256 `{md(sha or 'n/a')}`), held out by a seeded split"
         + (" stratified by class" if not regression else "")
-        + "; never used for training or model selection.",
+        + "; never used to train or select this model.",
         "",
     ]
 

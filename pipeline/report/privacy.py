@@ -235,6 +235,28 @@ def _student_statuses(distill_out: Any) -> dict[str, Mapping[str, Any]]:
     return out
 
 
+def student_checks(distill_out: Any) -> dict[str, dict[str, Any]]:
+    """Independent ε checks of the students that ran their own DP-SGD, keyed ``"student <model>"``."""
+    out = {}
+    for model, o in distill_out.items() if isinstance(distill_out, Mapping) else []:
+        record = (o.get("record") or {}) if isinstance(o, Mapping) else {}
+        rec = (record.get("training") or {}).get("privacy") if isinstance(record, Mapping) else None
+        if isinstance(rec, Mapping) and (chk := independent_check(rec)) is not None:
+            out[f"student {model}"] = chk
+    return out
+
+
+def student_check_caveats(checks: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One caveat line per student check (the student's own DP-SGD ε, before composition with its teacher)."""
+    lines = []
+    for key, chk in checks.items():
+        model = key.removeprefix("student ")
+        line = _check_caveat(model, chk)
+        if line is not None:
+            lines.append(f"students/{model}.* own DP-SGD, before composition: " + line.split(": ", 1)[1])
+    return lines
+
+
 def student_caveats(distill_out: Any) -> list[str]:
     """Caveats on distilled students' guarantees: a composed (ε, δ) above the budget is flagged."""
     caveats = []

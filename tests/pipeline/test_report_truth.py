@@ -156,7 +156,11 @@ def test_dp_report_states_independent_epsilon_checks_audit_coverage_and_caveat_s
         (c,) = p["independent_checks"][name]["checks"]
         assert c["recorded_epsilon"] == rec["epsilon"] and c["pld_epsilon"] == pytest.approx(ours.pld_epsilon)
         assert c["agrees"] == ours.agrees
-    assert html.count("Independent check of ε") == len(MODELS)
+    for name in MODELS:  # the students ran their own DP-SGD (student_dp): their ε is checked as well
+        rec = json.loads(dp_run.read(f"students/{name}.json"))["record"]["training"]["privacy"]
+        (c,) = p["independent_checks"][f"student {name}"]["checks"]
+        assert c["recorded_epsilon"] == rec["epsilon"] and c["pld_epsilon"] <= c["rdp_epsilon"]
+    assert html.count("Independent check of ε") == 2 * len(MODELS)
     assert any(line.startswith("audit/*") for line in p["not_covered"])
     card = dp_run.read("model_card_cnn.md").decode()
     assert "audit/*" in card and "independently recomputed by dp-accounting" in card
