@@ -470,6 +470,16 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
                 + "; ".join(lines)
                 + "."
             )
+    for name in MODELS:  # what the server logged as warnings (failed nodes, budget refusals) reaches the reader
+        t = trained.models[name].training or {}
+        failed = len(t.get("failures") or [])
+        refused = sum(len(r.get("refused") or []) for r in t.get("client_rounds") or [])
+        if failed or refused:
+            section.setdefault("caveats", []).append(
+                f"{title(name)}: {failed} client update(s) failed and {refused} were refused (a client whose privacy "
+                f"budget was spent sends no update) over {t.get('completed_rounds')} round(s): those rounds averaged "
+                f"fewer clients than were sampled (per-round detail: client_rounds in models/{name}.json)."
+            )
     section["statement"] = section["statement"] + " " + " ".join(threat)
     section["not_covered"] = list(section.get("not_covered", [])) + not_covered
     return section

@@ -300,3 +300,24 @@ def test_user_level_only_run_drops_dp_is_off_and_says_what_the_server_sees(secag
     if secagg:
         assert "un-noised aggregate" in out["statement"] and "receives the un-noised individual" not in out["statement"]
     assert rec["independent_check"]["agrees"] and "DISAGREES" not in " ".join(out["caveats"])
+
+
+def test_failed_and_refused_client_updates_reach_the_caveats():
+    """The server logs failed nodes and budget refusals as warnings; the report used to drop them."""
+    from pipeline.report.privacy import federated_privacy
+
+    rounds = [
+        {"round": 1, "trained": [{}, {}], "refused": [], "failed": []},
+        {"round": 2, "trained": [{}], "refused": [{"node_id": 3, "reason": "budget"}], "failed": [{"node_id": 4}]},
+    ]
+    training = {
+        "n_train": 300,
+        "completed_rounds": 2,
+        "client_rounds": rounds,
+        "failures": [{"round": 2, "node_id": 4}],
+    }
+    trained = SimpleNamespace(models={name: SimpleNamespace(training=dict(training)) for name in MODELS})
+    cfg = load_config(None, ["train.mode=federated"])
+    out = federated_privacy(privacy_section(cfg, trained, {}, None), cfg, trained)
+    lines = [c for c in out["caveats"] if "failed and" in c]
+    assert len(lines) == len(MODELS) and all("1 client update(s) failed and 1 were refused" in c for c in lines)
