@@ -289,6 +289,12 @@ def _quality_caveats(name: str, summary: Mapping[str, Any], m: Mapping[str, Any]
             f"{number(c['spearman_signed'], 2)} between the explained class and a random other class; {c['rule']}): "
             "they change little with the class explained."
         )
+    if c is not None and not c["passed_abs"]:
+        caveats.append(
+            f"{name}: rankings by |attribution| FAIL the class-randomisation check (Spearman "
+            f"{number(c['spearman_abs'], 2)} between the explained class and a random other class): which "
+            "features rank high by |attribution| barely depends on the class explained."
+        )
     for pair, a in summary["agreement"].items():
         if a["n_flagged"]:
             caveats.append(

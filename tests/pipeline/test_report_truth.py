@@ -321,3 +321,30 @@ def test_failed_and_refused_client_updates_reach_the_caveats():
     out = federated_privacy(privacy_section(cfg, trained, {}, None), cfg, trained)
     lines = [c for c in out["caveats"] if "failed and" in c]
     assert len(lines) == len(MODELS) and all("1 client update(s) failed and 1 were refused" in c for c in lines)
+
+
+def test_a_failed_class_randomisation_of_abs_values_is_a_caveat():
+    """The summary said 'FAILED for |values|' for the class check, and no caveat followed."""
+    from pipeline.report.content import _quality_caveats
+
+    check = {
+        "method": "shap-deep",
+        "spearman_signed": -0.2,
+        "spearman_abs": 0.8,
+        "input_only_spearman_abs": 0.85,
+        "passed_signed": True,
+        "passed_abs": False,
+        "rule": "pass when |mean Spearman| < 0.5",
+    }
+    summary = {
+        "exactness": "exact",
+        "reference": None,
+        "randomisation": {**check, "passed_abs": True},
+        "class_randomisation": check,
+        "agreement": {},
+        "lime_fidelity": {},
+        "stability": {},
+        "faithfulness": {},
+    }
+    caveats = _quality_caveats("CNN classifier", summary, {"n_explained": 4})
+    assert any("FAIL the class-randomisation check" in c and "|attribution|" in c for c in caveats)
