@@ -26,6 +26,7 @@ from pipeline.report.privacy import (
     student_check_caveats,
     student_checks,
     student_privacy,
+    student_statement,
 )
 from pipeline.rundir import git_commit, library_versions
 from pipeline.train import TrainOutput
@@ -598,6 +599,8 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
             content["privacy"]["covered"] += covered
             content["privacy"]["not_covered"] += not_covered
             content["privacy"]["caveats"] += student_caveats(distill_out)
+            if sentence := student_statement(distill_out):
+                content["privacy"]["statement"] += " " + sentence
             checks = student_checks(distill_out)
             content["privacy"].setdefault("independent_checks", {}).update(checks)
             content["privacy"]["caveats"] += student_check_caveats(checks)

@@ -235,6 +235,21 @@ def _student_statuses(distill_out: Any) -> dict[str, Mapping[str, Any]]:
     return out
 
 
+def student_statement(distill_out: Any) -> str:
+    """One sentence on the distilled students' guarantees, for the privacy statement ('' without students)."""
+    bits = []
+    for model, status in _student_statuses(distill_out).items():
+        g = status.get("guarantee")
+        if g in ("inherited", "composed"):
+            bits.append(
+                f"students/{model}.* {g} (ε = {number(status.get('epsilon'), 4)}, δ = {number(status.get('delta'), 3)})"
+                + (", OVER the budget dp.target_epsilon" if status.get("over_budget") else "")
+            )
+        else:
+            bits.append(f"students/{model}.* NO DP guarantee")
+    return ("Distilled students: " + "; ".join(bits) + ".") if bits else ""
+
+
 def student_checks(distill_out: Any) -> dict[str, dict[str, Any]]:
     """Independent ε checks of the students that ran their own DP-SGD, keyed ``"student <model>"``."""
     out = {}

@@ -161,6 +161,11 @@ def test_dp_report_states_independent_epsilon_checks_audit_coverage_and_caveat_s
         (c,) = p["independent_checks"][f"student {name}"]["checks"]
         assert c["recorded_epsilon"] == rec["epsilon"] and c["pld_epsilon"] <= c["rdp_epsilon"]
     assert html.count("Independent check of ε") == 2 * len(MODELS)
+    for name in MODELS:  # the students' composed (ε, δ) is in the statement the summary shows, not only in caveats
+        status = json.loads(dp_run.read(f"students/{name}.json"))["record"]["privacy"]
+        assert status["guarantee"] == "composed"
+        assert f"students/{name}.* composed (ε = " in content["summary"]["privacy"]
+        assert ("OVER the budget" in content["summary"]["privacy"]) or not status["over_budget"]
     assert any(line.startswith("audit/*") for line in p["not_covered"])
     card = dp_run.read("model_card_cnn.md").decode()
     assert "audit/*" in card and "independently recomputed by dp-accounting" in card
