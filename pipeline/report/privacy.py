@@ -268,7 +268,10 @@ def student_check_caveats(checks: Mapping[str, Mapping[str, Any]]) -> list[str]:
         model = key.removeprefix("student ")
         line = _check_caveat(model, chk)
         if line is not None:
-            lines.append(f"students/{model}.* own DP-SGD, before composition: " + line.split(": ", 1)[1])
+            lines.append(
+                f"students/{model}.* (student of the {title(model)}) own DP-SGD, before composition: "
+                + line.split(": ", 1)[1]
+            )
     return lines
 
 

@@ -168,6 +168,8 @@ def test_dp_report_states_independent_epsilon_checks_audit_coverage_and_caveat_s
         assert ("OVER the budget" in content["summary"]["privacy"]) or not status["over_budget"]
     assert any(line.startswith("audit/*") for line in p["not_covered"])
     card = dp_run.read("model_card_cnn.md").decode()
+    assert "students/regressor.* (student of the MLP regressor) own DP-SGD" not in card  # the other model's caveat
+    assert "students/cnn.* (student of the CNN classifier) own DP-SGD" in card
     assert "audit/*" in card and "independently recomputed by dp-accounting" in card
     assert "privacy, privacy-audit and explanation sections" in html
     tree = json.loads(dp_run.read("students/regressor.json"))["record"]["tree_student"]
