@@ -281,7 +281,7 @@ def render(content: Mapping[str, Any], name: str) -> str:
                 f"({num((t.get('public_pretraining') or {}).get('rows'))} rows, "
                 f"{num((t.get('public_pretraining') or {}).get('epochs'))} epochs)."
             ]
-            if t.get("public_pretraining")
+            if t.get("public_pretraining") and not m.get("privacy")  # with DP, the fuller line below says it
             else []
         ),
         "- Preprocessing: standardisation with statistics fitted on the training split only"
