@@ -208,7 +208,7 @@ def _data(c: Mapping[str, Any]) -> str:
             )
         )
         sizes = d["sizes"]
-        rows = [[esc(s), fmt(n), esc(_split_role(s))] for s, n in sizes.items()]
+        rows = [[esc(s), fmt(n), esc(_split_role(s, dp=c["privacy"]["enabled"]))] for s, n in sizes.items()]
         parts.append(table(["split", "rows", "role"], rows))
         if d.get("feature_names"):
             parts.append(
@@ -235,9 +235,11 @@ def _data(c: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
-def _split_role(split: str) -> str:
+def _split_role(split: str, *, dp: bool) -> str:
     return {
-        "train": "fits the models (private; the only split DP protects)",
+        "train": "fits the models (private; the only split DP protects)"
+        if dp
+        else "fits the models (private; no DP in this run, nothing protects it)",
         "val": "validation / early stopping",
         "test": "final metrics and explained rows",
         "public": "declared public: explanation backgrounds, distillation",

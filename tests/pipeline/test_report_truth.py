@@ -355,3 +355,10 @@ def test_a_failed_class_randomisation_of_abs_values_is_a_caveat():
     }
     caveats = _quality_caveats("CNN classifier", summary, {"n_explained": 4})
     assert any("FAIL the class-randomisation check" in c and "|attribution|" in c for c in caveats)
+
+
+def test_the_train_split_role_claims_dp_only_when_dp_is_on():
+    from pipeline.report.html_page import _split_role
+
+    assert "DP protects" in _split_role("train", dp=True)
+    assert "DP protects" not in _split_role("train", dp=False) and "no DP" in _split_role("train", dp=False)
