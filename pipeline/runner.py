@@ -127,13 +127,20 @@ def check_inputs(run: RunDir, names: list[str]) -> None:
     RunDirError
         Naming the stage, the missing input and the fix.
     """
-    available = {n for n in STAGES if run.stage_status(n) == "complete"}
+    order = list(STAGES)
+    # run_stages marks every recorded stage after the slice's first one stale unless the slice re-runs it.
+    stale = {n for n in order[order.index(names[0]) :] if n not in names} if names else set()
+    available = {n for n in STAGES if run.stage_status(n) == "complete" and n not in stale}
     for name in names:
         missing = [r for r in STAGES[name].requires if r not in available]
         if missing:
+            if stale & set(missing):
+                why, start = f"which re-running {names[0]!r} makes stale", names[0]
+            else:
+                why, start = f"which has not completed in {run.path}", missing[0]
             raise RunDirError(
-                f"stage {name!r} needs the output of {', '.join(map(repr, missing))}, which has not completed in "
-                f"{run.path}; add it to --stages or re-run with --from {missing[0]}"
+                f"stage {name!r} needs the output of {', '.join(map(repr, missing))}, {why}; add it to --stages "
+                f"or re-run with --from {start}"
             )
         available.add(name)
 

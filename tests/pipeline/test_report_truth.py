@@ -362,3 +362,14 @@ def test_the_train_split_role_claims_dp_only_when_dp_is_on():
 
     assert "DP protects" in _split_role("train", dp=True)
     assert "DP protects" not in _split_role("train", dp=False) and "no DP" in _split_role("train", dp=False)
+
+
+def test_a_slice_that_would_make_the_reports_inputs_stale_is_refused_before_any_work():
+    """`--stages evaluate,report` on a complete run marked explain stale, then crashed in the report (KeyError)."""
+    from core.errors import RunDirError
+
+    run = SimpleNamespace(stage_status=lambda name: "complete", path="RUN")
+    with pytest.raises(RunDirError, match="'explain', which re-running 'evaluate' makes stale"):
+        runner.check_inputs(run, ["evaluate", "report"])
+    runner.check_inputs(run, ["report"])  # a re-render alone stays allowed
+    runner.check_inputs(run, ["evaluate", "explain", "distill", "audit", "report"])
