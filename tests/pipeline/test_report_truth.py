@@ -176,6 +176,7 @@ def test_dp_report_states_independent_epsilon_checks_audit_coverage_and_caveat_s
     assert tree["privacy"]["guarantee"] == "inherited"  # transfer=private: the tree was fitted on public rows only
     assert any(line.startswith("students/regressor.json tree_student") for line in p["covered"])
     assert any("students/regressor.json training history" in line for line in p["not_covered"])
+    assert any("students/cnn.json transfer_index" in line for line in p["not_covered"])
     n = len(p["caveats"]) + len(content["audit"]["caveats"]) + len(content["explanations"]["caveats"])
     assert content["summary"]["n_caveats"] == n == len(content["caveats"])
 
