@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from core import (
+    bk,
     ghost_conv,  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
     seeds,
 )
@@ -294,8 +295,6 @@ def make_private(
     loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=sampling_generator)
     ghost = {"criterion": criterion or nn.CrossEntropyLoss()} if grad_sample_mode == "ghost" else {}
     if grad_sample_mode == "bk":  # --- book-keeping clipping (core/bk.py): one backward, Opacus' noise ---
-        from core import bk
-
         wrapped: tuple[Any, ...] = bk.make_private(
             engine,
             model,

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import federated.client_app  # noqa: F401  torch, opacus, the pipeline: imported once, before any task
+
 log = logging.getLogger("federated.clientapp_worker")
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the app directory (pyproject.toml with [tool.flwr.app])
 # Seconds between two AcquireTask polls; flower-superexec's default is 1 s, which a round pays once per message.
@@ -176,8 +178,6 @@ def serve(
     """Poll the SuperNode's Runtime API for ClientApp tasks and run them here until stopped."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
-
-    import federated.client_app  # noqa: F401  torch, opacus, the pipeline: imported once, before any task
 
     load_app = _app_loader()
     client = _client(address, insecure=insecure, certificates=certificates, secret=secret)

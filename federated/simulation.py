@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from core import models, privacy
+from core import seeds as core_seeds
 from core.artifacts import atomic_write
 from core.config import Config
 from core.data import Dataset
@@ -115,8 +116,6 @@ def train_federated_models(
     FederatedRunError
         If the Flower run fails (the server's error or the log's tail is in the message).
     """
-    from core import seeds as core_seeds
-
     runtime = runtime or Runtime()
     names = list(datasets)
     settings = dict(app_settings or {})
