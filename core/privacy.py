@@ -50,6 +50,7 @@ class PrivacyPlan:
     planned_epsilon: float  # ε after this call, including everything spent before
     accountant: str  # "prv", "rdp" or "gdp"
     noise_source: NoiseSource  # "os-csprng": secret seeds, never recorded; "seeded": dp.reproducible_noise
+    grad_sample_mode: str  # per-sample clipping engine (dp.grad_sample_mode): same guarantee, different speed
 
 
 def steps_per_epoch(n_samples: int, batch_size: int) -> int:
@@ -165,6 +166,7 @@ def plan(
         planned_epsilon=planned,
         accountant=dp.accountant,
         noise_source=noise_source(dp),
+        grad_sample_mode=dp.grad_sample_mode,
     )
 
 

@@ -565,5 +565,6 @@ def _plan_from(dp: DPConfig, history: HistoryLike, fit_cfg: FitConfig) -> privac
         target_epsilon=dp.target_epsilon,
         accountant=dp.accountant,
         noise_source=privacy.noise_source(dp),
+        grad_sample_mode=dp.grad_sample_mode,
         planned_epsilon=privacy.epsilon_of(history, delta=dp.delta, accountant=dp.accountant),
     )
