@@ -598,7 +598,8 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
         if content["privacy"]["enabled"]:
             content["privacy"]["covered"] += covered
             content["privacy"]["not_covered"] += not_covered
-            content["privacy"]["caveats"] += student_caveats(distill_out)
+            n_train = {name: len(datasets[e.dataset].y["train"]) for name, e in MODELS.items()}
+            content["privacy"]["caveats"] += student_caveats(distill_out, n_train)
             if sentence := student_statement(distill_out):
                 content["privacy"]["statement"] += " " + sentence
             checks = student_checks(distill_out)

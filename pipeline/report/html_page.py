@@ -768,7 +768,9 @@ def _distill(c: Mapping[str, Any]) -> str:
         return ""
     parts = [
         "<section id=distill><h2>Distillation</h2><p>The distill stage's record of each student, as it wrote it "
-        "(teacher-student explanation similarity is summarised under Explanations).</p>"
+        "(teacher-student explanation similarity is summarised under Explanations). The decision-tree student's "
+        "rules are in standardised feature units ((value &minus; training mean) / training standard deviation, "
+        "see data/*.json preprocessing), and its leaf values in standardised target units.</p>"
     ]
     for model, record in c["distill"].items():
         parts.append(f"<details><summary>{esc(model)}</summary>{value_html(record)}</details>")

@@ -293,10 +293,18 @@ def student_check_caveats(checks: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def student_caveats(distill_out: Any) -> list[str]:
-    """Caveats on distilled students' guarantees: a composed (ε, δ) above the budget is flagged."""
+def student_caveats(distill_out: Any, n_train: Mapping[str, int] | None = None) -> list[str]:
+    """Caveats on distilled students' guarantees: a composed (ε, δ) above the budget, or a composed δ that is not
+    below 1/n (n = the teacher's training records), is flagged."""
     caveats = []
     for model, status in _student_statuses(distill_out).items():
+        n = (n_train or {}).get(model)
+        delta = status.get("delta")
+        if status.get("guarantee") == "composed" and n and isinstance(delta, (int, float)) and delta >= 1.0 / n:
+            caveats.append(
+                f"students/{model}.*: the composed δ = {number(delta, 3)} is not below 1/n = {number(1.0 / n, 3)} "
+                f"(n = {n} training records): a guarantee with δ ≥ 1/n allows revealing a record outright."
+            )
         if status.get("guarantee") == "composed" and status.get("over_budget"):
             caveats.append(
                 f"students/{model}.*: the student of the {title(model)} read private records with its own DP-SGD; "
@@ -328,6 +336,13 @@ def student_privacy(distill_out: Any) -> tuple[list[str], list[str]]:
             not_covered.append(f"{what}: no guarantee ({detail})")
     for model, o in distill_out.items() if isinstance(distill_out, Mapping) else []:
         record = (o.get("record") or {}) if isinstance(o, Mapping) else {}
+        teacher_file = ((record.get("onnx") or {}) if isinstance(record, Mapping) else {}).get("teacher_file")
+        if teacher_file:
+            covered.append(
+                f"{teacher_file}: the DP teacher's weights exported as a served ONNX graph (post-processing of the "
+                "weights); the standardisation statistics inside the graph come from the training split and are "
+                "not covered (see data/*.json preprocessing)"
+            )
         tree = record.get("tree_student") if isinstance(record, Mapping) else None
         if isinstance(tree, Mapping) and isinstance(tree.get("privacy"), Mapping):
             tp = tree["privacy"]

@@ -374,3 +374,19 @@ def test_a_slice_that_would_make_the_reports_inputs_stale_is_refused_before_any_
         runner.check_inputs(run, ["evaluate", "report"])
     runner.check_inputs(run, ["report"])  # a re-render alone stays allowed
     runner.check_inputs(run, ["evaluate", "explain", "distill", "audit", "report"])
+
+
+def test_composed_delta_not_below_one_over_n_is_a_caveat_and_teacher_onnx_is_listed():
+    from pipeline.report.privacy import student_caveats, student_privacy
+
+    record = {
+        "privacy": {"guarantee": "composed", "epsilon": 5.0, "delta": 2e-2, "target_epsilon": 8.0},
+        "onnx": {"teacher_file": "models/regressor.onnx", "student_file": "students/regressor.onnx"},
+        "transfer": {"splits": ["public"]},
+    }
+    distill_out = {"regressor": {"record": record}}
+    caveats = student_caveats(distill_out, {"regressor": 100})
+    assert any("not below 1/n" in c and "n = 100" in c for c in caveats)
+    assert not any("not below 1/n" in c for c in student_caveats(distill_out, {"regressor": 10}))  # 0.02 < 1/10
+    covered, _ = student_privacy(distill_out)
+    assert any(c.startswith("models/regressor.onnx:") and "not covered" in c for c in covered)
