@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from core.errors import UserError
-from federated.watchdog import alive, all_pids, pids_with_markers
+from federated.watchdog import REMOVE, alive, all_pids, pids_with_markers
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml with [tool.flwr.app]
@@ -271,8 +271,9 @@ class Processes:
     while the context is open, a watchdog ends them all if this process dies abruptly.
     """
 
-    def __init__(self, log_dir: Path, env: dict[str, str]):
+    def __init__(self, log_dir: Path, env: dict[str, str], *, disposable: Sequence[Path] = ()):
         self.token = uuid.uuid4().hex
+        self.disposable = list(disposable)  # scratch folders the watchdog deletes if this process dies abruptly
         self.log_dir, self.env = log_dir, {**env, RUN_TOKEN_VAR: self.token}
         # Ray starts some agents without our token but with these per-run folders in their environment.
         self.markers = [f"{RUN_TOKEN_VAR}={self.token}"] + [
@@ -288,7 +289,14 @@ class Processes:
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
         with (self.log_dir / "watchdog.log").open("ab") as out:
             self.watchdog = subprocess.Popen(
-                [sys.executable, "-m", "federated.watchdog", str(os.getpid()), *self.markers],
+                [
+                    sys.executable,
+                    "-m",
+                    "federated.watchdog",
+                    str(os.getpid()),
+                    *self.markers,
+                    *(f"{REMOVE}{d}" for d in self.disposable),
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -243,7 +243,11 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
     with (
         _ray_tmp(work) as ray_tmp,
         launcher.sigterm_as_exit(),
-        launcher.Processes(work / "logs", launcher.flower_env(flwr_home, ray_tmp=ray_tmp)) as procs,
+        # The work folder is scratch (checkpoints and ledgers are mirrored into the run directory): if this
+        # process is killed, the watchdog deletes it and Ray's folder rather than leave private-data weights behind.
+        launcher.Processes(
+            work / "logs", launcher.flower_env(flwr_home, ray_tmp=ray_tmp), disposable=[work, ray_tmp]
+        ) as procs,
     ):
         superlink = procs.start(
             "superlink",

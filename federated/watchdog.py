@@ -1,4 +1,4 @@
-"""``python -m federated.watchdog PARENT_PID MARKER...``: end a federated run whose parent died abruptly.
+"""``python -m federated.watchdog PARENT_PID MARKER... [--remove=DIR...]``: end a federated run whose parent died.
 
 Started by :class:`federated.launcher.Processes` in a session of its own. It polls
 ``PARENT_PID`` every :data:`POLL_S` seconds; once that process is gone (``kill -9``,
@@ -14,6 +14,7 @@ Kept free of heavy imports: it must start in a fraction of a second.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Sequence
 POLL_S = 0.2  # how often the parent is checked, seconds
 QUIET_S = 3.0  # stop sweeping after this long without finding a process of the run
 MAX_SWEEP_S = 60.0  # give up sweeping after this long
+REMOVE = "--remove="  # argument prefix: a scratch folder to delete once the run's processes are gone
 
 
 def _parent_alive(pid: int, original_ppid: int) -> bool:
@@ -84,12 +86,20 @@ def sweep(markers: Sequence[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parent, markers = int(argv[0]), argv[1:]
+    parent = int(argv[0])
+    markers = [a for a in argv[1:] if not a.startswith(REMOVE)]
+    disposable = [a[len(REMOVE) :] for a in argv[1:] if a.startswith(REMOVE)]
     original_ppid = os.getppid()
     while _parent_alive(parent, original_ppid):
         time.sleep(POLL_S)
     n = sweep(markers)
-    print(f"watchdog: parent {parent} died; killed {n} process(es) of run {markers[0]}", flush=True)
+    for folder in disposable:
+        # The run's scratch folders (weights and ledgers trained on private data, Ray's session): the parent's
+        # own clean-up never ran. What a resume needs was already mirrored into the run directory.
+        shutil.rmtree(folder, ignore_errors=True)
+    print(
+        f"watchdog: parent {parent} died; killed {n} process(es) of run {markers[0]}; removed {disposable}", flush=True
+    )
     return 0
 
 

@@ -158,6 +158,10 @@ def test_kill_9_of_the_pipeline_mid_round_leaves_no_flower_process_and_no_traini
         left = _processes_mentioning(str(tmp))
         assert not left, f"processes of the killed run still alive {time.monotonic() - t_kill:.1f} s later: {left}"
         print(f"every process of the run gone {time.monotonic() - t_kill:.2f} s after kill -9")
+        # The watchdog deletes the run's scratch folder (weights and ledgers trained on private data).
+        while list(tmp.glob("flwr-*")) and time.monotonic() - t_kill < 20:
+            time.sleep(0.2)
+        assert not list(tmp.glob("flwr-*")), "the killed run's work folder (private-data weights) was left behind"
         before = _files(tmp)
         time.sleep(5)
         assert _files(tmp) == before, "files of the killed run changed after the kill: training went on"
