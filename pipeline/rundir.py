@@ -31,6 +31,14 @@ SIGNATURE = "manifest.sig"  # optional Ed25519 signature of manifest.json (pytho
 LIBRARIES = ("numpy", "scikit-learn", "torch", "opacus", "flwr", "shap", "lime", "safetensors", "matplotlib")
 
 
+def _accepted_hashes(entry: Mapping[str, Any]) -> set[str]:
+    """The hashes a recorded file may have: its own, and for a checkpoint caught mid-replacement the previous one."""
+    hashes = {entry["sha256"]}
+    if entry.get("kind") == "checkpoint" and isinstance(entry.get("previous_sha256"), str):
+        hashes.add(entry["previous_sha256"])
+    return hashes
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
@@ -204,6 +212,26 @@ class RunDir:
             "kind": kind,
         }
 
+    def replace_checkpoint(self, rel: str, data: bytes, *, stage: str, seed: int | None) -> None:
+        """Replace a checkpoint so that a kill at any moment leaves the file matching the manifest.
+
+        The manifest is saved first with the new hash and the current one as ``previous_sha256``,
+        then the file is replaced atomically: killed in between, the file is the previous version,
+        which :meth:`read` and :meth:`verify` still accept (a checkpoint one write behind).
+        """
+        target = self._inside(rel)
+        old = self.manifest["artifacts"].get(rel)
+        if old is None or not target.is_file():
+            # The first version: file first, then the manifest. Killed in between, the file is merely
+            # unrecorded (a resume ignores it and writes it again).
+            self.write(rel, data, stage=stage, seed=seed, kind="checkpoint")
+            self.save_manifest()
+            return
+        entry = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "stage": stage, "seed": seed}
+        self.manifest["artifacts"][rel] = {**entry, "kind": "checkpoint", "previous_sha256": old["sha256"]}
+        self.save_manifest()
+        atomic_write(target, data)
+
     def complete_stage(
         self, name: str, files: Mapping[str, bytes], *, seed: int, seconds: float, summary: Any = None
     ) -> None:
@@ -268,7 +296,7 @@ class RunDir:
             ) from None
         except OSError as exc:
             raise damaged(self.path / rel, exc.strerror or type(exc).__name__) from None
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if hashlib.sha256(data).hexdigest() not in _accepted_hashes(entry):
             raise RunDirError(
                 f"{rel!r} in {self.path} was modified after it was written (SHA-256 differs); re-run --from {entry['stage']}"
             )
@@ -290,7 +318,7 @@ class RunDir:
                 continue
             if not p.is_file():
                 problems.append(f"missing: {rel}")
-            elif sha256_file(p) != entry["sha256"]:
+            elif sha256_file(p) not in _accepted_hashes(entry):
                 problems.append(f"edited: {rel} (SHA-256 differs from the manifest)")
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path).as_posix()

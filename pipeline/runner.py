@@ -249,8 +249,7 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
 
 
 def _save_intermediate(run: RunDir, rel: str, data: bytes, stage: str, seed: int) -> None:
-    run.write(rel, data, stage=stage, seed=seed, kind="checkpoint")
-    run.save_manifest()
+    run.replace_checkpoint(rel, data, stage=stage, seed=seed)
 
 
 def _load_intermediate(run: RunDir, rel: str) -> bytes | None:
