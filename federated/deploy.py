@@ -210,18 +210,7 @@ def deploy(
             )
             if isolation == "process":  # --- issue 12 finding 3: one long-lived ClientApp process per site
                 _start_clientapp_worker(procs, i, runtime_port=runtime_port, supernode_pid=node.pid, secret=secret)
-        run = procs.start(
-            "flwr-run",
-            [
-                launcher.bin_path("flwr"),
-                "run",
-                str(launcher.REPO_ROOT),
-                CONNECTION,
-                "--stream",
-                "--run-config",
-                str(rc_path),
-            ],
-        )
+        run = launcher.start_flwr_run(procs, CONNECTION, rc_path)
         node_exits: list[dict] = []
         while run.poll() is None:
             if superlink.poll() is not None:

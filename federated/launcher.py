@@ -360,6 +360,12 @@ class Processes:
         self.stop()
 
 
+def start_flwr_run(procs: "Processes", connection: str, run_config: Path, *extra: str) -> subprocess.Popen:
+    """Submit this repo as a Flower app to ``connection`` with ``flwr run --stream`` (simulation and deployment)."""
+    argv = [bin_path("flwr"), "run", str(REPO_ROOT), connection, "--stream", "--run-config", str(run_config), *extra]
+    return procs.start("flwr-run", argv)
+
+
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
     """Turn SIGTERM into SystemExit while active, so ``finally`` blocks stop the processes."""

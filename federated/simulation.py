@@ -265,19 +265,12 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
         launcher.wait_until_healthy(
             superlink, port, timeout_s=SUPERLINK_START_TIMEOUT_S, what="flower-superlink", logs=procs, name="superlink"
         )
-        run = procs.start(
-            "flwr-run",
-            [
-                launcher.bin_path("flwr"),
-                "run",
-                str(launcher.REPO_ROOT),
-                CONNECTION,
-                "--stream",
-                "--run-config",
-                str(rc_path),
-                "--federation-config",
-                f"num-supernodes={n_supernodes} client-resources-num-cpus=1",
-            ],
+        run = launcher.start_flwr_run(
+            procs,
+            CONNECTION,
+            rc_path,
+            "--federation-config",
+            f"num-supernodes={n_supernodes} client-resources-num-cpus=1",
         )
         while run.poll() is None:
             if superlink.poll() is not None:
