@@ -8,7 +8,7 @@ Poisson batch, which :mod:`core.privacy` performs.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -76,34 +76,83 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, model: nn.Module, mu: fl
     optimizer.register_step_pre_hook(hook)
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches of one shuffled epoch (no DataLoader: it dominates the cost of these tiny models)."""
+def shuffled_batches(
+    n: int, batch_size: int, generator: torch.Generator, *, device: torch.device | str | None = None
+) -> Iterator[torch.Tensor]:
+    """Index batches of one shuffled epoch (no DataLoader: it dominates the cost of these tiny models).
+
+    The permutation is drawn by ``generator`` (on the CPU: the same order on every device) and, when
+    ``device`` is given, copied there once per epoch, so indexing device-resident data costs no
+    host-to-device copy per batch.
+    """
     order = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+    if device is not None:
+        order = order.to(device)
+    yield from torch.split(order, batch_size)
 
 
-def random_shift(xb: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image of ``xb`` (B, C, H, W) by its own random offset in [-max_shift, max_shift].
+def draw_shifts(
+    sizes: Sequence[int], max_shift: int, generator: torch.Generator, *, device: torch.device | str | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(dy, dx)`` offsets of :func:`random_shift` for batches of ``sizes``, drawn for a whole epoch at once.
 
+    They are drawn from ``generator`` in exactly the order per-batch calls of :func:`random_shift`
+    would draw them (dy then dx of each batch; nothing for an empty batch), so an epoch's
+    augmentation is the same whether drawn per batch or up front; then copied to ``device`` in
+    one transfer instead of two per batch.
+
+    Returns
+    -------
+    One ``(dy, dx)`` pair of (B,) int64 tensors per size.
+    """
+    if max_shift <= 0:
+        return [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)) for _ in sizes]
+    high = 2 * max_shift + 1
+    draws = [
+        torch.randint(0, high, (b,), generator=generator) if b else torch.zeros(0, dtype=torch.long)
+        for b in sizes
+        for _ in range(2)
+    ]
+    flat = torch.cat(draws) if draws else torch.zeros(0, dtype=torch.long)
+    if device is not None:
+        flat = flat.to(device)
+    parts = torch.split(flat, [b for b in sizes for _ in range(2)])
+    return [(parts[2 * i], parts[2 * i + 1]) for i in range(len(sizes))]
+
+
+def shift_images(xb: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image of ``xb`` (B, C, H, W) by ``(dy - max_shift, dx - max_shift)`` pixels.
+
+    ``dy``, ``dx`` (B,) are offsets in [0, 2 * max_shift] on ``xb``'s device (:func:`draw_shifts`).
     Uncovered pixels take the image's own minimum (the background of standardised digits).
-
-    A per-record transformation: under DP it touches only the record it augments, so the
-    guarantee is unchanged.
     """
     if max_shift <= 0 or len(xb) == 0:
         return xb
     b, _, h, w = xb.shape
     floor = xb.amin(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
     padded = nn.functional.pad(xb - floor, (max_shift,) * 4) + floor  # (B, C, H+2s, W+2s)
-    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(xb.device)
-    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(xb.device)
     rows = (dy[:, None] + torch.arange(h, device=xb.device))[:, None, :, None].expand(
         b, xb.shape[1], h, w + 2 * max_shift
     )
     out = padded.gather(2, rows)  # (B, C, H, W+2s)
     cols = (dx[:, None] + torch.arange(w, device=xb.device))[:, None, None, :].expand(b, xb.shape[1], h, w)
     return out.gather(3, cols)  # (B, C, H, W)
+
+
+def random_shift(xb: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image of ``xb`` (B, C, H, W) by its own random offset in [-max_shift, max_shift].
+
+    Uncovered pixels take the image's own minimum (the background of standardised digits).
+    :func:`fit` draws a whole epoch's offsets at once (:func:`draw_shifts`, same stream); this
+    per-batch form is for callers holding one batch.
+
+    A per-record transformation: under DP it touches only the record it augments, so the
+    guarantee is unchanged.
+    """
+    if max_shift <= 0 or len(xb) == 0:
+        return xb
+    ((dy, dx),) = draw_shifts([len(xb)], max_shift, generator, device=xb.device)
+    return shift_images(xb, dy, dx, max_shift)
 
 
 def train_one_epoch(
@@ -119,10 +168,14 @@ def train_one_epoch(
 
     Returns the mean training loss. An empty batch (only possible under Poisson sampling) still
     takes its noise-only step (:func:`core.privacy.noise_only_step`), as DP-SGD's analysis assumes.
+
+    The step path never waits for the device: the loss is summed on the device (in float64, the
+    same arithmetic as a Python float sum) and read once, at the end of the epoch.
     """
     model.train()
     criterion = criterion or loss_fn(task)
-    total, count = 0.0, 0
+    total: torch.Tensor | None = None  # sum of batch loss x batch length, on the device, float64
+    count = 0
     for xb, yb in batches:
         if len(xb) == 0:
             privacy.noise_only_step(model, optimizer)
@@ -133,9 +186,10 @@ def train_one_epoch(
         loss = criterion(_output(model, xb, task), yb)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(xb)
+        weighted = loss.detach().double() * len(xb)
+        total = weighted if total is None else total + weighted
         count += len(xb)
-    return total / max(count, 1)
+    return float(total) / count if total is not None else 0.0
 
 
 @torch.no_grad()

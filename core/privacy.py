@@ -222,14 +222,26 @@ class PrivateTraining:
     noise_generator: torch.Generator  # Gaussian noise (parameters' device); same secrecy
     criterion: Any = None  # ghost mode: Opacus' DPLossFastGradientClipping, the loss the loop must use
 
+    def index_batches(self, *, device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """One epoch of Poisson-sampled index batches (some may be empty), drawn by Opacus' sampler.
+
+        The whole epoch is drawn on the CPU first (the same draws, in the same order, as iterating
+        the sampler step by step: nothing else uses its generator) and copied to ``device`` in one
+        transfer, so the training steps wait for no host-to-device copy.
+        """
+        idx = [torch.as_tensor(i, dtype=torch.long) for i in self.loader.batch_sampler]
+        flat = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+        if device is not None:
+            flat = flat.to(device)
+        return list(torch.split(flat, [len(i) for i in idx]))
+
     def batches(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of Poisson-sampled ``(x, y)`` batches, drawn by Opacus' sampler.
+        """One epoch of Poisson-sampled ``(x, y)`` batches (:meth:`index_batches` on ``x``'s device).
 
         Indexing the tensors directly instead of iterating the DataLoader skips its per-record
         collation, which took ~40% of a DP epoch of the digits CNN on this machine.
         """
-        for idx in self.loader.batch_sampler:
-            idx = torch.as_tensor(idx, dtype=torch.long)
+        for idx in self.index_batches(device=x.device):
             yield x[idx], y[idx]
 
     def history(self) -> History:

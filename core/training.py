@@ -14,7 +14,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from core import privacy, seeds
 from core.config import DPConfig, FitConfig
 from core.epoch import (
     add_proximal_term,
+    draw_shifts,
     evaluate,
     loss_fn,
     make_optimizer,
@@ -31,6 +32,7 @@ from core.epoch import (
     progress_bar,
     random_shift,
     resolve_device,
+    shift_images,
     shuffled_batches,
     train_one_epoch,
 )
@@ -42,6 +44,7 @@ __all__ = [  # the training core's public names, the re-exported primitives of c
     "EarlyStopping",
     "TrainingResult",
     "checkpoint_bytes",
+    "draw_shifts",
     "evaluate",
     "fit",
     "loss_fn",
@@ -50,6 +53,7 @@ __all__ = [  # the training core's public names, the re-exported primitives of c
     "random_shift",
     "read_checkpoint",
     "resolve_device",
+    "shift_images",
     "shuffled_batches",
     "train_one_epoch",
 ]
@@ -419,7 +423,8 @@ def check_diverged(model: nn.Module, train_loss: float, *, epoch: int, desc: str
     TrainingDivergedError
         Naming the epoch; callers that know the config key add it (``lower cnn.fit.lr``).
     """
-    finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    checks = [torch.isfinite(p).all() for p in model.parameters()]
+    finite_weights = bool(torch.stack(checks).all()) if checks else True  # one device-to-host read per epoch
     if np.isfinite(train_loss) and finite_weights:
         return
     what = "weights" if np.isfinite(train_loss) else f"train loss ({train_loss})"
@@ -447,19 +452,24 @@ class _Loop:
     desc: str  # what trains, for messages ("cnn", "distill regressor")
     ema: _EMA | None = None  # parameter averaging of the iterates, when configured
 
-    def batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch's batches: Poisson-sampled under DP, else a seeded shuffle."""
-        if self.private_run is not None:
-            return self.private_run.batches(self.xt, self.yt)
-        order = shuffled_batches(len(self.xt), self.fit_cfg.batch_size, self.data_generator)
-        return ((self.xt[i], self.yt[i]) for i in order)
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's batches: Poisson-sampled under DP, else a seeded shuffle; augmented when configured.
 
-    def transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The per-record augmentation of image batches, if configured."""
+        The epoch's indices (and augmentation offsets) are drawn on the CPU up front, in the order
+        per-batch draws would take, and copied to the device once: the batches then index the
+        device-resident data with no host-to-device copy or wait per step.
+        """
+        if self.private_run is not None:
+            index = self.private_run.index_batches(device=self.xt.device)
+        else:
+            index = list(
+                shuffled_batches(len(self.xt), self.fit_cfg.batch_size, self.data_generator, device=self.xt.device)
+            )
         shift = self.fit_cfg.augment_shift
-        if not shift or self.xt.ndim != 4:
-            return None
-        return lambda xb: random_shift(xb, shift, self.data_generator)
+        if not shift or self.xt.ndim != 4:  # the per-record augmentation is for image batches only
+            return ((self.xt[i], self.yt[i]) for i in index)
+        offsets = draw_shifts([len(i) for i in index], shift, self.data_generator, device=self.xt.device)
+        return ((shift_images(self.xt[i], dy, dx, shift), self.yt[i]) for i, (dy, dx) in zip(index, offsets))
 
     def epoch(
         self, epoch: int, state: _Progress, *, x_val: np.ndarray | None, y_val: np.ndarray | None
@@ -471,7 +481,6 @@ class _Loop:
             self.optimizer,
             self.batches(),
             task=self.task,
-            transform=self.transform(),
             criterion=self.criterion,
         )
         check_diverged(self.model, train_loss, epoch=epoch, desc=self.desc)
