@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from core.errors import RunDirError
+from core.placement import Placement
 from core.training import Checkpoint, checkpoint_bytes, read_checkpoint
 
 
@@ -18,8 +19,13 @@ class Runtime:
     save_bytes: Callable[[str, bytes], None] | None = None  # persist an intermediate file (checkpoints)
     load_bytes: Callable[[str], bytes | None] | None = None  # read it back, None when absent
     checkpoint_every_s: float = 5.0  # write a checkpoint at most this often (always after the last epoch)
+    placement: dict[str, Any] | None = None  # the stage's device decision (Placement.record), for the manifest
     _memory: dict[str, bytes] = field(default_factory=dict)
     _last_save: dict[str, float] = field(default_factory=dict)
+
+    def record_placement(self, placement: Placement) -> None:
+        """Note the device the stage runs on and why; the runner writes it into the manifest."""
+        self.placement = placement.record()
 
     def save_checkpoint(self, name: str, ck: Checkpoint) -> None:
         """Persist the training checkpoint of model ``name`` (replacing the previous one), throttled."""

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from core import mia, models, seeds, training
+from core import mia, models, placement, seeds, training
 from core.artifacts import json_bytes, npz_bytes, read_json, read_npz
 from core.config import Config, FitConfig
 from core.data import Dataset
@@ -51,6 +51,7 @@ def _train_shadows(
     n_shadows: int,
     seed_of: Callable[[int], int],
     assignment_seed: int,
+    device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train the shadows on balanced halves of (x, y); return their φ on every record and the in-mask."""
     in_mask = mia.shadow_assignment(len(x), n_shadows, seed=assignment_seed)  # (S, N)
@@ -72,11 +73,11 @@ def _train_shadows(
             task=task,
             fit_cfg=cfg_i,
             dp=train_dp,
-            device=torch.device("cpu"),
+            device=device,
             seed=s,
             desc=f"shadow {i}",
         )
-        phis.append(mia.confidence_logit(training.predict(shadow.eval(), x), y, task=task))
+        phis.append(mia.confidence_logit(training.predict(shadow.eval(), x, device=device), y, task=task))
     return np.stack(phis), in_mask
 
 
@@ -108,8 +109,14 @@ def _attacks(
     return summary, scores
 
 
-def audit_model(cfg: Config, name: str, ds: Dataset, tm: TrainedModel, *, seed: int) -> dict[str, Any]:
-    """Attack one released model and its positive control; returns the record and the raw scores."""
+def audit_model(
+    cfg: Config, name: str, ds: Dataset, tm: TrainedModel, *, seed: int, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Attack one released model and its positive control; returns the record and the raw scores.
+
+    ``device`` is where the shadows and the control train (the stage's :class:`core.placement.Placement`).
+    """
+    device = device or torch.device("cpu")
     a = cfg.audit
     t0 = time.perf_counter()
     task = ds.task
@@ -131,7 +138,7 @@ def audit_model(cfg: Config, name: str, ds: Dataset, tm: TrainedModel, *, seed: 
     if dp_on and tm.training.get("public_pretraining"):
 
         def pretrain(model: torch.nn.Module, s: int) -> None:
-            public_pretrain(cfg, name, model, ds, device=torch.device("cpu"), seed=seeds.pretrain_seed(s))
+            public_pretrain(cfg, name, model, ds, device=device, seed=seeds.pretrain_seed(s))
 
     shadow_phi, in_mask = _train_shadows(
         spec=tm.spec,
@@ -144,6 +151,7 @@ def audit_model(cfg: Config, name: str, ds: Dataset, tm: TrainedModel, *, seed: 
         n_shadows=a.n_shadows,
         seed_of=lambda i: seeds.audit_seed(seed, "shadow", i),
         assignment_seed=seeds.audit_seed(seed, "shadow", -1),
+        device=device,
     )
     stats_seed = seeds.audit_seed(seed, "statistics")
     target, target_scores = _attacks(
@@ -159,7 +167,7 @@ def audit_model(cfg: Config, name: str, ds: Dataset, tm: TrainedModel, *, seed: 
         seed=stats_seed,
         n_resamples=a.bootstrap,
     )
-    control, control_scores = _control(cfg, name, ds, tm, x=x, y=y, n=n, seed=seed)
+    control, control_scores = _control(cfg, name, ds, tm, x=x, y=y, n=n, seed=seed, device=device)
     record = {
         "title": models.title(name),
         "task": task,
@@ -189,7 +197,16 @@ def audit_model(cfg: Config, name: str, ds: Dataset, tm: TrainedModel, *, seed: 
 
 
 def _control(
-    cfg: Config, name: str, ds: Dataset, tm: TrainedModel, *, x: np.ndarray, y: np.ndarray, n: int, seed: int
+    cfg: Config,
+    name: str,
+    ds: Dataset,
+    tm: TrainedModel,
+    *,
+    x: np.ndarray,
+    y: np.ndarray,
+    n: int,
+    seed: int,
+    device: torch.device,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A deliberately overfit copy of the architecture, attacked the same way (the attack's positive control)."""
     a = cfg.audit
@@ -215,10 +232,11 @@ def _control(
         task=ds.task,
         fit_cfg=control_fit,
         dp=None,
-        device=torch.device("cpu"),
+        device=device,
         seed=control_seed,
         desc=f"{name} positive control",
     )
+    control.cpu()  # attacked below on the CPU, like the released model
     shadow_phi, in_mask = _train_shadows(
         spec=tm.spec,
         x=xc,
@@ -230,6 +248,7 @@ def _control(
         n_shadows=a.n_shadows,
         seed_of=lambda i: seeds.audit_seed(seed, "control_shadow", i),
         assignment_seed=seeds.audit_seed(seed, "control_shadow", -1),
+        device=device,
     )
     summary, scores = _attacks(
         released=control,
@@ -270,9 +289,30 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
         return {"enabled": False, "models": {}, "scores": {}, "fprs": list(FPRS)}
     datasets, trained = inputs["data"], inputs["train"]
     records, scores = {}, {}
+    a = cfg.audit
+    work = []
+    for name, entry in models.MODELS.items():
+        fit_cfg, n = fit_config(cfg, name), min(a.n_eval, len(datasets[entry.dataset].y["train"]))
+        epochs = a.shadow_epochs or fit_cfg.epochs
+        work.append(
+            (
+                trained.models[name].build,
+                tuple(datasets[entry.dataset].x["train"].shape[1:]),
+                min(fit_cfg.batch_size, n),
+                n * epochs * (a.n_shadows + 1) + a.control_rows * a.control_epochs * (a.n_shadows + 1),
+            )
+        )
+    where = placement.stage_placement("audit", requested=cfg.train.device, work=work)
+    if runtime is not None:
+        runtime.record_placement(where)
     for name, entry in models.MODELS.items():
         result = audit_model(
-            cfg, name, datasets[entry.dataset], trained.models[name], seed=seeds.derive_seed(seed, name)
+            cfg,
+            name,
+            datasets[entry.dataset],
+            trained.models[name],
+            seed=seeds.derive_seed(seed, name),
+            device=where.torch_device,
         )
         records[name], scores[name] = result["record"], result["scores"]
         log.info(

@@ -27,7 +27,7 @@ import torch
 from sklearn.tree import DecisionTreeRegressor, export_text
 from torch import nn
 
-from core import models, privacy, training
+from core import models, placement, privacy, training
 from core.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
 from core.config import Config
 from core.data import Dataset
@@ -462,7 +462,9 @@ def _speed(
     return out
 
 
-def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, *, seed: int) -> dict[str, Any]:
+def _distill_one(
+    cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, *, seed: int, device: torch.device | None = None
+) -> dict[str, Any]:
     k = cfg.distill
     teacher = teacher_tm.build()
     transfer = transfer_set(cfg, ds, seed=seed)
@@ -504,14 +506,14 @@ def _distill_one(cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, 
             task=task,
             fit_cfg=fit_cfg,
             dp=dp,
-            device=torch.device("cpu"),
+            device=device or torch.device("cpu"),
             seed=seed,
             criterion=criterion,
             desc=f"distill {name}",
         )
     except TrainingDivergedError as exc:
         raise diverged(exc, "distill.fit", fit_cfg) from None
-    student.eval()
+    student.cpu().eval()  # measured, exported and timed on the CPU, where it is served
     x_test = ds.x["test"]
     t_test, s_test = training.predict(teacher, x_test), training.predict(student, x_test)
     onnx, onnx_diff = export_served(student, ds)
@@ -622,8 +624,31 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     source-row indices of its real transfer rows.
     """
     datasets, trained = inputs["data"], inputs["train"]
+    k = cfg.distill
+    # An upper bound of the students' work: the teacher's size (a student is >= 10x smaller), every row of
+    # the dataset and every synthetic copy, for the longer of the two epoch settings.
+    copies = 1 + k.synthetic_per_row + k.augment_per_row + k.mixup_per_row
+    work = [
+        (
+            trained.models[name].build,
+            tuple(datasets[entry.dataset].x["train"].shape[1:]),
+            k.fit.batch_size,
+            sum(len(v) for v in datasets[entry.dataset].y.values()) * copies * max(k.fit.epochs, k.augmented_epochs),
+        )
+        for name, entry in models.MODELS.items()
+    ]
+    where = placement.stage_placement("distill", requested=cfg.train.device, work=work)
+    if runtime is not None:
+        runtime.record_placement(where)
     return {
-        name: _distill_one(cfg, name, datasets[entry.dataset], trained.models[name], seed=derive_seed(seed, name))
+        name: _distill_one(
+            cfg,
+            name,
+            datasets[entry.dataset],
+            trained.models[name],
+            seed=derive_seed(seed, name),
+            device=where.torch_device,
+        )
         for name, entry in models.MODELS.items()
     }
 

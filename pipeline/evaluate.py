@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from sklearn import metrics as skm
 
-from core import training
+from core import placement, training
 from core.artifacts import json_bytes, read_json
 from core.config import Config
 from core.data import Dataset
@@ -174,11 +174,20 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     """
     trained: TrainOutput = inputs["train"]
     out: dict[str, Any] = {}
+    work = []
+    for name, entry in MODELS.items():
+        ds_: Dataset = inputs["data"][entry.dataset]
+        n = len(ds_.y["test"]) + len(ds_.y["val"])
+        work.append((trained.models[name].build, tuple(ds_.x["test"].shape[1:]), min(n, 1024), n))
+    where = placement.stage_placement("evaluate", requested=cfg.train.device, work=work)
+    if runtime is not None:
+        runtime.record_placement(where)
     for name, entry in MODELS.items():
         ds: Dataset = inputs["data"][entry.dataset]
-        model = trained.models[name].build()
+        model = trained.models[name].build().to(where.torch_device)
         out[name] = {
-            split: _metrics(ds, split, training.predict(model, ds.x[split]), seed=seed) for split in ("test", "val")
+            split: _metrics(ds, split, training.predict(model, ds.x[split], device=where.torch_device), seed=seed)
+            for split in ("test", "val")
         }
         if name in trained.public_only:
             out[name]["public_only"] = public_only_comparison(

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from torch import nn
 
+from core import placement
 from core.artifacts import json_bytes, npz_bytes, read_json, read_npz
 from core.config import Config, ExplainConfig
 from core.data import Dataset
@@ -644,7 +645,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     cfg : resolved configuration (``cfg.explain``).
     inputs : ``{"data": ..., "train": ...}`` outputs of the earlier stages.
     seed : stage seed; each model, explainer and metric derives its own.
-    runtime : unused.
+    runtime : receives the stage's device decision (always the CPU: shap and LIME are given CPU arrays).
 
     Returns
     -------
@@ -657,6 +658,19 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     """
     t0 = time.perf_counter()
     datasets, trained = inputs["data"], inputs["train"]
+    e = cfg.explain
+    work = [
+        (
+            trained.models[name].build,
+            tuple(datasets[entry.dataset].x["test"].shape[1:]),
+            e.background_size,
+            e.lime_num_samples * max(e.n_rows, e.n_images),
+        )
+        for name, entry in MODELS.items()
+    ]
+    where = placement.stage_placement("explain", requested=cfg.train.device, work=work, cuda_path=False)
+    if runtime is not None:
+        runtime.record_placement(where)
     out: dict[str, ModelExplanations] = {}
     with warnings.catch_warnings(record=True) as caught:
         # Recorded, not silenced: each is logged now and copied into the report's caveats.

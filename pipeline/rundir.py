@@ -233,15 +233,24 @@ class RunDir:
         atomic_write(target, data)
 
     def complete_stage(
-        self, name: str, files: Mapping[str, bytes], *, seed: int, seconds: float, summary: Any = None
+        self,
+        name: str,
+        files: Mapping[str, bytes],
+        *,
+        seed: int,
+        seconds: float,
+        summary: Any = None,
+        device: Mapping[str, Any] | None = None,
     ) -> None:
-        """Write all of a stage's files, then (only then) mark it complete."""
+        """Write all of a stage's files, then (only then) mark it complete (``device``: its placement record)."""
         for rel, data in files.items():
             self.write(rel, data, stage=name, seed=seed)
         entry = self.manifest["stages"][name]
         entry.update({"status": "complete", "seconds": round(seconds, 3), "artifacts": sorted(files)})
         if summary is not None:
             entry["summary"] = summary
+        if device is not None:
+            entry["device"] = dict(device)
         self.save_manifest()
 
     def fail_stage(self, name: str, error: str) -> None:

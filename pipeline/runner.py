@@ -243,7 +243,7 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
         except BaseException as exc:
             run.fail_stage(name, f"{type(exc).__name__}: {exc}")
             raise
-        run.complete_stage(name, files, seed=seed, seconds=time.perf_counter() - t0)
+        run.complete_stage(name, files, seed=seed, seconds=time.perf_counter() - t0, device=runtime.placement)
         outputs[name] = out
     return outputs
 

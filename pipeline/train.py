@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import Ridge
 
-from core import models, seeds, training
+from core import models, placement, seeds, training
 from core.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
 from core.config import Config
 from core.data import Dataset
@@ -68,6 +68,17 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
     trained: dict[str, TrainedModel] = {}
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     if cfg.train.mode == "federated":
+        runtime.record_placement(
+            placement.Placement(
+                "train",
+                device.type,
+                cfg.train.device,
+                "federated: every client resolves train.device itself (auto = CUDA when present); "
+                "the size rule of core.placement is not applied to clients",
+                0.0,
+                0.0,
+            )
+        )
         # lazily: Flower and Ray take seconds to import
         from federated.simulation import train_federated, train_federated_models
 
@@ -96,6 +107,9 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
         return TrainOutput(models=trained, ridge=baseline)
     if cfg.dp.enabled:
         preflight(cfg, datasets)
+    where = train_placement(cfg, datasets, specs)
+    runtime.record_placement(where)
+    device = training.resolve_device(where.device, num_threads=cfg.train.num_threads)
     public_only: dict[str, dict[str, torch.Tensor]] = {}
     for name, entry in models.MODELS.items():
         trained[name] = _train_central(
@@ -109,6 +123,23 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
             public_only=public_only,
         )
     return TrainOutput(models=trained, ridge=baseline, public_only=public_only)
+
+
+def train_placement(cfg: Config, datasets: Mapping[str, Dataset], specs: Mapping[str, Any]) -> placement.Placement:
+    """Where central training runs: each model's step (batch) and its epochs over train and validation rows."""
+    work = []
+    for name, entry in models.MODELS.items():
+        ds, fit_cfg = datasets[entry.dataset], fit_config(cfg, name)
+        n_train, n_val = len(ds.y["train"]), len(ds.y["val"])
+        work.append(
+            (
+                lambda spec=specs[name]: models.build(spec),
+                tuple(ds.x["train"].shape[1:]),
+                min(fit_cfg.batch_size, n_train),
+                (n_train + n_val) * fit_cfg.epochs,
+            )
+        )
+    return placement.stage_placement("train", requested=cfg.train.device, work=work)
 
 
 def _train_central(

@@ -501,6 +501,12 @@ def reproducibility_section(cfg: Config, manifest: Mapping[str, Any] | None, see
             "python -m pipeline verify RUN_DIR --rerender                # re-render the report; compare it byte for byte",
         ],
         "stage_seconds": {name: s.get("seconds") for name, s in stages.items()},
+        # where each model-running stage ran and why (core.placement): "cpu: auto: small steps (...)"
+        "stage_devices": {
+            name: f"{s['device']['device']}: {s['device']['reason']}"
+            for name, s in stages.items()
+            if isinstance(s.get("device"), dict)
+        },
         "artifacts": artifacts,
         "self_hash_note": "The report's own files cannot contain their hashes; manifest.json records them "
         "(stage 'report') and `python -m pipeline verify RUN_DIR` checks them.",

@@ -796,6 +796,7 @@ def _reproducibility(c: Mapping[str, Any]) -> str:
                 "run id": r["run_id"],
                 "git commit": r["git_commit"],
                 "device": r["device"],
+                "device per stage": r.get("stage_devices") or "(not recorded)",
                 "platform": r["platform"],
                 "python": r["python_executable"],
                 "root seed": r["root_seed"],

@@ -42,6 +42,12 @@ def test_end_to_end_run_directory(tmp_path, tiny_overrides):
         assert sha256_file(run / rel) == entry["sha256"], rel
         assert entry["stage"] in manifest["stages"]
     assert manifest["library_versions"]["torch"] and manifest["device"] in ("cpu", "cuda")
+    placed = {s: manifest["stages"][s]["device"] for s in ("train", "evaluate", "explain", "distill", "audit")}
+    for stage, where in placed.items():  # every model-running stage records its device and why
+        assert where["stage"] == stage and where["device"] in ("cpu", "cuda") and where["reason"], where
+    assert placed["explain"]["device"] == "cpu"  # no CUDA path
+    report_json = json.loads((run / "report.json").read_text())
+    assert report_json["reproducibility"]["stage_devices"]["train"].startswith(placed["train"]["device"])
     assert (run / "config.toml").read_text().count("[cnn.fit]") == 1
     metrics = json.loads((run / "metrics" / "evaluation.json").read_text())
     assert 0 <= metrics["cnn"]["test"]["accuracy"] <= 1 and len(metrics["cnn"]["test"]["confusion_matrix"]) == 10
