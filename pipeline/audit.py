@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from core import mia, models, placement, seeds, training
 from core.artifacts import json_bytes, npz_bytes, read_json, read_npz
@@ -278,6 +279,30 @@ def _control(
     return record, {"control_members": members, **{f"control_{k_}": v for k_, v in scores.items()}}
 
 
+def device_placement(
+    cfg: Config,
+    datasets: Mapping[str, Dataset],
+    builders: Mapping[str, Callable[[], nn.Module]],
+    *,
+    cuda_available: bool | None = None,
+) -> placement.Placement:
+    """Where the audit trains its shadows and control: each model's batch, shadow epochs and control runs."""
+    a = cfg.audit
+    work = []
+    for name, entry in models.MODELS.items():
+        fit_cfg, n = fit_config(cfg, name), min(a.n_eval, len(datasets[entry.dataset].y["train"]))
+        epochs = a.shadow_epochs or fit_cfg.epochs
+        work.append(
+            (
+                builders[name],
+                tuple(datasets[entry.dataset].x["train"].shape[1:]),
+                min(fit_cfg.batch_size, n),
+                n * epochs * (a.n_shadows + 1) + a.control_rows * a.control_epochs * (a.n_shadows + 1),
+            )
+        )
+    return placement.stage_placement("audit", requested=cfg.train.device, work=work, cuda_available=cuda_available)
+
+
 def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> dict[str, Any]:
     """Audit every registered model (or record that the audit is off).
 
@@ -289,20 +314,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
         return {"enabled": False, "models": {}, "scores": {}, "fprs": list(FPRS)}
     datasets, trained = inputs["data"], inputs["train"]
     records, scores = {}, {}
-    a = cfg.audit
-    work = []
-    for name, entry in models.MODELS.items():
-        fit_cfg, n = fit_config(cfg, name), min(a.n_eval, len(datasets[entry.dataset].y["train"]))
-        epochs = a.shadow_epochs or fit_cfg.epochs
-        work.append(
-            (
-                trained.models[name].build,
-                tuple(datasets[entry.dataset].x["train"].shape[1:]),
-                min(fit_cfg.batch_size, n),
-                n * epochs * (a.n_shadows + 1) + a.control_rows * a.control_epochs * (a.n_shadows + 1),
-            )
-        )
-    where = placement.stage_placement("audit", requested=cfg.train.device, work=work)
+    where = device_placement(cfg, datasets, {n: trained.models[n].build for n in models.MODELS})
     if runtime is not None:
         runtime.record_placement(where)
     for name, entry in models.MODELS.items():

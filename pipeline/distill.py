@@ -20,7 +20,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -613,6 +613,32 @@ def _regression_fidelity(ds: Dataset, teacher_pred: np.ndarray, student_pred: np
     }
 
 
+def device_placement(
+    cfg: Config,
+    datasets: Mapping[str, Dataset],
+    builders: Mapping[str, Callable[[], nn.Module]],
+    *,
+    cuda_available: bool | None = None,
+) -> placement.Placement:
+    """Where the students train, from an upper bound of their work.
+
+    The bound: the teacher's size (a student is >= 10x smaller), every row of the dataset and every
+    synthetic copy, for the longer of the two epoch settings. ``builders`` build the teachers.
+    """
+    k = cfg.distill
+    copies = 1 + k.synthetic_per_row + k.augment_per_row + k.mixup_per_row
+    work = [
+        (
+            builders[name],
+            tuple(datasets[entry.dataset].x["train"].shape[1:]),
+            k.fit.batch_size,
+            sum(len(v) for v in datasets[entry.dataset].y.values()) * copies * max(k.fit.epochs, k.augmented_epochs),
+        )
+        for name, entry in models.MODELS.items()
+    ]
+    return placement.stage_placement("distill", requested=cfg.train.device, work=work, cuda_available=cuda_available)
+
+
 def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> dict[str, Any]:
     """Distil both teachers.
 
@@ -624,20 +650,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     source-row indices of its real transfer rows.
     """
     datasets, trained = inputs["data"], inputs["train"]
-    k = cfg.distill
-    # An upper bound of the students' work: the teacher's size (a student is >= 10x smaller), every row of
-    # the dataset and every synthetic copy, for the longer of the two epoch settings.
-    copies = 1 + k.synthetic_per_row + k.augment_per_row + k.mixup_per_row
-    work = [
-        (
-            trained.models[name].build,
-            tuple(datasets[entry.dataset].x["train"].shape[1:]),
-            k.fit.batch_size,
-            sum(len(v) for v in datasets[entry.dataset].y.values()) * copies * max(k.fit.epochs, k.augmented_epochs),
-        )
-        for name, entry in models.MODELS.items()
-    ]
-    where = placement.stage_placement("distill", requested=cfg.train.device, work=work)
+    where = device_placement(cfg, datasets, {n: trained.models[n].build for n in models.MODELS})
     if runtime is not None:
         runtime.record_placement(where)
     return {

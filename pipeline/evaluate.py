@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 from sklearn import metrics as skm
+from torch import nn
 
 from core import placement, training
 from core.artifacts import json_bytes, read_json
@@ -161,6 +162,22 @@ def classification_metrics(
     }
 
 
+def device_placement(
+    cfg: Config,
+    datasets: Mapping[str, Dataset],
+    builders: Mapping[str, Callable[[], nn.Module]],
+    *,
+    cuda_available: bool | None = None,
+) -> placement.Placement:
+    """Where the evaluate stage predicts: batches of up to 1024 test and validation rows per model."""
+    work = []
+    for name, entry in MODELS.items():
+        ds = datasets[entry.dataset]
+        n = len(ds.y["test"]) + len(ds.y["val"])
+        work.append((builders[name], tuple(ds.x["test"].shape[1:]), min(n, 1024), n))
+    return placement.stage_placement("evaluate", requested=cfg.train.device, work=work, cuda_available=cuda_available)
+
+
 def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> dict[str, Any]:
     """Metrics of every trained model on the test split (and validation, for reference).
 
@@ -174,12 +191,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     """
     trained: TrainOutput = inputs["train"]
     out: dict[str, Any] = {}
-    work = []
-    for name, entry in MODELS.items():
-        ds_: Dataset = inputs["data"][entry.dataset]
-        n = len(ds_.y["test"]) + len(ds_.y["val"])
-        work.append((trained.models[name].build, tuple(ds_.x["test"].shape[1:]), min(n, 1024), n))
-    where = placement.stage_placement("evaluate", requested=cfg.train.device, work=work)
+    where = device_placement(cfg, inputs["data"], {n: trained.models[n].build for n in MODELS})
     if runtime is not None:
         runtime.record_placement(where)
     for name, entry in MODELS.items():

@@ -637,6 +637,29 @@ def waterfall_rows(expl: Explanation, agree, n: int) -> list[int]:
 # --------------------------------------------------------------------------- the stage
 
 
+def device_placement(
+    cfg: Config,
+    datasets: Mapping[str, Dataset],
+    builders: Mapping[str, Callable[[], nn.Module]],
+    *,
+    cuda_available: bool | None = None,
+) -> placement.Placement:
+    """The explain stage's decision: always the CPU (shap and LIME are given CPU arrays); its work is recorded."""
+    e = cfg.explain
+    work = [
+        (
+            builders[name],
+            tuple(datasets[entry.dataset].x["test"].shape[1:]),
+            e.background_size,
+            e.lime_num_samples * max(e.n_rows, e.n_images),
+        )
+        for name, entry in MODELS.items()
+    ]
+    return placement.stage_placement(
+        "explain", requested=cfg.train.device, work=work, cuda_path=False, cuda_available=cuda_available
+    )
+
+
 def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> ExplainResult:
     """Explain the regressor and the CNN and measure the quality of the explanations.
 
@@ -658,17 +681,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     """
     t0 = time.perf_counter()
     datasets, trained = inputs["data"], inputs["train"]
-    e = cfg.explain
-    work = [
-        (
-            trained.models[name].build,
-            tuple(datasets[entry.dataset].x["test"].shape[1:]),
-            e.background_size,
-            e.lime_num_samples * max(e.n_rows, e.n_images),
-        )
-        for name, entry in MODELS.items()
-    ]
-    where = placement.stage_placement("explain", requested=cfg.train.device, work=work, cuda_path=False)
+    where = device_placement(cfg, datasets, {n: trained.models[n].build for n in MODELS})
     if runtime is not None:
         runtime.record_placement(where)
     out: dict[str, ModelExplanations] = {}

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 from sklearn.linear_model import Ridge
+from torch import nn
 
 from core import models, placement, seeds, training
 from core.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
@@ -107,7 +108,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
         return TrainOutput(models=trained, ridge=baseline)
     if cfg.dp.enabled:
         preflight(cfg, datasets)
-    where = train_placement(cfg, datasets, specs)
+    where = device_placement(cfg, datasets, {n: (lambda spec=specs[n]: models.build(spec)) for n in models.MODELS})
     runtime.record_placement(where)
     device = training.resolve_device(where.device, num_threads=cfg.train.num_threads)
     public_only: dict[str, dict[str, torch.Tensor]] = {}
@@ -125,7 +126,13 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
     return TrainOutput(models=trained, ridge=baseline, public_only=public_only)
 
 
-def train_placement(cfg: Config, datasets: Mapping[str, Dataset], specs: Mapping[str, Any]) -> placement.Placement:
+def device_placement(
+    cfg: Config,
+    datasets: Mapping[str, Dataset],
+    builders: Mapping[str, Callable[[], nn.Module]],
+    *,
+    cuda_available: bool | None = None,
+) -> placement.Placement:
     """Where central training runs: each model's step (batch) and its epochs over train and validation rows."""
     work = []
     for name, entry in models.MODELS.items():
@@ -133,13 +140,13 @@ def train_placement(cfg: Config, datasets: Mapping[str, Dataset], specs: Mapping
         n_train, n_val = len(ds.y["train"]), len(ds.y["val"])
         work.append(
             (
-                lambda spec=specs[name]: models.build(spec),
+                builders[name],
                 tuple(ds.x["train"].shape[1:]),
                 min(fit_cfg.batch_size, n_train),
                 (n_train + n_val) * fit_cfg.epochs,
             )
         )
-    return placement.stage_placement("train", requested=cfg.train.device, work=work)
+    return placement.stage_placement("train", requested=cfg.train.device, work=work, cuda_available=cuda_available)
 
 
 def _train_central(

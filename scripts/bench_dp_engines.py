@@ -73,7 +73,8 @@ def epoch_seconds(
         if run is not None:
             batches = run.batches(x, y)
         else:
-            batches = ((x[i], y[i]) for i in training.shuffled_batches(len(x), batch_size, generator))
+            order = training.shuffled_batches(len(x), batch_size, generator, device=x.device)  # one copy per epoch
+            batches = ((x[i], y[i]) for i in order)
         _sync(device)
         t0 = time.perf_counter()
         training.train_one_epoch(run_model, run_opt, batches, task="classification", criterion=criterion)
