@@ -84,7 +84,7 @@ class CNNConfig:
 class TrainConfig:
     mode: Literal["central", "federated"] = "central"  # where training runs
     patience: int = 15  # early stopping: epochs without validation improvement (0 = off; off under DP)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: each stage on CUDA only when its work is large (core.placement)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA per stage when its work is large (core/placement)
     num_threads: int = 1  # torch CPU threads per process (1 is fastest for these small models), >= 1
     checkpoint_every_s: float = 5.0  # seconds between training checkpoints (always one after the last epoch), >= 0
 
