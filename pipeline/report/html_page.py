@@ -795,7 +795,8 @@ def _reproducibility(c: Mapping[str, Any]) -> str:
             {
                 "run id": r["run_id"],
                 "git commit": r["git_commit"],
-                "device": r["device"],
+                # the resolved train.device setting: what was available, not where each stage ran
+                "train.device (resolved)": r["device"],
                 "device per stage": r.get("stage_devices") or "(not recorded)",
                 "platform": r["platform"],
                 "python": r["python_executable"],
