@@ -182,7 +182,9 @@ def noisy_upload(
     if weights is None:
         contribution = [np.zeros(np.shape(g), dtype=np.float64) for g in global_weights]
     else:
-        update = [np.asarray(w, dtype=np.float64) - np.asarray(g, dtype=np.float64) for w, g in zip(weights, global_weights)]
+        update = [
+            np.asarray(w, dtype=np.float64) - np.asarray(g, dtype=np.float64) for w, g in zip(weights, global_weights)
+        ]
         norm = float(np.sqrt(sum(float(np.sum(np.square(u))) for u in update)))
         scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
         contribution = [u * scale for u in update]
@@ -196,9 +198,7 @@ def out_of_range(upload: Sequence[np.ndarray], clipping_range: float) -> int:
     return int(sum(int(np.sum(np.abs(u) > clipping_range)) for u in upload))
 
 
-def known_sample_epsilon(
-    *, noise_multiplier: float, participations: int, delta: float, accountant: str
-) -> float:
+def known_sample_epsilon(*, noise_multiplier: float, participations: int, delta: float, accountant: str) -> float:
     """ε against an observer who knows the sample: ``participations`` un-amplified Gaussian rounds (q = 1)."""
     if participations <= 0:
         return 0.0

@@ -116,9 +116,7 @@ class ClientDPConfig:
     noise_placement: Literal["server", "client"] = (
         "server"  # who adds the noise: the server, or each client (needs federated.secure_aggregation=true)
     )
-    clip_sigmas: float = (
-        8.0  # k (client noise): SecAgg+ clipping range C + k·(client noise std); clip chance <= 2Φ(-k) per coordinate, >= 4
-    )
+    clip_sigmas: float = 8.0  # k (client noise): SecAgg+ clipping range C + k·(client noise std); clip chance <= 2Φ(-k) per coordinate, >= 4
     target_epsilon: float = 3.0  # user-level budget: ε for a whole client's data over all rounds, > 0
     delta: float = 1e-3  # user-level δ, in (0, 1); keep it well below 1/federated.n_clients
     sample_rate: float = 1.0  # q: each client takes part in a round independently with this probability, (0, 1]

@@ -295,4 +295,3 @@ def user_privacy_record(
             "unit_of_privacy": sample_level.get("unit_of_privacy"),
         }
     return out
-

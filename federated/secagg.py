@@ -88,9 +88,7 @@ class SecAggParams:
     max_weight: float  # the largest client's row count: n_i / max_weight <= 1
 
     @classmethod
-    def from_config(
-        cls, cfg: SecAggConfig, *, max_weight: float, noise: ClientNoise | None = None
-    ) -> "SecAggParams":
+    def from_config(cls, cfg: SecAggConfig, *, max_weight: float, noise: ClientNoise | None = None) -> "SecAggParams":
         """The workflow's parameters from the config section and the partition sizes.
 
         Under user-level DP (``noise`` given) every upload has weight 1 (``max_weight = 1``: the
@@ -301,7 +299,13 @@ class SecAggFedAvg(LegacyFedAvg):
         chosen = set(poisson_sample(nodes, sample_rate=self.plan.sample_rate, rng=self._rng))
         self._current[absolute] = parameters_to_ndarrays(parameters)
         self.dp_rounds[absolute] = {"sampled": len(chosen)}
-        log.info("round %d: %d of %d clients sampled (Poisson, q=%g)", absolute, len(chosen), len(nodes), self.plan.sample_rate)
+        log.info(
+            "round %d: %d of %d clients sampled (Poisson, q=%g)",
+            absolute,
+            len(chosen),
+            len(nodes),
+            self.plan.sample_rate,
+        )
         return [
             (proxy, FitIns(fitins.parameters, {**fitins.config, "dp-sampled": int(int(proxy.node_id) in chosen)}))
             for proxy, fitins in pairs

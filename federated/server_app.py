@@ -174,7 +174,9 @@ def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray] | Non
 def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], seconds: float) -> None:
     """Fold one finished round into the record."""
     r = replies.round
-    eps = {str(int(c["partition-id"])): float(c["epsilon"]) for c in replies.trained + replies.refused if "epsilon" in c}
+    eps = {
+        str(int(c["partition-id"])): float(c["epsilon"]) for c in replies.trained + replies.refused if "epsilon" in c
+    }
     for pid, series in record["client_epsilon"].items():
         series.append(eps.get(pid))  # None: the client did not answer this round
     trained = [{k: v for k, v in c.items() if k != "privacy"} for c in replies.trained]
@@ -189,7 +191,8 @@ def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], sec
             **metrics,
             "seconds": seconds,
             "clients_trained": sum(1 for c in replies.trained if int(c.get("dp-sampled", 1))),
-            **(  # user-level DP under SecAgg+: the clients that uploaded a zero update (+ noise)
+            # user-level DP under SecAgg+: the clients that uploaded a zero update (+ noise)
+            **(
                 {"clients_noise_only": sum(1 for c in replies.trained if not int(c.get("dp-sampled", 1)))}
                 if any("dp-sampled" in c for c in replies.trained)
                 else {}
