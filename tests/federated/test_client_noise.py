@@ -264,3 +264,35 @@ def test_clip_probability_is_the_union_bound():
         placement="server", noise_multiplier=1.0, clipping_norm=1.0, min_survivors=4, clip_sigmas=8
     )
     assert clip_probability(server, n_parameters=1000, uploads=50) == 0.0 and server.server_noise_std == 1.0
+
+
+def test_report_states_client_noise_the_server_facing_epsilon_and_what_is_not_covered():
+    from core.config import load_config
+    from core.user_privacy import user_privacy_record
+    from pipeline.report.fmt import number
+    from pipeline.report.privacy import federated_privacy
+
+    cfg = load_config(None, ["train.mode=federated", *CLIENT_NOISE, "client_dp.sample_rate=0.5"])
+    plan = plan_user_dp(cfg.client_dp, rounds=5, n_clients=3)
+    noise = secagg.noise_plan(cfg, plan)
+    rec = user_privacy_record(plan, completed_rounds=5, noise=noise, n_parameters=650, max_participations=4)
+    params = secagg.SecAggParams.from_config(cfg.federated.secagg, max_weight=300, noise=noise)
+    sa = secagg.secagg_record(params, n_clients=3, min_uploads=secagg.min_survivors(cfg), noise=noise)
+    assert params.max_weight == 1.0 and sa["clipping_range"] == pytest.approx(noise.clipping_range)
+    trained = SimpleNamespace(
+        models={
+            "cnn": SimpleNamespace(training={"user_level_privacy": rec, "secure_aggregation": sa}),
+            "regressor": SimpleNamespace(training={}),
+        }
+    )
+    off = {"enabled": False, "statement": "No formal privacy guarantee.", "models": {}, "not_covered": []}
+    out = federated_privacy(off, cfg, trained)
+    assert "noise added by the clients" in out["statement"] and "never holds a sum with noise below" in out["statement"]
+    assert "does NOT protect a client from the server itself" not in out["statement"]
+    assert rec["known_sample"]["epsilon"] > rec["epsilon"]  # no amplification against the server
+    assert f"a client is protected at ε = {number(rec['known_sample']['epsilon'], 4)}" in out["statement"]
+    assert any("stochastic rounding" in c for c in out["not_covered"])
+    assert any("which clients were sampled" in c for c in out["not_covered"])
+    [level] = out["federated"]["levels"]
+    assert level["delta"] == pytest.approx(rec["delta_accountant"] + rec["delta_clip"]) and level["delta_clip"] > 0
+    assert "for a SecAgg+ clip" in out["statement"]
