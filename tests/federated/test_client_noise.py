@@ -296,3 +296,30 @@ def test_report_states_client_noise_the_server_facing_epsilon_and_what_is_not_co
     [level] = out["federated"]["levels"]
     assert level["delta"] == pytest.approx(rec["delta_accountant"] + rec["delta_clip"]) and level["delta_clip"] > 0
     assert "for a SecAgg+ clip" in out["statement"]
+
+
+def test_server_noise_under_secagg_adds_sigma_c_to_the_unmasked_sum():
+    n, q, d = 20, 0.25, 10000
+    plan = plan_user_dp(
+        ClientDPConfig(enabled=True, sample_rate=q, delta=1e-3, target_epsilon=5.0, noise_multiplier=1.2),
+        rounds=10,
+        n_clients=n,
+    )
+    noise = plan_client_noise(
+        placement="server", noise_multiplier=plan.noise_multiplier, clipping_norm=1.0, min_survivors=10, clip_sigmas=8
+    )
+    s = secagg.SecAggFedAvg(
+        n_clients=n,
+        min_clients=2,
+        round_offset=0,
+        keys=["w"],
+        evaluate_fn=None,
+        plan=plan,
+        noise=noise,
+        rng=np.random.default_rng(4),
+    )
+    s._current[1], s.dp_rounds[1] = [np.zeros(d, np.float32)], {"sampled": 0}
+    params, _ = s._dp_release(1, _results([[np.zeros(d)]] * 12))  # clipped updates carry no noise of their own
+    [released] = parameters_to_ndarrays(params)
+    assert np.std(released) == pytest.approx(plan.noise_multiplier / (q * n), rel=0.03)
+    assert noise.noise_std == 0 and noise.clipping_range == pytest.approx(1.0, rel=1e-5)
