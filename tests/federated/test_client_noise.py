@@ -272,7 +272,9 @@ def test_report_states_client_noise_the_server_facing_epsilon_and_what_is_not_co
     from pipeline.report.fmt import number
     from pipeline.report.privacy import federated_privacy
 
-    cfg = load_config(None, ["train.mode=federated", *CLIENT_NOISE, "client_dp.sample_rate=0.5"])
+    cfg = load_config(
+        None, ["train.mode=federated", *CLIENT_NOISE, "client_dp.sample_rate=0.5", "client_dp.noise_multiplier=1.0"]
+    )
     plan = plan_user_dp(cfg.client_dp, rounds=5, n_clients=3)
     noise = secagg.noise_plan(cfg, plan)
     rec = user_privacy_record(plan, completed_rounds=5, noise=noise, n_parameters=650, max_participations=4)
