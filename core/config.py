@@ -113,7 +113,10 @@ class DPConfig:
 class ClientDPConfig:
     enabled: bool = False  # user-level DP-FedAvg (federated only): clip each client's update, Gaussian noise on the sum
     clipping_norm: float = 1.0  # L2 bound C on one client's model update (its weights minus the global weights), > 0
-    noise_placement: Literal["server"] = "server"  # who adds the noise; "client" needs secure aggregation (not built)
+    noise_placement: Literal["server", "client"] = (
+        "server"  # who adds the noise: the server, or each client (needs federated.secure_aggregation=true)
+    )
+    clip_sigmas: float = 8.0  # k (client noise): SecAgg+ clipping range C + k·(client noise std); clip chance <= 2Φ(-k) per coordinate, >= 4
     target_epsilon: float = 3.0  # user-level budget: ε for a whole client's data over all rounds, > 0
     delta: float = 1e-3  # user-level δ, in (0, 1); keep it well below 1/federated.n_clients
     sample_rate: float = 1.0  # q: each client takes part in a round independently with this probability, (0, 1]
@@ -627,6 +630,12 @@ def _validate_client_dp(cfg: Config) -> None:
     _check(0 < u.delta < 1, "client_dp.delta", u.delta, "in (0, 1), well below 1/federated.n_clients")
     _check(0 < u.sample_rate <= 1, "client_dp.sample_rate", u.sample_rate, "in (0, 1]")
     _check(u.noise_multiplier >= 0, "client_dp.noise_multiplier", u.noise_multiplier, ">= 0 (0 = plan it)")
+    _check(u.clip_sigmas >= 4, "client_dp.clip_sigmas", u.clip_sigmas, ">= 4 (8 keeps the clip chance ~1e-15)")
+    if u.enabled and u.noise_placement == "client" and not cfg.federated.secure_aggregation:
+        raise ConfigError(
+            "client_dp.noise_placement='client' needs federated.secure_aggregation=true (otherwise the server sees each "
+            "client's weakly-noised update); set federated.secure_aggregation=true or client_dp.noise_placement='server'"
+        )
     if u.enabled:
         _check(
             cfg.federated.strategy == "fedavg",

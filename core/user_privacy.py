@@ -28,12 +28,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from core.client_noise import (
+    ClientNoise,
+    clip_probability,
+    delta_with_clipping,
+    known_sample_epsilon,
+    tail_probability,
+)
 from core.config import ClientDPConfig
 from core.errors import PrivacyBudgetError
 from core.privacy import _noise_multiplier, epsilon_of
 from core.privacy_check import check_epsilon
 
 UNIT_OF_PRIVACY = "a whole client's data (user-level DP: adding or removing one client and everything it holds)"
+UNIT_OF_PRIVACY_ZERO_OUT = (
+    "a whole client's data (user-level DP, zero-out: replacing everything one client holds by a client that "
+    "contributes a zero update; which clients take part is not hidden)"
+)
 
 
 @dataclass(frozen=True)
@@ -199,12 +210,25 @@ def dp_fedavg_aggregate(
 
 
 def user_privacy_record(
-    plan: UserDPPlan, *, completed_rounds: int, sample_level: dict[str, Any] | None = None
+    plan: UserDPPlan,
+    *,
+    completed_rounds: int,
+    sample_level: dict[str, Any] | None = None,
+    noise: ClientNoise | None = None,
+    n_parameters: int = 0,
+    max_participations: int | None = None,
 ) -> dict[str, Any]:
     """The JSON record of the user-level guarantee: plan, ε spent so far, the independent check, the unit.
 
     ``sample_level`` is the federation's sample-level DP-SGD summary when that is on too; both
     levels are then stated (they bound different adjacencies and do not add up).
+
+    ``noise`` is the secure-aggregation noise plan (``core/client_noise.py``; None: server noise
+    without SecAgg+). Under client noise δ gets the SecAgg+ clipping term over all ``N·R``
+    uploads of ``n_parameters`` coordinates: ``delta`` is the total, ``delta_accountant`` the part
+    the accountant used, ``delta_clip`` the rest. ``max_participations`` (the most rounds any
+    client was sampled in) gives ``known_sample``: the un-amplified ε that holds against the
+    server and anyone holding the record, which both know who was sampled.
     """
     import opacus
 
@@ -221,11 +245,47 @@ def user_privacy_record(
             "DP-FedAvg (McMahan et al. 2018): Poisson client sampling with rate q, per-client update clipping to C, "
             "Gaussian noise σ·C on the sum, fixed denominator q·N, uniform client weights"
         ),
-        "noise_placement": "server",
+        "noise_placement": noise.placement if noise is not None else "server",
         "sampling": "poisson" if plan.sample_rate < 1 else "all clients every round (q = 1, no amplification)",
         "unit_of_privacy": UNIT_OF_PRIVACY,
         "noise_seeded": False,  # CSPRNG-seeded, never recorded
+        "delta_accountant": plan.delta,
+        "delta_clip": 0.0,
     }
+    if noise is not None:
+        uploads = plan.n_clients * plan.rounds  # every client uploads every round under SecAgg+ (planned rounds)
+        p_clip = clip_probability(noise, n_parameters=n_parameters, uploads=uploads)
+        total, term = delta_with_clipping(delta=plan.delta, epsilon=spent, clip_prob=p_clip)
+        out.update(delta=total, delta_clip=term)
+        out["client_noise"] = {
+            **noise.to_dict(),
+            "n_parameters": int(n_parameters),
+            "uploads_bounded": uploads,
+            "clip_probability": p_clip,
+            "clip_probability_per_coordinate": tail_probability(noise.clip_sigmas),
+            "adjacency": "zero-out (one client's data replaced by a null client with a zero update)",
+            "argument": "core/client_noise.py (module docstring)",
+        }
+        if noise.placement == "client":
+            out["unit_of_privacy"] = UNIT_OF_PRIVACY_ZERO_OUT
+            out["mechanism"] = (
+                "DP-FedAvg with distributed noise under SecAgg+: Poisson client sampling with rate q; every client "
+                "uploads its update clipped to C (zero if not sampled) plus N(0, σ²C²/t); the server unmasks only "
+                "with at least t uploads, so the sum carries noise of std >= σ·C; fixed denominator q·N"
+            )
+    if max_participations is not None:
+        out["known_sample"] = {
+            "max_participations": int(max_participations),
+            "epsilon": known_sample_epsilon(
+                noise_multiplier=plan.noise_multiplier,
+                participations=int(max_participations),
+                delta=plan.delta,
+                accountant=plan.accountant,
+            ),
+            "delta": out["delta"],
+            "why": "the server drew the sample and the record lists who trained in which round: against them "
+            "sampling does not amplify, and a client is protected by σ over the rounds it took part in",
+        }
     if history:
         out["independent_check"] = check_epsilon(history, delta=plan.delta, recorded_epsilon=spent).to_dict()
     if sample_level is not None:

@@ -21,7 +21,18 @@ every client uploads ``(n_i / max_n) · weights`` clipped to ``±clipping_range`
 quantised to ``quantization_range`` levels, and masked with pairwise masks (agreed with its
 neighbours by Diffie-Hellman) plus a private mask (mod 2^32). The server can unmask only the
 sum; a dropped client's pairwise masks are removed with the secret shares of at least
-``threshold`` of its neighbours.
+``threshold`` of its neighbours. The server asks for those shares only when at least
+:func:`min_survivors` masked uploads arrived (:class:`GuardedSecAggPlusWorkflow`); with fewer, the
+round fails and nothing is unmasked.
+
+With user-level DP (``client_dp.enabled``) every client still takes part in every round, but
+only the Poisson-sampled ones (told by ``dp-sampled`` in their instructions) train; each client
+uploads its update (weights minus the global weights) clipped to ``C``, zero when not sampled,
+with weight 1 (``max_weight = 1``), so the server unmasks the plain sum. Under
+``client_dp.noise_placement = "client"`` each upload carries ``N(0, σ²C²/t)`` and is refused if
+any coordinate would leave the SecAgg+ range (derived as ``C + k·σC/√t``); under ``"server"``
+the server adds ``N(0, σ²C²)`` to the unmasked sum. Either way the new global model is
+``g + sum / (q·N)``. The argument and its assumptions: ``core/client_noise.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
@@ -46,8 +57,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from core.client_noise import ClientNoise, noisy_upload, out_of_range, plan_client_noise
 from core.config import Config, SecAggConfig
 from core.errors import ConfigError, UserError
+from core.user_privacy import UserDPPlan, plan_user_dp, poisson_sample, private_rng
+from federated.run_config import from_run_config
 from federated.strategies import RoundFailedError, RoundReplies
 
 log = logging.getLogger(__name__)
@@ -74,14 +88,18 @@ class SecAggParams:
     max_weight: float  # the largest client's row count: n_i / max_weight <= 1
 
     @classmethod
-    def from_config(cls, cfg: SecAggConfig, *, max_weight: float) -> "SecAggParams":
-        """The workflow's parameters from the config section and the partition sizes."""
+    def from_config(cls, cfg: SecAggConfig, *, max_weight: float, noise: ClientNoise | None = None) -> "SecAggParams":
+        """The workflow's parameters from the config section and the partition sizes.
+
+        Under user-level DP (``noise`` given) every upload has weight 1 (``max_weight = 1``: the
+        server unmasks the plain sum) and the clipping range is the one derived for the noise.
+        """
         return cls(
             num_shares=1.0 if cfg.num_shares == 0 else int(cfg.num_shares),
             reconstruction_threshold=float(cfg.reconstruction_threshold),
-            clipping_range=float(cfg.clipping_range),
+            clipping_range=float(cfg.clipping_range if noise is None else noise.clipping_range),
             quantization_range=int(cfg.quantization_range),
-            max_weight=float(max_weight),
+            max_weight=1.0 if noise is not None else float(max_weight),
         )
 
     def shares_and_threshold(self, n_sampled: int) -> tuple[int, int]:
@@ -100,9 +118,10 @@ class SecAggParams:
         """Width of one quantisation level of an uploaded coordinate."""
         return 2 * self.clipping_range / self.quantization_range
 
-    def workflow(self, *, timeout: float | None) -> SecAggPlusWorkflow:
-        """Flower's SecAgg+ fit workflow with these parameters."""
-        return SecAggPlusWorkflow(
+    def workflow(self, *, timeout: float | None, min_uploads: int = 2) -> "GuardedSecAggPlusWorkflow":
+        """Flower's SecAgg+ fit workflow with these parameters, unmasking only with ``min_uploads`` uploads."""
+        return GuardedSecAggPlusWorkflow(
+            min_uploads=min_uploads,
             num_shares=self.num_shares,
             reconstruction_threshold=self.reconstruction_threshold,
             max_weight=self.max_weight,
@@ -113,9 +132,45 @@ class SecAggParams:
         )
 
 
-def secagg_record(params: SecAggParams, *, n_clients: int) -> dict[str, Any]:
+def min_survivors(cfg: Config) -> int:
+    """t: the fewest masked uploads a round is unmasked with: ``federated.min_clients`` and SecAgg+'s threshold.
+
+    Every client takes part in every round, so the threshold is the workflow's for all
+    ``federated.n_clients`` (:meth:`SecAggParams.shares_and_threshold`).
+    """
+    params = SecAggParams.from_config(cfg.federated.secagg, max_weight=1.0)
+    return max(int(cfg.federated.min_clients), params.shares_and_threshold(cfg.federated.n_clients)[1])
+
+
+def noise_plan(cfg: Config, plan: UserDPPlan) -> ClientNoise:
+    """Who adds which noise under SecAgg+ for the user-level plan (the same on server and clients)."""
+    return plan_client_noise(
+        placement=cfg.client_dp.noise_placement,
+        noise_multiplier=plan.noise_multiplier,
+        clipping_norm=plan.clipping_norm,
+        min_survivors=min_survivors(cfg),
+        clip_sigmas=cfg.client_dp.clip_sigmas,
+    )
+
+
+def secagg_record(
+    params: SecAggParams, *, n_clients: int, min_uploads: int | None = None, noise: ClientNoise | None = None
+) -> dict[str, Any]:
     """The record's ``secure_aggregation`` section: the parameters and what the server can and cannot see."""
     shares, threshold = params.shares_and_threshold(n_clients)
+    extra: dict[str, Any] = {}
+    if noise is not None:
+        extra = {
+            "uploads": "each client's update (weights minus the global weights), clipped to C, with weight 1"
+            + (", plus its share of the noise" if noise.placement == "client" else ""),
+            "clipping_range_source": (
+                f"derived: C + k·s = {noise.clipping_norm} + {noise.clip_sigmas}·{noise.noise_std:.6g}"
+                if noise.placement == "client"
+                else f"derived: C = {noise.clipping_norm} (a clipped update's coordinates)"
+            ),
+            "stochastic_rounding": "Flower's quantize: numpy's global generator, one step of "
+            f"{params.quantization_step():.3g} at most per coordinate and client (not covered by the DP analysis)",
+        }
     return {
         "protocol": "SecAgg+ (Bell et al. 2020), Flower's SecAggPlusWorkflow + secaggplus_mod",
         "num_shares": shares,
@@ -126,12 +181,25 @@ def secagg_record(params: SecAggParams, *, n_clients: int) -> dict[str, Any]:
         "modulus_range": MODULUS_RANGE,
         "max_weight": params.max_weight,
         "quantization_step": params.quantization_step(),
+        "min_uploads_to_unmask": int(min_uploads if min_uploads is not None else threshold),
+        **extra,
         "server_sees": [
-            "the weighted average of the surviving clients' weights (the new global model)",
+            (
+                "the weighted average of the surviving clients' weights (the new global model)"
+                if noise is None
+                else "the sum of the surviving clients' clipped updates"
+                + (" with the clients' noise already in it" if noise.placement == "client" else " before its noise")
+            ),
             "which clients took part and which dropped out",
-            "each client's row count (its aggregation weight) and its training metrics (loss, ε, seconds, "
-            "coordinates clipped to the SecAgg+ range)",
+            (
+                "each client's row count (its aggregation weight) and its training metrics (loss, ε, seconds, "
+                "coordinates clipped to the SecAgg+ range)"
+                if noise is None
+                else "each client's row count and its training metrics (ε, seconds, whether its update was clipped "
+                "to C; the training loss is withheld)"
+            ),
             "masked, quantised uploads: uniformly random mod 2^32 without the other clients' mask shares",
+            *(["which clients it sampled (it draws the sample and each client reports dp-sampled)"] if noise else []),
         ],
         "server_cannot_see": ["any single client's model weights or update"],
         "assumptions": [
@@ -144,6 +212,34 @@ def secagg_record(params: SecAggParams, *, n_clients: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ server
+
+
+class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow that asks for the unmasking shares only with ``min_uploads`` masked uploads.
+
+    Flower checks its reconstruction threshold per neighbourhood; the federation's own minimum
+    (``federated.min_clients``, and under client noise the ``t`` the noise is sized for) must
+    hold *before* anything is unmasked, not after: an honest-but-curious server that halts here
+    never holds the shares, so a sum with too little noise is never revealed to it.
+    """
+
+    def __init__(self, *, min_uploads: int, **kw):
+        super().__init__(**kw)
+        self.min_uploads = int(min_uploads)
+        self.halted: dict[int, str] = {}  # round (the workflow's) -> why it was not unmasked
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        """Halt (return False) before requesting shares when fewer than ``min_uploads`` masked uploads arrived."""
+        arrived = len(state.active_node_ids)
+        if arrived < self.min_uploads:
+            current = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+            self.halted[current] = (
+                f"{arrived} masked upload(s) arrived, fewer than the {self.min_uploads} a round is unmasked with; "
+                "no key shares were requested and nothing was unmasked"
+            )
+            log.error("round %d: %s", current, self.halted[current])
+            return False
+        return super().unmask_stage(grid, context, state)
 
 
 class SecAggFedAvg(LegacyFedAvg):
@@ -163,6 +259,9 @@ class SecAggFedAvg(LegacyFedAvg):
         keys: list[str],
         evaluate_fn,
         model: str = "",
+        plan: UserDPPlan | None = None,
+        noise: ClientNoise | None = None,
+        rng: np.random.Generator | None = None,
         **kw,
     ):
         super().__init__(
@@ -183,13 +282,34 @@ class SecAggFedAvg(LegacyFedAvg):
         self.min_clients, self.round_offset, self.keys = min_clients, round_offset, list(keys)
         self.rounds: dict[int, RoundReplies] = {}
         self.aggregated: set[int] = set()  # rounds SecAgg+ completed (it halts a round silently otherwise)
+        # user-level DP (issue 14): Poisson sample, global weights per round, the DP counts per round
+        self.plan, self.noise = plan, noise
+        self._rng = rng if rng is not None else private_rng()
+        self._current: dict[int, list[np.ndarray]] = {}
+        self.dp_rounds: dict[int, dict[str, int]] = {}
 
     def configure_fit(self, server_round, parameters, client_manager):
-        """Sample every client; open the round's record."""
+        """Send to every client; under user-level DP tell each whether the Poisson sample chose it."""
         pairs = super().configure_fit(server_round, parameters, client_manager)
         absolute = server_round + self.round_offset
         self.rounds[absolute] = RoundReplies(round=absolute, sent_to=[int(p.node_id) for p, _ in pairs])
-        return pairs
+        if self.plan is None:
+            return pairs
+        nodes = sorted(int(p.node_id) for p, _ in pairs)
+        chosen = set(poisson_sample(nodes, sample_rate=self.plan.sample_rate, rng=self._rng))
+        self._current[absolute] = parameters_to_ndarrays(parameters)
+        self.dp_rounds[absolute] = {"sampled": len(chosen)}
+        log.info(
+            "round %d: %d of %d clients sampled (Poisson, q=%g)",
+            absolute,
+            len(chosen),
+            len(nodes),
+            self.plan.sample_rate,
+        )
+        return [
+            (proxy, FitIns(fitins.parameters, {**fitins.config, "dp-sampled": int(int(proxy.node_id) in chosen)}))
+            for proxy, fitins in pairs
+        ]
 
     def aggregate_fit(self, server_round, results, failures):
         """The unmasked average (identical in every result), with the round's replies recorded."""
@@ -219,7 +339,31 @@ class SecAggFedAvg(LegacyFedAvg):
                 f"{self.min_clients}; {len(record.failed)} dropped out"
             )
         self.aggregated.add(absolute)
-        return results[0][1].parameters, {"secagg-clients": len(results)}
+        if self.plan is None:
+            return results[0][1].parameters, {"secagg-clients": len(results)}
+        return self._dp_release(absolute, results)
+
+    def _dp_release(self, absolute: int, results) -> tuple[Parameters, dict[str, Any]]:
+        """g + (sum of the uploads [+ the server's noise]) / (q·N); the workflow unmasked sum / len(results)."""
+        if self.plan is None or self.noise is None:
+            raise RuntimeError("the user-level DP release needs both a plan and a noise plan")
+        current = self._current.pop(absolute)
+        mean = parameters_to_ndarrays(results[0][1].parameters)  # every upload has weight 1
+        total = [np.asarray(m, dtype=np.float64) * len(results) for m in mean]
+        if self.noise.server_noise_std > 0:
+            total = [t + self._rng.normal(0.0, self.noise.server_noise_std, size=t.shape) for t in total]
+        new = [
+            (np.asarray(g, dtype=np.float64) + t / self.plan.expected_clients).astype(np.asarray(g).dtype)
+            for g, t in zip(current, total)
+        ]
+        metrics = [fitres.metrics for _, fitres in results]
+        counts = {
+            "aggregated": sum(int(m.get("dp-sampled", 0)) for m in metrics),  # sampled clients whose update is in
+            "survivors": len(results),
+            "clipped": sum(int(m.get("dp-clipped", 0)) for m in metrics),
+        }
+        self.dp_rounds[absolute].update(counts)
+        return ndarrays_to_parameters(new), {"secagg-clients": len(results), **counts}
 
 
 def _short(reason: str, limit: int = 300) -> str:
@@ -227,9 +371,21 @@ def _short(reason: str, limit: int = 300) -> str:
 
 
 def build_secagg_strategy(
-    *, n_clients: int, min_clients: int, round_offset: int, initial_arrays: ArrayRecord, model: str = ""
+    *,
+    n_clients: int,
+    min_clients: int,
+    round_offset: int,
+    initial_arrays: ArrayRecord,
+    model: str = "",
+    plan: UserDPPlan | None = None,
+    noise: ClientNoise | None = None,
+    rng: np.random.Generator | None = None,
 ) -> SecAggFedAvg:
-    """The legacy FedAvg that :func:`run_secagg` drives, starting from ``initial_arrays``."""
+    """The legacy FedAvg that :func:`run_secagg` drives, starting from ``initial_arrays``.
+
+    With ``plan`` and ``noise`` (user-level DP) it samples, and releases ``g + sum / (q·N)``;
+    ``rng`` only for tests (default: CSPRNG-seeded, unrecorded).
+    """
     keys = list(initial_arrays.keys())
     return SecAggFedAvg(
         n_clients=n_clients,
@@ -238,6 +394,9 @@ def build_secagg_strategy(
         keys=keys,
         evaluate_fn=None,
         model=model,
+        plan=plan,
+        noise=noise,
+        rng=rng,
         initial_parameters=ndarrays_to_parameters([initial_arrays[k].numpy() for k in keys]),
     )
 
@@ -251,10 +410,12 @@ def run_secagg(
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord],
     run_config: dict[str, Any],
     timeout: float | None,
+    min_uploads: int = 2,
 ) -> None:
     """Run ``num_rounds`` rounds of ``strategy`` under SecAgg+; ``evaluate_fn`` as the message strategies get it.
 
     ``evaluate_fn(round, arrays)`` runs on the global model after every round (round 0: the initial one).
+    A round with fewer than ``min_uploads`` masked uploads is never unmasked and fails the run.
     """
     keys = strategy.keys
 
@@ -266,11 +427,18 @@ def run_secagg(
     strategy.evaluate_fn = legacy_evaluate
     base = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     context = LegacyContext(base, config=ServerConfig(num_rounds=num_rounds, round_timeout=timeout), strategy=strategy)
-    secagg_round = params.workflow(timeout=timeout)
+    secagg_round = params.workflow(timeout=timeout, min_uploads=min_uploads)
 
     def fit_round(grid_: Grid, ctx: LegacyContext) -> None:
         secagg_round(grid_, ctx)
-        absolute = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]) + strategy.round_offset
+        current = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        absolute = current + strategy.round_offset
+        if current in secagg_round.halted:
+            raise RoundFailedError(
+                f"round {absolute}: {secagg_round.halted[current]}. Check the clients' logs, or lower "
+                "federated.min_clients / federated.secagg.reconstruction_threshold (under client noise each client "
+                "then adds more noise)"
+            )
         if absolute not in strategy.aggregated:  # Flower only logs "Secure aggregation halted."
             replies = strategy.rounds.get(absolute)
             raise RoundFailedError(
@@ -320,38 +488,115 @@ def _legacy_adapter(call_next):
         arrays = ArrayRecord(
             OrderedDict((k, Array(np.asarray(v))) for k, v in zip(keys, parameters_to_ndarrays(fitins.parameters)))
         )
-        config = ConfigRecord({k: v for k, v in fitins.config.items() if k != "param-keys"})
-        original = msg.content
-        msg.content = RecordDict({"arrays": arrays, "config": config})  # the handler's own record layout
-        try:
-            reply = call_next(msg, ctxt)
-        finally:
-            msg.content = original
-        return Message(_to_fitres_record(reply.content, keys, ctxt.run_config), reply_to=msg)
+        config = ConfigRecord({k: v for k, v in fitins.config.items() if k not in ("param-keys", "dp-sampled")})
+        dp = _user_dp_of(ctxt.run_config)
+        if dp is not None and "dp-sampled" not in fitins.config:
+            raise ConfigError(
+                "this client runs user-level DP (client_dp.enabled=true) but the server sent no dp-sampled flag; run "
+                "both apps with the same config"
+            )
+        sampled = dp is None or bool(int(fitins.config.get("dp-sampled", 0)))
+        if not sampled:  # user-level DP, not in this round's sample: no training, a zero update (+ noise)
+            pid = int(ctxt.node_config.get("partition-id", -1))
+            metrics = {"num-examples": 0, "partition-id": pid, "refused": 0, "seconds": 0.0}
+            content = RecordDict({"metrics": MetricRecord(metrics)})
+        else:
+            original = msg.content
+            msg.content = RecordDict({"arrays": arrays, "config": config})  # the handler's own record layout
+            try:
+                content = call_next(msg, ctxt).content
+            finally:
+                msg.content = original
+        if dp is None:
+            return Message(_to_fitres_record(content, keys, ctxt.run_config), reply_to=msg)
+        global_weights = [arrays[k].numpy() for k in keys]
+        return Message(_dp_fitres_record(content, keys, global_weights, dp, sampled=sampled), reply_to=msg)
 
     return handler
 
 
-def _to_fitres_record(content: RecordDict, keys: list[str], run_config: dict[str, Any]) -> RecordDict:
-    """The handler's reply (``arrays``, ``metrics``, optional ``status``) as a legacy FitRes record."""
-    metrics = {k: v for k, v in content["metrics"].items()}
+def _weights_or_refuse(content: RecordDict, keys: list[str]) -> list[np.ndarray]:
     if "arrays" not in content:  # a client out of privacy budget: under SecAgg+ it drops out of the round
         status = content.config_records.get("status")
         raise SecAggRefusal(str(status["refused"]) if status is not None else "the client sent no weights")
-    arrays = content["arrays"]
-    weights = [arrays[k].numpy() for k in keys]
-    clip = float(run_config.get("federated.secagg.clipping_range", SecAggConfig.clipping_range))
-    metrics["secagg-clipped"] = int(sum(int(np.sum(np.abs(w) > clip)) for w in weights))
+    return [content["arrays"][k].numpy() for k in keys]
+
+
+def _fitres_record(content: RecordDict, metrics: dict[str, Any], upload: list[np.ndarray], n: int) -> RecordDict:
     status = content.config_records.get("status")
     if status is not None and "privacy" in status:
         metrics["privacy"] = str(status["privacy"])
     fitres = FitRes(
         status=Status(code=Code.OK, message="OK"),
-        parameters=ndarrays_to_parameters(weights),
-        num_examples=int(metrics["num-examples"]),
+        parameters=ndarrays_to_parameters(upload),
+        num_examples=n,
         metrics=metrics,
     )
     return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+def _to_fitres_record(content: RecordDict, keys: list[str], run_config: dict[str, Any]) -> RecordDict:
+    """The handler's reply (``arrays``, ``metrics``, optional ``status``) as a legacy FitRes record."""
+    metrics = {k: v for k, v in content["metrics"].items()}
+    weights = _weights_or_refuse(content, keys)
+    clip = float(run_config.get("federated.secagg.clipping_range", SecAggConfig.clipping_range))
+    metrics["secagg-clipped"] = int(sum(int(np.sum(np.abs(w) > clip)) for w in weights))
+    return _fitres_record(content, metrics, weights, int(metrics["num-examples"]))
+
+
+# the generator each client's noise comes from (tests replace it with a seeded one)
+noise_rng: Callable[[], np.random.Generator] = private_rng
+
+
+@dataclass(frozen=True)
+class _ClientDP:
+    plan: UserDPPlan
+    noise: ClientNoise
+
+
+_DP_CACHE: dict[str, _ClientDP | None] = {}
+
+
+def _user_dp_of(run_config: dict[str, Any]) -> _ClientDP | None:
+    """The user-level plan and noise this client derives from its own run-config (None: user DP off).
+
+    The client does not take the noise level from the server's messages: it plans σ itself,
+    exactly as the server does (the same deterministic Opacus search), once per process.
+    """
+    key = json.dumps(sorted((str(k), str(v)) for k, v in run_config.items()))
+    if key not in _DP_CACHE:
+        cfg, _ = from_run_config(run_config)
+        if not cfg.client_dp.enabled:
+            _DP_CACHE[key] = None
+        else:
+            plan = plan_user_dp(cfg.client_dp, rounds=cfg.federated.rounds, n_clients=cfg.federated.n_clients)
+            _DP_CACHE[key] = _ClientDP(plan=plan, noise=noise_plan(cfg, plan))
+    return _DP_CACHE[key]
+
+
+def _dp_fitres_record(
+    content: RecordDict, keys: list[str], global_weights: list[np.ndarray], dp: _ClientDP, *, sampled: bool
+) -> RecordDict:
+    """Upload ``clip_C(weights − global)`` (zero if not sampled) [+ this client's noise], with weight 1.
+
+    Refuses (drops out of the round) when any coordinate would leave the SecAgg+ range: the
+    range is sized so that this happens with probability at most 2Φ(−k) per coordinate, and a
+    silent clip would break the analysis (``core/client_noise.py``).
+    """
+    metrics = {k: v for k, v in content["metrics"].items() if k != "train-loss"}  # no data-dependent value in clear
+    weights = _weights_or_refuse(content, keys) if sampled else None
+    upload, norm = noisy_upload(
+        global_weights, weights, clipping_norm=dp.plan.clipping_norm, noise_std=dp.noise.noise_std, rng=noise_rng()
+    )
+    outside = out_of_range(upload, dp.noise.clipping_range)
+    if outside:
+        raise SecAggRefusal(
+            f"{outside} coordinate(s) of this client's noised update lie outside the SecAgg+ range "
+            f"±{dp.noise.clipping_range:.6g}; refusing to upload rather than let them be clipped (this round goes on "
+            "without this client; the chance is counted in the recorded δ)"
+        )
+    metrics.update({"dp-sampled": int(sampled), "dp-clipped": int(norm > dp.plan.clipping_norm), "secagg-clipped": 0})
+    return _fitres_record(content, metrics, upload, 1)
 
 
 def max_weight_of(sizes: list[int]) -> float:
@@ -361,10 +606,6 @@ def max_weight_of(sizes: list[int]) -> float:
 
 def check_supported(cfg: Config, *, client_evaluate: bool) -> None:
     """Refuse combinations the SecAgg+ path does not run (raise ConfigError saying what to change)."""
-    if cfg.client_dp.enabled:
-        raise ConfigError(
-            "federated.secure_aggregation=true with client_dp.enabled=true is not built yet; turn one of them off"
-        )
     if client_evaluate:
         raise ConfigError(
             "app.client-evaluate=true is not supported with federated.secure_aggregation=true (the legacy SecAgg+ "
@@ -378,7 +619,11 @@ __all__ = [
     "SecAggRefusal",
     "check_supported",
     "max_weight_of",
+    "min_survivors",
+    "noise_plan",
+    "noise_rng",
     "build_secagg_strategy",
+    "GuardedSecAggPlusWorkflow",
     "run_secagg",
     "secagg_enabled",
     "secagg_mod",

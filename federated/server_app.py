@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from core import models, privacy, seeds, training, user_privacy
 from core.artifacts import atomic_write, json_bytes, state_dict_bytes
+from core.client_noise import check_clip_term, clip_probability
 from core.errors import UserError
 from core.teacher import public_pretrain
 from federated import checkpoint, fast_poll, secagg, site, user_dp, workdir
@@ -173,7 +174,9 @@ def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray] | Non
 def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], seconds: float) -> None:
     """Fold one finished round into the record."""
     r = replies.round
-    eps = {str(int(c["partition-id"])): float(c["epsilon"]) for c in replies.trained + replies.refused}
+    eps = {
+        str(int(c["partition-id"])): float(c["epsilon"]) for c in replies.trained + replies.refused if "epsilon" in c
+    }
     for pid, series in record["client_epsilon"].items():
         series.append(eps.get(pid))  # None: the client did not answer this round
     trained = [{k: v for k, v in c.items() if k != "privacy"} for c in replies.trained]
@@ -187,7 +190,13 @@ def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], sec
             "round": r,
             **metrics,
             "seconds": seconds,
-            "clients_trained": len(replies.trained),
+            "clients_trained": sum(1 for c in replies.trained if int(c.get("dp-sampled", 1))),
+            # user-level DP under SecAgg+: the clients that uploaded a zero update (+ noise)
+            **(
+                {"clients_noise_only": sum(1 for c in replies.trained if not int(c.get("dp-sampled", 1)))}
+                if any("dp-sampled" in c for c in replies.trained)
+                else {}
+            ),
             "clients_refused": len(replies.refused),
             "clients_failed": len(replies.failed),
             "epsilon_max": max(eps.values()) if eps else 0.0,
@@ -231,17 +240,32 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         if task.cfg.client_dp.enabled
         else None
     )
-    secagg_params = None
+    secagg_params, noise = None, None
     if f.secure_aggregation:  # --- SecAgg+ (issue 14): Flower's legacy workflow, see federated/secagg.py
         secagg.check_supported(task.cfg, client_evaluate=settings.client_evaluate)
-        secagg_params = secagg.SecAggParams.from_config(f.secagg, max_weight=secagg.max_weight_of(partition_sizes))
-        record["secure_aggregation"] = secagg.secagg_record(secagg_params, n_clients=f.n_clients)
+        if user_plan is not None:  # user-level DP under SecAgg+: who adds which noise (core/client_noise.py)
+            noise = secagg.noise_plan(task.cfg, user_plan)
+            check_clip_term(
+                delta=user_plan.delta,
+                epsilon=user_plan.planned_epsilon,
+                clip_prob=clip_probability(
+                    noise, n_parameters=record["n_parameters"], uploads=f.n_clients * user_plan.rounds
+                ),
+            )
+        secagg_params = secagg.SecAggParams.from_config(
+            f.secagg, max_weight=secagg.max_weight_of(partition_sizes), noise=noise
+        )
+        record["secure_aggregation"] = secagg.secagg_record(
+            secagg_params, n_clients=f.n_clients, min_uploads=secagg.min_survivors(task.cfg), noise=noise
+        )
         strategy = secagg.build_secagg_strategy(
             n_clients=f.n_clients,
             min_clients=f.min_clients,
             round_offset=done,
             initial_arrays=arrays,
             model=task.name,
+            plan=user_plan,
+            noise=noise,
         )
     elif user_plan is not None:
         strategy = user_dp.build_user_dp_strategy(
@@ -295,6 +319,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
             evaluate_fn=evaluate_fn,
             run_config=run_config,
             timeout=settings.round_timeout_s,
+            min_uploads=secagg.min_survivors(task.cfg),
         )
     elif done < f.rounds:
         strategy.start(
@@ -312,8 +337,22 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
             user_plan,
             completed_rounds=int(record["completed_rounds"]),
             sample_level=_privacy_summary(task, record) if task.cfg.dp.enabled else None,
+            noise=noise,
+            n_parameters=int(record["n_parameters"]),
+            max_participations=_max_participations(record),
         )
     _write_result(task, record, last["arrays"], t_start)
+
+
+def _max_participations(record: dict[str, Any]) -> int:
+    """The most rounds any client's update was part of a release (under SecAgg+ DP: ``dp-sampled`` entries)."""
+    counts: dict[int, int] = {}
+    for r in record["client_rounds"]:
+        for c in r["trained"]:
+            if int(c.get("dp-sampled", 1)):
+                pid = int(c["partition-id"])
+                counts[pid] = counts.get(pid, 0) + 1
+    return max(counts.values(), default=0)
 
 
 def _array(v: np.ndarray):

@@ -404,6 +404,10 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
                 "rounds": rec.get("completed_rounds"),
                 "accountant": rec.get("accountant"),
                 "independent_check": rec.get("independent_check"),
+                "noise_placement": rec.get("noise_placement", "server"),
+                "delta_accountant": rec.get("delta_accountant", rec.get("delta")),
+                "delta_clip": rec.get("delta_clip", 0.0),
+                "known_sample": rec.get("known_sample"),
             }
         )
     if sample_on:
@@ -440,7 +444,22 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
         threat.append(
             "Secure aggregation is not used: the server sees each participating client's model update in the clear."
         )
-    if user:
+    client_noise = {k: v for k, v in user.items() if v.get("noise_placement") == "client"}
+    for name, rec in client_noise.items():  # --- distributed noise under SecAgg+ (core/client_noise.py)
+        cn, ks = rec.get("client_noise") or {}, rec.get("known_sample") or {}
+        threat.append(
+            f"User-level DP for {title(name)} (DP-FedAvg, noise added by the clients under SecAgg+): every client adds "
+            f"Gaussian noise of std {number(cn.get('noise_std'), 4)} (σ·C/√t, t = {cn.get('min_survivors')}) to its "
+            "clipped update (a zero update when not sampled) before masking, and the server unmasks a round only "
+            f"when at least t uploads arrived, so the server never holds a sum with noise below σ·C = "
+            f"{number((rec.get('noise_multiplier') or 0) * (rec.get('clipping_norm') or 0), 4)}. Against the "
+            "server, which draws the sample and knows who took part, sampling does not amplify: a client is "
+            f"protected at ε = {number(ks.get('epsilon'), 4)} (σ over the at most {ks.get('max_participations')} "
+            f"rounds it took part in); the ε = {number(rec.get('epsilon'), 4)} with sampling holds against whoever "
+            "sees only the released models. This assumes no client hands its noise to the server and that "
+            "dropping out does not depend on a client's data or on its being sampled."
+        )
+    if set(user) - set(client_noise):
         threat.append(
             "User-level DP (DP-FedAvg, noise added by the server): protects a whole client's data from whoever sees "
             "the released global models (every round's model, the final weights and everything computed from them). "
@@ -462,18 +481,48 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
         "num-examples, seconds) reach the server and the record in the clear",
         "the number of rounds, the model architecture and the hyper-parameters are public choices, not protected",
     ]
+    for name, rec in user.items():
+        ks = rec.get("known_sample")
+        if ks and rec.get("sample_rate", 1) < 1:
+            not_covered.append(
+                f"{title(name)}: which clients were sampled in which round (the server draws it; the record lists "
+                "it): the user-level ε with sampling holds only against an observer who does not know it; against "
+                f"the server and anyone holding the run directory a client has ε = {number(ks.get('epsilon'), 4)} "
+                f"(δ = {number(ks.get('delta'), 3)}) over the at most {ks.get('max_participations')} rounds it took "
+                "part in"
+            )
+    for name, rec in client_noise.items():
+        sa = (trained.models[name].training or {}).get("secure_aggregation") or {}
+        not_covered.append(
+            f"{title(name)}: SecAgg+'s stochastic rounding of each noised upload (step "
+            f"{number(sa.get('quantization_step'), 3)}, numpy's global generator): the server sees the sum of the "
+            "rounded uploads, which depends on each upload beyond the sum by less than one step per coordinate; "
+            "the Gaussian analysis does not cover it"
+        )
+        not_covered.append(
+            f"{title(name)}: collusion: a client that gives its noise to the server lowers the noise the server "
+            "faces; clients' row counts and seconds reach the server in the clear"
+        )
     for name in MODELS:  # per-site data (federated/site.py): what the sites told the server in the clear
         sites = (trained.models[name].training or {}).get("sites")
         if sites:
             not_covered += [f"{title(name)}, per-site data: {line}" for line in sites.get("not_dp_protected", [])]
     not_covered.append(
-        "the server's view of the aggregate of each round (secure aggregation hides only the individual updates)"
+        "the server's view of each round's sum: it carries the clients' noise, so it is covered only at the "
+        "un-amplified ε stated for the server (the known-sample line above)"
+        if secagg and client_noise and set(client_noise) >= set(secagg)
+        else "the server's view of the aggregate of each round (secure aggregation hides only the individual updates)"
         if secagg
         else "the server's view of individual client updates (no secure aggregation)"
     )
     lines = [
-        f"{title(lv['model'])}: {lv['level']}-level (ε = {number(lv['epsilon'], 4)}, δ = {number(lv['delta'], 3)}), "
-        f"unit of privacy: {lv['unit_of_privacy']}"
+        f"{title(lv['model'])}: {lv['level']}-level (ε = {number(lv['epsilon'], 4)}, δ = {number(lv['delta'], 3)}"
+        + (
+            f" = {number(lv['delta_accountant'], 3)} + {number(lv['delta_clip'], 3)} for a SecAgg+ clip"
+            if lv.get("delta_clip")
+            else ""
+        )
+        + f"), unit of privacy: {lv['unit_of_privacy']}"
         for lv in levels
     ]
     section = dict(section)
@@ -498,7 +547,10 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
         ]
         if not sample_on:
             server_sees = (
-                "the server sees the un-noised aggregate of each round (secure aggregation hides individual updates)"
+                "the server sees only the sum of the clients' noised uploads (client-side noise under secure "
+                "aggregation; against the server sampling does not amplify)"
+                if client_noise and set(client_noise) == set(user)
+                else "the server sees the un-noised aggregate of each round (secure aggregation hides individual updates)"
                 if secagg
                 else "the server sees every client's update in the clear"
             )
