@@ -77,12 +77,13 @@ def read_state_dict(data: bytes) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path) -> Iterator[IO[bytes]]:
+def atomic_open(path: Path, *, sync_dir: bool = False) -> Iterator[IO[bytes]]:
     """A binary file handle whose content appears at ``path`` only when the ``with`` block ends without error.
 
     For outputs too large to hold in memory (streamed predictions): written to a temporary file in
     the same folder, fsynced, then moved into place with ``os.replace``; on any error the temporary
-    file is removed and ``path`` is left as it was.
+    file is removed and ``path`` is left as it was. ``sync_dir``: also fsync the folder, so that the
+    rename itself survives a power cut (write-ahead records: a privacy ledger's reservation).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,9 +97,18 @@ def atomic_open(path: Path) -> Iterator[IO[bytes]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if sync_dir:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    with atomic_open(path) as fh:
+def atomic_write(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file).
+
+    ``sync_dir``: also fsync the folder once the file is in place (see :func:`atomic_open`).
+    """
+    with atomic_open(path, sync_dir=sync_dir) as fh:
         fh.write(data)

@@ -69,6 +69,23 @@ def epsilon_of(history: Iterable[Sequence[float]], *, delta: float, accountant: 
     return float(acc.get_epsilon(delta=delta))
 
 
+def covers(history: Iterable[Sequence[float]], earlier: Iterable[Sequence[float]]) -> bool:
+    """Whether ``history`` spends at least what ``earlier`` did: for every (σ, q), at least as many steps.
+
+    Composition only adds privacy loss, so a history that covers ``earlier`` has an ε (any accountant,
+    any δ) no smaller than it; a ledger that no longer covers what was recorded of it understates.
+    """
+
+    def steps(h: Iterable[Sequence[float]]) -> dict[tuple[float, float], int]:
+        out: dict[tuple[float, float], int] = {}
+        for s, q, n in h:
+            out[(float(s), float(q))] = out.get((float(s), float(q)), 0) + int(n)
+        return out
+
+    mine = steps(history)
+    return all(mine.get(key, 0) >= n for key, n in steps(earlier).items())
+
+
 def _merge(history: Iterable[Sequence[float]]) -> History:
     """Join consecutive entries with the same (σ, q): same ε, and PRV's cost grows with the entry count."""
     out: History = []

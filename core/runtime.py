@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from core.errors import RunDirError
@@ -18,6 +19,10 @@ class Runtime:
     progress: bool = False  # show progress bars
     save_bytes: Callable[[str, bytes], None] | None = None  # persist an intermediate file (checkpoints)
     load_bytes: Callable[[str], bytes | None] | None = None  # read it back, None when absent
+    # A folder where other processes (federated clients) write their privacy ledgers in place, write-ahead:
+    # the authority a resumed run reads, never a copy that could lag; None = they keep them in their own scratch.
+    ledger_dir: Path | None = None
+    record_ledger: Callable[[Path], None] | None = None  # note a ledger file of ledger_dir's in the manifest
     checkpoint_every_s: float = 5.0  # write a checkpoint at most this often (always after the last epoch)
     placement: dict[str, Any] | None = None  # the stage's device decision (Placement.record), for the manifest
     _memory: dict[str, bytes] = field(default_factory=dict)

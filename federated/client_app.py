@@ -81,13 +81,13 @@ def train(msg: Message, context: Context) -> Message:
     cfg = task.cfg
     if settings.sites:  # this site's own file, standardised as the federation agreed; its own ledger
         shard = site.train_shard(task, context, config)
-    else:  # emulated site: its share of the prepared data, its ledger under the work folder
+    else:  # emulated site: its share of the prepared data, its ledger in app.ledger-dir (the run directory's)
         rows = task.partition()[pid]
         shard = site.Shard(
             x=task.dataset.x["train"][rows],
             y=task.dataset.y["train"][rows],
             spec=task.spec,
-            ledger=workdir.ledger_path(task.work_dir, task.name, pid),
+            ledger=workdir.ledger_path(task.work_dir, task.name, pid, ledger_dir=task.ledger_dir),
         )
     n_rows = len(shard.y)
     model = models.build(shard.spec)

@@ -4,7 +4,9 @@ Two copies, because they survive different things:
 
 - Flower's per-client ``context.state`` lives as long as the Flower run (simulation
   keeps it between rounds, not across a restart);
-- a JSON file in the client's own folder survives a crash and a resumed run.
+- a JSON file in the client's own folder survives a crash and a resumed run: it is the authority,
+  written in place (atomically, fsynced) where a resumed run reads it — the pipeline's run
+  directory (``app.ledger-dir``) or, per site, the site's ``ledger-path`` — never copied there later.
 
 On reading, the longer history wins: a round whose spend reached one copy but not the
 other was still spent (ε may be overstated, never understated).
@@ -70,7 +72,8 @@ def save_history(
         "rounds_trained": rounds,
         "reserved_round": reserved_round,
     }
-    atomic_write(path, json.dumps(payload, indent=1).encode())
+    # fsync of file and folder: the reservation must be on disk before the first step touches the data.
+    atomic_write(path, json.dumps(payload, indent=1).encode(), sync_dir=True)
     record = context.state.config_records.get(STATE_KEY) or ConfigRecord()
     record[model] = json.dumps([list(h) for h in history])
     context.state[STATE_KEY] = record

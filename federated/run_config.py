@@ -38,6 +38,10 @@ PYPROJECT = "pyproject.toml"
 APP_DEFAULTS: dict[str, Scalar] = {
     "app.model": "cnn",  # which pipeline model(s) this run trains, in turn: "regressor", "cnn" or "regressor,cnn"
     "app.work-dir": "",  # folder with data/, spec/, checkpoints, result; "" = prepare data from the config in a temp folder
+    # folder of the emulated clients' privacy ledgers (<model>/client-<i>.json), written by the clients themselves
+    # before each round (write-ahead) and read on resume; "" = <work-dir>/clients. The pipeline points it into the
+    # run directory. Per-site mode ignores it: each site keeps its ledger at its own ledger-path.
+    "app.ledger-dir": "",
     "app.seed": -1,  # model seed (weights init, partition, client seeds); -1 = derive it from `seed` as the train stage does
     "app.client-evaluate": False,  # also send the global model to clients for evaluation on their validation shard
     "app.node-wait-s": 120.0,  # seconds the server waits for federated.n_clients SuperNodes to connect
@@ -54,6 +58,7 @@ class AppSettings:
 
     model: str
     work_dir: str
+    ledger_dir: str
     seed: int
     client_evaluate: bool
     node_wait_s: float

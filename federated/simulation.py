@@ -5,9 +5,11 @@
 starts its own SuperLink in simulation mode on free loopback ports, submits this repo
 as a Flower app with ``flwr run`` (which streams the logs until the run ends), and reads
 back the final global weights and the federation's record that the ServerApp wrote.
-Server checkpoints and the clients' privacy ledgers are copied into the pipeline's run
-directory as they appear (``runtime.save_bytes``) and restored from it, so
-``python -m pipeline --run-dir ...`` resumes a crashed run from its last completed round.
+Server checkpoints are copied into the pipeline's run directory as they appear
+(``runtime.save_bytes``) and restored from it, so ``python -m pipeline --run-dir ...`` resumes
+a crashed run from its last completed round. The clients write their privacy ledgers straight
+into the run directory (``runtime.ledger_dir``, write-ahead: before a round touches the data),
+where a resumed run's clients read them: no copy that a kill could leave behind.
 Every process started here is stopped on the way out, also on failure and Ctrl-C.
 """
 
@@ -132,22 +134,9 @@ def train_federated_models(
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="flwr-") as tmp:
         work = Path(tmp)
-        mirrors = []
-        for name in names:
-            task = Task(
-                cfg=cfg,
-                name=name,
-                dataset=datasets[name],
-                spec=specs[name],
-                fit_cfg=fit_config(cfg, name),
-                model_seed=seeds[name],
-                work_dir=work,
-            )
-            _preflight(task)  # fail here, in one line, before any process starts
-            workdir.write_inputs(work, name=name, dataset=datasets[name], spec=specs[name])
-            mirrors.append(_CheckpointMirror(work, name, runtime, n_clients=cfg.federated.n_clients))
-            mirrors[-1].restore()
-        run_config = to_run_config(cfg, model=",".join(names), work_dir=str(work), **settings)
+        run_config, mirrors = prepare_federation(
+            cfg, work=work, datasets=datasets, specs=specs, seeds=seeds, runtime=runtime, app_settings=settings
+        )
 
         def sync() -> None:
             for mirror in mirrors:
@@ -178,6 +167,50 @@ def train_federated_models(
         model.load_state_dict(state_dict)  # checks the weights fit the spec
         out[name] = TrainedModel(spec=specs[name], state_dict=state_dict, training=record)
     return out
+
+
+def prepare_federation(
+    cfg: Config,
+    *,
+    work: Path,
+    datasets: Mapping[str, Dataset],
+    specs: Mapping[str, Mapping[str, Any]],
+    seeds: Mapping[str, int],
+    runtime: Runtime,
+    app_settings: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[_CheckpointMirror]]:
+    """Fill the work folder and restore what the run directory kept (the resume path); no process starts.
+
+    The clients' privacy ledgers are not restored: with a run directory (``runtime.ledger_dir``) the
+    clients write them there themselves, before each round, and a resumed run's clients read them there.
+
+    Returns
+    -------
+    (the Flower run-config, one checkpoint mirror per model).
+
+    Raises
+    ------
+    DataError, PrivacyBudgetError
+        For impossible settings. RunDirError: a recorded ledger that now records less spend.
+    """
+    mirrors = []
+    for name in datasets:
+        task = Task(
+            cfg=cfg,
+            name=name,
+            dataset=datasets[name],
+            spec=specs[name],
+            fit_cfg=fit_config(cfg, name),
+            model_seed=seeds[name],
+            work_dir=work,
+        )
+        _preflight(task)  # fail here, in one line, before any process starts
+        workdir.write_inputs(work, name=name, dataset=datasets[name], spec=specs[name])
+        mirrors.append(_CheckpointMirror(work, name, runtime))
+        mirrors[-1].restore()
+    ledgers = {"ledger_dir": str(runtime.ledger_dir)} if runtime.ledger_dir is not None else {}
+    run_config = to_run_config(cfg, model=",".join(datasets), work_dir=str(work), **ledgers, **app_settings)
+    return run_config, mirrors
 
 
 def _preflight(task: Task) -> None:
@@ -243,7 +276,7 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
     with (
         _ray_tmp(work) as ray_tmp,
         launcher.sigterm_as_exit(),
-        # The work folder is scratch (checkpoints and ledgers are mirrored into the run directory): if this
+        # The work folder is scratch (the checkpoint is mirrored, the ledgers live in the run directory): if this
         # process is killed, the watchdog deletes it and Ray's folder rather than leave private-data weights behind.
         launcher.Processes(
             work / "logs", launcher.flower_env(flwr_home, ray_tmp=ray_tmp), disposable=[work, ray_tmp]
@@ -300,46 +333,44 @@ def _raise_if_failed(work: Path, model: str, procs: launcher.Processes) -> None:
 
 
 class _CheckpointMirror:
-    """Copy the server checkpoint and client ledgers between the work folder and the run directory."""
+    """Copy the server checkpoint between the work folder and the run directory; note the clients' ledgers.
 
-    def __init__(self, work: Path, name: str, runtime: Runtime, *, n_clients: int):
-        self.work, self.name, self.runtime, self.n_clients = work, name, runtime, n_clients
-        self.seen: dict[Path, float] = {}
+    The server checkpoint may lag (a lost one only means rounds trained again, and the ledgers count
+    them). The ledgers may not: the clients write them in the run directory themselves
+    (``runtime.ledger_dir``), and this only notes their hashes in its manifest.
+    """
 
-    def _files(self) -> list[Path]:
-        return sorted(
-            [*(self.work / "server").glob(f"{self.name}.*"), *(self.work / "clients" / self.name).glob("*.json")]
-        )
+    def __init__(self, work: Path, name: str, runtime: Runtime):
+        self.work, self.name, self.runtime = work, name, runtime
+        self.seen: dict[Path, int] = {}
 
     def _rel(self, path: Path) -> str:
         return f"checkpoints/federated/{path.relative_to(self.work).as_posix()}"
 
-    def restore(self) -> None:
-        """Put what the run directory kept back into the work folder (resume).
+    def _ledgers(self) -> list[Path]:
+        if self.runtime.ledger_dir is None:
+            return []
+        return sorted(p for p in (self.runtime.ledger_dir / self.name).glob("*.json") if not p.name.startswith("."))
 
-        Client ledgers are restored even without a server checkpoint: a round the server
-        never finished was still spent by the clients that trained in it.
+    def restore(self) -> None:
+        """Put the server checkpoint the run directory kept back into the work folder (resume), and check
+        the ledgers the clients left there against the manifest (a ledger that now spends less is refused).
         """
+        self._note_ledgers()
         if self.runtime.load_bytes is None:
             return
-        rels = [
-            f"server/{self.name}.checkpoint.safetensors",
-            *(f"clients/{self.name}/client-{pid}.json" for pid in range(self.n_clients)),
-        ]
-        restored = 0
-        for rel in rels:
-            data = self.runtime.load_bytes(f"checkpoints/federated/{rel}")
-            if data is not None:
-                atomic_write(self.work / rel, data)
-                restored += 1
-        if restored:
-            log.info("%s: restored %d federated checkpoint file(s) from the run directory", self.name, restored)
+        rel = f"server/{self.name}.checkpoint.safetensors"
+        data = self.runtime.load_bytes(f"checkpoints/federated/{rel}")
+        if data is not None:
+            atomic_write(self.work / rel, data)
+            log.info("%s: restored the federated server checkpoint from the run directory", self.name)
 
     def sync(self) -> None:
-        """Forward new or changed files to the run directory."""
+        """Forward a new or changed server checkpoint to the run directory; note changed ledgers."""
+        self._note_ledgers()
         if self.runtime.save_bytes is None:
             return
-        for path in self._files():
+        for path in sorted((self.work / "server").glob(f"{self.name}.*")):
             if path.name.startswith("."):
                 continue  # an atomic write in progress
             try:
@@ -351,6 +382,18 @@ class _CheckpointMirror:
                 continue
             self.runtime.save_bytes(self._rel(path), data)
             self.seen[path] = mtime
+
+    def _note_ledgers(self) -> None:
+        if self.runtime.record_ledger is None:
+            return
+        for path in self._ledgers():
+            try:
+                mtime = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if self.seen.get(path) != mtime:
+                self.runtime.record_ledger(path)
+                self.seen[path] = mtime
 
 
 def _flwr_version() -> str:

@@ -50,6 +50,7 @@ class Task:
     fit_cfg: FitConfig  # local optimizer settings (dp_fit under DP), before the per-client DP batch cap
     model_seed: int  # weights init; partition and client seeds derive from it
     work_dir: Path
+    ledger_dir: Path | None = None  # emulated clients' ledgers (workdir.ledger_path); None = under work_dir
     sites: Mapping[str, Any] | None = None  # per-site mode, server side: what the sites reported (federated.site.agree)
     _parts: dict = field(default_factory=dict, compare=False, repr=False)  # split -> partition, computed once
 
@@ -143,6 +144,7 @@ def load_task(cfg: Config, settings: AppSettings, *, run_id: int) -> Task:
         fit_cfg=fit_config(cfg, name),
         model_seed=model_seed(cfg, name, settings),
         work_dir=work_dir,
+        ledger_dir=Path(settings.ledger_dir) if settings.ledger_dir else None,
     )
 
 

@@ -7,6 +7,7 @@
     <work>/run_config.toml             the Flower run-config                          [launcher -> flwr run]
     <work>/server/<model>.checkpoint.safetensors   the server's checkpoint (resume)   [ServerApp]
     <work>/clients/<model>/client-<i>.json         client i's privacy ledger          [ClientApp]
+                                                   (or <app.ledger-dir>/<model>/...: the run directory's)
     <work>/result/<model>.safetensors|json|error.json   final weights, record, error  [ServerApp -> launcher]
     <work>/logs/, <work>/flwr-home/    process logs, Flower's own settings             [launcher]
 """
@@ -56,9 +57,13 @@ def checkpoint_path(work_dir: Path, model: str) -> Path:
     return work_dir / "server" / f"{model}.checkpoint.safetensors"
 
 
-def ledger_path(work_dir: Path, model: str, partition_id: int) -> Path:
-    """The client's own ledger file."""
-    return work_dir / "clients" / model / f"client-{partition_id}.json"
+def ledger_path(work_dir: Path, model: str, partition_id: int, *, ledger_dir: Path | None = None) -> Path:
+    """An emulated client's own ledger file: ``<ledger_dir>/<model>/client-<i>.json``.
+
+    ``ledger_dir`` (``app.ledger-dir``) defaults to ``<work>/clients``; the pipeline sets it inside its run
+    directory, so that what a client reserves before training is what a resumed run reads (no copy between).
+    """
+    return (ledger_dir or work_dir / "clients") / model / f"client-{partition_id}.json"
 
 
 def result_paths(work_dir: Path, model: str) -> tuple[Path, Path, Path]:

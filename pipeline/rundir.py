@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import platform
 import secrets
 import subprocess
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from core import privacy
 from core.artifacts import atomic_write, json_bytes, read_json
 from core.errors import RunDirError
 
@@ -29,6 +31,33 @@ MANIFEST = "manifest.json"
 CONFIG = "config.toml"
 SIGNATURE = "manifest.sig"  # optional Ed25519 signature of manifest.json (python -m pipeline sign)
 LIBRARIES = ("numpy", "scikit-learn", "torch", "opacus", "flwr", "shap", "lime", "safetensors", "matplotlib")
+
+
+LEDGER_DIR = "checkpoints/federated/clients"  # federated clients write their privacy ledgers here themselves
+
+
+def _ledger_history(data: bytes) -> list[tuple[float, float, int]] | None:
+    """The accountant history of a privacy-ledger file's bytes, or None when they are not a ledger."""
+    try:
+        history = json.loads(data)["accountant_history"]
+        return [(float(s), float(q), int(n)) for s, q, n in history]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _accepted(entry: Mapping[str, Any], data: bytes) -> bool:
+    """Whether a recorded file's bytes are acceptable: its hash, a checkpoint one write behind, or a ledger ahead.
+
+    A privacy ledger is written by its client before the manifest hears of it (write-ahead), so after a
+    kill it may be ahead of its record: accepted when it still covers every step recorded (it can then
+    only overstate ε); a ledger that spends less than its record was edited and is refused.
+    """
+    if hashlib.sha256(data).hexdigest() in _accepted_hashes(entry):
+        return True
+    if entry.get("kind") != "ledger" or not isinstance(entry.get("accountant_history"), list):
+        return False
+    history = _ledger_history(data)
+    return history is not None and privacy.covers(history, entry["accountant_history"])
 
 
 def _accepted_hashes(entry: Mapping[str, Any]) -> set[str]:
@@ -232,6 +261,31 @@ class RunDir:
         self.save_manifest()
         atomic_write(target, data)
 
+    def record_ledger(self, rel: str, *, stage: str, seed: int | None) -> None:
+        """Note in the manifest a privacy ledger a federated client wrote in place (no copy: it is the authority).
+
+        The entry keeps the ledger's accountant history, so a later read accepts the file while it covers
+        that spend (the client may have reserved more since) and refuses it once it spends less.
+        """
+        target = self._inside(rel)
+        data = target.read_bytes()
+        history = _ledger_history(data)
+        if history is None:
+            raise damaged(target, "not a privacy ledger (no accountant_history)")
+        old = self.manifest["artifacts"].get(rel)
+        # A client's ledger only grows (a reservation is settled at the same steps: fit runs every planned step).
+        if old is not None and not _accepted(old, data):
+            raise damaged(target, "the privacy ledger records less spend than the manifest did: it was edited")
+        self.manifest["artifacts"][rel] = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "stage": stage,
+            "seed": seed,
+            "kind": "ledger",
+            "accountant_history": [list(h) for h in history],
+        }
+        self.save_manifest()
+
     def complete_stage(
         self,
         name: str,
@@ -305,7 +359,7 @@ class RunDir:
             ) from None
         except OSError as exc:
             raise damaged(self.path / rel, exc.strerror or type(exc).__name__) from None
-        if hashlib.sha256(data).hexdigest() not in _accepted_hashes(entry):
+        if not _accepted(entry, data):
             raise RunDirError(
                 f"{rel!r} in {self.path} was modified after it was written (SHA-256 differs); re-run --from {entry['stage']}"
             )
@@ -327,7 +381,7 @@ class RunDir:
                 continue
             if not p.is_file():
                 problems.append(f"missing: {rel}")
-            elif sha256_file(p) not in _accepted_hashes(entry):
+            elif sha256_file(p) not in _accepted_hashes(entry) and not _accepted(entry, p.read_bytes()):
                 problems.append(f"edited: {rel} (SHA-256 differs from the manifest)")
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path).as_posix()

@@ -16,6 +16,7 @@ import importlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable
 
@@ -24,7 +25,7 @@ from core.config import Config
 from core.errors import ConfigError, RunDirError, UserError
 from core.runtime import Runtime
 from core.seeds import stage_seed
-from pipeline.rundir import RunDir, damaged
+from pipeline.rundir import LEDGER_DIR, RunDir, damaged
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +226,7 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
         stage = STAGES[name]
         inputs = _inputs(stage, outputs, run)
         run.begin_stage(name, seed=seed)
-        runtime = Runtime(
-            progress=progress,
-            checkpoint_every_s=cfg.train.checkpoint_every_s,
-            save_bytes=lambda rel, data, n=name, s=seed: _save_intermediate(run, rel, data, n, s),
-            load_bytes=lambda rel: _load_intermediate(run, rel),
-        )
+        runtime = stage_runtime(cfg, run, name, seed=seed, progress=progress)
         log.info("stage %s: %s", name, stage.description)
         t0 = time.perf_counter()
         module = stage_module(name)
@@ -246,6 +242,22 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
         run.complete_stage(name, files, seed=seed, seconds=time.perf_counter() - t0, device=runtime.placement)
         outputs[name] = out
     return outputs
+
+
+def stage_runtime(cfg: Config, run: RunDir, name: str, *, seed: int, progress: bool = False) -> Runtime:
+    """The run-time services stage ``name`` gets: progress display, checkpoints and ledgers in ``run``."""
+
+    def record_ledger(path: Path) -> None:
+        run.record_ledger(path.resolve().relative_to(run.path.resolve()).as_posix(), stage=name, seed=seed)
+
+    return Runtime(
+        progress=progress,
+        checkpoint_every_s=cfg.train.checkpoint_every_s,
+        save_bytes=lambda rel, data: _save_intermediate(run, rel, data, name, seed),
+        load_bytes=lambda rel: _load_intermediate(run, rel),
+        ledger_dir=(run.path / LEDGER_DIR).resolve(),  # absolute: the clients run in other folders
+        record_ledger=record_ledger,
+    )
 
 
 def _save_intermediate(run: RunDir, rel: str, data: bytes, stage: str, seed: int) -> None:
