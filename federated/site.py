@@ -50,6 +50,7 @@ from core.datasets import load_images, load_table
 from core.errors import ConfigError, DataError, UserError
 from core.teacher import model_spec
 from federated import schema
+from federated.strategies import node_of_reply
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +281,10 @@ def _ask(
 ) -> tuple[dict[int, Message], dict[int, str]]:
     msgs = [Message(content_of(), dst_node_id=nid, message_type=message_type) for nid in node_ids]
     replies, errors = {}, {}
-    for rep in grid.send_and_receive(msgs, timeout=timeout):
-        nid = rep.metadata.src_node_id
+    got = list(grid.send_and_receive(msgs, timeout=timeout))
+    addressed = node_of_reply(msgs)  # after the push: the grid gives the messages their ids
+    for rep in got:
+        nid = addressed(rep)
         if rep.has_error():
             errors[nid] = str(rep.error.reason).strip().splitlines()[-1][:300] if rep.error.reason else "error"
         else:

@@ -52,6 +52,7 @@ class Recording:
     def _init_recording(self, *, min_clients: int, round_offset: int) -> None:
         self.min_clients, self.round_offset, self.rounds = min_clients, round_offset, {}
         self.known_nodes: set[int] = set()  # every node sent a round so far: one missing later is a failure
+        self.sent: dict[int, list[Message]] = {}  # round -> its messages (the grid gives them ids as it pushes)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -64,6 +65,7 @@ class Recording:
             record.failed.append({"node_id": int(node), "reason": "node not connected when the round started"})
         self.known_nodes.update(record.sent_to)
         self.rounds[absolute] = record
+        self.sent[absolute] = messages
         return messages
 
     def aggregate_train(
@@ -73,8 +75,9 @@ class Recording:
         record = self.rounds.setdefault(absolute, RoundReplies(round=absolute))
         trained: list[Message] = []
         answered = set()
+        addressed = node_of_reply(self.sent.pop(absolute, []))
         for msg in replies:
-            node = int(msg.metadata.src_node_id)
+            node = addressed(msg)
             answered.add(node)
             if msg.has_error():
                 record.failed.append({"node_id": node, "reason": _short(msg.error.reason)})
@@ -108,6 +111,18 @@ class Recording:
                 f"federated.rounds. First refusal: {record.refused[0]['reason'] if record.refused else 'none'}"
             )
         return super().aggregate_train(absolute, trained)  # type: ignore[misc]
+
+
+def node_of_reply(sent: Iterable[Message]) -> Callable[[Message], int]:
+    """The node a reply answers for: its sender, or for an error the SuperLink wrote in a dead node's place
+    ("Node Unavailable", sent from the SuperLink's own node id) the node the answered message went to."""
+    to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id}
+
+    def node(reply: Message) -> int:
+        src = int(reply.metadata.src_node_id)
+        return to.get(reply.metadata.reply_to_message_id, src) if reply.has_error() else src
+
+    return node
 
 
 def _number(value: Any) -> Any:

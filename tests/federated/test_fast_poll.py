@@ -53,3 +53,21 @@ def test_the_supernode_patch_caps_only_the_sleeps_of_its_message_loop(monkeypatc
     loop.time.sleep(3)
     assert time.monotonic() - t0 < 0.5 and loop.time.time() > 0  # everything else is the real module
     assert time.sleep is not loop.time.sleep
+
+
+def test_the_heartbeat_patch_announces_the_shortest_interval_a_stock_superlink_accepts(monkeypatch):
+    import flwr.supercore.heartbeat as sender
+    import flwr.supernode.fleet_http_connection as connection
+    from flwr.common import constant
+    from flwr.superlink.servicer.fleet.fleet_handlers import _validate_heartbeat_interval
+
+    for module in (connection, sender):  # undone after the test
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", constant.HEARTBEAT_DEFAULT_INTERVAL)
+    assert fast_poll.patch_heartbeat()
+    assert connection.HEARTBEAT_DEFAULT_INTERVAL == sender.HEARTBEAT_DEFAULT_INTERVAL == fast_poll.HEARTBEAT_S
+    assert fast_poll.HEARTBEAT_S < constant.HEARTBEAT_DEFAULT_INTERVAL
+    _validate_heartbeat_interval(fast_poll.HEARTBEAT_S)  # the SuperLink's own check accepts it (raises otherwise)
+    # The sender's period stays positive: (interval - call timeout) x ~0.8 (Flower's formula).
+    assert fast_poll.HEARTBEAT_S > constant.HEARTBEAT_CALL_TIMEOUT
+    # Dead-site detection: offline once HEARTBEAT_PATIENCE intervals pass without a heartbeat.
+    assert constant.HEARTBEAT_PATIENCE * fast_poll.HEARTBEAT_S <= 20

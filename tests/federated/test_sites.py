@@ -179,6 +179,94 @@ def test_deployment_with_three_sites_reading_their_own_csv(tmp_path):
         )
 
 
+def _pids(*needles: str) -> list[int]:
+    """Live processes whose command line holds every needle."""
+    import os
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and all(n.encode() in cmdline for n in needles) and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+def _ledger(work: Path, site_index: int) -> dict | None:
+    try:
+        return json.loads((work / f"site-{site_index}" / "privacy-ledger" / "regressor.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_a_site_killed_mid_round_is_recorded_and_the_two_survivors_finish_every_round(tmp_path):
+    """kill -9 of one site's SuperNode and ClientApp process while it trains round 2 (3 sites, min_clients=2)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    files = _site_files(tmp_path / "sites")
+    work = tmp_path / "run"
+    rounds = 3
+    cmd = [
+        *[sys.executable, "-m", "federated.deploy", "--work-dir", str(work), "--site-target", "y"],
+        *[f"--site-data={f}" for f in files],
+        *["regressor.hidden_sizes=[8]", f"federated.rounds={rounds}", "federated.min_clients=2"],
+        # DP: the site's ledger shows when it starts a round (write-ahead reservation); 40 local epochs keep
+        # it training for a second or more, so the kill lands mid-round.
+        *["dp.enabled=true", "dp.accountant=rdp", "federated.local_epochs=40"],
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out, err = tmp_path / "deploy.out", tmp_path / "deploy.err"
+    deploy = subprocess.Popen(cmd, cwd=root, env=env, stdout=out.open("wb"), stderr=err.open("wb"))
+    try:
+        deadline = time.monotonic() + 300
+        while (_ledger(work, 1) or {}).get("reserved_round") != 2:  # site 1 has reserved round 2: it trains now
+            assert deploy.poll() is None, err.read_text()[-4000:]
+            assert time.monotonic() < deadline, "site 1 never started round 2"
+            time.sleep(0.02)
+        (node,) = _pids("federated.fast_poll", str(files[1]))
+        (worker,) = _pids("federated.clientapp_worker", f"--parent-pid\0{node}\0")
+        os.kill(node, signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)
+        t_kill = time.monotonic()
+        while (_ledger(work, 0) or {}).get("reserved_round") != 3:  # a survivor starts round 3
+            assert deploy.poll() is None, err.read_text()[-4000:]
+            assert time.monotonic() - t_kill < 120, "the round did not go on within 120 s of the kill"
+            time.sleep(0.05)
+        print(f"kill -9 of site 1 -> round 3 started at a survivor: {time.monotonic() - t_kill:.1f} s")
+        assert deploy.wait(timeout=300) == 0, err.read_text()[-4000:]
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+    printed = json.loads(out.read_text())
+    exits = {e["name"]: e["exit_code"] for e in printed["deployment"]["supernode_exits"]}
+    assert exits == {"supernode-1": -9, "clientapp-1": -9}
+    record = json.loads((work / "result" / "regressor.json").read_text())
+    assert record["completed_rounds"] == rounds and [h["round"] for h in record["history"]] == [1, 2, 3]
+    dead = next(s["node_id"] for s in record["sites"]["sites"] if s["partition_id"] == 1)
+    # Round 2: the dead node, once, by its own id (the SuperLink's "Node Unavailable"); round 3 went to the others.
+    assert [(f["round"], f["node_id"]) for f in record["failures"]] == [(2, dead), (3, dead)]
+    assert "Node Unavailable" in record["failures"][0]["reason"]
+    assert record["failures"][1]["reason"] == "node not connected when the round started"
+    assert [h["clients_trained"] for h in record["history"]] == [3, 2, 2]
+    # The survivors trained every round; the dead site's ledger still counts the round it was killed in.
+    assert [(_ledger(work, i) or {}).get("rounds_trained") for i in (0, 2)] == [[1, 2, 3], [1, 2, 3]]
+    killed = _ledger(work, 1)
+    assert killed["rounds_trained"] == [1] and killed["reserved_round"] == 2
+    time.sleep(1.0)
+    assert not _pids(str(work)), "a process of the deployment outlived it"
+
+
 def test_tls_cli_issues_a_certificate_for_the_named_hosts(tmp_path):
     import ipaddress
 

@@ -131,3 +131,21 @@ def test_a_supernode_gone_between_rounds_is_recorded_and_the_round_goes_to_the_o
     arrays2, _ = s.aggregate_train(2, [_trained(1, 2.0, 10, 0), _trained(2, 2.0, 10, 1)])
     assert arrays2 is not None
     assert s.rounds[2].failed == [{"node_id": 3, "reason": "node not connected when the round started"}]
+
+
+def test_a_node_killed_mid_round_is_recorded_once_under_its_own_id():
+    """The SuperLink answers for a dead node ("Node Unavailable") from its own node id: the record names the
+    dead node (the message's destination), once, not the SuperLink plus a "no reply" for the node."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    s = build_strategy("fedavg", n_clients=3, min_clients=2)
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    sent = s.configure_train(1, arrays, ConfigRecord(), _Grid([11, 12, 13]))
+    for m in sent:  # what the grid does as it pushes them
+        m.metadata.__dict__["_message_id"] = m.object_id
+    dead = next(m for m in sent if m.metadata.dst_node_id == 13)
+    unavailable = create_message_error_unavailable_res_message(dead.metadata, "node_unavail")
+    assert unavailable.metadata.src_node_id not in (11, 12, 13)  # Flower's SuperLink id, not the node's
+    s.aggregate_train(1, [_trained(11, 1.0, 10, 0), _trained(12, 1.0, 10, 1), unavailable])
+    (failure,) = s.rounds[1].failed
+    assert failure["node_id"] == 13 and "Node Unavailable" in failure["reason"]
