@@ -233,7 +233,11 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         initial, record["public_pretraining"] = _initial_weights(task)
         arrays = ArrayRecord(initial)
     record["server_started_unix"] = t_start
-    record.pop("first_round_started_unix", None)  # a resumed record carries the previous launch's
+    record.pop("first_round_started_unix", None)
+    if task.sites is not None:  # per-site mode: only agreed sites train; a returning site is checked first
+        grid = site.AdmittedSites(
+            grid, task, timeout=settings.round_timeout_s
+        )  # a resumed record carries the previous launch's
     # --- user-level DP (issue 14): planned (and refused past budget) before any round runs
     user_plan = (
         user_privacy.plan_user_dp(task.cfg.client_dp, rounds=f.rounds, n_clients=f.n_clients)
@@ -341,6 +345,9 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
             n_parameters=int(record["n_parameters"]),
             max_participations=_max_participations(record),
         )
+    if isinstance(grid, site.AdmittedSites):  # sites that came back under a new node id, nodes left out
+        record.setdefault("sites_rejoined", []).extend(grid.rejoined)
+        record.setdefault("nodes_refused", {}).update({str(n): why for n, why in grid.refused.items()})
     _write_result(task, record, last["arrays"], t_start)
 
 

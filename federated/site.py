@@ -392,6 +392,83 @@ def agree(grid, task, *, timeout: float):
     return dataclasses.replace(task, dataset=shell, spec=spec, sites=sites)
 
 
+class AdmittedSites:
+    """The grid the strategy and the evaluation see in per-site mode: only nodes of agreed sites.
+
+    A site whose SuperNode comes back (restarted with the same node config) connects under a new
+    node id that took no part in :func:`agree`. Before it may train, it is asked for its schema and
+    admitted only if it names an agreed ``partition-id`` that has no connected node now and reports
+    that site's schema and row counts unchanged (the federation's standardisation was computed
+    from them); anything else is left out, logged and listed in ``refused``. A site whose old node
+    is still listed (the SuperLink declares a dead node offline only after two missed heartbeats)
+    waits in ``waiting`` and is asked again at the next round. Everything but ``get_node_ids`` goes
+    to the wrapped grid.
+    """
+
+    def __init__(self, grid, task, *, timeout: float):
+        self._grid, self._task, self._timeout = grid, task, timeout
+        self._agreed = {int(s["partition_id"]): s for s in task.sites["sites"]}
+        self.admitted: dict[int, int] = {int(s["node_id"]): int(s["partition_id"]) for s in task.sites["sites"]}
+        self.rejoined: list[dict[str, Any]] = []  # site, new node, the node it had, when
+        self.refused: dict[int, str] = {}  # node id -> why it may not train
+        self.waiting: dict[int, str] = {}  # node id -> why it may not train yet (asked again next time)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    @property
+    def replaced_nodes(self) -> set[int]:
+        """Node ids whose site came back under another one (the strategy no longer counts them missing)."""
+        return {int(r["previous_node_id"]) for r in self.rejoined if r["previous_node_id"] is not None}
+
+    def get_node_ids(self) -> list[int]:
+        """Connected nodes of agreed sites (newcomers are checked first)."""
+        connected = [int(n) for n in self._grid.get_node_ids()]
+        new = [n for n in connected if n not in self.admitted and n not in self.refused]
+        if new:
+            self._admit(new, connected)
+        return [n for n in connected if n in self.admitted]
+
+    def _admit(self, nodes: list[int], connected: list[int]) -> None:
+        query = lambda: RecordDict({"config": ConfigRecord({"model": self._task.name})})  # noqa: E731
+        replies, errors = _ask(self._grid, nodes, query, SCHEMA_QUERY, self._timeout)
+        self.refused.update({nid: f"did not report its schema: {why}" for nid, why in errors.items()})
+        for nid, rep in replies.items():
+            report = json.loads(str(rep.content["site"]["report"]))
+            pid = int(report["partition-id"])
+            live = {p for n, p in self.admitted.items() if n in connected}
+            why = None
+            if pid not in self._agreed:
+                why = f"partition-id={pid} is not a site of this federation (agreed: {sorted(self._agreed)})"
+            elif pid in live:
+                if nid not in self.waiting:
+                    log.warning("node %d waits: site %d is still connected as another node", nid, pid)
+                self.waiting[nid] = f"partition-id={pid} is already connected as another node"
+                continue
+            else:
+                agreed = self._agreed[pid]
+                rows = {k: v for k, v in report["schema"].items() if k.startswith("rows")}
+                try:
+                    schema.compare_schemas(
+                        {"agreed schema": self._task.sites["schema"], f"site {pid} (node {nid})": report["schema"]}
+                    )
+                except schema.SiteMismatchError as exc:
+                    why = str(exc)
+                if why is None and rows != {k: v for k, v in agreed.items() if k.startswith("rows")}:
+                    why = f"its row counts {rows} differ from those agreed at the start (the standardisation used them)"
+            if why is not None:
+                self.refused[nid] = why
+                log.warning("node %d may not train: %s", nid, why)
+                continue
+            previous = next((n for n, p in self.admitted.items() if p == pid), None)
+            self.waiting.pop(nid, None)
+            self.admitted[nid] = pid
+            self.rejoined.append(
+                {"partition_id": pid, "node_id": nid, "previous_node_id": previous, "unix": time.time()}
+            )
+            log.warning("site %d rejoined as node %d (was node %s)", pid, nid, previous)
+
+
 def _row_less_dataset(ref: Mapping[str, Any], standardisation: Mapping[str, Any]) -> Dataset:
     shape = tuple(int(s) for s in ref["input_shape"])
     table = ref["kind"] == "table"

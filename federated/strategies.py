@@ -60,7 +60,9 @@ class Recording:
         absolute = server_round + self.round_offset
         messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
         record = RoundReplies(round=absolute, sent_to=[m.metadata.dst_node_id for m in messages])
-        for node in sorted(self.known_nodes - set(record.sent_to)):
+        # A site back under a new node id (federated.site.AdmittedSites) is not missing: its old id is retired.
+        retired = set(getattr(grid, "replaced_nodes", ()))
+        for node in sorted(self.known_nodes - set(record.sent_to) - retired):
             # The SuperLink no longer lists it (its SuperNode died or lost its connection).
             record.failed.append({"node_id": int(node), "reason": "node not connected when the round started"})
         self.known_nodes.update(record.sent_to)

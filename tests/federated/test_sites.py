@@ -179,6 +179,48 @@ def test_deployment_with_three_sites_reading_their_own_csv(tmp_path):
         )
 
 
+def test_a_site_that_comes_back_under_a_new_node_id_is_checked_then_rejoins(tmp_path):
+    """A restarted SuperNode has a new node id: it trains again only as an agreed site with its agreed schema."""
+    from federated.task import load_task
+
+    files = _site_files(tmp_path / "sites")
+    bad = _site_files(tmp_path / "bad", drop_column_at=1)[1]
+    cfg = make_cfg("federated.n_clients=3", "federated.min_clients=2", "federated.rounds=2")
+    rc = to_run_config(cfg, model="regressor", work_dir=str(tmp_path / "server"), seed=3, node_wait_s=2.0, sites=True)
+    grid = _site_grid(rc, files, tmp_path / "ledgers")
+    from federated.run_config import from_run_config
+
+    _, settings = from_run_config(rc)
+    task = site.agree(grid, load_task(cfg, settings, run_id=7), timeout=5.0)
+    admitted = site.AdmittedSites(grid, task, timeout=5.0)
+    assert admitted.get_node_ids() == [100, 101, 102] and admitted.rejoined == []
+    node_configs = [grid.contexts[100 + i].node_config for i in range(3)]
+
+    def connect(node_id: int, partition_id: int, path: Path) -> None:
+        grid.contexts[node_id] = Context(
+            run_id=7,
+            node_id=node_id,
+            state=RecordDict(),
+            run_config=dict(rc),
+            node_config={**node_configs[partition_id], "data-path": str(path)},
+        )
+
+    connect(200, 0, files[0])  # site 0 twice: its first node is still connected, so this one waits
+    connect(201, 1, bad)  # site 1's node, now with a file that lacks a column
+    del grid.contexts[101]  # site 1's SuperNode died
+    assert admitted.get_node_ids() == [100, 102]
+    assert "already connected" in admitted.waiting[200] and "bmi" in admitted.refused[201]
+    connect(202, 1, files[1])  # site 1 back, its own file: admitted in node 101's place
+    assert admitted.get_node_ids() == [100, 102, 202]
+    (rejoin,) = admitted.rejoined
+    assert (rejoin["partition_id"], rejoin["node_id"], rejoin["previous_node_id"]) == (1, 202, 101)
+    assert admitted.replaced_nodes == {101}
+    assert admitted.get_node_ids() == [100, 102, 202]  # asked once: no second schema query
+    assert sorted(admitted.refused) == [201] and sorted(admitted.waiting) == [200]
+    del grid.contexts[100]  # site 0's first node dies: the waiting one takes its place
+    assert admitted.get_node_ids() == [102, 200, 202] and admitted.rejoined[-1]["previous_node_id"] == 100
+
+
 def _pids(*needles: str) -> list[int]:
     """Live processes whose command line holds every needle."""
     import os

@@ -149,3 +149,17 @@ def test_a_node_killed_mid_round_is_recorded_once_under_its_own_id():
     s.aggregate_train(1, [_trained(11, 1.0, 10, 0), _trained(12, 1.0, 10, 1), unavailable])
     (failure,) = s.rounds[1].failed
     assert failure["node_id"] == 13 and "Node Unavailable" in failure["reason"]
+
+
+def test_a_node_whose_site_came_back_under_a_new_id_is_not_counted_missing():
+    s = build_strategy("fedavg", n_clients=2, min_clients=1)
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    s.configure_train(1, arrays, ConfigRecord(), _Grid([1, 2]))
+    s.aggregate_train(1, [_trained(1, 1.0, 10, 0), _trained(2, 1.0, 10, 1)])
+    grid = _Grid([1, 3])
+    grid.replaced_nodes = {2}  # site 1 rejoined as node 3 (federated.site.AdmittedSites)
+    s.configure_train(2, arrays, ConfigRecord(), grid)
+    s.aggregate_train(2, [_trained(1, 1.0, 10, 0), _trained(3, 1.0, 10, 1)])
+    assert s.rounds[2].failed == []
+    s.configure_train(3, arrays, ConfigRecord(), _Grid([1, 3]))  # without the grid's word, node 2 is missing
+    assert [f["node_id"] for f in s.rounds[3].failed] == [2]
