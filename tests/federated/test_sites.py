@@ -246,9 +246,21 @@ def _ledger(work: Path, site_index: int) -> dict | None:
         return None
 
 
+def _snapshot(pid: int) -> tuple[list[str], dict[str, str], str]:
+    """A process's command line, environment and folder: what restarting it the same way needs."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    env = (kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+    return (
+        [a.decode() for a in argv],
+        {k.decode(): v.decode() for k, v in env},
+        str(Path(f"/proc/{pid}/cwd").readlink()),
+    )
+
+
 @pytest.mark.slow
-def test_a_site_killed_mid_round_is_recorded_and_the_two_survivors_finish_every_round(tmp_path):
-    """kill -9 of one site's SuperNode and ClientApp process while it trains round 2 (3 sites, min_clients=2)."""
+def test_a_site_killed_mid_round_is_recorded_the_round_goes_on_and_the_site_rejoins(tmp_path):
+    """3 sites, min_clients=2: kill -9 of site 1's SuperNode and ClientApp process while it trains round 2;
+    the two survivors finish the round; site 1, restarted at once with the same command line, rejoins later."""
     import os
     import signal
     import subprocess
@@ -258,18 +270,19 @@ def test_a_site_killed_mid_round_is_recorded_and_the_two_survivors_finish_every_
     root = Path(__file__).resolve().parents[2]
     files = _site_files(tmp_path / "sites")
     work = tmp_path / "run"
-    rounds = 3
+    rounds, local_epochs = 5, 40
     cmd = [
         *[sys.executable, "-m", "federated.deploy", "--work-dir", str(work), "--site-target", "y"],
         *[f"--site-data={f}" for f in files],
         *["regressor.hidden_sizes=[8]", f"federated.rounds={rounds}", "federated.min_clients=2"],
         # DP: the site's ledger shows when it starts a round (write-ahead reservation); 40 local epochs keep
         # it training for a second or more, so the kill lands mid-round.
-        *["dp.enabled=true", "dp.accountant=rdp", "federated.local_epochs=40"],
+        *["dp.enabled=true", "dp.accountant=rdp", f"federated.local_epochs={local_epochs}"],
     ]
     env = {**os.environ, "PYTHONPATH": str(root)}
     out, err = tmp_path / "deploy.out", tmp_path / "deploy.err"
     deploy = subprocess.Popen(cmd, cwd=root, env=env, stdout=out.open("wb"), stderr=err.open("wb"))
+    restarted: list[subprocess.Popen] = []
     try:
         deadline = time.monotonic() + 300
         while (_ledger(work, 1) or {}).get("reserved_round") != 2:  # site 1 has reserved round 2: it trains now
@@ -278,9 +291,18 @@ def test_a_site_killed_mid_round_is_recorded_and_the_two_survivors_finish_every_
             time.sleep(0.02)
         (node,) = _pids("federated.fast_poll", str(files[1]))
         (worker,) = _pids("federated.clientapp_worker", f"--parent-pid\0{node}\0")
+        node_was, worker_was = _snapshot(node), _snapshot(worker)
         os.kill(node, signal.SIGKILL)
         os.kill(worker, signal.SIGKILL)
         t_kill = time.monotonic()
+        # Site 1 comes back at once: the same SuperNode command line (node config, ledger) and a ClientApp
+        # process for it. The SuperLink still lists the dead node for up to 2 heartbeats: the new one waits.
+        argv, node_env, cwd = node_was
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        restarted.append(subprocess.Popen(argv, env=node_env, cwd=cwd, **quiet))
+        argv, worker_env, cwd = worker_was
+        argv = [str(restarted[0].pid) if a == str(node) else a for a in argv]
+        restarted.append(subprocess.Popen(argv, env=worker_env, cwd=cwd, **quiet))
         while (_ledger(work, 0) or {}).get("reserved_round") != 3:  # a survivor starts round 3
             assert deploy.poll() is None, err.read_text()[-4000:]
             assert time.monotonic() - t_kill < 120, "the round did not go on within 120 s of the kill"
@@ -288,23 +310,36 @@ def test_a_site_killed_mid_round_is_recorded_and_the_two_survivors_finish_every_
         print(f"kill -9 of site 1 -> round 3 started at a survivor: {time.monotonic() - t_kill:.1f} s")
         assert deploy.wait(timeout=300) == 0, err.read_text()[-4000:]
     finally:
-        if deploy.poll() is None:
-            deploy.kill()
+        for proc in [deploy, *restarted]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
     printed = json.loads(out.read_text())
     exits = {e["name"]: e["exit_code"] for e in printed["deployment"]["supernode_exits"]}
     assert exits == {"supernode-1": -9, "clientapp-1": -9}
     record = json.loads((work / "result" / "regressor.json").read_text())
-    assert record["completed_rounds"] == rounds and [h["round"] for h in record["history"]] == [1, 2, 3]
+    assert record["completed_rounds"] == rounds and [h["round"] for h in record["history"]] == [1, 2, 3, 4, 5]
     dead = next(s["node_id"] for s in record["sites"]["sites"] if s["partition_id"] == 1)
-    # Round 2: the dead node, once, by its own id (the SuperLink's "Node Unavailable"); round 3 went to the others.
-    assert [(f["round"], f["node_id"]) for f in record["failures"]] == [(2, dead), (3, dead)]
-    assert "Node Unavailable" in record["failures"][0]["reason"]
-    assert record["failures"][1]["reason"] == "node not connected when the round started"
-    assert [h["clients_trained"] for h in record["history"]] == [3, 2, 2]
-    # The survivors trained every round; the dead site's ledger still counts the round it was killed in.
-    assert [(_ledger(work, i) or {}).get("rounds_trained") for i in (0, 2)] == [[1, 2, 3], [1, 2, 3]]
+    (rejoin,) = record["sites_rejoined"]
+    assert rejoin["partition_id"] == 1 and rejoin["previous_node_id"] == dead and rejoin["node_id"] != dead
+    assert record["nodes_refused"] == {}
+    # The site's ledger: round 1, the round it was killed in (its reservation stands), then every round from
+    # its return on. ε is counted for all of them: steps = (rounds it spent) x local_epochs x steps per epoch.
     killed = _ledger(work, 1)
-    assert killed["rounds_trained"] == [1] and killed["reserved_round"] == 2
+    back = killed["rounds_trained"][1]
+    assert back >= 3 and killed["rounds_trained"] == [1, *range(back, rounds + 1)] and killed["reserved_round"] is None
+    ((_, q, _), *_) = killed["accountant_history"]
+    assert sum(n for _, _, n in killed["accountant_history"]) == (2 + rounds - back + 1) * local_epochs * round(1 / q)
+    # The record: round 2 names the dead node once, by its own id (the SuperLink's "Node Unavailable");
+    # later rounds went to the two survivors (the dead node "not connected") until the site was back.
+    failures = [(f["round"], f["node_id"]) for f in record["failures"]]
+    assert failures == [(r, dead) for r in range(2, back)]
+    assert "Node Unavailable" in record["failures"][0]["reason"]
+    assert all(f["reason"] == "node not connected when the round started" for f in record["failures"][1:])
+    assert [h["clients_trained"] for h in record["history"]] == [3] + [2] * (back - 2) + [3] * (rounds - back + 1)
+    # The survivors trained every round.
+    assert [(_ledger(work, i) or {}).get("rounds_trained") for i in (0, 2)] == [[1, 2, 3, 4, 5]] * 2
+    print(f"site 1 rejoined in round {back}")
     time.sleep(1.0)
     assert not _pids(str(work)), "a process of the deployment outlived it"
 
