@@ -140,8 +140,13 @@ class SecAggConfig:
 @dataclass(frozen=True)
 class FederatedConfig:
     n_clients: int = 5  # simulated clients, >= 1
-    rounds: int = 10  # federated rounds, >= 1
-    local_epochs: int = 1  # epochs each client trains per round, >= 1
+    # 40 x 3 reaches central accuracy on IID digits (CNN within 0.5 points, 3 seeds; federated/README.md)
+    rounds: int = 40  # federated rounds, >= 1 (under dp.enabled, unless set: dp_rounds)
+    local_epochs: int = 3  # epochs each client trains per round, >= 1 (under dp.enabled, unless set: dp_local_epochs)
+    # Under DP σ is planned for rounds x local_epochs epochs: a longer schedule needs more noise per step at the
+    # same ε. These are the defaults of rounds / local_epochs when dp.enabled and they are not set explicitly.
+    dp_rounds: int = 10  # rounds under dp.enabled when federated.rounds is not set, >= 1
+    dp_local_epochs: int = 1  # local epochs under dp.enabled when federated.local_epochs is not set, >= 1
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"  # Flower strategy
     partitioner: Literal["iid", "dirichlet", "quantity"] = "iid"  # how rows are split between clients
     dirichlet_alpha: float = 0.5  # label skew of the dirichlet partitioner, > 0
@@ -279,8 +284,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. cnn.fit.epochs=3")
         _set_dotted(tree, key.strip(), _parse_scalar(raw.strip()))
     cfg = _build(Config(), tree, prefix="")
+    cfg = _resolve_dp_schedule(cfg, tree)
     validate(cfg)
     return cfg
+
+
+# Keys of the federated schedule whose default differs under dp.enabled, and the key holding that default.
+DP_SCHEDULE_KEYS = {"rounds": "dp_rounds", "local_epochs": "dp_local_epochs"}
+
+
+def _resolve_dp_schedule(cfg: Config, tree: Mapping[str, Any]) -> Config:
+    """Under ``dp.enabled``, give ``federated.rounds`` / ``local_epochs`` their DP defaults unless they were set.
+
+    A value set in the TOML file or an override always wins, in both modes; the resolved config
+    (what the run directory saves and Flower receives) holds the numbers actually used, so
+    reading it back changes nothing.
+    """
+    if not cfg.dp.enabled:
+        return cfg
+    given = tree.get("federated", {})
+    given = given if isinstance(given, Mapping) else {}
+    changes = {key: getattr(cfg.federated, dp_key) for key, dp_key in DP_SCHEDULE_KEYS.items() if key not in given}
+    return dataclasses.replace(cfg, federated=dataclasses.replace(cfg.federated, **changes)) if changes else cfg
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -490,13 +515,14 @@ def validate(cfg: Config) -> None:
     ]
     for key, fit in dp_fits:
         _check(fit.epochs <= MAX_DP_EPOCHS, f"{key}.epochs", fit.epochs, f"<= {MAX_DP_EPOCHS} (the accountant's range)")
-    total = cfg.federated.rounds * cfg.federated.local_epochs
-    _check(
-        total <= MAX_DP_EPOCHS,
-        "federated.rounds * federated.local_epochs",
-        total,
-        f"<= {MAX_DP_EPOCHS} (the accountant's range)",
-    )
+    for rounds_key, epochs_key in (("rounds", "local_epochs"), ("dp_rounds", "dp_local_epochs")):
+        total = getattr(cfg.federated, rounds_key) * getattr(cfg.federated, epochs_key)
+        _check(
+            total <= MAX_DP_EPOCHS,
+            f"federated.{rounds_key} * federated.{epochs_key}",
+            total,
+            f"<= {MAX_DP_EPOCHS} (the accountant's range)",
+        )
     k = cfg.distill
     _validate_fit(k.fit, "distill.fit")
     _check(k.tree_depth >= 1, "distill.tree_depth", k.tree_depth, ">= 1")
@@ -572,6 +598,8 @@ def validate(cfg: Config) -> None:
     _check(f.n_clients >= 1, "federated.n_clients", f.n_clients, ">= 1")
     _check(f.rounds >= 1, "federated.rounds", f.rounds, ">= 1")
     _check(f.local_epochs >= 1, "federated.local_epochs", f.local_epochs, ">= 1")
+    _check(f.dp_rounds >= 1, "federated.dp_rounds", f.dp_rounds, ">= 1")
+    _check(f.dp_local_epochs >= 1, "federated.dp_local_epochs", f.dp_local_epochs, ">= 1")
     _check(f.dirichlet_alpha > 0, "federated.dirichlet_alpha", f.dirichlet_alpha, "> 0")
     _check(f.proximal_mu >= 0, "federated.proximal_mu", f.proximal_mu, ">= 0")
     _check(f.server_lr > 0, "federated.server_lr", f.server_lr, "> 0")

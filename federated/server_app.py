@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from core import models, privacy, seeds, training, user_privacy
 from core.artifacts import atomic_write, json_bytes, state_dict_bytes
 from core.client_noise import check_clip_term, clip_probability
+from core.config import Config, FederatedConfig
 from core.errors import UserError
 from core.teacher import public_pretrain
 from federated import checkpoint, fast_poll, secagg, site, user_dp, workdir
@@ -124,6 +125,20 @@ def _evaluate(task: Task, arrays: ArrayRecord, grid: Grid | None = None) -> dict
     return out
 
 
+def schedule_note(cfg: Config) -> str:
+    """Where this run's rounds x local epochs come from (the record says it; under DP it is a choice with a cost)."""
+    f, plain = cfg.federated, FederatedConfig()
+    if not cfg.dp.enabled:
+        return f"federated.rounds x federated.local_epochs = {f.rounds} x {f.local_epochs}"
+    default = (f.rounds, f.local_epochs) == (f.dp_rounds, f.dp_local_epochs)
+    return (
+        f"{f.rounds} x {f.local_epochs}: "
+        + ("the DP default (federated.dp_rounds x federated.dp_local_epochs)" if default else "set for this run")
+        + f"; σ is planned for all {f.rounds * f.local_epochs} epochs, so a longer schedule adds noise per step at "
+        f"the same ε (the non-DP default is {plain.rounds} x {plain.local_epochs}; federated/README.md compares them)"
+    )
+
+
 def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray] | None, fp: str) -> dict[str, Any]:
     cfg, ds = task.cfg, task.dataset
     f = cfg.federated
@@ -150,6 +165,7 @@ def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray] | Non
         "min_clients": f.min_clients,
         "rounds": f.rounds,
         "local_epochs": f.local_epochs,
+        "schedule": schedule_note(cfg),
         "completed_rounds": 0,
         "strategy": strategy,
         "partition": partition,

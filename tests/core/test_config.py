@@ -65,3 +65,31 @@ def test_bad_toml_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_dp_gets_its_own_federated_schedule_unless_one_is_set(tmp_path):
+    """Under DP σ is planned for rounds x local epochs: the DP default schedule is shorter; explicit values win."""
+    plain = load_config(None, ["train.mode=federated"]).federated
+    dp = load_config(None, ["train.mode=federated", "dp.enabled=true"]).federated
+    assert (plain.rounds, plain.local_epochs) == (Config().federated.rounds, Config().federated.local_epochs)
+    assert (dp.rounds, dp.local_epochs) == (dp.dp_rounds, dp.dp_local_epochs)
+    assert dp.rounds * dp.local_epochs < plain.rounds * plain.local_epochs
+    # One key set: it wins, the other keeps its DP default; the same in a TOML file.
+    one = load_config(None, ["dp.enabled=true", "federated.rounds=7"]).federated
+    assert (one.rounds, one.local_epochs) == (7, one.dp_local_epochs)
+    path = tmp_path / "c.toml"
+    path.write_text("[dp]\nenabled = true\n[federated]\nlocal_epochs = 2\n")
+    from_file = load_config(path).federated
+    assert (from_file.rounds, from_file.local_epochs) == (from_file.dp_rounds, 2)
+    custom = load_config(None, ["dp.enabled=true", "federated.dp_rounds=4", "federated.dp_local_epochs=2"]).federated
+    assert (custom.rounds, custom.local_epochs) == (4, 2)
+    # The resolved config (what the run directory saves, what Flower receives) reads back unchanged.
+    cfg = load_config(None, ["train.mode=federated", "dp.enabled=true"])
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg and from_flat(flatten(cfg)) == cfg
+
+
+@pytest.mark.parametrize("key", ["federated.dp_rounds", "federated.dp_local_epochs"])
+def test_dp_schedule_keys_are_checked(key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "' = 0 is out of range; it must be >= 1"):
+        load_config(None, [f"{key}=0"])

@@ -10,7 +10,7 @@ from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_contex
 from core import models
 from core.errors import PrivacyBudgetError
 from federated import checkpoint, client_state, workdir
-from federated.server_app import main
+from federated.server_app import main, schedule_note
 from federated.strategies import RoundFailedError
 from federated.workdir import read_error, read_result
 
@@ -26,6 +26,7 @@ def _run(tmp_path, digits_data, *overrides, n_nodes=2, crash_in_round=0, **app):
 def test_a_private_run_records_rounds_clients_and_epsilon(tmp_path, digits_data):
     cfg, _, (weights, record) = _run(tmp_path, digits_data, "dp.enabled=true", "dp.accountant=rdp")
     assert [h["round"] for h in record["history"]] == [1, 2, 3]
+    assert (record["rounds"], record["local_epochs"]) == (3, 1) and record["schedule"].startswith("3 x 1: set for")
     assert all({"val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(h) for h in record["history"])
     assert len(record["seconds_per_round"]) == 3 and record["failures"] == []
     assert sum(record["partition"]["sizes"]) == len(digits_data["images"].y["train"]) == record["n_train"]
@@ -153,3 +154,17 @@ def test_in_one_federation_each_model_keeps_its_own_checkpoint_and_ledgers(tmp_p
             assert client_state.load_rounds(workdir.ledger_path(tmp_path, name, pid)) == [1, 2]
             series = record["client_epsilon"][str(pid)]
             assert len(series) == 2 and 0 < series[0] < series[1] <= cfg.dp.target_epsilon
+
+
+def test_the_record_says_where_the_schedule_came_from():
+    """Under DP the default schedule is federated.dp_rounds x dp_local_epochs; the record says which applied."""
+    from core.config import load_config
+
+    plain = schedule_note(load_config(None, ["train.mode=federated"]))
+    dp = load_config(None, ["train.mode=federated", "dp.enabled=true"])
+    f = dp.federated
+    default = schedule_note(dp)
+    assert plain == "federated.rounds x federated.local_epochs = 40 x 3"
+    assert default.startswith(f"{f.dp_rounds} x {f.dp_local_epochs}: the DP default") and "40 x 3" in default
+    assert f"all {f.dp_rounds * f.dp_local_epochs} epochs" in default
+    assert "set for this run" in schedule_note(load_config(None, ["dp.enabled=true", "federated.local_epochs=2"]))

@@ -156,7 +156,14 @@ def test_deployment_with_three_sites_reading_their_own_csv(tmp_path):
 
     files = _site_files(tmp_path / "sites")
     cfg = load_config(
-        None, ["regressor.hidden_sizes=[8]", "federated.n_clients=3", "federated.min_clients=2", "federated.rounds=2"]
+        None,
+        [
+            "regressor.hidden_sizes=[8]",
+            "federated.n_clients=3",
+            "federated.min_clients=2",
+            "federated.rounds=2",
+            "federated.local_epochs=1",
+        ],
     )
     work = tmp_path / "run"
     record = deploy(cfg, model="regressor", work=work, n_supernodes=3, sites=SiteFiles(data=tuple(files), target="y"))
