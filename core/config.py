@@ -141,12 +141,12 @@ class SecAggConfig:
 class FederatedConfig:
     n_clients: int = 5  # simulated clients, >= 1
     # 40 x 3 reaches central accuracy on IID digits (CNN within 0.5 points, 3 seeds; federated/README.md)
-    rounds: int = 40  # federated rounds, >= 1 (under dp.enabled, unless set: dp_rounds)
-    local_epochs: int = 3  # epochs each client trains per round, >= 1 (under dp.enabled, unless set: dp_local_epochs)
-    # Under DP σ is planned for rounds x local_epochs epochs: a longer schedule needs more noise per step at the
-    # same ε. These are the defaults of rounds / local_epochs when dp.enabled and they are not set explicitly.
-    dp_rounds: int = 10  # rounds under dp.enabled when federated.rounds is not set, >= 1
-    dp_local_epochs: int = 1  # local epochs under dp.enabled when federated.local_epochs is not set, >= 1
+    rounds: int = 40  # federated rounds, >= 1 (under DP, unless set: dp_rounds)
+    local_epochs: int = 3  # epochs each client trains per round, >= 1 (under DP, unless set: dp_local_epochs)
+    # Under DP σ is planned for the whole schedule: a longer one needs more noise per step at the same ε. These
+    # are the defaults of rounds / local_epochs when dp.enabled or client_dp.enabled and they are not set.
+    dp_rounds: int = 10  # rounds under DP (either level) when federated.rounds is not set, >= 1
+    dp_local_epochs: int = 1  # local epochs under DP (either level) when federated.local_epochs is not set, >= 1
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"  # Flower strategy
     partitioner: Literal["iid", "dirichlet", "quantity"] = "iid"  # how rows are split between clients
     dirichlet_alpha: float = 0.5  # label skew of the dirichlet partitioner, > 0
@@ -294,13 +294,14 @@ DP_SCHEDULE_KEYS = {"rounds": "dp_rounds", "local_epochs": "dp_local_epochs"}
 
 
 def _resolve_dp_schedule(cfg: Config, tree: Mapping[str, Any]) -> Config:
-    """Under ``dp.enabled``, give ``federated.rounds`` / ``local_epochs`` their DP defaults unless they were set.
+    """Under DP, give ``federated.rounds`` / ``local_epochs`` their DP defaults unless they were set.
 
-    A value set in the TOML file or an override always wins, in both modes; the resolved config
+    DP here is either level, sample-level (``dp.enabled``) or user-level (``client_dp.enabled``): both plan σ
+    for the whole schedule. A value set in the TOML file or an override always wins, in both modes; the resolved config
     (what the run directory saves and Flower receives) holds the numbers actually used, so
     reading it back changes nothing.
     """
-    if not cfg.dp.enabled:
+    if not (cfg.dp.enabled or cfg.client_dp.enabled):
         return cfg
     given = tree.get("federated", {})
     given = given if isinstance(given, Mapping) else {}

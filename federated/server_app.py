@@ -128,13 +128,13 @@ def _evaluate(task: Task, arrays: ArrayRecord, grid: Grid | None = None) -> dict
 def schedule_note(cfg: Config) -> str:
     """Where this run's rounds x local epochs come from (the record says it; under DP it is a choice with a cost)."""
     f, plain = cfg.federated, FederatedConfig()
-    if not cfg.dp.enabled:
+    if not (cfg.dp.enabled or cfg.client_dp.enabled):
         return f"federated.rounds x federated.local_epochs = {f.rounds} x {f.local_epochs}"
     default = (f.rounds, f.local_epochs) == (f.dp_rounds, f.dp_local_epochs)
     return (
         f"{f.rounds} x {f.local_epochs}: "
         + ("the DP default (federated.dp_rounds x federated.dp_local_epochs)" if default else "set for this run")
-        + f"; σ is planned for all {f.rounds * f.local_epochs} epochs, so a longer schedule adds noise per step at "
+        + f"; σ is planned for all {f.rounds} rounds x {f.local_epochs} epochs, so a longer schedule adds noise at "
         f"the same ε (the non-DP default is {plain.rounds} x {plain.local_epochs}; federated/README.md compares them)"
     )
 

@@ -81,6 +81,8 @@ def test_dp_gets_its_own_federated_schedule_unless_one_is_set(tmp_path):
     path.write_text("[dp]\nenabled = true\n[federated]\nlocal_epochs = 2\n")
     from_file = load_config(path).federated
     assert (from_file.rounds, from_file.local_epochs) == (from_file.dp_rounds, 2)
+    user_level = load_config(None, ["train.mode=federated", "client_dp.enabled=true"]).federated  # σ over rounds too
+    assert (user_level.rounds, user_level.local_epochs) == (dp.rounds, dp.local_epochs)
     custom = load_config(None, ["dp.enabled=true", "federated.dp_rounds=4", "federated.dp_local_epochs=2"]).federated
     assert (custom.rounds, custom.local_epochs) == (4, 2)
     # The resolved config (what the run directory saves, what Flower receives) reads back unchanged.
