@@ -134,7 +134,7 @@ def schedule_note(cfg: Config) -> str:
     return (
         f"{f.rounds} x {f.local_epochs}: "
         + ("the DP default (federated.dp_rounds x federated.dp_local_epochs)" if default else "set for this run")
-        + f"; σ is planned for all {f.rounds} rounds x {f.local_epochs} epochs, so a longer schedule adds noise at "
+        + f"; σ is planned for the whole {f.rounds} x {f.local_epochs} schedule, so a longer one adds noise at "
         f"the same ε (the non-DP default is {plain.rounds} x {plain.local_epochs}; federated/README.md compares them)"
     )
 

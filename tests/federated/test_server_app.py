@@ -166,5 +166,5 @@ def test_the_record_says_where_the_schedule_came_from():
     default = schedule_note(dp)
     assert plain == "federated.rounds x federated.local_epochs = 40 x 3"
     assert default.startswith(f"{f.dp_rounds} x {f.dp_local_epochs}: the DP default") and "40 x 3" in default
-    assert f"all {f.dp_rounds} rounds x {f.dp_local_epochs} epochs" in default
+    assert f"the whole {f.dp_rounds} x {f.dp_local_epochs} schedule" in default
     assert "set for this run" in schedule_note(load_config(None, ["dp.enabled=true", "federated.local_epochs=2"]))
