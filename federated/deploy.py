@@ -1,8 +1,14 @@
-"""``python -m federated.deploy``: a real Flower deployment on loopback, one process per site.
+"""``python -m federated.deploy``: a real Flower deployment on this machine, one process per site.
 
 Starts ``flower-superlink`` (deployment mode), N ``flower-supernode`` processes (each with
 ``--node-config "partition-id=i num-partitions=N"``), runs this repo's app on them with
 ``flwr run``, prints the outcome and stops every process, also on failure and Ctrl-C.
+
+By default everything talks over loopback. ``--superlink-host ADDRESS`` binds the SuperLink
+to another address of this machine (the one the sites dial), and ``--site-prefix COMMAND``
+(once per site) starts site i's processes under a command prefix, e.g. ``ip netns exec NS``
+to put the site in its own network namespace, where the SuperLink's address is the only way
+to the server (:mod:`federated.netns` builds such a network; ``scripts/deploy_netns.py``).
 
 ``--tls`` generates a demo CA and SuperLink certificate and encrypts every connection;
 ``--auth`` (needs ``--tls``) gives each SuperNode a key pair, registers its public key
@@ -18,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import ipaddress
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +46,7 @@ from federated.schema import SiteMismatchError
 from federated.tls import make_server_credentials, make_supernode_keys
 
 log = logging.getLogger("federated.deploy")
-CONNECTION = "loopback"
+CONNECTION = "deployment"
 START_TIMEOUT_S = 60.0
 
 
@@ -78,6 +86,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="site i's privacy-ledger folder (repeat in --site-data order; default <work>/site-<i>/privacy-ledger)",
     )
+    p.add_argument(
+        "--superlink-host",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="the address of this machine the SuperLink listens on and the sites dial (default 127.0.0.1); "
+        "--tls's certificate covers it",
+    )
+    p.add_argument(
+        "--site-prefix",
+        action="append",
+        metavar="COMMAND",
+        help="command prefix for site i's processes (its SuperNode and ClientApp process), repeat once per site "
+        "in site order, e.g. 'ip netns exec site0' to run the site in its own network namespace; it must run the "
+        "command on this machine, in place (same process, same files), as `ip netns exec` and `nsenter` do",
+    )
     p.add_argument("--tls", action="store_true", help="encrypt every connection with generated demo certificates")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication with generated keys (needs --tls)")
     p.add_argument(
@@ -100,12 +123,17 @@ def deploy(
     app_settings: dict | None = None,
     sites: SiteFiles | None = None,
     isolation: str = "process",
+    superlink_host: str = "127.0.0.1",
+    site_prefixes: Sequence[Sequence[str]] = (),
 ) -> dict:
-    """Run one federated training of ``model`` on a loopback deployment; return the server's record.
+    """Run one federated training of ``model`` on a deployment on this machine; return the server's record.
 
     ``app_settings`` are extra ``app.*`` run-config settings (tests: fault injection).
     ``isolation="process"`` (default) runs one long-lived ClientApp process per SuperNode
     (:mod:`federated.clientapp_worker`); ``"subprocess"`` is Flower's default, a fresh process per message.
+    ``superlink_host`` is the address the SuperLink binds and the sites dial (the TLS certificate
+    covers it); ``site_prefixes[i]`` (none, or one per site) is put before site ``i``'s commands,
+    e.g. ``["ip", "netns", "exec", "site0"]``: it must exec the command in place on this machine.
 
     Raises
     ------
@@ -118,6 +146,10 @@ def deploy(
         raise UserError(
             f"federated.n_clients={cfg.federated.n_clients} but --n-supernodes={n_supernodes}; make them equal"
         )
+    if site_prefixes and len(site_prefixes) != n_supernodes:
+        raise UserError(f"{len(site_prefixes)} --site-prefix value(s) for {n_supernodes} sites; give one per site")
+    port = launcher.free_port()
+    address = _dial_address(superlink_host, port)
     work.mkdir(parents=True, exist_ok=True)
     if sites is not None:  # --- per-site data: nothing is prepared here; each SuperNode reads its own file
         node_configs = sites.node_configs(work, n_supernodes)
@@ -134,14 +166,13 @@ def deploy(
     rc_path.write_text(run_config_toml(overrides))
 
     flwr_home = work / "flwr-home"
-    port = launcher.free_port()
     creds = None
     if tls:
-        creds = make_server_credentials(work / "certs")
+        creds = make_server_credentials(work / "certs", hosts=(superlink_host,))
     launcher.write_connection(
         flwr_home,
         CONNECTION,
-        address=f"127.0.0.1:{port}",
+        address=address,
         root_certificates=str(creds.ca_cert.resolve()) if creds else None,
     )
     env = launcher.flower_env(flwr_home)
@@ -167,7 +198,7 @@ def deploy(
                 launcher.bin_path("flower-superlink"),
                 *security,
                 "--host",
-                "127.0.0.1",
+                superlink_host,
                 "--port",
                 str(port),
                 "--disable-runtime-dependency-installation",
@@ -182,11 +213,14 @@ def deploy(
             logs=procs,
             name="superlink",
             ca_file=str(creds.ca_cert) if creds else None,
+            host=superlink_host,
         )
+        keys = _register_all(procs, work, n_supernodes) if auth else []
         for i in range(n_supernodes):
+            prefix = list(site_prefixes[i]) if site_prefixes else []
             node_security = ["--root-certificates", str(creds.ca_cert)] if creds else ["--insecure"]
             if auth:
-                node_security += ["--auth-supernode-private-key", str(_register(procs, work, i))]
+                node_security += ["--auth-supernode-private-key", str(keys[i])]
             runtime_port = launcher.free_port()
             # The Runtime API is a loopback port any local user could poll for this site's tasks: a per-site
             # shared secret (Flower's SuperExec auth) restricts AcquireTask to our ClientApp process.
@@ -194,11 +228,12 @@ def deploy(
             node = procs.start(
                 f"supernode-{i}",
                 [
+                    *prefix,
                     # flower-supernode with its 3 s message polling shortened (federated/fast_poll.py, issue 12)
                     *[sys.executable, "-m", "federated.fast_poll", "supernode"],
                     *node_security,
                     "--superlink",
-                    f"127.0.0.1:{port}",
+                    address,
                     "--isolation",
                     isolation,
                     "--port",
@@ -209,7 +244,9 @@ def deploy(
                 ],
             )
             if isolation == "process":  # --- issue 12 finding 3: one long-lived ClientApp process per site
-                _start_clientapp_worker(procs, i, runtime_port=runtime_port, supernode_pid=node.pid, secret=secret)
+                _start_clientapp_worker(
+                    procs, i, runtime_port=runtime_port, supernode_pid=node.pid, secret=secret, prefix=prefix
+                )
         run = launcher.start_flwr_run(procs, CONNECTION, rc_path)
         node_exits: list[dict] = []
         while run.poll() is None:
@@ -246,6 +283,8 @@ def deploy(
                 "seconds": time.time() - t0,
                 "supernode_exits": node_exits,
                 "per_site_data": sites is not None,
+                "superlink_address": address,  # what every site dialled
+                "site_prefixes": [shlex.join(p) for p in site_prefixes],
             }
         }
     )
@@ -254,7 +293,7 @@ def deploy(
 
 @dataclass(frozen=True)
 class SiteFiles:
-    """Per-site data of a loopback deployment: one file (and ledger folder) per SuperNode."""
+    """Per-site data of a deployment: one file (and ledger folder) per SuperNode."""
 
     data: tuple[Path, ...]  # site i reads only data[i]
     target: str = ""  # CSV target column ("" = data.target)
@@ -294,19 +333,39 @@ def _superexec_secret(work: Path, i: int) -> Path:
     return path
 
 
+def _dial_address(host: str, port: int) -> str:
+    """``host:port`` for the SuperLink's ``host`` (``[v6]:port``); refuses addresses nobody can dial."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # a host name: the sites resolve it
+        return f"{host}:{port}"
+    if ip.is_unspecified:
+        raise UserError(
+            f"--superlink-host {host} listens everywhere but cannot be dialled; give the address of this machine "
+            "that the sites reach (e.g. 10.0.0.5)"
+        )
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
 def _start_clientapp_worker(
-    procs: launcher.Processes, i: int, *, runtime_port: int, supernode_pid: int, secret: Path | None
+    procs: launcher.Processes,
+    i: int,
+    *,
+    runtime_port: int,
+    supernode_pid: int,
+    secret: Path | None,
+    prefix: Sequence[str] = (),
 ) -> None:
     """Start site ``i``'s long-lived ClientApp process (:mod:`federated.clientapp_worker`) next to its SuperNode.
 
     It talks to the SuperNode's Runtime API on loopback only (plain HTTP, as Flower's own
     SuperExec does in subprocess isolation) and exits with the SuperNode (``--parent-pid``).
+    It runs under the site's ``prefix`` too: in a network namespace, that loopback is the site's.
     """
-    import sys
-
     procs.start(
         f"clientapp-{i}",
         [
+            *prefix,
             sys.executable,
             "-m",
             "federated.clientapp_worker",
@@ -320,23 +379,40 @@ def _start_clientapp_worker(
     )
 
 
-def _register(procs: launcher.Processes, work: Path, i: int) -> Path:
-    """Create SuperNode ``i``'s key pair and register its public key with the SuperLink; return the private key."""
+def _register_all(procs: launcher.Processes, work: Path, n_supernodes: int) -> list[Path]:
+    """Create a key pair per SuperNode and register the public keys with the SuperLink; return the private keys.
+
+    One ``flwr supernode register`` per site, all at once (each is a CLI start, ~2-5 s here).
+    """
     import subprocess
 
-    private, public = make_supernode_keys(work / "certs", f"supernode-{i}")
-    done = subprocess.run(
-        [launcher.bin_path("flwr"), "supernode", "register", str(public), CONNECTION],
-        env=procs.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if done.returncode != 0:
-        raise launcher.FederatedRunError(
-            f"registering SuperNode {i} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+    keys = [make_supernode_keys(work / "certs", f"supernode-{i}") for i in range(n_supernodes)]
+    argv = [launcher.bin_path("flwr"), "supernode", "register"]
+    running = [
+        subprocess.Popen(
+            [*argv, str(public), CONNECTION],
+            env=procs.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
         )
-    return private
+        for _, public in keys
+    ]
+    failed = []
+    try:
+        for i, proc in enumerate(running):
+            out, _ = proc.communicate(timeout=60)
+            if proc.returncode != 0:
+                failed.append(f"SuperNode {i}: {out[-2000:]}")
+    finally:
+        for proc in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if failed:
+        raise launcher.FederatedRunError("registering SuperNodes failed:\n" + "\n".join(failed))
+    return [private for private, _ in keys]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -367,6 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth=args.auth,
             sites=sites,
             isolation=args.isolation,
+            superlink_host=args.superlink_host,
+            site_prefixes=[shlex.split(p) for p in args.site_prefix or ()],
         )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -394,8 +394,12 @@ def wait_until_healthy(
     logs: Processes,
     name: str,
     ca_file: str | None = None,
+    host: str = "127.0.0.1",
 ) -> None:
-    """Wait until ``GET /health`` on 127.0.0.1:``port`` answers 200 (HTTPS when ``ca_file``); fail fast if ``proc`` exits."""
+    """Wait until ``GET /health`` on ``host``:``port`` answers 200 (HTTPS when ``ca_file``); fail fast if ``proc`` exits.
+
+    Over HTTPS the server's certificate must cover ``host`` (an IP SAN for an address).
+    """
     import ssl
     import urllib.error
     import urllib.request
@@ -407,7 +411,8 @@ def wait_until_healthy(
         if proc.poll() is not None:
             raise FederatedRunError(f"{what} exited with code {proc.returncode} while starting:\n{logs.log_tail(name)}")
         try:
-            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1.0, context=context) as resp:
+            url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/health"
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
