@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from federated.netns import SiteNetwork  # noqa: E402
 
 SIZES = (150, 120, 172)  # rows per site: three slices of the 442-row diabetes table
-TINY = ["regressor.hidden_sizes=[8]", "federated.rounds=2"]
+TINY = ["regressor.hidden_sizes=[8]", "federated.rounds=2", "federated.local_epochs=1"]
 
 
 def write_sites(folder: Path, sizes: tuple[int, ...] = SIZES) -> list[Path]:

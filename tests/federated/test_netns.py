@@ -97,9 +97,8 @@ def test_three_sites_in_their_own_network_namespaces_train_over_tls_on_the_veth_
     assert reach == [[True, False]] * 3
 
     files = _site_files(tmp_path / "sites")
-    cfg = load_config(
-        None, ["regressor.hidden_sizes=[8]", "federated.n_clients=3", "federated.min_clients=3", "federated.rounds=2"]
-    )
+    tiny = ["regressor.hidden_sizes=[8]", "federated.rounds=2", "federated.local_epochs=1"]
+    cfg = load_config(None, [*tiny, "federated.n_clients=3", "federated.min_clients=3"])
     work = tmp_path / "run"
     before = [net.link_bytes(i) for i in range(3)]
     record = deploy(
