@@ -623,6 +623,15 @@ def _validate_secagg(cfg: Config) -> None:
         a.num_shares,
         "0 (every sampled client) or an odd integer >= 3",
     )
+    # Flower's SecAgg+ wraps the neighbour ring around the sampled clients: more shares than clients gives each
+    # client only n_clients of them, while the threshold is taken of num_shares (a round halts, or the record
+    # would overstate the dropouts it survives).
+    _check(
+        a.num_shares <= f.n_clients,
+        "federated.secagg.num_shares",
+        a.num_shares,
+        f"<= federated.n_clients = {f.n_clients} (0 = every client)",
+    )
     _check(
         0 < a.reconstruction_threshold <= 1,
         "federated.secagg.reconstruction_threshold",

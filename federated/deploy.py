@@ -461,7 +461,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "last_round": last,
                 "failures": len(record["failures"]),
                 "deployment": record["deployment"],
-                "epsilon": record.get("privacy", {}).get("epsilon"),
+                "epsilon": record.get("privacy", {}).get("epsilon"),  # sample-level (dp.enabled)
+                "user_level_epsilon": record.get("user_level_privacy", {}).get("epsilon"),  # client_dp.enabled
+                "secure_aggregation_rounds": [
+                    r["round"] for r in record.get("secure_aggregation", {}).get("rounds", []) if r.get("unmasked")
+                ],
             },
             indent=1,
             default=str,

@@ -275,9 +275,13 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         secagg_params = secagg.SecAggParams.from_config(
             f.secagg, max_weight=secagg.max_weight_of(partition_sizes), noise=noise
         )
-        record["secure_aggregation"] = secagg.secagg_record(
-            secagg_params, n_clients=f.n_clients, min_uploads=secagg.min_survivors(task.cfg), noise=noise
-        )
+        secagg_rounds = (record.get("secure_aggregation") or {}).get("rounds", [])  # a resumed run keeps its rounds
+        record["secure_aggregation"] = {
+            **secagg.secagg_record(
+                secagg_params, n_clients=f.n_clients, min_uploads=secagg.min_survivors(task.cfg), noise=noise
+            ),
+            "rounds": secagg_rounds,
+        }
         strategy = secagg.build_secagg_strategy(
             n_clients=f.n_clients,
             min_clients=f.min_clients,
@@ -315,6 +319,16 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         else:
             absolute = server_round + done
             _round_entry(record, strategy.rounds[absolute], metrics, now - last["t"])
+            if secagg_params is not None:  # the protocol's own account of each round (it halts silently otherwise)
+                replies = strategy.rounds[absolute]
+                record["secure_aggregation"]["rounds"].append(
+                    {
+                        "round": absolute,
+                        "unmasked": absolute in strategy.aggregated,
+                        "clients_completed": len(replies.trained),
+                        "clients_dropped": len(replies.failed),
+                    }
+                )
             last["arrays"] = round_arrays
             checkpoint.save(
                 ck_path,

@@ -285,7 +285,7 @@ def tree_rows(
     """
     n = len(transfer.x)
     if not (cfg.dp.enabled and teacher_privacy):
-        return np.ones(n, dtype=bool), {"guarantee": "none", "reason": "the teacher was trained without DP"}
+        return np.ones(n, dtype=bool), {"guarantee": "none", "reason": "the teacher has no sample-level DP guarantee"}
     mask = np.zeros(n, dtype=bool)
     start = 0
     for split in transfer.splits:
@@ -313,6 +313,12 @@ def privacy_status(cfg: Config, transfer: Transfer, teacher: Mapping[str, Any]) 
     teacher_privacy = teacher.get("privacy")
     private_inputs = "train" in transfer.splits
     if not cfg.dp.enabled or not teacher_privacy:
+        if teacher.get("user_level_privacy"):  # federated DP-FedAvg only: a whole-client guarantee, no record-level one
+            return {
+                "guarantee": "none",
+                "reason": "the teacher has only a user-level (whole-client, DP-FedAvg) guarantee and no sample-level "
+                "one (dp.enabled = false); the student is not covered by it",
+            }
         return {"guarantee": "none", "reason": "the teacher was trained without differential privacy"}
     if not private_inputs:  # public labels, if used, are public
         return {

@@ -430,15 +430,37 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
     ]
     if secagg:  # --- SecAgg+ (issue 14; federated/secagg.py)
         sa = next(iter(secagg.values()))
+        # Under user-level DP the uploads are clipped updates (weight 1) and the release is their noisy sum over q·N
+        # (federated/secagg.py): the server unmasks a sum, not the global model.
+        dp_noise = {
+            (user.get(n) or {}).get("noise_placement", "server") for n in secagg if "uploads" in (secagg[n] or {})
+        }
+        if dp_noise:
+            noised = dp_noise == {"client"}
+            learns = "the sum of the clipped model updates of the clients that completed a round" + (
+                " (each already carrying its client's noise)" if noised else ""
+            )
+            seen = (
+                "that sum is seen by the server"
+                + ("" if noised else " without noise")
+                + "; the released global model adds it"
+                + ("" if noised else ", plus the server's DP noise,")
+                + " over q·N to the previous one"
+            )
+            clip_note = "each client reports whether its update was clipped to C (dp-clipped in the record)"
+        else:
+            learns = "the weighted average of the clients that completed a round"
+            seen = "the average (the global model) is seen by the server and released"
+            clip_note = "the clipped-coordinate count each client reports is in the record"
         threat.append(
             f"Secure aggregation (SecAgg+, for {', '.join(title(n) for n in secagg)}): each client masks its upload, so "
-            "the server learns only the weighted average of the clients that completed a round, never one client's "
+            f"the server learns only {learns}, never one client's "
             f"model or update, unless it colludes with at least {sa.get('reconstruction_threshold')} of that client's "
-            f"{sa.get('num_shares')} key-share holders. It hides individual updates from the server only: the average "
-            "(the global model) is seen by the server and released. The server relays the clients' public keys, so "
+            f"{sa.get('num_shares')} key-share holders. It hides individual updates from the server only: {seen}. "
+            "The server relays the clients' public keys, so "
             "this holds against an honest-but-curious server, not an actively malicious one. Uploads are clipped to "
-            f"±{sa.get('clipping_range')} and quantised in steps of {number(sa.get('quantization_step'), 3)} "
-            "(the clipped-coordinate count each client reports is in the record)."
+            f"±{number(sa.get('clipping_range'), 4)} and quantised in steps of {number(sa.get('quantization_step'), 3)} "
+            f"({clip_note})."
         )
     else:
         threat.append(
@@ -465,7 +487,9 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
             "the released global models (every round's model, the final weights and everything computed from them). "
             + (
                 "It does NOT protect a client from the server itself, which adds the noise after receiving the "
-                "un-noised aggregate of the clients' updates (secure aggregation hides the individual ones)."
+                "un-noised aggregate of the clients' updates (secure aggregation hides the individual ones). Under "
+                "secure aggregation each client clips its own update (the server cannot): the bound C holds for "
+                "clients that follow the protocol."
                 if secagg
                 else "It does NOT protect a client from the server itself, which receives the un-noised individual "
                 "updates."

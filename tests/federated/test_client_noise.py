@@ -291,6 +291,12 @@ def test_report_states_client_noise_the_server_facing_epsilon_and_what_is_not_co
     out = federated_privacy(off, cfg, trained)
     assert "noise added by the clients" in out["statement"] and "never holds a sum with noise below" in out["statement"]
     assert "does NOT protect a client from the server itself" not in out["statement"]
+    # SecAgg+'s own line: the server unmasks a sum of noised clipped updates, not the weighted average of weights
+    assert (
+        "the sum of the clipped model updates of the clients that completed a round (each already carrying"
+        in (out["statement"])
+    )
+    assert "weighted average" not in out["statement"] and "dp-clipped" in out["statement"]
     assert rec["known_sample"]["epsilon"] > rec["epsilon"]  # no amplification against the server
     assert f"a client is protected at ε = {number(rec['known_sample']['epsilon'], 4)}" in out["statement"]
     assert any("stochastic rounding" in c for c in out["not_covered"])

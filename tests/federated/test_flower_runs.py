@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from federated import launcher
@@ -171,3 +172,114 @@ def test_kill_9_of_the_pipeline_mid_round_leaves_no_flower_process_and_no_traini
         for pid, _ in _processes_mentioning(str(tmp)):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- issue 14: secure aggregation and user-level DP through the real launches -----------------------------------
+
+BOTH = [  # SecAgg+ (>= 3 clients) with user-level DP-FedAvg, server-side noise
+    "federated.n_clients=3",
+    "federated.secure_aggregation=true",
+    "client_dp.enabled=true",
+    "client_dp.target_epsilon=20",
+    "client_dp.delta=1e-4",
+]
+
+
+def _dp_accounting_epsilon(sigma: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """ε of ``rounds`` (Poisson-subsampled) Gaussian rounds by Google's dp-accounting RDP, not by Opacus."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    event = dp_accounting.GaussianDpEvent(sigma)
+    if sample_rate < 1:
+        event = dp_accounting.PoissonSampledDpEvent(sample_rate, event)
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(accountant.get_epsilon(delta))
+
+
+def _check_secagg_user_dp_record(training: dict, *, completed: list[int], dropped: list[int], q: float) -> None:
+    """What a SecAgg+ + DP-FedAvg record must say: the protocol ran each round, ε is the accountant's, the model moved."""
+    rounds = training["secure_aggregation"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["unmasked"] for r in rounds)
+    assert [r["clients_completed"] for r in rounds] == completed and [r["clients_dropped"] for r in rounds] == dropped
+    assert training["secure_aggregation"]["max_weight"] == 1.0  # uniform weights: uploads are clipped updates
+    dp_rounds = [training["user_dp_rounds"][r] for r in ("1", "2")]
+    assert [d["survivors"] for d in dp_rounds] == completed  # every client uploads (a zero update when not sampled)
+    assert all(0 <= d["aggregated"] <= min(d["sampled"], d["survivors"]) for d in dp_rounds)
+    if q == 1:
+        assert [d["aggregated"] for d in dp_rounds] == completed
+    user = training["user_level_privacy"]
+    assert user["accountant_history"] == [[user["noise_multiplier"], q, 2]] and user["completed_rounds"] == 2
+    assert np.isfinite(user["epsilon"]) and 0 < user["epsilon"] <= user["target_epsilon"] == 20
+    sigma, rate, rounds_done = user["accountant_history"][0]
+    independent = _dp_accounting_epsilon(sigma, rate, rounds_done, user["delta_accountant"])
+    assert abs(user["epsilon"] - independent) <= 1e-3 * independent, (user["epsilon"], independent)
+    assert user["independent_check"]["agrees"] and user["noise_placement"] == "server"
+    # every surviving client reported whether the Poisson sample chose it and whether its update was clipped to C
+    entries = [c for r in training["client_rounds"] for c in r["trained"]]
+    assert all(c["dp-sampled"] in (0, 1) and c["dp-clipped"] in (0, 1) for c in entries)
+    assert [sum(c["dp-sampled"] for c in r["trained"]) for r in training["client_rounds"]] == [
+        d["aggregated"] for d in dp_rounds
+    ]
+    # the released model moved: each round's validation loss differs from the initial model's
+    assert all(h["val_loss"] != training["initial_metrics"]["val_loss"] for h in training["history"])
+
+
+@pytest.mark.slow
+def test_pipeline_simulation_runs_secure_aggregation_with_user_level_dp(tmp_path):
+    from core.config import load_config
+    from pipeline import train as train_stage
+    from pipeline.report.privacy import federated_privacy
+
+    overrides = [
+        *[o for o in TINY if not o.startswith("federated.n_clients")],
+        *BOTH,
+        "client_dp.sample_rate=0.7",  # Poisson client sampling: the unsampled upload a zero update through SecAgg+
+        "train.mode=federated",
+    ]
+    cmd = [sys.executable, "-m", "pipeline", "--out", str(tmp_path), "--quiet", "--stages", "data,train", *overrides]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = next(tmp_path.iterdir())
+    for name in ("regressor", "cnn"):
+        training = json.loads((run / "models" / f"{name}.json").read_text())["training"]
+        _check_secagg_user_dp_record(training, completed=[3, 3], dropped=[0, 0], q=0.7)
+    # The report's federated privacy section, read against these records.
+    trained = train_stage.load(lambda rel: (run / rel).read_bytes())
+    off = {"enabled": False, "statement": "No formal privacy guarantee.", "models": {}, "not_covered": []}
+    section = federated_privacy(off, load_config(None, overrides), trained)
+    threat = " ".join(section["federated"]["threat_model"])
+    assert "the server learns only the sum of the clipped model updates" in threat
+    assert "each client clips its own update" in threat and "does NOT protect a client from the server" in threat
+    assert "weighted average" not in threat  # what SecAgg+ says without DP would be false here
+    levels = {(lv["model"], lv["level"]): lv for lv in section["federated"]["levels"]}
+    assert set(levels) == {("regressor", "user"), ("cnn", "user")}  # sample-level DP is off: no sample level
+    for (name, _), lv in levels.items():
+        assert lv["epsilon"] == trained.models[name].training["user_level_privacy"]["epsilon"]
+        assert lv["unit_of_privacy"].startswith("a whole client's data")
+    assert "un-noised aggregate" in section["statement"] and section["enabled"]
+    assert not _flower_processes()
+
+
+@pytest.mark.slow
+def test_loopback_deployment_runs_secure_aggregation_with_user_level_dp_through_a_dropout(tmp_path):
+    from core.config import load_config
+    from federated.deploy import deploy
+
+    overrides = [
+        *[o for o in TINY if not o.startswith("federated.n_clients")],
+        *BOTH,
+        "federated.min_clients=2",
+    ]
+    # client 0 fails in round 2 after the key exchange: SecAgg+ removes its masks (2 of 3 >= threshold 2)
+    record = deploy(
+        load_config(None, overrides),
+        model="cnn",
+        work=tmp_path,
+        n_supernodes=3,
+        app_settings={"fail_partition": 0, "fail_round": 2},
+    )
+    _check_secagg_user_dp_record(record, completed=[3, 2], dropped=[0, 1], q=1.0)
+    assert [f["round"] for f in record["failures"]] == [2]
+    assert not _flower_processes()

@@ -222,6 +222,8 @@ def test_config_refuses_settings_secagg_cannot_run():
         make_cfg(*SECAGG, "federated.secagg.quantization_range=4294967295")
     with pytest.raises(ConfigError, match="odd"):
         make_cfg(*SECAGG, "federated.secagg.num_shares=4")
+    with pytest.raises(ConfigError, match=r"num_shares.*<= federated.n_clients = 3"):
+        make_cfg(*SECAGG, "federated.secagg.num_shares=5")
 
 
 def test_report_says_what_secure_aggregation_hides_and_from_whom():
