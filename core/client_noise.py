@@ -70,7 +70,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from core.errors import PrivacyBudgetError
+from core.errors import ConfigError, PrivacyBudgetError
 from core.privacy import epsilon_of
 
 
@@ -193,6 +193,32 @@ def noisy_upload(
     return contribution, norm
 
 
+def rounding_safe_norm(clipping_norm: float, *, quantization_step: float, n_parameters: int) -> float:
+    """The L2 bound a client clips to, under server-placed noise, so its *rounded* upload stays within ``C``.
+
+    SecAgg+ stochastically rounds every uploaded coordinate to a grid of width
+    ``quantization_step``: each moves by less than one step, so the L2 norm grows by less than
+    ``step·√d``. Clipping to ``C − step·√d`` keeps every rounded upload within ``C``. The
+    server's Gaussian noise is then added to a sum whose one-client change is, for every
+    outcome of the rounding, at most ``C``; the mechanism is a mixture over those outcomes of
+    Gaussian mechanisms of sensitivity ≤ ``C``, and a mixture of pairs that each satisfy the
+    (ε, δ) bound satisfies it too (joint convexity of the hockey-stick divergence). So, with
+    server placement, the rounding is covered by the accountant's ε.
+
+    Raises
+    ------
+    ConfigError
+        If the slack is not below ``C`` (the quantisation is too coarse for this bound).
+    """
+    slack = float(quantization_step) * math.sqrt(float(n_parameters))
+    if slack >= clipping_norm:
+        raise ConfigError(
+            f"SecAgg+'s quantisation slack step·√d = {slack:.3g} ({n_parameters} parameters) is not below "
+            f"client_dp.clipping_norm={clipping_norm}; raise federated.secagg.quantization_range"
+        )
+    return float(clipping_norm) - slack
+
+
 def out_of_range(upload: Sequence[np.ndarray], clipping_range: float) -> int:
     """Coordinates of ``upload`` that SecAgg+ would clip (``|x| > clipping_range``)."""
     return int(sum(int(np.sum(np.abs(u) > clipping_range)) for u in upload))
@@ -208,6 +234,7 @@ def known_sample_epsilon(*, noise_multiplier: float, participations: int, delta:
 __all__ = [
     "ClientNoise",
     "check_clip_term",
+    "rounding_safe_norm",
     "clip_probability",
     "delta_with_clipping",
     "known_sample_epsilon",

@@ -57,7 +57,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from core.client_noise import ClientNoise, noisy_upload, out_of_range, plan_client_noise
+from core.client_noise import ClientNoise, noisy_upload, out_of_range, plan_client_noise, rounding_safe_norm
 from core.config import Config, SecAggConfig
 from core.errors import ConfigError, UserError
 from core.user_privacy import UserDPPlan, plan_user_dp, poisson_sample, private_rng
@@ -161,15 +161,24 @@ def secagg_record(
     extra: dict[str, Any] = {}
     if noise is not None:
         extra = {
-            "uploads": "each client's update (weights minus the global weights), clipped to C, with weight 1"
-            + (", plus its share of the noise" if noise.placement == "client" else ""),
+            "uploads": "each client's update (weights minus the global weights), with weight 1, "
+            + (
+                "clipped to C, plus its share of the noise"
+                if noise.placement == "client"
+                else "clipped to C less step·√d (d parameters) so that it is within C after rounding"
+            ),
             "clipping_range_source": (
                 f"derived: C + k·s = {noise.clipping_norm} + {noise.clip_sigmas}·{noise.noise_std:.6g}"
                 if noise.placement == "client"
                 else f"derived: C = {noise.clipping_norm} (a clipped update's coordinates)"
             ),
             "stochastic_rounding": "Flower's quantize: numpy's global generator, one step of "
-            f"{params.quantization_step():.3g} at most per coordinate and client (not covered by the DP analysis)",
+            f"{params.quantization_step():.3g} at most per coordinate and client "
+            + (
+                "(not covered by the DP analysis)"
+                if noise.placement == "client"
+                else "(covered: each client clips to C less step·√d, so every rounded upload is within C)"
+            ),
         }
     return {
         "protocol": "SecAgg+ (Bell et al. 2020), Flower's SecAggPlusWorkflow + secaggplus_mod",
@@ -552,6 +561,7 @@ noise_rng: Callable[[], np.random.Generator] = private_rng
 class _ClientDP:
     plan: UserDPPlan
     noise: ClientNoise
+    quantization_step: float  # SecAgg+'s rounding grid for these uploads
 
 
 _DP_CACHE: dict[str, _ClientDP | None] = {}
@@ -570,14 +580,24 @@ def _user_dp_of(run_config: dict[str, Any]) -> _ClientDP | None:
             _DP_CACHE[key] = None
         else:
             plan = plan_user_dp(cfg.client_dp, rounds=cfg.federated.rounds, n_clients=cfg.federated.n_clients)
-            _DP_CACHE[key] = _ClientDP(plan=plan, noise=noise_plan(cfg, plan))
+            noise = noise_plan(cfg, plan)
+            step = SecAggParams.from_config(cfg.federated.secagg, max_weight=1.0, noise=noise).quantization_step()
+            _DP_CACHE[key] = _ClientDP(plan=plan, noise=noise, quantization_step=step)
     return _DP_CACHE[key]
 
 
 def _dp_fitres_record(
-    content: RecordDict, keys: list[str], global_weights: list[np.ndarray], dp: _ClientDP, *, sampled: bool
+    content: RecordDict,
+    keys: list[str],
+    global_weights: list[np.ndarray],
+    dp: _ClientDP,
+    *,
+    sampled: bool,
 ) -> RecordDict:
     """Upload ``clip_C(weights − global)`` (zero if not sampled) [+ this client's noise], with weight 1.
+
+    With server-placed noise the update is clipped to ``C − step·√d`` so that SecAgg+'s rounding
+    keeps it within ``C`` (:func:`core.client_noise.rounding_safe_norm`).
 
     Refuses (drops out of the round) when any coordinate would leave the SecAgg+ range: the
     range is sized so that this happens with probability at most 2Φ(−k) per coordinate, and a
@@ -585,8 +605,12 @@ def _dp_fitres_record(
     """
     metrics = {k: v for k, v in content["metrics"].items() if k != "train-loss"}  # no data-dependent value in clear
     weights = _weights_or_refuse(content, keys) if sampled else None
+    clip = dp.plan.clipping_norm
+    if dp.noise.placement == "server":
+        d = sum(int(np.size(g)) for g in global_weights)
+        clip = rounding_safe_norm(clip, quantization_step=dp.quantization_step, n_parameters=d)
     upload, norm = noisy_upload(
-        global_weights, weights, clipping_norm=dp.plan.clipping_norm, noise_std=dp.noise.noise_std, rng=noise_rng()
+        global_weights, weights, clipping_norm=clip, noise_std=dp.noise.noise_std, rng=noise_rng()
     )
     outside = out_of_range(upload, dp.noise.clipping_range)
     if outside:

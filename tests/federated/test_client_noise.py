@@ -139,7 +139,11 @@ def test_a_client_refuses_an_upload_secagg_would_clip(monkeypatch):
     content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "partition-id": 0})})
     with pytest.raises(secagg.SecAggRefusal, match="outside the SecAgg\\+ range"):
         secagg._dp_fitres_record(
-            content, ["w"], [np.zeros(100, np.float32)], secagg._ClientDP(plan, noise), sampled=False
+            content,
+            ["w"],
+            [np.zeros(100, np.float32)],
+            secagg._ClientDP(plan, noise, quantization_step=1e-6),
+            sampled=False,
         )
 
 
@@ -331,3 +335,29 @@ def test_server_noise_under_secagg_adds_sigma_c_to_the_unmasked_sum():
     [released] = parameters_to_ndarrays(params)
     assert np.std(released) == pytest.approx(plan.noise_multiplier / (q * n), rel=0.03)
     assert noise.noise_std == 0 and noise.clipping_range == pytest.approx(1.0, rel=1e-5)
+
+
+def test_server_placed_uploads_stay_within_c_after_secaggs_rounding():
+    """Clipped to C − step·√d, every upload rounded by Flower's own quantize/dequantize has norm ≤ C (and C alone fails)."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from core.client_noise import rounding_safe_norm
+
+    c, d, levels = 1.0, 1000, 2**10
+    clip_range = c * (1 + 1e-6)  # the server placement's SecAgg+ range (plan_client_noise)
+    step = 2 * clip_range / levels
+    safe = rounding_safe_norm(c, quantization_step=step, n_parameters=d)
+    assert safe == pytest.approx(c - step * np.sqrt(d))
+    rng = np.random.default_rng(0)
+    np.random.seed(0)  # Flower's stochastic rounding draws from numpy's global generator
+    over = {"safe": 0, "plain": 0}
+    for _ in range(200):
+        update = rng.normal(size=d)
+        for name, bound in (("safe", safe), ("plain", c)):
+            clipped = update * min(1.0, bound / np.linalg.norm(update))
+            rounded = dequantize(quantize([clipped], clip_range, levels), clip_range, levels)[0]
+            over[name] += int(np.linalg.norm(rounded) > c)
+    assert over["safe"] == 0
+    assert over["plain"] > 50  # without the slack the rounding pushes uploads past C: the check can fail
+    with pytest.raises(ConfigError, match="quantization_range"):
+        rounding_safe_norm(c, quantization_step=0.1, n_parameters=d)
