@@ -92,17 +92,22 @@ def conv2d_norm_sample(
 
 def _ghost_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sqrt(⟨AᵀA, BᵀB⟩) per sample for ``a`` (B, d, T) and ``b`` (B, p, T), in bounded blocks."""
+    return ghost_sq_norm(a, b).sqrt()  # (B,)
+
+
+def ghost_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨AᵀA, BᵀB⟩ = ‖B_i A_iᵀ‖_F² per sample for ``a`` (B, d, T) and ``b`` (B, p, T), in bounded blocks."""
     n, _, t = a.shape
     block = max(1, _GHOST_BLOCK_ELEMENTS // max(1, 2 * t * t))
     out = []
     for s in range(0, n, block):
         aa = torch.bmm(a[s : s + block].transpose(1, 2), a[s : s + block])  # (b, T, T)
         bb = torch.bmm(b[s : s + block].transpose(1, 2), b[s : s + block])  # (b, T, T)
-        out.append((aa * bb).sum(dim=(1, 2)))
+        out.append(aa.mul_(bb).sum(dim=(1, 2)))
     # The inner product of two PSD Gram matrices is ≥ 0; rounding can make it a hair negative.
-    return torch.cat(out).clamp(min=0).sqrt()  # (B,)
+    return torch.cat(out).clamp(min=0)  # (B,)
 
 
 register_norm_sampler(nn.Conv2d)(conv2d_norm_sample)
 
-__all__ = ["conv2d_norm_sample", "use_ghost"]
+__all__ = ["conv2d_norm_sample", "ghost_sq_norm", "use_ghost"]
