@@ -38,7 +38,6 @@ import torch
 import torch.nn.grad
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from opacus.optimizers.optimizer import DPOptimizer
-from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 from core import ghost_conv
@@ -206,11 +205,6 @@ class BKModule(nn.Module):
         self.clear()
 
 
-def _padding(layer: nn.Conv2d) -> Any:
-    """The layer's padding as numbers (``"valid"`` is zero; ``"same"`` is refused by :func:`check_supported`)."""
-    return (0, 0) if layer.padding == "valid" else layer.padding
-
-
 def _sq(x: torch.Tensor) -> torch.Tensor:
     """Per-sample squared L2 norm (B,) of ``x`` (B, ...)."""
     # a vectorised reduction: ~10x faster on the CPU than einsum("ni,ni->n"), which runs as a batched matmul
@@ -241,10 +235,7 @@ def _layer_sq_norms(
         return torch.stack(list(norms.values()), dim=1).square().sum(dim=1), bias_g, None
     t = b.shape[2] * b.shape[3]
     if ghost_conv.use_ghost(layer, t):
-        a_unf = unfold2d(
-            a, kernel_size=layer.kernel_size, padding=_padding(layer), stride=layer.stride, dilation=layer.dilation
-        )  # (B, d, T)
-        total = ghost_conv.ghost_sq_norm(a_unf, b.reshape(n, layer.out_channels, t))
+        total = ghost_conv.conv_ghost_sq_norm(layer, a, b.reshape(n, layer.out_channels, t))
         return (total + _sq(bias_g) if bias_g is not None else total), bias_g, None
     g = _per_sample_conv_grads(layer, a, b)  # (B, p, d)
     total = _sq(g)
@@ -262,7 +253,7 @@ def _per_sample_conv_grads(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -
     """Per-sample weight gradients (B, p, d) of a ``groups=1`` Conv2d from its input and output gradient."""
     n, c_in = a.shape[:2]
     p = layer.out_channels
-    padding = _padding(layer)
+    padding = ghost_conv.numeric_padding(layer)
     block = max(1, _PER_SAMPLE_CHANNELS // c_in)
     out = torch.empty(n, p, c_in * layer.kernel_size[0] * layer.kernel_size[1], dtype=b.dtype, device=b.device)
     for s in range(0, n, block):
@@ -312,7 +303,7 @@ def _clipped_layer_sum(
                 b = b * w.reshape(-1, *([1] * (b.dim() - 1)))
             if isinstance(layer, nn.Conv2d):
                 out[weight] = torch.nn.grad.conv2d_weight(
-                    a, weight.shape, b, layer.stride, _padding(layer), layer.dilation, layer.groups
+                    a, weight.shape, b, layer.stride, ghost_conv.numeric_padding(layer), layer.dilation, layer.groups
                 )
             else:  # nn.Linear: A (B, ..., d), B (B, ..., p)
                 out[weight] = b.reshape(-1, b.shape[-1]).T @ a.reshape(-1, a.shape[-1])
