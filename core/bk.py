@@ -32,7 +32,8 @@ trainable parameters pass through; any other layer with trainable parameters is 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import math
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.grad
@@ -91,7 +92,8 @@ class BKModule(nn.Module):
         self._own: dict[nn.Module, list[nn.Parameter]] = {m: _trainable(m) for m in self._layers}
         self._params = [p for m in self._layers for p in self._own[m]]
         self._acts: dict[nn.Module, torch.Tensor] = {}
-        self._grads: dict[nn.Module, torch.Tensor] = {}
+        self._grads: dict[nn.Module, _Record] = {}
+        self._scratch: dict[nn.Module, torch.Tensor] = {}  # per-sample gradient buffers (see _scratch_for)
         # A clipped layer whose input needs no gradient (the first) gets its output cut from the graph
         # as a fresh leaf, so backward stops there. If the model modifies that output in place (which
         # autograd refuses on a leaf), BK falls back to letting that layer's weights require a gradient.
@@ -156,7 +158,29 @@ class BKModule(nn.Module):
                 "dp.grad_sample_mode='bk': backward ran twice through the same graph before optimizer.step(); "
                 "gradient accumulation is not supported"
             )
-        self._grads[layer] = grad.detach()
+        # The norm's work is done here, during the backward pass: where the per-sample gradients are
+        # materialised, A and B are dropped at once (B of a first layer is often the largest tensor of
+        # the step; holding it to the end left more memory for the allocator to give back to the OS
+        # and fault in again). A and B are kept only where the clipped sum needs them.
+        assert isinstance(layer, (nn.Linear, nn.Conv2d))
+        a = self._acts.pop(layer)
+        b = grad.detach()
+        sq, bias_g, weight_g = _layer_sq_norms(layer, a.to(b.dtype), b, self._scratch_for)
+        keep = weight_g is None
+        self._grads[layer] = _Record(sq, bias_g, weight_g, a if keep else None, b if keep else None)
+
+    def _scratch_for(self, layer: nn.Module, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A (shape) tensor for ``layer``'s per-sample gradients, reused from step to step.
+
+        The largest tensor of a step; a fresh one each step came back from the OS as new pages (~5k
+        page faults a step for the 28x28 CNN's second conv at batch 256). Sized with headroom for the
+        Poisson batch's spread; its contents are consumed by :meth:`clipped_sums` within the step.
+        """
+        numel = math.prod(shape)
+        buf = self._scratch.get(layer)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch[layer] = like.new_empty(numel + numel // 4)
+        return buf[:numel].view(shape)
 
     def clear(self) -> None:
         """Forget the recorded activations and gradients."""
@@ -174,26 +198,19 @@ class BKModule(nn.Module):
         the per-sample gradients are ``n·(B_i, A_i)`` for a batch of ``n``, as Opacus' hooks take them.
         The factor ``n`` is applied to the (B,) norms and clipping weights, not to the tensors.
         """
-        missing = [type(m).__name__ for m in self._layers if m in self._acts and m not in self._grads]
-        if missing or len(self._grads) != len(self._layers):
+        if self._acts or len(self._grads) != len(self._layers):
             raise RuntimeError(
                 "dp.grad_sample_mode='bk': not every trainable layer received a gradient in the last backward "
                 f"pass ({len(self._grads)} of {len(self._layers)}); every trainable layer must be used in the loss"
             )
-        per_layer = []  # (layer, A, B, per-sample bias grads or None, per-sample weight grads or None)
-        sq: torch.Tensor | None = None  # (B,) squared per-sample norm of the mean-loss gradient, all layers
-        for m in self._layers:
-            a, b = self._acts[m], self._grads[m]
-            layer_sq, bias_g, weight_g = _layer_sq_norms(m, a.to(b.dtype), b)
-            sq = layer_sq if sq is None else sq + layer_sq
-            per_layer.append((m, a, b, bias_g, weight_g))
-        assert sq is not None
+        records = [self._grads[m] for m in self._layers]
+        sq = torch.stack([r.sq for r in records]).sum(dim=0)  # (B,) squared norm of the mean-loss gradient
         n = sq.shape[0]
         sample_norms = sq.sqrt() * n  # (B,): ‖n·g_i‖
         w = (max_grad_norm / (sample_norms + 1e-6)).clamp(max=1.0) * n  # c_i·n (per-sample grads are n·g_i)
         out: dict[torch.Tensor, torch.Tensor] = {}
-        for m, a, b, bias_g, weight_g in per_layer:
-            out.update(_clipped_layer_sum(m, a.to(b.dtype), b, w.to(b.dtype), bias_g, weight_g))
+        for m, r in zip(self._layers, records):
+            out.update(_clipped_layer_sum(m, r, w.to(r.sq.dtype)))
         self.clear()
         return out
 
@@ -203,6 +220,7 @@ class BKModule(nn.Module):
             h.remove()
         self._handles.clear()
         self.clear()
+        self._scratch.clear()
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +230,10 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_sq_norms(
-    layer: nn.Linear | nn.Conv2d, a: torch.Tensor, b: torch.Tensor
+    layer: nn.Linear | nn.Conv2d,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scratch: Optional[Callable[..., torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Squared per-sample gradient norm (B,) of one layer's trainable parameters, from ``A`` and ``B``.
 
@@ -237,7 +258,7 @@ def _layer_sq_norms(
     if ghost_conv.use_ghost(layer, t):
         total = ghost_conv.conv_ghost_sq_norm(layer, a, b.reshape(n, layer.out_channels, t))
         return (total + _sq(bias_g) if bias_g is not None else total), bias_g, None
-    g = _per_sample_conv_grads(layer, a, b)  # (B, p, d)
+    g = _per_sample_conv_grads(layer, a, b, scratch)  # (B, p, d)
     total = _sq(g)
     return (total + _sq(bias_g) if bias_g is not None else total), bias_g, g
 
@@ -249,13 +270,19 @@ def _layer_sq_norms(
 _PER_SAMPLE_CHANNELS = 2048
 
 
-def _per_sample_conv_grads(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients (B, p, d) of a ``groups=1`` Conv2d from its input and output gradient."""
+def _per_sample_conv_grads(
+    layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor, scratch: Optional[Callable[..., torch.Tensor]] = None
+) -> torch.Tensor:
+    """Per-sample weight gradients (B, p, d) of a ``groups=1`` Conv2d from its input and output gradient.
+
+    ``scratch(layer, shape, like)``, when given, supplies the output tensor (a reused buffer).
+    """
     n, c_in = a.shape[:2]
     p = layer.out_channels
     padding = ghost_conv.numeric_padding(layer)
     block = max(1, _PER_SAMPLE_CHANNELS // c_in)
-    out = torch.empty(n, p, c_in * layer.kernel_size[0] * layer.kernel_size[1], dtype=b.dtype, device=b.device)
+    shape = (n, p, c_in * layer.kernel_size[0] * layer.kernel_size[1])
+    out = scratch(layer, shape, b) if scratch is not None else b.new_empty(shape)
     for s in range(0, n, block):
         ab, bb = a[s : s + block], b[s : s + block]
         m = ab.shape[0]
@@ -272,29 +299,34 @@ def _per_sample_conv_grads(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -
     return out
 
 
-def _clipped_layer_sum(
-    layer: nn.Linear | nn.Conv2d,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    w: torch.Tensor,
-    bias_g: torch.Tensor | None,
-    weight_g: torch.Tensor | None,
-) -> dict[torch.Tensor, torch.Tensor]:
-    """``Σ_i w_i g_i`` for each trainable parameter of one layer (``g_i`` its gradient from ``A_i``, ``B_i``).
+class _Record(NamedTuple):
+    """What one layer's backward left for the step: its squared per-sample norms and what the clipped
+    sum needs (the per-sample gradients where materialised, else the layer's ``A`` and ``B``)."""
 
-    ``bias_g`` (B, p) and ``weight_g`` (B, p, d): the per-sample gradients where already at hand.
-    """
+    sq: torch.Tensor  # (B,) squared per-sample gradient norm (batch-mean loss), the layer's parameters
+    bias_g: torch.Tensor | None  # (B, p) per-sample bias gradients, or None
+    weight_g: torch.Tensor | None  # (B, p, d) per-sample weight gradients, or None
+    a: torch.Tensor | None  # the layer's input, kept when weight_g is None
+    b: torch.Tensor | None  # the gradient of its output, kept when weight_g is None
+
+
+def _clipped_layer_sum(layer: nn.Linear | nn.Conv2d, r: _Record, w: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
+    """``Σ_i w_i g_i`` for each trainable parameter of one layer (``g_i`` its gradient from ``A_i``, ``B_i``)."""
     out: dict[torch.Tensor, torch.Tensor] = {}
     weight, bias = layer.weight, layer.bias
-    n = a.shape[0]
+    n = w.shape[0]
+    bias_g = r.bias_g
     if bias is not None and bias.requires_grad:
         if bias_g is None:  # Linear on sequences (B, ..., p)
-            bias_g = b.reshape(n, -1, b.shape[-1]).sum(dim=1)
+            assert r.b is not None
+            bias_g = r.b.reshape(n, -1, r.b.shape[-1]).sum(dim=1)
         out[bias] = w @ bias_g
     if weight.requires_grad:
-        if weight_g is not None:
-            out[weight] = (w @ weight_g.reshape(n, -1)).reshape(weight.shape)
+        if r.weight_g is not None:
+            out[weight] = (w @ r.weight_g.reshape(n, -1)).reshape(weight.shape)
         else:
+            assert r.a is not None and r.b is not None
+            a, b = r.a.to(r.b.dtype), r.b
             # the weight gradient is bilinear in (A_i, B_i): weight the smaller of the two per sample
             scale_a = a.numel() < b.numel()
             if scale_a:

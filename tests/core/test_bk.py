@@ -119,6 +119,20 @@ def test_per_sample_conv_blocks_grouped_and_biasless_layers_match(monkeypatch):
     _assert_matches_hooks(model, x, y)
 
 
+def test_consecutive_steps_of_varying_batch_size_match(monkeypatch):
+    # the per-sample gradient buffer is reused across steps and regrown for a larger (Poisson) batch
+    monkeypatch.setattr(ghost_conv, "use_ghost", lambda layer, t: False)  # every conv materialises
+    model, x, y, loss = _data("cnn", n=30)
+    wrapped = bk.BKModule(copy.deepcopy(model))
+    for lo, hi in ((0, 9), (9, 21), (21, 24), (0, 30)):
+        ref = _reference_clipped_sum(model, x[lo:hi], y[lo:hi], loss)
+        loss(wrapped(x[lo:hi]), y[lo:hi]).backward()
+        sums = wrapped.clipped_sums(CLIP)
+        for r, p in zip(ref, wrapped._module.parameters()):
+            torch.testing.assert_close(sums[p], r, rtol=1e-4, atol=1e-6)
+    assert {tuple(t.shape) for t in wrapped._scratch.values()} == {(30 * 8 * 9 * 5 // 4,), (30 * 16 * 72 * 5 // 4,)}
+
+
 def test_linear_on_sequences_matches():
     # nn.Linear on (B, T, d): norms from Opacus' Gram identity, bias sums over T
     torch.manual_seed(0)
