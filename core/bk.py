@@ -100,7 +100,6 @@ class BKModule(nn.Module):
         self._leaf_first = True
         self._handles = []
         for m in self._layers:
-            self._handles.append(m.register_forward_pre_hook(self._pre_hook))
             self._handles.append(m.register_forward_hook(self._fwd_hook))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -117,6 +116,8 @@ class BKModule(nn.Module):
             if not (self._leaf_first and "leaf Variable that requires grad" in str(exc)):
                 raise
             self._leaf_first = False  # an in-place op on the first layer's output: the weights route
+            for m in self._layers:
+                self._handles.append(m.register_forward_pre_hook(self._pre_hook))
             return self._forward(*args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -131,7 +132,7 @@ class BKModule(nn.Module):
                 p.requires_grad_(True)
 
     def _pre_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        if not self._leaf_first and torch.is_grad_enabled() and not inputs[0].requires_grad:
+        if torch.is_grad_enabled() and not inputs[0].requires_grad:
             # Fallback route for a first layer: its weights give its output a gradient (autograd then
             # also computes this layer's unclipped weight gradient, which is discarded).
             for p in self._own[layer]:
