@@ -11,7 +11,7 @@ and memory-bandwidth contention still are), with the wall time beside it:
    fastest of ``--reps`` each, and their ratio;
 2. parts of one step on a fixed batch (fastest of ``--steps``): forward, backward, the clipped sum
    (``clip_and_accumulate``), Opacus' noise, scaling + accountant, the inner optimizer; and the
-   page faults (fresh memory from the OS) of each step, median.
+   page faults (fresh memory from the OS) of each step, mean.
 
 Workloads are those of ``scripts/bench_dp_engines.py``. A benchmark, not a test: it asserts nothing.
 """
@@ -98,7 +98,7 @@ def epochs(name: str, engine: str, reps: int) -> dict[str, float]:
 
 
 def step_parts(name: str, engine: str, steps: int) -> dict[str, tuple[float, float]]:
-    """``{part: (fastest CPU ms, median page faults)}`` of one non-DP and one DP step on a fixed batch."""
+    """``{part: (fastest CPU ms, mean page faults)}`` of one non-DP and one DP step on a fixed batch."""
     shape, n, batch, channels, hidden, activation = WORKLOADS[name]
     g = seeds.make_generator("cpu", 0)
     x, y = torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
@@ -157,7 +157,7 @@ def step_parts(name: str, engine: str, steps: int) -> dict[str, tuple[float, flo
             record(part, a, b)
         record("DP step", t0, t6)
     run.close()
-    return {k: (min(v[2:]) * 1e3, statistics.median(faults[k][2:])) for k, v in cpu.items()}
+    return {k: (min(v[2:]) * 1e3, statistics.mean(faults[k][2:])) for k, v in cpu.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
