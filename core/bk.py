@@ -7,17 +7,20 @@ gradients, but then runs a *second* backward pass on the loss re-weighted by the
 coefficients. BK keeps ``A`` and ``B`` ("book-keeping") and assembles the clipped gradient
 sum from them directly:
 
-- ``nn.Linear``: ``Σ_i c_i B_iᵀ A_i`` (one matmul on ``B`` scaled by ``c``); bias ``Σ_i c_i Σ_t B_i[t]``;
-- ``nn.Conv2d``: the convolution weight gradient of ``A`` with ``B`` scaled by ``c``
-  (``torch.nn.grad.conv2d_weight``), or, where the per-sample gradients were materialised
-  for the norm anyway (the cheaper path when ``T² ≥ d·p``, :func:`core.ghost_conv.use_ghost`),
-  ``Σ_i c_i G_i`` of those ("mixed" BK);
+- ``nn.Linear``: ``Σ_i c_i B_iᵀ A_i`` (one matmul, the smaller of ``A``, ``B`` scaled by ``c``); bias ``Σ_i c_i Σ_t B_i[t]``;
+- ``nn.Conv2d``: per layer, the cheaper of two routes by FLOP count (:func:`core.ghost_conv.use_ghost`):
+  the per-sample gradients ``G_i`` materialised (one grouped convolution-weight gradient per block
+  of samples) give both the norm and the clipped sum ``Σ_i c_i G_i`` (one matrix-vector product);
+  or the Gram-matrix ("ghost") norm, then the convolution weight gradient of ``A`` with ``B``
+  re-weighted by ``c`` (``torch.nn.grad.conv2d_weight``, the smaller of the two scaled);
 
 with ``c_i = min(1, C / (‖g_i‖ + 1e-6))`` exactly as Opacus' ``DPOptimizer.clip_and_accumulate``.
-During the forward pass the trainable weights are switched to ``requires_grad=False`` (except
-those of a layer whose input needs no gradient, so that its output still gets one), so autograd
-computes only the activation gradients the hooks need and not the discarded, unclipped weight
-gradients.
+During the forward pass the trainable weights are switched to ``requires_grad=False`` and the output
+of a clipped layer whose input needs no gradient (the first) is cut from the graph as a fresh leaf,
+so autograd computes only the activation gradients the hooks need: none of the discarded, unclipped
+weight gradients. (A model that modifies that output in place, which autograd refuses on a leaf, falls
+back to letting the first layer's weights require a gradient.) The records are the gradients of the
+batch-mean loss; the per-sample scale ``n`` is applied to the (B,) norms and weights, not to ``B``.
 
 Noise, the division by the expected batch size, the accountant's step and Poisson sampling are
 Opacus' own: :class:`BKOptimizer` subclasses ``DPOptimizer`` and only replaces where the clipped
@@ -29,7 +32,8 @@ trainable parameters pass through; any other layer with trainable parameters is 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import math
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.grad
@@ -88,10 +92,14 @@ class BKModule(nn.Module):
         self._own: dict[nn.Module, list[nn.Parameter]] = {m: _trainable(m) for m in self._layers}
         self._params = [p for m in self._layers for p in self._own[m]]
         self._acts: dict[nn.Module, torch.Tensor] = {}
-        self._grads: dict[nn.Module, torch.Tensor] = {}
+        self._grads: dict[nn.Module, _Record] = {}
+        self._scratch: dict[nn.Module, torch.Tensor] = {}  # per-sample gradient buffers (see _scratch_for)
+        # A clipped layer whose input needs no gradient (the first) gets its output cut from the graph
+        # as a fresh leaf, so backward stops there. If the model modifies that output in place (which
+        # autograd refuses on a leaf), BK falls back to letting that layer's weights require a gradient.
+        self._leaf_first = True
         self._handles = []
         for m in self._layers:
-            self._handles.append(m.register_forward_pre_hook(self._pre_hook))
             self._handles.append(m.register_forward_hook(self._fwd_hook))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -102,6 +110,17 @@ class BKModule(nn.Module):
                 "dp.grad_sample_mode='bk': a second forward/backward before optimizer.step(); gradient "
                 "accumulation is not supported (call optimizer.zero_grad() and step once per batch)"
             )
+        try:
+            return self._forward(*args, **kwargs)
+        except RuntimeError as exc:
+            if not (self._leaf_first and "leaf Variable that requires grad" in str(exc)):
+                raise
+            self._leaf_first = False  # an in-place op on the first layer's output: the weights route
+            for m in self._layers:
+                self._handles.append(m.register_forward_pre_hook(self._pre_hook))
+            return self._forward(*args, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         self._acts.clear()
         # Autograd then computes activation gradients only; BK assembles the weight gradients itself.
         for p in self._params:
@@ -114,22 +133,25 @@ class BKModule(nn.Module):
 
     def _pre_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         if torch.is_grad_enabled() and not inputs[0].requires_grad:
-            # The first clipped layer: its output needs a gradient. Its own weights give it one (autograd
-            # then computes this layer's unclipped weight gradient, which is discarded: for a first layer
-            # with few input channels it costs less than the input gradient would).
+            # Fallback route for a first layer: its weights give its output a gradient (autograd then
+            # also computes this layer's unclipped weight gradient, which is discarded).
             for p in self._own[layer]:
                 p.requires_grad_(True)
 
-    def _fwd_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if not (torch.is_grad_enabled() and output.requires_grad):
-            return
+    def _fwd_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> Any:
+        if not torch.is_grad_enabled():
+            return None
         if layer in self._acts:
             raise RuntimeError(
                 f"dp.grad_sample_mode='bk': layer {type(layer).__name__} ran twice in one forward pass "
                 "(shared weights); use dp.grad_sample_mode='hooks'"
             )
         self._acts[layer] = inputs[0].detach()
+        replaced = None
+        if not output.requires_grad:  # the input needs no gradient: the output becomes a leaf of the graph
+            output = replaced = output.detach().requires_grad_(True)
         output.register_hook(lambda g, layer=layer: self._store_grad(layer, g))
+        return replaced
 
     def _store_grad(self, layer: nn.Module, grad: torch.Tensor) -> None:
         if layer in self._grads:
@@ -137,7 +159,29 @@ class BKModule(nn.Module):
                 "dp.grad_sample_mode='bk': backward ran twice through the same graph before optimizer.step(); "
                 "gradient accumulation is not supported"
             )
-        self._grads[layer] = grad.detach()
+        # The norm's work is done here, during the backward pass: where the per-sample gradients are
+        # materialised, A and B are dropped at once (B of a first layer is often the largest tensor of
+        # the step; holding it to the end left more memory for the allocator to give back to the OS
+        # and fault in again). A and B are kept only where the clipped sum needs them.
+        assert isinstance(layer, (nn.Linear, nn.Conv2d))
+        a = self._acts.pop(layer)
+        b = grad.detach()
+        sq, bias_g, weight_g = _layer_sq_norms(layer, a.to(b.dtype), b, self._scratch_for)
+        keep = weight_g is None
+        self._grads[layer] = _Record(sq, bias_g, weight_g, a if keep else None, b if keep else None)
+
+    def _scratch_for(self, layer: nn.Module, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A (shape) tensor for ``layer``'s per-sample gradients, reused from step to step.
+
+        The largest tensor of a step; a fresh one each step came back from the OS as new pages (~5k
+        page faults a step for the 28x28 CNN's second conv at batch 256). Sized with headroom for the
+        Poisson batch's spread; its contents are consumed by :meth:`clipped_sums` within the step.
+        """
+        numel = math.prod(shape)
+        buf = self._scratch.get(layer)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch[layer] = like.new_empty(numel + numel // 4)
+        return buf[:numel].view(shape)
 
     def clear(self) -> None:
         """Forget the recorded activations and gradients."""
@@ -151,30 +195,23 @@ class BKModule(nn.Module):
     def clipped_sums(self, max_grad_norm: float) -> dict[torch.Tensor, torch.Tensor]:
         """``Σ_i c_i g_i`` per trainable parameter, ``c_i = min(1, C / (‖g_i‖ + 1e-6))`` (Opacus' factor).
 
-        The recorded gradients are those of the batch-mean loss (Opacus' ``loss_reduction="mean"``):
-        they are multiplied by the batch length to give per-sample gradients, as Opacus' hooks do.
+        The recorded gradients ``B`` are those of the batch-mean loss (Opacus' ``loss_reduction="mean"``):
+        the per-sample gradients are ``n·(B_i, A_i)`` for a batch of ``n``, as Opacus' hooks take them.
+        The factor ``n`` is applied to the (B,) norms and clipping weights, not to the tensors.
         """
-        missing = [type(m).__name__ for m in self._layers if m in self._acts and m not in self._grads]
-        if missing or len(self._grads) != len(self._layers):
+        if self._acts or len(self._grads) != len(self._layers):
             raise RuntimeError(
                 "dp.grad_sample_mode='bk': not every trainable layer received a gradient in the last backward "
                 f"pass ({len(self._grads)} of {len(self._layers)}); every trainable layer must be used in the loss"
             )
-        per_layer = []  # (layer, A, B scaled, {param: norm}, {param: per-sample grads} or None)
-        for m in self._layers:
-            a, b = self._acts[m], self._grads[m]
-            b = b * a.shape[0]  # mean loss → per-sample gradients
-            if isinstance(m, nn.Conv2d):
-                norms, materialised = _conv_norms(m, a, b)
-            else:
-                norms, materialised = compute_linear_norm_sample(m, [a], b), None
-            per_layer.append((m, a, b, norms, materialised))
-        norms_all = [n for *_, norms, _ in per_layer for n in norms.values()]
-        sample_norms = torch.stack(norms_all, dim=1).norm(2, dim=1)  # (B,)
-        c = (max_grad_norm / (sample_norms + 1e-6)).clamp(max=1.0)  # (B,)
+        records = [self._grads[m] for m in self._layers]
+        sq = torch.stack([r.sq for r in records]).sum(dim=0)  # (B,) squared norm of the mean-loss gradient
+        n = sq.shape[0]
+        sample_norms = sq.sqrt() * n  # (B,): ‖n·g_i‖
+        w = (max_grad_norm / (sample_norms + 1e-6)).clamp(max=1.0) * n  # c_i·n (per-sample grads are n·g_i)
         out: dict[torch.Tensor, torch.Tensor] = {}
-        for m, a, b, _, materialised in per_layer:
-            out.update(_clipped_layer_sum(m, a, b, c, materialised))
+        for m, r in zip(self._layers, records):
+            out.update(_clipped_layer_sum(m, r, w.to(r.sq.dtype)))
         self.clear()
         return out
 
@@ -184,40 +221,71 @@ class BKModule(nn.Module):
             h.remove()
         self._handles.clear()
         self.clear()
+        self._scratch.clear()
 
 
-def _conv_norms(
-    layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor
-) -> tuple[dict[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-    """Per-sample norms of a Conv2d's parameters; also the materialised weight gradients (B, p, d) when the
-    materialising path is the cheaper one (they then give the clipped sum for free)."""
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared L2 norm (B,) of ``x`` (B, ...)."""
+    # a vectorised reduction: ~10x faster on the CPU than einsum("ni,ni->n"), which runs as a batched matmul
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+
+
+def _layer_sq_norms(
+    layer: nn.Linear | nn.Conv2d,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scratch: Optional[Callable[..., torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Squared per-sample gradient norm (B,) of one layer's trainable parameters, from ``A`` and ``B``.
+
+    Also returns what the clipped sum can reuse: the per-sample bias gradients (B, p) and, where the
+    per-sample weight gradients were materialised for the norm (the cheaper route), those (B, p, d).
+    """
     n = a.shape[0]
-    if n == 0 or layer.groups != 1 or not layer.weight.requires_grad:
-        return ghost_conv.conv2d_norm_sample(layer, [a], b), None
-    bb = b.reshape(n, layer.out_channels, -1)  # (B, p, T)
-    if ghost_conv.use_ghost(layer, bb.shape[-1]):
-        return ghost_conv.conv2d_norm_sample(layer, [a], b), None
-    g = _per_sample_conv_grads(layer, a.to(b.dtype), b)  # (B, p, d)
-    norms = {layer.weight: g.reshape(n, -1).norm(2, dim=1)}
-    if layer.bias is not None and layer.bias.requires_grad:
-        norms[layer.bias] = bb.sum(dim=2).norm(2, dim=1)
-    return norms, g
+    w_on = layer.weight.requires_grad
+    bias_on = layer.bias is not None and layer.bias.requires_grad
+    if isinstance(layer, nn.Linear):
+        if b.dim() == 2:  # ‖b_i a_iᵀ‖² = ‖b_i‖² ‖a_i‖²
+            bsq = _sq(b)
+            total = bsq * _sq(a) if w_on else torch.zeros_like(bsq)
+            return (total + bsq if bias_on else total), (b if bias_on else None), None
+        norms = compute_linear_norm_sample(layer, [a], b)  # sequences: Opacus' Gram identity
+        return torch.stack(list(norms.values()), dim=1).square().sum(dim=1), None, None
+    bias_g = b.sum(dim=(2, 3)) if bias_on else None  # (B, p)
+    if n == 0 or layer.groups != 1 or not w_on:
+        norms = ghost_conv.conv2d_norm_sample(layer, [a], b)
+        return torch.stack(list(norms.values()), dim=1).square().sum(dim=1), bias_g, None
+    t = b.shape[2] * b.shape[3]
+    if ghost_conv.use_ghost(layer, t):
+        total = ghost_conv.conv_ghost_sq_norm(layer, a, b.reshape(n, layer.out_channels, t))
+        return (total + _sq(bias_g) if bias_g is not None else total), bias_g, None
+    g = _per_sample_conv_grads(layer, a, b, scratch)  # (B, p, d)
+    total = _sq(g)
+    return (total + _sq(bias_g) if bias_g is not None else total), bias_g, g
 
 
-# Per-sample convolution weight gradients are computed this many samples at a time, as one grouped
-# convolution-weight gradient (one group per sample): measured ~2x faster on this machine's CPU than
-# unfold + bmm over the whole batch, whose im2col copy does not stay in cache.
-_PER_SAMPLE_BLOCK = 64
+# Per-sample convolution weight gradients are computed a block of samples at a time, as one grouped
+# convolution-weight gradient (one group per sample): faster on this machine's CPU than unfold + bmm,
+# whose im2col copy does not stay in cache. oneDNN's grouped kernel slows down when a block has many
+# input channels in all; a block holds about this many (samples × input channels).
+_PER_SAMPLE_CHANNELS = 2048
 
 
-def _per_sample_conv_grads(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients (B, p, d) of a ``groups=1`` Conv2d from its input and output gradient."""
+def _per_sample_conv_grads(
+    layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor, scratch: Optional[Callable[..., torch.Tensor]] = None
+) -> torch.Tensor:
+    """Per-sample weight gradients (B, p, d) of a ``groups=1`` Conv2d from its input and output gradient.
+
+    ``scratch(layer, shape, like)``, when given, supplies the output tensor (a reused buffer).
+    """
     n, c_in = a.shape[:2]
     p = layer.out_channels
-    padding = (0, 0) if layer.padding == "valid" else layer.padding
-    out = []
-    for s in range(0, n, _PER_SAMPLE_BLOCK):
-        ab, bb = a[s : s + _PER_SAMPLE_BLOCK], b[s : s + _PER_SAMPLE_BLOCK]
+    padding = ghost_conv.numeric_padding(layer)
+    block = max(1, _PER_SAMPLE_CHANNELS // c_in)
+    shape = (n, p, c_in * layer.kernel_size[0] * layer.kernel_size[1])
+    out = scratch(layer, shape, b) if scratch is not None else b.new_empty(shape)
+    for s in range(0, n, block):
+        ab, bb = a[s : s + block], b[s : s + block]
         m = ab.shape[0]
         g = torch.nn.grad.conv2d_weight(
             ab.reshape(1, m * c_in, *ab.shape[2:]),
@@ -228,35 +296,50 @@ def _per_sample_conv_grads(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -
             layer.dilation,
             groups=m,
         )  # (m·p, C_in, kh, kw)
-        out.append(g.reshape(m, p, -1))
-    return torch.cat(out)
+        out[s : s + m] = g.reshape(m, p, -1)
+    return out
 
 
-def _clipped_layer_sum(
-    layer: nn.Linear | nn.Conv2d, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, materialised: torch.Tensor | None
-) -> dict[torch.Tensor, torch.Tensor]:
-    """``Σ_i c_i g_i`` for each trainable parameter of one layer from its ``A``, per-sample ``B`` and ``c``."""
+class _Record(NamedTuple):
+    """What one layer's backward left for the step: its squared per-sample norms and what the clipped
+    sum needs (the per-sample gradients where materialised, else the layer's ``A`` and ``B``)."""
+
+    sq: torch.Tensor  # (B,) squared per-sample gradient norm (batch-mean loss), the layer's parameters
+    bias_g: torch.Tensor | None  # (B, p) per-sample bias gradients, or None
+    weight_g: torch.Tensor | None  # (B, p, d) per-sample weight gradients, or None
+    a: torch.Tensor | None  # the layer's input, kept when weight_g is None
+    b: torch.Tensor | None  # the gradient of its output, kept when weight_g is None
+
+
+def _clipped_layer_sum(layer: nn.Linear | nn.Conv2d, r: _Record, w: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
+    """``Σ_i w_i g_i`` for each trainable parameter of one layer (``g_i`` its gradient from ``A_i``, ``B_i``)."""
     out: dict[torch.Tensor, torch.Tensor] = {}
-    w, bias = layer.weight, layer.bias
-    c = c.to(b.dtype)
-    if isinstance(layer, nn.Conv2d):
-        cb = b * c[:, None, None, None]  # (B, p, H_out, W_out)
-        if w.requires_grad:
-            if materialised is not None:
-                out[w] = torch.einsum("n,npd->pd", c, materialised).reshape(w.shape)
+    weight, bias = layer.weight, layer.bias
+    n = w.shape[0]
+    bias_g = r.bias_g
+    if bias is not None and bias.requires_grad:
+        if bias_g is None:  # Linear on sequences (B, ..., p)
+            assert r.b is not None
+            bias_g = r.b.reshape(n, -1, r.b.shape[-1]).sum(dim=1)
+        out[bias] = w @ bias_g
+    if weight.requires_grad:
+        if r.weight_g is not None:
+            out[weight] = (w @ r.weight_g.reshape(n, -1)).reshape(weight.shape)
+        else:
+            assert r.a is not None and r.b is not None
+            a, b = r.a.to(r.b.dtype), r.b
+            # the weight gradient is bilinear in (A_i, B_i): weight the smaller of the two per sample
+            scale_a = a.numel() < b.numel()
+            if scale_a:
+                a = a * w.reshape(-1, *([1] * (a.dim() - 1)))
             else:
-                padding = (0, 0) if layer.padding == "valid" else layer.padding
-                out[w] = torch.nn.grad.conv2d_weight(
-                    a.to(b.dtype), w.shape, cb, layer.stride, padding, layer.dilation, layer.groups
+                b = b * w.reshape(-1, *([1] * (b.dim() - 1)))
+            if isinstance(layer, nn.Conv2d):
+                out[weight] = torch.nn.grad.conv2d_weight(
+                    a, weight.shape, b, layer.stride, ghost_conv.numeric_padding(layer), layer.dilation, layer.groups
                 )
-        if bias is not None and bias.requires_grad:
-            out[bias] = cb.sum(dim=(0, 2, 3))
-    else:  # nn.Linear: A (B, ..., d), B (B, ..., p)
-        cb = b * c.reshape(-1, *([1] * (b.dim() - 1)))
-        if w.requires_grad:
-            out[w] = cb.reshape(-1, b.shape[-1]).T @ a.to(b.dtype).reshape(-1, a.shape[-1])
-        if bias is not None and bias.requires_grad:
-            out[bias] = cb.reshape(-1, b.shape[-1]).sum(dim=0)
+            else:  # nn.Linear: A (B, ..., d), B (B, ..., p)
+                out[weight] = b.reshape(-1, b.shape[-1]).T @ a.reshape(-1, a.shape[-1])
     return {p: g.to(p.dtype) for p, g in out.items()}
 
 

@@ -76,33 +76,104 @@ def conv2d_norm_sample(
             # Rare shapes: let Opacus' per-sample conv gradient do the unfolding, then take norms.
             grads = compute_conv_grad_sample(layer, [x], backprops)
             ret[layer.weight] = grads[layer.weight].reshape(n, -1).norm(2, dim=1)
+        elif use_ghost(layer, b.shape[-1]):
+            ret[layer.weight] = conv_ghost_sq_norm(layer, x, b).sqrt()
         else:
             a = unfold2d(
                 x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation
             )  # (B, d, T)
-            if use_ghost(layer, b.shape[-1]):
-                ret[layer.weight] = _ghost_norm(a, b)
-            else:
-                g = torch.bmm(b, a.transpose(1, 2))  # (B, p, d): the per-sample gradients
-                ret[layer.weight] = g.reshape(n, -1).norm(2, dim=1)
+            g = torch.bmm(b, a.transpose(1, 2))  # (B, p, d): the per-sample gradients
+            ret[layer.weight] = g.reshape(n, -1).norm(2, dim=1)
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = b.sum(dim=2).norm(2, dim=1)  # (B,)
     return ret
 
 
-def _ghost_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sqrt(⟨AᵀA, BᵀB⟩) per sample for ``a`` (B, d, T) and ``b`` (B, p, T), in bounded blocks."""
+def numeric_padding(layer: nn.Conv2d) -> tuple[int, int]:
+    """The layer's padding as numbers: ``"valid"`` is zero. (``"same"`` is refused by the callers.)"""
+    if isinstance(layer.padding, str):
+        if layer.padding != "valid":
+            raise ValueError(f"padding={layer.padding!r} has no numeric form here; use explicit padding numbers")
+        return (0, 0)
+    return (int(layer.padding[0]), int(layer.padding[1]))
+
+
+def uses_pixel_gram(layer: nn.Conv2d, input_shape: tuple[int, ...], out_positions: int) -> bool:
+    """True when :func:`conv_ghost_sq_norm` takes the pixel Gram: ``(H_p W_p)² ≤ d·T``, the padded
+    input's pixel Gram no larger than the unfolded patches (both are read and written a few times;
+    on this machine's CPU the smaller one was the faster route in each shape measured)."""
+    ph, pw = numeric_padding(layer)
+    hp, wp = input_shape[-2] + 2 * ph, input_shape[-1] + 2 * pw
+    d = input_shape[-3] * layer.kernel_size[0] * layer.kernel_size[1]
+    return (hp * wp) ** 2 <= d * out_positions
+
+
+def conv_ghost_sq_norm(layer: nn.Conv2d, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖G_i‖_F² per sample (B,) of a ``groups=1`` Conv2d's weight gradient by the Gram identity.
+
+    Parameters
+    ----------
+    layer : the convolution (numeric padding, any stride and dilation, ``groups=1``).
+    x : its input (B, C_in, H, W).
+    b : the gradient of its output, (B, p, T).
+
+    The patch Gram ``A_i A_iᵀ`` (T×T) comes from the unfolded patches (d×T a sample), or, when
+    smaller (:func:`uses_pixel_gram`), from the Gram of the padded input's *pixels* ``P = X_iᵀ X_i``
+    ((H_p W_p)² a sample, no unfold copy): ``(A_i A_iᵀ)[t, t'] = Σ_k P[t + k, t' + k]`` over the
+    kernel's offsets ``k`` (summed over column offsets, then row offsets).
+    """
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    ph, pw = numeric_padding(layer)
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    t = b.shape[-1]
+    if not uses_pixel_gram(layer, x.shape, t):
+        a = unfold2d(x, kernel_size=layer.kernel_size, padding=(ph, pw), stride=layer.stride, dilation=layer.dilation)
+        return ghost_sq_norm(a, b)
+    ho = (hp - dh * (kh - 1) - 1) // sh + 1
+    wo = (wp - dw * (kw - 1) - 1) // sw + 1
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph)).reshape(n, c, hp * wp)  # (B, C, H_p W_p)
+    block = max(1, _GHOST_BLOCK_ELEMENTS // max(1, 2 * (hp * wp) ** 2))
+    out = []
+    for s in range(0, n, block):
+        xb, bb = xp[s : s + block], b[s : s + block]
+        m = xb.shape[0]
+        pix = torch.bmm(xb.transpose(1, 2), xb).view(m, hp, wp, hp, wp)  # (b, H_p, W_p, H_p, W_p)
+        # the kernel's offsets are a product of row and column offsets: sum over columns, then rows
+        cols = [slice(j * dw, j * dw + sw * (wo - 1) + 1, sw) for j in range(kw)]
+        by_row = pix[:, :, cols[0], :, cols[0]].clone()  # (b, H_p, W_o, H_p, W_o)
+        for col in cols[1:]:
+            by_row += pix[:, :, col, :, col]
+        rows = [slice(i * dh, i * dh + sh * (ho - 1) + 1, sh) for i in range(kh)]
+        gram = by_row[:, rows[0], :, rows[0], :].clone()  # (b, H_o, W_o, H_o, W_o)
+        for row in rows[1:]:
+            gram += by_row[:, row, :, row, :]
+        bgram = torch.bmm(bb.transpose(1, 2), bb)  # (b, T, T)
+        out.append(bgram.mul_(gram.view(m, t, t)).sum(dim=(1, 2)))
+    # The inner product of two PSD Gram matrices is ≥ 0; rounding can make it a hair negative.
+    return torch.cat(out).clamp(min=0)  # (B,)
+
+
+def ghost_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨AᵀA, BᵀB⟩ = ‖B_i A_iᵀ‖_F² per sample for ``a`` (B, d, T) and ``b`` (B, p, T), in bounded blocks."""
     n, _, t = a.shape
     block = max(1, _GHOST_BLOCK_ELEMENTS // max(1, 2 * t * t))
     out = []
     for s in range(0, n, block):
         aa = torch.bmm(a[s : s + block].transpose(1, 2), a[s : s + block])  # (b, T, T)
         bb = torch.bmm(b[s : s + block].transpose(1, 2), b[s : s + block])  # (b, T, T)
-        out.append((aa * bb).sum(dim=(1, 2)))
+        out.append(aa.mul_(bb).sum(dim=(1, 2)))
     # The inner product of two PSD Gram matrices is ≥ 0; rounding can make it a hair negative.
-    return torch.cat(out).clamp(min=0).sqrt()  # (B,)
+    return torch.cat(out).clamp(min=0)  # (B,)
 
 
 register_norm_sampler(nn.Conv2d)(conv2d_norm_sample)
 
-__all__ = ["conv2d_norm_sample", "use_ghost"]
+__all__ = [
+    "conv2d_norm_sample",
+    "conv_ghost_sq_norm",
+    "ghost_sq_norm",
+    "numeric_padding",
+    "use_ghost",
+    "uses_pixel_gram",
+]

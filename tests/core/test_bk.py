@@ -58,9 +58,8 @@ def _reference_clipped_sum(model, x, y, loss):
 def _bk_clipped_sum(model, x, y, loss):
     wrapped = bk.BKModule(copy.deepcopy(model))
     loss(wrapped(x), y).backward()
-    # autograd computed no unclipped weight gradient except the first layer's (its output needs a gradient)
-    first = wrapped._layers[0]
-    assert all((p.grad is None) != (p in set(first.parameters())) for p in wrapped.parameters())
+    # autograd computed no unclipped weight gradient (the first layer's output is a leaf of the graph)
+    assert all(p.grad is None for p in wrapped.parameters())
     sums = wrapped.clipped_sums(CLIP)
     return [sums[p] for p in wrapped._module.parameters()]
 
@@ -82,16 +81,84 @@ def test_clipped_sum_matches_per_sample_engine(monkeypatch, kind, conv_path):
     assert max(float((u - r).abs().max()) for u, r in zip(unclipped, ref)) > 1e-2
 
 
-def test_strided_dilated_conv_matches():
+def _assert_matches_hooks(model, x, y, loss=None):
+    loss = loss or nn.CrossEntropyLoss()
+    ref, got = _reference_clipped_sum(model, x, y, loss), _bk_clipped_sum(model, x, y, loss)
+    assert len(ref) == len(got) == len(list(model.parameters()))
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv_path", ["ghost", "materialise"])
+def test_strided_dilated_conv_matches(monkeypatch, conv_path):
+    # ghost: the clipped weight sum re-weights B (smaller than A here); materialise: from the G_i
+    monkeypatch.setattr(ghost_conv, "use_ghost", lambda layer, t: conv_path == "ghost")
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 5, 3, stride=2, padding=2, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(125, 3)
     )
     x, y = torch.randn(6, 2, 9, 9), torch.randint(0, 3, (6,))
-    for r, g in zip(
-        _reference_clipped_sum(model, x, y, nn.CrossEntropyLoss()), _bk_clipped_sum(model, x, y, nn.CrossEntropyLoss())
-    ):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    _assert_matches_hooks(model, x, y)
+
+
+def test_per_sample_conv_blocks_grouped_and_biasless_layers_match(monkeypatch):
+    # materialised per-sample gradients in several blocks (the last one short), a grouped conv
+    # (Opacus' per-sample route), a conv and a linear without bias, a "valid"-padded conv
+    monkeypatch.setattr(bk, "_PER_SAMPLE_CHANNELS", 8)  # 4 input channels: 2 samples a block
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False),
+        nn.Tanh(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(6, 4, 3, groups=2, padding="valid"),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3, bias=False),
+    )
+    x, y = torch.randn(7, 1, 6, 6), torch.randint(0, 3, (7,))
+    _assert_matches_hooks(model, x, y)
+
+
+def test_consecutive_steps_of_varying_batch_size_match(monkeypatch):
+    # the per-sample gradient buffer is reused across steps and regrown for a larger (Poisson) batch
+    monkeypatch.setattr(ghost_conv, "use_ghost", lambda layer, t: False)  # every conv materialises
+    model, x, y, loss = _data("cnn", n=30)
+    wrapped = bk.BKModule(copy.deepcopy(model))
+    for lo, hi in ((0, 9), (9, 21), (21, 24), (0, 30)):
+        ref = _reference_clipped_sum(model, x[lo:hi], y[lo:hi], loss)
+        loss(wrapped(x[lo:hi]), y[lo:hi]).backward()
+        sums = wrapped.clipped_sums(CLIP)
+        for r, p in zip(ref, wrapped._module.parameters()):
+            torch.testing.assert_close(sums[p], r, rtol=1e-4, atol=1e-6)
+    assert {tuple(t.shape) for t in wrapped._scratch.values()} == {(30 * 8 * 9 * 5 // 4,), (30 * 16 * 72 * 5 // 4,)}
+
+
+def test_linear_on_sequences_matches():
+    # nn.Linear on (B, T, d): norms from Opacus' Gram identity, bias sums over T
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.Flatten(), nn.Linear(15, 3))
+    x, y = torch.randn(8, 3, 4), torch.randint(0, 3, (8,))
+    _assert_matches_hooks(model, x, y)
+
+
+def test_in_place_op_on_first_output_falls_back_to_weight_route():
+    # the first layer's output is normally a fresh leaf; autograd refuses an in-place op on a leaf,
+    # so BK switches (once) to giving that layer's weights a gradient, and the result is unchanged
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    same_math = copy.deepcopy(model)
+    same_math[1] = nn.ReLU()  # Opacus' hooks refuse an in-place op after a hooked layer
+    ref = _reference_clipped_sum(same_math, x, y, nn.CrossEntropyLoss())
+    wrapped = bk.BKModule(copy.deepcopy(model))
+    assert wrapped._leaf_first
+    for _ in range(2):  # the second step runs the fallback route from the start
+        nn.CrossEntropyLoss()(wrapped(x), y).backward()
+        assert not wrapped._leaf_first
+        sums = wrapped.clipped_sums(CLIP)
+        for r, p in zip(ref, wrapped._module.parameters()):
+            torch.testing.assert_close(sums[p], r, rtol=1e-4, atol=1e-6)
+        wrapped._module.zero_grad(set_to_none=True)
 
 
 def _private_steps(model, engine, x, y, *, steps, loss, empty_at=None):

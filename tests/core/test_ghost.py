@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 from torch import nn
 
@@ -64,6 +65,32 @@ def test_strided_dilated_conv_norms_match():
     ref, got = _reference_norms(model, x, y), _ghost_norms(model, x, y)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("conv", "pixel"),
+    [
+        (dict(kernel_size=3, padding=1), True),  # (7·8)² ≤ 9·32·30
+        (dict(kernel_size=(3, 2), padding=(2, 0), dilation=(1, 2)), True),  # rectangular, dilated
+        (dict(kernel_size=3, stride=2, padding=2, dilation=2), False),  # (9·10)² > 9·32·9: unfolded patches
+        (dict(kernel_size=(2, 3), stride=(1, 2), padding="valid"), True),
+        (dict(kernel_size=1, padding=1), False),  # (7·8)² > 32·56
+    ],
+)
+def test_conv_ghost_sq_norm_equals_materialised(monkeypatch, conv, pixel):
+    # both Gram routes against ‖Σ_t B_i[t] A_i[t]ᵀ‖² from Opacus' per-sample conv gradient, in one
+    # block and then one sample a block
+    torch.manual_seed(0)
+    layer = nn.Conv2d(32, 4, **conv)
+    x = torch.randn(5, 32, 5, 6)
+    b = torch.randn_like(layer(x))
+    t = b.shape[2] * b.shape[3]
+    assert ghost_conv.uses_pixel_gram(layer, x.shape, t) == pixel
+    ref = compute_conv_grad_sample(layer, [x], b)[layer.weight].reshape(5, -1).square().sum(dim=1)
+    for block in (1 << 25, 100):
+        monkeypatch.setattr(ghost_conv, "_GHOST_BLOCK_ELEMENTS", block)
+        got = ghost_conv.conv_ghost_sq_norm(layer, x, b.reshape(5, 4, -1))
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_mixed_rule_picks_the_cheaper_path():
