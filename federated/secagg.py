@@ -27,7 +27,8 @@ round fails and nothing is unmasked.
 
 With user-level DP (``client_dp.enabled``) every client still takes part in every round, but
 only the Poisson-sampled ones (told by ``dp-sampled`` in their instructions) train; each client
-uploads its update (weights minus the global weights) clipped to ``C``, zero when not sampled,
+uploads its update (weights minus the global weights) clipped to ``C`` (``C − step·√d`` under server
+noise, so it stays within ``C`` after rounding), zero when not sampled,
 with weight 1 (``max_weight = 1``), so the server unmasks the plain sum. Under
 ``client_dp.noise_placement = "client"`` each upload carries ``N(0, σ²C²/t)`` and is refused if
 any coordinate would leave the SecAgg+ range (derived as ``C + k·σC/√t``); under ``"server"``
@@ -346,6 +347,13 @@ class SecAggFedAvg(LegacyFedAvg):
             raise RoundFailedError(
                 f"round {absolute}: {len(results)} client(s) completed SecAgg+, fewer than federated.min_clients="
                 f"{self.min_clients}; {len(record.failed)} dropped out"
+            )
+        clipped = sum(int(fitres.metrics.get("secagg-clipped", 0)) for _, fitres in results)
+        if clipped:  # the unmasked sum would be of clipped weights: a wrong model, so no release
+            raise RoundFailedError(
+                f"round {absolute}: {clipped} uploaded coordinate(s) lay outside SecAgg+'s range and would be "
+                "clipped, so the aggregate would be wrong; raise federated.secagg.clipping_range above the largest "
+                "weight magnitude"
             )
         self.aggregated.add(absolute)
         if self.plan is None:

@@ -28,6 +28,7 @@ from core import models
 from core.errors import ConfigError
 from federated import secagg, workdir
 from federated.server_app import main
+from federated.strategies import RoundFailedError
 from federated.workdir import read_result
 
 client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
@@ -181,6 +182,11 @@ def test_the_server_sees_only_the_average_and_it_is_fedavgs(tmp_path, digits_dat
     for k, g in zip(keys, spy.rounds[-1]["aggregate"], strict=True):
         np.testing.assert_allclose(weights[k].numpy(), g, atol=1e-6, err_msg=k)
     assert all(c["secagg-clipped"] == 0 for r in record["client_rounds"] for c in r["trained"])
+
+
+def test_a_round_whose_uploads_secagg_would_clip_fails_instead_of_releasing_a_wrong_model(tmp_path, digits_data):
+    with pytest.raises(RoundFailedError, match="federated.secagg.clipping_range"):
+        _run(tmp_path, digits_data, "federated.secagg.clipping_range=0.01")
 
 
 def test_a_client_dropping_out_mid_protocol_leaves_a_correct_average(tmp_path, digits_data, spy):
