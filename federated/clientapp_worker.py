@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Sequence
 
 import federated.client_app  # noqa: F401  torch, opacus, the pipeline: imported once, before any task
+from federated import fast_poll
 
 log = logging.getLogger("federated.clientapp_worker")
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the app directory (pyproject.toml with [tool.flwr.app])
 # Seconds between two AcquireTask polls; flower-superexec's default is 1 s, which a round pays once per message.
 POLL_INTERVAL_S = 0.05
-PULL_BACKOFF_S = (0.05, 0.5)  # first retry and cap (s) while the SuperNode does not hold a message's objects yet
 
 
 def _client(
@@ -65,43 +65,6 @@ def _client(
     )
 
 
-def pull_task_input(client):
-    """``flwr.supernode.runtime.run_clientapp.pull_task_input`` with a short retry backoff.
-
-    The worker can acquire a task before the SuperNode holds the message's objects; Flower
-    retries with a 1 s initial backoff that doubles (``PULL_INITIAL_BACKOFF``), which cost
-    1-3 s per round here. This retries after 0.05 s, doubling up to 0.5 s.
-    """
-    from flwr.app import Message
-    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf,
-        make_pull_object_fn_protobuf,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
-
-    res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
-    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("No messages received from Runtime API")
-    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message,
-        initial_backoff=PULL_BACKOFF_S[0],
-        backoff_cap=PULL_BACKOFF_S[1],
-    )
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the deflated message lacks it
-    return message, context, run, fab
-
-
 def run_task(address: str, token: str, *, insecure: bool, certificates: bytes | None, load_app) -> bool:
     """Run one ClientApp task in this process, as ``flwr-clientapp --token`` would; True when it completed."""
     from flwr.app import Message
@@ -109,7 +72,7 @@ def run_task(address: str, token: str, *, insecure: bool, certificates: bytes | 
     from flwr.clientapp.client_app import LoadClientAppError
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     client = _client(address, insecure=insecure, certificates=certificates, token=token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -179,6 +142,9 @@ def serve(
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
 
+    # The worker can acquire a task before its SuperNode holds all of the message's objects: retry after
+    # 0.05 s, not Flower's 1 s (fast_poll.patch_object_pulls; Flower's own pull_task_input then uses it).
+    fast_poll.patch_object_pulls()
     load_app = _app_loader()
     client = _client(address, insecure=insecure, certificates=certificates, secret=secret)
     done = 0

@@ -14,6 +14,16 @@ is a setting in 1.42, so:
   (its ``time`` name) and is applied only to the Flower versions it was checked against
   (``CHECKED_FLWR``); on any other version the SuperNode runs unpatched and says so.
 
+Flower also backs off from 1 s (doubling to 10 s) whenever it pulls a message's objects before
+their sender has pushed them all (``flwr.supercore.inflatable.inflatable_utils.pull_objects``):
+the sender pushes the message, then its objects, and the receiver starts pulling as soon as it
+sees the message, so on loopback almost every round paid one such back-off at each hop that was
+quicker than its sender (measured: the ServerApp idle 1.1 s mid-pull while the last site's reply
+objects arrived; a SuperNode idle 0.5 s waiting for the server's). :func:`patch_object_pulls`
+lowers those default back-offs to 0.05 s doubling to 0.5 s, in whichever process pulls (the
+ServerApp, every SuperNode, every ClientApp process), and raises the retry count so an object is
+waited for no shorter than Flower waits (500 tries x 10 s cap, bounded by its 7200 s limit).
+
 Cost: each SuperNode asks the SuperLink for messages every ``POLL_S`` s instead of every 3 s
 when idle (``POLL_S = 0.1``: 10 small requests per second per site).
 
@@ -29,6 +39,7 @@ dead site is declared unavailable within ~20 s, and nothing of the SuperLink is 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from typing import Any, Iterable
@@ -36,6 +47,7 @@ from typing import Any, Iterable
 log = logging.getLogger(__name__)
 POLL_S = 0.1  # seconds between polls (both sides)
 HEARTBEAT_S = 10  # seconds between a SuperNode's heartbeats (Flower's 30; a stock SuperLink accepts >= 10)
+PULL_BACKOFF_S = (0.05, 0.5)  # first retry and cap (s) while a message's objects are not all pushed yet
 CHECKED_FLWR = ("1.42.",)  # Flower versions whose SuperNode message loop was read for the patch
 
 
@@ -64,8 +76,10 @@ class FastPollGrid:
 
 
 def wrap_grid(grid: Any) -> Any:
-    """:class:`FastPollGrid` around a deployment's grid (Flower's HTTP grid); any other grid as it is."""
+    """:class:`FastPollGrid` around a deployment's grid (Flower's HTTP grid), with short object-pull back-offs
+    in this process (:func:`patch_object_pulls`); any other grid as it is."""
     if type(grid).__module__ == "flwr.superlink.grid.http_grid" and hasattr(grid, "pull_messages"):
+        patch_object_pulls()
         return FastPollGrid(grid)
     return grid
 
@@ -132,6 +146,53 @@ def patch_heartbeat(interval_s: float = HEARTBEAT_S) -> bool:
     return True
 
 
+def patch_object_pulls(initial_s: float = PULL_BACKOFF_S[0], cap_s: float = PULL_BACKOFF_S[1]) -> bool:
+    """Retry a not-yet-pushed object after ``initial_s`` s (doubling to ``cap_s``) instead of Flower's 1 s (to 10 s).
+
+    Flower 1.42 binds ``PULL_INITIAL_BACKOFF`` / ``PULL_BACKOFF_CAP`` as keyword defaults of
+    ``pull_objects`` and ``pull_and_inflate_object_from_tree`` (``flwr.supercore.inflatable.
+    inflatable_utils``); every caller that matters here passes none (the SuperNode's message pull,
+    the HTTP grid's ``pull_messages``, ``run_clientapp.pull_task_input``), so changing the functions'
+    defaults changes them all. ``max_tries_per_object`` is raised by the same factor as the cap is
+    lowered, so no object is given up on sooner than Flower would (its ``max_time`` still bounds
+    the wait). False (unpatched) on unchecked versions or defaults other than the ones read.
+    """
+    from importlib import metadata
+
+    import flwr.supercore.inflatable.inflatable_utils as inflatable
+    from flwr.supercore import constant
+
+    version = metadata.version("flwr")
+    functions = (inflatable.pull_objects, inflatable.pull_and_inflate_object_from_tree)
+    flower = {
+        "initial_backoff": constant.PULL_INITIAL_BACKOFF,
+        "backoff_cap": constant.PULL_BACKOFF_CAP,
+        "max_tries_per_object": constant.PULL_MAX_TRIES_PER_OBJECT,
+    }
+    patched = {
+        "initial_backoff": initial_s,
+        "backoff_cap": cap_s,
+        "max_tries_per_object": math.ceil(constant.PULL_MAX_TRIES_PER_OBJECT * constant.PULL_BACKOFF_CAP / cap_s),
+    }
+    if not 0 < initial_s <= cap_s:
+        raise ValueError(f"back-off {initial_s} s to {cap_s} s: need 0 < initial <= cap")
+    current = [{k: (f.__kwdefaults__ or {}).get(k) for k in flower} for f in functions]
+    if all(c == patched for c in current):
+        return True  # already patched in this process
+    if not version.startswith(CHECKED_FLWR) or any(c != flower for c in current):
+        log.warning(
+            "flwr %s: object pulls keep Flower's %s-%s s back-off (patch checked for %s only)",
+            version,
+            constant.PULL_INITIAL_BACKOFF,
+            constant.PULL_BACKOFF_CAP,
+            CHECKED_FLWR,
+        )
+        return False
+    for f in functions:
+        f.__kwdefaults__ = {**(f.__kwdefaults__ or {}), **patched}
+    return True
+
+
 def main(argv: list[str]) -> int:
     """``python -m federated.fast_poll supernode ARGS...``: ``flower-supernode ARGS...`` with short polling
     and a 10 s heartbeat."""
@@ -139,6 +200,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m federated.fast_poll supernode <flower-supernode arguments>", file=sys.stderr)
         return 2
     patch_supernode()
+    patch_object_pulls()
     patch_heartbeat()
     from flwr.supernode.cli import flower_supernode
 

@@ -1,5 +1,6 @@
 """Shorter deployment polling (federated/fast_poll.py): the grid wrapper and the SuperNode patch, no processes."""
 
+import sys
 import time
 from types import SimpleNamespace
 
@@ -71,3 +72,58 @@ def test_the_heartbeat_patch_announces_the_shortest_interval_a_stock_superlink_a
     assert fast_poll.HEARTBEAT_S > constant.HEARTBEAT_CALL_TIMEOUT
     # Dead-site detection: offline once HEARTBEAT_PATIENCE intervals pass without a heartbeat.
     assert constant.HEARTBEAT_PATIENCE * fast_poll.HEARTBEAT_S <= 20
+
+
+def _record_backoffs(monkeypatch, failures: int) -> list[float]:
+    """Pull one object that is unavailable ``failures`` times; the back-off waits Flower asked for (not slept)."""
+    import flwr.supercore.inflatable.inflatable_utils as inflatable
+
+    waits: list[float] = []
+
+    class Event(inflatable.threading.Event):
+        def wait(self, timeout=None):
+            if sys._getframe(1).f_code.co_name != "pull_with_retries":  # the executor's own events
+                return super().wait(timeout)
+            waits.append(timeout)
+            return self.is_set()
+
+    monkeypatch.setattr(inflatable.threading, "Event", Event)
+    calls = {"n": 0}
+
+    def pull(object_id):
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise inflatable.ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert inflatable.pull_objects(["obj"], pull_object_fn=pull) == {"obj": b"content"}
+    return waits
+
+
+def test_object_pulls_retry_after_the_short_back_off_and_wait_as_long_as_flower_would(monkeypatch):
+    import flwr.supercore.inflatable.inflatable_utils as inflatable
+    from flwr.supercore import constant
+
+    for f in (inflatable.pull_objects, inflatable.pull_and_inflate_object_from_tree):  # undone after the test
+        monkeypatch.setattr(f, "__kwdefaults__", dict(f.__kwdefaults__))
+    flower = _record_backoffs(monkeypatch, failures=3)
+    assert flower[0] >= 0.8 * constant.PULL_INITIAL_BACKOFF  # Flower's: 1 s, 2 s, 4 s (+-20 % jitter)
+    assert fast_poll.patch_object_pulls() and fast_poll.patch_object_pulls()  # idempotent
+    waits = _record_backoffs(monkeypatch, failures=6)
+    first, cap = fast_poll.PULL_BACKOFF_S
+    assert len(waits) == 6 and first * 0.8 <= waits[0] <= first * 1.2 and max(waits) <= cap * 1.2
+    assert waits[-1] >= cap * 0.8  # doubled up to the cap
+    defaults = inflatable.pull_and_inflate_object_from_tree.__kwdefaults__
+    assert defaults["initial_backoff"] == first and defaults["backoff_cap"] == cap
+    # No object is given up on sooner than Flower would: tries x cap >= Flower's tries x cap.
+    patience = defaults["max_tries_per_object"] * cap
+    assert patience >= constant.PULL_MAX_TRIES_PER_OBJECT * constant.PULL_BACKOFF_CAP
+
+
+def test_object_pull_patch_leaves_defaults_it_was_not_read_against(monkeypatch):
+    import flwr.supercore.inflatable.inflatable_utils as inflatable
+
+    for f in (inflatable.pull_objects, inflatable.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(f, "__kwdefaults__", {**f.__kwdefaults__, "initial_backoff": 3})
+    assert not fast_poll.patch_object_pulls()
+    assert inflatable.pull_objects.__kwdefaults__["initial_backoff"] == 3
