@@ -144,12 +144,16 @@ def run_once(code_root: Path, work: Path, args: argparse.Namespace) -> tuple[dic
         *args.overrides,
     ]
     env = {**os.environ, "PYTHONPATH": str(code_root)}
-    done = subprocess.run(cmd, cwd=code_root, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"deploy from {code_root} exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
-        )
-    return json.loads((work / "result" / f"{args.model}.json").read_text())
+    with (
+        subprocess.Popen(
+            cmd, cwd=code_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as proc,
+        TreeCpu(proc.pid) as cpu,
+    ):
+        out, err = proc.communicate(timeout=args.timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"deploy from {code_root} exited {proc.returncode}:\n{out[-2000:]}{err[-3000:]}")
+    return json.loads((work / "result" / f"{args.model}.json").read_text()), cpu.samples
 
 
 def main() -> None:
@@ -170,8 +174,7 @@ def main() -> None:
     args = p.parse_args()
     roots = [r.resolve() for r in (args.code_root or [REPO_ROOT])]
     work_root = args.work_root or Path(tempfile.mkdtemp(prefix="bench-deploy-"))
-    summary: dict[str, list[float]] = {str(r): [] for r in roots}
-    cpu_summary: dict[str, list[float]] = {str(r): [] for r in roots}
+    summary: dict[str, list[dict]] = {str(r): [] for r in roots}
     for rep in range(args.repeats):
         for k, root in enumerate(roots):
             work = work_root / f"run-{rep}-{k}"
@@ -180,25 +183,31 @@ def main() -> None:
             rows = round_figures(record, cpu)
             print(f"\n{root} (repeat {rep + 1}/{args.repeats}, {time.time() - t0:.1f} s in all)")
             print(f"  load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end")
-            print("  round   wall_s  train_s  overhead_s")
+            print("  round   wall_s  train_s  overhead_s  cpu_s (all processes)")
             for r in rows:
-                print(f"  {r['round']:5d} {r['wall_s']:8.3f} {r['train_s']:8.3f} {r['overhead_s']:11.3f}")
-            later = [r["overhead_s"] for r in rows[1:]]
+                print(
+                    f"  {r['round']:5d} {r['wall_s']:8.3f} {r['train_s']:8.3f} {r['overhead_s']:11.3f} {r['cpu_s']:6.2f}"
+                )
+            (work / "bench_rounds.json").write_text(json.dumps({"code_root": str(root), "rounds": rows}, indent=1))
+            later = rows[1:]
             if later:
                 summary[str(root)].extend(later)
                 print(
-                    f"  rounds 2-{len(rows)}: overhead median {statistics.median(later):.3f} s, max {max(later):.3f} s"
+                    f"  rounds 2-{len(rows)}: overhead median {statistics.median(r['overhead_s'] for r in later):.3f} s, "
+                    f"max {max(r['overhead_s'] for r in later):.3f} s; "
+                    f"CPU per round median {statistics.median(r['cpu_s'] for r in later):.2f} s"
                 )
             left = _leftovers(str(work))
             if left:
                 print(f"  WARNING: {len(left)} process(es) of this run still running:", *left, sep="\n    ")
-    print("\nall runs, rounds 2 and later (overhead s):")
-    for root, values in summary.items():
-        if values:
+    print("\nall runs, rounds 2 and later:")
+    for root, later in summary.items():
+        if later:
+            overhead, cpu_s = [r["overhead_s"] for r in later], [r["cpu_s"] for r in later]
             print(
-                f"  {root}: n={len(values)} median {statistics.median(values):.3f} "
-                f"min {min(values):.3f} max {max(values):.3f}; CPU s per round median "
-                f"{statistics.median(cpu_summary[root]):.2f}"
+                f"  {root}: n={len(later)} overhead median {statistics.median(overhead):.3f} s "
+                f"(min {min(overhead):.3f}, max {max(overhead):.3f}); CPU per round median "
+                f"{statistics.median(cpu_s):.2f} s (min {min(cpu_s):.2f}, max {max(cpu_s):.2f})"
             )
 
 
