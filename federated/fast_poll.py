@@ -10,8 +10,7 @@ is a setting in 1.42, so:
 - :class:`FastPollGrid` wraps the ServerApp's grid and implements ``send_and_receive`` with
   the public ``push_messages`` / ``pull_messages`` calls and a ``POLL_S`` interval;
 - ``python -m federated.fast_poll supernode <flower-supernode args>`` runs ``flower-supernode``
-  with the sleeps of its message loop capped: ``POLL_S`` between polls of the SuperLink, ``LOCAL_WAIT_S``
-  while it waits for its ClientApp's reply (a look at its own in-memory state). This patches a module of Flower's
+  with the sleeps of its message loop capped at ``POLL_S``. This patches a module of Flower's
   (its ``time`` name) and is applied only to the Flower versions it was checked against
   (``CHECKED_FLWR``); on any other version the SuperNode runs unpatched and says so.
 
@@ -26,13 +25,7 @@ ServerApp, every SuperNode, every ClientApp process), and raises the retry count
 waited for no shorter than Flower waits (500 tries x 10 s cap, bounded by its 7200 s limit).
 
 Cost: each SuperNode asks the SuperLink for messages every ``POLL_S`` s instead of every 3 s
-when idle (``POLL_S = 0.2``: 5 small requests per second per site). 0.1 s was tried first: on a
-2-core machine at load ~10 every poll costs the SuperLink CPU it then lacks for the round's own
-requests (idle, 3 SuperNodes polling at 10/s used 0.10 CPU-s/s of the SuperLink, and the
-SuperLink was the process whose requests queued); halving the polling of all three pollers
-(SuperNodes, ServerApp, ClientApp processes) cut the median round overhead from 1.47 s to 1.16 s
-(interleaved runs, ``scripts/bench_deploy_rounds.py``) at a cost of ~0.05 s mean pick-up latency
-per hop on an idle machine.
+when idle (``POLL_S = 0.1``: 10 small requests per second per site).
 
 The same wrapper also shortens the SuperNode's heartbeat (:func:`patch_heartbeat`). A SuperLink
 marks a node offline only once ``HEARTBEAT_PATIENCE`` (2) heartbeat intervals pass without one,
@@ -52,8 +45,7 @@ import time
 from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
-POLL_S = 0.2  # seconds between polls of the SuperLink (SuperNodes for messages, the ServerApp for replies)
-LOCAL_WAIT_S = 0.05  # seconds between a SuperNode's looks at its own state for its ClientApp's reply (no request)
+POLL_S = 0.1  # seconds between polls (both sides)
 HEARTBEAT_S = 10  # seconds between a SuperNode's heartbeats (Flower's 30; a stock SuperLink accepts >= 10)
 PULL_BACKOFF_S = (0.05, 0.5)  # first retry and cap (s) while a message's objects are not all pushed yet
 CHECKED_FLWR = ("1.42.",)  # Flower versions whose SuperNode message loop was read for the patch
@@ -93,27 +85,20 @@ def wrap_grid(grid: Any) -> Any:
 
 
 class _CappedSleep:
-    """Stands in for the ``time`` module inside one Flower module: ``sleep`` is capped.
+    """Stands in for the ``time`` module inside one Flower module: ``sleep`` is capped at ``POLL_S``."""
 
-    Flower 1.42's SuperNode loop (``start_client_internal``) sleeps 3 s after a poll of the SuperLink
-    found no message, and 0.5 s in its two local waits (for the ClientApp's reply message, for its
-    objects): sleeps of 1 s or more are capped at ``cap_s``, shorter ones at ``local_cap_s``.
-    """
-
-    def __init__(self, cap_s: float, local_cap_s: float | None = None):
+    def __init__(self, cap_s: float):
         self.cap_s = cap_s
-        self.local_cap_s = cap_s if local_cap_s is None else local_cap_s
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap_s if seconds >= 1 else self.local_cap_s))
+        time.sleep(min(seconds, self.cap_s))
 
 
-def patch_supernode(cap_s: float = POLL_S, local_cap_s: float = LOCAL_WAIT_S) -> bool:
-    """Cap the sleeps of Flower's SuperNode message loop (polls at ``cap_s``, local waits at ``local_cap_s``);
-    False (unpatched) on unchecked versions."""
+def patch_supernode(cap_s: float = POLL_S) -> bool:
+    """Cap the sleeps of Flower's SuperNode message loop at ``cap_s``; False (unpatched) on unchecked versions."""
     from importlib import metadata
 
     import flwr.supernode.start_client_internal as loop
@@ -124,7 +109,7 @@ def patch_supernode(cap_s: float = POLL_S, local_cap_s: float = LOCAL_WAIT_S) ->
             "flwr %s: SuperNode polling left at Flower's 3 s (patch checked for %s only)", version, CHECKED_FLWR
         )
         return False
-    loop.time = _CappedSleep(cap_s, local_cap_s)
+    loop.time = _CappedSleep(cap_s)
     return True
 
 

@@ -49,16 +49,11 @@ def test_the_supernode_patch_caps_only_the_sleeps_of_its_message_loop(monkeypatc
     import flwr.supernode.start_client_internal as loop
 
     monkeypatch.setattr(loop, "time", time)  # undone after the test
-    slept: list[float] = []
-    monkeypatch.setattr(time, "sleep", slept.append)  # the real sleep is not waited for
-    assert fast_poll.patch_supernode(cap_s=0.2, local_cap_s=0.05)
-    loop.time.sleep(3)  # Flower's pause after a poll of the SuperLink found no message
-    loop.time.sleep(0.5)  # Flower's local waits for the ClientApp's reply and its objects
-    loop.time.sleep(0.01)
-    assert slept == [0.2, 0.05, 0.01]
-    assert loop.time.time() > 0 and loop.time.monotonic() > 0  # everything else is the real module
-    # The defaults: SuperLink polls no more often than 5/s per site, local waits short.
-    assert fast_poll.POLL_S >= 0.2 and fast_poll.LOCAL_WAIT_S <= 0.05
+    assert fast_poll.patch_supernode(cap_s=0.01)
+    t0 = time.monotonic()
+    loop.time.sleep(3)
+    assert time.monotonic() - t0 < 0.5 and loop.time.time() > 0  # everything else is the real module
+    assert time.sleep is not loop.time.sleep
 
 
 def test_the_heartbeat_patch_announces_the_shortest_interval_a_stock_superlink_accepts(monkeypatch):
