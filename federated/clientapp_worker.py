@@ -175,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--poll-interval", type=float, default=POLL_INTERVAL_S, help="seconds between task polls")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: opacus calls logging.basicConfig (WARNING) when imported, which silenced this worker's INFO lines
+    # (its per-task phase timings) until now.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
