@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from core import (
+    accounting,
     bk,
     ghost_conv,  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
     seeds,
@@ -59,14 +60,15 @@ def steps_per_epoch(n_samples: int, batch_size: int) -> int:
 
 
 def epsilon_of(history: Iterable[Sequence[float]], *, delta: float, accountant: str) -> float:
-    """ε spent by an accountant history at ``delta`` (0 for an empty history)."""
-    from opacus.accountants import create_accountant
+    """ε spent by an accountant history at ``delta`` (0 for an empty history).
 
-    acc = create_accountant(mechanism=accountant)
-    acc.history = _merge(history)
-    if not acc.history:
+    Opacus' ``accountant``, bit for bit, memoised per process (:mod:`core.accounting`): a federated
+    client asks for the same ε several times a round.
+    """
+    merged = _merge(history)
+    if not merged:
         return 0.0
-    return float(acc.get_epsilon(delta=delta))
+    return accounting.epsilon(tuple(merged), delta=float(delta), accountant=accountant)
 
 
 def covers(history: Iterable[Sequence[float]], earlier: Iterable[Sequence[float]]) -> bool:
@@ -99,17 +101,9 @@ def _merge(history: Iterable[Sequence[float]]) -> History:
 
 @functools.lru_cache(maxsize=64)
 def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    # A pure function costing ~1.4 s (PRV); federated clients ask it again every round with the same arguments.
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-        )
+    # A pure function costing seconds (PRV); federated clients ask it again every round with the same arguments.
+    return accounting.noise_multiplier(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
     )
 
 
