@@ -360,9 +360,11 @@ class Processes:
         self.stop()
 
 
-def start_flwr_run(procs: "Processes", connection: str, run_config: Path, *extra: str) -> subprocess.Popen:
-    """Submit this repo as a Flower app to ``connection`` with ``flwr run --stream`` (simulation and deployment)."""
-    argv = [bin_path("flwr"), "run", str(REPO_ROOT), connection, "--stream", "--run-config", str(run_config), *extra]
+def start_flwr_run(
+    procs: "Processes", connection: str, run_config: Path, *extra: str, app: Path = REPO_ROOT
+) -> subprocess.Popen:
+    """Submit the Flower app ``app`` (default: this repo) to ``connection`` with ``flwr run --stream``."""
+    argv = [bin_path("flwr"), "run", str(app), connection, "--stream", "--run-config", str(run_config), *extra]
     return procs.start("flwr-run", argv)
 
 

@@ -267,12 +267,34 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
         If the run did not produce its result.
     """
     overrides = overrides_for(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
+    rc_path = work / "run_config.toml"
+    rc_path.write_text(run_config_toml(overrides))
+    procs = run_simulation(work, rc_path, n_supernodes=n_supernodes, on_poll=on_poll)
+    for name in str(run_config["app.model"]).split(","):
+        _raise_if_failed(work, name.strip(), procs)
+
+
+def run_simulation(
+    work: Path, rc_path: Path, *, n_supernodes: int, app: Path = launcher.REPO_ROOT, on_poll=None
+) -> launcher.Processes:
+    """Run the Flower app ``app`` (default: this repo) on a private simulation SuperLink until its run ends.
+
+    Its own FLWR_HOME and free loopback port under ``work``, Ray's folder from :func:`_ray_tmp`,
+    ``client-resources-num-cpus=1``; every process is stopped on the way out. ``scripts/bench_flower_floor.py``
+    runs a minimal app through here, so the floor it measures is this very launch path.
+
+    Returns
+    -------
+    The (stopped) processes, for their logs.
+
+    Raises
+    ------
+    FederatedRunError
+        If the SuperLink does not start or exits during the run.
+    """
     flwr_home = work / "flwr-home"
     port = launcher.free_port()
     launcher.write_connection(flwr_home, CONNECTION, address=f"127.0.0.1:{port}")
-    rc_path = work / "run_config.toml"
-    rc_path.write_text(run_config_toml(overrides))
-    model = str(run_config["app.model"])
     with (
         _ray_tmp(work) as ray_tmp,
         launcher.sigterm_as_exit(),
@@ -304,6 +326,7 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
             rc_path,
             "--federation-config",
             f"num-supernodes={n_supernodes} client-resources-num-cpus=1",
+            app=app,
         )
         while run.poll() is None:
             if superlink.poll() is not None:
@@ -313,8 +336,7 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
             if on_poll is not None:
                 on_poll()
             time.sleep(0.25)
-        for name in str(model).split(","):
-            _raise_if_failed(work, name.strip(), procs)
+    return procs
 
 
 def _raise_if_failed(work: Path, model: str, procs: launcher.Processes) -> None:
