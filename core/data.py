@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from core.artifacts import json_bytes, npz_bytes, read_json, read_npz
 from core.config import Config, DataConfig
@@ -106,6 +105,9 @@ def prepare(cfg: Config, *, seed: int) -> Datasets:
 
 def _split_indices(n: int, cfg: DataConfig, *, seed: int, stratify: np.ndarray | None) -> dict[str, np.ndarray]:
     """Seeded train/val/test/public row indices; stratified by class when ``stratify`` is given."""
+    # Here, not at the top: a federated ServerApp/ClientApp imports this module but never splits (sklearn ~1.5-3 s).
+    from sklearn.model_selection import train_test_split
+
     idx = np.arange(n)
     out: dict[str, np.ndarray] = {}
     remaining, strat = idx, stratify

@@ -24,12 +24,9 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from core import (
-    accounting,
-    bk,
-    ghost_conv,  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
-    seeds,
-)
+# core.accounting, core.bk and core.ghost_conv import Opacus (its engine: ~3-6 s on this 2-core machine, most of a
+# federated client's start-up): they are imported where they are used, so a run without DP never pays for them.
+from core import seeds
 from core.config import DPConfig
 from core.errors import PrivacyBudgetError
 
@@ -68,6 +65,8 @@ def epsilon_of(history: Iterable[Sequence[float]], *, delta: float, accountant: 
     merged = _merge(history)
     if not merged:
         return 0.0
+    from core import accounting
+
     return accounting.epsilon(tuple(merged), delta=float(delta), accountant=accountant)
 
 
@@ -102,6 +101,8 @@ def _merge(history: Iterable[Sequence[float]]) -> History:
 @functools.lru_cache(maxsize=64)
 def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     # A pure function costing seconds (PRV); federated clients ask it again every round with the same arguments.
+    from core import accounting
+
     return accounting.noise_multiplier(
         target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
     )
@@ -304,6 +305,11 @@ def make_private(
     """
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
+
+    from core import (
+        bk,
+        ghost_conv,  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
+    )
 
     device = next(model.parameters()).device
     if noise_generator.device.type != device.type:
