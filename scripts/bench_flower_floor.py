@@ -164,6 +164,9 @@ def run_ours(cfg, datasets) -> dict:
             "round0": rec["first_round_started_unix"] - t0,
             "first_round_done": rec["first_round_started_unix"] + spr[0] - t0,
             "first_round_seconds": spr[0],
+            # Inside the ClientApp's train handler (task load + fit), per client, round 1: the rest of round 1 is
+            # Flower's (Ray actors, app loading, messages) and the ClientApp module's import.
+            "client_handler_round1": [float(c.get("seconds", 0.0)) for c in rec["client_rounds"][0]["trained"]],
             "later_rounds": spr[1:],
             "finished": rec["finished_unix"] - t0,
         }
@@ -245,6 +248,9 @@ def main() -> None:
         rows.append((f"ours {name}: round 0 (before training)", [o[name]["round0"] for o in ours]))
         rows.append((f"ours {name}: first round done", [o[name]["first_round_done"] for o in ours]))
         rows.append((f"ours {name}: first round seconds", [o[name]["first_round_seconds"] for o in ours]))
+        rows.append(
+            (f"ours {name}: round-1 client handler (each)", [x for o in ours for x in o[name]["client_handler_round1"]])
+        )
         rows.append((f"ours {name}: later round", [x for o in ours for x in o[name]["later_rounds"]]))
     if ours:
         rows.append(
