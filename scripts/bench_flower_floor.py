@@ -3,6 +3,7 @@
 Usage (from the repo root)::
 
     python scripts/bench_flower_floor.py --repeats 3
+    python scripts/bench_flower_floor.py --repeats 3 --torch-floor
     python scripts/bench_flower_floor.py --repeats 2 --rounds 3 --n-clients 5 federated.partitioner=iid
 
 Runs, interleaved (A, B, A, B, ...):
@@ -13,6 +14,9 @@ A. the floor: a minimal Flower app written into a temp folder (a ClientApp whose
    through the pipeline's own launch path (:func:`federated.simulation.run_simulation`: private
    FLWR_HOME and port, own SuperLink, ``client-resources-num-cpus=1``). Its ServerApp writes
    ``time.time()`` at import, at ``main``, and after each round's (server-side) evaluation.
+A'. with ``--torch-floor``: the same minimal app whose clients import torch and take one Adam step on the
+   arrays (what any client that trains a torch model pays on its first message: torch, and torch._dynamo,
+   which ``torch.optim.Optimizer`` imports on first use).
 B. the pipeline's train stage, federated (``pipeline.train.run``, the path ``python -m pipeline
    train.mode=federated --stages data,train`` takes after the data stage): every model in one federation.
    Times come from each model's federation record (``first_round_started_unix``, ``seconds_per_round``).
@@ -69,6 +73,7 @@ num-rounds = 3
 n-clients = 5
 shapes = "[]"
 out = ""
+torch = 0
 """
 
 SERVER_APP = """\
@@ -112,12 +117,24 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    content = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1, "loss": 0.0})})
+    arrays = msg.content["arrays"]
+    if int(context.run_config["torch"]):  # the torch floor: one Adam step, what any torch client pays at first
+        import torch
+        from flwr.app import ArrayRecord
+
+        torch.set_num_threads(1)
+        state = arrays.to_torch_state_dict()
+        params = [torch.nn.Parameter(v.clone()) for v in state.values()]
+        opt = torch.optim.Adam(params, lr=1e-3)
+        sum((p**2).sum() for p in params).backward()
+        opt.step()
+        arrays = ArrayRecord({k: p.detach() for k, p in zip(state, params)})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1, "loss": 0.0})})
     return Message(content=content, reply_to=msg)
 """
 
 
-def run_floor(root: Path, shapes: list[list[int]], *, rounds: int, n_clients: int) -> dict:
+def run_floor(root: Path, shapes: list[list[int]], *, rounds: int, n_clients: int, torch: bool = False) -> dict:
     """A: the minimal app through the pipeline's launch path; seconds from launch to each event."""
     work = Path(tempfile.mkdtemp(prefix="floor-", dir=root))
     app = work / "app"
@@ -129,7 +146,7 @@ def run_floor(root: Path, shapes: list[list[int]], *, rounds: int, n_clients: in
     out = work / "times.json"
     rc = work / "run_config.toml"
     rc.write_text(
-        f"num-rounds = {rounds}\nn-clients = {n_clients}\nshapes = {json.dumps(json.dumps(shapes))}\nout = {json.dumps(str(out))}\n"
+        f"num-rounds = {rounds}\nn-clients = {n_clients}\nshapes = {json.dumps(json.dumps(shapes))}\nout = {json.dumps(str(out))}\ntorch = {int(torch)}\n"
     )
     t0 = time.time()
     procs = simulation.run_simulation(work, rc, n_supernodes=n_clients, app=app)
@@ -201,6 +218,11 @@ def main() -> None:
     p.add_argument("--n-clients", type=int, default=5)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--only", choices=["floor", "ours"], help="run one side only (profiling)")
+    p.add_argument(
+        "--torch-floor",
+        action="store_true",
+        help="also run A' (interleaved): the minimal app whose clients import torch and take one Adam step",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement here")
     args = p.parse_args()
     overrides = [
@@ -218,11 +240,20 @@ def main() -> None:
     tempfile.tempdir = str(root)  # the train stage's work folders too: every process we start mentions root
     floors: list[dict] = []
     ours: list[dict] = []
+    torch_floors: list[dict] = []
     try:
         for i in range(args.repeats):
             if args.only != "ours":
                 floors.append(run_floor(root, shapes, rounds=args.rounds, n_clients=args.n_clients))
                 print(f"[{i}] A floor: {json.dumps(floors[-1], default=lambda x: round(x, 2))}", flush=True)
+                if args.torch_floor:
+                    torch_floors.append(
+                        run_floor(root, shapes, rounds=args.rounds, n_clients=args.n_clients, torch=True)
+                    )
+                    print(
+                        f"[{i}] A' torch floor: {json.dumps(torch_floors[-1], default=lambda x: round(x, 2))}",
+                        flush=True,
+                    )
             if args.only != "floor":
                 ours.append(run_ours(cfg, datasets))
                 print(f"[{i}] B ours : {json.dumps(ours[-1], default=lambda x: round(x, 2))}", flush=True)
@@ -259,6 +290,10 @@ def main() -> None:
         rows.append(("ours: wall (train stage)", [o["wall"] for o in ours]))
     if floors:
         rows.append(("floor: wall", [f["wall"] for f in floors]))
+    if torch_floors:
+        rows.append(("torch floor: ServerApp main", [f["serverapp_main"] for f in torch_floors]))
+        rows.append(("torch floor: first round done", [f["first_round_done"] for f in torch_floors]))
+        rows.append(("torch floor: later round", [x for f in torch_floors for x in f["later_rounds"]]))
     for label, xs in rows:
         print(f"  {label:44s} {_fmt(xs)}")
     if floors and ours and len(floors) == len(ours):
@@ -268,8 +303,15 @@ def main() -> None:
         for n in names:
             rn = [o[n]["first_round_done"] / f["first_round_done"] for f, o in zip(floors, ours)]
             print(f"  {'ratio ' + n + ' first round / floor':44s} {_fmt(rn)}")
+    if torch_floors and ours and len(torch_floors) == len(ours):
+        pairs = [
+            max(o[n]["first_round_done"] for n in names) / f["first_round_done"] for f, o in zip(torch_floors, ours)
+        ]
+        print(f"  {'ratio every-model first round / torch floor':44s} {_fmt(pairs)}  (paired per repeat)")
     if args.json:
-        args.json.write_text(json.dumps({"floor": floors, "ours": ours, "overrides": overrides}, indent=1))
+        args.json.write_text(
+            json.dumps({"floor": floors, "torch_floor": torch_floors, "ours": ours, "overrides": overrides}, indent=1)
+        )
     print(textwrap.dedent(f"  overrides: {overrides}"))
 
 
