@@ -65,9 +65,9 @@ def epsilon_of(history: Iterable[Sequence[float]], *, delta: float, accountant: 
     merged = _merge(history)
     if not merged:
         return 0.0
-    from core import accounting
+    from core.accounting import epsilon
 
-    return accounting.epsilon(tuple(merged), delta=float(delta), accountant=accountant)
+    return epsilon(tuple(merged), delta=float(delta), accountant=accountant)
 
 
 def covers(history: Iterable[Sequence[float]], earlier: Iterable[Sequence[float]]) -> bool:
@@ -101,9 +101,9 @@ def _merge(history: Iterable[Sequence[float]]) -> History:
 @functools.lru_cache(maxsize=64)
 def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     # A pure function costing seconds (PRV); federated clients ask it again every round with the same arguments.
-    from core import accounting
+    from core.accounting import noise_multiplier
 
-    return accounting.noise_multiplier(
+    return noise_multiplier(
         target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
     )
 
@@ -306,10 +306,8 @@ def make_private(
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
 
-    from core import (
-        bk,
-        ghost_conv,  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
-    )
+    import core.ghost_conv  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
+    from core.bk import make_private as bk_make_private
 
     device = next(model.parameters()).device
     if noise_generator.device.type != device.type:
@@ -326,7 +324,7 @@ def make_private(
     loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=sampling_generator)
     ghost = {"criterion": criterion or nn.CrossEntropyLoss()} if grad_sample_mode == "ghost" else {}
     if grad_sample_mode == "bk":  # --- book-keeping clipping (core/bk.py): one backward, Opacus' noise ---
-        wrapped: tuple[Any, ...] = bk.make_private(
+        wrapped: tuple[Any, ...] = bk_make_private(
             engine,
             model,
             optimizer,
