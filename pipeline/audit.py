@@ -188,6 +188,7 @@ def audit_model(
             "dp": dp_on,
             "public_pretraining": pretrain is not None,
             "mode": "central (also when the audited model was trained federated)",
+            "audited_model_training": cfg.train.mode,
         },
         "attacks": target,
         "control": control,

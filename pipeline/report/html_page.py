@@ -455,7 +455,15 @@ def _audit(c: Mapping[str, Any]) -> str:
             f"<p>{fmt(m['n_members'])} members (training split) and {fmt(m['n_non_members'])} non-members (test "
             f"split). LiRA: {esc(sh['variant'])}, {fmt(sh['n'])} shadow models trained by "
             f"<code>{esc(sh['trained_by'])}</code> for {fmt(sh['epochs'])} epochs on {esc(sh['training_data'])}"
-            f"{' with DP' if sh['dp'] else ''}. Positive control: {esc(m['control']['description'])} (its "
+            f"{' with DP' if sh['dp'] else ''}."
+            + (
+                " The audited model was trained federated but the shadows are trained centrally: they mimic its "
+                "architecture and settings, not FedAvg's schedule, a mismatch that can weaken LiRA, so a low score "
+                "is weaker evidence here."
+                if sh.get("audited_model_training") == "federated"
+                else ""
+            )
+            + f" Positive control: {esc(m['control']['description'])} (its "
             f"training loss {fmt(m['control']['train_loss'], 3)}, test loss {fmt(m['control']['test_loss'], 3)}).</p>"
         )
         rows = _attack_rows(m["attacks"], "released model", m["claimed_epsilon"])
