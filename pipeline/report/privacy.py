@@ -447,19 +447,25 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
                 + ("" if noised else ", plus the server's DP noise,")
                 + " over q·N to the previous one"
             )
-            clip_note = "each client reports whether its update was clipped to C (dp-clipped in the record)"
+            clip_note = (
+                "a client refuses an upload with any coordinate outside it, so nothing is clipped; each client "
+                "reports whether its update was clipped to C (dp-clipped in the record)"
+                if noised
+                else "a client's update is clipped to C less the rounding slack, so its coordinates lie inside it; "
+                "each client reports whether its update was clipped (dp-clipped in the record)"
+            )
         else:
             learns = "the weighted average of the clients that completed a round"
             seen = "the average (the global model) is seen by the server and released"
-            clip_note = "the clipped-coordinate count each client reports is in the record"
+            clip_note = "a round in which any uploaded coordinate would be clipped fails instead of being released"
         threat.append(
             f"Secure aggregation (SecAgg+, for {', '.join(title(n) for n in secagg)}): each client masks its upload, so "
             f"the server learns only {learns}, never one client's "
             f"model or update, unless it colludes with at least {sa.get('reconstruction_threshold')} of that client's "
             f"{sa.get('num_shares')} key-share holders. It hides individual updates from the server only: {seen}. "
             "The server relays the clients' public keys, so "
-            "this holds against an honest-but-curious server, not an actively malicious one. Uploads are clipped to "
-            f"±{number(sa.get('clipping_range'), 4)} and quantised in steps of {number(sa.get('quantization_step'), 3)} "
+            "this holds against an honest-but-curious server, not an actively malicious one. SecAgg+'s range is "
+            f"±{number(sa.get('clipping_range'), 4)}, quantised in steps of {number(sa.get('quantization_step'), 3)} "
             f"({clip_note})."
         )
     else:
@@ -500,9 +506,21 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
             "Sample-level DP-SGD on each client: protects each training record of a client from the server and from "
             "anyone who sees the released models, since every update a client sends is already DP-SGD output."
         )
+    # what the clients actually reported in the clear, read from the record (not from what the code should send)
+    reported = sorted(
+        {
+            key
+            for name in MODELS
+            for r in (trained.models[name].training or {}).get("client_rounds") or []
+            for c in r.get("trained") or []
+            for key in c
+            if key not in ("node_id", "partition-id", "privacy")
+        }
+    )
     not_covered = [
-        "participation: which clients took part in which round, how many, and their reported metrics (loss, "
-        "num-examples, seconds) reach the server and the record in the clear",
+        "participation: which clients took part in which round, how many, and their reported metrics ("
+        + (", ".join(reported) if reported else "loss, num-examples, seconds")
+        + ") reach the server and the record in the clear",
         "the number of rounds, the model architecture and the hyper-parameters are public choices, not protected",
     ]
     for name, rec in user.items():

@@ -287,12 +287,21 @@ def test_report_states_client_noise_the_server_facing_epsilon_and_what_is_not_co
     assert params.max_weight == 1.0 and sa["clipping_range"] == pytest.approx(noise.clipping_range)
     trained = SimpleNamespace(
         models={
-            "cnn": SimpleNamespace(training={"user_level_privacy": rec, "secure_aggregation": sa}),
+            "cnn": SimpleNamespace(
+                training={
+                    "user_level_privacy": rec,
+                    "secure_aggregation": sa,
+                    "client_rounds": [{"trained": [{"node_id": 1, "dp-clipped": 1, "seconds": 0.1}]}],
+                }
+            ),
             "regressor": SimpleNamespace(training={}),
         }
     )
     off = {"enabled": False, "statement": "No formal privacy guarantee.", "models": {}, "not_covered": []}
     out = federated_privacy(off, cfg, trained)
+    # what reached the server in the clear is read from the record, and nothing is said to be clipped by SecAgg+
+    assert any("reported metrics (dp-clipped, seconds) reach the server" in c for c in out["not_covered"])
+    assert "a client refuses an upload with any coordinate outside it, so nothing is clipped" in out["statement"]
     assert "noise added by the clients" in out["statement"] and "never holds a sum with noise below" in out["statement"]
     assert "does NOT protect a client from the server itself" not in out["statement"]
     # SecAgg+'s own line: the server unmasks a sum of noised clipped updates, not the weighted average of weights
