@@ -560,7 +560,7 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
     lines = [
         f"{title(lv['model'])}: {lv['level']}-level (ε = {number(lv['epsilon'], 4)}, δ = {number(lv['delta'], 3)}"
         + (
-            f" = {number(lv['delta_accountant'], 3)} + {number(lv['delta_clip'], 3)} for a SecAgg+ clip"
+            f": the accountant's {number(lv['delta_accountant'], 3)} plus {number(lv['delta_clip'], 3)} for a SecAgg+ clip"
             if lv.get("delta_clip")
             else ""
         )
