@@ -46,32 +46,34 @@ def _reference_shift(xb, max_shift, generator):
     return out
 
 
+def _private(model, optimizer, xt, yt, dp, fit_cfg, criterion):
+    """DP-SGD wrapping exactly as ``training.fit`` does it (the loop, not the wrapping, is under test here)."""
+    return training._make_private(
+        model,
+        optimizer,
+        xt,
+        yt,
+        dp=dp,
+        fit_cfg=fit_cfg,
+        epochs=fit_cfg.epochs,
+        total_epochs=fit_cfg.epochs,
+        history=[],
+        seed=SEED,
+        resume=None,
+        criterion=criterion,
+    )
+
+
 def _reference_fit(model, x, y, fit_cfg, dp=None, stats=None):
     """The per-batch loop of core.training before this change (no validation, no EMA)."""
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     data_generator = seeds.make_generator("cpu", SEED)
     optimizer = training.make_optimizer(model, fit_cfg)
     run_model, run_opt, run = model, optimizer, None
-    if dp is not None:
-        the_plan = privacy.plan(
-            dp,
-            n_samples=len(xt),
-            batch_size=fit_cfg.batch_size,
-            max_grad_norm=fit_cfg.max_grad_norm,
-            epochs=fit_cfg.epochs,
-        )
-        sampling, noise = privacy.dp_generators(dp, seed=SEED, noise_device="cpu")
-        run = privacy.make_private(
-            model,
-            optimizer,
-            torch.utils.data.TensorDataset(xt, yt),
-            plan=the_plan,
-            sampling_generator=sampling,
-            noise_generator=noise,
-            grad_sample_mode=dp.grad_sample_mode,
-        )
-        run_model, run_opt = run.model, run.optimizer
     criterion = nn.CrossEntropyLoss()
+    if dp is not None:
+        run = _private(model, optimizer, xt, yt, dp, fit_cfg, criterion)
+        run_model, run_opt = run.model, run.optimizer
     losses = []
     for _ in range(fit_cfg.epochs):
         run_model.train()
@@ -199,17 +201,8 @@ def test_the_step_path_reads_nothing_back_from_the_device(rng, monkeypatch):
         opt = training.make_optimizer(model, FitConfig(lr=1e-2))
         run_model, run_opt = model, opt
         if dp is not None:
-            the_plan = privacy.plan(dp, n_samples=64, batch_size=batch_size, max_grad_norm=1.0, epochs=1)
-            sampling, noise = privacy.dp_generators(dp, seed=SEED, noise_device="cpu")
-            run = privacy.make_private(
-                model,
-                opt,
-                torch.utils.data.TensorDataset(xt, yt),
-                plan=the_plan,
-                sampling_generator=sampling,
-                noise_generator=noise,
-                grad_sample_mode=dp.grad_sample_mode,
-            )
+            fit_cfg = FitConfig(lr=1e-2, batch_size=batch_size, max_grad_norm=1.0, epochs=1)
+            run = _private(model, opt, xt, yt, dp, fit_cfg, nn.CrossEntropyLoss())
             run_model, run_opt = run.model, run.optimizer
             batches = list(run.batches(xt, yt))
         else:
