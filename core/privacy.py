@@ -62,7 +62,7 @@ def epsilon_of(history: Iterable[Sequence[float]], *, delta: float, accountant: 
     Opacus' ``accountant``, bit for bit, memoised per process (:mod:`core.accounting`): a federated
     client asks for the same ε several times a round.
     """
-    merged = _merge(history)
+    merged = merge_history(history)
     if not merged:
         return 0.0
     from core.accounting import epsilon
@@ -87,7 +87,7 @@ def covers(history: Iterable[Sequence[float]], earlier: Iterable[Sequence[float]
     return all(mine.get(key, 0) >= n for key, n in steps(earlier).items())
 
 
-def _merge(history: Iterable[Sequence[float]]) -> History:
+def merge_history(history: Iterable[Sequence[float]]) -> History:
     """Join consecutive entries with the same (σ, q): same ε, and PRV's cost grows with the entry count."""
     out: History = []
     for s, q, n in history:

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from core.artifacts import jsonable
 from core.config import Config
 from core.models import MODELS, title
+from core.privacy import merge_history
 from core.privacy_check import RELATIVE_TOLERANCE, check_epsilon
 from pipeline.report.fmt import number
 
@@ -41,7 +42,7 @@ def independent_check(rec: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if not history or delta is None or eps is None:
             return {"available": False, "reason": f"{who}: the record has no accountant history, δ or ε to replay"}
         try:
-            chk = _cached_check(_merged(history), float(delta), float(eps))
+            chk = _cached_check(tuple(merge_history(history)), float(delta), float(eps))
         except ValueError as exc:
             return {"available": False, "reason": f"{who}: {exc}"}
         checks.append({"who": who, **chk})
@@ -54,17 +55,6 @@ def independent_check(rec: Mapping[str, Any] | None) -> dict[str, Any] | None:
         "rule": f"recorded ε within [PLD ε·(1 − {RELATIVE_TOLERANCE:g}), RDP ε·(1 + {RELATIVE_TOLERANCE:g})]",
         "checks": checks,
     }
-
-
-def _merged(history: Any) -> tuple[tuple[float, float, int], ...]:
-    """Consecutive entries with the same (σ, q) joined: the same mechanism, far fewer PLD compositions."""
-    out: list[tuple[float, float, int]] = []
-    for sigma, q, steps in history:
-        if out and out[-1][:2] == (float(sigma), float(q)):
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(steps))
-        else:
-            out.append((float(sigma), float(q), int(steps)))
-    return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)
