@@ -263,7 +263,14 @@ def test_clip_probability_is_the_union_bound():
     noise = plan_client_noise(
         placement="client", noise_multiplier=1.0, clipping_norm=1.0, min_survivors=4, clip_sigmas=8
     )
-    assert clip_probability(noise, n_parameters=1000, uploads=50) == pytest.approx(50 * 1000 * math.erfc(8 / 2**0.5))
+    from scipy.stats import norm
+
+    from core.client_noise import tail_probability
+
+    # the per-coordinate tail against scipy's normal (another implementation) and against sampled noise
+    assert clip_probability(noise, n_parameters=1000, uploads=50) == pytest.approx(50 * 1000 * 2 * norm.sf(8))
+    z = np.random.default_rng(0).normal(size=400_000)
+    assert np.mean(np.abs(z) > 2.0) == pytest.approx(tail_probability(2.0), rel=0.03)
     server = plan_client_noise(
         placement="server", noise_multiplier=1.0, clipping_norm=1.0, min_survivors=4, clip_sigmas=8
     )
