@@ -98,6 +98,7 @@ class BKModule(nn.Module):
         # as a fresh leaf, so backward stops there. If the model modifies that output in place (which
         # autograd refuses on a leaf), BK falls back to letting that layer's weights require a gradient.
         self._leaf_first = True
+        self._rows: int | None = None  # real rows of the last batch when it was padded (_pad_batch)
         self._handles = []
         for m in self._layers:
             self._handles.append(m.register_forward_hook(self._fwd_hook))
@@ -110,15 +111,25 @@ class BKModule(nn.Module):
                 "dp.grad_sample_mode='bk': a second forward/backward before optimizer.step(); gradient "
                 "accumulation is not supported (call optimizer.zero_grad() and step once per batch)"
             )
+        rows, args = _pad_batch(args, kwargs)
         try:
-            return self._forward(*args, **kwargs)
+            out = self._forward(*args, **kwargs)
         except RuntimeError as exc:
             if not (self._leaf_first and "leaf Variable that requires grad" in str(exc)):
                 raise
             self._leaf_first = False  # an in-place op on the first layer's output: the weights route
             for m in self._layers:
                 self._handles.append(m.register_forward_pre_hook(self._pre_hook))
-            return self._forward(*args, **kwargs)
+            out = self._forward(*args, **kwargs)
+        self._rows = rows
+        if rows is None:
+            return out
+        if not isinstance(out, torch.Tensor) or out.shape[0] != args[0].shape[0]:
+            raise RuntimeError(
+                "dp.grad_sample_mode='bk' needs a model whose output is one (batch, ...) tensor; "
+                "use dp.grad_sample_mode='hooks'"
+            )
+        return out[:rows]
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         self._acts.clear()
@@ -206,7 +217,8 @@ class BKModule(nn.Module):
             )
         records = [self._grads[m] for m in self._layers]
         sq = torch.stack([r.sq for r in records]).sum(dim=0)  # (B,) squared norm of the mean-loss gradient
-        n = sq.shape[0]
+        # the loss averages the real rows only; the padding rows' (see _pad_batch) gradients are exactly 0
+        n = sq.shape[0] if self._rows is None else self._rows
         sample_norms = sq.sqrt() * n  # (B,): ‖n·g_i‖
         w = (max_grad_norm / (sample_norms + 1e-6)).clamp(max=1.0) * n  # c_i·n (per-sample grads are n·g_i)
         out: dict[torch.Tensor, torch.Tensor] = {}
@@ -298,6 +310,30 @@ def _per_sample_conv_grads(
         )  # (m·p, C_in, kh, kw)
         out[s : s + m] = g.reshape(m, p, -1)
     return out
+
+
+# Poisson sampling gives nearly every step a batch size of its own, and oneDNN builds (JIT-compiles)
+# new convolution kernels for each new shape: ~4 ms a size for the digits CNN on this machine, against
+# ~13 ms for the whole DP step, paid by most steps of a short run. The batch is padded with zero rows to
+# a multiple of _BATCH_BUCKET, so a run sees a handful of shapes (±4σ of a Poisson batch of 256 spans ~8
+# buckets) at ~3 % extra rows. The padding rows' outputs are cut off before the loss, so their output
+# gradients, per-sample gradients, norms and contributions to the clipped sum are exactly zero.
+_BATCH_BUCKET = 16
+
+
+def _pad_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | None, tuple[Any, ...]]:
+    """``(real rows, args)`` with the batch ``args[0]`` zero-padded to a multiple of ``_BATCH_BUCKET``.
+
+    Only a lone tensor argument is padded (the models here take ``x`` alone); anything else, or a
+    batch already a multiple, is passed through with ``None`` rows.
+    """
+    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
+        return None, args
+    x = args[0]
+    pad = -x.shape[0] % _BATCH_BUCKET
+    if pad == 0 or x.shape[0] == 0:
+        return None, args
+    return x.shape[0], (torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]),)
 
 
 class _Record(NamedTuple):

@@ -132,26 +132,36 @@ def conv_ghost_sq_norm(layer: nn.Conv2d, x: torch.Tensor, b: torch.Tensor) -> to
         return ghost_sq_norm(a, b)
     ho = (hp - dh * (kh - 1) - 1) // sh + 1
     wo = (wp - dw * (kw - 1) - 1) // sw + 1
-    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph)).reshape(n, c, hp * wp)  # (B, C, H_p W_p)
+    xf = x.reshape(n, c, h * w)  # (B, C, H W)
     block = max(1, _GHOST_BLOCK_ELEMENTS // max(1, 2 * (hp * wp) ** 2))
+    cols = [slice(j * dw, j * dw + sw * (wo - 1) + 1, sw) for j in range(kw)]
+    rows = [slice(i * dh, i * dh + sh * (ho - 1) + 1, sh) for i in range(kh)]
     out = []
     for s in range(0, n, block):
-        xb, bb = xp[s : s + block], b[s : s + block]
+        xb, bb = xf[s : s + block], b[s : s + block]
         m = xb.shape[0]
-        pix = torch.bmm(xb.transpose(1, 2), xb).view(m, hp, wp, hp, wp)  # (b, H_p, W_p, H_p, W_p)
+        # The padded input's pixel Gram is the input's, zero-padded in each of its four pixel axes (the
+        # padding pixels are zeros): padding the Gram costs less than padding the input and a larger bmm.
+        pix = torch.bmm(xb.transpose(1, 2), xb).view(m, h, w, h, w)
+        pix = torch.nn.functional.pad(pix, (pw, pw, ph, ph, pw, pw, ph, ph))  # (b, H_p, W_p, H_p, W_p)
         # the kernel's offsets are a product of row and column offsets: sum over columns, then rows
-        cols = [slice(j * dw, j * dw + sw * (wo - 1) + 1, sw) for j in range(kw)]
-        by_row = pix[:, :, cols[0], :, cols[0]].clone()  # (b, H_p, W_o, H_p, W_o)
-        for col in cols[1:]:
-            by_row += pix[:, :, col, :, col]
-        rows = [slice(i * dh, i * dh + sh * (ho - 1) + 1, sh) for i in range(kh)]
-        gram = by_row[:, rows[0], :, rows[0], :].clone()  # (b, H_o, W_o, H_o, W_o)
-        for row in rows[1:]:
-            gram += by_row[:, row, :, row, :]
+        by_row = _sum_views([pix[:, :, col, :, col] for col in cols])  # (b, H_p, W_o, H_p, W_o)
+        gram = _sum_views([by_row[:, row, :, row, :] for row in rows])  # (b, H_o, W_o, H_o, W_o)
+        gram = gram.reshape(m, t, t)
         bgram = torch.bmm(bb.transpose(1, 2), bb)  # (b, T, T)
-        out.append(bgram.mul_(gram.view(m, t, t)).sum(dim=(1, 2)))
+        out.append(bgram.mul_(gram).sum(dim=(1, 2)))
     # The inner product of two PSD Gram matrices is ≥ 0; rounding can make it a hair negative.
     return torch.cat(out).clamp(min=0)  # (B,)
+
+
+def _sum_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of same-shaped views, written into one fresh tensor (no copy of the first)."""
+    if len(views) == 1:
+        return views[0]
+    total = views[0] + views[1]
+    for v in views[2:]:
+        total += v
+    return total
 
 
 def ghost_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

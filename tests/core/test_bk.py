@@ -44,24 +44,49 @@ def _data(kind, n=24):
     return _regressor(), x, (x @ torch.arange(5.0)).unsqueeze(1), nn.MSELoss()
 
 
-def _reference_clipped_sum(model, x, y, loss):
+def _reference_clipped_sum(model, x, y, loss, clip=CLIP):
     """Σ_i c_i g_i from Opacus' own per-sample engine and DPOptimizer.clip_and_accumulate."""
     gsm = GradSampleModule(copy.deepcopy(model))
     opt = DPOptimizer(
-        torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=CLIP, expected_batch_size=len(x)
+        torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=len(x)
     )
     loss(gsm(x), y).backward()
     opt.clip_and_accumulate()
     return [p.summed_grad for p in gsm._module.parameters()]
 
 
-def _bk_clipped_sum(model, x, y, loss):
+def _per_sample_norms(model, x, y, loss):
+    """‖g_i‖ (B,) from Opacus' per-sample engine."""
+    gsm = GradSampleModule(copy.deepcopy(model))
+    loss(gsm(x), y).backward()
+    return torch.cat([p.grad_sample.reshape(len(x), -1) for p in gsm.parameters()], dim=1).norm(dim=1)
+
+
+def _bk_clipped_sum(model, x, y, loss, clip=CLIP):
     wrapped = bk.BKModule(copy.deepcopy(model))
     loss(wrapped(x), y).backward()
     # autograd computed no unclipped weight gradient (the first layer's output is a leaf of the graph)
     assert all(p.grad is None for p in wrapped.parameters())
-    sums = wrapped.clipped_sums(CLIP)
+    sums = wrapped.clipped_sums(clip)
     return [sums[p] for p in wrapped._module.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["cnn", "regressor"])
+def test_padded_batch_matches_with_clipped_and_unclipped_samples(kind):
+    # A batch of 21 is padded to a multiple of bk._BATCH_BUCKET (bk._pad_batch). With C at the median
+    # per-sample norm, half the samples are not clipped: their terms scale with the number of rows the
+    # mean loss averages (a clipped sample's do not), so counting the padding rows would show here.
+    model, x, y, loss = _data(kind, n=21)
+    assert len(x) % bk._BATCH_BUCKET != 0
+    norms = _per_sample_norms(model, x, y, loss)
+    clip = float(norms.median())
+    assert int((norms < clip).sum()) >= 5 and int((norms > clip).sum()) >= 5
+    ref, got = _reference_clipped_sum(model, x, y, loss, clip), _bk_clipped_sum(model, x, y, loss, clip)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    wrapped = bk.BKModule(copy.deepcopy(model))
+    out = wrapped(x)
+    assert out.shape[0] == len(x)  # the caller sees its own rows only
 
 
 @pytest.mark.parametrize("kind", ["cnn", "regressor"])
@@ -130,7 +155,11 @@ def test_consecutive_steps_of_varying_batch_size_match(monkeypatch):
         sums = wrapped.clipped_sums(CLIP)
         for r, p in zip(ref, wrapped._module.parameters()):
             torch.testing.assert_close(sums[p], r, rtol=1e-4, atol=1e-6)
-    assert {tuple(t.shape) for t in wrapped._scratch.values()} == {(30 * 8 * 9 * 5 // 4,), (30 * 16 * 72 * 5 // 4,)}
+    rows = -(-30 // bk._BATCH_BUCKET) * bk._BATCH_BUCKET  # the largest batch, padded (bk._pad_batch)
+    assert {tuple(t.shape) for t in wrapped._scratch.values()} == {
+        (rows * 8 * 9 * 5 // 4,),
+        (rows * 16 * 72 * 5 // 4,),
+    }
 
 
 def test_linear_on_sequences_matches():

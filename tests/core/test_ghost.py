@@ -75,6 +75,8 @@ def test_strided_dilated_conv_norms_match():
         (dict(kernel_size=3, stride=2, padding=2, dilation=2), False),  # (9·10)² > 9·32·9: unfolded patches
         (dict(kernel_size=(2, 3), stride=(1, 2), padding="valid"), True),
         (dict(kernel_size=1, padding=1), False),  # (7·8)² > 32·56
+        (dict(kernel_size=(1, 3), padding=(0, 1)), True),  # one row offset
+        (dict(kernel_size=(3, 1), padding=(1, 0)), True),  # one column offset
     ],
 )
 def test_conv_ghost_sq_norm_equals_materialised(monkeypatch, conv, pixel):
