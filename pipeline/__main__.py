@@ -116,6 +116,11 @@ def cmd_verify(argv: list[str]) -> int:
     if args.rerender and not problems:
         problems += evidence.rerender(run)
     incomplete = run.incomplete(list(runner.STAGES))
+    incomplete += [
+        f"unnoted ledger: {rel} (a federated client's privacy ledger, written before it trained; the run stopped "
+        "before the manifest noted it: resume with --run-dir to record it)"
+        for rel in run.unnoted_ledgers()
+    ]
     for line in problems + incomplete:
         print(line)
     print(f"manifest sha256: {run.manifest_sha256()}")

@@ -383,13 +383,32 @@ class RunDir:
                 problems.append(f"missing: {rel}")
             elif sha256_file(p) not in _accepted_hashes(entry) and not _accepted(entry, p.read_bytes()):
                 problems.append(f"edited: {rel} (SHA-256 differs from the manifest)")
+        unnoted = set(self.unnoted_ledgers())
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path).as_posix()
             if p.is_symlink() and rel not in recorded:
                 problems.append(f"extra: {rel} (a symbolic link, not in the manifest)")
-            elif p.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in recorded:
+            elif p.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in recorded and rel not in unnoted:
                 problems.append(f"extra: {rel} (not in the manifest)")
         return problems
+
+    def unnoted_ledgers(self) -> list[str]:
+        """Privacy ledgers federated clients wrote here that the manifest has not noted yet (relative paths).
+
+        A client writes its ledger before it trains (write-ahead) and the train stage notes it in the
+        manifest afterwards, so a run stopped in between leaves a ledger the manifest does not list. It
+        is the client's own record of what it spent, not a stray file: a resume reads and notes it.
+        """
+        root = self.path / LEDGER_DIR
+        if self.stage_status("train") == "complete" or not root.is_dir():
+            return []
+        recorded = self.manifest["artifacts"]
+        out = []
+        for p in sorted(root.rglob("*.json")):
+            rel = p.relative_to(self.path).as_posix()
+            if rel not in recorded and not p.is_symlink() and _ledger_history(p.read_bytes()) is not None:
+                out.append(rel)
+        return out
 
     def incomplete(self, stages: list[str]) -> list[str]:
         """One line per stage of ``stages`` (registry order) that is not ``complete``, with its status."""

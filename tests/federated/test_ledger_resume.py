@@ -75,8 +75,15 @@ def test_a_reservation_killed_before_any_poll_is_in_the_resumed_runs_ledger(
     killed_after_reserving, tmp_path, digits_data
 ):
     cfg, run_path, weights = killed_after_reserving
-    # The resumed run: a new process opens the run directory; the old work folder is gone (scratch).
+    # Before the resume, `verify` names the ledger the manifest has not noted yet as such, not as a stray file.
     run = RunDir.open(run_path)
+    (unnoted,) = run.unnoted_ledgers()
+    assert unnoted.startswith("checkpoints/federated/clients/cnn/") and run.verify() == []
+    (run_path / "checkpoints" / "federated" / "clients" / "cnn" / "stray.json").write_text("{}")
+    assert run.unnoted_ledgers() == [unnoted]  # a file that is not a ledger stays an extra
+    assert run.verify() == ["extra: checkpoints/federated/clients/cnn/stray.json (not in the manifest)"]
+    (run_path / "checkpoints" / "federated" / "clients" / "cnn" / "stray.json").unlink()
+    # The resumed run: a new process opens the run directory; the old work folder is gone (scratch).
     run_config, _ = _start(cfg, run, tmp_path / "work-2", digits_data)
     task, _ = task_for(run_config, run_id=8)
     path = workdir.ledger_path(task.work_dir, "cnn", 0, ledger_dir=task.ledger_dir)
@@ -88,8 +95,8 @@ def test_a_reservation_killed_before_any_poll_is_in_the_resumed_runs_ledger(
     assert reserved_eps > 0  # the killed round is counted
     # Resuming noted it in the manifest (with its spend), and the run directory verifies.
     rel = path.resolve().relative_to(run_path.resolve()).as_posix()
-    assert run.manifest["artifacts"][rel]["kind"] == "ledger"
-    assert run.verify() == []
+    assert run.manifest["artifacts"][rel]["kind"] == "ledger" and rel == unnoted
+    assert run.verify() == [] and run.unnoted_ledgers() == []
     # The resumed client trains round 1 again on top of the reservation: its ε covers both.
     reply = train(_message(weights, 1), client_context(run_config, 0, 2))
     assert reply.content["metrics"]["epsilon"] > reserved_eps + 1e-6
