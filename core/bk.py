@@ -99,6 +99,7 @@ class BKModule(nn.Module):
         # autograd refuses on a leaf), BK falls back to letting that layer's weights require a gradient.
         self._leaf_first = True
         self._rows: int | None = None  # real rows of the last batch when it was padded (_pad_batch)
+        self._pad = any(isinstance(m, nn.Conv2d) for m in self._layers)  # only oneDNN's convolutions JIT per shape
         self._handles = []
         for m in self._layers:
             self._handles.append(m.register_forward_hook(self._fwd_hook))
@@ -111,7 +112,7 @@ class BKModule(nn.Module):
                 "dp.grad_sample_mode='bk': a second forward/backward before optimizer.step(); gradient "
                 "accumulation is not supported (call optimizer.zero_grad() and step once per batch)"
             )
-        rows, args = _pad_batch(args, kwargs)
+        rows, args = _pad_batch(args, kwargs) if self._pad else (None, args)
         try:
             out = self._forward(*args, **kwargs)
         except RuntimeError as exc:
@@ -314,10 +315,11 @@ def _per_sample_conv_grads(
 
 # Poisson sampling gives nearly every step a batch size of its own, and oneDNN builds (JIT-compiles)
 # new convolution kernels for each new shape: ~4 ms a size for the digits CNN on this machine, against
-# ~13 ms for the whole DP step, paid by most steps of a short run. The batch is padded with zero rows to
-# a multiple of _BATCH_BUCKET, so a run sees a handful of shapes (±4σ of a Poisson batch of 256 spans ~8
-# buckets) at ~3 % extra rows. The padding rows' outputs are cut off before the loss, so their output
-# gradients, per-sample gradients, norms and contributions to the clipped sum are exactly zero.
+# ~13 ms for the whole DP step, paid by most steps of a short run. In a model with a Conv2d the batch is
+# padded with zero rows to a multiple of _BATCH_BUCKET, so a run sees a handful of shapes (±4σ of a
+# Poisson batch of 256 spans ~8 buckets) at ~3 % extra rows. (Linear layers run on BLAS, which compiles
+# nothing: padding only cost the diabetes MLP time.) The padding rows' outputs are cut off before the
+# loss, so their output gradients, per-sample gradients, norms and clipped-sum terms are exactly zero.
 _BATCH_BUCKET = 16
 
 

@@ -71,12 +71,14 @@ def _bk_clipped_sum(model, x, y, loss, clip=CLIP):
     return [sums[p] for p in wrapped._module.parameters()]
 
 
-@pytest.mark.parametrize("kind", ["cnn", "regressor"])
-def test_padded_batch_matches_with_clipped_and_unclipped_samples(kind):
-    # A batch of 21 is padded to a multiple of bk._BATCH_BUCKET (bk._pad_batch). With C at the median
+def test_padded_batch_matches_with_clipped_and_unclipped_samples():
+    # A CNN's batch of 21 is padded to a multiple of bk._BATCH_BUCKET (bk._pad_batch). With C at the median
     # per-sample norm, half the samples are not clipped: their terms scale with the number of rows the
     # mean loss averages (a clipped sample's do not), so counting the padding rows would show here.
-    model, x, y, loss = _data(kind, n=21)
+    model, x, y, loss = _data("cnn", n=21)
+    wrapped = bk.BKModule(copy.deepcopy(model))
+    out = wrapped(x)
+    assert wrapped._rows == len(x) == out.shape[0]  # padded, and the caller sees its own rows only
     assert len(x) % bk._BATCH_BUCKET != 0
     norms = _per_sample_norms(model, x, y, loss)
     clip = float(norms.median())
@@ -84,9 +86,7 @@ def test_padded_batch_matches_with_clipped_and_unclipped_samples(kind):
     ref, got = _reference_clipped_sum(model, x, y, loss, clip), _bk_clipped_sum(model, x, y, loss, clip)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
-    wrapped = bk.BKModule(copy.deepcopy(model))
-    out = wrapped(x)
-    assert out.shape[0] == len(x)  # the caller sees its own rows only
+    assert not bk.BKModule(_regressor())._pad  # Linear-only models are not padded
 
 
 @pytest.mark.parametrize("kind", ["cnn", "regressor"])
