@@ -1,4 +1,7 @@
-"""The Flower ClientApp: a thin handler around the pipeline's training core.
+"""The Flower ClientApp's handlers: thin, around the pipeline's training core.
+
+The ClientApp object Flower loads is :data:`federated.apps.client`, which registers these handlers
+(``train`` behind :func:`federated.secagg.secagg_mod`) and imports this module with its first message.
 
 Each client trains the global model on its partition with :func:`core.training.fit`
 (DP-SGD when ``dp.enabled``), with the noise multiplier derived for the whole run
@@ -14,18 +17,15 @@ import logging
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from core import models, privacy, seeds, training
 from core.errors import ConfigError, PrivacyBudgetError
 from core.privacy import epsilon_of
 from federated import client_state, site, workdir
 from federated.run_config import AppSettings
-from federated.secagg import secagg_mod
 from federated.task import Task, task_for
 
 log = logging.getLogger(__name__)
-app = ClientApp()
 
 
 class InjectedFailure(RuntimeError):
@@ -62,14 +62,12 @@ def _client(context: Context, msg: Message | None = None) -> tuple[Task, int, Ap
     return task, partition_id, settings
 
 
-@app.query("schema")  # per-site mode: the server's question before training (federated/site.py)
 def schema(msg: Message, context: Context) -> Message:
     """Report this site's schema and training moments (never a row or a label)."""
     task, pid, _ = _client(context, msg)
     return site.schema_reply(msg, context, task.cfg, model=task.name, partition_id=pid)
 
 
-@app.train(mods=[secagg_mod])  # SecAgg+ only when federated.secure_aggregation=true (federated/secagg.py)
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's partition; reply with weights, size and ε."""
     t0 = time.perf_counter()
@@ -159,7 +157,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's share of the validation split."""
     task, pid, settings = _client(context, msg)

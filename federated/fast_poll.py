@@ -27,6 +27,11 @@ waited for no shorter than Flower waits (500 tries x 10 s cap, bounded by its 72
 Cost: each SuperNode asks the SuperLink for messages every ``POLL_S`` s instead of every 3 s
 when idle (``POLL_S = 0.1``: 10 small requests per second per site).
 
+In a simulation (issue 12) the ServerApp's in-memory grid looks for replies every ``SIM_PULL_S`` s
+(:func:`wrap_grid`, its own ``pull_interval`` setting) and the engine hands queued messages to the
+clients as often (:func:`patch_simulation_pickup`), instead of every 0.1 s each: lookups in the
+memory of one process, where a CNN round of ~0.1 s of client work took two or three 0.1 s waits.
+
 The same wrapper also shortens the SuperNode's heartbeat (:func:`patch_heartbeat`). A SuperLink
 marks a node offline only once ``HEARTBEAT_PATIENCE`` (2) heartbeat intervals pass without one,
 and only then answers the server's pending message to it with a "node unavailable" error: with
@@ -46,6 +51,9 @@ from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1  # seconds between polls (both sides)
+# Simulation: the ServerApp's in-memory grid looks for replies every 0.1 s (Flower's default); each look is a
+# lookup in this process's memory, and a CNN round (~0.1 s of work) ended on the second or third look.
+SIM_PULL_S = 0.02
 HEARTBEAT_S = 10  # seconds between a SuperNode's heartbeats (Flower's 30; a stock SuperLink accepts >= 10)
 PULL_BACKOFF_S = (0.05, 0.5)  # first retry and cap (s) while a message's objects are not all pushed yet
 CHECKED_FLWR = ("1.42.",)  # Flower versions whose SuperNode message loop was read for the patch
@@ -77,11 +85,45 @@ class FastPollGrid:
 
 def wrap_grid(grid: Any) -> Any:
     """:class:`FastPollGrid` around a deployment's grid (Flower's HTTP grid), with short object-pull back-offs
-    in this process (:func:`patch_object_pulls`); any other grid as it is."""
+    in this process (:func:`patch_object_pulls`); a simulation's grid polls every ``SIM_PULL_S`` s (its own
+    ``pull_interval`` setting); any other grid as it is."""
     if type(grid).__module__ == "flwr.superlink.grid.http_grid" and hasattr(grid, "pull_messages"):
         patch_object_pulls()
         return FastPollGrid(grid)
+    if type(grid).__name__ == "InMemoryGrid" and isinstance(getattr(grid, "pull_interval", None), float):
+        grid.pull_interval = min(grid.pull_interval, SIM_PULL_S)
     return grid
+
+
+def patch_simulation_pickup(interval_s: float = SIM_PULL_S) -> bool:
+    """In Flower's simulation process: hand queued messages to the clients every ``interval_s`` s, not 0.1 s.
+
+    Flower 1.42's simulation engine moves the ServerApp's messages to its client workers from a thread
+    that scans every node and then waits a fixed 0.1 s (``vce_api.add_messages_to_queue``, not a setting):
+    a round waited up to 0.1 s before any client started, and a CNN round (~0.1 s of client work on 2
+    workers) took two or three such waits. This replaces that function (looked up when the engine starts its
+    thread) with the same loop and a shorter wait, on the Flower versions it was checked against
+    (``CHECKED_FLWR``), and only where the engine is already imported (the simulation process); False when
+    it did nothing. Applied before the engine starts its thread, it takes effect; after, it changes nothing.
+    """
+    from importlib import metadata
+
+    vce = sys.modules.get("flwr.server.superlink.fleet.vce.vce_api")
+    if vce is None or not metadata.version("flwr").startswith(CHECKED_FLWR):
+        return False
+    if getattr(vce.add_messages_to_queue, "_fast_poll", False):
+        return True
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
+        while not f_stop.is_set():  # Flower's loop, with interval_s for its 0.1
+            for node_id in nodes_mapping.keys():
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(interval_s)
+
+    add_messages_to_queue._fast_poll = True  # type: ignore[attr-defined]
+    vce.add_messages_to_queue = add_messages_to_queue
+    return True
 
 
 class _CappedSleep:

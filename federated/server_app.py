@@ -1,4 +1,6 @@
-"""The Flower ServerApp: run the configured strategy, evaluate, checkpoint and record every round.
+"""The Flower ServerApp's main: run the configured strategy, evaluate, checkpoint and record every round.
+
+The ServerApp object Flower loads is :data:`federated.apps.server`, which calls :func:`main`.
 
 It trains each pipeline model of ``app.model`` in turn (one name, or e.g. ``regressor,cnn``: one
 federation for both, so start-up is paid once) for ``federated.rounds`` rounds, evaluating
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 
 from core import models, privacy, seeds, training, user_privacy
 from core.artifacts import atomic_write, json_bytes, state_dict_bytes
@@ -36,14 +38,12 @@ from federated.strategies import Recording, RecordingFedAdam, build_strategy
 from federated.task import Task, load_task
 
 log = logging.getLogger(__name__)
-app = ServerApp()
 
 
 class NodesMissingError(UserError):
     """Fewer SuperNodes connected than federated.n_clients."""
 
 
-@app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls; failures are written down for the train stage, then re-raised."""
     error_path = None

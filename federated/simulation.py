@@ -30,13 +30,16 @@ from core.data import Dataset
 from core.errors import USER_ERRORS
 from core.runtime import Runtime
 from core.teacher import TrainedModel, fit_config
-from federated import launcher, workdir
+from federated import launcher, ray_start, workdir
 from federated.run_config import overrides_for, run_config_toml, to_run_config
 from federated.task import Task
 
 log = logging.getLogger(__name__)
 CONNECTION = "pipeline-sim"
 SUPERLINK_START_TIMEOUT_S = 60.0
+# Flower's SuperExec polls the SuperLink for a submitted run every 1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL):
+# on average 0.5 s between `flwr run` and the simulation's start. A poll is one local gRPC call.
+SUPEREXEC_POLL_S = 0.1
 
 
 def train_federated(
@@ -275,13 +278,23 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
 
 
 def run_simulation(
-    work: Path, rc_path: Path, *, n_supernodes: int, app: Path = launcher.REPO_ROOT, on_poll=None
+    work: Path,
+    rc_path: Path,
+    *,
+    n_supernodes: int,
+    app: Path = launcher.REPO_ROOT,
+    on_poll=None,
+    fast_start: bool = True,
 ) -> launcher.Processes:
     """Run the Flower app ``app`` (default: this repo) on a private simulation SuperLink until its run ends.
 
     Its own FLWR_HOME and free loopback port under ``work``, Ray's folder from :func:`_ray_tmp`,
     ``client-resources-num-cpus=1``; every process is stopped on the way out. ``scripts/bench_flower_floor.py``
     runs a minimal app through here, so the floor it measures is this very launch path.
+
+    ``fast_start`` (issue 12; the app must ship the ``federated`` package): Ray's pre-started workers serve
+    the clients (:mod:`federated.ray_start`), and Flower's SuperExec looks for the submitted run every
+    ``SUPEREXEC_POLL_S`` s instead of every 1 s. False: Flower and Ray as they come (the bench's floor).
 
     Returns
     -------
@@ -295,13 +308,18 @@ def run_simulation(
     flwr_home = work / "flwr-home"
     port = launcher.free_port()
     launcher.write_connection(flwr_home, CONNECTION, address=f"127.0.0.1:{port}")
+    tuning = (
+        {"RAY_RUNTIME_ENV_HOOK": ray_start.HOOK, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_S)}
+        if fast_start
+        else {}
+    )
     with (
         _ray_tmp(work) as ray_tmp,
         launcher.sigterm_as_exit(),
         # The work folder is scratch (the checkpoint is mirrored, the ledgers live in the run directory): if this
         # process is killed, the watchdog deletes it and Ray's folder rather than leave private-data weights behind.
         launcher.Processes(
-            work / "logs", launcher.flower_env(flwr_home, ray_tmp=ray_tmp), disposable=[work, ray_tmp]
+            work / "logs", {**launcher.flower_env(flwr_home, ray_tmp=ray_tmp), **tuning}, disposable=[work, ray_tmp]
         ) as procs,
     ):
         superlink = procs.start(

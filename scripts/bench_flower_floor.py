@@ -149,7 +149,7 @@ def run_floor(root: Path, shapes: list[list[int]], *, rounds: int, n_clients: in
         f"num-rounds = {rounds}\nn-clients = {n_clients}\nshapes = {json.dumps(json.dumps(shapes))}\nout = {json.dumps(str(out))}\ntorch = {int(torch)}\n"
     )
     t0 = time.time()
-    procs = simulation.run_simulation(work, rc, n_supernodes=n_clients, app=app)
+    procs = simulation.run_simulation(work, rc, n_supernodes=n_clients, app=app, fast_start=False)
     wall = time.time() - t0
     if not out.is_file():
         raise RuntimeError(f"the minimal app wrote no times:\n{procs.log_tail('flwr-run', 40)}")

@@ -15,8 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYER = {"core": 0, "explain": 0, "federated": 1, "pipeline": 2}
 # Each edge imports a dependency that costs seconds, for a path that may never use it: Flower and Ray (a central run);
 # Opacus (core.accounting, core.bk, core.ghost_conv: a run without DP, e.g. every federated client's start-up, issue 12,
-# tests/federated/test_import_cost.py).
+# tests/federated/test_import_cost.py); torch, from the Flower components pyproject.toml names (federated.apps: Flower
+# loads them before it starts Ray, issue 12).
 LAZY_ALLOWED = {
+    ("federated.apps", "federated.server_app"),
+    ("federated.apps", "federated.client_app"),
+    ("federated.apps", "federated.secagg"),
     ("pipeline.train", "federated.simulation"),
     ("core.privacy", "core.accounting"),
     ("core.privacy", "core.bk"),

@@ -61,7 +61,7 @@ class InProcessGrid:
     """
 
     def __init__(self, run_config: dict, n_nodes: int, *, crash_in_round: int = 0):
-        from federated.client_app import app as client_app
+        from federated.apps import client as client_app
 
         self.client_app = client_app
         self.contexts = {100 + i: client_context(run_config, i, n_nodes) for i in range(n_nodes)}

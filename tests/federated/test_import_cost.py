@@ -49,6 +49,23 @@ GHOST = textwrap.dedent(
 )
 
 
+COMPONENTS = textwrap.dedent(
+    """
+    import importlib, sys, tomllib
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    components = tomllib.load(open("pyproject.toml", "rb"))["tool"]["flwr"]["app"]["components"]
+    loaded = {}
+    for kind, ref in components.items():
+        module, attr = ref.split(":")
+        loaded[kind] = getattr(importlib.import_module(module), attr)
+    assert isinstance(loaded["serverapp"], ServerApp) and isinstance(loaded["clientapp"], ClientApp), loaded
+    print("TORCH", "torch" in sys.modules)
+    """
+)
+
+
 def _run(script: str) -> dict[str, str]:
     out = subprocess.run(
         [sys.executable, "-c", script],
@@ -59,12 +76,17 @@ def _run(script: str) -> dict[str, str]:
         timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("HEAVY", "GHOST")))
+    return dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("HEAVY", "GHOST", "TORCH")))
 
 
 def test_flower_apps_import_neither_opacus_nor_sklearn():
     heavy = _run(IMPORTS)["HEAVY"]
     assert heavy == "[]", f"the Flower apps import {heavy} at start-up; import them where they are used"
+
+
+def test_the_flower_components_load_without_torch():
+    """Flower loads them in its simulation process before it starts Ray (federated/apps.py)."""
+    assert _run(COMPONENTS)["TORCH"] == "False"
 
 
 @pytest.mark.slow

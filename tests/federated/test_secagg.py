@@ -206,7 +206,7 @@ def test_a_client_refuses_to_send_its_update_outside_the_protocol(tmp_path, digi
     from fed_helpers import client_context
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-    from federated.client_app import app as client_app
+    from federated.apps import client as client_app
 
     cfg = make_cfg(*SECAGG)
     rc = prepare_work_dir(tmp_path, cfg, digits_data)
