@@ -12,11 +12,15 @@ A. the floor: a minimal Flower app written into a temp folder (a ClientApp whose
    the arrays it received with a ``num-examples`` metric; a ServerApp running Flower's own
    ``flwr.serverapp.strategy.FedAvg`` over numpy arrays of the CNN's state-dict shapes), launched
    through the pipeline's own launch path (:func:`federated.simulation.run_simulation`: private
-   FLWR_HOME and port, own SuperLink, ``client-resources-num-cpus=1``). Its ServerApp writes
-   ``time.time()`` at import, at ``main``, and after each round's (server-side) evaluation.
+   FLWR_HOME and port, own SuperLink, ``client-resources-num-cpus=1``) with Flower and Ray as they come
+   (``fast_start=False``: none of the start-up tuning B gets). Its ServerApp writes ``time.time()`` at
+   import, at ``main``, and after each round's (server-side) evaluation.
 A'. with ``--torch-floor``: the same minimal app whose clients import torch and take one Adam step on the
    arrays (what any client that trains a torch model pays on its first message: torch, and torch._dynamo,
    which ``torch.optim.Optimizer`` imports on first use).
+A''. with ``--fast-floor``: the minimal app with the launch path's start-up tuning (``fast_start=True``:
+   Ray's pre-started workers serve the clients, SuperExec polls every 0.1 s; not the shorter message polls,
+   which live in our ServerApp, ``federated/fast_poll.py``): what the same tuning buys an app without torch.
 B. the pipeline's train stage, federated (``pipeline.train.run``, the path ``python -m pipeline
    train.mode=federated --stages data,train`` takes after the data stage): every model in one federation.
    Times come from each model's federation record (``first_round_started_unix``, ``seconds_per_round``).
@@ -134,7 +138,9 @@ def train(msg: Message, context: Context) -> Message:
 """
 
 
-def run_floor(root: Path, shapes: list[list[int]], *, rounds: int, n_clients: int, torch: bool = False) -> dict:
+def run_floor(
+    root: Path, shapes: list[list[int]], *, rounds: int, n_clients: int, torch: bool = False, fast_start: bool = False
+) -> dict:
     """A: the minimal app through the pipeline's launch path; seconds from launch to each event."""
     work = Path(tempfile.mkdtemp(prefix="floor-", dir=root))
     app = work / "app"
@@ -149,7 +155,7 @@ def run_floor(root: Path, shapes: list[list[int]], *, rounds: int, n_clients: in
         f"num-rounds = {rounds}\nn-clients = {n_clients}\nshapes = {json.dumps(json.dumps(shapes))}\nout = {json.dumps(str(out))}\ntorch = {int(torch)}\n"
     )
     t0 = time.time()
-    procs = simulation.run_simulation(work, rc, n_supernodes=n_clients, app=app, fast_start=False)
+    procs = simulation.run_simulation(work, rc, n_supernodes=n_clients, app=app, fast_start=fast_start)
     wall = time.time() - t0
     if not out.is_file():
         raise RuntimeError(f"the minimal app wrote no times:\n{procs.log_tail('flwr-run', 40)}")
@@ -223,6 +229,11 @@ def main() -> None:
         action="store_true",
         help="also run A' (interleaved): the minimal app whose clients import torch and take one Adam step",
     )
+    p.add_argument(
+        "--fast-floor",
+        action="store_true",
+        help="also run A'' (interleaved): the minimal app with the launch path's start-up tuning (fast_start)",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement here")
     args = p.parse_args()
     overrides = [
@@ -241,6 +252,11 @@ def main() -> None:
     floors: list[dict] = []
     ours: list[dict] = []
     torch_floors: list[dict] = []
+    fast_floors: list[dict] = []
+    # A'' loads federated.ray_start in Flower's simulation process, which sees the environment, not sys.path.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(simulation.launcher.REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
     try:
         for i in range(args.repeats):
             if args.only != "ours":
@@ -252,6 +268,14 @@ def main() -> None:
                     )
                     print(
                         f"[{i}] A' torch floor: {json.dumps(torch_floors[-1], default=lambda x: round(x, 2))}",
+                        flush=True,
+                    )
+                if args.fast_floor:
+                    fast_floors.append(
+                        run_floor(root, shapes, rounds=args.rounds, n_clients=args.n_clients, fast_start=True)
+                    )
+                    print(
+                        f"[{i}] A'' fast floor: {json.dumps(fast_floors[-1], default=lambda x: round(x, 2))}",
                         flush=True,
                     )
             if args.only != "floor":
@@ -294,6 +318,9 @@ def main() -> None:
         rows.append(("torch floor: ServerApp main", [f["serverapp_main"] for f in torch_floors]))
         rows.append(("torch floor: first round done", [f["first_round_done"] for f in torch_floors]))
         rows.append(("torch floor: later round", [x for f in torch_floors for x in f["later_rounds"]]))
+    if fast_floors:
+        rows.append(("fast floor: first round done", [f["first_round_done"] for f in fast_floors]))
+        rows.append(("fast floor: later round", [x for f in fast_floors for x in f["later_rounds"]]))
     for label, xs in rows:
         print(f"  {label:44s} {_fmt(xs)}")
     if floors and ours and len(floors) == len(ours):
@@ -308,9 +335,23 @@ def main() -> None:
             max(o[n]["first_round_done"] for n in names) / f["first_round_done"] for f, o in zip(torch_floors, ours)
         ]
         print(f"  {'ratio every-model first round / torch floor':44s} {_fmt(pairs)}  (paired per repeat)")
+    if fast_floors and ours and len(fast_floors) == len(ours):
+        pairs = [
+            max(o[n]["first_round_done"] for n in names) / f["first_round_done"] for f, o in zip(fast_floors, ours)
+        ]
+        print(f"  {'ratio every-model first round / fast floor':44s} {_fmt(pairs)}  (paired per repeat)")
     if args.json:
         args.json.write_text(
-            json.dumps({"floor": floors, "torch_floor": torch_floors, "ours": ours, "overrides": overrides}, indent=1)
+            json.dumps(
+                {
+                    "floor": floors,
+                    "torch_floor": torch_floors,
+                    "fast_floor": fast_floors,
+                    "ours": ours,
+                    "overrides": overrides,
+                },
+                indent=1,
+            )
         )
     print(textwrap.dedent(f"  overrides: {overrides}"))
 
