@@ -1,16 +1,15 @@
-"""The simulation's start-up tuning (issue 12): Ray's runtime-env hook, the thin Flower components' wait
-for Ray, and the simulation's shorter message polls. The whole start-up is measured by
+"""The simulation's start-up tuning (issue 12): Ray's runtime-env hook and the simulation's shorter
+message polls (the thin Flower components: test_import_cost.py). The whole start-up is measured by
 ``scripts/bench_flower_floor.py``; the federated runs in test_flower_runs.py go through all of it.
 """
 
-import sys
 import threading
 import time
 from queue import Queue
 
 import pytest
 
-from federated import apps, fast_poll, ray_start
+from federated import fast_poll, ray_start
 
 
 def test_the_hook_drops_env_vars_the_workers_inherit_anyway(monkeypatch):
@@ -52,37 +51,6 @@ def test_ray_calls_the_hook_by_the_name_the_launcher_gives(monkeypatch):
     assert _maybe_modify_runtime_env(dict(env), False) == env  # without the hook: unchanged
     monkeypatch.setenv("RAY_RUNTIME_ENV_HOOK", ray_start.HOOK)
     assert _maybe_modify_runtime_env(dict(env), False) is None
-
-
-class InMemoryGrid:  # stands in for flwr.superlink.grid.InMemoryGrid, which wait_for_ray_start knows by name
-    pull_interval = 0.1
-
-
-class FakeRay:
-    def __init__(self, up: bool):
-        self.up = up
-
-    def is_initialized(self) -> bool:
-        return self.up
-
-
-def test_a_deployment_server_does_not_wait_for_ray(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", FakeRay(False))
-    t = time.monotonic()
-    apps.wait_for_ray_start(object(), timeout_s=5.0)
-    assert time.monotonic() - t < 0.5
-
-
-def test_a_simulation_server_waits_until_ray_has_started(monkeypatch):
-    ray = FakeRay(False)
-    monkeypatch.setitem(sys.modules, "ray", ray)
-    t = time.monotonic()
-    apps.wait_for_ray_start(InMemoryGrid(), timeout_s=0.3)  # Ray never starts: it gives up and goes on
-    assert 0.3 <= time.monotonic() - t < 2.0
-    threading.Timer(0.2, lambda: setattr(ray, "up", True)).start()
-    t = time.monotonic()
-    apps.wait_for_ray_start(InMemoryGrid(), timeout_s=10.0)
-    assert 0.2 <= time.monotonic() - t < 2.0
 
 
 def test_the_simulation_grid_polls_for_replies_more_often():
