@@ -17,7 +17,7 @@ A. the floor: a minimal Flower app written into a temp folder (a ClientApp whose
    import, at ``main``, and after each round's (server-side) evaluation.
 A'. with ``--torch-floor``: the same minimal app whose clients import torch and take one Adam step on the
    arrays (what any client that trains a torch model pays on its first message: torch, and torch._dynamo,
-   which ``torch.optim.Optimizer`` imports on first use).
+   which ``torch.optim.Optimizer.step`` imports on every step, eager mode included).
 A''. with ``--fast-floor``: the minimal app with the launch path's start-up tuning (``fast_start=True``:
    Ray's pre-started workers serve the clients, SuperExec polls every 0.1 s; not the shorter message polls,
    which live in our ServerApp, ``federated/fast_poll.py``): what the same tuning buys an app without torch.
