@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import privacy
+from core import allocator, privacy
 from core.config import FitConfig
 from core.errors import ConfigError
 
@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto", *, num_threads: int = 1) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; also sets the CPU thread count.
+    """``auto`` -> CUDA when present, else CPU; also sets the process's CPU threads and allocator.
+
+    The allocator keeps freed memory for reuse (:func:`core.allocator.keep_freed_memory`).
 
     Raises
     ------
@@ -37,6 +39,7 @@ def resolve_device(name: str = "auto", *, num_threads: int = 1) -> torch.device:
         raise ConfigError(f"train.device={name!r} is not valid; choose one of: auto, cpu, cuda")
     # One thread per process is fastest for these small models (measured: see PLATFORM.md).
     torch.set_num_threads(num_threads)
+    allocator.keep_freed_memory()
     return torch.device(name)
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from core import models, privacy, seeds, training  # noqa: E402
+from core import allocator, models, privacy, seeds, training  # noqa: E402
 from core.config import DPConfig  # noqa: E402
 
 ENGINES = ("hooks", "ew", "functorch", "ghost", "bk")
@@ -150,13 +150,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--reps", type=int, default=2, help="timed epochs per figure (fastest is kept)")
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     ap.add_argument("--skip-digits", action="store_true", help="only the 28x28 workload")
+    ap.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc as it comes (the pipeline keeps freed memory: core.allocator)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as the pipeline's default train.num_threads
+    if not args.default_allocator:
+        print(f"allocator keeps freed memory (core.allocator): {allocator.keep_freed_memory()}")
     rows = bench(
         "synthetic 28x28 CNN[32,64]",
         shape=(1, 28, 28),
