@@ -247,7 +247,7 @@ def deploy(
                 _start_clientapp_worker(
                     procs, i, runtime_port=runtime_port, supernode_pid=node.pid, secret=secret, prefix=prefix
                 )
-        run = launcher.start_flwr_run(procs, CONNECTION, rc_path)
+        run = launcher.start_flwr_run(procs, CONNECTION, rc_path, app=launcher.stage_app(work / "app"))
         node_exits: list[dict] = []
         while run.poll() is None:
             if superlink.poll() is not None:

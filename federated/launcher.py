@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -360,10 +361,32 @@ class Processes:
         self.stop()
 
 
-def start_flwr_run(
-    procs: "Processes", connection: str, run_config: Path, *extra: str, app: Path = REPO_ROOT
-) -> subprocess.Popen:
-    """Submit the Flower app ``app`` (default: this repo) to ``connection`` with ``flwr run --stream``."""
+# The packages the Flower apps import: pyproject.toml's ``fab-include`` (a test checks the two agree).
+APP_PACKAGES = ("core", "federated")
+
+
+def stage_app(dest: Path) -> Path:
+    """``dest``, holding this repository's Flower app and nothing else: pyproject.toml and the app's ``.py`` files.
+
+    ``flwr run APP`` lists and pattern-matches every file under ``APP`` before it keeps the ones its
+    include rules name; from the repository root that walk covers the ``.venv`` (~50k files): 3.2 s
+    before every run on this machine (``flwr.cli.build.build_fab_from_disk``), against 0.01 s for the
+    staged folder. The bundle built from it is byte for byte the one built from the repository root.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(REPO_ROOT / "pyproject.toml", dest / "pyproject.toml")
+    for package in APP_PACKAGES:
+        for src in sorted((REPO_ROOT / package).rglob("*.py")):
+            if "__pycache__" in src.parts:
+                continue
+            target = dest / src.relative_to(REPO_ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+    return dest
+
+
+def start_flwr_run(procs: "Processes", connection: str, run_config: Path, *extra: str, app: Path) -> subprocess.Popen:
+    """Submit the Flower app in folder ``app`` (see :func:`stage_app`) to ``connection`` with ``flwr run --stream``."""
     argv = [bin_path("flwr"), "run", str(app), connection, "--stream", "--run-config", str(run_config), *extra]
     return procs.start("flwr-run", argv)
 

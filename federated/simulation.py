@@ -344,7 +344,7 @@ def run_simulation(
             rc_path,
             "--federation-config",
             f"num-supernodes={n_supernodes} client-resources-num-cpus=1",
-            app=app,
+            app=launcher.stage_app(work / "app") if app == launcher.REPO_ROOT else app,
         )
         while run.poll() is None:
             if superlink.poll() is not None:

@@ -106,3 +106,13 @@ def test_stop_also_ends_the_watchdog_and_records_the_tree_memory(tmp_path):
     assert not _alive(child.pid) and not _alive(watchdog.pid)
     # The tree held this interpreter and a second one: more than this process alone.
     assert launcher.peak_tree_rss_mb() > launcher.tree_rss_bytes() / 2**20
+
+
+def test_staged_app_bundles_exactly_what_the_repository_root_does(tmp_path):
+    # `flwr run` submits the staged folder (launcher.stage_app): its bundle must be the repository's, byte
+    # for byte (same files, same contents), whatever pyproject.toml's fab-include names.
+    from flwr.cli.build import build_fab_from_disk
+
+    staged = launcher.stage_app(tmp_path / "app")
+    assert build_fab_from_disk(staged) == build_fab_from_disk(launcher.REPO_ROOT)
+    assert {p.name for p in staged.iterdir()} == {"pyproject.toml", *launcher.APP_PACKAGES}
