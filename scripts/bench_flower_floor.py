@@ -260,24 +260,14 @@ def main() -> None:
     try:
         for i in range(args.repeats):
             if args.only != "ours":
-                floors.append(run_floor(root, shapes, rounds=args.rounds, n_clients=args.n_clients))
-                print(f"[{i}] A floor: {json.dumps(floors[-1], default=lambda x: round(x, 2))}", flush=True)
+                variants: list[tuple[str, list[dict], dict]] = [("A floor", floors, {})]
                 if args.torch_floor:
-                    torch_floors.append(
-                        run_floor(root, shapes, rounds=args.rounds, n_clients=args.n_clients, torch=True)
-                    )
-                    print(
-                        f"[{i}] A' torch floor: {json.dumps(torch_floors[-1], default=lambda x: round(x, 2))}",
-                        flush=True,
-                    )
+                    variants.append(("A' torch floor", torch_floors, {"torch": True}))
                 if args.fast_floor:
-                    fast_floors.append(
-                        run_floor(root, shapes, rounds=args.rounds, n_clients=args.n_clients, fast_start=True)
-                    )
-                    print(
-                        f"[{i}] A'' fast floor: {json.dumps(fast_floors[-1], default=lambda x: round(x, 2))}",
-                        flush=True,
-                    )
+                    variants.append(("A'' fast floor", fast_floors, {"fast_start": True}))
+                for label, runs, kwargs in variants:
+                    runs.append(run_floor(root, shapes, rounds=args.rounds, n_clients=args.n_clients, **kwargs))
+                    print(f"[{i}] {label}: {json.dumps(runs[-1], default=lambda x: round(x, 2))}", flush=True)
             if args.only != "floor":
                 ours.append(run_ours(cfg, datasets))
                 print(f"[{i}] B ours : {json.dumps(ours[-1], default=lambda x: round(x, 2))}", flush=True)
