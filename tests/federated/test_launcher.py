@@ -4,7 +4,7 @@ import re
 import sys
 import time
 
-from federated import launcher
+from federated import launcher, watchdog
 
 
 def _alive(pid):
@@ -116,3 +116,22 @@ def test_staged_app_bundles_exactly_what_the_repository_root_does(tmp_path):
     staged = launcher.stage_app(tmp_path / "app")
     assert build_fab_from_disk(staged) == build_fab_from_disk(launcher.REPO_ROOT)
     assert {p.name for p in staged.iterdir()} == {"pyproject.toml", *launcher.APP_PACKAGES}
+
+
+def test_markers_also_find_processes_naming_the_runs_folders_in_their_arguments(tmp_path):
+    # Ray's agents carry the run's RAY_TMPDIR in their arguments, not always in their environment.
+    import subprocess
+
+    folder = tmp_path / "ray"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    agent = subprocess.Popen([*sleeper, f"--session-dir={folder}/session_1"], env={})  # no marker in its environment
+    watchdog_like = subprocess.Popen([*sleeper, "federated.watchdog", f"RAY_TMPDIR={folder}"], env={})
+    other = subprocess.Popen([*sleeper, f"--session-dir={tmp_path}/other"], env={})
+    try:
+        found = watchdog.pids_with_markers([f"RAY_TMPDIR={folder}", "AUDITABLE_FED_RUN=abc"])
+        assert agent.pid in found
+        assert watchdog_like.pid not in found and other.pid not in found
+    finally:
+        for p in (agent, watchdog_like, other):
+            p.kill()
+            p.wait()
