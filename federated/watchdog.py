@@ -54,11 +54,13 @@ def alive(pid: int) -> bool:
 
 def pids_with_markers(markers: Sequence[str]) -> list[int]:
     """Live processes (other than watchdogs) whose environment holds any of ``markers`` (``NAME=value``), or
-    whose command line names a folder a marker names (the run's ``FLWR_HOME``, ``RAY_TMPDIR``).
+    whose environment or command line names, anywhere, a folder a marker names (the run's ``FLWR_HOME``,
+    ``RAY_TMPDIR``).
 
-    The command line catches Ray's agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``), which the raylet
-    starts with the session folder (under the run's ``RAY_TMPDIR``) in their arguments: caught mid-start by a
-    kill, two outlived the sweep by more than 10 s when only environments were matched.
+    The wider match catches Ray's agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``): Ray starts them
+    with an environment of its own (none of the markers; their ``PYTHONPATH`` names the run's ``FLWR_HOME``)
+    and a process title in place of their arguments. They exit once they notice their raylet gone, which
+    after a kill -9 in CI took more than 10 s.
     """
     wanted = {m.encode() for m in markers}
     folders = [m.split("=", 1)[1].encode() for m in markers if m.partition("=")[2].startswith("/")]
@@ -67,13 +69,14 @@ def pids_with_markers(markers: Sequence[str]) -> list[int]:
         if pid == os.getpid():
             continue
         try:
-            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
         if b"federated.watchdog" in cmdline:
             continue  # a run's watchdog (its arguments are the markers): the parent ends it, or it exits itself
-        if (environ & wanted or any(f in cmdline for f in folders)) and alive(pid):
+        named = any(f in environ or f in cmdline for f in folders)
+        if (named or set(environ.split(b"\0")) & wanted) and alive(pid):
             found.append(pid)
     return found
 

@@ -119,19 +119,20 @@ def test_staged_app_bundles_exactly_what_the_repository_root_does(tmp_path):
 
 
 def test_markers_also_find_processes_naming_the_runs_folders_in_their_arguments(tmp_path):
-    # Ray's agents carry the run's RAY_TMPDIR in their arguments, not always in their environment.
+    # Ray's agents run with no marker in their environment; what names the run is a path in it (or in arguments).
     import subprocess
 
     folder = tmp_path / "ray"
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     agent = subprocess.Popen([*sleeper, f"--session-dir={folder}/session_1"], env={})  # no marker in its environment
+    titled = subprocess.Popen(sleeper, env={"PYTHONPATH": f"/x:{folder}/apps/app"})  # Ray's agents: a path, no marker
     watchdog_like = subprocess.Popen([*sleeper, "federated.watchdog", f"RAY_TMPDIR={folder}"], env={})
     other = subprocess.Popen([*sleeper, f"--session-dir={tmp_path}/other"], env={})
     try:
         found = watchdog.pids_with_markers([f"RAY_TMPDIR={folder}", "AUDITABLE_FED_RUN=abc"])
-        assert agent.pid in found
+        assert agent.pid in found and titled.pid in found
         assert watchdog_like.pid not in found and other.pid not in found
     finally:
-        for p in (agent, watchdog_like, other):
+        for p in (agent, titled, watchdog_like, other):
             p.kill()
             p.wait()
