@@ -114,48 +114,43 @@ def step_parts(name: str, engine: str, steps: int) -> dict[str, tuple[float, flo
     def mark():
         return time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    def record(part, start, end):
-        cpu.setdefault(part, []).append(end[0] - start[0])
-        faults.setdefault(part, []).append(end[1] - start[1])
+    def timed(prefix: str, parts) -> None:
+        """Run ``parts`` (``(name, fn)``, in order) and record each one's CPU time and faults, and their sum."""
+        marks = [mark()]
+        for _, fn in parts:
+            fn()
+            marks.append(mark())
+        for (part, _), (c0, f0), (c1, f1) in zip(parts, marks, marks[1:]):
+            cpu.setdefault(f"{prefix} {part}", []).append(c1 - c0)
+            faults.setdefault(f"{prefix} {part}", []).append(f1 - f0)
+        cpu.setdefault(f"{prefix} step", []).append(marks[-1][0] - marks[0][0])
+        faults.setdefault(f"{prefix} step", []).append(marks[-1][1] - marks[0][1])
 
-    for _ in range(steps + 2):
-        t0 = mark()
-        plain_opt.zero_grad(set_to_none=True)
-        loss = crit(plain(xb), yb)
-        t1 = mark()
-        loss.backward()
-        t2 = mark()
-        plain_opt.step()
-        t3 = mark()
-        for part, a, b in (("non-DP forward", t0, t1), ("non-DP backward", t1, t2), ("non-DP optimizer", t2, t3)):
-            record(part, a, b)
-        record("non-DP step", t0, t3)
-        t0 = mark()
-        opt.zero_grad(set_to_none=True)
-        loss = dp_crit(model(xb), yb)
-        t1 = mark()
-        loss.backward()
-        t2 = mark()
-        opt.clip_and_accumulate()
-        t3 = mark()
-        opt.add_noise()
-        t4 = mark()
+    state: dict = {}
+
+    def forward(m, o, criterion):
+        o.zero_grad(set_to_none=True)
+        state["loss"] = criterion(m(xb), yb)
+
+    def scale_and_account():
         opt.scale_grad()
         if opt.step_hook:
             opt.step_hook(opt)
-        t5 = mark()
-        opt.original_optimizer.step()
-        t6 = mark()
-        for part, a, b in (
-            ("DP forward", t0, t1),
-            ("DP backward", t1, t2),
-            ("DP clipped sum", t2, t3),
-            ("DP noise (Opacus)", t3, t4),
-            ("DP scale + accountant", t4, t5),
-            ("DP optimizer", t5, t6),
-        ):
-            record(part, a, b)
-        record("DP step", t0, t6)
+
+    backward = ("backward", lambda: state["loss"].backward())
+    for _ in range(steps + 2):
+        timed("non-DP", [("forward", lambda: forward(plain, plain_opt, crit)), backward, ("optimizer", plain_opt.step)])
+        timed(
+            "DP",
+            [
+                ("forward", lambda: forward(model, opt, dp_crit)),
+                backward,
+                ("clipped sum", opt.clip_and_accumulate),
+                ("noise (Opacus)", opt.add_noise),
+                ("scale + accountant", scale_and_account),
+                ("optimizer", opt.original_optimizer.step),
+            ],
+        )
     run.close()
     return {k: (min(v[2:]) * 1e3, statistics.mean(faults[k][2:])) for k, v in cpu.items()}
 
