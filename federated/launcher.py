@@ -376,9 +376,7 @@ def stage_app(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(REPO_ROOT / "pyproject.toml", dest / "pyproject.toml")
     for package in APP_PACKAGES:
-        for src in sorted((REPO_ROOT / package).rglob("*.py")):
-            if "__pycache__" in src.parts:
-                continue
+        for src in sorted((REPO_ROOT / package).rglob("*.py")):  # (__pycache__ holds .pyc files only)
             target = dest / src.relative_to(REPO_ROOT)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, target)
