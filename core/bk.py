@@ -264,17 +264,60 @@ def _layer_sq_norms(
             return (total + bsq if bias_on else total), (b if bias_on else None), None
         norms = compute_linear_norm_sample(layer, [a], b)  # sequences: Opacus' Gram identity
         return torch.stack(list(norms.values()), dim=1).square().sum(dim=1), None, None
+    t = b.shape[2] * b.shape[3]
+    if (
+        n > 0
+        and layer.groups == 1
+        and w_on
+        and not ghost_conv.use_ghost(layer, t)
+        and _patch_size(layer) <= _UNFOLD_MAX_PATCH
+    ):
+        g = _per_sample_conv_grads_unfolded(layer, a, b, bias_on)  # (B, d [+ 1], p)
+        d = _patch_size(layer)
+        return _sq(g), (g[:, d] if bias_on else None), g[:, :d].transpose(1, 2)
     bias_g = b.sum(dim=(2, 3)) if bias_on else None  # (B, p)
     if n == 0 or layer.groups != 1 or not w_on:
         norms = ghost_conv.conv2d_norm_sample(layer, [a], b)
         return torch.stack(list(norms.values()), dim=1).square().sum(dim=1), bias_g, None
-    t = b.shape[2] * b.shape[3]
     if ghost_conv.use_ghost(layer, t):
         total = ghost_conv.conv_ghost_sq_norm(layer, a, b.reshape(n, layer.out_channels, t))
         return (total + _sq(bias_g) if bias_g is not None else total), bias_g, None
     g = _per_sample_conv_grads(layer, a, b, scratch)  # (B, p, d)
     total = _sq(g)
     return (total + _sq(bias_g) if bias_g is not None else total), bias_g, g
+
+
+def _patch_size(layer: nn.Conv2d) -> int:
+    """``d``: the weights one output channel of a ``groups=1`` Conv2d applies to one patch."""
+    return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+
+
+# Conv2d layers with small patches (d = C_in·k_h·k_w at most this, e.g. a first layer on 1-3 colour channels)
+# get their per-sample gradients from the unfolded input, one batched matmul, with a row of ones for the bias:
+# ~30 % faster on this machine's CPU than the grouped convolution-weight gradient below for d = 9 and 27, and
+# slower from d = 72 on (oneDNN's grouped kernel wins once each group has several input channels).
+_UNFOLD_MAX_PATCH = 32
+
+
+def _per_sample_conv_grads_unfolded(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Per-sample gradients (B, d [+ 1], p) of a ``groups=1`` Conv2d: ``U_i B_iᵀ`` with ``U_i`` the unfolded
+    input (d, T), and, when ``bias``, a last row ``Σ_t B_i[t]`` (the bias gradient, from a row of ones in U)."""
+    n, c = a.shape[:2]
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    ph, pw = ghost_conv.numeric_padding(layer)
+    ho, wo = b.shape[2:]
+    ap = torch.nn.functional.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    d = c * kh * kw
+    u = a.new_empty(n, d + int(bias), ho * wo)
+    patches = u[:, :d].view(n, c, kh, kw, ho, wo)  # U's rows in the weight's (C_in, k_h, k_w) order
+    for i in range(kh):
+        for j in range(kw):
+            patches[:, :, i, j] = ap[
+                :, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw
+            ]
+    if bias:
+        u[:, d] = 1
+    return torch.bmm(u, b.reshape(n, b.shape[1], ho * wo).transpose(1, 2))
 
 
 # Per-sample convolution weight gradients are computed a block of samples at a time, as one grouped

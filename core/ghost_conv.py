@@ -125,42 +125,50 @@ def conv_ghost_sq_norm(layer: nn.Conv2d, x: torch.Tensor, b: torch.Tensor) -> to
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     ph, pw = numeric_padding(layer)
     n, c, h, w = x.shape
-    hp, wp = h + 2 * ph, w + 2 * pw
     t = b.shape[-1]
     if not uses_pixel_gram(layer, x.shape, t):
         a = unfold2d(x, kernel_size=layer.kernel_size, padding=(ph, pw), stride=layer.stride, dilation=layer.dilation)
         return ghost_sq_norm(a, b)
-    ho = (hp - dh * (kh - 1) - 1) // sh + 1
-    wo = (wp - dw * (kw - 1) - 1) // sw + 1
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     xf = x.reshape(n, c, h * w)  # (B, C, H W)
-    block = max(1, _GHOST_BLOCK_ELEMENTS // max(1, 2 * (hp * wp) ** 2))
-    cols = [slice(j * dw, j * dw + sw * (wo - 1) + 1, sw) for j in range(kw)]
-    rows = [slice(i * dh, i * dh + sh * (ho - 1) + 1, sh) for i in range(kh)]
+    block = max(1, _GHOST_BLOCK_ELEMENTS // max(1, 2 * (h * w) ** 2))
     out = []
     for s in range(0, n, block):
         xb, bb = xf[s : s + block], b[s : s + block]
         m = xb.shape[0]
-        # The padded input's pixel Gram is the input's, zero-padded in each of its four pixel axes (the
-        # padding pixels are zeros): padding the Gram costs less than padding the input and a larger bmm.
         pix = torch.bmm(xb.transpose(1, 2), xb).view(m, h, w, h, w)
-        pix = torch.nn.functional.pad(pix, (pw, pw, ph, ph, pw, pw, ph, ph))  # (b, H_p, W_p, H_p, W_p)
         # the kernel's offsets are a product of row and column offsets: sum over columns, then rows
-        by_row = _sum_views([pix[:, :, col, :, col] for col in cols])  # (b, H_p, W_o, H_p, W_o)
-        gram = _sum_views([by_row[:, row, :, row, :] for row in rows])  # (b, H_o, W_o, H_o, W_o)
-        gram = gram.reshape(m, t, t)
+        by_row = _offset_sum(pix, 2, wo, kw, sw, dw, pw)  # (b, H, W_o, H, W_o)
+        gram = _offset_sum(by_row, 1, ho, kh, sh, dh, ph).reshape(m, t, t)  # (b, H_o, W_o, H_o, W_o)
         bgram = torch.bmm(bb.transpose(1, 2), bb)  # (b, T, T)
         out.append(bgram.mul_(gram).sum(dim=(1, 2)))
     # The inner product of two PSD Gram matrices is ≥ 0; rounding can make it a hair negative.
     return torch.cat(out).clamp(min=0)  # (B,)
 
 
-def _sum_views(views: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of same-shaped views, written into one fresh tensor (no copy of the first)."""
-    if len(views) == 1:
-        return views[0]
-    total = views[0] + views[1]
-    for v in views[2:]:
-        total += v
+def _offset_sum(pix: torch.Tensor, axis: int, n_out: int, k: int, stride: int, dilation: int, pad: int) -> torch.Tensor:
+    """``G[o, o'] = Σ_j P[stride·o + dilation·j − pad, stride·o' + dilation·j − pad]`` along one pixel axis pair.
+
+    ``pix`` is (b, H, W, H, W) (or partly summed already); the pair is axes ``axis`` and ``axis + 2``,
+    which become ``n_out`` output positions. Pixels outside the input are the padding's zeros: each
+    offset ``j`` adds only the window of outputs whose pixels lie inside, so nothing is padded.
+    """
+    size = pix.shape[axis]
+    shape = list(pix.shape)
+    shape[axis] = shape[axis + 2] = n_out
+    total = pix.new_zeros(shape)
+    for j in range(k):
+        first = dilation * j - pad  # input pixel of output position 0
+        lo = max(0, -(first // stride))  # first o with stride·o + first >= 0
+        hi = min(n_out - 1, (size - 1 - first) // stride)  # last o with stride·o + first <= size - 1
+        if lo > hi:
+            continue
+        ix_src: list[slice] = [slice(None)] * pix.dim()
+        ix_dst: list[slice] = [slice(None)] * pix.dim()
+        ix_src[axis] = ix_src[axis + 2] = slice(stride * lo + first, stride * hi + first + 1, stride)
+        ix_dst[axis] = ix_dst[axis + 2] = slice(lo, hi + 1)
+        total[tuple(ix_dst)] += pix[tuple(ix_src)]
     return total
 
 

@@ -90,10 +90,11 @@ def test_padded_batch_matches_with_clipped_and_unclipped_samples():
 
 
 @pytest.mark.parametrize("kind", ["cnn", "regressor"])
-@pytest.mark.parametrize("conv_path", ["ghost", "materialise", "mixed"])
+@pytest.mark.parametrize("conv_path", ["ghost", "materialise", "grouped", "unfolded", "mixed"])
 def test_clipped_sum_matches_per_sample_engine(monkeypatch, kind, conv_path):
     if conv_path != "mixed":  # force one Conv2d path (the weight sum then comes from conv2d_weight or from G)
         monkeypatch.setattr(ghost_conv, "use_ghost", lambda layer, t: conv_path == "ghost")
+    _force_materialise_route(monkeypatch, conv_path)
     model, x, y, loss = _data(kind)
     ref, got = _reference_clipped_sum(model, x, y, loss), _bk_clipped_sum(model, x, y, loss)
     assert len(ref) == len(got) == (8 if kind == "cnn" else 6)
@@ -114,10 +115,17 @@ def _assert_matches_hooks(model, x, y, loss=None):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("conv_path", ["ghost", "materialise"])
+def _force_materialise_route(monkeypatch, conv_path):
+    """Materialised per-sample conv gradients from the grouped conv-weight gradient or the unfolded input."""
+    if conv_path in ("grouped", "unfolded"):
+        monkeypatch.setattr(bk, "_UNFOLD_MAX_PATCH", 0 if conv_path == "grouped" else 10**9)
+
+
+@pytest.mark.parametrize("conv_path", ["ghost", "grouped", "unfolded"])
 def test_strided_dilated_conv_matches(monkeypatch, conv_path):
-    # ghost: the clipped weight sum re-weights B (smaller than A here); materialise: from the G_i
+    # ghost: the clipped weight sum re-weights B (smaller than A here); otherwise from the G_i
     monkeypatch.setattr(ghost_conv, "use_ghost", lambda layer, t: conv_path == "ghost")
+    _force_materialise_route(monkeypatch, conv_path)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 5, 3, stride=2, padding=2, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(125, 3)
@@ -126,10 +134,12 @@ def test_strided_dilated_conv_matches(monkeypatch, conv_path):
     _assert_matches_hooks(model, x, y)
 
 
-def test_per_sample_conv_blocks_grouped_and_biasless_layers_match(monkeypatch):
+@pytest.mark.parametrize("conv_path", ["grouped", "unfolded", "mixed"])
+def test_per_sample_conv_blocks_grouped_and_biasless_layers_match(monkeypatch, conv_path):
     # materialised per-sample gradients in several blocks (the last one short), a grouped conv
     # (Opacus' per-sample route), a conv and a linear without bias, a "valid"-padded conv
     monkeypatch.setattr(bk, "_PER_SAMPLE_CHANNELS", 8)  # 4 input channels: 2 samples a block
+    _force_materialise_route(monkeypatch, conv_path)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1, bias=False),
@@ -156,10 +166,8 @@ def test_consecutive_steps_of_varying_batch_size_match(monkeypatch):
         for r, p in zip(ref, wrapped._module.parameters()):
             torch.testing.assert_close(sums[p], r, rtol=1e-4, atol=1e-6)
     rows = -(-30 // bk._BATCH_BUCKET) * bk._BATCH_BUCKET  # the largest batch, padded (bk._pad_batch)
-    assert {tuple(t.shape) for t in wrapped._scratch.values()} == {
-        (rows * 8 * 9 * 5 // 4,),
-        (rows * 16 * 72 * 5 // 4,),
-    }
+    # conv2's (d = 8·9) grouped route writes into the buffer; conv1 (d = 9) is unfolded, with no buffer
+    assert {tuple(t.shape) for t in wrapped._scratch.values()} == {(rows * 16 * 72 * 5 // 4,)}
 
 
 def test_linear_on_sequences_matches():

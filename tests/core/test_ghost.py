@@ -93,6 +93,10 @@ def test_conv_ghost_sq_norm_equals_materialised(monkeypatch, conv, pixel):
         monkeypatch.setattr(ghost_conv, "_GHOST_BLOCK_ELEMENTS", block)
         got = ghost_conv.conv_ghost_sq_norm(layer, x, b.reshape(5, 4, -1))
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # and each shape through the other route too (the pixel route's windows with stride and padding)
+    monkeypatch.setattr(ghost_conv, "uses_pixel_gram", lambda *_: not pixel)
+    got = ghost_conv.conv_ghost_sq_norm(layer, x, b.reshape(5, 4, -1))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_mixed_rule_picks_the_cheaper_path():
