@@ -22,9 +22,10 @@ weight gradients. (A model that modifies that output in place, which autograd re
 back to letting the first layer's weights require a gradient.) The records are the gradients of the
 batch-mean loss; the per-sample scale ``n`` is applied to the (B,) norms and weights, not to ``B``.
 
-Noise, the division by the expected batch size, the accountant's step and Poisson sampling are
-Opacus' own: :class:`BKOptimizer` subclasses ``DPOptimizer`` and only replaces where the clipped
-sum ``p.summed_grad`` comes from.
+The division by the expected batch size, the accountant's step and Poisson sampling are Opacus'
+own, and so is the noise function (called once for all parameters, as for every engine:
+``core.privacy.make_private``): :class:`BKOptimizer` subclasses ``DPOptimizer`` and only replaces
+where the clipped sum ``p.summed_grad`` comes from.
 
 Supported trainable layers: ``nn.Linear`` and ``nn.Conv2d`` (zero padding). Layers without
 trainable parameters pass through; any other layer with trainable parameters is refused.
@@ -427,8 +428,9 @@ def _clipped_layer_sum(layer: nn.Linear | nn.Conv2d, r: _Record, w: torch.Tensor
 class BKOptimizer(DPOptimizer):
     """Opacus' DPOptimizer whose clipped sum comes from a :class:`BKModule` instead of ``p.grad_sample``.
 
-    Noise (``add_noise``), the mean-reduction scaling (``scale_grad``, by ``expected_batch_size``),
-    the skip-step logic and the accountant's step hook are inherited unchanged.
+    The mean-reduction scaling (``scale_grad``, by ``expected_batch_size``), the skip-step logic and
+    the accountant's step hook are inherited unchanged (``add_noise`` is replaced for every engine by
+    ``core.privacy.make_private``, with the same Opacus noise function).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, module: BKModule, **kwargs: Any) -> None:

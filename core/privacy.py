@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Literal, Sequence
@@ -350,6 +351,7 @@ def make_private(
     # in DPOptimizer ``secure_mode`` selects only this noise recipe; the engine keeps secure_mode=False,
     # which is what would import torchcsprng. Same N(0, σ²C²) distribution, so accounting is unchanged.
     priv_opt.secure_mode = True
+    priv_opt.add_noise = types.MethodType(_add_noise_at_once, priv_opt)  # the same noise, one call for all tensors
     return PrivateTraining(
         model=priv_model,
         optimizer=priv_opt,
@@ -360,6 +362,38 @@ def make_private(
         noise_generator=noise_generator,
         criterion=priv_criterion[0] if priv_criterion else None,
     )
+
+
+def _add_noise_at_once(optimizer: Any) -> None:
+    """Opacus' ``DPOptimizer.add_noise`` with one call of its ``_generate_noise`` for all the parameters.
+
+    Opacus calls ``_generate_noise`` once per parameter tensor; in its floating-point-safe recipe each
+    call is five Gaussian draws, four additions and a division. On the digits CNN (8 tensors, 36k
+    coordinates) that cost 0.58 ms a step, against 0.47 ms for one call over all the coordinates,
+    whose drawing alone is ~0.34 ms. The noise is the same: i.i.d. N(0, σ²C²) per coordinate, from
+    the same function, recipe and generator; only the split of the coordinates into calls differs.
+    As Opacus does, it writes ``p.grad = p.summed_grad + noise`` and marks each sum processed.
+    """
+    from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+    params = optimizer.params
+    sums = [p.summed_grad for p in params]
+    for s in sums:
+        _check_processed_flag(s)
+    if len({(s.dtype, s.device) for s in sums}) != 1:  # mixed dtypes or devices: Opacus' per-tensor draws
+        type(optimizer).add_noise(optimizer)
+        return
+    sizes = [s.numel() for s in sums]
+    sigma = getattr(optimizer, "_adjusted_noise_multiplier", optimizer.noise_multiplier)  # as Opacus' ghost optimizer
+    noise = _generate_noise(
+        std=sigma * optimizer.max_grad_norm,
+        reference=sums[0].new_empty(sum(sizes)),  # only its shape, device and dtype are read
+        generator=optimizer.generator,
+        secure_mode=optimizer.secure_mode,
+    )
+    for p, s, z in zip(params, sums, noise.split(sizes)):
+        p.grad = (s + z.view_as(s)).view_as(p)
+        _mark_as_processed(s)
 
 
 def noise_only_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

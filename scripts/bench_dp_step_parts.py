@@ -146,7 +146,7 @@ def step_parts(name: str, engine: str, steps: int) -> dict[str, tuple[float, flo
                 ("forward", lambda: forward(model, opt, dp_crit)),
                 backward,
                 ("clipped sum", opt.clip_and_accumulate),
-                ("noise (Opacus)", opt.add_noise),
+                ("noise", opt.add_noise),
                 ("scale + accountant", scale_and_account),
                 ("optimizer", opt.original_optimizer.step),
             ],

@@ -213,6 +213,57 @@ def test_noise_is_floating_point_safe_and_calibrated():
     run.close()
 
 
+@pytest.mark.parametrize("engine", ["bk", "hooks", "ghost"])
+def test_noise_drawn_at_once_has_opacus_distribution(engine):
+    """``privacy._add_noise_at_once`` (one Opacus ``_generate_noise`` call for every tensor) against
+    Opacus' own per-tensor draws: same N(0, σ²C²) by scipy's normal, its floating-point-safe call, and
+    no draws shared between tensors."""
+    from opacus.optimizers.optimizer import _generate_noise
+    from scipy import stats
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(150, 100), torch.nn.Linear(100, 60))  # 4 tensors, 21 160 coords
+    the_plan = privacy.plan(
+        dataclasses.replace(DP, noise_multiplier=1.5, target_epsilon=1e3),
+        n_samples=64,
+        batch_size=16,
+        max_grad_norm=0.4,
+        epochs=1,
+    )
+    run = privacy.make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        torch.utils.data.TensorDataset(torch.zeros(64, 150), torch.zeros(64, dtype=torch.long)),
+        plan=the_plan,
+        sampling_generator=seeds.make_generator("cpu", 0),
+        noise_generator=seeds.make_generator("cpu", 1),
+        grad_sample_mode=engine,
+        criterion=torch.nn.CrossEntropyLoss(),
+    )
+    opt, std = run.optimizer, 1.5 * 0.4
+    params = opt.params
+    for p in params:
+        p.summed_grad = torch.zeros_like(p)
+    state = opt.generator.get_state()
+    opt.add_noise()
+    ours = torch.cat([p.grad.flatten() for p in params])
+    # the same call, replayed: one floating-point-safe draw over all the coordinates, split in order
+    replay = torch.Generator().set_state(state)
+    flat = _generate_noise(std=std, reference=torch.empty(len(ours)), generator=replay, secure_mode=True)
+    assert torch.equal(ours, flat)
+    # against scipy's N(0, σC) and against Opacus' own per-tensor noise (2 x 21 160 draws)
+    opacus = torch.cat([_generate_noise(std, torch.empty(p.shape), replay, True).flatten() for p in params])
+    a, b = ours.double().numpy(), opacus.double().numpy()
+    assert stats.kstest(a / std, "norm").pvalue > 1e-3 and stats.ks_2samp(a, b).pvalue > 1e-3
+    assert np.std(a) == pytest.approx(std, rel=0.03) and abs(stats.kurtosis(a)) < 0.15
+    # each tensor's noise is its own: the leading coordinates of two tensors are uncorrelated
+    first, second = params[0].grad.flatten()[:5000].numpy(), params[2].grad.flatten()[:5000].numpy()
+    assert abs(np.corrcoef(first, second)[0, 1]) < 0.06
+    with pytest.raises(ValueError):  # Opacus' guard against noising the same sum twice still holds
+        opt.add_noise()
+    run.close()
+
+
 def test_noise_generator_lives_on_the_parameters_device():
     for dp in (DP, SEEDED):
         sampling, noise = privacy.dp_generators(dp, seed=3, noise_device=torch.device("cpu"))
