@@ -226,21 +226,15 @@ def prepare_images(raw: RawImages, cfg: DataConfig, *, seed: int) -> Dataset:
     finite = bool(np.isfinite(x).all())  # one pass; whole-array copies below only when pixels need filling
     if not finite:
         x = np.where(np.isfinite(x), x, np.nan)  # "impute" kept non-finite pixels: fill them with the train mean
-    train = x[split["train"]]
-
-    def scale(v: np.ndarray) -> np.ndarray:
-        return ((v - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
-
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below, by name
-        # nanmean copies its input to mask NaNs; with every pixel finite the plain mean is the same number.
-        mean = train.mean(axis=(0, 2, 3)) if finite else np.nan_to_num(np.nanmean(train, axis=(0, 2, 3)))
-        if not finite:
+        if finite:
+            mean = _channel_mean(x, split["train"])
+        else:  # nanmean copies its input to mask NaNs: only when pixels need filling
+            mean = np.nan_to_num(np.nanmean(x[split["train"]], axis=(0, 2, 3)))
             x = np.where(np.isnan(x), mean[None, :, None, None], x)
-            train = x[split["train"]]
-        std = train.std(axis=(0, 2, 3))
-        del train
+        std = _channel_std(x, split["train"], mean)
         std = np.where(std > 0, std, 1.0)
-        x_scaled = {s: scale(x[i]) for s, i in split.items()}
+        x_scaled = {s: _scaled(x, i, mean, std) for s, i in split.items()}
     if not (np.isfinite(std).all() and all(np.isfinite(v).all() for v in x_scaled.values())):
         raise DataError(
             f"image data {raw.provenance.get('source')!r} holds intensities too large to standardise (their spread "
@@ -261,6 +255,41 @@ def prepare_images(raw: RawImages, cfg: DataConfig, *, seed: int) -> Dataset:
         },
         provenance=dict(raw.provenance),
     )
+
+
+# Per-channel statistics and scaling run over blocks of this many float64 elements of the selected images
+# at most, so the data stage never holds a float64 copy of a whole split (60,000 32x32 RGB images: a
+# 1.1 GB train copy, and as much again for each temporary of its standard deviation). A split that fits
+# in one block gives numpy's own mean and std bit for bit (the same sum, divided by the same count).
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _blocks(index: np.ndarray, per_row: int) -> list[np.ndarray]:
+    rows = max(1, _BLOCK_ELEMENTS // max(1, per_row))
+    return [index[s : s + rows] for s in range(0, len(index), rows)] or [index]
+
+
+def _channel_mean(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``x[index].mean(axis=(0, 2, 3))`` without the copy of ``x[index]``."""
+    total = sum(x[b].sum(axis=(0, 2, 3)) for b in _blocks(index, x[0].size))
+    return np.asarray(total) / (len(index) * x.shape[2] * x.shape[3])
+
+
+def _channel_std(x: np.ndarray, index: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``x[index].std(axis=(0, 2, 3))`` (two passes: ``mean`` first) without the copy of ``x[index]``."""
+    m = mean[None, :, None, None]
+    total = sum(np.square(x[b] - m).sum(axis=(0, 2, 3)) for b in _blocks(index, x[0].size))
+    return np.sqrt(np.asarray(total) / (len(index) * x.shape[2] * x.shape[3]))
+
+
+def _scaled(x: np.ndarray, index: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``((x[index] - mean) / std)`` per channel, as float32, written block by block."""
+    out = np.empty((len(index), *x.shape[1:]), dtype=np.float32)
+    m, sd, start = mean[None, :, None, None], std[None, :, None, None], 0
+    for b in _blocks(index, x[0].size):
+        out[start : start + len(b)] = (x[b] - m) / sd
+        start += len(b)
+    return out
 
 
 # --------------------------------------------------------------------------- files

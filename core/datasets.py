@@ -174,9 +174,10 @@ def load_images(spec: str) -> RawImages:
         raise DataError(
             f"image data {spec!r} is neither an .npz file nor a folder; save arrays x and y with numpy.savez"
         )
-    raw = path.read_bytes()
+    with path.open("rb") as f:  # hashed as a stream, and the arrays read from the file: no copy of its bytes
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+        with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in ("x", "y") if k not in archive.files]
             if missing:
                 raise DataError(
@@ -207,10 +208,10 @@ def load_images(spec: str) -> RawImages:
     _check_labels(y, spec)
     labels, y_index = np.unique(y, return_inverse=True)
     return RawImages(
-        x=x.astype(np.float64),
+        x=np.asarray(x, dtype=np.float64),
         y=y_index.astype(np.int64),
         class_names=tuple(str(v) for v in labels),
-        provenance={"source": str(path), "sha256": sha256_bytes(raw), "rows": int(len(y)), "shape": list(x.shape[1:])},
+        provenance={"source": str(path), "sha256": digest, "rows": int(len(y)), "shape": list(x.shape[1:])},
     )
 
 

@@ -142,6 +142,34 @@ def test_one_class_and_nan_images(tmp_path, rng):
     assert np.isfinite(data.prepare_images(raw, _cfg(nan_policy="impute"), seed=0).x["train"]).all()
 
 
+@pytest.mark.parametrize("nan_policy", ["error", "impute"])
+def test_image_standardisation_in_blocks_matches_numpy(monkeypatch, tmp_path, rng, nan_policy):
+    # per-channel mean/std on the train split and the scaled splits, computed block by block, against
+    # numpy on whole copies; one block gives numpy's figures bit for bit, several agree to rounding
+    x = rng.normal(3.0, 2.0, size=(90, 3, 6, 5)) * np.array([1.0, 10.0, 0.1])[None, :, None, None]
+    if nan_policy == "impute":
+        x[4, 1, 2, 2] = np.nan
+    raw = load_images(_npz(tmp_path, x=x, y=np.arange(90) % 3))
+    one = data.prepare_images(raw, _cfg(nan_policy=nan_policy), seed=0)
+    filled = raw.x.copy()
+    train = filled[one.index["train"]]
+    mean = np.nan_to_num(np.nanmean(train, axis=(0, 2, 3)))
+    filled = np.where(np.isnan(filled), mean[None, :, None, None], filled)
+    train = filled[one.index["train"]]
+    assert one.preprocessing["channel_mean"] == mean.tolist()
+    std = train.std(axis=(0, 2, 3))
+    assert one.preprocessing["channel_std"] == std.tolist()
+    for split, index in one.index.items():
+        want = ((filled[index] - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+        np.testing.assert_array_equal(one.x[split], want)
+    monkeypatch.setattr(data, "_BLOCK_ELEMENTS", 7 * 90)  # 7 images a block: the train split in several
+    many = data.prepare_images(raw, _cfg(nan_policy=nan_policy), seed=0)
+    np.testing.assert_allclose(many.preprocessing["channel_mean"], mean, rtol=1e-12)
+    np.testing.assert_allclose(many.preprocessing["channel_std"], std, rtol=1e-12)
+    for split in one.x:
+        np.testing.assert_allclose(many.x[split], one.x[split], rtol=1e-6, atol=1e-6)
+
+
 def test_image_folder(tmp_path, rng):
     from PIL import Image
 
