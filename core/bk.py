@@ -358,12 +358,15 @@ def _per_sample_conv_grads(
 
 
 # Poisson sampling gives nearly every step a batch size of its own, and oneDNN builds (JIT-compiles)
-# new convolution kernels for each new shape: ~4 ms a size for the digits CNN on this machine, against
-# ~13 ms for the whole DP step, paid by most steps of a short run. In a model with a Conv2d the batch is
-# padded with zero rows to a multiple of _BATCH_BUCKET, so a run sees a handful of shapes (±4σ of a
-# Poisson batch of 256 spans ~8 buckets) at ~3 % extra rows. (Linear layers run on BLAS, which compiles
-# nothing: padding only cost the diabetes MLP time.) The padding rows' outputs are cut off before the
-# loss, so their output gradients, per-sample gradients, norms and clipped-sum terms are exactly zero.
+# new convolution kernels for each new shape. The grouped per-sample route above (one group per sample)
+# took ~4 ms a new size on the digits CNN, against ~13 ms for the whole DP step, paid by most steps of a
+# short run. (Since its first layer takes the unfolded route, a new size costs the digits CNN ~1 ms, as
+# much as without DP, and padding neither helps nor hurts it measurably; the grouped route still serves
+# convolutions with d > _UNFOLD_MAX_PATCH.) In a model with a Conv2d the batch is padded with zero rows
+# to a multiple of _BATCH_BUCKET, so a run sees a handful of shapes (±4σ of a Poisson batch of 256 spans
+# ~8 buckets) at ~3 % extra rows. (Linear layers run on BLAS, which compiles nothing: padding only cost
+# the diabetes MLP time.) The padding rows' outputs are cut off before the loss, so their output
+# gradients, per-sample gradients, norms and clipped-sum terms are exactly zero.
 _BATCH_BUCKET = 16
 
 

@@ -183,27 +183,35 @@ def test_resume_from_checkpoint_continues_the_accounting(rng, dp):
         assert not _same_weights(full, resumed)
 
 
+def _noise_run(model, *, sigma, clip, y, generators, **kw):
+    """DP-SGD on 64 zero records of ``model``'s input width, batch 16, σ = ``sigma``, C = ``clip``."""
+    the_plan = privacy.plan(
+        dataclasses.replace(DP, noise_multiplier=sigma, target_epsilon=1e3),
+        n_samples=64,
+        batch_size=16,
+        max_grad_norm=clip,
+        epochs=1,
+    )
+    n_in = next(model.parameters()).shape[1]
+    return privacy.make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        torch.utils.data.TensorDataset(torch.zeros(64, n_in), y),
+        plan=the_plan,
+        sampling_generator=generators[0],
+        noise_generator=generators[1],
+        criterion=torch.nn.CrossEntropyLoss() if kw.get("grad_sample_mode") == "ghost" else None,
+        **kw,
+    )
+
+
 def test_noise_is_floating_point_safe_and_calibrated():
     """Opacus' 4-Gaussian noise recipe is on, and one noise-only step moves weights by N(0, (σC/B)²)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(200, 100)  # 20 100 parameters: the std estimate is within ~1%
     before = [p.detach().clone() for p in model.parameters()]
-    the_plan = privacy.plan(
-        dataclasses.replace(DP, noise_multiplier=2.0, target_epsilon=1e3),
-        n_samples=64,
-        batch_size=16,
-        max_grad_norm=0.5,
-        epochs=1,
-    )
     sampling, noise = privacy.dp_generators(DP, seed=0, noise_device="cpu")
-    run = privacy.make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=1.0),
-        torch.utils.data.TensorDataset(torch.zeros(64, 200), torch.zeros(64, 100)),
-        plan=the_plan,
-        sampling_generator=sampling,
-        noise_generator=noise,
-    )
+    run = _noise_run(model, sigma=2.0, clip=0.5, y=torch.zeros(64, 100), generators=(sampling, noise))
     assert run.optimizer.secure_mode is True and run.optimizer.generator is noise
     privacy.noise_only_step(run.model, run.optimizer)
     step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
@@ -223,23 +231,9 @@ def test_noise_drawn_at_once_has_opacus_distribution(engine):
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(150, 100), torch.nn.Linear(100, 60))  # 4 tensors, 21 160 coords
-    the_plan = privacy.plan(
-        dataclasses.replace(DP, noise_multiplier=1.5, target_epsilon=1e3),
-        n_samples=64,
-        batch_size=16,
-        max_grad_norm=0.4,
-        epochs=1,
-    )
-    run = privacy.make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=1.0),
-        torch.utils.data.TensorDataset(torch.zeros(64, 150), torch.zeros(64, dtype=torch.long)),
-        plan=the_plan,
-        sampling_generator=seeds.make_generator("cpu", 0),
-        noise_generator=seeds.make_generator("cpu", 1),
-        grad_sample_mode=engine,
-        criterion=torch.nn.CrossEntropyLoss(),
-    )
+    generators = (seeds.make_generator("cpu", 0), seeds.make_generator("cpu", 1))
+    y = torch.zeros(64, dtype=torch.long)
+    run = _noise_run(model, sigma=1.5, clip=0.4, y=y, generators=generators, grad_sample_mode=engine)
     opt, std = run.optimizer, 1.5 * 0.4
     params = opt.params
     for p in params:

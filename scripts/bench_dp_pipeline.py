@@ -1,0 +1,60 @@
+"""DP/non-DP epoch time of the digits CNN in the pipeline itself, at the same batch size.
+
+    python scripts/bench_dp_pipeline.py              # 8 interleaved pairs
+    python scripts/bench_dp_pipeline.py --pairs 4
+
+Each pair runs ``python -m pipeline --stages data,train`` twice in fresh processes: once with
+``dp.enabled=true`` (the CNN's DP schedule: batch 256, 40 epochs, tanh), once without DP on the same
+schedule (``cnn.fit`` set to ``cnn.dp_fit``'s values, tanh, no augmentation). It prints each run's
+``training.seconds_per_epoch`` from ``models/cnn.json``, each pair's ratio and the median. Pairs
+are interleaved so that a drift in the machine's load hits both sides alike. A benchmark, not a
+test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_REGRESSOR = ["regressor.fit.epochs=1", "regressor.dp_fit.epochs=1"]  # only the CNN is timed
+NON_DP = [
+    "cnn.activation=tanh",
+    "cnn.fit.epochs=40",
+    "cnn.fit.batch_size=256",
+    "cnn.fit.lr=3e-3",
+    "cnn.fit.augment_shift=0",
+]
+
+
+def seconds_per_epoch(overrides: list[str]) -> float:
+    """One fresh ``data,train`` run; the CNN's mean seconds per epoch."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "pipeline", "--quiet", "--out", out, "--stages", "data,train"]
+        subprocess.run([*cmd, *QUICK_REGRESSOR, *overrides], cwd=ROOT, check=True, capture_output=True)
+        (record,) = Path(out).glob("*/models/cnn.json")
+        return float(json.loads(record.read_text())["training"]["seconds_per_epoch"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=8, help="interleaved (non-DP, DP) pairs")
+    args = ap.parse_args(argv)
+    with open("/proc/loadavg") as f:
+        print(f"load average at start: {' '.join(f.read().split()[:3])}")
+    print(f"{'pair':>4} {'non-DP ms/epoch':>16} {'DP ms/epoch':>12} {'ratio':>6}")
+    ratios = []
+    for i in range(1, args.pairs + 1):
+        plain, private = seconds_per_epoch(NON_DP), seconds_per_epoch(["dp.enabled=true"])
+        ratios.append(private / plain)
+        print(f"{i:>4} {plain * 1e3:>16.1f} {private * 1e3:>12.1f} {ratios[-1]:>5.2f}x")
+    print(f"ratio median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
