@@ -307,15 +307,13 @@ def _per_sample_conv_grads_unfolded(layer: nn.Conv2d, a: torch.Tensor, b: torch.
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
     ph, pw = ghost_conv.numeric_padding(layer)
     ho, wo = b.shape[2:]
-    ap = torch.nn.functional.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    ap = torch.nn.functional.pad(a, (pw, pw, ph, ph)).contiguous()  # (B, C, H_p, W_p)
+    sn, sc, sy, sx = ap.stride()
+    # every patch as a strided view of the padded input, copied once into U's rows in the weight's (C_in, k_h, k_w) order
+    windows = ap.as_strided((n, c, kh, kw, ho, wo), (sn, sc, sy * dh, sx * dw, sy * sh, sx * sw))
     d = c * kh * kw
     u = a.new_empty(n, d + int(bias), ho * wo)
-    patches = u[:, :d].view(n, c, kh, kw, ho, wo)  # U's rows in the weight's (C_in, k_h, k_w) order
-    for i in range(kh):
-        for j in range(kw):
-            patches[:, :, i, j] = ap[
-                :, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw
-            ]
+    u[:, :d].view(n, c, kh, kw, ho, wo).copy_(windows)
     if bias:
         u[:, d] = 1
     return torch.bmm(u, b.reshape(n, b.shape[1], ho * wo).transpose(1, 2))

@@ -168,7 +168,7 @@ def _offset_sum(pix: torch.Tensor, axis: int, n_out: int, k: int, stride: int, d
         ix_dst: list[slice] = [slice(None)] * pix.dim()
         ix_src[axis] = ix_src[axis + 2] = slice(stride * lo + first, stride * hi + first + 1, stride)
         ix_dst[axis] = ix_dst[axis + 2] = slice(lo, hi + 1)
-        total[tuple(ix_dst)] += pix[tuple(ix_src)]
+        total[tuple(ix_dst)].add_(pix[tuple(ix_src)])
     return total
 
 

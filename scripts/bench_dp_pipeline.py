@@ -5,16 +5,19 @@
 
 Each pair runs ``python -m pipeline --stages data,train`` twice in fresh processes: once with
 ``dp.enabled=true`` (the CNN's DP schedule: batch 256, 40 epochs, tanh), once without DP on the same
-schedule (``cnn.fit`` set to ``cnn.dp_fit``'s values, tanh, no augmentation). It prints each run's
-``training.seconds_per_epoch`` from ``models/cnn.json``, each pair's ratio and the median. Pairs
-are interleaved so that a drift in the machine's load hits both sides alike. A benchmark, not a
-test: it asserts nothing.
+schedule (``cnn.fit`` set to ``cnn.dp_fit``'s values, tanh, no augmentation). The same batch size:
+under DP a batch of 256 is a Poisson rate q = 1/ceil(n/256), so the expected batch is n·q (215.6 for
+the 1,078 training digits, 5 steps an epoch); the non-DP run takes that size, rounded, unless
+``--non-dp-batch`` names another. It prints each run's ``training.seconds_per_epoch`` from
+``models/cnn.json``, each pair's ratio and the median. Pairs are interleaved so that a drift in the
+machine's load hits both sides alike. A benchmark, not a test: it asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -23,36 +26,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_REGRESSOR = ["regressor.fit.epochs=1", "regressor.dp_fit.epochs=1"]  # only the CNN is timed
-NON_DP = [
-    "cnn.activation=tanh",
-    "cnn.fit.epochs=40",
-    "cnn.fit.batch_size=256",
-    "cnn.fit.lr=3e-3",
-    "cnn.fit.augment_shift=0",
-]
+NON_DP = ["cnn.activation=tanh", "cnn.fit.epochs=40", "cnn.fit.lr=3e-3", "cnn.fit.augment_shift=0"]
+DP_BATCH = 256  # cnn.dp_fit.batch_size's default
 
 
-def seconds_per_epoch(overrides: list[str]) -> float:
-    """One fresh ``data,train`` run; the CNN's mean seconds per epoch."""
+def cnn_training(overrides: list[str]) -> dict:
+    """One fresh ``data,train`` run; the CNN's training record (``models/cnn.json``)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "pipeline", "--quiet", "--out", out, "--stages", "data,train"]
         subprocess.run([*cmd, *QUICK_REGRESSOR, *overrides], cwd=ROOT, check=True, capture_output=True)
         (record,) = Path(out).glob("*/models/cnn.json")
-        return float(json.loads(record.read_text())["training"]["seconds_per_epoch"])
+        return json.loads(record.read_text())["training"]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=8, help="interleaved (non-DP, DP) pairs")
+    ap.add_argument("--pairs", type=int, default=8, help="interleaved (DP, non-DP) pairs")
+    ap.add_argument("--non-dp-batch", type=int, default=0, help="non-DP batch size (default: the DP expected batch)")
     args = ap.parse_args(argv)
     with open("/proc/loadavg") as f:
         print(f"load average at start: {' '.join(f.read().split()[:3])}")
-    print(f"{'pair':>4} {'non-DP ms/epoch':>16} {'DP ms/epoch':>12} {'ratio':>6}")
+    print(f"{'pair':>4} {'DP ms/epoch':>12} {'non-DP ms/epoch':>16} {'batch':>6} {'ratio':>6}")
     ratios = []
     for i in range(1, args.pairs + 1):
-        plain, private = seconds_per_epoch(NON_DP), seconds_per_epoch(["dp.enabled=true"])
-        ratios.append(private / plain)
-        print(f"{i:>4} {plain * 1e3:>16.1f} {private * 1e3:>12.1f} {ratios[-1]:>5.2f}x")
+        private = cnn_training(["dp.enabled=true"])
+        n = int(private["n_train"])
+        batch = args.non_dp_batch or round(n / math.ceil(n / DP_BATCH))
+        plain = cnn_training([*NON_DP, f"cnn.fit.batch_size={batch}"])
+        ratios.append(private["seconds_per_epoch"] / plain["seconds_per_epoch"])
+        print(
+            f"{i:>4} {private['seconds_per_epoch'] * 1e3:>12.1f} {plain['seconds_per_epoch'] * 1e3:>16.1f} "
+            f"{batch:>6} {ratios[-1]:>5.2f}x"
+        )
     print(f"ratio median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x")
 
 
