@@ -5,8 +5,9 @@
 
 Each step generates a table (rows x 10 numeric features + target, written as CSV) and an
 image set (``.npz``), then runs the stages data -> train (1 tiny epoch, non-DP) -> evaluate
-(bootstrap CIs on the whole test split) -> explain (a small sample), each in a fresh
-process, and prints wall time and peak resident memory (sampled every 5 ms) per stage. It
+(bootstrap CIs on the whole test split) -> explain (a small sample), one fresh process per
+size, and prints wall time and peak resident memory (sampled every 5 ms) per stage; a stage's
+peak includes what earlier stages of that size still hold. It
 also loads the CSV alone (core.datasets.load_table) and reports its peak memory as a
 multiple of the CSV's size. A benchmark, not a test: it asserts nothing.
 """
