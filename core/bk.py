@@ -265,19 +265,13 @@ def _layer_sq_norms(
             return (total + bsq if bias_on else total), (b if bias_on else None), None
         norms = compute_linear_norm_sample(layer, [a], b)  # sequences: Opacus' Gram identity
         return torch.stack(list(norms.values()), dim=1).square().sum(dim=1), None, None
-    t = b.shape[2] * b.shape[3]
-    if (
-        n > 0
-        and layer.groups == 1
-        and w_on
-        and not ghost_conv.use_ghost(layer, t)
-        and _patch_size(layer) <= _UNFOLD_MAX_PATCH
-    ):
+    t, d = b.shape[2] * b.shape[3], _patch_size(layer)
+    own_route = n > 0 and layer.groups == 1 and w_on  # else Opacus' conv norm sampler
+    if own_route and not ghost_conv.use_ghost(layer, t) and d <= _UNFOLD_MAX_PATCH:
         g = _per_sample_conv_grads_unfolded(layer, a, b, bias_on)  # (B, d [+ 1], p)
-        d = _patch_size(layer)
         return _sq(g), (g[:, d] if bias_on else None), g[:, :d].transpose(1, 2)
     bias_g = b.sum(dim=(2, 3)) if bias_on else None  # (B, p)
-    if n == 0 or layer.groups != 1 or not w_on:
+    if not own_route:
         norms = ghost_conv.conv2d_norm_sample(layer, [a], b)
         return torch.stack(list(norms.values()), dim=1).square().sum(dim=1), bias_g, None
     if ghost_conv.use_ghost(layer, t):

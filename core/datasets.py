@@ -174,7 +174,10 @@ def load_images(spec: str) -> RawImages:
         raise DataError(
             f"image data {spec!r} is neither an .npz file nor a folder; save arrays x and y with numpy.savez"
         )
-    with path.open("rb") as f:  # hashed as a stream, and the arrays read from the file: no copy of its bytes
+    # Hashed as a stream and the arrays read from the file: no copy of its bytes is held. A file that
+    # changes in between is refused (size and modification time before the hash, after the read).
+    before = path.stat()
+    with path.open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -188,6 +191,9 @@ def load_images(spec: str) -> RawImages:
         raise DataError(
             f"{spec!r} is not a readable .npz archive without pickled objects ({exc}); save it with numpy.savez"
         ) from None
+    after = path.stat()
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        raise DataError(f"{spec!r} changed while it was being read; run again once nothing writes to it")
     for name, arr in (("x", x), ("y", y)):
         if np.iscomplexobj(arr):
             raise DataError(f"{name} in {spec!r} has complex dtype {arr.dtype}; only real numbers are accepted")

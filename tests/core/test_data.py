@@ -1,3 +1,7 @@
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -128,6 +132,23 @@ def test_npz_shapes(tmp_path, rng, shape):
 def test_bad_npz(tmp_path, arrays, fragment):
     with pytest.raises(DataError, match=fragment):
         load_images(_npz(tmp_path, **arrays))
+
+
+def test_npz_changed_while_read_is_refused(monkeypatch, tmp_path, rng):
+    # the recorded sha256 is of the file as hashed; the arrays come from a second read of it
+    path = _npz(tmp_path, x=rng.random((10, 8, 8)), y=np.arange(10) % 2)
+    real_load = np.load
+
+    def load_then_touch(*args, **kwargs):
+        out = real_load(*args, **kwargs)
+        os.utime(path, ns=(1, 1))  # another writer between the hash and the read
+        return out
+
+    monkeypatch.setattr(np, "load", load_then_touch)
+    with pytest.raises(DataError, match="changed while it was being read"):
+        load_images(path)
+    monkeypatch.setattr(np, "load", real_load)
+    assert load_images(path).provenance["sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def test_one_class_and_nan_images(tmp_path, rng):

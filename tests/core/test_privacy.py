@@ -258,6 +258,28 @@ def test_noise_drawn_at_once_has_opacus_distribution(engine):
     run.close()
 
 
+def test_noise_at_once_with_mixed_dtypes_draws_per_tensor():
+    """Parameters of two dtypes: Opacus' own per-tensor draws, each sum noised once in its dtype."""
+    from opacus.optimizers import DPOptimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3000, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(4000))]
+    opt = DPOptimizer(
+        torch.optim.SGD(params, lr=1.0),
+        noise_multiplier=2.0,
+        max_grad_norm=0.5,
+        expected_batch_size=8,
+        secure_mode=True,
+    )
+    opt.add_noise = types.MethodType(privacy._add_noise_at_once, opt)
+    for p in params:
+        p.summed_grad = torch.zeros_like(p)
+    opt.add_noise()
+    for p in params:
+        assert p.grad.dtype == p.dtype and float(p.grad.std()) == pytest.approx(1.0, rel=0.06)
+    with pytest.raises(ValueError):
+        opt.add_noise()
+
+
 def test_noise_generator_lives_on_the_parameters_device():
     for dp in (DP, SEEDED):
         sampling, noise = privacy.dp_generators(dp, seed=3, noise_device=torch.device("cpu"))
