@@ -34,8 +34,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def secagg_mod(msg: Message, ctxt: Context, call_next) -> Message:
-    """:func:`federated.secagg.secagg_mod` (the client's SecAgg+ gate on ``train``)."""
-    from federated.secagg import secagg_mod as gate
+    """:func:`federated.secagg_client.secagg_mod` (the client's SecAgg+ gate on ``train``)."""
+    from federated.secagg_client import secagg_mod as gate
 
     return gate(msg, ctxt, call_next)
 

@@ -1,7 +1,7 @@
 """The Flower ClientApp's handlers: thin, around the pipeline's training core.
 
 The ClientApp object Flower loads is :data:`federated.apps.client`, which registers these handlers
-(``train`` behind :func:`federated.secagg.secagg_mod`) and imports this module with its first message.
+(``train`` behind :func:`federated.secagg_client.secagg_mod`) and imports this module with its first message.
 
 Each client trains the global model on its partition with :func:`core.training.fit`
 (DP-SGD when ``dp.enabled``), with the noise multiplier derived for the whole run

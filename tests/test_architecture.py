@@ -20,7 +20,7 @@ LAYER = {"core": 0, "explain": 0, "federated": 1, "pipeline": 2}
 LAZY_ALLOWED = {
     ("federated.apps", "federated.server_app"),
     ("federated.apps", "federated.client_app"),
-    ("federated.apps", "federated.secagg"),
+    ("federated.apps", "federated.secagg_client"),
     ("pipeline.train", "federated.simulation"),
     ("core.privacy", "core.accounting"),
     ("core.privacy", "core.bk"),

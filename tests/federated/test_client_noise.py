@@ -33,7 +33,7 @@ from core.config import ClientDPConfig
 from core.errors import ConfigError
 from core.privacy_check import check_epsilon, independent_epsilons
 from core.user_privacy import dp_fedavg_aggregate, plan_user_dp
-from federated import secagg
+from federated import secagg, secagg_client
 from federated.server_app import main
 from federated.strategies import RoundFailedError
 from federated.workdir import read_result
@@ -138,11 +138,11 @@ def test_a_client_refuses_an_upload_secagg_would_clip(monkeypatch):
     noise = type(noise)(**{**noise.to_dict(), "clipping_range": 0.01})  # far too narrow for the noise
     content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "partition-id": 0})})
     with pytest.raises(secagg.SecAggRefusal, match="outside the SecAgg\\+ range"):
-        secagg._dp_fitres_record(
+        secagg_client._dp_fitres_record(
             content,
             ["w"],
             [np.zeros(100, np.float32)],
-            secagg._ClientDP(plan, noise, quantization_step=1e-6),
+            secagg_client._ClientDP(plan, noise, quantization_step=1e-6),
             sampled=False,
         )
 
@@ -151,7 +151,7 @@ def test_a_client_refuses_an_upload_secagg_would_clip(monkeypatch):
 def uploads(monkeypatch):
     """Seeded sampling and noise; every client's clipped update and noised upload, and what it masked."""
     seen = SimpleNamespace(noised=[], masked_input=[])
-    monkeypatch.setattr(secagg, "noise_rng", lambda: np.random.default_rng(len(seen.noised) + 11))
+    monkeypatch.setattr(secagg_client, "noise_rng", lambda: np.random.default_rng(len(seen.noised) + 11))
     monkeypatch.setattr(secagg, "private_rng", lambda: np.random.default_rng(5))
 
     def spy_upload(global_weights, weights, **kw):
@@ -160,7 +160,7 @@ def uploads(monkeypatch):
         seen.noised.append({"clean": clean, "upload": out, "sampled": weights is not None})
         return out, norm
 
-    monkeypatch.setattr(secagg, "noisy_upload", spy_upload)
+    monkeypatch.setattr(secagg_client, "noisy_upload", spy_upload)
     original = client_mod._collect_masked_vectors
 
     def collect(state, configs, num_examples, parameters):
