@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,16 +182,20 @@ def load_images(spec: str) -> RawImages:
     with path.open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone .npy array under an .npz name
+            raise DataError(f"{spec!r} holds one .npy array, not an .npz archive; save x and y with numpy.savez")
+        with loaded as archive:
             missing = [k for k in ("x", "y") if k not in archive.files]
             if missing:
                 raise DataError(
                     f"{spec!r} lacks array(s) {', '.join(missing)}; it has {', '.join(archive.files) or 'none'}; save x (images) and y (labels)"
                 )
             x, y = archive["x"], archive["y"]
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # empty, truncated, corrupt
         raise DataError(
-            f"{spec!r} is not a readable .npz archive without pickled objects ({exc}); save it with numpy.savez"
+            f"{spec!r} is not a readable .npz archive without pickled objects ({exc or type(exc).__name__}); "
+            "save it with numpy.savez"
         ) from None
     after = path.stat()
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):

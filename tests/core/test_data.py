@@ -134,6 +134,22 @@ def test_bad_npz(tmp_path, arrays, fragment):
         load_images(_npz(tmp_path, **arrays))
 
 
+def test_unreadable_npz_files_get_one_line_errors(tmp_path):
+    good = Path(_npz(tmp_path, x=np.zeros((10, 8, 8)), y=np.arange(10) % 2)).read_bytes()
+    lone_npy = tmp_path / "lone.npy"
+    np.save(lone_npy, np.zeros((10, 8, 8)))
+    cases = {
+        "empty.npz": (b"", "not a readable .npz"),
+        "lone.npz": (lone_npy.read_bytes(), "one .npy array"),
+        "truncated.npz": (good[: len(good) // 2], "not a readable .npz"),
+        "text.npz": (b"x,y\n1,2\n", "not a readable .npz"),
+    }
+    for name, (content, fragment) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=fragment):
+            load_images(str(tmp_path / name))
+
+
 def test_npz_changed_while_read_is_refused(monkeypatch, tmp_path, rng):
     # the recorded sha256 is of the file as hashed; the arrays come from a second read of it
     path = _npz(tmp_path, x=rng.random((10, 8, 8)), y=np.arange(10) % 2)
