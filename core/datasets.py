@@ -251,12 +251,17 @@ def _check_labels(y: np.ndarray, spec: str) -> None:
         return
     if y.dtype.kind != "f":
         raise DataError(f"y in {spec!r} has dtype {y.dtype}; give integer or string class labels")
-    finite = y[np.isfinite(y)]
-    fractional = finite[finite != np.round(finite)]
+    missing = ~np.isfinite(y)
+    if missing.any():  # np.unique would make "nan" a class of its own
+        raise DataError(
+            f"y in {spec!r} has {int(missing.sum())} NaN/inf label(s) (first: row {int(np.flatnonzero(missing)[0])}); "
+            "every image needs a class label: label those images or remove them"
+        )
+    fractional = y[y != np.round(y)]
     if fractional.size:
         raise DataError(
             f"labels look continuous: y in {spec!r} has {fractional.size} non-integer value(s) (e.g. {fractional[0]:g}) "
-            f"among {np.unique(finite).size} distinct values; the CNN is a classifier, give integer or string class labels"
+            f"among {np.unique(y).size} distinct values; the CNN is a classifier, give integer or string class labels"
         )
 
 

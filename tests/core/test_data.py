@@ -150,6 +150,12 @@ def test_unreadable_npz_files_get_one_line_errors(tmp_path):
             load_images(str(tmp_path / name))
 
 
+def test_nan_labels_are_refused_not_made_a_class(tmp_path, rng):
+    y = np.where(np.arange(60) % 3 == 0, np.nan, np.arange(60) % 2)
+    with pytest.raises(DataError, match="20 NaN/inf label\\(s\\) \\(first: row 0\\)"):
+        load_images(_npz(tmp_path, x=rng.random((60, 8, 8)), y=y))
+
+
 def test_npz_changed_while_read_is_refused(monkeypatch, tmp_path, rng):
     # the recorded sha256 is of the file as hashed; the arrays come from a second read of it
     path = _npz(tmp_path, x=rng.random((10, 8, 8)), y=np.arange(10) % 2)
