@@ -40,6 +40,7 @@ import torch
 import torch.nn.grad
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from opacus.optimizers.optimizer import DPOptimizer
+from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 from core import ghost_conv
@@ -296,21 +297,19 @@ _UNFOLD_MAX_PATCH = 32
 
 def _per_sample_conv_grads_unfolded(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor, bias: bool) -> torch.Tensor:
     """Per-sample gradients (B, d [+ 1], p) of a ``groups=1`` Conv2d: ``U_i B_iᵀ`` with ``U_i`` the unfolded
-    input (d, T), and, when ``bias``, a last row ``Σ_t B_i[t]`` (the bias gradient, from a row of ones in U)."""
-    n, c = a.shape[:2]
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
-    ph, pw = ghost_conv.numeric_padding(layer)
-    ho, wo = b.shape[2:]
-    ap = torch.nn.functional.pad(a, (pw, pw, ph, ph)).contiguous()  # (B, C, H_p, W_p)
-    sn, sc, sy, sx = ap.stride()
-    # every patch as a strided view of the padded input, copied once into U's rows in the weight's (C_in, k_h, k_w) order
-    windows = ap.as_strided((n, c, kh, kw, ho, wo), (sn, sc, sy * dh, sx * dw, sy * sh, sx * sw))
-    d = c * kh * kw
-    u = a.new_empty(n, d + int(bias), ho * wo)
-    u[:, :d].view(n, c, kh, kw, ho, wo).copy_(windows)
+    input (d, T) (Opacus' ``unfold2d``), and, when ``bias``, a last row ``Σ_t B_i[t]`` (the bias gradient,
+    from a row of ones appended to U)."""
+    n = a.shape[0]
+    u = unfold2d(
+        a,
+        kernel_size=layer.kernel_size,
+        padding=ghost_conv.numeric_padding(layer),
+        stride=layer.stride,
+        dilation=layer.dilation,
+    )  # (B, d, T), rows in the weight's (C_in, k_h, k_w) order
     if bias:
-        u[:, d] = 1
-    return torch.bmm(u, b.reshape(n, b.shape[1], ho * wo).transpose(1, 2))
+        u = torch.cat([u, u.new_ones(n, 1, u.shape[2])], dim=1)
+    return torch.bmm(u, b.reshape(n, b.shape[1], -1).transpose(1, 2))
 
 
 # Per-sample convolution weight gradients are computed a block of samples at a time, as one grouped
