@@ -25,9 +25,18 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core.config import CNNConfig  # noqa: E402
+
 QUICK_REGRESSOR = ["regressor.fit.epochs=1", "regressor.dp_fit.epochs=1"]  # only the CNN is timed
-NON_DP = ["cnn.activation=tanh", "cnn.fit.epochs=40", "cnn.fit.lr=3e-3", "cnn.fit.augment_shift=0"]
-DP_BATCH = 256  # cnn.dp_fit.batch_size's default
+DP_FIT, DP_ACTIVATION = CNNConfig().dp_fit, CNNConfig().dp_activation  # the DP schedule, from the config defaults
+NON_DP = [
+    f"cnn.activation={DP_ACTIVATION}",
+    f"cnn.fit.epochs={DP_FIT.epochs}",
+    f"cnn.fit.lr={DP_FIT.lr}",
+    f"cnn.fit.augment_shift={DP_FIT.augment_shift}",
+]
 
 
 def cnn_training(overrides: list[str]) -> dict:
@@ -51,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(1, args.pairs + 1):
         private = cnn_training(["dp.enabled=true"])
         n = int(private["n_train"])
-        batch = args.non_dp_batch or round(n / math.ceil(n / DP_BATCH))
+        batch = args.non_dp_batch or round(n / math.ceil(n / DP_FIT.batch_size))
         plain = cnn_training([*NON_DP, f"cnn.fit.batch_size={batch}"])
         ratios.append(private["seconds_per_epoch"] / plain["seconds_per_epoch"])
         print(
