@@ -1,1 +1,2 @@
-"""Federated training with Flower: the ServerApp/ClientApp, strategies, partitioners, launchers (see README.md)."""
+"""Federated training with Flower: ``app/`` (what ``flwr run`` loads), ``launch/`` (how it is started), ``patches/``
+(Flower internals). See README.md."""

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import config as config_mod
-from core.errors import ConfigError, UserError
-from core.training import resolve_device
+from auditml_core import config as config_mod
+from auditml_core.errors import ConfigError, UserError
+from auditml_core.training import resolve_device
 from pipeline import evidence, predict, runner
 from pipeline.rundir import RunDir
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _peak_tree_rss_mb() -> float:
     """Peak summed RSS of this process and its children (Flower, Ray) during a federated run; 0 if none ran."""
-    launcher = sys.modules.get("federated.launcher")  # loaded only if a federated run happened
+    launcher = sys.modules.get("federated.launch.processes")  # loaded only if a federated run happened
     return launcher.peak_tree_rss_mb() if launcher is not None else 0.0
 
 

@@ -5,7 +5,7 @@ For each registered model the stage attacks ``n`` training records (members) and
 
 - the loss-threshold attack (Yeom et al. 2018) and
 - online LiRA with a fixed variance (Carlini et al. 2022), whose ``audit.n_shadows`` shadow models are
-  trained by :func:`core.training.fit` with the audited model's own settings (architecture, ``fit`` or
+  trained by :func:`auditml_core.training.fit` with the audited model's own settings (architecture, ``fit`` or
   ``dp_fit``, DP and public pretraining when the run used them) on halves of the attacked records:
   the data the attacker is allowed to use.
 
@@ -15,7 +15,7 @@ An attack that cannot separate the control's members is toothless, and the repor
 
 The statistics (AUC with a bootstrap interval, TPR at FPR 1% and 0.1% with Clopper–Pearson intervals,
 the (ε, δ)-DP bound, an empirical ε lower bound on held-out threshold selection) come from
-:mod:`core.mia`.
+:mod:`auditml_core.privacy.mia`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import mia, models, placement, seeds, training
-from core.artifacts import json_bytes, npz_bytes, read_json, read_npz
-from core.config import Config, FitConfig
-from core.data import Dataset
-from core.teacher import TrainedModel, fit_config, public_pretrain
+from auditml_core import models, placement, seeds, training
+from auditml_core.artifacts import json_bytes, npz_bytes, read_json, read_npz
+from auditml_core.config import Config, FitConfig
+from auditml_core.data import Dataset
+from auditml_core.privacy import mia
+from auditml_core.teacher import TrainedModel, fit_config, public_pretrain
 
 log = logging.getLogger(__name__)
 FPRS = (0.01, 0.001)  # false-positive rates at which TPR is reported
@@ -115,7 +116,7 @@ def audit_model(
 ) -> dict[str, Any]:
     """Attack one released model and its positive control; returns the record and the raw scores.
 
-    ``device`` is where the shadows and the control train (the stage's :class:`core.placement.Placement`).
+    ``device`` is where the shadows and the control train (the stage's :class:`auditml_core.placement.Placement`).
     """
     device = device or torch.device("cpu")
     a = cfg.audit
@@ -182,7 +183,7 @@ def audit_model(
         "shadows": {
             "n": a.n_shadows,
             "variant": LIRA_VARIANT,
-            "trained_by": "core.training.fit",
+            "trained_by": "auditml_core.training.fit",
             "training_data": "balanced halves of the attacked records (each record in exactly half the shadows)",
             "epochs": shadow_fit.epochs,
             "dp": dp_on,

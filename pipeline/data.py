@@ -1,12 +1,12 @@
-"""Stage ``data``: load, validate, split and standardise both datasets (the work is :mod:`core.data`)."""
+"""Stage ``data``: load, validate, split and standardise both datasets (the work is :mod:`auditml_core.data`)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from core import data as core_data
-from core.config import Config
-from core.data import Datasets
+from auditml_core import data as core_data
+from auditml_core.config import Config
+from auditml_core.data import Datasets
 
 
 def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> Datasets:

@@ -27,13 +27,14 @@ import torch
 from sklearn.tree import DecisionTreeRegressor, export_text
 from torch import nn
 
-from core import models, placement, privacy, training
-from core.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
-from core.config import Config
-from core.data import Dataset
-from core.errors import DataError, TrainingDivergedError
-from core.seeds import derive_seed
-from core.teacher import TrainedModel
+from auditml_core import models, placement, training
+from auditml_core.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
+from auditml_core.config import Config
+from auditml_core.data import Dataset
+from auditml_core.errors import DataError, TrainingDivergedError
+from auditml_core.privacy import dp_sgd as privacy
+from auditml_core.seeds import derive_seed
+from auditml_core.teacher import TrainedModel
 from explain import compare_variants
 from pipeline.train import diverged
 

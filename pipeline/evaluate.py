@@ -15,12 +15,12 @@ import numpy as np
 from sklearn import metrics as skm
 from torch import nn
 
-from core import placement, training
-from core.artifacts import json_bytes, read_json
-from core.config import Config
-from core.data import Dataset
-from core.models import MODELS
-from core.teacher import TrainedModel
+from auditml_core import placement, training
+from auditml_core.artifacts import json_bytes, read_json
+from auditml_core.config import Config
+from auditml_core.data import Dataset
+from auditml_core.models import MODELS
+from auditml_core.teacher import TrainedModel
 from pipeline.train import TrainOutput
 
 N_BOOTSTRAP = 1000  # resamples for the 95% confidence intervals

@@ -19,9 +19,9 @@ import base64
 import os
 from pathlib import Path
 
-from core.artifacts import atomic_write, read_json
-from core.config import load_config
-from core.errors import ConfigError, RunDirError
+from auditml_core.artifacts import atomic_write, read_json
+from auditml_core.config import load_config
+from auditml_core.errors import ConfigError, RunDirError
 from pipeline import runner
 from pipeline.rundir import MANIFEST, SIGNATURE, RunDir
 

@@ -33,13 +33,13 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from torch import nn
 
-from core import placement
-from core.artifacts import json_bytes, npz_bytes, read_json, read_npz
-from core.config import Config, ExplainConfig
-from core.data import Dataset
-from core.errors import DataError
-from core.models import MODELS
-from core.seeds import derive_seed
+from auditml_core import placement
+from auditml_core.artifacts import json_bytes, npz_bytes, read_json, read_npz
+from auditml_core.config import Config, ExplainConfig
+from auditml_core.data import Dataset
+from auditml_core.errors import DataError
+from auditml_core.models import MODELS
+from auditml_core.seeds import derive_seed
 from explain import (
     Explanation,
     additivity_error,
@@ -243,7 +243,7 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
 
     Parameters
     ----------
-    name : a key of ``core.models.MODELS``.
+    name : a key of ``auditml_core.models.MODELS``.
     model : a plain eval-mode module (``TrainedModel.build()``), never an Opacus-wrapped one.
     ds : its prepared dataset.
     ecfg : the ``explain`` config section.

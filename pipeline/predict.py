@@ -31,10 +31,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import models, training
-from core.artifacts import atomic_open, atomic_write, json_bytes, npz_bytes, read_json, read_npz, read_state_dict
-from core.datasets import IMAGE_SUFFIXES, decode_image
-from core.errors import DataError, RunDirError, UserError
+from auditml_core import models, training
+from auditml_core.artifacts import (
+    atomic_open,
+    atomic_write,
+    json_bytes,
+    npz_bytes,
+    read_json,
+    read_npz,
+    read_state_dict,
+)
+from auditml_core.datasets import IMAGE_SUFFIXES, decode_image
+from auditml_core.errors import DataError, RunDirError, UserError
 from explain import get_explainer
 from pipeline import distill
 from pipeline.rundir import CONFIG, RunDir, library_versions, sha256_file
@@ -148,7 +156,7 @@ def load_served(run_dir: str | Path, *, name: str, which: str = "student") -> Se
     Parameters
     ----------
     run_dir : a run directory written by ``python -m pipeline``.
-    name : registry name of the model (:data:`core.models.MODELS`).
+    name : registry name of the model (:data:`auditml_core.models.MODELS`).
     which : ``"teacher"`` or ``"student"`` (the distilled model).
 
     Raises
@@ -208,7 +216,7 @@ def load_served(run_dir: str | Path, *, name: str, which: str = "student") -> Se
 
 
 def standardise(served: ServedModel, raw: np.ndarray) -> np.ndarray:
-    """Raw inputs -> the model's inputs, with the same float64 arithmetic as :mod:`core.data` (then float32)."""
+    """Raw inputs -> the model's inputs, with the same float64 arithmetic as :mod:`auditml_core.data` (then float32)."""
     p = served.preprocessing
     # C order: a column-major chunk (pandas) would take another BLAS path and differ in the last float32 bit.
     raw = np.ascontiguousarray(raw, dtype=np.float64)

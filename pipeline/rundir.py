@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from core import privacy
-from core.artifacts import atomic_write, json_bytes, read_json
-from core.errors import RunDirError
+from auditml_core.artifacts import atomic_write, json_bytes, read_json
+from auditml_core.errors import RunDirError
+from auditml_core.privacy import dp_sgd as privacy
 
 MANIFEST = "manifest.json"
 CONFIG = "config.toml"

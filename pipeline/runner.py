@@ -20,11 +20,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable
 
-from core.artifacts import json_bytes, read_json
-from core.config import Config
-from core.errors import ConfigError, RunDirError, UserError
-from core.runtime import Runtime
-from core.seeds import stage_seed
+from auditml_core.artifacts import json_bytes, read_json
+from auditml_core.config import Config
+from auditml_core.errors import ConfigError, RunDirError, UserError
+from auditml_core.runtime import Runtime
+from auditml_core.seeds import stage_seed
 from pipeline.rundir import LEDGER_DIR, RunDir, damaged
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Stage ``train``: every registered model (and the regressor's Ridge baseline), central or federated, optionally DP.
 
-Every model goes through the one training core (:func:`core.training.fit`); the
+Every model goes through the one training core (:func:`auditml_core.training.fit`); the
 federated path runs the same core inside Flower ClientApps.
 """
 
@@ -15,13 +15,21 @@ import torch
 from sklearn.linear_model import Ridge
 from torch import nn
 
-from core import models, placement, seeds, training
-from core.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
-from core.config import Config
-from core.data import Dataset
-from core.errors import TrainingDivergedError
-from core.runtime import Runtime
-from core.teacher import RidgeBaseline, TrainedModel, fit_config, fit_section, model_specs, preflight, public_pretrain
+from auditml_core import models, placement, seeds, training
+from auditml_core.artifacts import json_bytes, read_json, read_state_dict, state_dict_bytes
+from auditml_core.config import Config
+from auditml_core.data import Dataset
+from auditml_core.errors import TrainingDivergedError
+from auditml_core.runtime import Runtime
+from auditml_core.teacher import (
+    RidgeBaseline,
+    TrainedModel,
+    fit_config,
+    fit_section,
+    model_specs,
+    preflight,
+    public_pretrain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
     ----------
     cfg : resolved configuration.
     inputs : ``{"data": {"tabular": Dataset, "images": Dataset}}``.
-    seed : stage seed; each model derives its own (:func:`core.seeds.model_seed`).
+    seed : stage seed; each model derives its own (:func:`auditml_core.seeds.model_seed`).
     runtime : progress bars and the checkpoint store (default: none).
 
     Returns
@@ -75,13 +83,13 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
                 device.type,
                 cfg.train.device,
                 "federated: every client resolves train.device itself (auto = CUDA when present); "
-                "the size rule of core.placement is not applied to clients",
+                "the size rule of auditml_core.placement is not applied to clients",
                 0.0,
                 0.0,
             )
         )
         # lazily: Flower and Ray take seconds to import
-        from federated.simulation import train_federated, train_federated_models
+        from federated.launch.simulation import train_federated, train_federated_models
 
         model_seeds = {name: seeds.derive_seed(seed, name) for name in models.MODELS}
         if seed == seeds.stage_seed(cfg.seed, "train"):  # the runner's seed: the apps derive the same ones

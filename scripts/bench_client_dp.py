@@ -1,8 +1,8 @@
 """Accuracy vs user-level ε (DP-FedAvg) next to sample-level DP-SGD at the same ε, on embedded digits.
 
 A light simulation (no Flower, no Ray: one process, seconds) of the same mechanisms the
-federated app runs: :func:`core.user_privacy.dp_fedavg_aggregate` with Poisson client
-sampling and the σ :func:`core.user_privacy.plan_user_dp` plans; for sample-level DP each
+federated app runs: :func:`auditml_core.privacy.user_level.dp_fedavg_aggregate` with Poisson client
+sampling and the σ :func:`auditml_core.privacy.user_level.plan_user_dp` plans; for sample-level DP each
 client runs DP-SGD (per-example clipping, Poisson batches) with σ planned by Opacus for all
 its steps over all rounds. The model is multinomial logistic regression on the 64 pixel
 features (per-example gradients are analytic), so the figures compare the mechanisms, not
@@ -15,8 +15,8 @@ data instead, ``make_classification`` with 64 features, 10 classes and ``--rows-
 rows per client (plus a 20 % test set), so every client holds a realistic handful of records.
 
 User-level DP runs twice: server noise (σ·C on the sum) and client noise as the SecAgg+ path
-adds it (:func:`core.client_noise.noisy_upload` on every client, sampled or not, std σ·C/√t with
-``t`` the federation's default minimum of uploads, :func:`federated.secagg.min_survivors`;
+adds it (:func:`auditml_core.privacy.client_noise.noisy_upload` on every client, sampled or not, std σ·C/√t with
+``t`` the federation's default minimum of uploads, :func:`federated.app.secagg.min_survivors`;
 no dropouts, SecAgg+'s quantisation, ~1e-6 per coordinate, not simulated).
 
 Prints one table: clients, data, ε, accuracy of user-level DP (server noise, client noise),
@@ -34,10 +34,10 @@ import numpy as np
 from opacus.accountants.utils import get_noise_multiplier
 from sklearn.datasets import load_digits, make_classification
 
-from core.client_noise import noisy_upload
-from core.config import ClientDPConfig, load_config
-from core.user_privacy import dp_fedavg_aggregate, plan_user_dp, poisson_sample
-from federated.secagg import min_survivors
+from auditml_core.config import ClientDPConfig, load_config
+from auditml_core.privacy.client_noise import noisy_upload
+from auditml_core.privacy.user_level import dp_fedavg_aggregate, plan_user_dp, poisson_sample
+from federated.app.secagg import min_survivors
 
 log = logging.getLogger("bench_client_dp")
 LR, BATCH, LOCAL_EPOCHS = 0.5, 8, 1

@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.config import load_config  # noqa: E402
-from core.seeds import stage_seed  # noqa: E402
+from auditml_core.config import load_config  # noqa: E402
+from auditml_core.seeds import stage_seed  # noqa: E402
 from pipeline import data, evaluate, train  # noqa: E402
 
 

@@ -6,7 +6,7 @@ Usage (from the repo root)::
     python scripts/bench_deploy_rounds.py --model cnn --rounds 5 cnn.channels=[8]
     python scripts/bench_deploy_rounds.py --code-root /tmp/old --code-root . --repeats 3   # interleaved A/B
 
-Each run is ``python -m federated.deploy`` (one SuperLink, one SuperNode and one long-lived
+Each run is ``python -m federated.launch.deploy`` (one SuperLink, one SuperNode and one long-lived
 ClientApp process per site, loopback) started from ``--code-root`` (a checkout of this
 repository; several are run in turn, ``--repeats`` times, so that A/B runs share the machine's
 load). Per round it prints the server's wall time of the round (``seconds_per_round`` in the
@@ -133,7 +133,7 @@ def run_once(code_root: Path, work: Path, args: argparse.Namespace) -> tuple[dic
     cmd = [
         sys.executable,
         "-m",
-        "federated.deploy",
+        "federated.launch.deploy",
         "--n-supernodes",
         str(args.n_supernodes),
         "--model",

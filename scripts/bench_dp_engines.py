@@ -6,9 +6,9 @@
 Workloads: synthetic 28x28 images with the CNN [32, 64] (batch 256), and the default digits
 config (8x8, CNN [32, 64], hidden 64, tanh as under DP, batch 256). Engines: hooks, ew,
 functorch (Opacus' per-sample engines), ghost (Opacus' fast gradient clipping with this
-project's Conv2d norm sampler, core/ghost_conv.py) and bk (book-keeping clipping, core/bk.py). Each figure is the fastest of ``--reps``
+project's Conv2d norm sampler, auditml_core/privacy/ghost_conv.py) and bk (book-keeping clipping, auditml_core/privacy/bk.py). Each figure is the fastest of ``--reps``
 timed epochs after one warm-up epoch; data is resident on the device and batches are indexed
-there, exactly as core.training.fit does. A benchmark, not a test: it asserts nothing.
+there, exactly as auditml_core.training.fit does. A benchmark, not a test: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from core import allocator, models, privacy, seeds, training  # noqa: E402
-from core.config import DPConfig  # noqa: E402
+from auditml_core import allocator, models, seeds, training  # noqa: E402
+from auditml_core.config import DPConfig  # noqa: E402
+from auditml_core.privacy import dp_sgd as privacy  # noqa: E402
 
 ENGINES = ("hooks", "ew", "functorch", "ghost", "bk")
 log = logging.getLogger("bench_dp_engines")
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument(
         "--default-allocator",
         action="store_true",
-        help="leave glibc's malloc as it comes (the pipeline keeps freed memory: core.allocator)",
+        help="leave glibc's malloc as it comes (the pipeline keeps freed memory: auditml_core.allocator)",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     torch.set_num_threads(1)  # as the pipeline's default train.num_threads
     if not args.default_allocator:
-        print(f"allocator keeps freed memory (core.allocator): {allocator.keep_freed_memory()}")
+        print(f"allocator keeps freed memory (auditml_core.allocator): {allocator.keep_freed_memory()}")
     rows = bench(
         "synthetic 28x28 CNN[32,64]",
         shape=(1, 28, 28),

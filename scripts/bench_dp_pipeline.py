@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.config import CNNConfig  # noqa: E402
+from auditml_core.config import CNNConfig  # noqa: E402
 
 QUICK_REGRESSOR = ["regressor.fit.epochs=1", "regressor.dp_fit.epochs=1"]  # only the CNN is timed
 DP_FIT, DP_ACTIVATION = CNNConfig().dp_fit, CNNConfig().dp_activation  # the DP schedule, from the config defaults

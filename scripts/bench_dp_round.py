@@ -2,15 +2,15 @@
 
 No Flower runtime, no Ray: one client (``--partition``) of the default federation trains
 ``--rounds`` rounds of one model under the default DP settings (PRV accountant, σ planned for
-all rounds), exactly as :func:`federated.client_app.train` runs inside a simulation actor, its
+all rounds), exactly as :func:`federated.app.client_app.train` runs inside a simulation actor, its
 ledger in a temporary folder. Round 1 pays the process's one-offs (σ search, lazy torch imports);
 later rounds show the steady state. Prints each round's seconds and ε, then the profile's top
 entries of the later rounds (cumulative time).
 
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_dp_round.py [--model cnn] [--rounds 5] [KEY=VALUE ...]
 
-``--cold`` empties the accounting caches (:mod:`core.accounting`, the σ cache of
-:mod:`core.privacy`) before every round: what each round would cost with nothing remembered.
+``--cold`` empties the accounting caches (:mod:`auditml_core.privacy.accounting`, the σ cache of
+:mod:`auditml_core.privacy.dp_sgd`) before every round: what each round would cost with nothing remembered.
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from core import accounting, models, privacy, seeds
-from core import data as core_data
-from core.config import load_config
-from core.teacher import model_specs
-from federated.client_app import train
-from federated.run_config import to_run_config
-from federated.workdir import write_inputs
+from auditml_core import data as core_data
+from auditml_core import models, seeds
+from auditml_core.config import load_config
+from auditml_core.privacy import accounting
+from auditml_core.privacy import dp_sgd as privacy
+from auditml_core.teacher import model_specs
+from federated.app.client_app import train
+from federated.app.run_config import to_run_config
+from federated.app.workdir import write_inputs
 
 
 def main() -> None:

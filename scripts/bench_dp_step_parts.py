@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from core import allocator, models, privacy, seeds, training  # noqa: E402
-from core.config import DPConfig  # noqa: E402
+from auditml_core import allocator, models, seeds, training  # noqa: E402
+from auditml_core.config import DPConfig  # noqa: E402
+from auditml_core.privacy import dp_sgd as privacy  # noqa: E402
 
 # name: (input shape, records, batch, conv channels or None for the MLP, hidden, activation)
 WORKLOADS = {
@@ -164,13 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--default-allocator",
         action="store_true",
-        help="leave glibc's malloc as it comes (the pipeline keeps freed memory: core.allocator)",
+        help="leave glibc's malloc as it comes (the pipeline keeps freed memory: auditml_core.allocator)",
     )
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     torch.set_num_threads(1)
     if not args.default_allocator:
-        print(f"allocator keeps freed memory (core.allocator): {allocator.keep_freed_memory()}")
+        print(f"allocator keeps freed memory (auditml_core.allocator): {allocator.keep_freed_memory()}")
     with open("/proc/loadavg") as f:
         print(f"load average at start: {' '.join(f.read().split()[:3])}")
     print(f"{'workload':<8} {'non-DP cpu ms':>13} {'DP cpu ms':>10} {'ratio cpu':>9} {'ratio wall':>10}")

@@ -31,15 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import data as core_data  # noqa: E402
-from core import (
-    models,  # noqa: E402
-    seeds,  # noqa: E402
-    training,  # noqa: E402
-)
-from core.config import load_config  # noqa: E402
-from core.teacher import model_specs  # noqa: E402
-from federated.launcher import descendants  # noqa: E402
+from auditml_core import data as core_data  # noqa: E402
+from auditml_core import models, seeds, training
+from auditml_core.config import load_config  # noqa: E402
+from auditml_core.teacher import model_specs  # noqa: E402
+from federated.launch.processes import descendants  # noqa: E402
 from pipeline import train as train_stage  # noqa: E402
 
 
@@ -151,7 +147,7 @@ def main() -> None:
                 "public_pretraining": bool(trained.training.get("public_pretraining")),
             }
         else:
-            from federated.simulation import train_federated
+            from federated.launch.simulation import train_federated
 
             trained = train_federated(cfg, name="cnn", dataset=ds, spec=spec, seed=seed)
             rec = trained.training

@@ -11,7 +11,7 @@ Runs, interleaved (A, B, A, B, ...):
 A. the floor: a minimal Flower app written into a temp folder (a ClientApp whose train handler returns
    the arrays it received with a ``num-examples`` metric; a ServerApp running Flower's own
    ``flwr.serverapp.strategy.FedAvg`` over numpy arrays of the CNN's state-dict shapes), launched
-   through the pipeline's own launch path (:func:`federated.simulation.run_simulation`: private
+   through the pipeline's own launch path (:func:`federated.launch.simulation.run_simulation`: private
    FLWR_HOME and port, own SuperLink, ``client-resources-num-cpus=1``) with Flower and Ray as they come
    (``fast_start=False``: none of the start-up tuning B gets). Its ServerApp writes ``time.time()`` at
    import, at ``main``, and after each round's (server-side) evaluation.
@@ -20,7 +20,7 @@ A'. with ``--torch-floor``: the same minimal app whose clients import torch and 
    which ``torch.optim.Optimizer.step`` imports on every step, eager mode included).
 A''. with ``--fast-floor``: the minimal app with the launch path's start-up tuning (``fast_start=True``:
    Ray's pre-started workers serve the clients, SuperExec polls every 0.1 s; not the shorter message polls,
-   which live in our ServerApp, ``federated/fast_poll.py``): what the same tuning buys an app without torch.
+   which live in our ServerApp, ``federated/patches/fast_poll.py``): what the same tuning buys an app without torch.
 B. the pipeline's train stage, federated (``pipeline.train.run``, the path ``python -m pipeline
    train.mode=federated --stages data,train`` takes after the data stage): every model in one federation.
    Times come from each model's federation record (``first_round_started_unix``, ``seconds_per_round``).
@@ -45,11 +45,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import data as core_data  # noqa: E402
-from core import models, seeds  # noqa: E402
-from core.config import load_config  # noqa: E402
-from core.teacher import model_specs  # noqa: E402
-from federated import simulation  # noqa: E402
+from auditml_core import data as core_data  # noqa: E402
+from auditml_core import models, seeds  # noqa: E402
+from auditml_core.config import load_config  # noqa: E402
+from auditml_core.teacher import model_specs  # noqa: E402
+from federated.launch import simulation  # noqa: E402
 from pipeline import train as train_stage  # noqa: E402
 
 PYPROJECT = """\
@@ -253,7 +253,7 @@ def main() -> None:
     ours: list[dict] = []
     torch_floors: list[dict] = []
     fast_floors: list[dict] = []
-    # A'' loads federated.ray_start in Flower's simulation process, which sees the environment, not sys.path.
+    # A'' loads federated.launch.ray_start in Flower's simulation process, which sees the environment, not sys.path.
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(simulation.launcher.REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     )

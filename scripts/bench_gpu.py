@@ -5,7 +5,7 @@
     python scripts/bench_gpu.py --compile                                 # also a torch.compile'd non-DP epoch
 
 Prints, in one run:
-0. each stage's device decision (core.placement) for the default config, non-DP and DP: on this
+0. each stage's device decision (auditml_core.placement) for the default config, non-DP and DP: on this
    machine, and as if CUDA were present;
 1. the default pipeline (``python -m pipeline``, non-DP and ``dp.enabled=true``) with
    ``--device auto`` (the per-stage decision) and ``--device cuda`` (everything forced there): wall
@@ -75,11 +75,11 @@ def pipeline_stages(overrides: list[str], *, device: str, timeout_s: int) -> Non
 
 
 def device_decisions(overrides: list[str], *, cuda_available: bool | None) -> None:
-    """Print each model-running stage's :class:`core.placement.Placement` for the config ``overrides``."""
-    from core import config as config_mod
-    from core import models, placement
-    from core.seeds import stage_seed
-    from core.teacher import model_specs
+    """Print each model-running stage's :class:`auditml_core.placement.Placement` for the config ``overrides``."""
+    from auditml_core import config as config_mod
+    from auditml_core import models, placement
+    from auditml_core.seeds import stage_seed
+    from auditml_core.teacher import model_specs
     from pipeline import runner
 
     cfg = config_mod.load_config(None, overrides)
@@ -98,7 +98,7 @@ def compiled_epochs(*, n: int, batch_sizes: list[int], reps: int, device: torch.
     """Non-DP epochs of the 28x28 CNN [32, 64], eager and under ``torch.compile``; prints samples/s or the error."""
     import bench_dp_engines
 
-    from core import models, seeds
+    from auditml_core import models, seeds
 
     g = seeds.make_generator("cpu", 0)
     x = torch.randn(n, 1, 28, 28, generator=g).to(device)

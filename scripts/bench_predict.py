@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core import models, training  # noqa: E402
+from auditml_core import models, training  # noqa: E402
 from pipeline import distill, predict  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 

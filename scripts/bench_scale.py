@@ -8,7 +8,7 @@ image set (``.npz``), then runs the stages data -> train (1 tiny epoch, non-DP) 
 (bootstrap CIs on the whole test split) -> explain (a small sample), one fresh process per
 size, and prints wall time and peak resident memory (sampled every 5 ms) per stage; a stage's
 peak includes what earlier stages of that size still hold. It
-also loads the CSV alone (core.datasets.load_table) and reports its peak memory as a
+also loads the CSV alone (auditml_core.datasets.load_table) and reports its peak memory as a
 multiple of the CSV's size. A benchmark, not a test: it asserts nothing.
 """
 
@@ -101,9 +101,9 @@ def run_step(csv: str, npz: str, batch_size: str) -> dict:
     """In this (fresh) process: every stage's wall time and peak RSS, and load_table's peak alone."""
     import torch
 
-    from core.config import load_config
-    from core.datasets import load_table
-    from core.seeds import stage_seed
+    from auditml_core.config import load_config
+    from auditml_core.datasets import load_table
+    from auditml_core.seeds import stage_seed
     from pipeline import data, evaluate, explain_stage, train
 
     torch.set_num_threads(1)

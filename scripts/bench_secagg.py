@@ -9,7 +9,7 @@ network or Flower start-up. Per round the record's ``seconds_per_round`` is repo
 
 ``--flwr-run`` measures the same through the real launch the pipeline uses: one
 ``flwr run`` local simulation (SuperLink + Ray, one CPU per client) per variant, via
-:func:`federated.simulation.train_federated`, interleaving the variants (plain FedAvg,
+:func:`federated.launch.simulation.train_federated`, interleaving the variants (plain FedAvg,
 SecAgg+, and with ``--user-dp`` SecAgg+ with user-level DP) ``--repeats`` times. Per
 round is the median of rounds 2.. (round 1 also pays the Ray actors' imports).
 
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "federate
 from fed_helpers import InProcessGrid, digits_datasets, make_cfg, prepare_work_dir, server_context  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from federated.server_app import main  # noqa: E402
-from federated.workdir import read_result  # noqa: E402
+from federated.app.server_app import main  # noqa: E402
+from federated.app.workdir import read_result  # noqa: E402
 
 
 class CopyingGrid(InProcessGrid):
@@ -70,11 +70,11 @@ def one_run(n_clients: int, rounds: int, secure: bool, data, model: list[str]) -
 
 def flwr_run(n_clients: int, rounds: int, variant: str, model: list[str]) -> dict:
     """One real ``flwr run`` simulation of the CNN; its record's per-round seconds."""
-    from core import data as core_data
-    from core import seeds
-    from core.config import load_config
-    from core.teacher import model_specs
-    from federated.simulation import train_federated
+    from auditml_core import data as core_data
+    from auditml_core import seeds
+    from auditml_core.config import load_config
+    from auditml_core.teacher import model_specs
+    from federated.launch.simulation import train_federated
 
     extra = {
         "fedavg": [],

@@ -1,9 +1,9 @@
 """A per-site deployment beyond loopback on one machine: each site in its own network namespace. Prints figures.
 
-Needs root (network namespaces). Builds a private network (:class:`federated.netns.SiteNetwork`:
+Needs root (network namespaces). Builds a private network (:class:`federated.launch.netns.SiteNetwork`:
 a bridge on this host at 10.231.X.1, one namespace per site with its own veth and address),
 writes one CSV per site (slices of the embedded diabetes table, or ``--site-data`` files),
-and runs ``python -m federated.deploy`` with TLS and SuperNode authentication: the SuperLink
+and runs ``python -m federated.launch.deploy`` with TLS and SuperNode authentication: the SuperLink
 bound to the bridge address, every site's SuperNode and ClientApp process started with
 ``--site-prefix "ip netns exec <its namespace>"``. Then it removes the network. The same
 command line is what to run by hand (printed with ``--print-command``)::
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from federated.netns import SiteNetwork  # noqa: E402
+from federated.launch.netns import SiteNetwork  # noqa: E402
 
 SIZES = (150, 120, 172)  # rows per site: three slices of the 442-row diabetes table
 TINY = ["regressor.hidden_sizes=[8]", "federated.rounds=2", "federated.local_epochs=1"]
@@ -64,8 +64,8 @@ def deploy_command(
     prefixes: list[list[str]] = (),
     auth: bool = True,
 ) -> list[str]:
-    """``python -m federated.deploy`` for per-site CSVs, with TLS (and auth); beyond loopback when ``host`` is given."""
-    cmd = [sys.executable, "-m", "federated.deploy", "--work-dir", str(work), "--site-target", "y", "--tls"]
+    """``python -m federated.launch.deploy`` for per-site CSVs, with TLS (and auth); beyond loopback when ``host`` is given."""
+    cmd = [sys.executable, "-m", "federated.launch.deploy", "--work-dir", str(work), "--site-target", "y", "--tls"]
     cmd += ["--auth"] if auth else []
     cmd += [f"--site-data={f}" for f in files]
     if host is not None:

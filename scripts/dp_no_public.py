@@ -1,8 +1,8 @@
 """DP-SGD without public data on the embedded digits: ε -> test accuracy, trained CNN vs fixed-feature model.
 
 Every figure comes from the project's own code path for one DP model: the config
-(``dp.enabled=true dp.public_pretrain_epochs=0``), :func:`core.data.prepare`,
-:func:`core.teacher.model_spec`, :func:`core.training.fit` with Opacus, at δ = 1e-5, with the
+(``dp.enabled=true dp.public_pretrain_epochs=0``), :func:`auditml_core.data.prepare`,
+:func:`auditml_core.teacher.model_spec`, :func:`auditml_core.training.fit` with Opacus, at δ = 1e-5, with the
 seeds the pipeline would use. Nothing public is used: no pretraining, and the ``scatter``
 model's front-end is a fixed Gabor filter bank computed from its spec alone (no data).
 
@@ -38,10 +38,10 @@ import warnings
 import numpy as np
 import torch
 
-from core import models, seeds, training
-from core.config import load_config
-from core.data import prepare
-from core.teacher import fit_config, model_spec
+from auditml_core import models, seeds, training
+from auditml_core.config import load_config
+from auditml_core.data import prepare
+from auditml_core.teacher import fit_config, model_spec
 
 log = logging.getLogger("dp_no_public")
 ARCHITECTURES = ("cnn", "scatter")

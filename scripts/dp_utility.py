@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from core import data, models, seeds, training  # noqa: E402
-from core.config import Config, load_config  # noqa: E402
-from core.teacher import fit_config, model_spec, public_pretrain  # noqa: E402
+from auditml_core import data, models, seeds, training  # noqa: E402
+from auditml_core.config import Config, load_config  # noqa: E402
+from auditml_core.teacher import fit_config, model_spec, public_pretrain  # noqa: E402
 from pipeline.evaluate import accuracy, bootstrap_ci  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0)

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.config import load_config
-from core.models import MODELS
-from core.seeds import derive_seed
+from auditml_core.config import load_config
+from auditml_core.models import MODELS
+from auditml_core.seeds import derive_seed
 from explain import get_explainer, reference_error
 from pipeline import data, explain_stage, train
 

@@ -1,7 +1,7 @@
 """The house's shape: layers without loops (see ARCHITECTURE.md).
 
-core and explain know nothing of Flower's apps or of stages; federated stands on core;
-pipeline stands on all three. No import cycle between modules, and first-party imports
+auditml_core and explain know nothing of Flower's apps or of stages; federated stands on auditml_core (inside it:
+patches, then the Flower app, then the launchers); pipeline stands on all three. No import cycle between modules, and first-party imports
 sit at module level (the one exception is commented in pipeline/train.py: Flower is
 imported only when a federated run is asked for).
 """
@@ -12,25 +12,43 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER = {"core": 0, "explain": 0, "federated": 1, "pipeline": 2}
+# A module's floor is that of the longest package prefix listed here; imports may only point to the same or a lower
+# floor. Floors inside federated: patches (Flower internals) < app (what `flwr run` loads) < launch (how it starts).
+LAYER = {
+    "auditml_core": 0,
+    "explain": 0,
+    "federated": 1,
+    "federated.patches": 1,
+    "federated.app": 2,
+    "federated.launch": 3,
+    "pipeline": 4,
+}
+PACKAGES = ("auditml_core", "explain", "federated", "pipeline")
+
+
+def _floor(module: str) -> int:
+    parts = module.split(".")
+    return next(LAYER[".".join(parts[:i])] for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in LAYER)
+
+
 # Each edge imports a dependency that costs seconds, for a path that may never use it: Flower and Ray (a central run);
-# Opacus (core.accounting, core.bk, core.ghost_conv: a run without DP, e.g. every federated client's start-up, issue 12,
-# tests/federated/test_import_cost.py); torch, from the Flower components pyproject.toml names (federated.apps: Flower
+# Opacus (auditml_core.privacy.accounting, auditml_core.privacy.bk, auditml_core.privacy.ghost_conv: a run without DP, e.g. every federated client's start-up, issue 12,
+# tests/federated/test_import_cost.py); torch, from the Flower components pyproject.toml names (federated.app.components: Flower
 # loads them before it starts Ray, issue 12).
 LAZY_ALLOWED = {
-    ("federated.apps", "federated.server_app"),
-    ("federated.apps", "federated.client_app"),
-    ("federated.apps", "federated.secagg_client"),
-    ("pipeline.train", "federated.simulation"),
-    ("core.privacy", "core.accounting"),
-    ("core.privacy", "core.bk"),
-    ("core.privacy", "core.ghost_conv"),
+    ("federated.app.components", "federated.app.server_app"),
+    ("federated.app.components", "federated.app.client_app"),
+    ("federated.app.components", "federated.app.secagg_client"),
+    ("pipeline.train", "federated.launch.simulation"),
+    ("auditml_core.privacy.dp_sgd", "auditml_core.privacy.accounting"),
+    ("auditml_core.privacy.dp_sgd", "auditml_core.privacy.bk"),
+    ("auditml_core.privacy.dp_sgd", "auditml_core.privacy.ghost_conv"),
 }
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for pkg in LAYER:
+    for pkg in PACKAGES:
         for path in (ROOT / pkg).rglob("*.py"):
             parts = list(path.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":
@@ -57,8 +75,8 @@ def _edges(mods: dict[str, Path]) -> list[tuple[str, str, bool]]:
 
 def test_no_import_from_a_higher_layer():
     mods = _modules()
-    upward = [(a, b) for a, b, _ in _edges(mods) if LAYER[b.split(".")[0]] > LAYER[a.split(".")[0]]]
-    sideways = [(a, b) for a, b, _ in _edges(mods) if {a.split(".")[0], b.split(".")[0]} == {"core", "explain"}]
+    upward = [(a, b) for a, b, _ in _edges(mods) if _floor(b) > _floor(a)]
+    sideways = [(a, b) for a, b, _ in _edges(mods) if {a.split(".")[0], b.split(".")[0]} == {"auditml_core", "explain"}]
     assert upward == [] and sideways == []
 
 
@@ -96,9 +114,9 @@ def test_first_party_imports_are_at_module_level():
 
 def test_every_model_loop_reads_the_registry():
     """The registered model names appear as literals only where a model is defined or configured."""
-    allowed = {"core/models.py", "core/teacher.py", "core/config.py", "pipeline/distill.py"}
+    allowed = {"auditml_core/models.py", "auditml_core/teacher.py", "auditml_core/config.py", "pipeline/distill.py"}
     offenders = []
-    for pkg in LAYER:
+    for pkg in PACKAGES:
         for path in (ROOT / pkg).rglob("*.py"):
             rel = path.relative_to(ROOT).as_posix()
             if rel in allowed:

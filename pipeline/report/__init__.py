@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from core.artifacts import json_bytes, read_json
-from core.config import Config
-from core.models import MODELS
+from auditml_core.artifacts import json_bytes, read_json
+from auditml_core.config import Config
+from auditml_core.models import MODELS
 from pipeline.report import html_page, model_card
 from pipeline.report.content import FILES, SCHEMA_ID, build_content
 

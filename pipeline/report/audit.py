@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from core.models import title
+from auditml_core.models import title
 from pipeline.report.fmt import number
 
 HOW_TO_READ_AUDIT = (

@@ -13,10 +13,10 @@ import logging
 import shlex
 from typing import Any, Mapping
 
-from core import config as config_mod
-from core.artifacts import jsonable
-from core.config import Config
-from core.models import MODELS, title
+from auditml_core import config as config_mod
+from auditml_core.artifacts import jsonable
+from auditml_core.config import Config
+from auditml_core.models import MODELS, title
 from pipeline.report.audit import audit_section, public_only_baseline
 from pipeline.report.fmt import number
 from pipeline.report.privacy import (
@@ -479,7 +479,7 @@ def reproducibility_section(cfg: Config, manifest: Mapping[str, Any] | None, see
         "config": config_mod.flatten(cfg),
         "root_seed": cfg.seed,
         "seeds": seeds,
-        "seed_note": "every stage, model, client and explainer derives its seed from the root seed (core.seeds), "
+        "seed_note": "every stage, model, client and explainer derives its seed from the root seed (auditml_core.seeds), "
         + (
             "DP-SGD's sampling and noise included (dp.reproducible_noise = true): a rerun reproduces the DP weights, "
             "so the DP guarantee holds only while the seed stays secret."
@@ -501,7 +501,7 @@ def reproducibility_section(cfg: Config, manifest: Mapping[str, Any] | None, see
             "python -m pipeline verify RUN_DIR --rerender                # re-render the report; compare it byte for byte",
         ],
         "stage_seconds": {name: s.get("seconds") for name, s in stages.items()},
-        # where each model-running stage ran and why (core.placement): "cpu: auto: small steps (...)"
+        # where each model-running stage ran and why (auditml_core.placement): "cpu: auto: small steps (...)"
         "stage_devices": {
             name: f"{s['device']['device']}: {s['device']['reason']}"
             for name, s in stages.items()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from core.models import MODELS, model_entry
+from auditml_core.models import MODELS, model_entry
 from pipeline.report.fmt import md, number
 
 

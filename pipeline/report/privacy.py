@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping
 
-from core.artifacts import jsonable
-from core.config import Config
-from core.models import MODELS, title
-from core.privacy import merge_history
-from core.privacy_check import RELATIVE_TOLERANCE, check_epsilon
+from auditml_core.artifacts import jsonable
+from auditml_core.config import Config
+from auditml_core.models import MODELS, title
+from auditml_core.privacy.dp_sgd import merge_history
+from auditml_core.privacy.second_accountant import RELATIVE_TOLERANCE, check_epsilon
 from pipeline.report.fmt import number
 
 
@@ -418,10 +418,10 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
         "Threat model: an honest-but-curious server (it follows the protocol but reads everything it receives) and "
         "anyone who later sees the released model, metrics or explanations.",
     ]
-    if secagg:  # --- SecAgg+ (issue 14; federated/secagg.py)
+    if secagg:  # --- SecAgg+ (issue 14; federated/app/secagg.py)
         sa = next(iter(secagg.values()))
         # Under user-level DP the uploads are clipped updates (weight 1) and the release is their noisy sum over q·N
-        # (federated/secagg.py): the server unmasks a sum, not the global model.
+        # (federated/app/secagg.py): the server unmasks a sum, not the global model.
         dp_noise = {
             (user.get(n) or {}).get("noise_placement", "server") for n in secagg if "uploads" in (secagg[n] or {})
         }
@@ -463,7 +463,7 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
             "Secure aggregation is not used: the server sees each participating client's model update in the clear."
         )
     client_noise = {k: v for k, v in user.items() if v.get("noise_placement") == "client"}
-    for name, rec in client_noise.items():  # --- distributed noise under SecAgg+ (core/client_noise.py)
+    for name, rec in client_noise.items():  # --- distributed noise under SecAgg+ (auditml_core/privacy/client_noise.py)
         cn, ks = rec.get("client_noise") or {}, rec.get("known_sample") or {}
         threat.append(
             f"User-level DP for {title(name)} (DP-FedAvg, noise added by the clients under SecAgg+): every client adds "
@@ -535,7 +535,7 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
             f"{title(name)}: collusion: a client that gives its noise to the server lowers the noise the server "
             "faces; clients' row counts and seconds reach the server in the clear"
         )
-    for name in MODELS:  # per-site data (federated/site.py): what the sites told the server in the clear
+    for name in MODELS:  # per-site data (federated/app/site.py): what the sites told the server in the clear
         sites = (trained.models[name].training or {}).get("sites")
         if sites:
             not_covered += [f"{title(name)}, per-site data: {line}" for line in sites.get("not_dp_protected", [])]

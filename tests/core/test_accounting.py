@@ -1,4 +1,4 @@
-"""core.accounting gives Opacus' numbers bit for bit, and its caches hit only on identical inputs."""
+"""auditml_core.privacy.accounting gives Opacus' numbers bit for bit, and its caches hit only on identical inputs."""
 
 import dataclasses
 
@@ -6,8 +6,9 @@ import pytest
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from core import accounting, privacy
-from core.config import DPConfig
+from auditml_core.config import DPConfig
+from auditml_core.privacy import accounting
+from auditml_core.privacy import dp_sgd as privacy
 
 DELTA = 1e-5
 # Two (σ, q) entries: the multi-entry path; cheap enough for stock PRV on two loaded cores (~1 s).

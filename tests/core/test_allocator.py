@@ -1,4 +1,4 @@
-"""core.allocator: freed training-sized blocks are reused, not faulted in again (Linux with glibc)."""
+"""auditml_core.allocator: freed training-sized blocks are reused, not faulted in again (Linux with glibc)."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ _PROBE = textwrap.dedent(
     """
     import resource, sys
     import numpy as np
-    from core import allocator
+    from auditml_core import allocator
     if sys.argv[1] == "keep":
         assert allocator.keep_freed_memory()
     def round_():

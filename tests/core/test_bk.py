@@ -14,8 +14,10 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from core import bk, ghost_conv, models, privacy, seeds, training
-from core.config import DPConfig, FitConfig
+from auditml_core import models, seeds, training
+from auditml_core.config import DPConfig, FitConfig
+from auditml_core.privacy import bk, ghost_conv
+from auditml_core.privacy import dp_sgd as privacy
 
 DP = DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=1e3, delta=1e-5, accountant="rdp")
 CLIP = 0.5

@@ -1,7 +1,7 @@
 import pytest
 
-from core.config import Config, flatten, from_flat, load_config, to_toml
-from core.errors import ConfigError
+from auditml_core.config import Config, flatten, from_flat, load_config, to_toml
+from auditml_core.errors import ConfigError
 
 
 def test_defaults_round_trip_through_toml(tmp_path):

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import data
-from core.config import load_config
-from core.datasets import load_images, load_table
-from core.errors import DataError
+from auditml_core import data
+from auditml_core.config import load_config
+from auditml_core.datasets import load_images, load_table
+from auditml_core.errors import DataError
 
 
 def _csv(tmp_path, text, name="t.csv"):

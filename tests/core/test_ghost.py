@@ -14,8 +14,10 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 from torch import nn
 
-from core import ghost_conv, models, privacy, seeds, training
-from core.config import DPConfig, FitConfig
+from auditml_core import models, seeds, training
+from auditml_core.config import DPConfig, FitConfig
+from auditml_core.privacy import dp_sgd as privacy
+from auditml_core.privacy import ghost_conv
 
 DP = DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=1e3, delta=1e-5, accountant="rdp")
 

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import Config, FitConfig, flatten, load_config, to_toml
-from core.data import prepare_images, prepare_table
-from core.datasets import load_images, load_table
-from core.errors import ConfigError, DataError, TrainingDivergedError, UserError
+from auditml_core.config import Config, FitConfig, flatten, load_config, to_toml
+from auditml_core.data import prepare_images, prepare_table
+from auditml_core.datasets import load_images, load_table
+from auditml_core.errors import ConfigError, DataError, TrainingDivergedError, UserError
 
 DATA = Config().data
 
@@ -405,7 +405,7 @@ def test_corrupt_and_bomb_images_are_refused(tmp_path, payload, fragment):
     ],
 )
 def test_diverging_training_stops_with_the_epoch(fit_cfg):
-    from core import models, training
+    from auditml_core import models, training
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 4)).astype(np.float32)

@@ -1,12 +1,13 @@
-"""Membership-inference attacks and audit statistics (core.mia) on generated data."""
+"""Membership-inference attacks and audit statistics (auditml_core.privacy.mia) on generated data."""
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import beta
 
-from core import mia, models, training
-from core.config import FitConfig
+from auditml_core import models, training
+from auditml_core.config import FitConfig
+from auditml_core.privacy import mia
 
 
 @pytest.mark.parametrize("n", [1, 7, 88, 359])

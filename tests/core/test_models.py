@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from core import models
+from auditml_core import models
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 16, 16), (1, 28, 28), (3, 28, 28), (3, 8, 8), (1, 5, 7)])
@@ -79,8 +79,8 @@ def test_scatter_model_fixed_front_end_opacus_and_shap():
 def test_scatter_model_trains_under_opacus_and_front_end_stays_fixed():
     import numpy as np
 
-    from core import training
-    from core.config import DPConfig, FitConfig
+    from auditml_core import training
+    from auditml_core.config import DPConfig, FitConfig
 
     torch.manual_seed(0)
     model = models.build_scatter(input_shape=(1, 8, 8), n_classes=3, orientations=2, wavelengths=(3.0,), norm_groups=2)

@@ -1,12 +1,12 @@
-"""The per-stage device decision (core.placement), with CUDA faked present: it runs on any CPU machine."""
+"""The per-stage device decision (auditml_core.placement), with CUDA faked present: it runs on any CPU machine."""
 
 import pytest
 import torch
 from torch import nn
 
-from core import models, placement
-from core.errors import ConfigError
-from core.runtime import Runtime
+from auditml_core import models, placement
+from auditml_core.errors import ConfigError
+from auditml_core.runtime import Runtime
 
 
 def test_forward_macs_counts_conv_and_linear_by_hand():

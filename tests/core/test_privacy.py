@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from core import models, privacy, seeds, training
-from core.config import DPConfig, FitConfig, load_config
-from core.errors import ConfigError, PrivacyBudgetError
-from core.training import checkpoint_bytes, read_checkpoint
+from auditml_core import models, seeds, training
+from auditml_core.config import DPConfig, FitConfig, load_config
+from auditml_core.errors import ConfigError, PrivacyBudgetError
+from auditml_core.privacy import dp_sgd as privacy
+from auditml_core.training import checkpoint_bytes, read_checkpoint
 
 DP = DPConfig(enabled=True, target_epsilon=3.0, delta=1e-5)
 FIT = FitConfig(epochs=4, batch_size=16, lr=0.05, max_grad_norm=1.0)

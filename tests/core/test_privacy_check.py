@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from core import privacy
-from core.privacy_check import check_epsilon, independent_epsilons
+from auditml_core.privacy import dp_sgd as privacy
+from auditml_core.privacy.second_accountant import check_epsilon, independent_epsilons
 
 pytest.importorskip("dp_accounting")
 

@@ -3,10 +3,10 @@
 import numpy as np
 import torch
 
-from core.config import load_config
-from core.data import Dataset
-from core.models import build_regressor
-from core.teacher import public_pretrain
+from auditml_core.config import load_config
+from auditml_core.data import Dataset
+from auditml_core.models import build_regressor
+from auditml_core.teacher import public_pretrain
 
 
 def _table():

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from core import models, training
-from core.config import FitConfig
+from auditml_core import models, training
+from auditml_core.config import FitConfig
 
 
 def _digits_like(rng, n=120):
@@ -65,7 +65,7 @@ def test_device_resolution():
 
 
 def test_proximal_term_pulls_towards_the_starting_weights_with_and_without_dp(rng):
-    from core.config import DPConfig
+    from auditml_core.config import DPConfig
 
     x, y = _digits_like(rng)
 
@@ -94,7 +94,7 @@ def test_proximal_term_pulls_towards_the_starting_weights_with_and_without_dp(rn
 
 
 def test_make_generator_is_device_correct_and_seeded():
-    from core import seeds
+    from auditml_core import seeds
 
     cpu = seeds.make_generator("cpu", 7)
     assert cpu.device.type == "cpu"
@@ -109,8 +109,9 @@ def test_make_generator_is_device_correct_and_seeded():
 
 def test_every_generator_of_the_training_core_comes_from_the_helper(rng, monkeypatch):
     """Non-DP and DP training ask make_generator for each generator, on the device of what it fills."""
-    from core import privacy, seeds
-    from core.config import DPConfig
+    from auditml_core import seeds
+    from auditml_core.config import DPConfig
+    from auditml_core.privacy import dp_sgd as privacy
 
     made = []
     real = seeds.make_generator
@@ -149,11 +150,11 @@ def test_no_generator_is_made_outside_the_helper():
     root = Path(__file__).resolve().parents[2]
     offenders = [
         str(p.relative_to(root))
-        for pkg in ("core", "pipeline", "federated", "explain", "scripts")
+        for pkg in ("auditml_core", "pipeline", "federated", "explain", "scripts")
         for p in (root / pkg).rglob("*.py")
-        if "torch.Generator(" in p.read_text() and p.relative_to(root) != Path("core/seeds.py")
+        if "torch.Generator(" in p.read_text() and p.relative_to(root) != Path("auditml_core/seeds.py")
     ]
-    assert offenders == []  # create generators with core.seeds.make_generator(device, seed)
+    assert offenders == []  # create generators with auditml_core.seeds.make_generator(device, seed)
 
 
 def test_early_stopping_unit():
@@ -174,7 +175,7 @@ def _ema_fit(rng, decay):
     """A tiny reproducible DP-SGD fit, recording every iterate (the weights after each optimizer step)."""
     from opacus.optimizers import DPOptimizer
 
-    from core.config import DPConfig
+    from auditml_core.config import DPConfig
 
     x, y = _digits_like(rng, n=64)
     torch.manual_seed(0)

@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from core import models, privacy, seeds, training
-from core.config import DPConfig, FitConfig
+from auditml_core import models, seeds, training
+from auditml_core.config import DPConfig, FitConfig
+from auditml_core.privacy import dp_sgd as privacy
 
 SEED = 7
 
@@ -41,7 +42,7 @@ def _reference_shift(xb, max_shift, generator):
     floor = xb.amin(dim=(1, 2, 3), keepdim=True)
     padded = nn.functional.pad(xb - floor, (max_shift,) * 4) + floor
     out = torch.empty_like(xb)
-    for i in range(b):  # an explicit crop per image, not the vectorised gather of core.epoch
+    for i in range(b):  # an explicit crop per image, not the vectorised gather of auditml_core.epoch
         out[i] = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
     return out
 
@@ -65,7 +66,7 @@ def _private(model, optimizer, xt, yt, dp, fit_cfg, criterion):
 
 
 def _reference_fit(model, x, y, fit_cfg, dp=None, stats=None):
-    """The per-batch loop of core.training before this change (no validation, no EMA)."""
+    """The per-batch loop of auditml_core.training before this change (no validation, no EMA)."""
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     data_generator = seeds.make_generator("cpu", SEED)
     optimizer = training.make_optimizer(model, fit_cfg)

@@ -7,12 +7,12 @@ from typing import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 
-from core import data as core_data
-from core import seeds
-from core.config import load_config
-from core.teacher import model_specs
-from federated.run_config import to_run_config
-from federated.workdir import write_inputs
+from auditml_core import data as core_data
+from auditml_core import seeds
+from auditml_core.config import load_config
+from auditml_core.teacher import model_specs
+from federated.app.run_config import to_run_config
+from federated.app.workdir import write_inputs
 
 # Tiny models and few rounds: the in-process federation must stay fast on two cores.
 TINY_FED = [
@@ -61,7 +61,7 @@ class InProcessGrid:
     """
 
     def __init__(self, run_config: dict, n_nodes: int, *, crash_in_round: int = 0):
-        from federated.apps import client as client_app
+        from federated.app.components import client as client_app
 
         self.client_app = client_app
         self.contexts = {100 + i: client_context(run_config, i, n_nodes) for i in range(n_nodes)}

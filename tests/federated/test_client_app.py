@@ -8,11 +8,11 @@ import torch
 from fed_helpers import client_context, make_cfg, prepare_work_dir
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from core import models
-from core.privacy import epsilon_of
-from core.teacher import model_specs
-from federated import workdir
-from federated.client_app import InjectedFailure, evaluate, train
+from auditml_core import models
+from auditml_core.privacy.dp_sgd import epsilon_of
+from auditml_core.teacher import model_specs
+from federated.app import workdir
+from federated.app.client_app import InjectedFailure, evaluate, train
 
 ROUNDS = 3
 
@@ -125,7 +125,7 @@ def test_fault_injection_raises_only_for_the_named_client_and_round(tmp_path, di
 
 
 def test_a_supernode_for_another_federation_size_is_refused(tmp_path, digits_data):
-    from core.errors import ConfigError
+    from auditml_core.errors import ConfigError
 
     cfg = make_cfg()
     rc = prepare_work_dir(tmp_path, cfg, digits_data)
@@ -149,7 +149,7 @@ def test_evaluate_reports_the_clients_validation_share(tmp_path, digits_data):
 def test_the_round_is_reserved_in_the_ledger_before_training_so_a_crash_only_overstates(
     dp_setup, digits_data, tmp_path, monkeypatch
 ):
-    from core import training
+    from auditml_core import training
 
     cfg, rc = dp_setup
     path = workdir.ledger_path(tmp_path, "cnn", 0)
@@ -183,7 +183,7 @@ def test_the_round_is_reserved_in_the_ledger_before_training_so_a_crash_only_ove
 
 
 def test_dp_batch_sizes_above_a_clients_share_are_capped_and_said(tmp_path, digits_data):
-    from federated.task import MIN_DP_STEPS_PER_EPOCH, task_for
+    from federated.app.task import MIN_DP_STEPS_PER_EPOCH, task_for
 
     cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp", "cnn.dp_fit.batch_size=4096", "federated.n_clients=5")
     rc = prepare_work_dir(tmp_path, cfg, digits_data)
@@ -200,7 +200,7 @@ def test_dp_batch_sizes_above_a_clients_share_are_capped_and_said(tmp_path, digi
 
 
 def test_config_and_data_are_built_once_per_process_for_the_same_run(tmp_path, digits_data):
-    from federated import task as task_mod
+    from federated.app import task as task_mod
 
     cfg = make_cfg()
     rc = prepare_work_dir(tmp_path, cfg, digits_data)
@@ -211,7 +211,7 @@ def test_config_and_data_are_built_once_per_process_for_the_same_run(tmp_path, d
 
 
 def test_in_a_multi_model_run_a_message_must_name_one_of_its_models(tmp_path, digits_data):
-    from core.errors import ConfigError
+    from auditml_core.errors import ConfigError
 
     cfg = make_cfg()
     prepare_work_dir(tmp_path, cfg, digits_data, name="regressor")

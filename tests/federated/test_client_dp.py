@@ -7,10 +7,10 @@ import pytest
 from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_context
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from core.config import ClientDPConfig, load_config
-from core.errors import ConfigError, PrivacyBudgetError
-from core.privacy_check import independent_epsilons
-from core.user_privacy import (
+from auditml_core.config import ClientDPConfig, load_config
+from auditml_core.errors import ConfigError, PrivacyBudgetError
+from auditml_core.privacy.second_accountant import independent_epsilons
+from auditml_core.privacy.user_level import (
     UNIT_OF_PRIVACY,
     dp_fedavg_aggregate,
     l2_norm,
@@ -19,9 +19,9 @@ from core.user_privacy import (
     user_epsilon,
     user_privacy_record,
 )
-from federated.server_app import main
-from federated.user_dp import build_user_dp_strategy
-from federated.workdir import read_result
+from federated.app.server_app import main
+from federated.app.user_dp import build_user_dp_strategy
+from federated.app.workdir import read_result
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])

@@ -1,4 +1,4 @@
-"""User-level DP with the noise added by the clients under SecAgg+ (core/client_noise.py, federated/secagg.py).
+"""User-level DP with the noise added by the clients under SecAgg+ (auditml_core/privacy/client_noise.py, federated/app/secagg.py).
 
 What is checked, each against something this code does not compute itself:
 
@@ -28,15 +28,15 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from test_secagg import RecordingGrid, client_mod
 
-from core.client_noise import clip_probability, noisy_upload, plan_client_noise, tail_probability
-from core.config import ClientDPConfig
-from core.errors import ConfigError
-from core.privacy_check import check_epsilon, independent_epsilons
-from core.user_privacy import dp_fedavg_aggregate, plan_user_dp
-from federated import secagg, secagg_client
-from federated.server_app import main
-from federated.strategies import RoundFailedError
-from federated.workdir import read_result
+from auditml_core.config import ClientDPConfig
+from auditml_core.errors import ConfigError
+from auditml_core.privacy.client_noise import clip_probability, noisy_upload, plan_client_noise, tail_probability
+from auditml_core.privacy.second_accountant import check_epsilon, independent_epsilons
+from auditml_core.privacy.user_level import dp_fedavg_aggregate, plan_user_dp
+from federated.app import secagg, secagg_client
+from federated.app.server_app import main
+from federated.app.strategies import RoundFailedError
+from federated.app.workdir import read_result
 
 CLIENT_NOISE = [
     "federated.secure_aggregation=true",
@@ -265,7 +265,7 @@ def test_clip_probability_is_the_union_bound():
     )
     from scipy.stats import norm
 
-    from core.client_noise import tail_probability
+    from auditml_core.privacy.client_noise import tail_probability
 
     # the per-coordinate tail against scipy's normal (another implementation) and against sampled noise
     assert clip_probability(noise, n_parameters=1000, uploads=50) == pytest.approx(50 * 1000 * 2 * norm.sf(8))
@@ -278,8 +278,8 @@ def test_clip_probability_is_the_union_bound():
 
 
 def test_report_states_client_noise_the_server_facing_epsilon_and_what_is_not_covered():
-    from core.config import load_config
-    from core.user_privacy import user_privacy_record
+    from auditml_core.config import load_config
+    from auditml_core.privacy.user_level import user_privacy_record
     from pipeline.report.fmt import number
     from pipeline.report.privacy import federated_privacy
 
@@ -357,7 +357,7 @@ def test_server_placed_uploads_stay_within_c_after_secaggs_rounding():
     """Clipped to C − step·√d, every upload rounded by Flower's own quantize/dequantize has norm ≤ C (and C alone fails)."""
     from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-    from core.client_noise import rounding_safe_norm
+    from auditml_core.privacy.client_noise import rounding_safe_norm
 
     c, d, levels = 1.0, 1000, 2**10
     clip_range = c * (1 + 1e-6)  # the server placement's SecAgg+ range (plan_client_noise)

@@ -1,10 +1,10 @@
-"""Shorter deployment polling (federated/fast_poll.py): the grid wrapper and the SuperNode patch, no processes."""
+"""Shorter deployment polling (federated/patches/fast_poll.py): the grid wrapper and the SuperNode patch, no processes."""
 
 import sys
 import time
 from types import SimpleNamespace
 
-from federated import fast_poll
+from federated.patches import fast_poll
 
 
 class FakeGrid:

@@ -9,7 +9,8 @@ from queue import Queue
 
 import pytest
 
-from federated import fast_poll, ray_start
+from federated.launch import ray_start
+from federated.patches import fast_poll
 
 
 def test_the_hook_drops_env_vars_the_workers_inherit_anyway(monkeypatch):

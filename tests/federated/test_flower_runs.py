@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from federated import launcher
+from federated.launch import processes as launcher
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -69,8 +69,8 @@ def test_pipeline_trains_both_models_federated_with_per_round_per_client_epsilon
 
 @pytest.mark.slow
 def test_loopback_deployment_with_tls_and_supernode_auth_survives_a_failing_client(tmp_path):
-    from core.config import load_config
-    from federated.deploy import deploy
+    from auditml_core.config import load_config
+    from federated.launch.deploy import deploy
 
     cfg = load_config(None, [*TINY, "federated.min_clients=1"])
     record = deploy(
@@ -228,7 +228,7 @@ def _check_secagg_user_dp_record(training: dict, *, completed: list[int], droppe
 
 @pytest.mark.slow
 def test_pipeline_simulation_runs_secure_aggregation_with_user_level_dp(tmp_path):
-    from core.config import load_config
+    from auditml_core.config import load_config
     from pipeline import train as train_stage
     from pipeline.report.privacy import federated_privacy
 
@@ -264,8 +264,8 @@ def test_pipeline_simulation_runs_secure_aggregation_with_user_level_dp(tmp_path
 
 @pytest.mark.slow
 def test_loopback_deployment_runs_secure_aggregation_with_user_level_dp_through_a_dropout(tmp_path):
-    from core.config import load_config
-    from federated.deploy import deploy
+    from auditml_core.config import load_config
+    from federated.launch.deploy import deploy
 
     overrides = [
         *[o for o in TINY if not o.startswith("federated.n_clients")],

@@ -1,7 +1,7 @@
 """The Flower apps' start-up: what a ServerApp/ClientApp process imports before its first round (issue 12).
 
 Every simulated client (each Ray actor) and the ServerApp import their module before the first round; on
-this 2-core machine Opacus' engine (via core.bk / core.ghost_conv) cost ~6 s and scikit-learn ~1.5-3 s of
+this 2-core machine Opacus' engine (via auditml_core.privacy.bk / auditml_core.privacy.ghost_conv) cost ~6 s and scikit-learn ~1.5-3 s of
 it, for runs that never use them (scripts/bench_flower_floor.py measures the whole start-up). They are
 imported where they are used; these checks run in a fresh interpreter, since pytest's own process has
 imported everything already.
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 IMPORTS = textwrap.dedent(
     """
     import sys
-    import federated.client_app, federated.server_app
+    import federated.app.client_app, federated.app.server_app
     print("HEAVY", sorted({m.split(".")[0] for m in sys.modules} & {"opacus", "sklearn", "shap", "lime"}))
     """
 )
@@ -31,10 +31,11 @@ GHOST = textwrap.dedent(
     import torch
     from torch import nn
     from opacus.grad_sample import GradSampleHooksFastGradientClipping as Hooks
-    from core import privacy, seeds
-    from core.config import DPConfig
+    from auditml_core import seeds
+    from auditml_core.privacy import dp_sgd as privacy
+    from auditml_core.config import DPConfig
 
-    assert "core.ghost_conv" not in sys.modules
+    assert "auditml_core.privacy.ghost_conv" not in sys.modules
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 2))
     ds = torch.utils.data.TensorDataset(torch.zeros(64, 1, 8, 8), torch.zeros(64, dtype=torch.long))
     plan = privacy.plan(DPConfig(enabled=True, target_epsilon=3.0), n_samples=64, batch_size=16, max_grad_norm=1.0, epochs=1)
@@ -44,7 +45,7 @@ GHOST = textwrap.dedent(
         grad_sample_mode="ghost", criterion=nn.CrossEntropyLoss(),
     )
     sampler = Hooks.NORM_SAMPLERS.get(nn.Conv2d)
-    print("GHOST", run.criterion is not None and sampler is sys.modules["core.ghost_conv"].conv2d_norm_sample)
+    print("GHOST", run.criterion is not None and sampler is sys.modules["auditml_core.privacy.ghost_conv"].conv2d_norm_sample)
     """
 )
 
@@ -85,7 +86,7 @@ def test_flower_apps_import_neither_opacus_nor_sklearn():
 
 
 def test_the_flower_components_load_without_torch():
-    """Flower loads them in its simulation process before it starts Ray (federated/apps.py)."""
+    """Flower loads them in its simulation process before it starts Ray (federated/app/components.py)."""
     assert _run(COMPONENTS)["TORCH"] == "False"
 
 

@@ -4,7 +4,8 @@ import re
 import sys
 import time
 
-from federated import launcher, watchdog
+from federated.launch import processes as launcher
+from federated.launch import watchdog
 
 
 def _alive(pid):
@@ -126,7 +127,7 @@ def test_markers_also_find_processes_naming_the_runs_folders_in_their_arguments(
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     agent = subprocess.Popen([*sleeper, f"--session-dir={folder}/session_1"], env={})  # no marker in its environment
     titled = subprocess.Popen(sleeper, env={"PYTHONPATH": f"/x:{folder}/apps/app"})  # Ray's agents: a path, no marker
-    watchdog_like = subprocess.Popen([*sleeper, "federated.watchdog", f"RAY_TMPDIR={folder}"], env={})
+    watchdog_like = subprocess.Popen([*sleeper, "federated.launch.watchdog", f"RAY_TMPDIR={folder}"], env={})
     other = subprocess.Popen([*sleeper, f"--session-dir={tmp_path}/other"], env={})
     try:
         found = watchdog.pids_with_markers([f"RAY_TMPDIR={folder}", "AUDITABLE_FED_RUN=abc"])

@@ -12,16 +12,16 @@ import torch
 from fed_helpers import client_context, make_cfg
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from core import config as config_mod
-from core import models, training
-from core.errors import RunDirError
-from core.privacy import epsilon_of
-from core.seeds import stage_seed
-from core.teacher import model_specs
-from federated import client_state, workdir
-from federated.client_app import train
-from federated.simulation import prepare_federation
-from federated.task import task_for
+from auditml_core import config as config_mod
+from auditml_core import models, training
+from auditml_core.errors import RunDirError
+from auditml_core.privacy.dp_sgd import epsilon_of
+from auditml_core.seeds import stage_seed
+from auditml_core.teacher import model_specs
+from federated.app import client_state, workdir
+from federated.app.client_app import train
+from federated.app.task import task_for
+from federated.launch.simulation import prepare_federation
 from pipeline.rundir import RunDir
 from pipeline.runner import stage_runtime
 

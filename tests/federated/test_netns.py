@@ -1,6 +1,6 @@
 """A per-site deployment beyond loopback: each site's processes in their own network namespace.
 
-The slow test builds a private network (federated.netns.SiteNetwork: a bridge on the host, one
+The slow test builds a private network (federated.launch.netns.SiteNetwork: a bridge on the host, one
 namespace per site with its own veth and address), starts the SuperLink on the bridge address
 with TLS and SuperNode authentication and each site under ``ip netns exec`` (deploy's
 ``site_prefixes``), so the veth is the only way from a site to the server. It needs root; where
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from test_sites import SIZES, _pids, _site_files
 
-from core.errors import UserError
-from federated import deploy as deploy_mod
-from federated import netns
+from auditml_core.errors import UserError
+from federated.launch import deploy as deploy_mod
+from federated.launch import netns
 
 
 def test_deploy_cli_passes_the_superlink_host_and_one_prefix_per_site(monkeypatch, tmp_path):
@@ -41,7 +41,7 @@ def test_deploy_cli_passes_the_superlink_host_and_one_prefix_per_site(monkeypatc
 
 
 def test_deploy_refuses_an_undialable_host_and_a_wrong_number_of_prefixes(tmp_path):
-    from core.config import load_config
+    from auditml_core.config import load_config
 
     assert deploy_mod._dial_address("10.0.0.5", 9) == "10.0.0.5:9"
     assert deploy_mod._dial_address("fd00::1", 9) == "[fd00::1]:9"
@@ -85,8 +85,8 @@ def _listener(host: str) -> tuple[socket.socket, int]:
 @pytest.mark.slow
 def test_three_sites_in_their_own_network_namespaces_train_over_tls_on_the_veth_only(tmp_path, site_network):
     """3 sites, each in its own namespace with its own file; 2 rounds of the tiny regressor; TLS and auth."""
-    from core.config import load_config
-    from federated.deploy import SiteFiles, deploy
+    from auditml_core.config import load_config
+    from federated.launch.deploy import SiteFiles, deploy
 
     net = site_network
     # The network itself: from every site the host's bridge address answers and the host's loopback does not.

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from core.errors import ConfigError, DataError
-from federated.partition import PARTITIONERS, label_histograms, partition
+from auditml_core.errors import ConfigError, DataError
+from federated.app.partition import PARTITIONERS, label_histograms, partition
 
 N = 1000
 

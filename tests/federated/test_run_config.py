@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
-from core.config import Config, load_config
-from core.errors import ConfigError
-from federated.run_config import (
+from auditml_core.config import Config, load_config
+from auditml_core.errors import ConfigError
+from federated.app.run_config import (
     APP_DEFAULTS,
     app_sections,
     declared_keys,
@@ -18,7 +18,7 @@ from federated.run_config import (
 )
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
-# What `python -m federated.run_config --write` produces; tests of the mechanism use it so that only
+# What `python -m federated.app.run_config --write` produces; tests of the mechanism use it so that only
 # test_pyproject_declares_exactly_the_generated_defaults fails when pyproject.toml is stale.
 GENERATED = '[tool.flwr.app]\npublisher = "x"\n\n' + pyproject_section()
 
@@ -70,7 +70,7 @@ def test_flower_parses_our_run_config_file_and_accepts_every_key(tmp_path):
 
 def test_pyproject_declares_exactly_the_generated_defaults():
     text = PYPROJECT.read_text()
-    assert declared_keys(text) == to_run_config(Config()), "run `python -m federated.run_config --write`"
+    assert declared_keys(text) == to_run_config(Config()), "run `python -m federated.app.run_config --write`"
     assert text.rstrip().endswith(pyproject_section().rstrip())
     assert replace_section(text) == text
 

@@ -24,12 +24,12 @@ from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_contex
 from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from core import models
-from core.errors import ConfigError
-from federated import secagg, workdir
-from federated.server_app import main
-from federated.strategies import RoundFailedError
-from federated.workdir import read_result
+from auditml_core import models
+from auditml_core.errors import ConfigError
+from federated.app import secagg, workdir
+from federated.app.server_app import main
+from federated.app.strategies import RoundFailedError
+from federated.app.workdir import read_result
 
 client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
@@ -206,7 +206,7 @@ def test_a_client_refuses_to_send_its_update_outside_the_protocol(tmp_path, digi
     from fed_helpers import client_context
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-    from federated.apps import client as client_app
+    from federated.app.components import client as client_app
 
     cfg = make_cfg(*SECAGG)
     rc = prepare_work_dir(tmp_path, cfg, digits_data)
@@ -233,7 +233,7 @@ def test_config_refuses_settings_secagg_cannot_run():
 
 
 def test_report_says_what_secure_aggregation_hides_and_from_whom():
-    from core.config import load_config
+    from auditml_core.config import load_config
     from pipeline.report.privacy import federated_privacy
 
     params = secagg.SecAggParams.from_config(make_cfg(*SECAGG).federated.secagg, max_weight=300)

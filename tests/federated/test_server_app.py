@@ -7,12 +7,12 @@ import pytest
 import torch
 from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_context
 
-from core import models
-from core.errors import PrivacyBudgetError
-from federated import checkpoint, client_state, workdir
-from federated.server_app import main, schedule_note
-from federated.strategies import RoundFailedError
-from federated.workdir import read_error, read_result
+from auditml_core import models
+from auditml_core.errors import PrivacyBudgetError
+from federated.app import checkpoint, client_state, workdir
+from federated.app.server_app import main, schedule_note
+from federated.app.strategies import RoundFailedError
+from federated.app.workdir import read_error, read_result
 
 
 def _run(tmp_path, digits_data, *overrides, n_nodes=2, crash_in_round=0, **app):
@@ -114,7 +114,7 @@ def test_other_strategies_run_and_checkpoint(tmp_path, digits_data, strategy):
 
 
 def test_missing_supernodes_fail_with_the_fix_named(tmp_path, digits_data):
-    from federated.server_app import NodesMissingError
+    from federated.app.server_app import NodesMissingError
 
     with pytest.raises(NodesMissingError, match="federated.n_clients=2"):
         _run(tmp_path, digits_data, n_nodes=1, node_wait_s=0.5)
@@ -158,7 +158,7 @@ def test_in_one_federation_each_model_keeps_its_own_checkpoint_and_ledgers(tmp_p
 
 def test_the_record_says_where_the_schedule_came_from():
     """Under DP the default schedule is federated.dp_rounds x dp_local_epochs; the record says which applied."""
-    from core.config import load_config
+    from auditml_core.config import load_config
 
     plain = schedule_note(load_config(None, ["train.mode=federated"]))
     dp = load_config(None, ["train.mode=federated", "dp.enabled=true"])

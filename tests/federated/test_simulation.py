@@ -3,10 +3,10 @@
 import pytest
 from fed_helpers import make_cfg
 
-from core.errors import DataError, PrivacyBudgetError
-from core.teacher import model_specs
-from federated import launcher
-from federated.simulation import train_federated
+from auditml_core.errors import DataError, PrivacyBudgetError
+from auditml_core.teacher import model_specs
+from federated.launch import processes as launcher
+from federated.launch.simulation import train_federated
 
 
 @pytest.fixture
@@ -34,8 +34,8 @@ def test_a_budget_the_clients_cannot_keep_is_refused_up_front(digits_data, no_pr
 
 
 def test_one_federation_for_several_models_refuses_seeds_the_apps_cannot_derive(digits_data, no_processes):
-    from core import seeds
-    from federated.simulation import train_federated_models
+    from auditml_core import seeds
+    from federated.launch.simulation import train_federated_models
 
     cfg = make_cfg()
     specs = model_specs(cfg, digits_data)

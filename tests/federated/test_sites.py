@@ -15,11 +15,11 @@ from fed_helpers import InProcessGrid, make_cfg, server_context
 from flwr.app import Context, RecordDict
 from sklearn.datasets import load_diabetes
 
-from federated import schema, site
-from federated.run_config import to_run_config
-from federated.schema import SiteMismatchError
-from federated.server_app import main
-from federated.workdir import read_error, read_result
+from federated.app import schema, site
+from federated.app.run_config import to_run_config
+from federated.app.schema import SiteMismatchError
+from federated.app.server_app import main
+from federated.app.workdir import read_error, read_result
 
 SIZES = (150, 120, 172)  # three slices of the 442-row diabetes table
 
@@ -139,7 +139,7 @@ def test_a_site_with_other_columns_is_refused_by_name_before_training(tmp_path):
 
 
 def test_a_site_without_data_path_is_refused_in_per_site_mode(tmp_path):
-    from federated.client_app import _client
+    from federated.app.client_app import _client
 
     cfg = make_cfg()
     rc = to_run_config(cfg, model="regressor", work_dir=str(tmp_path), sites=True)
@@ -151,8 +151,8 @@ def test_a_site_without_data_path_is_refused_in_per_site_mode(tmp_path):
 @pytest.mark.slow
 def test_deployment_with_three_sites_reading_their_own_csv(tmp_path):
     """A real loopback deployment: three SuperNodes, each given only its own file in its node config."""
-    from core.config import load_config
-    from federated.deploy import SiteFiles, deploy
+    from auditml_core.config import load_config
+    from federated.launch.deploy import SiteFiles, deploy
 
     files = _site_files(tmp_path / "sites")
     cfg = load_config(
@@ -188,14 +188,14 @@ def test_deployment_with_three_sites_reading_their_own_csv(tmp_path):
 
 def test_a_site_that_comes_back_under_a_new_node_id_is_checked_then_rejoins(tmp_path):
     """A restarted SuperNode has a new node id: it trains again only as an agreed site with its agreed schema."""
-    from federated.task import load_task
+    from federated.app.task import load_task
 
     files = _site_files(tmp_path / "sites")
     bad = _site_files(tmp_path / "bad", drop_column_at=1)[1]
     cfg = make_cfg("federated.n_clients=3", "federated.min_clients=2", "federated.rounds=2")
     rc = to_run_config(cfg, model="regressor", work_dir=str(tmp_path / "server"), seed=3, node_wait_s=2.0, sites=True)
     grid = _site_grid(rc, files, tmp_path / "ledgers")
-    from federated.run_config import from_run_config
+    from federated.app.run_config import from_run_config
 
     _, settings = from_run_config(rc)
     task = site.agree(grid, load_task(cfg, settings, run_id=7), timeout=5.0)
@@ -279,7 +279,7 @@ def test_a_site_killed_mid_round_is_recorded_the_round_goes_on_and_the_site_rejo
     work = tmp_path / "run"
     rounds, local_epochs = 5, 40
     cmd = [
-        *[sys.executable, "-m", "federated.deploy", "--work-dir", str(work), "--site-target", "y"],
+        *[sys.executable, "-m", "federated.launch.deploy", "--work-dir", str(work), "--site-target", "y"],
         *[f"--site-data={f}" for f in files],
         *["regressor.hidden_sizes=[8]", f"federated.rounds={rounds}", "federated.min_clients=2"],
         # DP: the site's ledger shows when it starts a round (write-ahead reservation); 40 local epochs keep
@@ -296,8 +296,8 @@ def test_a_site_killed_mid_round_is_recorded_the_round_goes_on_and_the_site_rejo
             assert deploy.poll() is None, err.read_text()[-4000:]
             assert time.monotonic() < deadline, "site 1 never started round 2"
             time.sleep(0.02)
-        (node,) = _pids("federated.fast_poll", str(files[1]))
-        (worker,) = _pids("federated.clientapp_worker", f"--parent-pid\0{node}\0")
+        (node,) = _pids("federated.patches.fast_poll", str(files[1]))
+        (worker,) = _pids("federated.launch.clientapp_worker", f"--parent-pid\0{node}\0")
         node_was, worker_was = _snapshot(node), _snapshot(worker)
         os.kill(node, signal.SIGKILL)
         os.kill(worker, signal.SIGKILL)
@@ -356,7 +356,7 @@ def test_tls_cli_issues_a_certificate_for_the_named_hosts(tmp_path):
 
     from cryptography import x509
 
-    from federated import tls
+    from federated.launch import tls
 
     assert tls.main(["--hosts", "a.example,10.0.0.5", "--supernodes", "site0", "--out", str(tmp_path)]) == 0
     cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from core.errors import ConfigError
-from federated import checkpoint
-from federated.strategies import STRATEGIES, RoundFailedError, build_strategy
+from auditml_core.errors import ConfigError
+from federated.app import checkpoint
+from federated.app.strategies import STRATEGIES, RoundFailedError, build_strategy
 
 
 def _sent(node: int) -> Message:
@@ -37,7 +37,7 @@ def _failed(node: int) -> Message:
 
 def _strategy(name="fedavg", *, min_clients=1, sent=(1, 2, 3, 4), offset=0):
     s = build_strategy(name, n_clients=len(sent), min_clients=min_clients, round_offset=offset)
-    from federated.strategies import RoundReplies
+    from federated.app.strategies import RoundReplies
 
     s.rounds[1 + offset] = RoundReplies(round=1 + offset, sent_to=list(sent))
     return s
@@ -66,7 +66,7 @@ def test_failures_below_min_clients_stop_the_run():
 
 
 def test_refusals_alone_fail_the_run_naming_the_budget():
-    from core.errors import PrivacyBudgetError
+    from auditml_core.errors import PrivacyBudgetError
 
     s = _strategy(min_clients=1, sent=(1, 2))
     with pytest.raises(PrivacyBudgetError, match=r"2 refused.*dp\.target_epsilon.*client refuses: budget"):
@@ -157,7 +157,7 @@ def test_a_node_whose_site_came_back_under_a_new_id_is_not_counted_missing():
     s.configure_train(1, arrays, ConfigRecord(), _Grid([1, 2]))
     s.aggregate_train(1, [_trained(1, 1.0, 10, 0), _trained(2, 1.0, 10, 1)])
     grid = _Grid([1, 3])
-    grid.replaced_nodes = {2}  # site 1 rejoined as node 3 (federated.site.AdmittedSites)
+    grid.replaced_nodes = {2}  # site 1 rejoined as node 3 (federated.app.site.AdmittedSites)
     s.configure_train(2, arrays, ConfigRecord(), grid)
     s.aggregate_train(2, [_trained(1, 1.0, 10, 0), _trained(3, 1.0, 10, 1)])
     assert s.rounds[2].failed == []

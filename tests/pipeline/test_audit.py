@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from core import config as config_mod
-from core.config import load_config
+from auditml_core import config as config_mod
+from auditml_core.config import load_config
 from pipeline import audit, report, runner
 from pipeline.report.audit import audit_section
 from pipeline.rundir import RunDir
@@ -111,7 +111,7 @@ def test_audit_stage_on_a_tiny_non_dp_run_round_trips(tmp_path):
 
 
 def rec_dataset(name):
-    from core.models import MODELS
+    from auditml_core.models import MODELS
 
     return MODELS[name].dataset
 

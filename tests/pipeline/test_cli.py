@@ -107,7 +107,7 @@ def test_config_command_prints_loadable_toml(tmp_path):
     proc = cli("config", "cnn.fit.epochs=7", check=True)
     path = tmp_path / "c.toml"
     path.write_text(proc.stdout)
-    from core.config import load_config
+    from auditml_core.config import load_config
 
     assert load_config(path).cnn.fit.epochs == 7
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import load_config
-from core.teacher import TrainedModel
+from auditml_core.config import load_config
+from auditml_core.teacher import TrainedModel
 from pipeline import data, distill, train
 
 TINY = [

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from core.data import Dataset
+from auditml_core.data import Dataset
 from pipeline.evaluate import N_AGE_BANDS, subgroup_metrics
 
 

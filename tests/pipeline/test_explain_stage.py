@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from core.config import load_config
-from core.errors import ConfigError, DataError
-from core.models import MODELS
+from auditml_core.config import load_config
+from auditml_core.errors import ConfigError, DataError
+from auditml_core.models import MODELS
 from explain import compare_variants, make_predict_fn
 from pipeline import data, explain_stage, train
 from tests.tiny import TRAIN as TINY  # noqa: E402

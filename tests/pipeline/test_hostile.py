@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.artifacts import json_bytes, npz_bytes
-from core.errors import RunDirError
-from core.runtime import Runtime
+from auditml_core.artifacts import json_bytes, npz_bytes
+from auditml_core.errors import RunDirError
+from auditml_core.runtime import Runtime
 from pipeline.__main__ import VERIFY_INCOMPLETE, VERIFY_MISMATCH, VERIFY_OK, main
 from pipeline.rundir import RunDir
 from tests.tiny import ALL

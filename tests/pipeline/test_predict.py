@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_diabetes, load_digits
 
-from core import config as config_mod
-from core.artifacts import read_json
+from auditml_core import config as config_mod
+from auditml_core.artifacts import read_json
 from pipeline import predict, runner
 from pipeline.__main__ import main
 from pipeline.rundir import RunDir
@@ -53,7 +53,7 @@ def _served_model(run_dir, name, which):
 
 @pytest.mark.parametrize("which", ["teacher", "student"])
 def test_predict_reproduces_the_runs_test_predictions(run_dir, raw_test, tmp_path, which):
-    from core import training
+    from auditml_core import training
 
     meta = read_json((run_dir / "data" / "tabular.json").read_bytes())["preprocessing"]
     out = tmp_path / "reg.csv"

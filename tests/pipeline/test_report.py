@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from core import config as config_mod
-from core.config import load_config
-from core.models import MODELS
+from auditml_core import config as config_mod
+from auditml_core.config import load_config
+from auditml_core.models import MODELS
 from pipeline import report, runner
 from pipeline.report import html_page as report_html
 from pipeline.report.privacy import privacy_section

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from core import config as config_mod
-from core.config import load_config
-from core.models import MODELS
-from core.privacy_check import check_epsilon
+from auditml_core import config as config_mod
+from auditml_core.config import load_config
+from auditml_core.models import MODELS
+from auditml_core.privacy.second_accountant import check_epsilon
 from pipeline import report, runner
 from pipeline.evaluate import N_BOOTSTRAP, subgroup_metrics
 from pipeline.report.privacy import independent_check, privacy_section
@@ -53,7 +53,7 @@ def _record(epsilon, history=HISTORY):
 
 def test_subgroup_mae_interval_is_the_bootstrap_of_that_group():
     """Each group's MAE interval is the percentile bootstrap of that group's rows (a per-resample loop agrees)."""
-    from core.data import Dataset
+    from auditml_core.data import Dataset
 
     rng = np.random.default_rng(0)
     n = 90
@@ -187,7 +187,7 @@ def test_dp_report_states_independent_epsilon_checks_audit_coverage_and_caveat_s
 @pytest.mark.parametrize("student_dp", [True, False])
 def test_the_tree_student_of_a_dp_run_never_sees_a_private_row(student_dp):
     """Under DP the tree (fitted without DP) gets public rows and their jitter only; private rows sit far away here."""
-    from core.data import Dataset
+    from auditml_core.data import Dataset
     from pipeline.distill import transfer_set, tree_rows
 
     rng = np.random.default_rng(1)
@@ -288,8 +288,8 @@ def test_the_model_card_says_yes_for_user_level_dp_alone():
 @pytest.mark.parametrize("secagg", [False, True])
 def test_user_level_only_run_drops_dp_is_off_and_says_what_the_server_sees(secagg):
     """dp.enabled = false with client_dp on: 'DP is off, no guarantee for any artifact' contradicted the statement."""
-    from core.config import ClientDPConfig
-    from core.user_privacy import plan_user_dp, user_privacy_record
+    from auditml_core.config import ClientDPConfig
+    from auditml_core.privacy.user_level import plan_user_dp, user_privacy_record
     from pipeline.report.privacy import federated_privacy
 
     rec = user_privacy_record(
@@ -367,7 +367,7 @@ def test_the_train_split_role_claims_dp_only_when_dp_is_on():
 
 def test_a_slice_that_would_make_the_reports_inputs_stale_is_refused_before_any_work():
     """`--stages evaluate,report` on a complete run marked explain stale, then crashed in the report (KeyError)."""
-    from core.errors import RunDirError
+    from auditml_core.errors import RunDirError
 
     run = SimpleNamespace(stage_status=lambda name: "complete", path="RUN")
     with pytest.raises(RunDirError, match="'explain', which re-running 'evaluate' makes stale"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import RunDirError
+from auditml_core.errors import RunDirError
 from pipeline import rundir
 from pipeline.rundir import RunDir
 

@@ -1,0 +1,312 @@
+"""Reading and validating raw data at the edge: embedded scikit-learn tables, CSV, .npz, image folders.
+
+Every function returns plain arrays plus a provenance record, or raises
+:class:`DataError` with a message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from auditml_core.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """A numeric table before splitting."""
+
+    x: np.ndarray  # (N, F) float64
+    y: np.ndarray  # (N,) float64
+    feature_names: tuple[str, ...]
+    target_name: str
+    provenance: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RawImages:
+    """Labelled images before splitting."""
+
+    x: np.ndarray  # (N, C, H, W) float64, raw intensities
+    y: np.ndarray  # (N,) int64 class index into class_names
+    class_names: tuple[str, ...]
+    provenance: dict[str, Any]
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _array_digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def load_table(csv_path: str, target: str) -> RawTable:
+    """Load the regressor's table: scikit-learn's diabetes data when ``csv_path`` is empty, else a CSV.
+
+    Raises
+    ------
+    DataError
+        Missing file, unreadable CSV, missing target column, non-numeric columns, no rows.
+    """
+    if not csv_path:
+        from sklearn.datasets import load_diabetes
+
+        bunch = load_diabetes()
+        x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.float64)
+        return RawTable(
+            x=x,
+            y=y,
+            feature_names=tuple(bunch.feature_names),
+            target_name="disease_progression",
+            provenance={
+                "source": "sklearn.datasets.load_diabetes (embedded, ships with scikit-learn)",
+                "sha256_of_arrays": _array_digest(x, y),
+                "rows": int(x.shape[0]),
+                "columns": int(x.shape[1]) + 1,
+            },
+        )
+    import pandas as pd
+
+    path = Path(csv_path)
+    if path.is_dir():
+        raise DataError(f"data.tabular_csv {csv_path!r} is a directory; set it to a CSV file")
+    if not path.is_file():
+        raise DataError(f"CSV file {csv_path!r} does not exist; set data.tabular_csv to an existing file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(
+            f"CSV file {csv_path!r} cannot be read ({exc.strerror or exc}); check its permissions"
+        ) from None
+    try:
+        frame = pd.read_csv(io.BytesIO(raw))
+        # pandas renames a repeated column name ("y", "y" -> "y", "y.1"): read the header as written.
+        header = pd.read_csv(io.BytesIO(raw), header=None, nrows=1, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(
+            f"CSV file {csv_path!r} cannot be parsed ({(str(exc).splitlines() or [type(exc).__name__])[0]}); "
+            "check its delimiter and quoting"
+        ) from None
+    names = [str(v) for v in header.iloc[0].tolist()] if len(header) else []
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise DataError(
+            f"CSV file {csv_path!r} repeats column name(s) {', '.join(map(repr, duplicated))}; give every column "
+            "a unique name (a repeated target column would be trained on as a feature)"
+        )
+    if target not in frame.columns:
+        shown = ", ".join(map(str, list(frame.columns)[:20]))
+        raise DataError(f"target column {target!r} is not in {csv_path!r}; set data.target to one of: {shown}")
+    if len(frame) == 0:
+        raise DataError(f"CSV file {csv_path!r} has no data rows; supply a table with at least a few rows")
+    non_numeric = [
+        str(c)
+        for c in frame.columns
+        if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
+    ]
+    if non_numeric:
+        raise DataError(
+            f"column(s) {', '.join(map(repr, non_numeric[:5]))} of {csv_path!r} are not numeric; "
+            "encode them as numbers (e.g. one-hot) or drop them before running"
+        )
+    features = [c for c in frame.columns if c != target]
+    if not features:
+        raise DataError(f"{csv_path!r} has only the target column {target!r}; add at least one feature column")
+    return RawTable(
+        x=frame[features].to_numpy(dtype=np.float64),
+        y=frame[target].to_numpy(dtype=np.float64),
+        feature_names=tuple(str(c) for c in features),
+        target_name=str(target),
+        provenance={
+            "source": str(path),
+            "sha256": sha256_bytes(raw),
+            "rows": int(len(frame)),
+            "columns": int(frame.shape[1]),
+        },
+    )
+
+
+def load_images(spec: str) -> RawImages:
+    """Load the CNN's images: 8x8 digits when ``spec`` is empty, an ``.npz`` file, or a folder of class folders.
+
+    Raises
+    ------
+    DataError
+        Missing file, wrong keys or ranks, mismatched lengths, unreadable or differently sized images.
+    """
+    if not spec:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = np.asarray(bunch.images, dtype=np.float64)[:, None]  # (N, 1, 8, 8)
+        y = np.asarray(bunch.target, dtype=np.int64)
+        return RawImages(
+            x=x,
+            y=y,
+            class_names=tuple(str(c) for c in range(10)),
+            provenance={
+                "source": "sklearn.datasets.load_digits (embedded, ships with scikit-learn)",
+                "sha256_of_arrays": _array_digest(x, y),
+                "rows": int(len(y)),
+                "shape": list(x.shape[1:]),
+            },
+        )
+    path = Path(spec)
+    if path.is_dir():
+        return _load_image_folder(path)
+    if not path.is_file():
+        raise DataError(
+            f"image data {spec!r} does not exist; set data.images to an .npz file or a folder of class folders"
+        )
+    if path.suffix != ".npz":
+        raise DataError(
+            f"image data {spec!r} is neither an .npz file nor a folder; save arrays x and y with numpy.savez"
+        )
+    # Hashed as a stream and the arrays read from the file: no copy of its bytes is held. A file that
+    # changes in between is refused (size and modification time before the hash, after the read).
+    before = path.stat()
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone .npy array under an .npz name
+            raise DataError(f"{spec!r} holds one .npy array, not an .npz archive; save x and y with numpy.savez")
+        with loaded as archive:
+            missing = [k for k in ("x", "y") if k not in archive.files]
+            if missing:
+                raise DataError(
+                    f"{spec!r} lacks array(s) {', '.join(missing)}; it has {', '.join(archive.files) or 'none'}; save x (images) and y (labels)"
+                )
+            x, y = archive["x"], archive["y"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # empty, truncated, corrupt
+        raise DataError(
+            f"{spec!r} is not a readable .npz archive without pickled objects ({exc or type(exc).__name__}); "
+            "save it with numpy.savez"
+        ) from None
+    after = path.stat()
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        raise DataError(f"{spec!r} changed while it was being read; run again once nothing writes to it")
+    for name, arr in (("x", x), ("y", y)):
+        if np.iscomplexobj(arr):
+            raise DataError(f"{name} in {spec!r} has complex dtype {arr.dtype}; only real numbers are accepted")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"x in {spec!r} has shape {x.shape}; expected (N, H, W) or (N, C, H, W)")
+    if y.ndim != 1:
+        raise DataError(f"y in {spec!r} has shape {y.shape}; expected (N,) labels")
+    if len(x) != len(y):
+        raise DataError(f"x and y in {spec!r} differ in length ({len(x)} vs {len(y)}); give one label per image")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"x in {spec!r} has dtype {x.dtype}; images must be real numbers (integer or float)")
+    if x.size == 0:
+        raise DataError(f"x in {spec!r} is empty (shape {x.shape}); supply at least a few labelled images")
+    if x.shape[1] not in (1, 3):
+        raise DataError(f"x in {spec!r} has {x.shape[1]} channels; expected 1 (grey) or 3 (RGB) in (N, C, H, W) order")
+    _check_labels(y, spec)
+    labels, y_index = np.unique(y, return_inverse=True)
+    return RawImages(
+        x=np.asarray(x, dtype=np.float64),
+        y=y_index.astype(np.int64),
+        class_names=tuple(str(v) for v in labels),
+        provenance={"source": str(path), "sha256": digest, "rows": int(len(y)), "shape": list(x.shape[1:])},
+    )
+
+
+def decode_image(data: bytes, *, name: str) -> np.ndarray:
+    """Decode one image file's bytes to a (C, H, W) float64 array: grey modes to 1 channel, the rest to RGB.
+
+    Raises
+    ------
+    DataError
+        If the bytes are not a readable image (corrupt, truncated, a decompression bomb); the message names the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"), dtype=np.float64)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"image {name!r} cannot be read ({exc}); remove it or re-save it as PNG") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
+
+
+def _check_labels(y: np.ndarray, spec: str) -> None:
+    """Refuse labels that are not classes: booleans are fine, strings and integers too, floats only when whole."""
+    if y.dtype.kind in "biuUS":
+        return
+    if y.dtype.kind != "f":
+        raise DataError(f"y in {spec!r} has dtype {y.dtype}; give integer or string class labels")
+    missing = ~np.isfinite(y)
+    if missing.any():  # np.unique would make "nan" a class of its own
+        raise DataError(
+            f"y in {spec!r} has {int(missing.sum())} NaN/inf label(s) (first: row {int(np.flatnonzero(missing)[0])}); "
+            "every image needs a class label: label those images or remove them"
+        )
+    fractional = y[y != np.round(y)]
+    if fractional.size:
+        raise DataError(
+            f"labels look continuous: y in {spec!r} has {fractional.size} non-integer value(s) (e.g. {fractional[0]:g}) "
+            f"among {np.unique(y).size} distinct values; the CNN is a classifier, give integer or string class labels"
+        )
+
+
+def _load_image_folder(root: Path) -> RawImages:
+    # Hidden folders (.ipynb_checkpoints, .git, .DS_Store's kin) are tool droppings, never classes.
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(
+            f"image folder {str(root)!r} has no class sub-folders; put each class's images in root/<class>/"
+        )
+    listing = {
+        d: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) for d in class_dirs
+    }
+    empty = [d.name for d, files in listing.items() if not files]
+    if empty and len(empty) < len(class_dirs):
+        raise DataError(
+            f"class folder(s) {', '.join(map(repr, empty))} of {str(root)!r} hold no {'/'.join(IMAGE_SUFFIXES)} "
+            "images; add images to them or remove them (a class with no images cannot be learnt or tested)"
+        )
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    digest = hashlib.sha256()
+    for label, class_dir in enumerate(class_dirs):
+        for file in listing[class_dir]:
+            data = file.read_bytes()
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + data)
+            arr = decode_image(data, name=str(file))
+            if images and arr.shape[0] != images[0].shape[0]:
+                kinds = {1: "grey", 3: "RGB"}
+                raise DataError(
+                    f"image {str(file)!r} is {kinds[arr.shape[0]]}, others are {kinds[images[0].shape[0]]}; "
+                    "convert all images to one colour mode (all grey or all RGB)"
+                )
+            if images and arr.shape != images[0].shape:
+                raise DataError(
+                    f"image {str(file)!r} has shape {arr.shape}, others {images[0].shape}; resize all images to one size"
+                )
+            images.append(arr)
+            labels.append(label)
+    if not images:
+        raise DataError(f"image folder {str(root)!r} holds no {'/'.join(IMAGE_SUFFIXES)} files in its class folders")
+    x = np.stack(images)
+    return RawImages(
+        x=x,
+        y=np.asarray(labels, dtype=np.int64),
+        class_names=tuple(p.name for p in class_dirs),
+        provenance={"source": str(root), "sha256": digest.hexdigest(), "rows": len(labels), "shape": list(x.shape[1:])},
+    )

@@ -1,0 +1,337 @@
+"""Membership-inference attacks and the statistics an empirical privacy audit reports.
+
+The attacks score candidate records; a higher score means "more likely a training member":
+
+- :func:`loss_scores`: the loss-threshold attack (Yeom et al., 2018): score = −loss of the record.
+- :func:`lira_scores`: the *online* likelihood-ratio attack (LiRA, Carlini et al., 2022) with a fixed
+  (global) variance, the variant the paper recommends for few shadow models: every candidate is in the
+  training set of exactly half of the shadow models; its score is the Gaussian log-likelihood ratio of
+  the target's logit-scaled confidence under the "in" and "out" shadow distributions.
+
+The statistics turn (scores, membership labels) into what an auditor reads: ROC-AUC with a bootstrap
+interval, TPR at a fixed FPR with a Clopper–Pearson interval, the (ε, δ)-DP bound on TPR at that FPR,
+and an empirical ε lower bound. Nothing here knows of stages or Flower; the shadow models are trained
+by the caller (the pipeline's ``audit`` stage uses :func:`auditml_core.training.fit`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+# --------------------------------------------------------------------------- per-record signals
+
+
+def per_record_loss(outputs: np.ndarray, y: np.ndarray, *, task: str) -> np.ndarray:
+    """Loss of every record: squared error (regression, outputs (N,)) or cross-entropy (logits (N, K))."""
+    if task == "regression":
+        return (np.asarray(outputs, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2
+    logits = np.asarray(outputs, dtype=np.float64)  # (N, K)
+    top = logits.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return log_z - logits[np.arange(len(y)), np.asarray(y, dtype=np.int64)]
+
+
+def confidence_logit(outputs: np.ndarray, y: np.ndarray, *, task: str) -> np.ndarray:
+    """LiRA's per-record statistic φ, roughly Gaussian across models.
+
+    Classification: ``log p_y − log(1 − p_y)`` computed stably from the logits (Carlini et al.).
+    Regression: ``−log(squared error + 1e-12)`` (the log of a squared residual is close to Gaussian,
+    the residual itself is not).
+    """
+    if task == "regression":
+        return -np.log(per_record_loss(outputs, y, task=task) + 1e-12)
+    logits = np.asarray(outputs, dtype=np.float64)  # (N, K)
+    idx = np.arange(len(y))
+    y = np.asarray(y, dtype=np.int64)
+    true = logits[idx, y]
+    others = logits.copy()
+    others[idx, y] = -np.inf
+    top = others.max(axis=1)
+    log_rest = top + np.log(np.exp(others - top[:, None]).sum(axis=1))
+    return true - log_rest
+
+
+def loss_scores(outputs: np.ndarray, y: np.ndarray, *, task: str) -> np.ndarray:
+    """Loss-threshold attack (Yeom et al. 2018): score = −loss (members tend to have lower loss)."""
+    return -per_record_loss(outputs, y, task=task)
+
+
+def shadow_assignment(n_records: int, n_shadows: int, *, seed: int) -> np.ndarray:
+    """(n_shadows, n_records) boolean: record j is in shadow i's training set.
+
+    Every record is in exactly half of the shadows (``n_shadows`` even) and each shadow sees about
+    half of the records: the balanced design of Carlini et al. (2022), so every record has both
+    "in" and "out" observations.
+    """
+    if n_shadows < 2 or n_shadows % 2:
+        raise ValueError(f"n_shadows={n_shadows}; LiRA needs an even number of shadow models >= 2")
+    rng = np.random.default_rng(seed)
+    order = np.argsort(rng.random((n_shadows, n_records)), axis=0)  # (S, N): a random permutation per record
+    return order < n_shadows // 2
+
+
+def lira_scores(target_phi: np.ndarray, shadow_phi: np.ndarray, in_mask: np.ndarray) -> np.ndarray:
+    """Online LiRA with a fixed variance.
+
+    Parameters
+    ----------
+    target_phi : (N,) the target model's φ (:func:`confidence_logit`) per candidate record.
+    shadow_phi : (S, N) every shadow model's φ on the same records.
+    in_mask : (S, N) whether the record was in that shadow's training set.
+
+    Returns
+    -------
+    (N,) log N(φ; μ_in, σ_in) − log N(φ; μ_out, σ_out), with per-record means and the variances
+    pooled over all records (per-record variances from two observations are too noisy).
+    """
+    shadow_phi = np.asarray(shadow_phi, dtype=np.float64)
+    in_mask = np.asarray(in_mask, dtype=bool)
+    if shadow_phi.shape != in_mask.shape or shadow_phi.shape[1] != len(target_phi):
+        raise ValueError(
+            f"shapes disagree: target {np.shape(target_phi)}, shadows {shadow_phi.shape}, mask {in_mask.shape}"
+        )
+    if not (in_mask.any(axis=0).all() and (~in_mask).any(axis=0).all()):
+        raise ValueError("every record needs at least one 'in' and one 'out' shadow model (use shadow_assignment)")
+    n_in, n_out = in_mask.sum(axis=0), (~in_mask).sum(axis=0)
+    mu_in = np.where(in_mask, shadow_phi, 0.0).sum(axis=0) / n_in
+    mu_out = np.where(~in_mask, shadow_phi, 0.0).sum(axis=0) / n_out
+    dev_in = np.where(in_mask, shadow_phi - mu_in, 0.0)
+    dev_out = np.where(~in_mask, shadow_phi - mu_out, 0.0)
+    sd_in = math.sqrt(float((dev_in**2).sum()) / max(int(n_in.sum() - len(n_in)), 1)) + 1e-6
+    sd_out = math.sqrt(float((dev_out**2).sum()) / max(int(n_out.sum() - len(n_out)), 1)) + 1e-6
+    phi = np.asarray(target_phi, dtype=np.float64)
+    log_in = -0.5 * ((phi - mu_in) / sd_in) ** 2 - math.log(sd_in)
+    log_out = -0.5 * ((phi - mu_out) / sd_out) ** 2 - math.log(sd_out)
+    return log_in - log_out
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@functools.lru_cache(maxsize=64)
+def _log_factorials(n: int) -> np.ndarray:
+    return np.array([math.lgamma(i + 1) for i in range(n + 1)])
+
+
+def _log_binom_pmf(k: np.ndarray, n: int, p: float) -> np.ndarray:
+    if p <= 0.0:
+        return np.where(k == 0, 0.0, -np.inf)
+    if p >= 1.0:
+        return np.where(k == n, 0.0, -np.inf)
+    lg = _log_factorials(n)
+    return lg[n] - lg[k] - lg[n - k] + k * math.log(p) + (n - k) * math.log1p(-p)
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    terms = _log_binom_pmf(np.arange(k + 1), n, p)
+    top = terms.max()
+    return float(min(1.0, math.exp(top) * np.exp(terms - top).sum())) if np.isfinite(top) else 0.0
+
+
+def _bisect(fn, target: float, *, increasing: bool) -> float:
+    lo, hi = 0.0, 1.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if (fn(mid) < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def clopper_pearson(k: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper–Pearson) two-sided interval for a binomial proportion k/n.
+
+    Computed by bisection on binomial tail sums, independently of the beta-quantile formula
+    (the tests compare the two). Each side holds with probability ≥ (1 + confidence) / 2.
+
+    Raises
+    ------
+    ValueError
+        If not ``0 <= k <= n``, ``n >= 1`` and ``0 < confidence < 1``.
+    """
+    if n < 1 or not 0 <= k <= n or not 0 < confidence < 1:
+        raise ValueError(f"clopper_pearson needs 0 <= k <= n, n >= 1, 0 < confidence < 1; got k={k}, n={n}")
+    return _clopper_pearson(int(k), int(n), float(confidence))
+
+
+@functools.lru_cache(maxsize=65536)
+def _clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
+    alpha = (1.0 - confidence) / 2
+    # lower: the p with P(X >= k | p) = alpha, i.e. 1 - cdf(k-1) = alpha (cdf decreases in p)
+    lower = 0.0 if k == 0 else _bisect(lambda p: 1.0 - _binom_cdf(k - 1, n, p), alpha, increasing=True)
+    # upper: the p with P(X <= k | p) = alpha
+    upper = 1.0 if k == n else _bisect(lambda p: -_binom_cdf(k, n, p), -alpha, increasing=True)
+    return lower, upper
+
+
+def roc_auc(scores: np.ndarray, members: np.ndarray) -> float:
+    """Area under the ROC curve of a membership score (0.5 = chance)."""
+    return float(roc_auc_score(np.asarray(members, dtype=bool), np.asarray(scores, dtype=np.float64)))
+
+
+def auc_bootstrap_ci(scores: np.ndarray, members: np.ndarray, *, seed: int, n_resamples: int = 1000) -> list[float]:
+    """95% percentile-bootstrap interval of the AUC, resampling members and non-members separately."""
+    rng = np.random.default_rng(seed)
+    members = np.asarray(members, dtype=bool)
+    pos, neg = np.flatnonzero(members), np.flatnonzero(~members)
+    values = []
+    for _ in range(n_resamples):
+        i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        values.append(roc_auc(scores[i], members[i]))
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _counts(scores: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """For every distinct threshold t (predict "member" when score >= t): (t, TP, FP, n_members, n_non)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    members = np.asarray(members, dtype=bool)
+    thresholds = np.concatenate([np.unique(scores)[::-1], [np.inf]])  # descending, plus "nobody is a member"
+    order = np.sort(scores[members])
+    order_non = np.sort(scores[~members])
+    tp = len(order) - np.searchsorted(order, thresholds, side="left")
+    fp = len(order_non) - np.searchsorted(order_non, thresholds, side="left")
+    return thresholds, tp, fp, len(order), len(order_non)
+
+
+def tpr_at_fpr(scores: np.ndarray, members: np.ndarray, fpr: float, *, confidence: float = 0.95) -> dict[str, Any]:
+    """TPR at the most permissive threshold whose empirical FPR is <= ``fpr``, with Clopper–Pearson intervals.
+
+    The threshold is chosen on the same records it is evaluated on (the usual way of reporting TPR
+    at low FPR); with n non-members, FPRs below 1/n can only be met with zero false positives.
+    """
+    thresholds, tp, fp, n_mem, n_non = _counts(scores, members)
+    ok = fp <= fpr * n_non
+    i = int(np.flatnonzero(ok)[np.argmax(tp[ok])])
+    return {
+        "target_fpr": fpr,
+        "fpr": float(fp[i] / n_non),
+        "fpr_ci95": list(clopper_pearson(int(fp[i]), n_non, confidence=confidence)),
+        "tpr": float(tp[i] / n_mem),
+        "tpr_ci95": list(clopper_pearson(int(tp[i]), n_mem, confidence=confidence)),
+        "true_positives": int(tp[i]),
+        "false_positives": int(fp[i]),
+        "resolution_limited": bool(fpr * n_non < 1),
+    }
+
+
+def dp_tpr_bound(fpr: float, *, epsilon: float, delta: float) -> float:
+    """The highest TPR any membership test can reach at ``fpr`` against an (ε, δ)-DP mechanism.
+
+    ``min(1, e^ε·FPR + δ, 1 − e^−ε·(1 − δ − FPR))`` (Kairouz et al. 2015's hypothesis-testing region).
+    """
+    return float(min(1.0, math.exp(epsilon) * fpr + delta, 1.0 - math.exp(-epsilon) * (1.0 - delta - fpr)))
+
+
+def _eps_lb_at(tp: int, fp: int, n_mem: int, n_non: int, *, delta: float, confidence: float) -> float:
+    """ε lower bound at one threshold from Clopper–Pearson bounds, both directions of the test."""
+    tpr_lo, _ = clopper_pearson(tp, n_mem, confidence=confidence)
+    _, fpr_hi = clopper_pearson(fp, n_non, confidence=confidence)
+    fnr_hi, tnr_lo = 1.0 - tpr_lo, 1.0 - fpr_hi
+    best = 0.0
+    if tpr_lo - delta > 0 and fpr_hi > 0:
+        best = max(best, math.log((tpr_lo - delta) / fpr_hi))
+    if tnr_lo - delta > 0 and fnr_hi > 0:
+        best = max(best, math.log((tnr_lo - delta) / fnr_hi))
+    return best
+
+
+def _point_eps(tp: np.ndarray, fp: np.ndarray, n_mem: int, n_non: int, delta: float) -> np.ndarray:
+    """The point-estimate ε at every threshold (used only to choose a threshold)."""
+    tpr, fpr = tp / n_mem, fp / n_non
+    floor = 0.5 / max(n_mem, n_non)  # keeps zero counts finite
+    a = np.log(np.maximum(tpr - delta, floor) / np.maximum(fpr, floor))
+    b = np.log(np.maximum(1 - fpr - delta, floor) / np.maximum(1 - tpr, floor))
+    return np.maximum(a, b)
+
+
+def empirical_epsilon(
+    scores: np.ndarray, members: np.ndarray, *, delta: float, seed: int, confidence: float = 0.95
+) -> dict[str, Any]:
+    """An empirical lower bound on ε from a membership attack's (FPR, TPR).
+
+    ε ≥ log((TPR_lo − δ) / FPR_hi) (and the same for the complementary test) holds with the stated
+    confidence *at a threshold fixed in advance*. So the records are split in two seeded halves
+    (members and non-members each): the threshold maximising the point estimate is chosen on the
+    first half and the Clopper–Pearson bound is computed on the second (``epsilon_lower_bound``).
+    The maximum over all thresholds on all records is also returned, labelled optimistic: it is
+    not a valid lower bound at the stated confidence (multiple comparisons).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    members = np.asarray(members, dtype=bool)
+    rng = np.random.default_rng(seed)
+    half = np.zeros(len(scores), dtype=bool)
+    for group in (np.flatnonzero(members), np.flatnonzero(~members)):
+        half[rng.permutation(group)[: len(group) // 2]] = True
+    thr_a, tp_a, fp_a, nm_a, nn_a = _counts(scores[half], members[half])
+    best_t = float(thr_a[int(np.argmax(_point_eps(tp_a, fp_a, nm_a, nn_a, delta)))])
+    s_b, m_b = scores[~half], members[~half]
+    tp_b, fp_b = int((s_b[m_b] >= best_t).sum()), int((s_b[~m_b] >= best_t).sum())
+    held_out = _eps_lb_at(tp_b, fp_b, int(m_b.sum()), int((~m_b).sum()), delta=delta, confidence=confidence)
+    thr, tp, fp, n_mem, n_non = _counts(scores, members)
+    optimistic = max(
+        _eps_lb_at(int(t), int(f), n_mem, n_non, delta=delta, confidence=confidence) for t, f in zip(tp, fp)
+    )
+    return {
+        "epsilon_lower_bound": held_out,
+        "method": "threshold chosen on a random half of the records, Clopper–Pearson bound on the other half",
+        "confidence": confidence,
+        "threshold": best_t,
+        "held_out_counts": {"tp": tp_b, "fp": fp_b, "members": int(m_b.sum()), "non_members": int((~m_b).sum())},
+        "optimistic_max_over_thresholds": optimistic,
+        "delta": delta,
+    }
+
+
+def attack_summary(
+    scores: np.ndarray,
+    members: np.ndarray,
+    *,
+    delta: float,
+    seed: int,
+    epsilon: float | None = None,
+    fprs: tuple[float, ...] = (0.01, 0.001),
+    n_resamples: int = 1000,
+) -> dict[str, Any]:
+    """Everything the report shows for one attack on one model.
+
+    Parameters
+    ----------
+    scores, members : attack scores and true membership of the candidate records.
+    delta : δ used by the empirical ε bound (the run's ``dp.delta``).
+    seed : seeds the bootstrap and the held-out split.
+    epsilon : the claimed ε of a DP model (adds the DP bound at every FPR), or None.
+    fprs : false-positive rates at which TPR is reported.
+    n_resamples : bootstrap resamples of the AUC interval.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    members = np.asarray(members, dtype=bool)
+    out: dict[str, Any] = {
+        "n_members": int(members.sum()),
+        "n_non_members": int((~members).sum()),
+        "auc": roc_auc(scores, members),
+        "auc_ci95": auc_bootstrap_ci(scores, members, seed=seed, n_resamples=n_resamples),
+        "tpr_at_fpr": [],
+        "empirical_epsilon": empirical_epsilon(scores, members, delta=delta, seed=seed + 1),
+    }
+    for f in fprs:
+        row = tpr_at_fpr(scores, members, f)
+        if epsilon is not None:
+            row["dp_bound"] = dp_tpr_bound(f, epsilon=epsilon, delta=delta)
+            # A violation is claimed only when even the lower TPR bound beats the DP bound at the upper FPR
+            # bound: the true FPR of the chosen threshold is only known up to its interval.
+            row["dp_bound_at_fpr_upper"] = dp_tpr_bound(row["fpr_ci95"][1], epsilon=epsilon, delta=delta)
+            row["exceeds_dp_bound"] = bool(row["tpr_ci95"][0] > row["dp_bound_at_fpr_upper"])
+        out["tpr_at_fpr"].append(row)
+    return out

@@ -1,0 +1,580 @@
+"""The one training core: :func:`fit`, in parts (resume, DP setup, epoch loop, early stopping, checkpoints).
+
+Central training, the Flower ClientApp, distillation and public pretraining all call
+:func:`fit`; nothing here imports Flower. Differential privacy enters only through
+:mod:`auditml_core.privacy.dp_sgd`. The per-epoch primitives live in :mod:`auditml_core.epoch` and are
+re-exported here (``training.predict``, ``training.evaluate``, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from auditml_core import seeds
+from auditml_core.config import DPConfig, FitConfig
+from auditml_core.epoch import (
+    add_proximal_term,
+    draw_shifts,
+    evaluate,
+    loss_fn,
+    make_optimizer,
+    predict,
+    progress_bar,
+    random_shift,
+    resolve_device,
+    shift_images,
+    shuffled_batches,
+    train_one_epoch,
+)
+from auditml_core.errors import TrainingDivergedError
+from auditml_core.privacy import dp_sgd as privacy
+from auditml_core.privacy.dp_sgd import History, HistoryLike
+
+__all__ = [  # the training core's public names, the re-exported primitives of auditml_core.epoch included
+    "Checkpoint",
+    "EarlyStopping",
+    "TrainingResult",
+    "checkpoint_bytes",
+    "draw_shifts",
+    "evaluate",
+    "fit",
+    "loss_fn",
+    "make_optimizer",
+    "predict",
+    "random_shift",
+    "read_checkpoint",
+    "resolve_device",
+    "shift_images",
+    "shuffled_batches",
+    "train_one_epoch",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingResult:
+    """What every training path (central, federated client, resumed) returns."""
+
+    state_dict: dict[str, torch.Tensor]  # unwrapped CPU weights (no "_module." keys)
+    history: list[dict[str, float]]  # per epoch: epoch, train_loss, val_loss, val metric, seconds, epsilon
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    n_train: int
+    privacy: dict[str, Any] | None = None  # auditml_core.privacy.dp_sgd.privacy_record when trained with DP
+    accountant_history: History = field(default_factory=list)
+    ema: dict[str, Any] | None = None  # when fit_cfg.ema_decay > 0: the released weights are the EMA (see _EMA)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe view (without the weights)."""
+        secs = [h["seconds"] for h in self.history]
+        return {
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "seconds": self.seconds,
+            "seconds_per_epoch": float(np.mean(secs)) if secs else 0.0,
+            "n_train": self.n_train,
+            "privacy": self.privacy,
+            "released_weights": "ema" if self.ema else "last iterate",
+            **({"ema": self.ema} if self.ema else {}),
+        }
+
+
+@dataclass
+class Checkpoint:
+    """Training state after an epoch: enough to resume with the same weights, optimizer and ε history.
+
+    It never holds the secret state of DP-SGD's sampling and noise generators (see
+    :func:`auditml_core.privacy.dp_sgd.dp_generators`): a DP run resumed from it draws fresh CSPRNG-seeded
+    randomness, which DP-SGD's analysis allows (each step's noise need only be independent and
+    unknown to the adversary); the accountant history carries over, so ε still counts every step.
+    """
+
+    epoch: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    accountant_history: History
+    history: list[dict[str, float]]
+    generator_state: torch.Tensor  # batch order and augmentation: seeded from the recorded seed, not secret
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
+    best_loss: float = float("inf")
+    done: bool = False  # training finished (last epoch or early stop): resuming trains no further
+    # (sampling, noise) generator states, only under dp.reproducible_noise (derived from the recorded seed anyway)
+    dp_generator_states: list[torch.Tensor] | None = None
+    ema_state: dict[str, torch.Tensor] | None = None  # the EMA of the iterates so far (fit_cfg.ema_decay > 0)
+    ema_steps: int = 0  # optimizer steps averaged into ema_state
+
+
+def checkpoint_bytes(ck: Checkpoint) -> bytes:
+    """Encode a :class:`Checkpoint` (tensors and plain values only)."""
+    buf = io.BytesIO()
+    torch.save(dataclasses.asdict(ck), buf)
+    return buf.getvalue()
+
+
+def read_checkpoint(data: bytes) -> Checkpoint:
+    """Decode :func:`checkpoint_bytes` output; ``weights_only`` refuses anything but tensors and plain values."""
+    state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    state["accountant_history"] = [tuple(h) for h in state["accountant_history"]]
+    return Checkpoint(**state)
+
+
+@dataclass
+class EarlyStopping:
+    """Keep the weights of the lowest validation loss; stop after ``patience`` epochs without a new low.
+
+    ``patience = 0`` turns it off (and :func:`fit` turns it off under DP).
+    """
+
+    patience: int
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
+    best_loss: float = float("inf")
+
+    def update(self, epoch: int, row: Mapping[str, float], model: nn.Module) -> bool:
+        """Record epoch ``epoch`` (1-based) of ``row``; True when training should stop."""
+        if self.patience <= 0 or "val_loss" not in row:
+            return False
+        if row["val_loss"] < self.best_loss:
+            self.best_loss, self.best_epoch, self.best_state = row["val_loss"], epoch, privacy.unwrap_state_dict(model)
+            return False
+        return epoch - self.best_epoch >= self.patience
+
+
+class _EMA:
+    """Exponential moving average of the trainable parameters over the optimizer's steps (De et al. 2022).
+
+    After step ``t`` (1-based): ``ema = d_t * ema + (1 - d_t) * w_t`` with ``d_t = min(decay, (1 + t) / (10 + t))``
+    (a warm-up, so that short runs are not dominated by the initial weights), starting from the weights
+    training starts with. Under DP it is post-processing of the DP iterates: each ``w_t`` is already
+    released-safe, the average reads no data, so the released EMA costs no extra privacy.
+    Parameters that do not train (fixed filters) are left as they are.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, state: Mapping[str, torch.Tensor] | None = None, steps: int = 0):
+        self.decay, self.steps = decay, steps
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.state = {n: (state[n] if state is not None else p).detach().clone() for n, p in self.params.items()}
+
+    def hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer step post-hook: average the new iterate in."""
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                self.state[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    def release(self) -> None:
+        """Copy the EMA into the model's parameters (the weights :func:`fit` returns)."""
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.state[n])
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "steps": self.steps,
+            "warmup": "d_t = min(decay, (1 + t) / (10 + t))",
+            "privacy": "post-processing of the DP iterates: no extra privacy cost",
+        }
+
+
+@dataclass
+class _Progress:
+    """Where a (possibly resumed) training call starts: epochs done, history, ε spent, best epoch."""
+
+    epoch: int
+    history: list[dict[str, float]]
+    spent_history: History
+    stopping: EarlyStopping
+    done: bool = False
+
+
+def _start(
+    resume: Checkpoint | None,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_generator: torch.Generator,
+    privacy_history: HistoryLike,
+    patience: int,
+) -> _Progress:
+    """Fresh progress, or the one ``resume`` holds (restoring weights, optimizer and batch order in place)."""
+    if resume is None:
+        return _Progress(0, [], list(privacy_history), EarlyStopping(patience))
+    model.load_state_dict(resume.model)
+    optimizer.load_state_dict(resume.optimizer)
+    data_generator.set_state(resume.generator_state)
+    stopping = EarlyStopping(patience, resume.best_state, resume.best_epoch, resume.best_loss)
+    return _Progress(resume.epoch, list(resume.history), list(resume.accountant_history), stopping, resume.done)
+
+
+def _make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    *,
+    dp: DPConfig,
+    fit_cfg: FitConfig,
+    epochs: int,
+    total_epochs: int,
+    history: History,
+    seed: int,
+    resume: Checkpoint | None,
+    criterion: nn.Module,
+) -> privacy.PrivateTraining:
+    """Plan the DP-SGD call (refusing one that overspends) and wrap model, optimizer and data.
+
+    σ is derived for the whole planned training (``total_epochs``), so a resumed run or a later
+    federated round gets the same σ; what was spent before is in ``history`` and counts.
+    """
+    the_plan = privacy.plan(
+        dp,
+        n_samples=len(xt),
+        batch_size=fit_cfg.batch_size,
+        max_grad_norm=fit_cfg.max_grad_norm,
+        epochs=epochs,
+        total_epochs=total_epochs,
+        history=history,
+    )
+    sampling, noise = privacy.dp_generators(dp, seed=seed, noise_device=next(model.parameters()).device)
+    if dp.reproducible_noise and resume is not None and resume.dp_generator_states is not None:
+        sampling.set_state(resume.dp_generator_states[0])
+        noise.set_state(resume.dp_generator_states[1])
+    return privacy.make_private(
+        model,
+        optimizer,
+        torch.utils.data.TensorDataset(xt, yt),
+        plan=the_plan,
+        history=history,
+        sampling_generator=sampling,
+        noise_generator=noise,
+        grad_sample_mode=dp.grad_sample_mode,
+        criterion=criterion,
+    )
+
+
+def _epoch_row(
+    epoch: int,
+    train_loss: float,
+    seconds: float,
+    *,
+    model: nn.Module,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    task: str,
+    device: torch.device,
+) -> dict[str, float]:
+    """One history row: training loss, time and (when there is a validation split) its metrics."""
+    row: dict[str, float] = {"epoch": epoch, "train_loss": train_loss, "seconds": seconds}
+    if x_val is not None and y_val is not None and len(x_val):
+        row.update({f"val_{k}": v for k, v in evaluate(model, x_val, y_val, task=task, device=device).items()})
+    return row
+
+
+def fit(
+    model: nn.Module,
+    *,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    task: str,
+    fit_cfg: FitConfig,
+    dp: DPConfig | None,
+    device: torch.device,
+    seed: int,
+    patience: int = 0,
+    epochs: int | None = None,
+    dp_total_epochs: int | None = None,
+    privacy_history: HistoryLike = (),
+    resume: Checkpoint | None = None,
+    on_epoch_end: Callable[[Checkpoint], None] | None = None,
+    progress: bool = False,
+    desc: str = "train",
+    criterion: nn.Module | None = None,
+    proximal_mu: float = 0.0,
+) -> TrainingResult:
+    """Train ``model`` in place and return its unwrapped weights and history.
+
+    Parameters
+    ----------
+    model : a plain ``nn.Module`` (never an Opacus wrapper).
+    x_train, y_train : training arrays; y is float (regression) or int class indices.
+    x_val, y_val : validation arrays for early stopping and the history, or None.
+    task : ``"regression"`` or ``"classification"``.
+    fit_cfg : optimizer settings; ``fit_cfg.max_grad_norm`` is the DP clipping norm.
+    dp : privacy settings, or None / ``dp.enabled=False`` for non-private training.
+    device : where to train.
+    seed : seeds the batch order and augmentation; under DP, the sampling and noise only with
+        ``dp.reproducible_noise`` (by default they are seeded secretly from the OS's CSPRNG).
+    patience : early-stopping patience in epochs (0 = off). Ignored under DP: choosing an
+        epoch by private validation data is not covered by the accountant, and the noise is
+        calibrated to the full planned number of steps anyway.
+    epochs : epochs for this call (default ``fit_cfg.epochs``); federated clients pass their local epochs.
+    dp_total_epochs : epochs the privacy budget must cover overall (federated: rounds x local epochs).
+    privacy_history : accountant history already spent on this data (earlier rounds).
+    resume : a checkpoint to continue from; its epoch count and ε history carry over.
+    on_epoch_end : called with a :class:`Checkpoint` after each epoch (the runner persists it).
+    progress : show a progress bar.
+    criterion : loss on ``(model output, y)`` replacing the task's default (distillation passes its KD loss).
+    proximal_mu : FedProx weight μ: adds ``μ/2 ||w - w_start||²`` to the loss, ``w_start`` being the
+        weights ``model`` arrives with (the global model of a federated round). 0 = off.
+
+    Returns
+    -------
+    TrainingResult
+
+    Raises
+    ------
+    PrivacyBudgetError
+        If DP training would exceed the budget (checked before any step).
+    """
+    epochs = epochs or fit_cfg.epochs
+    private_dp = dp if dp is not None and dp.enabled else None
+    data_generator = seeds.make_generator("cpu", seed)  # batch order and augmentation (indices drawn on the CPU)
+    model.to(device).train()  # Opacus refuses a module in eval mode
+    optimizer = make_optimizer(model, fit_cfg)
+    if proximal_mu > 0:
+        add_proximal_term(optimizer, model, proximal_mu)
+    state = _start(
+        resume,
+        model=model,
+        optimizer=optimizer,
+        data_generator=data_generator,
+        privacy_history=privacy_history,
+        patience=0 if private_dp is not None else patience,
+    )
+    remaining = 0 if state.done else epochs - state.epoch
+    ema = None
+    if fit_cfg.ema_decay > 0:
+        # on the plain optimizer, which Opacus' DP optimizer steps once per DP-SGD step (empty batches included)
+        ema = _EMA(model, fit_cfg.ema_decay, *((resume.ema_state, resume.ema_steps) if resume is not None else ()))
+        optimizer.register_step_post_hook(ema.hook)
+    xt = torch.as_tensor(x_train).to(device)
+    yt = torch.as_tensor(y_train).to(device)
+    private_run = None
+    if private_dp is not None and remaining > 0:
+        private_run = _make_private(
+            model,
+            optimizer,
+            xt,
+            yt,
+            dp=private_dp,
+            fit_cfg=fit_cfg,
+            epochs=remaining,
+            total_epochs=dp_total_epochs or epochs,
+            history=state.spent_history,
+            seed=seed,
+            resume=resume,
+            criterion=criterion or loss_fn(task),
+        )
+    loop = _Loop(
+        model=model,
+        run_model=private_run.model if private_run is not None else model,
+        optimizer=private_run.optimizer if private_run is not None else optimizer,
+        private_run=private_run,
+        xt=xt,
+        yt=yt,
+        task=task,
+        fit_cfg=fit_cfg,
+        device=device,
+        epochs=epochs,
+        data_generator=data_generator,
+        criterion=(private_run.criterion if private_run is not None else None) or criterion,  # ghost: Opacus' wrap
+        desc=desc,
+        ema=ema,
+    )
+    t_start = time.perf_counter()
+    bar = progress_bar(range(state.epoch, state.epoch + remaining), progress, desc)
+    for epoch in bar:
+        row = loop.epoch(epoch + 1, state, x_val=x_val, y_val=y_val)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix({k: round(v, 4) for k, v in row.items() if k not in ("epoch", "seconds")})
+        stop = state.stopping.update(epoch + 1, row, model)
+        if on_epoch_end is not None:
+            on_epoch_end(loop.checkpoint(epoch + 1, state, done=stop or epoch + 1 == epochs))
+        if stop:
+            log.info("%s: early stop at epoch %d (best %d)", desc, epoch + 1, state.stopping.best_epoch)
+            break
+    return _result(
+        model, state, private_dp, private_run, fit_cfg, n_train=len(xt), seconds=time.perf_counter() - t_start, ema=ema
+    )
+
+
+def check_diverged(model: nn.Module, train_loss: float, *, epoch: int, desc: str) -> None:
+    """Stop training whose loss or weights stopped being finite (a too-large learning rate, for one).
+
+    Raises
+    ------
+    TrainingDivergedError
+        Naming the epoch; callers that know the config key add it (``lower cnn.fit.lr``).
+    """
+    checks = [torch.isfinite(p).all() for p in model.parameters()]
+    finite_weights = bool(torch.stack(checks).all()) if checks else True  # one device-to-host read per epoch
+    if np.isfinite(train_loss) and finite_weights:
+        return
+    what = "weights" if np.isfinite(train_loss) else f"train loss ({train_loss})"
+    raise TrainingDivergedError(
+        f"training diverged at epoch {epoch} ({desc}: {what} not finite); lower the learning rate", epoch=epoch
+    )
+
+
+@dataclass
+class _Loop:
+    """What stays fixed through the epochs of one :func:`fit` call, and one epoch of it."""
+
+    model: nn.Module  # the plain module (evaluation, checkpoints)
+    run_model: nn.Module  # what trains: the Opacus wrapper under DP, else ``model``
+    optimizer: torch.optim.Optimizer  # the DP optimizer under DP
+    private_run: privacy.PrivateTraining | None
+    xt: torch.Tensor  # training inputs on the device
+    yt: torch.Tensor  # training targets on the device
+    task: str
+    fit_cfg: FitConfig
+    device: torch.device
+    epochs: int  # epochs of this call (ε is queried ~10 times over them)
+    data_generator: torch.Generator  # batch order and augmentation
+    criterion: nn.Module | None
+    desc: str  # what trains, for messages ("cnn", "distill regressor")
+    ema: _EMA | None = None  # parameter averaging of the iterates, when configured
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's batches: Poisson-sampled under DP, else a seeded shuffle; augmented when configured.
+
+        The epoch's indices (and augmentation offsets) are drawn on the CPU up front, in the order
+        per-batch draws would take, and copied to the device once: the batches then index the
+        device-resident data with no host-to-device copy or wait per step.
+        """
+        if self.private_run is not None:
+            index = self.private_run.index_batches(device=self.xt.device)
+        else:
+            index = list(
+                shuffled_batches(len(self.xt), self.fit_cfg.batch_size, self.data_generator, device=self.xt.device)
+            )
+        shift = self.fit_cfg.augment_shift
+        if not shift or self.xt.ndim != 4:  # the per-record augmentation is for image batches only
+            return ((self.xt[i], self.yt[i]) for i in index)
+        offsets = draw_shifts([len(i) for i in index], shift, self.data_generator, device=self.xt.device)
+        return ((shift_images(self.xt[i], dy, dx, shift), self.yt[i]) for i, (dy, dx) in zip(index, offsets))
+
+    def epoch(
+        self, epoch: int, state: _Progress, *, x_val: np.ndarray | None, y_val: np.ndarray | None
+    ) -> dict[str, float]:
+        """Train epoch ``epoch`` (1-based), append its history row to ``state`` and return the row."""
+        t0 = time.perf_counter()
+        train_loss = train_one_epoch(
+            self.run_model,
+            self.optimizer,
+            self.batches(),
+            task=self.task,
+            criterion=self.criterion,
+        )
+        check_diverged(self.model, train_loss, epoch=epoch, desc=self.desc)
+        row = _epoch_row(
+            epoch,
+            train_loss,
+            time.perf_counter() - t0,
+            model=self.model,
+            x_val=x_val,
+            y_val=y_val,
+            task=self.task,
+            device=self.device,
+        )
+        if self.private_run is not None:
+            state.spent_history = self.private_run.history()
+            # ε for ~10 epochs and the last: an accountant query costs ~0.5 s (PRV) on this machine.
+            if epoch % max(1, self.epochs // 10) == 0 or epoch == self.epochs:
+                row["epsilon"] = self.private_run.epsilon()
+        state.history.append(row)
+        return row
+
+    def checkpoint(self, epoch: int, state: _Progress, *, done: bool) -> Checkpoint:
+        """The resumable state after ``epoch``; secret DP generator state stays out (see :class:`Checkpoint`)."""
+        dp_states = None
+        if self.private_run is not None and self.private_run.plan.noise_source == "seeded":
+            dp_states = [self.private_run.sampling_generator.get_state(), self.private_run.noise_generator.get_state()]
+        stopping = state.stopping
+        return Checkpoint(
+            epoch=epoch,
+            model=privacy.unwrap_state_dict(self.model),
+            optimizer=copy.deepcopy(getattr(self.optimizer, "original_optimizer", self.optimizer).state_dict()),
+            accountant_history=list(state.spent_history),
+            history=list(state.history),
+            generator_state=self.data_generator.get_state(),
+            best_state=stopping.best_state,
+            best_epoch=stopping.best_epoch,
+            best_loss=stopping.best_loss,
+            done=done,
+            dp_generator_states=dp_states,
+            ema_state=dict(self.ema.state) if self.ema is not None else None,
+            ema_steps=self.ema.steps if self.ema is not None else 0,
+        )
+
+
+def _result(
+    model: nn.Module,
+    state: _Progress,
+    dp: DPConfig | None,
+    private_run: privacy.PrivateTraining | None,
+    fit_cfg: FitConfig,
+    *,
+    n_train: int,
+    seconds: float,
+    ema: _EMA | None = None,
+) -> TrainingResult:
+    """Restore the best epoch's weights (non-DP early stopping) or release the EMA, unhook Opacus, assemble the result."""
+    best_epoch = len(state.history)
+    if ema is not None:
+        ema.release()  # the EMA replaces the last iterate (and early stopping's choice, which tracked iterates)
+    elif state.stopping.best_state is not None and dp is None:
+        model.load_state_dict(state.stopping.best_state)
+        best_epoch = state.stopping.best_epoch
+    if private_run is not None:
+        private_run.close()
+    record = None
+    if dp is not None:
+        the_plan = private_run.plan if private_run is not None else _plan_from(dp, state.spent_history, fit_cfg)
+        record = privacy.privacy_record(the_plan, state.spent_history)
+    return TrainingResult(
+        state_dict=privacy.unwrap_state_dict(model),
+        history=state.history,
+        best_epoch=best_epoch,
+        epochs_run=len(state.history),
+        seconds=seconds,
+        n_train=n_train,
+        privacy=record,
+        accountant_history=state.spent_history,
+        ema=ema.record() if ema is not None else None,
+    )
+
+
+def _plan_from(dp: DPConfig, history: HistoryLike, fit_cfg: FitConfig) -> privacy.PrivacyPlan:
+    """The plan of a call that trained no further (resumed after its last epoch), from the spent history."""
+    sigma, q, _ = history[-1] if history else (0.0, 0.0, 0)
+    return privacy.PrivacyPlan(
+        noise_multiplier=sigma,
+        max_grad_norm=fit_cfg.max_grad_norm,
+        sample_rate=q,
+        steps=0,
+        delta=dp.delta,
+        target_epsilon=dp.target_epsilon,
+        accountant=dp.accountant,
+        noise_source=privacy.noise_source(dp),
+        grad_sample_mode=dp.grad_sample_mode,
+        planned_epsilon=privacy.epsilon_of(history, delta=dp.delta, accountant=dp.accountant),
+    )

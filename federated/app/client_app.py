@@ -1,0 +1,174 @@
+"""The Flower ClientApp's handlers: thin, around the pipeline's training core.
+
+The ClientApp object Flower loads is :data:`federated.app.components.client`, which registers these handlers
+(``train`` behind :func:`federated.app.secagg_client.secagg_mod`) and imports this module with its first message.
+
+Each client trains the global model on its partition with :func:`auditml_core.training.fit`
+(DP-SGD when ``dp.enabled``), with the noise multiplier derived for the whole run
+(``federated.rounds x federated.local_epochs`` epochs) and its own accountant history
+restored every round, so the ε it reports covers everything it has spent. A client that
+would overspend refuses: its reply carries no weights and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from auditml_core import models, seeds, training
+from auditml_core.errors import ConfigError, PrivacyBudgetError
+from auditml_core.privacy import dp_sgd as privacy
+from auditml_core.privacy.dp_sgd import epsilon_of
+from federated.app import client_state, site, workdir
+from federated.app.run_config import AppSettings
+from federated.app.task import Task, task_for
+
+log = logging.getLogger(__name__)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the test-only ``app.fail-partition`` setting."""
+
+
+def check_unwrapped(state_dict) -> None:
+    """Refuse to send Opacus-wrapped weights (``_module.`` keys) to the server."""
+    wrapped = [k for k in state_dict if k.startswith("_module.")]
+    if wrapped:
+        raise ValueError(
+            f"state dict key {wrapped[0]!r} still carries Opacus' '_module.' prefix; unwrap before sending"
+        )
+
+
+def _client(context: Context, msg: Message | None = None) -> tuple[Task, int, AppSettings]:
+    # The model a message is for (issue 12: one run trains every model in turn): its config's "model" key.
+    model = None
+    if msg is not None and "config" in msg.content.config_records and "model" in msg.content["config"]:
+        model = str(msg.content["config"]["model"])
+    listed = str(context.run_config.get("app.model", "cnn"))
+    if model is None and "," in listed:
+        raise ConfigError(f"this run trains {listed!r} but the message names no model (its config has no 'model' key)")
+    task, settings = task_for(context.run_config, run_id=context.run_id, model=model)  # built once per process
+    cfg = task.cfg
+    partition_id = int(context.node_config["partition-id"])
+    n_partitions = int(context.node_config.get("num-partitions", cfg.federated.n_clients))
+    if n_partitions != cfg.federated.n_clients or not 0 <= partition_id < n_partitions:
+        raise ConfigError(
+            f"this SuperNode is partition {partition_id} of {n_partitions}, but federated.n_clients={cfg.federated.n_clients}; "
+            "make num-supernodes / num-partitions equal to federated.n_clients and partition-id in [0, num-partitions)"
+        )
+    site.require_site_mode_data(context.node_config, settings.sites)
+    return task, partition_id, settings
+
+
+def schema(msg: Message, context: Context) -> Message:
+    """Report this site's schema and training moments (never a row or a label)."""
+    task, pid, _ = _client(context, msg)
+    return site.schema_reply(msg, context, task.cfg, model=task.name, partition_id=pid)
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this client's partition; reply with weights, size and ε."""
+    t0 = time.perf_counter()
+    task, pid, settings = _client(context, msg)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    if settings.fail_partition == pid and settings.fail_round in (0, server_round):
+        raise InjectedFailure(f"injected failure of client {pid} in round {server_round} (app.fail-partition={pid})")
+    cfg = task.cfg
+    if settings.sites:  # this site's own file, standardised as the federation agreed; its own ledger
+        shard = site.train_shard(task, context, config)
+    else:  # emulated site: its share of the prepared data, its ledger in app.ledger-dir (the run directory's)
+        rows = task.partition()[pid]
+        shard = site.Shard(
+            x=task.dataset.x["train"][rows],
+            y=task.dataset.y["train"][rows],
+            spec=task.spec,
+            ledger=workdir.ledger_path(task.work_dir, task.name, pid, ledger_dir=task.ledger_dir),
+        )
+    n_rows = len(shard.y)
+    model = models.build(shard.spec)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    path = shard.ledger
+    history = client_state.load_history(context, path=path, model=task.name)
+    device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
+    f = cfg.federated
+    fit_cfg = task.client_fit_cfg(pid, n_rows=n_rows)
+    try:
+        if cfg.dp.enabled:
+            # Write-ahead: reserve this round's ε before any step touches the data (fit plans the same call).
+            plan = privacy.plan(
+                cfg.dp,
+                n_samples=n_rows,
+                batch_size=fit_cfg.batch_size,
+                max_grad_norm=fit_cfg.max_grad_norm,
+                epochs=f.local_epochs,
+                total_epochs=f.rounds * f.local_epochs,
+                history=history,
+            )
+            planned = [*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)]
+            client_state.reserve(context, planned, path=path, model=task.name, server_round=server_round)
+        result = training.fit(
+            model,
+            x_train=shard.x,
+            y_train=shard.y,
+            x_val=None,
+            y_val=None,
+            task="regression" if models.model_entry(task.name).dataset == "tabular" else "classification",
+            fit_cfg=fit_cfg,
+            dp=cfg.dp,
+            device=device,
+            seed=seeds.client_round_seed(task.model_seed, pid, server_round),
+            epochs=f.local_epochs,
+            dp_total_epochs=f.rounds * f.local_epochs,
+            privacy_history=history,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by Flower's FedProx
+        )
+    except PrivacyBudgetError as exc:  # raised by the plan, before any reservation or step
+        spent = epsilon_of(history, delta=cfg.dp.delta, accountant=cfg.dp.accountant)
+        log.warning("client %d refuses round %d: %s", pid, server_round, exc)
+        return Message(
+            RecordDict(
+                {
+                    "metrics": MetricRecord({"num-examples": 0, "partition-id": pid, "epsilon": spent, "refused": 1}),
+                    "status": ConfigRecord(
+                        {"refused": f"client {pid} refuses to train in round {server_round}: {exc}"}
+                    ),
+                }
+            ),
+            reply_to=msg,
+        )
+    rounds = [*client_state.load_rounds(path), server_round]
+    if cfg.dp.enabled:
+        client_state.save_history(context, result.accountant_history, path=path, model=task.name, rounds=rounds)
+    check_unwrapped(result.state_dict)
+    metrics = {
+        "num-examples": n_rows,
+        "partition-id": pid,
+        "refused": 0,
+        "epsilon": float(result.privacy["epsilon"]) if result.privacy else 0.0,
+        "train-loss": float(result.history[-1]["train_loss"]) if result.history else float("nan"),
+        "seconds": time.perf_counter() - t0,
+    }
+    content = RecordDict({"arrays": ArrayRecord(result.state_dict), "metrics": MetricRecord(metrics)})
+    if result.privacy:
+        content["status"] = ConfigRecord({"privacy": json.dumps(result.privacy)})
+    return Message(content, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this client's share of the validation split."""
+    task, pid, settings = _client(context, msg)
+    if settings.sites:
+        return site.evaluate_reply(msg, context, task, partition_id=pid)
+    rows = task.partition("val")[pid]
+    model = models.build(task.spec)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    ds = task.dataset
+    if len(rows):
+        metrics = training.evaluate(model, ds.x["val"][rows], ds.y["val"][rows], task=ds.task)
+    else:  # same keys for every client, or Flower refuses to aggregate
+        metrics = {"loss": float("nan"), "r2" if ds.task == "regression" else "accuracy": float("nan")}
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(rows)})}), reply_to=msg)

@@ -1,0 +1,84 @@
+"""A client's privacy ledger: its accountant history, kept across rounds and resumes.
+
+Two copies, because they survive different things:
+
+- Flower's per-client ``context.state`` lives as long as the Flower run (simulation
+  keeps it between rounds, not across a restart);
+- a JSON file in the client's own folder survives a crash and a resumed run: it is the authority,
+  written in place (atomically, fsynced) where a resumed run reads it — the pipeline's run
+  directory (``app.ledger-dir``) or, per site, the site's ``ledger-path`` — never copied there later.
+
+On reading, the longer history wins: a round whose spend reached one copy but not the
+other was still spent (ε may be overstated, never understated).
+
+Write-ahead: before a round touches the data, the client reserves that round's planned
+spend (:func:`reserve`): the ledger then already holds the history *after* the round,
+with the round listed in ``reserved_round``. Training replaces it with what was really
+spent (:func:`save_history`, never more than reserved). A crash in between leaves the
+reservation standing, so a crash can only overstate ε, never hide a round that ran.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+
+from auditml_core.artifacts import atomic_write
+from auditml_core.privacy.dp_sgd import History
+
+STATE_KEY = "privacy-ledger"
+
+
+def _steps(history: History) -> int:
+    return sum(int(n) for _, _, n in history)
+
+
+def load_history(context: Context, *, path: Path, model: str) -> History:
+    """The accountant history this client has spent on ``model`` so far."""
+    candidates: list[History] = []
+    record = context.state.config_records.get(STATE_KEY)
+    if record is not None and model in record:
+        candidates.append([tuple(h) for h in json.loads(str(record[model]))])
+    if path.is_file():
+        candidates.append([tuple(h) for h in json.loads(path.read_text())["accountant_history"]])
+    if not candidates:
+        return []
+    return [(float(s), float(q), int(n)) for s, q, n in max(candidates, key=_steps)]
+
+
+def reserve(context: Context, planned: History, *, path: Path, model: str, server_round: int) -> None:
+    """Write ahead: record ``planned`` (the history including this round's planned spend) before training."""
+    save_history(context, planned, path=path, model=model, rounds=load_rounds(path), reserved_round=server_round)
+
+
+def save_history(
+    context: Context,
+    history: History,
+    *,
+    path: Path,
+    model: str,
+    rounds: list[int],
+    reserved_round: int | None = None,
+) -> None:
+    """Record ``history`` in both copies (file first: it is the one a crash cannot lose).
+
+    ``reserved_round``: the round whose spend ``history`` already includes but which has not finished.
+    """
+    payload = {
+        "model": model,
+        "accountant_history": [list(h) for h in history],
+        "rounds_trained": rounds,
+        "reserved_round": reserved_round,
+    }
+    # fsync of file and folder: the reservation must be on disk before the first step touches the data.
+    atomic_write(path, json.dumps(payload, indent=1).encode(), sync_dir=True)
+    record = context.state.config_records.get(STATE_KEY) or ConfigRecord()
+    record[model] = json.dumps([list(h) for h in history])
+    context.state[STATE_KEY] = record
+
+
+def load_rounds(path: Path) -> list[int]:
+    """Rounds this client has trained (from its file), for its record."""
+    return list(json.loads(path.read_text())["rounds_trained"]) if path.is_file() else []

@@ -1,0 +1,450 @@
+"""The Flower ServerApp's main: run the configured strategy, evaluate, checkpoint and record every round.
+
+The ServerApp object Flower loads is :data:`federated.app.components.server`, which calls :func:`main`.
+
+It trains each pipeline model of ``app.model`` in turn (one name, or e.g. ``regressor,cnn``: one
+federation for both, so start-up is paid once) for ``federated.rounds`` rounds, evaluating
+the global model on the validation and test splits after each round. After every round
+it rewrites one checkpoint (global weights, strategy state, the record so far), so a
+crashed run resumes from its last completed round. At the end it writes the final
+global weights (safetensors) and the JSON record the train stage reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid
+
+from auditml_core import models, seeds, training
+from auditml_core.artifacts import atomic_write, json_bytes, state_dict_bytes
+from auditml_core.config import Config, FederatedConfig
+from auditml_core.errors import UserError
+from auditml_core.privacy import dp_sgd as privacy
+from auditml_core.privacy import user_level as user_privacy
+from auditml_core.privacy.client_noise import check_clip_term, clip_probability
+from auditml_core.teacher import public_pretrain
+from federated.app import checkpoint, secagg, site, user_dp, workdir
+from federated.app.partition import label_histograms
+from federated.app.run_config import AppSettings, from_run_config
+from federated.app.strategies import Recording, RecordingFedAdam, build_strategy
+from federated.app.task import Task, load_task
+from federated.patches import fast_poll
+
+log = logging.getLogger(__name__)
+
+
+class NodesMissingError(UserError):
+    """Fewer SuperNodes connected than federated.n_clients."""
+
+
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls; failures are written down for the train stage, then re-raised."""
+    error_path = None
+    try:
+        cfg, all_settings = from_run_config(context.run_config)
+        grid = fast_poll.wrap_grid(
+            grid
+        )  # deployments: poll every 0.1 s, not Flower's 3 s (federated/patches/fast_poll.py)
+        # One federation trains every model of app.model in turn (issue 12: start-up paid once); each message
+        # names its model, each model has its own checkpoint, client ledgers, result and error file.
+        for name in all_settings.models:
+            settings = dataclasses.replace(all_settings, model=name)
+            task = load_task(cfg, settings, run_id=context.run_id)
+            error_path = workdir.result_paths(task.work_dir, task.name)[2]
+            error_path.unlink(missing_ok=True)
+            if (
+                settings.sites
+            ):  # --- per-site data (federated/app/site.py): agree on schema and scaling; no row comes here
+                _wait_for_nodes(grid, cfg.federated.n_clients, settings.node_wait_s)
+                task = site.agree(grid, task, timeout=settings.round_timeout_s)
+            run_server(grid, task, settings, run_config=dict(context.run_config))
+            log.info("federated training of %s done; record in %s", name, workdir.result_paths(task.work_dir, name)[1])
+    except BaseException as exc:
+        if error_path is None and context.run_config.get("app.work-dir"):  # failed before the task was known
+            first = str(context.run_config.get("app.model", "cnn")).split(",")[0].strip()
+            error_path = workdir.result_paths(Path(str(context.run_config["app.work-dir"])), first)[2]
+        if error_path is not None:
+            message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            atomic_write(
+                error_path,
+                json_bytes(
+                    {
+                        "error": message,
+                        "user_error": isinstance(exc, UserError),
+                        "error_type": type(exc).__name__,
+                        "traceback": traceback.format_exc(),
+                    }
+                ),
+            )
+        raise
+
+
+def _initial_weights(task: Task) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any] | None]:
+    """The first global model: seeded as the central path seeds it, and (under DP) pretrained on the public split.
+
+    The server holds only the splits that are not the clients' training data; the public
+    split is public by declaration, so pretraining on it spends no privacy budget, exactly
+    as in central DP training.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(task.model_seed)
+        model = models.build(task.spec)
+    device = training.resolve_device(task.cfg.train.device, num_threads=task.cfg.train.num_threads)
+    pretraining = public_pretrain(
+        task.cfg, task.name, model, task.dataset, device=device, seed=seeds.pretrain_seed(task.model_seed)
+    )
+    return privacy.unwrap_state_dict(model), pretraining
+
+
+def _wait_for_nodes(grid: Grid, n_clients: int, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while (n := len(list(grid.get_node_ids()))) < n_clients:
+        if time.monotonic() > deadline:
+            raise NodesMissingError(
+                f"{n} SuperNode(s) connected after {wait_s:.0f} s, but federated.n_clients={n_clients}; start "
+                f"{n_clients} SuperNodes (simulation: num-supernodes={n_clients}) or lower federated.n_clients"
+            )
+        time.sleep(0.5)
+
+
+def _evaluate(task: Task, arrays: ArrayRecord, grid: Grid | None = None) -> dict[str, float]:
+    if task.sites is not None:  # per-site mode: the sites evaluate on their own val/test rows
+        return site.evaluate_at_sites(grid, task, arrays)
+    model = models.build(task.spec)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    ds = task.dataset
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        if len(ds.y[split]):
+            out.update(
+                {f"{split}_{k}": v for k, v in training.evaluate(model, ds.x[split], ds.y[split], task=ds.task).items()}
+            )
+    return out
+
+
+def schedule_note(cfg: Config) -> str:
+    """Where this run's rounds x local epochs come from (the record says it; under DP it is a choice with a cost)."""
+    f, plain = cfg.federated, FederatedConfig()
+    if not (cfg.dp.enabled or cfg.client_dp.enabled):
+        return f"federated.rounds x federated.local_epochs = {f.rounds} x {f.local_epochs}"
+    default = (f.rounds, f.local_epochs) == (f.dp_rounds, f.dp_local_epochs)
+    return (
+        f"{f.rounds} x {f.local_epochs}: "
+        + ("the DP default (federated.dp_rounds x federated.dp_local_epochs)" if default else "set for this run")
+        + f"; σ is planned for the whole {f.rounds} x {f.local_epochs} schedule, so a longer one adds noise at "
+        f"the same ε (the non-DP default is {plain.rounds} x {plain.local_epochs}; federated/README.md compares them)"
+    )
+
+
+def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray] | None, fp: str) -> dict[str, Any]:
+    cfg, ds = task.cfg, task.dataset
+    f = cfg.federated
+    partition: dict[str, Any] = {
+        "method": f.partitioner,
+        "dirichlet_alpha": f.dirichlet_alpha,
+        "sizes": task.train_sizes(),
+    }
+    if task.sites is not None:  # per-site mode: sizes and (without DP) histograms as the sites reported them
+        partition = {"method": "sites", "sizes": task.train_sizes()}
+        if task.sites.get("label_histograms") is not None:
+            partition["label_histograms"] = task.sites["label_histograms"]
+    elif ds.task == "classification":
+        partition["label_histograms"] = label_histograms(ds.y["train"], parts, len(ds.class_names))
+    strategy: dict[str, Any] = {"name": f.strategy}
+    if f.strategy == "fedprox":
+        strategy["proximal_mu"] = f.proximal_mu
+    elif f.strategy == "fedadam":
+        strategy["server_lr"] = f.server_lr
+    return {
+        "mode": "federated",
+        "model": task.name,
+        "clients": f.n_clients,
+        "min_clients": f.min_clients,
+        "rounds": f.rounds,
+        "local_epochs": f.local_epochs,
+        "schedule": schedule_note(cfg),
+        "completed_rounds": 0,
+        "strategy": strategy,
+        "partition": partition,
+        "seed": task.model_seed,
+        "fit": dict(task.fit_cfg.__dict__),
+        "batch_size": task.batch_size_record(),
+        "dp_enabled": cfg.dp.enabled,
+        "history": [],
+        "initial_metrics": {},
+        "client_epsilon": {str(i): [] for i in range(f.n_clients)},
+        "client_rounds": [],
+        "failures": [],
+        "seconds_per_round": [],
+        "resumed_from_round": [],
+        "n_parameters": models.n_parameters(models.build(task.spec)),
+        "fingerprint": fp,
+        "n_train": int(sum(task.train_sizes())),
+        **({"sites": dict(task.sites)} if task.sites is not None else {}),
+    }
+
+
+def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], seconds: float) -> None:
+    """Fold one finished round into the record."""
+    r = replies.round
+    eps = {
+        str(int(c["partition-id"])): float(c["epsilon"]) for c in replies.trained + replies.refused if "epsilon" in c
+    }
+    for pid, series in record["client_epsilon"].items():
+        series.append(eps.get(pid))  # None: the client did not answer this round
+    trained = [{k: v for k, v in c.items() if k != "privacy"} for c in replies.trained]
+    record["client_rounds"].append(
+        {"round": r, "trained": trained, "refused": replies.refused, "failed": replies.failed}
+    )
+    record["failures"].extend({"round": r, **f} for f in replies.failed)
+    record["seconds_per_round"].append(seconds)
+    record["history"].append(
+        {
+            "round": r,
+            **metrics,
+            "seconds": seconds,
+            "clients_trained": sum(1 for c in replies.trained if int(c.get("dp-sampled", 1))),
+            # user-level DP under SecAgg+: the clients that uploaded a zero update (+ noise)
+            **(
+                {"clients_noise_only": sum(1 for c in replies.trained if not int(c.get("dp-sampled", 1)))}
+                if any("dp-sampled" in c for c in replies.trained)
+                else {}
+            ),
+            "clients_refused": len(replies.refused),
+            "clients_failed": len(replies.failed),
+            "epsilon_max": max(eps.values()) if eps else 0.0,
+        }
+    )
+    record["completed_rounds"] = r
+    for c in replies.trained:
+        if "privacy" in c:
+            record.setdefault("client_privacy", {})[str(int(c["partition-id"]))] = c["privacy"]
+
+
+def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dict[str, Any]) -> None:
+    """Train ``task`` federated for its configured rounds, resuming from a checkpoint if one matches."""
+    t_start = time.time()
+    f = task.cfg.federated
+    # raises DataError early if a client's share is below the batch size (per-site mode: checked in site.agree)
+    parts = task.partition() if task.sites is None else None
+    partition_sizes = task.train_sizes()
+    fp = checkpoint.fingerprint(run_config)
+    ck_path = workdir.checkpoint_path(task.work_dir, task.name)
+    ck = checkpoint.load(ck_path)
+    if ck is not None and ck.record.get("fingerprint") != fp:
+        raise UserError(
+            f"the checkpoint {ck_path} belongs to a run with other settings; delete it or restore those settings"
+        )
+    if ck is not None:
+        record = ck.record
+        done = int(record["completed_rounds"])
+        record["resumed_from_round"].append(done)
+        arrays = ArrayRecord({k: _array(v) for k, v in ck.weights.items()})
+        log.info("resuming %s after round %d of %d", task.name, done, f.rounds)
+    else:
+        record, done = _new_record(task, settings, parts, fp), 0
+        initial, record["public_pretraining"] = _initial_weights(task)
+        arrays = ArrayRecord(initial)
+    record["server_started_unix"] = t_start
+    record.pop("first_round_started_unix", None)
+    if task.sites is not None:  # per-site mode: only agreed sites train; a returning site is checked first
+        grid = site.AdmittedSites(
+            grid, task, timeout=settings.round_timeout_s
+        )  # a resumed record carries the previous launch's
+    # --- user-level DP (issue 14): planned (and refused past budget) before any round runs
+    user_plan = (
+        user_privacy.plan_user_dp(task.cfg.client_dp, rounds=f.rounds, n_clients=f.n_clients)
+        if task.cfg.client_dp.enabled
+        else None
+    )
+    secagg_params, noise = None, None
+    if f.secure_aggregation:  # --- SecAgg+ (issue 14): Flower's legacy workflow, see federated/app/secagg.py
+        secagg.check_supported(task.cfg, client_evaluate=settings.client_evaluate)
+        if (
+            user_plan is not None
+        ):  # user-level DP under SecAgg+: who adds which noise (auditml_core/privacy/client_noise.py)
+            noise = secagg.noise_plan(task.cfg, user_plan)
+            check_clip_term(
+                delta=user_plan.delta,
+                epsilon=user_plan.planned_epsilon,
+                clip_prob=clip_probability(
+                    noise, n_parameters=record["n_parameters"], uploads=f.n_clients * user_plan.rounds
+                ),
+            )
+        secagg_params = secagg.SecAggParams.from_config(
+            f.secagg, max_weight=secagg.max_weight_of(partition_sizes), noise=noise
+        )
+        secagg_rounds = (record.get("secure_aggregation") or {}).get("rounds", [])  # a resumed run keeps its rounds
+        record["secure_aggregation"] = {
+            **secagg.secagg_record(
+                secagg_params, n_clients=f.n_clients, min_uploads=secagg.min_survivors(task.cfg), noise=noise
+            ),
+            "rounds": secagg_rounds,
+        }
+        strategy = secagg.build_secagg_strategy(
+            n_clients=f.n_clients,
+            min_clients=f.min_clients,
+            round_offset=done,
+            initial_arrays=arrays,
+            model=task.name,
+            plan=user_plan,
+            noise=noise,
+        )
+    elif user_plan is not None:
+        strategy = user_dp.build_user_dp_strategy(
+            user_plan, round_offset=done, client_evaluate=settings.client_evaluate
+        )
+    else:
+        strategy = build_strategy(
+            f.strategy,
+            n_clients=f.n_clients,
+            min_clients=f.min_clients,
+            round_offset=done,
+            proximal_mu=f.proximal_mu,
+            server_lr=f.server_lr,
+            client_evaluate=settings.client_evaluate,
+        )
+    if ck is not None and isinstance(strategy, RecordingFedAdam):
+        strategy.load_optimizer_state(ck.strategy_state)
+    last = {"t": time.time(), "arrays": arrays}
+
+    def evaluate_fn(server_round: int, round_arrays: ArrayRecord) -> MetricRecord:
+        metrics = _evaluate(task, round_arrays, grid)
+        now = time.time()
+        if server_round == 0:
+            record["first_round_started_unix"] = now  # of this launch (a resume starts a new one)
+            if done == 0:
+                record["initial_metrics"] = metrics
+        else:
+            absolute = server_round + done
+            _round_entry(record, strategy.rounds[absolute], metrics, now - last["t"])
+            if secagg_params is not None:  # the protocol's own account of each round (it halts silently otherwise)
+                replies = strategy.rounds[absolute]
+                record["secure_aggregation"]["rounds"].append(
+                    {
+                        "round": absolute,
+                        "unmasked": absolute in strategy.aggregated,
+                        "clients_completed": len(replies.trained),
+                        "clients_dropped": len(replies.failed),
+                    }
+                )
+            last["arrays"] = round_arrays
+            checkpoint.save(
+                ck_path,
+                checkpoint.ServerCheckpoint(
+                    weights={k: v.numpy() for k, v in round_arrays.items()},
+                    strategy_state=_strategy_state(strategy),
+                    record=record,
+                ),
+            )
+            log.info("round %d/%d: %s", absolute, f.rounds, {k: round(v, 4) for k, v in metrics.items()})
+        last["t"] = now
+        return MetricRecord(metrics)
+
+    if done < f.rounds:
+        _wait_for_nodes(grid, f.n_clients, settings.node_wait_s)
+    if done < f.rounds and secagg_params is not None:
+        secagg.run_secagg(
+            grid,
+            strategy,
+            params=secagg_params,
+            num_rounds=f.rounds - done,
+            evaluate_fn=evaluate_fn,
+            run_config=run_config,
+            timeout=settings.round_timeout_s,
+            min_uploads=secagg.min_survivors(task.cfg),
+        )
+    elif done < f.rounds:
+        strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=f.rounds - done,
+            timeout=settings.round_timeout_s,
+            train_config=ConfigRecord({"model": task.name, **site.message_config(task)}),
+            evaluate_config=ConfigRecord({"model": task.name, **site.message_config(task)}),
+            evaluate_fn=evaluate_fn,
+        )
+    if user_plan is not None:
+        record.setdefault("user_dp_rounds", {}).update({str(r): c for r, c in strategy.dp_rounds.items()})
+        record["user_level_privacy"] = user_privacy.user_privacy_record(
+            user_plan,
+            completed_rounds=int(record["completed_rounds"]),
+            sample_level=_privacy_summary(task, record) if task.cfg.dp.enabled else None,
+            noise=noise,
+            n_parameters=int(record["n_parameters"]),
+            max_participations=_max_participations(record),
+        )
+    if isinstance(grid, site.AdmittedSites):  # sites that came back under a new node id, nodes left out
+        record.setdefault("sites_rejoined", []).extend(grid.rejoined)
+        record.setdefault("nodes_refused", {}).update({str(n): why for n, why in grid.refused.items()})
+    _write_result(task, record, last["arrays"], t_start)
+
+
+def _max_participations(record: dict[str, Any]) -> int:
+    """The most rounds any client's update was part of a release (under SecAgg+ DP: ``dp-sampled`` entries)."""
+    counts: dict[int, int] = {}
+    for r in record["client_rounds"]:
+        for c in r["trained"]:
+            if int(c.get("dp-sampled", 1)):
+                pid = int(c["partition-id"])
+                counts[pid] = counts.get(pid, 0) + 1
+    return max(counts.values(), default=0)
+
+
+def _array(v: np.ndarray):
+    from flwr.app import Array
+
+    return Array(np.asarray(v))
+
+
+def _strategy_state(strategy: Recording) -> dict[str, np.ndarray]:
+    return strategy.optimizer_state() if isinstance(strategy, RecordingFedAdam) else {}
+
+
+def _write_result(task: Task, record: dict[str, Any], arrays: ArrayRecord, t_start: float) -> None:
+    weights_path, record_path, _ = workdir.result_paths(task.work_dir, task.name)
+    record["server_seconds"] = time.time() - t_start
+    record["finished_unix"] = time.time()
+    if task.cfg.dp.enabled:
+        record["privacy"] = _privacy_summary(task, record)
+    state = {k: torch.as_tensor(v.numpy()) for k, v in arrays.items()}
+    atomic_write(weights_path, state_dict_bytes(state))
+    atomic_write(record_path, json_bytes(record))
+
+
+def _privacy_summary(task: Task, record: dict[str, Any]) -> dict[str, Any]:
+    """Every number that defines the federation's ε: per client, and the worst client."""
+    import opacus
+
+    dp = task.cfg.dp
+    finals = {
+        pid: next((e for e in reversed(series) if e is not None), 0.0)
+        for pid, series in record["client_epsilon"].items()
+    }
+    per_client = record.get("client_privacy", {})
+    return {
+        "epsilon": max(finals.values()) if finals else 0.0,
+        "delta": dp.delta,
+        "target_epsilon": dp.target_epsilon,
+        "accountant": dp.accountant,
+        "opacus_version": opacus.__version__,
+        "noise_source": privacy.noise_source(dp),
+        "epsilon_per_client": finals,
+        "noise_multiplier_per_client": {pid: p.get("noise_multiplier") for pid, p in per_client.items()},
+        "sample_rate_per_client": {pid: p.get("sample_rate") for pid, p in per_client.items()},
+        "max_grad_norm": task.fit_cfg.max_grad_norm,
+        "per_client": per_client,
+        "mechanism": "DP-SGD on each client (Gaussian mechanism, Poisson subsampling, per-sample clipping)",
+        "unit_of_privacy": "one training record of one client (sample-level DP, accounted per client over all rounds)",
+        "floating_point_safe_noise": True,
+    }

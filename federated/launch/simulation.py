@@ -1,0 +1,445 @@
+"""Federated training from the train stage: a real ``flwr run`` of this repo in local simulation.
+
+:func:`train_federated` prepares a work folder (the dataset written with
+:func:`auditml_core.data.dump`, the model spec, the run-config derived from the Config),
+starts its own SuperLink in simulation mode on free loopback ports, submits this repo
+as a Flower app with ``flwr run`` (which streams the logs until the run ends), and reads
+back the final global weights and the federation's record that the ServerApp wrote.
+Server checkpoints are copied into the pipeline's run directory as they appear
+(``runtime.save_bytes``) and restored from it, so ``python -m pipeline --run-dir ...`` resumes
+a crashed run from its last completed round. The clients write their privacy ledgers straight
+into the run directory (``runtime.ledger_dir``, write-ahead: before a round touches the data),
+where a resumed run's clients read them: no copy that a kill could leave behind.
+Every process started here is stopped on the way out, also on failure and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from auditml_core import models
+from auditml_core import seeds as core_seeds
+from auditml_core.artifacts import atomic_write
+from auditml_core.config import Config
+from auditml_core.data import Dataset
+from auditml_core.errors import USER_ERRORS
+from auditml_core.privacy import dp_sgd as privacy
+from auditml_core.runtime import Runtime
+from auditml_core.teacher import TrainedModel, fit_config
+from federated.app import workdir
+from federated.app.run_config import overrides_for, run_config_toml, to_run_config
+from federated.app.task import Task
+from federated.launch import processes as launcher
+from federated.launch import ray_start
+
+log = logging.getLogger(__name__)
+CONNECTION = "pipeline-sim"
+SUPERLINK_START_TIMEOUT_S = 60.0
+# Flower's SuperExec polls the SuperLink for a submitted run every 1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL):
+# on average 0.5 s between `flwr run` and the simulation's start. A poll is one local gRPC call.
+SUPEREXEC_POLL_S = 0.1
+
+
+def train_federated(
+    cfg: Config,
+    *,
+    name: str,
+    dataset: Dataset,
+    spec: Mapping[str, Any],
+    seed: int,
+    runtime: Runtime | None = None,
+    app_settings: Mapping[str, Any] | None = None,
+):
+    """Train pipeline model ``name`` with ``federated.n_clients`` simulated Flower clients.
+
+    One model in its own federation; :func:`train_federated_models` trains several in one.
+
+    Parameters
+    ----------
+    cfg : resolved configuration (``cfg.federated``, ``cfg.dp`` and the model's fit settings are used).
+    name : ``"regressor"`` or ``"cnn"``.
+    dataset : the model's prepared dataset (train split is partitioned; val/test evaluate the global model).
+    spec : the model spec (:func:`auditml_core.teacher.model_spec`).
+    seed : model seed: initial weights, partition and per-client seeds derive from it.
+    runtime : checkpoint store of the run directory (optional).
+    app_settings : extra ``app.*`` run-config settings (tests: fault injection).
+
+    Returns
+    -------
+    auditml_core.teacher.TrainedModel whose ``training`` is the federation's record.
+
+    Raises
+    ------
+    DataError
+        If a client's partition is smaller than the batch size.
+    FederatedRunError
+        If the Flower run fails (the server's error or the log's tail is in the message).
+    """
+    return train_federated_models(
+        cfg,
+        datasets={name: dataset},
+        specs={name: spec},
+        seeds={name: seed},
+        runtime=runtime,
+        app_settings={"seed": seed, **dict(app_settings or {})},
+    )[name]
+
+
+def train_federated_models(
+    cfg: Config,
+    *,
+    datasets: Mapping[str, Dataset],
+    specs: Mapping[str, Mapping[str, Any]],
+    seeds: Mapping[str, int],
+    runtime: Runtime | None = None,
+    app_settings: Mapping[str, Any] | None = None,
+) -> dict[str, TrainedModel]:
+    """Train several pipeline models in ONE federation: one SuperLink, one ``flwr run``, one Ray start.
+
+    The ServerApp trains the models in the order of ``datasets`` (``app.model="regressor,cnn"``);
+    every message names its model, and each model keeps its own checkpoint, client ledgers,
+    result and record in the work folder. The Flower start-up (~10-13 s to a ready server here)
+    is paid once instead of once per model.
+
+    Parameters
+    ----------
+    datasets : model name -> its prepared dataset.
+    specs, seeds : model name -> model spec, model seed. Several models share one ``app.seed``
+        only through the train stage's derivation (``auditml_core.seeds.model_seed(cfg.seed, name)``):
+        other seeds need ``app_settings["seed"]`` and one model.
+
+    Returns
+    -------
+    dict of model name -> auditml_core.teacher.TrainedModel.
+
+    Raises
+    ------
+    DataError, PrivacyBudgetError
+        Before any process starts, for impossible settings.
+    FederatedRunError
+        If the Flower run fails (the server's error or the log's tail is in the message).
+    """
+    runtime = runtime or Runtime()
+    names = list(datasets)
+    settings = dict(app_settings or {})
+    if "seed" not in settings:
+        derived = {n: core_seeds.model_seed(cfg.seed, n) for n in names}
+        if any(seeds[n] != derived[n] for n in names):
+            raise ValueError(
+                "several models in one federation derive their seeds from cfg.seed (auditml_core.seeds.model_seed); "
+                f"got {dict(seeds)}, expected {derived}"
+            )
+        settings["seed"] = -1
+    elif len(names) > 1:
+        raise ValueError("app.seed sets one seed: train one model per federation to give it")
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="flwr-") as tmp:
+        work = Path(tmp)
+        run_config, mirrors = prepare_federation(
+            cfg, work=work, datasets=datasets, specs=specs, seeds=seeds, runtime=runtime, app_settings=settings
+        )
+
+        def sync() -> None:
+            for mirror in mirrors:
+                mirror.sync()
+
+        run_flower(work, run_config, n_supernodes=cfg.federated.n_clients, on_poll=sync)
+        sync()
+        results = {name: workdir.read_result(work, name) for name in names}
+    out = {}
+    for name in names:
+        state_dict, record = results[name]
+        record = dict(record)
+        first = record.get("first_round_started_unix")
+        record.update(
+            {
+                # Of the whole federation (every model of it), from this call to the end.
+                "seconds": time.time() - t0,
+                "federation_models": names,
+                # From this call to this launch's first round of this model (None: no round ran, e.g. resuming a
+                # finished run); the later models of one federation wait for the earlier ones' rounds.
+                "startup_seconds": first - t0 if first is not None else None,
+                "device": cfg.train.device,
+                "flwr_version": _flwr_version(),
+                "fixed_front_end": models.front_end_record(specs[name]),
+            }
+        )
+        model = models.build(specs[name])
+        model.load_state_dict(state_dict)  # checks the weights fit the spec
+        out[name] = TrainedModel(spec=specs[name], state_dict=state_dict, training=record)
+    return out
+
+
+def prepare_federation(
+    cfg: Config,
+    *,
+    work: Path,
+    datasets: Mapping[str, Dataset],
+    specs: Mapping[str, Mapping[str, Any]],
+    seeds: Mapping[str, int],
+    runtime: Runtime,
+    app_settings: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[_CheckpointMirror]]:
+    """Fill the work folder and restore what the run directory kept (the resume path); no process starts.
+
+    The clients' privacy ledgers are not restored: with a run directory (``runtime.ledger_dir``) the
+    clients write them there themselves, before each round, and a resumed run's clients read them there.
+
+    Returns
+    -------
+    (the Flower run-config, one checkpoint mirror per model).
+
+    Raises
+    ------
+    DataError, PrivacyBudgetError
+        For impossible settings. RunDirError: a recorded ledger that now records less spend.
+    """
+    mirrors = []
+    for name in datasets:
+        task = Task(
+            cfg=cfg,
+            name=name,
+            dataset=datasets[name],
+            spec=specs[name],
+            fit_cfg=fit_config(cfg, name),
+            model_seed=seeds[name],
+            work_dir=work,
+        )
+        _preflight(task)  # fail here, in one line, before any process starts
+        workdir.write_inputs(work, name=name, dataset=datasets[name], spec=specs[name])
+        mirrors.append(_CheckpointMirror(work, name, runtime))
+        mirrors[-1].restore()
+    ledgers = {"ledger_dir": str(runtime.ledger_dir)} if runtime.ledger_dir is not None else {}
+    run_config = to_run_config(cfg, model=",".join(datasets), work_dir=str(work), **ledgers, **app_settings)
+    return run_config, mirrors
+
+
+def _preflight(task: Task) -> None:
+    """Refuse impossible settings before any process starts: a partition below the batch size, or (under DP)
+    a budget no noise multiplier reaches for the smallest client (largest sample rate) over all rounds.
+
+    Raises
+    ------
+    DataError, PrivacyBudgetError
+    """
+    parts = task.partition()
+    cfg = task.cfg
+    if cfg.dp.enabled:
+        f = cfg.federated
+        # The client with the fewest steps per epoch has the largest sample rate: the hardest to keep in budget.
+        hardest = min(
+            range(len(parts)), key=lambda i: privacy.steps_per_epoch(len(parts[i]), task.client_batch_size(i))
+        )
+        privacy.plan(
+            cfg.dp,
+            n_samples=len(parts[hardest]),
+            batch_size=task.client_batch_size(hardest),
+            max_grad_norm=task.fit_cfg.max_grad_norm,
+            epochs=f.rounds * f.local_epochs,
+        )
+        note = task.batch_size_record().get("note")
+        if note:
+            log.warning("%s: %s", task.name, note)
+
+
+# Ray puts Unix sockets at <RAY_TMPDIR>/ray/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store, and a
+# socket path may not exceed 107 bytes: a deep TMPDIR crashes the simulation ("Simulation Runtime crashed").
+RAY_SOCKET_SUFFIX = len("/ray/session_2026-11-28_18-15-21_485616_4194304/sockets/plasma_store")
+AF_UNIX_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def _ray_tmp(work: Path) -> Iterator[Path]:
+    """Ray's session folder: inside the work folder when its socket paths fit, else a short one under /tmp."""
+    inside = work / "ray"
+    if len(str(inside)) + RAY_SOCKET_SUFFIX <= AF_UNIX_PATH_MAX:
+        yield inside
+        return
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as short:
+        yield Path(short)
+
+
+def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, on_poll=None) -> None:
+    """Run this repo as a Flower app on a private simulation SuperLink; return when the run has ended.
+
+    Raises
+    ------
+    FederatedRunError
+        If the run did not produce its result.
+    """
+    overrides = overrides_for(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
+    rc_path = work / "run_config.toml"
+    rc_path.write_text(run_config_toml(overrides))
+    procs = run_simulation(work, rc_path, n_supernodes=n_supernodes, on_poll=on_poll)
+    for name in str(run_config["app.model"]).split(","):
+        _raise_if_failed(work, name.strip(), procs)
+
+
+def run_simulation(
+    work: Path,
+    rc_path: Path,
+    *,
+    n_supernodes: int,
+    app: Path = launcher.REPO_ROOT,
+    on_poll=None,
+    fast_start: bool = True,
+) -> launcher.Processes:
+    """Run the Flower app ``app`` (default: this repo) on a private simulation SuperLink until its run ends.
+
+    Its own FLWR_HOME and free loopback port under ``work``, Ray's folder from :func:`_ray_tmp`,
+    ``client-resources-num-cpus=1``; every process is stopped on the way out. ``scripts/bench_flower_floor.py``
+    runs a minimal app through here, so the floor it measures is this very launch path.
+
+    ``fast_start`` (issue 12; the app must ship the ``federated`` package): Ray's pre-started workers serve
+    the clients (:mod:`federated.launch.ray_start`), and Flower's SuperExec looks for the submitted run every
+    ``SUPEREXEC_POLL_S`` s instead of every 1 s. False: Flower and Ray as they come (the bench's floor).
+
+    Returns
+    -------
+    The (stopped) processes, for their logs.
+
+    Raises
+    ------
+    FederatedRunError
+        If the SuperLink does not start or exits during the run.
+    """
+    flwr_home = work / "flwr-home"
+    port = launcher.free_port()
+    launcher.write_connection(flwr_home, CONNECTION, address=f"127.0.0.1:{port}")
+    tuning = (
+        {"RAY_RUNTIME_ENV_HOOK": ray_start.HOOK, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_S)}
+        if fast_start
+        else {}
+    )
+    with (
+        _ray_tmp(work) as ray_tmp,
+        launcher.sigterm_as_exit(),
+        # The work folder is scratch (the checkpoint is mirrored, the ledgers live in the run directory): if this
+        # process is killed, the watchdog deletes it and Ray's folder rather than leave private-data weights behind.
+        launcher.Processes(
+            work / "logs", {**launcher.flower_env(flwr_home, ray_tmp=ray_tmp), **tuning}, disposable=[work, ray_tmp]
+        ) as procs,
+    ):
+        superlink = procs.start(
+            "superlink",
+            [
+                launcher.bin_path("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        launcher.wait_until_healthy(
+            superlink, port, timeout_s=SUPERLINK_START_TIMEOUT_S, what="flower-superlink", logs=procs, name="superlink"
+        )
+        run = launcher.start_flwr_run(
+            procs,
+            CONNECTION,
+            rc_path,
+            "--federation-config",
+            f"num-supernodes={n_supernodes} client-resources-num-cpus=1",
+            app=launcher.stage_app(work / "app") if app == launcher.REPO_ROOT else app,
+        )
+        while run.poll() is None:
+            if superlink.poll() is not None:
+                raise launcher.FederatedRunError(
+                    f"flower-superlink exited during the run:\n{procs.log_tail('superlink')}"
+                )
+            if on_poll is not None:
+                on_poll()
+            time.sleep(0.25)
+    return procs
+
+
+def _raise_if_failed(work: Path, model: str, procs: launcher.Processes) -> None:
+    error = workdir.read_error(work, model)
+    if error is not None:
+        first_line = error["error"].splitlines()[0] if error["error"] else "unknown error"
+        if error.get("user_error"):
+            raise USER_ERRORS.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])
+        raise launcher.FederatedRunError(
+            f"the federated run of {model} failed: {first_line}\n{procs.log_tail('flwr-run')}"
+        )
+    if not workdir.result_paths(work, model)[1].is_file():
+        raise launcher.FederatedRunError(
+            f"the federated run of {model} ended without a result:\n{procs.log_tail('flwr-run')}"
+        )
+
+
+class _CheckpointMirror:
+    """Copy the server checkpoint between the work folder and the run directory; note the clients' ledgers.
+
+    The server checkpoint may lag (a lost one only means rounds trained again, and the ledgers count
+    them). The ledgers may not: the clients write them in the run directory themselves
+    (``runtime.ledger_dir``), and this only notes their hashes in its manifest.
+    """
+
+    def __init__(self, work: Path, name: str, runtime: Runtime):
+        self.work, self.name, self.runtime = work, name, runtime
+        self.seen: dict[Path, int] = {}
+
+    def _rel(self, path: Path) -> str:
+        return f"checkpoints/federated/{path.relative_to(self.work).as_posix()}"
+
+    def _ledgers(self) -> list[Path]:
+        if self.runtime.ledger_dir is None:
+            return []
+        return sorted(p for p in (self.runtime.ledger_dir / self.name).glob("*.json") if not p.name.startswith("."))
+
+    def restore(self) -> None:
+        """Put the server checkpoint the run directory kept back into the work folder (resume), and check
+        the ledgers the clients left there against the manifest (a ledger that now spends less is refused).
+        """
+        self._note_ledgers()
+        if self.runtime.load_bytes is None:
+            return
+        rel = f"server/{self.name}.checkpoint.safetensors"
+        data = self.runtime.load_bytes(f"checkpoints/federated/{rel}")
+        if data is not None:
+            atomic_write(self.work / rel, data)
+            log.info("%s: restored the federated server checkpoint from the run directory", self.name)
+
+    def sync(self) -> None:
+        """Forward a new or changed server checkpoint to the run directory; note changed ledgers."""
+        self._note_ledgers()
+        if self.runtime.save_bytes is None:
+            return
+        for path in sorted((self.work / "server").glob(f"{self.name}.*")):
+            if path.name.startswith("."):
+                continue  # an atomic write in progress
+            try:
+                mtime = path.stat().st_mtime_ns
+                if self.seen.get(path) == mtime:
+                    continue
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            self.runtime.save_bytes(self._rel(path), data)
+            self.seen[path] = mtime
+
+    def _note_ledgers(self) -> None:
+        if self.runtime.record_ledger is None:
+            return
+        for path in self._ledgers():
+            try:
+                mtime = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if self.seen.get(path) != mtime:
+                self.runtime.record_ledger(path)
+                self.seen[path] = mtime
+
+
+def _flwr_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("flwr")
