@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from explain._checks import as_inputs, check_background, check_feature_names, check_seed, check_task
+from explain.types import Explanation
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
@@ -202,6 +204,30 @@ class Prepared:
     outputs: np.ndarray  # (n,) explained output per row
     targets: np.ndarray | None  # (n,) class per row, None for regression
     n_classes: int | None
+
+    @property
+    def output_kind(self) -> str:
+        """What an attribution explains: the regression value, or the target class's logit."""
+        return "regression value" if self.task == "regression" else "class logit"
+
+    def explanation(
+        self, method: str, values: np.ndarray, base_values: np.ndarray, *, seconds: float, **extras: Any
+    ) -> Explanation:
+        """The :class:`Explanation` of these rows: every explainer's result is assembled here.
+
+        ``extras`` follow the seed, in the order given (the report lists them in that order).
+        """
+        return Explanation(
+            method=method,
+            values=values,
+            base_values=base_values,
+            inputs=self.x,
+            outputs=self.outputs,
+            targets=self.targets,
+            feature_names=self.feature_names,
+            seconds=seconds,
+            extras={"seed": self.seed, **extras},
+        )
 
 
 def prepare(

@@ -203,26 +203,17 @@ def explain(
         score[i] = float(exp.score)
         local_pred[i] = float(np.asarray(exp.local_pred).reshape(-1)[0])
         all_segments[i] = seg
-    return Explanation(
-        method=NAME,
-        values=values,
-        base_values=base,
-        inputs=p.x,
-        outputs=p.outputs,
-        targets=p.targets,
-        feature_names=None,
+    return p.explanation(  # images: p.feature_names is None
+        NAME,
+        values,
+        base,
         seconds=time.perf_counter() - start,
-        extras={
-            "seed": p.seed,
-            "num_samples": num_samples,
-            "segmentation": (
-                segmentation if isinstance(segmentation, str) else getattr(segmentation, "__name__", "callable")
-            ),
-            "n_segments": [int(s.max()) + 1 for s in all_segments],
-            "segments": all_segments,
-            "hide": hide,
-            "score": score,
-            "local_pred": local_pred,
-            "output": "class logit",
-        },
+        num_samples=num_samples,
+        segmentation=(segmentation if isinstance(segmentation, str) else getattr(segmentation, "__name__", "callable")),
+        n_segments=[int(s.max()) + 1 for s in all_segments],
+        segments=all_segments,
+        hide=hide,
+        score=score,
+        local_pred=local_pred,
+        output=p.output_kind,
     )

@@ -116,23 +116,16 @@ def explain(
         base[i] = float(exp.intercept[0])
         score[i] = float(exp.score)
         local_pred[i] = float(np.asarray(exp.local_pred).reshape(-1)[0])
-    return Explanation(
-        method=NAME,
-        values=values,
-        base_values=base,
-        inputs=p.x,
-        outputs=p.outputs,
-        targets=p.targets,
-        feature_names=p.feature_names,
+    return p.explanation(
+        NAME,
+        values,
+        base,
         seconds=time.perf_counter() - start,
-        extras={
-            "seed": p.seed,
-            "num_samples": num_samples,
-            "background_size": int(p.background.shape[0]),
-            "score": score,
-            "local_pred": local_pred,
-            "coefficients": coefs,
-            "output": "regression value" if p.task == "regression" else "class logit",
-            "values_are": "coef * standardised deviation from background mean",
-        },
+        num_samples=num_samples,
+        background_size=int(p.background.shape[0]),
+        score=score,
+        local_pred=local_pred,
+        coefficients=coefs,
+        output=p.output_kind,
+        values_are="coef * standardised deviation from background mean",
     )

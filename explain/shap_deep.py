@@ -106,21 +106,14 @@ def explain(
         )
     seconds = time.perf_counter() - start
     _log.debug("%s: %d rows in %.2f s", NAME, p.x.shape[0], seconds)
-    return Explanation(
-        method=NAME,
-        values=values,
-        base_values=base,
-        inputs=p.x,
-        outputs=p.outputs,
-        targets=p.targets,
-        feature_names=p.feature_names,
+    return p.explanation(
+        NAME,
+        values,
+        base,
         seconds=seconds,
-        extras={
-            "seed": p.seed,
-            "background_size": int(p.background.shape[0]),
-            "output": _output_kind(p.task),
-            "max_additivity_gap": float(gap.max()),
-        },
+        background_size=int(p.background.shape[0]),
+        output=p.output_kind,
+        max_additivity_gap=float(gap.max()),
     )
 
 
@@ -130,7 +123,3 @@ def _unknown_modules(model: nn.Module) -> list[str]:
 
     leaves = {type(m).__name__ for m in model.modules() if not list(m.children())}
     return sorted(leaves - set(op_handler))
-
-
-def _output_kind(task: str) -> str:
-    return "regression value" if task == "regression" else "class logit"

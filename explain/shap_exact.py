@@ -115,20 +115,13 @@ def explain(
         with_j = without | (1 << j)
         values[:, j] = (v_all[:, with_j] - v_all[:, without]) @ weights[sizes[without]]
     base = v_all[:, 0]  # empty coalition: mean output over the background
-    return Explanation(
-        method=NAME,
-        values=values,
-        base_values=base,
-        inputs=p.x,
-        outputs=p.outputs,
-        targets=p.targets,
-        feature_names=p.feature_names,
+    return p.explanation(
+        NAME,
+        values,
+        base,
         seconds=time.perf_counter() - start,
-        extras={
-            "seed": p.seed,
-            "n_coalitions": 2**f,
-            "background_size": int(n_bg),
-            "output": "regression value" if p.task == "regression" else "class logit",
-            "max_additivity_gap": float(np.abs(base + values.sum(axis=1) - v_all[:, -1]).max()),
-        },
+        n_coalitions=2**f,
+        background_size=int(n_bg),
+        output=p.output_kind,
+        max_additivity_gap=float(np.abs(base + values.sum(axis=1) - v_all[:, -1]).max()),
     )

@@ -82,19 +82,12 @@ def explain(
             with scoped_numpy_seed(rs):
                 phi = explainer.shap_values(torch.from_numpy(p.x[i : i + 1]), nsamples=nsamples, rseed=rs)
             values[i] = np.asarray(phi).reshape(p.x.shape[1:])
-    return Explanation(
-        method=NAME,
-        values=values,
-        base_values=base,
-        inputs=p.x,
-        outputs=p.outputs,
-        targets=p.targets,
-        feature_names=p.feature_names,
+    return p.explanation(
+        NAME,
+        values,
+        base,
         seconds=time.perf_counter() - start,
-        extras={
-            "seed": p.seed,
-            "nsamples": nsamples,
-            "background_size": int(p.background.shape[0]),
-            "output": "regression value" if p.task == "regression" else "class logit",
-        },
+        nsamples=nsamples,
+        background_size=int(p.background.shape[0]),
+        output=p.output_kind,
     )

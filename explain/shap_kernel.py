@@ -97,21 +97,14 @@ def explain(
                 phi = explainer.shap_values(flat_x[i : i + 1], nsamples=nsamples, l1_reg=l1_reg, silent=True)
             values[i] = np.asarray(phi).reshape(shape)
         base[rows] = float(np.asarray(explainer.expected_value).reshape(-1)[0])
-    return Explanation(
-        method=NAME,
-        values=values,
-        base_values=base,
-        inputs=p.x,
-        outputs=p.outputs,
-        targets=p.targets,
-        feature_names=p.feature_names,
+    return p.explanation(
+        NAME,
+        values,
+        base,
         seconds=time.perf_counter() - start,
-        extras={
-            "seed": p.seed,
-            "nsamples": nsamples,
-            "background_size": int(p.background.shape[0]),
-            "output": "regression value" if p.task == "regression" else "class logit",
-        },
+        nsamples=nsamples,
+        background_size=int(p.background.shape[0]),
+        output=p.output_kind,
     )
 
 
