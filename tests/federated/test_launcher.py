@@ -50,7 +50,7 @@ def test_connection_file_is_what_flwr_reads(tmp_path, monkeypatch):
 _ORPHAN_PARENT = """
 import sys, time
 from pathlib import Path
-from federated import launcher
+from federated.launch import processes as launcher
 work = Path(sys.argv[1])
 procs = launcher.Processes(work / "logs", env=launcher.flower_env(work / "home"))
 # A child that starts a grandchild in a new session (as Ray does): PDEATHSIG covers the child only.
