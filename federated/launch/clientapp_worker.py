@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 import federated.app.client_app  # noqa: F401  torch, opacus, the pipeline: imported once, before any task
-from federated.patches import fast_poll
+from federated.patches import fast_poll, flower_api
 
 log = logging.getLogger("federated.launch.clientapp_worker")
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the app directory (pyproject.toml with [tool.flwr.app])
@@ -177,6 +177,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--poll-interval", type=float, default=POLL_INTERVAL_S, help="seconds between task polls")
     args = p.parse_args(argv)
+    why = flower_api.unsupported(flower_api.WORKER_CALLS)
+    if why is not None:  # the launchers fall back to --isolation subprocess instead of starting this
+        raise SystemExit(
+            f"error: the ClientApp worker cannot run on this Flower ({why}); start the SuperNode with "
+            "--isolation subprocess"
+        )
     # force: opacus calls logging.basicConfig (WARNING) when imported, which silenced this worker's INFO lines
     # (its per-task phase timings) until now.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)

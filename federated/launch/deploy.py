@@ -45,6 +45,7 @@ from federated.app.run_config import overrides_for, run_config_toml, to_run_conf
 from federated.app.schema import SiteMismatchError
 from federated.launch import processes as launcher
 from federated.launch.tls import make_server_credentials, make_supernode_keys
+from federated.patches import flower_api
 
 log = logging.getLogger("federated.launch.deploy")
 CONNECTION = "deployment"
@@ -149,6 +150,7 @@ def deploy(
         )
     if site_prefixes and len(site_prefixes) != n_supernodes:
         raise UserError(f"{len(site_prefixes)} --site-prefix value(s) for {n_supernodes} sites; give one per site")
+    isolation = flower_api.clientapp_isolation(isolation)  # Flower's stock isolation where the worker is unsupported
     port = launcher.free_port()
     address = _dial_address(superlink_host, port)
     work.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,8 @@ import sys
 import time
 from typing import Any, Iterable
 
+from federated.patches.flower_api import CHECKED_FLWR  # the versions every patch here was read against
+
 log = logging.getLogger(__name__)
 POLL_S = 0.1  # seconds between polls (both sides)
 # Simulation: the ServerApp's in-memory grid looks for replies every 0.1 s (Flower's default); each look is a
@@ -56,7 +58,6 @@ POLL_S = 0.1  # seconds between polls (both sides)
 SIM_PULL_S = 0.02
 HEARTBEAT_S = 10  # seconds between a SuperNode's heartbeats (Flower's 30; a stock SuperLink accepts >= 10)
 PULL_BACKOFF_S = (0.05, 0.5)  # first retry and cap (s) while a message's objects are not all pushed yet
-CHECKED_FLWR = ("1.42.",)  # Flower versions whose SuperNode message loop was read for the patch
 
 
 class FastPollGrid:
