@@ -413,14 +413,20 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, *, task: str) -> bytes:
     return buf.getvalue()
 
 
-def onnx_session(data: bytes, *, device: str = "cpu"):
-    """An ONNX Runtime session over exported bytes (CUDA provider first when ``device`` is cuda and it is available)."""
+def onnx_session(data: bytes, *, device: str = "cpu", threads: int = 0):
+    """An ONNX Runtime session over exported bytes (CUDA provider first when ``device`` is cuda and it is available).
+
+    ``threads``: intra-op threads (0: ONNX Runtime's default, one per core; a server with one
+    worker per core wants 1).
+    """
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(data, providers=providers)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(data, sess_options=options, providers=providers)
 
 
 def raw_inputs(ds: Dataset, split: str) -> np.ndarray:

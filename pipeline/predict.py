@@ -240,6 +240,32 @@ def predict_torch(served: ServedModel, raw: np.ndarray, *, device: torch.device 
     return torch.softmax(torch.as_tensor(out), dim=1).numpy()
 
 
+def open_onnx(run: RunDir, served: ServedModel, *, device: torch.device | str = "cpu", threads: int = 0) -> Any:
+    """ONNX Runtime session over the run's hash-checked graph of ``served`` (its hash goes to ``served.artifacts``).
+
+    ``threads``: ONNX Runtime's intra-op threads (0: its default, one per core).
+
+    Raises
+    ------
+    RunDirError
+        If the run did not export the graph.
+    """
+    if served.onnx_file not in run.manifest["artifacts"]:
+        raise RunDirError(f"run {run.path} has no {served.onnx_file}; re-run it with --from distill to export it")
+    session = distill.onnx_session(run.read(served.onnx_file), device=str(device), threads=threads)
+    served.artifacts[served.onnx_file] = run.manifest["artifacts"][served.onnx_file]["sha256"]
+    return session
+
+
+def predict_raw(
+    served: ServedModel, raw: np.ndarray, *, session: Any = None, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Served outputs for raw inputs by ONNX Runtime (``session`` from :func:`open_onnx`) or, without one, torch."""
+    if session is not None:
+        return session.run(None, {distill.ONNX_NAMES[served.task][0]: raw.astype(np.float32)})[0]
+    return predict_torch(served, raw, device=device)
+
+
 def _frame(served: ServedModel, ids: np.ndarray | list, out: np.ndarray, *, id_column: str):
     import pandas as pd
 
@@ -252,6 +278,74 @@ def _frame(served: ServedModel, ids: np.ndarray | list, out: np.ndarray, *, id_c
 
 
 # --------------------------------------------------------------------------- reading inputs
+
+
+def check_columns(
+    header: list[str], served: ServedModel, *, where: str, ignore: tuple[str, ...] = (), extra_fix: str = ""
+) -> None:
+    """Refuse a table whose header lacks a training column or has one the model was not trained on.
+
+    ``where`` names the table in the message (a quoted path, or "the request body");
+    ``extra_fix`` replaces the default advice for extra columns (``--ignore-columns``).
+
+    Raises
+    ------
+    DataError
+        Naming the missing or unexpected columns and the fix.
+    """
+    features = list(served.feature_names)
+    missing = [f for f in features if f not in header]
+    if missing:
+        raise DataError(
+            f"{where} lacks training column(s) {', '.join(map(repr, missing))}; "
+            f"the {served.name} needs: {', '.join(features)}"
+        )
+    extra = [c for c in header if c not in features and c not in ignore]
+    if extra:
+        raise DataError(
+            f"{where} has column(s) the model was not trained on: {', '.join(map(repr, extra[:5]))}; "
+            + (extra_fix or f"drop them or name them with --ignore-columns {','.join(extra[:5])}")
+        )
+
+
+def table_values(chunk: Any, served: ServedModel, *, where: str, offset: int = 0) -> np.ndarray:
+    """(n, F) float64 of a pandas chunk's training columns, in training order, validated.
+
+    Empty or non-finite cells take the run's recorded train-split medians when it was trained
+    with ``data.nan_policy='impute'``; otherwise they are refused. ``offset`` is the number of
+    data rows before this chunk (messages count data rows from 1).
+
+    Raises
+    ------
+    DataError
+        A non-numeric value, or an empty/non-finite one without imputation, naming the column
+        and the data row.
+    """
+    import pandas as pd
+
+    features = list(served.feature_names)
+    for col in features:
+        values = chunk[col]
+        if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
+            bad = pd.to_numeric(values, errors="coerce").isna() & values.notna()
+            if pd.api.types.is_bool_dtype(values) or bad.any():
+                i = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
+                raise DataError(
+                    f"column {col!r} of {where} is not numeric: data row {offset + i + 1} holds "
+                    f"{values.iloc[i]!r}; encode it as a number as in training"
+                )
+    x = chunk[features].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    nan = ~np.isfinite(x)
+    if nan.any():
+        medians = served.preprocessing.get("imputed_medians")
+        if medians is None:
+            r, c = map(int, np.argwhere(nan)[0])
+            raise DataError(
+                f"column {features[c]!r} of {where} is empty or not finite at data row {offset + r + 1}; "
+                "fill it (the run was not trained with data.nan_policy='impute')"
+            )
+        x = np.where(nan, np.asarray(medians)[None, :], x)  # the run's recorded train-split medians
+    return x
 
 
 def iter_table(
@@ -271,48 +365,37 @@ def iter_table(
         header = [str(c) for c in pd.read_csv(path, nrows=0).columns]
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{str(path)!r} cannot be read as CSV ({str(exc).splitlines()[0]}); check the file") from None
-    features = list(served.feature_names)
-    missing = [f for f in features if f not in header]
-    if missing:
-        raise DataError(
-            f"{str(path)!r} lacks training column(s) {', '.join(map(repr, missing))}; "
-            f"the {served.name} needs: {', '.join(features)}"
-        )
-    extra = [c for c in header if c not in features and c not in ignore]
-    if extra:
-        raise DataError(
-            f"{str(path)!r} has column(s) the model was not trained on: {', '.join(map(repr, extra[:5]))}; "
-            f"drop them or name them with --ignore-columns {','.join(extra[:5])}"
-        )
-    medians = served.preprocessing.get("imputed_medians")
+    check_columns(header, served, where=repr(str(path)), ignore=ignore)
     offset = 0
     try:
-        reader = pd.read_csv(path, usecols=features, chunksize=chunk_rows)
+        reader = pd.read_csv(path, usecols=list(served.feature_names), chunksize=chunk_rows)
         for chunk in reader:
-            for col in features:
-                values = chunk[col]
-                if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
-                    bad = pd.to_numeric(values, errors="coerce").isna() & values.notna()
-                    if pd.api.types.is_bool_dtype(values) or bad.any():
-                        i = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
-                        raise DataError(
-                            f"column {col!r} of {str(path)!r} is not numeric: data row {offset + i + 1} holds "
-                            f"{values.iloc[i]!r}; encode it as a number as in training"
-                        )
-            x = chunk[features].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-            nan = ~np.isfinite(x)
-            if nan.any():
-                if medians is None:
-                    r, c = map(int, np.argwhere(nan)[0])
-                    raise DataError(
-                        f"column {features[c]!r} of {str(path)!r} is empty or not finite at data row {offset + r + 1}; "
-                        "fill it (the run was not trained with data.nan_policy='impute')"
-                    )
-                x = np.where(nan, np.asarray(medians)[None, :], x)  # the run's recorded train-split medians
+            x = table_values(chunk, served, where=repr(str(path)), offset=offset)
             offset += len(x)
             yield x
     except pd.errors.ParserError as exc:
         raise DataError(f"{str(path)!r} cannot be parsed near data row {offset + 1} ({exc}); check the file") from None
+
+
+def check_images(x: np.ndarray, served: ServedModel, *, what: str) -> np.ndarray:
+    """Images of the training shape: (N, H, W) gets its channel axis when the model has one channel.
+
+    Raises
+    ------
+    DataError
+        ``what`` (the images' name in the message) has another (C, H, W) than training, or is not numeric.
+    """
+    want = tuple(served.input_shape)
+    if x.ndim == 3 and want[0] == 1:
+        x = x[:, None]
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        raise DataError(
+            f"{what} has shape {tuple(x.shape)}; the {served.name} was trained on (N, {', '.join(map(str, want))}) "
+            f"images ({want[0]} channel(s), {want[1]}x{want[2]} pixels): convert and resize them first"
+        )
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{what} has dtype {x.dtype}; images must be numeric")
+    return x
 
 
 def iter_images(
@@ -328,20 +411,6 @@ def iter_images(
     DataError
         An unreadable file, a missing ``x`` array, or images whose (C, H, W) differ from training.
     """
-    want = tuple(served.input_shape)
-
-    def check(x: np.ndarray, what: str) -> np.ndarray:
-        if x.ndim == 3 and want[0] == 1:
-            x = x[:, None]
-        if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise DataError(
-                f"{what} has shape {tuple(x.shape)}; the {served.name} was trained on (N, {', '.join(map(str, want))}) "
-                f"images ({want[0]} channel(s), {want[1]}x{want[2]} pixels): convert and resize them first"
-            )
-        if not np.issubdtype(x.dtype, np.number):
-            raise DataError(f"{what} has dtype {x.dtype}; images must be numeric")
-        return x
-
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -353,7 +422,7 @@ def iter_images(
                 if digest is not None:
                     digest.update(rel.encode() + b"\0" + data)
                 ids.append(rel)
-                arrays.append(check(decode_image(data, name=str(f))[None], f"image {rel!r}")[0])
+                arrays.append(check_images(decode_image(data, name=str(f))[None], served, what=f"image {rel!r}")[0])
             yield ids, np.stack(arrays).astype(np.float64)
         return
     if path.suffix not in (".npz", ".npy"):
@@ -370,7 +439,7 @@ def iter_images(
                 x = archive["x"]
     except (ValueError, OSError) as exc:
         raise DataError(f"{str(path)!r} is not a readable array file without pickles ({exc})") from None
-    x = check(x, f"x in {str(path)!r}")
+    x = check_images(x, served, what=f"x in {str(path)!r}")
     for i in range(0, len(x), chunk_rows):
         yield list(range(i, min(i + chunk_rows, len(x)))), np.asarray(x[i : i + chunk_rows], dtype=np.float64)
 
@@ -378,7 +447,7 @@ def iter_images(
 # --------------------------------------------------------------------------- explanations
 
 
-class _Explainer:
+class Explainer:
     """SHAP for predicted rows with the run's recorded method and its public background."""
 
     def __init__(self, run: RunDir, served: ServedModel, *, max_rows: int, seed: int):
@@ -412,12 +481,8 @@ class _Explainer:
         self.targets: list[np.ndarray] = []
         self.rows = 0
 
-    def add(self, raw: np.ndarray) -> None:
-        self.rows += len(raw)
-        if self.rows > self.max_rows:
-            raise DataError(
-                f"--explain was asked for more than --explain-max={self.max_rows} rows; pass fewer rows or raise --explain-max"
-            )
+    def explain(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """SHAP values of raw rows: ``(values, base_values or None, targets or None)``, regressor in target units."""
         s = self.served
         e = self.fn(
             s.model.cpu(),
@@ -429,11 +494,21 @@ class _Explainer:
         )
         y_std = s.preprocessing.get("y_std", 1.0) if s.task == "regression" else 1.0
         y_mean = s.preprocessing.get("y_mean", 0.0) if s.task == "regression" else 0.0
-        self.values.append(np.asarray(e.values) * y_std)
-        if e.base_values is not None:
-            self.base.append(np.asarray(e.base_values) * y_std + y_mean)
-        if e.targets is not None:
-            self.targets.append(np.asarray(e.targets))
+        base = np.asarray(e.base_values) * y_std + y_mean if e.base_values is not None else None
+        return np.asarray(e.values) * y_std, base, np.asarray(e.targets) if e.targets is not None else None
+
+    def add(self, raw: np.ndarray) -> None:
+        self.rows += len(raw)
+        if self.rows > self.max_rows:
+            raise DataError(
+                f"--explain was asked for more than --explain-max={self.max_rows} rows; pass fewer rows or raise --explain-max"
+            )
+        values, base, targets = self.explain(raw)
+        self.values.append(values)
+        if base is not None:
+            self.base.append(base)
+        if targets is not None:
+            self.targets.append(targets)
 
     def write(self, out: Path, predictions: np.ndarray | None) -> dict[str, Any]:
         """Write the SHAP file beside ``out``; return the provenance entry (method, file, exactness)."""
@@ -550,13 +625,8 @@ def predict_file(
         raise DataError(
             f"the {name} reads {expected} inputs, but {str(path)!r} is not one; pass --task or another file"
         )
-    session = None
-    if engine == "onnx":
-        if served.onnx_file not in run.manifest["artifacts"]:
-            raise RunDirError(f"run {run.path} has no {served.onnx_file}; re-run it with --from distill to export it")
-        session = distill.onnx_session(run.read(served.onnx_file), device=str(device))
-        served.artifacts[served.onnx_file] = run.manifest["artifacts"][served.onnx_file]["sha256"]
-    explainer = _Explainer(run, served, max_rows=explain_max, seed=seed) if explain else None
+    session = open_onnx(run, served, device=device) if engine == "onnx" else None
+    explainer = Explainer(run, served, max_rows=explain_max, seed=seed) if explain else None
     folder_digest = hashlib.sha256() if path.is_dir() else None
     if served.task == "regression":
         chunks = ((None, x) for x in iter_table(path, served, ignore=ignore_columns, chunk_rows=chunk_rows))
@@ -566,10 +636,7 @@ def predict_file(
     explained_preds: list[np.ndarray] = []
     with atomic_open(out) as fh:
         for ids, raw in chunks:
-            if session is not None:
-                y = session.run(None, {distill.ONNX_NAMES[served.task][0]: raw.astype(np.float32)})[0]
-            else:
-                y = predict_torch(served, raw, device=device)
+            y = predict_raw(served, raw, session=session, device=device)
             ids = np.arange(n, n + len(raw)) if ids is None else ids
             fh.write(
                 _frame(served, ids, y, id_column="file" if path.is_dir() else "row")
