@@ -63,7 +63,7 @@ def one_run(n_clients: int, rounds: int, secure: bool, data, model: list[str]) -
         "per_round": float(np.median(record["seconds_per_round"])),
         "train": float(np.median(train_s)),
         "wall": wall,
-        "acc": record["history"][-1]["test_accuracy"],
+        "acc": record["final_metrics"]["test_accuracy"],
         "params": record["n_parameters"],
     }
 
@@ -111,7 +111,7 @@ def flwr_run(n_clients: int, rounds: int, variant: str, model: list[str]) -> dic
         "slowest_client": float(np.median(train_s)) if train_s else float("nan"),
         "startup": float(record.get("startup_seconds") or float("nan")),
         "wall": wall,
-        "acc": record["history"][-1]["test_accuracy"],
+        "acc": record["final_metrics"]["test_accuracy"],
         "params": record["n_parameters"],
     }
 

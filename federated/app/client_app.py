@@ -148,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": n_rows,
         "partition-id": pid,
         "refused": 0,
-        "epsilon": float(result.privacy["epsilon"]) if result.privacy else 0.0,
+        **({"epsilon": float(result.privacy["epsilon"])} if result.privacy else {}),  # none without DP (not 0)
         "train-loss": float(result.history[-1]["train_loss"]) if result.history else float("nan"),
         "seconds": time.perf_counter() - t0,
     }

@@ -4,7 +4,8 @@ The ServerApp object Flower loads is :data:`federated.app.components.server`, wh
 
 It trains each pipeline model of ``app.model`` in turn (one name, or e.g. ``regressor,cnn``: one
 federation for both, so start-up is paid once) for ``federated.rounds`` rounds, evaluating
-the global model on the validation and test splits after each round. After every round
+the global model on the validation split after each round and on the test split once, after the
+last (``final_metrics``: a per-round test curve would invite selecting on the test split). After every round
 it rewrites one checkpoint (global weights, strategy state, the record so far), so a
 crashed run resumes from its last completed round. At the end it writes the final
 global weights (safetensors) and the JSON record the train stage reads back.
@@ -43,6 +44,9 @@ from federated.patches import fast_poll
 log = logging.getLogger(__name__)
 
 
+NO_DP = "no DP (dp.enabled=false): the clients train without DP-SGD, so no per-client ε bounds them"
+
+
 class NodesMissingError(UserError):
     """Fewer SuperNodes connected than federated.n_clients."""
 
@@ -52,6 +56,8 @@ def main(grid: Grid, context: Context) -> None:
     error_path = None
     try:
         cfg, all_settings = from_run_config(context.run_config)
+        if all_settings.sites:
+            site.refuse_unsupported(cfg)  # at once, not after waiting for the sites
         grid = fast_poll.wrap_grid(
             grid
         )  # deployments: poll every 0.1 s, not Flower's 3 s (federated/patches/fast_poll.py)
@@ -117,14 +123,18 @@ def _wait_for_nodes(grid: Grid, n_clients: int, wait_s: float) -> None:
         time.sleep(0.5)
 
 
-def _evaluate(task: Task, arrays: ArrayRecord, grid: Grid | None = None) -> dict[str, float]:
+def _evaluate(
+    task: Task, arrays: ArrayRecord, grid: Grid | None = None, *, splits: tuple[str, ...] = ("val",)
+) -> dict[str, float]:
+    """Metrics of ``arrays`` on ``splits``: every round the validation split only (the curve, and anything that
+    might select on it); the test split once, after the last round (``final_metrics``)."""
     if task.sites is not None:  # per-site mode: the sites evaluate on their own val/test rows
-        return site.evaluate_at_sites(grid, task, arrays)
+        return site.evaluate_at_sites(grid, task, arrays, splits=splits)
     model = models.build(task.spec)
     model.load_state_dict(arrays.to_torch_state_dict())
     ds = task.dataset
     out: dict[str, float] = {}
-    for split in ("val", "test"):
+    for split in splits:
         if len(ds.y[split]):
             out.update(
                 {f"{split}_{k}": v for k, v in training.evaluate(model, ds.x[split], ds.y[split], task=ds.task).items()}
@@ -182,7 +192,8 @@ def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray] | Non
         "dp_enabled": cfg.dp.enabled,
         "history": [],
         "initial_metrics": {},
-        "client_epsilon": {str(i): [] for i in range(f.n_clients)},
+        # Without sample-level DP there is no per-client ε to report (not 0: nothing bounds what a client leaks).
+        "client_epsilon": {str(i): [] for i in range(f.n_clients)} if cfg.dp.enabled else NO_DP,
         "client_rounds": [],
         "failures": [],
         "seconds_per_round": [],
@@ -200,8 +211,15 @@ def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], sec
     eps = {
         str(int(c["partition-id"])): float(c["epsilon"]) for c in replies.trained + replies.refused if "epsilon" in c
     }
-    for pid, series in record["client_epsilon"].items():
+    dp = isinstance(record["client_epsilon"], dict)  # sample-level DP (else the "no DP" note)
+    for pid, series in record["client_epsilon"].items() if dp else ():
         series.append(eps.get(pid))  # None: the client did not answer this round
+    # The clients' own training loss (their last local epoch), weighted by their rows: the curve's training series.
+    losses = [
+        (float(c["train-loss"]), float(c.get("num-examples", 0)))
+        for c in replies.trained
+        if np.isfinite(float(c.get("train-loss", float("nan")))) and float(c.get("num-examples", 0)) > 0
+    ]
     trained = [{k: v for k, v in c.items() if k != "privacy"} for c in replies.trained]
     record["client_rounds"].append(
         {"round": r, "trained": trained, "refused": replies.refused, "failed": replies.failed}
@@ -211,6 +229,7 @@ def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], sec
     record["history"].append(
         {
             "round": r,
+            **({"train_loss": sum(v * n for v, n in losses) / sum(n for _, n in losses)} if losses else {}),
             **metrics,
             "seconds": seconds,
             "clients_trained": sum(1 for c in replies.trained if int(c.get("dp-sampled", 1))),
@@ -222,7 +241,7 @@ def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], sec
             ),
             "clients_refused": len(replies.refused),
             "clients_failed": len(replies.failed),
-            "epsilon_max": max(eps.values()) if eps else 0.0,
+            **({"epsilon_max": max(eps.values()) if eps else 0.0} if dp else {}),
         }
     )
     record["completed_rounds"] = r
@@ -387,6 +406,8 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     if isinstance(grid, site.AdmittedSites):  # sites that came back under a new node id, nodes left out
         record.setdefault("sites_rejoined", []).extend(grid.rejoined)
         record.setdefault("nodes_refused", {}).update({str(n): why for n, why in grid.refused.items()})
+    # The test split, once, on the released model (never per round: the curve and any selection use validation).
+    record["final_metrics"] = _evaluate(task, last["arrays"], grid, splits=("val", "test"))
     _write_result(task, record, last["arrays"], t_start)
 
 

@@ -58,6 +58,7 @@ DATA_KEY, TARGET_KEY, LEDGER_KEY = "data-path", "target", "ledger-path"
 SCHEMA_QUERY = "query.schema"  # message type of the server's schema / moments question
 LOCAL_SPLITS = ("train", "val", "test")
 EVAL_TIMEOUT_S = 600.0  # seconds the server waits for the sites' evaluation replies each round
+EVAL_SPLITS_KEY = "eval-splits"  # evaluate message config: the splits to evaluate ("val" each round, "test" at the end)
 
 
 def is_site(node_config: Mapping[str, Any]) -> bool:
@@ -256,7 +257,10 @@ def evaluate_reply(msg: Message, context: Context, task, *, partition_id: int) -
     model = models.build(spec)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     metrics: dict[str, float | int] = {"partition-id": partition_id}
-    for split in ("val", "test"):
+    # Every round asks for "val" only (the curve, any selection); "test" once, after the last round.
+    splits = str(msg.content["config"].get(EVAL_SPLITS_KEY, "val,test")).split(",")
+    metrics.update({"val-n": 0, "test-n": 0})
+    for split in (s for s in ("val", "test") if s in splits):
         x, y = standardise(local, std, split)
         n = len(y)
         metrics[f"{split}-n"] = n
@@ -295,6 +299,29 @@ def _ask(
     return replies, errors
 
 
+def refuse_unsupported(cfg: Config) -> None:
+    """Refuse, before anything starts, what per-site mode cannot do yet (the launchers and the ServerApp call it).
+
+    Raises
+    ------
+    ConfigError
+        For ``federated.secure_aggregation`` or ``client_dp.enabled`` with per-site data.
+    """
+    asked = [
+        k
+        for k, on in (
+            ("federated.secure_aggregation", cfg.federated.secure_aggregation),
+            ("client_dp.enabled", cfg.client_dp.enabled),
+        )
+        if on
+    ]
+    if asked:
+        raise ConfigError(
+            f"per-site data (app.sites=true, --site-data) does not support {' or '.join(asked)} yet; "
+            f"set {' and '.join(k + '=false' for k in asked)}, or use the simulation / --n-supernodes"
+        )
+
+
 def agree(grid, task, *, timeout: float):
     """Ask every connected site for its schema and moments; refuse disagreement; return the server's task.
 
@@ -309,11 +336,7 @@ def agree(grid, task, *, timeout: float):
     """
     cfg = task.cfg
     f = cfg.federated
-    if f.secure_aggregation or cfg.client_dp.enabled:
-        raise ConfigError(
-            "per-site data (app.sites=true) does not support federated.secure_aggregation or client_dp yet; "
-            "turn them off or use the simulation"
-        )
+    refuse_unsupported(cfg)
     node_ids = sorted(grid.get_node_ids())
     replies, errors = _ask(
         grid, node_ids, lambda: RecordDict({"config": ConfigRecord({"model": task.name})}), SCHEMA_QUERY, timeout
@@ -488,10 +511,12 @@ def _row_less_dataset(ref: Mapping[str, Any], standardisation: Mapping[str, Any]
     )
 
 
-def evaluate_at_sites(grid, task, arrays: ArrayRecord, *, timeout: float = EVAL_TIMEOUT_S) -> dict[str, float]:
-    """Val/test loss and R² or accuracy of ``arrays`` over every site that answers, pooled exactly."""
+def evaluate_at_sites(
+    grid, task, arrays: ArrayRecord, *, splits: tuple[str, ...] = ("val",), timeout: float = EVAL_TIMEOUT_S
+) -> dict[str, float]:
+    """Loss and R² or accuracy of ``arrays`` on ``splits`` over every site that answers, pooled exactly."""
     node_ids = sorted(grid.get_node_ids())
-    config = ConfigRecord(message_config(task))
+    config = ConfigRecord({**message_config(task), EVAL_SPLITS_KEY: ",".join(splits)})
     t0 = time.perf_counter()
     replies, errors = _ask(
         grid, node_ids, lambda: RecordDict({"arrays": arrays, "config": config}), "evaluate", timeout

@@ -40,6 +40,7 @@ from auditml_core import models, seeds
 from auditml_core.config import load_config
 from auditml_core.errors import USER_ERRORS, UserError
 from auditml_core.teacher import model_specs
+from federated.app import site as app_site
 from federated.app import workdir
 from federated.app.run_config import overrides_for, run_config_toml, to_run_config
 from federated.app.schema import SiteMismatchError
@@ -144,6 +145,8 @@ def deploy(
     """
     if auth and not tls:
         raise UserError("--auth needs --tls: Flower authenticates SuperNodes only over TLS")
+    if sites is not None:
+        app_site.refuse_unsupported(cfg)  # before any process starts (it took ~60 s of start-up to say so)
     if cfg.federated.n_clients != n_supernodes:
         raise UserError(
             f"federated.n_clients={cfg.federated.n_clients} but --n-supernodes={n_supernodes}; make them equal"
@@ -462,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "work_dir": str(work),
                 "rounds": record["completed_rounds"],
                 "last_round": last,
+                "final_metrics": record.get("final_metrics"),  # the test split, once, on the released model
                 "failures": len(record["failures"]),
                 "deployment": record["deployment"],
                 "epsilon": record.get("privacy", {}).get("epsilon"),  # sample-level (dp.enabled)

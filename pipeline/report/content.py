@@ -159,7 +159,7 @@ HOW_TO_READ = {
     "misclassified": "One row per true class that has errors (the title names the classes without any): the "
     "misclassified test images, in test order, titled 'true → predicted'. The count on the left is every "
     "misclassified test image of that class; the images are the first few of them. Look for a pattern (a writing style, a confusable pair) rather than single images.",
-    "training": "Loss per epoch (or round) on the training and validation splits, and ε spent where DP was on.",
+    "training": "Loss per epoch (or round) on the splits the figure's note names, and ε spent where DP was on.",
 }
 
 

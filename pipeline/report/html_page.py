@@ -154,6 +154,29 @@ def training_curves_png(history: list[Mapping[str, Any]], title: str) -> bytes |
     return buf.getvalue()
 
 
+_CURVE_SERIES = {  # loss key -> what it is, per x unit
+    ("epoch", "train_loss"): "training split",
+    ("round", "train_loss"): "the clients' own training rows (their last local epoch, weighted by rows)",
+    ("epoch", "val_loss"): "validation split",
+    ("round", "val_loss"): "validation split, global model after the round",
+    ("epoch", "test_loss"): "test split",
+    ("round", "test_loss"): "test split",
+}
+
+
+def curve_note(history: list[Mapping[str, Any]]) -> str:
+    """How to read :func:`training_curves_png` of ``history``: the series it draws, named from the history's keys."""
+    if not history:
+        return ""
+    unit = "epoch" if "epoch" in history[0] else "round" if "round" in history[0] else "step"
+    losses = [k for k in dict.fromkeys(k for h in history for k in h) if "loss" in k]
+    series = "; ".join(f"{k} ({_CURVE_SERIES.get((unit, k), k)})" for k in losses) or "none recorded"
+    note = f"Loss per {unit}: {series}."
+    if unit == "round" and "test_loss" not in losses:
+        note += " The test split is not drawn: it is evaluated once, after the last round (final_metrics)."
+    return note + " The right panel, when present, shows the privacy budget ε spent so far."
+
+
 def figures(explain_out: Any, trained: Any) -> dict[str, bytes]:
     """Every figure the page embeds: the explain stage's plots (by run-directory path) and training curves."""
     out = {f"explain/plots/{f}": png for me in explain_out.models.values() for f, png in me.plots.items()}
@@ -379,8 +402,7 @@ def _models(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
                 figure(
                     figs.get(f"training/{name}"),
                     f"{m['title']}: training curves",
-                    "Loss per epoch (or round) on the training and validation splits; the right panel, "
-                    "when present, shows the privacy budget ε spent so far.",
+                    curve_note(history),
                     caption=f"drawn from {src.get('file', 'n/a')} (SHA-256 {src.get('sha256') or 'n/a'}): "
                     f"{src.get('what', 'the recorded training history')}",
                 )

@@ -149,6 +149,30 @@ def _dp_levels(m: Mapping[str, Any]) -> str:
     return f"yes ({', '.join(levels)})" if levels else "no"
 
 
+def _training_line(t: Mapping[str, Any]) -> str:
+    """'- Training: ...': the settings that shaped this model. Federated: rounds x local epochs, clients, strategy,
+    partitioner and the clients' optimiser settings (``fit.epochs`` is not used there, so it is not shown)."""
+    if t.get("mode") != "federated":
+        settings = ", ".join(f"{md(k)} = {md(v)}" for k, v in (t.get("fit") or {}).items())
+        return f"- Training: {md(t.get('mode', 'central'))}; settings: {settings}."
+    strategy = dict(t.get("strategy") or {})
+    name = strategy.pop("name", "n/a")
+    partition = t.get("partition") or {}
+    method = partition.get("method", "n/a")
+    split = {
+        "dirichlet": f"Dirichlet label skew, α = {num(partition.get('dirichlet_alpha'))}",
+        "sites": "per-site data (each site its own file)",
+    }.get(method, method)
+    client = ", ".join(f"{md(k)} = {md(v)}" for k, v in (t.get("fit") or {}).items() if k != "epochs")
+    return (
+        f"- Training: federated, {num(t.get('rounds'))} rounds × {num(t.get('local_epochs'))} local epochs "
+        f"({num(t.get('completed_rounds'))} completed), {num(t.get('clients'))} clients (at least "
+        f"{num(t.get('min_clients'))} per round), strategy {md(name)}"
+        + (" (" + ", ".join(f"{md(k)} = {md(v)}" for k, v in strategy.items()) + ")" if strategy else "")
+        + f", partitioner: {md(split)}; each client's optimiser: {client}."
+    )
+
+
 def render(content: Mapping[str, Any], name: str) -> str:
     """The model card of model ``name`` ("regressor" or "cnn") as Markdown."""
     m = content["models"][name]
@@ -183,9 +207,7 @@ def render(content: Mapping[str, Any], name: str) -> str:
             if (fe := t.get("fixed_front_end"))
             else []
         ),
-        f"- Training: {md(t.get('mode', 'central'))}; settings: "
-        + ", ".join(f"{md(k)} = {md(v)}" for k, v in (t.get("fit") or {}).items())
-        + ".",
+        _training_line(t),
         f"- Differential privacy: {_dp_levels(m)}. {md(priv['statement'])}",
         "- Libraries: " + ", ".join(f"{md(k)} {md(v)}" for k, v in repro.get("library_versions", {}).items()) + ".",
         "",

@@ -27,7 +27,12 @@ def test_a_private_run_records_rounds_clients_and_epsilon(tmp_path, digits_data)
     cfg, _, (weights, record) = _run(tmp_path, digits_data, "dp.enabled=true", "dp.accountant=rdp")
     assert [h["round"] for h in record["history"]] == [1, 2, 3]
     assert (record["rounds"], record["local_epochs"]) == (3, 1) and record["schedule"].startswith("3 x 1: set for")
-    assert all({"val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(h) for h in record["history"])
+    # Every round: validation and the clients' training loss; the test split only once, after the last round.
+    assert all({"val_loss", "val_accuracy", "train_loss"} <= set(h) for h in record["history"])
+    assert not any(k.startswith("test_") for h in record["history"] for k in h)
+    assert not any(k.startswith("test_") for k in record["initial_metrics"])
+    assert {"val_accuracy", "test_loss", "test_accuracy"} <= set(record["final_metrics"])
+    assert record["final_metrics"]["val_accuracy"] == record["history"][-1]["val_accuracy"]  # the released model
     assert len(record["seconds_per_round"]) == 3 and record["failures"] == []
     assert sum(record["partition"]["sizes"]) == len(digits_data["images"].y["train"]) == record["n_train"]
     assert np.sum(record["partition"]["label_histograms"]) == record["n_train"]
@@ -72,7 +77,10 @@ def test_a_failing_client_does_not_stop_the_run(tmp_path, digits_data):
     assert [h["clients_trained"] for h in record["history"]] == [2, 2, 2]
     assert [f["round"] for f in record["failures"]] == [1, 2, 3]
     assert "injected failure of client 0" in record["failures"][0]["reason"]
-    assert record["client_epsilon"]["0"] == [None, None, None]
+    # Without DP no client has an ε: the record says "no DP" (never a 0 that reads as perfect privacy).
+    assert record["client_epsilon"].startswith("no DP") and not record["dp_enabled"]
+    assert not any("epsilon" in c for r in record["client_rounds"] for c in r["trained"])
+    assert not any("epsilon_max" in h for h in record["history"])
 
 
 def test_below_min_clients_the_run_stops_with_a_clear_error(tmp_path, digits_data):
@@ -138,9 +146,11 @@ def test_one_federation_trains_every_model_in_turn_as_separate_runs_would(tmp_pa
     main(InProcessGrid(rc_alone, 2), server_context(rc_alone))
     (w_both, r_both), (w_alone, r_alone) = read_result(tmp_path / "both", "cnn"), read_result(tmp_path / "alone", "cnn")
     assert set(w_both) == set(w_alone) and all(torch.equal(w_both[k], w_alone[k]) for k in w_both)
-    assert [h["test_accuracy"] for h in r_both["history"]] == [h["test_accuracy"] for h in r_alone["history"]]
+    assert [h["val_accuracy"] for h in r_both["history"]] == [h["val_accuracy"] for h in r_alone["history"]]
+    assert r_both["final_metrics"] == r_alone["final_metrics"]
     _, r_reg = read_result(tmp_path / "both", "regressor")
-    assert r_reg["completed_rounds"] == 2 and {"val_r2", "test_r2"} <= set(r_reg["history"][-1])
+    assert r_reg["completed_rounds"] == 2 and "val_r2" in r_reg["history"][-1]
+    assert {"val_r2", "test_r2"} <= set(r_reg["final_metrics"])
 
 
 def test_in_one_federation_each_model_keeps_its_own_checkpoint_and_ledgers(tmp_path, digits_data):
@@ -168,3 +178,24 @@ def test_the_record_says_where_the_schedule_came_from():
     assert default.startswith(f"{f.dp_rounds} x {f.dp_local_epochs}: the DP default") and "40 x 3" in default
     assert f"the whole {f.dp_rounds} x {f.dp_local_epochs} schedule" in default
     assert "set for this run" in schedule_note(load_config(None, ["dp.enabled=true", "federated.local_epochs=2"]))
+
+
+def test_the_report_reads_a_federated_record_as_what_it_is(tmp_path, digits_data):
+    """Issue 25 item 7: the card names rounds x local epochs, clients, strategy and partitioner (not the unused
+    fit.epochs); the curve's note names validation (not test) and the clients' training loss."""
+    from pipeline.report.html_page import curve_note, training_curves_png
+    from pipeline.report.model_card import _training_line
+
+    _, _, (_, record) = _run(
+        tmp_path, digits_data, "federated.strategy=fedprox", "federated.partitioner=dirichlet", "cnn.fit.epochs=77"
+    )
+    line = _training_line(record)
+    assert "3 rounds × 1 local epochs (3 completed), 2 clients (at least" in line
+    assert "strategy fedprox (proximal_mu = 0.01)" in line and "Dirichlet label skew, α = 0.5" in line
+    assert "77" not in line and "epochs = " not in line  # fit.epochs is not what federated training ran
+    note = curve_note(record["history"])
+    assert note.startswith("Loss per round: train_loss (the clients' own training rows")
+    assert "val_loss (validation split" in note and "test split is not drawn" in note
+    assert "training and validation splits" not in note and training_curves_png(record["history"], "cnn")
+    central = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2}]
+    assert curve_note(central).startswith("Loss per epoch: train_loss (training split); val_loss (validation split).")
