@@ -11,9 +11,12 @@ discretisation error); :func:`check_epsilon` says whether it does.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+import logging
+import math
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 PLD_DISCRETISATION = 1e-4  # dp-accounting's value discretisation interval (smaller: tighter and slower)
 RELATIVE_TOLERANCE = 0.02  # how far the recorded ε may sit outside [PLD, RDP] before it is flagged
@@ -29,6 +32,11 @@ class EpsilonCheck:
     delta: float
     agrees: bool  # pld·(1 − tol) ≤ recorded ≤ rdp·(1 + tol)
     implementation: str  # "dp-accounting <version>"
+    # RDP orders dp-accounting could not evaluate ("failed to converge": it drops them from its minimum). The
+    # RDP ε stays an upper bound, but when the best remaining order is next to a dropped one it may be loose.
+    rdp_orders_excluded: list[float] = field(default_factory=list)
+    rdp_optimal_order: float | None = None  # the order that gave rdp_epsilon
+    rdp_may_be_loose: bool = False  # a neighbour of rdp_optimal_order was excluded: the RDP ε may overstate
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form for records and the report."""
@@ -46,14 +54,34 @@ def _events(history: Iterable[Sequence[float]]):
         yield dp_accounting.SelfComposedDpEvent(event, int(steps))
 
 
-def independent_epsilons(history: Iterable[Sequence[float]], *, delta: float) -> tuple[float, float]:
-    """(PLD ε, RDP ε) of an accountant history ``[(noise_multiplier, sample_rate, steps), ...]`` at ``delta``.
+@dataclass(frozen=True)
+class _Replay:
+    pld_epsilon: float
+    rdp_epsilon: float
+    rdp_optimal_order: float | None
+    rdp_orders_excluded: list[float]
+    rdp_may_be_loose: bool
 
-    Raises
-    ------
-    ValueError
-        If ``delta`` is not in (0, 1) or a noise multiplier is not positive and finite.
-    """
+
+class _NotConverged(logging.Filter):
+    """Drops dp-accounting's "failed to converge" lines: the replay reads the excluded orders from the result."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_rdp() -> Iterator[None]:
+    """Silence only dp-accounting's non-convergence warnings, only during this call (absl logs through "absl")."""
+    logger, flt = logging.getLogger("absl"), _NotConverged()
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
+def _replay(history: Iterable[Sequence[float]], *, delta: float) -> _Replay:
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant
 
@@ -67,21 +95,55 @@ def independent_epsilons(history: Iterable[Sequence[float]], *, delta: float) ->
             )
     pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETISATION)
     rdp = rdp_privacy_accountant.RdpAccountant()
-    for event in _events(history):
-        pld.compose(event)
-        rdp.compose(event)
-    return float(pld.get_epsilon(delta)), float(rdp.get_epsilon(delta))
+    with _quiet_rdp():
+        for event in _events(history):
+            pld.compose(event)
+            rdp.compose(event)
+        rdp_eps, order = rdp.get_epsilon_and_optimal_order(delta)
+    orders = [float(o) for o in rdp.orders]
+    # An order whose RDP is inf after composition is one dp-accounting dropped (it could not compute it).
+    excluded = [o for o, v in zip(orders, rdp.rdp) if not math.isfinite(float(v))] if history else []
+    loose = False
+    if excluded and order is not None and float(order) in orders:
+        i = orders.index(float(order))
+        loose = any(orders[j] in excluded for j in (i - 1, i + 1) if 0 <= j < len(orders))
+    return _Replay(
+        pld_epsilon=float(pld.get_epsilon(delta)),
+        rdp_epsilon=float(rdp_eps),
+        rdp_optimal_order=None if order is None else float(order),
+        rdp_orders_excluded=excluded,
+        rdp_may_be_loose=bool(loose),
+    )
+
+
+def independent_epsilons(history: Iterable[Sequence[float]], *, delta: float) -> tuple[float, float]:
+    """(PLD ε, RDP ε) of an accountant history ``[(noise_multiplier, sample_rate, steps), ...]`` at ``delta``.
+
+    Raises
+    ------
+    ValueError
+        If ``delta`` is not in (0, 1) or a noise multiplier is not positive and finite.
+    """
+    r = _replay(history, delta=delta)
+    return r.pld_epsilon, r.rdp_epsilon
 
 
 def check_epsilon(history: Iterable[Sequence[float]], *, delta: float, recorded_epsilon: float) -> EpsilonCheck:
-    """Recompute ε of ``history`` independently and compare it with ``recorded_epsilon``."""
-    pld_eps, rdp_eps = independent_epsilons(history, delta=delta)
-    agrees = pld_eps * (1 - RELATIVE_TOLERANCE) <= recorded_epsilon <= rdp_eps * (1 + RELATIVE_TOLERANCE)
+    """Recompute ε of ``history`` independently and compare it with ``recorded_epsilon``.
+
+    dp-accounting's warnings about RDP orders it cannot evaluate are not printed: the orders it
+    dropped, and whether dropping them may have loosened the RDP bound, are in the result.
+    """
+    r = _replay(history, delta=delta)
+    agrees = r.pld_epsilon * (1 - RELATIVE_TOLERANCE) <= recorded_epsilon <= r.rdp_epsilon * (1 + RELATIVE_TOLERANCE)
     return EpsilonCheck(
         recorded_epsilon=float(recorded_epsilon),
-        pld_epsilon=pld_eps,
-        rdp_epsilon=rdp_eps,
+        pld_epsilon=r.pld_epsilon,
+        rdp_epsilon=r.rdp_epsilon,
         delta=float(delta),
         agrees=bool(agrees),
         implementation=f"dp-accounting {version('dp-accounting')}",
+        rdp_orders_excluded=r.rdp_orders_excluded,
+        rdp_optimal_order=r.rdp_optimal_order,
+        rdp_may_be_loose=r.rdp_may_be_loose,
     )

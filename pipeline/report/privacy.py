@@ -81,7 +81,23 @@ def _check_caveat(name: str, chk: Mapping[str, Any] | None) -> str | None:
     return (
         f"{title(name)}: independent check of ε ({chk['checks'][0]['implementation']}, replaying the recorded "
         f"accountant history at δ = {number(chk['checks'][0]['delta'], 3)}): " + "; ".join(lines) + f"; {verdict} "
-        f"({chk['rule']})."
+        f"({chk['rule']})." + _rdp_looseness(chk["checks"])
+    )
+
+
+def _rdp_looseness(checks: list[Mapping[str, Any]]) -> str:
+    """A sentence when dp-accounting dropped RDP orders it could not evaluate (its RDP ε may then be loose)."""
+    dropped = sorted({o for c in checks for o in c.get("rdp_orders_excluded") or []})
+    if not dropped:
+        return ""
+    loose = [c["who"] for c in checks if c.get("rdp_may_be_loose")]
+    shown = ", ".join(number(o, 3) for o in dropped[:6]) + (", ..." if len(dropped) > 6 else "")
+    return f" dp-accounting could not evaluate RDP order(s) {shown} and left them out of its RDP minimum: " + (
+        f"the best remaining order is next to a dropped one for {', '.join(loose)}, so that RDP ε is an upper "
+        "bound that may be loose (the PLD value is unaffected)."
+        if loose
+        else "the best remaining order is not next to a dropped one (still an upper bound; the PLD value is "
+        "unaffected)."
     )
 
 

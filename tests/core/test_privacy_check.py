@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 
 from auditml_core.privacy import dp_sgd as privacy
 from auditml_core.privacy.second_accountant import check_epsilon, independent_epsilons
+from pipeline.report import privacy as privacy_report
 
 pytest.importorskip("dp_accounting")
 
@@ -49,3 +51,38 @@ def test_unbounded_mechanisms_are_refused():
         independent_epsilons([(float("inf"), 0.1, 10)], delta=1e-5)
     with pytest.raises(ValueError, match="positive and finite"):
         independent_epsilons([(0.0, 0.1, 10)], delta=1e-5)
+
+
+def test_rdp_orders_dp_accounting_cannot_evaluate_are_recorded_not_printed(caplog, capfd):
+    # σ = 5, q = 0.5: dp-accounting cannot evaluate the RDP orders 1.1-1.9 and logs one "failed to converge"
+    # warning per order (eleven lines in a default DP run); at δ = 0.1 the best remaining order, 2.0, is
+    # next to a dropped one, so its RDP ε may be loose.
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from pipeline.report.privacy import independent_check
+
+    history, delta = [(5.0, 0.5, 600)], 0.1
+    event = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(5.0))
+    with caplog.at_level(logging.WARNING):
+        rdp_privacy_accountant.RdpAccountant().compose(event)  # positive control: the library itself warns
+    assert "failed to converge" in caplog.text
+    caplog.clear()
+    rec = {"accountant_history": [list(h) for h in history], "delta": delta, "epsilon": 6.0}
+    with caplog.at_level(logging.DEBUG):
+        chk = independent_check(rec)  # the report's replay: check_epsilon on the recorded history
+    assert "failed to converge" not in caplog.text + "".join(capfd.readouterr())
+    check = chk["checks"][0]
+    assert check["rdp_orders_excluded"] == [1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9]
+    assert check["rdp_optimal_order"] == 2.0 and check["rdp_may_be_loose"]
+    assert check["pld_epsilon"] <= check["rdp_epsilon"]  # still an upper bound
+    # The report's caveat for the check says so.
+    assert "may be loose" in privacy_report._check_caveat("cnn", chk)
+    # Other absl warnings still pass (only the non-convergence lines are dropped, only during the call).
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("absl").warning("failed to converge elsewhere")
+    assert "elsewhere" in caplog.text
+    # Null: a history every order of which converges records nothing and adds no sentence.
+    plain = check_epsilon([(50.0, 1.0, 10)], delta=1e-5, recorded_epsilon=0.2)
+    assert plain.rdp_orders_excluded == [] and not plain.rdp_may_be_loose
+    assert privacy_report._rdp_looseness([plain.to_dict() | {"who": "model"}]) == ""
