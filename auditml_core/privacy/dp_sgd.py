@@ -9,7 +9,7 @@ accountants). What this module adds is the bookkeeping auditors need:
   federated client state and is restored before training continues, so ε only grows;
 - a run whose planned training would exceed the budget is refused before it starts;
 - the randomness the guarantee rests on (Poisson sampling, Gaussian noise) comes by default
-  from generators seeded by the OS's CSPRNG, whose seeds and states are never recorded
+  from generators whose whole state is drawn from the OS's CSPRNG and never recorded
   (:func:`dp_generators`); ``dp.reproducible_noise`` is the explicit, recorded opt-out.
 """
 
@@ -48,7 +48,7 @@ class PrivacyPlan:
     target_epsilon: float  # the budget
     planned_epsilon: float  # ε after this call, including everything spent before
     accountant: str  # "prv", "rdp" or "gdp"
-    noise_source: NoiseSource  # "os-csprng": secret seeds, never recorded; "seeded": dp.reproducible_noise
+    noise_source: NoiseSource  # "os-csprng": secret generator states, never recorded; "seeded": dp.reproducible_noise
     grad_sample_mode: str  # per-sample clipping engine (dp.grad_sample_mode): same guarantee, different speed
 
 
@@ -193,13 +193,14 @@ def dp_generators(
 ) -> tuple[torch.Generator, torch.Generator]:
     """The (Poisson sampling, Gaussian noise) generators of one DP-SGD training call.
 
-    By default both are seeded with 64 bits from the OS's CSPRNG that are never returned,
-    logged or checkpointed: an adversary holding the whole run directory (the root seed
-    included) cannot replay the noise. Residual: torch's generators are PRNGs (Mersenne
-    Twister on CPU, Philox on CUDA), not CSPRNGs; their secret 64-bit seed is what the
-    adversary would have to guess, and none of their raw output is released. Opacus'
-    own CSPRNG route (``secure_mode``) needs torchcsprng, which is unmaintained and not
-    installable here.
+    By default both come from :func:`auditml_core.seeds.secret_generator`: their whole state is
+    drawn from ``os.urandom`` (MT19937 on the CPU: 19 936 secret bits; Philox on CUDA: 126, its
+    64-bit key and counter offset) and never returned, logged or checkpointed, so an adversary
+    holding the whole run directory (the root seed included) can neither replay nor enumerate
+    the noise (``manual_seed`` would have kept only 32 bits on the CPU). Residual: they are
+    seeded PRNGs with a secret full-entropy state, not a CSPRNG stream; none of their raw
+    output is released. Opacus' own CSPRNG route (``secure_mode``) needs torchcsprng, which
+    is unmaintained and not installable here. Called once per training call, never per step.
 
     With ``dp.reproducible_noise`` both derive from ``seed`` (:func:`auditml_core.seeds.dp_seed`),
     which the run records: the guarantee then holds only while that seed stays secret.
@@ -318,7 +319,7 @@ def make_private(
         )
     with warnings.catch_warnings():
         # Opacus warns that its torchcsprng route (secure_mode) is off; our noise comes instead from
-        # generators seeded by the OS's CSPRNG (dp_generators), and the report says which source was used.
+        # generators whose state is drawn from the OS's CSPRNG (dp_generators); the report says which source.
         warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
         engine = PrivacyEngine(accountant=plan.accountant, secure_mode=False)
     engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})

@@ -22,12 +22,12 @@ The ε recorded by :func:`user_privacy_record` is recomputed by Google's dp-acco
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
+from auditml_core import seeds
 from auditml_core.config import ClientDPConfig
 from auditml_core.errors import PrivacyBudgetError
 from auditml_core.privacy.client_noise import (
@@ -139,10 +139,13 @@ def plan_user_dp(cfg: ClientDPConfig, *, rounds: int, n_clients: int) -> UserDPP
 def private_rng() -> np.random.Generator:
     """A generator seeded from the OS's CSPRNG and never recorded: client sampling and noise rest on it.
 
-    numpy's PCG64 is not itself a CSPRNG; the seed is secret and fresh per run (see STYLE: the
-    randomness a privacy guarantee rests on is never recorded).
+    256 bits of ``os.urandom`` (:func:`auditml_core.seeds.os_entropy`) go through a 256-bit
+    ``SeedSequence`` pool into PCG64's 128-bit state and 127-bit increment. numpy's PCG64 is not
+    itself a CSPRNG: a seeded PRNG with a secret full-entropy state, fresh per call (see STYLE:
+    the randomness a privacy guarantee rests on is never recorded).
     """
-    return np.random.default_rng(secrets.randbits(128))
+    entropy = int.from_bytes(seeds.os_entropy(32), "little")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy, pool_size=8)))
 
 
 def poisson_sample(ids: Sequence[int], *, sample_rate: float, rng: np.random.Generator) -> list[int]:

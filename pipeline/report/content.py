@@ -484,8 +484,8 @@ def reproducibility_section(cfg: Config, manifest: Mapping[str, Any] | None, see
             "DP-SGD's sampling and noise included (dp.reproducible_noise = true): a rerun reproduces the DP weights, "
             "so the DP guarantee holds only while the seed stays secret."
             if cfg.dp.reproducible_noise
-            else "except DP-SGD's sampling and noise: they are seeded from the OS's CSPRNG and never recorded, so a "
-            "DP run is not bit-for-bit reproducible, by design."
+            else "except DP-SGD's sampling and noise: their generators' state is drawn from the OS's CSPRNG and never "
+            "recorded, so a DP run is not bit-for-bit reproducible, by design."
         ),
         "library_versions": m.get("library_versions") or library_versions(),
         "git_commit": m.get("git_commit", git_commit()),

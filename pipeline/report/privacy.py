@@ -189,9 +189,12 @@ def privacy_section(
     if csprng_models:
         caveats.append(
             f"{', '.join(csprng_models)}: DP-SGD's Poisson sampling and Gaussian noise come from torch generators "
-            "(pseudo-random, not cryptographic) seeded with 64 bits from the OS's CSPRNG that are never recorded, "
-            "so nothing in the run directory lets anyone replay them; the noise uses Opacus' floating-point-safe "
-            "recipe. The guarantee assumes the adversary cannot guess that seed."
+            "whose whole state is drawn from the OS's CSPRNG (os.urandom) and never recorded: 19,936 secret bits "
+            "for the CPU's Mersenne Twister (the sampling always, the noise when training runs on the CPU), 126 "
+            "for CUDA's Philox (its 64-bit key and counter offset, the most it accepts) when the noise is drawn on "
+            "a GPU. Nothing in the run directory lets anyone replay them, and there are too many states to try. "
+            "These are seeded pseudo-random generators with a secret full-entropy state, not a cryptographic "
+            "stream like Opacus' secure mode (torchcsprng); the noise uses Opacus' floating-point-safe recipe."
         )
     unit = next(
         (r.get("unit_of_privacy") for r in records.values() if r and r.get("unit_of_privacy")),

@@ -129,10 +129,10 @@ def test_no_artifact_holds_the_secret_noise_state(rng, monkeypatch, dp):
     The reproducible run is the positive control: there the detector must find the generator states.
     """
     secrets_drawn, generators = [], []
-    real_secret, real_generators = seeds.secret_seed, privacy.dp_generators
+    real_secret, real_generators = seeds.os_entropy, privacy.dp_generators
 
-    def spy_secret():
-        secrets_drawn.append(real_secret())
+    def spy_secret(n_bytes):
+        secrets_drawn.append(real_secret(n_bytes))
         return secrets_drawn[-1]
 
     def spy_generators(*args, **kwargs):
@@ -140,7 +140,7 @@ def test_no_artifact_holds_the_secret_noise_state(rng, monkeypatch, dp):
         generators.append((pair, [g.get_state().clone() for g in pair]))
         return pair
 
-    monkeypatch.setattr(seeds, "secret_seed", spy_secret)
+    monkeypatch.setattr(seeds, "os_entropy", spy_secret)
     monkeypatch.setattr(privacy, "dp_generators", spy_generators)
     x, y = _data(rng)
     blobs = []
@@ -152,15 +152,24 @@ def test_no_artifact_holds_the_secret_noise_state(rng, monkeypatch, dp):
     for blob in blobs:
         ck = read_checkpoint(blob)
         found += any(torch.equal(t, s) for t in _tensors(dataclasses.asdict(ck)) for s in dp_states)
-        for secret in secrets_drawn:
-            assert secret.to_bytes(8, "little") not in blob and secret.to_bytes(8, "big") not in blob
+        for secret in secrets_drawn:  # no 8-byte run of the drawn entropy, raw, reversed or as MT19937 words
+            for i in range(0, len(secret) - 7, 8):
+                assert secret[i : i + 8] not in blob and secret[i : i + 8][::-1] not in blob
+                words = secret[i : i + 4] + bytes(4) + secret[i + 4 : i + 8] + bytes(4)  # torch's uint64 words
+                assert words not in blob
     for secret in secrets_drawn:
-        assert str(secret) not in record_text
+        for i in range(0, len(secret) - 7, 8):
+            chunk = secret[i : i + 8]
+            assert chunk.hex() not in record_text and str(int.from_bytes(chunk, "little")) not in record_text
     if dp.reproducible_noise:
         # seeded: the states are in the checkpoints, as documented; the last one holds the final states
         assert not secrets_drawn and found >= 1 and read_checkpoint(blobs[-1]).dp_generator_states is not None
     else:
-        assert len(secrets_drawn) == 2 and found == 0  # sampling + noise seeds drawn, neither state stored
+        # sampling + noise: each a whole MT19937 state drawn from the OS, neither stored
+        assert [len(b) for b in secrets_drawn] == [2492, 2492] and found == 0
+        # positive control of the byte search: it finds the drawn entropy in the generator's own state
+        s0 = secrets_drawn[0]
+        assert s0[0:4] + bytes(4) + s0[4:8] + bytes(4) in initial[0].numpy().tobytes()
         assert all(read_checkpoint(b).dp_generator_states is None for b in blobs)
 
 
