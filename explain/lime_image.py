@@ -70,6 +70,26 @@ def _segmenter(segmentation: str | Segmenter, *, cell_size: int | None, n_segmen
     )
 
 
+def _hidden_value(hide: str | float, background: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """What a hidden cell shows, as an (H, W, C) float64 image: the background mean, zeros or a constant."""
+    if isinstance(hide, str):
+        if hide not in ("mean", "zero"):
+            raise ValueError(f"hide={hide!r} is not valid; use 'mean', 'zero' or a float.")
+        baseline = background.mean(axis=0) if hide == "mean" else np.zeros(shape, np.float32)
+    else:
+        baseline = np.full(shape, float(hide), np.float32)
+    return np.transpose(baseline, (1, 2, 0)).astype(np.float64)
+
+
+def _pixel_values(cell_weights, seg: np.ndarray, n_channels: int) -> np.ndarray:
+    """LIME's per-cell weights spread evenly over the cell's pixels and channels: (C, H, W), summing to the weights."""
+    weights = np.zeros(int(seg.max()) + 1)
+    for s, w in cell_weights:
+        weights[s] = w
+    pixel = weights[seg] / (np.bincount(seg.ravel())[seg] * n_channels)  # (H, W)
+    return np.broadcast_to(pixel, (n_channels, *seg.shape))
+
+
 def _lime_explainer_class() -> type:
     from lime.lime_image import LimeImageExplainer
 
@@ -156,13 +176,7 @@ def explain(
     )
     num_samples = check_positive_int("num_samples", num_samples, minimum=10)
     segment = _segmenter(segmentation, cell_size=cell_size, n_segments=n_segments)
-    if isinstance(hide, str):
-        if hide not in ("mean", "zero"):
-            raise ValueError(f"hide={hide!r} is not valid; use 'mean', 'zero' or a float.")
-        baseline = p.background.mean(axis=0) if hide == "mean" else np.zeros(p.x.shape[1:], np.float32)
-    else:
-        baseline = np.full(p.x.shape[1:], float(hide), np.float32)
-    baseline_hwc = np.transpose(baseline, (1, 2, 0)).astype(np.float64)  # (H, W, C)
+    baseline_hwc = _hidden_value(hide, p.background, p.x.shape[1:])  # (H, W, C)
 
     def classifier_fn(images_hwc: np.ndarray) -> np.ndarray:
         # lime works on shifted HWC images; undo both for the model.
@@ -194,11 +208,7 @@ def explain(
             segmentation_fn=lambda _img, s=seg: s,
             random_seed=rs,
         )
-        weights = np.zeros(int(seg.max()) + 1)
-        for s, w in exp.local_exp[target]:
-            weights[s] = w
-        pixel = weights[seg] / (np.bincount(seg.ravel())[seg] * n_channels)  # (H, W)
-        values[i] = np.broadcast_to(pixel, (n_channels, height, width))
+        values[i] = _pixel_values(exp.local_exp[target], seg, n_channels)
         base[i] = float(exp.intercept[target])
         score[i] = float(exp.score)
         local_pred[i] = float(np.asarray(exp.local_pred).reshape(-1)[0])

@@ -475,6 +475,86 @@ def _speed(
     return out
 
 
+def _student_spec(cfg: Config, name: str, teacher_tm: TrainedModel) -> dict[str, Any]:
+    """The student's architecture: the teacher's kind and input, the distill section's (smaller) widths."""
+    k = cfg.distill
+    if name != "cnn":
+        return {"kind": "regressor", "kwargs": {**teacher_tm.spec["kwargs"], "hidden_sizes": list(k.regressor_hidden)}}
+    t_kwargs = teacher_tm.spec["kwargs"]
+    same_kind = teacher_tm.spec["kind"] == "cnn"  # a "scatter" teacher's kwargs describe its fixed filters
+    return {
+        "kind": "cnn",
+        "kwargs": {
+            "input_shape": list(t_kwargs["input_shape"]),
+            "n_classes": int(t_kwargs["n_classes"]),
+            "channels": list(k.cnn_channels),
+            "kernel_size": t_kwargs["kernel_size"] if same_kind else cfg.cnn.kernel_size,
+            "hidden": k.cnn_hidden,
+            "activation": t_kwargs.get("activation", "relu"),
+        },
+    }
+
+
+def _student_targets(cfg: Config, name: str, transfer, t_out: np.ndarray):
+    """(targets, loss, task) of the student's fit: the teacher's outputs (and, for images, the labels column)."""
+    if name != "cnn":
+        return t_out.astype(np.float32), None, "regression"
+    k = cfg.distill
+    labels = transfer.labels if transfer.labels is not None else np.zeros(len(t_out))
+    y = np.concatenate([t_out, labels[:, None]], axis=1).astype(np.float32)  # (N, K + 1)
+    return y, DistillationLoss(temperature=k.temperature, label_weight=k.label_weight), "classification"
+
+
+def _transfer_record(transfer) -> dict[str, Any]:
+    return {
+        "splits": list(transfer.splits),
+        "real_rows": int(len(transfer.source_index)),
+        "synthetic_rows": transfer.synthetic_rows,
+        "synthetic_from": list(transfer.synthetic_from),
+        "synthetic_method": transfer.synthetic_method,
+        "provenance": transfer_provenance(transfer),
+        "uses_private_labels": transfer.labels is not None and "train" in transfer.splits,
+    }
+
+
+def _onnx_record(name: str, ds: Dataset, teacher_onnx_diff: float) -> dict[str, Any]:
+    return {
+        "inputs": "raw (unstandardised) float32; standardisation"
+        + (", inverse target scaling" if ds.task == "regression" else ", softmax")
+        + " inside the graph",
+        "input": ONNX_NAMES[ds.task][0],
+        "output": ONNX_NAMES[ds.task][1],
+        "teacher_file": f"models/{name}.onnx",
+        "student_file": f"students/{name}.onnx",
+        "teacher_max_abs_diff": teacher_onnx_diff,
+    }
+
+
+def _fidelity_record(
+    cfg: Config, name: str, ds: Dataset, transfer, teacher_tm: TrainedModel, t_out, t_test, s_test, *, seed: int
+) -> dict[str, Any]:
+    """How well the student (and, for the regressor, the depth-limited tree) matches the teacher on test."""
+    if name == "cnn":
+        return {
+            "teacher_accuracy": float((t_test.argmax(1) == ds.y["test"]).mean()),
+            "student_accuracy": float((s_test.argmax(1) == ds.y["test"]).mean()),
+            "top1_agreement": float((t_test.argmax(1) == s_test.argmax(1)).mean()),
+        }
+    k = cfg.distill
+    out = _regression_fidelity(ds, t_test, s_test, "student")
+    rows, tree_privacy = tree_rows(cfg, ds, transfer, teacher_tm.training.get("privacy"))
+    tree = DecisionTreeRegressor(max_depth=k.tree_depth, random_state=seed).fit(transfer.x[rows], t_out[rows])
+    out["tree_student"] = {
+        "max_depth": k.tree_depth,
+        "leaves": int(tree.get_n_leaves()),
+        "fitted_on_rows": int(rows.sum()),
+        "privacy": tree_privacy,
+        **_regression_fidelity(ds, t_test, tree.predict(ds.x["test"]), "tree"),
+        "rules": export_text(tree, feature_names=list(ds.feature_names), decimals=3),
+    }
+    return out
+
+
 def _distill_one(
     cfg: Config, name: str, ds: Dataset, teacher_tm: TrainedModel, *, seed: int, device: torch.device | None = None
 ) -> dict[str, Any]:
@@ -482,27 +562,8 @@ def _distill_one(
     teacher = teacher_tm.build()
     transfer = transfer_set(cfg, ds, seed=seed)
     t_out = training.predict(teacher, transfer.x)  # (N,) or (N, K): the teacher's outputs are the only labels
-    if name == "cnn":
-        t_kwargs = teacher_tm.spec["kwargs"]
-        same_kind = teacher_tm.spec["kind"] == "cnn"  # a "scatter" teacher's kwargs describe its fixed filters
-        spec = {
-            "kind": "cnn",
-            "kwargs": {
-                "input_shape": list(t_kwargs["input_shape"]),
-                "n_classes": int(t_kwargs["n_classes"]),
-                "channels": list(k.cnn_channels),
-                "kernel_size": t_kwargs["kernel_size"] if same_kind else cfg.cnn.kernel_size,
-                "hidden": k.cnn_hidden,
-                "activation": t_kwargs.get("activation", "relu"),
-            },
-        }
-        labels = transfer.labels if transfer.labels is not None else np.zeros(len(t_out))
-        y = np.concatenate([t_out, labels[:, None]], axis=1).astype(np.float32)  # (N, K + 1)
-        criterion = DistillationLoss(temperature=k.temperature, label_weight=k.label_weight)
-        task = "classification"
-    else:
-        spec = {"kind": "regressor", "kwargs": {**teacher_tm.spec["kwargs"], "hidden_sizes": list(k.regressor_hidden)}}
-        y, criterion, task = t_out.astype(np.float32), None, "regression"
+    spec = _student_spec(cfg, name, teacher_tm)
+    y, criterion, task = _student_targets(cfg, name, transfer, t_out)
     fit_cfg = k.fit
     if ds.task == "classification" and transfer.synthetic_rows:  # augmented images: (1 + copies per row)x more rows
         fit_cfg = dataclasses.replace(k.fit, epochs=k.augmented_epochs)
@@ -535,29 +596,12 @@ def _distill_one(
         # all weights, fixed ones included: a fixed front-end is still part of what is served
         "teacher_parameters": models.n_parameters(teacher, trainable_only=False),
         "student_parameters": models.n_parameters(student, trainable_only=False),
-        "transfer": {
-            "splits": list(transfer.splits),
-            "real_rows": int(len(transfer.source_index)),
-            "synthetic_rows": transfer.synthetic_rows,
-            "synthetic_from": list(transfer.synthetic_from),
-            "synthetic_method": transfer.synthetic_method,
-            "provenance": transfer_provenance(transfer),
-            "uses_private_labels": transfer.labels is not None and "train" in transfer.splits,
-        },
+        "transfer": _transfer_record(transfer),
         "privacy": privacy_status(cfg, transfer, teacher_tm.training)
         if dp is None or result.privacy is None
         else composed_privacy(cfg, result.privacy, teacher_tm.training.get("privacy")),
         "training": result.summary(),
-        "onnx": {
-            "inputs": "raw (unstandardised) float32; standardisation"
-            + (", inverse target scaling" if ds.task == "regression" else ", softmax")
-            + " inside the graph",
-            "input": ONNX_NAMES[ds.task][0],
-            "output": ONNX_NAMES[ds.task][1],
-            "teacher_file": f"models/{name}.onnx",
-            "student_file": f"students/{name}.onnx",
-            "teacher_max_abs_diff": teacher_onnx_diff,
-        },
+        "onnx": _onnx_record(name, ds, teacher_onnx_diff),
         "onnx_max_abs_diff": onnx_diff,  # student graph on raw test inputs vs torch (served units)
         "latency": _speed(
             teacher, student, onnx_session(onnx), x_test, raw_inputs(ds, "test"), input_name=ONNX_NAMES[ds.task][0]
@@ -566,26 +610,7 @@ def _distill_one(
     }
     record["compression_ratio"] = record["teacher_parameters"] / record["student_parameters"]
     record["explanation_similarity"] = _explanation_similarity(teacher, student, ds, task=task, seed=seed)
-    if name == "cnn":
-        record.update(
-            {
-                "teacher_accuracy": float((t_test.argmax(1) == ds.y["test"]).mean()),
-                "student_accuracy": float((s_test.argmax(1) == ds.y["test"]).mean()),
-                "top1_agreement": float((t_test.argmax(1) == s_test.argmax(1)).mean()),
-            }
-        )
-    else:
-        record.update(_regression_fidelity(ds, t_test, s_test, "student"))
-        rows, tree_privacy = tree_rows(cfg, ds, transfer, teacher_tm.training.get("privacy"))
-        tree = DecisionTreeRegressor(max_depth=k.tree_depth, random_state=seed).fit(transfer.x[rows], t_out[rows])
-        record["tree_student"] = {
-            "max_depth": k.tree_depth,
-            "leaves": int(tree.get_n_leaves()),
-            "fitted_on_rows": int(rows.sum()),
-            "privacy": tree_privacy,
-            **_regression_fidelity(ds, t_test, tree.predict(x_test), "tree"),
-            "rules": export_text(tree, feature_names=list(ds.feature_names), decimals=3),
-        }
+    record.update(_fidelity_record(cfg, name, ds, transfer, teacher_tm, t_out, t_test, s_test, seed=seed))
     return {
         "spec": spec,
         "state_dict": privacy.unwrap_state_dict(student),
