@@ -83,7 +83,7 @@ def test_only_changed_values_travel_and_an_undeclared_changed_key_is_named_with_
     # A key the table lacks is fine at its default (the app fills it in) and refused otherwise.
     declared_only = "\n".join(ln for ln in text.splitlines() if not ln.startswith('"federated.rounds"'))
     assert "federated.rounds" not in overrides_for(to_run_config(load_config(None, [])), declared_only)
-    with pytest.raises(ConfigError, match=r"federated\.rounds.*federated\.run_config --write"):
+    with pytest.raises(ConfigError, match=r"federated\.rounds.*federated\.app\.run_config --write"):
         overrides_for(to_run_config(cfg), declared_only)
 
 
