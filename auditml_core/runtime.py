@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import torch
+
+from auditml_core.artifacts import read_state_dict, state_dict_bytes
 from auditml_core.errors import RunDirError
 from auditml_core.placement import Placement
 from auditml_core.training import Checkpoint, checkpoint_bytes, read_checkpoint
@@ -58,3 +63,36 @@ class Runtime:
                 f"this run directory is damaged: {rel} (not a checkpoint this pipeline wrote: {reason}); "
                 "re-run the stage afresh with --from"
             ) from None
+
+    def save_public_pretraining(
+        self, name: str, record: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Persist model ``name``'s public pretraining (its record, the weights DP-SGD starts from) before any
+        private step, so that a run resumed from a later checkpoint records what a fresh run records."""
+        data = state_dict_bytes(state_dict, metadata={"public_pretraining": json.dumps(dict(record))})
+        rel = public_pretraining_path(name)
+        if self.save_bytes is not None:
+            self.save_bytes(rel, data)
+        else:
+            self._memory[rel] = data
+
+    def load_public_pretraining(self, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """``(record, weights)`` saved by :meth:`save_public_pretraining`, or None when there was none."""
+        rel = public_pretraining_path(name)
+        data = self.load_bytes(rel) if self.load_bytes is not None else self._memory.get(rel)
+        if data is None:
+            return None
+        try:
+            (size,) = struct.unpack("<Q", data[:8])  # safetensors: u64 header length, then the JSON header
+            record = json.loads(json.loads(data[8 : 8 + size])["__metadata__"]["public_pretraining"])
+            return record, read_state_dict(data)
+        except Exception as exc:  # any decoding failure means the file is not what this pipeline wrote
+            raise RunDirError(
+                f"this run directory is damaged: {rel} (not a public-pretraining record this pipeline wrote: "
+                f"{type(exc).__name__}); re-run the stage afresh with --from"
+            ) from None
+
+
+def public_pretraining_path(name: str) -> str:
+    """Where model ``name``'s public pretraining (record + weights) waits for a resume (an intermediate file)."""
+    return f"checkpoints/{name}_public_pretraining.safetensors"

@@ -184,6 +184,10 @@ def _train_central(
             # A copy of the model before DP-SGD touches the private split: the public-only baseline.
             public_only[name] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             pretraining = {**pretraining, "weights": public_only_path(name)}
+            # Saved before the first private step: a resume skips pretraining but must record it all the same.
+            runtime.save_public_pretraining(name, pretraining, public_only[name])
+    elif (saved := runtime.load_public_pretraining(name)) is not None:
+        pretraining, public_only[name] = saved
     try:
         result = _fit_central(cfg, name, model, ds, fit_cfg, device=device, seed=seed, runtime=runtime, resume=resume)
     except TrainingDivergedError as exc:
