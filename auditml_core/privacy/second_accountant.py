@@ -5,8 +5,14 @@ have to trust one implementation, so the same history — (σ, sample rate, step
 the Poisson-subsampled Gaussian mechanism, add/remove-one adjacency — is replayed
 through an independent implementation: dp-accounting's privacy-loss-distribution
 (PLD) accountant, which is tight up to its discretisation, and its RDP accountant,
-which is an upper bound. A correct record lies between them (up to the PLD's
-discretisation error); :func:`check_epsilon` says whether it does.
+which is an upper bound. dp-accounting's PLD is a pessimistic (upper) estimate, so a
+record at or above it is certified not to understate ε; :func:`check_epsilon` says whether
+the record lies in [PLD, RDP·(1 + tolerance)] (no tolerance below: an understatement is
+never accepted; a slight overstatement is safe).
+
+The history replayed need not be the recorded one: :func:`derived_history` rebuilds the
+steps and sample rate of a central DP-SGD training from the number of records, the batch
+size and the epochs, so a record whose history understates them is caught too.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from importlib.metadata import version
 from typing import Any, Iterable, Iterator, Sequence
 
 PLD_DISCRETISATION = 1e-4  # dp-accounting's value discretisation interval (smaller: tighter and slower)
-RELATIVE_TOLERANCE = 0.02  # how far the recorded ε may sit outside [PLD, RDP] before it is flagged
+RELATIVE_TOLERANCE = 0.02  # how far above the RDP bound the recorded ε may sit (overstating is safe); none below PLD
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class EpsilonCheck:
     pld_epsilon: float  # dp-accounting PLD accountant
     rdp_epsilon: float  # dp-accounting RDP accountant (upper bound)
     delta: float
-    agrees: bool  # pld·(1 − tol) ≤ recorded ≤ rdp·(1 + tol)
+    agrees: bool  # pld ≤ recorded ≤ rdp·(1 + tol): never below the PLD upper estimate
     implementation: str  # "dp-accounting <version>"
     # RDP orders dp-accounting could not evaluate ("failed to converge": it drops them from its minimum). The
     # RDP ε stays an upper bound, but when the best remaining order is next to a dropped one it may be loose.
@@ -135,7 +141,7 @@ def check_epsilon(history: Iterable[Sequence[float]], *, delta: float, recorded_
     dropped, and whether dropping them may have loosened the RDP bound, are in the result.
     """
     r = _replay(history, delta=delta)
-    agrees = r.pld_epsilon * (1 - RELATIVE_TOLERANCE) <= recorded_epsilon <= r.rdp_epsilon * (1 + RELATIVE_TOLERANCE)
+    agrees = r.pld_epsilon <= recorded_epsilon <= r.rdp_epsilon * (1 + RELATIVE_TOLERANCE)
     return EpsilonCheck(
         recorded_epsilon=float(recorded_epsilon),
         pld_epsilon=r.pld_epsilon,
@@ -147,3 +153,22 @@ def check_epsilon(history: Iterable[Sequence[float]], *, delta: float, recorded_
         rdp_optimal_order=r.rdp_optimal_order,
         rdp_may_be_loose=r.rdp_may_be_loose,
     )
+
+
+def derived_history(
+    *, n_records: int, batch_size: int, epochs: int, noise_multiplier: float
+) -> list[tuple[float, float, int]]:
+    """The history a central DP-SGD training must have spent, from its data and schedule, not from its record.
+
+    Each epoch is ⌈n/B⌉ steps of Poisson sampling at rate q = 1/⌈n/B⌉ (Opacus' ``DPDataLoader``
+    convention, whose expected batch q·n is at most B); all ``epochs`` run under DP (no early stop).
+
+    Raises
+    ------
+    ValueError
+        If ``n_records``, ``batch_size`` or ``epochs`` is not a positive integer.
+    """
+    if min(int(n_records), int(batch_size), int(epochs)) <= 0:
+        raise ValueError(f"n={n_records}, batch={batch_size}, epochs={epochs}: each must be a positive integer")
+    per_epoch = -(-int(n_records) // int(batch_size))  # ceil without float rounding
+    return [(float(noise_multiplier), 1.0 / per_epoch, per_epoch * int(epochs))]

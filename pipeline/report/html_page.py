@@ -517,9 +517,11 @@ def _epsilon_check(chk: Mapping[str, Any] | None, what: str) -> str:
         ]
         for x in chk["checks"]
     ]
+    source = chk["checks"][0].get("history_source", "recorded")
+    how = "the recorded accountant history" if source == "recorded" else f"the steps and sample rate {source}"
     return (
-        f"<h4>Independent check of ε{esc(what)} ({esc(chk['checks'][0]['implementation'])}, from the recorded "
-        f"accountant history; {esc(chk['rule'])})</h4>"
+        f"<h4>Independent check of ε{esc(what)} ({esc(chk['checks'][0]['implementation'])}, from {esc(how)}; "
+        f"{esc(chk['rule'])})</h4>"
         + table(["history", "recorded ε", "PLD ε", "RDP ε (upper bound)", "δ", "verdict"], rows)
     )
 

@@ -89,7 +89,9 @@ def test_subgroup_mae_interval_is_the_bootstrap_of_that_group():
 
 
 def test_privacy_section_recomputes_every_epsilon_with_dp_accounting():
-    cfg = load_config(None, ["dp.enabled=true"])
+    # n = 300 (the records' n_train), batch 30, 30 epochs: the check derives q = 0.1 and 300 steps, as HISTORY
+    schedule = [f"{m}.dp_fit.{k}=30" for m in MODELS for k in ("batch_size", "epochs")]
+    cfg = load_config(None, ["dp.enabled=true", *schedule])
     ref = check_epsilon(HISTORY, delta=1e-5, recorded_epsilon=0.0)
     honest = (ref.pld_epsilon + ref.rdp_epsilon) / 2  # between the tight PLD value and the RDP upper bound
     p = privacy_section(cfg, _trained(_record(honest)), {}, None)
@@ -108,9 +110,13 @@ def test_privacy_section_recomputes_every_epsilon_with_dp_accounting():
     assert "DISAGREES" in understated["statement"]
     assert any("DISAGREES" in c for c in understated["caveats"])
 
+    # the replayed schedule is derived from n, batch and epochs: the record's own history is not needed ...
     no_history = privacy_section(cfg, _trained({**_record(honest), "accountant_history": None}), {}, None)
-    assert not no_history["independent_checks"]["cnn"]["available"]
-    assert any("NOT independently checked" in c for c in no_history["caveats"])
+    assert no_history["independent_checks"]["cnn"]["agrees"]
+    # ... but its σ is
+    no_sigma = privacy_section(cfg, _trained({**_record(honest), "noise_multiplier": None}), {}, None)
+    assert not no_sigma["independent_checks"]["cnn"]["available"]
+    assert any("NOT independently checked" in c for c in no_sigma["caveats"])
 
 
 def test_federated_records_are_checked_client_by_client():
