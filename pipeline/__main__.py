@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from auditml_core import config as config_mod
+from auditml_core import config_effect
 from auditml_core.errors import ConfigError, UserError
 from auditml_core.training import resolve_device
-from pipeline import evidence, predict, runner
+from pipeline import console, evidence, predict, runner
 from pipeline.rundir import RunDir
 
 log = logging.getLogger("pipeline")
@@ -50,6 +51,14 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and every later one")
     p.add_argument("--stages", metavar="A,B", help="run exactly these stages (earlier outputs are read from --run-dir)")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only; no progress bars")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also show the libraries' INFO logs (shap, matplotlib, ...)"
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse settings that change nothing under the current switches (default: warn once per key)",
+    )
     return p
 
 
@@ -178,6 +187,7 @@ def cmd_run(argv: list[str]) -> int:
         if args.start:
             raise ConfigError("--from re-runs part of an existing run: add --run-dir runs/<run>")
         cfg = config_mod.load_config(args.config, overrides)
+        _check_effect(cfg, args.config, overrides, strict=args.strict)
     if args.run_dir and not (args.start or args.stages):
         # Resume: skip stages already complete.
         names = [n for n in names if run.stage_status(n) != "complete"] or names[-1:]
@@ -206,6 +216,20 @@ def cmd_run(argv: list[str]) -> int:
     print(f"manifest sha256: {run.manifest_sha256()} (record it out of band; verify checks the run against it)")
     log.info("stages %s done in %.1f s, peak memory %.0f MB", ",".join(names), wall, peak_mb)
     return 0
+
+
+def _check_effect(cfg: config_mod.Config, path: str | None, overrides: list[str], *, strict: bool) -> None:
+    """Warn once per given key that changes nothing under ``cfg``'s switches, naming the switch; refuse if strict."""
+    inert = config_effect.inert_settings(cfg, config_effect.given_keys(path, overrides))
+    if inert and strict:
+        first, switch = next(iter(inert.items()))
+        more = f" (and {len(inert) - 1} more: {', '.join(list(inert)[1:4])})" if len(inert) > 1 else ""
+        raise ConfigError(
+            f"setting {first} has no effect: it counts only with {switch}{more}; set the switch or drop the "
+            "setting (--strict refuses settings with no effect)"
+        )
+    for key, switch in inert.items():
+        log.warning("setting %s has no effect: it counts only with %s", key, switch)
 
 
 def _check_out(out: str) -> None:
@@ -241,9 +265,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet = "--quiet" in argv
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.captureWarnings(True)  # library warnings (Opacus, shap) go through logging, not lost
+    console.configure_logging(quiet="--quiet" in argv, verbose=bool({"-v", "--verbose"} & set(argv)))
     command = COMMANDS.get(argv[0]) if argv else None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

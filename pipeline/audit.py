@@ -54,11 +54,13 @@ def _train_shadows(
     seed_of: Callable[[int], int],
     assignment_seed: int,
     device: torch.device,
+    progress: bool = False,
+    desc: str = "LiRA shadows",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train the shadows on balanced halves of (x, y); return their φ on every record and the in-mask."""
     in_mask = mia.shadow_assignment(len(x), n_shadows, seed=assignment_seed)  # (S, N)
     phis = []
-    for i in range(n_shadows):
+    for i in training.progress_bar(range(n_shadows), progress, desc):
         s = seed_of(i)
         torch.manual_seed(s)
         shadow = models.build(spec)
@@ -112,11 +114,19 @@ def _attacks(
 
 
 def audit_model(
-    cfg: Config, name: str, ds: Dataset, tm: TrainedModel, *, seed: int, device: torch.device | None = None
+    cfg: Config,
+    name: str,
+    ds: Dataset,
+    tm: TrainedModel,
+    *,
+    seed: int,
+    device: torch.device | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Attack one released model and its positive control; returns the record and the raw scores.
 
-    ``device`` is where the shadows and the control train (the stage's :class:`auditml_core.placement.Placement`).
+    ``device`` is where the shadows and the control train (the stage's :class:`auditml_core.placement.Placement`);
+    ``progress`` shows a bar over the shadow models.
     """
     device = device or torch.device("cpu")
     a = cfg.audit
@@ -154,6 +164,8 @@ def audit_model(
         seed_of=lambda i: seeds.audit_seed(seed, "shadow", i),
         assignment_seed=seeds.audit_seed(seed, "shadow", -1),
         device=device,
+        progress=progress,
+        desc=f"{name} LiRA shadows",
     )
     stats_seed = seeds.audit_seed(seed, "statistics")
     target, target_scores = _attacks(
@@ -327,6 +339,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
             trained.models[name],
             seed=seeds.derive_seed(seed, name),
             device=where.torch_device,
+            progress=bool(runtime is not None and runtime.progress),
         )
         records[name], scores[name] = result["record"], result["scores"]
         log.info(

@@ -238,7 +238,9 @@ def _cell_k(k_pixels: int, segments: np.ndarray) -> int:
     return max(1, min(n_seg, int(round(k_pixels / per_cell))))
 
 
-def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig, *, seed: int) -> ModelExplanations:
+def explain_model(
+    name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig, *, seed: int, progress: bool = False
+) -> ModelExplanations:
     """Explain ``model`` on the first test rows of ``ds`` with its configured methods and measure the quality.
 
     Parameters
@@ -248,6 +250,7 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
     ds : its prepared dataset.
     ecfg : the ``explain`` config section.
     seed : this model's seed; every explainer and metric derives its own.
+    progress : show a bar counting the explainer runs (each method, and each re-run its checks need).
 
     Returns
     -------
@@ -279,8 +282,12 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
     requested = list(ecfg.cnn_methods if image else ecfg.regressor_methods)
     primary_requested = _primary(requested)
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"explain {name}", unit=" runs", leave=False, disable=not progress)
+
     def run_method(method: str, xs: np.ndarray, *, seed_: int, targets: np.ndarray | None, mdl: nn.Module = model):
-        return get_explainer(method)(
+        out = get_explainer(method)(
             mdl,
             xs,
             background=bg,
@@ -290,6 +297,8 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
             targets=targets,
             **_lime_options(method, ecfg),
         )
+        bar.update(1)
+        return out
 
     # The primary method runs first: its targets (the predicted class) are the ones every other method explains.
     explanations: dict[str, Explanation] = {}
@@ -475,6 +484,7 @@ def explain_model(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig,
         "plots": sorted(png),
     }
     metrics["seconds"]["total"] = time.perf_counter() - t_start
+    bar.close()
     return ModelExplanations(model=name, explanations=explanations, metrics=metrics, plots=png)
 
 
@@ -690,7 +700,14 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
         warnings.simplefilter("always")
         for name, entry in MODELS.items():
             model = trained.models[name].build()  # a fresh copy: no Opacus hooks
-            out[name] = explain_model(name, model, datasets[entry.dataset], cfg.explain, seed=derive_seed(seed, name))
+            out[name] = explain_model(
+                name,
+                model,
+                datasets[entry.dataset],
+                cfg.explain,
+                seed=derive_seed(seed, name),
+                progress=bool(runtime is not None and runtime.progress),
+            )
     # Deprecation notices (e.g. matplotlib's, raised inside shap's plots) say nothing about the explanations;
     # they are kept apart from the warnings the report copies into its caveats.
     maintenance = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)

@@ -227,7 +227,7 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
         inputs = _inputs(stage, outputs, run)
         run.begin_stage(name, seed=seed)
         runtime = stage_runtime(cfg, run, name, seed=seed, progress=progress)
-        log.info("stage %s: %s", name, stage.description)
+        log.debug("stage %s: %s", name, stage.description)
         t0 = time.perf_counter()
         module = stage_module(name)
         try:
@@ -241,6 +241,7 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
             raise
         run.complete_stage(name, files, seed=seed, seconds=time.perf_counter() - t0, device=runtime.placement)
         outputs[name] = out
+        log.info("stage %-8s done in %6.1f s", name, time.perf_counter() - t0)  # the console's one line per stage
     return outputs
 
 
