@@ -21,6 +21,7 @@ LAYER = {
     "federated.patches": 1,
     "federated.app": 2,
     "federated.launch": 3,
+    "federated.site": 3,  # `python -m federated.site`: the per-site command's short entry point, a launcher
     "pipeline": 4,
 }
 PACKAGES = ("auditml_core", "explain", "federated", "pipeline")

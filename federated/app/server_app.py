@@ -321,7 +321,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         )
     elif user_plan is not None:
         strategy = user_dp.build_user_dp_strategy(
-            user_plan, round_offset=done, client_evaluate=settings.client_evaluate
+            user_plan, min_clients=f.min_clients, round_offset=done, client_evaluate=settings.client_evaluate
         )
     else:
         strategy = build_strategy(
@@ -336,6 +336,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     if ck is not None and isinstance(strategy, RecordingFedAdam):
         strategy.load_optimizer_state(ck.strategy_state)
     last = {"t": time.time(), "arrays": arrays}
+    seen: dict[str, Any] = {"rejoined": 0}  # site events already in an earlier round's entry
 
     def evaluate_fn(server_round: int, round_arrays: ArrayRecord) -> MetricRecord:
         metrics = _evaluate(task, round_arrays, grid)
@@ -347,6 +348,8 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         else:
             absolute = server_round + done
             _round_entry(record, strategy.rounds[absolute], metrics, now - last["t"])
+            if isinstance(grid, site.AdmittedSites):  # what happened to the sites in this round, in its own entry
+                _site_events(record["client_rounds"][-1], grid, strategy.rounds[absolute], seen)
             if secagg_params is not None:  # the protocol's own account of each round (it halts silently otherwise)
                 replies = strategy.rounds[absolute]
                 record["secure_aggregation"]["rounds"].append(
@@ -385,7 +388,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         )
     elif done < f.rounds:
         strategy.start(
-            grid=grid,
+            grid=RoundNodeView(grid, need=f.min_clients),  # one list of nodes per sampling (issue 25 item 4)
             initial_arrays=arrays,
             num_rounds=f.rounds - done,
             timeout=settings.round_timeout_s,
@@ -409,6 +412,56 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     # The test split, once, on the released model (never per round: the curve and any selection use validation).
     record["final_metrics"] = _evaluate(task, last["arrays"], grid, splits=("val", "test"))
     _write_result(task, record, last["arrays"], t_start)
+
+
+class RoundNodeView:
+    """The grid as Flower's strategies see it: one list of connected nodes per round's sampling.
+
+    Flower's ``FedAvg.configure_train`` asks the grid for its nodes twice, once to size the sample
+    (``len(nodes) * fraction_train``) and once to draw it (``sample_nodes``). A node that connects between
+    the two calls (a site rejoining, admitted by :class:`federated.app.site.AdmittedSites` during the first)
+    made the sample one short of the second list: a random connected node, often a healthy one, got no round
+    and was recorded as "node not connected when the round started". Here every call returns the first
+    call's list until the round's messages are pushed (also while fewer than ``need`` are connected, so a
+    strategy waiting for nodes still sees them come); a node that connects in between trains from the next
+    round. Everything else goes to the wrapped grid.
+    """
+
+    def __init__(self, grid: Any, *, need: int):
+        self._grid, self._need, self._nodes = grid, need, None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> list[int]:
+        """The connected nodes, as listed by the first call since the last push."""
+        if self._nodes is None or len(self._nodes) < self._need:
+            self._nodes = [int(n) for n in self._grid.get_node_ids()]
+        return list(self._nodes)
+
+    def push_messages(self, messages):
+        """Push (a new sampling starts after this)."""
+        self._nodes = None
+        return self._grid.push_messages(messages)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        """Push and wait for the replies (a new sampling starts after this)."""
+        self._nodes = None
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def _site_events(entry: dict[str, Any], grid: site.AdmittedSites, replies, seen: dict[str, Any]) -> None:
+    """Note in a round's record entry the sites that rejoined since the last entry (and whether they trained in
+    it), the nodes waiting to rejoin (why) and the nodes refused so far: what happened, not just who failed."""
+    new = grid.rejoined[seen["rejoined"] :]
+    seen["rejoined"] = len(grid.rejoined)
+    if new:
+        entry["rejoined"] = [
+            {**r, "sent_from_round": entry["round"] if r["node_id"] in replies.sent_to else entry["round"] + 1}
+            for r in new
+        ]
+    if grid.waiting:
+        entry["waiting"] = {str(n): why for n, why in grid.waiting.items()}
 
 
 def _max_participations(record: dict[str, Any]) -> int:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -36,6 +38,9 @@ log = logging.getLogger("federated.launch.clientapp_worker")
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the app directory (pyproject.toml with [tool.flwr.app])
 # Seconds between two AcquireTask polls; flower-superexec's default is 1 s, which a round pays once per message.
 POLL_INTERVAL_S = 0.05
+IDLE_POLL_S = 1.0  # the poll interval an idle worker backs off to (flower-superexec's own)
+PARENT_CHECK_S = 0.2  # how often the worker checks that its SuperNode still runs
+EXIT_PARENT_GONE = 3  # exit code of a worker whose SuperNode is gone
 
 
 def _client(
@@ -129,6 +134,43 @@ def _app_loader():
     return loader
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, ``/proc``), or None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def watch_parent(parent_pid: int, *, interval_s: float = PARENT_CHECK_S) -> threading.Thread:
+    """End this process as soon as ``parent_pid`` (its SuperNode) is gone: this worker's own check.
+
+    Beside the parent-death signal its launcher sets (``PR_SET_PDEATHSIG``, where the SuperNode is its
+    parent), every ``interval_s`` s: re-parented (the parent died), or ``parent_pid`` gone, a zombie or
+    another process under a reused id. Flower's own monitor (``start_parent_process_monitor``) counts a
+    zombie as alive and only raises SIGINT, which a retrying call can swallow: this exits with ``os._exit``.
+    """
+    child = os.getppid() == parent_pid
+    started = _start_ticks(parent_pid)
+
+    def gone() -> bool:
+        if child:
+            return os.getppid() != parent_pid
+        return started is None or _start_ticks(parent_pid) != started
+
+    def loop() -> None:
+        while not gone():
+            time.sleep(interval_s)
+        log.error("the SuperNode (pid %d) is gone: this ClientApp worker exits with it", parent_pid)
+        logging.shutdown()
+        os._exit(EXIT_PARENT_GONE)
+
+    thread = threading.Thread(target=loop, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def serve(
     address: str,
     *,
@@ -147,7 +189,8 @@ def serve(
     fast_poll.patch_object_pulls()
     load_app = _app_loader()
     client = _client(address, insecure=insecure, certificates=certificates, secret=secret)
-    done = 0
+    done, last_task = 0, time.monotonic()
+    log.info("serving the ClientApp tasks of the SuperNode at %s", address)
     try:
         while max_tasks is None or done < max_tasks:
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
@@ -155,9 +198,12 @@ def serve(
                 t0 = time.perf_counter()
                 ok = run_task(address, res.token, insecure=insecure, certificates=certificates, load_app=load_app)
                 log.info("task %d %s in %.2f s", res.task.task_id, "done" if ok else "failed", time.perf_counter() - t0)
-                done += 1
+                done, last_task = done + 1, time.monotonic()
                 continue
-            time.sleep(poll_interval_s)
+            # Short polls right after a task (the next message of the run follows soon), backing off to
+            # flower-superexec's 1 s while the site idles (fast_poll.backoff_interval).
+            idle = time.monotonic() - last_task
+            time.sleep(fast_poll.backoff_interval(idle, fast_s=poll_interval_s, slow_s=IDLE_POLL_S))
     finally:
         client.close()
 
@@ -188,9 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     if args.parent_pid is not None:
-        from flwr.supercore.app_utils import start_parent_process_monitor
-
-        start_parent_process_monitor(args.parent_pid)
+        watch_parent(args.parent_pid)
     certificates = Path(args.root_certificates).read_bytes() if args.root_certificates else None
     serve(
         args.runtime_api_address,

@@ -1,8 +1,9 @@
 """``python -m federated.launch.deploy``: a real Flower deployment on this machine, one process per site.
 
-Starts ``flower-superlink`` (deployment mode), N ``flower-supernode`` processes (each with
-``--node-config "partition-id=i num-partitions=N"``), runs this repo's app on them with
-``flwr run``, prints the outcome and stops every process, also on failure and Ctrl-C.
+Starts ``flower-superlink`` (deployment mode) and N sites with the per-site command
+(``python -m federated.site --partition-id i --num-partitions N ...``: a SuperNode with its long-lived
+ClientApp worker, :mod:`federated.launch.site`), runs this repo's app on them with ``flwr run``, prints the
+outcome and stops every process, also on failure and Ctrl-C.
 
 By default everything talks over loopback. ``--superlink-host ADDRESS`` binds the SuperLink
 to another address of this machine (the one the sites dial), and ``--site-prefix COMMAND``
@@ -45,6 +46,7 @@ from federated.app import workdir
 from federated.app.run_config import overrides_for, run_config_toml, to_run_config
 from federated.app.schema import SiteMismatchError
 from federated.launch import processes as launcher
+from federated.launch import site as site_cmd
 from federated.launch.tls import make_server_credentials, make_supernode_keys
 from federated.patches import flower_api
 
@@ -133,7 +135,8 @@ def deploy(
 
     ``app_settings`` are extra ``app.*`` run-config settings (tests: fault injection).
     ``isolation="process"`` (default) runs one long-lived ClientApp process per SuperNode
-    (:mod:`federated.launch.clientapp_worker`); ``"subprocess"`` is Flower's default, a fresh process per message.
+    (:mod:`federated.launch.clientapp_worker`, started by the site command as its child); ``"subprocess"`` is
+    Flower's default, a fresh process per message.
     ``superlink_host`` is the address the SuperLink binds and the sites dial (the TLS certificate
     covers it); ``site_prefixes[i]`` (none, or one per site) is put before site ``i``'s commands,
     e.g. ``["ip", "netns", "exec", "site0"]``: it must exec the command in place on this machine.
@@ -158,13 +161,12 @@ def deploy(
     address = _dial_address(superlink_host, port)
     work.mkdir(parents=True, exist_ok=True)
     if sites is not None:  # --- per-site data: nothing is prepared here; each SuperNode reads its own file
-        node_configs = sites.node_configs(work, n_supernodes)
+        sites.check(n_supernodes)
         app_settings = {**dict(app_settings or {}), "sites": True}
     else:
         datasets = core_data.prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))
         spec = model_specs(cfg, datasets)[model]
         workdir.write_inputs(work, name=model, dataset=datasets[models.model_entry(model).dataset], spec=spec)
-        node_configs = [f"partition-id={i} num-partitions={n_supernodes}" for i in range(n_supernodes)]
     # app.seed stays -1: the model seed is derived from `seed` as the train stage does.
     run_config = to_run_config(cfg, model=model, work_dir=str(work.resolve()), **dict(app_settings or {}))
     overrides = overrides_for(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
@@ -182,7 +184,7 @@ def deploy(
         root_certificates=str(creds.ca_cert.resolve()) if creds else None,
     )
     env = launcher.flower_env(flwr_home)
-    # federated.patches.fast_poll and federated.launch.clientapp_worker run as `python -m` from any working directory
+    # federated.launch.site and its ClientApp worker run as `python -m` from any working directory
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(launcher.REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     security = (
         [
@@ -223,36 +225,21 @@ def deploy(
         )
         keys = _register_all(procs, work, n_supernodes) if auth else []
         for i in range(n_supernodes):
-            prefix = list(site_prefixes[i]) if site_prefixes else []
-            node_security = ["--root-certificates", str(creds.ca_cert)] if creds else ["--insecure"]
+            # Every site starts with the per-site command (python -m federated.site, issue 25): its SuperNode runs
+            # in that process with the fast polls, its long-lived ClientApp worker is that process's child.
+            site_argv = [*(["--root-certificates", str(creds.ca_cert)] if creds else ["--insecure"])]
             if auth:
-                node_security += ["--auth-supernode-private-key", str(keys[i])]
-            runtime_port = launcher.free_port()
-            # The Runtime API is a loopback port any local user could poll for this site's tasks: a per-site
-            # shared secret (Flower's SuperExec auth) restricts AcquireTask to our ClientApp process.
-            secret = _superexec_secret(work, i) if isolation == "process" else None
-            node = procs.start(
+                site_argv += ["--auth-supernode-private-key", str(keys[i])]
+            procs.start(
                 f"supernode-{i}",
                 [
-                    *prefix,
-                    # flower-supernode with its 3 s message polling shortened (federated/patches/fast_poll.py, issue 12)
-                    *[sys.executable, "-m", "federated.patches.fast_poll", "supernode"],
-                    *node_security,
-                    "--superlink",
-                    address,
-                    "--isolation",
-                    isolation,
-                    "--port",
-                    str(runtime_port),
-                    *(["--superexec-auth-secret-file", str(secret)] if secret else []),
-                    "--node-config",
-                    node_configs[i],
+                    *(site_prefixes[i] if site_prefixes else []),
+                    *[sys.executable, "-m", "federated.site", "--superlink", address, "--isolation", isolation],
+                    *["--partition-id", str(i), "--num-partitions", str(n_supernodes)],
+                    *(sites.site_args(work, i) if sites is not None else []),
+                    *site_argv,
                 ],
             )
-            if isolation == "process":  # --- issue 12 finding 3: one long-lived ClientApp process per site
-                _start_clientapp_worker(
-                    procs, i, runtime_port=runtime_port, supernode_pid=node.pid, secret=secret, prefix=prefix
-                )
         run = launcher.start_flwr_run(procs, CONNECTION, rc_path, app=launcher.stage_app(work / "app"))
         node_exits: list[dict] = []
         while run.poll() is None:
@@ -262,7 +249,7 @@ def deploy(
                 )
             for name, proc in list(procs.procs.items()):
                 if (
-                    name.startswith(("supernode-", "clientapp-"))
+                    name.startswith("supernode-")
                     and proc.poll() is not None
                     and name not in {e["name"] for e in node_exits}
                 ):
@@ -305,38 +292,22 @@ class SiteFiles:
     target: str = ""  # CSV target column ("" = data.target)
     ledgers: tuple[Path, ...] = ()  # site i's privacy-ledger folder (default <work>/site-<i>/privacy-ledger)
 
-    def node_configs(self, work: Path, n_supernodes: int) -> list[str]:
-        """``--node-config`` of every site: its number, its file, its target, its ledger."""
+    def check(self, n_supernodes: int) -> None:
+        """Refuse a count of files or ledger folders that does not match the sites."""
         if len(self.data) != n_supernodes:
             raise UserError(f"{len(self.data)} --site-data file(s) for {n_supernodes} SuperNodes; give one per site")
         if self.ledgers and len(self.ledgers) != len(self.data):
             raise UserError(
                 f"{len(self.ledgers)} --site-ledger folder(s) for {len(self.data)} sites; give one per site"
             )
-        out = []
-        for i, path in enumerate(self.data):
-            ledger = self.ledgers[i] if self.ledgers else work / f"site-{i}" / "privacy-ledger"
-            values = {"data-path": str(path.resolve()), "ledger-path": str(ledger.resolve())}
-            if self.target:
-                values["target"] = self.target
-            if any('"' in v for v in values.values()):
-                raise UserError(
-                    f"site {i}: a path or column name holding '\"' cannot travel in --node-config; rename it"
-                )
-            parts = [f"partition-id={i}", f"num-partitions={n_supernodes}"]
-            parts += [f"{k}={json.dumps(v)}" for k, v in values.items()]
-            out.append(" ".join(parts))
-        return out
+        for i, path in enumerate(self.data):  # refused here, before any process, as the site command would
+            site_cmd.node_config(partition_id=i, num_partitions=n_supernodes, data=path, target=self.target)
 
-
-def _superexec_secret(work: Path, i: int) -> Path:
-    """A fresh random shared secret for site ``i``'s SuperNode and ClientApp process (owner-only file)."""
-    path = (work / "certs" / f"superexec-{i}.secret").resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(os.urandom(32))
-    return path
+    def site_args(self, work: Path, i: int) -> list[str]:
+        """Site ``i``'s data options of ``python -m federated.site``: its file, target and ledger folder."""
+        ledger = self.ledgers[i] if self.ledgers else work / f"site-{i}" / "privacy-ledger"
+        out = ["--data", str(self.data[i].resolve()), "--ledger", str(ledger.resolve())]
+        return out + (["--target", self.target] if self.target else [])
 
 
 def _dial_address(host: str, port: int) -> str:
@@ -351,38 +322,6 @@ def _dial_address(host: str, port: int) -> str:
             "that the sites reach (e.g. 10.0.0.5)"
         )
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
-
-def _start_clientapp_worker(
-    procs: launcher.Processes,
-    i: int,
-    *,
-    runtime_port: int,
-    supernode_pid: int,
-    secret: Path | None,
-    prefix: Sequence[str] = (),
-) -> None:
-    """Start site ``i``'s long-lived ClientApp process (:mod:`federated.launch.clientapp_worker`) next to its SuperNode.
-
-    It talks to the SuperNode's Runtime API on loopback only (plain HTTP, as Flower's own
-    SuperExec does in subprocess isolation) and exits with the SuperNode (``--parent-pid``).
-    It runs under the site's ``prefix`` too: in a network namespace, that loopback is the site's.
-    """
-    procs.start(
-        f"clientapp-{i}",
-        [
-            *prefix,
-            sys.executable,
-            "-m",
-            "federated.launch.clientapp_worker",
-            "--runtime-api-address",
-            f"127.0.0.1:{runtime_port}",
-            "--insecure",
-            "--parent-pid",
-            str(supernode_pid),
-            *(["--superexec-auth-secret-file", str(secret)] if secret else []),
-        ],
-    )
 
 
 def _register_all(procs: launcher.Processes, work: Path, n_supernodes: int) -> list[Path]:

@@ -260,6 +260,10 @@ def _die_with_parent() -> None:
     _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
+# ``preexec_fn`` for a child that must not outlive this process (None where the kernel offers no such signal).
+DIE_WITH_PARENT = _die_with_parent if _PRCTL is not None else None
+
+
 def pids_with_token(token: str) -> list[int]:
     """Live processes (other than this one) whose environment carries ``AUDITABLE_FED_RUN=<token>``."""
     return pids_with_markers([f"{RUN_TOKEN_VAR}={token}"])

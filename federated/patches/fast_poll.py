@@ -24,8 +24,12 @@ lowers those default back-offs to 0.05 s doubling to 0.5 s, in whichever process
 ServerApp, every SuperNode, every ClientApp process), and raises the retry count so an object is
 waited for no shorter than Flower waits (500 tries x 10 s cap, bounded by its 7200 s limit).
 
-Cost: each SuperNode asks the SuperLink for messages every ``POLL_S`` s instead of every 3 s
-when idle (``POLL_S = 0.1``: 10 small requests per second per site).
+Cost, and the back-off when idle (issue 25): every poll and heartbeat costs the SuperLink ~6-8 ms of CPU
+(``scripts/bench_idle_sites.py``, this machine). Flat 0.1 s polls made every idle site 10 requests a second; now
+a SuperNode polls every ``POLL_S`` only right after it handled a message and backs off in proportion to the time
+it has been idle (``idle / IDLE_RATIO``, up to ``IDLE_POLL_S`` = 15 s after 5 idle minutes: a message waits at
+most ~5 % of the time already waited), and its heartbeat goes from ``HEARTBEAT_S`` to Flower's 30 s after a
+minute idle. An idle site then costs the SuperLink ~0.12 requests a second (Flower's stock: ~0.3).
 
 In a simulation (issue 12) the ServerApp's in-memory grid looks for replies every ``SIM_PULL_S`` s
 (:func:`wrap_grid`, its own ``pull_interval`` setting) and the engine hands queued messages to the
@@ -56,7 +60,15 @@ POLL_S = 0.1  # seconds between polls (both sides)
 # Simulation: the ServerApp's in-memory grid looks for replies every 0.1 s (Flower's default); each look is a
 # lookup in this process's memory, and a CNN round (~0.1 s of work) ended on the second or third look.
 SIM_PULL_S = 0.02
-HEARTBEAT_S = 10  # seconds between a SuperNode's heartbeats (Flower's 30; a stock SuperLink accepts >= 10)
+HEARTBEAT_S = 10  # heartbeat interval while a run is active (Flower's 30; a stock SuperLink accepts >= 10)
+HEARTBEAT_IDLE_S = 30  # ... and while idle (Flower's own)
+IDLE_RATIO = 20.0  # an idle SuperNode waits idle time / IDLE_RATIO between polls (POLL_S to IDLE_POLL_S)
+STOCK_POLL_S = 3.0  # Flower's fixed wait after an empty poll (how the patch recognises that wait)
+# The longest wait between an idle site's polls, reached after 300 s idle. Each poll costs the SuperLink ~6-8 ms of
+# CPU (measured, scripts/bench_idle_sites.py): at Flower's 3 s, 1,000 idle sites would need ~2 SuperLink cores.
+IDLE_POLL_S = 15.0
+IDLE_HEARTBEAT_AFTER_S = 60.0  # idle this long: announce HEARTBEAT_IDLE_S; HEARTBEAT_SWITCH_S later, beat at it
+HEARTBEAT_SWITCH_S = 15.0  # > one active beat period plus its call timeout: see patch_heartbeat
 PULL_BACKOFF_S = (0.05, 0.5)  # first retry and cap (s) while a message's objects are not all pushed yet
 
 
@@ -127,42 +139,102 @@ def patch_simulation_pickup(interval_s: float = SIM_PULL_S) -> bool:
     return True
 
 
-class _CappedSleep:
-    """Stands in for the ``time`` module inside one Flower module: ``sleep`` is capped at ``POLL_S``."""
+def backoff_interval(idle_s: float, *, fast_s: float, slow_s: float, ratio: float = IDLE_RATIO) -> float:
+    """The wait before the next poll of a process idle for ``idle_s`` s: ``idle_s / ratio``, within
+    [``fast_s``, ``slow_s``]. Polls are short right after activity (the next message of a run follows soon) and
+    back off to ``slow_s`` while idle, so a message waits at most ~1/``ratio`` of the time already waited."""
+    return min(slow_s, max(fast_s, idle_s / ratio))
 
-    def __init__(self, cap_s: float):
-        self.cap_s = cap_s
+
+class _Activity:
+    """When this SuperNode last handled a message (monotonic seconds); starts at the process's start."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def mark(self) -> None:
+        self.last = time.monotonic()
+
+    def idle_s(self) -> float:
+        return time.monotonic() - self.last
+
+
+_ACTIVITY = _Activity()
+_ON_POLL: list[Any] = []  # callables of the idle time, run before every wait of the message loop (heartbeat switch)
+
+
+class _IdleBackoffSleep:
+    """Stands in for the ``time`` module inside the SuperNode's message loop.
+
+    The loop's wait after an empty poll (Flower's fixed ``time.sleep(3)``) becomes
+    :func:`backoff_interval` of the time since the last message: ``cap_s`` while a run is active, backing off
+    to ``idle_poll_s`` when idle (a run's first message then waits up to that long). Every other sleep of the loop (0.5 s waits while a message is handled) is capped at
+    ``cap_s``. Everything else is the real :mod:`time`.
+    """
+
+    def __init__(self, cap_s: float, idle_poll_s: float = IDLE_POLL_S):
+        self.cap_s, self.idle_poll_s = cap_s, idle_poll_s
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap_s))
+        if seconds < STOCK_POLL_S:  # a wait inside a message's handling
+            time.sleep(min(seconds, self.cap_s))
+            return
+        idle = _ACTIVITY.idle_s()
+        for hook in _ON_POLL:
+            hook(idle)
+        time.sleep(backoff_interval(idle, fast_s=self.cap_s, slow_s=self.idle_poll_s))
 
 
 def patch_supernode(cap_s: float = POLL_S) -> bool:
-    """Cap the sleeps of Flower's SuperNode message loop at ``cap_s``; False (unpatched) on unchecked versions."""
+    """Poll every ``cap_s`` s while a run is active and back off to Flower's 3 s when idle
+    (:class:`_IdleBackoffSleep`; activity: the loop's ``_push_messages``, called once per message handled);
+    False (unpatched) on unchecked versions."""
     from importlib import metadata
 
     import flwr.supernode.start_client_internal as loop
 
     version = metadata.version("flwr")
-    if not version.startswith(CHECKED_FLWR) or getattr(loop, "time", None) is not time:
+    if (
+        not version.startswith(CHECKED_FLWR)
+        or getattr(loop, "time", None) is not time
+        or not callable(getattr(loop, "_push_messages", None))
+    ):
         log.warning(
             "flwr %s: SuperNode polling left at Flower's 3 s (patch checked for %s only)", version, CHECKED_FLWR
         )
         return False
-    loop.time = _CappedSleep(cap_s)
+    push = loop._push_messages
+
+    def _push_messages(*args: Any, **kwargs: Any) -> None:  # a message was pulled: the run is active
+        _ACTIVITY.mark()
+        for hook in _ON_POLL:  # the active heartbeat at once, for the whole of the message's handling
+            hook(0.0)
+        try:
+            push(*args, **kwargs)
+        finally:
+            _ACTIVITY.mark()
+
+    loop._push_messages = _push_messages
+    loop.time = _IdleBackoffSleep(cap_s)
     return True
 
 
-def patch_heartbeat(interval_s: float = HEARTBEAT_S) -> bool:
-    """Announce and send this SuperNode's heartbeats every ``interval_s`` s instead of Flower's fixed 30 s.
+def patch_heartbeat(interval_s: float = HEARTBEAT_S, idle_interval_s: float = HEARTBEAT_IDLE_S) -> bool:
+    """Announce and send this SuperNode's heartbeats every ``interval_s`` s instead of Flower's fixed 30 s while
+    a run is active, and every ``idle_interval_s`` s once idle (with :func:`patch_supernode`).
 
     Flower 1.42 reads ``HEARTBEAT_DEFAULT_INTERVAL`` at call time from two modules: the SuperNode's
     fleet connection (the interval it announces in ActivateNode and every heartbeat) and the heartbeat
-    sender (its period, ``(interval - HEARTBEAT_CALL_TIMEOUT) * ~0.8``). False (unpatched) on unchecked
-    versions or an interval the SuperLink would refuse.
+    sender (its period, ``(interval - HEARTBEAT_CALL_TIMEOUT) * ~0.8``). The SuperLink declares a node
+    offline ``HEARTBEAT_PATIENCE`` announced intervals after its last heartbeat, so going idle switches in
+    two steps: after ``IDLE_HEARTBEAT_AFTER_S`` idle the beats announce the idle interval, and only
+    ``HEARTBEAT_SWITCH_S`` later (longer than one active period plus a call's timeout, so one such beat has
+    gone out) do they come that seldom. Back to active, both switch at once (the pending wait is within the
+    idle interval's patience). False (unpatched) on unchecked versions; ValueError for an interval the
+    SuperLink would refuse.
     """
     from importlib import metadata
 
@@ -179,13 +251,32 @@ def patch_heartbeat(interval_s: float = HEARTBEAT_S) -> bool:
             "flwr %s: SuperNode heartbeat left at Flower's default (patch checked for %s only)", version, CHECKED_FLWR
         )
         return False
-    if not constant.HEARTBEAT_MIN_INTERVAL <= interval_s <= constant.HEARTBEAT_MAX_INTERVAL:
+    for value in (interval_s, idle_interval_s):
+        if not constant.HEARTBEAT_MIN_INTERVAL <= value <= constant.HEARTBEAT_MAX_INTERVAL:
+            raise ValueError(
+                f"heartbeat interval {value} s is outside what a SuperLink accepts "
+                f"[{constant.HEARTBEAT_MIN_INTERVAL}, {constant.HEARTBEAT_MAX_INTERVAL}]"
+            )
+    active_period = (interval_s - constant.HEARTBEAT_CALL_TIMEOUT) * (
+        constant.HEARTBEAT_BASE_MULTIPLIER + max(constant.HEARTBEAT_RANDOM_RANGE)
+    ) + constant.HEARTBEAT_CALL_TIMEOUT
+    if HEARTBEAT_SWITCH_S <= active_period:
         raise ValueError(
-            f"heartbeat interval {interval_s} s is outside what a SuperLink accepts "
-            f"[{constant.HEARTBEAT_MIN_INTERVAL}, {constant.HEARTBEAT_MAX_INTERVAL}]"
+            f"the {HEARTBEAT_SWITCH_S} s between announcing and using the idle heartbeat is not longer than one "
+            f"active beat ({active_period:.1f} s): a node could be declared offline"
         )
-    for module in modules:
-        module.HEARTBEAT_DEFAULT_INTERVAL = interval_s  # type: ignore[attr-defined]
+
+    def set_interval(announced: float, period: float) -> None:
+        connection.HEARTBEAT_DEFAULT_INTERVAL = announced  # type: ignore[attr-defined]
+        sender.HEARTBEAT_DEFAULT_INTERVAL = period  # type: ignore[attr-defined]
+
+    def switch(idle: float) -> None:
+        announced = idle_interval_s if idle >= IDLE_HEARTBEAT_AFTER_S else interval_s
+        period = idle_interval_s if idle >= IDLE_HEARTBEAT_AFTER_S + HEARTBEAT_SWITCH_S else interval_s
+        set_interval(announced, period)
+
+    set_interval(interval_s, interval_s)
+    _ON_POLL[:] = [switch]
     return True
 
 
