@@ -80,7 +80,7 @@ class TrainingResult:
         """JSON-safe view (without the weights)."""
         secs = [h["seconds"] for h in self.history]
         return {
-            "history": self.history,
+            "history": releasable_history(self.history, private=self.privacy is not None),
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
             "seconds": self.seconds,
@@ -266,6 +266,19 @@ def _make_private(
         grad_sample_mode=dp.grad_sample_mode,
         criterion=criterion,
     )
+
+
+def releasable_history(history: list[dict[str, float]], *, private: bool) -> list[dict[str, float]]:
+    """The per-epoch rows that may be written (records, checkpoints): under DP, without ``train_loss``.
+
+    DP-SGD's training loss is the mean loss of the private Poisson batches, computed without noise:
+    an exact statistic of the training records that the guarantee does not cover. It stays in memory
+    (divergence checks, tests) but reaches no file, so a checkpoint or record of a DP training holds
+    no training-split statistic beyond the noised iterates.
+    """
+    if not private:
+        return list(history)
+    return [{k: v for k, v in row.items() if k != "train_loss"} for row in history]
 
 
 def _epoch_row(
@@ -514,7 +527,7 @@ class _Loop:
             model=privacy.unwrap_state_dict(self.model),
             optimizer=copy.deepcopy(getattr(self.optimizer, "original_optimizer", self.optimizer).state_dict()),
             accountant_history=list(state.spent_history),
-            history=list(state.history),
+            history=releasable_history(state.history, private=self.private_run is not None),
             generator_state=self.data_generator.get_state(),
             best_state=stopping.best_state,
             best_epoch=stopping.best_epoch,

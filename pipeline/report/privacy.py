@@ -260,7 +260,9 @@ def privacy_section(
     )
     covered = [
         "models/regressor.safetensors and models/cnn.safetensors: the network weights (DP-SGD output)",
-        "checkpoints/*.pt of the networks: intermediate DP-SGD iterates and optimizer state (all iterates are accounted)",
+        "checkpoints/*.pt of the networks: intermediate DP-SGD iterates, optimizer state and accountant history (all "
+        "iterates are accounted); their per-epoch history holds no training-split statistic under DP (validation "
+        "metrics, wall times and ε only: the noise-free training loss is not written)",
         "predictions, evaluation metrics and explanations computed from the DP weights, as far as they depend on the "
         "training split (post-processing)",
     ]
@@ -273,7 +275,8 @@ def privacy_section(
         "data/*.npz: the data files themselves hold every split, training records included; never release them",
         "the public split: declared public, so not protected at all",
         "the validation and test splits: metrics, predictions and explained rows reveal them (DP covers training records only)",
-        "training history in models/*.json: per-epoch training loss is computed on private batches without noise",
+        "models/*_public_only.safetensors and checkpoints/*_public_pretraining.safetensors: weights fitted without "
+        "DP on the public split alone, before any private record was read (the public split is not protected)",
         "hyper-parameter choices and repeated runs on the same data: not accounted for in ε",
         "the number of training records (n_train) is treated as public",
         "class_counts of the training split (data section of report.json and report.html): exact "
@@ -289,6 +292,10 @@ def privacy_section(
             "outside the DP guarantee."
         )
     if mode == "federated":
+        not_covered.append(
+            "training history in models/*.json: the clients' per-round training loss, sent to the server, is "
+            "computed on their private batches without noise"
+        )
         caveats.append(
             "Federated run: ε is computed per client, for records of that client's local data; the reported "
             "ε is the worst client. Client-level (whole-client) privacy is not claimed."
@@ -427,7 +434,7 @@ def student_privacy(distill_out: Any) -> tuple[list[str], list[str]]:
                 f"students/{model}.json transfer_index: the source-data row numbers of the private training records "
                 "the student read (who is in the training split), recorded as is"
             )
-            if record.get("training"):
+            if record.get("training") and not record["training"].get("privacy"):  # DP: no training loss is written
                 not_covered.append(
                     f"students/{model}.json training history: the student's per-epoch training loss is computed on "
                     "private transfer rows without noise"

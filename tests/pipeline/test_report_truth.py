@@ -181,7 +181,10 @@ def test_dp_report_states_independent_epsilon_checks_audit_coverage_and_caveat_s
     tree = json.loads(dp_run.read("students/regressor.json"))["record"]["tree_student"]
     assert tree["privacy"]["guarantee"] == "inherited"  # transfer=private: the tree was fitted on public rows only
     assert any(line.startswith("students/regressor.json tree_student") for line in p["covered"])
-    assert any("students/regressor.json training history" in line for line in p["not_covered"])
+    # student_dp: the students' own DP-SGD writes no training loss (#23 item 5), so nothing to list
+    assert not any("students/regressor.json training history" in line for line in p["not_covered"])
+    student = json.loads(dp_run.read("students/regressor.json"))["record"]["training"]
+    assert student["privacy"] and all("train_loss" not in row for row in student["history"])
     assert any("students/cnn.json transfer_index" in line for line in p["not_covered"])
     n = len(p["caveats"]) + len(content["audit"]["caveats"]) + len(content["explanations"]["caveats"])
     assert content["summary"]["n_caveats"] == n == len(content["caveats"])
