@@ -31,6 +31,9 @@ class DataConfig:
     test_fraction: float = 0.2  # share of rows held out for the final test metrics, (0, 0.5]
     val_fraction: float = 0.1  # share of rows for validation / early stopping, (0, 0.5]
     public_fraction: float = 0.1  # share declared public (explanation backgrounds, distillation), [0, 0.5]
+    ignore_columns: tuple[str, ...] = ()  # table columns kept out of the features (ids); cf. predict --ignore-columns
+    identifier_check: bool = True  # refuse likely row ids (named id/uuid/index/row, or unique integers in row order)
+    codebook: str = ""  # data dictionary (.json/.toml): column -> {codes = {value = label}, units = "..."}; "" = none
 
 
 @dataclass(frozen=True)

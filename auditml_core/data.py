@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
 
 from auditml_core.artifacts import json_bytes, npz_bytes, read_json, read_npz
+from auditml_core.codebook import load_codebook
 from auditml_core.config import Config, DataConfig
 from auditml_core.datasets import RawImages, RawTable, load_images, load_table
 from auditml_core.errors import DataError
@@ -38,6 +39,7 @@ class Dataset:
     target_name: str = ""
     preprocessing: Mapping[str, Any] = field(default_factory=dict)  # scaler statistics and policies
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    codebook: Mapping[str, Any] = field(default_factory=dict)  # data.codebook, normalised (auditml_core.codebook)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -64,6 +66,8 @@ class Dataset:
         else:
             out["feature_names"] = list(self.feature_names)
             out["target_name"] = self.target_name
+        if self.codebook:
+            out["codebook"] = dict(self.codebook)
         return out
 
 
@@ -87,7 +91,12 @@ def prepare(cfg: Config, *, seed: int) -> Datasets:
     DataError
         For any data that cannot be used as given; the message says how to fix it.
     """
-    tabular = prepare_table(load_table(cfg.data.tabular_csv, cfg.data.target), cfg.data, seed=seed)
+    d = cfg.data
+    raw = load_table(d.tabular_csv, d.target, ignore_columns=d.ignore_columns, identifier_check=d.identifier_check)
+    tabular = prepare_table(raw, d, seed=seed)
+    if d.codebook:
+        codebook, source = load_codebook(d.codebook, [*raw.feature_names, raw.target_name])
+        tabular = replace(tabular, codebook=codebook, provenance={**tabular.provenance, "codebook": source})
     images = prepare_images(load_images(cfg.data.images), cfg.data, seed=seed)
     dp = cfg.dp.enabled
     datasets = {"tabular": tabular, "images": images}
@@ -313,6 +322,7 @@ def dump(datasets: Datasets) -> dict[str, bytes]:
                 "preprocessing": ds.preprocessing,
                 "provenance": ds.provenance,
             }
+            | ({"codebook": ds.codebook} if ds.codebook else {})
         )
     return files
 
@@ -333,5 +343,6 @@ def load(read) -> Datasets:
             target_name=meta["target_name"],
             preprocessing=meta["preprocessing"],
             provenance=meta["provenance"],
+            codebook=meta.get("codebook") or {},
         )
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -54,30 +55,43 @@ def _array_digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def load_table(csv_path: str, target: str) -> RawTable:
+def load_table(
+    csv_path: str, target: str, *, ignore_columns: tuple[str, ...] = (), identifier_check: bool = True
+) -> RawTable:
     """Load the regressor's table: scikit-learn's diabetes data when ``csv_path`` is empty, else a CSV.
+
+    Parameters
+    ----------
+    csv_path, target : the CSV and its target column (``data.tabular_csv``, ``data.target``).
+    ignore_columns : columns left out of the features (``data.ignore_columns``).
+    identifier_check : refuse feature columns that look like row identifiers (:func:`likely_identifiers`).
 
     Raises
     ------
     DataError
-        Missing file, unreadable CSV, missing target column, non-numeric columns, no rows.
+        Missing file, unreadable CSV, missing target column, non-numeric columns, no rows, an ignored
+        column that is not in the table or is the target, a likely identifier column.
     """
     if not csv_path:
         from sklearn.datasets import load_diabetes
 
         bunch = load_diabetes()
         x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.float64)
+        names = [str(n) for n in bunch.feature_names]
+        _check_ignored(ignore_columns, names, "disease_progression", "the embedded diabetes table")
+        keep = [j for j, n in enumerate(names) if n not in ignore_columns]
         return RawTable(
-            x=x,
+            x=x[:, keep],
             y=y,
-            feature_names=tuple(bunch.feature_names),
+            feature_names=tuple(names[j] for j in keep),
             target_name="disease_progression",
             provenance={
                 "source": "sklearn.datasets.load_diabetes (embedded, ships with scikit-learn)",
                 "sha256_of_arrays": _array_digest(x, y),
                 "rows": int(x.shape[0]),
                 "columns": int(x.shape[1]) + 1,
-            },
+            }
+            | ({"ignored_columns": list(ignore_columns)} if ignore_columns else {}),
         )
     import pandas as pd
 
@@ -113,31 +127,96 @@ def load_table(csv_path: str, target: str) -> RawTable:
         raise DataError(f"target column {target!r} is not in {csv_path!r}; set data.target to one of: {shown}")
     if len(frame) == 0:
         raise DataError(f"CSV file {csv_path!r} has no data rows; supply a table with at least a few rows")
+    _check_ignored(ignore_columns, [str(c) for c in frame.columns], target, repr(csv_path))
     non_numeric = [
         str(c)
         for c in frame.columns
-        if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
+        if str(c) not in ignore_columns
+        and (not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]))
     ]
     if non_numeric:
         raise DataError(
             f"column(s) {', '.join(map(repr, non_numeric[:5]))} of {csv_path!r} are not numeric; "
-            "encode them as numbers (e.g. one-hot) or drop them before running"
+            "encode them as numbers (e.g. one-hot) or leave them out with data.ignore_columns"
         )
-    features = [c for c in frame.columns if c != target]
+    features = [c for c in frame.columns if c != target and str(c) not in ignore_columns]
     if not features:
         raise DataError(f"{csv_path!r} has only the target column {target!r}; add at least one feature column")
+    x = frame[features].to_numpy(dtype=np.float64)
+    feature_names = tuple(str(c) for c in features)
+    if identifier_check and (found := likely_identifiers(x, feature_names)):
+        listed = ", ".join(f"{n!r} ({why})" for n, why in found)
+        fix = ", ".join(f'"{n}"' for n in (*ignore_columns, *(n for n, _ in found)))
+        raise DataError(
+            f"column(s) {listed} of {csv_path!r} look like row identifiers, which a model would learn as if they "
+            f"were features; leave them out with data.ignore_columns='[{fix}]' (or set data.identifier_check=false "
+            "if they are real features)"
+        )
     return RawTable(
-        x=frame[features].to_numpy(dtype=np.float64),
+        x=x,
         y=frame[target].to_numpy(dtype=np.float64),
-        feature_names=tuple(str(c) for c in features),
+        feature_names=feature_names,
         target_name=str(target),
         provenance={
             "source": str(path),
             "sha256": sha256_bytes(raw),
             "rows": int(len(frame)),
             "columns": int(frame.shape[1]),
-        },
+        }
+        | ({"ignored_columns": list(ignore_columns)} if ignore_columns else {}),
     )
+
+
+# Names that say "row identifier" (case-insensitive, whole name): id, uuid, index, row, row_id, Unnamed: 0 (pandas'
+# name for a saved index), and names ending in "_id" / " id" / "Id" (patient_id, visitId).
+_IDENTIFIER_NAME = re.compile(r"(?i:id|uuid|guid|index|idx|row|row_?(id|num|number|no)|unnamed: ?0|.*[_ .-]id)")
+_CAMEL_ID = re.compile(r".*[a-z0-9](Id|ID)")
+MIN_ROWS_FOR_ORDER = 5  # a unique monotone integer column is an identifier only over at least this many rows
+
+
+def likely_identifiers(x: np.ndarray, names: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """Feature columns that look like row identifiers, each with why: its name, or its values.
+
+    A column is flagged when its name says so (``id``, ``ID``, ``uuid``, ``index``, ``row``, ``patient_id``,
+    ``visitId``, pandas' ``Unnamed: 0``) or when its values are integers, unique per row and strictly
+    monotone over at least :data:`MIN_ROWS_FOR_ORDER` rows (a row number or a running counter).
+
+    Parameters
+    ----------
+    x : ``(N, F)`` feature values.
+    names : the ``F`` column names.
+
+    Returns
+    -------
+    list of (name, reason), in column order; empty when none looks like an identifier.
+    """
+    found = []
+    for j, name in enumerate(names):
+        if _IDENTIFIER_NAME.fullmatch(name.strip()) or _CAMEL_ID.fullmatch(name.strip()):
+            found.append((name, "named like an identifier"))
+            continue
+        col = x[:, j]
+        if len(col) < MIN_ROWS_FOR_ORDER or not np.isfinite(col).all() or not np.all(col == np.round(col)):
+            continue
+        step = np.diff(col)
+        if (step > 0).all() or (step < 0).all():
+            found.append((name, "unique integers in row order"))
+    return found
+
+
+def _check_ignored(ignore: tuple[str, ...], columns: list[str], target: str, where: str) -> None:
+    """Refuse ``data.ignore_columns`` entries that are not columns of the table, or that name the target."""
+    missing = [c for c in ignore if c not in columns]
+    if missing:
+        raise DataError(
+            f"data.ignore_columns names {', '.join(map(repr, missing))}, not a column of {where}; "
+            f"its columns are: {', '.join(columns[:20])}"
+        )
+    if target in ignore:
+        raise DataError(
+            f"data.ignore_columns names the target column {target!r}; remove it from the list (data.target is "
+            "never a feature)"
+        )
 
 
 def load_images(spec: str) -> RawImages:

@@ -17,6 +17,7 @@ from torch import nn
 
 from auditml_core import placement, training
 from auditml_core.artifacts import json_bytes, read_json
+from auditml_core.codebook import show_condition, show_value, units
 from auditml_core.config import Config
 from auditml_core.data import Dataset
 from auditml_core.models import MODELS
@@ -259,7 +260,9 @@ def _metrics(ds: Dataset, split: str, pred: np.ndarray, *, seed: int) -> dict[st
         groups = subgroup_metrics(ds, split, y, p, seed=seed)
         if groups:
             out["subgroups"] = groups
-        out["cohorts"] = cohort_errors(_dataset_units(ds, split), list(ds.feature_names or []), y, p, seed=seed)
+        out["cohorts"] = cohort_errors(
+            _dataset_units(ds, split), list(ds.feature_names or []), y, p, seed=seed, codebook=ds.codebook
+        )
         return out
     return classification_metrics(ds.y[split], pred, ds.class_names, seed=seed)
 
@@ -270,7 +273,8 @@ def subgroup_metrics(ds: Dataset, split: str, y: np.ndarray, pred: np.ndarray, *
     A feature with at most 5 distinct values is split by value; a continuous one into
     :data:`N_AGE_BANDS` equal-count bands of the split. Values are in the dataset's units (for
     scikit-learn's diabetes data: already mean-centred and scaled, so a band is a range of scaled
-    values, not years). Written by hand: a few lines, where Fairlearn would be a new dependency.
+    values, not years). A ``data.codebook`` names coded values (``sex = female (1)``) and gives bands their units.
+    Written by hand: a few lines, where Fairlearn would be a new dependency.
 
     Returns
     -------
@@ -286,12 +290,13 @@ def subgroup_metrics(ds: Dataset, split: str, y: np.ndarray, pred: np.ndarray, *
         values = np.unique(np.round(col, 6))
         if len(values) <= 5:
             kind = "value"
-            masks = [(f"{feat} = {v:.4g}", np.isclose(col, v, atol=1e-6)) for v in values]
+            masks = [(f"{feat} = {show_value(ds.codebook, feat, v)}", np.isclose(col, v, atol=1e-6)) for v in values]
         else:
             kind = f"{N_AGE_BANDS} equal-count bands"
             edges = np.quantile(col, np.linspace(0, 1, N_AGE_BANDS + 1))
             band = np.clip(np.searchsorted(edges, col, side="right") - 1, 0, N_AGE_BANDS - 1)
-            masks = [(f"{feat} in [{edges[b]:.4g}, {edges[b + 1]:.4g}]", band == b) for b in range(N_AGE_BANDS)]
+            unit = f" {units(ds.codebook, feat)}".rstrip()
+            masks = [(f"{feat} in [{edges[b]:.4g}, {edges[b + 1]:.4g}]{unit}", band == b) for b in range(N_AGE_BANDS)]
         groups = []
         for label, mask in masks:
             if not mask.any():
@@ -328,6 +333,7 @@ def cohort_errors(
     seed: int,
     max_depth: int = COHORT_MAX_DEPTH,
     min_leaf_fraction: float = COHORT_MIN_LEAF_FRACTION,
+    codebook: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Where the model is worst: a shallow regression tree on the features predicting the absolute error.
 
@@ -346,6 +352,7 @@ def cohort_errors(
     seed : seeds the tree's tie-breaking and the bootstrap.
     max_depth : tree depth (2 or 3 keeps rules readable).
     min_leaf_fraction : smallest cohort as a share of ``n``.
+    codebook : ``data.codebook`` (normalised): rules on coded columns name the labels, thresholds carry units.
 
     Returns
     -------
@@ -380,7 +387,9 @@ def cohort_errors(
         e = abs_err[mask]
         cohorts.append(
             {
-                "rule": " and ".join(f"{c['feature']} {c['op']} {c['threshold']:.4g}" for c in conditions[int(leaf)])
+                "rule": " and ".join(
+                    show_condition(codebook, c["feature"], c["op"], c["threshold"]) for c in conditions[int(leaf)]
+                )
                 or "all rows",
                 "conditions": conditions[int(leaf)],
                 "n": int(mask.sum()),

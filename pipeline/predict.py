@@ -41,6 +41,7 @@ from auditml_core.artifacts import (
     read_npz,
     read_state_dict,
 )
+from auditml_core.codebook import units
 from auditml_core.datasets import IMAGE_SUFFIXES, decode_image
 from auditml_core.errors import DataError, RunDirError, UserError
 from explain import get_explainer
@@ -71,6 +72,7 @@ class ServedModel:
     feature_names: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     target_name: str = ""
+    codebook: Mapping[str, Any] = field(default_factory=dict)  # the run's data.codebook (units, coded values)
     artifacts: dict[str, str] = field(default_factory=dict)  # every file loaded -> its verified SHA-256
     privacy: dict[str, Any] = field(default_factory=dict)  # the guarantee the predictions carry
 
@@ -207,6 +209,7 @@ def load_served(run_dir: str | Path, *, name: str, which: str = "student") -> Se
         feature_names=tuple(meta.get("feature_names") or ()),
         class_names=tuple(meta.get("class_names") or ()),
         target_name=meta.get("target_name", ""),
+        codebook=meta.get("codebook") or {},
         artifacts=loaded,
         privacy=_privacy(run, which, teacher_meta.get("training", {}), student_record),
     )
@@ -649,6 +652,7 @@ def predict_file(
             n, first = n + len(raw), False
         if n == 0:
             raise DataError(f"{str(path)!r} holds no rows to predict")
+    target_units = units(served.codebook, served.target_name)
     record: dict[str, Any] = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "run_id": served.run_id,
@@ -675,7 +679,8 @@ def predict_file(
         "output": {
             "path": str(out.resolve()),
             "sha256": sha256_file(out),
-            "columns": f"row, prediction (original units of {served.target_name!r})"
+            "columns": f"row, prediction (original units of {served.target_name!r}"
+            + (f": {target_units})" if target_units else ")")
             if served.task == "regression"
             else "row|file, label, label_name, p_<class> (softmax probabilities)",
         },
@@ -683,6 +688,8 @@ def predict_file(
         "library_versions": library_versions(),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if served.codebook:  # the run's data dictionary: what the input's coded values and units mean
+        record["data_dictionary"] = served.codebook
     if explainer is not None:
         preds = np.concatenate(explained_preds) if served.task == "regression" else None
         record["explanations"] = explainer.write(out, preds)

@@ -2,7 +2,7 @@
 
 The commands are the lines of the README's ```bash blocks (a trailing ``\\`` joins lines; ``# ...`` comments are
 dropped). Each one is run here, as the README writes it, in a sandbox folder that holds the files the README
-names (``patients.csv``, ``scans.npz``, ``scans/``, ``new_rows.csv``, ``a.csv``, ``b.csv``), with ``python`` this
+names (``patients.csv``, ``visits.csv``, ``scans.npz``, ``scans/``, ``new_rows.csv``, ``a.csv``, ``b.csv``), with ``python`` this
 test's interpreter and the tiny settings of ``tests/tiny.py`` appended to every training command (the README's
 own overrides are still parsed and validated: an unknown key fails). ``runs/<run>`` is the run the first
 training command made. A command whose README comment says ``-> exit N`` must exit with N (e.g. a refusal);
@@ -34,7 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 # README command prefix -> "tests/<file>.py::<test>" that runs it (a server, a second host, ...).
-ELSEWHERE: dict[str, str] = {}
+ELSEWHERE: dict[str, str] = {
+    "jupyter nbconvert": "tests/test_setup.py::test_readme_notebook_command_executes",  # with tiny settings
+}
 TINY_FEDERATED = ["federated.rounds=2", "federated.dp_rounds=2"]
 SET_UP = {"make run": "python -m pipeline", "make test": "pytest"}
 _EXIT = re.compile(r"->\s*exit\s+(\d+)")
@@ -75,6 +77,7 @@ def _fixtures(folder: Path) -> None:
     diabetes = load_diabetes(as_frame=True).frame
     table = diabetes.rename(columns={"target": "outcome"})
     table.iloc[:200].to_csv(folder / "patients.csv", index=False)
+    table.iloc[:200].rename_axis("visit_id").to_csv(folder / "visits.csv")  # a row-number column (refused)
     table.drop(columns="outcome").iloc[200:220].to_csv(folder / "new_rows.csv", index=False)
     sites = diabetes.rename(columns={"target": "y"})
     sites.iloc[:220].to_csv(folder / "a.csv", index=False)

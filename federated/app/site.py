@@ -133,13 +133,16 @@ def local_data(node_config: Mapping[str, Any], cfg: Config, *, model: str) -> Lo
         cfg.data.val_fraction,
         cfg.data.test_fraction,
         cfg.data.nan_policy,
+        cfg.data.ignore_columns,
+        cfg.data.identifier_check,
     )
     if key in _LOCAL:
         return _LOCAL[key]
     seed = seeds.stage_seed(cfg.seed, "data")
     split_cfg = dataclasses.replace(cfg.data, public_fraction=0.0)  # public data is not a site's
     if _expected_kind(model) == "table":
-        raw = load_table(str(path), target)
+        d = cfg.data
+        raw = load_table(str(path), target, ignore_columns=d.ignore_columns, identifier_check=d.identifier_check)
         x, y, _ = core_data.finite_rows(raw.x, raw.y, cfg.data.nan_policy, f"site file {str(path)!r}")
         if cfg.data.nan_policy == "impute" and not np.isfinite(x).all():
             raise DataError(

@@ -12,6 +12,7 @@ import base64
 import io
 from typing import Any, Iterable, Mapping
 
+from auditml_core.codebook import describe
 from pipeline.report.fmt import esc, number
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -238,6 +239,9 @@ def _data(c: Mapping[str, Any]) -> str:
                 f"<p>Features: {', '.join(f'<code>{esc(n)}</code>' for n in d['feature_names'])}; "
                 f"target: <code>{esc(d.get('target_name', ''))}</code>.</p>"
             )
+        if d.get("codebook"):
+            rows = [[f"<code>{esc(col)}</code>", esc(u), esc(codes)] for col, u, codes in describe(d["codebook"])]
+            parts.append("<h4>Data dictionary (data.codebook)</h4>" + table(["column", "units", "codes"], rows))
         if d.get("class_names"):
             counts = d.get("class_counts", {})
             rows = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from auditml_core.codebook import describe
 from auditml_core.models import MODELS, model_entry
 from pipeline.report.fmt import md, number
 
@@ -246,6 +247,16 @@ def render(content: Mapping[str, Any], name: str) -> str:
             ),
             "",
         ]
+        if d.get("codebook"):
+            out += [
+                "- Data dictionary (data.codebook): "
+                + "; ".join(
+                    f"`{md(c)}`" + (f" in {md(u)}" if u else "") + (f": {md(codes)}" if codes else "")
+                    for c, u, codes in describe(d["codebook"])
+                )
+                + ".",
+                "",
+            ]
         units = (
             "dataset units: scikit-learn's diabetes features are already mean-centred and scaled, not years or codes"
             if "load_diabetes" in str(prov.get("source", ""))

@@ -1,5 +1,6 @@
 """The CLI warns once per setting that changes nothing (naming the switch) and refuses it with --strict."""
 
+import json
 import logging
 
 from pipeline.__main__ import main
@@ -30,3 +31,26 @@ def test_strict_refuses_it_before_any_work(tmp_path, capsys):
 
     over = ["dp.enabled=true", "dp.target_epsilon=3"]
     assert inert_settings(load_config(None, over), given_keys(None, over)) == {}
+
+
+def test_the_readme_identifier_commands(tmp_path, monkeypatch, capsys):
+    """The README's "Your own data" commands on visits.csv: the refusal, then data.ignore_columns (data stage)."""
+    import shlex
+    from pathlib import Path
+
+    from sklearn.datasets import load_diabetes
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    commands = [ln.split("  #")[0].strip() for ln in readme.splitlines() if "visits.csv" in ln and ln.startswith("py")]
+    assert len(commands) == 2 and "data.ignore_columns" in commands[1]
+    table = load_diabetes(as_frame=True).frame.rename(columns={"target": "outcome"})
+    table.iloc[:200].rename_axis("visit_id").to_csv(tmp_path / "visits.csv")  # as tests/test_readme.py makes it
+    monkeypatch.chdir(tmp_path)
+    args = [shlex.split(c)[3:] for c in commands]  # after "python -m pipeline"
+    assert main([*args[0], "--out", "runs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'visit_id'" in err[0] and "data.ignore_columns" in err[0], err
+    assert main([*args[1], "--stages", "data", "--out", "runs"]) == 0
+    (run,) = [r for r in (tmp_path / "runs").iterdir() if (r / "data" / "tabular.json").exists()]
+    meta = json.loads((run / "data" / "tabular.json").read_text())
+    assert "visit_id" not in meta["feature_names"] and meta["provenance"]["ignored_columns"] == ["visit_id"]
