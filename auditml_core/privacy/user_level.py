@@ -58,8 +58,11 @@ class UserDPPlan:
     n_clients: int  # N
     delta: float
     target_epsilon: float
-    planned_epsilon: float  # ε after all R rounds
+    planned_epsilon: float  # ε after all R rounds, amplified by sampling (against whoever does not know the sample)
     accountant: str  # Opacus accountant used for planned_epsilon
+    # ε against the server, which draws the sample (and anyone holding the record, which lists it): sampling does
+    # not amplify against them, and a client may take part in all R rounds. The budget binds this one.
+    known_sample_epsilon: float = 0.0
 
     @property
     def expected_clients(self) -> float:
@@ -92,11 +95,16 @@ def plan_user_dp(cfg: ClientDPConfig, *, rounds: int, n_clients: int) -> UserDPP
     -------
     UserDPPlan
 
+    With ``sample_rate < 1`` the budget is enforced against the strongest party of the threat model:
+    the server draws the client sample (and the record lists it), so against it sampling does not
+    amplify and a client sampled in all ``rounds`` rounds has ``ε(σ, q = 1, rounds)``; σ is planned
+    for that, and the amplified ε (``planned_epsilon``) is what an outsider holding only the model faces.
+
     Raises
     ------
     PrivacyBudgetError
-        If the fixed ``noise_multiplier`` would exceed ``target_epsilon``, no σ reaches it, or
-        ``delta`` is not below ``1/n_clients`` (a δ that large allows releasing one client outright).
+        If the fixed ``noise_multiplier`` would exceed ``target_epsilon`` (against the server), no σ
+        reaches it, or ``delta`` is not below ``1/n_clients`` (a δ that large allows releasing one client outright).
     """
     if cfg.delta >= 1.0 / n_clients:
         raise PrivacyBudgetError(
@@ -107,7 +115,8 @@ def plan_user_dp(cfg: ClientDPConfig, *, rounds: int, n_clients: int) -> UserDPP
         sigma = float(cfg.noise_multiplier)
     else:
         try:
-            sigma = _noise_multiplier(cfg.target_epsilon, cfg.delta, cfg.sample_rate, int(rounds), cfg.accountant)
+            # q = 1: the budget holds against the server, who knows the sample (see above)
+            sigma = _noise_multiplier(cfg.target_epsilon, cfg.delta, 1.0, int(rounds), cfg.accountant)
         except ValueError as exc:
             raise PrivacyBudgetError(
                 f"no noise multiplier reaches user-level ε={cfg.target_epsilon} at δ={cfg.delta} over {rounds} rounds "
@@ -116,12 +125,24 @@ def plan_user_dp(cfg: ClientDPConfig, *, rounds: int, n_clients: int) -> UserDPP
     planned = user_epsilon(
         noise_multiplier=sigma, sample_rate=cfg.sample_rate, rounds=rounds, delta=cfg.delta, accountant=cfg.accountant
     )
-    if planned > cfg.target_epsilon:
+    known = (
+        planned
+        if cfg.sample_rate >= 1.0
+        else user_epsilon(
+            noise_multiplier=sigma, sample_rate=1.0, rounds=rounds, delta=cfg.delta, accountant=cfg.accountant
+        )
+    )
+    if known > cfg.target_epsilon:
+        against = (
+            ""
+            if cfg.sample_rate >= 1.0
+            else f" against the server, which draws the client sample so sampling does not amplify ({planned:.3f} "
+            "against an outsider)"
+        )
         raise PrivacyBudgetError(
-            f"the planned federation would spend user-level ε={planned:.3f} > client_dp.target_epsilon="
+            f"the planned federation would spend user-level ε={known:.3f}{against} > client_dp.target_epsilon="
             f"{cfg.target_epsilon} at δ={cfg.delta} (σ={sigma}, q={cfg.sample_rate}, {rounds} rounds); raise "
-            "client_dp.noise_multiplier (or set it to 0 to plan it), lower federated.rounds or client_dp.sample_rate, "
-            "or raise the budget"
+            "client_dp.noise_multiplier (or set it to 0 to plan it), lower federated.rounds, or raise the budget"
         )
     return UserDPPlan(
         noise_multiplier=sigma,
@@ -133,6 +154,7 @@ def plan_user_dp(cfg: ClientDPConfig, *, rounds: int, n_clients: int) -> UserDPP
         target_epsilon=float(cfg.target_epsilon),
         planned_epsilon=planned,
         accountant=cfg.accountant,
+        known_sample_epsilon=known,
     )
 
 

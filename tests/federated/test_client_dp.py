@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from auditml_core.config import ClientDPConfig, load_config
 from auditml_core.errors import ConfigError, PrivacyBudgetError
+from auditml_core.privacy.client_noise import known_sample_epsilon
 from auditml_core.privacy.second_accountant import independent_epsilons
 from auditml_core.privacy.user_level import (
     UNIT_OF_PRIVACY,
@@ -29,8 +30,12 @@ from federated.app.workdir import read_result
 def test_planned_sigma_reaches_the_target_and_dp_accounting_agrees(accountant, q, rounds, n):
     cfg = ClientDPConfig(enabled=True, target_epsilon=2.0, delta=1e-4, sample_rate=q, accountant=accountant)
     plan = plan_user_dp(cfg, rounds=rounds, n_clients=n)
-    # Opacus' search stops within 0.01 below the target
-    assert cfg.target_epsilon - 0.05 <= plan.planned_epsilon <= cfg.target_epsilon
+    # Opacus' search stops within 0.01 below the target; the budget binds the ε against the server, who knows the
+    # sample (R un-amplified rounds), and the amplified ε an outsider faces is below it (equal when q = 1)
+    assert cfg.target_epsilon - 0.05 <= plan.known_sample_epsilon <= cfg.target_epsilon
+    assert plan.planned_epsilon <= plan.known_sample_epsilon and (
+        q < 1 or plan.planned_epsilon == plan.known_sample_epsilon
+    )
     pld, rdp = independent_epsilons(plan.history(), delta=cfg.delta)
     assert pld * 0.98 <= plan.planned_epsilon <= rdp * 1.02
     if accountant == "rdp":  # the same analysis, another implementation: equal within 2 %
@@ -50,6 +55,21 @@ def test_a_fixed_sigma_over_budget_is_refused_before_training():
         plan_user_dp(cfg, rounds=20, n_clients=10)
     with pytest.raises(PrivacyBudgetError, match="client_dp.delta"):
         plan_user_dp(dataclasses.replace(cfg, noise_multiplier=0.0, delta=0.2), rounds=20, n_clients=10)
+
+
+def test_the_budget_holds_against_the_server_who_knows_the_sample():
+    """#23 item 6: σ = 3, q = 0.5, 10 rounds spends 1.82 against an outsider but 3.77 against the server (which
+    draws the sample and may sample a client every round); the budget 3 is enforced against the server."""
+    cfg = ClientDPConfig(enabled=True, target_epsilon=3.0, delta=1e-3, sample_rate=0.5, noise_multiplier=3.0)
+    with pytest.raises(PrivacyBudgetError, match=r"ε=3\.77\d against the server.*\(1\.819 against an outsider\)"):
+        plan_user_dp(cfg, rounds=10, n_clients=20)
+    plan = plan_user_dp(dataclasses.replace(cfg, noise_multiplier=0.0), rounds=10, n_clients=20)
+    worst = known_sample_epsilon(
+        noise_multiplier=plan.noise_multiplier, participations=10, delta=1e-3, accountant="rdp"
+    )
+    assert worst == pytest.approx(plan.known_sample_epsilon) and 2.95 <= worst <= 3.0
+    rec = user_privacy_record(plan, completed_rounds=10, max_participations=10)  # sampled in every round
+    assert rec["known_sample"]["epsilon"] <= cfg.target_epsilon and rec["epsilon"] < rec["known_sample"]["epsilon"]
 
 
 def test_config_validates_the_section():

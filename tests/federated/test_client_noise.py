@@ -78,7 +78,8 @@ def _results(uploads):
 def test_the_released_noise_is_at_least_the_server_paths():
     n, q, d = 20, 0.25, 10000
     plan = plan_user_dp(
-        ClientDPConfig(enabled=True, sample_rate=q, delta=1e-3, target_epsilon=5.0, noise_multiplier=1.2),
+        # ε against the server (10 un-amplified rounds) is 12.1: the budget binds that one
+        ClientDPConfig(enabled=True, sample_rate=q, delta=1e-3, target_epsilon=15.0, noise_multiplier=1.2),
         rounds=10,
         n_clients=n,
     )
@@ -284,7 +285,14 @@ def test_report_states_client_noise_the_server_facing_epsilon_and_what_is_not_co
     from pipeline.report.privacy import federated_privacy
 
     cfg = load_config(
-        None, ["train.mode=federated", *CLIENT_NOISE, "client_dp.sample_rate=0.5", "client_dp.noise_multiplier=1.0"]
+        None,
+        [
+            "train.mode=federated",
+            *CLIENT_NOISE,
+            "client_dp.sample_rate=0.5",
+            "client_dp.noise_multiplier=1.0",
+            "client_dp.target_epsilon=9",  # 8.07 against the server over 5 un-amplified rounds
+        ],
     )
     plan = plan_user_dp(cfg.client_dp, rounds=5, n_clients=3)
     noise = secagg.noise_plan(cfg, plan)
@@ -329,7 +337,8 @@ def test_report_states_client_noise_the_server_facing_epsilon_and_what_is_not_co
 def test_server_noise_under_secagg_adds_sigma_c_to_the_unmasked_sum():
     n, q, d = 20, 0.25, 10000
     plan = plan_user_dp(
-        ClientDPConfig(enabled=True, sample_rate=q, delta=1e-3, target_epsilon=5.0, noise_multiplier=1.2),
+        # ε against the server (10 un-amplified rounds) is 12.1: the budget binds that one
+        ClientDPConfig(enabled=True, sample_rate=q, delta=1e-3, target_epsilon=15.0, noise_multiplier=1.2),
         rounds=10,
         n_clients=n,
     )
