@@ -86,5 +86,36 @@ def test_toml_codebook(tmp_path):
     path = tmp_path / "cb.toml"
     path.write_text('[sex]\ncodes = { "1" = "female", "2" = "male" }\n\n[age]\nunits = "years"\n')
     cb, prov = load_codebook(str(path), ["sex", "age"])
-    assert cb == {"sex": {"units": "", "codes": [[1.0, "female"], [2.0, "male"]]}, "age": {"units": "years", "codes": []}}
+    assert cb == {
+        "sex": {"units": "", "codes": [[1.0, "female"], [2.0, "male"]]},
+        "age": {"units": "years", "codes": []},
+    }
     assert prov["source"] == str(path)
+
+
+@pytest.mark.slow
+def test_a_run_with_a_codebook_labels_report_cards_and_predictions(tmp_path, tiny_overrides):
+    from pipeline.__main__ import main
+
+    csv, codebook = _table(tmp_path)
+    frame = pd.read_csv(csv)
+    frame.insert(0, "patient_id", np.arange(len(frame)))  # refused unless ignored
+    frame.to_csv(csv, index=False)
+    args = [f'data.tabular_csv="{csv}"', 'data.target="outcome"', f'data.codebook="{codebook}"', *tiny_overrides]
+    assert main(["--out", str(tmp_path / "runs"), "--quiet", *args]) == 2  # the id column
+    assert main(["--out", str(tmp_path / "runs"), "--quiet", 'data.ignore_columns=["patient_id"]', *args]) == 0
+    (run,) = [r for r in (tmp_path / "runs").iterdir() if (r / "report.html").exists()]
+    html = (run / "report.html").read_text()
+    assert "Data dictionary" in html and "sex = female (1)" in html and "1 = female, 2 = male" in html
+    card = (run / "model_card_regressor.md").read_text()
+    assert "Data dictionary (data.codebook)" in card and "sex = male (2)" in card
+    report = json.loads((run / "report.json").read_text())
+    assert report["data"]["tabular"]["codebook"]["age"]["units"] == "years"
+    new_rows = frame.drop(columns=["outcome"]).iloc[:5]
+    new_rows.to_csv(tmp_path / "new.csv", index=False)
+    out = tmp_path / "p.csv"
+    argv = ["predict", str(run), "--input", str(tmp_path / "new.csv"), "--out", str(out)]
+    assert main([*argv, "--ignore-columns", "patient_id"]) == 0
+    prov = json.loads((tmp_path / "p.csv.provenance.json").read_text())
+    assert prov["data_dictionary"]["sex"]["codes"] == [[1.0, "female"], [2.0, "male"]]
+    assert "points" in prov["output"]["columns"]
