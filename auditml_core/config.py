@@ -90,6 +90,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA per stage when its work is large (core/placement)
     num_threads: int = 1  # torch CPU threads per process (1 is fastest for these small models), >= 1
     checkpoint_every_s: float = 5.0  # seconds between training checkpoints (always one after the last epoch), >= 0
+    processes: int = 1  # central training: ranks on this host started with torch's launcher (torchrun), in [1, 256]
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,9 @@ class FederatedConfig:
     proximal_mu: float = 0.01  # FedProx proximal weight mu, >= 0
     server_lr: float = 0.01  # FedAdam server learning rate eta, > 0
     secure_aggregation: bool = False  # SecAgg+: the server learns only the sum of the clients' uploads (FedAvg only)
+    ray_address: str = ""  # simulation on an existing Ray cluster ("HOST:PORT"); "" = a private Ray on this machine
+    client_cpus: int = 1  # CPUs Ray reserves per simulated client (clients at a time = cluster CPUs / this), >= 1
+    client_gpus: float = 0.0  # GPUs Ray reserves per simulated client (0.5 = two clients per GPU), >= 0
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
@@ -496,6 +500,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.train.patience >= 0, "train.patience", cfg.train.patience, ">= 0")
     _check(cfg.train.num_threads >= 1, "train.num_threads", cfg.train.num_threads, ">= 1")
     _check(cfg.train.checkpoint_every_s >= 0, "train.checkpoint_every_s", cfg.train.checkpoint_every_s, ">= 0")
+    _check(1 <= cfg.train.processes <= 256, "train.processes", cfg.train.processes, "in [1, 256]")
+    if cfg.train.processes > 1 and cfg.train.mode != "central":
+        raise ConfigError(
+            f"train.processes={cfg.train.processes} is for central training; a federated simulation spreads its "
+            "clients over Ray instead (federated.ray_address): set train.processes=1"
+        )
     p = cfg.dp
     _check(
         p.target_epsilon > 0 and math.isfinite(p.target_epsilon),
@@ -607,6 +617,19 @@ def validate(cfg: Config) -> None:
     _check(f.dirichlet_alpha > 0, "federated.dirichlet_alpha", f.dirichlet_alpha, "> 0")
     _check(f.proximal_mu >= 0, "federated.proximal_mu", f.proximal_mu, ">= 0")
     _check(f.server_lr > 0, "federated.server_lr", f.server_lr, "> 0")
+    _check(f.client_cpus >= 1, "federated.client_cpus", f.client_cpus, ">= 1 (Ray reserves whole CPUs per client)")
+    _check(
+        0 <= f.client_gpus <= 64 and math.isfinite(f.client_gpus),
+        "federated.client_gpus",
+        f.client_gpus,
+        "in [0, 64] (0.5 = two clients share a GPU)",
+    )
+    _check(
+        f.ray_address == "" or _is_host_port(f.ray_address),
+        "federated.ray_address",
+        f.ray_address,
+        '"" (a private Ray) or HOST:PORT of a running Ray cluster\'s head (its GCS port, 6379 by default)',
+    )
     _check(
         1 <= f.min_clients <= f.n_clients,
         "federated.min_clients",
@@ -615,6 +638,11 @@ def validate(cfg: Config) -> None:
     )
     _validate_client_dp(cfg)
     _validate_secagg(cfg)
+
+
+def _is_host_port(address: str) -> bool:
+    host, sep, port = address.strip().rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536 and " " not in address)
 
 
 def _validate_secagg(cfg: Config) -> None:

@@ -30,6 +30,8 @@ class Runtime:
     record_ledger: Callable[[Path], None] | None = None  # note a ledger file of ledger_dir's in the manifest
     checkpoint_every_s: float = 5.0  # write a checkpoint at most this often (always after the last epoch)
     placement: dict[str, Any] | None = None  # the stage's device decision (Placement.record), for the manifest
+    # Rank 0's link to the other ranks of a multi-process training (pipeline.ranks.Followers); None = one process
+    followers: Any = None
     _memory: dict[str, bytes] = field(default_factory=dict)
     _last_save: dict[str, float] = field(default_factory=dict)
 

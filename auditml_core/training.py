@@ -22,6 +22,7 @@ from torch import nn
 
 from auditml_core import seeds
 from auditml_core.config import DPConfig, FitConfig
+from auditml_core.distributed import GradientShare, World, share, sum_over_ranks
 from auditml_core.epoch import (
     add_proximal_term,
     draw_shifts,
@@ -36,7 +37,8 @@ from auditml_core.epoch import (
     shuffled_batches,
     train_one_epoch,
 )
-from auditml_core.errors import TrainingDivergedError
+from auditml_core.errors import ConfigError, TrainingDivergedError
+from auditml_core.privacy import dp_ranks
 from auditml_core.privacy import dp_sgd as privacy
 from auditml_core.privacy.dp_sgd import History, HistoryLike
 
@@ -112,7 +114,8 @@ class Checkpoint:
     best_epoch: int = 0
     best_loss: float = float("inf")
     done: bool = False  # training finished (last epoch or early stop): resuming trains no further
-    # (sampling, noise) generator states, only under dp.reproducible_noise (derived from the recorded seed anyway)
+    # (sampling, noise) generator states, only under dp.reproducible_noise (derived from the recorded seed anyway);
+    # across ranks every rank's pair, in rank order
     dp_generator_states: list[torch.Tensor] | None = None
     ema_state: dict[str, torch.Tensor] | None = None  # the EMA of the iterates so far (fit_cfg.ema_decay > 0)
     ema_steps: int = 0  # optimizer steps averaged into ema_state
@@ -236,26 +239,42 @@ def _make_private(
     seed: int,
     resume: Checkpoint | None,
     criterion: nn.Module,
+    n_records: int | None = None,
+    world: World | None = None,
 ) -> privacy.PrivateTraining:
     """Plan the DP-SGD call (refusing one that overspends) and wrap model, optimizer and data.
 
     σ is derived for the whole planned training (``total_epochs``), so a resumed run or a later
     federated round gets the same σ; what was spent before is in ``history`` and counts.
+    ``n_records`` is the whole training set (default ``len(xt)``); across ranks (``world``), ``xt``/``yt``
+    are this rank's shard (:mod:`auditml_core.privacy.dp_ranks`) and the plan is the single-process plan of
+    all records.
     """
+    n_records = len(xt) if n_records is None else n_records
     the_plan = privacy.plan(
         dp,
-        n_samples=len(xt),
+        n_samples=n_records,
         batch_size=fit_cfg.batch_size,
         max_grad_norm=fit_cfg.max_grad_norm,
         epochs=epochs,
         total_epochs=total_epochs,
         history=history,
     )
-    sampling, noise = privacy.dp_generators(dp, seed=seed, noise_device=next(model.parameters()).device)
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+    # Each rank samples its own shard: under dp.reproducible_noise its streams derive from its own seed
+    # (the same streams on several ranks would sample their shards in lockstep, not independently).
+    rank_seed = seed if rank == 0 else seeds.rank_seed(seed, rank)
+    sampling, noise = privacy.dp_generators(dp, seed=rank_seed, noise_device=next(model.parameters()).device)
     if dp.reproducible_noise and resume is not None and resume.dp_generator_states is not None:
-        sampling.set_state(resume.dp_generator_states[0])
-        noise.set_state(resume.dp_generator_states[1])
-    return privacy.make_private(
+        states = resume.dp_generator_states
+        if len(states) != 2 * size:
+            raise ConfigError(
+                f"the checkpoint holds the reproducible DP generator states of {len(states) // 2} rank(s), this run has "
+                f"{size}: resume with as many ranks as it started with"
+            )
+        sampling.set_state(states[2 * rank])
+        noise.set_state(states[2 * rank + 1])
+    private = privacy.make_private(
         model,
         optimizer,
         torch.utils.data.TensorDataset(xt, yt),
@@ -266,6 +285,9 @@ def _make_private(
         grad_sample_mode=dp.grad_sample_mode,
         criterion=criterion,
     )
+    if world is not None:
+        dp_ranks.spread(private.optimizer, world=world, n_records=n_records, sample_rate=the_plan.sample_rate)
+    return private
 
 
 def releasable_history(history: list[dict[str, float]], *, private: bool) -> list[dict[str, float]]:
@@ -321,6 +343,7 @@ def fit(
     desc: str = "train",
     criterion: nn.Module | None = None,
     proximal_mu: float = 0.0,
+    world: World | None = None,
 ) -> TrainingResult:
     """Train ``model`` in place and return its unwrapped weights and history.
 
@@ -347,6 +370,11 @@ def fit(
     criterion : loss on ``(model output, y)`` replacing the task's default (distillation passes its KD loss).
     proximal_mu : FedProx weight μ: adds ``μ/2 ||w - w_start||²`` to the loss, ``w_start`` being the
         weights ``model`` arrives with (the global model of a federated round). 0 = off.
+    world : train as one rank of a torch.distributed job (:mod:`auditml_core.distributed`): every rank
+        calls ``fit`` with the same arguments, model weights and ``resume``; rank 0 alone passes the
+        validation split and ``on_epoch_end``. Without DP each global batch of ``fit_cfg.batch_size`` is
+        shared between the ranks (the same steps as one process); with DP each rank samples its shard at
+        the global rate and the noise is added once (:mod:`auditml_core.privacy.dp_ranks`). None = one process.
 
     Returns
     -------
@@ -359,9 +387,14 @@ def fit(
     """
     epochs = epochs or fit_cfg.epochs
     private_dp = dp if dp is not None and dp.enabled else None
+    world = world if world is not None and world.size > 1 else None
     data_generator = seeds.make_generator("cpu", seed)  # batch order and augmentation (indices drawn on the CPU)
     model.to(device).train()  # Opacus refuses a module in eval mode
     optimizer = make_optimizer(model, fit_cfg)
+    gradient_share = None
+    if world is not None and private_dp is None:
+        gradient_share = GradientShare(model, world)  # first pre-hook: the others see the global gradient
+        optimizer.register_step_pre_hook(gradient_share.hook)
     if proximal_mu > 0:
         add_proximal_term(optimizer, model, proximal_mu)
     state = _start(
@@ -380,6 +413,10 @@ def fit(
         optimizer.register_step_post_hook(ema.hook)
     xt = torch.as_tensor(x_train).to(device)
     yt = torch.as_tensor(y_train).to(device)
+    n_records = len(xt)
+    if world is not None and private_dp is not None:  # each rank samples only its own shard
+        mine = dp_ranks.shard(n_records, world).to(device)
+        xt, yt = xt[mine], yt[mine]
     private_run = None
     if private_dp is not None and remaining > 0:
         private_run = _make_private(
@@ -387,6 +424,8 @@ def fit(
             optimizer,
             xt,
             yt,
+            n_records=n_records,
+            world=world,
             dp=private_dp,
             fit_cfg=fit_cfg,
             epochs=remaining,
@@ -411,6 +450,8 @@ def fit(
         criterion=(private_run.criterion if private_run is not None else None) or criterion,  # ghost: Opacus' wrap
         desc=desc,
         ema=ema,
+        world=world,
+        gradient_share=gradient_share,
     )
     t_start = time.perf_counter()
     bar = progress_bar(range(state.epoch, state.epoch + remaining), progress, desc)
@@ -419,13 +460,24 @@ def fit(
         if hasattr(bar, "set_postfix"):
             bar.set_postfix({k: round(v, 4) for k, v in row.items() if k not in ("epoch", "seconds")})
         stop = state.stopping.update(epoch + 1, row, model)
+        if world is not None:
+            stop = bool(world.broadcast(stop))  # rank 0 alone validates: its decision holds for every rank
+        dp_states = loop.dp_generator_states()  # across ranks: a collective, so every rank takes part
         if on_epoch_end is not None:
-            on_epoch_end(loop.checkpoint(epoch + 1, state, done=stop or epoch + 1 == epochs))
+            on_epoch_end(loop.checkpoint(epoch + 1, state, done=stop or epoch + 1 == epochs, dp_states=dp_states))
         if stop:
             log.info("%s: early stop at epoch %d (best %d)", desc, epoch + 1, state.stopping.best_epoch)
             break
     return _result(
-        model, state, private_dp, private_run, fit_cfg, n_train=len(xt), seconds=time.perf_counter() - t_start, ema=ema
+        model,
+        state,
+        private_dp,
+        private_run,
+        fit_cfg,
+        n_train=n_records,
+        seconds=time.perf_counter() - t_start,
+        ema=ema,
+        world_size=world.size if world is not None else 1,
     )
 
 
@@ -465,6 +517,9 @@ class _Loop:
     criterion: nn.Module | None
     desc: str  # what trains, for messages ("cnn", "distill regressor")
     ema: _EMA | None = None  # parameter averaging of the iterates, when configured
+    world: World | None = None  # the ranks training together (None: this process alone)
+    gradient_share: GradientShare | None = None  # non-DP across ranks: weights each rank's share of a batch
+    rows: int = 0  # rows this process trained on in the current epoch
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's batches: Poisson-sampled under DP, else a seeded shuffle; augmented when configured.
@@ -473,6 +528,8 @@ class _Loop:
         per-batch draws would take, and copied to the device once: the batches then index the
         device-resident data with no host-to-device copy or wait per step.
         """
+        if self.gradient_share is not None and self.world is not None:
+            return self._shared_batches(self.gradient_share, self.world)
         if self.private_run is not None:
             index = self.private_run.index_batches(device=self.xt.device)
         else:
@@ -485,18 +542,52 @@ class _Loop:
         offsets = draw_shifts([len(i) for i in index], shift, self.data_generator, device=self.xt.device)
         return ((shift_images(self.xt[i], dy, dx, shift), self.yt[i]) for i, (dy, dx) in zip(index, offsets))
 
+    def _shared_batches(
+        self, gradient_share: GradientShare, world: World
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Non-DP across ranks: this rank's share of each global batch of the single-process order.
+
+        Every rank draws the whole epoch's order and augmentation offsets from the same seeded
+        generator (as one process would) and keeps its contiguous share of each batch; the step's
+        gradient weights are set just before each batch is handed out (:class:`GradientShare`).
+        """
+        index = list(
+            shuffled_batches(len(self.xt), self.fit_cfg.batch_size, self.data_generator, device=self.xt.device)
+        )
+        shift = self.fit_cfg.augment_shift
+        augment = bool(shift) and self.xt.ndim == 4
+        offsets = (
+            draw_shifts([len(i) for i in index], shift, self.data_generator, device=self.xt.device) if augment else []
+        )
+        for k, batch in enumerate(index):
+            mine = share(batch, world)
+            gradient_share.set_batch(len(mine), len(batch))
+            self.rows += len(mine)
+            xb = self.xt[mine]
+            if augment:
+                dy, dx = offsets[k]
+                xb = shift_images(xb, share(dy, world), share(dx, world), shift)
+            yield xb, self.yt[mine]
+
     def epoch(
         self, epoch: int, state: _Progress, *, x_val: np.ndarray | None, y_val: np.ndarray | None
     ) -> dict[str, float]:
         """Train epoch ``epoch`` (1-based), append its history row to ``state`` and return the row."""
         t0 = time.perf_counter()
+        self.rows = 0
+        batches = self.batches()
+        if self.world is not None and self.gradient_share is None:
+            batches = self._counted(batches)
         train_loss = train_one_epoch(
             self.run_model,
             self.optimizer,
-            self.batches(),
+            batches,
             task=self.task,
             criterion=self.criterion,
         )
+        if self.world is not None:  # the mean over every rank's rows, the same on every rank
+            loss_sum, rows = sum_over_ranks(self.world, train_loss * self.rows, float(self.rows))
+            train_loss = loss_sum / rows if rows else 0.0
         check_diverged(self.model, train_loss, epoch=epoch, desc=self.desc)
         row = _epoch_row(
             epoch,
@@ -511,16 +602,37 @@ class _Loop:
         if self.private_run is not None:
             state.spent_history = self.private_run.history()
             # ε for ~10 epochs and the last: an accountant query costs ~0.5 s (PRV) on this machine.
-            if epoch % max(1, self.epochs // 10) == 0 or epoch == self.epochs:
+            last = epoch % max(1, self.epochs // 10) == 0 or epoch == self.epochs
+            if last and (self.world is None or self.world.leader):  # rank 0 records; the others' ε is the same
                 row["epsilon"] = self.private_run.epsilon()
         state.history.append(row)
         return row
 
-    def checkpoint(self, epoch: int, state: _Progress, *, done: bool) -> Checkpoint:
+    def _counted(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for xb, yb in batches:
+            self.rows += len(xb)
+            yield xb, yb
+
+    def dp_generator_states(self) -> list[torch.Tensor] | None:
+        """Under ``dp.reproducible_noise`` only: the (sampling, noise) generator states, every rank's in rank order.
+
+        Across ranks this gathers them on rank 0 (a collective: every rank calls it). The secret
+        generators of the default noise source are never read.
+        """
+        if self.private_run is None or self.private_run.plan.noise_source != "seeded":
+            return None
+        mine = [self.private_run.sampling_generator.get_state(), self.private_run.noise_generator.get_state()]
+        if self.world is None:
+            return mine
+        gathered = self.world.gather(mine)
+        return [s for pair in gathered for s in pair] if gathered is not None else None
+
+    def checkpoint(
+        self, epoch: int, state: _Progress, *, done: bool, dp_states: list[torch.Tensor] | None = None
+    ) -> Checkpoint:
         """The resumable state after ``epoch``; secret DP generator state stays out (see :class:`Checkpoint`)."""
-        dp_states = None
-        if self.private_run is not None and self.private_run.plan.noise_source == "seeded":
-            dp_states = [self.private_run.sampling_generator.get_state(), self.private_run.noise_generator.get_state()]
         stopping = state.stopping
         return Checkpoint(
             epoch=epoch,
@@ -549,6 +661,7 @@ def _result(
     n_train: int,
     seconds: float,
     ema: _EMA | None = None,
+    world_size: int = 1,
 ) -> TrainingResult:
     """Restore the best epoch's weights (non-DP early stopping) or release the EMA, unhook Opacus, assemble the result."""
     best_epoch = len(state.history)
@@ -563,6 +676,7 @@ def _result(
     if dp is not None:
         the_plan = private_run.plan if private_run is not None else _plan_from(dp, state.spent_history, fit_cfg)
         record = privacy.privacy_record(the_plan, state.spent_history)
+        record["world_size"] = world_size  # ranks that trained together (σ, q and steps are the global ones)
     return TrainingResult(
         state_dict=privacy.unwrap_state_dict(model),
         history=state.history,

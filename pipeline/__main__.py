@@ -14,9 +14,10 @@ from typing import Any
 
 from auditml_core import config as config_mod
 from auditml_core import config_effect
+from auditml_core.distributed import die_with_parent, join, launched
 from auditml_core.errors import ConfigError, UserError
 from auditml_core.training import resolve_device
-from pipeline import console, evidence, predict, runner
+from pipeline import console, evidence, predict, ranks, runner
 from pipeline.rundir import RunDir
 
 log = logging.getLogger("pipeline")
@@ -169,6 +170,25 @@ def cmd_keygen(argv: list[str]) -> int:
 
 
 def cmd_run(argv: list[str]) -> int:
+    if launched():  # a rank of a torchrun job: train.processes > 1 on this host, or torchrun on several hosts
+        return _as_rank(argv)
+    return _run(argv, followers=None)
+
+
+def _as_rank(argv: list[str]) -> int:
+    """Join the job's process group; rank 0 runs the pipeline, every other rank follows it (pipeline.ranks)."""
+    die_with_parent()
+    world = join()
+    if not world.leader:
+        return ranks.follow(world)
+    followers = ranks.Followers(world)
+    try:
+        return _run(argv, followers=followers)
+    finally:
+        followers.release(ok=False)  # nothing when the train stage released them already
+
+
+def _run(argv: list[str], *, followers: ranks.Followers | None) -> int:
     args = _run_parser().parse_intermixed_args(argv)  # KEY=VALUE before, between or after options
     overrides = list(args.overrides)
     if args.device:
@@ -191,6 +211,10 @@ def cmd_run(argv: list[str]) -> int:
     if args.run_dir and not (args.start or args.stages):
         # Resume: skip stages already complete.
         names = [n for n in names if run.stage_status(n) != "complete"] or names[-1:]
+    if followers is None and cfg.train.processes > 1:  # start the ranks: this process becomes their launcher
+        return ranks.launch(argv, processes=cfg.train.processes, num_threads=cfg.train.num_threads)
+    if followers is not None and cfg.train.mode != "central":
+        raise ConfigError("a federated run is one process (its clients spread over Ray): start it without torchrun")
     device = resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     if not args.run_dir:
         _check_out(args.out)
@@ -201,14 +225,19 @@ def cmd_run(argv: list[str]) -> int:
             device=str(device),
         )
     log.info("run directory: %s", run.path)
+    if followers is not None:
+        ranks.note_run_dir(run.path)
+        if "train" not in names:
+            followers.release(ok=True)  # only training needs them
     progress = not args.quiet and sys.stderr.isatty()
     t0 = time.perf_counter()
-    runner.run_stages(cfg, run, names, progress=progress)
+    runner.run_stages(cfg, run, names, progress=progress, followers=followers)
     wall = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     run.manifest.setdefault("invocations", []).append(
         {"stages": names, "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak_mb, 1), "device": str(device)}
         | ({"peak_tree_rss_mb": round(tree_mb, 1)} if (tree_mb := _peak_tree_rss_mb()) else {})
+        | ({"world_size": followers.world.size} if followers is not None else {})
     )
     run.save_manifest()
     report = run.path / "report.html"

@@ -202,8 +202,13 @@ def load_recorded(name: str, run: RunDir) -> Any:
         raise damaged(where, f"{type(exc).__name__}: {reason}{read_too}; re-run --from {name}") from None
 
 
-def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = False) -> dict[str, Any]:
+def run_stages(
+    cfg: Config, run: RunDir, names: list[str], *, progress: bool = False, followers: Any = None
+) -> dict[str, Any]:
     """Run ``names`` in order inside ``run``; later recorded stages become stale.
+
+    ``followers``: rank 0's link to the other ranks (``pipeline.ranks.Followers``) when this is rank 0 of
+    a multi-process training; only the train stage uses them.
 
     Raises
     ------
@@ -226,7 +231,7 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
         stage = STAGES[name]
         inputs = _inputs(stage, outputs, run)
         run.begin_stage(name, seed=seed)
-        runtime = stage_runtime(cfg, run, name, seed=seed, progress=progress)
+        runtime = stage_runtime(cfg, run, name, seed=seed, progress=progress, followers=followers)
         log.debug("stage %s: %s", name, stage.description)
         t0 = time.perf_counter()
         module = stage_module(name)
@@ -245,8 +250,11 @@ def run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool = F
     return outputs
 
 
-def stage_runtime(cfg: Config, run: RunDir, name: str, *, seed: int, progress: bool = False) -> Runtime:
-    """The run-time services stage ``name`` gets: progress display, checkpoints and ledgers in ``run``."""
+def stage_runtime(
+    cfg: Config, run: RunDir, name: str, *, seed: int, progress: bool = False, followers: Any = None
+) -> Runtime:
+    """The run-time services stage ``name`` gets: progress display, checkpoints and ledgers in ``run``, and
+    (rank 0 of a multi-process training) the other ranks."""
 
     def record_ledger(path: Path) -> None:
         run.record_ledger(path.resolve().relative_to(run.path.resolve()).as_posix(), stage=name, seed=seed)
@@ -258,6 +266,7 @@ def stage_runtime(cfg: Config, run: RunDir, name: str, *, seed: int, progress: b
         load_bytes=lambda rel: _load_intermediate(run, rel),
         ledger_dir=(run.path / LEDGER_DIR).resolve(),  # absolute: the clients run in other folders
         record_ledger=record_ledger,
+        followers=followers,
     )
 
 

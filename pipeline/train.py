@@ -30,6 +30,7 @@ from auditml_core.teacher import (
     preflight,
     public_pretrain,
 )
+from pipeline import ranks
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
             runtime=runtime,
             public_only=public_only,
         )
+    if runtime.followers is not None:
+        runtime.followers.release(ok=True)  # the other ranks only train: they exit now
     return TrainOutput(models=trained, ridge=baseline, public_only=public_only)
 
 
@@ -188,16 +191,37 @@ def _train_central(
             runtime.save_public_pretraining(name, pretraining, public_only[name])
     elif (saved := runtime.load_public_pretraining(name)) is not None:
         pretraining, public_only[name] = saved
+    followers = runtime.followers  # rank 0 of a multi-process training: the other ranks train with it
+    if followers is not None:
+        followers.train(
+            ranks.Order(
+                name=name,
+                spec=spec,
+                initial_state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                task=ds.task,
+                fit_cfg=fit_cfg,
+                dp=cfg.dp,
+                device_type=device.type,
+                seed=seed,
+                patience=cfg.train.patience,
+                resume=training.checkpoint_bytes(resume) if resume is not None else None,
+            ),
+            x_train=ds.x["train"],
+            y_train=ds.y["train"],
+        )
     try:
         result = _fit_central(cfg, name, model, ds, fit_cfg, device=device, seed=seed, runtime=runtime, resume=resume)
     except TrainingDivergedError as exc:
         raise diverged(exc, f"{name}.{fit_section(cfg)}", fit_cfg) from None
+    if followers is not None:
+        followers.trained()
     return TrainedModel(
         spec=spec,
         state_dict=result.state_dict,
         training={
             **result.summary(),
             "mode": "central",
+            "world_size": followers.world.size if followers is not None else 1,  # ranks that trained it together
             "seed": seed,
             "device": str(device),
             "fit": fit_cfg.__dict__,
@@ -246,6 +270,7 @@ def _fit_central(
         on_epoch_end=lambda ck: runtime.save_checkpoint(name, ck),
         progress=runtime.progress,
         desc=name,
+        world=runtime.followers.world if runtime.followers is not None else None,
     )
 
 
