@@ -196,8 +196,9 @@ def front_end_record(spec: Mapping[str, Any]) -> dict[str, Any] | None:
         "trainable_parameters": n_parameters(model),
         "data_independent": True,
         "privacy": "spends no privacy budget: its filters are a function of the spec alone (never trained, "
-        "never fitted to any data) and any normalisation uses each image's own statistics; DP-SGD trains "
-        "only the head, and the guarantee covers the whole model",
+        "never fitted to any data) and its per-image normalisation uses each image's own statistics; DP-SGD trains "
+        "only the head, so the DP guarantee covers all the weights, given the inputs' standardisation: the "
+        "per-channel mean and standard deviation of the training split, computed without DP and not covered",
     }
 
 
