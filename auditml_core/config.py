@@ -714,6 +714,25 @@ def _validate_client_dp(cfg: Config) -> None:
         )
 
 
+def check_pipeline_mode(cfg: Config) -> None:
+    """Refuse ``client_dp.enabled=true`` for a central ``python -m pipeline`` run (``train.mode=central``).
+
+    User-level DP is a federated mechanism: central training would ignore the switch and release a
+    model without the guarantee asked for. Only the pipeline's entry point calls this; the Flower
+    launchers (``federated.launch.deploy``, the ServerApp) train federated whatever ``train.mode`` says.
+
+    Raises
+    ------
+    ConfigError
+        If ``client_dp.enabled`` and ``train.mode`` is not ``federated``.
+    """
+    if cfg.client_dp.enabled and cfg.train.mode != "federated":
+        raise ConfigError(
+            f"client_dp.enabled=true is user-level DP for federated training, but train.mode={cfg.train.mode} trains "
+            "centrally and would ignore it; set train.mode=federated, or use dp.enabled=true for central DP"
+        )
+
+
 # --------------------------------------------------------------------------- flat views and TOML
 
 

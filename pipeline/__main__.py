@@ -207,6 +207,7 @@ def _run(argv: list[str], *, followers: ranks.Followers | None) -> int:
         if args.start:
             raise ConfigError("--from re-runs part of an existing run: add --run-dir runs/<run>")
         cfg = config_mod.load_config(args.config, overrides)
+        config_mod.check_pipeline_mode(cfg)  # a privacy switch central training would ignore is refused
         _check_effect(cfg, args.config, overrides, strict=args.strict)
     if args.run_dir and not (args.start or args.stages):
         # Resume: skip stages already complete.
