@@ -28,6 +28,10 @@ class Runtime:
     # the authority a resumed run reads, never a copy that could lag; None = they keep them in their own scratch.
     ledger_dir: Path | None = None
     record_ledger: Callable[[Path], None] | None = None  # note a ledger file of ledger_dir's in the manifest
+    # Likewise the federated server's checkpoint: written in place by the ServerApp after every round (none = it
+    # keeps it in its scratch folder), noted in the manifest by record_checkpoint.
+    server_checkpoint_dir: Path | None = None
+    record_checkpoint: Callable[[Path], None] | None = None
     checkpoint_every_s: float = 5.0  # write a checkpoint at most this often (always after the last epoch)
     placement: dict[str, Any] | None = None  # the stage's device decision (Placement.record), for the manifest
     # Rank 0's link to the other ranks of a multi-process training (pipeline.ranks.Followers); None = one process

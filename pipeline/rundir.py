@@ -26,6 +26,7 @@ from typing import Any, Mapping
 from auditml_core.artifacts import atomic_write, json_bytes, read_json
 from auditml_core.errors import RunDirError
 from auditml_core.privacy import dp_sgd as privacy
+from federated.app import checkpoint as fed_checkpoint
 
 MANIFEST = "manifest.json"
 CONFIG = "config.toml"
@@ -34,6 +35,8 @@ LIBRARIES = ("numpy", "scikit-learn", "torch", "opacus", "flwr", "shap", "lime",
 
 
 LEDGER_DIR = "checkpoints/federated/clients"  # federated clients write their privacy ledgers here themselves
+SERVER_CHECKPOINT_DIR = "checkpoints/federated/server"  # the federated server writes its checkpoints here itself
+IN_PLACE_SERVER = "federated-server"  # a checkpoint entry's "in_place": written by the ServerApp, noted afterwards
 
 
 def _ledger_history(data: bytes) -> list[tuple[float, float, int]] | None:
@@ -54,6 +57,13 @@ def _accepted(entry: Mapping[str, Any], data: bytes) -> bool:
     """
     if hashlib.sha256(data).hexdigest() in _accepted_hashes(entry):
         return True
+    if entry.get("in_place") == IN_PLACE_SERVER:  # the server's checkpoint, written since it was noted
+        now = fed_checkpoint.summary(data)
+        return (
+            now is not None
+            and now["fingerprint"] == entry.get("fingerprint")
+            and now["completed_rounds"] >= int(entry.get("completed_rounds", 0))
+        )
     if entry.get("kind") != "ledger" or not isinstance(entry.get("accountant_history"), list):
         return False
     history = _ledger_history(data)
@@ -286,6 +296,32 @@ class RunDir:
         }
         self.save_manifest()
 
+    def record_server_checkpoint(self, rel: str, *, stage: str, seed: int | None) -> None:
+        """Note in the manifest the federated server's checkpoint, which the ServerApp writes in place after every
+        round (no copy that could lag a round behind): its hash, completed rounds and run fingerprint.
+
+        A later read accepts the file while it belongs to the same run and has at least the rounds noted
+        (the server may have completed more since); an older or another run's checkpoint is refused.
+        """
+        target = self._inside(rel)
+        data = target.read_bytes()
+        summary = fed_checkpoint.summary(data)
+        if summary is None:
+            raise damaged(target, "not a federated server checkpoint")
+        old = self.manifest["artifacts"].get(rel)
+        if old is not None and not _accepted(old, data):
+            raise damaged(target, "the server checkpoint has fewer rounds than the manifest noted, or another run's")
+        self.manifest["artifacts"][rel] = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "stage": stage,
+            "seed": seed,
+            "kind": "checkpoint",  # an intermediate: dropped when the stage is re-run afresh
+            "in_place": IN_PLACE_SERVER,
+            **summary,
+        }
+        self.save_manifest()
+
     def complete_stage(
         self,
         name: str,
@@ -383,7 +419,7 @@ class RunDir:
                 problems.append(f"missing: {rel}")
             elif sha256_file(p) not in _accepted_hashes(entry) and not _accepted(entry, p.read_bytes()):
                 problems.append(f"edited: {rel} (SHA-256 differs from the manifest)")
-        unnoted = set(self.unnoted_ledgers())
+        unnoted = set(self.unnoted_ledgers()) | set(self.unnoted_server_checkpoints())
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path).as_posix()
             if p.is_symlink() and rel not in recorded:
@@ -409,6 +445,21 @@ class RunDir:
             if rel not in recorded and not p.is_symlink() and _ledger_history(p.read_bytes()) is not None:
                 out.append(rel)
         return out
+
+    def unnoted_server_checkpoints(self) -> list[str]:
+        """Federated server checkpoints the ServerApp wrote here that the manifest has not noted yet: the run
+        stopped within moments of its first checkpoint. A resume reads and notes them (relative paths)."""
+        root = self.path / SERVER_CHECKPOINT_DIR
+        if self.stage_status("train") == "complete" or not root.is_dir():
+            return []
+        recorded = self.manifest["artifacts"]
+        return [
+            p.relative_to(self.path).as_posix()
+            for p in sorted(root.glob("*.checkpoint.safetensors"))
+            if p.relative_to(self.path).as_posix() not in recorded
+            and not p.is_symlink()
+            and fed_checkpoint.summary(p.read_bytes()) is not None
+        ]
 
     def incomplete(self, stages: list[str]) -> list[str]:
         """One line per stage of ``stages`` (registry order) that is not ``complete``, with its status."""

@@ -25,7 +25,7 @@ from auditml_core.config import Config
 from auditml_core.errors import ConfigError, RunDirError, UserError
 from auditml_core.runtime import Runtime
 from auditml_core.seeds import stage_seed
-from pipeline.rundir import LEDGER_DIR, RunDir, damaged
+from pipeline.rundir import LEDGER_DIR, SERVER_CHECKPOINT_DIR, RunDir, damaged
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,10 @@ def stage_runtime(
     def record_ledger(path: Path) -> None:
         run.record_ledger(path.resolve().relative_to(run.path.resolve()).as_posix(), stage=name, seed=seed)
 
+    def record_checkpoint(path: Path) -> None:
+        rel = path.resolve().relative_to(run.path.resolve()).as_posix()
+        run.record_server_checkpoint(rel, stage=name, seed=seed)
+
     return Runtime(
         progress=progress,
         checkpoint_every_s=cfg.train.checkpoint_every_s,
@@ -266,6 +270,8 @@ def stage_runtime(
         load_bytes=lambda rel: _load_intermediate(run, rel),
         ledger_dir=(run.path / LEDGER_DIR).resolve(),  # absolute: the clients run in other folders
         record_ledger=record_ledger,
+        server_checkpoint_dir=(run.path / SERVER_CHECKPOINT_DIR).resolve(),  # the ServerApp writes it there itself
+        record_checkpoint=record_checkpoint,
         followers=followers,
     )
 

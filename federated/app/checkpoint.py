@@ -19,7 +19,14 @@ import numpy as np
 from auditml_core.artifacts import atomic_write
 
 # Run-config keys that may differ between a run and its resume (where files live, fault injection).
-RESUME_NEUTRAL = ("app.work-dir", "app.fail-partition", "app.fail-round", "app.node-wait-s", "app.round-timeout-s")
+RESUME_NEUTRAL = (
+    "app.work-dir",
+    "app.checkpoint-dir",
+    "app.fail-partition",
+    "app.fail-round",
+    "app.node-wait-s",
+    "app.round-timeout-s",
+)
 
 
 @dataclass
@@ -58,3 +65,15 @@ def load(path: Path) -> ServerCheckpoint | None:
     weights = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     strategy = {k[len("strategy/") :]: v for k, v in tensors.items() if k.startswith("strategy/")}
     return ServerCheckpoint(weights=weights, strategy_state=strategy, record=record)
+
+
+def summary(data: bytes) -> dict[str, Any] | None:
+    """``completed_rounds`` and ``fingerprint`` of a checkpoint file's bytes, read from its header only (no tensor
+    is parsed, nothing is unpickled); None when the bytes are not a checkpoint :func:`save` wrote."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        record = json.loads(header["__metadata__"]["record"])
+        return {"completed_rounds": int(record["completed_rounds"]), "fingerprint": str(record["fingerprint"])}
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -99,15 +99,29 @@ def train(msg: Message, context: Context) -> Message:
     try:
         if cfg.dp.enabled:
             # Write-ahead: reserve this round's ε before any step touches the data (fit plans the same call).
-            plan = privacy.plan(
-                cfg.dp,
-                n_samples=n_rows,
-                batch_size=fit_cfg.batch_size,
-                max_grad_norm=fit_cfg.max_grad_norm,
-                epochs=f.local_epochs,
-                total_epochs=f.rounds * f.local_epochs,
-                history=history,
-            )
+            def plan_on(spent):
+                return privacy.plan(
+                    cfg.dp,
+                    n_samples=n_rows,
+                    batch_size=fit_cfg.batch_size,
+                    max_grad_norm=fit_cfg.max_grad_norm,
+                    epochs=f.local_epochs,
+                    total_epochs=f.rounds * f.local_epochs,
+                    history=spent,
+                )
+
+            # A resumed run re-sends the round it crashed in: a reservation for it that released nothing (the
+            # round is not in rounds_trained) already counts this round, so the same spend is not counted twice.
+            standing = client_state.unreleased_reservation(path, model=task.name, server_round=server_round)
+            if standing is not None and history == [*standing[0], standing[1]]:
+                plan = plan_on(standing[0])
+                if (plan.noise_multiplier, plan.sample_rate, plan.steps) == standing[1]:
+                    history = standing[0]
+                    log.info("client %d re-runs round %d under its unreleased reservation", pid, server_round)
+                else:  # planned differently now: the reservation stays counted, the round spends anew
+                    plan = plan_on(history)
+            else:
+                plan = plan_on(history)
             planned = [*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)]
             client_state.reserve(context, planned, path=path, model=task.name, server_round=server_round)
         result = training.fit(

@@ -16,6 +16,13 @@ spend (:func:`reserve`): the ledger then already holds the history *after* the r
 with the round listed in ``reserved_round``. Training replaces it with what was really
 spent (:func:`save_history`, never more than reserved). A crash in between leaves the
 reservation standing, so a crash can only overstate ε, never hide a round that ran.
+
+A round's result is released only after :func:`save_history` recorded the round as trained (the
+reply is built after it). So a reservation whose round is not in ``rounds_trained`` released nothing:
+when a resumed run sends that same round again, the client re-runs it under the same reservation
+(:func:`unreleased_reservation`) instead of spending the round twice. Noise is drawn afresh, and only
+the new result is ever released; the ledger never records less than it did (the reservation is
+replaced by the same spend), so it stays write-ahead and conservative.
 """
 
 from __future__ import annotations
@@ -49,8 +56,37 @@ def load_history(context: Context, *, path: Path, model: str) -> History:
 
 
 def reserve(context: Context, planned: History, *, path: Path, model: str, server_round: int) -> None:
-    """Write ahead: record ``planned`` (the history including this round's planned spend) before training."""
-    save_history(context, planned, path=path, model=model, rounds=load_rounds(path), reserved_round=server_round)
+    """Write ahead: record ``planned`` (the history including this round's planned spend, its last entry)
+    before training."""
+    save_history(
+        context,
+        planned,
+        path=path,
+        model=model,
+        rounds=load_rounds(path),
+        reserved_round=server_round,
+        reservation=planned[-1],
+    )
+
+
+def unreleased_reservation(path: Path, *, model: str, server_round: int) -> tuple[History, tuple] | None:
+    """``(history before it, the reserved entry)`` when the ledger holds a reservation for ``server_round``
+    whose result was never released (the round is not in ``rounds_trained``); None otherwise."""
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    entry = payload.get("reservation")
+    history = [(float(s), float(q), int(n)) for s, q, n in payload["accountant_history"]]
+    if (
+        payload.get("model", model) != model
+        or payload.get("reserved_round") != server_round
+        or server_round in payload.get("rounds_trained", [])
+        or not entry
+        or not history
+        or history[-1] != (float(entry[0]), float(entry[1]), int(entry[2]))
+    ):
+        return None
+    return history[:-1], history[-1]
 
 
 def save_history(
@@ -61,16 +97,19 @@ def save_history(
     model: str,
     rounds: list[int],
     reserved_round: int | None = None,
+    reservation: tuple | None = None,
 ) -> None:
     """Record ``history`` in both copies (file first: it is the one a crash cannot lose).
 
-    ``reserved_round``: the round whose spend ``history`` already includes but which has not finished.
+    ``reserved_round``: the round whose spend ``history`` already includes but which has not finished;
+    ``reservation``: that round's entry (the last of ``history``).
     """
     payload = {
         "model": model,
         "accountant_history": [list(h) for h in history],
         "rounds_trained": rounds,
         "reserved_round": reserved_round,
+        "reservation": list(reservation) if reservation is not None else None,
     }
     # fsync of file and folder: the reservation must be on disk before the first step touches the data.
     atomic_write(path, json.dumps(payload, indent=1).encode(), sync_dir=True)

@@ -42,6 +42,9 @@ APP_DEFAULTS: dict[str, Scalar] = {
     # before each round (write-ahead) and read on resume; "" = <work-dir>/clients. The pipeline points it into the
     # run directory. Per-site mode ignores it: each site keeps its ledger at its own ledger-path.
     "app.ledger-dir": "",
+    # folder of the server's checkpoint (<model>.checkpoint.safetensors), written by the ServerApp itself after every
+    # round and read on resume; "" = <work-dir>/server. The pipeline points it into the run directory.
+    "app.checkpoint-dir": "",
     "app.seed": -1,  # model seed (weights init, partition, client seeds); -1 = derive it from `seed` as the train stage does
     "app.client-evaluate": False,  # also send the global model to clients for evaluation on their validation shard
     "app.node-wait-s": 120.0,  # seconds the server waits for federated.n_clients SuperNodes to connect
@@ -59,6 +62,7 @@ class AppSettings:
     model: str
     work_dir: str
     ledger_dir: str
+    checkpoint_dir: str
     seed: int
     client_evaluate: bool
     node_wait_s: float

@@ -258,7 +258,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     parts = task.partition() if task.sites is None else None
     partition_sizes = task.train_sizes()
     fp = checkpoint.fingerprint(run_config)
-    ck_path = workdir.checkpoint_path(task.work_dir, task.name)
+    ck_path = workdir.checkpoint_path(task.work_dir, task.name, checkpoint_dir=task.checkpoint_dir)
     ck = checkpoint.load(ck_path)
     if ck is not None and ck.record.get("fingerprint") != fp:
         raise UserError(

@@ -53,6 +53,7 @@ class Task:
     model_seed: int  # weights init; partition and client seeds derive from it
     work_dir: Path
     ledger_dir: Path | None = None  # emulated clients' ledgers (workdir.ledger_path); None = under work_dir
+    checkpoint_dir: Path | None = None  # the server's checkpoint (workdir.checkpoint_path); None = under work_dir
     sites: Mapping[str, Any] | None = (
         None  # per-site mode, server side: what the sites reported (federated.app.site.agree)
     )
@@ -149,6 +150,7 @@ def load_task(cfg: Config, settings: AppSettings, *, run_id: int) -> Task:
         model_seed=model_seed(cfg, name, settings),
         work_dir=work_dir,
         ledger_dir=Path(settings.ledger_dir) if settings.ledger_dir else None,
+        checkpoint_dir=Path(settings.checkpoint_dir) if settings.checkpoint_dir else None,
     )
 
 

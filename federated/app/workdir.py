@@ -6,6 +6,7 @@
     <work>/spec/<model>.json           the model's spec                               [launcher -> apps]
     <work>/run_config.toml             the Flower run-config                          [launcher -> flwr run]
     <work>/server/<model>.checkpoint.safetensors   the server's checkpoint (resume)   [ServerApp]
+                                                   (or <app.checkpoint-dir>/...: the run directory's)
     <work>/clients/<model>/client-<i>.json         client i's privacy ledger          [ClientApp]
                                                    (or <app.ledger-dir>/<model>/...: the run directory's)
     <work>/result/<model>.safetensors|json|error.json   final weights, record, error  [ServerApp -> launcher]
@@ -52,9 +53,13 @@ def read_dataset(work_dir: Path, key: str) -> Dataset:
     return core_data.load(lambda rel: (work_dir / rel.replace(f"data/{other}.", f"data/{key}.")).read_bytes())[key]
 
 
-def checkpoint_path(work_dir: Path, model: str) -> Path:
-    """Where the server keeps model ``model``'s checkpoint."""
-    return work_dir / "server" / f"{model}.checkpoint.safetensors"
+def checkpoint_path(work_dir: Path, model: str, *, checkpoint_dir: Path | None = None) -> Path:
+    """Where the server keeps model ``model``'s checkpoint: ``<checkpoint_dir>/<model>.checkpoint.safetensors``.
+
+    ``checkpoint_dir`` (``app.checkpoint-dir``) defaults to ``<work>/server``; the pipeline sets it inside its run
+    directory, so the checkpoint a resumed run reads is the one the server wrote (no copy that could lag).
+    """
+    return (checkpoint_dir or work_dir / "server") / f"{model}.checkpoint.safetensors"
 
 
 def ledger_path(work_dir: Path, model: str, partition_id: int, *, ledger_dir: Path | None = None) -> Path:

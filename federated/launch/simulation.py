@@ -5,11 +5,12 @@
 starts its own SuperLink in simulation mode on free loopback ports, submits this repo
 as a Flower app with ``flwr run`` (which streams the logs until the run ends), and reads
 back the final global weights and the federation's record that the ServerApp wrote.
-Server checkpoints are copied into the pipeline's run directory as they appear
-(``runtime.save_bytes``) and restored from it, so ``python -m pipeline --run-dir ...`` resumes
-a crashed run from its last completed round. The clients write their privacy ledgers straight
-into the run directory (``runtime.ledger_dir``, write-ahead: before a round touches the data),
-where a resumed run's clients read them: no copy that a kill could leave behind.
+The ServerApp writes its checkpoint straight into the pipeline's run directory after every round
+(``runtime.server_checkpoint_dir``, as ``app.checkpoint-dir``), so ``python -m pipeline --run-dir ...``
+resumes a crashed run from its last completed round: no polling copy that lagged a round behind. The
+clients write their privacy ledgers there too (``runtime.ledger_dir``, write-ahead: before a round
+touches the data), where a resumed run's clients read them. This process only notes both in the
+manifest (their hashes, the checkpoint's rounds, the ledgers' spend).
 Every process started here is stopped on the way out, also on failure and Ctrl-C.
 """
 
@@ -24,7 +25,6 @@ from typing import Any, Iterator, Mapping
 
 from auditml_core import models
 from auditml_core import seeds as core_seeds
-from auditml_core.artifacts import atomic_write
 from auditml_core.config import Config
 from auditml_core.data import Dataset
 from auditml_core.errors import USER_ERRORS
@@ -140,13 +140,13 @@ def train_federated_models(
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="flwr-") as tmp:
         work = Path(tmp)
-        run_config, mirrors = prepare_federation(
+        run_config, notes = prepare_federation(
             cfg, work=work, datasets=datasets, specs=specs, seeds=seeds, runtime=runtime, app_settings=settings
         )
 
         def sync() -> None:
-            for mirror in mirrors:
-                mirror.sync()
+            for note in notes:
+                note.sync()
 
         run_flower(work, run_config, n_supernodes=cfg.federated.n_clients, on_poll=sync)
         sync()
@@ -184,7 +184,7 @@ def prepare_federation(
     seeds: Mapping[str, int],
     runtime: Runtime,
     app_settings: Mapping[str, Any],
-) -> tuple[dict[str, Any], list[_CheckpointMirror]]:
+) -> tuple[dict[str, Any], list[_RunDirNotes]]:
     """Fill the work folder and restore what the run directory kept (the resume path); no process starts.
 
     The clients' privacy ledgers are not restored: with a run directory (``runtime.ledger_dir``) the
@@ -192,14 +192,14 @@ def prepare_federation(
 
     Returns
     -------
-    (the Flower run-config, one checkpoint mirror per model).
+    (the Flower run-config, one noter of the run directory's in-place files per model).
 
     Raises
     ------
     DataError, PrivacyBudgetError
         For impossible settings. RunDirError: a recorded ledger that now records less spend.
     """
-    mirrors = []
+    notes = []
     for name in datasets:
         task = Task(
             cfg=cfg,
@@ -212,11 +212,15 @@ def prepare_federation(
         )
         _preflight(task)  # fail here, in one line, before any process starts
         workdir.write_inputs(work, name=name, dataset=datasets[name], spec=specs[name])
-        mirrors.append(_CheckpointMirror(work, name, runtime))
-        mirrors[-1].restore()
-    ledgers = {"ledger_dir": str(runtime.ledger_dir)} if runtime.ledger_dir is not None else {}
-    run_config = to_run_config(cfg, model=",".join(datasets), work_dir=str(work), **ledgers, **app_settings)
-    return run_config, mirrors
+        notes.append(_RunDirNotes(work, name, runtime))
+        notes[-1].restore()
+    in_place: dict[str, Any] = {}
+    if runtime.ledger_dir is not None:
+        in_place["ledger_dir"] = str(runtime.ledger_dir)
+    if runtime.server_checkpoint_dir is not None:
+        in_place["checkpoint_dir"] = str(runtime.server_checkpoint_dir)
+    run_config = to_run_config(cfg, model=",".join(datasets), work_dir=str(work), **in_place, **app_settings)
+    return run_config, notes
 
 
 def _preflight(task: Task) -> None:
@@ -319,7 +323,7 @@ def run_simulation(
     with (
         _ray_tmp(work) as ray_tmp,
         launcher.sigterm_as_exit(),
-        # The work folder is scratch (the checkpoint is mirrored, the ledgers live in the run directory): if this
+        # The work folder is scratch (checkpoint and ledgers live in the run directory): if this
         # process is killed, the watchdog deletes it and Ray's folder rather than leave private-data weights behind.
         launcher.Processes(
             work / "logs", {**launcher.flower_env(flwr_home, ray_tmp=ray_tmp), **tuning}, disposable=[work, ray_tmp]
@@ -375,67 +379,50 @@ def _raise_if_failed(work: Path, model: str, procs: launcher.Processes) -> None:
         )
 
 
-class _CheckpointMirror:
-    """Copy the server checkpoint between the work folder and the run directory; note the clients' ledgers.
+class _RunDirNotes:
+    """Note in the run directory's manifest what the Flower processes write there in place: the server's
+    checkpoint (``runtime.server_checkpoint_dir``) and the clients' privacy ledgers (``runtime.ledger_dir``).
 
-    The server checkpoint may lag (a lost one only means rounds trained again, and the ledgers count
-    them). The ledgers may not: the clients write them in the run directory themselves
-    (``runtime.ledger_dir``), and this only notes their hashes in its manifest.
+    Nothing is copied: the files the ServerApp and the clients write are the ones a resumed run reads.
+    The notes may lag the files (a kill between a write and its note): the manifest then accepts a
+    checkpoint with at least the rounds and a ledger with at least the spend it noted.
     """
 
     def __init__(self, work: Path, name: str, runtime: Runtime):
         self.work, self.name, self.runtime = work, name, runtime
         self.seen: dict[Path, int] = {}
 
-    def _rel(self, path: Path) -> str:
-        return f"checkpoints/federated/{path.relative_to(self.work).as_posix()}"
-
     def _ledgers(self) -> list[Path]:
         if self.runtime.ledger_dir is None:
             return []
         return sorted(p for p in (self.runtime.ledger_dir / self.name).glob("*.json") if not p.name.startswith("."))
 
+    def _checkpoint(self) -> list[Path]:
+        if self.runtime.server_checkpoint_dir is None or self.runtime.record_checkpoint is None:
+            return []
+        path = workdir.checkpoint_path(self.work, self.name, checkpoint_dir=self.runtime.server_checkpoint_dir)
+        return [path]
+
     def restore(self) -> None:
-        """Put the server checkpoint the run directory kept back into the work folder (resume), and check
-        the ledgers the clients left there against the manifest (a ledger that now spends less is refused).
-        """
-        self._note_ledgers()
-        if self.runtime.load_bytes is None:
-            return
-        rel = f"server/{self.name}.checkpoint.safetensors"
-        data = self.runtime.load_bytes(f"checkpoints/federated/{rel}")
-        if data is not None:
-            atomic_write(self.work / rel, data)
-            log.info("%s: restored the federated server checkpoint from the run directory", self.name)
+        """Before a (resumed) run: note what the last one left (a ledger that now spends less, or a checkpoint
+        with fewer rounds than noted, is refused)."""
+        self.sync()
+        if self._checkpoint() and self._checkpoint()[0].is_file():
+            log.info("%s: resuming from the federated server checkpoint in the run directory", self.name)
 
     def sync(self) -> None:
-        """Forward a new or changed server checkpoint to the run directory; note changed ledgers."""
-        self._note_ledgers()
-        if self.runtime.save_bytes is None:
-            return
-        for path in sorted((self.work / "server").glob(f"{self.name}.*")):
-            if path.name.startswith("."):
-                continue  # an atomic write in progress
-            try:
-                mtime = path.stat().st_mtime_ns
-                if self.seen.get(path) == mtime:
-                    continue
-                data = path.read_bytes()
-            except FileNotFoundError:
+        """Note new or changed ledgers and server checkpoint in the manifest."""
+        noters = [(p, self.runtime.record_ledger) for p in self._ledgers()]
+        noters += [(p, self.runtime.record_checkpoint) for p in self._checkpoint()]
+        for path, note in noters:
+            if note is None:
                 continue
-            self.runtime.save_bytes(self._rel(path), data)
-            self.seen[path] = mtime
-
-    def _note_ledgers(self) -> None:
-        if self.runtime.record_ledger is None:
-            return
-        for path in self._ledgers():
             try:
                 mtime = path.stat().st_mtime_ns
             except FileNotFoundError:
                 continue
             if self.seen.get(path) != mtime:
-                self.runtime.record_ledger(path)
+                note(path)
                 self.seen[path] = mtime
 
 

@@ -283,3 +283,106 @@ def test_loopback_deployment_runs_secure_aggregation_with_user_level_dp_through_
     _check_secagg_user_dp_record(record, completed=[3, 2], dropped=[0, 1], q=1.0)
     assert [f["round"] for f in record["failures"]] == [2]
     assert not _flower_processes()
+
+
+@pytest.mark.slow
+def test_a_dp_federated_run_killed_mid_round_resumes_and_completes_within_budget(tmp_path):
+    """Issue 25 item 1: kill -9 of the pipeline while round >= 4 trains under DP, then `--run-dir` resumes it.
+
+    Before: the run directory's server checkpoint was a polled copy a round behind, every client trained the
+    killed round again, and (σ planned to land on the budget after the last round) all refused the last
+    round: the run could never finish. Now the server's checkpoint is in the run directory, the resume
+    starts right after the last completed round, and a client re-runs the round it reserved but never
+    released under that reservation."""
+    import shutil
+    import signal
+    import tempfile
+    import time
+
+    from auditml_core.privacy.dp_sgd import epsilon_of
+
+    rounds, target = 6, 3.0
+    tmp = Path(tempfile.mkdtemp(prefix="fr-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    out = tmp_path / "out"
+    base = [sys.executable, "-m", "pipeline", "--quiet"]
+    settings = [
+        *("train.mode=federated", "dp.enabled=true", "dp.accountant=rdp", f"dp.target_epsilon={target}"),
+        *("federated.n_clients=3", "federated.min_clients=1", f"federated.rounds={rounds}"),
+        # 40 local epochs keep a regressor client training for a moment: the kill lands while one trains
+        *("federated.local_epochs=40", "regressor.hidden_sizes=[8]", "cnn.channels=[4]", "cnn.hidden=8"),
+        "cnn.dp_fit.batch_size=64",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update({"TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)})
+    err = tmp_path / "first.err"
+    first = subprocess.Popen(
+        [*base, "--out", str(out), "--stages", "data,train", *settings],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=err.open("wb"),
+    )
+
+    def ledgers() -> dict[str, dict]:
+        found = {}
+        for p in out.glob("*/checkpoints/federated/clients/regressor/client-*.json"):
+            try:
+                found[p.stem] = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue  # being replaced
+        return found
+
+    try:
+        deadline = time.monotonic() + 400
+        while not any(
+            (led.get("reserved_round") or 0) >= 4 and led["reserved_round"] not in led["rounds_trained"]
+            for led in ledgers().values()
+        ):
+            assert first.poll() is None, err.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no client reserved round 4 within 400 s"
+            time.sleep(0.01)
+        os.kill(first.pid, signal.SIGKILL)  # mid-round: a client has reserved its round and is training
+        first.wait(timeout=10)
+        killed = ledgers()
+        t_kill = time.monotonic()
+        while _processes_mentioning(str(tmp)) and time.monotonic() - t_kill < 20:
+            time.sleep(0.2)
+        assert not _processes_mentioning(str(tmp))
+    finally:
+        if first.poll() is None:
+            first.kill()
+    (run,) = out.iterdir()
+    killed_round = max(led["reserved_round"] or 0 for led in killed.values())
+    mid_round = [
+        c for c, led in killed.items() if led["reserved_round"] and led["reserved_round"] not in led["rounds_trained"]
+    ]
+    assert mid_round and killed_round >= 4
+    t0 = time.monotonic()
+    resumed = subprocess.run(
+        [*base, "--run-dir", str(run), "--stages", "train"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    print(f"killed in round {killed_round} ({mid_round} mid-round); resume took {time.monotonic() - t0:.1f} s")
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["status"] == "complete"
+    training = json.loads((run / "models" / "regressor.json").read_text())["training"]
+    # The resume started right after the last completed round (the checkpoint did not lag).
+    assert training["resumed_from_round"] == [killed_round - 1] and training["completed_rounds"] == rounds
+    assert all(h["clients_trained"] >= 1 for h in training["history"])
+    # Every client within budget, by its own ledger; the ones killed mid-round spent the killed round once.
+    for client, led in ledgers().items():
+        eps = epsilon_of([tuple(h) for h in led["accountant_history"]], delta=1e-5, accountant="rdp")
+        assert eps <= target + 1e-9, (client, eps)
+        if client in mid_round:
+            assert led["rounds_trained"] == list(range(1, rounds + 1)), led["rounds_trained"]
+            per_round = killed[client]["accountant_history"][-1][2]
+            assert sum(n for _, _, n in led["accountant_history"]) == rounds * per_round
+    assert training["privacy"]["epsilon"] <= target
+    assert json.loads((run / "models" / "cnn.json").read_text())["training"]["completed_rounds"] == rounds
+    assert not _flower_processes()

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from auditml_core import config as config_mod
 from auditml_core import models, training
 from auditml_core.errors import RunDirError
-from auditml_core.privacy.dp_sgd import epsilon_of
+from auditml_core.privacy.dp_sgd import covers, epsilon_of
 from auditml_core.seeds import stage_seed
 from auditml_core.teacher import model_specs
 from federated.app import client_state, workdir
@@ -97,11 +97,19 @@ def test_a_reservation_killed_before_any_poll_is_in_the_resumed_runs_ledger(
     rel = path.resolve().relative_to(run_path.resolve()).as_posix()
     assert run.manifest["artifacts"][rel]["kind"] == "ledger" and rel == unnoted
     assert run.verify() == [] and run.unnoted_ledgers() == []
-    # The resumed client trains round 1 again on top of the reservation: its ε covers both.
+    # The resumed run sends round 1 again. The killed attempt released nothing (round 1 is not in rounds_trained):
+    # the client re-runs it under the reservation that already counts it, instead of spending round 1 twice.
     reply = train(_message(weights, 1), client_context(run_config, 0, 2))
-    assert reply.content["metrics"]["epsilon"] > reserved_eps + 1e-6
-    # The ledger moved past its record (a later kill): still accepted, since it covers what was recorded.
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(reserved_eps, rel=1e-9)
+    settled = json.loads(path.read_text())
+    assert settled["rounds_trained"] == [1] and settled["reserved_round"] is None
+    assert [tuple(h) for h in settled["accountant_history"]] == reserved  # the same spend, not twice
+    # The ledger records what the manifest noted (a later write): accepted, since it covers what was recorded.
     assert RunDir.open(run_path).read(rel) == path.read_bytes()
+    # Round 1 was released now: a run that sends it yet again (its server checkpoint lost) spends it again.
+    again = train(_message(weights, 1), client_context(run_config, 0, 2))
+    assert again.content["metrics"]["epsilon"] > reserved_eps + 1e-6
+    assert json.loads(path.read_text())["rounds_trained"] == [1, 1]
 
 
 def test_a_ledger_edited_to_spend_less_than_recorded_is_refused_on_resume(
@@ -117,3 +125,59 @@ def test_a_ledger_edited_to_spend_less_than_recorded_is_refused_on_resume(
     assert any("edited" in p and "client-0.json" in p for p in run.verify())
     with pytest.raises(RunDirError, match="records less spend"):
         _start(cfg, run, tmp_path / "work-3", digits_data)
+
+
+def test_a_reservation_for_another_round_stays_counted(killed_after_reserving, tmp_path, digits_data):
+    """A standing reservation for round 1 does not stand for round 2: round 2 spends on top of it."""
+    cfg, run_path, weights = killed_after_reserving
+    run_config, _ = _start(cfg, RunDir.open(run_path), tmp_path / "work-2", digits_data)
+    task, _ = task_for(run_config, run_id=8)
+    path = workdir.ledger_path(task.work_dir, "cnn", 0, ledger_dir=task.ledger_dir)
+    reserved = json.loads(path.read_text())["accountant_history"]
+    train(_message(weights, 2), client_context(run_config, 0, 2))
+    ledger = json.loads(path.read_text())
+    steps = lambda h: sum(n for _, _, n in h)  # noqa: E731  (equal (σ, q) entries may be merged)
+    assert ledger["rounds_trained"] == [2] and steps(ledger["accountant_history"]) == 2 * steps(reserved)
+    assert covers(ledger["accountant_history"], reserved)
+
+
+def test_the_server_writes_its_checkpoint_into_the_run_directory_and_a_resume_reads_it(tmp_path, digits_data):
+    """Issue 25 item 1: no polling copy. A server killed after round 2 leaves its round-2 checkpoint in the run
+    directory, before this process ever noted it; the resume notes it, continues after round 2 and its ledgers
+    and checkpoint verify; a checkpoint of fewer rounds than noted is refused."""
+    from fed_helpers import InProcessGrid, server_context
+
+    from federated.app import checkpoint
+    from federated.app.server_app import main
+
+    cfg = make_cfg("dp.enabled=true", "dp.accountant=rdp", "dp.target_epsilon=3.0", "federated.rounds=3")
+    run = RunDir.create(tmp_path / "runs", config_toml=config_mod.to_toml(cfg), command=["test"], device="cpu")
+    run.begin_stage("train", seed=stage_seed(cfg.seed, "train"))
+    run_config, _ = _start(cfg, run, tmp_path / "work-1", digits_data)
+    ck_dir = run.path / "checkpoints" / "federated" / "server"
+    assert run_config["app.checkpoint-dir"] == str(ck_dir.resolve())
+    with pytest.raises(SystemExit):
+        main(InProcessGrid(run_config, 2, crash_in_round=3), server_context(run_config))
+    ck_path = ck_dir / "cnn.checkpoint.safetensors"
+    assert checkpoint.load(ck_path).record["completed_rounds"] == 2  # written by the server, in place
+    assert not (tmp_path / "work-1" / "server").exists()  # nothing in the scratch folder to copy or lose
+    run = RunDir.open(run.path)
+    rel = "checkpoints/federated/server/cnn.checkpoint.safetensors"
+    assert run.unnoted_server_checkpoints() == [rel] and run.verify() == []  # not a stray file
+    # The resume (a new process, a new work folder) notes it and the server continues after round 2.
+    run_config, _ = _start(cfg, run, tmp_path / "work-2", digits_data)
+    entry = run.manifest["artifacts"][rel]
+    assert entry["kind"] == "checkpoint" and entry["completed_rounds"] == 2 and entry["in_place"]
+    grid = InProcessGrid(run_config, 2)
+    main(grid, server_context(run_config))
+    assert grid.sent_rounds == [3, 3] and checkpoint.load(ck_path).record["resumed_from_round"] == [2]
+    assert run.verify() == []  # the checkpoint moved to round 3 after its note: accepted (same run, more rounds)
+    run.record_server_checkpoint(rel, stage="train", seed=0)
+    assert run.manifest["artifacts"][rel]["completed_rounds"] == 3
+    older = checkpoint.ServerCheckpoint(
+        weights={}, strategy_state={}, record={"completed_rounds": 1, "fingerprint": checkpoint.fingerprint(run_config)}
+    )
+    checkpoint.save(ck_path, older)  # fewer rounds than noted: not what this run wrote last
+    assert any("edited" in p and rel in p for p in RunDir.open(run.path).verify())
+    with pytest.raises(RunDirError, match="fewer rounds than the manifest noted"):
+        RunDir.open(run.path).record_server_checkpoint(rel, stage="train", seed=0)
