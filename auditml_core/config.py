@@ -406,6 +406,7 @@ MAX_GRAD_NORM = 1e6  # clipping norm C
 MAX_NOISE_MULTIPLIER = 1e4  # sigma
 MAX_EPSILON = 1e3  # a budget above this guarantees nothing worth reporting
 MAX_DP_EPOCHS = 100_000  # accountant steps grow with epochs; PRV's cost grows with them
+MAX_CLIP_SIGMAS = 64.0  # client_dp.clip_sigmas: the clip chance is already ~1e-890 there; more only widens SecAgg+'s range
 
 
 def _validate_fit(fit: FitConfig, key: str) -> None:
@@ -689,17 +690,34 @@ def _validate_secagg(cfg: Config) -> None:
 def _validate_client_dp(cfg: Config) -> None:
     """User-level DP settings (issue 14)."""
     u = cfg.client_dp
-    _check(u.clipping_norm > 0, "client_dp.clipping_norm", u.clipping_norm, "> 0")
+    # Every number has an upper bound too (the same as sample-level DP's): an unbounded one hangs the σ search
+    # (target_epsilon=1e300) or overflows the noise σ·C into a NaN model (clipping_norm=1e300).
     _check(
-        u.target_epsilon > 0 and math.isfinite(u.target_epsilon),
+        0 < u.clipping_norm <= MAX_GRAD_NORM,
+        "client_dp.clipping_norm",
+        u.clipping_norm,
+        f"in (0, {MAX_GRAD_NORM:g}] (a finite bound on one client's update)",
+    )
+    _check(
+        0 < u.target_epsilon <= MAX_EPSILON,
         "client_dp.target_epsilon",
         u.target_epsilon,
-        "a finite number > 0",
+        f"in (0, {MAX_EPSILON:g}] (a larger budget guarantees nothing worth reporting)",
     )
     _check(0 < u.delta < 1, "client_dp.delta", u.delta, "in (0, 1), well below 1/federated.n_clients")
     _check(0 < u.sample_rate <= 1, "client_dp.sample_rate", u.sample_rate, "in (0, 1]")
-    _check(u.noise_multiplier >= 0, "client_dp.noise_multiplier", u.noise_multiplier, ">= 0 (0 = plan it)")
-    _check(u.clip_sigmas >= 4, "client_dp.clip_sigmas", u.clip_sigmas, ">= 4 (8 keeps the clip chance ~1e-15)")
+    _check(
+        0 <= u.noise_multiplier <= MAX_NOISE_MULTIPLIER,
+        "client_dp.noise_multiplier",
+        u.noise_multiplier,
+        f"in [0, {MAX_NOISE_MULTIPLIER:g}] (0 = plan it)",
+    )
+    _check(
+        4 <= u.clip_sigmas <= MAX_CLIP_SIGMAS,
+        "client_dp.clip_sigmas",
+        u.clip_sigmas,
+        f"in [4, {MAX_CLIP_SIGMAS:g}] (8 keeps the clip chance ~1e-15)",
+    )
     if u.enabled and u.noise_placement == "client" and not cfg.federated.secure_aggregation:
         raise ConfigError(
             "client_dp.noise_placement='client' needs federated.secure_aggregation=true (otherwise the server sees each "

@@ -40,6 +40,7 @@ ORDERS: list[float] = list(RDPAccountant.DEFAULT_ALPHAS)  # the orders Opacus' R
 # per round; a σ search visits ~20 σ. Bounded so that a long-lived process does not grow.
 RDP_CACHE_SIZE = 256
 EPSILON_CACHE_SIZE = 1024
+MAX_BISECTION_STEPS = 200  # σ search: ~20 steps reach Opacus' tolerance; a target ε beyond float precision never does
 
 
 @functools.lru_cache(maxsize=RDP_CACHE_SIZE)
@@ -132,8 +133,15 @@ def noise_multiplier(
         eps_high = eps_at(sigma_high)
         if sigma_high > MAX_SIGMA:
             raise ValueError("The privacy budget is too low.")
-    while target_epsilon - eps_high > epsilon_tolerance:
+    # Opacus' loop runs until ε is within the tolerance of the target; for a huge target (1e300) ε never gets
+    # there in floating point and σ stops changing, so it would loop forever. Bounded here: every σ_high
+    # visited has ε <= target, so stopping early returns a valid (merely more cautious) σ.
+    for _ in range(MAX_BISECTION_STEPS):
+        if target_epsilon - eps_high <= epsilon_tolerance:
+            break
         sigma = (sigma_low + sigma_high) / 2
+        if sigma in (sigma_low, sigma_high):  # the interval cannot shrink any further
+            break
         eps = eps_at(sigma)
         if eps < target_epsilon:
             sigma_high = sigma

@@ -62,13 +62,19 @@ class Recording:
         record = RoundReplies(round=absolute, sent_to=[m.metadata.dst_node_id for m in messages])
         # A site back under a new node id (federated.app.site.AdmittedSites) is not missing: its old id is retired.
         retired = set(getattr(grid, "replaced_nodes", ()))
-        for node in sorted(self.known_nodes - set(record.sent_to) - retired):
+        # Listed but not sent this round (Poisson sampling left it out) is not missing either.
+        listed = {int(n) for n in grid.get_node_ids()}
+        for node in sorted(self.known_nodes - set(record.sent_to) - listed - retired):
             # The SuperLink no longer lists it (its SuperNode died or lost its connection).
             record.failed.append({"node_id": int(node), "reason": "node not connected when the round started"})
         self.known_nodes.update(record.sent_to)
         self.rounds[absolute] = record
         self.sent[absolute] = messages
         return messages
+
+    def required_replies(self, record: RoundReplies) -> int:
+        """Trained replies a round needs to go on: ``federated.min_clients``."""
+        return self.min_clients
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -99,7 +105,7 @@ class Recording:
                 record.failed.append({"node_id": node, "reason": "no reply before the round timeout"})
         for f in record.failed:
             log.warning("round %d: node %d failed: %s", absolute, f["node_id"], f["reason"])
-        if len(trained) < self.min_clients:
+        if len(trained) < self.required_replies(record):
             if record.failed:
                 raise RoundFailedError(
                     f"round {absolute}: {len(trained)} client(s) trained, {len(record.failed)} failed, {len(record.refused)} "

@@ -14,8 +14,10 @@ Why not Flower's ``DifferentialPrivacyServerSideFixedClipping`` (flwr 1.42,
 So the aggregation here is :func:`auditml_core.privacy.user_level.dp_fedavg_aggregate` (uniform weights,
 fixed denominator ``q·N``, CSPRNG-seeded noise), and client selection is Poisson with
 rate ``q`` (:func:`auditml_core.privacy.user_level.poisson_sample`). The round bookkeeping stays
-:class:`federated.app.strategies.Recording`'s, with ``min_clients = 0``: under Poisson
-sampling a round with no participant is legitimate and still releases (noise only).
+:class:`federated.app.strategies.Recording`'s: a round needs ``federated.min_clients`` trained
+replies, or all of the sampled clients when fewer were sampled. Under Poisson sampling a round
+with no participant is legitimate and still releases (noise only); a round whose sampled clients
+all failed is not, and fails the run (it would release noise alone and call the result trained).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from auditml_core.privacy.user_level import UserDPPlan, dp_fedavg_aggregate, poisson_sample, private_rng
-from federated.app.strategies import Recording
+from federated.app.strategies import Recording, RoundFailedError, RoundReplies
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,12 @@ class _DPFedAvgCore(FedAvg):
             rng=self._rng,
         )
         self.dp_rounds[server_round].update(counts)
+        if not all(np.isfinite(w).all() for w in new):
+            raise RoundFailedError(
+                f"round {server_round}: the DP-FedAvg release is not finite (σ={self.plan.noise_multiplier:g}, "
+                f"C={self.plan.clipping_norm:g}, {counts['aggregated']} update(s)); lower client_dp.clipping_norm or "
+                "check the clients' updates"
+            )
         return ArrayRecord({k: Array(v) for k, v in zip(keys, new)}), MetricRecord(
             {"dp-aggregated": counts["aggregated"], "dp-clipped": counts["clipped"]}
         )
@@ -89,11 +98,18 @@ class _DPFedAvgCore(FedAvg):
 class UserDPFedAvg(Recording, _DPFedAvgCore):
     """DP-FedAvg with the federation's record (replies sorted into trained / refused / failed)."""
 
+    def required_replies(self, record: RoundReplies) -> int:
+        """``federated.min_clients``, or every sampled client when Poisson sampling drew fewer (0 sampled: 0)."""
+        return min(self.min_clients, len(record.sent_to))
+
 
 def build_user_dp_strategy(
-    plan: UserDPPlan, *, round_offset: int = 0, client_evaluate: bool = False, rng=None
+    plan: UserDPPlan, *, min_clients: int = 1, round_offset: int = 0, client_evaluate: bool = False, rng=None
 ) -> UserDPFedAvg:
-    """The DP-FedAvg strategy for ``plan``; ``rng`` only for tests (default: CSPRNG-seeded, unrecorded)."""
+    """The DP-FedAvg strategy for ``plan``; ``rng`` only for tests (default: CSPRNG-seeded, unrecorded).
+
+    ``min_clients``: ``federated.min_clients``, the trained replies a round needs (capped by the number sampled).
+    """
     strategy = UserDPFedAvg(
         fraction_train=1.0,  # unused: configure_train samples (Poisson) itself
         min_train_nodes=0,
@@ -101,6 +117,6 @@ def build_user_dp_strategy(
         fraction_evaluate=1.0 if client_evaluate else 0.0,
         min_evaluate_nodes=plan.n_clients if client_evaluate else 0,
     )
-    strategy._init_recording(min_clients=0, round_offset=round_offset)
+    strategy._init_recording(min_clients=min_clients, round_offset=round_offset)
     strategy._init_user_dp(plan, rng)
     return strategy

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_context
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from auditml_core.config import ClientDPConfig, load_config
 from auditml_core.errors import ConfigError, PrivacyBudgetError
@@ -21,6 +21,7 @@ from auditml_core.privacy.user_level import (
     user_privacy_record,
 )
 from federated.app.server_app import main
+from federated.app.strategies import RoundFailedError
 from federated.app.user_dp import build_user_dp_strategy
 from federated.app.workdir import read_result
 
@@ -157,9 +158,103 @@ def test_strategy_samples_poisson_clips_and_releases_even_an_empty_round():
         assert new is not None  # also with zero participants: noise only
         assert s.dp_rounds[r]["clipped"] == len(msgs)
     assert s.rounds[1].sent_to and len(set(sizes)) >= 1
-    msgs = list(s.configure_train(4, arrays, ConfigRecord({}), _Nodes(10)))
-    new, _ = s.aggregate_train(4, [])  # nobody answered
-    assert new is not None and s.dp_rounds[4]["aggregated"] == 0
+    # Connected clients that Poisson sampling left out of a round are not failures (issue 24).
+    assert all(r.failed == [] for r in s.rounds.values())
+    nobody = build_user_dp_strategy(plan, rng=_NoneSampled())
+    assert list(nobody.configure_train(1, arrays, ConfigRecord({}), _Nodes(10))) == []
+    new, _ = nobody.aggregate_train(1, [])  # nobody sampled: the round still releases (noise only)
+    assert new is not None and nobody.dp_rounds[1]["aggregated"] == 0
+
+
+class _NoneSampled:
+    """A generator under which Poisson sampling picks no client (noise still comes from a real one)."""
+
+    def __init__(self):
+        self._rng = np.random.default_rng(0)
+
+    def random(self, n):
+        return np.ones(n)
+
+    def normal(self, *args, **kwargs):
+        return self._rng.normal(*args, **kwargs)
+
+
+def _failed(to: Message) -> Message:
+    return Message(Error(code=2, reason="RuntimeError: CUDA out of memory"), reply_to=to)
+
+
+@pytest.mark.parametrize("trained", [0, 1])
+def test_a_round_with_fewer_than_min_clients_trained_fails_the_run(trained):
+    """Issue 24 item 5: DP-FedAvg required no replies at all (min_clients = 0), so noise alone was 'trained'."""
+    plan = plan_user_dp(ClientDPConfig(enabled=True, sample_rate=1.0, delta=1e-3), rounds=3, n_clients=3)
+    s = build_user_dp_strategy(plan, min_clients=2, rng=np.random.default_rng(1))
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    msgs = list(s.configure_train(1, arrays, ConfigRecord({}), _Nodes(3)))
+    replies = [_reply(m, 0.1) for m in msgs[:trained]] + [_failed(m) for m in msgs[trained:]]
+    with pytest.raises(RoundFailedError, match="federated.min_clients=2") as info:
+        s.aggregate_train(1, replies)
+    assert "CUDA out of memory" in str(info.value)
+    ok = build_user_dp_strategy(plan, min_clients=2, rng=np.random.default_rng(1))
+    msgs = list(ok.configure_train(1, arrays, ConfigRecord({}), _Nodes(3)))
+    new, _ = ok.aggregate_train(1, [_reply(msgs[0], 0.1), _reply(msgs[1], 0.1), _failed(msgs[2])])
+    assert new is not None and ok.dp_rounds[1]["aggregated"] == 2  # two of three: enough
+
+
+def test_a_user_dp_federation_whose_clients_all_fail_is_not_recorded_as_trained(tmp_path, digits_data):
+    """Issue 24 item 5, end to end in process: the run fails instead of writing a noise-only model."""
+    cfg = make_cfg("client_dp.enabled=true", "client_dp.delta=0.01", "client_dp.target_epsilon=8")
+    rc = prepare_work_dir(tmp_path, cfg, digits_data)
+    grid = InProcessGrid(rc, 2)
+
+    def broken(msg, context):
+        raise RuntimeError("the client's disk is unreadable")
+
+    grid.client_app = broken
+    with pytest.raises(RoundFailedError, match="unreadable"):
+        main(grid, server_context(rc))
+    with pytest.raises(Exception):
+        read_result(tmp_path, "cnn")  # no result was written
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "client_dp.target_epsilon=1e300",
+        "client_dp.clipping_norm=1e300",
+        "client_dp.noise_multiplier=1e300",
+        "client_dp.clip_sigmas=1e300",
+    ],
+)
+def test_every_client_dp_number_has_an_upper_bound(override):
+    """Issue 24 items 5 and 11: unbounded, these hung the σ search or overflowed the noise into a NaN model."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value) and "out of range" in str(info.value)
+
+
+def test_the_sigma_search_ends_for_a_budget_beyond_float_precision():
+    """Issue 24 item 11: ε never gets within 0.01 of 1e300, so the bisection looped forever on a fixed σ."""
+    import signal
+
+    from auditml_core.privacy import accounting
+
+    def too_long(signum, frame):
+        raise TimeoutError("the σ search did not end within 20 s")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(20)
+    try:
+        sigma = accounting.noise_multiplier(
+            target_epsilon=1e300, delta=1e-3, sample_rate=1.0, steps=10, accountant="rdp"
+        )
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert (
+        sigma > 0
+        and user_epsilon(noise_multiplier=sigma, sample_rate=1.0, rounds=10, delta=1e-3, accountant="rdp") <= 1e300
+    )  # stopping early still returns a σ within the budget
 
 
 def test_a_user_dp_run_records_plan_epsilon_and_check(tmp_path, digits_data):
