@@ -72,6 +72,8 @@ def test_a_resumed_dp_run_records_every_key_a_fresh_run_records(tmp_path, monkey
     assert sorted(p.name for p in (fresh / "models").iterdir()) == sorted(
         p.name for p in (resumed / "models").iterdir()
     )
+    artifacts = [sorted(json.loads((r / "manifest.json").read_text())["artifacts"]) for r in (fresh, resumed)]
+    assert artifacts[0] == artifacts[1]  # the same files recorded (checkpoints and public pretraining included)
     for name in ("regressor", "cnn"):
         training = json.loads((resumed / "models" / f"{name}.json").read_text())["training"]
         assert training["resumed_from_epoch"] >= 1, name  # really resumed from a checkpoint
