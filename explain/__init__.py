@@ -28,7 +28,7 @@ from explain.quality import (
     stability,
 )
 from explain.reference import ReferenceErrorResult, reference_error
-from explain.registry import ExplainerFn, available_explainers, explain_all, get_explainer
+from explain.registry import ExplainerFn, available_explainers, explain_all, get_explainer, tabular_shap_method
 from explain.sanity import RandomisationResult, class_randomisation, model_randomisation, randomised_copy
 from explain.types import Explanation, json_safe
 from explain.variants import compare_variants
@@ -40,6 +40,7 @@ __all__ = [
     "available_explainers",
     "get_explainer",
     "explain_all",
+    "tabular_shap_method",
     "make_predict_fn",
     "grid_segments",
     "AdditivityResult",

@@ -4,21 +4,26 @@ Every member is a function with the signature of :class:`ExplainerFn` and
 returns an :class:`~explain.types.Explanation`. Members are imported lazily, so
 ``import explain`` does not import shap or lime.
 
-=================  =========================================  ================
-name               what                                       inputs
-=================  =========================================  ================
-``shap-exact``     exact interventional Shapley (all 2^F      tabular, F <= 14
-                   coalitions enumerated against background)
-``shap-deep``      shap.DeepExplainer (DeepLIFT): additive,   tabular, image
-                   but an approximation of Shapley values
-``shap-gradient``  shap.GradientExplainer (expected gradients) tabular, image
-``shap-kernel``    shap.KernelExplainer, model-agnostic        tabular
-``lime-tabular``   lime LimeTabularExplainer (regression mode) tabular
-``lime-image``     lime LimeImageExplainer on a pixel grid     image
-=================  =========================================  ================
+====================  =========================================  ================
+name                  what                                       inputs
+====================  =========================================  ================
+``shap-exact``        exact interventional Shapley (all 2^F      tabular, F <= 14
+                      coalitions enumerated against background)
+``shap-permutation``  shap.PermutationExplainer: sampled         tabular, any F
+                      orderings, additive by construction
+``shap-deep``         shap.DeepExplainer (DeepLIFT): additive,   tabular, image
+                      but an approximation of Shapley values
+``shap-gradient``     shap.GradientExplainer (expected           tabular, image
+                      gradients)
+``shap-kernel``       shap.KernelExplainer, model-agnostic       tabular
+``lime-tabular``      lime LimeTabularExplainer (regression)     tabular
+``lime-image``        lime LimeImageExplainer on a pixel grid    image
+====================  =========================================  ================
 
-For tabular models with up to ~14 features use ``shap-exact``: its values are
-the exact interventional Shapley values. For images (64+ pixels: not
+For tabular models with up to 14 features use ``shap-exact``: its values are
+the exact interventional Shapley values. Beyond that :func:`tabular_shap_method`
+picks ``shap-permutation`` (a sampling estimate of the same values: measure its
+error against a reference). For images (64+ pixels: not
 enumerable) ``shap-deep`` is fast and additive (its values sum to
 ``output - base``), but additivity does not make them Shapley values: measure
 their error against a sampling reference (:func:`explain.reference_error`).
@@ -37,13 +42,16 @@ from torch import nn
 
 from explain.types import Explanation
 
-__all__ = ["ExplainerFn", "available_explainers", "get_explainer", "explain_all"]
+__all__ = ["ExplainerFn", "available_explainers", "get_explainer", "explain_all", "tabular_shap_method"]
+
+MAX_EXACT_FEATURES = 14  # shap-exact's default cap (explain.shap_exact.MAX_FEATURES; a test checks they agree)
 
 _MEMBERS: Mapping[str, str] = {
     "shap-exact": "explain.shap_exact",
     "shap-deep": "explain.shap_deep",
     "shap-gradient": "explain.shap_gradient",
     "shap-kernel": "explain.shap_kernel",
+    "shap-permutation": "explain.shap_permutation",
     "lime-tabular": "explain.lime_tabular",
     "lime-image": "explain.lime_image",
 }
@@ -73,6 +81,15 @@ class ExplainerFn(Protocol):
 def available_explainers() -> tuple[str, ...]:
     """Names accepted by :func:`get_explainer`, sorted."""
     return tuple(sorted(_MEMBERS))
+
+
+def tabular_shap_method(n_features: int) -> str:
+    """The tabular SHAP method for ``n_features`` features: ``shap-exact`` up to its cap, else ``shap-permutation``.
+
+    Choose it before any work: ``shap-exact`` refuses more than :data:`MAX_EXACT_FEATURES` features
+    (2^F coalitions per row), so asking it anyway fails only after everything before it has run.
+    """
+    return "shap-exact" if n_features <= MAX_EXACT_FEATURES else "shap-permutation"
 
 
 def get_explainer(name: str) -> ExplainerFn:

@@ -35,6 +35,7 @@ from explain._model import prepare
 from explain.types import Explanation
 
 NAME = "shap-exact"
+MAX_FEATURES = 14  # default cap: 2^14 coalitions x 50 background rows = 819,200 model rows per explained row
 _MAX_EVALS_PER_BATCH = 1 << 18  # model rows per forward batch group (bounded memory: ~20 MB at F=10)
 
 
@@ -53,7 +54,7 @@ def explain(
     seed: int,
     feature_names: Sequence[str] | None = None,
     targets: np.ndarray | None = None,
-    max_features: int = 14,
+    max_features: int = MAX_FEATURES,
 ) -> Explanation:
     """Exact interventional Shapley values of a tabular ``model``.
 

@@ -52,8 +52,10 @@ from explain import (
     plots,
     reference_error,
     stability,
+    tabular_shap_method,
 )
 from explain.dependence import partial_dependence, strongest_interaction
+from explain.registry import MAX_EXACT_FEATURES
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "explain/metrics.json"
@@ -151,7 +153,32 @@ def _lime_options(method: str, ecfg: ExplainConfig) -> dict[str, Any]:
 
 def _is_stochastic(method: str) -> bool:
     """Methods whose result depends on the seed: their stability across seeds is measured."""
-    return method.startswith("lime") or method == "shap-gradient"
+    return method.startswith("lime") or method in ("shap-gradient", "shap-permutation")
+
+
+def tabular_methods(requested: list[str], n_features: int) -> tuple[list[str], str | None]:
+    """``requested`` with ``shap-exact`` replaced when the table has more features than it enumerates.
+
+    Chosen before any explaining: ``shap-exact`` refuses more than ``explain.registry.MAX_EXACT_FEATURES``
+    features (2^F coalitions per row), so the regressor's SHAP method follows the feature count
+    (:func:`explain.tabular_shap_method`). Returns the methods and the note for the report (None: unchanged).
+    """
+    chosen = tabular_shap_method(n_features)
+    if "shap-exact" not in requested or chosen == "shap-exact":
+        return requested, None
+    methods = []
+    for m in requested:
+        m = chosen if m == "shap-exact" else m
+        if m not in methods:
+            methods.append(m)
+    note = (
+        f"the table has {n_features} features, more than shap-exact enumerates ({MAX_EXACT_FEATURES}: 2^F coalitions "
+        f"per row), so the regressor is explained with {chosen} (shap's PermutationExplainer: sampled feature "
+        "orderings, additive by construction) instead; its values are a sampling estimate of the same interventional "
+        "Shapley values, and their error is measured against shap's KernelExplainer (an independent sampling "
+        "estimate) below"
+    )
+    return methods, note
 
 
 def _primary(methods: list[str]) -> str:
@@ -182,7 +209,9 @@ def _reference(
         return None
     rows = np.arange(m)
     n_features = int(np.prod(primary.feature_shape))
-    if primary.is_image or primary.method == "shap-exact":
+    if primary.is_image or primary.method == "shap-exact" or n_features > MAX_EXACT_FEATURES:
+        # Beyond shap-exact's cap the reference is KernelExplainer: a weighted regression on sampled coalitions,
+        # an algorithm independent of the permutation sampling the primary uses there.
         method = "shap-kernel"
         opts: dict[str, Any] = {"nsamples": ecfg.reference_nsamples if primary.is_image else "auto"}
         exact = not primary.is_image and n_features <= 11  # shap's "auto" enumerates all 2^F - 2 coalitions
@@ -279,7 +308,13 @@ def explain_model(
     k = min(ecfg.top_k_pixels if image else ecfg.top_k, n_units)
     notes: list[str] = []
     timings: dict[str, float] = {}
-    requested = list(ecfg.cnn_methods if image else ecfg.regressor_methods)
+    configured = list(ecfg.cnn_methods if image else ecfg.regressor_methods)
+    requested = configured
+    if not image:
+        requested, note = tabular_methods(configured, n_units)
+        if note is not None:
+            notes.append(note)
+            log.warning("%s: %s", name, note)
     primary_requested = _primary(requested)
 
     from tqdm.auto import tqdm
@@ -453,7 +488,7 @@ def explain_model(
         f"(x {ds.preprocessing.get('y_std', 1.0):.6g} + {ds.preprocessing.get('y_mean', 0.0):.6g} = target units)",
         "methods": {
             "run": methods,
-            "requested": requested,
+            "requested": configured,
             "primary": primary,
             "shap": primary,
             "lime": lime_name,

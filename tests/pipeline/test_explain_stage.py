@@ -228,3 +228,47 @@ def test_compare_variants_of_one_model_is_identity(tiny):
         and d["global_l1"] == pytest.approx(0, abs=1e-9)
         and d["labels"] == ["teacher", "student"]
     )
+
+
+def test_a_table_wider_than_exact_enumeration_is_explained_by_permutation_with_its_error_measured():
+    """Issue 24 item 10: 16 features crashed shap-exact (capped at 14) after training; now the method follows F."""
+    import torch
+    from torch import nn
+
+    from auditml_core.data import prepare_table
+    from auditml_core.datasets import RawTable
+    from explain import get_explainer, reference_error
+
+    rng = np.random.default_rng(0)
+    n, f = 300, 16
+    x = rng.normal(size=(n, f))
+    raw = RawTable(
+        x=x,
+        y=x @ rng.normal(size=f) + 0.1 * rng.normal(size=n),
+        feature_names=tuple(f"f{i}" for i in range(f)),
+        target_name="y",
+        provenance={"source": "generated"},
+    )
+    cfg = load_config(None, SMALL_EXPLAIN + ["explain.background_size=10"])
+    ds = prepare_table(raw, cfg.data, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(f, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    me = explain_stage.explain_model("regressor", model, ds, cfg.explain, seed=3)
+    m, q = me.metrics, me.metrics["quality"]
+    assert m["methods"]["requested"] == ["shap-exact", "lime-tabular"]
+    assert m["methods"]["run"] == ["shap-permutation", "lime-tabular"] and m["methods"]["primary"] == "shap-permutation"
+    assert any("16 features" in note and "shap-permutation" in note for note in m["notes"])  # the report's caveat
+    assert q["exactness"] == "approximate" and q["additivity"]["max_abs_error"] < 1e-4  # additive by construction
+    ref = q["reference"]
+    assert ref["n"] == 2 and not ref["reference_exact"] and "KernelExplainer" in ref["reference_description"]
+    assert np.isfinite(ref["max_rel_error"]) and "shap-permutation" in q["stability"]
+    # Checked against something the stage did not use: every one of the 2^16 coalitions, same rows and background.
+    public = dict(zip(ds.index["public"].tolist(), ds.x["public"]))
+    bg = np.stack([public[int(i)] for i in m["background"]["index"]])
+    expl = me.explanations["shap-permutation"]
+    exact = get_explainer("shap-exact")(
+        model, expl.inputs[:2], background=bg, task="regression", seed=0, max_features=f
+    )
+    assert reference_error(expl, exact, k=3, rows=np.arange(2)).max_rel_error < 0.15
+    reversed_ = dataclasses.replace(expl, values=expl.values[:, ::-1].copy())  # positive control: wrong attributions
+    assert reference_error(reversed_, exact, k=3, rows=np.arange(2)).max_rel_error >= 0.15
