@@ -30,9 +30,11 @@ import ctypes
 import datetime as dt
 import logging
 import os
+import re
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 # public pretraining). A rank that dies is noticed at once (its connections close), not after this.
 COLLECTIVE_TIMEOUT = dt.timedelta(minutes=30)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+LOST_WAIT_S = 3.0  # how long a rank whose collective failed waits to see which local peer died
 
 
 class RankLostError(UserError):
@@ -120,12 +123,22 @@ class World:
             raise RankLostError(self.lost_message(what, exc)) from None
 
     def lost_message(self, what: str, exc: BaseException) -> str:
-        """One line: which rank is gone (when this host can tell) and how to resume."""
+        """One line: which rank is gone (when this host can tell) and how to resume.
+
+        A peer's connections close while it is still exiting: a local peer's death is awaited for up
+        to :data:`LOST_WAIT_S` before the message is written.
+        """
         host = socket.gethostname()
-        gone = [f"rank {r} (pid {pid})" for r, (h, pid) in sorted(self.peers.items()) if h == host and not _alive(pid)]
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        local = {r: pid for r, (h, pid) in sorted(self.peers.items()) if h == host and r != self.rank}
+        deadline = time.monotonic() + LOST_WAIT_S
+        gone = [r for r, pid in local.items() if not _alive(pid)]
+        while not gone and local and time.monotonic() < deadline:
+            time.sleep(0.05)
+            gone = [r for r, pid in local.items() if not _alive(pid)]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0][:160]  # drop gloo's source line
         who = (
-            f"{', '.join(gone)} died"
+            ", ".join(f"rank {r} (pid {local[r]})" for r in gone) + " died"
             if gone
             else "a rank on another host stopped (its host's torchrun names it)"
             if any(h != host for h, _ in self.peers.values())

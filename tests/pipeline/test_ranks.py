@@ -5,11 +5,15 @@ The slow tests start real ranks (gloo on this machine) as a user would and compa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -111,3 +115,201 @@ def test_two_process_non_dp_training_reaches_the_one_process_accuracy(tmp_path):
     acc = [json.loads((r / "metrics" / "evaluation.json").read_text())["cnn"]["test"]["accuracy"] for r in (one, two)]
     assert acc[0] > 0.8  # it learned: a test that could not tell a broken training from a working one asserts nothing
     assert abs(acc[0] - acc[1]) <= 0.005
+
+
+# --------------------------------------------------------------------------- faults across ranks
+
+JOB_MARKER = "AUDITML_TEST_JOB"  # environment variable every process of one test's job inherits
+
+
+def _job_pids(marker: str) -> list[int]:
+    """Live processes whose environment carries this test job's marker (launchers and ranks)."""
+    want = f"{JOB_MARKER}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if want in environ and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """The pid of rank ``rank`` of the job (a process whose environment says RANK=rank)."""
+    for pid in _job_pids(marker):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b"\0".join(environ):
+            return pid
+    return None
+
+
+def _kill_job(marker: str) -> None:
+    for pid in _job_pids(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _wait_for_checkpoint(out: Path, procs: list[subprocess.Popen], timeout_s: float = 600) -> Path:
+    """The run directory under ``out`` once rank 0 has written a training checkpoint in it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = sorted(out.glob("*/checkpoints/*.pt"))
+        if found:
+            return found[0].parent.parent
+        assert all(p.poll() is None for p in procs), "the job ended before its first checkpoint"
+        time.sleep(0.1)
+    raise AssertionError("no training checkpoint within the time limit")
+
+
+def _gone_within(marker: str, t0: float, limit_s: float) -> float:
+    """Seconds from ``t0`` until no process of the job is left (fails after ``limit_s``)."""
+    while _job_pids(marker):
+        assert time.monotonic() - t0 < limit_s, f"processes of the job still alive: {_job_pids(marker)}"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+# Long enough to be killed mid-training on a loaded machine; checkpoints after every epoch.
+FAULT_TRAINING = [*TRAIN, "regressor.dp_fit.epochs=40", "cnn.dp_fit.epochs=20", "train.checkpoint_every_s=0"]
+
+
+def _env(marker: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", JOB_MARKER: marker, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_kill_9_of_rank_0_stops_every_rank_names_it_and_resumes(tmp_path):
+    marker = uuid.uuid4().hex
+    out = tmp_path / "runs"
+    argv = [sys.executable, "-m", "pipeline", "train.processes=2", "dp.enabled=true", *FAULT_TRAINING]
+    launcher = subprocess.Popen(
+        [*argv, "--stages", "data,train", "--quiet", "--out", str(out)],
+        cwd=ROOT,
+        env=_env(marker),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        run = _wait_for_checkpoint(out, [launcher])
+        victim = _rank_pid(marker, 0)
+        assert victim is not None
+        t_kill = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=120)
+        assert launcher.returncode == 1
+        assert f"error: rank 0 (pid {victim}) was killed by SIGKILL; ranks 1 were stopped; resume with: " in stderr
+        assert f"python -m pipeline --run-dir {run}" in stderr
+        gone = _gone_within(marker, t_kill, 20.0)
+        assert json.loads((run / "manifest.json").read_text())["stages"]["train"]["status"] != "complete"
+        # The resume: the run directory's config says train.processes=2, so it starts two ranks again.
+        resumed = cli("--run-dir", str(run), "--stages", "train", "--quiet")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        records = {m: training_record(run, m) for m in ("regressor", "cnn")}
+        assert max(r["resumed_from_epoch"] for r in records.values()) > 0
+        for model, rec in records.items():
+            assert rec["world_size"] == 2 and rec["privacy"]["world_size"] == 2
+            epochs = 40 if model == "regressor" else 20
+            # every step of the whole planned training is counted once, the ones before the kill included
+            assert rec["privacy"]["total_steps"] == round(1 / rec["privacy"]["sample_rate"]) * epochs
+            assert rec["privacy"]["epsilon"] <= rec["privacy"]["target_epsilon"]
+        print(f"no process left {gone:.1f} s after the kill")
+    finally:
+        _kill_job(marker)
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def readme_command(prefix: str) -> str:
+    """The README's command that starts with ``prefix`` (its "More than one machine" section), joined."""
+    text = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in re.sub(r"\s*\\\n\s*", " ", block).splitlines():
+            if line.startswith(prefix):
+                return line.partition(" #")[0].strip()
+    raise AssertionError(f"README.md has no command starting with {prefix!r}")
+
+
+def _hosts(command: str, extra: list[str], *, marker: str, port: int, logs: Path) -> list[subprocess.Popen]:
+    """Two "hosts" on loopback: the README's torchrun command started twice, each in a folder of its own."""
+    words = command.replace("HOST:PORT", f"127.0.0.1:{port}").split()
+    words[0] = str(Path(sys.executable).with_name("torchrun"))
+    procs = []
+    for host in range(2):
+        folder = logs / f"host{host}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "log.txt").open("w") as log_file:
+            procs.append(
+                subprocess.Popen(
+                    [*words, *extra],
+                    cwd=ROOT,
+                    env=_env(marker),
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    return procs
+
+
+@pytest.mark.slow
+def test_two_hosts_on_loopback_kill_9_and_resume(tmp_path):
+    """The README's torchrun command on two "hosts" (two launchers, --nnodes 2, c10d on 127.0.0.1): kill -9 of
+    rank 1 mid-training stops both hosts' processes within 20 s, each host's error names the dead rank, and
+    the same two commands with --run-dir resume and complete."""
+    from federated.launch.processes import free_port
+
+    command = readme_command("torchrun ")
+    assert "--nnodes 2" in command and "--rdzv-backend c10d" in command and "HOST:PORT" in command
+    marker, out = uuid.uuid4().hex, tmp_path / "runs"
+    hosts = _hosts(
+        command,
+        [*FAULT_TRAINING, "--stages", "data,train", "--quiet", "--out", str(out)],
+        marker=marker,
+        port=free_port(),
+        logs=tmp_path / "first",
+    )
+    try:
+        run = _wait_for_checkpoint(out, hosts)
+        victim = _rank_pid(marker, 1)
+        assert victim is not None
+        t_kill = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        codes = [h.wait(timeout=120) for h in hosts]
+        assert all(code != 0 for code in codes), codes
+        gone = _gone_within(marker, t_kill, 20.0)
+        logs = [(tmp_path / "first" / f"host{i}" / "log.txt").read_text() for i in range(2)]
+        # rank 0's host: the collective failed and rank 0 names the rank that died (same machine: its pid is known)
+        assert any(f"rank 1 (pid {victim}) died" in text for text in logs), logs
+        # rank 1's host: torchrun's own report names it
+        assert any(re.search(r"rank\s*:\s*1 \(local_rank: 0\)\s*\n\s*exitcode\s*:\s*-9", text) for text in logs)
+        assert [p.name for p in out.iterdir()] == [run.name]  # one run directory, rank 0's
+        # The same command with --run-dir in place of the settings (a run directory keeps its config).
+        resume = _hosts(
+            command.split(" -m pipeline ")[0] + " -m pipeline",
+            ["--run-dir", str(run), "--stages", "train", "--quiet"],
+            marker=marker,
+            port=free_port(),
+            logs=tmp_path / "resume",
+        )
+        assert [h.wait(timeout=900) for h in resume] == [0, 0], [
+            (tmp_path / "resume" / f"host{i}" / "log.txt").read_text()[-3000:] for i in range(2)
+        ]
+        records = {m: training_record(run, m) for m in ("regressor", "cnn")}
+        assert max(r["resumed_from_epoch"] for r in records.values()) > 0
+        for model, rec in records.items():
+            assert rec["world_size"] == 2
+            epochs = 40 if model == "regressor" else 20
+            assert rec["privacy"]["total_steps"] == round(1 / rec["privacy"]["sample_rate"]) * epochs
+        print(f"no process left {gone:.1f} s after the kill")
+    finally:
+        _kill_job(marker)
