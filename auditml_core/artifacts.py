@@ -6,6 +6,7 @@ None of them unpickles anything on the way back in.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -94,8 +95,10 @@ def atomic_open(path: Path, *, sync_dir: bool = False) -> Iterator[IO[bytes]]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a failed write() names no file; say which one (disk_full's message)
         raise
     if sync_dir:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -112,3 +115,20 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
     """
     with atomic_open(path, sync_dir=sync_dir) as fh:
         fh.write(data)
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """For an ``OSError`` ENOSPC (disk full): "no space left on the file system at MOUNT while writing FILE"; else None.
+
+    The edges (the runner, predict, the CLI) turn it into a one-line :class:`~auditml_core.errors.DiskFullError`.
+    """
+    if not isinstance(exc, OSError) or exc.errno != errno.ENOSPC:
+        return None
+    name = exc.filename
+    if name is None:
+        return "no space left on the device while writing"
+    target = Path(os.fsdecode(name)).absolute()
+    mount = target.parent
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    return f"no space left on the file system at {mount} while writing {target}"

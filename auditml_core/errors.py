@@ -43,8 +43,22 @@ class TrainingDivergedError(UserError):
         self.epoch = epoch  # 1-based epoch whose loss or weights were not finite
 
 
+class DiskFullError(UserError):
+    """The disk filled up while writing (``OSError`` ENOSPC): nothing half-written is left looking complete."""
+
+    exit_code = 1
+
+
 # error class name -> class, to re-raise an error a Flower app wrote down (federated/app/workdir.py) as the same type
 USER_ERRORS: dict[str, type[UserError]] = {
     cls.__name__: cls
-    for cls in (UserError, ConfigError, DataError, PrivacyBudgetError, RunDirError, TrainingDivergedError)
+    for cls in (
+        UserError,
+        ConfigError,
+        DataError,
+        PrivacyBudgetError,
+        RunDirError,
+        TrainingDivergedError,
+        DiskFullError,
+    )
 }

@@ -14,8 +14,9 @@ from typing import Any
 
 from auditml_core import config as config_mod
 from auditml_core import config_effect
+from auditml_core.artifacts import disk_full
 from auditml_core.distributed import die_with_parent, join, launched
-from auditml_core.errors import ConfigError, UserError
+from auditml_core.errors import ConfigError, DiskFullError, UserError
 from auditml_core.training import resolve_device
 from pipeline import console, evidence, predict, ranks, runner
 from pipeline.rundir import RunDir
@@ -131,6 +132,11 @@ def cmd_verify(argv: list[str]) -> int:
         "before the manifest noted it: resume with --run-dir to record it)"
         for rel in run.unnoted_ledgers()
     ]
+    incomplete += [
+        f"leftover: {tmp.relative_to(run.path).as_posix()} (the temporary file of an interrupted or in-progress "
+        "write; no artifact refers to it; a resume with --run-dir removes it)"
+        for tmp in run.interrupted_writes()
+    ]
     for line in problems + incomplete:
         print(line)
     print(f"manifest sha256: {run.manifest_sha256()}")
@@ -163,8 +169,9 @@ def cmd_keygen(argv: list[str]) -> int:
     p.add_argument(
         "private_key", metavar="KEY.pem", help="where to write the private key (the public key goes next to it)"
     )
+    p.add_argument("--force", action="store_true", help="replace an existing key pair at that path")
     args = p.parse_args(argv)
-    pub = evidence.keygen(args.private_key)
+    pub = evidence.keygen(args.private_key, force=args.force)
     print(f"private key: {args.private_key} (keep it secret)\npublic key: {pub} (give it to the auditor)")
     return 0
 
@@ -202,6 +209,7 @@ def _run(argv: list[str], *, followers: ranks.Followers | None) -> int:
             raise ConfigError(
                 "a run directory keeps the config it started with; drop --config/overrides, or start a new run"
             )
+        run.remove_interrupted_writes()  # this command owns the run now: a kill's leftovers can go
         cfg = config_mod.load_config(run.read_config())
     else:
         if args.start:
@@ -210,8 +218,7 @@ def _run(argv: list[str], *, followers: ranks.Followers | None) -> int:
         config_mod.check_pipeline_mode(cfg)  # a privacy switch central training would ignore is refused
         _check_effect(cfg, args.config, overrides, strict=args.strict)
     if args.run_dir and not (args.start or args.stages):
-        # Resume: skip stages already complete.
-        names = [n for n in names if run.stage_status(n) != "complete"] or names[-1:]
+        names = runner.resume_stages(run)  # resume: from the first stage not complete
     if followers is None and cfg.train.processes > 1:  # start the ranks: this process becomes their launcher
         return ranks.launch(argv, processes=cfg.train.processes, num_threads=cfg.train.num_threads)
     if followers is not None and cfg.train.mode != "central":
@@ -306,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if (full := disk_full(exc)) is None:
+            raise
+        print(
+            f"error: {full}; nothing written was left half-done: free space and run the command again", file=sys.stderr
+        )
+        return DiskFullError.exit_code
     except Terminated:
         print("terminated (SIGTERM): the running stage is marked failed; resume with --run-dir", file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -18,12 +18,13 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 from auditml_core.artifacts import atomic_write, read_json
 from auditml_core.config import load_config
 from auditml_core.errors import ConfigError, RunDirError
 from pipeline import runner
-from pipeline.rundir import MANIFEST, SIGNATURE, RunDir
+from pipeline.rundir import CONFIG, MANIFEST, SIGNATURE, RunDir
 
 SIG_PREFIX = b"ed25519 "  # manifest.sig: "ed25519 <base64 signature>\n"
 
@@ -59,23 +60,50 @@ def _load_key(path: str | Path, *, private: bool):
     return key
 
 
-def keygen(private_path: str | Path) -> Path:
-    """Write a new Ed25519 private key (mode 0600) and its public key next to it (``.pub.pem``); return the latter."""
+def keygen(private_path: str | Path, *, force: bool = False) -> Path:
+    """Write a new Ed25519 private key (mode 0600) and its public key next to it (``.pub.pem``); return the latter.
+
+    Raises
+    ------
+    ConfigError
+        If either file exists (unless ``force``: then both are replaced), or the folder is missing or
+        not writable; checked before anything is written.
+    """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     p = Path(private_path)
-    if p.exists():
-        raise ConfigError(f"{str(p)!r} exists; choose a new path for the key (an existing key is never overwritten)")
+    pub = p.with_name(p.name.removesuffix(".pem") + ".pub.pem")
+    folder = p.parent
+    if not folder.is_dir():
+        raise ConfigError(
+            f"folder {str(folder)!r} for the key does not exist; create it first or choose a path in an existing folder"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"folder {str(folder)!r} is not writable; choose a path in a folder you can write to")
+    existing = [str(f) for f in (p, pub) if f.exists() or f.is_symlink()]
+    if existing and not force:
+        raise ConfigError(
+            f"{' and '.join(map(repr, existing))} already exist{'s' if len(existing) == 1 else ''}; a key is never "
+            "overwritten: choose a new path, or pass "
+            "--force to replace the pair (signatures made with the old key then no longer verify against it)"
+        )
+    if any(f.is_dir() for f in (p, pub)):
+        raise ConfigError(f"{str(p)!r} or {str(pub)!r} is a directory; choose a file path for the key")
     key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if force:  # atomic replacement; the temporary file is created 0600, so the private key is never readable
+        atomic_write(p, pem)
+        atomic_write(pub, public)
+        os.chmod(pub, 0o644)
+        return pub
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
-    pub = p.with_name(p.name.removesuffix(".pem") + ".pub.pem")
-    pub.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
+    fd = os.open(pub, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # never follows or replaces a file made meanwhile
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(public)
     return pub
 
 
@@ -111,7 +139,10 @@ def rerender(run: RunDir) -> list[str]:
 
     The report is a pure function of its recorded inputs (``report_provenance.json`` holds the
     manifest it read), so an unmodified run re-renders byte for byte. An empty list means every
-    report file was reproduced exactly.
+    report file was reproduced exactly *and* the run still holds the artifacts the report was built
+    from: a file swapped after the report (its hash rewritten in ``manifest.json`` too) leaves the
+    re-rendered bytes unchanged, because the report lists the hashes it read, so those hashes are
+    compared with the manifest's (:func:`built_from_problems`).
 
     Raises
     ------
@@ -128,13 +159,43 @@ def rerender(run: RunDir) -> list[str]:
             inputs[dep] = runner.load_recorded(dep, run)
     module = runner.stage_module("report")
     inputs[runner.PROVENANCE] = read_json(run.read(module.PROVENANCE_FILE))
+    problems = built_from_problems(run, inputs[runner.PROVENANCE])
     seed = int(run.manifest["stages"]["report"]["seed"])
     files = module.dump(module.run(cfg, inputs, seed=seed))
     recorded = sorted(r for r, a in run.manifest["artifacts"].items() if a["stage"] == "report")
-    problems = [
+    problems += [
         f"not reproduced: {rel} (re-rendered bytes differ)" for rel in recorded if files.get(rel) != run.read(rel)
     ]
     problems += [
         f"not recorded: {rel} (re-rendering writes it; the run did not)" for rel in sorted(set(files) - set(recorded))
     ]
+    return problems
+
+
+def built_from_problems(run: RunDir, provenance: Mapping[str, Any]) -> list[str]:
+    """One line per artifact whose hash differs from the one the report was built from (``report_provenance.json``).
+
+    Covers the config and every artifact of the stages before the report, both ways: changed, gone from
+    the manifest, or recorded now but not when the report was rendered.
+    """
+    before = dict(provenance.get("artifacts") or {})
+    before[CONFIG] = provenance.get("config") or {}
+    now = {rel: a for rel, a in run.manifest["artifacts"].items() if a["stage"] != "report"}
+    now[CONFIG] = run.manifest["config"]
+    problems = []
+    for rel in sorted(set(before) | set(now)):
+        then, current = (before.get(rel) or {}).get("sha256"), (now.get(rel) or {}).get("sha256")
+        if then == current:
+            continue
+        if current is None:
+            problems.append(
+                f"not reproduced: {rel} (the report lists it with SHA-256 {then}; the run no longer has it)"
+            )
+        elif then is None:
+            problems.append(f"not reproduced: {rel} (recorded with SHA-256 {current}, but the report does not list it)")
+        else:
+            problems.append(
+                f"not reproduced: {rel} (the report was built from SHA-256 {then}; the run now records {current}: "
+                "the file was replaced after the report)"
+            )
     return problems

@@ -27,6 +27,8 @@ from auditml_core.artifacts import atomic_write, json_bytes, read_json
 from auditml_core.errors import RunDirError
 from auditml_core.privacy import dp_sgd as privacy
 from federated.app import checkpoint as fed_checkpoint
+from pipeline.manifest_schema import manifest_problem
+from pipeline.outputs import OutputSet
 
 MANIFEST = "manifest.json"
 CONFIG = "config.toml"
@@ -154,12 +156,15 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
-        """Open an existing run directory.
+        """Open an existing run directory, reading only: nothing in it is written or deleted.
+
+        Read-only commands (verify, predict, serve, report readers) use it as it is; a command that
+        will write (a resume) calls :meth:`remove_interrupted_writes` afterwards.
 
         Raises
         ------
         RunDirError
-            If it has no readable manifest.
+            If it has no readable manifest, or the manifest breaks its schema (``manifest_schema.py``).
         """
         p = Path(path)
         if not p.is_dir():
@@ -174,36 +179,37 @@ class RunDir:
             raise damaged(p / MANIFEST, f"not readable JSON: {type(exc).__name__}") from None
         run = cls(p, manifest)
         run._check_manifest()
-        for tmp in p.rglob(".*.tmp"):
-            if tmp.is_file() and not tmp.is_symlink() and p.resolve() in tmp.resolve().parents:
-                tmp.unlink()  # left by a write that a kill interrupted; never referenced by the manifest
         return run
+
+    def interrupted_writes(self) -> list[Path]:
+        """Temporary files (``.NAME.XXXX.tmp``) that atomic writes leave behind when killed, inside the run.
+
+        Never referenced by the manifest. A live run has one while it writes, so only a command that
+        owns the run (a resume) may remove them: :meth:`remove_interrupted_writes`.
+        """
+        root = self.path.resolve()
+        return [
+            tmp
+            for tmp in sorted(self.path.rglob(".*.tmp"))
+            if tmp.is_file() and not tmp.is_symlink() and root in tmp.resolve().parents
+        ]
+
+    def remove_interrupted_writes(self) -> None:
+        """Delete :meth:`interrupted_writes`; only for a command about to write this run (never a reader)."""
+        for tmp in self.interrupted_writes():
+            tmp.unlink(missing_ok=True)
 
     def _check_manifest(self) -> None:
         """Refuse a manifest of the wrong shape or naming a path outside the run (it is untrusted input)."""
-        m, where = self.manifest, self.path / MANIFEST
-
-        def need(ok: bool, reason: str) -> None:
-            if not ok:
-                raise damaged(where, reason)
-
-        need(isinstance(m, dict), "not a JSON object")
-        for key, kind in (("stages", dict), ("artifacts", dict), ("config", dict)):
-            need(isinstance(m.get(key), kind), f"key {key!r} is missing or not a {kind.__name__}")
-        need(isinstance(m["config"].get("sha256"), str), "config.sha256 is missing")
-        for name, entry in m["stages"].items():
-            need(isinstance(entry, dict) and isinstance(entry.get("status", ""), str), f"stage {name!r} is malformed")
-        for rel, entry in m["artifacts"].items():
-            need(
-                isinstance(entry, dict)
-                and isinstance(entry.get("sha256"), str)
-                and isinstance(entry.get("stage"), str),
-                f"artifact {rel!r} lacks a sha256 or stage",
-            )
+        where = self.path / MANIFEST
+        problem = manifest_problem(self.manifest)
+        if problem is not None:
+            raise damaged(where, f"not a valid manifest {problem}")
+        for rel in self.manifest["artifacts"]:
             try:
                 self._inside(rel)
             except RunDirError:
-                need(False, f"artifact path {rel!r} leaves the run directory")
+                raise damaged(where, f"artifact path {rel!r} leaves the run directory") from None
 
     def save_manifest(self) -> None:
         atomic_write(self.path / MANIFEST, json_bytes(self.manifest))
@@ -238,6 +244,23 @@ class RunDir:
         if name in self.manifest["stages"]:
             self.manifest["stages"][name]["status"] = "stale"
         self.save_manifest()
+
+    def drop_intermediates(self, name: str) -> None:
+        """Drop a stage's checkpoints and ledgers (an explicit re-run starts afresh); its outputs stay.
+
+        The outputs are replaced only when the re-run completes (:meth:`complete_stage`): a re-run
+        that fails leaves the run as it was.
+        """
+        doomed = [
+            (rel, self._inside(rel))
+            for rel, a in self.manifest["artifacts"].items()
+            if a["stage"] == name and a.get("kind") in ("checkpoint", "ledger")
+        ]
+        for rel, target in doomed:
+            target.unlink(missing_ok=True)
+            del self.manifest["artifacts"][rel]
+        if doomed:
+            self.save_manifest()
 
     def write(self, rel: str, data: bytes, *, stage: str, seed: int | None, kind: str = "output") -> None:
         """Atomically write one artifact and record its hash in the manifest (saved by the caller)."""
@@ -332,9 +355,35 @@ class RunDir:
         summary: Any = None,
         device: Mapping[str, Any] | None = None,
     ) -> None:
-        """Write all of a stage's files, then (only then) mark it complete (``device``: its placement record)."""
+        """Write all of a stage's files, then (only then) mark it complete (``device``: its placement record).
+
+        The new files are first written beside their targets under temporary names: if that fails
+        (a full disk, an error), the stage's earlier outputs stay in place and recorded, and nothing
+        new appears. Only then do they replace the earlier ones; earlier outputs the new ones do not
+        replace are deleted. Killed while they are being moved into place, the stage is still
+        ``running`` in the manifest, so a resume runs it again.
+        """
+        targets = {rel: self._inside(rel) for rel in files}
+        previous = {
+            rel: self._inside(rel)
+            for rel, a in self.manifest["artifacts"].items()
+            if a["stage"] == name and a.get("kind", "output") not in ("checkpoint", "ledger") and rel not in files
+        }
+        with OutputSet() as staged:
+            for rel, data in files.items():
+                staged.write(targets[rel], data)
+            staged.commit()
         for rel, data in files.items():
-            self.write(rel, data, stage=name, seed=seed)
+            self.manifest["artifacts"][rel] = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
+                "stage": name,
+                "seed": seed,
+                "kind": "output",
+            }
+        for rel, target in previous.items():
+            target.unlink(missing_ok=True)
+            del self.manifest["artifacts"][rel]
         entry = self.manifest["stages"][name]
         entry.update({"status": "complete", "seconds": round(seconds, 3), "artifacts": sorted(files)})
         if summary is not None:
@@ -404,7 +453,9 @@ class RunDir:
     def verify(self) -> list[str]:
         """Re-hash every artifact; return one line per problem (edited, missing, outside or extra file).
 
-        Completeness is a separate question: see :meth:`incomplete`.
+        Completeness is a separate question: see :meth:`incomplete`. Temporary files of interrupted or
+        in-progress writes (:meth:`interrupted_writes`) are not counted here either: they belong to no
+        artifact, and a live run has one while it writes.
         """
         problems = []
         recorded = dict(self.manifest["artifacts"])
@@ -420,6 +471,7 @@ class RunDir:
             elif sha256_file(p) not in _accepted_hashes(entry) and not _accepted(entry, p.read_bytes()):
                 problems.append(f"edited: {rel} (SHA-256 differs from the manifest)")
         unnoted = set(self.unnoted_ledgers()) | set(self.unnoted_server_checkpoints())
+        unnoted |= {p.relative_to(self.path).as_posix() for p in self.interrupted_writes()}  # see cmd_verify
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path).as_posix()
             if p.is_symlink() and rel not in recorded:

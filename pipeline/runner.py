@@ -20,9 +20,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable
 
-from auditml_core.artifacts import json_bytes, read_json
+from auditml_core.artifacts import disk_full, json_bytes, read_json
 from auditml_core.config import Config
-from auditml_core.errors import ConfigError, RunDirError, UserError
+from auditml_core.errors import ConfigError, DiskFullError, RunDirError, UserError
 from auditml_core.runtime import Runtime
 from auditml_core.seeds import stage_seed
 from pipeline.rundir import LEDGER_DIR, SERVER_CHECKPOINT_DIR, RunDir, damaged
@@ -220,14 +220,11 @@ def run_stages(
     check_inputs(run, names)
     outputs: dict[str, Any] = {}
     order = list(STAGES)
-    first = order.index(names[0])
-    for later in order[first:]:
-        if later not in names and run.stage_status(later) == "complete":
-            run.invalidate(later)  # its inputs are being recomputed
     for name in names:
         seed = stage_seed(cfg.seed, name)
         if run.stage_status(name) == "complete":
-            run.invalidate(name)  # its checkpoints too: an explicit re-run starts afresh
+            # An explicit re-run starts afresh (no checkpoints); its old outputs stay until the new ones are complete.
+            run.drop_intermediates(name)
         stage = STAGES[name]
         inputs = _inputs(stage, outputs, run)
         run.begin_stage(name, seed=seed)
@@ -238,16 +235,53 @@ def run_stages(
         try:
             out = module.run(cfg, inputs, seed=seed, runtime=runtime)
             files = module.dump(out)
+            run.complete_stage(name, files, seed=seed, seconds=time.perf_counter() - t0, device=runtime.placement)
         except UserError as exc:
             run.fail_stage(name, str(exc))
             raise
+        except OSError as exc:
+            if (full := disk_full(exc)) is None:
+                run.fail_stage(name, f"{type(exc).__name__}: {exc}")
+                raise
+            raise _disk_full_stage(run, name, full) from None
         except BaseException as exc:
             run.fail_stage(name, f"{type(exc).__name__}: {exc}")
             raise
-        run.complete_stage(name, files, seed=seed, seconds=time.perf_counter() - t0, device=runtime.placement)
         outputs[name] = out
         log.info("stage %-8s done in %6.1f s", name, time.perf_counter() - t0)  # the console's one line per stage
+        # Only now are the later recorded stages stale: a stage that fails above leaves them (and its own
+        # earlier outputs) as they were, so a failed re-run loses nothing.
+        for later in order[order.index(name) + 1 :]:
+            if later not in names and run.stage_status(later) == "complete":
+                run.invalidate(later)
     return outputs
+
+
+def _disk_full_stage(run: RunDir, name: str, what: str) -> DiskFullError:
+    """Mark stage ``name`` failed after the disk filled up (if the manifest can still be saved); the one-line error.
+
+    Every write is atomic, so what the disk refused left no partial file; the stage is not complete and a
+    resume runs it again.
+    """
+    try:
+        run.fail_stage(name, what)
+        state = "is marked failed"
+    except OSError:  # the manifest could not be saved either: it still says "running", which resumes the same way
+        state = "stays marked running"
+    return DiskFullError(
+        f"{what}; stage {name!r} {state} and can be resumed: free space, then `python -m pipeline --run-dir {run.path}`"
+    )
+
+
+def resume_stages(run: RunDir) -> list[str]:
+    """The stages a plain resume runs: from the first one not complete to the end (else the last one again).
+
+    Stages after it are re-run even when complete: they may have been computed from outputs that the
+    unfinished stage is about to replace (a failed ``--stages`` re-run keeps the later stages' files).
+    """
+    order = list(STAGES)
+    first = next((i for i, name in enumerate(order) if run.stage_status(name) != "complete"), None)
+    return order[first:] if first is not None else order[-1:]
 
 
 def stage_runtime(

@@ -122,13 +122,15 @@ def test_a_symlink_leading_out_of_the_run_is_refused(run, capsys):
 
 
 def test_opening_a_run_never_deletes_temporary_files_outside_it(run):
-    """Not in the issue: open() removes interrupted writes (.*.tmp), and rglob follows a symlinked folder."""
+    """Not in the issue: a resume removes interrupted writes (.*.tmp), and rglob follows a symlinked folder."""
     outside = run.parent / "outside"
     outside.mkdir()
     (outside / ".precious.tmp").write_text("x")
     (run / "linked").symlink_to(outside, target_is_directory=True)
     (run / "models" / ".ridge.json.abc.tmp").write_text("half-written")
-    RunDir.open(run)
+    RunDir.open(run)  # read-only: deletes nothing (issue 24 item 9)
+    assert (run / "models" / ".ridge.json.abc.tmp").is_file()
+    RunDir.open(run).remove_interrupted_writes()  # what a resume does
     assert (outside / ".precious.tmp").is_file() and not (run / "models" / ".ridge.json.abc.tmp").exists()
 
 
@@ -347,3 +349,236 @@ def test_sigterm_marks_the_stage_failed_with_one_line(tmp_path):
     assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
     assert err.startswith("terminated (SIGTERM)")
     assert RunDir.open(run).stage_status("train") == "failed"
+
+
+# --------------------------------------------------------------------------- issue 24: round two
+
+
+def test_rerender_fails_when_a_weight_file_was_swapped_after_the_report(run, capsys):
+    """Item 1: the swapped file's hash is rewritten in the manifest, so the hashes agree; the report does not."""
+    weights = bytearray((run / "models" / "cnn.safetensors").read_bytes())
+    weights[-1] ^= 1
+    replace_artifact(run, "models/cnn.safetensors", bytes(weights))
+    assert run_main(capsys, "verify", str(run))[0] == VERIFY_OK  # the manifest alone cannot tell
+    code, out, _ = run_main(capsys, "verify", str(run), "--rerender")
+    assert code == VERIFY_MISMATCH and "OK" not in out
+    line = next(ln for ln in out.splitlines() if "models/cnn.safetensors" in ln)
+    assert line.startswith("not reproduced:") and "replaced after the report" in line
+
+
+def test_a_failed_re_run_of_an_early_stage_keeps_every_later_artifact(run, capsys, monkeypatch):
+    """Item 7: later stages become stale only once the re-run stage has completed."""
+    import pipeline.data
+    from auditml_core.errors import DataError
+    from pipeline import runner
+
+    before = {rel: a["sha256"] for rel, a in RunDir.open(run).manifest["artifacts"].items()}
+    later = [rel for rel, a in RunDir.open(run).manifest["artifacts"].items() if a["stage"] != "data"]
+    assert len(later) >= 12
+
+    def unreachable(*args, **kwargs):
+        raise DataError("the data source is unreachable; try again")
+
+    monkeypatch.setattr(pipeline.data, "run", unreachable)
+    code, _, err = run_main(capsys, "--run-dir", str(run), "--stages", "data", "--quiet")
+    clean_refusal(code, err, "unreachable")
+    after = RunDir.open(run)
+    assert {rel: a["sha256"] for rel, a in after.manifest["artifacts"].items()} == before
+    assert after.verify() == [] and all((run / rel).is_file() for rel in later)
+    assert after.stage_status("data") == "failed" and after.stage_status("report") == "complete"
+    assert runner.resume_stages(after) == list(runner.STAGES)  # a resume re-runs everything after data
+    monkeypatch.undo()
+    code, _, err = run_main(capsys, "--run-dir", str(run), "--stages", "data", "--quiet")
+    assert code == 0, err
+    rerun = RunDir.open(run)  # completed: now the later stages are stale, their files gone
+    assert rerun.stage_status("train") == "stale" and rerun.verify() == []
+    assert not any(a["stage"] == "train" for a in rerun.manifest["artifacts"].values())
+
+
+def test_keygen_never_overwrites_a_key_and_names_a_missing_folder(tmp_path, capsys):
+    """Item 8."""
+    pub = tmp_path / "k.pub.pem"
+    pub.write_text("the auditor's copy")
+    code, _, err = run_main(capsys, "keygen", str(tmp_path / "k.pem"))
+    clean_refusal(code, err, "k.pub.pem", "--force")
+    assert pub.read_text() == "the auditor's copy" and not (tmp_path / "k.pem").exists()
+    code, _, err = run_main(capsys, "keygen", str(tmp_path / "missing" / "k.pem"))
+    clean_refusal(code, err, "does not exist", "missing")
+    assert run_main(capsys, "keygen", str(tmp_path / "k.pem"), "--force")[0] == 0
+    assert pub.read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0  # the private key stays private
+    code, _, err = run_main(capsys, "keygen", str(tmp_path / "k.pem"))
+    clean_refusal(code, err, "already exist")
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)``: chmod it read-only; as root (whom modes do not stop) every write under it fails too."""
+    import builtins
+    import errno
+    import io
+
+    def make(root: Path) -> None:
+        root = root.resolve()
+        for p in [root, *root.rglob("*")]:
+            if not p.is_symlink():
+                p.chmod(p.stat().st_mode & ~0o222)
+        if os.geteuid() != 0:
+            return
+
+        def inside(path) -> bool:
+            try:
+                target = Path(os.fsdecode(path)).resolve()
+            except (TypeError, ValueError):
+                return False
+            return target == root or root in target.parents
+
+        def refuse(path):
+            raise PermissionError(errno.EROFS, "Read-only file system (simulated)", os.fsdecode(path))
+
+        def guard(fn, *positions):
+            def wrapped(*args, **kwargs):
+                for i in positions:
+                    if i < len(args) and inside(args[i]):
+                        refuse(args[i])
+                return fn(*args, **kwargs)
+
+            return wrapped
+
+        for name, positions in (("unlink", (0,)), ("remove", (0,)), ("rmdir", (0,)), ("replace", (0, 1))):
+            monkeypatch.setattr(os, name, guard(getattr(os, name), *positions))
+        monkeypatch.setattr(os, "rename", guard(os.rename, 0, 1))
+        real_os_open, real_open = os.open, builtins.open
+
+        def os_open(path, flags, *args, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC) and inside(path):
+                refuse(path)
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def open_(file, mode="r", *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") and inside(file):
+                refuse(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", os_open)
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(io, "open", open_)
+
+    return make
+
+
+def test_read_only_commands_never_write_or_delete_in_the_run(run, capsys, tmp_path, read_only):
+    """Item 9: verify (with --rerender) and predict on a read-only run holding a live run's temporary file."""
+    import pandas as pd
+    from sklearn.datasets import load_diabetes
+
+    live = run / "models" / ".cnn.safetensors.a1b2c3.tmp"  # a running stage's write in progress
+    live.write_bytes(b"half of a checkpoint")
+    d = load_diabetes()
+    pd.DataFrame(d.data[:5], columns=d.feature_names).to_csv(tmp_path / "x.csv", index=False)
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    read_only(run)
+    code, out, err = run_main(capsys, "verify", str(run), "--rerender")
+    assert code == VERIFY_INCOMPLETE and "Traceback" not in err, out + err
+    assert "leftover: models/.cnn.safetensors.a1b2c3.tmp" in out and "not reproduced" not in out
+    code, _, err = run_main(
+        capsys, "predict", str(run), "--input", str(tmp_path / "x.csv"), "--out", str(tmp_path / "p.csv")
+    )
+    assert code == 0, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+
+
+@pytest.mark.parametrize(
+    "change, where",
+    [
+        (lambda m: m["stages"]["report"].__setitem__("seed", "x"), "stages/report/seed"),
+        (lambda m: m["stages"]["report"].__setitem__("attempt", "x"), "stages/report/attempt"),
+        (lambda m: m.__setitem__("invocations", {}), "invocations"),
+        (lambda m: m["stages"]["data"].__setitem__("started", 5), "stages/data/started"),
+        (lambda m: m.__setitem__("library_versions", "x"), "library_versions"),
+        (lambda m: m["artifacts"]["models/cnn.safetensors"].__setitem__("bytes", "many"), "bytes"),
+        (lambda m: m["config"].__setitem__("sha256", 7), "config/sha256"),
+    ],
+)
+def test_a_manifest_with_wrong_types_is_a_damaged_run_not_a_traceback(run, capsys, change, where):
+    """Item 12: the manifest is checked against its schema on every read."""
+    edit_manifest(run, change)
+    for argv in (["verify", str(run), "--rerender"], ["--run-dir", str(run), "--from", "report", "--quiet"]):
+        code, _, err = run_main(capsys, *argv)
+        clean_refusal(code, err, "this run directory is damaged", "manifest.json", where)
+
+
+def full_disk(monkeypatch, fragment: str) -> None:
+    """Every file opened with ``os.fdopen`` whose path contains ``fragment`` fails to write: ENOSPC."""
+    import errno
+
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fh):
+            self._fh = fh
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+
+    def fdopen(fd, *args, **kwargs):
+        fh = real(fd, *args, **kwargs)
+        return Full(fh) if fragment in os.readlink(f"/proc/self/fd/{fd}") else fh
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+def test_a_full_disk_fails_the_stage_in_one_line_and_the_run_stays_resumable(run, capsys, monkeypatch):
+    """Item 13: ENOSPC while a stage writes: one line, the stage marked failed, its earlier file intact."""
+    from pipeline import runner
+
+    before = (run / "metrics" / "evaluation.json").read_bytes()
+    full_disk(monkeypatch, ".evaluation.json.")
+    code, _, err = run_main(capsys, "--run-dir", str(run), "--stages", "evaluate", "--quiet")
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = [ln for ln in err.splitlines() if ln.strip()]
+    assert line.startswith("error: no space left on the file system at ")
+    assert "metrics/evaluation.json" in line and "marked failed" in line and "--run-dir" in line
+    after = RunDir.open(run)
+    assert after.stage_status("evaluate") == "failed" and after.interrupted_writes() == []
+    assert (run / "metrics" / "evaluation.json").read_bytes() == before and after.verify() == []
+    assert runner.resume_stages(after)[0] == "evaluate"
+    monkeypatch.undo()
+    code, _, err = run_main(capsys, "--run-dir", str(run), "--stages", "evaluate", "--quiet")  # space is back
+    assert code == 0, err
+    assert RunDir.open(run).stage_status("evaluate") == "complete"
+
+
+@pytest.mark.slow
+def test_a_table_of_16_features_runs_to_a_report_that_names_its_shap_method(tmp_path, capsys):
+    """Item 10 end to end: it trained, then crashed in the explain stage (shap-exact stops at 14 features)."""
+    import pandas as pd
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(d.data, columns=d.feature_names)
+    for j in range(6):  # 16 features in all
+        frame[f"extra{j}"] = rng.normal(size=len(frame))
+    frame["y"] = d.target
+    frame.to_csv(tmp_path / "wide.csv", index=False)
+    argv = ["--out", str(tmp_path / "runs"), "--quiet", "--stages", "data,train,evaluate,explain,report", *ALL]
+    code, out, err = run_main(capsys, *argv, f"data.tabular_csv={tmp_path / 'wide.csv'}", "data.target=y")
+    assert code == 0, err
+    run = run_dir_of(out)
+    report = json.loads((run / "report.json").read_text())
+    text = json.dumps(report)
+    assert "shap-permutation" in text and "the table has 16 features" in text
+    assert "shap-permutation" in (run / "report.html").read_text()
+    metrics = json.loads((run / "explain" / "metrics.json").read_text())["models"]["regressor"]
+    assert metrics["methods"]["primary"] == "shap-permutation"
+    assert metrics["quality"]["reference"]["n"] > 0 and metrics["quality"]["additivity"]["max_abs_error"] < 1e-4
