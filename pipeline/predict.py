@@ -18,14 +18,16 @@ predictions carry.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
+import gzip
 import hashlib
 import logging
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import IO, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -33,8 +35,7 @@ from torch import nn
 
 from auditml_core import models, training
 from auditml_core.artifacts import (
-    atomic_open,
-    atomic_write,
+    disk_full,
     json_bytes,
     npz_bytes,
     read_json,
@@ -43,9 +44,10 @@ from auditml_core.artifacts import (
 )
 from auditml_core.codebook import units
 from auditml_core.datasets import IMAGE_SUFFIXES, decode_image
-from auditml_core.errors import DataError, RunDirError, UserError
+from auditml_core.errors import DataError, DiskFullError, RunDirError, UserError
 from explain import get_explainer
 from pipeline import distill
+from pipeline.outputs import OutputSet, check_output_paths
 from pipeline.rundir import CONFIG, RunDir, library_versions, sha256_file
 
 log = logging.getLogger(__name__)
@@ -321,8 +323,8 @@ def table_values(chunk: Any, served: ServedModel, *, where: str, offset: int = 0
     Raises
     ------
     DataError
-        A non-numeric value, or an empty/non-finite one without imputation, naming the column
-        and the data row.
+        A non-numeric value, an empty/non-finite one without imputation, or one too large to
+        standardise (1e308: it would give an empty prediction), naming the column and the data row.
     """
     import pandas as pd
 
@@ -348,6 +350,17 @@ def table_values(chunk: Any, served: ServedModel, *, where: str, offset: int = 0
                 "fill it (the run was not trained with data.nan_policy='impute')"
             )
         x = np.where(nan, np.asarray(medians)[None, :], x)  # the run's recorded train-split medians
+    p = served.preprocessing
+    with np.errstate(over="ignore", invalid="ignore"):  # detected below, by name
+        scaled = ((x - np.asarray(p["x_mean"])) / np.asarray(p["x_std"])).astype(np.float32)
+    overflow = ~np.isfinite(scaled)
+    if overflow.any():
+        r, c = map(int, np.argwhere(overflow)[0])
+        raise DataError(
+            f"column {features[c]!r} of {where} holds {x[r, c]:g} at data row {offset + r + 1}, too large for the model "
+            f"once standardised (training: mean {p['x_mean'][c]:.4g}, spread {p['x_std'][c]:.4g}); check the value "
+            "and its units"
+        )
     return x
 
 
@@ -369,6 +382,8 @@ def iter_table(
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{str(path)!r} cannot be read as CSV ({str(exc).splitlines()[0]}); check the file") from None
     check_columns(header, served, where=repr(str(path)), ignore=ignore)
+    with _open_text(path) as fh:
+        check_field_counts(fh, where=repr(str(path)))
     offset = 0
     try:
         reader = pd.read_csv(path, usecols=list(served.feature_names), chunksize=chunk_rows)
@@ -380,13 +395,51 @@ def iter_table(
         raise DataError(f"{str(path)!r} cannot be parsed near data row {offset + 1} ({exc}); check the file") from None
 
 
-def check_images(x: np.ndarray, served: ServedModel, *, what: str) -> np.ndarray:
-    """Images of the training shape: (N, H, W) gets its channel axis when the model has one channel.
+def check_field_counts(lines: Iterable[str], *, where: str) -> None:
+    """Refuse a CSV whose data rows have more or fewer fields than its header (ragged rows).
+
+    pandas reads the training columns by name (``usecols``), and a row with one field too many
+    would be read with its values shifted by one column; one with too few gets empty cells that
+    imputation would silently fill. Blank lines are skipped, as pandas does.
 
     Raises
     ------
     DataError
-        ``what`` (the images' name in the message) has another (C, H, W) than training, or is not numeric.
+        Naming the first ragged row's line number (1 = the header), its field count and the header's.
+    """
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header is None:
+        return
+    for row in reader:
+        if row and len(row) != len(header):
+            raise DataError(
+                f"line {reader.line_num} of {where} has {len(row)} fields but the header has {len(header)}; a missing "
+                "or stray delimiter shifts every value after it: fix that row"
+            )
+
+
+def _open_text(path: Path) -> IO[str]:
+    """``path`` as text for the csv module (gzip when it ends in .gz, as pandas infers)."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", newline="", encoding="utf-8", errors="replace")
+    return path.open("r", newline="", encoding="utf-8", errors="replace")
+
+
+def check_images(x: np.ndarray, served: ServedModel, *, what: str, first_index: int | None = 0) -> np.ndarray:
+    """Images of the training shape: (N, H, W) gets its channel axis when the model has one channel.
+
+    Returns (N, C, H, W) float64 pixels, validated as the training images were: real numbers (no
+    complex, boolean or object arrays), finite (NaN/inf pixels take the run's train-split channel
+    mean when it was trained with ``data.nan_policy='impute'``, as training did; otherwise they are
+    refused), and small enough to standardise. ``first_index`` is the index of ``x[0]`` in the
+    whole input, for messages (None: a single named image).
+
+    Raises
+    ------
+    DataError
+        ``what`` (the images' name in the message) has another (C, H, W) than training, is not real
+        numbers, or has a non-finite or overflowing pixel (naming the image index).
     """
     want = tuple(served.input_shape)
     if x.ndim == 3 and want[0] == 1:
@@ -396,8 +449,33 @@ def check_images(x: np.ndarray, served: ServedModel, *, what: str) -> np.ndarray
             f"{what} has shape {tuple(x.shape)}; the {served.name} was trained on (N, {', '.join(map(str, want))}) "
             f"images ({want[0]} channel(s), {want[1]}x{want[2]} pixels): convert and resize them first"
         )
-    if not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"{what} has dtype {x.dtype}; images must be numeric")
+    if x.dtype.kind not in "iuf":
+        raise DataError(f"{what} has dtype {x.dtype}; images must be real numbers (integer or float), as in training")
+    x = np.asarray(x, dtype=np.float64)
+    p = served.preprocessing
+    mean, std = np.asarray(p["channel_mean"]), np.asarray(p["channel_std"])
+
+    def image(i: int) -> str:
+        return what if first_index is None else f"{what}, image {first_index + i} (counting from 0)"
+
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))
+        if p.get("nan_policy") != "impute":
+            raise DataError(
+                f"{image(int(bad[0]))} has NaN or inf pixels ({len(bad)} such image(s) here); replace them "
+                "(the run was not trained with data.nan_policy='impute')"
+            )
+        x = np.where(finite, x, mean[None, :, None, None])  # as training filled them: the train-split channel mean
+    with np.errstate(over="ignore", invalid="ignore"):  # detected below, by name
+        scaled = ((x - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+    overflow = ~np.isfinite(scaled)
+    if overflow.any():
+        i, c, h, w = map(int, np.argwhere(overflow)[0])
+        raise DataError(
+            f"{image(i)} has pixel value {x[i, c, h, w]:g}, too large for the model once standardised (training: "
+            f"channel mean {mean[c]:.4g}, spread {std[c]:.4g}); rescale the images as in training"
+        )
     return x
 
 
@@ -425,8 +503,12 @@ def iter_images(
                 if digest is not None:
                     digest.update(rel.encode() + b"\0" + data)
                 ids.append(rel)
-                arrays.append(check_images(decode_image(data, name=str(f))[None], served, what=f"image {rel!r}")[0])
-            yield ids, np.stack(arrays).astype(np.float64)
+                arrays.append(
+                    check_images(
+                        decode_image(data, name=str(f))[None], served, what=f"image {rel!r}", first_index=None
+                    )[0]
+                )
+            yield ids, np.stack(arrays)
         return
     if path.suffix not in (".npz", ".npy"):
         raise DataError(f"{str(path)!r} is not an .npz/.npy array or a folder of images; save images with numpy.savez")
@@ -442,9 +524,13 @@ def iter_images(
                 x = archive["x"]
     except (ValueError, OSError) as exc:
         raise DataError(f"{str(path)!r} is not a readable array file without pickles ({exc})") from None
-    x = check_images(x, served, what=f"x in {str(path)!r}")
+    what = f"x in {str(path)!r}"
+    check_images(x[:0], served, what=what)  # shape and dtype, before any chunk (a memory-mapped .npy is not read)
     for i in range(0, len(x), chunk_rows):
-        yield list(range(i, min(i + chunk_rows, len(x)))), np.asarray(x[i : i + chunk_rows], dtype=np.float64)
+        yield (
+            list(range(i, min(i + chunk_rows, len(x)))),
+            check_images(x[i : i + chunk_rows], served, what=what, first_index=i),
+        )
 
 
 # --------------------------------------------------------------------------- explanations
@@ -513,8 +599,8 @@ class Explainer:
         if targets is not None:
             self.targets.append(targets)
 
-    def write(self, out: Path, predictions: np.ndarray | None) -> dict[str, Any]:
-        """Write the SHAP file beside ``out``; return the provenance entry (method, file, exactness)."""
+    def encode(self, out: Path, predictions: np.ndarray | None) -> tuple[Path, bytes, dict[str, Any]]:
+        """The SHAP file beside ``out``: its path, its bytes and its provenance entry (method, file, exactness)."""
         values = np.concatenate(self.values) if self.values else np.empty((0, *self.served.input_shape))
         base = np.concatenate(self.base) if self.base else None
         record: dict[str, Any] = {"method": self.method, "source": self.note, "rows": int(len(values))}
@@ -527,7 +613,7 @@ class Explainer:
             if base is not None:
                 cols["base_value"] = base
             cols.update({f"shap_{f}": values[:, j] for j, f in enumerate(self.served.feature_names)})
-            atomic_write(target, pd.DataFrame(cols).to_csv(index=False).encode("utf-8"))
+            data = pd.DataFrame(cols).to_csv(index=False).encode("utf-8")
             record["explained_output"] = "prediction in the target's original units"
             if base is not None and predictions is not None:
                 err = (
@@ -544,12 +630,12 @@ class Explainer:
                 arrays["base_values"] = base
             if self.targets:
                 arrays["targets"] = np.concatenate(self.targets)
-            atomic_write(target, npz_bytes(arrays))
+            data = npz_bytes(arrays)
             record["explained_output"] = "logit of the predicted class"
             record["exactness"] = _exactness(self.method, None, "logits")
         record["file"] = target.name
-        record["sha256"] = sha256_file(target)
-        return record
+        record["sha256"] = hashlib.sha256(data).hexdigest()
+        return target, data, record
 
 
 def _exactness(method: str, err: float | None, units: str) -> str:
@@ -559,6 +645,8 @@ def _exactness(method: str, err: float | None, units: str) -> str:
         "approximation of Shapley values (the run's report gives its measured error)",
         "shap-gradient": "expected gradients (shap-gradient): a sampled estimate, only approximately additive",
         "shap-kernel": "Kernel SHAP: a sampled, regression-based estimate, approximately additive",
+        "shap-permutation": "Permutation SHAP (shap-permutation): sampled feature orderings, additive by construction, "
+        "an estimate of interventional Shapley values (the run's report gives its measured error)",
     }.get(method, method)
     if err is None:
         return f"{kind}; additivity not re-measured here"
@@ -628,6 +716,12 @@ def predict_file(
         raise DataError(
             f"the {name} reads {expected} inputs, but {str(path)!r} is not one; pass --task or another file"
         )
+    explain_file = out.with_suffix(".shap.csv" if served.task == "regression" else ".shap.npz")
+    check_output_paths(
+        [out, out.with_name(out.name + ".provenance.json")] + ([explain_file] if explain else []),
+        inputs=[path, Path(run_dir)],
+    )
+    id_column = "file" if path.is_dir() else "row"
     session = open_onnx(run, served, device=device) if engine == "onnx" else None
     explainer = Explainer(run, served, max_rows=explain_max, seed=seed) if explain else None
     folder_digest = hashlib.sha256() if path.is_dir() else None
@@ -635,67 +729,132 @@ def predict_file(
         chunks = ((None, x) for x in iter_table(path, served, ignore=ignore_columns, chunk_rows=chunk_rows))
     else:
         chunks = iter_images(path, served, chunk_rows=chunk_rows, digest=folder_digest)
+    provenance = out.with_name(out.name + ".provenance.json")
+    try:
+        with OutputSet() as files:
+            record = _predict_into(
+                files,
+                served,
+                chunks,
+                out=out,
+                session=session,
+                device=device,
+                explainer=explainer,
+                id_column=id_column,
+                source=repr(str(path)),
+            )
+            n = record["input"]["rows"]
+            record.update(created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), run_id=served.run_id)
+            record["run_dir"] = str(Path(run_dir).resolve())
+            record["model"] = {
+                "name": name,
+                "which": which,
+                "task": served.task,
+                "weights": served.weights,
+                "weights_sha256": served.artifacts[served.weights],
+                "engine": engine,
+                "device": str(device),
+            }
+            record["artifacts_loaded"] = dict(sorted(served.artifacts.items()))
+            record["input"] |= {
+                "path": str(path.resolve()),
+                "sha256": folder_digest.hexdigest() if folder_digest is not None else sha256_file(path),
+                "hash_of": "relative path + NUL + bytes of each image, sorted"
+                if folder_digest is not None
+                else "file bytes",
+                "ignored_columns": list(ignore_columns),
+            }
+            target_units = units(served.codebook, served.target_name)
+            record["output"] |= {
+                "path": str(out.resolve()),
+                "columns": f"row, prediction (original units of {served.target_name!r}"
+                + (f": {target_units})" if target_units else ")")
+                if served.task == "regression"
+                else "row|file, label, label_name, p_<class> (softmax probabilities)",
+            }
+            if served.codebook:  # the run's data dictionary: what the input's coded values and units mean
+                record["data_dictionary"] = served.codebook
+            record.update(privacy=served.privacy, library_versions=library_versions())
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+            files.write(provenance, json_bytes(record))
+            # The previous provenance goes first and the new one arrives last: a kill at any point leaves
+            # no record beside predictions it does not describe (each record carries its files' SHA-256).
+            files.commit(record=provenance, remove=_stale_side_files(provenance, keep=record))
+    except OSError as exc:
+        if (full := disk_full(exc)) is None:
+            raise
+        raise DiskFullError(
+            f"{full}; nothing was written ({out} and its provenance are as they were): free space and run predict again"
+        ) from None
+    log.info("%d predictions by the %s %s written to %s", n, which, name, out)
+    return record
+
+
+def _predict_into(
+    files: OutputSet,
+    served: ServedModel,
+    chunks: Iterable[tuple[Any, np.ndarray]],
+    *,
+    out: Path,
+    session: Any,
+    device: str | torch.device,
+    explainer: Explainer | None,
+    id_column: str,
+    source: str,
+) -> dict[str, Any]:
+    """Predict every chunk into ``out``'s staged file (and the SHAP file); the record's rows and hashes so far."""
     n, first = 0, True
     explained_preds: list[np.ndarray] = []
-    with atomic_open(out) as fh:
+    with files.open(out) as fh:
         for ids, raw in chunks:
             y = predict_raw(served, raw, session=session, device=device)
+            check_outputs(y, ids=ids, first_row=n, where=f"the {served.which} {served.name}")
             ids = np.arange(n, n + len(raw)) if ids is None else ids
-            fh.write(
-                _frame(served, ids, y, id_column="file" if path.is_dir() else "row")
-                .to_csv(index=False, header=first)
-                .encode("utf-8")
-            )
+            fh.write(_frame(served, ids, y, id_column=id_column).to_csv(index=False, header=first).encode("utf-8"))
             if explainer is not None:
                 explainer.add(raw)
                 explained_preds.append(y)
             n, first = n + len(raw), False
         if n == 0:
-            raise DataError(f"{str(path)!r} holds no rows to predict")
-    target_units = units(served.codebook, served.target_name)
-    record: dict[str, Any] = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "run_id": served.run_id,
-        "run_dir": str(Path(run_dir).resolve()),
-        "model": {
-            "name": name,
-            "which": which,
-            "task": served.task,
-            "weights": served.weights,
-            "weights_sha256": served.artifacts[served.weights],
-            "engine": engine,
-            "device": str(device),
-        },
-        "artifacts_loaded": dict(sorted(served.artifacts.items())),
-        "input": {
-            "path": str(path.resolve()),
-            "sha256": folder_digest.hexdigest() if folder_digest is not None else sha256_file(path),
-            "hash_of": "relative path + NUL + bytes of each image, sorted"
-            if folder_digest is not None
-            else "file bytes",
-            "rows": n,
-            "ignored_columns": list(ignore_columns),
-        },
-        "output": {
-            "path": str(out.resolve()),
-            "sha256": sha256_file(out),
-            "columns": f"row, prediction (original units of {served.target_name!r}"
-            + (f": {target_units})" if target_units else ")")
-            if served.task == "regression"
-            else "row|file, label, label_name, p_<class> (softmax probabilities)",
-        },
-        "privacy": served.privacy,
-        "library_versions": library_versions(),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    if served.codebook:  # the run's data dictionary: what the input's coded values and units mean
-        record["data_dictionary"] = served.codebook
+            raise DataError(f"{source} holds no rows to predict")
+    record: dict[str, Any] = {"input": {"rows": n}, "output": {"sha256": sha256_file(files.staged(out))}}
     if explainer is not None:
         preds = np.concatenate(explained_preds) if served.task == "regression" else None
-        record["explanations"] = explainer.write(out, preds)
-    atomic_write(out.with_name(out.name + ".provenance.json"), json_bytes(record))
-    log.info("%d predictions by the %s %s written to %s", n, which, name, out)
+        target, data, record["explanations"] = explainer.encode(out, preds)
+        files.write(target, data)
     return record
+
+
+def check_outputs(y: np.ndarray, *, ids: Any, first_row: int, where: str) -> None:
+    """Refuse model outputs that are not finite (inputs far outside the training range can overflow the model).
+
+    ``ids``: the chunk's image ids (None for table rows, counted from ``first_row``).
+
+    Raises
+    ------
+    DataError
+        Naming the first row or image whose prediction is NaN or inf.
+    """
+    bad = ~np.isfinite(np.asarray(y, dtype=np.float64).reshape(len(y), -1)).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        which = f"data row {first_row + i + 1}" if ids is None else f"image {ids[i]!r}"
+        raise DataError(
+            f"{where} gives a NaN or infinite prediction for {which} ({int(bad.sum())} such in this chunk): its values "
+            "are far outside the training range; check them and their units"
+        )
+
+
+def _stale_side_files(provenance: Path, *, keep: Mapping[str, Any]) -> list[Path]:
+    """The SHAP file the previous provenance at this path listed, unless the new record lists the same file."""
+    try:
+        old = read_json(provenance.read_bytes())
+        name = old["explanations"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(name, str) or Path(name).name != name or name == keep.get("explanations", {}).get("file"):
+        return []
+    return [provenance.with_name(name)]
 
 
 def parser() -> argparse.ArgumentParser:

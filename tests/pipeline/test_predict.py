@@ -1,5 +1,7 @@
 """``python -m pipeline predict`` on one tiny end-to-end run: exact reproduction, refusals, ONNX parity, memory."""
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -222,3 +224,140 @@ def test_streaming_a_million_rows_has_bounded_memory(run_dir, tmp_path):
         peaks[n] = int(proc.stdout.split()[-1]) / 1024  # MB
         assert sum(1 for _ in (tmp_path / "o.csv").open()) == n + 1
     assert peaks[1_000_000] - peaks[10_000] < 150, peaks
+
+
+# --------------------------------------------------------------------------- issue 24: hostile inputs, round two
+
+
+def _write_table(path, frame):
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, fragments",
+    [
+        ("nan_pixel", ["image 2", "NaN or inf"]),
+        ("inf_pixel", ["image 0", "NaN or inf"]),
+        ("huge_pixel", ["image 1", "1e+308", "too large"]),
+        ("complex_images", ["complex128", "real numbers"]),
+        ("huge_cell", ["'bmi'", "data row 4", "1e+308"]),
+    ],
+)
+def test_inputs_training_would_refuse_are_refused_by_name_and_index(
+    run_dir, raw_test, tmp_path, capsys, kind, fragments
+):
+    """Item 3: predict validates values as training does; nothing is written."""
+    x = np.load(raw_test["npz"])["x"][:5].astype(np.float64)
+    if kind == "nan_pixel":
+        x[2, 3, 3] = np.nan
+    elif kind == "inf_pixel":
+        x[0, 0, 0] = np.inf
+    elif kind == "huge_pixel":
+        x[1, 4, 4] = 1e308
+    elif kind == "complex_images":
+        x = x.astype(np.complex128)
+    path = tmp_path / "in.npz"
+    np.savez(path, x=x)
+    if kind == "huge_cell":
+        frame = pd.read_csv(raw_test["csv"]).head(6)
+        frame.loc[3, "bmi"] = 1e308
+        path = _write_table(tmp_path / "in.csv", frame)
+    out = tmp_path / "p.csv"
+    err = _one_line_error(capsys, ["predict", str(run_dir), "--input", str(path), "--out", str(out)])
+    assert all(f in err for f in fragments), err
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_images_with_nan_pixels_take_the_channel_mean_when_the_run_imputed(run_dir, raw_test):
+    """Item 3: like tables, images follow the run's nan_policy (impute: the train-split channel mean)."""
+    served = predict.load_served(run_dir, name="cnn", which="teacher")
+    imputing = dataclasses.replace(served, preprocessing={**served.preprocessing, "nan_policy": "impute"})
+    x = np.load(raw_test["npz"])["x"][:3].astype(np.float64)[:, None]
+    x[1, 0, 2, 2] = np.nan
+    got = predict.check_images(x, imputing, what="x")
+    assert got[1, 0, 2, 2] == imputing.preprocessing["channel_mean"][0] and np.isfinite(got).all()
+
+
+def test_ragged_csv_rows_are_refused_with_their_line_number(run_dir, raw_test, tmp_path, capsys):
+    """Item 4: a row with a field too many would otherwise be read shifted by one column (usecols)."""
+    lines = raw_test["csv"].read_text().splitlines()
+    base = ["predict", str(run_dir), "--out", str(tmp_path / "p.csv"), "--input"]
+    longer = list(lines)
+    longer[4] += ",0.5"
+    (tmp_path / "long.csv").write_text("\n".join(longer) + "\n")
+    err = _one_line_error(capsys, base + [str(tmp_path / "long.csv"), "--chunk-rows", "2"])
+    assert "line 5" in err and "11 fields" in err and "10" in err
+    shorter = list(lines)
+    shorter[7] = shorter[7].rsplit(",", 1)[0]
+    (tmp_path / "short.csv").write_text("\n".join(shorter) + "\n")
+    err = _one_line_error(capsys, base + [str(tmp_path / "short.csv")])
+    assert "line 8" in err and "9 fields" in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_out_may_be_neither_the_input_nor_inside_a_run_directory(run_dir, raw_test, tmp_path, capsys):
+    """Item 6: predictions never replace the user's input or touch a run directory."""
+    csv = tmp_path / "v.csv"
+    csv.write_bytes(raw_test["csv"].read_bytes())
+    original = csv.read_bytes()
+    err = _one_line_error(capsys, ["predict", str(run_dir), "--input", str(csv), "--out", str(csv)])
+    assert "is the input" in err and csv.read_bytes() == original
+    (tmp_path / "alias.csv").symlink_to(csv)
+    err = _one_line_error(capsys, ["predict", str(run_dir), "--input", str(csv), "--out", str(tmp_path / "alias.csv")])
+    assert "is the input" in err and csv.read_bytes() == original
+    manifest = (run_dir / "manifest.json").read_bytes()
+    for out in (run_dir / "metrics" / "evaluation.json", run_dir / "new.csv", run_dir / "models" / "p.csv"):
+        before = out.read_bytes() if out.exists() else None
+        err = _one_line_error(capsys, ["predict", str(run_dir), "--input", str(csv), "--out", str(out)])
+        assert "inside the run directory" in err and (out.read_bytes() if out.exists() else None) == before
+    assert (run_dir / "manifest.json").read_bytes() == manifest and RunDir.open(run_dir).verify() == []
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL at one exact point (nothing after it runs)."""
+
+
+def test_predictions_and_provenance_are_replaced_as_one_unit(run_dir, raw_test, tmp_path, monkeypatch):
+    """Item 2: killed between the renames, no provenance ever describes predictions it did not produce."""
+    out, provenance = tmp_path / "p.csv", tmp_path / "p.csv.provenance.json"
+    predict.predict_file(run_dir, raw_test["csv"], out=out, which="teacher")
+    first = np.load(raw_test["npz"])["x"][:4]
+    np.savez(tmp_path / "few.npz", x=first)
+    real, calls = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:  # the second rename of this predict: killed just after --out was replaced
+            raise _Killed()
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(_Killed):
+        predict.predict_file(run_dir, tmp_path / "few.npz", out=out, which="teacher")
+    monkeypatch.undo()
+    assert calls[0] == "p.csv"  # the predictions were replaced...
+    assert len(pd.read_csv(out)) == 4
+    if provenance.exists():  # ...and any provenance beside them must describe them
+        record = json.loads(provenance.read_text())
+        assert record["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    record = predict.predict_file(run_dir, tmp_path / "few.npz", out=out, which="teacher")  # a clean re-run
+    assert json.loads(provenance.read_text())["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert record["input"]["rows"] == 4
+
+
+def test_a_full_disk_while_predicting_is_one_line_and_leaves_the_previous_output(
+    run_dir, raw_test, tmp_path, capsys, monkeypatch
+):
+    """Item 13: ENOSPC while writing predictions: one line, exit 1, the previous output and provenance intact."""
+    from tests.pipeline.test_hostile import full_disk
+
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run_dir), "--input", str(raw_test["csv"]), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    full_disk(monkeypatch, ".p.csv.")
+    code = main(["predict", str(run_dir), "--input", str(raw_test["npz"]), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error: no space left on the file system at ") and "\n" not in err, err
+    assert str(out) in err and "nothing was written" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file left either
