@@ -126,17 +126,18 @@ def cmd_verify(argv: list[str]) -> int:
         problems += [bad_signature] if bad_signature else []
     if args.rerender and not problems:
         problems += evidence.rerender(run)
-    incomplete = run.incomplete(list(runner.STAGES))
-    incomplete += [
+    stages = run.incomplete(list(runner.STAGES))
+    ledgers = [
         f"unnoted ledger: {rel} (a federated client's privacy ledger, written before it trained; the run stopped "
         "before the manifest noted it: resume with --run-dir to record it)"
         for rel in run.unnoted_ledgers()
     ]
-    incomplete += [
+    leftovers = [
         f"leftover: {tmp.relative_to(run.path).as_posix()} (the temporary file of an interrupted or in-progress "
         "write; no artifact refers to it; a resume with --run-dir removes it)"
         for tmp in run.interrupted_writes()
     ]
+    incomplete = stages + ledgers + leftovers
     for line in problems + incomplete:
         print(line)
     print(f"manifest sha256: {run.manifest_sha256()}")
@@ -146,9 +147,11 @@ def cmd_verify(argv: list[str]) -> int:
     n = len(run.manifest["artifacts"]) + 1
     signed = ", signature valid" if args.key else ""
     if incomplete:
+        counts = [(len(stages), "stage(s) not complete"), (len(ledgers), "unnoted ledger(s)")]
+        counts.append((len(leftovers), "leftover temporary file(s)"))
+        what = ", ".join(f"{k} {label}" for k, label in counts if k)
         print(
-            f"INCOMPLETE: {n} artifacts match the manifest{signed}, but {len(incomplete)} stage(s) are not complete "
-            f"in {args.run_dir}; resume with --run-dir",
+            f"INCOMPLETE: {n} artifacts match the manifest{signed}, but {what} in {args.run_dir}; resume with --run-dir",
             file=sys.stderr,
         )
         return VERIFY_INCOMPLETE

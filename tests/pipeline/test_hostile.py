@@ -481,6 +481,7 @@ def test_read_only_commands_never_write_or_delete_in_the_run(run, capsys, tmp_pa
     code, out, err = run_main(capsys, "verify", str(run), "--rerender")
     assert code == VERIFY_INCOMPLETE and "Traceback" not in err, out + err
     assert "leftover: models/.cnn.safetensors.a1b2c3.tmp" in out and "not reproduced" not in out
+    assert "but 1 leftover temporary file(s) in" in err and "stage(s)" not in err  # every stage is complete
     code, _, err = run_main(
         capsys, "predict", str(run), "--input", str(tmp_path / "x.csv"), "--out", str(tmp_path / "p.csv")
     )
