@@ -127,6 +127,10 @@ def test_three_sites_in_their_own_network_namespaces_train_over_tls_on_the_veth_
     for i, site in enumerate(agreed["sites"]):
         log = (work / "logs" / f"supernode-{i}.log").read_text(errors="replace")
         assert f"SuperNode ID: {site['node_id']}" in log
+        # ... started with the per-site command (python -m federated.site, issue 25), whose long-lived ClientApp
+        # worker (its child, in the same namespace) ran the site's tasks: no ClientApp process per message.
+        assert "serving the ClientApp tasks" in log and "federated.launch.clientapp_worker: task" in log
+        assert "flwr-clientapp" not in log
 
     # Every site dialled the bridge address over TLS, and the SuperLink listened there only.
     dep = record["deployment"]
