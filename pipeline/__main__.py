@@ -34,6 +34,7 @@ EPILOG = (
         "\n  python -m pipeline sign RUN_DIR --key KEY.pem           sign the run's manifest (Ed25519)"
         "\n  python -m pipeline keygen KEY.pem                       make an Ed25519 key pair for sign/verify"
         "\n  python -m pipeline predict RUN_DIR --input FILE         apply a trained model to new data (see predict -h)"
+        "\n  python -m pipeline serve RUN_DIR                        serve the models over HTTP (see serve -h)"
     )
 )
 
@@ -293,12 +294,19 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def cmd_serve(argv: list[str]) -> int:
+    import pipeline.serve  # lazily: FastAPI, uvicorn and prometheus-client would add ~1 s to every other command
+
+    return pipeline.serve.cmd_serve(argv)
+
+
 COMMANDS = {
     "config": cmd_config,
     "verify": cmd_verify,
     "sign": cmd_sign,
     "keygen": cmd_keygen,
     "predict": predict.cmd_predict,
+    "serve": cmd_serve,
 }
 
 

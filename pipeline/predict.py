@@ -340,6 +340,21 @@ def table_values(chunk: Any, served: ServedModel, *, where: str, offset: int = 0
                     f"{values.iloc[i]!r}; encode it as a number as in training"
                 )
     x = chunk[features].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    return finite_table(x, served, where=where, offset=offset)
+
+
+def finite_table(x: np.ndarray, served: ServedModel, *, where: str, offset: int = 0) -> np.ndarray:
+    """(n, F) float64 raw rows in training column order, validated as :func:`table_values` does after parsing.
+
+    For callers that hold numbers already (``serve``'s JSON rows): no pandas on the way.
+
+    Raises
+    ------
+    DataError
+        An empty/non-finite value without imputation, or one too large to standardise, naming the
+        column and the data row.
+    """
+    features = list(served.feature_names)
     nan = ~np.isfinite(x)
     if nan.any():
         medians = served.preprocessing.get("imputed_medians")

@@ -41,6 +41,7 @@ LAZY_ALLOWED = {
     ("federated.app.components", "federated.app.client_app"),
     ("federated.app.components", "federated.app.secagg_client"),
     ("pipeline.train", "federated.launch.simulation"),
+    ("pipeline.__main__", "pipeline.serve"),  # FastAPI, uvicorn, prometheus-client: only `serve` needs them
     ("auditml_core.privacy.dp_sgd", "auditml_core.privacy.accounting"),
     ("auditml_core.privacy.dp_sgd", "auditml_core.privacy.bk"),
     ("auditml_core.privacy.dp_sgd", "auditml_core.privacy.ghost_conv"),

@@ -36,6 +36,8 @@ README = ROOT / "README.md"
 # README command prefix -> "tests/<file>.py::<test>" that runs it (a server, a second host, ...).
 ELSEWHERE: dict[str, str] = {
     "jupyter nbconvert": "tests/test_setup.py::test_readme_notebook_command_executes",  # with tiny settings
+    "python -m pipeline serve": "tests/pipeline/test_serve.py::test_readme_serve_section_runs_as_written",  # a server
+    "curl -s localhost:8000/": "tests/pipeline/test_serve.py::test_readme_serve_section_runs_as_written",  # its client
 }
 TINY_FEDERATED = ["federated.rounds=2", "federated.dp_rounds=2"]
 SET_UP = {"make run": "python -m pipeline", "make test": "pytest"}
