@@ -22,6 +22,7 @@ import csv
 import datetime as dt
 import gzip
 import hashlib
+import itertools
 import logging
 import time
 import tomllib
@@ -415,23 +416,48 @@ def check_field_counts(lines: Iterable[str], *, where: str) -> None:
 
     pandas reads the training columns by name (``usecols``), and a row with one field too many
     would be read with its values shifted by one column; one with too few gets empty cells that
-    imputation would silently fill. Blank lines are skipped, as pandas does.
+    imputation would silently fill. Blank lines are skipped, as pandas does. Lines without a
+    quote are checked by counting commas (about twice as fast as the csv module on a million
+    rows); from the first quote on, the csv module reads the rest (a quoted field may hold commas
+    or line breaks).
 
     Raises
     ------
     DataError
         Naming the first ragged row's line number (1 = the header), its field count and the header's.
     """
-    reader = csv.reader(lines)
-    header = next(reader, None)
+    rest = iter(lines)
+    header = next(rest, None)
     if header is None:
         return
+    if '"' in header:
+        _check_quoted_fields(itertools.chain([header], rest), where=where, expected=None, first_line=1)
+        return
+    expected = header.count(",") + 1
+    for number, line in enumerate(rest, start=2):
+        if '"' in line:
+            _check_quoted_fields(itertools.chain([line], rest), where=where, expected=expected, first_line=number)
+            return
+        body = line.rstrip("\r\n")
+        if body and body.count(",") + 1 != expected:
+            raise _ragged(where, number, body.count(",") + 1, expected)
+
+
+def _check_quoted_fields(lines: Iterable[str], *, where: str, expected: int | None, first_line: int) -> None:
+    """:func:`check_field_counts` by the csv module, from line ``first_line`` on (``expected`` None: a header first)."""
+    reader = csv.reader(lines)
+    if expected is None:
+        expected = len(next(reader, []))
     for row in reader:
-        if row and len(row) != len(header):
-            raise DataError(
-                f"line {reader.line_num} of {where} has {len(row)} fields but the header has {len(header)}; a missing "
-                "or stray delimiter shifts every value after it: fix that row"
-            )
+        if row and len(row) != expected:
+            raise _ragged(where, first_line - 1 + reader.line_num, len(row), expected)
+
+
+def _ragged(where: str, line: int, fields: int, expected: int) -> DataError:
+    return DataError(
+        f"line {line} of {where} has {fields} fields but the header has {expected}; a missing or stray delimiter "
+        "shifts every value after it: fix that row"
+    )
 
 
 def _open_text(path: Path) -> IO[str]:

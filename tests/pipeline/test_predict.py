@@ -16,6 +16,7 @@ from sklearn.datasets import load_diabetes, load_digits
 
 from auditml_core import config as config_mod
 from auditml_core.artifacts import read_json
+from auditml_core.errors import DataError
 from pipeline import predict, runner
 from pipeline.__main__ import main
 from pipeline.rundir import RunDir
@@ -294,6 +295,26 @@ def test_ragged_csv_rows_are_refused_with_their_line_number(run_dir, raw_test, t
     err = _one_line_error(capsys, base + [str(tmp_path / "short.csv")])
     assert "line 8" in err and "9 fields" in err
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("a,b\n1,2\n\n3,4\n5,6,7\n", 5),  # blank lines skipped, as pandas does; counted
+        ("a,b\r\n1,2\r\n3\r\n", 3),  # too few fields; CRLF line ends
+        ('"a,x",b\n1,2\n"3\n4",5\n6,7,8\n', 5),  # quoted header and a quoted line break: the csv module reads
+        ('a,b\n1,2\n"3,4",5\n6\n', 4),  # quotes from line 3 on: counting hands over to the csv module
+        ("a,b\n1,2\n3,4\n", None),
+    ],
+)
+def test_field_counts_follow_csv_quoting(text, line):
+    import io
+
+    if line is None:
+        predict.check_field_counts(io.StringIO(text, newline=""), where="t")
+        return
+    with pytest.raises(DataError, match=rf"^line {line} of t has \d+ fields but the header has 2;"):
+        predict.check_field_counts(io.StringIO(text, newline=""), where="t")
 
 
 def test_out_may_be_neither_the_input_nor_inside_a_run_directory(run_dir, raw_test, tmp_path, capsys):
