@@ -233,11 +233,13 @@ class ExplainConfig:
 class AuditConfig:
     enabled: bool = True  # run the membership-inference audit stage (false: the report says no audit was run)
     n_eval: int = 500  # members attacked per model, and as many non-members (capped by train/test sizes), >= 10
-    n_shadows: int = 4  # LiRA shadow models per audited model; even, >= 2 (16-64 for a thorough audit)
+    n_shadows: int = 2  # LiRA shadows, each trained like the audited model on as many rows; even, >= 2 (16-64: thorough)
     shadow_epochs: int = 0  # epochs of each shadow model (0 = as many as the audited model trained), >= 0
     control_rows: int = 64  # training rows of the deliberately overfit positive control (capped by test size), >= 4
     control_epochs: int = 200  # non-private epochs of the positive control (it must memorise its rows), >= 1
     bootstrap: int = 1000  # bootstrap resamples of each AUC confidence interval, >= 100
+    canaries: int = 1000  # DP: gradient canaries of the one-run ε audit (certifies ε <= ~5.4 at 1000), 0 = off or >= 20
+    mutant_noise: float = 0.1  # DP: the positive control adds this times its noise, recording the claimed ε, (0, 1)
 
 
 @dataclass(frozen=True)
@@ -573,6 +575,8 @@ def validate(cfg: Config) -> None:
     _check(a.control_rows >= 4, "audit.control_rows", a.control_rows, ">= 4")
     _check(a.control_epochs >= 1, "audit.control_epochs", a.control_epochs, ">= 1")
     _check(a.bootstrap >= 100, "audit.bootstrap", a.bootstrap, ">= 100")
+    _check(a.canaries == 0 or 20 <= a.canaries <= 100_000, "audit.canaries", a.canaries, "0 (off) or in [20, 100000]")
+    _check(0 < a.mutant_noise < 1, "audit.mutant_noise", a.mutant_noise, "in (0, 1) (0.1 = the σ/10 mutant)")
     e = cfg.explain
     for key in (
         "n_rows",

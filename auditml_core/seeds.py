@@ -14,6 +14,8 @@ The derivation tree (each arrow is :func:`derive_seed` with that name)::
                                 ├── "shadow", i ── LiRA shadow model i (i = -1: which records each shadow trains on)
                                 ├── "control" ── the overfit positive control (rows and training)
                                 ├── "control_shadow", i ── shadow i of the control's LiRA (-1: assignment)
+                                ├── "canaries", i ── gradient canaries of shadow 0 (i = 0) and of the mutant (1)
+                                ├── "mutant" ── the DP noise mutant (the positive control under DP)
                                 └── "statistics" ── bootstrap and held-out split of the audit statistics
 
 The runner, the Flower apps, the deployment launcher and the scripts all call these
@@ -48,7 +50,7 @@ DERIVATION = {
     "rank": "derive_seed(training_seed, 'rank', r) for rank r > 0 of a multi-process training (its dp seeds)",
     "audit": "derive_seed(audit_model_seed, part[, index])",
 }
-AUDIT_PARTS = ("members", "shadow", "control", "control_shadow", "statistics")
+AUDIT_PARTS = ("members", "shadow", "control", "control_shadow", "statistics", "canaries", "mutant")
 
 
 def derive_seed(root: int, *names: str | int) -> int:

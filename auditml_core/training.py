@@ -344,6 +344,7 @@ def fit(
     criterion: nn.Module | None = None,
     proximal_mu: float = 0.0,
     world: World | None = None,
+    on_private: Callable[[privacy.PrivateTraining], None] | None = None,
 ) -> TrainingResult:
     """Train ``model`` in place and return its unwrapped weights and history.
 
@@ -375,6 +376,8 @@ def fit(
         validation split and ``on_epoch_end``. Without DP each global batch of ``fit_cfg.batch_size`` is
         shared between the ranks (the same steps as one process); with DP each rank samples its shard at
         the global rate and the noise is added once (:mod:`auditml_core.privacy.dp_ranks`). None = one process.
+    on_private : called once with the DP-SGD wrapping (model, optimizer, plan) before the first step; the
+        privacy audit inserts its gradient canaries there (:mod:`auditml_core.privacy.canaries`). DP only.
 
     Returns
     -------
@@ -435,6 +438,8 @@ def fit(
             resume=resume,
             criterion=criterion or loss_fn(task),
         )
+        if on_private is not None:
+            on_private(private_run)
     loop = _Loop(
         model=model,
         run_model=private_run.model if private_run is not None else model,

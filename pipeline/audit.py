@@ -1,17 +1,29 @@
-"""Stage ``audit``: membership-inference attacks against every released model, beside a positive control.
+"""Stage ``audit``: membership-inference attacks and a one-run DP audit of every released model, beside a
+positive control that the audit must catch.
 
 For each registered model the stage attacks ``n`` training records (members) and ``n`` test records
 (non-members, never trained on), ``n = min(audit.n_eval, |train|, |test|)``:
 
 - the loss-threshold attack (Yeom et al. 2018) and
 - online LiRA with a fixed variance (Carlini et al. 2022), whose ``audit.n_shadows`` shadow models are
-  trained by :func:`auditml_core.training.fit` with the audited model's own settings (architecture, ``fit`` or
-  ``dp_fit``, DP and public pretraining when the run used them) on halves of the attacked records:
-  the data the attacker is allowed to use.
+  trained like the audited model (:mod:`pipeline.audit_training`: same architecture, settings, number of
+  rows, so the same DP sample rate and σ, epochs and starting weights), each on the training rows that are
+  not attacked plus half of the attacked records: the data the attacker is allowed to use.
 
-The same attacks then run against a **positive control**: the same architecture trained without DP for
-``audit.control_epochs`` on ``audit.control_rows`` training records (non-members: as many test rows).
-An attack that cannot separate the control's members is toothless, and the report says so.
+Their held-out ε lower bound can never exceed what ``n`` records certify (``certifiable_epsilon``; 2.44 for
+44 + 44 held-out records): the record says so, and under DP the report says plainly when that is below the
+claimed ε. A DP model (central DP-SGD) is therefore also audited **in one run** (Steinke, Nasr & Jagielski
+2023; :mod:`auditml_core.privacy.canaries`): LiRA shadow 0 carries ``audit.canaries`` Dirac gradient
+canaries, each included with probability 1/2, and the number of correct in/out guesses bounds ε from
+below with enough trials to refute the claim when it is false.
+
+The positive control must fail the audit:
+
+- under DP, the **noise mutant**: the audited model's recipe trained on its own training split with its
+  noise scaled by ``audit.mutant_noise`` (σ/10 by default) while its accountant records the claimed ε,
+  carrying canaries of its own; the audit must say FAILED for it, or the report says the audit has no teeth;
+- without DP (no claim to refute), the same architecture trained without DP for ``audit.control_epochs``
+  on ``audit.control_rows`` attacked records: the attacks must separate its members.
 
 The statistics (AUC with a bootstrap interval, TPR at FPR 1% and 0.1% with Clopper–Pearson intervals,
 the (ε, δ)-DP bound, an empirical ε lower bound on held-out threshold selection) come from
@@ -22,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -31,58 +42,17 @@ from torch import nn
 
 from auditml_core import models, placement, seeds, training
 from auditml_core.artifacts import json_bytes, npz_bytes, read_json, read_npz
-from auditml_core.config import Config, FitConfig
+from auditml_core.config import Config
 from auditml_core.data import Dataset
+from auditml_core.privacy import canaries as canary_audit
 from auditml_core.privacy import mia
-from auditml_core.teacher import TrainedModel, fit_config, public_pretrain
+from auditml_core.teacher import TrainedModel, fit_config
+from pipeline import audit_training
+from pipeline.audit_training import Recipe
 
 log = logging.getLogger(__name__)
 FPRS = (0.01, 0.001)  # false-positive rates at which TPR is reported
 LIRA_VARIANT = "online LiRA, fixed (global) variance (Carlini et al. 2022)"
-
-
-def _train_shadows(
-    *,
-    spec: Mapping[str, Any],
-    x: np.ndarray,
-    y: np.ndarray,
-    task: str,
-    fit_cfg: FitConfig,
-    train_dp: Any,
-    pretrain: Callable[[torch.nn.Module, int], Any] | None,
-    n_shadows: int,
-    seed_of: Callable[[int], int],
-    assignment_seed: int,
-    device: torch.device,
-    progress: bool = False,
-    desc: str = "LiRA shadows",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Train the shadows on balanced halves of (x, y); return their φ on every record and the in-mask."""
-    in_mask = mia.shadow_assignment(len(x), n_shadows, seed=assignment_seed)  # (S, N)
-    phis = []
-    for i in training.progress_bar(range(n_shadows), progress, desc):
-        s = seed_of(i)
-        torch.manual_seed(s)
-        shadow = models.build(spec)
-        if pretrain is not None:
-            pretrain(shadow, s)
-        rows = in_mask[i]
-        cfg_i = replace(fit_cfg, batch_size=min(fit_cfg.batch_size, int(rows.sum())))
-        training.fit(
-            shadow,
-            x_train=x[rows],
-            y_train=y[rows],
-            x_val=None,
-            y_val=None,
-            task=task,
-            fit_cfg=cfg_i,
-            dp=train_dp,
-            device=device,
-            seed=s,
-            desc=f"shadow {i}",
-        )
-        phis.append(mia.confidence_logit(training.predict(shadow.eval(), x, device=device), y, task=task))
-    return np.stack(phis), in_mask
 
 
 def _attacks(
@@ -113,6 +83,42 @@ def _attacks(
     return summary, scores
 
 
+def _candidates(ds: Dataset, n: int, *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The attacked records (n training rows, then n test rows) and the training rows not attacked."""
+    rng = np.random.default_rng(seeds.audit_seed(seed, "members"))
+    mem = np.sort(rng.choice(len(ds.y["train"]), n, replace=False))
+    non = np.sort(rng.choice(len(ds.y["test"]), n, replace=False))
+    x = np.concatenate([ds.x["train"][mem], ds.x["test"][non]])
+    y = np.concatenate([ds.y["train"][mem], ds.y["test"][non]])
+    rest = np.setdiff1d(np.arange(len(ds.y["train"])), mem)
+    return x, y, ds.x["train"][rest], ds.y["train"][rest]
+
+
+def _canaries(cfg: Config, recipe: Recipe, tm: TrainedModel, *, seed: int) -> canary_audit.GradientCanaries | None:
+    """Gradient canaries for a model trained with central DP-SGD (None otherwise, or with audit.canaries = 0)."""
+    if recipe.dp is None or cfg.audit.canaries == 0 or tm.training.get("mode", "central") != "central":
+        return None
+    return canary_audit.GradientCanaries(cfg.audit.canaries, seed=seed)
+
+
+def _canary_record(
+    can: canary_audit.GradientCanaries | None, *, delta: float, trained: str, why_not: str
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    if can is None:
+        return {"ran": False, "why": why_not}, {}
+    scores = can.scores()
+    record = {
+        "ran": True,
+        **canary_audit.one_run_audit(scores, can.included, delta=delta),
+        "trained": trained,
+        "kind": "Dirac gradient canaries (white-box): clipped gradient ±C on one coordinate of a zero-output "
+        "side layer, joining each DP-SGD step with the plan's sample rate",
+        "steps": can.steps,
+        "insertions": can.insertions,
+    }
+    return record, {"scores": scores, "included": can.included}
+
+
 def audit_model(
     cfg: Config,
     name: str,
@@ -122,155 +128,181 @@ def audit_model(
     seed: int,
     device: torch.device | None = None,
     progress: bool = False,
+    public_only: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Attack one released model and its positive control; returns the record and the raw scores.
 
-    ``device`` is where the shadows and the control train (the stage's :class:`auditml_core.placement.Placement`);
-    ``progress`` shows a bar over the shadow models.
+    ``device`` is where the shadows and the controls train (the stage's :class:`auditml_core.placement.Placement`);
+    ``progress`` shows a bar over the shadow models; ``public_only`` is the train stage's record of the model's
+    weights after public pretraining (the shadows start from them instead of pretraining again).
     """
     device = device or torch.device("cpu")
     a = cfg.audit
     t0 = time.perf_counter()
-    task = ds.task
     n = min(a.n_eval, len(ds.y["train"]), len(ds.y["test"]))
-    rng = np.random.default_rng(seeds.audit_seed(seed, "members"))
-    mem = np.sort(rng.choice(len(ds.y["train"]), n, replace=False))
-    non = np.sort(rng.choice(len(ds.y["test"]), n, replace=False))
-    x = np.concatenate([ds.x["train"][mem], ds.x["test"][non]])
-    y = np.concatenate([ds.y["train"][mem], ds.y["test"][non]])
+    x, y, x_fill, y_fill = _candidates(ds, n, seed=seed)
     members = np.r_[np.ones(n, dtype=bool), np.zeros(n, dtype=bool)]
     privacy = tm.training.get("privacy") or None
-    epsilon = privacy.get("epsilon") if privacy else None
-    delta = cfg.dp.delta
-    dp_on = cfg.dp.enabled and privacy is not None
-    fit_cfg = fit_config(cfg, name)
-    trained_epochs = int(tm.training.get("best_epoch") or tm.training.get("epochs_run") or fit_cfg.epochs)
-    shadow_fit = replace(fit_cfg, epochs=a.shadow_epochs or (fit_cfg.epochs if dp_on else trained_epochs))
-    pretrain = None
-    if dp_on and tm.training.get("public_pretraining"):
-
-        def pretrain(model: torch.nn.Module, s: int) -> None:
-            public_pretrain(cfg, name, model, ds, device=device, seed=seeds.pretrain_seed(s))
-
-    shadow_phi, in_mask = _train_shadows(
-        spec=tm.spec,
-        x=x,
-        y=y,
-        task=task,
-        fit_cfg=shadow_fit,
-        train_dp=cfg.dp if dp_on else None,
-        pretrain=pretrain,
+    recipe = audit_training.recipe_of(cfg, name, ds, tm, public_only=public_only, device=device)
+    dp_on = recipe.dp is not None
+    epsilon = privacy.get("epsilon") if dp_on and privacy else None
+    can = _canaries(cfg, recipe, tm, seed=seeds.audit_seed(seed, "canaries", 0))
+    shadow_phi, in_mask, shadow_privacy = audit_training.train_shadows(
+        recipe,
+        x_fill=x_fill,
+        y_fill=y_fill,
+        x_cand=x,
+        y_cand=y,
         n_shadows=a.n_shadows,
         seed_of=lambda i: seeds.audit_seed(seed, "shadow", i),
         assignment_seed=seeds.audit_seed(seed, "shadow", -1),
-        device=device,
+        canaries=can,
         progress=progress,
         desc=f"{name} LiRA shadows",
     )
-    stats_seed = seeds.audit_seed(seed, "statistics")
-    target, target_scores = _attacks(
-        released=tm.build(),
-        x=x,
-        y=y,
-        members=members,
-        task=task,
-        shadow_phi=shadow_phi,
-        in_mask=in_mask,
-        epsilon=epsilon if dp_on else None,
-        delta=delta,
-        seed=stats_seed,
-        n_resamples=a.bootstrap,
+    attack = dict(
+        x=x, y=y, task=ds.task, shadow_phi=shadow_phi, in_mask=in_mask, delta=cfg.dp.delta, n_resamples=a.bootstrap
     )
-    control, control_scores = _control(cfg, name, ds, tm, x=x, y=y, n=n, seed=seed, device=device)
+    stats_seed = seeds.audit_seed(seed, "statistics")
+    target, target_scores = _attacks(released=tm.build(), members=members, epsilon=epsilon, seed=stats_seed, **attack)
+    why_not = _why_no_canaries(cfg, recipe, tm)
+    canaries, canary_scores = _canary_record(
+        can, delta=cfg.dp.delta, trained="LiRA shadow 0 (trained like the audited model)", why_not=why_not
+    )
+    if dp_on and tm.training.get("mode", "central") == "central":
+        control, control_scores = _mutant(cfg, recipe, ds, epsilon=epsilon, members=members, attack=attack, seed=seed)
+    else:
+        control, control_scores = _overfit(cfg, name, recipe, x=x, y=y, seed=seed)
     record = {
         "title": models.title(name),
-        "task": task,
+        "task": ds.task,
         "member_split": "train",
         "non_member_split": "test",
         "n_members": n,
         "n_non_members": n,
         "dp": dp_on,
-        "claimed_epsilon": epsilon if dp_on else None,
-        "delta": delta,
-        "shadows": {
-            "n": a.n_shadows,
-            "variant": LIRA_VARIANT,
-            "trained_by": "auditml_core.training.fit",
-            "training_data": "balanced halves of the attacked records (each record in exactly half the shadows)",
-            "epochs": shadow_fit.epochs,
-            "dp": dp_on,
-            "public_pretraining": pretrain is not None,
-            "mode": "central (also when the audited model was trained federated)",
-            "audited_model_training": cfg.train.mode,
-        },
+        "claimed_epsilon": epsilon,
+        "delta": cfg.dp.delta,
+        "shadows": _shadow_record(cfg, recipe, tm, shadow_privacy, rows=len(y_fill) + n),
         "attacks": target,
+        "certifiable_epsilon": {
+            "membership_attacks": max(s["empirical_epsilon"]["certifiable_epsilon"] for s in target.values()),
+            "canaries": canaries.get("certifiable_epsilon"),
+        },
+        "canaries": canaries,
         "control": control,
         "seconds": time.perf_counter() - t0,
     }
-    scores = {"members": members, **{f"target_{k}": v for k, v in target_scores.items()}, **control_scores}
+    scores = {
+        "members": members,
+        **{f"target_{k}": v for k, v in target_scores.items()},
+        **{f"canary_{k}": v for k, v in canary_scores.items()},
+        **control_scores,
+    }
     return {"record": record, "scores": scores}
 
 
-def _control(
+def _why_no_canaries(cfg: Config, recipe: Recipe, tm: TrainedModel) -> str:
+    if recipe.dp is None:
+        return "the model was trained without DP: there is no ε claim for the canaries to refute"
+    if tm.training.get("mode", "central") != "central":
+        return "the model was trained federated; the canary audit covers central DP-SGD only"
+    return "audit.canaries = 0"
+
+
+def _shadow_record(
+    cfg: Config, recipe: Recipe, tm: TrainedModel, shadow_privacy: Mapping[str, Any] | None, *, rows: int
+) -> dict[str, Any]:
+    """How the shadows were trained, beside how the audited model was (the report compares the two)."""
+    target_privacy = tm.training.get("privacy") or {}
+    keys = ("noise_multiplier", "sample_rate", "max_grad_norm")
+    return {
+        "n": cfg.audit.n_shadows,
+        "variant": LIRA_VARIANT,
+        "trained_by": "auditml_core.training.fit",
+        "training_data": "the training rows that are not attacked plus half of the attacked records (each attacked "
+        "record in exactly half the shadows)",
+        "rows": rows,
+        "audited_model_rows": recipe.target_rows,
+        "batch_size": recipe.fit_cfg.batch_size,
+        "epochs": recipe.fit_cfg.epochs,
+        "audited_model_epochs": recipe.target_epochs,
+        "dp": recipe.dp is not None,
+        "dp_settings": {k: shadow_privacy.get(k) for k in keys} if shadow_privacy else None,
+        "audited_model_dp_settings": {k: target_privacy.get(k) for k in keys} if target_privacy else None,
+        "public_pretraining": bool(tm.training.get("public_pretraining")),
+        "starting_weights": recipe.init_source,
+        "mode": "central (also when the audited model was trained federated)",
+        "audited_model_training": cfg.train.mode,
+    }
+
+
+def _mutant(
     cfg: Config,
-    name: str,
+    recipe: Recipe,
     ds: Dataset,
-    tm: TrainedModel,
     *,
-    x: np.ndarray,
-    y: np.ndarray,
-    n: int,
+    epsilon: float | None,
+    members: np.ndarray,
+    attack: Mapping[str, Any],
     seed: int,
-    device: torch.device,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """A deliberately overfit copy of the architecture, attacked the same way (the attack's positive control)."""
+    """The DP positive control: the audited recipe with its noise scaled by ``audit.mutant_noise``, attacked alike."""
     a = cfg.audit
-    k = min(a.control_rows, n)
-    rng = np.random.default_rng(seeds.audit_seed(seed, "control"))
-    mem = rng.choice(n, k, replace=False)  # among the attacked members
-    non = n + rng.choice(n, k, replace=False)  # among the attacked non-members
-    xc, yc = np.concatenate([x[mem], x[non]]), np.concatenate([y[mem], y[non]])
+    can = canary_audit.GradientCanaries(a.canaries, seed=seeds.audit_seed(seed, "canaries", 1)) if a.canaries else None
+    mutant, privacy = audit_training.train_like(
+        recipe,
+        ds.x["train"],
+        ds.y["train"],
+        seed=seeds.audit_seed(seed, "mutant"),
+        desc="noise mutant",
+        canaries=can,
+        noise_factor=a.mutant_noise,
+    )
+    summary, scores = _attacks(
+        released=mutant, members=members, epsilon=epsilon, seed=seeds.audit_seed(seed, "statistics", 1), **attack
+    )
+    canaries, canary_scores = _canary_record(
+        can, delta=cfg.dp.delta, trained="the noise mutant", why_not="audit.canaries = 0"
+    )
+    sigma = (privacy or {}).get("noise_multiplier")
+    x, y = attack["x"], attack["y"]
+    record = {
+        "kind": "noise mutant",
+        "description": f"the audited model's recipe trained on its whole training split with its DP noise multiplied "
+        f"by {a.mutant_noise:g} (σ = {sigma:.4g} recorded, σ·{a.mutant_noise:g} added) while its accountant records "
+        f"ε = {(privacy or {}).get('epsilon', float('nan')):.4g}: a privacy violation the audit must report as FAILED",
+        "noise_factor": a.mutant_noise,
+        "claimed_epsilon": epsilon,
+        "recorded_epsilon": (privacy or {}).get("epsilon"),
+        "n_members": int(members.sum()),
+        "n_non_members": int((~members).sum()),
+        "train_loss": training.evaluate(mutant, x[members], y[members], task=recipe.task)["loss"],
+        "test_loss": training.evaluate(mutant, x[~members], y[~members], task=recipe.task)["loss"],
+        "attacks": summary,
+        "canaries": canaries,
+    }
+    arrays = {f"control_{k}": v for k, v in scores.items()} | {
+        f"control_canary_{k}": v for k, v in canary_scores.items()
+    }
+    return record, {"control_members": members, **arrays}
+
+
+def _overfit(
+    cfg: Config, name: str, recipe: Recipe, *, x: np.ndarray, y: np.ndarray, seed: int
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The non-DP positive control: a deliberately overfit copy of the architecture, attacked the same way."""
+    a = cfg.audit
+    control, control_fit, xc, yc = audit_training.overfit_control(cfg, name, recipe, x, y, seed=seed)
+    shadow_phi, in_mask = audit_training.overfit_control_shadows(cfg, recipe, control_fit, xc, yc, seed=seed)
+    k = len(yc) // 2
     members = np.r_[np.ones(k, dtype=bool), np.zeros(k, dtype=bool)]
-    base = getattr(cfg, name).fit
-    control_fit = replace(
-        base, epochs=a.control_epochs, batch_size=min(base.batch_size, k), weight_decay=0.0, augment_shift=0
-    )
-    control_seed = seeds.audit_seed(seed, "control")
-    torch.manual_seed(control_seed)
-    control = models.build(tm.spec)
-    training.fit(
-        control,
-        x_train=xc[members],
-        y_train=yc[members],
-        x_val=None,
-        y_val=None,
-        task=ds.task,
-        fit_cfg=control_fit,
-        dp=None,
-        device=device,
-        seed=control_seed,
-        desc=f"{name} positive control",
-    )
-    control.cpu()  # attacked below on the CPU, like the released model
-    shadow_phi, in_mask = _train_shadows(
-        spec=tm.spec,
-        x=xc,
-        y=yc,
-        task=ds.task,
-        fit_cfg=replace(control_fit, batch_size=min(control_fit.batch_size, max(k // 2, 1))),
-        train_dp=None,
-        pretrain=None,
-        n_shadows=a.n_shadows,
-        seed_of=lambda i: seeds.audit_seed(seed, "control_shadow", i),
-        assignment_seed=seeds.audit_seed(seed, "control_shadow", -1),
-        device=device,
-    )
     summary, scores = _attacks(
         released=control,
         x=xc,
         y=yc,
         members=members,
-        task=ds.task,
+        task=recipe.task,
         shadow_phi=shadow_phi,
         in_mask=in_mask,
         epsilon=None,
@@ -278,16 +310,15 @@ def _control(
         seed=seeds.audit_seed(seed, "statistics", 1),
         n_resamples=a.bootstrap,
     )
-    train_metric = training.evaluate(control, xc[members], yc[members], task=ds.task)
-    test_metric = training.evaluate(control, xc[~members], yc[~members], task=ds.task)
     record = {
+        "kind": "overfit",
         "description": f"the same architecture trained without DP for {a.control_epochs} epochs on {k} training "
         "records (no weight decay, no augmentation): built to memorise, so the attacks must separate its members",
         "n_members": k,
         "n_non_members": k,
         "fit": control_fit.__dict__,
-        "train_loss": train_metric["loss"],
-        "test_loss": test_metric["loss"],
+        "train_loss": training.evaluate(control, xc[members], yc[members], task=recipe.task)["loss"],
+        "test_loss": training.evaluate(control, xc[~members], yc[~members], task=recipe.task)["loss"],
         "attacks": summary,
     }
     return record, {"control_members": members, **{f"control_{k_}": v for k_, v in scores.items()}}
@@ -300,18 +331,23 @@ def device_placement(
     *,
     cuda_available: bool | None = None,
 ) -> placement.Placement:
-    """Where the audit trains its shadows and control: each model's batch, shadow epochs and control runs."""
+    """Where the audit trains its shadows and controls: each model's batch, shadow epochs and control runs.
+
+    Under DP the shadows and the noise mutant train on as many rows as the audited model; without DP the
+    shadows do, and the overfit control and its shadows train on ``audit.control_rows``.
+    """
     a = cfg.audit
     work = []
     for name, entry in models.MODELS.items():
-        fit_cfg, n = fit_config(cfg, name), min(a.n_eval, len(datasets[entry.dataset].y["train"]))
+        fit_cfg, n = fit_config(cfg, name), len(datasets[entry.dataset].y["train"])
         epochs = a.shadow_epochs or fit_cfg.epochs
+        controls = n * epochs if cfg.dp.enabled else a.control_rows * a.control_epochs * (a.n_shadows + 1)
         work.append(
             (
                 builders[name],
                 tuple(datasets[entry.dataset].x["train"].shape[1:]),
                 min(fit_cfg.batch_size, n),
-                n * epochs * (a.n_shadows + 1) + a.control_rows * a.control_epochs * (a.n_shadows + 1),
+                n * epochs * a.n_shadows + controls,
             )
         )
     return placement.stage_placement("audit", requested=cfg.train.device, work=work, cuda_available=cuda_available)
@@ -340,15 +376,20 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
             seed=seeds.derive_seed(seed, name),
             device=where.torch_device,
             progress=bool(runtime is not None and runtime.progress),
+            public_only=getattr(trained, "public_only", {}).get(name),
         )
         records[name], scores[name] = result["record"], result["scores"]
+        rec = result["record"]
         log.info(
-            "audit %s: loss AUC %.3f, LiRA AUC %.3f; control %.3f / %.3f",
+            "audit %s: loss AUC %.3f, LiRA AUC %.3f; control (%s) %.3f / %.3f; canary ε >= %s, control's %s",
             name,
-            result["record"]["attacks"]["loss"]["auc"],
-            result["record"]["attacks"]["lira"]["auc"],
-            result["record"]["control"]["attacks"]["loss"]["auc"],
-            result["record"]["control"]["attacks"]["lira"]["auc"],
+            rec["attacks"]["loss"]["auc"],
+            rec["attacks"]["lira"]["auc"],
+            rec["control"]["kind"],
+            rec["control"]["attacks"]["loss"]["auc"],
+            rec["control"]["attacks"]["lira"]["auc"],
+            rec["canaries"].get("epsilon_lower_bound", "-"),
+            rec["control"].get("canaries", {}).get("epsilon_lower_bound", "-"),
         )
     return {"enabled": True, "models": records, "scores": scores, "fprs": list(FPRS)}
 

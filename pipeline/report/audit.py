@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from auditml_core.models import title
+from auditml_core.privacy import mia
 from pipeline.report.fmt import number
 
 HOW_TO_READ_AUDIT = (
@@ -19,16 +20,25 @@ HOW_TO_READ_AUDIT = (
     "at most 1% (or 0.1%) of non-members; with n non-members, an FPR below 1/n can only be read as 'no false "
     "positive at all'. For a model trained with (ε, δ)-DP no attack can exceed TPR = e^ε·FPR + δ; the audit "
     "also turns the attack's best (FPR, TPR) into an empirical lower bound on ε (Clopper–Pearson, threshold "
-    "chosen on one half of the records and evaluated on the other), which must stay below the claimed ε. A "
-    "low AUC on the released model is evidence only if the same attacks break the positive control (the same "
-    "architecture deliberately overfit on a few records): the control shows the attacks have teeth. An "
-    "empirical bound is a lower bound from these attacks only: a small value does not prove privacy."
+    "chosen on one half of the records and evaluated on the other), which must stay below the claimed ε. Such a "
+    "bound can never exceed what its number of records certifies (the 'certifiable ε': a perfect attack's bound): "
+    "when that is below the claimed ε, the attacks cannot refute the claim whatever the model leaks. A DP model is "
+    "therefore also audited in one training run (Steinke, Nasr & Jagielski 2023): a model trained exactly like it "
+    "carries gradient canaries, each included with probability 1/2, and the number of correct in/out guesses bounds "
+    "ε from below. The positive control is a privacy violation the audit must catch: under DP, the same training "
+    "with a tenth of its noise while the accountant records the claimed ε (it must FAIL); without DP, the "
+    "architecture deliberately overfit on a few records (the attacks must separate them). An empirical bound is a "
+    "lower bound from these attacks only: a small value does not prove privacy."
 )
 TOOTHLESS_AUC = 0.6  # a control AUC at or below this means the attacks could not break even an overfit model
 
 
 def _attack_row(attack: str, s: Mapping[str, Any]) -> dict[str, Any]:
     e = s["empirical_epsilon"]
+    held = e.get("held_out_counts", {})
+    certifiable = e.get("certifiable_epsilon")
+    if certifiable is None and held:  # a record written before the audit stated it
+        certifiable = mia.certifiable_epsilon(held["members"], held["non_members"], delta=e["delta"])
     row = {
         "attack": attack,
         "auc": s["auc"],
@@ -56,12 +66,168 @@ def _attack_row(attack: str, s: Mapping[str, Any]) -> dict[str, Any]:
         "epsilon_lower_bound": e["epsilon_lower_bound"],
         "epsilon_lower_bound_optimistic": e["optimistic_max_over_thresholds"],
         "epsilon_method": e["method"],
+        "certifiable_epsilon": certifiable,
     }
     return row
 
 
+def _canary_row(c: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The one-run canary audit of one training, or why it did not run."""
+    if not c or not c.get("ran"):
+        return {"ran": False, "why": (c or {}).get("why", "not recorded (an audit from before the canary audit)")}
+    keys = ("m", "included", "epsilon_lower_bound", "certifiable_epsilon", "confidence", "guesses", "best")
+    return {"ran": True, **{k: c[k] for k in keys}, "method": c["method"], "kind": c["kind"], "trained": c["trained"]}
+
+
+def _caught(claimed: float | None, attacks: list[Mapping[str, Any]], canaries: Mapping[str, Any]) -> list[str]:
+    """What refutes ``claimed``: each attack or canary audit whose ε lower bound exceeds it."""
+    if claimed is None:
+        return []
+    out = [a["attack"] for a in attacks if a["epsilon_lower_bound"] > claimed]
+    out += [
+        a["attack"] + " (TPR above the DP bound)"
+        for a in attacks
+        if any(t.get("exceeds_dp_bound") for t in a["tpr_at_fpr"])
+    ]
+    if canaries.get("ran") and canaries["epsilon_lower_bound"] > claimed:
+        out.append("canaries")
+    return out
+
+
+def _verdict(m: Mapping[str, Any]) -> dict[str, Any]:
+    """FAILED, passed (with the power to fail), or no verdict, with the reason in one sentence."""
+    claimed, t = m["claimed_epsilon"], m["title"]
+    if claimed is None:
+        return {"verdict": "no DP claim", "statement": f"The {t} makes no DP claim: the attacks measure its leakage."}
+    failed = _caught(claimed, m["attacks"], m["canaries"])
+    ceiling = max((v for v in m["certifiable_epsilon"].values() if v is not None), default=0.0)
+    control = m["control"]
+    control_caught = _caught(claimed, control["attacks"], control.get("canaries") or {"ran": False})
+    if failed:
+        return {
+            "verdict": "FAILED",
+            "statement": f"PRIVACY AUDIT FAILED for the {t}: {', '.join(failed)} refute the claimed ε = "
+            f"{number(claimed, 3)}.",
+        }
+    if ceiling <= claimed:
+        return {
+            "verdict": "no verdict",
+            "statement": f"No verdict on the {t}: this audit can certify at most ε = {number(ceiling, 3)}, not above "
+            f"the claimed ε = {number(claimed, 3)}, so it could not have refuted the claim.",
+        }
+    if control.get("kind") == "noise mutant" and not control_caught:
+        return {
+            "verdict": "no verdict",
+            "statement": f"No verdict on the {t}: the audit did not catch its positive control (the same training "
+            f"with ×{number(control.get('noise_factor'), 2)} noise), so its pass means nothing.",
+        }
+    return {
+        "verdict": "passed",
+        "statement": f"Passed for the {t}: no lower bound exceeds the claimed ε = {number(claimed, 3)}, while the audit "
+        f"can certify up to ε = {number(ceiling, 3)}"
+        + (f" and caught the noise mutant ({', '.join(control_caught)})." if control_caught else "."),
+    }
+
+
+def _model_caveats(m: Mapping[str, Any]) -> list[str]:
+    """The loud lines of one model's audit: failures, missing power, a control the audit did not catch."""
+    t, claimed, out = m["title"], m["claimed_epsilon"], []
+    if m["verdict"]["verdict"] == "FAILED":
+        out.append(
+            m["verdict"]["statement"] + " Either the implementation has a bug or the DP guarantee does not hold as "
+            "stated; do not release this model as private."
+        )
+    cert = m["certifiable_epsilon"]
+    if claimed is not None and cert["membership_attacks"] is not None and cert["membership_attacks"] <= claimed:
+        out.append(
+            f"Privacy audit of the {t}: with {m['n_members']} + {m['n_non_members']} attacked records the membership "
+            f"attacks can certify at most ε = {number(cert['membership_attacks'], 3)}, below the claimed ε = "
+            f"{number(claimed, 3)}: their bounds cannot refute the claim whatever the model leaks"
+            + (
+                f"; the canary audit (up to ε = {number(cert['canaries'], 3)}) carries the verdict."
+                if cert.get("canaries") is not None and cert["canaries"] > claimed
+                else "."
+            )
+        )
+    if claimed is not None and cert.get("canaries") is not None and cert["canaries"] <= claimed:
+        out.append(
+            f"Privacy audit of the {t}: {m['canaries']['m']} canaries certify at most ε = {number(cert['canaries'], 3)}, "
+            f"below the claimed ε = {number(claimed, 3)}; raise audit.canaries (δ = {number(m['delta'], 3)} caps what "
+            "one run can certify near ln(1/(2·m·δ)), so a large claim may be beyond any affordable audit)."
+        )
+    control = m["control"]
+    if control.get("kind") == "noise mutant":
+        if claimed is not None and not _caught(claimed, control["attacks"], control.get("canaries") or {"ran": False}):
+            out.append(
+                f"Privacy audit of the {t}: the audit did not catch its positive control, the same training with "
+                f"×{number(control.get('noise_factor'), 2)} of its noise while recording the claimed ε: it has no power "
+                "against a violation of that size here, and a pass on the released model means nothing."
+            )
+    elif max(c["auc"] for c in control["attacks"]) <= TOOTHLESS_AUC:
+        out.append(
+            f"Privacy audit of the {t}: even the deliberately overfit positive control was not broken "
+            f"(AUC ≤ {TOOTHLESS_AUC}); the attacks are too weak here for a low AUC to mean anything "
+            "(raise audit.n_eval, audit.control_epochs or audit.n_shadows)."
+        )
+    return out
+
+
+def _resolution_caveat(m: Mapping[str, Any]) -> list[str]:
+    n_non = m["n_non_members"]
+    below = [f for f in sorted({t["target_fpr"] for a in m["attacks"] for t in a["tpr_at_fpr"]}) if f * n_non < 1]
+    if not below:
+        return []
+    rates = " and ".join(f"{number(100 * f, 3)}%" for f in below)
+    ceiling = m["certifiable_epsilon"]["membership_attacks"]
+    at_most = f" (at most {number(ceiling, 3)})" if ceiling is not None else ""
+    return [
+        f"Privacy audit of the {m['title']}: {n_non} non-members, so FPR = {rates} "
+        f"{'is' if len(below) == 1 else 'are'} below the resolution 1/{n_non}: read TPR at "
+        f"{rates} as TPR with no false positive; the empirical ε bound that this many records can certify "
+        f"is limited{at_most}."
+    ]
+
+
+def _model_entry(r: Mapping[str, Any]) -> dict[str, Any]:
+    attacks = [_attack_row(a, s) for a, s in r["attacks"].items()]
+    control = r["control"]
+    canaries = _canary_row(r.get("canaries"))
+    m = {
+        "title": r["title"],
+        "dp": r["dp"],
+        "claimed_epsilon": r.get("claimed_epsilon"),
+        "delta": r["delta"],
+        "n_members": r["n_members"],
+        "n_non_members": r["n_non_members"],
+        "shadows": r["shadows"],
+        "attacks": attacks,
+        "canaries": canaries,
+        "certifiable_epsilon": {
+            "membership_attacks": max(
+                (a["certifiable_epsilon"] for a in attacks if a["certifiable_epsilon"] is not None), default=None
+            ),
+            "canaries": canaries.get("certifiable_epsilon"),
+        },
+        "control": {
+            "kind": control.get("kind", "overfit"),
+            "description": control["description"],
+            "train_loss": control["train_loss"],
+            "test_loss": control["test_loss"],
+            "noise_factor": control.get("noise_factor"),
+            "attacks": [_attack_row(a, s) for a, s in control["attacks"].items()],
+            "canaries": _canary_row(control["canaries"]) if "canaries" in control else None,
+        },
+        "max_epsilon_lower_bound": max(
+            [a["epsilon_lower_bound"] for a in attacks] + [canaries.get("epsilon_lower_bound", 0.0)]
+        ),
+    }
+    m["verdict"] = _verdict(m)
+    return m
+
+
 def audit_section(audit_out: Any) -> dict[str, Any]:
-    """The audit part of the report: per model, both attacks on the released model and on the control."""
+    """The audit part of the report: per model, the attacks and the canary audit on the released model's
+    training, on the positive control, what the audit could certify at all, and a verdict."""
     if not isinstance(audit_out, Mapping) or not audit_out.get("enabled"):
         return {
             "ran": False,
@@ -74,58 +240,9 @@ def audit_section(audit_out: Any) -> dict[str, Any]:
         }
     models, caveats = {}, []
     for name, r in audit_out["models"].items():
-        t = title(name)
-        attacks = [_attack_row(a, s) for a, s in r["attacks"].items()]
-        control = [_attack_row(a, s) for a, s in r["control"]["attacks"].items()]
-        claimed = r.get("claimed_epsilon")
-        best_lb = max(a["epsilon_lower_bound"] for a in attacks)
-        models[name] = {
-            "title": t,
-            "dp": r["dp"],
-            "claimed_epsilon": claimed,
-            "delta": r["delta"],
-            "n_members": r["n_members"],
-            "n_non_members": r["n_non_members"],
-            "shadows": r["shadows"],
-            "attacks": attacks,
-            "control": {
-                "description": r["control"]["description"],
-                "train_loss": r["control"]["train_loss"],
-                "test_loss": r["control"]["test_loss"],
-                "attacks": control,
-            },
-            "max_epsilon_lower_bound": best_lb,
-        }
-        if claimed is not None and best_lb > claimed:
-            caveats.append(
-                f"PRIVACY AUDIT FAILED for the {t}: the empirical ε lower bound {number(best_lb, 3)} exceeds the "
-                f"claimed ε = {number(claimed, 3)}. Either the implementation has a bug or the DP guarantee does "
-                "not hold as stated; do not release this model as private."
-            )
-        for a in attacks:
-            for row in a["tpr_at_fpr"]:
-                if row.get("exceeds_dp_bound"):
-                    caveats.append(
-                        f"PRIVACY AUDIT FAILED for the {t}: the {a['attack']} attack's TPR at FPR "
-                        f"{number(row['target_fpr'], 2)} (lower bound {number(row['tpr_ci95'][0], 3)}) exceeds "
-                        f"what (ε = {number(claimed, 3)}, δ) -DP allows ({number(row['dp_bound_at_fpr_upper'], 3)})."
-                    )
-        if max(c["auc"] for c in control) <= TOOTHLESS_AUC:
-            caveats.append(
-                f"Privacy audit of the {t}: even the deliberately overfit positive control was not broken "
-                f"(AUC ≤ {TOOTHLESS_AUC}); the attacks are too weak here for a low AUC to mean anything "
-                "(raise audit.n_eval, audit.control_epochs or audit.n_shadows)."
-            )
-        n_non = r["n_non_members"]
-        below = [f for f in sorted({t["target_fpr"] for a in attacks for t in a["tpr_at_fpr"]}) if f * n_non < 1]
-        if below:
-            rates = " and ".join(f"{number(100 * f, 3)}%" for f in below)
-            caveats.append(
-                f"Privacy audit of the {t}: {n_non} non-members, so FPR = {rates} "
-                f"{'is' if len(below) == 1 else 'are'} below the resolution 1/{n_non}: read TPR at "
-                f"{rates} as TPR with no false positive; the empirical ε bound that this many records can certify "
-                "is limited."
-            )
+        m = _model_entry({**r, "title": r.get("title") or title(name)})
+        models[name] = m
+        caveats += _model_caveats(m) + _resolution_caveat(m)
     return {"ran": True, "how_to_read": HOW_TO_READ_AUDIT, "models": models, "caveats": caveats}
 
 

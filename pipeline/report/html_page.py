@@ -468,6 +468,65 @@ def _attack_rows(attacks: list[Mapping[str, Any]], who: str, claimed: Any) -> li
     return rows
 
 
+def _shadows_like_target(sh: Mapping[str, Any]) -> str:
+    """One sentence comparing how the shadows and the audited model were trained (rows, epochs, σ, q)."""
+    if "rows" not in sh:
+        return ""
+    dp, ref = sh.get("dp_settings") or {}, sh.get("audited_model_dp_settings") or {}
+    sigma = (
+        f", σ {fmt(dp.get('noise_multiplier'), 4)} and q {fmt(dp.get('sample_rate'), 4)} (audited: "
+        f"{fmt(ref.get('noise_multiplier'), 4)}, {fmt(ref.get('sample_rate'), 4)})"
+        if dp
+        else ""
+    )
+    return (
+        f" Each shadow trains on {fmt(sh['rows'])} rows for {fmt(sh['epochs'])} epochs, batch {fmt(sh['batch_size'])}"
+        f"{sigma} (the audited model: {fmt(sh['audited_model_rows'])} rows, {fmt(sh['audited_model_epochs'])} "
+        f"epochs), starting from {esc(sh['starting_weights'])}."
+    )
+
+
+def _canary_table(m: Mapping[str, Any], control_who: str) -> str:
+    """The one-run canary audit of the released model's recipe and of the positive control, or ''."""
+    rows = []
+    for who, c, claimed in (
+        ("released model's training", m["canaries"], m["claimed_epsilon"]),
+        (control_who, m["control"].get("canaries") or {}, m["claimed_epsilon"]),
+    ):
+        if not c.get("ran"):
+            continue
+        best = c["best"]
+        rows.append(
+            [
+                esc(who),
+                esc(c["trained"]),
+                f"{fmt(c['m'])} ({fmt(c['included'])} included)",
+                f"{fmt(best['correct'])} of {fmt(best['r'])}",
+                fmt(c["epsilon_lower_bound"], 3),
+                fmt(c["certifiable_epsilon"], 3),
+                fmt(claimed, 4),
+                "<strong>FAILED</strong>"
+                if claimed is not None and c["epsilon_lower_bound"] > claimed
+                else "not refuted",
+            ]
+        )
+    if not rows:
+        return ""
+    return "<h4>One-run audit with gradient canaries (Steinke, Nasr &amp; Jagielski 2023)</h4>" + table(
+        [
+            "model",
+            "canaries ride in",
+            "canaries",
+            "correct guesses (best)",
+            "ε lower bound",
+            "certifiable ε",
+            "claimed ε",
+            "claim",
+        ],
+        rows,
+    )
+
+
 def _audit(c: Mapping[str, Any]) -> str:
     a = c["audit"]
     parts = ["<section id=audit><h2>Privacy audit (membership inference)</h2>"]
@@ -489,16 +548,37 @@ def _audit(c: Mapping[str, Any]) -> str:
                 if sh.get("audited_model_training") == "federated"
                 else ""
             )
+            + _shadows_like_target(sh)
             + f" Positive control: {esc(m['control']['description'])} (its "
             f"training loss {fmt(m['control']['train_loss'], 3)}, test loss {fmt(m['control']['test_loss'], 3)}).</p>"
         )
+        control = m["control"]
+        who = (
+            f"positive control (noise ×{fmt(control.get('noise_factor'), 2)}, recorded ε {fmt(m['claimed_epsilon'], 4)})"
+            if control.get("kind") == "noise mutant"
+            else "positive control (overfit, no DP)"
+        )
         rows = _attack_rows(m["attacks"], "released model", m["claimed_epsilon"])
-        rows += _attack_rows(m["control"]["attacks"], "positive control (overfit, no DP)", None)
+        rows += _attack_rows(
+            control["attacks"], who, m["claimed_epsilon"] if control.get("kind") == "noise mutant" else None
+        )
         parts.append(
             table(
                 ["model", "attack", "ROC-AUC [95% CI]", "TPR at FPR [95% CI]", "empirical ε lower bound", "claimed ε"],
                 rows,
             )
+        )
+        parts.append(_canary_table(m, who))
+        cert = m.get("certifiable_epsilon") or {}
+        parts.append(
+            f"<p><strong>What this audit can certify:</strong> the membership attacks at most ε = "
+            f"{fmt(cert.get('membership_attacks'), 3)} (a perfect attack on these held-out records)"
+            + (
+                f"; the canary audit at most ε = {fmt(cert['canaries'], 3)} (every guess right)"
+                if cert.get("canaries") is not None
+                else f"; no canary audit ({esc(m['canaries'].get('why', ''))})"
+            )
+            + f". <strong>Verdict:</strong> {esc(m['verdict']['statement'])}</p>"
         )
     parts.append("<h3>Audit caveats</h3>" + bullet_list(a["caveats"], "warnlist"))
     return "".join(parts) + "</section>"

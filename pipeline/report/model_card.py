@@ -393,7 +393,12 @@ def render(content: Mapping[str, Any], name: str) -> str:
     am = audit.get("models", {}).get(name)
     if am:
         bits = []
-        for who, attacks in (("released model", am["attacks"]), ("overfit positive control", am["control"]["attacks"])):
+        control_who = (
+            "noise-mutant positive control"
+            if am["control"].get("kind") == "noise mutant"
+            else "overfit positive control"
+        )
+        for who, attacks in (("released model", am["attacks"]), (control_who, am["control"]["attacks"])):
             for a in attacks:
                 tprs = ", ".join(f"TPR@FPR {num(t['target_fpr'], 2)} = {num(t['tpr'], 3)}" for t in a["tpr_at_fpr"])
                 bits.append(
@@ -401,7 +406,18 @@ def render(content: Mapping[str, Any], name: str) -> str:
                     f"{num(a['auc_ci95'][1], 3)}], {tprs}, empirical ε ≥ {num(a['epsilon_lower_bound'], 3)}"
                 )
         claimed = f" (claimed ε = {num(am['claimed_epsilon'])})" if am.get("claimed_epsilon") is not None else ""
+        for who, c in (
+            ("released model's training", am.get("canaries")),
+            ("positive control", am["control"].get("canaries")),
+        ):
+            if c and c.get("ran"):
+                bits.append(
+                    f"{who}, one-run canary audit ({c['m']} canaries): ε ≥ {num(c['epsilon_lower_bound'], 3)} "
+                    f"(certifies up to {num(c['certifiable_epsilon'], 3)})"
+                )
         out += [f"Privacy audit (membership inference){claimed}: " + "; ".join(bits) + ".", ""]
+        if am.get("verdict"):
+            out += [f"Audit verdict: {md(am['verdict']['statement'])}", ""]
     elif audit and not audit.get("ran", True):
         out += ["Privacy audit (membership inference): not run.", ""]
 

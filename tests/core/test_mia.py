@@ -111,6 +111,34 @@ def test_empirical_epsilon_of_a_perfect_attack_is_what_its_sample_size_can_certi
     _, hi = mia.clopper_pearson(0, half)
     assert e["epsilon_lower_bound"] == pytest.approx(np.log(lo / hi), rel=1e-9)
     assert e["optimistic_max_over_thresholds"] >= e["epsilon_lower_bound"]
+    assert e["certifiable_epsilon"] == pytest.approx(e["epsilon_lower_bound"], rel=1e-12)  # a perfect attack's bound
+
+
+def test_what_a_membership_audit_can_certify_is_bounded_by_its_sample_size():
+    # Issue #23: 44 + 44 held-out records (the regressor's 88 + 88 halved) certify at most 2.44, 179/180 (the CNN's
+    # 359 + 359) 3.88: whatever the model leaks, the held-out bound cannot refute a claim of ε = 3 on the regressor.
+    lo = beta.ppf(0.025, 44, 1)
+    hi = beta.ppf(0.975, 1, 44)
+    assert mia.certifiable_epsilon(44, 44, delta=0.0) == pytest.approx(np.log(lo / hi), rel=1e-6)
+    assert mia.certifiable_epsilon(44, 44, delta=1e-5) == pytest.approx(2.4366, abs=1e-3)
+    assert mia.certifiable_epsilon(179, 180, delta=1e-5) == pytest.approx(3.8772, abs=1e-3)
+
+
+def test_the_bootstrap_interval_is_the_one_of_resampling_the_records():
+    # The vectorised Mann-Whitney bootstrap against resampling the records and calling scikit-learn, same draws.
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.normal(size=60), 1)  # ties included
+    members = rng.permutation(np.r_[np.ones(30, bool), np.zeros(30, bool)])
+    draws = np.random.default_rng(5)
+    pos, neg = np.flatnonzero(members), np.flatnonzero(~members)
+    values = []
+    for _ in range(200):
+        i = np.concatenate([draws.choice(pos, len(pos)), draws.choice(neg, len(neg))])
+        values.append(roc_auc_score(members[i], scores[i]))
+    expected = np.percentile(values, [2.5, 97.5])
+    assert mia.auc_bootstrap_ci(scores, members, seed=5, n_resamples=200) == pytest.approx(list(expected), abs=1e-12)
 
 
 def test_tpr_at_fpr_respects_the_fpr_and_reports_resolution():
@@ -125,5 +153,6 @@ def test_tpr_at_fpr_respects_the_fpr_and_reports_resolution():
 def test_shadow_assignment_is_balanced():
     mask = mia.shadow_assignment(50, 4, seed=0)
     assert mask.shape == (4, 50) and (mask.sum(axis=0) == 2).all()
+    assert (mask.sum(axis=1) == 25).all()  # equal shadow sizes: each trains on as many rows as the audited model
     with pytest.raises(ValueError, match="even"):
         mia.shadow_assignment(10, 3, seed=0)

@@ -120,3 +120,52 @@ def test_the_report_says_when_no_audit_ran():
     section = audit_section(None)
     assert not section["ran"] and "No membership-inference audit" in section["caveats"][0]
     assert audit.run(load_config(None, ["audit.enabled=false"]), {}, seed=0)["enabled"] is False
+
+
+def _dp_audit(tmp_path, overrides):
+    cfg = load_config(None, overrides)
+    run = RunDir.create(tmp_path / "runs", config_toml=config_mod.to_toml(cfg), command=["test"], device="cpu")
+    return audit_section(runner.run_stages(cfg, run, ["data", "train", "audit"])["audit"])
+
+
+# ε = 1 and a few more DP epochs than tests.tiny: enough steps for 1000 canaries to refute ε = 1 when it is false
+DP_AUDIT = (
+    TRAIN
+    + AUDIT
+    + [
+        "dp.enabled=true",
+        "dp.target_epsilon=1",
+        "regressor.dp_fit.epochs=10",
+        "cnn.dp_fit.epochs=4",
+        "dp.reproducible_noise=true",  # deterministic: with secret noise each 95% bound may miss in 5% of runs
+    ]
+)
+
+
+@pytest.mark.slow  # two tiny DP pipelines (train + audit): ~1 min alone
+def test_the_audit_catches_its_noise_mutant_and_a_noise_bug_makes_it_say_failed(tmp_path, monkeypatch):
+    honest = _dp_audit(tmp_path / "honest", DP_AUDIT)
+    for m in honest["models"].values():
+        claimed = m["claimed_epsilon"]
+        assert m["canaries"]["ran"] and m["certifiable_epsilon"]["canaries"] > claimed  # it could refute ε = 1...
+        assert m["canaries"]["epsilon_lower_bound"] <= claimed  # ...and does not refute the honest training
+        assert m["control"]["kind"] == "noise mutant" and m["control"]["canaries"]["epsilon_lower_bound"] > claimed
+        assert m["verdict"]["verdict"] == "passed", m["verdict"]
+    assert not any("FAILED" in c for c in honest["caveats"])
+
+    from auditml_core.privacy import dp_sgd
+
+    real = dp_sgd._add_noise_at_once
+
+    def noise_bug(optimizer):  # DP-SGD adding a tenth of its noise while the accountant records σ
+        real(optimizer)
+        for p in optimizer.params:
+            s = p.summed_grad.view_as(p)
+            p.grad = s + 0.1 * (p.grad - s)
+
+    monkeypatch.setattr(dp_sgd, "_add_noise_at_once", noise_bug)
+    broken = _dp_audit(tmp_path / "broken", DP_AUDIT)
+    for name, m in broken["models"].items():
+        assert m["claimed_epsilon"] <= 1.0  # the record still says ε <= 1
+        assert m["verdict"]["verdict"] == "FAILED" and "canaries" in m["verdict"]["statement"], m["verdict"]
+        assert any(c.startswith(f"PRIVACY AUDIT FAILED for the {m['title']}") for c in broken["caveats"])
