@@ -37,7 +37,7 @@ import torch
 from auditml_core import models, training
 from auditml_core.config import DPConfig, FitConfig
 from auditml_core.distributed import RankLostError, World
-from auditml_core.errors import PrivacyBudgetError, TrainingDivergedError, UserError
+from auditml_core.errors import ConfigError, PrivacyBudgetError, TrainingDivergedError, UserError
 
 log = logging.getLogger(__name__)
 RUN_NOTE = "AUDITML_RUN_DIR_NOTE"  # environment: a file where rank 0 notes its run directory for the launcher
@@ -75,7 +75,20 @@ class Followers:
         self.released = False
 
     def train(self, order: Order, *, x_train: np.ndarray, y_train: np.ndarray) -> None:
-        """Send ``order`` and the training split; rank 0 then calls ``fit`` with the same arguments."""
+        """Send ``order`` and the training split; rank 0 then calls ``fit`` with the same arguments.
+
+        Raises
+        ------
+        ConfigError
+            On CUDA, when this host has fewer GPUs than ranks (one GPU per rank), before anything is sent.
+        """
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if order.device_type == "cuda" and torch.cuda.device_count() < local_ranks:
+            raise ConfigError(
+                f"{local_ranks} ranks on this host but {torch.cuda.device_count()} CUDA device(s): each rank trains on "
+                "a GPU of its own; start at most one rank per GPU (train.processes, --nproc-per-node) or set "
+                "train.device=cpu"
+            )
         self.world.broadcast(order)
         self.world.broadcast_arrays({"x": x_train, "y": y_train})
         self.busy = True

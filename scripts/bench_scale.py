@@ -2,6 +2,7 @@
 
     python scripts/bench_scale.py                       # all steps up to 1e6 rows / 6e4 32x32x3 images
     python scripts/bench_scale.py --steps 3             # the first three steps only
+    python scripts/bench_scale.py --processes 1,2       # training samples/s on 60,000 28x28 images, 1 vs 2 processes
 
 Each step generates a table (rows x 10 numeric features + target, written as CSV) and an
 image set (``.npz``), then runs the stages data -> train (1 tiny epoch, non-DP) -> evaluate
@@ -10,6 +11,14 @@ size, and prints wall time and peak resident memory (sampled every 5 ms) per sta
 peak includes what earlier stages of that size still hold. It
 also loads the CSV alone (auditml_core.datasets.load_table) and reports its peak memory as a
 multiple of the CSV's size. A benchmark, not a test: it asserts nothing.
+
+``--processes 1,2`` instead times central training as 1, 2, ... processes (``train.processes``, torch's
+launcher, gloo): the default CNN ([32, 64], hidden 64) on 60,000 synthetic 1x28x28 images, non-DP and DP
+(the default engine, no public pretraining), at one batch size for both (``--batch``), ``--epochs`` epochs.
+Samples/s = training rows x epochs / the summed epoch times of rank 0's record (the steps only: not the data
+stage, the start of the ranks or the validation after each epoch); scaling efficiency = samples/s of N
+processes / (N x samples/s of 1). The load average is printed beside every figure: on a shared machine other
+work distorts them.
 """
 
 from __future__ import annotations
@@ -137,14 +146,88 @@ def run_step(csv: str, npz: str, batch_size: str) -> dict:
     return out
 
 
+PROCESS_IMAGES = (60_000, (1, 28, 28))  # the training-throughput benchmark of --processes
+
+
+def train_throughput(npz: Path, *, processes: int, dp: bool, batch: int, epochs: int) -> dict:
+    """Samples/s of the CNN's training as ``processes`` ranks (``python -m pipeline --stages data,train``)."""
+    section = "cnn.dp_fit" if dp else "cnn.fit"
+    overrides = [
+        f'data.images="{npz}"',
+        f"train.processes={processes}",
+        f"dp.enabled={'true' if dp else 'false'}",
+        "dp.public_pretrain_epochs=0",
+        "dp.target_epsilon=8",
+        f"{section}.batch_size={batch}",
+        f"{section}.epochs={epochs}",
+        "train.patience=0",
+        "regressor.fit.epochs=1",
+        "regressor.dp_fit.epochs=1",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "--stages", "data,train", "--quiet", "--out", out, *overrides],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        if proc.returncode != 0:
+            return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        run = next(Path(out).iterdir())
+        record = json.loads((run / "models" / "cnn.json").read_text())["training"]
+    seconds = sum(row["seconds"] for row in record["history"])
+    return {
+        "samples_per_s": record["n_train"] * record["epochs_run"] / seconds,
+        "seconds": seconds,
+        "n_train": record["n_train"],
+        "world_size": record["world_size"],
+        "load": (load_before, os.getloadavg()[0]),
+    }
+
+
+def processes_table(workdir: Path, processes: list[int], *, batch: int, epochs: int) -> None:
+    """Print samples/s per process count, non-DP and DP, with the scaling efficiency and the load."""
+    n, shape = PROCESS_IMAGES
+    _, npz = generate(workdir, 10, n, shape)
+    print(f"central CNN training, {n} images {'x'.join(map(str, shape))}, batch {batch}, {epochs} epoch(s), ", end="")
+    print(f"{os.cpu_count()} CPUs, torch threads per process 1")
+    print(
+        f"{'mode':<7} {'processes':>9} {'samples/s':>10} {'efficiency':>10} {'train s':>8}  load average (before, after)"
+    )
+    for dp in (False, True):
+        base = None
+        for p in processes:
+            r = train_throughput(npz, processes=p, dp=dp, batch=batch, epochs=epochs)
+            mode = "DP" if dp else "non-DP"
+            if "error" in r:
+                print(f"{mode:<7} {p:>9} failed: {r['error']}", flush=True)
+                continue
+            base = r["samples_per_s"] if p == 1 else base
+            eff = f"{r['samples_per_s'] / (p * base):>10.2f}" if base else f"{'?':>10}"
+            load = f"({r['load'][0]:.1f}, {r['load'][1]:.1f})"
+            print(f"{mode:<7} {p:>9} {r['samples_per_s']:>10.0f} {eff} {r['seconds']:>8.1f}  {load}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=len(STEPS), help="how many of the growing sizes to run")
     ap.add_argument("--workdir", default="", help="where generated data goes (default: a temporary folder)")
+    ap.add_argument("--processes", default="", help="e.g. 1,2: time training as that many processes instead")
+    ap.add_argument("--batch", type=int, default=256, help="--processes: batch size, DP and non-DP alike")
+    ap.add_argument("--epochs", type=int, default=1, help="--processes: epochs per run")
     ap.add_argument("--_step", nargs=3, help=argparse.SUPPRESS)  # internal: run one step in this process
     args = ap.parse_args(argv)
     if args._step:
         print(json.dumps(run_step(*args._step)))
+        return
+    if args.processes:
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(args.workdir or tmp)
+            workdir.mkdir(parents=True, exist_ok=True)
+            processes_table(workdir, [int(p) for p in args.processes.split(",")], batch=args.batch, epochs=args.epochs)
         return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)

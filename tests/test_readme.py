@@ -35,6 +35,10 @@ README = ROOT / "README.md"
 
 # README command prefix -> "tests/<file>.py::<test>" that runs it (a server, a second host, ...).
 ELSEWHERE: dict[str, str] = {
+    "torchrun ": "tests/pipeline/test_ranks.py::test_two_hosts_on_loopback_kill_9_and_resume",  # two "hosts"
+    "python -m pipeline train.mode=federated federated.ray_address=": (
+        "tests/federated/test_ray_cluster.py::test_readme_ray_command_on_a_two_node_cluster"  # a Ray cluster
+    ),
     "jupyter nbconvert": "tests/test_setup.py::test_readme_notebook_command_executes",  # with tiny settings
     "python -m pipeline serve": "tests/pipeline/test_serve.py::test_readme_serve_section_runs_as_written",  # a server
     "curl -s localhost:8000/": "tests/pipeline/test_serve.py::test_readme_serve_section_runs_as_written",  # its client

@@ -36,6 +36,7 @@ from federated.app.run_config import overrides_for, run_config_toml, to_run_conf
 from federated.app.task import Task
 from federated.launch import processes as launcher
 from federated.launch import ray_start
+from federated.launch.ray_cluster import RayPlacement
 
 log = logging.getLogger(__name__)
 CONNECTION = "pipeline-sim"
@@ -127,6 +128,8 @@ def train_federated_models(
     runtime = runtime or Runtime()
     names = list(datasets)
     settings = dict(app_settings or {})
+    ray = RayPlacement.from_config(cfg)
+    ray.check_reachable()  # an unreachable cluster is refused before any process starts
     if "seed" not in settings:
         derived = {n: core_seeds.model_seed(cfg.seed, n) for n in names}
         if any(seeds[n] != derived[n] for n in names):
@@ -148,7 +151,7 @@ def train_federated_models(
             for note in notes:
                 note.sync()
 
-        run_flower(work, run_config, n_supernodes=cfg.federated.n_clients, on_poll=sync)
+        run_flower(work, run_config, n_supernodes=cfg.federated.n_clients, on_poll=sync, ray=ray)
         sync()
         results = {name: workdir.read_result(work, name) for name in names}
     out = {}
@@ -268,8 +271,12 @@ def _ray_tmp(work: Path) -> Iterator[Path]:
         yield Path(short)
 
 
-def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, on_poll=None) -> None:
+def run_flower(
+    work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, on_poll=None, ray: RayPlacement | None = None
+) -> None:
     """Run this repo as a Flower app on a private simulation SuperLink; return when the run has ended.
+
+    ``ray``: where the clients run (:mod:`federated.launch.ray_cluster`; default a private Ray, 1 CPU per client).
 
     Raises
     ------
@@ -279,7 +286,7 @@ def run_flower(work: Path, run_config: Mapping[str, Any], *, n_supernodes: int, 
     overrides = overrides_for(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
     rc_path = work / "run_config.toml"
     rc_path.write_text(run_config_toml(overrides))
-    procs = run_simulation(work, rc_path, n_supernodes=n_supernodes, on_poll=on_poll)
+    procs = run_simulation(work, rc_path, n_supernodes=n_supernodes, on_poll=on_poll, ray=ray)
     for name in str(run_config["app.model"]).split(","):
         _raise_if_failed(work, name.strip(), procs)
 
@@ -292,12 +299,17 @@ def run_simulation(
     app: Path = launcher.REPO_ROOT,
     on_poll=None,
     fast_start: bool = True,
+    ray: RayPlacement | None = None,
 ) -> launcher.Processes:
     """Run the Flower app ``app`` (default: this repo) on a private simulation SuperLink until its run ends.
 
     Its own FLWR_HOME and free loopback port under ``work``, Ray's folder from :func:`_ray_tmp`,
     ``client-resources-num-cpus=1``; every process is stopped on the way out. ``scripts/bench_flower_floor.py``
     runs a minimal app through here, so the floor it measures is this very launch path.
+
+    ``ray`` (:mod:`federated.launch.ray_cluster`): a private Ray (default) or an existing cluster
+    (``RAY_ADDRESS`` for the SuperLink and its children; the cluster is left running), and each client's
+    reserved CPUs and GPUs.
 
     ``fast_start`` (issue 12; the app must ship the ``federated`` package): Ray's pre-started workers serve
     the clients (:mod:`federated.launch.ray_start`), and Flower's SuperExec looks for the submitted run every
@@ -320,13 +332,21 @@ def run_simulation(
         if fast_start
         else {}
     )
+    ray = ray or RayPlacement()
     with (
         _ray_tmp(work) as ray_tmp,
         launcher.sigterm_as_exit(),
         # The work folder is scratch (checkpoint and ledgers live in the run directory): if this
         # process is killed, the watchdog deletes it and Ray's folder rather than leave private-data weights behind.
+        # On an existing cluster Ray's session folder is the cluster's own: no RAY_TMPDIR of ours.
         launcher.Processes(
-            work / "logs", {**launcher.flower_env(flwr_home, ray_tmp=ray_tmp), **tuning}, disposable=[work, ray_tmp]
+            work / "logs",
+            {
+                **launcher.flower_env(flwr_home, ray_tmp=None if ray.existing else ray_tmp),
+                **tuning,
+                **ray.environment(),
+            },
+            disposable=[work] if ray.existing else [work, ray_tmp],
         ) as procs,
     ):
         superlink = procs.start(
@@ -350,7 +370,7 @@ def run_simulation(
             CONNECTION,
             rc_path,
             "--federation-config",
-            f"num-supernodes={n_supernodes} client-resources-num-cpus=1",
+            ray.federation_config(n_supernodes),
             app=launcher.stage_app(work / "app") if app == launcher.REPO_ROOT else app,
         )
         while run.poll() is None:

@@ -74,6 +74,29 @@ def test_the_launcher_names_the_rank_that_died():
     assert ranks.failure_message(exc, run_dir="") == ("", 2)
 
 
+def test_more_ranks_than_gpus_is_refused_before_anything_is_sent(monkeypatch):
+    class NoCollective:
+        def broadcast(self, obj=None):
+            raise AssertionError("nothing may be sent")
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    order = ranks.Order(
+        name="cnn",
+        spec={},
+        initial_state={},
+        task="classification",
+        fit_cfg=load_config().cnn.fit,
+        dp=load_config().dp,
+        device_type="cuda",
+        seed=0,
+        patience=0,
+        resume=None,
+    )
+    with pytest.raises(ConfigError, match="2 ranks on this host but 1 CUDA device"):
+        ranks.Followers(NoCollective()).train(order, x_train=None, y_train=None)
+
+
 # --------------------------------------------------------------------------- ranks
 
 
@@ -311,5 +334,32 @@ def test_two_hosts_on_loopback_kill_9_and_resume(tmp_path):
             epochs = 40 if model == "regressor" else 20
             assert rec["privacy"]["total_steps"] == round(1 / rec["privacy"]["sample_rate"]) * epochs
         print(f"no process left {gone:.1f} s after the kill")
+    finally:
+        _kill_job(marker)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_takes_every_rank_with_it(tmp_path):
+    """The launcher of train.processes=2 killed with -9 (no finally runs): the ranks' parent-death signal ends them."""
+    marker = uuid.uuid4().hex
+    out = tmp_path / "runs"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train.processes=2", "dp.enabled=true", *FAULT_TRAINING]
+        + ["--stages", "data,train", "--quiet", "--out", str(out)],
+        cwd=ROOT,
+        env=_env(marker),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_checkpoint(out, [launcher])
+        ranks_before = [p for p in _job_pids(marker) if p != launcher.pid]
+        assert len(ranks_before) == 2  # the two ranks, children of the launcher
+        t_kill = time.monotonic()
+        launcher.kill()
+        launcher.wait(timeout=30)
+        gone = _gone_within(marker, t_kill, 20.0)
+        print(f"no rank left {gone:.1f} s after the launcher's kill -9")
     finally:
         _kill_job(marker)
