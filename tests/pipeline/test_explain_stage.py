@@ -249,7 +249,8 @@ def test_a_table_wider_than_exact_enumeration_is_explained_by_permutation_with_i
         target_name="y",
         provenance={"source": "generated"},
     )
-    cfg = load_config(None, SMALL_EXPLAIN + ["explain.background_size=10"])
+    fast = ["explain.background_size=10", "explain.n_waterfalls=0", "explain.n_dependence_plots=0"]
+    cfg = load_config(None, SMALL_EXPLAIN + fast + ["explain.n_rows=8", "explain.stability_rows=2"])
     ds = prepare_table(raw, cfg.data, seed=0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(f, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
