@@ -346,8 +346,10 @@ def test_sigterm_marks_the_stage_failed_with_one_line(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert run is not None
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
-    assert err.startswith("terminated (SIGTERM)")
+    # tests/tiny.py's DP-only keys warn "has no effect" in this central run (issue 30); the signal gets one line
+    lines = [ln for ln in err.splitlines() if ln.strip() and "has no effect" not in ln]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("terminated (SIGTERM)")
     assert RunDir.open(run).stage_status("train") == "failed"
 
 
