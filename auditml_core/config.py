@@ -209,16 +209,21 @@ class ExplainConfig:
         "lime-image",
     )  # explainers of the CNN, likewise (shap-deep falls back to shap-gradient if DeepLIFT fails)
     reference_rows: int = 4  # table rows re-explained by a reference to measure the primary SHAP error, >= 0
-    reference_images: int = 2  # images likewise (each costs reference_nsamples x background_size CNN passes), >= 0
-    reference_nsamples: int = 2000  # coalitions per image of the sampled Kernel SHAP reference (images), >= 100
-    randomisation_rows: int = 20  # rows/images re-explained with re-initialised weights (sanity check), >= 1
-    randomisation_threshold: float = 0.5  # sanity check passes when |mean Spearman(trained, random)| < this, (0, 1]
+    reference_images: int = 10  # images likewise (each costs reference_nsamples x background_size CNN passes), >= 0
+    reference_nsamples: int = 200  # coalitions per image of the sampled Kernel SHAP reference (images), >= 100
+    reference_noise_images: int = 2  # of those, images the reference re-explains with another seed (its noise), >= 0
+    randomisation_rows: int = 10  # rows/images re-explained with re-initialised weights (sanity check), >= 1
+    randomisation_seeds: int = 5  # random models (and other classes) per sanity check; >= 2 gives the null
+    randomisation_threshold: float = 0.5  # a row survives randomisation above this |Spearman(trained, random)|, (0, 1]
+    randomisation_max_fraction: float = 0.1  # a sanity check passes when at most this share of rows survive, [0, 1)
     lime_num_samples: int = 2000  # LIME perturbations per table row, >= 10
     lime_image_num_samples: int = 500  # LIME perturbations per image, >= 10
     lime_cell_size: int = 0  # side in pixels of LIME's grid segments (0 = min(H, W) // 4), >= 0
     top_k: int = 3  # features compared by SHAP-LIME agreement and LIME stability (tables), >= 1
-    top_k_pixels: int = 8  # pixels compared likewise for images, >= 1
-    agreement_threshold: float = 0.5  # rows whose SHAP-LIME top-k overlap is below this are flagged, [0, 1]
+    top_k_pixels: int = 8  # pixels compared likewise for images (per-pixel comparison only), >= 1
+    agreement_cell_fraction: float = 0.25  # image pairs compared at LIME's cells: top-k = this share of cells, (0, 1]
+    agreement_threshold: float = 0.5  # rows whose SHAP-LIME Spearman is below this are flagged (see next), [0, 1]
+    agreement_noise_quantile: float = 0.05  # ... or this quantile of LIME's seed-vs-seed Spearman if lower, (0, 1)
     stability_seeds: int = 3  # LIME runs with different seeds compared for stability, >= 2
     stability_rows: int = 20  # first explained rows (and images) re-explained for stability, >= 1
     deletion_steps: int = 16  # steps of the deletion/insertion curves, >= 1
@@ -602,8 +607,22 @@ def validate(cfg: Config) -> None:
     for key in ("reference_rows", "reference_images"):
         _check(getattr(e, key) >= 0, f"explain.{key}", getattr(e, key), ">= 0 (0 = no reference check)")
     _check(e.reference_nsamples >= 100, "explain.reference_nsamples", e.reference_nsamples, ">= 100")
+    _check(e.reference_noise_images >= 0, "explain.reference_noise_images", e.reference_noise_images, ">= 0")
     _check(
         0 < e.randomisation_threshold <= 1, "explain.randomisation_threshold", e.randomisation_threshold, "in (0, 1]"
+    )
+    _check(e.randomisation_seeds >= 1, "explain.randomisation_seeds", e.randomisation_seeds, ">= 1 (>= 2 for a null)")
+    _check(
+        0 <= e.randomisation_max_fraction < 1,
+        "explain.randomisation_max_fraction",
+        e.randomisation_max_fraction,
+        "in [0, 1)",
+    )
+    _check(
+        0 < e.agreement_cell_fraction <= 1, "explain.agreement_cell_fraction", e.agreement_cell_fraction, "in (0, 1]"
+    )
+    _check(
+        0 < e.agreement_noise_quantile < 1, "explain.agreement_noise_quantile", e.agreement_noise_quantile, "in (0, 1)"
     )
     for key in ("regressor_methods", "cnn_methods"):
         methods = getattr(e, key)

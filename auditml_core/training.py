@@ -77,6 +77,10 @@ class TrainingResult:
     privacy: dict[str, Any] | None = None  # auditml_core.privacy.dp_sgd.privacy_record when trained with DP
     accountant_history: History = field(default_factory=list)
     ema: dict[str, Any] | None = None  # when fit_cfg.ema_decay > 0: the released weights are the EMA (see _EMA)
+    # which weights fit returned: "ema", "best epoch" (early stopping restored the lowest validation loss) or
+    # "last iterate"; and whether early stopping was on (it is off under DP and with patience 0)
+    released_weights: str = "last iterate"
+    early_stopping: str = "off"
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe view (without the weights)."""
@@ -89,7 +93,9 @@ class TrainingResult:
             "seconds_per_epoch": float(np.mean(secs)) if secs else 0.0,
             "n_train": self.n_train,
             "privacy": self.privacy,
-            "released_weights": "ema" if self.ema else "last iterate",
+            "released_weights": self.released_weights,
+            "released_epoch": self.best_epoch if self.released_weights == "best epoch" else None,
+            "early_stopping": self.early_stopping,
             **({"ema": self.ema} if self.ema else {}),
         }
 
@@ -670,11 +676,20 @@ def _result(
 ) -> TrainingResult:
     """Restore the best epoch's weights (non-DP early stopping) or release the EMA, unhook Opacus, assemble the result."""
     best_epoch = len(state.history)
+    released = "last iterate"
     if ema is not None:
         ema.release()  # the EMA replaces the last iterate (and early stopping's choice, which tracked iterates)
+        released = "ema"
     elif state.stopping.best_state is not None and dp is None:
         model.load_state_dict(state.stopping.best_state)
         best_epoch = state.stopping.best_epoch
+        released = "best epoch"
+    if dp is not None:
+        stopping = "off under DP (an epoch chosen on validation data is not covered by the accountant)"
+    elif state.stopping.patience > 0:
+        stopping = f"on: patience {state.stopping.patience} epochs on the validation loss"
+    else:
+        stopping = "off (patience 0)"
     if private_run is not None:
         private_run.close()
     record = None
@@ -692,6 +707,8 @@ def _result(
         privacy=record,
         accountant_history=state.spent_history,
         ema=ema.record() if ema is not None else None,
+        released_weights=released,
+        early_stopping=stopping,
     )
 
 

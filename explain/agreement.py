@@ -38,7 +38,8 @@ class AgreementResult(Result):
     ``topk``: |top-k(a) ∩ top-k(b)| / k by |attribution|; ``spearman``: rank
     correlation of the signed attributions (NaN where one row is constant);
     ``sign``: fraction of the union of both top-k sets where the signs agree;
-    ``flagged``: rows with ``topk < threshold``.
+    ``flagged``: rows with ``topk < threshold``, or, when ``flag_on == "spearman"``, rows whose
+    Spearman is below ``threshold`` (a constant row, NaN, is flagged).
     """
 
     method_a: str
@@ -52,6 +53,7 @@ class AgreementResult(Result):
     mean_spearman: float
     mean_sign: float
     flagged: tuple[int, ...]
+    flag_on: str = "topk"
 
 
 def agreement(
@@ -62,6 +64,7 @@ def agreement(
     threshold: float = 0.5,
     sum_channels: bool = True,
     segments: np.ndarray | None = None,
+    flag_on: str = "topk",
 ) -> AgreementResult:
     """Compare two explanations of the same inputs row by row.
 
@@ -72,7 +75,8 @@ def agreement(
     k : int
         Size of the top-k sets, ``1 <= k <= n_features`` (pixels for images).
     threshold : float
-        Rows whose top-k agreement is below this are flagged.
+        Rows whose top-k agreement (``flag_on="topk"``) or Spearman (``flag_on="spearman"``) is below this
+        are flagged.
     sum_channels : bool
         Compare images per pixel (channels summed) rather than per element.
     segments : np.ndarray, optional
@@ -92,6 +96,8 @@ def agreement(
     ValueError
         If the explanations' inputs differ, or ``k`` is out of range.
     """
+    if flag_on not in ("topk", "spearman"):
+        raise ValueError(f"flag_on={flag_on!r} is not valid; use 'topk' or 'spearman'.")
     _check_pair(expl_a, expl_b)
     a = unit_attributions(expl_a, sum_channels=sum_channels, segments=segments)
     b = unit_attributions(expl_b, sum_channels=sum_channels, segments=segments)
@@ -105,6 +111,7 @@ def agreement(
         union = np.union1d(ta[i], tb[i])
         sign.append(float((np.sign(a[i, union]) == np.sign(b[i, union])).mean()))
     rho_arr = np.asarray(rho)
+    score = np.nan_to_num(rho_arr, nan=-1.0) if flag_on == "spearman" else np.asarray(topk)
     return AgreementResult(
         method_a=expl_a.method,
         method_b=expl_b.method,
@@ -116,7 +123,8 @@ def agreement(
         mean_topk=float(np.mean(topk)),
         mean_spearman=float(np.nanmean(rho_arr)) if np.isfinite(rho_arr).any() else float("nan"),
         mean_sign=float(np.mean(sign)),
-        flagged=tuple(int(i) for i in np.flatnonzero(np.asarray(topk) < threshold)),
+        flagged=tuple(int(i) for i in np.flatnonzero(score < threshold)),
+        flag_on=flag_on,
     )
 
 
@@ -130,6 +138,9 @@ class StabilityResult(Result):
     per_row: tuple[float, ...]
     mean: float
     min: float
+    # Spearman of the signed attributions between every seed pair, row by row (pair-major): the
+    # method's agreement with itself, against which a disagreement with another method is judged
+    spearman: tuple[float, ...] = ()
 
 
 def stability(
@@ -163,7 +174,8 @@ def stability(
     Returns
     -------
     StabilityResult
-        Per row, the mean Jaccard index ``|A ∩ B| / |A ∪ B|`` over all seed pairs.
+        Per row, the mean Jaccard index ``|A ∩ B| / |A ∪ B|`` over all seed pairs; and every
+        (seed pair, row) Spearman correlation of the signed attributions (NaN where a row is constant).
 
     Raises
     ------
@@ -184,6 +196,13 @@ def stability(
             a, b = set(tops[s][i]), set(tops[t][i])
             per_row[i] += len(a & b) / len(a | b)
     per_row /= len(pairs)
+    rho = [
+        float(spearmanr(units[s][i], units[t][i]).statistic)
+        if np.ptp(units[s][i]) > 0 and np.ptp(units[t][i]) > 0
+        else float("nan")
+        for s, t in pairs
+        for i in range(per_row.shape[0])
+    ]
     return StabilityResult(
         method=expls[0].method,
         k=k,
@@ -191,6 +210,7 @@ def stability(
         per_row=tuple(float(v) for v in per_row),
         mean=float(per_row.mean()),
         min=float(per_row.min()),
+        spearman=tuple(rho),
     )
 
 

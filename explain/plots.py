@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 
+INPUT_ALPHA = 0.5  # the grey input under an attribution map: visible where the (transparent-at-0) map is faint
+
+
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     FigureCanvasAgg(fig)
@@ -187,12 +190,15 @@ def attribution_rows_png(
 
     One row per chosen image: the input (true and predicted label), the
     baseline the attributions are measured from (the mean background image),
-    then each explanation summed over channels and overlaid on the faded input.
-    Every row has ONE symmetric colour scale shared by its attribution panels
-    (red raises the explained logit, blue lowers it, white is 0), with its own
-    colour bar. Drawn here rather than with ``shap.image_plot`` because that
-    plot has one scale for the whole figure, no baseline panel and no way to
-    show two methods of different resolution side by side.
+    then each explanation summed over channels, drawn with shap's conventions:
+    the input in grey underneath and the attribution in shap's
+    ``red_transparent_blue`` diverging map on top (red raises the explained
+    logit, blue lowers it, 0 is transparent, so the input stays visible where
+    the attribution is small). Every row has ONE symmetric colour scale shared
+    by its attribution panels, with its own labelled colour bar. Drawn here
+    rather than with ``shap.image_plot`` because that plot has one scale for the
+    whole figure, no baseline panel and no way to show two methods of different
+    resolution side by side.
 
     Parameters
     ----------
@@ -213,6 +219,8 @@ def attribution_rows_png(
     rows = [int(r) for r in rows]
     if not rows or min(rows) < 0 or max(rows) >= expls[0].n:
         raise ValueError(f"rows={rows} must be non-empty indices in [0, {expls[0].n - 1}].")
+    from shap.plots.colors import red_transparent_blue  # shap's image_plot map: 0 is transparent
+
     cols = 2 + len(expls)
     fig = Figure(figsize=(1.9 * cols + 0.6, 2.0 * len(rows) + 0.2), layout="constrained")
     axes = fig.subplots(len(rows), cols, squeeze=False)
@@ -235,10 +243,12 @@ def attribution_rows_png(
         lim = max(max(float(np.abs(h).max()) for h in heats), 1e-12)
         im = None
         for j, (e, heat) in enumerate(zip(expls, heats), start=2):
-            axes[r, j].imshow(img, cmap="gray_r", vmin=lo, vmax=hi, alpha=0.25)
-            im = axes[r, j].imshow(heat, cmap="bwr", vmin=-lim, vmax=lim, alpha=0.85)
+            axes[r, j].imshow(img, cmap="gray_r", vmin=lo, vmax=hi, alpha=INPUT_ALPHA)
+            im = axes[r, j].imshow(heat, cmap=red_transparent_blue, vmin=-lim, vmax=lim)
             axes[r, j].set_title(f"{e.method}, logit {e.outputs[i]:.2f}", fontsize=7)
-        fig.colorbar(im, ax=list(axes[r, 2:]), shrink=0.9, aspect=12).ax.tick_params(labelsize=6)
+        bar = fig.colorbar(im, ax=list(axes[r, 2:]), shrink=0.9, aspect=12)
+        bar.ax.tick_params(labelsize=6)
+        bar.set_label("attribution (logit)", fontsize=6)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])

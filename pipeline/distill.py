@@ -36,6 +36,7 @@ from auditml_core.privacy import dp_sgd as privacy
 from auditml_core.seeds import derive_seed
 from auditml_core.teacher import TrainedModel
 from explain import compare_variants
+from pipeline.explain_stage import primary_method
 from pipeline.train import diverged
 
 log = logging.getLogger(__name__)
@@ -609,7 +610,9 @@ def _distill_one(
         "seed": seed,
     }
     record["compression_ratio"] = record["teacher_parameters"] / record["student_parameters"]
-    record["explanation_similarity"] = _explanation_similarity(teacher, student, ds, task=task, seed=seed)
+    record["explanation_similarity"] = _explanation_similarity(
+        teacher, student, ds, task=task, seed=seed, method=primary_method(cfg.explain, ds)
+    )
     record.update(_fidelity_record(cfg, name, ds, transfer, teacher_tm, t_out, t_test, s_test, seed=seed))
     return {
         "spec": spec,
@@ -622,10 +625,11 @@ def _distill_one(
 
 
 def _explanation_similarity(
-    teacher: nn.Module, student: nn.Module, ds: Dataset, *, task: str, seed: int, n: int = 50
+    teacher: nn.Module, student: nn.Module, ds: Dataset, *, task: str, seed: int, method: str, n: int = 50
 ) -> dict[str, Any]:
     """Do teacher and student rely on the same features / pixels? SHAP on the same test rows, background
-    from the public split (:func:`explain.compare_variants`)."""
+    from the public split (:func:`explain.compare_variants`), with ``method``: the explain stage's primary
+    SHAP method for this model (exact enumeration for the default regressor, not DeepLIFT)."""
     background = ds.x["public"][:50] if len(ds.x["public"]) else ds.x["train"][:50]
     return compare_variants(
         teacher,
@@ -634,8 +638,9 @@ def _explanation_similarity(
         background=background,
         task=task,
         seed=seed,
+        method=method,
         k=3 if task == "regression" else 8,
-    )
+    ) | {"method_source": "the explain stage's primary SHAP method for this model (explain.*_methods)"}
 
 
 def _regression_fidelity(ds: Dataset, teacher_pred: np.ndarray, student_pred: np.ndarray, who: str) -> dict[str, float]:

@@ -195,22 +195,89 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     where = device_placement(cfg, inputs["data"], {n: trained.models[n].build for n in MODELS})
     if runtime is not None:
         runtime.record_placement(where)
+    preds: dict[str, dict[str, np.ndarray]] = {}
     for name, entry in MODELS.items():
         ds: Dataset = inputs["data"][entry.dataset]
         model = trained.models[name].build().to(where.torch_device)
-        out[name] = {
-            split: _metrics(ds, split, training.predict(model, ds.x[split], device=where.torch_device), seed=seed)
-            for split in ("test", "val")
-        }
+        preds[name] = {s: training.predict(model, ds.x[s], device=where.torch_device) for s in ("test", "val")}
+        out[name] = {split: _metrics(ds, split, preds[name][split], seed=seed) for split in ("test", "val")}
         if name in trained.public_only:
             out[name]["public_only"] = public_only_comparison(
                 ds, trained.models[name], trained.public_only[name], seed=seed
             )
     tab: Dataset = inputs["data"][MODELS["regressor"].dataset]
-    out["ridge"] = {
-        split: _metrics(tab, split, trained.ridge.predict(tab.x[split]), seed=seed) for split in ("test", "val")
-    }
+    preds["ridge"] = {s: trained.ridge.predict(tab.x[s]) for s in ("test", "val")}
+    out["ridge"] = {split: _metrics(tab, split, preds["ridge"][split], seed=seed) for split in ("test", "val")}
+    for name in ("regressor", "ridge"):  # the test split's error cohorts, looked up again on the validation split
+        cohorts = out[name]["test"].get("cohorts")
+        if cohorts:
+            replicate_cohorts(cohorts, tab, "val", preds[name]["val"], seed=seed)
+    out["regressor"]["vs_ridge"] = baseline_comparison(
+        tab, preds["regressor"]["test"], preds["ridge"]["test"], seed=seed
+    )
     return out
+
+
+def baseline_comparison(ds: Dataset, model_pred: np.ndarray, ridge_pred: np.ndarray, *, seed: int) -> dict[str, Any]:
+    """The regressor against its Ridge baseline on the test split: R² difference with a paired bootstrap interval.
+
+    Both predict the same resampled test rows (a paired difference, as :func:`public_only_comparison`).
+    When the interval contains 0 the two cannot be told apart on this test split.
+    """
+    y, p_model, p_ridge = (ds.target_to_original(v) for v in (ds.y["test"], model_pred, ridge_pred))
+
+    def gain(idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {"gain": r2(y[idx], p_model[idx]) - r2(y[idx], p_ridge[idx])}
+
+    value = float(r2(y, p_model) - r2(y, p_ridge))
+    interval = bootstrap_cis(gain, len(y), seed=seed)["gain"]
+    distinguishable = bool(interval[0] > 0 or interval[1] < 0)
+    return {
+        "metric": "r2",
+        "value": value,
+        "ci95": interval,
+        "distinguishable": distinguishable,
+        "better": None if not distinguishable else ("regressor" if value > 0 else "ridge"),
+        "n": int(len(y)),
+        "method": "regressor minus Ridge test R²; paired percentile bootstrap over the test rows",
+    }
+
+
+def replicate_cohorts(
+    cohorts: dict[str, Any], ds: Dataset, split: str, pred: np.ndarray, *, seed: int
+) -> dict[str, Any]:
+    """Add to each cohort (found on the test split) its rows, MAE and MAE ratio on another split, in place.
+
+    The tree that found the cohorts was fitted on the test rows it describes; the same rules applied to
+    ``split`` (rows the tree never saw) say whether a cohort's excess error holds up: ``replicates`` is
+    True when its MAE there is above that split's overall MAE beyond the bootstrap interval, False when
+    its MAE ratio there is at most 1, None in between (same direction, not confirmed) or with no rows.
+    """
+    x = _dataset_units(ds, split)
+    y, p = ds.target_to_original(ds.y[split]), ds.target_to_original(pred)
+    abs_err = np.abs(np.asarray(y, dtype=np.float64) - np.asarray(p, dtype=np.float64))
+    overall = float(abs_err.mean()) if len(abs_err) else 0.0
+    for c in cohorts["cohorts"]:
+        mask = np.ones(len(abs_err), dtype=bool)
+        for cond in c["conditions"]:
+            col = x[:, cond["feature_index"]]
+            mask &= col <= cond["threshold"] if cond["op"] == "<=" else col > cond["threshold"]
+        e = abs_err[mask]
+        rep: dict[str, Any] = {"split": split, "n": int(mask.sum()), "overall_mae": overall}
+        if len(e):
+            ci95 = bootstrap_cis(lambda idx, e=e: {"m": e[idx].mean(axis=-1)}, len(e), seed=seed)["m"]
+            ratio = float(e.mean() / overall) if overall > 0 else None
+            verdict = None if ratio is None else (True if ci95[0] > overall else (False if ratio <= 1 else None))
+            rep |= {"mae": float(e.mean()), "mae_ci95": ci95, "mae_ratio": ratio, "replicates": verdict}
+        else:
+            rep |= {"mae": None, "mae_ci95": None, "mae_ratio": None, "replicates": None}
+        c["replication"] = rep
+    cohorts["replication_note"] = (
+        f"each cohort's rule applied to the {split} split, which the tree never saw: it replicates when its MAE "
+        f"there is above the {split} split's overall MAE beyond its 95% bootstrap interval; a ratio at most 1 "
+        "means it does not"
+    )
+    return cohorts
 
 
 def public_only_comparison(

@@ -186,6 +186,17 @@ def _primary(methods: list[str]) -> str:
     return next((m for m in methods if m.startswith("shap")), methods[0])
 
 
+def primary_method(ecfg: ExplainConfig, ds: Dataset) -> str:
+    """The SHAP method the explain stage runs first for a model on ``ds`` (its checks and figures use it).
+
+    Other stages that explain a variant of the model (distillation's teacher vs student) use it too, so
+    their comparison is made with the method the report's explanations were made with.
+    """
+    if ds.task == "classification":
+        return _primary(list(ecfg.cnn_methods))
+    return _primary(tabular_methods(list(ecfg.regressor_methods), int(np.prod(ds.x["test"].shape[1:])))[0])
+
+
 def _exactness(expl: Explanation) -> str:
     """What the values of ``expl`` are, in words the report prints."""
     if expl.method == "shap-exact":
@@ -236,7 +247,32 @@ def _reference(
         **opts,
     )
     err = reference_error(primary, ref, k=min(k, n_features), rows=rows)
-    return err.to_dict() | {"reference_description": how, "reference_exact": exact, "seconds": time.perf_counter() - t0}
+    out = err.to_dict() | {"reference_description": how, "reference_exact": exact}
+    n_noise = 0 if exact else min(ecfg.reference_noise_images, m)
+    if n_noise:
+        # The reference's own sampling noise: the same images again with another seed.
+        again = get_explainer(method)(
+            model,
+            primary.inputs[:n_noise],
+            background=bg,
+            task=task,
+            seed=(seed + 1) % 2**32,
+            feature_names=primary.feature_names,
+            targets=None if primary.targets is None else primary.targets[:n_noise],
+            **opts,
+        )
+        r1, r2 = ref.values[:n_noise].reshape(n_noise, -1), again.values.reshape(n_noise, -1)
+        per_row = np.abs(r1 - r2).max(axis=1) / np.maximum(np.abs(r1).max(axis=1), 1e-300)
+        out["reference_noise"] = {
+            "n": n_noise,
+            "max_rel_error": float(per_row.max()),
+            "per_row_max_rel_error": per_row,
+            "what": "largest difference between two runs of the reference with different seeds on the same images, "
+            "relative to the largest reference value: the reference is itself a sampling estimate, and errors of "
+            "this size are within its noise (coalitions shap enumerates in full are shared by both runs, so its "
+            "own error can be larger)",
+        }
+    return out | {"seconds": time.perf_counter() - t0}
 
 
 def _comparison_segments(a: Explanation, b: Explanation) -> tuple[np.ndarray | None, str]:
@@ -260,11 +296,82 @@ def _comparison_segments(a: Explanation, b: Explanation) -> tuple[np.ndarray | N
     return None, "pixels (channels summed)" if a.is_image else "features"
 
 
-def _cell_k(k_pixels: int, segments: np.ndarray) -> int:
-    """Top-k in segments covering the same area as ``k_pixels`` pixels (at least one segment)."""
+def _cell_k(fraction: float, segments: np.ndarray) -> int:
+    """Top-k in segments: ``explain.agreement_cell_fraction`` of them (at least one), the same share at every size.
+
+    (A pixel count converted to cells gave k = 2 of 16 cells on 8x8 images and k = 1 on 16x16 and 28x28.)
+    """
     n_seg = int(segments.max()) + 1
-    per_cell = segments[0].size / n_seg if segments.ndim == 3 else segments.size / n_seg
-    return max(1, min(n_seg, int(round(k_pixels / per_cell))))
+    return max(1, min(n_seg, int(round(fraction * n_seg))))
+
+
+def _flag_rule(
+    a_name: str, b_name: str, stability_records: Mapping[str, Any], resolution: str, ecfg: ExplainConfig
+) -> dict[str, Any]:
+    """When a row of the pair (a, b) is flagged as a disagreement, calibrated against seed noise.
+
+    A row is flagged when the two methods rank its units (features, or LIME's cells) less alike,
+    by the Spearman correlation of the signed attributions, than ``explain.agreement_threshold``,
+    or than the ``explain.agreement_noise_quantile`` quantile of a stochastic member's agreement
+    with itself across seeds (its stability run, compared at the same resolution), whichever is
+    lower: that member's own seed noise alone then flags about that share of rows at most. Spearman
+    over all units does not depend on a k, and LIME's grid has the same number of cells at every
+    image size, so the flag means the same on 8x8 and 28x28 images.
+    """
+    q = ecfg.agreement_noise_quantile
+    calibration = {}
+    for method in (a_name, b_name):
+        st = stability_records.get(method)
+        if st is None or st.get("resolution") != resolution:
+            continue
+        values = np.asarray([v for v in st.get("spearman", []) if v is not None], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if len(values):
+            calibration[method] = {"quantile": float(np.quantile(values, q)), "n_comparisons": int(len(values))}
+    threshold = min([ecfg.agreement_threshold, *(c["quantile"] for c in calibration.values())])
+    noise = "; ".join(
+        f"{m}'s seed-vs-seed Spearman: {q:g} quantile {c['quantile']:.3g} over {c['n_comparisons']} comparisons"
+        for m, c in calibration.items()
+    )
+    return {
+        "threshold": float(threshold),
+        "fixed_threshold": ecfg.agreement_threshold,
+        "noise_quantile": q,
+        "calibration": calibration,
+        "rule": f"a row is flagged when the two methods' Spearman (signed attributions, at {resolution}) is below "
+        f"{threshold:.3g} = the lower of {ecfg.agreement_threshold:g} and the {q:g} quantile of a stochastic "
+        f"method's agreement with itself across seeds ({noise or 'no stochastic method compared at this resolution'})",
+    }
+
+
+def compare_pair(
+    a: Explanation, b: Explanation, *, ecfg: ExplainConfig, stability_records: Mapping[str, Any], k: int
+) -> tuple[Any, dict[str, Any]]:
+    """Agreement of two methods' explanations of the same rows, with the flag rule of :func:`_flag_rule`.
+
+    Images are compared at the coarser method's segments (LIME's cells), top-k counting
+    ``explain.agreement_cell_fraction`` of the cells; tables per feature with top-k = ``k``. Returns the
+    :class:`explain.AgreementResult` and its JSON record (resolution, unit, rule; for images also the
+    per-pixel comparison, for reference only).
+    """
+    segments, resolution = _comparison_segments(a, b)
+    k_pair = k if segments is None else _cell_k(ecfg.agreement_cell_fraction, segments)
+    rule = _flag_rule(a.method, b.method, stability_records, resolution, ecfg)
+    res = agreement(a, b, k=k_pair, threshold=rule["threshold"], segments=segments, flag_on="spearman")
+    unit = "features" if segments is None else "cells"
+    record = res.to_dict() | {"resolution": resolution, "k_unit": unit, "flag_rule": rule}
+    if segments is not None:
+        pixel = agreement(a, b, k=k, threshold=ecfg.agreement_threshold)
+        record["pixel_level"] = {
+            "k": pixel.k,
+            "mean_topk": pixel.mean_topk,
+            "mean_spearman": pixel.mean_spearman,
+            "n_flagged": len(pixel.flagged),
+            "note": "per pixel, for comparison only: a cell-level explanation is constant over its cell, "
+            "so this mixes the resolution difference into the disagreement; its flag is top-k overlap "
+            f"below {ecfg.agreement_threshold:g}",
+        }
+    return res, record
 
 
 def explain_model(
@@ -370,22 +477,24 @@ def explain_model(
     t0 = time.perf_counter()
     m_rand = min(ecfg.randomisation_rows, n_explain)
     sub = _subset(shap_expl, m_rand)
+    # The trained model's explanation of these rows is the main run's (reused); each seed adds one random model.
+    bounds = {"threshold": ecfg.randomisation_threshold, "max_fraction": ecfg.randomisation_max_fraction}
     quality["randomisation"] = model_randomisation(
         lambda mdl: run_method(primary, x[:m_rand], seed_=derive_seed(seed, primary), targets=sub.targets, mdl=mdl),
         model,
         sub,
-        seed=derive_seed(seed, "randomise"),
+        seeds=_seeds(seed, "randomise", ecfg.randomisation_seeds),
         baseline=baseline,
-        threshold=ecfg.randomisation_threshold,
+        **bounds,
     ).to_dict()
     if sub.targets is not None:
         quality["class_randomisation"] = class_randomisation(
             lambda tgt: run_method(primary, x[:m_rand], seed_=derive_seed(seed, primary), targets=tgt),
             sub,
             n_classes=int(predict(x[:1]).shape[1]),
-            seed=derive_seed(seed, "randomise-class"),
+            seeds=_seeds(seed, "randomise-class", ecfg.randomisation_seeds),
             baseline=baseline,
-            threshold=ecfg.randomisation_threshold,
+            **bounds,
         ).to_dict()
     timings["randomisation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -402,30 +511,6 @@ def explain_model(
     }
     quality["deletion_insertion"] = {m: r.to_dict() for m, r in faith.items()}
     timings["deletion_insertion"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pairs: dict[str, Any] = {}
-    pair_results = {}
-    for a_name, b_name in combinations(methods, 2):
-        segments, resolution = _comparison_segments(explanations[a_name], explanations[b_name])
-        k_pair = k if segments is None else _cell_k(k, segments)
-        res = agreement(
-            explanations[a_name], explanations[b_name], k=k_pair, threshold=ecfg.agreement_threshold, segments=segments
-        )
-        key = f"{a_name} vs {b_name}"
-        pair_results[key] = res
-        pairs[key] = res.to_dict() | {"resolution": resolution, "k_unit": "features" if segments is None else "cells"}
-        if segments is not None:
-            pixel = agreement(explanations[a_name], explanations[b_name], k=k, threshold=ecfg.agreement_threshold)
-            pairs[key]["pixel_level"] = {
-                "k": pixel.k,
-                "mean_topk": pixel.mean_topk,
-                "mean_spearman": pixel.mean_spearman,
-                "n_flagged": len(pixel.flagged),
-                "note": "per pixel, for comparison only: a cell-level explanation is constant over its cell, "
-                "so this mixes the resolution difference into the disagreement",
-            }
-    quality["agreement"] = pairs
-    timings["agreement"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     quality["stability"] = {}
     m = min(ecfg.stability_rows, n_explain)
@@ -444,11 +529,21 @@ def explain_model(
             return run_method(method, xs, seed_=seed, targets=None if targets is None else targets[: len(xs)])
 
         segments, resolution = _comparison_segments(first, first)
-        k_stab = k if segments is None else _cell_k(k, segments)
+        k_stab = k if segments is None else _cell_k(ecfg.agreement_cell_fraction, segments)
         quality["stability"][method] = stability(
             rerun, x[:m], seeds=seeds, k=k_stab, segments=None if segments is None else segments[:m]
         ).to_dict() | {"resolution": resolution}
     timings["stability"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pairs: dict[str, Any] = {}
+    pair_results = {}
+    for a_name, b_name in combinations(methods, 2):
+        key = f"{a_name} vs {b_name}"
+        pair_results[key], pairs[key] = compare_pair(
+            explanations[a_name], explanations[b_name], ecfg=ecfg, stability_records=quality["stability"], k=k
+        )
+    quality["agreement"] = pairs
+    timings["agreement"] = time.perf_counter() - t0
     quality["lime_fidelity"] = {
         method: _lime_fidelity(expl) for method, expl in explanations.items() if "score" in expl.extras
     }

@@ -28,6 +28,7 @@ from pipeline.report.privacy import (
     student_privacy,
     student_statement,
 )
+from pipeline.report.sentences import randomisation_sentence, reference_sentence, survivors
 from pipeline.rundir import git_commit, library_versions
 from pipeline.train import TrainOutput
 
@@ -115,6 +116,7 @@ def models_section(
         "title": "Ridge baseline (scikit-learn, not DP)",
         "alpha": trained.ridge.alpha,
         "metrics": _plain(metrics.get("ridge", {})),
+        "comparison": _plain(metrics.get("regressor", {}).get("vs_ridge")),
     }
     return out
 
@@ -138,12 +140,14 @@ HOW_TO_READ = {
     "starting from the background mean; higher is better.",
     "image_grid": "Each row: an explained test image (true and predicted label; misclassified images first, then "
     "the worst SHAP-LIME agreement), the baseline the attributions are measured from (the mean background "
-    "image), then the SHAP and LIME attributions toward the predicted class, summed over channels and "
-    "overlaid on the faded input. Red pixels raise that class's logit relative to the baseline, blue pixels "
-    "lower it; one symmetric colour scale per row (its colour bar on the right), white is 0. A red pixel "
-    "where the baseline has no ink but the input has can mean 'ink here raises the logit'; read attributions "
-    "against the baseline, not as absolute importance. LIME works on 2x2-pixel grid cells, so its maps are "
-    "blocky, and SHAP and LIME are compared at those cells.",
+    "image), then the SHAP and LIME attributions toward the predicted class, summed over channels, drawn as in "
+    "shap's image_plot: the input in grey underneath, the attribution on top in a diverging map that is "
+    "transparent at 0 (so the input shows where attributions are small). Red pixels raise that class's logit "
+    "relative to the baseline, blue pixels lower it; one symmetric colour scale per row (its colour bar on the "
+    "right, in logit units). A red pixel where the baseline has no ink but the input has can mean 'ink here "
+    "raises the logit'; read attributions against the baseline, not as absolute importance. LIME works on grid "
+    "cells (a quarter of the image side by default), so its maps are blocky, and SHAP and LIME are compared at "
+    "those cells.",
     "dependence": "shap's dependence plot of one of the features with the largest mean |SHAP|. Each dot is one "
     "explained test row: horizontal, the feature's value (as the dataset provides it); vertical, its SHAP value "
     "in target units. A rising cloud means higher values push the prediction up. The colour is the value of the "
@@ -191,6 +195,7 @@ _AGREE_KEYS = (
     "mean_topk",
     "mean_spearman",
     "mean_sign",
+    "flag_rule",
 )
 _REFERENCE_KEYS = (
     "reference",
@@ -204,19 +209,43 @@ _REFERENCE_KEYS = (
     "pearson",
     "min_pearson",
     "topk",
+    "per_row_max_rel_error",
+    "median_max_rel_error",
+    "p90_max_rel_error",
+    "exceed_max_probability",
+    "reference_noise",
 )
 _RANDOMISATION_KEYS = (
     "method",
     "n",
     "randomisation",
+    "citation",
+    "seeds",
     "threshold",
+    "max_fraction",
     "spearman_signed",
     "spearman_abs",
+    "null_signed",
+    "null_abs",
+    "difference_signed",
+    "difference_abs",
+    "difference_sd_signed",
+    "difference_sd_abs",
+    "fraction_signed",
+    "fraction_abs",
+    "fraction_range_signed",
+    "fraction_range_abs",
     "input_only_spearman_abs",
     "passed_signed",
     "passed_abs",
     "rule",
+    "cascade",
 )
+
+
+def _reference_summary(ref: Mapping[str, Any]) -> dict[str, Any]:
+    """The reference comparison as the report shows it (the noise run's per-image values kept, they are few)."""
+    return {k: ref.get(k) for k in _REFERENCE_KEYS}
 
 
 def _quality_summary(m: Mapping[str, Any]) -> dict[str, Any]:
@@ -228,7 +257,7 @@ def _quality_summary(m: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "primary": primary,
         "exactness": q.get("exactness", "approximate"),
-        "reference": None if ref is None else {k: ref.get(k) for k in _REFERENCE_KEYS},
+        "reference": None if ref is None else _reference_summary(ref),
         "additivity_max_abs_error": add.get("max_abs_error"),
         "additivity_max_rel_error": add.get("max_rel_error"),
         "faithfulness": {meth: {k: d[k] for k in _FAITH_KEYS} for meth, d in q["deletion_insertion"].items()},
@@ -249,10 +278,10 @@ def _quality_summary(m: Mapping[str, Any]) -> dict[str, Any]:
             }
             for meth, f in q["lime_fidelity"].items()
         },
-        "randomisation": {k: q["randomisation"][k] for k in _RANDOMISATION_KEYS},
+        "randomisation": {k: q["randomisation"].get(k) for k in _RANDOMISATION_KEYS},
         "class_randomisation": None
         if q.get("class_randomisation") is None
-        else {k: q["class_randomisation"][k] for k in _RANDOMISATION_KEYS},
+        else {k: q["class_randomisation"].get(k) for k in _RANDOMISATION_KEYS},
     }
 
 
@@ -263,45 +292,47 @@ def _quality_caveats(name: str, summary: Mapping[str, Any], m: Mapping[str, Any]
     if summary["exactness"] == "approximate" and ref is not None:
         caveats.append(
             f"{name}: {summary['primary']} values are an approximation of Shapley values: against "
-            f"{ref['reference_description']} on {ref['n']} inputs, the largest error is "
-            f"{number(ref['max_rel_error'], 2)} of the largest reference value (Pearson {number(ref['pearson'], 3)}, "
+            f"{ref['reference_description']}, {reference_sentence(ref)} (Pearson {number(ref['pearson'], 3)}, "
             f"top-{ref['k']} overlap {number(ref['topk'], 2)}). Additivity alone does not make them exact."
         )
     r = summary["randomisation"]
     if not r["passed_signed"]:
         caveats.append(
-            f"{name}: the signed {r['method']} attributions FAIL the model-randomisation check (Spearman "
-            f"{number(r['spearman_signed'], 2)} between trained and re-initialised weights; {r['rule']}): they do "
-            "not depend enough on what the model learned."
+            f"{name}: the signed {r['method']} attributions FAIL the model-randomisation check "
+            f"({randomisation_sentence(r, 'signed')}; {r['rule']}): on these rows they look like a random model's "
+            "attributions, no less than random models look like each other, so they do not show what the model "
+            "learned."
         )
     if not r["passed_abs"]:
         caveats.append(
-            f"{name}: rankings by |attribution| FAIL the model-randomisation check (Spearman "
-            f"{number(r['spearman_abs'], 2)} trained vs re-initialised weights; |x - baseline| alone gives "
-            f"{number(r['input_only_spearman_abs'], 2)}): much of every |attribution| ranking (top-k agreement, "
-            "stability) follows the input, not the model. Signed attributions pass."
+            f"{name}: rankings by |attribution| FAIL the model-randomisation check ({randomisation_sentence(r, 'abs')}; "
+            f"|x - baseline| alone ranks them at {number(r['input_only_spearman_abs'], 2)}): much of every "
+            "|attribution| ranking (top-k agreement, stability) follows the input, not the model. Signed attributions "
+            "pass."
             if r["passed_signed"]
             else ""
         )
     c = summary["class_randomisation"]
     if c is not None and not c["passed_signed"]:
         caveats.append(
-            f"{name}: the signed {c['method']} attributions FAIL the class-randomisation check (Spearman "
-            f"{number(c['spearman_signed'], 2)} between the explained class and a random other class; {c['rule']}): "
-            "they change little with the class explained."
+            f"{name}: the signed {c['method']} attributions FAIL the random-logit check (Sixt et al. 2020; "
+            f"{randomisation_sentence(c, 'signed')} between the explained class and random other classes; "
+            f"{c['rule']}): they change little with the class explained."
         )
     if c is not None and not c["passed_abs"]:
         caveats.append(
-            f"{name}: rankings by |attribution| FAIL the class-randomisation check (Spearman "
-            f"{number(c['spearman_abs'], 2)} between the explained class and a random other class): which "
+            f"{name}: rankings by |attribution| FAIL the random-logit check (Sixt et al. 2020; "
+            f"{randomisation_sentence(c, 'abs')} between the explained class and random other classes): which "
             "features rank high by |attribution| barely depends on the class explained."
         )
     for pair, a in summary["agreement"].items():
         if a["n_flagged"]:
+            rule = (a.get("flag_rule") or {}).get("rule") or (
+                f"top-{a['k']} {a['k_unit']} overlap below {number(a['threshold'], 3)} at {a['resolution']}"
+            )
             caveats.append(
-                f"{name}: {pair} share fewer than {number(a['threshold'], 3)} of their top-{a['k']} {a['k_unit']} "
-                f"(compared at {a['resolution']}) on {a['n_flagged']} of {m['n_explained']} explained inputs "
-                "(listed as flagged disagreements in the report); read those explanations with care."
+                f"{name}: {pair} disagree on {a['n_flagged']} of {m['n_explained']} explained inputs ({rule}; listed as "
+                "flagged disagreements in the report); read those explanations with care."
             )
     for meth, f in summary["lime_fidelity"].items():
         if f["mean_r2"] is not None and f["mean_r2"] < 0.5:
@@ -527,7 +558,9 @@ def summary_section(content: Mapping[str, Any], explain_out: Any) -> dict[str, A
                 "headline": _headline(name, content["_metrics"]),
             }
         )
-    baseline = _headline("ridge", content["_metrics"])
+    baseline = _headline("ridge", content["_metrics"]) | {
+        "comparison": _plain(content["_metrics"].get("regressor", {}).get("vs_ridge"))
+    }
     ex = content["explanations"]["models"]
     bits = []
     for name, e in sorted(ex.items(), key=lambda kv: list(MODELS).index(kv[0]) if kv[0] in MODELS else 99):
@@ -535,22 +568,19 @@ def summary_section(content: Mapping[str, Any], explain_out: Any) -> dict[str, A
         primary = q["primary"]
         f = q["faithfulness"][primary]
         ref = q["reference"]
-        accuracy = (
-            ""
-            if ref is None
-            else f"; max error {number(ref['max_rel_error'], 2)} of the largest value against {ref['reference']} "
-            f"on {ref['n']} inputs"
-        )
+        accuracy = "" if ref is None else f"; against {ref['reference']}: {reference_sentence(ref)}"
         agree = "; ".join(
             f"{pair} top-{a['k']} overlap {number(a['mean_topk'], 2)} at {a['resolution']} ({a['n_flagged']} flagged)"
             for pair, a in q["agreement"].items()
         )
         r = q["randomisation"]
-        checks = [("model", r)] + ([("class", q["class_randomisation"])] if q["class_randomisation"] else [])
+        checks = [("model-randomisation", r)] + (
+            [("random-logit", q["class_randomisation"])] if q["class_randomisation"] else []
+        )
         sanity = ", ".join(
-            f"{kind}-randomisation {'passed' if c['passed_signed'] else 'FAILED'} for signed values "
-            f"(Spearman {number(c['spearman_signed'], 2)}) and {'passed' if c['passed_abs'] else 'FAILED'} "
-            f"for |values| ({number(c['spearman_abs'], 2)})"
+            f"{kind} {'passed' if c['passed_signed'] else 'FAILED'} for signed values "
+            f"({survivors(c, 'signed')}) and {'passed' if c['passed_abs'] else 'FAILED'} for |values| "
+            f"({survivors(c, 'abs')})"
             for kind, c in checks
         )
         bits.append(

@@ -13,7 +13,15 @@ import io
 from typing import Any, Iterable, Mapping
 
 from auditml_core.codebook import describe
+from auditml_core.models import MODELS
 from pipeline.report.fmt import esc, number
+from pipeline.report.sentences import (
+    WHY_NOT_RIDGE,
+    baseline_sentence,
+    randomisation_sentence,
+    reference_sentence,
+    replication_cell,
+)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 CSS = """
@@ -206,10 +214,12 @@ def _summary(c: Mapping[str, Any]) -> str:
         )
     b = s["baseline"]
     rows.append(["Ridge baseline (not DP)", "—", "central", f"test {esc(b['metric'])} = {ci(b['value'], b['ci95'])}"])
+    versus = baseline_sentence(b.get("comparison"))
     cls = "box" if c["privacy"]["enabled"] else "box warn"
     return (
         "<section id=summary><h2>Summary</h2>"
         + table(["model", "parameters", "training", "headline metric [95% CI]"], rows)
+        + (f"<p>{esc(versus[0].upper() + versus[1:])}.</p>" if versus else "")
         + f"<div class='{cls}'><strong>Privacy:</strong> {esc(s['privacy'])}</div>"
         + f"<div class=box><strong>Explanation quality:</strong> {esc(s['explanations'])}</div>"
         + f"<p>{fmt(s['n_caveats'])} caveat(s) are listed in the privacy, privacy-audit and explanation sections.</p></section>"
@@ -232,7 +242,8 @@ def _data(c: Mapping[str, Any]) -> str:
             )
         )
         sizes = d["sizes"]
-        rows = [[esc(s), fmt(n), esc(_split_role(s, dp=c["privacy"]["enabled"]))] for s, n in sizes.items()]
+        dp, val = c["privacy"]["enabled"], _val_role(c)
+        rows = [[esc(s), fmt(n), esc(_split_role(s, dp=dp, val=val))] for s, n in sizes.items()]
         parts.append(table(["split", "rows", "role"], rows))
         if d.get("feature_names"):
             parts.append(
@@ -262,12 +273,25 @@ def _data(c: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
-def _split_role(split: str, *, dp: bool) -> str:
+def _val_role(c: Mapping[str, Any]) -> str:
+    """What the validation split did in this run, from the training records (early stopping is off under DP)."""
+    records = {m.get("title", n): m.get("training") or {} for n, m in (c.get("models") or {}).items()}
+    on = [t for t, r in records.items() if str(r.get("early_stopping", "")).startswith("on")]
+    if on:
+        return f"validation metrics; early stopping chose the released epoch of: {', '.join(on)}"
+    known = any("early_stopping" in r or r.get("mode") == "federated" for r in records.values())  # federated: none
+    if known or c["privacy"]["enabled"]:
+        why = "off under DP" if c["privacy"]["enabled"] else "off"
+        return f"validation metrics only (early stopping {why}: the released weights are not chosen on it)"
+    return "validation / early stopping"  # a record from before early_stopping was recorded
+
+
+def _split_role(split: str, *, dp: bool, val: str = "validation / early stopping") -> str:
     return {
         "train": "fits the models (private; the only split DP protects)"
         if dp
         else "fits the models (private; no DP in this run, nothing protects it)",
-        "val": "validation / early stopping",
+        "val": val,
         "test": "final metrics and explained rows",
         "public": "declared public: explanation backgrounds, distillation",
     }.get(split, "")
@@ -309,8 +333,23 @@ def _per_class(metrics: Mapping[str, Any]) -> str:
     return out + f"<h4>Confusion matrix (test)</h4><table><tr>{head}</tr>{body}</table>"
 
 
-def _subgroups(metrics: Mapping[str, Any]) -> str:
-    """Test error per subgroup (sex, age band) where the evaluate stage measured it."""
+def _diabetes_data(c: Mapping[str, Any], name: str) -> bool:
+    """Whether model ``name`` was trained on scikit-learn's (already scaled) diabetes data, not a user's file."""
+    entry = MODELS.get(name)
+    d = (c.get("data") or {}).get(entry.dataset if entry is not None else "") or {}
+    return "load_diabetes" in str((d.get("provenance") or {}).get("source", ""))
+
+
+def _subgroups(metrics: Mapping[str, Any], *, diabetes: bool = False) -> str:
+    """Test error per subgroup (sex, age band) where the evaluate stage measured it.
+
+    The units note names scikit-learn's diabetes scaling only for that data (``diabetes``), never for a user's file.
+    """
+    units = (
+        "Group values are in the dataset's units (scikit-learn's diabetes features are already mean-centred and scaled)."
+        if diabetes
+        else "Group values are in the dataset's units."
+    )
     groups = (metrics.get("test") or {}).get("subgroups") or {}
     parts = []
     for feat, g in groups.items():
@@ -322,8 +361,7 @@ def _subgroups(metrics: Mapping[str, Any]) -> str:
             f"<h4>Test error by <code>{esc(feat)}</code> ({esc(g['kind'])})</h4>"
             + table(["group", "n", "MAE [95% bootstrap CI]", "RMSE", "bias (mean prediction − target)"], rows)
             + f"<p class=small>Largest MAE gap between groups: {fmt(g['mae_gap'])} target units. Groups are small: "
-            "overlapping intervals do not show equal performance. Group values are in the dataset's units "
-            "(scikit-learn's diabetes features are already mean-centred and scaled).</p>"
+            f"overlapping intervals do not show equal performance. {units}</p>"
         )
     return "".join(parts)
 
@@ -340,6 +378,7 @@ def _cohorts(metrics: Mapping[str, Any]) -> str:
             ci(r["mae"], r.get("mae_ci95")),
             fmt(r["mae_ratio"], 3),
             fmt(r["bias"]),
+            esc(replication_cell(r.get("replication"))),
         ]
         for r in co["cohorts"]
     ]
@@ -349,8 +388,12 @@ def _cohorts(metrics: Mapping[str, Any]) -> str:
         f"{fmt(co['min_leaf_rows'])} of {fmt(co['n'])} rows) fitted on the test rows' features to predict the "
         f"absolute error; each leaf is a cohort. Overall MAE {fmt(co['overall_mae'])}; the cohorts partition the "
         "rows, so their row-weighted MAEs average to it. <strong>Descriptive:</strong> "
-        f"{esc(co['descriptive'])}. Thresholds are in the dataset's units.</p>"
-        + table(["cohort (rule)", "n", "MAE [95% bootstrap CI]", "MAE / overall", "bias"], rows)
+        f"{esc(co['descriptive'])}. Thresholds are in the dataset's units."
+        + (f" Replication: {esc(co['replication_note'])}." if co.get("replication_note") else "")
+        + "</p>"
+        + table(
+            ["cohort (rule)", "n", "MAE [95% bootstrap CI]", "MAE / overall", "bias", "on the validation split"], rows
+        )
     )
 
 
@@ -413,13 +456,15 @@ def _models(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
             )
         parts.append("<h4>Metrics</h4>" + _metrics_table(m["metrics"]))
         parts.append(_public_only(m.get("public_only_baseline")))
-        parts.append(_subgroups(m["metrics"]))
+        parts.append(_subgroups(m["metrics"], diabetes=_diabetes_data(c, name)))
         parts.append(_cohorts(m["metrics"]))
         parts.append(_per_class(m["metrics"]))
         parts.append(_class_errors(m["metrics"], _plots_of(c, name, "misclassified"), figs))
         if "baseline" in m:
             b = m["baseline"]
             parts.append(f"<h4>{esc(b['title'])}, alpha = {fmt(b['alpha'])}</h4>" + _metrics_table(b["metrics"]))
+            if b.get("comparison"):
+                parts.append(f"<p>{esc(baseline_sentence(b['comparison']))}. {esc(WHY_NOT_RIDGE)}</p>")
     parts.append("</section>")
     return "".join(parts)
 
@@ -666,10 +711,11 @@ def _quality_rows(q: Mapping[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 f"{esc(q['primary'])} vs reference ({fmt(ref['n'])} inputs)",
-                f"max error {fmt(ref['max_rel_error'])} of the largest reference value (abs "
-                f"{fmt(ref['max_abs_error'])}), mean relative error {fmt(ref['mean_rel_error'])}, Pearson "
-                f"{fmt(ref['pearson'])}, top-{fmt(ref['k'])} overlap {fmt(ref['topk'])}",
-                f"reference: {esc(ref['reference_description'])}; 0 error = identical values",
+                f"{esc(reference_sentence(ref))}; largest absolute error {fmt(ref['max_abs_error'])}, mean relative "
+                f"error {fmt(ref['mean_rel_error'])}, Pearson {fmt(ref['pearson'])}, top-{fmt(ref['k'])} overlap "
+                f"{fmt(ref['topk'])}",
+                f"reference: {esc(ref['reference_description'])}; 0 error = identical values; the interval is the "
+                "order-statistic (binomial) interval of the median over the inputs",
             ]
         )
     if q["additivity_max_abs_error"] is not None:
@@ -680,19 +726,29 @@ def _quality_rows(q: Mapping[str, Any]) -> list[list[str]]:
                 "0 means the attributions add up to the output (necessary, not sufficient, for exact values)",
             ]
         )
-    for label, r in (("model-randomisation", q["randomisation"]), ("class-randomisation", q["class_randomisation"])):
+    for label, r in (("model-randomisation", q["randomisation"]), ("random-logit", q["class_randomisation"])):
         if r is None:
             continue
         rows.append(
             [
                 f"{label} check ({fmt(r['n'])} inputs)",
-                f"Spearman original vs randomised: signed {fmt(r['spearman_signed'])} "
-                f"({'pass' if r['passed_signed'] else 'FAIL'}), |attribution| {fmt(r['spearman_abs'])} "
-                f"({'pass' if r['passed_abs'] else 'FAIL'}); |x − baseline| alone vs |attribution| "
-                f"{fmt(r['input_only_spearman_abs'])}",
-                f"Adebayo et al. 2018; {esc(r['randomisation'])}; {esc(r['rule'])}",
+                f"signed: {'pass' if r['passed_signed'] else 'FAIL'}, {esc(randomisation_sentence(r, 'signed'))}; "
+                f"|attribution|: {'pass' if r['passed_abs'] else 'FAIL'}, {esc(randomisation_sentence(r, 'abs'))}; "
+                f"|x − baseline| alone vs |attribution| {fmt(r['input_only_spearman_abs'])}",
+                f"{esc(r.get('citation') or 'Adebayo et al. 2018')}; {esc(r['randomisation'])}; {esc(r['rule'])}",
             ]
         )
+        for step in r.get("cascade") or []:
+            rows.append(
+                [
+                    f"&nbsp;&nbsp;cascade: {esc(', '.join(step['layers']))} re-initialised",
+                    f"|Spearman| trained vs randomised: signed {fmt(step['spearman_signed'])}, |attribution| "
+                    f"{fmt(step['spearman_abs'])}; rows above {fmt(r['threshold'])}: "
+                    f"{fmt(100 * step['fraction_signed'])}% / {fmt(100 * step['fraction_abs'])}%",
+                    "one seed; learned layers re-initialised from the head down (the last step is the full "
+                    "randomisation): where the attribution stops changing, the layers below do not shape it",
+                ]
+            )
     for meth, f in q["faithfulness"].items():
         rows.append(
             [
@@ -723,7 +779,11 @@ def _quality_rows(q: Mapping[str, Any]) -> list[list[str]]:
                 f"agreement {esc(pair)} (top-{fmt(a['k'])} {esc(a['k_unit'])})",
                 f"overlap {fmt(a['mean_topk'])}, Spearman {fmt(a['mean_spearman'])}, sign {fmt(a['mean_sign'])}; "
                 f"{fmt(a['n_flagged'])} flagged{extra}",
-                f"compared at {esc(a['resolution'])}; rows with overlap below {fmt(a['threshold'])} are flagged",
+                f"compared at {esc(a['resolution'])}; "
+                + esc(
+                    (a.get("flag_rule") or {}).get("rule")
+                    or f"rows with top-k overlap below {fmt(a['threshold'])} are flagged"
+                ),
             ]
         )
     for meth, st in q["stability"].items():
@@ -844,7 +904,8 @@ def _explanations(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
         parts.append(
             "<h3>Model variants (teacher vs student)</h3><p>How differently the variants attribute the same "
             "inputs: global rank correlation and top-k overlap of mean |attribution|, L1 distance of the "
-            "normalised importances (0 = identical, 2 = disjoint), mean per-row agreement.</p>"
+            "normalised importances (0 = identical, 2 = disjoint), mean per-row agreement. Each model's variants are "
+            "explained with the run's primary SHAP method for that model (column methods).</p>"
             + _variants_table(e["variants"])
         )
     parts.append("<h3>Explanation caveats</h3>" + bullet_list(e["caveats"]))

@@ -14,6 +14,13 @@ from typing import Any, Mapping
 from auditml_core.codebook import describe
 from auditml_core.models import MODELS, model_entry
 from pipeline.report.fmt import md, number
+from pipeline.report.sentences import (
+    WHY_NOT_RIDGE,
+    baseline_sentence,
+    randomisation_sentence,
+    reference_sentence,
+    replication_cell,
+)
 
 
 def num(value: Any, digits: int = 4) -> str:
@@ -54,23 +61,24 @@ def _explanation_lines(ex: Mapping[str, Any]) -> list[str]:
             [
                 md(f"{primary} vs reference ({ref['reference_description']}, {ref['n']} inputs)"),
                 md(
-                    f"max error {number(ref['max_rel_error'], 3)} of the largest value, Pearson "
-                    f"{number(ref['pearson'], 4)}, top-{ref['k']} overlap {number(ref['topk'], 3)}"
+                    f"{reference_sentence(ref)}; Pearson {number(ref['pearson'], 4)}, top-{ref['k']} overlap "
+                    f"{number(ref['topk'], 3)}"
                 ),
             ]
         )
     if q["additivity_max_abs_error"] is not None:
         rows.append([md("SHAP additivity error (max |base + sum - output|)"), num(q["additivity_max_abs_error"])])
-    for label, rr in (("model-randomisation", r), ("class-randomisation", q.get("class_randomisation"))):
+    for label, rr in (("model-randomisation", r), ("random-logit", q.get("class_randomisation"))):
         if rr is None:
             continue
         rows.append(
             [
-                md(f"{label} check ({rr['randomisation']}; {rr['rule']})"),
                 md(
-                    f"signed Spearman {number(rr['spearman_signed'], 3)} "
-                    f"({'pass' if rr['passed_signed'] else 'FAIL'}), |attribution| {number(rr['spearman_abs'], 3)} "
-                    f"({'pass' if rr['passed_abs'] else 'FAIL'})"
+                    f"{label} check ({rr.get('citation') or 'Adebayo et al. 2018'}; {rr['randomisation']}; {rr['rule']})"
+                ),
+                md(
+                    f"signed: {'pass' if rr['passed_signed'] else 'FAIL'}, {randomisation_sentence(rr, 'signed')}; "
+                    f"|attribution|: {'pass' if rr['passed_abs'] else 'FAIL'}, {randomisation_sentence(rr, 'abs')}"
                 ),
             ]
         )
@@ -86,7 +94,7 @@ def _explanation_lines(ex: Mapping[str, Any]) -> list[str]:
                 md(f"agreement {pair}, top-{a['k']} {a['k_unit']} at {a['resolution']}"),
                 md(
                     f"overlap {number(a['mean_topk'], 3)}, Spearman {number(a['mean_spearman'], 3)}, "
-                    f"{a['n_flagged']} inputs flagged"
+                    f"{a['n_flagged']} inputs flagged" + (f" ({a['flag_rule']['rule']})" if a.get("flag_rule") else "")
                 ),
             ]
         )
@@ -337,6 +345,9 @@ def render(content: Mapping[str, Any], name: str) -> str:
         base = m.get("baseline", {}).get("metrics", {}).get("test", {})
         rows = [[r[0], r[1], _ci(base, k)] for r, k in zip(rows, [k for k in keys if k in test])]
         out += [_table(["test metric", "value [95% CI]", "Ridge baseline [95% CI]"], rows), ""]
+        versus = m.get("baseline", {}).get("comparison")
+        if versus:
+            out += [md(f"{baseline_sentence(versus)}. {WHY_NOT_RIDGE}"), ""]
         co = test.get("cohorts")
         if co and co.get("cohorts"):
             out += [
@@ -346,9 +357,16 @@ def render(content: Mapping[str, Any], name: str) -> str:
                 f"Descriptive only: {md(co['descriptive'])}.",
                 "",
                 _table(
-                    ["cohort", "n", "MAE [95% CI]", "MAE / overall", "bias"],
+                    ["cohort", "n", "MAE [95% CI]", "MAE / overall", "bias", "on the validation split"],
                     [
-                        [md(r["rule"]), num(r["n"]), _ci(r, "mae"), num(r["mae_ratio"], 3), num(r["bias"])]
+                        [
+                            md(r["rule"]),
+                            num(r["n"]),
+                            _ci(r, "mae"),
+                            num(r["mae_ratio"], 3),
+                            num(r["bias"]),
+                            md(replication_cell(r.get("replication"))),
+                        ]
                         for r in co["cohorts"]
                     ],
                 ),

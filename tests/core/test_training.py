@@ -58,6 +58,25 @@ def test_early_stopping_restores_the_best_epoch(rng):
     assert abs(training.evaluate(m, xv, yv, task="classification")["loss"] - best["val_loss"]) < 1e-5
 
 
+def test_the_record_names_the_restored_best_epoch_as_the_released_weights(rng):
+    # #26 item 1: the record said "last iterate" beside best_epoch 10 / epochs_run 25 although fit restored epoch 10.
+    x, y = _digits_like(rng)
+    xv, yv = _digits_like(rng, 30)
+    m, res = _fit(x, rng.integers(0, 3, size=len(y)), epochs=60, patience=3, x_val=xv, y_val=yv)
+    rec = res.summary()
+    assert res.best_epoch < res.epochs_run  # the restored epoch is not the last one
+    assert rec["released_weights"] == "best epoch" and rec["released_epoch"] == res.best_epoch
+    assert rec["early_stopping"] == "on: patience 3 epochs on the validation loss"
+    # the released weights are those of the recorded epoch: its validation loss, recomputed from the model
+    loss = training.evaluate(m, xv, yv, task="classification")["loss"]
+    assert abs(loss - res.history[rec["released_epoch"] - 1]["val_loss"]) < 1e-5
+    last = res.history[-1]["val_loss"]
+    assert abs(loss - last) > 1e-3  # and not those of the last iterate
+    _, off = _fit(x, y, epochs=3, patience=0)
+    assert off.summary()["released_weights"] == "last iterate" and off.summary()["released_epoch"] is None
+    assert off.summary()["early_stopping"] == "off (patience 0)"
+
+
 def test_device_resolution():
     assert training.resolve_device("cpu").type == "cpu"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,4 +246,5 @@ def test_ema_off_releases_the_last_iterate_and_on_releases_the_hand_computed_ema
     gap = max(float((on.state_dict[n] - iterates2[-1][n]).abs().max()) for n in ema)
     assert gap > 1e-3  # the EMA is not the last iterate
     assert on.summary()["released_weights"] == "ema" and on.summary()["ema"]["steps"] == len(iterates2)
+    assert on.summary()["early_stopping"].startswith("off under DP") and off.summary()["released_epoch"] is None
     assert on.privacy["epsilon"] == off.privacy["epsilon"]  # no extra privacy cost

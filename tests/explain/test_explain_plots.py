@@ -66,3 +66,39 @@ def test_beeswarm_is_reproducible_whatever_the_global_rng(tab_expls):
     np.random.seed(2)
     b = plots.beeswarm_png(tab_expls[0])
     assert a == b
+
+
+def test_the_input_stays_visible_under_the_attribution_map(monkeypatch):
+    """#26 item 7: the grid drew the input at alpha 0.25 under an opaque-white-at-0 map at 0.85: the digit vanished.
+
+    shap's image_plot convention: the input in grey underneath, a diverging map transparent at 0 on top, a
+    labelled colour bar. Measured on the rendered panel: ink where the attribution is 0 must stay visibly darker
+    than the empty background where the attribution is 0 too.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from explain import Explanation
+
+    x = np.zeros((1, 1, 8, 8))
+    x[0, 0, :, :4] = 1.0  # ink on the left half
+    values = np.zeros_like(x)
+    values[0, 0, 7, 7], values[0, 0, 0, 7] = 1.0, -1.0  # attribution only in two corners of the empty half
+    expl = Explanation("shap-deep", values, None, x, np.zeros(1), np.zeros(1, dtype=int), None, 0.0)
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"")
+    plots.attribution_rows_png([expl], rows=[0], baseline=np.zeros((1, 8, 8)))
+    (fig,) = figures
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3].astype(float) / 255
+    box = fig.axes[2].get_window_extent()  # input, baseline, then the attribution panel
+    h = rgb.shape[0]
+    panel = rgb[int(h - box.y1) : int(h - box.y0), int(box.x0) : int(box.x1)].mean(axis=2)  # (rows, cols) luminance
+    ph, pw = panel.shape
+
+    def cells(r0, r1, c0, c1):  # mean luminance of image pixels [r0, r1) x [c0, c1)
+        return panel[r0 * ph // 8 + 2 : r1 * ph // 8 - 2, c0 * pw // 8 + 2 : c1 * pw // 8 - 2].mean()
+
+    ink, empty = cells(2, 6, 1, 3), cells(2, 6, 5, 7)  # both where the attribution is 0
+    assert empty - ink > 0.3, (ink, empty)  # was 0.04 (ink 0.96, empty 1.0)
+    assert fig.axes[-1].get_ylabel() == "attribution (logit)"  # the colour bar says what it shows

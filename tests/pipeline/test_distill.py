@@ -89,6 +89,18 @@ def test_students_are_smaller_and_onnx_matches_torch(dp_run):
         np.testing.assert_allclose(session.run(None, {distill.ONNX_NAMES[ds[key].task][0]: raw})[0], served, atol=1e-4)
 
 
+def test_teacher_and_student_are_compared_with_the_runs_explainer(dp_run):
+    # #26 item 10: "Model variants" explained the regressor's teacher and student with DeepExplainer although the
+    # run explains the regressor with exact enumeration.
+    from pipeline.explain_stage import primary_method
+
+    cfg, ds, _, out = dp_run
+    regressor = out["regressor"]["record"]["explanation_similarity"]
+    assert primary_method(cfg.explain, ds["tabular"]) == "shap-exact"
+    assert regressor["methods"] == ["shap-exact", "shap-exact"] and "primary" in regressor["method_source"]
+    assert out["cnn"]["record"]["explanation_similarity"]["methods"][0] == primary_method(cfg.explain, ds["images"])
+
+
 def test_private_transfer_without_student_dp_says_no_guarantee():
     cfg = load_config(None, TINY + ["dp.enabled=true", "dp.target_epsilon=8", 'distill.transfer="private"'])
     ds = data.run(cfg, {}, seed=0)

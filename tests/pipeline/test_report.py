@@ -105,6 +105,62 @@ def test_hostile_names_are_text_in_html_and_model_cards(hostile_run):
         assert f"## {section}" in card
 
 
+def test_a_users_csv_is_not_described_as_scikit_learns_scaled_diabetes_data(hostile_run):
+    # #26 item 3: the subgroup note said "scikit-learn's diabetes features are already mean-centred and scaled"
+    # for any table, a user's CSV in years included.
+    content = json.loads(hostile_run.read("report.json"))
+    assert "load_diabetes" not in json.dumps(content["data"]["tabular"]["provenance"])
+    assert content["models"]["regressor"]["metrics"]["test"]["subgroups"]  # the note is printed under these tables
+    html = hostile_run.read("report.html").decode()
+    assert "Group values are in the dataset&#x27;s units." in html or "Group values are in the dataset's units." in html
+    assert "diabetes features are already mean-centred and scaled)." not in html
+    assert "already mean-centred and scaled, not years" not in hostile_run.read("model_card_regressor.md").decode()
+
+
+def test_the_regressor_is_compared_with_ridge_and_its_cohorts_on_validation_as_recomputed_here(hostile_run):
+    # #26 items 8 and 11, recomputed from the run directory with scikit-learn and numpy.
+    from sklearn.metrics import r2_score
+
+    from auditml_core import training
+    from pipeline import data, train
+
+    run = hostile_run
+    content = json.loads(run.read("report.json"))
+    ds, trained = data.load(run.read)["tabular"], train.load(run.read)
+    model = trained.models["regressor"].build()
+    ridge = json.loads(run.read("models/ridge.json"))  # the recorded coefficients, not the fitted object
+
+    def units(split, raw):
+        return ds.target_to_original(raw), ds.target_to_original(ds.y[split])
+
+    p_mlp, y = units("test", training.predict(model, ds.x["test"]))
+    p_ridge, _ = units("test", ds.x["test"] @ np.asarray(ridge["coef"]) + ridge["intercept"])
+    cmp = content["models"]["regressor"]["baseline"]["comparison"]
+    assert cmp == content["summary"]["baseline"]["comparison"]
+    assert cmp["value"] == pytest.approx(r2_score(y, p_mlp) - r2_score(y, p_ridge), abs=1e-9)
+    assert cmp["ci95"][0] <= cmp["value"] <= cmp["ci95"][1]
+    assert cmp["distinguishable"] == (cmp["ci95"][0] > 0 or cmp["ci95"][1] < 0)
+    verdict = "cannot be told apart" if not cmp["distinguishable"] else " is better than "
+    card, html = run.read("model_card_regressor.md").decode(), run.read("report.html").decode()
+    assert verdict in card and verdict in html and "MLP minus Ridge test R²" in card
+    # the worst test cohort, looked up on the validation split by its recorded rule
+    worst = content["models"]["regressor"]["metrics"]["test"]["cohorts"]["cohorts"][0]
+    p_val, y_val = units("val", training.predict(model, ds.x["val"]))
+    x_val = ds.x["val"] * np.asarray(ds.preprocessing["x_std"]) + np.asarray(ds.preprocessing["x_mean"])
+    mask = np.ones(len(y_val), dtype=bool)
+    for c in worst["conditions"]:
+        v = x_val[:, c["feature_index"]]
+        mask &= (v <= c["threshold"]) if c["op"] == "<=" else (v > c["threshold"])
+    err = np.abs(y_val - p_val)
+    rep = worst["replication"]
+    assert rep["split"] == "val" and rep["n"] == int(mask.sum())
+    if mask.any():
+        assert rep["mae"] == pytest.approx(err[mask].mean()) and rep["mae_ratio"] == pytest.approx(
+            err[mask].mean() / err.mean()
+        )
+    assert "on the validation split" in html and "on the validation split" in card
+
+
 class _Tags(HTMLParser):
     def __init__(self):
         super().__init__()

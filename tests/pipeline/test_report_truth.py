@@ -364,7 +364,8 @@ def test_a_failed_class_randomisation_of_abs_values_is_a_caveat():
         "faithfulness": {},
     }
     caveats = _quality_caveats("CNN classifier", summary, {"n_explained": 4})
-    assert any("FAIL the class-randomisation check" in c and "|attribution|" in c for c in caveats)
+    # the class swap is Sixt et al.'s random-logit test (#26 item 4), not Adebayo et al.'s data randomisation
+    assert any("FAIL the random-logit check (Sixt et al. 2020" in c and "|attribution|" in c for c in caveats)
 
 
 def test_the_train_split_role_claims_dp_only_when_dp_is_on():
