@@ -93,6 +93,19 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     path = shard.ledger
     history = client_state.load_history(context, path=path, model=task.name)
+    # Under sample-level DP a result, once released, is sent again rather than trained again (client_state).
+    replayable = cfg.dp.enabled and not (cfg.federated.secure_aggregation or cfg.client_dp.enabled)
+    input_sha256 = client_state.arrays_sha256(msg.content["arrays"]) if replayable else ""
+    if replayable:
+        again = client_state.released_result(
+            path, model=task.name, server_round=server_round, input_sha256=input_sha256
+        )
+        if again is not None:
+            log.info("client %d sends its released round-%d result again (no new spend)", pid, server_round)
+            metrics = {**again["metrics"], "replayed": 1, "seconds": time.perf_counter() - t0}
+            content = RecordDict({"arrays": ArrayRecord(again["weights"]), "metrics": MetricRecord(metrics)})
+            content["status"] = ConfigRecord({"privacy": json.dumps(again["privacy"])})
+            return Message(content, reply_to=msg)
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     f = cfg.federated
     fit_cfg = task.client_fit_cfg(pid, n_rows=n_rows)
@@ -154,18 +167,32 @@ def train(msg: Message, context: Context) -> Message:
             ),
             reply_to=msg,
         )
-    rounds = [*client_state.load_rounds(path), server_round]
-    if cfg.dp.enabled:
-        client_state.save_history(context, result.accountant_history, path=path, model=task.name, rounds=rounds)
     check_unwrapped(result.state_dict)
     metrics = {
         "num-examples": n_rows,
         "partition-id": pid,
         "refused": 0,
         **({"epsilon": float(result.privacy["epsilon"])} if result.privacy else {}),  # none without DP (not 0)
+        **({"replayed": 0} if replayable else {}),
         "train-loss": float(result.history[-1]["train_loss"]) if result.history else float("nan"),
         "seconds": time.perf_counter() - t0,
     }
+    rounds = [*client_state.load_rounds(path), server_round]
+    if cfg.dp.enabled:  # settled before the reply exists: only a round listed here can have been released
+        released = (
+            client_state.released_entry(
+                server_round=server_round,
+                input_sha256=input_sha256,
+                state_dict=result.state_dict,
+                metrics=metrics,
+                privacy=result.privacy,
+            )
+            if replayable
+            else None
+        )
+        client_state.save_history(
+            context, result.accountant_history, path=path, model=task.name, rounds=rounds, released=released
+        )
     content = RecordDict({"arrays": ArrayRecord(result.state_dict), "metrics": MetricRecord(metrics)})
     if result.privacy:
         content["status"] = ConfigRecord({"privacy": json.dumps(result.privacy)})

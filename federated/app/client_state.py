@@ -23,14 +23,27 @@ when a resumed run sends that same round again, the client re-runs it under the 
 (:func:`unreleased_reservation`) instead of spending the round twice. Noise is drawn afresh, and only
 the new result is ever released; the ledger never records less than it did (the reservation is
 replaced by the same spend), so it stays write-ahead and conservative.
+
+A round whose result *was* released (a server that crashed after the client replied, a reply that reached
+the SuperLink of a server that died) is not trained again either: the ledger keeps the last released
+result with the hash of the global model it was trained from (:func:`released_result`), and a request
+for that round from that same model is answered with the same result. Releasing an output again costs
+no privacy (post-processing); training again would spend the round twice and, with σ planned to land on
+the budget after the last round, make the client refuse the last one. Not under secure aggregation,
+where no individual update may be kept where the server's operator can read it.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from auditml_core.artifacts import atomic_write
 from auditml_core.privacy.dp_sgd import History
@@ -98,11 +111,13 @@ def save_history(
     rounds: list[int],
     reserved_round: int | None = None,
     reservation: tuple | None = None,
+    released: dict | None = None,
 ) -> None:
     """Record ``history`` in both copies (file first: it is the one a crash cannot lose).
 
     ``reserved_round``: the round whose spend ``history`` already includes but which has not finished;
-    ``reservation``: that round's entry (the last of ``history``).
+    ``reservation``: that round's entry (the last of ``history``); ``released``: the result this client is
+    about to release for its last trained round (:func:`released_result`), or None.
     """
     payload = {
         "model": model,
@@ -110,6 +125,7 @@ def save_history(
         "rounds_trained": rounds,
         "reserved_round": reserved_round,
         "reservation": list(reservation) if reservation is not None else None,
+        "released": released,
     }
     # fsync of file and folder: the reservation must be on disk before the first step touches the data.
     atomic_write(path, json.dumps(payload, indent=1).encode(), sync_dir=True)
@@ -121,3 +137,42 @@ def save_history(
 def load_rounds(path: Path) -> list[int]:
     """Rounds this client has trained (from its file), for its record."""
     return list(json.loads(path.read_text())["rounds_trained"]) if path.is_file() else []
+
+
+def arrays_sha256(arrays) -> str:
+    """SHA-256 of a Flower ``ArrayRecord`` (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays.keys()):
+        values = np.ascontiguousarray(arrays[name].numpy())
+        digest.update(f"{name}|{values.dtype.str}|{values.shape}|".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def released_entry(*, server_round: int, input_sha256: str, state_dict, metrics: dict, privacy: dict) -> dict:
+    """What :func:`save_history` keeps of a result before it is released (see :func:`released_result`)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    return {
+        "round": server_round,
+        "input_sha256": input_sha256,
+        "weights": base64.b64encode(st_save(tensors)).decode("ascii"),  # safetensors: no code on load
+        "metrics": metrics,
+        "privacy": privacy,
+    }
+
+
+def released_result(path: Path, *, model: str, server_round: int, input_sha256: str) -> dict | None:
+    """The result this client released for ``server_round`` from the global model hashed ``input_sha256``
+    (``weights`` as a state dict, ``metrics``, ``privacy``), or None when it released none such."""
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    released = payload.get("released") or {}
+    if (
+        payload.get("model", model) != model
+        or released.get("round") != server_round
+        or released.get("input_sha256") != input_sha256
+        or server_round not in payload.get("rounds_trained", [])
+    ):
+        return None
+    return {**released, "weights": st_load(base64.b64decode(released["weights"]))}

@@ -374,15 +374,21 @@ def test_a_dp_federated_run_killed_mid_round_resumes_and_completes_within_budget
     training = json.loads((run / "models" / "regressor.json").read_text())["training"]
     # The resume started right after the last completed round (the checkpoint did not lag).
     assert training["resumed_from_round"] == [killed_round - 1] and training["completed_rounds"] == rounds
-    assert all(h["clients_trained"] >= 1 for h in training["history"])
-    # Every client within budget, by its own ledger; the ones killed mid-round spent the killed round once.
+    # Every client trained every round and spent each round once, within budget by its own ledger: the ones
+    # killed mid-round re-ran the killed round under their reservation; one that had already released its
+    # result for it sent that result again (client_rounds says "replayed").
+    assert [h["clients_trained"] for h in training["history"]] == [3] * rounds and training["failures"] == []
     for client, led in ledgers().items():
         eps = epsilon_of([tuple(h) for h in led["accountant_history"]], delta=1e-5, accountant="rdp")
         assert eps <= target + 1e-9, (client, eps)
-        if client in mid_round:
-            assert led["rounds_trained"] == list(range(1, rounds + 1)), led["rounds_trained"]
-            per_round = killed[client]["accountant_history"][-1][2]
-            assert sum(n for _, _, n in led["accountant_history"]) == rounds * per_round
+        assert led["rounds_trained"] == list(range(1, rounds + 1)), (client, led["rounds_trained"])
+        # one round's spend, from the ledger at the kill: its steps over the rounds it counted (a reservation too)
+        spent, before = killed[client]["accountant_history"], killed[client]["rounds_trained"]
+        counted = len(before) + (1 if killed[client]["reserved_round"] not in (None, *before) else 0)
+        assert sum(n for _, _, n in led["accountant_history"]) * counted == sum(n for _, _, n in spent) * rounds
+    resumed_round = training["client_rounds"][killed_round - 1]
+    replayed = sorted(f"client-{int(c['partition-id'])}" for c in resumed_round["trained"] if c["replayed"])
+    assert replayed == sorted(c for c, led in killed.items() if killed_round in led["rounds_trained"])
     assert training["privacy"]["epsilon"] <= target
     assert json.loads((run / "models" / "cnn.json").read_text())["training"]["completed_rounds"] == rounds
     assert not _flower_processes()

@@ -7,6 +7,7 @@ the resumed run's clients read, so ε can be overstated but never understated.
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from fed_helpers import client_context, make_cfg
@@ -106,9 +107,19 @@ def test_a_reservation_killed_before_any_poll_is_in_the_resumed_runs_ledger(
     assert [tuple(h) for h in settled["accountant_history"]] == reserved  # the same spend, not twice
     # The ledger records what the manifest noted (a later write): accepted, since it covers what was recorded.
     assert RunDir.open(run_path).read(rel) == path.read_bytes()
-    # Round 1 was released now: a run that sends it yet again (its server checkpoint lost) spends it again.
+    # Round 1's result was released now. A server that crashed before it checkpointed the round sends round 1
+    # again from the same global model: the client sends the same result again (post-processing, no spend).
     again = train(_message(weights, 1), client_context(run_config, 0, 2))
-    assert again.content["metrics"]["epsilon"] > reserved_eps + 1e-6
+    assert again.content["metrics"]["replayed"] == 1 and reply.content["metrics"]["replayed"] == 0
+    assert again.content["metrics"]["epsilon"] == reply.content["metrics"]["epsilon"]
+    first, second = reply.content["arrays"], again.content["arrays"]
+    assert all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first.keys())
+    assert json.loads(path.read_text())["rounds_trained"] == [1]
+    # From another global model it is another release: trained and spent again (conservative).
+    other = {k: v + 0.01 for k, v in weights.items()}
+    third = train(_message(other, 1), client_context(run_config, 0, 2))
+    assert third.content["metrics"]["replayed"] == 0
+    assert third.content["metrics"]["epsilon"] > reserved_eps + 1e-6
     assert json.loads(path.read_text())["rounds_trained"] == [1, 1]
 
 

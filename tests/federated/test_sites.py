@@ -441,3 +441,75 @@ def test_a_site_rejoining_mid_sampling_costs_no_other_site_its_round(tmp_path, m
     assert (rejoin["partition_id"], rejoin["node_id"], rejoin["previous_node_id"]) == (1, 201, 101)
     assert rejoin["sent_from_round"] == 3 and record["sites_rejoined"][0]["node_id"] == 201
     assert [h["clients_trained"] for h in record["history"]] == [3, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_deployment_whose_server_crashed_mid_round_resumes_within_budget(tmp_path):
+    """Issue 25 item 1, deployed: kill -9 of the ServerApp while the sites train round 3 under DP; the deployment
+    fails; the same command on the same work folder resumes after round 2 and completes, each site within its
+    budget, and a site that was training when the server died spends that round once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from auditml_core.privacy.dp_sgd import epsilon_of
+
+    root = Path(__file__).resolve().parents[2]
+    files = _site_files(tmp_path / "sites")
+    work = tmp_path / "run"
+    rounds, local_epochs, target = 5, 40, 3.0
+    cmd = [
+        *[sys.executable, "-m", "federated.launch.deploy", "--work-dir", str(work), "--site-target", "y"],
+        *[f"--site-data={f}" for f in files],
+        *["regressor.hidden_sizes=[8]", f"federated.rounds={rounds}", "federated.min_clients=1"],
+        *[
+            "dp.enabled=true",
+            "dp.accountant=rdp",
+            f"dp.target_epsilon={target}",
+            f"federated.local_epochs={local_epochs}",
+        ],
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    err = tmp_path / "deploy-1.err"
+    first = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err.open("wb"))
+    try:
+        deadline = time.monotonic() + 300
+        while not any((_ledger(work, i) or {}).get("reserved_round") == 3 for i in range(3)):
+            assert first.poll() is None, err.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no site reserved round 3"
+            time.sleep(0.01)
+        servers = [p for p in _pids("flwr-serverapp") if str(work).encode() in Path(f"/proc/{p}/environ").read_bytes()]
+        assert servers, "no ServerApp process of this deployment"
+        for pid in servers:
+            os.kill(pid, signal.SIGKILL)  # the server, mid-round; the sites go on until the deployment stops
+        assert first.wait(timeout=300) != 0  # the run ended without a result
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=10)
+    killed = {i: _ledger(work, i) for i in range(3)}
+    mid_round = [i for i, led in killed.items() if led["reserved_round"] == 3 and 3 not in led["rounds_trained"]]
+    second = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-4000:]
+    record = json.loads((work / "result" / "regressor.json").read_text())
+    assert record["resumed_from_round"] == [2] and record["completed_rounds"] == rounds
+    # Every site trained every round once, within budget: a site training when the server died re-ran round 3
+    # under its reservation; one that had replied already (its result reached the SuperLink: released) sent the
+    # same result again when the resumed server asked for round 3 from the same global model.
+    assert [h["clients_trained"] for h in record["history"]] == [3] * rounds
+    for i in range(3):
+        led = _ledger(work, i)
+        eps = epsilon_of([tuple(h) for h in led["accountant_history"]], delta=1e-5, accountant="rdp")
+        assert eps <= target + 1e-9 and led["reserved_round"] is None
+        assert led["rounds_trained"] == list(range(1, rounds + 1)), (i, led["rounds_trained"])
+        # one round's spend, from the ledger at the kill: its steps over the rounds it counted (a reservation too)
+        spent, before = killed[i]["accountant_history"], killed[i]["rounds_trained"]
+        counted = len(before) + (1 if killed[i]["reserved_round"] not in (None, *before) else 0)
+        assert sum(n for _, _, n in led["accountant_history"]) * counted == sum(n for _, _, n in spent) * rounds
+    replayed = sorted(int(c["partition-id"]) for c in record["client_rounds"][2]["trained"] if c["replayed"])
+    assert replayed == sorted(set(range(3)) - set(mid_round))
+    print(f"server killed in round 3; sites mid-round: {mid_round}, sent their released result again: {replayed}")
+    time.sleep(1.0)
+    assert not _pids(str(work)), "a process of the deployment outlived it"
