@@ -57,6 +57,7 @@ class Order:
     seed: int
     patience: int
     resume: bytes | None  # checkpoint bytes to resume from (rank 0 read them from the run directory)
+    num_threads: int = 1  # torch CPU threads of each rank (train.num_threads)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def follow(world: World) -> int:
 
 
 def _train(world: World, order: Order, arrays: Mapping[str, np.ndarray]) -> None:
+    torch.set_num_threads(order.num_threads)
     model = models.build(order.spec)
     model.load_state_dict(dict(order.initial_state))
     training.fit(

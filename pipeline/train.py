@@ -205,6 +205,7 @@ def _train_central(
                 seed=seed,
                 patience=cfg.train.patience,
                 resume=training.checkpoint_bytes(resume) if resume is not None else None,
+                num_threads=cfg.train.num_threads,
             ),
             x_train=ds.x["train"],
             y_train=ds.y["train"],

@@ -14,6 +14,7 @@ Modes:
   the released gradient of every step on every rank, with σ, C and the global expected batch; then,
   as a positive control, 40 steps with every rank adding noise as if it were rank 0; and one step at
   sample rate 1 without noise, whose released gradient is the clipped mean over all 400 records.
+- ``reproducible``: DP ``fit`` under ``dp.reproducible_noise``, twice (module ``reproducible``).
 - ``sampling``: DP ``fit`` (each of ENGINES) for 3 epochs on 400 records at q = 1/10, recording the global
   record ids of every rank's batch at every step.
 """
@@ -184,6 +185,44 @@ def sampling(world: distributed.World | None, engine: str) -> dict:
     return {"batches": drawn, "privacy": result.privacy}
 
 
+def reproducible(world: distributed.World | None) -> dict:
+    """DP ``fit`` under ``dp.reproducible_noise``, twice: each rank's local sample positions, the weights, and how
+    many generator states rank 0's checkpoints hold."""
+    x, y = _digits(400)
+    out = {}
+    original = privacy.PrivateTraining.index_batches
+    for attempt in ("first", "second"):
+        positions: list[list[int]] = []
+        states: list[int] = []
+
+        def recording(self, *, device=None):
+            batches = original(self, device=device)
+            positions.extend(b.cpu().tolist() for b in batches)  # positions in this rank's shard
+            return batches
+
+        privacy.PrivateTraining.index_batches = recording  # type: ignore[method-assign]
+        model = _cnn()
+        training.fit(
+            model,
+            x_train=x,
+            y_train=y,
+            x_val=None,
+            y_val=None,
+            task="classification",
+            fit_cfg=FitConfig(epochs=2, batch_size=40, lr=1e-2),
+            dp=DPConfig(enabled=True, target_epsilon=50.0, reproducible_noise=True),
+            device=torch.device("cpu"),
+            seed=5,
+            world=world,
+            on_epoch_end=(lambda ck: states.append(len(ck.dp_generator_states or [])))
+            if world is None or world.leader
+            else None,
+        )
+        privacy.PrivateTraining.index_batches = original  # type: ignore[method-assign]
+        out[attempt] = {"positions": positions, "weights": _flat(model.state_dict()), "checkpoint_states": states}
+    return out
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     engine = sys.argv[3] if len(sys.argv) > 3 else "bk"
@@ -193,6 +232,8 @@ def main() -> None:
         result = steps(world)
     elif mode == "noise":
         result = {name: noise(world, name) for name in engine.split(",")}
+    elif mode == "reproducible":
+        result = reproducible(world)
     else:
         result = {name: sampling(world, name) for name in engine.split(",")}
     gathered = world.gather(result) if world is not None else [result]

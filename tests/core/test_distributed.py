@@ -166,3 +166,49 @@ def test_each_record_enters_at_most_one_ranks_batch(tmp_path):
     gen = torch.Generator().manual_seed(0)
     a, b = (set(torch.nonzero(torch.rand(400, generator=gen) < 0.1).flatten().tolist()) for _ in range(2))
     assert a & b
+
+
+def test_a_resume_with_another_number_of_ranks_is_refused_under_reproducible_noise():
+    from auditml_core import training
+    from auditml_core.config import DPConfig, FitConfig
+    from auditml_core.errors import ConfigError
+
+    model = torch.nn.Linear(3, 2)
+    resume = training.Checkpoint(
+        epoch=1,
+        model={},
+        optimizer={},
+        accountant_history=[],
+        history=[],
+        generator_state=torch.Generator().get_state(),
+        dp_generator_states=[torch.Generator().get_state()] * 2,  # one rank's pair
+    )
+    with pytest.raises(ConfigError, match="states of 1 rank\\(s\\), this run has 2"):
+        training._make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            torch.zeros(10, 3),
+            torch.zeros(10, dtype=torch.long),
+            dp=DPConfig(enabled=True, target_epsilon=50.0, reproducible_noise=True),
+            fit_cfg=FitConfig(batch_size=5),
+            epochs=1,
+            total_epochs=1,
+            history=[],
+            seed=0,
+            resume=resume,
+            criterion=torch.nn.CrossEntropyLoss(),
+            n_records=20,
+            world=distributed.World(rank=1, size=2, local_rank=1),
+        )
+
+
+@pytest.mark.slow
+def test_reproducible_noise_across_ranks_replays_and_gives_each_rank_its_own_stream(tmp_path):
+    two = _probe(tmp_path, "reproducible", processes=2)
+    rank0, rank1 = two["ranks"]
+    for rank in (rank0, rank1):
+        assert rank["first"]["positions"] == rank["second"]["positions"]  # the same seed replays the sampling
+        assert rank["first"]["weights"] == rank["second"]["weights"]  # and the noise
+    # Not in lockstep: the ranks' streams differ (the same stream would pick the same shard positions).
+    assert rank0["first"]["positions"] != rank1["first"]["positions"]
+    assert rank0["first"]["checkpoint_states"] == [4, 4]  # every rank's (sampling, noise) pair, in each checkpoint

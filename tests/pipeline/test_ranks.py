@@ -136,6 +136,7 @@ def test_two_process_non_dp_training_reaches_the_one_process_accuracy(tmp_path):
     two = run_dir(cli("train.processes=2", *args, "--out", str(tmp_path / "two")))
     one = run_dir(cli(*args, "--out", str(tmp_path / "one")))
     acc = [json.loads((r / "metrics" / "evaluation.json").read_text())["cnn"]["test"]["accuracy"] for r in (one, two)]
+    print(f"CNN test accuracy: 1 process {acc[0]:.4f}, 2 processes {acc[1]:.4f}")
     assert acc[0] > 0.8  # it learned: a test that could not tell a broken training from a working one asserts nothing
     assert abs(acc[0] - acc[1]) <= 0.005
 
