@@ -78,8 +78,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "audit",
             "pipeline.audit",
-            "membership-inference audit (loss threshold, LiRA with shadow models) of every model, beside an "
-            "overfit positive control",
+            "privacy audit of every model: loss-threshold and LiRA attacks (shadows trained like it), under DP a "
+            "one-run gradient-canary audit, what each can certify, and a positive control it must catch",
             requires=("data", "train"),
         ),
         Stage(

@@ -274,7 +274,10 @@ class GradientCanaries:
             self.steps += 1
             self.insertions += int(joins.sum())
             add_noise()  # p.grad = clipped sum + noise
-            self._released += weight.grad[:, 0].detach().cpu().double() * signs_cpu
+            released = weight.grad  # (m, 1)
+            if released is None:
+                raise RuntimeError("the DP optimizer set no noisy gradient on the canary layer")
+            self._released += released[:, 0].detach().cpu().double() * signs_cpu
 
         opt.add_noise = add_noise_with_canaries
 

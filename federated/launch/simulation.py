@@ -29,6 +29,7 @@ from auditml_core.config import Config
 from auditml_core.data import Dataset
 from auditml_core.errors import USER_ERRORS
 from auditml_core.privacy import dp_sgd as privacy
+from auditml_core.privacy import user_level
 from auditml_core.runtime import Runtime
 from auditml_core.teacher import TrainedModel, fit_config
 from federated.app import workdir
@@ -236,6 +237,13 @@ def _preflight(task: Task) -> None:
     """
     parts = task.partition()
     cfg = task.cfg
+    if cfg.client_dp.enabled:  # user-level DP: refuse an overspending plan; say so when its noise drowns the model
+        f = cfg.federated
+        plan = user_level.plan_user_dp(cfg.client_dp, rounds=f.rounds, n_clients=f.n_clients)
+        noise = user_level.aggregate_noise(plan, n_parameters=models.n_parameters(models.build(task.spec)))
+        warning = user_level.noise_warning(models.title(task.name), plan, noise)
+        if warning is not None:
+            log.warning("%s", warning)
     if cfg.dp.enabled:
         f = cfg.federated
         # The client with the fewest steps per epoch has the largest sample rate: the hardest to keep in budget.

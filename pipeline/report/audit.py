@@ -25,7 +25,9 @@ HOW_TO_READ_AUDIT = (
     "when that is below the claimed ε, the attacks cannot refute the claim whatever the model leaks. A DP model is "
     "therefore also audited in one training run (Steinke, Nasr & Jagielski 2023): a model trained exactly like it "
     "carries gradient canaries, each included with probability 1/2, and the number of correct in/out guesses bounds "
-    "ε from below. The positive control is a privacy violation the audit must catch: under DP, the same training "
+    "ε from below; it checks the noise and the accounting of the training code (σ·C per step, the sample rate, the "
+    "number of steps) on a model trained like the released one, not per-sample clipping or the data sampler, which "
+    "the canaries bypass. The positive control is a privacy violation the audit must catch: under DP, the same training "
     "with a tenth of its noise while the accountant records the claimed ε (it must FAIL); without DP, the "
     "architecture deliberately overfit on a few records (the attacks must separate them). An empirical bound is a "
     "lower bound from these attacks only: a small value does not prove privacy."
@@ -140,8 +142,8 @@ def _model_caveats(m: Mapping[str, Any]) -> list[str]:
     cert = m["certifiable_epsilon"]
     if claimed is not None and cert["membership_attacks"] is not None and cert["membership_attacks"] <= claimed:
         out.append(
-            f"Privacy audit of the {t}: with {m['n_members']} + {m['n_non_members']} attacked records the membership "
-            f"attacks can certify at most ε = {number(cert['membership_attacks'], 3)}, below the claimed ε = "
+            f"Privacy audit of the {t}: with {m['n_members']} + {m['n_non_members']} attacked records (half of them held "
+            f"out for the bound) the membership attacks can certify at most ε = {number(cert['membership_attacks'], 3)}, below the claimed ε = "
             f"{number(claimed, 3)}: their bounds cannot refute the claim whatever the model leaks"
             + (
                 f"; the canary audit (up to ε = {number(cert['canaries'], 3)}) carries the verdict."

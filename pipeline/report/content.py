@@ -29,6 +29,7 @@ from pipeline.report.privacy import (
     student_statement,
 )
 from pipeline.report.sentences import randomisation_sentence, reference_sentence, survivors
+from pipeline.report.utility import trivial_baseline
 from pipeline.rundir import git_commit, library_versions
 from pipeline.train import TrainOutput
 
@@ -654,6 +655,11 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
         po = m.get("public_only_baseline")
         if po and po.get("available") and not po["private_data_contributed"]:
             content["privacy"]["caveats"].append(f"{title(name)}: {po['statement']}")
+    for name, entry in MODELS.items():  # any training mode: a released model at chance is said so (#23 item 4)
+        trivial = trivial_baseline(name, datasets[entry.dataset], metrics)
+        content["models"][name]["trivial_baseline"] = trivial
+        if trivial and trivial["no_better"]:
+            content["privacy"]["caveats"].append(trivial["statement"])
     content["reproducibility"] = reproducibility_section(cfg, manifest, seed)
     content["summary"] = summary_section(content, explain_out)
     content["caveats"] = (

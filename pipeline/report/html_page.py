@@ -456,6 +456,7 @@ def _models(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
             )
         parts.append("<h4>Metrics</h4>" + _metrics_table(m["metrics"]))
         parts.append(_public_only(m.get("public_only_baseline")))
+        parts.append(_trivial(m.get("trivial_baseline")))
         parts.append(_subgroups(m["metrics"], diabetes=_diabetes_data(c, name)))
         parts.append(_cohorts(m["metrics"]))
         parts.append(_per_class(m["metrics"]))
@@ -467,6 +468,13 @@ def _models(c: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
                 parts.append(f"<p>{esc(baseline_sentence(b['comparison']))}. {esc(WHY_NOT_RIDGE)}</p>")
     parts.append("</section>")
     return "".join(parts)
+
+
+def _trivial(tb: Mapping[str, Any] | None) -> str:
+    """The model beside a predictor that ignores its input (majority class, training mean); a warning box at chance."""
+    if not tb:
+        return ""
+    return f"<p class='{'box warn' if tb['no_better'] else 'small'}'>{esc(tb['statement'])}</p>"
 
 
 def _public_only(po: Mapping[str, Any] | None) -> str:

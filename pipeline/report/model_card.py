@@ -407,6 +407,9 @@ def render(content: Mapping[str, Any], name: str) -> str:
     po = m.get("public_only_baseline")
     if po:
         out += [f"Utility from the private data: {md(po['statement'])}", ""]
+    tb = m.get("trivial_baseline")
+    if tb:
+        out += [f"Against a trivial predictor: {md(tb['statement'])}", ""]
     audit = content.get("audit", {})
     am = audit.get("models", {}).get(name)
     if am:

@@ -652,6 +652,16 @@ def federated_privacy(section: dict[str, Any], cfg: Config, trained: Any) -> dic
                     else "NOT independently checked (the record has no independent_check)."
                 )
             )
+            noise = rec.get("aggregate_noise") or {}
+            if noise.get("dominated"):  # auditml_core.privacy.user_level.aggregate_noise
+                section["caveats"].append(
+                    f"{title(name)}: user-level DP noise drowns the model: noise-to-signal "
+                    f"{number(noise['noise_to_signal'], 3)} >= 1 ({noise['formula']}; {noise['n_parameters']} weights, "
+                    f"N = {rec.get('n_clients')} clients, noise std {number(noise['noise_std_per_weight'], 3)} per "
+                    f"weight and round): the noise moves the weights farther than all the clients together can, so "
+                    "the model is far below its non-private quality, possibly at chance; it would need about "
+                    f"{noise['clients_needed']} clients at this ε, a larger ε or a smaller model."
+                )
         section["caveats"] = [
             c for c in section.get("caveats", []) if "Client-level (whole-client) privacy is not claimed" not in c
         ]

@@ -69,8 +69,17 @@ def test_report_shows_the_audit_and_the_public_only_baseline(dp_run):
         assert lo <= po["private_gain"] <= hi
         assert po["private_gain"] == pytest.approx(po["released"] - po["public_only"], abs=1e-9)
         assert po["private_data_contributed"] == (lo > 0)
+    for name in ("regressor", "cnn"):  # a model at chance is said so, in its section and the caveats (#23 item 4)
+        tb = content["models"][name]["trivial_baseline"]
+        assert (
+            tb["metric"] in ("r2", "accuracy") and (tb["statement"] in content["privacy"]["caveats"]) == tb["no_better"]
+        )
+    for m in a["models"].values():  # what the audit could certify, and its verdict
+        assert m["certifiable_epsilon"]["canaries"] > m["claimed_epsilon"] and m["canaries"]["ran"]
+        assert m["control"]["kind"] == "noise mutant" and m["verdict"]["verdict"] in ("passed", "no verdict")
     html = run.read("report.html").decode()
     assert "Privacy audit (membership inference)" in html and "Utility from the private data" in html
+    assert "One-run audit with gradient canaries" in html and "What this audit can certify" in html
     card = run.read("model_card_cnn.md").decode()
     assert "Privacy audit (membership inference)" in card and "Public pretraining" in card
     assert "models/cnn_public_only.safetensors" in run.manifest["artifacts"]
