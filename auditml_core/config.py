@@ -248,6 +248,19 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class CardConfig:
+    """What a run cannot know about itself, for the model cards; an empty value is shown as "not stated"."""
+
+    owner: str = ""  # person or team accountable for the models; "" = not stated
+    contact: str = ""  # how to reach the owner (e-mail or URL); "" = not stated
+    license: str = ""  # licence of the released models (an SPDX id such as "apache-2.0"); "" = not stated
+    data_license: str = ""  # licence or terms of use of the training data; "" = not stated
+    intended_users: str = ""  # who the models are for; "" = not stated
+    sensitive_data: str = ""  # what personal or sensitive data a user's own files hold; "" = not stated
+    citation: str = ""  # how to cite these models (free text or BibTeX, may span lines); "" = none given
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0  # root seed; every stage and client derives its own from it
     data: DataConfig = field(default_factory=DataConfig)
@@ -260,6 +273,7 @@ class Config:
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    card: CardConfig = field(default_factory=CardConfig)  # model-card facts only the owner can give
 
 
 # --------------------------------------------------------------------------- loading
@@ -444,6 +458,13 @@ def _check_finite(cfg: Any, prefix: str = "") -> None:
 def validate(cfg: Config) -> None:
     """Check value ranges and cross-field rules; raise ConfigError naming the key and the valid range."""
     _check_finite(cfg)
+    for key, value in vars(cfg.card).items():
+        _check(
+            len(value) <= 2000 and (key == "citation" or "\n" not in value),
+            f"card.{key}",
+            value[:40] + ("..." if len(value) > 40 else ""),
+            "one line of at most 2000 characters (card.citation may span lines)",
+        )
     d = cfg.data
     _check(0 < d.test_fraction <= 0.5, "data.test_fraction", d.test_fraction, "in (0, 0.5]")
     _check(0 < d.val_fraction <= 0.5, "data.val_fraction", d.val_fraction, "in (0, 0.5]")

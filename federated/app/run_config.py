@@ -7,7 +7,7 @@ Flower run-config values may only be ``bool``, ``int``, ``float`` or ``str``, an
 - every key of :func:`auditml_core.config.flatten` in a section the Flower apps read
   (:func:`app_sections`: every section but :data:`NOT_CARRIED`) becomes a run-config key of the same dotted name; tuples
   (``cnn.channels``) travel as JSON strings (``"[32, 64]"``). The other sections
-  (``explain``, ``distill``) never reach Flower: the apps rebuild them at their defaults,
+  (``explain``, ``distill``, ``card``) never reach Flower: the apps rebuild them at their defaults,
   changing them needs no table regeneration and does not invalidate a federated checkpoint;
 - a few app-level settings that are not pipeline config (where the data and
   checkpoints live, which model to train, test-only fault injection) live under
@@ -78,7 +78,7 @@ class AppSettings:
 
 
 # Config sections no Flower app reads: they never travel in the run-config (a new section travels by default).
-NOT_CARRIED = ("explain", "distill")
+NOT_CARRIED = ("explain", "distill", "card")
 
 
 def app_sections() -> tuple[str, ...]:

@@ -629,6 +629,7 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
     content["models"] = models_section(cfg, trained, metrics, manifest)
     content["privacy"] = federated_privacy(privacy_section(cfg, trained, datasets, explain_out), cfg, trained)
     content["explanations"] = explanations_section(cfg, explain_out, manifest, _variants(distill_out))
+    content["card"] = dataclasses.asdict(cfg.card)  # what only the owner can state ("" = not stated)
     if distill_out is not None:
         content["distill"] = distill_section(distill_out)
         covered, not_covered = student_privacy(distill_out)

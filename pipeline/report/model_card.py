@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from auditml_core.codebook import describe
 from auditml_core.models import MODELS, model_entry
+from pipeline.report import card_fields
 from pipeline.report.fmt import md, number
 from pipeline.report.sentences import (
     WHY_NOT_RIDGE,
@@ -442,6 +443,7 @@ def render(content: Mapping[str, Any], name: str) -> str:
     elif audit and not audit.get("ran", True):
         out += ["Privacy audit (membership inference): not run.", ""]
 
+    out += card_fields.sections(content, name, _table)
     out += ["## Ethical considerations", ""]
     out += [
         f"- Privacy: {md(priv['statement'])}",
@@ -463,4 +465,4 @@ def render(content: Mapping[str, Any], name: str) -> str:
         "describe test-set sampling only.",
         "",
     ]
-    return "\n".join(out)
+    return "\n".join(card_fields.front_matter(content, name) + out)

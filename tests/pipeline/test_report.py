@@ -161,6 +161,51 @@ def test_the_regressor_is_compared_with_ridge_and_its_cohorts_on_validation_as_r
     assert "on the validation split" in html and "on the validation split" in card
 
 
+def test_model_cards_carry_the_toolkit_fields_and_say_not_stated_for_what_the_run_cannot_know(hostile_run):
+    # #26 item 12: owners, contact, licences, citation, data links, sensitive data, trade-offs, risks, formats and a
+    # Hugging Face YAML header; values a run cannot know come from [card] and are never invented.
+    import yaml
+
+    from pipeline.report import model_card
+
+    card = hostile_run.read("model_card_regressor.md").decode()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert card.startswith("---\n") and meta["license"] == "not stated" and meta["library_name"] == "pytorch"
+    assert "tabular-regression" in meta["tags"] and meta["metrics"] == ["r2", "rmse", "mae"]
+    assert "evil" in meta["datasets"][0]  # a user's file is named by its path, not passed off as a known data set
+    for section in (
+        "Owners, licence and citation",
+        "Data links and sensitive data",
+        "Trade-offs",
+        "Risks and mitigations",
+    ):
+        assert f"## {section}" in card
+    assert "- Owner: not stated; contact: not stated." in card and "of the training data: not stated" in card
+    assert "Sensitive data: not stated (columns whose names suggest personal attributes: `age`, `sex`)" in card
+    assert "## Input and output formats" in card and "in target units" in card
+    # the owner's values, shown as given (escaped), and the known data set's links and sensitivity
+    content = json.loads(hostile_run.read("report.json"))
+    content["card"] = {
+        "owner": "Team <b>Q</b>",
+        "contact": "q@example.org",
+        "license": "apache-2.0",
+        "data_license": "CC BY 4.0",
+        "intended_users": "auditors",
+        "sensitive_data": "",
+        "citation": "@misc{q,\n  title={Q}}",
+    }
+    content["data"]["tabular"]["provenance"]["source"] = "sklearn.datasets.load_diabetes (embedded)"
+    again = model_card.render(content, "regressor")
+    assert yaml.safe_load(again.split("---\n")[1])["license"] == "apache-2.0"
+    assert "- Owner: Team &lt;b&gt;Q&lt;/b&gt;; contact: q@example.org." in again and "<b>" not in again
+    assert "```\n@misc{q,\n  title={Q}}\n```" in again and "of the training data: CC BY 4.0" in again
+    assert "https://www4.stat.ncsu.edu/~boos/var.select/diabetes.html" in again
+    assert "age, sex, body mass index" in again and "GDPR" in again
+    cnn = hostile_run.read("model_card_cnn.md").decode()
+    assert "image-classification" in yaml.safe_load(cnn.split("---\n")[1])["tags"]
+    assert "archive.ics.uci.edu/dataset/80" in cnn and "probability per class" in cnn
+
+
 class _Tags(HTMLParser):
     def __init__(self):
         super().__init__()
