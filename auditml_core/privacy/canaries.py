@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from auditml_core import seeds
+
 # Guesses per audit as shares of the m canaries (r = share·m; half "included", half "excluded"), fixed in
 # advance; the best of them is reported with a Bonferroni correction (confidence split between them).
 GUESS_SHARES = (0.1, 0.2, 0.4, 1.0)
@@ -232,7 +234,7 @@ class GradientCanaries:
         self.m = int(m)
         self.included = rng.random(self.m) < 0.5  # (m,) S_i: the secret the audit must guess
         self.signs = np.where(rng.random(self.m) < 0.5, -1.0, 1.0)  # (m,) direction of each canary's gradient
-        self._generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        self._generator = seeds.make_generator("cpu", int(rng.integers(2**62)))  # the audit's own, recorded
         self.carrier: CanaryCarrier | None = None
         self.steps = 0
         self.insertions = 0
