@@ -238,7 +238,9 @@ class ExplainConfig:
 class AuditConfig:
     enabled: bool = True  # run the membership-inference audit stage (false: the report says no audit was run)
     n_eval: int = 500  # members attacked per model, and as many non-members (capped by train/test sizes), >= 10
-    n_shadows: int = 2  # LiRA shadows, each trained like the audited model on as many rows; even, >= 2 (16-64: thorough)
+    n_shadows: int = (
+        2  # LiRA shadows, each trained like the audited model on as many rows; even, >= 2 (16-64: thorough)
+    )
     shadow_epochs: int = 0  # epochs of each shadow model (0 = as many as the audited model trained), >= 0
     control_rows: int = 64  # training rows of the deliberately overfit positive control (capped by test size), >= 4
     control_epochs: int = 200  # non-private epochs of the positive control (it must memorise its rows), >= 1
@@ -427,7 +429,9 @@ MAX_GRAD_NORM = 1e6  # clipping norm C
 MAX_NOISE_MULTIPLIER = 1e4  # sigma
 MAX_EPSILON = 1e3  # a budget above this guarantees nothing worth reporting
 MAX_DP_EPOCHS = 100_000  # accountant steps grow with epochs; PRV's cost grows with them
-MAX_CLIP_SIGMAS = 64.0  # client_dp.clip_sigmas: the clip chance is already ~1e-890 there; more only widens SecAgg+'s range
+MAX_CLIP_SIGMAS = (
+    64.0  # client_dp.clip_sigmas: the clip chance is already ~1e-890 there; more only widens SecAgg+'s range
+)
 
 
 def _validate_fit(fit: FitConfig, key: str) -> None:
