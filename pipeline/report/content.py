@@ -17,6 +17,7 @@ from auditml_core import config as config_mod
 from auditml_core.artifacts import jsonable
 from auditml_core.config import Config
 from auditml_core.models import MODELS, title
+from pipeline.report.annex_iv import annex_iv_map
 from pipeline.report.audit import audit_section, public_only_baseline
 from pipeline.report.fmt import number
 from pipeline.report.privacy import (
@@ -662,6 +663,7 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
         if trivial and trivial["no_better"]:
             content["privacy"]["caveats"].append(trivial["statement"])
     content["reproducibility"] = reproducibility_section(cfg, manifest, seed)
+    content["annex_iv"] = annex_iv_map(content)  # EU AI Act Annex IV: what this run documents, what it cannot
     content["summary"] = summary_section(content, explain_out)
     content["caveats"] = (
         content["privacy"]["caveats"] + content["audit"]["caveats"] + content["explanations"]["caveats"]

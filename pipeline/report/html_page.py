@@ -1007,14 +1007,36 @@ SECTIONS = (
     ("privacy", "Privacy"),
     ("audit", "Privacy audit (membership inference)"),
     ("explanations", "Explanations"),
+    ("annex-iv", "EU AI Act Annex IV map"),
     ("reproducibility", "Reproducibility"),
 )
+
+
+def _annex_iv(a: Mapping[str, Any] | None) -> str:
+    """The EU AI Act Annex IV map: per point, what this run's records cover and where, and what to provide."""
+    if not a:
+        return ""
+    rows = []
+    for it in a["items"]:
+        where = "; ".join(
+            f"<a href='{esc(w.split(' ', 1)[0])}'>{esc(w)}</a>" if w.startswith("#") else esc(w) for w in it["where"]
+        )
+        status = it["status"] if not it["provide"] else f"{it['status']}: provide {it['provide']}"
+        rows.append([esc(it["item"]), esc(it["asks"]), esc(status), where or "—"])
+    return (
+        f"<section id=annex-iv><h2>EU AI Act Annex IV map</h2><p class=small>{esc(a['source'])}: {esc(a['note'])}.</p>"
+        + table(["point", "what it asks (paraphrased)", "this run", "where in this report"], rows).replace(
+            "<table>", "<table class=wrap>", 1
+        )
+        + "</section>"
+    )
 
 
 def render(content: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
     """The complete HTML page."""
     title = f"{content['title']} {content.get('run_id') or ''}".strip()
-    sections = [*SECTIONS[:6], ("distill", "Distillation"), SECTIONS[6]] if "distill" in content else SECTIONS
+    sections = [*SECTIONS[:6], ("distill", "Distillation"), *SECTIONS[6:]] if "distill" in content else SECTIONS
+    sections = [s for s in sections if s[0] != "annex-iv" or "annex_iv" in content]
     nav = "".join(f"<li><a href='#{sid}'>{esc(label)}</a></li>" for sid, label in sections)
     body = (
         _summary(content)
@@ -1024,6 +1046,7 @@ def render(content: Mapping[str, Any], figs: Mapping[str, bytes]) -> str:
         + _audit(content)
         + _explanations(content, figs)
         + _distill(content)
+        + _annex_iv(content.get("annex_iv"))
         + _reproducibility(content)
     )
     return (

@@ -206,6 +206,27 @@ def test_model_cards_carry_the_toolkit_fields_and_say_not_stated_for_what_the_ru
     assert "archive.ics.uci.edu/dataset/80" in cnn and "probability per class" in cnn
 
 
+def test_the_report_maps_eu_ai_act_annex_iv_onto_its_own_sections(hostile_run):
+    # #26 item 13: for each point of Annex IV, where the run covers it or "not covered: provide X".
+    content = json.loads(hostile_run.read("report.json"))
+    html = hostile_run.read("report.html").decode()
+    items = {it["item"]: it for it in content["annex_iv"]["items"]}
+    expected = ["1(a)", "1(b)", "1(c)", "1(d)", "1(e)", "1(f)", "1(g)", "1(h)"]
+    expected += ["2(a)", "2(b)", "2(c)", "2(d)", "2(e)", "2(f)", "2(g)", "2(h)", "3", "4", "5", "6", "7", "8", "9"]
+    assert list(items) == expected
+    for it in items.values():
+        assert (it["status"] == "covered") == (it["provide"] == "")  # anything short of covered says what to add
+        for where in it["where"]:
+            if where.startswith("#"):
+                assert f"id={where[1:].split(' ', 1)[0]}>" in html  # every pointer lands on a section of this page
+    assert items["2(a)"]["status"] == items["2(c)"]["status"] == "covered"
+    assert items["2(g)"]["status"] == "partly" and "signature" in items["2(g)"]["provide"]
+    assert "dated" in items["2(g)"]["where"][-1] and "SHA-256" in items["2(g)"]["where"][-1]
+    assert "per-group accuracy: MLP regressor" in items["3"]["where"][0]
+    assert items["8"]["status"] == "not covered" and "not covered: provide the declaration" in html
+    assert "<section id=annex-iv>" in html and "href='#annex-iv'" in html
+
+
 class _Tags(HTMLParser):
     def __init__(self):
         super().__init__()
