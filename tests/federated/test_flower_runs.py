@@ -146,7 +146,8 @@ def test_kill_9_of_the_pipeline_mid_round_leaves_no_flower_process_and_no_traini
     pipeline = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err_path.open("wb"))
     try:
         deadline = time.monotonic() + 300
-        while not list(tmp.glob("flwr-*/server/*.checkpoint.safetensors")):  # a round has completed
+        # a round has completed: the server wrote its checkpoint into the run directory (issue 25)
+        while not list((tmp_path / "out").glob("*/checkpoints/federated/server/*.checkpoint.safetensors")):
             assert pipeline.poll() is None, err_path.read_text()[-6000:]
             assert time.monotonic() < deadline, "no federated round completed within 300 s"
             time.sleep(0.2)
