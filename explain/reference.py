@@ -54,9 +54,9 @@ def quantile_interval(values: np.ndarray, q: float, *, level: float = 0.95) -> d
         return {"estimate": None, "lower": None, "upper": None, "coverage": None, "n": 0}
     tail = (1 - level) / 2
     ranks = np.arange(1, n + 1)
-    low_ok = [j for j in ranks if binom.cdf(j - 1, n, q) <= tail]  # P(B < j) = P(B <= j - 1)
-    high_ok = [j for j in ranks if binom.sf(j - 1, n, q) <= tail]  # P(B >= j)
-    lo, hi = (max(low_ok) if low_ok else None), (min(high_ok) if high_ok else None)
+    low_ok = ranks[binom.cdf(ranks - 1, n, q) <= tail]  # P(B < j) = P(B <= j - 1)
+    high_ok = ranks[binom.sf(ranks - 1, n, q) <= tail]  # P(B >= j)
+    lo, hi = (int(low_ok.max()) if len(low_ok) else None), (int(high_ok.min()) if len(high_ok) else None)
     coverage = None if lo is None or hi is None else float(binom.cdf(hi - 1, n, q) - binom.cdf(lo - 1, n, q))
     return {
         "estimate": float(np.quantile(x, q)),

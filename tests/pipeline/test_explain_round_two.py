@@ -87,14 +87,14 @@ def test_the_flag_threshold_is_calibrated_against_limes_agreement_with_itself():
 
 def test_quantile_interval_covers_the_median_as_often_as_it_says():
     # Checked by simulation, not by the binomial formula it is built on.
-    rng = np.random.default_rng(0)
-    stated = quantile_interval(rng.uniform(size=10), 0.5)["coverage"]
-    hits = 0
-    for _ in range(4000):
-        q = quantile_interval(rng.uniform(size=10), 0.5)
-        hits += q["lower"] <= 0.5 <= q["upper"]
-    assert stated == pytest.approx(1 - 2 * 11 / 1024)  # ranks 2 and 9 of 10
-    assert hits / 4000 == pytest.approx(stated, abs=0.01)
+    ranks = quantile_interval(np.arange(1.0, 11.0), 0.5)  # on the values 1..10 the bounds are the ranks chosen
+    assert (ranks["lower"], ranks["upper"]) == (2.0, 9.0)
+    assert ranks["coverage"] == pytest.approx(1 - 2 * 11 / 1024)
+    samples = np.sort(np.random.default_rng(0).uniform(size=(20000, 10)), axis=1)  # the median of U(0, 1) is 0.5
+    hits = (samples[:, 1] <= 0.5) & (0.5 <= samples[:, 8])
+    assert hits.mean() == pytest.approx(ranks["coverage"], abs=0.006)
+    some = np.random.default_rng(1).uniform(size=10)
+    assert quantile_interval(some, 0.5)["lower"] == np.sort(some)[1]  # the same ranks on any sample
     assert quantile_interval(np.arange(10.0), 0.9)["upper"] is None  # 10 values bound no 90th percentile above
 
 
