@@ -286,6 +286,13 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         if task.cfg.client_dp.enabled
         else None
     )
+    if user_plan is not None:  # a deployment has no launcher preflight: say it here when the noise drowns the model
+        noise_estimate = user_privacy.aggregate_noise(
+            user_plan, n_parameters=models.n_parameters(models.build(task.spec))
+        )
+        warning = user_privacy.noise_warning(models.title(task.name), user_plan, noise_estimate)
+        if warning is not None:
+            log.warning("%s", warning)
     secagg_params, noise = None, None
     if f.secure_aggregation:  # --- SecAgg+ (issue 14): Flower's legacy workflow, see federated/app/secagg.py
         secagg.check_supported(task.cfg, client_evaluate=settings.client_evaluate)
