@@ -142,3 +142,15 @@ def test_a_model_that_never_saw_the_canaries_certifies_nothing():
 def test_scale_noise_rejects_a_negative_factor():
     with pytest.raises(ValueError, match="factor"):
         canaries.scale_noise(object(), -1.0)
+
+
+@pytest.mark.parametrize(
+    "override, key", [("audit.canaries=5", "audit.canaries"), ("audit.mutant_noise=1", "audit.mutant_noise")]
+)
+def test_the_audit_settings_are_validated(override, key):
+    from auditml_core.config import load_config
+    from auditml_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+    assert load_config(None, ["audit.canaries=0"]).audit.canaries == 0  # off
