@@ -294,6 +294,19 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _terminated(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was caused by, SIGTERM: library code can wrap it (a signal that lands inside a
+    class body being created, e.g. while torch lazily imports ``torch._dynamo``, surfaces as a RuntimeError)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, Terminated):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def cmd_serve(argv: list[str]) -> int:
     import pipeline.serve  # lazily: FastAPI, uvicorn and prometheus-client would add ~1 s to every other command
 
@@ -332,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return DiskFullError.exit_code
     except Terminated:
+        print("terminated (SIGTERM): the running stage is marked failed; resume with --run-dir", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except Exception as exc:
+        if not _terminated(exc):
+            raise
         print("terminated (SIGTERM): the running stage is marked failed; resume with --run-dir", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:

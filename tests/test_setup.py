@@ -47,8 +47,14 @@ def _prerequisites(target: str) -> list[str]:
 def test_make_test_installs_nothing_outside_the_virtual_environment():
     assert "browser" not in _prerequisites("test") and "browser" not in _prerequisites("test-all")
     # Pretend nothing is installed yet: every command `make test` would run writes only under .venv.
+    # (--no-print-directory: under CI this test itself runs inside `make test`, and a nested make would print
+    # "make[1]: Entering directory" lines.)
     dry = subprocess.run(
-        [MAKE, "-n", "-B", "test", "VENV=.venv-probe"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [MAKE, "-n", "-B", "--no-print-directory", "test", "VENV=.venv-probe"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert dry.returncode == 0, dry.stderr
     for command in filter(None, dry.stdout.splitlines()):

@@ -353,6 +353,28 @@ def test_sigterm_marks_the_stage_failed_with_one_line(tmp_path):
     assert RunDir.open(run).stage_status("train") == "failed"
 
 
+def test_sigterm_wrapped_by_library_code_still_exits_as_terminated(monkeypatch, capsys):
+    """A SIGTERM that lands while a class body is created (torch lazily importing torch._dynamo inside the
+    first optimizer) reaches us as a RuntimeError caused by Terminated: still one line and exit 143."""
+    import pipeline.__main__ as entry
+
+    def wrapped(argv):
+        try:
+            entry._on_sigterm(signal.SIGTERM, None)
+        except entry.Terminated as exc:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from exc
+
+    def unrelated(argv):
+        raise RuntimeError("not a signal")
+
+    monkeypatch.setattr(entry, "cmd_run", wrapped)
+    assert main(["--quiet"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.startswith("terminated (SIGTERM)")
+    monkeypatch.setattr(entry, "cmd_run", unrelated)
+    with pytest.raises(RuntimeError, match="not a signal"):
+        main(["--quiet"])
+
+
 # --------------------------------------------------------------------------- issue 24: round two
 
 
