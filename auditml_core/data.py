@@ -40,6 +40,7 @@ class Dataset:
     preprocessing: Mapping[str, Any] = field(default_factory=dict)  # scaler statistics and policies
     provenance: Mapping[str, Any] = field(default_factory=dict)
     codebook: Mapping[str, Any] = field(default_factory=dict)  # data.codebook, normalised (auditml_core.codebook)
+    groups: Mapping[str, np.ndarray] = field(default_factory=dict)  # split -> (n,) str group labels; {} = none
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -68,6 +69,10 @@ class Dataset:
             out["target_name"] = self.target_name
         if self.codebook:
             out["codebook"] = dict(self.codebook)
+        if self.groups:
+            out["group_counts"] = {
+                s: dict(zip(*(v.tolist() for v in np.unique(self.groups[s], return_counts=True)))) for s in SPLITS
+            }
         return out
 
 
@@ -232,6 +237,9 @@ def prepare_images(raw: RawImages, cfg: DataConfig, *, seed: int) -> Dataset:
     if min(h, w) < 4:
         raise DataError(f"images are {h}x{w}; the CNN needs at least 4x4 pixels")
     split = _split_indices(len(y), cfg, seed=seed, stratify=y)
+    groups = raw.groups
+    if groups is not None and info.get("rows_dropped"):  # the rows _finite_rows kept (labels are always finite)
+        groups = groups[np.isfinite(raw.x.reshape(len(raw.x), -1)).all(axis=1)]
     finite = bool(np.isfinite(x).all())  # one pass; whole-array copies below only when pixels need filling
     if not finite:
         x = np.where(np.isfinite(x), x, np.nan)  # "impute" kept non-finite pixels: fill them with the train mean
@@ -263,6 +271,7 @@ def prepare_images(raw: RawImages, cfg: DataConfig, *, seed: int) -> Dataset:
             "fitted_on": "train split only",
         },
         provenance=dict(raw.provenance),
+        groups={} if groups is None else {s: groups[i] for s, i in split.items()},
     )
 
 
@@ -311,6 +320,8 @@ def dump(datasets: Datasets) -> dict[str, bytes]:
         arrays = {}
         for s in SPLITS:
             arrays[f"x_{s}"], arrays[f"y_{s}"], arrays[f"index_{s}"] = ds.x[s], ds.y[s], ds.index[s]
+            if ds.groups:
+                arrays[f"group_{s}"] = ds.groups[s]
         files[f"data/{key}.npz"] = npz_bytes(arrays)
         files[f"data/{key}.json"] = json_bytes(
             {
@@ -344,5 +355,6 @@ def load(read) -> Datasets:
             preprocessing=meta["preprocessing"],
             provenance=meta["provenance"],
             codebook=meta.get("codebook") or {},
+            groups={s: arrays[f"group_{s}"] for s in SPLITS} if "group_test" in arrays else {},
         )
     return out

@@ -41,6 +41,10 @@ class RawImages:
     y: np.ndarray  # (N,) int64 class index into class_names
     class_names: tuple[str, ...]
     provenance: dict[str, Any]
+    groups: np.ndarray | None = None  # (N,) str labels of the .npz's optional ``group`` array (per-group metrics)
+
+
+MAX_GROUPS = 20  # distinct values a ``group`` array may hold: a few groups to compare, not an identifier per row
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -271,6 +275,7 @@ def load_images(spec: str) -> RawImages:
                     f"{spec!r} lacks array(s) {', '.join(missing)}; it has {', '.join(archive.files) or 'none'}; save x (images) and y (labels)"
                 )
             x, y = archive["x"], archive["y"]
+            groups = archive["group"] if "group" in archive.files else None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # empty, truncated, corrupt
         raise DataError(
             f"{spec!r} is not a readable .npz archive without pickled objects ({exc or type(exc).__name__}); "
@@ -303,7 +308,24 @@ def load_images(spec: str) -> RawImages:
         y=y_index.astype(np.int64),
         class_names=tuple(str(v) for v in labels),
         provenance={"source": str(path), "sha256": digest, "rows": int(len(y)), "shape": list(x.shape[1:])},
+        groups=None if groups is None else _check_groups(groups, len(y), spec),
     )
+
+
+def _check_groups(groups: np.ndarray, n: int, spec: str) -> np.ndarray:
+    """The optional ``group`` array as (N,) str labels; refuse a wrong shape, a complex dtype or too many groups."""
+    if groups.ndim != 1 or len(groups) != n:
+        raise DataError(f"group in {spec!r} has shape {groups.shape}; expected ({n},): one group label per image")
+    if np.iscomplexobj(groups):
+        raise DataError(f"group in {spec!r} has complex dtype {groups.dtype}; use integer or string group labels")
+    labels = np.asarray(groups).astype(str)
+    k = len(np.unique(labels))
+    if k > MAX_GROUPS:
+        raise DataError(
+            f"group in {spec!r} has {k} distinct values; per-group metrics compare at most {MAX_GROUPS} groups "
+            "(an identifier per image is not a group): merge groups or leave the array out"
+        )
+    return labels
 
 
 def decode_image(data: bytes, *, name: str) -> np.ndarray:

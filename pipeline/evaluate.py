@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import pandas as pd
+from fairlearn.metrics import MetricFrame, count
 from sklearn import metrics as skm
 from torch import nn
 
@@ -331,57 +333,153 @@ def _metrics(ds: Dataset, split: str, pred: np.ndarray, *, seed: int) -> dict[st
             _dataset_units(ds, split), list(ds.feature_names or []), y, p, seed=seed, codebook=ds.codebook
         )
         return out
-    return classification_metrics(ds.y[split], pred, ds.class_names, seed=seed)
+    out = classification_metrics(ds.y[split], pred, ds.class_names, seed=seed)
+    if ds.groups:
+        out["group_metrics"] = {
+            "group": classification_group_metrics(ds.y[split], pred.argmax(axis=1), ds.groups[split], seed=seed)
+        }
+    return out
+
+
+def _bias(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean of prediction minus target (signed; scikit-learn and Fairlearn have no such metric)."""
+    return float(np.mean(np.asarray(y_pred) - np.asarray(y_true)))
+
+
+def _macro_recall(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true`` (balanced accuracy without its warnings)."""
+    return float(skm.recall_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0))
+
+
+def _frame_summary(mf: MetricFrame, names: tuple[str, ...], ratio_names: tuple[str, ...]) -> dict[str, Any]:
+    """MetricFrame's between-group differences (max - min) and ratios (min / max) as JSON-safe numbers."""
+    diff, ratio = mf.difference(method="between_groups"), mf.ratio(method="between_groups")
+
+    def num(v: Any) -> float | None:
+        return float(v) if np.isfinite(v) else None  # a ratio over a group with metric 0 has no value
+
+    return {
+        "differences": {k: num(diff[k]) for k in names},
+        "ratios": {k: num(ratio[k]) for k in ratio_names},
+        "method": "fairlearn.metrics.MetricFrame: by_group, difference(method='between_groups') = largest minus "
+        "smallest group value, ratio(method='between_groups') = smallest over largest; 95% intervals per group: "
+        f"percentile bootstrap ({N_BOOTSTRAP} resamples of the group's rows)",
+    }
+
+
+def _frame(metrics: Mapping[str, Callable], y: np.ndarray, pred: np.ndarray, codes: np.ndarray) -> MetricFrame:
+    """One MetricFrame over integer group ``codes`` (kept in code order, not the labels' string order)."""
+    return MetricFrame(
+        metrics={"n": count, **metrics}, y_true=y, y_pred=pred, sensitive_features=pd.Series(codes, name="group")
+    )
+
+
+REGRESSION_GROUP_METRICS: dict[str, Callable] = {
+    "mae": skm.mean_absolute_error,
+    "rmse": skm.root_mean_squared_error,
+    "bias": _bias,
+}
+CLASSIFICATION_GROUP_METRICS: dict[str, Callable] = {"accuracy": skm.accuracy_score, "macro_recall": _macro_recall}
 
 
 def subgroup_metrics(ds: Dataset, split: str, y: np.ndarray, pred: np.ndarray, *, seed: int) -> dict[str, Any]:
-    """Error per group of each :data:`SUBGROUP_FEATURES` feature the table has (Fairlearn's MetricFrame idea).
+    """Error per group of each :data:`SUBGROUP_FEATURES` feature the table has, through Fairlearn's ``MetricFrame``.
 
     A feature with at most 5 distinct values is split by value; a continuous one into
     :data:`N_AGE_BANDS` equal-count bands of the split. Values are in the dataset's units (for
     scikit-learn's diabetes data: already mean-centred and scaled, so a band is a range of scaled
     values, not years). A ``data.codebook`` names coded values (``sex = female (1)``) and gives bands their units.
-    Written by hand: a few lines, where Fairlearn would be a new dependency.
+    MetricFrame computes each group's MAE, RMSE and bias and their between-group differences and ratios;
+    each group's 95% intervals are the project's percentile bootstrap over that group's rows.
 
     Returns
     -------
     dict
-        ``{feature: {"kind", "groups": [{"group", "n", "mae", "mae_ci95", "rmse", "bias"}], "mae_gap"}}``;
-        ``bias`` is mean(prediction - target), ``mae_gap`` the largest minus the smallest group MAE.
+        ``{feature: {"kind", "groups": [{"group", "n", "mae", "mae_ci95", "rmse", "rmse_ci95", "bias",
+        "bias_ci95"}], "mae_gap", "differences", "ratios", "method"}}``; ``bias`` is mean(prediction - target),
+        ``mae_gap`` (= ``differences["mae"]``) the largest minus the smallest group MAE.
     """
     names = list(ds.feature_names or [])
     x = _dataset_units(ds, split)
     out: dict[str, Any] = {}
     for feat in (f for f in SUBGROUP_FEATURES if f in names):
         col = x[:, names.index(feat)]
-        values = np.unique(np.round(col, 6))
+        values, codes = np.unique(np.round(col, 6), return_inverse=True)
         if len(values) <= 5:
             kind = "value"
-            masks = [(f"{feat} = {show_value(ds.codebook, feat, v)}", np.isclose(col, v, atol=1e-6)) for v in values]
+            labels = [f"{feat} = {show_value(ds.codebook, feat, v)}" for v in values]
         else:
             kind = f"{N_AGE_BANDS} equal-count bands"
             edges = np.quantile(col, np.linspace(0, 1, N_AGE_BANDS + 1))
-            band = np.clip(np.searchsorted(edges, col, side="right") - 1, 0, N_AGE_BANDS - 1)
+            codes = np.clip(np.searchsorted(edges, col, side="right") - 1, 0, N_AGE_BANDS - 1)
             unit = f" {units(ds.codebook, feat)}".rstrip()
-            masks = [(f"{feat} in [{edges[b]:.4g}, {edges[b + 1]:.4g}]{unit}", band == b) for b in range(N_AGE_BANDS)]
+            labels = [f"{feat} in [{edges[b]:.4g}, {edges[b + 1]:.4g}]{unit}" for b in range(N_AGE_BANDS)]
+        mf = _frame(REGRESSION_GROUP_METRICS, y, pred, codes)
         groups = []
-        for label, mask in masks:
-            if not mask.any():
-                continue
-            yy, pp = y[mask], pred[mask]
-            groups.append(
-                {
-                    "group": label,
-                    "n": int(mask.sum()),
-                    "mae": float(np.mean(np.abs(yy - pp))),
-                    "mae_ci95": bootstrap_ci(mae, yy, pp, seed=seed),  # row-wise over (c, N) resamples
-                    "rmse": float(np.sqrt(np.mean((yy - pp) ** 2))),
-                    "bias": float(np.mean(pp - yy)),
-                }
+        for code, row in mf.by_group.iterrows():  # only the groups with rows, in code order
+            mask = codes == code
+            yy, err = y[mask], pred[mask] - y[mask]
+            cis = bootstrap_cis(  # the same resamples for all three; mae_ci95 is what bootstrap_ci(mae, ...) gave
+                lambda idx, e=err: {
+                    "mae": np.mean(np.abs(e[idx]), axis=-1),
+                    "rmse": np.sqrt(np.mean(e[idx] ** 2, axis=-1)),
+                    "bias": np.mean(e[idx], axis=-1),
+                },
+                len(yy),
+                seed=seed,
             )
-        maes = [g["mae"] for g in groups]
-        out[feat] = {"kind": kind, "groups": groups, "mae_gap": float(max(maes) - min(maes)) if maes else None}
+            groups.append({"group": labels[int(code)], "n": int(row["n"])})
+            for name in REGRESSION_GROUP_METRICS:
+                groups[-1] |= {name: float(row[name]), f"{name}_ci95": cis[name]}
+        summary = _frame_summary(mf, ("mae", "rmse", "bias"), ("mae", "rmse"))  # a ratio of signed biases means nothing
+        out[feat] = {"kind": kind, "groups": groups, "mae_gap": summary["differences"]["mae"], **summary}
     return out
+
+
+def classification_group_metrics(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, *, seed: int) -> dict[str, Any]:
+    """Accuracy and macro recall per group of the images' ``group`` labels, through Fairlearn's ``MetricFrame``.
+
+    Parameters
+    ----------
+    y, pred : ``(n,)`` true and predicted class indices.
+    groups : ``(n,)`` group labels (str) of the same rows.
+    seed : seeds each group's bootstrap.
+
+    Returns
+    -------
+    dict
+        ``{"kind", "groups": [{"group", "n", "accuracy", "accuracy_ci95", "macro_recall", "macro_recall_ci95"}],
+        "differences", "ratios", "method"}``; ``macro_recall`` is the mean recall over the classes the group has.
+    """
+    y, pred = np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    labels, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    mf = _frame(CLASSIFICATION_GROUP_METRICS, y, pred, codes)
+    k = int(max(y.max(initial=0), pred.max(initial=0))) + 1
+    out = []
+    for code, row in mf.by_group.iterrows():
+        mask = codes == code
+        correct, yy = y[mask] == pred[mask], y[mask]
+
+        def statistic(idx: np.ndarray, correct=correct, yy=yy) -> dict[str, np.ndarray]:
+            # per resample: recall of each class = correct rows of that class / rows of that class, averaged over
+            # the classes the resample holds (what _macro_recall computes on one sample), by one bincount
+            c = idx.shape[0]
+            flat = (np.arange(c)[:, None] * k + yy[idx]).ravel()
+            support = np.bincount(flat, minlength=c * k).reshape(c, k)
+            hits = np.bincount(flat, weights=correct[idx].ravel(), minlength=c * k).reshape(c, k)
+            with np.errstate(invalid="ignore"):
+                recall = np.nanmean(np.where(support > 0, hits / np.maximum(support, 1), np.nan), axis=1)
+            return {"accuracy": correct[idx].mean(axis=-1), "macro_recall": recall}
+
+        cis = bootstrap_cis(statistic, int(mask.sum()), seed=seed)
+        out.append({"group": str(labels[int(code)]), "n": int(row["n"])})
+        for name in CLASSIFICATION_GROUP_METRICS:
+            out[-1] |= {name: float(row[name]), f"{name}_ci95": cis[name]}
+    return {
+        "kind": "value",
+        "groups": out,
+        **_frame_summary(mf, ("accuracy", "macro_recall"), ("accuracy", "macro_recall")),
+    }
 
 
 def _dataset_units(ds: Dataset, split: str) -> np.ndarray:
