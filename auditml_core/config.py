@@ -17,6 +17,8 @@ from typing import Any, Literal, Mapping
 
 import tomli_w
 
+from auditml_core import config_checks as checks
+from auditml_core.config_checks import MAX_DP_EPOCHS, check, check_ranges
 from auditml_core.errors import ConfigError
 
 Scalar = bool | int | float | str
@@ -417,39 +419,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 # --------------------------------------------------------------------------- validation
 
 
-def _check(ok: bool, key: str, value: Any, valid: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key {key!r} = {value!r} is out of range; it must be {valid}")
-
-
-# Upper bounds of the DP numbers. Opacus adds noise of std sigma * C in float32 and the accountants
-# integrate over sigma, q and the step count: beyond these bounds a plan is either meaningless
-# (C = 1e300 clips nothing, sigma * C overflows float32 to inf) or the accountant cannot bound it.
-MAX_GRAD_NORM = 1e6  # clipping norm C
-MAX_NOISE_MULTIPLIER = 1e4  # sigma
-MAX_EPSILON = 1e3  # a budget above this guarantees nothing worth reporting
-MAX_DP_EPOCHS = 100_000  # accountant steps grow with epochs; PRV's cost grows with them
-MAX_CLIP_SIGMAS = (
-    64.0  # client_dp.clip_sigmas: the clip chance is already ~1e-890 there; more only widens SecAgg+'s range
-)
-
-
-def _validate_fit(fit: FitConfig, key: str) -> None:
-    _check(fit.epochs >= 1, f"{key}.epochs", fit.epochs, ">= 1")
-    _check(fit.batch_size >= 1, f"{key}.batch_size", fit.batch_size, ">= 1")
-    _check(fit.lr > 0 and math.isfinite(fit.lr), f"{key}.lr", fit.lr, "a finite number > 0")
-    _check(0 <= fit.momentum < 1, f"{key}.momentum", fit.momentum, "in [0, 1)")
-    _check(fit.weight_decay >= 0, f"{key}.weight_decay", fit.weight_decay, ">= 0")
-    _check(
-        0 < fit.max_grad_norm <= MAX_GRAD_NORM,
-        f"{key}.max_grad_norm",
-        fit.max_grad_norm,
-        f"in (0, {MAX_GRAD_NORM:g}] (a finite clipping norm: without one DP-SGD guarantees nothing)",
-    )
-    _check(fit.augment_shift >= 0, f"{key}.augment_shift", fit.augment_shift, ">= 0")
-    _check(0 <= fit.ema_decay < 1, f"{key}.ema_decay", fit.ema_decay, "in [0, 1) (0 = off)")
-
-
 def _check_finite(cfg: Any, prefix: str = "") -> None:
     """Refuse NaN and ±inf in every float key: no setting of this pipeline means anything at infinity."""
     for key, value in flatten(cfg, prefix).items():
@@ -460,21 +429,39 @@ def _check_finite(cfg: Any, prefix: str = "") -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Check value ranges and cross-field rules; raise ConfigError naming the key and the valid range."""
+    """Check value ranges and cross-field rules; raise ConfigError naming the key and the valid range.
+
+    Each section's step applies its table of ranges (:mod:`auditml_core.config_checks`), then the rules that
+    relate its keys to others; the first value out of range raises.
+    """
     _check_finite(cfg)
-    for key, value in vars(cfg.card).items():
-        _check(
+    _validate_card(cfg.card)
+    _validate_data(cfg.data)
+    _validate_models(cfg)
+    _validate_train(cfg.train)
+    _validate_dp(cfg)
+    _validate_distill(cfg.distill)
+    check_ranges(cfg.audit, "audit", checks.AUDIT)
+    _validate_explain(cfg.explain)
+    _validate_federated(cfg.federated)
+    _validate_client_dp(cfg)
+    _validate_secagg(cfg)
+
+
+def _validate_card(card: CardConfig) -> None:
+    for key, value in vars(card).items():
+        check(
             len(value) <= 2000 and (key == "citation" or "\n" not in value),
             f"card.{key}",
             value[:40] + ("..." if len(value) > 40 else ""),
             "one line of at most 2000 characters (card.citation may span lines)",
         )
-    d = cfg.data
-    _check(0 < d.test_fraction <= 0.5, "data.test_fraction", d.test_fraction, "in (0, 0.5]")
-    _check(0 < d.val_fraction <= 0.5, "data.val_fraction", d.val_fraction, "in (0, 0.5]")
-    _check(0 <= d.public_fraction <= 0.5, "data.public_fraction", d.public_fraction, "in [0, 0.5]")
+
+
+def _validate_data(d: DataConfig) -> None:
+    check_ranges(d, "data", checks.DATA)
     total = d.test_fraction + d.val_fraction + d.public_fraction
-    _check(
+    check(
         total < 0.9,
         "data.test_fraction + val_fraction + public_fraction",
         round(total, 4),
@@ -484,220 +471,85 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "data.tabular_csv is set but data.target is empty; set data.target to the CSV's target column"
         )
+
+
+def _validate_models(cfg: Config) -> None:
+    """The models' training settings, then their architectures."""
     for name, model in (("regressor", cfg.regressor), ("cnn", cfg.cnn)):
-        _validate_fit(model.fit, f"{name}.fit")
-        _validate_fit(model.dp_fit, f"{name}.dp_fit")
-    _check(
-        all(h >= 1 for h in cfg.regressor.hidden_sizes),
-        "regressor.hidden_sizes",
-        cfg.regressor.hidden_sizes,
-        "positive widths",
-    )
-    _check(cfg.regressor.ridge_alpha >= 0, "regressor.ridge_alpha", cfg.regressor.ridge_alpha, ">= 0")
-    _check(
-        len(cfg.cnn.channels) >= 1 and all(c >= 1 for c in cfg.cnn.channels),
-        "cnn.channels",
-        cfg.cnn.channels,
-        "one or more positive channel counts",
-    )
-    _check(
-        cfg.cnn.kernel_size >= 1 and cfg.cnn.kernel_size % 2 == 1,
-        "cnn.kernel_size",
-        cfg.cnn.kernel_size,
-        "an odd integer >= 1",
-    )
-    _check(cfg.cnn.hidden >= 0, "cnn.hidden", cfg.cnn.hidden, ">= 0")
+        check_ranges(model.fit, f"{name}.fit", checks.FIT)
+        check_ranges(model.dp_fit, f"{name}.dp_fit", checks.FIT)
+    check_ranges(cfg.regressor, "regressor", checks.REGRESSOR)
     c = cfg.cnn
-    _check(1 <= c.scatter_orientations <= 64, "cnn.scatter_orientations", c.scatter_orientations, "in [1, 64]")
-    _check(
-        len(c.scatter_wavelengths) >= 1 and all(w >= 2 for w in c.scatter_wavelengths),
-        "cnn.scatter_wavelengths",
-        c.scatter_wavelengths,
-        "one or more wavelengths >= 2 pixels (the Nyquist limit)",
-    )
-    _check(
-        1 <= c.scatter_kernel_size <= 63 and c.scatter_kernel_size % 2 == 1,
-        "cnn.scatter_kernel_size",
-        c.scatter_kernel_size,
-        "an odd integer in [1, 63]",
-    )
-    _check(1 <= c.scatter_pool <= 64, "cnn.scatter_pool", c.scatter_pool, "in [1, 64]")
-    _check(0 <= c.scatter_hidden <= 100_000, "cnn.scatter_hidden", c.scatter_hidden, "in [0, 100000]")
+    check_ranges(c, "cnn", checks.CNN)
     n_scatter_channels = 2 + 4 * c.scatter_orientations * len(c.scatter_wavelengths)  # per input channel
-    _check(
+    check(
         c.scatter_norm_groups >= 0 and (c.scatter_norm_groups == 0 or n_scatter_channels % c.scatter_norm_groups == 0),
         "cnn.scatter_norm_groups",
         c.scatter_norm_groups,
         f"0 or a divisor of the {n_scatter_channels} feature channels per input channel",
     )
-    _check(cfg.train.patience >= 0, "train.patience", cfg.train.patience, ">= 0")
-    _check(cfg.train.num_threads >= 1, "train.num_threads", cfg.train.num_threads, ">= 1")
-    _check(cfg.train.checkpoint_every_s >= 0, "train.checkpoint_every_s", cfg.train.checkpoint_every_s, ">= 0")
-    _check(1 <= cfg.train.processes <= 256, "train.processes", cfg.train.processes, "in [1, 256]")
-    if cfg.train.processes > 1 and cfg.train.mode != "central":
+
+
+def _validate_train(t: TrainConfig) -> None:
+    check_ranges(t, "train", checks.TRAIN)
+    if t.processes > 1 and t.mode != "central":
         raise ConfigError(
-            f"train.processes={cfg.train.processes} is for central training; a federated simulation spreads its "
+            f"train.processes={t.processes} is for central training; a federated simulation spreads its "
             "clients over Ray instead (federated.ray_address): set train.processes=1"
         )
-    p = cfg.dp
-    _check(
-        p.target_epsilon > 0 and math.isfinite(p.target_epsilon),
-        "dp.target_epsilon",
-        p.target_epsilon,
-        "a finite number > 0",
-    )
-    _check(p.target_epsilon <= MAX_EPSILON, "dp.target_epsilon", p.target_epsilon, f"<= {MAX_EPSILON:g}")
-    _check(0 < p.delta < 1, "dp.delta", p.delta, "in (0, 1), typically well below 1/n_train")
-    _check(p.public_pretrain_epochs >= 0, "dp.public_pretrain_epochs", p.public_pretrain_epochs, ">= 0")
-    _check(
-        0 <= p.noise_multiplier <= MAX_NOISE_MULTIPLIER,
-        "dp.noise_multiplier",
-        p.noise_multiplier,
-        f"in [0, {MAX_NOISE_MULTIPLIER:g}] (0 = derive from dp.target_epsilon)",
-    )
+
+
+def _validate_dp(cfg: Config) -> None:
+    """Sample-level DP's numbers, and every schedule the accountant must be able to bound."""
+    check_ranges(cfg.dp, "dp", checks.DP)
     dp_fits = [
         ("regressor.dp_fit", cfg.regressor.dp_fit),
         ("cnn.dp_fit", cfg.cnn.dp_fit),
         ("distill.fit", cfg.distill.fit),
     ]
     for key, fit in dp_fits:
-        _check(fit.epochs <= MAX_DP_EPOCHS, f"{key}.epochs", fit.epochs, f"<= {MAX_DP_EPOCHS} (the accountant's range)")
+        check(fit.epochs <= MAX_DP_EPOCHS, f"{key}.epochs", fit.epochs, f"<= {MAX_DP_EPOCHS} (the accountant's range)")
     for rounds_key, epochs_key in (("rounds", "local_epochs"), ("dp_rounds", "dp_local_epochs")):
         total = getattr(cfg.federated, rounds_key) * getattr(cfg.federated, epochs_key)
-        _check(
+        check(
             total <= MAX_DP_EPOCHS,
             f"federated.{rounds_key} * federated.{epochs_key}",
             total,
             f"<= {MAX_DP_EPOCHS} (the accountant's range)",
         )
-    k = cfg.distill
-    _validate_fit(k.fit, "distill.fit")
-    _check(k.tree_depth >= 1, "distill.tree_depth", k.tree_depth, ">= 1")
-    _check(k.synthetic_per_row >= 0, "distill.synthetic_per_row", k.synthetic_per_row, ">= 0")
-    _check(
-        0 <= k.synthetic_noise <= 100, "distill.synthetic_noise", k.synthetic_noise, "in [0, 100] (standardised units)"
-    )
-    _check(0 < k.temperature <= 1000, "distill.temperature", k.temperature, "in (0, 1000]")
-    _check(k.augment_per_row >= 0, "distill.augment_per_row", k.augment_per_row, ">= 0")
-    _check(0 <= k.augment_shift <= 100, "distill.augment_shift", k.augment_shift, "in [0, 100] pixels")
-    _check(0 <= k.augment_rotation <= 180, "distill.augment_rotation", k.augment_rotation, "in [0, 180] degrees")
-    _check(0 <= k.augment_scale <= 0.5, "distill.augment_scale", k.augment_scale, "in [0, 0.5]")
-    _check(0 <= k.augment_noise <= 100, "distill.augment_noise", k.augment_noise, "in [0, 100] (standardised units)")
-    _check(k.mixup_per_row >= 0, "distill.mixup_per_row", k.mixup_per_row, ">= 0")
-    _check(0 < k.mixup_alpha <= 100, "distill.mixup_alpha", k.mixup_alpha, "in (0, 100]")
-    _check(
-        1 <= k.augmented_epochs <= MAX_DP_EPOCHS,
-        "distill.augmented_epochs",
-        k.augmented_epochs,
-        f"in [1, {MAX_DP_EPOCHS}]",
-    )
-    _check(0 <= k.label_weight <= 1, "distill.label_weight", k.label_weight, "in [0, 1]")
-    _check(
-        len(k.cnn_channels) >= 1 and all(c >= 1 for c in k.cnn_channels),
-        "distill.cnn_channels",
-        k.cnn_channels,
-        "one or more positive channel counts",
-    )
-    a = cfg.audit
-    _check(a.n_eval >= 10, "audit.n_eval", a.n_eval, ">= 10")
-    _check(a.n_shadows >= 2 and a.n_shadows % 2 == 0, "audit.n_shadows", a.n_shadows, "an even number >= 2")
-    _check(a.shadow_epochs >= 0, "audit.shadow_epochs", a.shadow_epochs, ">= 0 (0 = the audited model's epochs)")
-    _check(a.control_rows >= 4, "audit.control_rows", a.control_rows, ">= 4")
-    _check(a.control_epochs >= 1, "audit.control_epochs", a.control_epochs, ">= 1")
-    _check(a.bootstrap >= 100, "audit.bootstrap", a.bootstrap, ">= 100")
-    _check(a.canaries == 0 or 20 <= a.canaries <= 100_000, "audit.canaries", a.canaries, "0 (off) or in [20, 100000]")
-    _check(0 < a.mutant_noise < 1, "audit.mutant_noise", a.mutant_noise, "in (0, 1) (0.1 = the σ/10 mutant)")
-    e = cfg.explain
-    for key in (
-        "n_rows",
-        "n_images",
-        "background_size",
-        "min_background",
-        "top_k",
-        "top_k_pixels",
-        "stability_rows",
-        "deletion_steps",
-        "deletion_random_orders",
-        "n_grid_images",
-        "randomisation_rows",
-    ):
-        _check(getattr(e, key) >= 1, f"explain.{key}", getattr(e, key), ">= 1")
-    for key in ("lime_num_samples", "lime_image_num_samples"):
-        _check(getattr(e, key) >= 10, f"explain.{key}", getattr(e, key), ">= 10")
-    _check(e.lime_cell_size >= 0, "explain.lime_cell_size", e.lime_cell_size, ">= 0 (0 = automatic)")
-    _check(0 <= e.agreement_threshold <= 1, "explain.agreement_threshold", e.agreement_threshold, "in [0, 1]")
-    _check(e.stability_seeds >= 2, "explain.stability_seeds", e.stability_seeds, ">= 2 (stability compares seeds)")
-    for key in ("n_waterfalls", "n_dependence_plots", "n_error_examples"):
-        _check(getattr(e, key) >= 0, f"explain.{key}", getattr(e, key), ">= 0")
-    for key in ("reference_rows", "reference_images"):
-        _check(getattr(e, key) >= 0, f"explain.{key}", getattr(e, key), ">= 0 (0 = no reference check)")
-    _check(e.reference_nsamples >= 100, "explain.reference_nsamples", e.reference_nsamples, ">= 100")
-    _check(e.reference_noise_images >= 0, "explain.reference_noise_images", e.reference_noise_images, ">= 0")
-    _check(
-        0 < e.randomisation_threshold <= 1, "explain.randomisation_threshold", e.randomisation_threshold, "in (0, 1]"
-    )
-    _check(e.randomisation_seeds >= 1, "explain.randomisation_seeds", e.randomisation_seeds, ">= 1 (>= 2 for a null)")
-    _check(
-        0 <= e.randomisation_max_fraction < 1,
-        "explain.randomisation_max_fraction",
-        e.randomisation_max_fraction,
-        "in [0, 1)",
-    )
-    _check(
-        0 < e.agreement_cell_fraction <= 1, "explain.agreement_cell_fraction", e.agreement_cell_fraction, "in (0, 1]"
-    )
-    _check(
-        0 < e.agreement_noise_quantile < 1, "explain.agreement_noise_quantile", e.agreement_noise_quantile, "in (0, 1)"
-    )
+
+
+def _validate_distill(k: DistillConfig) -> None:
+    check_ranges(k.fit, "distill.fit", checks.FIT)
+    check_ranges(k, "distill", checks.DISTILL)
+
+
+def _validate_explain(e: ExplainConfig) -> None:
+    check_ranges(e, "explain", checks.EXPLAIN)
     for key in ("regressor_methods", "cnn_methods"):
         methods = getattr(e, key)
-        _check(
+        check(
             len(methods) >= 1 and len(set(methods)) == len(methods),
             f"explain.{key}",
             list(methods),
             'one or more distinct explainer names, e.g. ["shap-exact", "lime-tabular"]',
         )
-    f = cfg.federated
-    _check(f.n_clients >= 1, "federated.n_clients", f.n_clients, ">= 1")
-    _check(f.rounds >= 1, "federated.rounds", f.rounds, ">= 1")
-    _check(f.local_epochs >= 1, "federated.local_epochs", f.local_epochs, ">= 1")
-    _check(f.dp_rounds >= 1, "federated.dp_rounds", f.dp_rounds, ">= 1")
-    _check(f.dp_local_epochs >= 1, "federated.dp_local_epochs", f.dp_local_epochs, ">= 1")
-    _check(f.dirichlet_alpha > 0, "federated.dirichlet_alpha", f.dirichlet_alpha, "> 0")
-    _check(f.proximal_mu >= 0, "federated.proximal_mu", f.proximal_mu, ">= 0")
-    _check(f.server_lr > 0, "federated.server_lr", f.server_lr, "> 0")
-    _check(f.client_cpus >= 1, "federated.client_cpus", f.client_cpus, ">= 1 (Ray reserves whole CPUs per client)")
-    _check(
-        0 <= f.client_gpus <= 64 and math.isfinite(f.client_gpus),
-        "federated.client_gpus",
-        f.client_gpus,
-        "in [0, 64] (0.5 = two clients share a GPU)",
-    )
-    _check(
-        f.ray_address == "" or _is_host_port(f.ray_address),
-        "federated.ray_address",
-        f.ray_address,
-        '"" (a private Ray) or HOST:PORT of a running Ray cluster\'s head (its GCS port, 6379 by default)',
-    )
-    _check(
+
+
+def _validate_federated(f: FederatedConfig) -> None:
+    check_ranges(f, "federated", checks.FEDERATED)
+    check(
         1 <= f.min_clients <= f.n_clients,
         "federated.min_clients",
         f.min_clients,
         f"in [1, federated.n_clients={f.n_clients}]",
     )
-    _validate_client_dp(cfg)
-    _validate_secagg(cfg)
-
-
-def _is_host_port(address: str) -> bool:
-    host, sep, port = address.strip().rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536 and " " not in address)
 
 
 def _validate_secagg(cfg: Config) -> None:
     """SecAgg+ settings (issue 14)."""
     f, a = cfg.federated, cfg.federated.secagg
-    _check(
+    check(
         a.num_shares == 0 or (a.num_shares >= 3 and a.num_shares % 2 == 1),
         "federated.secagg.num_shares",
         a.num_shares,
@@ -706,73 +558,46 @@ def _validate_secagg(cfg: Config) -> None:
     # Flower's SecAgg+ wraps the neighbour ring around the sampled clients: more shares than clients gives each
     # client only n_clients of them, while the threshold is taken of num_shares (a round halts, or the record
     # would overstate the dropouts it survives).
-    _check(
+    check(
         a.num_shares <= f.n_clients,
         "federated.secagg.num_shares",
         a.num_shares,
         f"<= federated.n_clients = {f.n_clients} (0 = every client)",
     )
-    _check(
+    check(
         0 < a.reconstruction_threshold <= 1,
         "federated.secagg.reconstruction_threshold",
         a.reconstruction_threshold,
         "in (0, 1]",
     )
-    _check(a.clipping_range > 0, "federated.secagg.clipping_range", a.clipping_range, "> 0")
-    _check(
+    check(a.clipping_range > 0, "federated.secagg.clipping_range", a.clipping_range, "> 0")
+    check(
         a.quantization_range >= 2 and f.n_clients * a.quantization_range < 2**32,
         "federated.secagg.quantization_range",
         a.quantization_range,
         f">= 2 and < 2^32 / federated.n_clients = {2**32 // f.n_clients} (the masked sum must not wrap around)",
     )
     if f.secure_aggregation:
-        _check(
+        check(
             f.strategy == "fedavg",
             "federated.strategy",
             f.strategy,
             "'fedavg' when federated.secure_aggregation=true (SecAgg+ computes a weighted sum)",
         )
-        _check(f.n_clients >= 3, "federated.n_clients", f.n_clients, ">= 3 when federated.secure_aggregation=true")
+        check(f.n_clients >= 3, "federated.n_clients", f.n_clients, ">= 3 when federated.secure_aggregation=true")
 
 
 def _validate_client_dp(cfg: Config) -> None:
     """User-level DP settings (issue 14)."""
     u = cfg.client_dp
-    # Every number has an upper bound too (the same as sample-level DP's): an unbounded one hangs the σ search
-    # (target_epsilon=1e300) or overflows the noise σ·C into a NaN model (clipping_norm=1e300).
-    _check(
-        0 < u.clipping_norm <= MAX_GRAD_NORM,
-        "client_dp.clipping_norm",
-        u.clipping_norm,
-        f"in (0, {MAX_GRAD_NORM:g}] (a finite bound on one client's update)",
-    )
-    _check(
-        0 < u.target_epsilon <= MAX_EPSILON,
-        "client_dp.target_epsilon",
-        u.target_epsilon,
-        f"in (0, {MAX_EPSILON:g}] (a larger budget guarantees nothing worth reporting)",
-    )
-    _check(0 < u.delta < 1, "client_dp.delta", u.delta, "in (0, 1), well below 1/federated.n_clients")
-    _check(0 < u.sample_rate <= 1, "client_dp.sample_rate", u.sample_rate, "in (0, 1]")
-    _check(
-        0 <= u.noise_multiplier <= MAX_NOISE_MULTIPLIER,
-        "client_dp.noise_multiplier",
-        u.noise_multiplier,
-        f"in [0, {MAX_NOISE_MULTIPLIER:g}] (0 = plan it)",
-    )
-    _check(
-        4 <= u.clip_sigmas <= MAX_CLIP_SIGMAS,
-        "client_dp.clip_sigmas",
-        u.clip_sigmas,
-        f"in [4, {MAX_CLIP_SIGMAS:g}] (8 keeps the clip chance ~1e-15)",
-    )
+    check_ranges(u, "client_dp", checks.CLIENT_DP)
     if u.enabled and u.noise_placement == "client" and not cfg.federated.secure_aggregation:
         raise ConfigError(
             "client_dp.noise_placement='client' needs federated.secure_aggregation=true (otherwise the server sees each "
             "client's weakly-noised update); set federated.secure_aggregation=true or client_dp.noise_placement='server'"
         )
     if u.enabled:
-        _check(
+        check(
             cfg.federated.strategy == "fedavg",
             "federated.strategy",
             cfg.federated.strategy,
