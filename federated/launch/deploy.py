@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from federated.app.run_config import overrides_for, run_config_toml, to_run_conf
 from federated.app.schema import SiteMismatchError
 from federated.launch import processes as launcher
 from federated.launch import site as site_cmd
-from federated.launch.tls import make_server_credentials, make_supernode_keys
+from federated.launch.tls import ServerCredentials, make_server_credentials, make_supernode_keys
 from federated.patches import flower_api
 
 log = logging.getLogger("federated.launch.deploy")
@@ -146,6 +147,60 @@ def deploy(
     UserError
         For impossible settings; ``FederatedRunError`` when the run fails (with the log's tail).
     """
+    _refuse_impossible(cfg, n_supernodes=n_supernodes, tls=tls, auth=auth, sites=sites, site_prefixes=site_prefixes)
+    isolation = flower_api.clientapp_isolation(isolation)  # Flower's stock isolation where the worker is unsupported
+    port = launcher.free_port()
+    address = _dial_address(superlink_host, port)
+    work.mkdir(parents=True, exist_ok=True)
+    rc_path = _write_run_config(
+        cfg, model=model, work=work, n_supernodes=n_supernodes, sites=sites, app_settings=app_settings
+    )
+    creds = make_server_credentials(work / "certs", hosts=(superlink_host,)) if tls else None
+    env = _flower_env(work / "flwr-home", address=address, creds=creds)
+    t0 = time.time()
+    with launcher.sigterm_as_exit(), launcher.Processes(work / "logs", env) as procs:
+        superlink = _start_superlink(procs, host=superlink_host, port=port, creds=creds, auth=auth)
+        keys = _register_all(procs, work, n_supernodes) if auth else []
+        for i in range(n_supernodes):
+            site_argv = ["--root-certificates", str(creds.ca_cert)] if creds else ["--insecure"]
+            if auth:
+                site_argv += ["--auth-supernode-private-key", str(keys[i])]
+            procs.start(
+                f"supernode-{i}",
+                [
+                    *(site_prefixes[i] if site_prefixes else []),
+                    *_site_command(address, isolation=isolation, partition_id=i, n_supernodes=n_supernodes),
+                    *(sites.site_args(work, i) if sites is not None else []),
+                    *site_argv,
+                ],
+            )
+        run = launcher.start_flwr_run(procs, CONNECTION, rc_path, app=launcher.stage_app(work / "app"))
+        node_exits = _wait_for_run(run, superlink, procs, t0=t0)
+        record = _read_record(work, model, procs)
+    record = dict(record)
+    record["deployment"] = {
+        "supernodes": n_supernodes,
+        "tls": tls,
+        "supernode_auth": auth,
+        "seconds": time.time() - t0,
+        "supernode_exits": node_exits,
+        "per_site_data": sites is not None,
+        "superlink_address": address,  # what every site dialled
+        "site_prefixes": [shlex.join(p) for p in site_prefixes],
+    }
+    return record
+
+
+def _refuse_impossible(
+    cfg,
+    *,
+    n_supernodes: int,
+    tls: bool,
+    auth: bool,
+    sites: SiteFiles | None,
+    site_prefixes: Sequence[Sequence[str]],
+) -> None:
+    """Refuse settings no deployment can run, before any process starts."""
     if auth and not tls:
         raise UserError("--auth needs --tls: Flower authenticates SuperNodes only over TLS")
     if sites is not None:
@@ -156,10 +211,12 @@ def deploy(
         )
     if site_prefixes and len(site_prefixes) != n_supernodes:
         raise UserError(f"{len(site_prefixes)} --site-prefix value(s) for {n_supernodes} sites; give one per site")
-    isolation = flower_api.clientapp_isolation(isolation)  # Flower's stock isolation where the worker is unsupported
-    port = launcher.free_port()
-    address = _dial_address(superlink_host, port)
-    work.mkdir(parents=True, exist_ok=True)
+
+
+def _write_run_config(
+    cfg, *, model: str, work: Path, n_supernodes: int, sites: SiteFiles | None, app_settings: dict | None
+) -> Path:
+    """Write the app's inputs (none with per-site data) and its run-config to ``work``; return the run-config's path."""
     if sites is not None:  # --- per-site data: nothing is prepared here; each SuperNode reads its own file
         sites.check(n_supernodes)
         app_settings = {**dict(app_settings or {}), "sites": True}
@@ -172,11 +229,11 @@ def deploy(
     overrides = overrides_for(run_config, (launcher.REPO_ROOT / "pyproject.toml").read_text())
     rc_path = work / "run_config.toml"
     rc_path.write_text(run_config_toml(overrides))
+    return rc_path
 
-    flwr_home = work / "flwr-home"
-    creds = None
-    if tls:
-        creds = make_server_credentials(work / "certs", hosts=(superlink_host,))
+
+def _flower_env(flwr_home: Path, *, address: str, creds: ServerCredentials | None) -> dict[str, str]:
+    """Write the ``flwr`` connection to the SuperLink into ``flwr_home``; return the environment of every process."""
     launcher.write_connection(
         flwr_home,
         CONNECTION,
@@ -186,6 +243,13 @@ def deploy(
     env = launcher.flower_env(flwr_home)
     # federated.launch.site and its ClientApp worker run as `python -m` from any working directory
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(launcher.REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _start_superlink(
+    procs: launcher.Processes, *, host: str, port: int, creds: ServerCredentials | None, auth: bool
+) -> subprocess.Popen:
+    """Start ``flower-superlink`` (deployment mode) on ``host:port`` and wait until it answers; return its process."""
     security = (
         [
             "--ssl-ca-certfile",
@@ -198,89 +262,83 @@ def deploy(
         if creds
         else ["--insecure"]
     )
-    t0 = time.time()
-    with launcher.sigterm_as_exit(), launcher.Processes(work / "logs", env) as procs:
-        superlink = procs.start(
-            "superlink",
-            [
-                launcher.bin_path("flower-superlink"),
-                *security,
-                "--host",
-                superlink_host,
-                "--port",
-                str(port),
-                "--disable-runtime-dependency-installation",
-                *(["--enable-supernode-auth"] if auth else []),
-            ],
-        )
-        launcher.wait_until_healthy(
-            superlink,
-            port,
-            timeout_s=START_TIMEOUT_S,
-            what="flower-superlink",
-            logs=procs,
-            name="superlink",
-            ca_file=str(creds.ca_cert) if creds else None,
-            host=superlink_host,
-        )
-        keys = _register_all(procs, work, n_supernodes) if auth else []
-        for i in range(n_supernodes):
-            # Every site starts with the per-site command (python -m federated.site, issue 25): its SuperNode runs
-            # in that process with the fast polls, its long-lived ClientApp worker is that process's child.
-            site_argv = [*(["--root-certificates", str(creds.ca_cert)] if creds else ["--insecure"])]
-            if auth:
-                site_argv += ["--auth-supernode-private-key", str(keys[i])]
-            procs.start(
-                f"supernode-{i}",
-                [
-                    *(site_prefixes[i] if site_prefixes else []),
-                    *[sys.executable, "-m", "federated.site", "--superlink", address, "--isolation", isolation],
-                    *["--partition-id", str(i), "--num-partitions", str(n_supernodes)],
-                    *(sites.site_args(work, i) if sites is not None else []),
-                    *site_argv,
-                ],
-            )
-        run = launcher.start_flwr_run(procs, CONNECTION, rc_path, app=launcher.stage_app(work / "app"))
-        node_exits: list[dict] = []
-        while run.poll() is None:
-            if superlink.poll() is not None:
-                raise launcher.FederatedRunError(
-                    f"flower-superlink exited with code {superlink.returncode}:\n{procs.log_tail('superlink')}"
-                )
-            for name, proc in list(procs.procs.items()):
-                if (
-                    name.startswith("supernode-")
-                    and proc.poll() is not None
-                    and name not in {e["name"] for e in node_exits}
-                ):
-                    # A site going away is the federation's business: the server records its missing replies
-                    # and goes on while federated.min_clients train (or fails the round, saying so).
-                    node_exits.append({"name": name, "exit_code": proc.returncode, "after_s": time.time() - t0})
-                    log.warning("%s exited with code %s; the run goes on without it", name, proc.returncode)
-            time.sleep(0.25)
-        error = workdir.read_error(work, model)
-        if error is not None:
-            known = {**USER_ERRORS, "SiteMismatchError": SiteMismatchError}
-            raise known.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])
-        try:
-            _, record = workdir.read_result(work, model)
-        except FileNotFoundError:
-            raise launcher.FederatedRunError(f"the run ended without a result:\n{procs.log_tail('flwr-run')}") from None
-    record = dict(record)
-    record.update(
-        {
-            "deployment": {
-                "supernodes": n_supernodes,
-                "tls": tls,
-                "supernode_auth": auth,
-                "seconds": time.time() - t0,
-                "supernode_exits": node_exits,
-                "per_site_data": sites is not None,
-                "superlink_address": address,  # what every site dialled
-                "site_prefixes": [shlex.join(p) for p in site_prefixes],
-            }
-        }
+    superlink = procs.start(
+        "superlink",
+        [
+            launcher.bin_path("flower-superlink"),
+            *security,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+            *(["--enable-supernode-auth"] if auth else []),
+        ],
     )
+    launcher.wait_until_healthy(
+        superlink,
+        port,
+        timeout_s=START_TIMEOUT_S,
+        what="flower-superlink",
+        logs=procs,
+        name="superlink",
+        ca_file=str(creds.ca_cert) if creds else None,
+        host=host,
+    )
+    return superlink
+
+
+def _site_command(address: str, *, isolation: str, partition_id: int, n_supernodes: int) -> list[str]:
+    """The per-site command of site ``partition_id`` (python -m federated.site, issue 25).
+
+    Its SuperNode runs in that process with the fast polls; its long-lived ClientApp worker is that process's child.
+    """
+    return [
+        *[sys.executable, "-m", "federated.site", "--superlink", address, "--isolation", isolation],
+        *["--partition-id", str(partition_id), "--num-partitions", str(n_supernodes)],
+    ]
+
+
+def _wait_for_run(
+    run: subprocess.Popen, superlink: subprocess.Popen, procs: launcher.Processes, *, t0: float
+) -> list[dict]:
+    """Wait for ``flwr run`` to end; return the sites that exited meanwhile (name, exit code, seconds after ``t0``).
+
+    Raises
+    ------
+    FederatedRunError
+        If the SuperLink exits first.
+    """
+    node_exits: list[dict] = []
+    while run.poll() is None:
+        if superlink.poll() is not None:
+            raise launcher.FederatedRunError(
+                f"flower-superlink exited with code {superlink.returncode}:\n{procs.log_tail('superlink')}"
+            )
+        for name, proc in list(procs.procs.items()):
+            if (
+                name.startswith("supernode-")
+                and proc.poll() is not None
+                and name not in {e["name"] for e in node_exits}
+            ):
+                # A site going away is the federation's business: the server records its missing replies
+                # and goes on while federated.min_clients train (or fails the round, saying so).
+                node_exits.append({"name": name, "exit_code": proc.returncode, "after_s": time.time() - t0})
+                log.warning("%s exited with code %s; the run goes on without it", name, proc.returncode)
+        time.sleep(0.25)
+    return node_exits
+
+
+def _read_record(work: Path, model: str, procs: launcher.Processes) -> dict:
+    """The server's record of the run; raise the server's error (its own type where it is a user error) if it failed."""
+    error = workdir.read_error(work, model)
+    if error is not None:
+        known = {**USER_ERRORS, "SiteMismatchError": SiteMismatchError}
+        raise known.get(error.get("error_type", ""), launcher.FederatedRunError)(error["error"])
+    try:
+        _, record = workdir.read_result(work, model)
+    except FileNotFoundError:
+        raise launcher.FederatedRunError(f"the run ended without a result:\n{procs.log_tail('flwr-run')}") from None
     return record
 
 
@@ -329,8 +387,6 @@ def _register_all(procs: launcher.Processes, work: Path, n_supernodes: int) -> l
 
     One ``flwr supernode register`` per site, all at once (each is a CLI start, ~2-5 s here).
     """
-    import subprocess
-
     keys = [make_supernode_keys(work / "certs", f"supernode-{i}") for i in range(n_supernodes)]
     argv = [launcher.bin_path("flwr"), "supernode", "register"]
     running = [
