@@ -109,14 +109,14 @@ def test_audit_stage_on_a_tiny_non_dp_run_round_trips(tmp_path):
         assert rec["shadows"]["n"] == cfg.audit.n_shadows and rec["control"]["n_members"] == cfg.audit.control_rows
         assert rec["shadows"]["audited_model_training"] == "central"
     # a federated model's audit says its shadows were trained centrally (a mismatch that can weaken LiRA)
-    from pipeline.report.html_page import _audit
+    from pipeline.report.html_page import render_section
 
     said = "shadows are trained centrally"
-    assert said not in _audit({"audit": audit_section(loaded)})
+    assert said not in render_section("audit", {"audit": audit_section(loaded)})
     federated = copy.deepcopy({k: v for k, v in loaded.items() if k != "scores"})
     for rec in federated["models"].values():
         rec["shadows"]["audited_model_training"] = "federated"
-    assert said in _audit({"audit": audit_section(federated)})
+    assert said in render_section("audit", {"audit": audit_section(federated)})
 
 
 def rec_dataset(name):

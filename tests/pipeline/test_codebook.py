@@ -49,7 +49,7 @@ def test_subgroups_and_cohorts_name_coded_values_and_units(tmp_path):
     # The recorded dataset keeps it, and the report's data section shows the dictionary.
     again = data.load(lambda rel: data.dump({"tabular": ds, "images": ds})[rel])["tabular"]
     assert again.codebook == ds.codebook
-    html = html_page._data({"data": {"tabular": again.summary()}, "privacy": {"enabled": False}})
+    html = html_page.render_section("data", {"data": {"tabular": again.summary()}, "privacy": {"enabled": False}})
     assert "Data dictionary" in html and "1 = female, 2 = male" in html and "points" in html
 
 

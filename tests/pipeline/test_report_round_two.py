@@ -38,7 +38,7 @@ def _val_role(*, dp: bool, patience: int) -> str:
         "models": {"regressor": {"title": "MLP regressor", "training": record}},
         "data": {"tabular": {"task": "regression", "sizes": {"train": 64, "val": 16}, "provenance": {}}},
     }
-    html = html_page._data(content)
+    html = html_page.render_section("data", content)
     return html.split("<td>val</td><td>16</td><td>", 1)[1].split("</td>", 1)[0]
 
 

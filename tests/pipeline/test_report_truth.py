@@ -285,7 +285,7 @@ def test_a_gain_that_is_not_measurable_is_not_stated_as_proof_of_no_contribution
 
 
 def test_the_model_card_says_yes_for_user_level_dp_alone():
-    from pipeline.report.model_card import _dp_levels
+    from pipeline.report.model_card import dp_levels as _dp_levels
 
     assert _dp_levels({"privacy": None, "training": {"user_level_privacy": {"epsilon": 4.0}}}) == (
         "yes (user-level DP-FedAvg)"
