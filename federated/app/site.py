@@ -338,11 +338,29 @@ def agree(grid, task, *, timeout: float):
         Sites that disagree (naming the site and the difference), or a site that cannot report.
     """
     cfg = task.cfg
-    f = cfg.federated
+    n_sites = cfg.federated.n_clients
     refuse_unsupported(cfg)
+    by_pid = _site_reports(grid, task.name, timeout=timeout)
+    ref, sizes = _check_agreement(task, by_pid)
+    standardisation = schema.pooled_standardisation(ref["kind"], [by_pid[p]["moments"] for p in range(n_sites)])
+    shell = _row_less_dataset(ref, standardisation)
+    spec = model_spec(cfg, task.name, shell)
+    sites = _sites_record(cfg, by_pid, ref, standardisation=standardisation, sizes=sizes)
+    log.info("%d sites agree on %s data; train rows per site %s", len(by_pid), ref["kind"], sizes)
+    return dataclasses.replace(task, dataset=shell, spec=spec, sites=sites)
+
+
+def _site_reports(grid, model_name: str, *, timeout: float) -> dict[int, dict[str, Any]]:
+    """Every connected site's report (schema, moments, class counts) by partition id, with its ``node`` id.
+
+    Raises
+    ------
+    SiteMismatchError
+        A site that does not report, or two sites that say the same partition id.
+    """
     node_ids = sorted(grid.get_node_ids())
     replies, errors = _ask(
-        grid, node_ids, lambda: RecordDict({"config": ConfigRecord({"model": task.name})}), SCHEMA_QUERY, timeout
+        grid, node_ids, lambda: RecordDict({"config": ConfigRecord({"model": model_name})}), SCHEMA_QUERY, timeout
     )
     if errors:
         nid, why = next(iter(errors.items()))
@@ -358,6 +376,17 @@ def agree(grid, task, *, timeout: float):
                 f"two sites (nodes {by_pid[pid]['node']} and {nid}) both say partition-id={pid}; give each site its own"
             )
         by_pid[pid] = {**rep, "node": nid}
+    return by_pid
+
+
+def _check_agreement(task, by_pid: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
+    """Refuse sites whose schemas, data kind, partition ids or training rows do not fit the task.
+
+    Returns
+    -------
+    (the agreed schema, each site's training rows in partition order)
+    """
+    f = task.cfg.federated
     names = {pid: f"site {pid} (node {r['node']})" for pid, r in by_pid.items()}
     schema.compare_schemas({names[pid]: r["schema"] for pid, r in by_pid.items()})
     ref = by_pid[min(by_pid)]["schema"]
@@ -371,16 +400,26 @@ def agree(grid, task, *, timeout: float):
             f"the sites say partition-id {sorted(by_pid)}, but federated.n_clients={f.n_clients} needs 0..{f.n_clients - 1}"
         )
     sizes = [int(by_pid[p]["schema"]["rows_train"]) for p in range(f.n_clients)]
-    min_rows = 1 if cfg.dp.enabled else task.fit_cfg.batch_size
+    min_rows = 1 if task.cfg.dp.enabled else task.fit_cfg.batch_size
     for p, n in enumerate(sizes):
         if n < min_rows:
             raise DataError(
                 f"{names[p]} has {n} training row(s), fewer than {task.fit_key}.batch_size={task.fit_cfg.batch_size}; "
                 "lower the batch size or give that site more rows"
             )
-    standardisation = schema.pooled_standardisation(ref["kind"], [by_pid[p]["moments"] for p in range(f.n_clients)])
-    shell = _row_less_dataset(ref, standardisation)
-    spec = model_spec(cfg, task.name, shell)
+    return ref, sizes
+
+
+def _sites_record(
+    cfg: Config,
+    by_pid: dict[int, dict[str, Any]],
+    ref: dict[str, Any],
+    *,
+    standardisation: dict[str, Any],
+    sizes: list[int],
+) -> dict[str, Any]:
+    """What the record says about the sites: their counts and schema, and what the server learnt without DP."""
+    n_sites = cfg.federated.n_clients
     not_protected = [
         "each site's row counts (total, train, val, test) and its schema (column names, dtypes, image shape, classes)",
         "each site's per-"
@@ -393,9 +432,9 @@ def agree(grid, task, *, timeout: float):
         if cfg.dp.enabled:
             not_protected.append("training label histograms: left out (under DP the sites do not send them)")
         else:
-            label_histograms = [by_pid[p].get("class_counts") for p in range(f.n_clients)]
+            label_histograms = [by_pid[p].get("class_counts") for p in range(n_sites)]
             not_protected.append("each site's training class counts (label histograms in the record)")
-    sites = {
+    return {
         "mode": "per-site data: each SuperNode reads its own file; the server holds no row and no label",
         "sites": [
             {
@@ -404,7 +443,7 @@ def agree(grid, task, *, timeout: float):
                 **{k: v for k, v in by_pid[p]["schema"].items() if k.startswith("rows")},
                 "dtypes": by_pid[p]["schema"]["dtypes"],
             }
-            for p in range(f.n_clients)
+            for p in range(n_sites)
         ],
         "schema": {k: ref[k] for k in schema.AGREED},
         "standardisation": standardisation,
@@ -414,8 +453,6 @@ def agree(grid, task, *, timeout: float):
         "evaluation": "global model evaluated by the sites on their own val/test splits; pooled exactly from their sums",
         "public_pretraining": "none: the server holds no public split in per-site mode",
     }
-    log.info("%d sites agree on %s data; train rows per site %s", len(by_pid), ref["kind"], sizes)
-    return dataclasses.replace(task, dataset=shell, spec=spec, sites=sites)
 
 
 class AdmittedSites:
