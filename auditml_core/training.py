@@ -399,13 +399,9 @@ def fit(
     world = world if world is not None and world.size > 1 else None
     data_generator = seeds.make_generator("cpu", seed)  # batch order and augmentation (indices drawn on the CPU)
     model.to(device).train()  # Opacus refuses a module in eval mode
-    optimizer = make_optimizer(model, fit_cfg)
-    gradient_share = None
-    if world is not None and private_dp is None:
-        gradient_share = GradientShare(model, world)  # first pre-hook: the others see the global gradient
-        optimizer.register_step_pre_hook(gradient_share.hook)
-    if proximal_mu > 0:
-        add_proximal_term(optimizer, model, proximal_mu)
+    optimizer, gradient_share = _optimizer(
+        model, fit_cfg, share_over=world if private_dp is None else None, mu=proximal_mu
+    )
     state = _start(
         resume,
         model=model,
@@ -415,17 +411,8 @@ def fit(
         patience=0 if private_dp is not None else patience,
     )
     remaining = 0 if state.done else epochs - state.epoch
-    ema = None
-    if fit_cfg.ema_decay > 0:
-        # on the plain optimizer, which Opacus' DP optimizer steps once per DP-SGD step (empty batches included)
-        ema = _EMA(model, fit_cfg.ema_decay, *((resume.ema_state, resume.ema_steps) if resume is not None else ()))
-        optimizer.register_step_post_hook(ema.hook)
-    xt = torch.as_tensor(x_train).to(device)
-    yt = torch.as_tensor(y_train).to(device)
-    n_records = len(xt)
-    if world is not None and private_dp is not None:  # each rank samples only its own shard
-        mine = dp_ranks.shard(n_records, world).to(device)
-        xt, yt = xt[mine], yt[mine]
+    ema = _attach_ema(model, optimizer, fit_cfg.ema_decay, resume) if fit_cfg.ema_decay > 0 else None
+    xt, yt, n_records = _device_tensors(x_train, y_train, device=device, shard=private_dp is not None, world=world)
     private_run = None
     if private_dp is not None and remaining > 0:
         private_run = _make_private(
@@ -465,31 +452,43 @@ def fit(
         gradient_share=gradient_share,
     )
     t_start = time.perf_counter()
-    bar = progress_bar(range(state.epoch, state.epoch + remaining), progress, desc)
-    for epoch in bar:
-        row = loop.epoch(epoch + 1, state, x_val=x_val, y_val=y_val)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix({k: round(v, 4) for k, v in row.items() if k not in ("epoch", "seconds")})
-        stop = state.stopping.update(epoch + 1, row, model)
-        if world is not None:
-            stop = bool(world.broadcast(stop))  # rank 0 alone validates: its decision holds for every rank
-        dp_states = loop.dp_generator_states()  # across ranks: a collective, so every rank takes part
-        if on_epoch_end is not None:
-            on_epoch_end(loop.checkpoint(epoch + 1, state, done=stop or epoch + 1 == epochs, dp_states=dp_states))
-        if stop:
-            log.info("%s: early stop at epoch %d (best %d)", desc, epoch + 1, state.stopping.best_epoch)
-            break
-    return _result(
-        model,
-        state,
-        private_dp,
-        private_run,
-        fit_cfg,
-        n_train=n_records,
-        seconds=time.perf_counter() - t_start,
-        ema=ema,
-        world_size=world.size if world is not None else 1,
-    )
+    loop.run(state, remaining=remaining, x_val=x_val, y_val=y_val, progress=progress, on_epoch_end=on_epoch_end)
+    return _result(loop, state, private_dp, n_train=n_records, seconds=time.perf_counter() - t_start)
+
+
+def _optimizer(
+    model: nn.Module, fit_cfg: FitConfig, *, share_over: World | None, mu: float
+) -> tuple[torch.optim.Optimizer, GradientShare | None]:
+    """The optimizer with its step hooks: the gradient share over ranks (non-DP), then FedProx's term (``mu`` > 0)."""
+    optimizer = make_optimizer(model, fit_cfg)
+    gradient_share = None
+    if share_over is not None:
+        gradient_share = GradientShare(model, share_over)  # first pre-hook: the others see the global gradient
+        optimizer.register_step_pre_hook(gradient_share.hook)
+    if mu > 0:
+        add_proximal_term(optimizer, model, mu)
+    return optimizer, gradient_share
+
+
+def _attach_ema(model: nn.Module, optimizer: torch.optim.Optimizer, decay: float, resume: Checkpoint | None) -> _EMA:
+    """Average the iterates of ``model`` after each step of ``optimizer`` (continuing ``resume``'s average)."""
+    # on the plain optimizer, which Opacus' DP optimizer steps once per DP-SGD step (empty batches included)
+    ema = _EMA(model, decay, *((resume.ema_state, resume.ema_steps) if resume is not None else ()))
+    optimizer.register_step_post_hook(ema.hook)
+    return ema
+
+
+def _device_tensors(
+    x_train: np.ndarray, y_train: np.ndarray, *, device: torch.device, shard: bool, world: World | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The training arrays on ``device`` and the number of records; DP across ranks: this rank's shard only."""
+    xt = torch.as_tensor(x_train).to(device)
+    yt = torch.as_tensor(y_train).to(device)
+    n_records = len(xt)
+    if world is not None and shard:  # each rank samples only its own shard
+        mine = dp_ranks.shard(n_records, world).to(device)
+        xt, yt = xt[mine], yt[mine]
+    return xt, yt, n_records
 
 
 def check_diverged(model: nn.Module, train_loss: float, *, epoch: int, desc: str) -> None:
@@ -531,6 +530,33 @@ class _Loop:
     world: World | None = None  # the ranks training together (None: this process alone)
     gradient_share: GradientShare | None = None  # non-DP across ranks: weights each rank's share of a batch
     rows: int = 0  # rows this process trained on in the current epoch
+
+    def run(
+        self,
+        state: _Progress,
+        *,
+        remaining: int,
+        x_val: np.ndarray | None,
+        y_val: np.ndarray | None,
+        progress: bool,
+        on_epoch_end: Callable[[Checkpoint], None] | None,
+    ) -> None:
+        """Train the ``remaining`` epochs after ``state.epoch``, checkpointing each; stop when early stopping says so."""
+        bar = progress_bar(range(state.epoch, state.epoch + remaining), progress, self.desc)
+        for epoch in bar:
+            row = self.epoch(epoch + 1, state, x_val=x_val, y_val=y_val)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix({k: round(v, 4) for k, v in row.items() if k not in ("epoch", "seconds")})
+            stop = state.stopping.update(epoch + 1, row, self.model)
+            if self.world is not None:
+                stop = bool(self.world.broadcast(stop))  # rank 0 alone validates: its decision holds for every rank
+            dp_states = self.dp_generator_states()  # across ranks: a collective, so every rank takes part
+            if on_epoch_end is not None:
+                done = stop or epoch + 1 == self.epochs
+                on_epoch_end(self.checkpoint(epoch + 1, state, done=done, dp_states=dp_states))
+            if stop:
+                log.info("%s: early stop at epoch %d (best %d)", self.desc, epoch + 1, state.stopping.best_epoch)
+                break
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's batches: Poisson-sampled under DP, else a seeded shuffle; augmented when configured.
@@ -662,19 +688,10 @@ class _Loop:
         )
 
 
-def _result(
-    model: nn.Module,
-    state: _Progress,
-    dp: DPConfig | None,
-    private_run: privacy.PrivateTraining | None,
-    fit_cfg: FitConfig,
-    *,
-    n_train: int,
-    seconds: float,
-    ema: _EMA | None = None,
-    world_size: int = 1,
-) -> TrainingResult:
+def _result(loop: _Loop, state: _Progress, dp: DPConfig | None, *, n_train: int, seconds: float) -> TrainingResult:
     """Restore the best epoch's weights (non-DP early stopping) or release the EMA, unhook Opacus, assemble the result."""
+    model, private_run, ema = loop.model, loop.private_run, loop.ema
+    world_size = loop.world.size if loop.world is not None else 1
     best_epoch = len(state.history)
     released = "last iterate"
     if ema is not None:
@@ -694,7 +711,7 @@ def _result(
         private_run.close()
     record = None
     if dp is not None:
-        the_plan = private_run.plan if private_run is not None else _plan_from(dp, state.spent_history, fit_cfg)
+        the_plan = private_run.plan if private_run is not None else _plan_from(dp, state.spent_history, loop.fit_cfg)
         record = privacy.privacy_record(the_plan, state.spent_history)
         record["world_size"] = world_size  # ranks that trained together (σ, q and steps are the global ones)
     return TrainingResult(
