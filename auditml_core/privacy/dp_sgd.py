@@ -305,11 +305,7 @@ def make_private(
     ValueError
         If ``noise_generator`` is not on the device of ``model``'s parameters.
     """
-    from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
-
-    import auditml_core.privacy.ghost_conv  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
-    from auditml_core.privacy.bk import make_private as bk_make_private
 
     device = next(model.parameters()).device
     if noise_generator.device.type != device.type:
@@ -317,38 +313,18 @@ def make_private(
             f"the noise generator is on {noise_generator.device} but the parameters are on {device}; "
             "create it with auditml_core.seeds.make_generator(<parameters' device>)"
         )
-    with warnings.catch_warnings():
-        # Opacus warns that its torchcsprng route (secure_mode) is off; our noise comes instead from
-        # generators whose state is drawn from the OS's CSPRNG (dp_generators); the report says which source.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
-        engine = PrivacyEngine(accountant=plan.accountant, secure_mode=False)
-    engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})
+    engine = _privacy_engine(plan, history)
     loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=sampling_generator)
-    ghost = {"criterion": criterion or nn.CrossEntropyLoss()} if grad_sample_mode == "ghost" else {}
-    if (
-        grad_sample_mode == "bk"
-    ):  # --- book-keeping clipping (auditml_core/privacy/bk.py): one backward, Opacus' noise ---
-        wrapped: tuple[Any, ...] = bk_make_private(
-            engine,
-            model,
-            optimizer,
-            loader,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            noise_generator=noise_generator,
-        )
-    else:
-        wrapped = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            poisson_sampling=False,  # the loader above already samples (Poisson) with our generator
-            noise_generator=noise_generator,
-            grad_sample_mode=grad_sample_mode,
-            **ghost,
-        )
+    wrapped = _wrap(
+        engine,
+        model,
+        optimizer,
+        loader,
+        plan=plan,
+        noise_generator=noise_generator,
+        grad_sample_mode=grad_sample_mode,
+        criterion=criterion,
+    )
     priv_model, priv_opt, *priv_criterion, priv_loader = wrapped  # ghost mode also returns the criterion
     # Floating-point-safe noise (Opacus' _generate_noise: sum of 4 Gaussians / 2, after Holohan et al.):
     # in DPOptimizer ``secure_mode`` selects only this noise recipe; the engine keeps secure_mode=False,
@@ -364,6 +340,58 @@ def make_private(
         sampling_generator=sampling_generator,
         noise_generator=noise_generator,
         criterion=priv_criterion[0] if priv_criterion else None,
+    )
+
+
+def _privacy_engine(plan: PrivacyPlan, history: HistoryLike) -> Any:
+    """Opacus' ``PrivacyEngine`` with the plan's accountant, continuing ``history``."""
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings():
+        # Opacus warns that its torchcsprng route (secure_mode) is off; our noise comes instead from
+        # generators whose state is drawn from the OS's CSPRNG (dp_generators); the report says which source.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=plan.accountant, secure_mode=False)
+    engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})
+    return engine
+
+
+def _wrap(
+    engine: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Any,
+    *,
+    plan: PrivacyPlan,
+    noise_generator: torch.Generator,
+    grad_sample_mode: str,
+    criterion: nn.Module | None,
+) -> tuple[Any, ...]:
+    """Wrap with the clipping engine ``grad_sample_mode``: (model, optimizer[, criterion under ghost], loader)."""
+    import auditml_core.privacy.ghost_conv  # noqa: F401  (registers the Conv2d norm sampler for grad_sample_mode="ghost")
+    from auditml_core.privacy.bk import make_private as bk_make_private
+
+    if grad_sample_mode == "bk":  # --- book-keeping clipping (auditml_core/privacy/bk.py): one backward, Opacus' noise
+        return bk_make_private(
+            engine,
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            noise_generator=noise_generator,
+        )
+    ghost = {"criterion": criterion or nn.CrossEntropyLoss()} if grad_sample_mode == "ghost" else {}
+    return engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        poisson_sampling=False,  # the loader above already samples (Poisson) with our generator
+        noise_generator=noise_generator,
+        grad_sample_mode=grad_sample_mode,
+        **ghost,
     )
 
 
