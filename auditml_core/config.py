@@ -13,7 +13,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, NamedTuple
 
 import tomli_w
 
@@ -52,6 +52,22 @@ class FitConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """One model's federated schedule (``<model>.federated``): rounds x local epochs, and the same under DP.
+
+    ``federated.rounds`` / ``federated.local_epochs`` (and their ``dp_`` keys), when set above 0, override these
+    for every model. Read them through :func:`federated_schedule`, which applies that override.
+    """
+
+    rounds: int = 40  # federated rounds of this model, >= 1 (under DP, unless set: dp_rounds)
+    local_epochs: int = 3  # epochs each client trains per round, >= 1 (under DP, unless set: dp_local_epochs)
+    # Under DP σ is planned for the whole schedule: a longer one needs more noise per step at the same ε. These
+    # are the defaults of rounds / local_epochs when dp.enabled or client_dp.enabled and they are not set.
+    dp_rounds: int = 10  # rounds under DP (either level) when rounds is not set, >= 1
+    dp_local_epochs: int = 1  # local epochs under DP (either level) when local_epochs is not set, >= 1
+
+
+@dataclass(frozen=True)
 class RegressorConfig:
     hidden_sizes: tuple[int, ...] = (32,)  # widths of the MLP's hidden layers
     activation: Literal["relu", "tanh"] = "relu"  # hidden activation
@@ -59,6 +75,9 @@ class RegressorConfig:
     fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=200, batch_size=32, lr=3e-3, weight_decay=1e-2))
     dp_fit: FitConfig = field(  # training settings used instead of `fit` when dp.enabled
         default_factory=lambda: FitConfig(epochs=30, batch_size=128, lr=5e-3, max_grad_norm=1.0)
+    )
+    federated: ScheduleConfig = field(  # its federated schedule (train.mode=federated); see ScheduleConfig
+        default_factory=lambda: ScheduleConfig(rounds=40, local_epochs=3)
     )
 
 
@@ -71,6 +90,9 @@ class CNNConfig:
     fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=120, batch_size=32, lr=1e-3, augment_shift=1))
     dp_fit: FitConfig = field(  # training settings used instead of `fit` when dp.enabled
         default_factory=lambda: FitConfig(epochs=40, batch_size=256, lr=3e-3, max_grad_norm=1.0)
+    )
+    federated: ScheduleConfig = field(  # its federated schedule (train.mode=federated); see ScheduleConfig
+        default_factory=lambda: ScheduleConfig(rounds=40, local_epochs=3)
     )
     dp_activation: Literal["relu", "tanh", "same"] = "tanh"  # activation under DP ("same" = activation)
     architecture: Literal["cnn", "scatter"] = "cnn"  # cnn: trained conv blocks; scatter: fixed Gabor filters + head
@@ -146,13 +168,12 @@ class SecAggConfig:
 @dataclass(frozen=True)
 class FederatedConfig:
     n_clients: int = 5  # simulated clients, >= 1
-    # 40 x 3 reaches central accuracy on IID digits (CNN within 0.5 points, 3 seeds; federated/README.md)
-    rounds: int = 40  # federated rounds, >= 1 (under DP, unless set: dp_rounds)
-    local_epochs: int = 3  # epochs each client trains per round, >= 1 (under DP, unless set: dp_local_epochs)
-    # Under DP σ is planned for the whole schedule: a longer one needs more noise per step at the same ε. These
-    # are the defaults of rounds / local_epochs when dp.enabled or client_dp.enabled and they are not set.
-    dp_rounds: int = 10  # rounds under DP (either level) when federated.rounds is not set, >= 1
-    dp_local_epochs: int = 1  # local epochs under DP (either level) when federated.local_epochs is not set, >= 1
+    # Each model has its own schedule (<model>.federated.*, measured in federated/README.md); these four, when set
+    # above 0, override it for every model (config files from before the per-model schedules keep their meaning).
+    rounds: int = 0  # rounds of every model in either mode, >= 0; 0 = each model's <model>.federated.rounds
+    local_epochs: int = 0  # local epochs of every model in either mode, >= 0; 0 = each model's own
+    dp_rounds: int = 0  # under DP, rounds of every model whose rounds are not set, >= 0; 0 = each model's dp_rounds
+    dp_local_epochs: int = 0  # likewise for local epochs under DP, >= 0; 0 = each model's dp_local_epochs
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"  # Flower strategy
     partitioner: Literal["iid", "dirichlet", "quantity"] = "iid"  # how rows are split between clients
     dirichlet_alpha: float = 0.5  # label skew of the dirichlet partitioner, > 0
@@ -325,20 +346,68 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 DP_SCHEDULE_KEYS = {"rounds": "dp_rounds", "local_epochs": "dp_local_epochs"}
 
 
+class Schedule(NamedTuple):
+    """The federated schedule one model trains with (:func:`federated_schedule`)."""
+
+    rounds: int
+    local_epochs: int
+
+
+def schedule_sections(cfg: Config | None = None) -> tuple[str, ...]:
+    """The config sections (one per model) that carry a federated schedule (``<section>.federated``)."""
+    cfg = cfg if cfg is not None else Config()
+    return tuple(
+        f.name
+        for f in dataclasses.fields(cfg)
+        if isinstance(getattr(getattr(cfg, f.name), "federated", None), ScheduleConfig)
+    )
+
+
+def federated_schedule(cfg: Config, model: str) -> Schedule:
+    """Rounds x local epochs model ``model`` trains federated with: ``<model>.federated``, unless
+    ``federated.rounds`` / ``federated.local_epochs`` are set above 0 (then they hold for every model).
+
+    Under DP the model's section already holds its DP schedule where none was set
+    (:func:`load_config` resolves it), so this is the schedule of the run in both modes.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` has no config section with a federated schedule.
+    """
+    if model not in schedule_sections(cfg):
+        raise ValueError(f"no federated schedule for model {model!r}; models with one: {schedule_sections(cfg)}")
+    own: ScheduleConfig = getattr(cfg, model).federated
+    f = cfg.federated
+    return Schedule(rounds=f.rounds or own.rounds, local_epochs=f.local_epochs or own.local_epochs)
+
+
 def _resolve_dp_schedule(cfg: Config, tree: Mapping[str, Any]) -> Config:
-    """Under DP, give ``federated.rounds`` / ``local_epochs`` their DP defaults unless they were set.
+    """Under DP, give each model's ``<model>.federated.rounds`` / ``local_epochs`` their DP defaults unless set.
 
     DP here is either level, sample-level (``dp.enabled``) or user-level (``client_dp.enabled``): both plan σ
-    for the whole schedule. A value set in the TOML file or an override always wins, in both modes; the resolved config
-    (what the run directory saves and Flower receives) holds the numbers actually used, so
-    reading it back changes nothing.
+    for the whole schedule. The DP default is ``federated.dp_rounds`` (every model) when above 0, else the
+    model's own ``<model>.federated.dp_rounds`` (likewise local epochs). A value set in the TOML file or an
+    override always wins, in both modes (and ``federated.rounds`` above 0 wins over all: :func:`federated_schedule`);
+    the resolved config (what the run directory saves and Flower receives) holds the numbers actually used,
+    so reading it back changes nothing.
     """
     if not (cfg.dp.enabled or cfg.client_dp.enabled):
         return cfg
-    given = tree.get("federated", {})
-    given = given if isinstance(given, Mapping) else {}
-    changes = {key: getattr(cfg.federated, dp_key) for key, dp_key in DP_SCHEDULE_KEYS.items() if key not in given}
-    return dataclasses.replace(cfg, federated=dataclasses.replace(cfg.federated, **changes)) if changes else cfg
+    changes = {}
+    for name in schedule_sections(cfg):
+        section = tree.get(name, {})
+        given = section.get("federated", {}) if isinstance(section, Mapping) else {}
+        given = given if isinstance(given, Mapping) else {}
+        own: ScheduleConfig = getattr(cfg, name).federated
+        resolved = {
+            key: getattr(cfg.federated, dp_key) or getattr(own, dp_key)
+            for key, dp_key in DP_SCHEDULE_KEYS.items()
+            if key not in given
+        }
+        if resolved:
+            changes[name] = dataclasses.replace(getattr(cfg, name), federated=dataclasses.replace(own, **resolved))
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -478,6 +547,8 @@ def _validate_models(cfg: Config) -> None:
     for name, model in (("regressor", cfg.regressor), ("cnn", cfg.cnn)):
         check_ranges(model.fit, f"{name}.fit", checks.FIT)
         check_ranges(model.dp_fit, f"{name}.dp_fit", checks.FIT)
+    for name in schedule_sections(cfg):
+        check_ranges(getattr(cfg, name).federated, f"{name}.federated", checks.SCHEDULE)
     check_ranges(cfg.regressor, "regressor", checks.REGRESSOR)
     c = cfg.cnn
     check_ranges(c, "cnn", checks.CNN)
@@ -509,14 +580,18 @@ def _validate_dp(cfg: Config) -> None:
     ]
     for key, fit in dp_fits:
         check(fit.epochs <= MAX_DP_EPOCHS, f"{key}.epochs", fit.epochs, f"<= {MAX_DP_EPOCHS} (the accountant's range)")
-    for rounds_key, epochs_key in (("rounds", "local_epochs"), ("dp_rounds", "dp_local_epochs")):
-        total = getattr(cfg.federated, rounds_key) * getattr(cfg.federated, epochs_key)
-        check(
-            total <= MAX_DP_EPOCHS,
-            f"federated.{rounds_key} * federated.{epochs_key}",
-            total,
-            f"<= {MAX_DP_EPOCHS} (the accountant's range)",
-        )
+    f = cfg.federated
+    for name in schedule_sections(cfg):  # each model's schedule as it runs (federated.* above 0 override it)
+        own = getattr(cfg, name).federated
+        for rounds_key, epochs_key in (("rounds", "local_epochs"), ("dp_rounds", "dp_local_epochs")):
+            rounds, epochs = getattr(f, rounds_key) or getattr(own, rounds_key), getattr(f, epochs_key)
+            epochs = epochs or getattr(own, epochs_key)
+            check(
+                rounds * epochs <= MAX_DP_EPOCHS,
+                f"{name}.federated.{rounds_key} * {name}.federated.{epochs_key} (or federated.*)",
+                rounds * epochs,
+                f"<= {MAX_DP_EPOCHS} (the accountant's range)",
+            )
 
 
 def _validate_distill(k: DistillConfig) -> None:

@@ -176,7 +176,8 @@ EXPLAIN: tuple[Rule, ...] = (
 )
 
 FEDERATED: tuple[Rule, ...] = (
-    *_at_least(1, ("n_clients", "rounds", "local_epochs", "dp_rounds", "dp_local_epochs"), ">= 1"),
+    ("n_clients", lambda v: v >= 1, ">= 1"),
+    *_at_least(0, ("rounds", "local_epochs", "dp_rounds", "dp_local_epochs"), ">= 0 (0 = each model's own)"),
     ("dirichlet_alpha", lambda v: v > 0, "> 0"),
     ("proximal_mu", lambda v: v >= 0, ">= 0"),
     ("server_lr", lambda v: v > 0, "> 0"),
@@ -188,6 +189,9 @@ FEDERATED: tuple[Rule, ...] = (
         '"" (a private Ray) or HOST:PORT of a running Ray cluster\'s head (its GCS port, 6379 by default)',
     ),
 )
+
+# A model's federated schedule (<model>.federated, auditml_core.config.ScheduleConfig).
+SCHEDULE: tuple[Rule, ...] = _at_least(1, ("rounds", "local_epochs", "dp_rounds", "dp_local_epochs"), ">= 1")
 
 # Every number has an upper bound too (the same as sample-level DP's): an unbounded one hangs the σ search
 # (target_epsilon=1e300) or overflows the noise σ·C into a NaN model (clipping_norm=1e300).

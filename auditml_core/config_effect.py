@@ -71,11 +71,24 @@ CONDITIONAL: tuple[CountsOnlyIf, ...] = (
         lambda c: c.train.mode == "central" and not c.dp.enabled,
         "train.mode=central and dp.enabled=false (early stopping reads private validation data)",
     ),
-    CountsOnlyIf(("federated.*", "client_dp.*"), lambda c: c.train.mode == "federated", "train.mode=federated"),
     CountsOnlyIf(
-        ("federated.dp_rounds", "federated.dp_local_epochs"),
+        ("federated.*", "client_dp.*", "*.federated.*"), lambda c: c.train.mode == "federated", "train.mode=federated"
+    ),
+    CountsOnlyIf(
+        ("federated.dp_rounds", "federated.dp_local_epochs", "*.federated.dp_rounds", "*.federated.dp_local_epochs"),
         lambda c: c.dp.enabled or c.client_dp.enabled,
         "dp.enabled=true or client_dp.enabled=true",
+    ),
+    # federated.rounds / local_epochs above 0 set every model's schedule in both modes (auditml_core.config)
+    CountsOnlyIf(
+        ("*.federated.rounds", "*.federated.dp_rounds", "federated.dp_rounds"),
+        lambda c: c.federated.rounds == 0,
+        "federated.rounds=0 (above 0 it sets every model's rounds)",
+    ),
+    CountsOnlyIf(
+        ("*.federated.local_epochs", "*.federated.dp_local_epochs", "federated.dp_local_epochs"),
+        lambda c: c.federated.local_epochs == 0,
+        "federated.local_epochs=0 (above 0 it sets every model's local epochs)",
     ),
     CountsOnlyIf(("federated.proximal_mu",), lambda c: c.federated.strategy == "fedprox", "federated.strategy=fedprox"),
     CountsOnlyIf(("federated.server_lr",), lambda c: c.federated.strategy == "fedadam", "federated.strategy=fedadam"),

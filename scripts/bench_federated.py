@@ -12,7 +12,8 @@ Usage (from the repo root)::
 Extra ``KEY=VALUE`` arguments are pipeline config overrides (``seed=N`` sets the root seed).
 ``--all-models`` runs the pipeline's own train stage (every model, one federation) and prints each
 model's test metric (CNN accuracy, regressor R²); ``--defaults`` leaves the federated schedule
-(rounds, local epochs, strategy, partitioner) at the configuration's defaults. Figures: test accuracy of the
+(each model's own rounds and local epochs, strategy, partitioner) at the configuration's defaults;
+``--rounds`` / ``--local-epochs`` set ``federated.rounds`` / ``local_epochs``, i.e. every model's schedule. Figures: test accuracy of the
 final global model, ε per client, startup seconds (launch to first round), seconds per
 round, wall time, and the peak resident memory of this process plus every process it
 started (SuperLink, simulation, Ray), sampled every 0.5 s.
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from auditml_core import data as core_data  # noqa: E402
 from auditml_core import models, seeds, training
-from auditml_core.config import load_config  # noqa: E402
+from auditml_core.config import federated_schedule, load_config  # noqa: E402
 from auditml_core.teacher import model_specs  # noqa: E402
 from federated.launch.processes import descendants  # noqa: E402
 from pipeline import train as train_stage  # noqa: E402
@@ -79,8 +80,7 @@ def _all_models(cfg, datasets, *, central: bool) -> dict:
     f = cfg.federated
     out: dict = {"mode": mode, "seed": cfg.seed}
     if not central:
-        schedule = {"rounds": f.rounds, "local_epochs": f.local_epochs}
-        out.update({"strategy": f.strategy, "partitioner": f.partitioner, "clients": f.n_clients, **schedule})
+        out.update({"strategy": f.strategy, "partitioner": f.partitioner, "clients": f.n_clients})
     for name, model in trained.items():
         ds = datasets[models.model_entry(name).dataset]
         test = training.evaluate(model.build(), ds.x["test"], ds.y["test"], task=ds.task)
@@ -98,6 +98,7 @@ def _all_models(cfg, datasets, *, central: bool) -> dict:
             sigmas = sorted({p.get("noise_multiplier") for p in (rec.get("client_privacy") or {}).values()} - {None})
             out[name]["noise_multiplier_per_client"] = [round(v, 3) for v in sigmas] or None
             out[name]["rounds_run"] = rec.get("completed_rounds")
+            out[name]["schedule"] = dict(federated_schedule(cfg, name)._asdict())  # its own rounds x local epochs
             out[name]["federation_seconds"] = round(rec["seconds"], 1)
     return out
 

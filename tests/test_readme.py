@@ -43,7 +43,7 @@ ELSEWHERE: dict[str, str] = {
     "python -m pipeline serve": "tests/pipeline/test_serve.py::test_readme_serve_section_runs_as_written",  # a server
     "curl -s localhost:8000/": "tests/pipeline/test_serve.py::test_readme_serve_section_runs_as_written",  # its client
 }
-TINY_FEDERATED = ["federated.rounds=2", "federated.dp_rounds=2"]
+TINY_FEDERATED = ["federated.rounds=2"]  # every model, in either mode (auditml_core.config.federated_schedule)
 SET_UP = {"make run": "python -m pipeline", "make test": "pytest"}
 _EXIT = re.compile(r"->\s*exit\s+(\d+)")
 

@@ -5,7 +5,7 @@ The ClientApp object Flower loads is :data:`federated.app.components.client`, wh
 
 Each client trains the global model on its partition with :func:`auditml_core.training.fit`
 (DP-SGD when ``dp.enabled``), with the noise multiplier derived for the whole run
-(``federated.rounds x federated.local_epochs`` epochs) and its own accountant history
+(the model's ``<model>.federated`` rounds x local epochs) and its own accountant history
 restored every round, so the ε it reports covers everything it has spent. A client that
 would overspend refuses: its reply carries no weights and says why.
 """
@@ -107,7 +107,7 @@ def train(msg: Message, context: Context) -> Message:
             content["status"] = ConfigRecord({"privacy": json.dumps(again["privacy"])})
             return Message(content, reply_to=msg)
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
-    f = cfg.federated
+    schedule = task.schedule  # this model's own rounds x local epochs: σ is planned for them
     fit_cfg = task.client_fit_cfg(pid, n_rows=n_rows)
     try:
         if cfg.dp.enabled:
@@ -118,8 +118,8 @@ def train(msg: Message, context: Context) -> Message:
                     n_samples=n_rows,
                     batch_size=fit_cfg.batch_size,
                     max_grad_norm=fit_cfg.max_grad_norm,
-                    epochs=f.local_epochs,
-                    total_epochs=f.rounds * f.local_epochs,
+                    epochs=schedule.local_epochs,
+                    total_epochs=schedule.rounds * schedule.local_epochs,
                     history=spent,
                 )
 
@@ -148,8 +148,8 @@ def train(msg: Message, context: Context) -> Message:
             dp=cfg.dp,
             device=device,
             seed=seeds.client_round_seed(task.model_seed, pid, server_round),
-            epochs=f.local_epochs,
-            dp_total_epochs=f.rounds * f.local_epochs,
+            epochs=schedule.local_epochs,
+            dp_total_epochs=schedule.rounds * schedule.local_epochs,
             privacy_history=history,
             proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by Flower's FedProx
         )

@@ -22,7 +22,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from auditml_core.config import SecAggConfig
+from auditml_core.config import SecAggConfig, federated_schedule
 from auditml_core.errors import ConfigError
 from auditml_core.privacy.client_noise import ClientNoise, noisy_upload, out_of_range, rounding_safe_norm
 from auditml_core.privacy.user_level import UserDPPlan, plan_user_dp, private_rng
@@ -66,7 +66,7 @@ def _legacy_adapter(call_next):
             OrderedDict((k, Array(np.asarray(v))) for k, v in zip(keys, parameters_to_ndarrays(fitins.parameters)))
         )
         config = ConfigRecord({k: v for k, v in fitins.config.items() if k not in ("param-keys", "dp-sampled")})
-        dp = _user_dp_of(ctxt.run_config)
+        dp = _user_dp_of(ctxt.run_config, model=str(fitins.config.get("model", "")))
         if dp is not None and "dp-sampled" not in fitins.config:
             raise ConfigError(
                 "this client runs user-level DP (client_dp.enabled=true) but the server sent no dp-sampled flag; run "
@@ -135,19 +135,28 @@ class _ClientDP:
 _DP_CACHE: dict[str, _ClientDP | None] = {}
 
 
-def _user_dp_of(run_config: dict[str, Any]) -> _ClientDP | None:
+def _user_dp_of(run_config: dict[str, Any], *, model: str = "") -> _ClientDP | None:
     """The user-level plan and noise this client derives from its own run-config (None: user DP off).
 
     The client does not take the noise level from the server's messages: it plans σ itself,
-    exactly as the server does (the same deterministic Opacus search), once per process.
+    exactly as the server does (the same deterministic Opacus search, over ``model``'s own rounds), once per
+    process and model. ``model``: the one the message names ("" = the run's only model).
     """
+    if model:
+        run_config = {**run_config, "app.model": model}
     key = json.dumps(sorted((str(k), str(v)) for k, v in run_config.items()))
     if key not in _DP_CACHE:
-        cfg, _ = from_run_config(run_config)
+        cfg, settings = from_run_config(run_config)
         if not cfg.client_dp.enabled:
             _DP_CACHE[key] = None
         else:
-            plan = plan_user_dp(cfg.client_dp, rounds=cfg.federated.rounds, n_clients=cfg.federated.n_clients)
+            if len(settings.models) != 1:
+                raise ConfigError(
+                    f"this run trains {settings.model!r} but the message names no model (its config has no 'model' "
+                    "key); run both apps from the same version"
+                )
+            rounds = federated_schedule(cfg, settings.models[0]).rounds  # this model's own rounds
+            plan = plan_user_dp(cfg.client_dp, rounds=rounds, n_clients=cfg.federated.n_clients)
             noise = noise_plan(cfg, plan)
             step = SecAggParams.from_config(cfg.federated.secagg, max_weight=1.0, noise=noise).quantization_step()
             _DP_CACHE[key] = _ClientDP(plan=plan, noise=noise, quantization_step=step)

@@ -3,7 +3,7 @@
 The ServerApp object Flower loads is :data:`federated.app.components.server`, which calls :func:`main`.
 
 It trains each pipeline model of ``app.model`` in turn (one name, or e.g. ``regressor,cnn``: one
-federation for both, so start-up is paid once) for ``federated.rounds`` rounds, evaluating
+federation for both, so start-up is paid once) for its own rounds (``<model>.federated``), evaluating
 the global model on the validation split after each round and on the test split once, after the
 last (``final_metrics``: a per-round test curve would invite selecting on the test split). After every round
 it rewrites one checkpoint (global weights, strategy state, the record so far), so a
@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 
 from auditml_core import models, seeds, training
 from auditml_core.artifacts import atomic_write, json_bytes, state_dict_bytes
-from auditml_core.config import Config, FederatedConfig
+from auditml_core.config import Config, federated_schedule
 from auditml_core.errors import UserError
 from auditml_core.privacy import dp_sgd as privacy
 from auditml_core.privacy import user_level as user_privacy
@@ -142,16 +142,29 @@ def _evaluate(
     return out
 
 
-def schedule_note(cfg: Config) -> str:
-    """Where this run's rounds x local epochs come from (the record says it; under DP it is a choice with a cost)."""
-    f, plain = cfg.federated, FederatedConfig()
+def schedule_note(cfg: Config, model: str) -> str:
+    """Where model ``model``'s rounds x local epochs come from (the record says it; under DP it is a choice with a
+    cost). Each model has its own (``<model>.federated``); ``federated.rounds`` / ``local_epochs`` above 0 set
+    them for every model."""
+    f, own = cfg.federated, getattr(cfg, model).federated
+    rounds, epochs = federated_schedule(cfg, model)
+    keys = " x ".join(
+        f"federated.{k} (every model)" if getattr(f, k) else f"{model}.federated.{k}"
+        for k in ("rounds", "local_epochs")
+    )
     if not (cfg.dp.enabled or cfg.client_dp.enabled):
-        return f"federated.rounds x federated.local_epochs = {f.rounds} x {f.local_epochs}"
-    default = (f.rounds, f.local_epochs) == (f.dp_rounds, f.dp_local_epochs)
+        return f"{keys} = {rounds} x {epochs}"
+    plain = getattr(Config(), model).federated
+    dp_default = (f.dp_rounds or own.dp_rounds, f.dp_local_epochs or own.dp_local_epochs)
+    default = not (f.rounds or f.local_epochs) and (rounds, epochs) == dp_default
     return (
-        f"{f.rounds} x {f.local_epochs}: "
-        + ("the DP default (federated.dp_rounds x federated.dp_local_epochs)" if default else "set for this run")
-        + f"; σ is planned for the whole {f.rounds} x {f.local_epochs} schedule, so a longer one adds noise at "
+        f"{rounds} x {epochs}: "
+        + (
+            f"the DP default ({model}.federated.dp_rounds x dp_local_epochs)"
+            if default
+            else f"set for this run ({keys})"
+        )
+        + f"; σ is planned for the whole {rounds} x {epochs} schedule, so a longer one adds noise at "
         f"the same ε (the non-DP default is {plain.rounds} x {plain.local_epochs}; federated/README.md compares them)"
     )
 
@@ -180,9 +193,9 @@ def _new_record(task: Task, settings: AppSettings, parts: list[np.ndarray] | Non
         "model": task.name,
         "clients": f.n_clients,
         "min_clients": f.min_clients,
-        "rounds": f.rounds,
-        "local_epochs": f.local_epochs,
-        "schedule": schedule_note(cfg),
+        "rounds": task.schedule.rounds,
+        "local_epochs": task.schedule.local_epochs,
+        "schedule": schedule_note(cfg, task.name),
         "completed_rounds": 0,
         "strategy": strategy,
         "partition": partition,
@@ -253,7 +266,7 @@ def _round_entry(record: dict[str, Any], replies, metrics: dict[str, float], sec
 def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dict[str, Any]) -> None:
     """Train ``task`` federated for its configured rounds, resuming from a checkpoint if one matches."""
     t_start = time.time()
-    f = task.cfg.federated
+    f, rounds = task.cfg.federated, task.schedule.rounds  # this model's own rounds (federated_schedule)
     # raises DataError early if a client's share is below the batch size (per-site mode: checked in site.agree)
     parts = task.partition() if task.sites is None else None
     partition_sizes = task.train_sizes()
@@ -269,7 +282,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         done = int(record["completed_rounds"])
         record["resumed_from_round"].append(done)
         arrays = ArrayRecord({k: _array(v) for k, v in ck.weights.items()})
-        log.info("resuming %s after round %d of %d", task.name, done, f.rounds)
+        log.info("resuming %s after round %d of %d", task.name, done, rounds)
     else:
         record, done = _new_record(task, settings, parts, fp), 0
         initial, record["public_pretraining"] = _initial_weights(task)
@@ -282,7 +295,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
         )  # a resumed record carries the previous launch's
     # --- user-level DP (issue 14): planned (and refused past budget) before any round runs
     user_plan = (
-        user_privacy.plan_user_dp(task.cfg.client_dp, rounds=f.rounds, n_clients=f.n_clients)
+        user_privacy.plan_user_dp(task.cfg.client_dp, rounds=rounds, n_clients=f.n_clients)
         if task.cfg.client_dp.enabled
         else None
     )
@@ -376,28 +389,28 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
                     record=record,
                 ),
             )
-            log.info("round %d/%d: %s", absolute, f.rounds, {k: round(v, 4) for k, v in metrics.items()})
+            log.info("round %d/%d: %s", absolute, rounds, {k: round(v, 4) for k, v in metrics.items()})
         last["t"] = now
         return MetricRecord(metrics)
 
-    if done < f.rounds:
+    if done < rounds:
         _wait_for_nodes(grid, f.n_clients, settings.node_wait_s)
-    if done < f.rounds and secagg_params is not None:
+    if done < rounds and secagg_params is not None:
         secagg.run_secagg(
             grid,
             strategy,
             params=secagg_params,
-            num_rounds=f.rounds - done,
+            num_rounds=rounds - done,
             evaluate_fn=evaluate_fn,
             run_config=run_config,
             timeout=settings.round_timeout_s,
             min_uploads=secagg.min_survivors(task.cfg),
         )
-    elif done < f.rounds:
+    elif done < rounds:
         strategy.start(
             grid=RoundNodeView(grid, need=f.min_clients),  # one list of nodes per sampling (issue 25 item 4)
             initial_arrays=arrays,
-            num_rounds=f.rounds - done,
+            num_rounds=rounds - done,
             timeout=settings.round_timeout_s,
             train_config=ConfigRecord({"model": task.name, **site.message_config(task)}),
             evaluate_config=ConfigRecord({"model": task.name, **site.message_config(task)}),

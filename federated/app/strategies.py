@@ -115,8 +115,8 @@ class Recording:
             raise PrivacyBudgetError(
                 f"round {absolute}: {len(trained)} client(s) trained and {len(record.refused)} refused because their "
                 f"privacy budget (dp.target_epsilon) is spent; fewer than federated.min_clients={self.min_clients}, so "
-                "the run stops instead of returning an unchanged model. Raise dp.target_epsilon or lower "
-                f"federated.rounds. First refusal: {record.refused[0]['reason'] if record.refused else 'none'}"
+                "the run stops instead of returning an unchanged model. Raise dp.target_epsilon or lower the "
+                f"model's rounds (<model>.federated.rounds). First refusal: {record.refused[0]['reason'] if record.refused else 'none'}"
             )
         return super().aggregate_train(absolute, trained)  # type: ignore[misc]
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from auditml_core import data as core_data
 from auditml_core import models, seeds
-from auditml_core.config import Config, FitConfig
+from auditml_core.config import Config, FitConfig, Schedule, federated_schedule
 from auditml_core.data import Dataset
 from auditml_core.errors import ConfigError
 from auditml_core.teacher import fit_config, model_specs
@@ -58,6 +58,11 @@ class Task:
         None  # per-site mode, server side: what the sites reported (federated.app.site.agree)
     )
     _parts: dict = field(default_factory=dict, compare=False, repr=False)  # split -> partition, computed once
+
+    @property
+    def schedule(self) -> Schedule:
+        """This model's rounds x local epochs (``<model>.federated``, or ``federated.*`` above 0 for every model)."""
+        return federated_schedule(self.cfg, self.name)
 
     @property
     def fit_key(self) -> str:

@@ -238,14 +238,15 @@ def _preflight(task: Task) -> None:
     parts = task.partition()
     cfg = task.cfg
     if cfg.client_dp.enabled:  # user-level DP: refuse an overspending plan; say so when its noise drowns the model
-        f = cfg.federated
-        plan = user_level.plan_user_dp(cfg.client_dp, rounds=f.rounds, n_clients=f.n_clients)
+        plan = user_level.plan_user_dp(
+            cfg.client_dp, rounds=task.schedule.rounds, n_clients=cfg.federated.n_clients
+        )  # this model's own rounds
         noise = user_level.aggregate_noise(plan, n_parameters=models.n_parameters(models.build(task.spec)))
         warning = user_level.noise_warning(models.title(task.name), plan, noise)
         if warning is not None:
             log.warning("%s", warning)
     if cfg.dp.enabled:
-        f = cfg.federated
+        schedule = task.schedule  # this model's own rounds x local epochs
         # The client with the fewest steps per epoch has the largest sample rate: the hardest to keep in budget.
         hardest = min(
             range(len(parts)), key=lambda i: privacy.steps_per_epoch(len(parts[i]), task.client_batch_size(i))
@@ -255,7 +256,7 @@ def _preflight(task: Task) -> None:
             n_samples=len(parts[hardest]),
             batch_size=task.client_batch_size(hardest),
             max_grad_norm=task.fit_cfg.max_grad_norm,
-            epochs=f.rounds * f.local_epochs,
+            epochs=schedule.rounds * schedule.local_epochs,
         )
         note = task.batch_size_record().get("note")
         if note:

@@ -1,6 +1,16 @@
+import re
+
 import pytest
 
-from auditml_core.config import Config, flatten, from_flat, load_config, to_toml
+from auditml_core.config import (
+    Config,
+    federated_schedule,
+    flatten,
+    from_flat,
+    load_config,
+    schedule_sections,
+    to_toml,
+)
 from auditml_core.errors import ConfigError
 
 
@@ -67,31 +77,66 @@ def test_bad_toml_file(tmp_path):
         load_config(tmp_path / "missing.toml")
 
 
-def test_dp_gets_its_own_federated_schedule_unless_one_is_set(tmp_path):
-    """Under DP σ is planned for rounds x local epochs: the DP default schedule is shorter; explicit values win."""
-    plain = load_config(None, ["train.mode=federated"]).federated
-    dp = load_config(None, ["train.mode=federated", "dp.enabled=true"]).federated
-    assert (plain.rounds, plain.local_epochs) == (Config().federated.rounds, Config().federated.local_epochs)
-    assert (dp.rounds, dp.local_epochs) == (dp.dp_rounds, dp.dp_local_epochs)
-    assert dp.rounds * dp.local_epochs < plain.rounds * plain.local_epochs
-    # One key set: it wins, the other keeps its DP default; the same in a TOML file.
-    one = load_config(None, ["dp.enabled=true", "federated.rounds=7"]).federated
-    assert (one.rounds, one.local_epochs) == (7, one.dp_local_epochs)
+def test_each_model_has_its_own_federated_schedule_and_dp_its_own_default(tmp_path):
+    """Each model trains <model>.federated.rounds x local_epochs; under DP σ is planned for them, so the DP default
+    (<model>.federated.dp_rounds x dp_local_epochs) is shorter; a value set wins, per model, in both modes."""
+    plain = load_config(None, ["train.mode=federated"])
+    dp = load_config(None, ["train.mode=federated", "dp.enabled=true"])
+    assert schedule_sections() == ("regressor", "cnn")
+    for name in schedule_sections():
+        own = getattr(Config(), name).federated
+        assert federated_schedule(plain, name) == (own.rounds, own.local_epochs)
+        assert federated_schedule(dp, name) == (own.dp_rounds, own.dp_local_epochs)
+        assert own.dp_rounds * own.dp_local_epochs < own.rounds * own.local_epochs
+    # One model's key set: it wins for that model only, the other key and the other model keep their DP defaults.
+    one = load_config(None, ["dp.enabled=true", "cnn.federated.rounds=7"])
+    assert federated_schedule(one, "cnn") == (7, Config().cnn.federated.dp_local_epochs)
+    assert federated_schedule(one, "regressor") == federated_schedule(dp, "regressor")
     path = tmp_path / "c.toml"
-    path.write_text("[dp]\nenabled = true\n[federated]\nlocal_epochs = 2\n")
-    from_file = load_config(path).federated
-    assert (from_file.rounds, from_file.local_epochs) == (from_file.dp_rounds, 2)
-    user_level = load_config(None, ["train.mode=federated", "client_dp.enabled=true"]).federated  # σ over rounds too
-    assert (user_level.rounds, user_level.local_epochs) == (dp.rounds, dp.local_epochs)
-    custom = load_config(None, ["dp.enabled=true", "federated.dp_rounds=4", "federated.dp_local_epochs=2"]).federated
-    assert (custom.rounds, custom.local_epochs) == (4, 2)
+    path.write_text("[dp]\nenabled = true\n[regressor.federated]\nlocal_epochs = 2\n")
+    from_file = load_config(path)
+    assert federated_schedule(from_file, "regressor") == (Config().regressor.federated.dp_rounds, 2)
+    user_level = load_config(None, ["train.mode=federated", "client_dp.enabled=true"])  # σ over rounds too
+    assert all(federated_schedule(user_level, n) == federated_schedule(dp, n) for n in schedule_sections())
+    # federated.* above 0 set every model's schedule (federated.dp_* only under DP, where nothing else is set).
+    every = load_config(None, ["dp.enabled=true", "federated.dp_rounds=4", "federated.dp_local_epochs=2"])
+    assert all(federated_schedule(every, n) == (4, 2) for n in schedule_sections())
+    both = load_config(None, ["dp.enabled=true", "federated.rounds=7", "cnn.federated.rounds=3"])
+    assert all(federated_schedule(both, n).rounds == 7 for n in schedule_sections())
     # The resolved config (what the run directory saves, what Flower receives) reads back unchanged.
-    cfg = load_config(None, ["train.mode=federated", "dp.enabled=true"])
+    cfg = load_config(None, ["train.mode=federated", "dp.enabled=true", "cnn.federated.local_epochs=2"])
     path.write_text(to_toml(cfg))
     assert load_config(path) == cfg and from_flat(flatten(cfg)) == cfg
+    with pytest.raises(ValueError, match="no federated schedule for model 'gbm'"):
+        federated_schedule(cfg, "gbm")
 
 
-@pytest.mark.parametrize("key", ["federated.dp_rounds", "federated.dp_local_epochs"])
-def test_dp_schedule_keys_are_checked(key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "' = 0 is out of range; it must be >= 1"):
-        load_config(None, [f"{key}=0"])
+def test_a_config_file_from_before_per_model_schedules_keeps_its_meaning(tmp_path):
+    """A file written when the schedule was global ([federated] rounds = 40 ...) trains every model 40 x 3, as
+    it did then (the global keys above 0 override the per-model ones), under DP too."""
+    path = tmp_path / "old.toml"
+    old = "[federated]\nrounds = 40\nlocal_epochs = 3\ndp_rounds = 10\ndp_local_epochs = 1\n"
+    path.write_text(old)
+    assert all(federated_schedule(load_config(path), n) == (40, 3) for n in schedule_sections())
+    path.write_text("[dp]\nenabled = true\n" + old)
+    assert all(federated_schedule(load_config(path), n) == (40, 3) for n in schedule_sections())
+    path.write_text("[dp]\nenabled = true\n[federated]\ndp_rounds = 4\n")  # old: DP rounds of every model
+    assert all(federated_schedule(load_config(path), n).rounds == 4 for n in schedule_sections())
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("cnn.federated.rounds=0", "'cnn.federated.rounds' = 0 is out of range; it must be >= 1"),
+        ("regressor.federated.dp_local_epochs=0", "'regressor.federated.dp_local_epochs' = 0 is out of range"),
+        ("federated.rounds=-1", "'federated.rounds' = -1 is out of range; it must be >= 0 (0 = each model's own)"),
+        ("federated.dp_local_epochs=-2", "'federated.dp_local_epochs' = -2 is out of range; it must be >= 0"),
+        ("cnn.federated.round=3", "unknown config key 'cnn.federated.round'; valid keys in cnn.federated: rounds, "),
+        ("cnn.federated=3", "config key 'cnn.federated' is a section; set its keys"),
+    ],
+)
+def test_schedule_keys_are_checked_in_one_line(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"cnn\.federated\.rounds \* cnn\.federated\.local_epochs.*<= 100000"):
+        load_config(None, ["cnn.federated.rounds=50001", "cnn.federated.local_epochs=2"])

@@ -22,6 +22,19 @@ from auditml_core.config_effect import CONDITIONAL, given_keys, inert_settings
         (["audit.enabled=false", "audit.n_shadows=8"], "audit.n_shadows", "audit.enabled=true"),
         (["dp.enabled=true", "train.patience=3"], "train.patience", "dp.enabled=false"),
         (["data.target=outcome"], "data.target", "data.tabular_csv"),
+        (["cnn.federated.rounds=3"], "cnn.federated.rounds", "train.mode=federated"),
+        (["train.mode=federated", "regressor.federated.dp_rounds=3"], "regressor.federated.dp_rounds", "dp.enabled"),
+        (["train.mode=federated", "federated.rounds=4", "cnn.federated.rounds=3"], "cnn.federated.rounds", "=0"),
+        (
+            ["train.mode=federated", "federated.local_epochs=2", "regressor.federated.local_epochs=5"],
+            "regressor.federated.local_epochs",
+            "federated.local_epochs=0",
+        ),
+        (
+            ["train.mode=federated", "dp.enabled=true", "federated.rounds=2", "federated.dp_rounds=2"],
+            "federated.dp_rounds",
+            "federated.rounds=0",
+        ),
     ],
 )
 def test_a_setting_without_effect_names_the_switch(overrides, key, switch):
@@ -37,6 +50,8 @@ def test_a_setting_without_effect_names_the_switch(overrides, key, switch):
         ["dp.enabled=true", "dp.target_epsilon=3", "cnn.dp_fit.epochs=5"],
         ["train.mode=federated", "federated.rounds=3", "client_dp.enabled=true", "client_dp.noise_multiplier=1.0"],
         ["train.mode=federated", "federated.strategy=fedadam", "federated.server_lr=0.1"],
+        ["train.mode=federated", "cnn.federated.rounds=3", "regressor.federated.local_epochs=1"],
+        ["train.mode=federated", "client_dp.enabled=true", "cnn.federated.dp_rounds=3", "federated.local_epochs=2"],
         ["cnn.fit.epochs=3", "explain.n_rows=5", "audit.n_shadows=8", "train.patience=3", "seed=4"],
     ],
 )

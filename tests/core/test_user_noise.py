@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from auditml_core.config import load_config
+from auditml_core.config import federated_schedule, load_config
 from auditml_core.data import Dataset
 from auditml_core.privacy import user_level
 from pipeline.report.utility import trivial_baseline
@@ -17,7 +17,8 @@ REGRESSOR_WEIGHTS = 385  # the default MLP regressor on the 10 diabetes features
 
 def _plan(*overrides):
     cfg = load_config(None, ["train.mode=federated", "client_dp.enabled=true", *overrides])
-    return user_level.plan_user_dp(cfg.client_dp, rounds=cfg.federated.rounds, n_clients=cfg.federated.n_clients)
+    rounds = federated_schedule(cfg, "regressor").rounds  # the regressor's own rounds (the weights are its)
+    return user_level.plan_user_dp(cfg.client_dp, rounds=rounds, n_clients=cfg.federated.n_clients)
 
 
 def test_the_noise_estimate_is_the_noise_the_aggregate_adds():

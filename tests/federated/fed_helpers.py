@@ -22,7 +22,7 @@ TINY_FED = [
     "cnn.dp_fit.batch_size=64",
     "federated.n_clients=2",
     "federated.rounds=3",
-    "federated.local_epochs=1",  # the defaults are longer (40 x 3): tests pass their own small schedule
+    "federated.local_epochs=1",  # every model; the defaults (<model>.federated) are longer: tests pass their own
 ]
 
 

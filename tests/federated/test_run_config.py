@@ -101,7 +101,9 @@ def test_bad_values_fail_with_the_key_named():
     with pytest.raises(ConfigError, match="app.nope"):
         from_run_config({**rc, "app.nope": 1})
     with pytest.raises(ConfigError, match="federated.rounds"):
-        from_run_config({**rc, "federated.rounds": 0})
+        from_run_config({**rc, "federated.rounds": -1})
+    with pytest.raises(ConfigError, match="cnn.federated.rounds"):
+        from_run_config({**rc, "cnn.federated.rounds": 0})
 
 
 def test_only_the_sections_the_apps_read_travel_to_flower():

@@ -167,17 +167,23 @@ def test_in_one_federation_each_model_keeps_its_own_checkpoint_and_ledgers(tmp_p
 
 
 def test_the_record_says_where_the_schedule_came_from():
-    """Under DP the default schedule is federated.dp_rounds x dp_local_epochs; the record says which applied."""
-    from auditml_core.config import load_config
+    """Each model's schedule is its own (<model>.federated); under DP its default is dp_rounds x dp_local_epochs;
+    the record says which applied, per model."""
+    from auditml_core.config import Config, load_config
 
-    plain = schedule_note(load_config(None, ["train.mode=federated"]))
+    plain = schedule_note(load_config(None, ["train.mode=federated"]), "cnn")
     dp = load_config(None, ["train.mode=federated", "dp.enabled=true"])
-    f = dp.federated
-    default = schedule_note(dp)
-    assert plain == "federated.rounds x federated.local_epochs = 40 x 3"
-    assert default.startswith(f"{f.dp_rounds} x {f.dp_local_epochs}: the DP default") and "40 x 3" in default
-    assert f"the whole {f.dp_rounds} x {f.dp_local_epochs} schedule" in default
-    assert "set for this run" in schedule_note(load_config(None, ["dp.enabled=true", "federated.local_epochs=2"]))
+    own, regressor = Config().cnn.federated, Config().regressor.federated
+    default = schedule_note(dp, "cnn")
+    assert plain == f"cnn.federated.rounds x cnn.federated.local_epochs = {own.rounds} x {own.local_epochs}"
+    assert schedule_note(load_config(None, []), "regressor").endswith(f"{regressor.rounds} x {regressor.local_epochs}")
+    assert default.startswith(f"{own.dp_rounds} x {own.dp_local_epochs}: the DP default (cnn.federated.dp_rounds")
+    assert f"the non-DP default is {own.rounds} x {own.local_epochs}" in default
+    assert f"the whole {own.dp_rounds} x {own.dp_local_epochs} schedule" in default
+    set_here = schedule_note(load_config(None, ["dp.enabled=true", "cnn.federated.local_epochs=2"]), "cnn")
+    assert set_here.startswith(f"{own.dp_rounds} x 2: set for this run")
+    every = schedule_note(load_config(None, ["federated.rounds=4"]), "regressor")
+    assert every == f"federated.rounds (every model) x regressor.federated.local_epochs = 4 x {regressor.local_epochs}"
 
 
 def test_the_report_reads_a_federated_record_as_what_it_is(tmp_path, digits_data):
