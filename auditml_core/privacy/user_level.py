@@ -121,7 +121,7 @@ def plan_user_dp(cfg: ClientDPConfig, *, rounds: int, n_clients: int) -> UserDPP
         except ValueError as exc:
             raise PrivacyBudgetError(
                 f"no noise multiplier reaches user-level ε={cfg.target_epsilon} at δ={cfg.delta} over {rounds} rounds "
-                f"with sample rate {cfg.sample_rate} ({exc}); raise client_dp.target_epsilon or lower the rounds (<model>.federated.rounds)"
+                f"with sample rate {cfg.sample_rate} ({exc}); raise client_dp.target_epsilon or lower federated.rounds"
             ) from None
     planned = user_epsilon(
         noise_multiplier=sigma, sample_rate=cfg.sample_rate, rounds=rounds, delta=cfg.delta, accountant=cfg.accountant
@@ -143,7 +143,7 @@ def plan_user_dp(cfg: ClientDPConfig, *, rounds: int, n_clients: int) -> UserDPP
         raise PrivacyBudgetError(
             f"the planned federation would spend user-level ε={known:.3f}{against} > client_dp.target_epsilon="
             f"{cfg.target_epsilon} at δ={cfg.delta} (σ={sigma}, q={cfg.sample_rate}, {rounds} rounds); raise "
-            "client_dp.noise_multiplier (or set it to 0 to plan it), lower the rounds (<model>.federated.rounds), or raise the budget"
+            "client_dp.noise_multiplier (or set it to 0 to plan it), lower federated.rounds, or raise the budget"
         )
     return UserDPPlan(
         noise_multiplier=sigma,
@@ -341,39 +341,9 @@ def user_privacy_record(
         "delta_clip": 0.0,
     }
     if noise is not None:
-        uploads = plan.n_clients * plan.rounds  # every client uploads every round under SecAgg+ (planned rounds)
-        p_clip = clip_probability(noise, n_parameters=n_parameters, uploads=uploads)
-        total, term = delta_with_clipping(delta=plan.delta, epsilon=spent, clip_prob=p_clip)
-        out.update(delta=total, delta_clip=term)
-        out["client_noise"] = {
-            **noise.to_dict(),
-            "n_parameters": int(n_parameters),
-            "uploads_bounded": uploads,
-            "clip_probability": p_clip,
-            "clip_probability_per_coordinate": tail_probability(noise.clip_sigmas),
-            "adjacency": "zero-out (one client's data replaced by a null client with a zero update)",
-            "argument": "auditml_core/privacy/client_noise.py (module docstring)",
-        }
-        if noise.placement == "client":
-            out["unit_of_privacy"] = UNIT_OF_PRIVACY_ZERO_OUT
-            out["mechanism"] = (
-                "DP-FedAvg with distributed noise under SecAgg+: Poisson client sampling with rate q; every client "
-                "uploads its update clipped to C (zero if not sampled) plus N(0, σ²C²/t); the server unmasks only "
-                "with at least t uploads, so the sum carries noise of std >= σ·C; fixed denominator q·N"
-            )
+        out.update(_client_noise_terms(plan, noise, n_parameters=n_parameters, epsilon=spent))
     if max_participations is not None:
-        out["known_sample"] = {
-            "max_participations": int(max_participations),
-            "epsilon": known_sample_epsilon(
-                noise_multiplier=plan.noise_multiplier,
-                participations=int(max_participations),
-                delta=plan.delta,
-                accountant=plan.accountant,
-            ),
-            "delta": out["delta"],
-            "why": "the server drew the sample and the record lists who trained in which round: against them "
-            "sampling does not amplify, and a client is protected by σ over the rounds it took part in",
-        }
+        out["known_sample"] = _known_sample(plan, max_participations=max_participations, delta=out["delta"])
     if n_parameters > 0:
         out["aggregate_noise"] = aggregate_noise(plan, n_parameters=n_parameters)
     if history:
@@ -385,3 +355,45 @@ def user_privacy_record(
             "unit_of_privacy": sample_level.get("unit_of_privacy"),
         }
     return out
+
+
+def _client_noise_terms(plan: UserDPPlan, noise: ClientNoise, *, n_parameters: int, epsilon: float) -> dict[str, Any]:
+    """What secure-aggregation noise changes in the record: δ's clipping term, the noise plan, under client noise
+    the unit of privacy and the mechanism."""
+    uploads = plan.n_clients * plan.rounds  # every client uploads every round under SecAgg+ (planned rounds)
+    p_clip = clip_probability(noise, n_parameters=n_parameters, uploads=uploads)
+    total, term = delta_with_clipping(delta=plan.delta, epsilon=epsilon, clip_prob=p_clip)
+    out: dict[str, Any] = {"delta": total, "delta_clip": term}
+    out["client_noise"] = {
+        **noise.to_dict(),
+        "n_parameters": int(n_parameters),
+        "uploads_bounded": uploads,
+        "clip_probability": p_clip,
+        "clip_probability_per_coordinate": tail_probability(noise.clip_sigmas),
+        "adjacency": "zero-out (one client's data replaced by a null client with a zero update)",
+        "argument": "auditml_core/privacy/client_noise.py (module docstring)",
+    }
+    if noise.placement == "client":
+        out["unit_of_privacy"] = UNIT_OF_PRIVACY_ZERO_OUT
+        out["mechanism"] = (
+            "DP-FedAvg with distributed noise under SecAgg+: Poisson client sampling with rate q; every client "
+            "uploads its update clipped to C (zero if not sampled) plus N(0, σ²C²/t); the server unmasks only "
+            "with at least t uploads, so the sum carries noise of std >= σ·C; fixed denominator q·N"
+        )
+    return out
+
+
+def _known_sample(plan: UserDPPlan, *, max_participations: int, delta: float) -> dict[str, Any]:
+    """The un-amplified ε against whoever knows who was sampled (the server, anyone holding the record)."""
+    return {
+        "max_participations": int(max_participations),
+        "epsilon": known_sample_epsilon(
+            noise_multiplier=plan.noise_multiplier,
+            participations=int(max_participations),
+            delta=plan.delta,
+            accountant=plan.accountant,
+        ),
+        "delta": delta,
+        "why": "the server drew the sample and the record lists who trained in which round: against them "
+        "sampling does not amplify, and a client is protected by σ over the rounds it took part in",
+    }
