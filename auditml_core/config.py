@@ -286,6 +286,15 @@ class CardConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Logging a completed run to MLflow (docs/tracking.md); needs `pip install ".[mlflow]"`."""
+
+    mlflow_uri: str = ""  # "" = off; sqlite:///FILE.db or file:DIR (an embedded store), http(s)://HOST:PORT (a server)
+    experiment: str = "auditable-pipeline"  # MLflow experiment the run is logged in (created when missing)
+    register: bool = False  # also register each teacher and student in MLflow's registry, with the run's provenance
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0  # root seed; every stage and client derives its own from it
     data: DataConfig = field(default_factory=DataConfig)
@@ -299,6 +308,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     card: CardConfig = field(default_factory=CardConfig)  # model-card facts only the owner can give
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow tracking and registry (off by default)
 
 
 # --------------------------------------------------------------------------- loading
@@ -515,6 +525,34 @@ def validate(cfg: Config) -> None:
     _validate_federated(cfg.federated)
     _validate_client_dp(cfg)
     _validate_secagg(cfg)
+    _validate_tracking(cfg.tracking)
+
+
+# The MLflow stores `tracking.mlflow_uri` may name (pipeline/tracking.py); a database URI MLflow also takes
+# (postgresql://, mysql://) belongs behind an MLflow server, which the pipeline reaches over http(s).
+TRACKING_SCHEMES = ("sqlite:///", "file:", "http://", "https://")
+
+
+def _validate_tracking(t: TrackingConfig) -> None:
+    uri = t.mlflow_uri
+    check(
+        uri == "" or (uri.startswith(TRACKING_SCHEMES) and len(uri) > 8 and not any(c.isspace() for c in uri)),
+        "tracking.mlflow_uri",
+        uri,
+        '"" (off), sqlite:///FILE.db or file:DIR (an embedded store) or http(s)://HOST:PORT (an MLflow server)',
+    )
+    authority = uri.split("://", 1)[1].split("/", 1)[0] if uri.startswith(("http://", "https://")) else ""
+    if ":" in authority.rpartition("@")[0]:
+        raise ConfigError(
+            "tracking.mlflow_uri carries a password, which would be saved in config.toml and logged as a param; "
+            "drop it from the URI and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead"
+        )
+    check(
+        0 < len(t.experiment) <= 500 and "\n" not in t.experiment,
+        "tracking.experiment",
+        t.experiment,
+        "a name of one line, 1 to 500 characters",
+    )
 
 
 def _validate_card(card: CardConfig) -> None:

@@ -119,6 +119,12 @@ CONDITIONAL: tuple[CountsOnlyIf, ...] = (
         lambda c: c.dp.enabled and c.distill.transfer == "private",
         "dp.enabled=true and distill.transfer=private",
     ),
+    CountsOnlyIf(
+        ("tracking.*",),
+        lambda c: bool(c.tracking.mlflow_uri),
+        'tracking.mlflow_uri="sqlite:///mlruns.db" (or another MLflow store)',
+        except_keys=("tracking.mlflow_uri",),
+    ),
 )
 
 

@@ -18,7 +18,7 @@ from auditml_core.artifacts import disk_full
 from auditml_core.distributed import die_with_parent, join, launched
 from auditml_core.errors import ConfigError, DiskFullError, UserError
 from auditml_core.training import resolve_device
-from pipeline import console, evidence, predict, ranks, runner
+from pipeline import console, evidence, predict, ranks, runner, tracking
 from pipeline.rundir import RunDir
 
 log = logging.getLogger("pipeline")
@@ -221,6 +221,7 @@ def _run(argv: list[str], *, followers: ranks.Followers | None) -> int:
         cfg = config_mod.load_config(args.config, overrides)
         config_mod.check_pipeline_mode(cfg)  # a privacy switch central training would ignore is refused
         _check_effect(cfg, args.config, overrides, strict=args.strict)
+    tracking.check(cfg)  # tracking on without mlflow installed is refused now, not after training
     if args.run_dir and not (args.start or args.stages):
         names = runner.resume_stages(run)  # resume: from the first stage not complete
     if followers is None and cfg.train.processes > 1:  # start the ranks: this process becomes their launcher
@@ -252,6 +253,7 @@ def _run(argv: list[str], *, followers: ranks.Followers | None) -> int:
         | ({"world_size": followers.world.size} if followers is not None else {})
     )
     run.save_manifest()
+    tracking.record(cfg, run, verbose=args.verbose)  # MLflow, once, from rank 0 (never fails the run; recorded)
     report = run.path / "report.html"
     print(f"run directory: {run.path}" + (f"\nreport: {report}" if report.exists() else ""))
     print(f"manifest sha256: {run.manifest_sha256()} (record it out of band; verify checks the run against it)")

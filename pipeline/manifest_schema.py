@@ -49,6 +49,23 @@ ARTIFACT_ENTRY: dict[str, Any] = {
     },
 }
 
+# What this invocation's MLflow logging did (pipeline/tracking.py): off, skipped (run not complete), logged, failed.
+TRACKING: dict[str, Any] = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {
+        "status": {"enum": ["off", "skipped", "logged", "failed"]},
+        "reason": TEXT,
+        "uri": TEXT,
+        "experiment": TEXT,
+        "experiment_id": TEXT,
+        "mlflow_run_id": TEXT,
+        "mlflow_version": TEXT,
+        "models": {"type": "object", "additionalProperties": TEXT},
+        "registered": {"type": "object", "additionalProperties": TEXT},
+    },
+}
+
 INVOCATION: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -57,6 +74,7 @@ INVOCATION: dict[str, Any] = {
         "peak_rss_mb": NUMBER,
         "peak_tree_rss_mb": NUMBER,
         "device": TEXT,
+        "tracking": TRACKING,
     },
 }
 

@@ -42,6 +42,9 @@ ELSEWHERE: dict[str, str] = {
     "jupyter nbconvert": "tests/test_setup.py::test_readme_notebook_command_executes",  # with tiny settings
     "python -m pipeline serve": "tests/pipeline/test_serve.py::test_readme_serve_section_runs_as_written",  # a server
     "curl -s localhost:8000/": "tests/pipeline/test_serve.py::test_readme_serve_section_runs_as_written",  # its client
+    "mlflow ui ": (  # a server, on the store the README's tracking run wrote
+        "tests/pipeline/test_tracking.py::test_readme_mlflow_ui_serves_an_embedded_run_and_a_run_logged_over_http"
+    ),
 }
 TINY_FEDERATED = ["federated.rounds=2"]  # every model, in either mode (auditml_core.config.federated_schedule)
 SET_UP = {"make run": "python -m pipeline", "make test": "pytest"}
