@@ -26,7 +26,7 @@ from typing import Any
 import uvicorn
 
 from auditml_core import models
-from auditml_core.errors import ConfigError, UserError
+from auditml_core.errors import ConfigError, RunDirError, UserError
 from federated.launch import processes, tls
 from pipeline import predict
 from pipeline.serve_app import ServeSettings, create_app, load_models, read_key
@@ -34,7 +34,9 @@ from pipeline.serve_app import ServeSettings, create_app, load_models, read_key
 log = logging.getLogger(__name__)
 
 SETTINGS_ENV = "AUDITML_SERVE_SETTINGS"  # JSON of ServeSettings, for the worker processes
+PARENT_ENV = "AUDITML_SERVE_PARENT"  # the supervisor's pid: a worker started after it died exits at once
 GRACEFUL_SHUTDOWN_S = 30  # in-flight requests get this long to finish after SIGTERM
+WORKER_FAILED = "worker-failed"  # written in the workers' scratch folder by a worker that cannot load the run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -133,11 +135,15 @@ def app_from_env() -> Any:
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
     if processes._PRCTL is not None:  # a worker outlives a SIGKILLed parent otherwise
         processes._die_with_parent()
+        if os.getppid() != int(os.environ[PARENT_ENV]):  # the parent died before we asked: no signal will come
+            raise SystemExit(1)
     try:
         return create_app(settings, multiprocess_metrics=True)
     except UserError as exc:
-        # uvicorn would start this worker again and again: stop the whole server instead.
-        print(f"error: worker {os.getpid()}: {exc}; stopping the server", file=sys.stderr)
+        # uvicorn would start this worker again and again: leave a mark for cmd_serve (uvicorn's supervisor
+        # takes every other signal for itself) and stop the supervisor, which stops the other workers.
+        print(f"error: worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
+        Path(os.environ["PROMETHEUS_MULTIPROC_DIR"], WORKER_FAILED).touch()
         os.kill(os.getppid(), signal.SIGTERM)
         raise SystemExit(2) from None
 
@@ -185,7 +191,7 @@ def cmd_serve(argv: list[str]) -> int:
     previous = {
         s: signal.signal(s, lambda sig, frame: stop_signals.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)
     }
-    metrics_dir = None
+    metrics_dir, failed = None, False
     try:
         if args.workers == 1:
             uvicorn.run(app, **common)
@@ -193,14 +199,21 @@ def cmd_serve(argv: list[str]) -> int:
             del app, loaded  # each worker loads its own copy
             metrics_dir = tempfile.mkdtemp(prefix="auditml-serve-metrics-")  # outside the run directory
             os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
+            os.environ[PARENT_ENV] = str(os.getpid())
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             uvicorn.run("pipeline.serve:app_from_env", factory=True, workers=args.workers, **common)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         if metrics_dir:
+            failed = Path(metrics_dir, WORKER_FAILED).exists()
             shutil.rmtree(metrics_dir, ignore_errors=True)
-            for name in (SETTINGS_ENV, "PROMETHEUS_MULTIPROC_DIR"):
+            for name in (SETTINGS_ENV, PARENT_ENV, "PROMETHEUS_MULTIPROC_DIR"):
                 os.environ.pop(name, None)
+    if failed:
+        raise RunDirError(
+            f"a worker could not load run {args.run_dir} (its error is above); the server stopped: check the run "
+            "with `python -m pipeline verify` and start the server again"
+        )
     print("server stopped" + (" (SIGTERM)" if signal.SIGTERM in stop_signals else ""))
     return 0

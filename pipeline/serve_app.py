@@ -155,72 +155,97 @@ def read_key(path: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multiprocess_metrics: bool = False) -> Any:
-    """The ASGI application serving ``settings.run_dir`` (models loaded here unless ``loaded`` is given).
+def _model_for(loaded: Loaded, request: Request, name: str) -> LoadedModel:
+    if name not in loaded.models:
+        raise BadInput(404, f"no model {name[:40]!r} here; choose one of: {', '.join(loaded.models)}")
+    request.state.model = name
+    return loaded.models[name]
 
-    Raises
-    ------
-    RunDirError, UserError
-        As :func:`load_models`; an unreadable or too short API key file.
-    """
-    key_digest = read_key(settings.api_key_file) if settings.api_key_file else None
-    loaded = loaded or load_models(settings)
-    hashes = {name: m.weights_sha256 for name, m in loaded.models.items()}
-    metrics = Metrics(several_processes=multiprocess_metrics)
-    setup_access_log()
-    app = FastAPI(
-        title="auditable-pipeline model server",
-        version="1",
-        description=f"Run {loaded.run_id}: the {settings.which} models on {settings.engine}. "
-        "Every refusal is a 4xx with a one-line `error`.",
+
+async def _raw_inputs(
+    settings: ServeSettings, request: Request, m: LoadedModel, *, explain: bool = False
+) -> np.ndarray:
+    """The request body's rows or images in raw units, validated by predict's own functions (4xx otherwise)."""
+    max_rows, flag = (settings.explain_max_rows, "--explain-max-rows") if explain else (settings.max_rows, "--max-rows")
+    task = m.served.task
+    kind = media_type(request.headers.get("content-type"), accepted=(JSON, CSV) if task == "regression" else (JSON,))
+    body = await read_limited(
+        request.stream(), content_length=request.headers.get("content-length"), limit=settings.max_body_bytes
     )
-    bearer, header_key = HTTPBearer(auto_error=False), APIKeyHeader(name="X-API-Key", auto_error=False)
+    if kind == CSV:
+        return rows_from_csv(body, m.served, max_rows=max_rows, limit_flag=flag)
+    obj = parse_json(body)
+    if task == "regression":
+        return rows_from_json(obj, m.served, max_rows=max_rows, limit_flag=flag)
+    return images_from_json(obj, m.served, max_rows=max_rows, limit_flag=flag)
 
-    async def require_key(
-        credentials: HTTPAuthorizationCredentials | None = Depends(bearer), api_key: str | None = Depends(header_key)
-    ) -> None:
-        given = credentials.credentials if credentials is not None else api_key
-        # Compare fixed-length digests in constant time: neither the key nor its length leaks by timing.
-        if not given or not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), key_digest):
-            raise BadInput(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
 
-    protected = [Depends(require_key)] if key_digest is not None else []  # no dependency to solve without a key
+def _outputs(loaded: Loaded, m: LoadedModel, raw: np.ndarray) -> np.ndarray:
+    """predict's numbers for ``raw``; a non-finite output is a 422 naming the row, as predict refuses it."""
+    y = predict.predict_raw(m.served, raw, session=m.session, device=loaded.device)
+    ids = None if m.served.task == "regression" else list(range(len(raw)))
+    try:
+        predict.check_outputs(y, ids=ids, first_row=0, where=f"the {m.served.which} {m.served.name}")
+    except DataError as exc:
+        raise BadInput(422, str(exc)) from None
+    return y
 
-    def model_for(request: Request, name: str) -> LoadedModel:
-        if name not in loaded.models:
-            raise BadInput(404, f"no model {name[:40]!r} here; choose one of: {', '.join(loaded.models)}")
-        request.state.model = name
-        return loaded.models[name]
 
-    async def raw_inputs(request: Request, m: LoadedModel, *, explain: bool = False) -> np.ndarray:
-        max_rows, flag = (
-            (settings.explain_max_rows, "--explain-max-rows") if explain else (settings.max_rows, "--max-rows")
-        )
-        task = m.served.task
-        kind = media_type(
-            request.headers.get("content-type"), accepted=(JSON, CSV) if task == "regression" else (JSON,)
-        )
-        body = await read_limited(
-            request.stream(), content_length=request.headers.get("content-length"), limit=settings.max_body_bytes
-        )
-        if kind == CSV:
-            return rows_from_csv(body, m.served, max_rows=max_rows, limit_flag=flag)
-        obj = parse_json(body)
-        if task == "regression":
-            return rows_from_json(obj, m.served, max_rows=max_rows, limit_flag=flag)
-        return images_from_json(obj, m.served, max_rows=max_rows, limit_flag=flag)
+def _json_response(payload: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(payload, separators=(",", ":")), status_code=status, media_type=JSON)
 
-    def outputs(m: LoadedModel, raw: np.ndarray) -> np.ndarray:
-        y = predict.predict_raw(m.served, raw, session=m.session, device=loaded.device)
-        ids = None if m.served.task == "regression" else list(range(len(raw)))
-        try:
-            predict.check_outputs(y, ids=ids, first_row=0, where=f"the {m.served.which} {m.served.name}")
-        except DataError as exc:
-            raise BadInput(422, str(exc)) from None
-        return y
 
-    def json_response(payload: dict[str, Any], status: int = 200) -> Response:
-        return Response(json.dumps(payload, separators=(",", ":")), status_code=status, media_type=JSON)
+def _predict_payload(settings: ServeSettings, m: LoadedModel, raw: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    s = m.served
+    payload: dict[str, Any] = {
+        "model": s.name,
+        "which": s.which,
+        "engine": settings.engine,
+        "run_id": s.run_id,
+        "model_sha256": m.weights_sha256,
+        "rows": len(raw),
+    }
+    if s.task == "regression":
+        payload |= {"predictions": y.tolist(), "units": f"original units of the target {s.target_name!r}"}
+    else:
+        labels = y.argmax(axis=1)
+        payload |= {
+            "predictions": labels.tolist(),
+            "label_names": [s.class_names[k] for k in labels],
+            "probabilities": y.tolist(),
+            "units": f"softmax probabilities over classes {list(s.class_names)}",
+        }
+    return payload | {"privacy_guarantee": s.privacy.get("guarantee", "unknown")}
+
+
+def _explain_payload(
+    m: LoadedModel, y: np.ndarray, values: np.ndarray, base: np.ndarray | None, targets: np.ndarray | None
+) -> dict[str, Any]:
+    e = m.explainer
+    assert e is not None
+    payload: dict[str, Any] = {"model": m.served.name, "method": e.method, "source": e.note}
+    if m.served.task == "regression":
+        err = float(np.max(np.abs(base + values.sum(axis=1) - y))) if base is not None else None
+        return payload | {
+            "exactness": predict._exactness(e.method, err, "original target units"),
+            "explained_output": "prediction in the target's original units",
+            "shap_values": values.tolist(),
+            "base_values": base.tolist() if base is not None else None,
+            "feature_names": list(m.served.feature_names),
+            "predictions": y.tolist(),
+            "additivity_max_abs_error": err,
+        }
+    return payload | {
+        "exactness": predict._exactness(e.method, None, "logits"),
+        "explained_output": "logit of the predicted class",
+        "shap_values": values.tolist(),  # (N, C, H, W) per-pixel attributions
+        "targets": targets.tolist() if targets is not None else None,
+        "predictions": y.argmax(axis=1).tolist(),
+    }
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every refusal is a 4xx with ``{"error": one line, "request_id": ...}``."""
 
     @app.exception_handler(BadInput)
     async def _bad_input(request: Request, exc: BadInput) -> Response:
@@ -244,6 +269,51 @@ def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multipr
             {"error": " ".join(message.split()), "request_id": request.state.request_id}, status_code=422
         )
 
+
+ERROR_DOCS = {
+    "400": {"model": serve_docs.ErrorResponse},
+    "401": {"model": serve_docs.ErrorResponse},
+    "404": {"model": serve_docs.ErrorResponse},
+    "413": {"model": serve_docs.ErrorResponse},
+    "415": {"model": serve_docs.ErrorResponse},
+    "422": {"model": serve_docs.ErrorResponse},
+    "409": {"model": serve_docs.ErrorResponse, "description": "/explain only: the run has no public background"},
+}
+
+
+def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multiprocess_metrics: bool = False) -> Any:
+    """The ASGI application serving ``settings.run_dir`` (models loaded here unless ``loaded`` is given).
+
+    Raises
+    ------
+    RunDirError, UserError
+        As :func:`load_models`; an unreadable or too short API key file.
+    """
+    key_digest = read_key(settings.api_key_file) if settings.api_key_file else None
+    loaded = loaded or load_models(settings)
+    served = loaded  # a non-optional name for the closures below
+    hashes = {name: m.weights_sha256 for name, m in loaded.models.items()}
+    metrics = Metrics(several_processes=multiprocess_metrics)
+    setup_access_log()
+    app = FastAPI(
+        title="auditable-pipeline model server",
+        version="1",
+        description=f"Run {loaded.run_id}: the {settings.which} models on {settings.engine}. "
+        "Every refusal is a 4xx with a one-line `error`.",
+    )
+    _install_error_handlers(app)
+    bearer, header_key = HTTPBearer(auto_error=False), APIKeyHeader(name="X-API-Key", auto_error=False)
+
+    async def require_key(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer), api_key: str | None = Depends(header_key)
+    ) -> None:
+        given = credentials.credentials if credentials is not None else api_key
+        # Compare fixed-length digests in constant time: neither the key nor its length leaks by timing.
+        if not given or not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), key_digest):
+            raise BadInput(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+
+    protected = [Depends(require_key)] if key_digest is not None else []  # no dependency to solve without a key
+
     @app.get("/healthz", summary="the process is alive")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -252,7 +322,7 @@ def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multipr
     async def readyz() -> dict[str, Any]:
         return {
             "ready": True,
-            "models": list(loaded.models),
+            "models": list(served.models),
             "which": settings.which,
             "engine": settings.engine,
             "pid": os.getpid(),  # which worker answered (--workers N)
@@ -262,71 +332,41 @@ def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multipr
         "/metadata", dependencies=protected, summary="run, hashes, input schema, units, privacy, explanation method"
     )
     async def metadata() -> dict[str, Any]:
-        return serve_docs.metadata(settings, loaded)
+        return serve_docs.metadata(settings, served)
 
     @app.get("/metrics", dependencies=protected, summary="Prometheus text format")
     async def metrics_text() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    doc = {
-        "400": {"model": serve_docs.ErrorResponse},
-        "401": {"model": serve_docs.ErrorResponse},
-        "404": {"model": serve_docs.ErrorResponse},
-        "413": {"model": serve_docs.ErrorResponse},
-        "415": {"model": serve_docs.ErrorResponse},
-        "422": {"model": serve_docs.ErrorResponse},
-        "409": {"model": serve_docs.ErrorResponse, "description": "/explain only: the run has no public background"},
-    }
-
     @app.post(
         "/predict/{model}",
         dependencies=protected,
         response_model=serve_docs.PredictResponse,
-        responses=doc,  # type: ignore[arg-type]
+        responses=ERROR_DOCS,  # type: ignore[arg-type]
         openapi_extra={"requestBody": serve_docs.body_doc()},
         summary="predictions with predict's numbers (JSON rows/images or a CSV body)",
     )
     async def predict_endpoint(model: str, request: Request) -> Response:
-        m = model_for(request, model)
-        raw = await raw_inputs(request, m)
-        y = outputs(m, raw)
+        m = _model_for(served, request, model)
+        raw = await _raw_inputs(settings, request, m)
+        y = _outputs(served, m, raw)
         request.state.rows = len(raw)
-        s = m.served
-        payload: dict[str, Any] = {
-            "model": s.name,
-            "which": s.which,
-            "engine": settings.engine,
-            "run_id": s.run_id,
-            "model_sha256": m.weights_sha256,
-            "rows": len(raw),
-        }
-        if s.task == "regression":
-            payload |= {"predictions": y.tolist(), "units": f"original units of the target {s.target_name!r}"}
-        else:
-            labels = y.argmax(axis=1)
-            payload |= {
-                "predictions": labels.tolist(),
-                "label_names": [s.class_names[k] for k in labels],
-                "probabilities": y.tolist(),
-                "units": f"softmax probabilities over classes {list(s.class_names)}",
-            }
-        payload |= {"privacy_guarantee": s.privacy.get("guarantee", "unknown"), "request_id": request.state.request_id}
-        return json_response(payload)
+        return _json_response(_predict_payload(settings, m, raw, y) | {"request_id": request.state.request_id})
 
     @app.post(
         "/explain/{model}",
         dependencies=protected,
         response_model=serve_docs.ExplainResponse,
-        responses=doc,  # type: ignore[arg-type]
+        responses=ERROR_DOCS,  # type: ignore[arg-type]
         openapi_extra={"requestBody": serve_docs.body_doc()},
         summary="SHAP values by the run's recorded method and public background (capped rows)",
     )
     async def explain_endpoint(model: str, request: Request) -> Response:
-        m = model_for(request, model)
+        m = _model_for(served, request, model)
         if m.explainer is None:
             raise BadInput(409, f"explanations are unavailable for the {m.served.name}: {m.explain_unavailable}")
-        raw = await raw_inputs(request, m, explain=True)
-        y = outputs(m, raw)
+        raw = await _raw_inputs(settings, request, m, explain=True)
+        y = _outputs(served, m, raw)
         request.state.rows = len(raw)
 
         def explain() -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -334,29 +374,8 @@ def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multipr
                 return m.explainer.explain(raw)  # type: ignore[union-attr]
 
         values, base, targets = await run_in_threadpool(explain)
-        e = m.explainer
-        payload: dict[str, Any] = {"model": m.served.name, "method": e.method, "source": e.note}
-        if m.served.task == "regression":
-            err = float(np.max(np.abs(base + values.sum(axis=1) - y))) if base is not None else None
-            payload |= {
-                "exactness": predict._exactness(e.method, err, "original target units"),
-                "explained_output": "prediction in the target's original units",
-                "shap_values": values.tolist(),
-                "base_values": base.tolist() if base is not None else None,
-                "feature_names": list(m.served.feature_names),
-                "predictions": y.tolist(),
-                "additivity_max_abs_error": err,
-            }
-        else:
-            payload |= {
-                "exactness": predict._exactness(e.method, None, "logits"),
-                "explained_output": "logit of the predicted class",
-                "shap_values": values.tolist(),  # (N, C, H, W) per-pixel attributions
-                "targets": targets.tolist() if targets is not None else None,
-                "predictions": y.argmax(axis=1).tolist(),
-            }
-        payload["request_id"] = request.state.request_id
-        return json_response(payload)
+        payload = _explain_payload(m, y, values, base, targets)
+        return _json_response(payload | {"request_id": request.state.request_id})
 
     app.add_middleware(Observe, metrics=metrics, hashes=hashes)
     return app

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from federated.launch.processes import free_port, stop_trees  # noqa: E402
+from federated.launch.processes import descendants, free_port, stop_trees  # noqa: E402
 
 
 def raw_test(run: Path) -> dict[str, np.ndarray | list[str]]:
@@ -77,12 +78,18 @@ def percentiles(lat: list[float]) -> dict[str, float]:
 
 
 class RawClient:
-    """Keep-alive HTTP/1.1 POSTs over asyncio streams: a pool of connections, pre-encoded requests."""
+    """Keep-alive HTTP/1.1 POSTs over asyncio streams: a pool of connections, pre-encoded requests.
+
+    A connection idle for longer than ``IDLE_S`` is closed rather than reused (uvicorn closes idle
+    keep-alive connections after 5 s), so no request is sent into a connection the server is closing.
+    """
+
+    IDLE_S = 3.0
 
     def __init__(self, url: str, *, max_connections: int):
         parsed = httpx.URL(url)
         self.host, self.port, self.max = parsed.host, parsed.port, max_connections
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self.open = 0
         self.freed = asyncio.Condition()
 
@@ -90,19 +97,25 @@ class RawClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        for _, writer in self.idle:
+        for _, writer, _ in self.idle:
             writer.close()
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
-        """An idle connection (reused: True) or a new one, waiting while ``max_connections`` are busy."""
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The most recently used idle connection still within ``IDLE_S``, or a new one (at most ``max`` open)."""
         async with self.freed:
-            while not self.idle and self.open >= self.max:
+            while True:
+                while self.idle and time.monotonic() - self.idle[-1][2] > self.IDLE_S:
+                    self.idle.pop()[1].close()
+                    self.open -= 1
+                if self.idle or self.open < self.max:
+                    break
                 await self.freed.wait()
             if self.idle:
-                return (*self.idle.pop(), True)
+                reader, writer, _ = self.idle.pop()
+                return reader, writer
             self.open += 1
         try:
-            return (*await asyncio.open_connection(self.host, self.port), False)
+            return await asyncio.open_connection(self.host, self.port)
         except OSError:
             await self._closed(None)
             raise
@@ -122,29 +135,23 @@ class RawClient:
             headers["content-type"].encode(),
             len(content),
         )
-        for _ in range(3):
-            reader, writer, reused = await self._connection()
-            try:
-                writer.write(head + content)
-                status_line = await reader.readline()
-                if not status_line and reused:  # the server closed this idle keep-alive connection: a new one
-                    await self._closed(writer)
-                    continue
-                status = int(status_line.split()[1])
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                body = await reader.readexactly(length)
-            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
-                await self._closed(writer)
-                raise httpx.TransportError(f"{type(exc).__name__}: {exc}") from None
-            async with self.freed:
-                self.idle.append((reader, writer))
-                self.freed.notify()
-            return status, body
-        raise httpx.TransportError("every kept-alive connection was closed by the server")
+        reader, writer = await self._connection()
+        try:
+            writer.write(head + content)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            body = await reader.readexactly(length)
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
+            await self._closed(writer)
+            raise httpx.TransportError(f"{type(exc).__name__}: {exc}") from None
+        async with self.freed:
+            self.idle.append((reader, writer, time.monotonic()))
+            self.freed.notify()
+        return status, body
 
 
 def make_client(kind: str, url: str, *, connections: int, timeout: float):
@@ -163,12 +170,19 @@ async def _send(client, url: str, body: bytes, n: int) -> bool:
     return status == 200 and len(json.loads(content)["predictions"]) == n
 
 
+IN_FLIGHT = 32  # open loop: requests inside the client at once (and its connections)
+
+
 async def open_loop(url: str, payloads: list[bytes], *, rate: float, duration: float, client_kind: str) -> dict:
     """Batch-1 requests at a fixed rate; latency from each request's scheduled time."""
     lat: list[float] = []
     errors = 0
     kinds: dict[str, int] = {}  # exceptions by type (the rest of the errors: a wrong answer)
-    async with make_client(client_kind, url, connections=256, timeout=30) as client:
+    # At most IN_FLIGHT requests inside the client at once: httpx's pool slows down with the number of requests
+    # waiting in it (a client that fell behind then never caught up: 27 req/s measured). A request that waits
+    # here is still charged from its scheduled time.
+    in_flight = asyncio.Semaphore(IN_FLIGHT)
+    async with make_client(client_kind, url, connections=IN_FLIGHT, timeout=30) as client:
         for b in payloads[:4]:  # warm-up: connections, first-call costs
             await _send(client, url, b, 1)
 
@@ -176,9 +190,11 @@ async def open_loop(url: str, payloads: list[bytes], *, rate: float, duration: f
             nonlocal errors
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
             try:
-                ok = await _send(client, url, payloads[i % len(payloads)], 1)
+                async with in_flight:
+                    ok = await _send(client, url, payloads[i % len(payloads)], 1)
             except (httpx.HTTPError, OSError) as exc:
-                ok, kinds[type(exc).__name__] = False, kinds.get(type(exc).__name__, 0) + 1
+                ok, why = False, str(exc)[:80] or type(exc).__name__
+                kinds[why] = kinds.get(why, 0) + 1
             if ok:
                 lat.append(time.perf_counter() - due)
             else:
@@ -212,7 +228,8 @@ async def closed_loop(
                 try:
                     ok = await _send(client, url, payloads[i % len(payloads)], batch)
                 except (httpx.HTTPError, OSError) as exc:
-                    ok, kinds[type(exc).__name__] = False, kinds.get(type(exc).__name__, 0) + 1
+                    ok, why = False, str(exc)[:80] or type(exc).__name__
+                    kinds[why] = kinds.get(why, 0) + 1
                 if ok:
                     lat.append(time.perf_counter() - t)
                 else:
@@ -235,7 +252,7 @@ async def closed_loop(
 def start_server(run: Path, *, which: str, engine: str, workers: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     argv = [sys.executable, "-m", "pipeline", "serve", str(run), "--port", str(port), "--model", which]
-    argv += ["--engine", engine, "--workers", str(workers), "--quiet"]
+    argv += ["--engine", engine, "--workers", str(workers)]  # not --quiet: uvicorn logs worker restarts
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with log.open("wb") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
@@ -253,8 +270,31 @@ def start_server(run: Path, *, which: str, engine: str, workers: int, log: Path)
         except httpx.HTTPError:
             pass
         time.sleep(0.1 if seen else 0.3)
-    stop_trees([proc.pid])
+    stop_server(proc)
     raise RuntimeError("server did not become ready in 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server first (uvicorn's supervisor stops its workers; stopped first, it restarts them)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    stop_trees([proc.pid])
+
+
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by the server process and every process below it (its workers)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def load() -> str:
@@ -284,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         f"run {run.name}; {os.cpu_count()} CPUs; client {args.client}; batch-1 at {args.rate:g} req/s for {args.duration:g} s (open loop), "
         f"batch {args.batch} closed loop x{args.concurrency} for {args.batch_duration:g} s; latencies in ms"
     )
-    header = f"{'which':<8}{'engine':<7}{'wkr':>4} {'model':<10}{'batch':>6}{'req/s':>9}{'rows/s':>10}{'p50':>8}{'p95':>8}{'p99':>8}{'errors':>8}  load (1/5/15 min)"
+    header = (
+        f"{'which':<8}{'engine':<7}{'wkr':>4} {'model':<10}{'batch':>6}{'req/s':>9}{'rows/s':>10}{'p50':>8}{'p95':>8}"
+        f"{'p99':>8}{'errors':>8}{'srvCPU':>8}{'rows/CPUs':>10}  load (1/5/15 min)"
+    )
+    print("srvCPU: the server's CPU ms per answered request (all its processes); rows/CPUs: rows per server CPU-second")
     print(header)
     for which in args.which:
         for engine in args.engine:
@@ -296,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                         for batch in (1, args.batch):
                             payloads = bodies(data, model, batch)
                             target = f"{url}/predict/{model}"
+                            cpu0 = server_cpu_s(proc.pid)
                             if batch == 1:
                                 r = asyncio.run(
                                     open_loop(
@@ -318,15 +363,20 @@ def main(argv: list[str] | None = None) -> int:
                                         client_kind=args.client,
                                     )
                                 )
+                            cpu = server_cpu_s(proc.pid) - cpu0
+                            answered = r["requests"] - r["errors"]
+                            per_req = cpu / max(answered, 1) * 1000
+                            per_cpu = answered * batch / cpu if cpu > 0 else float("nan")
                             print(
                                 f"{which:<8}{engine:<7}{workers:>4} {model:<10}{batch:>6}{r['req_per_s']:>9.1f}{r['rows_per_s']:>10.0f}"
-                                f"{r['p50']:>8.2f}{r['p95']:>8.2f}{r['p99']:>8.2f}{r['errors']:>8}  {load()}",
+                                f"{r['p50']:>8.2f}{r['p95']:>8.2f}{r['p99']:>8.2f}{r['errors']:>8}{per_req:>8.2f}{per_cpu:>10.0f}"
+                                f"  {load()}",
                                 flush=True,
                             )
                             if r["kinds"]:
                                 print(f"    errors by kind: {r['kinds']}", flush=True)
                 finally:
-                    stop_trees([proc.pid])
+                    stop_server(proc)
     return 0
 
 

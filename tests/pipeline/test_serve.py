@@ -127,8 +127,20 @@ def serving(run_dir: Path, *args: str, log_dir: Path, ca: Path | None = None):
             time.sleep(0.2)
         yield server
     finally:
-        stop_trees([proc.pid], timeout_s=20, reap=proc.poll)
-        proc.wait(timeout=10)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server (a uvicorn supervisor stops its own workers), then its whole tree, forcibly if need be.
+
+    The supervisor first: stopping the workers first would make it start new ones.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+    stop_trees([proc.pid], timeout_s=20, reap=proc.poll)
+    proc.wait(timeout=10)
 
 
 def _session_alive(sid: int) -> list[int]:
@@ -140,6 +152,14 @@ def _session_alive(sid: int) -> list[int]:
     return out
 
 
+def _session_gone(sid: int, timeout_s: float = 20) -> list[int]:
+    """The session's live processes once they are gone or ``timeout_s`` passed (a loaded machine reaps slowly)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := _session_alive(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 def _predict_csv(run_dir, path, tmp_path, **kw) -> pd.DataFrame:
     out = tmp_path / f"pred-{time.monotonic_ns()}.csv"
     predict.predict_file(run_dir, path, out=out, **kw)
@@ -147,6 +167,27 @@ def _predict_csv(run_dir, path, tmp_path, **kw) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- default tier
+
+
+def test_a_worker_whose_parent_already_died_exits_before_loading(monkeypatch):
+    """The parent-death signal is asked for inside the worker; a parent SIGKILLed before that sends none, so the
+    worker checks it still has the parent that started it (otherwise it would serve on, orphaned)."""
+    import pipeline.serve as serve
+    from pipeline.serve_app import ServeSettings
+
+    settings = json.dumps({"run_dir": "/nonexistent", "which": "student", "engine": "onnx"})
+    monkeypatch.setattr(serve, "create_app", lambda *a, **k: pytest.fail("an orphaned worker loaded the models"))
+    monkeypatch.setattr(serve.processes, "_die_with_parent", lambda: None)  # not on the test process itself
+    monkeypatch.setenv(serve.SETTINGS_ENV, settings)
+    monkeypatch.setenv(serve.PARENT_ENV, str(os.getppid() + 1_000_000))  # not our parent
+    assert ServeSettings(**json.loads(settings)).run_dir == "/nonexistent"
+    if serve.processes._PRCTL is None:
+        pytest.skip("no parent-death signal on this platform")
+    with pytest.raises(SystemExit):
+        serve.app_from_env()
+    monkeypatch.setenv(serve.PARENT_ENV, str(os.getppid()))  # the control: with its parent alive it loads
+    monkeypatch.setattr(serve, "create_app", lambda *a, **k: "app")
+    assert serve.app_from_env() == "app"
 
 
 def test_tree_digest_sees_what_a_server_could_leave(tmp_path):
@@ -214,6 +255,40 @@ def test_http_predictions_equal_predict_and_bad_input_is_a_4xx(teacher_run, inpu
     lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith('{"event":"request"')]
     assert {(x["endpoint"], x["status"]) for x in lines} >= {("/predict/{model}", 200), ("/predict/{model}", 422)}
     assert "high" not in server.log_text()  # the access log never carries input values
+
+
+def test_a_bug_is_a_500_that_logs_no_input_and_request_ids_are_kept_or_replaced(
+    teacher_run, inputs, monkeypatch, caplog
+):
+    """In process (the one path no client can trigger): an exception in a handler answers 500 with the request id
+    only, and the log names where it happened but never the exception's message, which could quote inputs."""
+    from pipeline.serve_app import ServeSettings, create_app
+
+    app = create_app(ServeSettings(run_dir=str(teacher_run), which="teacher", engine="torch"))
+
+    value = inputs["rows"][0]["age"]  # what the bug's message quotes
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"row holds {value!r}")
+
+    async def calls() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as c:
+            ok = await c.get("/healthz", headers={"X-Request-ID": "abc-123"})
+            odd = await c.get("/healthz", headers={"X-Request-ID": "x" * 65})
+            monkeypatch.setattr(predict, "predict_raw", broken)
+            bug = await c.post("/predict/regressor", json={"rows": inputs["rows"][:1]})
+            return [ok, odd, bug]
+
+    import asyncio
+
+    with caplog.at_level("INFO"):
+        ok, odd, bug = asyncio.run(calls())
+    assert ok.headers["x-request-id"] == "abc-123"
+    assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["x-request-id"])  # not an id: replaced
+    assert bug.status_code == 500 and bug.json()["request_id"] in bug.json()["error"]
+    assert repr(value) not in bug.text and repr(value) not in caplog.text
+    assert "RuntimeError" in caplog.text and "serve_app.py" in caplog.text  # where, not what
 
 
 # --------------------------------------------------------------------------- slow tier: the whole contract
@@ -673,7 +748,32 @@ def test_two_workers_and_tls(full_run, inputs, tmp_path):
         while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not any(alive(pid) for pid in pids)
-    assert _session_alive(server.proc.pid) == []  # nothing of the server's session is left
+    assert (
+        _session_gone(server.proc.pid) == []
+    )  # nothing of the server's session is left (the resource tracker follows)
+
+
+@pytest.mark.slow
+def test_a_worker_that_finds_the_run_changed_stops_the_server(full_run, tmp_path):
+    """The parent verified the run; if it changes before a worker loads it, the server stops with exit 2 (no restart loop)."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    argv = [sys.executable, "-m", "pipeline", "serve", str(run), "--workers", "2", "--port", str(free_port())]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env, start_new_session=True
+    )
+    try:
+        line = proc.stdout.readline()  # printed once the parent verified the run, before the workers start
+        assert line.startswith("serving run"), line
+        manifest = run / "manifest.json"
+        manifest.write_text(json.dumps(json.loads(manifest.read_text()), indent=1))  # same content, another SHA-256
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2, out[-3000:]
+        assert "changed after the server verified it" in out and "error: a worker could not load run" in out
+    finally:
+        _stop(proc)
+    assert _session_gone(proc.pid) == []
 
 
 # --------------------------------------------------------------------------- README
