@@ -77,72 +77,9 @@ def load_table(
         column that is not in the table or is the target, a likely identifier column.
     """
     if not csv_path:
-        from sklearn.datasets import load_diabetes
-
-        bunch = load_diabetes()
-        x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.float64)
-        names = [str(n) for n in bunch.feature_names]
-        _check_ignored(ignore_columns, names, "disease_progression", "the embedded diabetes table")
-        keep = [j for j, n in enumerate(names) if n not in ignore_columns]
-        return RawTable(
-            x=x[:, keep],
-            y=y,
-            feature_names=tuple(names[j] for j in keep),
-            target_name="disease_progression",
-            provenance={
-                "source": "sklearn.datasets.load_diabetes (embedded, ships with scikit-learn)",
-                "sha256_of_arrays": _array_digest(x, y),
-                "rows": int(x.shape[0]),
-                "columns": int(x.shape[1]) + 1,
-            }
-            | ({"ignored_columns": list(ignore_columns)} if ignore_columns else {}),
-        )
-    import pandas as pd
-
-    path = Path(csv_path)
-    if path.is_dir():
-        raise DataError(f"data.tabular_csv {csv_path!r} is a directory; set it to a CSV file")
-    if not path.is_file():
-        raise DataError(f"CSV file {csv_path!r} does not exist; set data.tabular_csv to an existing file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(
-            f"CSV file {csv_path!r} cannot be read ({exc.strerror or exc}); check its permissions"
-        ) from None
-    try:
-        frame = pd.read_csv(io.BytesIO(raw))
-        # pandas renames a repeated column name ("y", "y" -> "y", "y.1"): read the header as written.
-        header = pd.read_csv(io.BytesIO(raw), header=None, nrows=1, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(
-            f"CSV file {csv_path!r} cannot be parsed ({(str(exc).splitlines() or [type(exc).__name__])[0]}); "
-            "check its delimiter and quoting"
-        ) from None
-    names = [str(v) for v in header.iloc[0].tolist()] if len(header) else []
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise DataError(
-            f"CSV file {csv_path!r} repeats column name(s) {', '.join(map(repr, duplicated))}; give every column "
-            "a unique name (a repeated target column would be trained on as a feature)"
-        )
-    if target not in frame.columns:
-        shown = ", ".join(map(str, list(frame.columns)[:20]))
-        raise DataError(f"target column {target!r} is not in {csv_path!r}; set data.target to one of: {shown}")
-    if len(frame) == 0:
-        raise DataError(f"CSV file {csv_path!r} has no data rows; supply a table with at least a few rows")
-    _check_ignored(ignore_columns, [str(c) for c in frame.columns], target, repr(csv_path))
-    non_numeric = [
-        str(c)
-        for c in frame.columns
-        if str(c) not in ignore_columns
-        and (not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]))
-    ]
-    if non_numeric:
-        raise DataError(
-            f"column(s) {', '.join(map(repr, non_numeric[:5]))} of {csv_path!r} are not numeric; "
-            "encode them as numbers (e.g. one-hot) or leave them out with data.ignore_columns"
-        )
+        return _diabetes_table(ignore_columns)
+    path, raw, frame, header = _read_csv(csv_path)
+    _check_columns(frame, header, csv_path=csv_path, target=target, ignore_columns=ignore_columns)
     features = [c for c in frame.columns if c != target and str(c) not in ignore_columns]
     if not features:
         raise DataError(f"{csv_path!r} has only the target column {target!r}; add at least one feature column")
@@ -169,6 +106,95 @@ def load_table(
         }
         | ({"ignored_columns": list(ignore_columns)} if ignore_columns else {}),
     )
+
+
+def _diabetes_table(ignore_columns: tuple[str, ...]) -> RawTable:
+    """scikit-learn's embedded diabetes table, without ``ignore_columns``."""
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes()
+    x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.float64)
+    names = [str(n) for n in bunch.feature_names]
+    _check_ignored(ignore_columns, names, "disease_progression", "the embedded diabetes table")
+    keep = [j for j, n in enumerate(names) if n not in ignore_columns]
+    return RawTable(
+        x=x[:, keep],
+        y=y,
+        feature_names=tuple(names[j] for j in keep),
+        target_name="disease_progression",
+        provenance={
+            "source": "sklearn.datasets.load_diabetes (embedded, ships with scikit-learn)",
+            "sha256_of_arrays": _array_digest(x, y),
+            "rows": int(x.shape[0]),
+            "columns": int(x.shape[1]) + 1,
+        }
+        | ({"ignored_columns": list(ignore_columns)} if ignore_columns else {}),
+    )
+
+
+def _read_csv(csv_path: str) -> tuple[Path, bytes, Any, list[str]]:
+    """The CSV's path, bytes, frame (pandas) and column names as written in its header.
+
+    Raises
+    ------
+    DataError
+        A directory, a missing or unreadable file, a CSV pandas cannot parse.
+    """
+    import pandas as pd
+
+    path = Path(csv_path)
+    if path.is_dir():
+        raise DataError(f"data.tabular_csv {csv_path!r} is a directory; set it to a CSV file")
+    if not path.is_file():
+        raise DataError(f"CSV file {csv_path!r} does not exist; set data.tabular_csv to an existing file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(
+            f"CSV file {csv_path!r} cannot be read ({exc.strerror or exc}); check its permissions"
+        ) from None
+    try:
+        frame = pd.read_csv(io.BytesIO(raw))
+        # pandas renames a repeated column name ("y", "y" -> "y", "y.1"): read the header as written.
+        header = pd.read_csv(io.BytesIO(raw), header=None, nrows=1, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(
+            f"CSV file {csv_path!r} cannot be parsed ({(str(exc).splitlines() or [type(exc).__name__])[0]}); "
+            "check its delimiter and quoting"
+        ) from None
+    names = [str(v) for v in header.iloc[0].tolist()] if len(header) else []
+    return path, raw, frame, names
+
+
+def _check_columns(
+    frame: Any, names: list[str], *, csv_path: str, target: str, ignore_columns: tuple[str, ...]
+) -> None:
+    """Refuse repeated column names, a missing target, no rows, wrong ignored columns, non-numeric features."""
+    import pandas as pd
+
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise DataError(
+            f"CSV file {csv_path!r} repeats column name(s) {', '.join(map(repr, duplicated))}; give every column "
+            "a unique name (a repeated target column would be trained on as a feature)"
+        )
+    if target not in frame.columns:
+        shown = ", ".join(map(str, list(frame.columns)[:20]))
+        raise DataError(f"target column {target!r} is not in {csv_path!r}; set data.target to one of: {shown}")
+    if len(frame) == 0:
+        raise DataError(f"CSV file {csv_path!r} has no data rows; supply a table with at least a few rows")
+    _check_ignored(ignore_columns, [str(c) for c in frame.columns], target, repr(csv_path))
+    non_numeric = [
+        str(c)
+        for c in frame.columns
+        if str(c) not in ignore_columns
+        and (not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]))
+    ]
+    if non_numeric:
+        raise DataError(
+            f"column(s) {', '.join(map(repr, non_numeric[:5]))} of {csv_path!r} are not numeric; "
+            "encode them as numbers (e.g. one-hot) or leave them out with data.ignore_columns"
+        )
 
 
 # Names that say "row identifier" (case-insensitive, whole name): id, uuid, index, row, row_id, Unnamed: 0 (pandas'
@@ -232,22 +258,7 @@ def load_images(spec: str) -> RawImages:
         Missing file, wrong keys or ranks, mismatched lengths, unreadable or differently sized images.
     """
     if not spec:
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        x = np.asarray(bunch.images, dtype=np.float64)[:, None]  # (N, 1, 8, 8)
-        y = np.asarray(bunch.target, dtype=np.int64)
-        return RawImages(
-            x=x,
-            y=y,
-            class_names=tuple(str(c) for c in range(10)),
-            provenance={
-                "source": "sklearn.datasets.load_digits (embedded, ships with scikit-learn)",
-                "sha256_of_arrays": _array_digest(x, y),
-                "rows": int(len(y)),
-                "shape": list(x.shape[1:]),
-            },
-        )
+        return _digits()
     path = Path(spec)
     if path.is_dir():
         return _load_image_folder(path)
@@ -259,6 +270,46 @@ def load_images(spec: str) -> RawImages:
         raise DataError(
             f"image data {spec!r} is neither an .npz file nor a folder; save arrays x and y with numpy.savez"
         )
+    x, y, groups, digest = _read_npz(path, spec)
+    x = _checked_images(x, y, spec)
+    labels, y_index = np.unique(y, return_inverse=True)
+    return RawImages(
+        x=np.asarray(x, dtype=np.float64),
+        y=y_index.astype(np.int64),
+        class_names=tuple(str(v) for v in labels),
+        provenance={"source": str(path), "sha256": digest, "rows": int(len(y)), "shape": list(x.shape[1:])},
+        groups=None if groups is None else _check_groups(groups, len(y), spec),
+    )
+
+
+def _digits() -> RawImages:
+    """scikit-learn's embedded 8x8 digits."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.asarray(bunch.images, dtype=np.float64)[:, None]  # (N, 1, 8, 8)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    return RawImages(
+        x=x,
+        y=y,
+        class_names=tuple(str(c) for c in range(10)),
+        provenance={
+            "source": "sklearn.datasets.load_digits (embedded, ships with scikit-learn)",
+            "sha256_of_arrays": _array_digest(x, y),
+            "rows": int(len(y)),
+            "shape": list(x.shape[1:]),
+        },
+    )
+
+
+def _read_npz(path: Path, spec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    """Arrays ``x``, ``y`` and the optional ``group`` of an .npz archive, and the file's SHA-256.
+
+    Raises
+    ------
+    DataError
+        Not an .npz archive, missing arrays, pickled objects, a corrupt file, a file that changed while read.
+    """
     # Hashed as a stream and the arrays read from the file: no copy of its bytes is held. A file that
     # changes in between is refused (size and modification time before the hash, after the read).
     before = path.stat()
@@ -284,6 +335,11 @@ def load_images(spec: str) -> RawImages:
     after = path.stat()
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
         raise DataError(f"{spec!r} changed while it was being read; run again once nothing writes to it")
+    return x, y, groups, digest
+
+
+def _checked_images(x: np.ndarray, y: np.ndarray, spec: str) -> np.ndarray:
+    """``x`` as (N, C, H, W) once ``x`` and ``y`` pass every check (dtype, rank, length, channels, labels)."""
     for name, arr in (("x", x), ("y", y)):
         if np.iscomplexobj(arr):
             raise DataError(f"{name} in {spec!r} has complex dtype {arr.dtype}; only real numbers are accepted")
@@ -302,14 +358,7 @@ def load_images(spec: str) -> RawImages:
     if x.shape[1] not in (1, 3):
         raise DataError(f"x in {spec!r} has {x.shape[1]} channels; expected 1 (grey) or 3 (RGB) in (N, C, H, W) order")
     _check_labels(y, spec)
-    labels, y_index = np.unique(y, return_inverse=True)
-    return RawImages(
-        x=np.asarray(x, dtype=np.float64),
-        y=y_index.astype(np.int64),
-        class_names=tuple(str(v) for v in labels),
-        provenance={"source": str(path), "sha256": digest, "rows": int(len(y)), "shape": list(x.shape[1:])},
-        groups=None if groups is None else _check_groups(groups, len(y), spec),
-    )
+    return x
 
 
 def _check_groups(groups: np.ndarray, n: int, spec: str) -> np.ndarray:
