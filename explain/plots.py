@@ -38,6 +38,12 @@ __all__ = [
 INPUT_ALPHA = 0.5  # the grey input under an attribution map: visible where the (transparent-at-0) map is faint
 
 
+# One colour meaning across the report's figures: red raises the explained output, blue lowers it (waterfall, image
+# maps). A feature's value is drawn in viridis (beeswarm, dependence colour), unsigned importance in greys.
+VALUE_CMAP = "viridis"
+METHOD_GREYS = ("#3d3d3d", "#9e9e9e", "#cfcfcf")
+
+
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     FigureCanvasAgg(fig)
@@ -89,7 +95,10 @@ def beeswarm_png(expl: Explanation, *, max_display: int = 10) -> bytes:
     max_display = check_positive_int("max_display", max_display)
     # shap's beeswarm jitters dots with numpy's global RNG: a fixed seed makes the figure (and its hash) reproducible.
     with scoped_numpy_seed(0):
-        return _shap_png(lambda: shap.plots.beeswarm(_to_shap(expl), max_display=max_display, show=False))
+        # colour = the feature's value in viridis: red and blue mean an attribution's sign in every other figure
+        return _shap_png(
+            lambda: shap.plots.beeswarm(_to_shap(expl), max_display=max_display, show=False, color=VALUE_CMAP)
+        )
 
 
 def waterfall_png(expl: Explanation, *, row: int = 0, max_display: int = 10) -> bytes:
@@ -134,7 +143,8 @@ def importance_bar_png(expls: Explanation | Sequence[Explanation], *, max_displa
     ax = fig.add_subplot()
     height = 0.8 / len(expls)
     for j, e in enumerate(expls):
-        ax.barh(np.arange(len(order)) + j * height, e.mean_abs()[order], height=height, label=e.method)
+        shade = METHOD_GREYS[j % len(METHOD_GREYS)]  # unsigned importance: grey, never the signs' red/blue
+        ax.barh(np.arange(len(order)) + j * height, e.mean_abs()[order], height=height, label=e.method, color=shade)
     ax.set_yticks(np.arange(len(order)) + 0.4 - height / 2, labels=names)
     ax.set_xlabel("mean |attribution|")
     if len(expls) > 1:
@@ -248,7 +258,7 @@ def attribution_rows_png(
             axes[r, j].set_title(f"{e.method}, logit {e.outputs[i]:.2f}", fontsize=7)
         bar = fig.colorbar(im, ax=list(axes[r, 2:]), shrink=0.9, aspect=12)
         bar.ax.tick_params(labelsize=6)
-        bar.set_label("attribution (logit)", fontsize=6)
+        bar.set_label("attribution (logit)", fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
@@ -268,10 +278,10 @@ def deletion_insertion_png(results: DeletionInsertionResult | Sequence[DeletionI
         line = ax_ins.plot(r.fractions, r.insertion_curve, label=f"{r.method} (AUC {r.insertion_auc:.3g})")[0]
         ax_ins.plot(r.fractions, r.random_insertion_curve, ls="--", color=line.get_color(), alpha=0.6)
     for ax, title in ((ax_del, "deletion (lower is better)"), (ax_ins, "insertion (higher is better)")):
-        ax.set_title(title + "; dashed: random order", fontsize=9)
+        ax.set_title(title + "; dashed: random order", fontsize=10)
         ax.set_xlabel("fraction of features")
         ax.set_ylabel("explained output")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9)
     return _png(fig)
 
 
@@ -294,9 +304,9 @@ def dependence_png(expl: Explanation, *, feature: int, interaction: int | None =
         if f is not None and not 0 <= f < n_features:
             raise ValueError(f"{name}={f} is out of range; pass 0 <= {name} < {n_features}.")
     sx = _to_shap(expl)
-    color = sx[:, interaction] if interaction is not None else "#1E88E5"
+    color = sx[:, interaction] if interaction is not None else "#555555"
     with scoped_numpy_seed(0):  # shap's scatter jitters and subsamples with numpy's global RNG
-        return _shap_png(lambda: shap.plots.scatter(sx[:, feature], color=color, show=False))
+        return _shap_png(lambda: shap.plots.scatter(sx[:, feature], color=color, cmap=VALUE_CMAP, show=False))
 
 
 def pdp_ice_png(result: PartialDependenceResult, *, feature_name: str, output_label: str, max_ice: int = 50) -> bytes:
@@ -313,15 +323,15 @@ def pdp_ice_png(result: PartialDependenceResult, *, feature_name: str, output_la
     ax = fig.add_subplot()
     ice = result.individual[:max_ice]
     for curve in ice:
-        ax.plot(result.grid, curve, color="#7a9cc6", alpha=0.35, lw=0.8)
-    ax.plot(result.grid, result.average, color="#c0392b", lw=2.4, label="partial dependence (mean)")
-    ax.plot([], [], color="#7a9cc6", lw=0.8, label=f"ICE: {len(ice)} of {len(result.individual)} rows")
+        ax.plot(result.grid, curve, color="#9e9e9e", alpha=0.45, lw=0.8)
+    ax.plot(result.grid, result.average, color="#1b1b1b", lw=2.4, label="partial dependence (mean)")
+    ax.plot([], [], color="#9e9e9e", lw=0.8, label=f"ICE: {len(ice)} of {len(result.individual)} rows")
     ax.xaxis.set_major_locator(MaxNLocator(5))
-    ax.tick_params(labelsize=7)
+    ax.tick_params(labelsize=9)
     ax.set_xlabel(feature_name)
     ax.set_ylabel(output_label)
-    ax.set_title(f"PDP and ICE: {feature_name}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"PDP and ICE: {feature_name}", fontsize=10)
+    ax.legend(fontsize=9)
     return _png(fig)
 
 

@@ -31,6 +31,7 @@ from pipeline.report.privacy import (
 )
 from pipeline.report.sentences import randomisation_sentence, reference_sentence, survivors
 from pipeline.report.utility import trivial_baseline
+from pipeline.report.verdicts import verdicts
 from pipeline.rundir import git_commit, library_versions
 from pipeline.train import TrainOutput
 
@@ -126,7 +127,8 @@ def models_section(
 HOW_TO_READ = {
     "beeswarm": "Each dot is one explained test row. Its horizontal position is the feature's SHAP value: how much "
     "that feature moved this row's prediction away from the average prediction, in the target's original "
-    "units. Colour is the feature's value (red high, blue low). Features are sorted by mean |SHAP|. "
+    "units. Colour is the feature's value (yellow high, purple low: red and blue mean an attribution's sign in the "
+    "other figures). Features are sorted by mean |SHAP|. "
     "Feature values are as the dataset provides them (scikit-learn's diabetes features, the default data, are "
     "already mean-centred and scaled, not clinical measurements).",
     "importance_bar": "Mean absolute attribution per feature, SHAP and LIME side by side (standardised target units). "
@@ -155,7 +157,7 @@ HOW_TO_READ = {
     "in target units. A rising cloud means higher values push the prediction up. The colour is the value of the "
     "feature shap finds most interacting with it (named on the colour bar): at a given x, a vertical spread that "
     "sorts by colour is an interaction. The shape describes the model, not a causal effect.",
-    "pdp": "Partial dependence (thick red line) and individual conditional expectation curves (thin blue lines, one "
+    "pdp": "Partial dependence (thick black line) and individual conditional expectation curves (thin grey lines, one "
     "per background row of the public split): the model's prediction, in target units, as this one feature is set "
     "to each value of the grid (its 5th to 95th percentile on the background) while every other feature keeps the "
     "row's own value. Computed by scikit-learn's partial_dependence (brute force) on the trained network. Parallel "
@@ -668,5 +670,6 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
     content["caveats"] = (
         content["privacy"]["caveats"] + content["audit"]["caveats"] + content["explanations"]["caveats"]
     )
+    content["summary"]["verdicts"] = verdicts(content)  # the first screen, from the checks above (worst first)
     del content["_metrics"]
     return jsonable(content)

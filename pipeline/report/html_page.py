@@ -17,6 +17,7 @@ from markupsafe import Markup
 
 from auditml_core.codebook import describe
 from auditml_core.models import MODELS
+from pipeline.report.fmt import number
 from pipeline.report.sentences import (
     WHY_NOT_RIDGE,
     baseline_sentence,
@@ -28,20 +29,35 @@ from pipeline.report.templating import html_environment
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1100px;
-padding:1em 1.5em;color:#1b1b1b;line-height:1.45}
-h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.5em}
-nav ol{columns:2}table{border-collapse:collapse;margin:.6em 0;font-size:.9em;display:block;max-width:100%;
-overflow-x:auto}table table{display:table}code{overflow-wrap:anywhere}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1400px;
+padding:0 1.5em;color:#1b1b1b;line-height:1.45;display:grid;grid-template-columns:12.5em minmax(0,1fr);gap:0 2em}
+nav.toc{position:sticky;top:0;align-self:start;max-height:100vh;overflow-y:auto;padding:1em 0;font-size:.85em}
+nav.toc ol{list-style:none;padding-left:.9em;margin:.3em 0}nav.toc>ol{padding-left:0}nav.toc li{margin:.15em 0}nav.toc .toc-title{font-weight:600;margin:0}
+main{min-width:0;padding:.6em 0 2em}header h1{margin:.2em 0 .1em;font-size:1.6em}header p{margin:.2em 0}
+h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.5em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em;display:block;max-width:100%;overflow-x:auto}
+table table{display:table}code{overflow-wrap:anywhere}
 th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}th{background:#f3f3f3}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.box{background:#f7f9fc;border-left:4px solid #3a6ea5;
 padding:.6em 1em;margin:.8em 0}.warn{border-left-color:#c0392b;background:#fdf3f2}
+p.lead{font-size:1.02em;max-width:60em}
 figure{margin:1em 0;border:1px solid #e3e3e3;padding:.5em}figure img{max-width:100%;height:auto}
-figcaption{font-size:.9em;color:#333}.howto{font-size:.88em;color:#444}code,pre{font-family:ui-monospace,monospace;
-font-size:.85em}pre{background:#f5f5f5;padding:.6em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
-.small{font-size:.85em;color:#555}details{margin:.5em 0}
+figcaption{font-size:.9em;color:#333}.howto{font-size:.88em;color:#444}.lookfor{font-size:.9em;margin:.2em 0}
+code,pre{font-family:ui-monospace,monospace;font-size:.85em}
+pre{background:#f5f5f5;padding:.6em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
+.small{font-size:.85em;color:#555}details{margin:.5em 0}details>summary{cursor:pointer}
 table.wrap{display:table;table-layout:fixed;width:100%}table.wrap td,table.wrap th{overflow-wrap:anywhere}
-@media print{nav{display:none}figure{break-inside:avoid}}
+section#verdicts h2{margin-top:.5em}table.verdicts{display:table;table-layout:fixed;width:100%;font-size:.92em}
+table.verdicts td,table.verdicts th{padding:.35em .55em;overflow-wrap:break-word}
+table.verdicts td.numbers{font-variant-numeric:tabular-nums;font-size:.9em}table.verdicts td.numbers span.n{display:block}
+.badge{display:inline-block;padding:.1em .45em;border-radius:.3em;font-weight:600;white-space:nowrap;font-size:.9em}
+.st-failed .badge{background:#c0392b;color:#fff}.st-caveat .badge{background:#f0b429;color:#1b1b1b}
+.st-holds .badge{background:#2e7d32;color:#fff}.st-na .badge{background:#e0e0e0;color:#333}
+tr.st-failed{background:#fdf3f2}tr.st-caveat{background:#fffaf0}
+p.verdict{border-left:4px solid #999;padding:.3em .8em;margin:.6em 0}p.verdict.st-failed{border-left-color:#c0392b}
+p.verdict.st-caveat{border-left-color:#f0b429}p.verdict.st-holds{border-left-color:#2e7d32}
+@media (max-width:900px){body{display:block}nav.toc{position:static;max-height:none}}
+@media print{body{display:block;max-width:none}nav.toc{display:none}figure,tr{break-inside:avoid}a{color:inherit}}
 """
 
 
@@ -57,6 +73,7 @@ def training_curves_png(history: list[Mapping[str, Any]], title: str) -> bytes |
     """Loss curves per epoch or round (and ε where recorded), or None without a history."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if not history:
         return None
@@ -70,20 +87,22 @@ def training_curves_png(history: list[Mapping[str, Any]], title: str) -> bytes |
         pts = [(x, h[k]) for x, h in zip(xs, history) if isinstance(h.get(k), (int, float))]
         if pts:
             axes[0].plot(*zip(*pts), label=k)
+    for ax in axes:  # epochs and rounds are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_xlabel(xkey or "step")
     axes[0].set_ylabel("loss")
-    axes[0].set_title(title, fontsize=9)
+    axes[0].set_title(title, fontsize=10)
     if losses:
-        axes[0].legend(fontsize=7)
+        axes[0].legend(fontsize=9)
     if eps_key:
         pts = [(x, h[eps_key]) for x, h in zip(xs, history) if isinstance(h.get(eps_key), (int, float))]
         axes[1].plot(*zip(*pts), marker="o")
         axes[1].set_xlabel(xkey or "step")
         axes[1].set_ylabel(f"ε spent ({eps_key})")
-        axes[1].set_title("privacy budget spent", fontsize=9)
+        axes[1].set_title("privacy budget spent", fontsize=10)
     buf = io.BytesIO()
     FigureCanvasAgg(fig)
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return buf.getvalue()
 
 
@@ -228,20 +247,24 @@ def join_str(values: list[Any]) -> str:
     return ", ".join(map(str, values))
 
 
-def reproducibility_facts(r: Mapping[str, Any]) -> dict[str, Any]:
-    """The run-identity table of the Reproducibility section."""
+def reproducibility_facts(r: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The run-identity table of the Reproducibility section (``shown``) and the raw records folded under it."""
     return {
-        "run id": r["run_id"],
-        "git commit": r["git_commit"],
-        # the resolved train.device setting: what was available, not where each stage ran
-        "train.device (resolved)": r["device"],
-        "device per stage": r.get("stage_devices") or "(not recorded)",
-        "platform": r["platform"],
-        "python": r["python_executable"],
-        "root seed": r["root_seed"],
-        "seeds per stage": r["seeds"],
-        "stage seconds": r["stage_seconds"],
-        "library versions": r["library_versions"],
+        "shown": {
+            "run id": r["run_id"],
+            "git commit": r["git_commit"],
+            # the resolved train.device setting: what was available, not where each stage ran
+            "train.device (resolved)": r["device"],
+            "device per stage": r.get("stage_devices") or "(not recorded)",
+            "platform": r["platform"],
+            "python": r["python_executable"],
+            "root seed": r["root_seed"],
+        },
+        "folded": {
+            "seeds per stage": r["seeds"],
+            "stage seconds": r["stage_seconds"],
+            "library versions": r["library_versions"],
+        },
     }
 
 
@@ -273,15 +296,84 @@ _VARIANT_COLUMNS = (
 
 
 SECTIONS = (
-    ("summary", "Summary"),
+    ("summary", "Models at a glance"),
     ("data", "Data provenance"),
     ("models", "Models"),
     ("privacy", "Privacy"),
     ("audit", "Privacy audit (membership inference)"),
     ("explanations", "Explanations"),
+    ("distill", "Distillation"),
+    ("not-covered", "What this report does not cover"),
     ("annex-iv", "EU AI Act Annex IV map"),
     ("reproducibility", "Reproducibility"),
 )
+
+
+_STATUS = {  # status -> (CSS class, mark): the mark says it without colour
+    "failed": ("st-failed", "✗"),
+    "holds with caveat": ("st-caveat", "!"),
+    "holds": ("st-holds", "✓"),
+    "not applicable": ("st-na", "–"),
+}
+
+
+def status_class(status: str) -> str:
+    """The CSS class of a verdict's status."""
+    return _STATUS[status][0]
+
+
+def status_mark(status: str) -> str:
+    """A one-character mark for a verdict's status (read without colour, and in print)."""
+    return _STATUS[status][1]
+
+
+def verdict_of(c: Mapping[str, Any], area: str) -> Mapping[str, Any] | None:
+    """The verdict of ``area`` in the content's summary, or None."""
+    return next((v for v in (c.get("summary") or {}).get("verdicts") or [] if v["area"] == area), None)
+
+
+def artifact_sha256(c: Mapping[str, Any], path: str) -> str | None:
+    """The SHA-256 the report read for an earlier stage's file (from the manifest), or None."""
+    return next((a.get("sha256") for a in c["reproducibility"]["artifacts"] if a["path"] == path), None)
+
+
+def figure_id(path: str) -> str:
+    """A figure's anchor from its file: explain/plots/cnn_image_grid.png -> fig-cnn-image-grid."""
+    stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return "fig-" + "".join(ch if ch.isalnum() else "-" for ch in stem.lower()).strip("-")
+
+
+LOOK_FOR = {  # per figure kind: what a reader should look for first (the "how to read" note says the rest)
+    "beeswarm": "features whose dots reach far from 0 (they move predictions most) and whether high values (yellow) "
+    "sit right of 0 (they push the prediction up).",
+    "importance_bar": "whether SHAP and LIME put the same features on top; where they differ, trust neither alone.",
+    "waterfall": "the few longest bars: they carry this row's prediction away from the average.",
+    "deletion_insertion": "the solid curve below the dashed one on the left and above it on the right: then the "
+    "explanation is faithful to the model.",
+    "image_grid": "red where the digit's strokes are, and the same places in SHAP and LIME; noise everywhere means "
+    "the map shows little.",
+    "dependence": "a clear rising or falling cloud (the direction of the effect) and vertical spread that sorts by "
+    "colour (an interaction).",
+    "pdp": "ICE lines that run parallel (an additive feature) or cross and fan (interactions the average hides).",
+    "misclassified": "a repeated confusion (one pair of classes, one writing style) rather than single images.",
+    "training": "validation loss that rises while training loss falls (overfitting) and, under DP, ε growing to its "
+    "target by the last step.",
+}
+
+
+def look_for(kind: str) -> str:
+    """What to look for first in a figure of ``kind`` ('' for an unknown kind)."""
+    return LOOK_FOR.get(kind, "")
+
+
+def metric_name(key: str) -> str:
+    """A metric key as people write it (r2 -> R²)."""
+    return {"r2": "R²", "mae": "MAE", "rmse": "RMSE", "macro_f1": "macro-F1"}.get(key, key)
+
+
+def people(value: Any) -> str:
+    """A number for prose: 3 significant digits (full precision stays in report.json)."""
+    return number(value, 3)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -309,6 +401,13 @@ _GLOBALS = {
     "training_and_history": training_and_history,
     "variant_columns": _VARIANT_COLUMNS,
     "why_not_ridge": WHY_NOT_RIDGE,
+    "status_class": status_class,
+    "status_mark": status_mark,
+    "verdict_of": verdict_of,
+    "artifact_sha256": artifact_sha256,
+    "figure_id": figure_id,
+    "look_for": look_for,
+    "metric_name": metric_name,
 }
 
 
@@ -316,13 +415,17 @@ def _environment():
     env = html_environment()
     if "data_uri" not in env.filters:
         env.filters["data_uri"] = data_uri
+        env.filters["people"] = people
         env.globals.update(_GLOBALS)
     return env
 
 
 def sections(content: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The page's sections (anchor, title) in order, as the table of contents lists them."""
-    listed = [*SECTIONS[:6], ("distill", "Distillation"), *SECTIONS[6:]] if "distill" in content else list(SECTIONS)
+    """The page's evidence sections (anchor, title) in order, as the table of contents lists them after the
+    verdicts."""
+    listed = list(SECTIONS)
+    if "distill" not in content:
+        listed.remove(("distill", "Distillation"))
     return [s for s in listed if s[0] != "annex-iv" or "annex_iv" in content]
 
 

@@ -246,9 +246,8 @@ def test_html_is_self_contained_and_lists_every_earlier_hash(hostile_run):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html)
     assert any(t == "meta" and a.get("http-equiv") == "Content-Security-Policy" for t, a in parser.tags)
     headings = [m.group(1) for m in re.finditer(r"<h2>([^<]+)</h2>", html)]
-    assert (
-        headings[:2] == ["Summary", "Data provenance"] and "Privacy" in headings and headings[-1] == "Reproducibility"
-    )
+    assert headings[:3] == ["Verdicts", "Models at a glance", "Data provenance"]
+    assert "Privacy" in headings and "What this report does not cover" in headings and headings[-1] == "Reproducibility"
     content = json.loads(hostile_run.read("report.json"))
     listed = {a["path"]: a["sha256"] for a in content["reproducibility"]["artifacts"]}
     for rel, entry in hostile_run.manifest["artifacts"].items():
@@ -262,7 +261,7 @@ def test_verify_catches_an_edited_report(hostile_run, tmp_path):
     shutil.copytree(hostile_run.path, copy)
     assert RunDir.open(copy).verify() == []
     path = copy / "report.html"
-    path.write_text(path.read_text().replace("Summary", "Summery", 1))
+    path.write_text(path.read_text().replace("Verdicts", "Verdikts", 1))
     assert RunDir.open(copy).verify() == ["edited: report.html (SHA-256 differs from the manifest)"]
 
 
@@ -461,3 +460,95 @@ def test_error_analysis_and_dependence_figures_are_in_the_report_with_their_hash
     cm = cnn_test["confusion_matrix"]
     assert [r["support"] for r in cnn_test["per_class_errors"]] == [sum(row) for row in cm]
     assert "Per-class errors (test)" in html
+
+
+# --------------------------------------------------------------------------- the first screen (issue 29)
+
+FIRST_SCREEN_PX = (1280, 900)  # the window the first screen is judged in
+
+
+def _ids_and_links(html):
+    ids = set(re.findall(r"\sid=['\"]?([A-Za-z0-9_-]+)", html))
+    links = re.findall(r"href=['\"]#([^'\"]+)['\"]", html)
+    return ids, links
+
+
+def test_every_area_has_a_verdict_row_in_the_json_and_the_page_and_every_link_lands(hostile_run):
+    content = json.loads(hostile_run.read("report.json"))
+    html = hostile_run.read("report.html").decode()
+    verdicts = content["summary"]["verdicts"]
+    jsonschema.validate(content, report.schema())
+    assert sorted(v["area"] for v in verdicts) == sorted(
+        ["privacy-guarantee", "privacy-audit", "utility", "subgroups", "explanations", "provenance"]
+    )
+    ids, links = _ids_and_links(html)
+    for v in verdicts:
+        assert len(v["sentence"].split()) <= 25, v["sentence"]
+        assert v["anchor"] in ids and v["evidence"][1:] in ids, v  # the row and its evidence both exist
+        row = html.split(f"<tr id={v['anchor']} ", 1)[1].split("</tr>", 1)[0]
+        assert f">{v['status']}</span>" in row.replace("✗ ", "").replace("! ", "").replace("✓ ", "").replace("– ", "")
+        assert f"href='{v['evidence']}'" in row
+    assert not [link for link in links if link not in ids]  # no internal link of the page points nowhere
+    # this run has no DP: the guarantee is not applicable, and the page says so in words
+    privacy = next(v for v in verdicts if v["area"] == "privacy-guarantee")
+    assert privacy["status"] == "not applicable" and "No differential privacy" in privacy["sentence"]
+    assert content["summary"]["verdicts"] == sorted(
+        verdicts, key=lambda v: ["failed", "holds with caveat", "holds", "not applicable"].index(v["status"])
+    )
+
+
+def _estimated_first_screen_lines(html):
+    """Lines the page needs down to the last verdict row, at 1280 px: the header, the verdicts heading and note, and
+    per row its tallest cell (characters per line of each column at the page's font sizes). An estimate for machines
+    without a browser; the browser test measures it."""
+    main = html.split("<main>", 1)[1]
+    header, rest = main.split("</header>", 1)
+    assert rest.startswith("<section id=verdicts>"), "the verdicts must come first after the header"
+    section = rest.split("</section>", 1)[0]
+
+    def text(fragment):
+        return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", fragment)).strip()
+
+    lines = 2 + -(-len(text(header)) // 130)  # h1 counts double
+    lines += 2 + -(-len(text(section.split("<table", 1)[0])) // 130) + 1  # heading, note, table header
+    for row in re.findall(r"<tr id=verdict-.*?</tr>", section):
+        cells = re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)
+        status, area, numbers, sentence = (text(c) for c in cells[:4])
+        number_lines = max(1, len(re.findall(r"<span class=n>", cells[2]))) + len(numbers) // 48
+        lines += max(-(-len(status) // 18), -(-len(area) // 14), number_lines, -(-len(sentence) // 46)) + 0.5
+    return lines
+
+
+def test_the_first_screen_holds_every_verdict_by_element_order_and_line_budget(hostile_run):
+    html = hostile_run.read("report.html").decode()
+    assert html.count("<tr id=verdict-") == 6
+    lines = _estimated_first_screen_lines(html)
+    assert lines <= FIRST_SCREEN_PX[1] / 22, lines  # ~22 px a line at the page's font size
+
+
+# Sets the title to "BOTTOM <px>": the lowest edge of any verdict row once the page has laid out.
+ROW_PROBE = (
+    "<script>addEventListener('load', () => { const b = [...document.querySelectorAll('tr[id^=verdict-]')]"
+    ".map(r => r.getBoundingClientRect().bottom); document.title = 'BOTTOM ' + b.length + ' ' + "
+    "Math.ceil(Math.max(...b)); });</script>"
+)
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed; `make browser` installs it "
+    "(Debian: apt-get install --no-install-recommends chromium)",
+)
+def test_the_first_screen_holds_every_verdict_in_a_headless_browser(hostile_run, tmp_path):
+    html = hostile_run.read("report.html").decode()
+    probe = html.replace(report_html.CSP, report_html.CSP + "; script-src 'unsafe-inline'", 1).replace(
+        "</body>", ROW_PROBE + "</body>"
+    )
+    (tmp_path / "probe.html").write_text(probe)
+    width, height = FIRST_SCREEN_PX
+    dom = _chromium(
+        f"--window-size={width},{height}", "--dump-dom", (tmp_path / "probe.html").as_uri(), profile=tmp_path
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    n, bottom = re.search(r"<title>BOTTOM (\d+) (\d+)</title>", dom.stdout).groups()
+    assert int(n) == 6 and int(bottom) <= height, (n, bottom)

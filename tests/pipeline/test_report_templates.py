@@ -38,5 +38,8 @@ def test_line_joining_removes_template_line_breaks_but_never_a_values():
 
 def test_a_section_renders_alone_and_the_page_keeps_its_content_security_policy():
     html = html_page.render_section("data", {"data": {}, "privacy": {"enabled": False}})
-    assert html == "<section id=data><h2>Data provenance</h2></section>"
+    assert html.startswith("<section id=data><h2>Data provenance</h2><p class=lead>") and html.endswith(
+        "</p></section>"
+    )
+    assert "protected by DP" not in html  # this content has no DP: the page does not say DP protects anything
     assert html_page.CSP == "default-src 'none'; img-src data:; style-src 'unsafe-inline'"

@@ -172,12 +172,15 @@ def test_dp_report_states_independent_epsilon_checks_audit_coverage_and_caveat_s
         assert status["guarantee"] == "composed"
         assert f"students/{name}.* composed (ε = " in content["summary"]["privacy"]
         assert ("OVER the budget" in content["summary"]["privacy"]) or not status["over_budget"]
+    over = [n for n in MODELS if json.loads(dp_run.read(f"students/{n}.json"))["record"]["privacy"]["over_budget"]]
+    verdict = next(v for v in content["summary"]["verdicts"] if v["area"] == "privacy-guarantee")
+    assert verdict["status"] != "not applicable" and (verdict["status"] == "failed" or not over)  # #29: never hidden
     assert any(line.startswith("audit/*") for line in p["not_covered"])
     card = dp_run.read("model_card_cnn.md").decode()
     assert "students/regressor.* (student of the MLP regressor) own DP-SGD" not in card  # the other model's caveat
     assert "students/cnn.* (student of the CNN classifier) own DP-SGD" in card
     assert "audit/*" in card and "independently recomputed by dp-accounting" in card
-    assert "privacy, privacy-audit and explanation sections" in html
+    assert "caveat(s) are gathered under" in html and "<section id=not-covered>" in html
     tree = json.loads(dp_run.read("students/regressor.json"))["record"]["tree_student"]
     assert tree["privacy"]["guarantee"] == "inherited"  # transfer=private: the tree was fitted on public rows only
     assert any(line.startswith("students/regressor.json tree_student") for line in p["covered"])

@@ -1,0 +1,222 @@
+"""The report's first screen: each verdict comes from a check the run computed, and turns "failed" when that check
+fails (an over-budget composed student, a second accountant that disagrees, a model at chance, an audit that refutes
+the claimed ε, subgroup intervals that do not overlap, attributions that fail the randomisation check, a report
+without a manifest), and "not applicable" where the area does not apply."""
+
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pipeline.report.audit import _verdict as audit_verdict
+from pipeline.report.privacy import independent_check
+from pipeline.report.utility import trivial_baseline
+from pipeline.report.verdicts import AREAS, MAX_WORDS, STATUSES, verdicts
+
+HISTORY = [[1.1, 0.01, 1000]]  # σ, sample rate, steps of a DP-SGD run: ε ≈ 1.52 at δ = 1e-5 (PLD)
+DELTA = 1e-5
+
+
+def _record(epsilon=None, target=3.0):
+    """A DP record whose ε is what dp-accounting itself gives for HISTORY (so the second accountant agrees)."""
+    rec = {"accountant_history": HISTORY, "delta": DELTA, "epsilon": 1.0, "target_epsilon": target}
+    pld = independent_check(rec)["checks"][0]["pld_epsilon"]
+    return {**rec, "epsilon": pld if epsilon is None else epsilon, "noise_source": "os-csprng"}
+
+
+def _quality(passed_signed=True, passed_abs=True, deletion=0.2, random=0.4, exactness="exact"):
+    return {
+        "primary": "shap-exact",
+        "exactness": exactness,
+        "randomisation": {"passed_signed": passed_signed, "passed_abs": passed_abs},
+        "class_randomisation": None,
+        "faithfulness": {"shap-exact": {"deletion_auc": deletion, "random_deletion_auc": random}},
+    }
+
+
+def _audit_model(title, claimed, bound, control_bound):
+    """An audit record judged by the audit's own verdict function (the report's 'audit flag')."""
+    attack = {"attack": "LiRA", "auc": 0.6, "auc_ci95": [0.55, 0.65], "epsilon_lower_bound": bound, "tpr_at_fpr": []}
+    control = {
+        "kind": "noise mutant",
+        "noise_factor": 0.1,
+        "attacks": [{**attack, "epsilon_lower_bound": control_bound}],
+    }
+    m = {
+        "title": title,
+        "claimed_epsilon": claimed,
+        "attacks": [attack],
+        "canaries": {"ran": False},
+        "control": control,
+        "certifiable_epsilon": {"membership_attacks": 8.0, "canaries": None},
+    }
+    return m | {"verdict": audit_verdict(m)}
+
+
+def good_dp_content():
+    """A DP run in which every check holds."""
+    rec = _record()
+    groups = [
+        {"group": "sex = 1", "n": 40, "mae": 40.0, "mae_ci95": [35.0, 46.0]},
+        {"group": "sex = 2", "n": 40, "mae": 43.0, "mae_ci95": [37.0, 49.0]},
+    ]
+    tb = {"metric": "accuracy", "model": 0.9, "model_ci95": [0.86, 0.93], "trivial": 0.1, "no_better": False}
+    return {
+        "manifest_sha256": "ab" * 32,
+        "privacy": {
+            "enabled": True,
+            "models": {"regressor": rec, "cnn": rec},
+            "independent_checks": {"regressor": independent_check(rec), "cnn": independent_check(rec)},
+        },
+        "audit": {
+            "ran": True,
+            "models": {
+                "regressor": _audit_model("MLP regressor", rec["epsilon"], 0.2, 9.0),
+                "cnn": _audit_model("CNN classifier", rec["epsilon"], 0.3, 9.0),
+            },
+        },
+        "models": {
+            "regressor": {
+                "title": "MLP regressor",
+                "training": {"n_train": 300},
+                "metrics": {"test": {"subgroups": {"sex": {"kind": "codes", "groups": groups}}}},
+                "trivial_baseline": tb | {"metric": "r2", "model": 0.4, "model_ci95": [0.3, 0.5], "trivial": 0.0},
+            },
+            "cnn": {"title": "CNN classifier", "training": {"n_train": 1200}, "metrics": {}, "trivial_baseline": tb},
+        },
+        "explanations": {
+            "models": {
+                "regressor": {"title": "MLP regressor", "quality": _quality()},
+                "cnn": {"title": "CNN classifier", "quality": _quality()},
+            }
+        },
+        "reproducibility": {"git_commit": "0123abc", "artifacts": [{"path": "data/tabular.npz", "sha256": "cd" * 32}]},
+    }
+
+
+def by_area(content):
+    out = verdicts(content)
+    assert [v["area"] for v in out if True] and sorted(v["area"] for v in out) == sorted(a for a, _, _ in AREAS)
+    for v in out:
+        assert v["status"] in STATUSES and len(v["sentence"].split()) <= MAX_WORDS, v
+    ranks = [STATUSES.index(v["status"]) for v in out]
+    assert ranks == sorted(ranks)  # worst first
+    return {v["area"]: v for v in out}
+
+
+def test_every_area_holds_on_a_run_whose_checks_all_pass():
+    v = by_area(good_dp_content())
+    assert {a: x["status"] for a, x in v.items()} == {
+        "privacy-guarantee": "holds",
+        "privacy-audit": "holds",
+        "utility": "holds",
+        "subgroups": "holds with caveat",  # overlapping intervals never prove equal performance
+        "explanations": "holds",
+        "provenance": "holds",
+    }
+    assert v["privacy-guarantee"]["numbers"][0]["value"] == pytest.approx(_record()["epsilon"])
+    assert v["subgroups"]["evidence"] == "#subgroups-regressor"
+
+
+def test_an_over_budget_composed_student_fails_the_privacy_guarantee():
+    content = good_dp_content()
+    student = {"guarantee": "composed", "epsilon": 5.2, "delta": 2e-5, "target_epsilon": 3.0, "over_budget": True}
+    content["distill"] = {"cnn": {"record": {"privacy": student}}}
+    v = by_area(content)["privacy-guarantee"]
+    assert v["status"] == "failed" and "student of the CNN classifier" in v["sentence"] and "5.2" in v["sentence"]
+    # null: the same student within its target is not a failure (its own DP-SGD check is missing: a caveat)
+    content["distill"]["cnn"]["record"]["privacy"] = student | {"epsilon": 2.9, "over_budget": False}
+    assert by_area(content)["privacy-guarantee"]["status"] == "holds with caveat"
+
+
+def test_an_epsilon_the_second_accountant_disagrees_with_fails_and_one_over_target_fails():
+    content = good_dp_content()
+    low = _record(epsilon=0.5)  # the record understates what its own history spends
+    content["privacy"]["models"]["cnn"] = low
+    content["privacy"]["independent_checks"]["cnn"] = independent_check(low)
+    assert not content["privacy"]["independent_checks"]["cnn"]["agrees"]
+    v = by_area(content)["privacy-guarantee"]
+    assert v["status"] == "failed" and "second accountant disagrees" in v["sentence"]
+    over = good_dp_content()
+    over["privacy"]["models"]["regressor"] = _record() | {"target_epsilon": 0.5}
+    assert by_area(over)["privacy-guarantee"]["status"] == "failed"
+
+
+def test_no_dp_is_not_applicable_and_says_nothing_bounds_leakage():
+    content = good_dp_content()
+    content["privacy"] = {"enabled": False, "models": {}}
+    v = by_area(content)["privacy-guarantee"]
+    assert v["status"] == "not applicable" and "nothing bounds" in v["sentence"] and v["numbers"] == []
+
+
+def test_a_model_at_chance_fails_utility():
+    content = good_dp_content()
+    rng = np.random.default_rng(0)
+    ds = SimpleNamespace(task="classification", y={"train": rng.integers(0, 10, 500), "test": rng.integers(0, 10, 300)})
+    at_chance = {"cnn": {"test": {"accuracy": 0.11, "accuracy_ci95": [0.08, 0.15]}}}
+    content["models"]["cnn"]["trivial_baseline"] = trivial_baseline("cnn", ds, at_chance)
+    v = by_area(content)["utility"]
+    assert v["status"] == "failed" and v["sentence"].startswith("The CNN classifier is no better than a trivial")
+    assert verdicts(content)[0]["area"] == "utility"  # a failure is the first row
+    better = {"cnn": {"test": {"accuracy": 0.9, "accuracy_ci95": [0.86, 0.93]}}}
+    content["models"]["cnn"]["trivial_baseline"] = trivial_baseline("cnn", ds, better)
+    assert by_area(content)["utility"]["status"] == "holds"
+
+
+def test_an_audit_that_refutes_the_claimed_epsilon_fails_and_one_without_power_is_a_caveat():
+    content = good_dp_content()
+    claimed = content["privacy"]["models"]["cnn"]["epsilon"]
+    content["audit"]["models"]["cnn"] = _audit_model("CNN classifier", claimed, claimed + 1.0, 9.0)
+    assert content["audit"]["models"]["cnn"]["verdict"]["verdict"] == "FAILED"
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "failed" and "refutes the claimed ε of the CNN classifier" in v["sentence"]
+    content["audit"]["models"]["cnn"] = _audit_model("CNN classifier", claimed, 0.1, 0.0)  # control not caught
+    assert by_area(content)["privacy-audit"]["status"] == "holds with caveat"
+    content["audit"] = {"ran": False, "models": {}}
+    assert by_area(content)["privacy-audit"]["status"] == "not applicable"
+
+
+def test_without_a_dp_claim_an_attack_above_chance_fails_the_audit():
+    content = good_dp_content()
+    for m in content["audit"]["models"].values():
+        m["claimed_epsilon"] = None
+        m["verdict"] = audit_verdict(m)
+    assert by_area(content)["privacy-audit"]["status"] == "failed"  # AUC interval [0.55, 0.65] lies above 0.5
+    for m in content["audit"]["models"].values():
+        m["attacks"][0]["auc_ci95"] = [0.45, 0.65]
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "holds with caveat" and "no DP claim" in v["sentence"]
+
+
+def test_subgroup_intervals_that_do_not_overlap_fail_and_no_group_column_is_not_applicable():
+    content = good_dp_content()
+    groups = content["models"]["regressor"]["metrics"]["test"]["subgroups"]["sex"]["groups"]
+    groups[1].update(mae=70.0, mae_ci95=[60.0, 80.0])
+    v = by_area(content)["subgroups"]
+    assert v["status"] == "failed" and "by sex" in v["sentence"] and v["numbers"][0]["value"] == pytest.approx(30.0)
+    content["models"]["regressor"]["metrics"] = {"test": {}}
+    assert by_area(content)["subgroups"]["status"] == "not applicable"
+
+
+def test_explanations_fail_the_randomisation_or_deletion_check_and_approximate_values_are_a_caveat():
+    for quality, status in (
+        (_quality(passed_signed=False), "failed"),
+        (_quality(deletion=0.5, random=0.4), "failed"),
+        (_quality(passed_abs=False), "holds with caveat"),
+        (_quality(exactness="approximate"), "holds with caveat"),
+    ):
+        content = good_dp_content()
+        content["explanations"]["models"]["cnn"]["quality"] = quality
+        assert by_area(content)["explanations"]["status"] == status, quality
+
+
+def test_provenance_fails_without_a_manifest_and_a_dirty_commit_is_a_caveat():
+    content = good_dp_content()
+    dirty = copy.deepcopy(content)
+    dirty["reproducibility"]["git_commit"] = "0123abc-dirty"
+    assert by_area(dirty)["provenance"]["status"] == "holds with caveat"
+    content["manifest_sha256"] = None
+    content["reproducibility"]["artifacts"] = []
+    v = by_area(content)["provenance"]
+    assert v["status"] == "failed" and "without a run manifest" in v["sentence"]
