@@ -32,7 +32,7 @@ from auditml_core.config import Config, federated_schedule
 from auditml_core.errors import UserError
 from auditml_core.privacy import dp_sgd as privacy
 from auditml_core.privacy import user_level as user_privacy
-from auditml_core.privacy.client_noise import check_clip_term, clip_probability
+from auditml_core.privacy.client_noise import ClientNoise, check_clip_term, clip_probability
 from auditml_core.teacher import public_pretrain
 from federated.app import checkpoint, secagg, site, user_dp, workdir
 from federated.app.partition import label_histograms
@@ -269,130 +269,27 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     f, rounds = task.cfg.federated, task.schedule.rounds  # this model's own rounds (federated_schedule)
     # raises DataError early if a client's share is below the batch size (per-site mode: checked in site.agree)
     parts = task.partition() if task.sites is None else None
-    partition_sizes = task.train_sizes()
-    fp = checkpoint.fingerprint(run_config)
     ck_path = workdir.checkpoint_path(task.work_dir, task.name, checkpoint_dir=task.checkpoint_dir)
-    ck = checkpoint.load(ck_path)
-    if ck is not None and ck.record.get("fingerprint") != fp:
-        raise UserError(
-            f"the checkpoint {ck_path} belongs to a run with other settings; delete it or restore those settings"
-        )
-    if ck is not None:
-        record = ck.record
-        done = int(record["completed_rounds"])
-        record["resumed_from_round"].append(done)
-        arrays = ArrayRecord({k: _array(v) for k, v in ck.weights.items()})
-        log.info("resuming %s after round %d of %d", task.name, done, rounds)
-    else:
-        record, done = _new_record(task, settings, parts, fp), 0
-        initial, record["public_pretraining"] = _initial_weights(task)
-        arrays = ArrayRecord(initial)
+    ck, record, done, arrays = _start_or_resume(task, settings, parts, ck_path=ck_path, run_config=run_config)
     record["server_started_unix"] = t_start
-    record.pop("first_round_started_unix", None)
+    record.pop("first_round_started_unix", None)  # a resumed record carries the previous launch's
     if task.sites is not None:  # per-site mode: only agreed sites train; a returning site is checked first
-        grid = site.AdmittedSites(
-            grid, task, timeout=settings.round_timeout_s
-        )  # a resumed record carries the previous launch's
-    # --- user-level DP (issue 14): planned (and refused past budget) before any round runs
-    user_plan = (
-        user_privacy.plan_user_dp(task.cfg.client_dp, rounds=rounds, n_clients=f.n_clients)
-        if task.cfg.client_dp.enabled
-        else None
-    )
-    if user_plan is not None:  # a deployment has no launcher preflight: say it here when the noise drowns the model
-        noise_estimate = user_privacy.aggregate_noise(
-            user_plan, n_parameters=models.n_parameters(models.build(task.spec))
-        )
-        warning = user_privacy.noise_warning(models.title(task.name), user_plan, noise_estimate)
-        if warning is not None:
-            log.warning("%s", warning)
-    secagg_params, noise = None, None
-    if f.secure_aggregation:  # --- SecAgg+ (issue 14): Flower's legacy workflow, see federated/app/secagg.py
-        secagg.check_supported(task.cfg, client_evaluate=settings.client_evaluate)
-        if (
-            user_plan is not None
-        ):  # user-level DP under SecAgg+: who adds which noise (auditml_core/privacy/client_noise.py)
-            noise = secagg.noise_plan(task.cfg, user_plan)
-            check_clip_term(
-                delta=user_plan.delta,
-                epsilon=user_plan.planned_epsilon,
-                clip_prob=clip_probability(
-                    noise, n_parameters=record["n_parameters"], uploads=f.n_clients * user_plan.rounds
-                ),
-            )
-        secagg_params = secagg.SecAggParams.from_config(
-            f.secagg, max_weight=secagg.max_weight_of(partition_sizes), noise=noise
-        )
-        secagg_rounds = (record.get("secure_aggregation") or {}).get("rounds", [])  # a resumed run keeps its rounds
-        record["secure_aggregation"] = {
-            **secagg.secagg_record(
-                secagg_params, n_clients=f.n_clients, min_uploads=secagg.min_survivors(task.cfg), noise=noise
-            ),
-            "rounds": secagg_rounds,
-        }
-        strategy = secagg.build_secagg_strategy(
-            n_clients=f.n_clients,
-            min_clients=f.min_clients,
-            round_offset=done,
-            initial_arrays=arrays,
-            model=task.name,
-            plan=user_plan,
-            noise=noise,
-        )
-    elif user_plan is not None:
-        strategy = user_dp.build_user_dp_strategy(
-            user_plan, min_clients=f.min_clients, round_offset=done, client_evaluate=settings.client_evaluate
-        )
-    else:
-        strategy = build_strategy(
-            f.strategy,
-            n_clients=f.n_clients,
-            min_clients=f.min_clients,
-            round_offset=done,
-            proximal_mu=f.proximal_mu,
-            server_lr=f.server_lr,
-            client_evaluate=settings.client_evaluate,
-        )
+        grid = site.AdmittedSites(grid, task, timeout=settings.round_timeout_s)
+    user_plan = _user_dp_plan(task, rounds=rounds)
+    strategy, secagg_params, noise = _strategy(task, settings, record, user_plan=user_plan, arrays=arrays, done=done)
     if ck is not None and isinstance(strategy, RecordingFedAdam):
         strategy.load_optimizer_state(ck.strategy_state)
-    last = {"t": time.time(), "arrays": arrays}
-    seen: dict[str, Any] = {"rejoined": 0}  # site events already in an earlier round's entry
-
-    def evaluate_fn(server_round: int, round_arrays: ArrayRecord) -> MetricRecord:
-        metrics = _evaluate(task, round_arrays, grid)
-        now = time.time()
-        if server_round == 0:
-            record["first_round_started_unix"] = now  # of this launch (a resume starts a new one)
-            if done == 0:
-                record["initial_metrics"] = metrics
-        else:
-            absolute = server_round + done
-            _round_entry(record, strategy.rounds[absolute], metrics, now - last["t"])
-            if isinstance(grid, site.AdmittedSites):  # what happened to the sites in this round, in its own entry
-                _site_events(record["client_rounds"][-1], grid, strategy.rounds[absolute], seen)
-            if secagg_params is not None:  # the protocol's own account of each round (it halts silently otherwise)
-                replies = strategy.rounds[absolute]
-                record["secure_aggregation"]["rounds"].append(
-                    {
-                        "round": absolute,
-                        "unmasked": absolute in strategy.aggregated,
-                        "clients_completed": len(replies.trained),
-                        "clients_dropped": len(replies.failed),
-                    }
-                )
-            last["arrays"] = round_arrays
-            checkpoint.save(
-                ck_path,
-                checkpoint.ServerCheckpoint(
-                    weights={k: v.numpy() for k, v in round_arrays.items()},
-                    strategy_state=_strategy_state(strategy),
-                    record=record,
-                ),
-            )
-            log.info("round %d/%d: %s", absolute, rounds, {k: round(v, 4) for k, v in metrics.items()})
-        last["t"] = now
-        return MetricRecord(metrics)
-
+    recorder = _RoundRecorder(
+        task,
+        grid,
+        record,
+        strategy,
+        done=done,
+        rounds=rounds,
+        ck_path=ck_path,
+        arrays=arrays,
+        secagg_params=secagg_params,
+    )
     if done < rounds:
         _wait_for_nodes(grid, f.n_clients, settings.node_wait_s)
     if done < rounds and secagg_params is not None:
@@ -401,7 +298,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
             strategy,
             params=secagg_params,
             num_rounds=rounds - done,
-            evaluate_fn=evaluate_fn,
+            evaluate_fn=recorder,
             run_config=run_config,
             timeout=settings.round_timeout_s,
             min_uploads=secagg.min_survivors(task.cfg),
@@ -414,8 +311,206 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
             timeout=settings.round_timeout_s,
             train_config=ConfigRecord({"model": task.name, **site.message_config(task)}),
             evaluate_config=ConfigRecord({"model": task.name, **site.message_config(task)}),
-            evaluate_fn=evaluate_fn,
+            evaluate_fn=recorder,
         )
+    _after_rounds(task, grid, record, strategy, user_plan=user_plan, noise=noise)
+    # The test split, once, on the released model (never per round: the curve and any selection use validation).
+    record["final_metrics"] = _evaluate(task, recorder.last_arrays, grid, splits=("val", "test"))
+    _write_result(task, record, recorder.last_arrays, t_start)
+
+
+def _start_or_resume(
+    task: Task, settings: AppSettings, parts: list[np.ndarray] | None, *, ck_path: Path, run_config: dict[str, Any]
+) -> tuple[checkpoint.ServerCheckpoint | None, dict[str, Any], int, ArrayRecord]:
+    """(checkpoint, record, completed rounds, global weights) to start from: the checkpoint's, else a new record.
+
+    Raises
+    ------
+    UserError
+        If the checkpoint belongs to a run with other settings.
+    """
+    fp = checkpoint.fingerprint(run_config)
+    ck = checkpoint.load(ck_path)
+    if ck is not None and ck.record.get("fingerprint") != fp:
+        raise UserError(
+            f"the checkpoint {ck_path} belongs to a run with other settings; delete it or restore those settings"
+        )
+    if ck is not None:
+        record = ck.record
+        done = int(record["completed_rounds"])
+        record["resumed_from_round"].append(done)
+        log.info("resuming %s after round %d of %d", task.name, done, task.schedule.rounds)
+        return ck, record, done, ArrayRecord({k: _array(v) for k, v in ck.weights.items()})
+    record = _new_record(task, settings, parts, fp)
+    initial, record["public_pretraining"] = _initial_weights(task)
+    return None, record, 0, ArrayRecord(initial)
+
+
+def _user_dp_plan(task: Task, *, rounds: int) -> user_privacy.UserDPPlan | None:
+    """User-level DP (issue 14): σ planned (and refused past budget) before any round runs; None when it is off.
+
+    A deployment has no launcher preflight: the warning that the noise drowns the model is given here.
+    """
+    if not task.cfg.client_dp.enabled:
+        return None
+    user_plan = user_privacy.plan_user_dp(task.cfg.client_dp, rounds=rounds, n_clients=task.cfg.federated.n_clients)
+    noise_estimate = user_privacy.aggregate_noise(user_plan, n_parameters=models.n_parameters(models.build(task.spec)))
+    warning = user_privacy.noise_warning(models.title(task.name), user_plan, noise_estimate)
+    if warning is not None:
+        log.warning("%s", warning)
+    return user_plan
+
+
+def _strategy(
+    task: Task,
+    settings: AppSettings,
+    record: dict[str, Any],
+    *,
+    user_plan: user_privacy.UserDPPlan | None,
+    arrays: ArrayRecord,
+    done: int,
+) -> tuple[Recording, secagg.SecAggParams | None, ClientNoise | None]:
+    """(strategy, SecAgg+ parameters, SecAgg+ noise plan): SecAgg+, else DP-FedAvg (user-level DP), else the
+    configured strategy; rounds are numbered after the ``done`` ones."""
+    f = task.cfg.federated
+    if f.secure_aggregation:
+        return _secagg_strategy(task, settings, record, user_plan=user_plan, arrays=arrays, done=done)
+    if user_plan is not None:
+        strategy: Recording = user_dp.build_user_dp_strategy(
+            user_plan, min_clients=f.min_clients, round_offset=done, client_evaluate=settings.client_evaluate
+        )
+        return strategy, None, None
+    strategy = build_strategy(
+        f.strategy,
+        n_clients=f.n_clients,
+        min_clients=f.min_clients,
+        round_offset=done,
+        proximal_mu=f.proximal_mu,
+        server_lr=f.server_lr,
+        client_evaluate=settings.client_evaluate,
+    )
+    return strategy, None, None
+
+
+def _secagg_strategy(
+    task: Task,
+    settings: AppSettings,
+    record: dict[str, Any],
+    *,
+    user_plan: user_privacy.UserDPPlan | None,
+    arrays: ArrayRecord,
+    done: int,
+) -> tuple[Recording, secagg.SecAggParams, ClientNoise | None]:
+    """SecAgg+ (issue 14): Flower's legacy workflow (federated/app/secagg.py); under user-level DP, who adds which
+    noise (auditml_core/privacy/client_noise.py). Writes the protocol's settings into ``record``."""
+    f = task.cfg.federated
+    secagg.check_supported(task.cfg, client_evaluate=settings.client_evaluate)
+    noise = None
+    if user_plan is not None:
+        noise = secagg.noise_plan(task.cfg, user_plan)
+        check_clip_term(
+            delta=user_plan.delta,
+            epsilon=user_plan.planned_epsilon,
+            clip_prob=clip_probability(
+                noise, n_parameters=record["n_parameters"], uploads=f.n_clients * user_plan.rounds
+            ),
+        )
+    secagg_params = secagg.SecAggParams.from_config(
+        f.secagg, max_weight=secagg.max_weight_of(task.train_sizes()), noise=noise
+    )
+    secagg_rounds = (record.get("secure_aggregation") or {}).get("rounds", [])  # a resumed run keeps its rounds
+    record["secure_aggregation"] = {
+        **secagg.secagg_record(
+            secagg_params, n_clients=f.n_clients, min_uploads=secagg.min_survivors(task.cfg), noise=noise
+        ),
+        "rounds": secagg_rounds,
+    }
+    strategy = secagg.build_secagg_strategy(
+        n_clients=f.n_clients,
+        min_clients=f.min_clients,
+        round_offset=done,
+        initial_arrays=arrays,
+        model=task.name,
+        plan=user_plan,
+        noise=noise,
+    )
+    return strategy, secagg_params, noise
+
+
+class _RoundRecorder:
+    """Flower's ``evaluate_fn``: evaluate each round's global model on the validation split, fold the round into
+    the record and rewrite the checkpoint. Rounds are numbered from this launch's start (``done`` resumed before)."""
+
+    def __init__(
+        self,
+        task: Task,
+        grid: Grid,
+        record: dict[str, Any],
+        strategy: Recording,
+        *,
+        done: int,
+        rounds: int,
+        ck_path: Path,
+        arrays: ArrayRecord,
+        secagg_params: secagg.SecAggParams | None,
+    ) -> None:
+        self.task, self.grid, self.record, self.strategy = task, grid, record, strategy
+        self.done, self.rounds, self.ck_path, self.secagg_params = done, rounds, ck_path, secagg_params
+        self.last_t = time.time()
+        self.last_arrays = arrays  # the latest global model: the released one after the last round
+        self.seen: dict[str, Any] = {"rejoined": 0}  # site events already in an earlier round's entry
+
+    def __call__(self, server_round: int, round_arrays: ArrayRecord) -> MetricRecord:
+        metrics = _evaluate(self.task, round_arrays, self.grid)
+        now = time.time()
+        if server_round == 0:
+            self.record["first_round_started_unix"] = now  # of this launch (a resume starts a new one)
+            if self.done == 0:
+                self.record["initial_metrics"] = metrics
+        else:
+            self._fold(server_round + self.done, round_arrays, metrics, seconds=now - self.last_t)
+        self.last_t = now
+        return MetricRecord(metrics)
+
+    def _fold(self, absolute: int, round_arrays: ArrayRecord, metrics: dict[str, float], *, seconds: float) -> None:
+        """Round ``absolute``'s entry (and SecAgg+'s, and the sites' events) in the record; then the checkpoint."""
+        record, strategy = self.record, self.strategy
+        _round_entry(record, strategy.rounds[absolute], metrics, seconds)
+        if isinstance(self.grid, site.AdmittedSites):  # what happened to the sites in this round, in its own entry
+            _site_events(record["client_rounds"][-1], self.grid, strategy.rounds[absolute], self.seen)
+        if self.secagg_params is not None:  # the protocol's own account of each round (it halts silently otherwise)
+            replies = strategy.rounds[absolute]
+            record["secure_aggregation"]["rounds"].append(
+                {
+                    "round": absolute,
+                    "unmasked": absolute in strategy.aggregated,
+                    "clients_completed": len(replies.trained),
+                    "clients_dropped": len(replies.failed),
+                }
+            )
+        self.last_arrays = round_arrays
+        checkpoint.save(
+            self.ck_path,
+            checkpoint.ServerCheckpoint(
+                weights={k: v.numpy() for k, v in round_arrays.items()},
+                strategy_state=_strategy_state(strategy),
+                record=record,
+            ),
+        )
+        log.info("round %d/%d: %s", absolute, self.rounds, {k: round(v, 4) for k, v in metrics.items()})
+
+
+def _after_rounds(
+    task: Task,
+    grid: Grid,
+    record: dict[str, Any],
+    strategy: Recording,
+    *,
+    user_plan: user_privacy.UserDPPlan | None,
+    noise: ClientNoise | None,
+) -> None:
+    """What the record says once the rounds are over: the user-level guarantee, the sites that rejoined or were
+    refused."""
     if user_plan is not None:
         record.setdefault("user_dp_rounds", {}).update({str(r): c for r, c in strategy.dp_rounds.items()})
         record["user_level_privacy"] = user_privacy.user_privacy_record(
@@ -429,9 +524,6 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     if isinstance(grid, site.AdmittedSites):  # sites that came back under a new node id, nodes left out
         record.setdefault("sites_rejoined", []).extend(grid.rejoined)
         record.setdefault("nodes_refused", {}).update({str(n): why for n, why in grid.refused.items()})
-    # The test split, once, on the released model (never per round: the curve and any selection use validation).
-    record["final_metrics"] = _evaluate(task, last["arrays"], grid, splits=("val", "test"))
-    _write_result(task, record, last["arrays"], t_start)
 
 
 class RoundNodeView:
