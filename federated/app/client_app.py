@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from auditml_core import models, seeds, training
+from auditml_core.config import FitConfig
 from auditml_core.errors import ConfigError, PrivacyBudgetError
 from auditml_core.privacy import dp_sgd as privacy
-from auditml_core.privacy.dp_sgd import epsilon_of
+from auditml_core.privacy.dp_sgd import History, epsilon_of
 from federated.app import client_state, site, workdir
 from federated.app.run_config import AppSettings
 from federated.app.task import Task, task_for
@@ -78,16 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     if settings.fail_partition == pid and settings.fail_round in (0, server_round):
         raise InjectedFailure(f"injected failure of client {pid} in round {server_round} (app.fail-partition={pid})")
     cfg = task.cfg
-    if settings.sites:  # this site's own file, standardised as the federation agreed; its own ledger
-        shard = site.train_shard(task, context, config)
-    else:  # emulated site: its share of the prepared data, its ledger in app.ledger-dir (the run directory's)
-        rows = task.partition()[pid]
-        shard = site.Shard(
-            x=task.dataset.x["train"][rows],
-            y=task.dataset.y["train"][rows],
-            spec=task.spec,
-            ledger=workdir.ledger_path(task.work_dir, task.name, pid, ledger_dir=task.ledger_dir),
-        )
+    shard = _shard(task, settings, context, config, pid)
     n_rows = len(shard.y)
     model = models.build(shard.spec)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -97,46 +90,19 @@ def train(msg: Message, context: Context) -> Message:
     replayable = cfg.dp.enabled and not (cfg.federated.secure_aggregation or cfg.client_dp.enabled)
     input_sha256 = client_state.arrays_sha256(msg.content["arrays"]) if replayable else ""
     if replayable:
-        again = client_state.released_result(
-            path, model=task.name, server_round=server_round, input_sha256=input_sha256
+        again = _released_reply(
+            msg, task, pid=pid, server_round=server_round, input_sha256=input_sha256, path=path, t0=t0
         )
         if again is not None:
-            log.info("client %d sends its released round-%d result again (no new spend)", pid, server_round)
-            metrics = {**again["metrics"], "replayed": 1, "seconds": time.perf_counter() - t0}
-            content = RecordDict({"arrays": ArrayRecord(again["weights"]), "metrics": MetricRecord(metrics)})
-            content["status"] = ConfigRecord({"privacy": json.dumps(again["privacy"])})
-            return Message(content, reply_to=msg)
+            return again
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     schedule = task.schedule  # this model's own rounds x local epochs: σ is planned for them
     fit_cfg = task.client_fit_cfg(pid, n_rows=n_rows)
     try:
         if cfg.dp.enabled:
-            # Write-ahead: reserve this round's ε before any step touches the data (fit plans the same call).
-            def plan_on(spent):
-                return privacy.plan(
-                    cfg.dp,
-                    n_samples=n_rows,
-                    batch_size=fit_cfg.batch_size,
-                    max_grad_norm=fit_cfg.max_grad_norm,
-                    epochs=schedule.local_epochs,
-                    total_epochs=schedule.rounds * schedule.local_epochs,
-                    history=spent,
-                )
-
-            # A resumed run re-sends the round it crashed in: a reservation for it that released nothing (the
-            # round is not in rounds_trained) already counts this round, so the same spend is not counted twice.
-            standing = client_state.unreleased_reservation(path, model=task.name, server_round=server_round)
-            if standing is not None and history == [*standing[0], standing[1]]:
-                plan = plan_on(standing[0])
-                if (plan.noise_multiplier, plan.sample_rate, plan.steps) == standing[1]:
-                    history = standing[0]
-                    log.info("client %d re-runs round %d under its unreleased reservation", pid, server_round)
-                else:  # planned differently now: the reservation stays counted, the round spends anew
-                    plan = plan_on(history)
-            else:
-                plan = plan_on(history)
-            planned = [*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)]
-            client_state.reserve(context, planned, path=path, model=task.name, server_round=server_round)
+            history = _reserve_round(
+                context, task, fit_cfg, pid=pid, server_round=server_round, n_rows=n_rows, history=history, path=path
+            )
         result = training.fit(
             model,
             x_train=shard.x,
@@ -154,19 +120,134 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by Flower's FedProx
         )
     except PrivacyBudgetError as exc:  # raised by the plan, before any reservation or step
-        spent = epsilon_of(history, delta=cfg.dp.delta, accountant=cfg.dp.accountant)
-        log.warning("client %d refuses round %d: %s", pid, server_round, exc)
-        return Message(
-            RecordDict(
-                {
-                    "metrics": MetricRecord({"num-examples": 0, "partition-id": pid, "epsilon": spent, "refused": 1}),
-                    "status": ConfigRecord(
-                        {"refused": f"client {pid} refuses to train in round {server_round}: {exc}"}
-                    ),
-                }
-            ),
-            reply_to=msg,
+        return _refusal(msg, task, pid=pid, server_round=server_round, history=history, exc=exc)
+    return _trained_reply(
+        msg,
+        context,
+        task,
+        result,
+        pid=pid,
+        server_round=server_round,
+        n_rows=n_rows,
+        replayable=replayable,
+        input_sha256=input_sha256,
+        path=path,
+        t0=t0,
+    )
+
+
+def _shard(task: Task, settings: AppSettings, context: Context, config: ConfigRecord, pid: int) -> site.Shard:
+    """This client's training rows and ledger."""
+    if settings.sites:  # this site's own file, standardised as the federation agreed; its own ledger
+        return site.train_shard(task, context, config)
+    # emulated site: its share of the prepared data, its ledger in app.ledger-dir (the run directory's)
+    rows = task.partition()[pid]
+    return site.Shard(
+        x=task.dataset.x["train"][rows],
+        y=task.dataset.y["train"][rows],
+        spec=task.spec,
+        ledger=workdir.ledger_path(task.work_dir, task.name, pid, ledger_dir=task.ledger_dir),
+    )
+
+
+def _released_reply(
+    msg: Message, task: Task, *, pid: int, server_round: int, input_sha256: str, path: Path, t0: float
+) -> Message | None:
+    """The reply this client already released for this round and input, sent again (no new spend); None if none."""
+    again = client_state.released_result(path, model=task.name, server_round=server_round, input_sha256=input_sha256)
+    if again is None:
+        return None
+    log.info("client %d sends its released round-%d result again (no new spend)", pid, server_round)
+    metrics = {**again["metrics"], "replayed": 1, "seconds": time.perf_counter() - t0}
+    content = RecordDict({"arrays": ArrayRecord(again["weights"]), "metrics": MetricRecord(metrics)})
+    content["status"] = ConfigRecord({"privacy": json.dumps(again["privacy"])})
+    return Message(content, reply_to=msg)
+
+
+def _reserve_round(
+    context: Context,
+    task: Task,
+    fit_cfg: FitConfig,
+    *,
+    pid: int,
+    server_round: int,
+    n_rows: int,
+    history: History,
+    path: Path,
+) -> History:
+    """Write-ahead: reserve this round's ε in the ledger before any step touches the data (fit plans the same call).
+
+    Returns the history the round trains on: ``history``, or, when this round re-runs under its own reservation,
+    the history before it.
+
+    Raises
+    ------
+    PrivacyBudgetError
+        If the round would overspend (nothing is reserved).
+    """
+    cfg, schedule = task.cfg, task.schedule
+
+    def plan_on(spent):
+        return privacy.plan(
+            cfg.dp,
+            n_samples=n_rows,
+            batch_size=fit_cfg.batch_size,
+            max_grad_norm=fit_cfg.max_grad_norm,
+            epochs=schedule.local_epochs,
+            total_epochs=schedule.rounds * schedule.local_epochs,
+            history=spent,
         )
+
+    # A resumed run re-sends the round it crashed in: a reservation for it that released nothing (the
+    # round is not in rounds_trained) already counts this round, so the same spend is not counted twice.
+    standing = client_state.unreleased_reservation(path, model=task.name, server_round=server_round)
+    if standing is not None and history == [*standing[0], standing[1]]:
+        plan = plan_on(standing[0])
+        if (plan.noise_multiplier, plan.sample_rate, plan.steps) == standing[1]:
+            history = standing[0]
+            log.info("client %d re-runs round %d under its unreleased reservation", pid, server_round)
+        else:  # planned differently now: the reservation stays counted, the round spends anew
+            plan = plan_on(history)
+    else:
+        plan = plan_on(history)
+    planned = [*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)]
+    client_state.reserve(context, planned, path=path, model=task.name, server_round=server_round)
+    return history
+
+
+def _refusal(
+    msg: Message, task: Task, *, pid: int, server_round: int, history: History, exc: PrivacyBudgetError
+) -> Message:
+    """The reply of a client that would overspend: no weights, its ε so far and why."""
+    cfg = task.cfg
+    spent = epsilon_of(history, delta=cfg.dp.delta, accountant=cfg.dp.accountant)
+    log.warning("client %d refuses round %d: %s", pid, server_round, exc)
+    return Message(
+        RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": 0, "partition-id": pid, "epsilon": spent, "refused": 1}),
+                "status": ConfigRecord({"refused": f"client {pid} refuses to train in round {server_round}: {exc}"}),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
+def _trained_reply(
+    msg: Message,
+    context: Context,
+    task: Task,
+    result: training.TrainingResult,
+    *,
+    pid: int,
+    server_round: int,
+    n_rows: int,
+    replayable: bool,
+    input_sha256: str,
+    path: Path,
+    t0: float,
+) -> Message:
+    """The reply with the trained weights, rows, training loss and ε; under DP the ledger is settled first."""
     check_unwrapped(result.state_dict)
     metrics = {
         "num-examples": n_rows,
@@ -178,7 +259,7 @@ def train(msg: Message, context: Context) -> Message:
         "seconds": time.perf_counter() - t0,
     }
     rounds = [*client_state.load_rounds(path), server_round]
-    if cfg.dp.enabled:  # settled before the reply exists: only a round listed here can have been released
+    if task.cfg.dp.enabled:  # settled before the reply exists: only a round listed here can have been released
         released = (
             client_state.released_entry(
                 server_round=server_round,
