@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -128,19 +129,9 @@ def train_federated_models(
     """
     runtime = runtime or Runtime()
     names = list(datasets)
-    settings = dict(app_settings or {})
     ray = RayPlacement.from_config(cfg)
     ray.check_reachable()  # an unreachable cluster is refused before any process starts
-    if "seed" not in settings:
-        derived = {n: core_seeds.model_seed(cfg.seed, n) for n in names}
-        if any(seeds[n] != derived[n] for n in names):
-            raise ValueError(
-                "several models in one federation derive their seeds from cfg.seed (auditml_core.seeds.model_seed); "
-                f"got {dict(seeds)}, expected {derived}"
-            )
-        settings["seed"] = -1
-    elif len(names) > 1:
-        raise ValueError("app.seed sets one seed: train one model per federation to give it")
+    settings = _seed_setting(cfg, seeds, names=names, app_settings=app_settings)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="flwr-") as tmp:
         work = Path(tmp)
@@ -177,6 +168,31 @@ def train_federated_models(
         model.load_state_dict(state_dict)  # checks the weights fit the spec
         out[name] = TrainedModel(spec=specs[name], state_dict=state_dict, training=record)
     return out
+
+
+def _seed_setting(
+    cfg: Config, seeds: Mapping[str, int], *, names: list[str], app_settings: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """``app_settings`` with ``seed``: -1 (each model's seed derived from ``cfg.seed``, as the train stage does)
+    unless given for a single model.
+
+    Raises
+    ------
+    ValueError
+        Seeds that are not the derived ones without ``app.seed``, or ``app.seed`` for several models.
+    """
+    settings = dict(app_settings or {})
+    if "seed" not in settings:
+        derived = {n: core_seeds.model_seed(cfg.seed, n) for n in names}
+        if any(seeds[n] != derived[n] for n in names):
+            raise ValueError(
+                "several models in one federation derive their seeds from cfg.seed (auditml_core.seeds.model_seed); "
+                f"got {dict(seeds)}, expected {derived}"
+            )
+        settings["seed"] = -1
+    elif len(names) > 1:
+        raise ValueError("app.seed sets one seed: train one model per federation to give it")
+    return settings
 
 
 def prepare_federation(
@@ -336,11 +352,6 @@ def run_simulation(
     flwr_home = work / "flwr-home"
     port = launcher.free_port()
     launcher.write_connection(flwr_home, CONNECTION, address=f"127.0.0.1:{port}")
-    tuning = (
-        {"RAY_RUNTIME_ENV_HOOK": ray_start.HOOK, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_S)}
-        if fast_start
-        else {}
-    )
     ray = ray or RayPlacement()
     with (
         _ray_tmp(work) as ray_tmp,
@@ -350,30 +361,11 @@ def run_simulation(
         # On an existing cluster Ray's session folder is the cluster's own: no RAY_TMPDIR of ours.
         launcher.Processes(
             work / "logs",
-            {
-                **launcher.flower_env(flwr_home, ray_tmp=None if ray.existing else ray_tmp),
-                **tuning,
-                **ray.environment(),
-            },
+            _simulation_env(flwr_home, ray=ray, ray_tmp=ray_tmp, fast_start=fast_start),
             disposable=[work] if ray.existing else [work, ray_tmp],
         ) as procs,
     ):
-        superlink = procs.start(
-            "superlink",
-            [
-                launcher.bin_path("flower-superlink"),
-                "--insecure",
-                "--simulation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        launcher.wait_until_healthy(
-            superlink, port, timeout_s=SUPERLINK_START_TIMEOUT_S, what="flower-superlink", logs=procs, name="superlink"
-        )
+        superlink = _start_superlink(procs, port)
         run = launcher.start_flwr_run(
             procs,
             CONNECTION,
@@ -391,6 +383,41 @@ def run_simulation(
                 on_poll()
             time.sleep(0.25)
     return procs
+
+
+def _simulation_env(flwr_home: Path, *, ray: RayPlacement, ray_tmp: Path, fast_start: bool) -> dict[str, str]:
+    """The environment of the simulation's processes: Flower's, Ray's placement, and the fast-start tuning."""
+    tuning = (
+        {"RAY_RUNTIME_ENV_HOOK": ray_start.HOOK, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_S)}
+        if fast_start
+        else {}
+    )
+    return {
+        **launcher.flower_env(flwr_home, ray_tmp=None if ray.existing else ray_tmp),
+        **tuning,
+        **ray.environment(),
+    }
+
+
+def _start_superlink(procs: launcher.Processes, port: int) -> subprocess.Popen:
+    """Start ``flower-superlink`` in simulation mode on loopback ``port`` and wait until it answers."""
+    superlink = procs.start(
+        "superlink",
+        [
+            launcher.bin_path("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ],
+    )
+    launcher.wait_until_healthy(
+        superlink, port, timeout_s=SUPERLINK_START_TIMEOUT_S, what="flower-superlink", logs=procs, name="superlink"
+    )
+    return superlink
 
 
 def _raise_if_failed(work: Path, model: str, procs: launcher.Processes) -> None:
