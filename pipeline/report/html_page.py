@@ -56,7 +56,7 @@ table.verdicts td.numbers{font-variant-numeric:tabular-nums;font-size:.9em}table
 tr.st-failed{background:#fdf3f2}tr.st-caveat{background:#fffaf0}
 p.verdict{border-left:4px solid #999;padding:.3em .8em;margin:.6em 0}p.verdict.st-failed{border-left-color:#c0392b}
 p.verdict.st-caveat{border-left-color:#f0b429}p.verdict.st-holds{border-left-color:#2e7d32}
-@media (max-width:900px){body{display:block}nav.toc{position:static;max-height:none}}
+@media screen and (max-width:900px){body{display:block}nav.toc{position:static;max-height:none}}
 @media print{body{display:block;max-width:none}nav.toc{display:none}figure,tr{break-inside:avoid}a{color:inherit}}
 """
 

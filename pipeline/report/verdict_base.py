@@ -1,0 +1,56 @@
+"""What every verdict of the report's first screen shares: statuses, areas, and the shape of one verdict.
+
+See :mod:`pipeline.report.verdicts` for how each area's verdict is derived.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from auditml_core.models import MODELS
+from pipeline.report.fmt import number
+
+FAILED, CAVEAT, HOLDS, NOT_APPLICABLE = "failed", "holds with caveat", "holds", "not applicable"
+STATUSES = (FAILED, CAVEAT, HOLDS, NOT_APPLICABLE)  # worst first: the order of the first screen
+AREAS = (  # (area, title, evidence anchor)
+    ("privacy-guarantee", "Privacy guarantee", "privacy"),
+    ("privacy-audit", "Privacy audit", "audit"),
+    ("utility", "Utility vs baseline", "models"),
+    ("subgroups", "Subgroup gaps", "models"),
+    ("explanations", "Explanation quality", "explanations"),
+    ("provenance", "Provenance and integrity", "reproducibility"),
+)
+MAX_WORDS = 25  # per sentence, before a user's own column names (tests check it on every kind of run)
+METRIC_NAMES = {"r2": "R²"}  # metric keys as people write them
+TOLERANCE = 1e-9  # the privacy section's own tolerance for "ε exceeds the target"
+
+
+def fmt3(value: Any) -> str:
+    """A number for a sentence: 3 significant digits."""
+    return number(value, 3)
+
+
+def numbers_entry(label: str, value: Any, interval: Any = None, unit: str = "") -> dict[str, Any]:
+    return {
+        "label": label,
+        "value": value,
+        "interval": list(interval) if isinstance(interval, (list, tuple)) and len(interval) == 2 else None,
+        "unit": unit,
+    }
+
+
+def verdict(area: str, status: str, sentence: str, numbers: list[dict[str, Any]], anchor: str = "") -> dict:
+    title, default_anchor = next((t, a) for a_, t, a in AREAS if a_ == area)
+    return {
+        "area": area,
+        "title": title,
+        "status": status,
+        "numbers": numbers,
+        "sentence": sentence,
+        "evidence": "#" + (anchor or default_anchor),
+        "anchor": f"verdict-{area}",
+    }
+
+
+def model_title(name: str) -> str:
+    return MODELS[name].title if name in MODELS else name

@@ -1,0 +1,269 @@
+"""The first screen's privacy verdicts: the guarantee (each stated ε against its target and a second accountant)
+and the membership-inference audit (its own verdicts; without a DP claim, attacks against chance)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from auditml_core.models import MODELS
+from pipeline.report.verdict_base import (
+    CAVEAT,
+    FAILED,
+    HOLDS,
+    NOT_APPLICABLE,
+    TOLERANCE,
+    fmt3,
+    model_title,
+    numbers_entry,
+    verdict,
+)
+
+# --------------------------------------------------------------------------- privacy guarantee
+
+
+def _n_train(content: Mapping[str, Any], name: str) -> int | None:
+    m = (content.get("models") or {}).get(name) or {}
+    n = (m.get("training") or {}).get("n_train")
+    if not n and name in MODELS:
+        n = (((content.get("data") or {}).get(MODELS[name].dataset) or {}).get("sizes") or {}).get("train")
+    return int(n) if n else None
+
+
+def _guarantees(content: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every (ε, δ) the run states: per model at sample level, per model at user level, per distilled student."""
+    p = content["privacy"]
+    checks = p.get("independent_checks") or {}
+    out = []
+    if p.get("enabled"):
+        for name, rec in (p.get("models") or {}).items():
+            if rec:
+                chk = checks.get(name)
+                out.append(
+                    {
+                        "who": model_title(name),
+                        "level": "sample",
+                        "epsilon": rec.get("epsilon"),
+                        "delta": rec.get("delta"),
+                        "target": rec.get("target_epsilon"),
+                        "checked": bool(chk and chk.get("available")),
+                        "agrees": bool(chk and chk.get("available") and chk.get("agrees")),
+                        "seeded": rec.get("noise_source", "seeded") != "os-csprng",
+                        "n": _n_train(content, name),
+                    }
+                )
+    for name, m in (content.get("models") or {}).items():
+        rec = (m.get("training") or {}).get("user_level_privacy")
+        if rec:
+            chk = rec.get("independent_check") or {}
+            out.append(
+                {
+                    "who": model_title(name) + " (user level)",
+                    "level": "user",
+                    "epsilon": rec.get("epsilon"),
+                    "delta": rec.get("delta"),
+                    "target": rec.get("target_epsilon"),
+                    "checked": bool(chk),
+                    "agrees": bool(chk.get("agrees")),
+                    "seeded": False,
+                    "n": None,
+                }
+            )
+    for model, d in (content.get("distill") or {}).items():
+        status = ((d.get("record") or {}).get("privacy") if isinstance(d, Mapping) else None) or {}
+        if not status or not out:  # a student of a non-DP teacher claims nothing
+            continue
+        guarantee = status.get("guarantee")
+        chk = checks.get(f"student {model}")
+        out.append(
+            {
+                "who": f"student of the {model_title(model)}",
+                "level": "student",
+                "guarantee": guarantee,
+                "epsilon": status.get("epsilon"),
+                "delta": status.get("delta"),
+                "target": status.get("target_epsilon"),
+                "over_budget": bool(status.get("over_budget")),
+                # an inherited guarantee is the teacher's (checked above); a composed one has its own DP-SGD check
+                "checked": guarantee == "inherited" or bool(chk and chk.get("available")),
+                "agrees": guarantee == "inherited" or bool(chk and chk.get("available") and chk.get("agrees")),
+                "seeded": False,
+                "n": _n_train(content, model) if guarantee == "composed" else None,
+            }
+        )
+    return out
+
+
+def privacy_guarantee(content: Mapping[str, Any]) -> dict[str, Any]:
+    """Failed: an ε over its target, a student over budget, or a second accountant that disagrees. With caveat: an ε
+    not independently checked, a seeded noise source, δ not below 1/n, a student without a guarantee."""
+    gs = _guarantees(content)
+    if not gs:
+        return verdict(
+            "privacy-guarantee",
+            NOT_APPLICABLE,
+            "No differential privacy in this run: nothing bounds what the weights, metrics or explanations reveal "
+            "about training records.",
+            [],
+        )
+    stated = [g for g in gs if g["level"] != "student" or g.get("guarantee") in ("inherited", "composed")]
+    worst = max((g for g in stated if isinstance(g["epsilon"], (int, float))), key=lambda g: g["epsilon"], default=None)
+    numbers = (
+        [
+            numbers_entry(
+                f"ε, {worst['who']}",
+                worst["epsilon"],
+                unit=f"target {fmt3(worst['target'])}, δ = {fmt3(worst['delta'])}",
+            )
+        ]
+        if worst
+        else []
+    )
+    over = [
+        g
+        for g in stated
+        if g.get("over_budget")
+        or (
+            isinstance(g["epsilon"], (int, float))
+            and g["target"] is not None
+            and g["epsilon"] > g["target"] + TOLERANCE
+        )
+    ]
+    if over:
+        g = over[0]
+        return verdict(
+            "privacy-guarantee",
+            FAILED,
+            f"The {g['who']} spends ε = {fmt3(g['epsilon'])}, over its target {fmt3(g['target'])}: the configured "
+            "guarantee does not hold.",
+            numbers,
+        )
+    disagree = [g for g in stated if g["checked"] and not g["agrees"]]
+    if disagree:
+        return verdict(
+            "privacy-guarantee",
+            FAILED,
+            f"A second accountant disagrees with the recorded ε of the {disagree[0]['who']}: the stated guarantee is "
+            "not confirmed.",
+            numbers,
+        )
+    caveats = [f"the ε of the {g['who']} was not independently checked" for g in stated if not g["checked"]] + [
+        f"the {g['who']}'s noise is seeded: DP holds only while the seed stays secret" for g in stated if g["seeded"]
+    ]
+    caveats += [
+        f"δ of the {g['who']} is not below 1/n"
+        for g in stated
+        if g["n"] and isinstance(g["delta"], (int, float)) and g["delta"] >= 1.0 / g["n"]
+    ]
+    caveats += [f"the {g['who']} has no DP guarantee" for g in gs if g["level"] == "student" and g not in stated]
+    if caveats:
+        return verdict(
+            "privacy-guarantee",
+            CAVEAT,
+            f"Every stated ε is within its target, but {caveats[0]}.",
+            numbers,
+        )
+    levels = {g["level"] for g in stated}
+    unit = (
+        "per client" if levels == {"user"} else "per training record" if "user" not in levels else "per record/client"
+    )
+    return verdict(
+        "privacy-guarantee",
+        HOLDS,
+        f"Every model is within its ε target ({unit}; worst ε = {fmt3(worst['epsilon'] if worst else None)}), and a "
+        "second accountant agrees with every recorded ε.",
+        numbers,
+    )
+
+
+# --------------------------------------------------------------------------- privacy audit
+
+
+def _best_attack(m: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    return max(m.get("attacks") or [], key=lambda a: a.get("auc") or 0.0, default=None)
+
+
+def _above_chance(attack: Mapping[str, Any]) -> bool:
+    """Whether an attack's AUC interval lies wholly above 0.5 (it tells members from non-members)."""
+    lo = (attack.get("auc_ci95") or [None])[0]
+    return isinstance(lo, (int, float)) and lo > 0.5
+
+
+def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
+    """From the audit's own verdicts: FAILED refutes a claim; 'no verdict' lacked power; without a DP claim, an
+    attack AUC whose interval lies above 0.5 means training records are identifiable."""
+    a = content.get("audit") or {}
+    if not a.get("ran"):
+        return verdict(
+            "privacy-audit",
+            NOT_APPLICABLE,
+            "No membership-inference audit was run, so no attack measured what the models leak.",
+            [],
+        )
+    models = a.get("models") or {}
+    failed, weak, leaks, quiet, passed = [], [], [], [], []
+    numbers = []
+    for name, m in models.items():
+        kind = (m.get("verdict") or {}).get("verdict")
+        best = _best_attack(m)
+        if m.get("claimed_epsilon") is not None:
+            bounds = [x.get("epsilon_lower_bound") for x in m.get("attacks") or []]
+            if (m.get("canaries") or {}).get("ran"):
+                bounds.append(m["canaries"].get("epsilon_lower_bound"))
+            bound = max((b for b in bounds if isinstance(b, (int, float))), default=None)
+            numbers.append(
+                numbers_entry(f"ε lower bound, {m['title']}", bound, unit=f"claimed ε {fmt3(m['claimed_epsilon'])}")
+            )
+        elif best is not None:
+            numbers.append(
+                numbers_entry(f"attack AUC, {m['title']}", best.get("auc"), best.get("auc_ci95"), "0.5 = chance")
+            )
+        if kind == "FAILED":
+            failed.append(m)
+        elif kind == "no verdict":
+            weak.append(m)
+        elif kind == "no DP claim":
+            above = [x for x in m.get("attacks") or [] if _above_chance(x)]
+            (leaks if above else quiet).append(m)
+        elif kind == "passed":
+            passed.append(m)
+    if failed:
+        return verdict(
+            "privacy-audit",
+            FAILED,
+            f"The audit refutes the claimed ε of the {failed[0]['title']}: an attack's ε lower bound exceeds it.",
+            numbers,
+        )
+    if leaks:
+        best = max((x for x in leaks[0]["attacks"] if _above_chance(x)), key=lambda x: x["auc_ci95"][0])
+        lo, hi = best.get("auc_ci95") or [None, None]
+        return verdict(
+            "privacy-audit",
+            FAILED,
+            f"Attacks tell training records of the {leaks[0]['title']} from others better than chance (AUC "
+            f"{fmt3(best.get('auc'))} [{fmt3(lo)}, {fmt3(hi)}]); no DP bounds this.",
+            numbers,
+        )
+    if weak:
+        return verdict(
+            "privacy-audit",
+            CAVEAT,
+            f"No verdict for the {weak[0]['title']}: the audit lacked the power to refute its claimed ε.",
+            numbers,
+        )
+    if quiet:
+        return verdict(
+            "privacy-audit",
+            CAVEAT,
+            "No attack told training records from others better than chance (no AUC interval lies above 0.5), but "
+            "no DP claim bounds the leakage.",
+            numbers,
+        )
+    if passed:
+        return verdict(
+            "privacy-audit",
+            HOLDS,
+            "Passed for every model: no attack's ε lower bound exceeds the claimed ε, and the audit could have "
+            "refuted it.",
+            numbers,
+        )
+    return verdict("privacy-audit", NOT_APPLICABLE, "The audit ran but recorded no model to judge.", numbers)
