@@ -460,3 +460,20 @@ def test_readme_mlflow_ui_serves_an_embedded_run_and_a_run_logged_over_http(tmp_
             )
         finally:
             mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_is_logged_once_by_rank_0(tmp_path):
+    """`train.processes=2`: the launcher checks before starting the ranks, rank 0 logs, the other rank does not."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    proc = _cli("--out", "runs", *FAST, "train.processes=2", f"tracking.mlflow_uri={uri}", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = _only_run(tmp_path / "runs")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [i.get("world_size") for i in manifest["invocations"]] == [2]
+    record = _tracking_record(run)
+    assert record["status"] == "logged", record
+    client = _client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("auditable-pipeline").experiment_id])
+    assert [r.info.run_id for r in runs] == [record["mlflow_run_id"]]
+    assert runs[0].data.tags["manifest_sha256"] == _sha256(run / "manifest.json")
