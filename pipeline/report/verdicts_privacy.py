@@ -189,8 +189,9 @@ def _above_chance(attack: Mapping[str, Any]) -> bool:
 
 
 def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
-    """From the audit's own verdicts: FAILED refutes a claim; 'no verdict' lacked power; without a DP claim, an
-    attack AUC whose interval lies above 0.5 means training records are identifiable."""
+    """From the audit's own verdicts: FAILED refutes a claim; 'no verdict' lacked power; in a run without any DP, an
+    attack AUC whose interval lies above 0.5 means training records are identifiable; a guarantee the audit does not
+    test (user-level DP) is a caveat, never a pass."""
     a = content.get("audit") or {}
     if not a.get("ran"):
         return verdict(
@@ -200,8 +201,11 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             [],
         )
     models = a.get("models") or {}
-    failed, weak, leaks, quiet, passed = [], [], [], [], []
+    failed, weak, leaks, quiet, untested, passed = [], [], [], [], [], []
     numbers = []
+    # A run with a guarantee the audit does not test (user-level DP: the audit attacks single records, and records
+    # no claimed ε) is not a run without DP: its attacks above chance do not contradict the guarantee.
+    dp_anywhere = bool(_guarantees(content))
     for name, m in models.items():
         kind = (m.get("verdict") or {}).get("verdict")
         best = _best_attack(m)
@@ -221,6 +225,8 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             failed.append(m)
         elif kind == "no verdict":
             weak.append(m)
+        elif kind == "no DP claim" and dp_anywhere:
+            untested.append(m)
         elif kind == "no DP claim":
             above = [x for x in m.get("attacks") or [] if _above_chance(x)]
             (leaks if above else quiet).append(m)
@@ -248,6 +254,16 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             "privacy-audit",
             CAVEAT,
             f"No verdict for the {weak[0]['title']}: the audit lacked the power to refute its claimed ε.",
+            numbers,
+        )
+    if untested:
+        best = _best_attack(untested[0]) or {}
+        lo, hi = best.get("auc_ci95") or [None, None]
+        return verdict(
+            "privacy-audit",
+            CAVEAT,
+            f"The audit tests no stated ε of the {untested[0]['title']}; its strongest attack reaches AUC "
+            f"{fmt3(best.get('auc'))} [{fmt3(lo)}, {fmt3(hi)}] (0.5 = chance).",
             numbers,
         )
     if quiet:

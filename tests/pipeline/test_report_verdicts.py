@@ -179,6 +179,7 @@ def test_an_audit_that_refutes_the_claimed_epsilon_fails_and_one_without_power_i
 
 def test_without_a_dp_claim_an_attack_above_chance_fails_the_audit():
     content = good_dp_content()
+    content["privacy"] = {"enabled": False, "models": {}}  # a run without DP: nothing bounds the leakage
     for m in content["audit"]["models"].values():
         m["claimed_epsilon"] = None
         m["verdict"] = audit_verdict(m)
@@ -220,3 +221,24 @@ def test_provenance_fails_without_a_manifest_and_a_dirty_commit_is_a_caveat():
     content["reproducibility"]["artifacts"] = []
     v = by_area(content)["provenance"]
     assert v["status"] == "failed" and "without a run manifest" in v["sentence"]
+
+
+def test_user_level_dp_is_judged_on_its_own_epsilon_and_the_record_level_audit_never_passes_or_fails_it():
+    content = good_dp_content()
+    content["privacy"] = {"enabled": True, "models": {}, "independent_checks": {}}
+    check = {"agrees": True, "pld_epsilon": 2.9, "rdp_epsilon": 3.1}
+    for m in content["models"].values():
+        m["training"]["user_level_privacy"] = {"epsilon": 2.95, "delta": 1e-3, "target_epsilon": 3.0} | {
+            "independent_check": check
+        }
+    for m in content["audit"]["models"].values():  # the audit attacks single records: it records no claimed ε
+        m["claimed_epsilon"] = None
+        m["verdict"] = audit_verdict(m)
+    v = by_area(content)
+    assert v["privacy-guarantee"]["status"] == "holds" and "per client" in v["privacy-guarantee"]["sentence"]
+    audit = v["privacy-audit"]
+    assert audit["status"] == "holds with caveat" and "tests no stated ε" in audit["sentence"]
+    assert "no DP" not in audit["sentence"]  # there is DP in this run: never say nothing bounds the leakage
+    for m in content["models"].values():
+        m["training"]["user_level_privacy"]["independent_check"] = check | {"agrees": False}
+    assert by_area(content)["privacy-guarantee"]["status"] == "failed"
