@@ -319,6 +319,21 @@ def test_tracking_keys_are_validated_and_warned_about_when_inert():
     assert "tracking.mlflow_uri" not in inert_settings(off, ["tracking.mlflow_uri"])
 
 
+def test_the_manifest_schema_types_the_tracking_record(tracked):
+    from pipeline.manifest_schema import manifest_problem
+
+    manifest = json.loads((tracked["run"] / "manifest.json").read_text())
+    assert manifest_problem(manifest) is None
+    for bad, where in (
+        ({"status": "maybe"}, "status"),
+        ({"reason": "x"}, "status"),
+        ({"status": "failed", "reason": 3}, "reason"),
+    ):
+        damaged = json.loads(json.dumps(manifest))
+        damaged["invocations"][-1]["tracking"] = bad
+        assert where in manifest_problem(damaged)
+
+
 def test_mlflow_is_an_optional_extra_that_make_install_includes():
     from importlib import metadata
 
