@@ -269,6 +269,33 @@ def test_a_failing_store_warns_once_records_why_and_leaves_the_run_intact(
     assert {key: os.environ.get(key) for key in environment} == environment  # the pipeline's settings are gone again
 
 
+@pytest.mark.parametrize("when", ["while logging a model", "while tagging the manifest hash"])
+def test_a_failure_after_the_mlflow_run_exists_marks_it_failed_and_tags_no_hash(tracked, tmp_path, monkeypatch, when):
+    from mlflow import MlflowClient
+
+    cfg, run = _copy_with(tracked, tmp_path, mlflow_uri=tracked["uri"], experiment=f"broken {when}", register=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("quota exceeded\non the store")
+
+    if when == "while logging a model":
+        monkeypatch.setattr(tracking, "_log_model", broken)
+    else:
+        monkeypatch.setattr(MlflowClient, "set_tag", broken)
+    outcome = tracking.record(cfg, run)
+    assert outcome["status"] == "failed" and outcome["mlflow_run_id"], outcome
+    reason = "RuntimeError: quota exceeded on the store"
+    assert outcome["reason"] == (
+        reason if when == "while logging a model" else f"after logging, while tagging the manifest hash: {reason}"
+    )
+    mrun = _client(tracked["uri"]).get_run(outcome["mlflow_run_id"])
+    assert mrun.info.status == "FAILED" and "manifest_sha256" not in mrun.data.tags
+    assert (
+        RunDir.open(run.path).manifest["invocations"][-1]["tracking"] == outcome
+        and RunDir.open(run.path).verify() == []
+    )
+
+
 def test_an_incomplete_run_is_not_logged_and_tracking_off_imports_no_mlflow(tmp_path):
     """`--stages data` with tracking on records `skipped`; with tracking off `off`; neither imports mlflow."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
