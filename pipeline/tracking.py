@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -101,7 +102,9 @@ def record(cfg: Config, run: RunDir, *, verbose: bool = False) -> dict[str, Any]
     """
     t = cfg.tracking
     invocations = run.manifest.setdefault("invocations", [])
-    invocation = invocations[-1] if invocations else invocations.append({}) or invocations[-1]
+    if not invocations:  # the CLI appends this invocation's entry first; a direct caller may not have
+        invocations.append({})
+    invocation = invocations[-1]
     if not t.mlflow_uri:
         return _save(run, invocation, {"status": "off"})
     where = {"uri": t.mlflow_uri, "experiment": t.experiment}
@@ -129,6 +132,8 @@ def record(cfg: Config, run: RunDir, *, verbose: bool = False) -> dict[str, Any]
                 raise _AfterLogging(exc) from exc
     except BaseException as exc:
         if not isinstance(exc, Exception):  # Ctrl-C / SIGTERM: record it, then let the CLI report it as usual
+            if "mlflow" in sys.modules:
+                _end(sys.modules["mlflow"], t.mlflow_uri, logged, "KILLED")
             _save(run, invocation, {"status": "failed", **where, **_ids(logged), "reason": "interrupted"})
             raise
         reason = _one_line(exc)
@@ -188,8 +193,9 @@ def _one_line(exc: BaseException | None) -> str:
 
 
 def _import_mlflow() -> Any:
-    # MLflow >= 3.2 sends anonymous usage telemetry from the process that imports it, unless told not to: this
-    # pipeline sends nothing anywhere the user did not name (MLFLOW_DISABLE_TELEMETRY=false turns it back on).
+    # MLflow 3 (3.17.2: mlflow/telemetry) sends anonymous usage telemetry from any process that imports it unless
+    # told not to, decided at import: this pipeline sends nothing anywhere the user did not name (a user's own
+    # MLFLOW_DISABLE_TELEMETRY=false wins).
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
     import mlflow.onnx  # noqa: F401 (the flavour)
