@@ -29,10 +29,11 @@ HOW_TO_READ_AUDIT = (
     "number of steps) on a model trained like the released one, not per-sample clipping or the data sampler, which "
     "the canaries bypass. The positive control is a privacy violation the audit must catch: under DP, the same training "
     "with a tenth of its noise while the accountant records the claimed ε (it must FAIL); without DP, the "
-    "architecture deliberately overfit on a few records (the attacks must separate them). An empirical bound is a "
+    "architecture deliberately overfit on a few records (the attacks must separate them: an AUC interval wholly above "
+    "0.5 or an ε lower bound above 0; a point AUC above 0.5 is not enough). When the control is not caught, a quiet "
+    "audit of the released model means nothing. An empirical bound is a "
     "lower bound from these attacks only: a small value does not prove privacy."
 )
-TOOTHLESS_AUC = 0.6  # a control AUC at or below this means the attacks could not break even an overfit model
 
 
 def _attack_row(attack: str, s: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,15 +97,67 @@ def _caught(claimed: float | None, attacks: list[Mapping[str, Any]], canaries: M
     return out
 
 
-def _verdict(m: Mapping[str, Any]) -> dict[str, Any]:
-    """FAILED, passed (with the power to fail), or no verdict, with the reason in one sentence."""
+def above_chance(attack: Mapping[str, Any]) -> bool:
+    """Evidence that an attack tells members from non-members: its AUC interval lies wholly above 0.5, or its
+    held-out ε lower bound (Clopper–Pearson, 95%) is above 0."""
+    lo = (attack.get("auc_ci95") or [None])[0]
+    return (isinstance(lo, (int, float)) and lo > 0.5) or (attack.get("epsilon_lower_bound") or 0.0) > 0.0
+
+
+def control_outcome(m: Mapping[str, Any]) -> dict[str, Any]:
+    """Whether the audit caught its positive control, on evidence, and by what.
+
+    The noise mutant (DP) is caught when an attack's or the canaries' ε lower bound exceeds the ε its accountant
+    recorded (or a TPR's lower bound exceeds the DP bound); the overfit control (no DP) when an attack's AUC
+    interval lies wholly above 0.5 or its ε lower bound is above 0. A point AUC above 0.5 whose interval includes
+    0.5 is no evidence: the control is then not caught, and a quiet audit of the released model means nothing.
+    """
+    control, claimed = m["control"], m["claimed_epsilon"]
+    if control.get("kind") == "noise mutant":
+        by = _caught(claimed, control["attacks"], control.get("canaries") or {"ran": False})
+    else:
+        by = [a["attack"] for a in control["attacks"] if above_chance(a)]
+    best = max(control["attacks"], key=lambda a: ((a.get("auc_ci95") or [0.0])[0] or 0.0, a["auc"]), default=None)
+    return {"caught": bool(by), "by": by, "best_attack": best}
+
+
+def control_name(m: Mapping[str, Any]) -> str:
+    """The positive control in words: the noise mutant or the deliberately overfit copy."""
+    control = m["control"]
+    if control.get("kind") == "noise mutant":
+        return f"the same training with ×{number(control.get('noise_factor'), 2)} of its noise"
+    return "a copy of the architecture deliberately overfit on a few records"
+
+
+def _verdict(m: Mapping[str, Any], user_level_epsilon: float | None = None) -> dict[str, Any]:
+    """FAILED, passed (with the power to fail), or no verdict, with the reason in one sentence.
+
+    ``user_level_epsilon``: the model's user-level ε where it was trained with user-level DP (the audit attacks
+    single records, so it tests no claim of that model). A positive control the audit did not catch leads the
+    statement whatever the model's claim: without it, finding no leak means nothing.
+    """
     claimed, t = m["claimed_epsilon"], m["title"]
+    outcome = control_outcome(m)
+    blind = (
+        ""
+        if outcome["caught"]
+        else f"The audit could not catch its own planted leak ({control_name(m)}), so finding no leak here means "
+        "nothing. "
+    )
     if claimed is None:
-        return {"verdict": "no DP claim", "statement": f"The {t} makes no DP claim: the attacks measure its leakage."}
+        if user_level_epsilon is not None:
+            return {
+                "verdict": "no record-level claim",
+                "statement": blind + f"The {t}'s DP guarantee is at user level (ε = {number(user_level_epsilon, 3)} "
+                "per client), which these record-level attacks do not test: they measure its leakage per record.",
+            }
+        return {
+            "verdict": "no DP claim",
+            "statement": blind + f"The {t} makes no DP claim: the attacks measure its leakage.",
+        }
     failed = _caught(claimed, m["attacks"], m["canaries"])
     ceiling = max((v for v in m["certifiable_epsilon"].values() if v is not None), default=0.0)
-    control = m["control"]
-    control_caught = _caught(claimed, control["attacks"], control.get("canaries") or {"ran": False})
+    control_caught = outcome["by"]
     if failed:
         return {
             "verdict": "FAILED",
@@ -114,20 +167,19 @@ def _verdict(m: Mapping[str, Any]) -> dict[str, Any]:
     if ceiling <= claimed:
         return {
             "verdict": "no verdict",
-            "statement": f"No verdict on the {t}: this audit can certify at most ε = {number(ceiling, 3)}, not above "
+            "statement": blind
+            + f"No verdict on the {t}: this audit can certify at most ε = {number(ceiling, 3)}, not above "
             f"the claimed ε = {number(claimed, 3)}, so it could not have refuted the claim.",
         }
-    if control.get("kind") == "noise mutant" and not control_caught:
+    if not control_caught:
         return {
             "verdict": "no verdict",
-            "statement": f"No verdict on the {t}: the audit did not catch its positive control (the same training "
-            f"with ×{number(control.get('noise_factor'), 2)} noise), so its pass means nothing.",
+            "statement": blind + f"No verdict on the {t}.",
         }
     return {
         "verdict": "passed",
         "statement": f"Passed for the {t}: no lower bound exceeds the claimed ε = {number(claimed, 3)}, while the audit "
-        f"can certify up to ε = {number(ceiling, 3)}"
-        + (f" and caught the noise mutant ({', '.join(control_caught)})." if control_caught else "."),
+        f"can certify up to ε = {number(ceiling, 3)} and caught its positive control ({', '.join(control_caught)}).",
     }
 
 
@@ -158,18 +210,25 @@ def _model_caveats(m: Mapping[str, Any]) -> list[str]:
             "one run can certify near ln(1/(2·m·δ)), so a large claim may be beyond any affordable audit)."
         )
     control = m["control"]
+    if control_outcome(m)["caught"]:
+        return out
     if control.get("kind") == "noise mutant":
-        if claimed is not None and not _caught(claimed, control["attacks"], control.get("canaries") or {"ran": False}):
-            out.append(
-                f"Privacy audit of the {t}: the audit did not catch its positive control, the same training with "
-                f"×{number(control.get('noise_factor'), 2)} of its noise while recording the claimed ε: it has no power "
-                "against a violation of that size here, and a pass on the released model means nothing."
-            )
-    elif max(c["auc"] for c in control["attacks"]) <= TOOTHLESS_AUC:
         out.append(
-            f"Privacy audit of the {t}: even the deliberately overfit positive control was not broken "
-            f"(AUC ≤ {TOOTHLESS_AUC}); the attacks are too weak here for a low AUC to mean anything "
-            "(raise audit.n_eval, audit.control_epochs or audit.n_shadows)."
+            f"Privacy audit of the {t}: the audit did not catch its positive control, the same training with "
+            f"×{number(control.get('noise_factor'), 2)} of its noise while recording the claimed ε (no ε lower bound "
+            "above the claim): it has no power against a violation of that size here, and a pass on the released "
+            "model means nothing."
+        )
+    else:
+        aucs = "; ".join(
+            f"{a['attack']} AUC {number(a['auc'], 3)} [{number((a.get('auc_ci95') or [None])[0], 3)}, "
+            f"{number((a.get('auc_ci95') or [None, None])[1], 3)}], ε ≥ {number(a['epsilon_lower_bound'], 3)}"
+            for a in control["attacks"]
+        )
+        out.append(
+            f"Privacy audit of the {t}: even the deliberately overfit positive control was not caught ({aucs}: no "
+            "AUC interval lies above 0.5 and no ε lower bound above 0); the attacks are too weak here for a low AUC "
+            "to mean anything (raise audit.n_eval, audit.control_epochs or audit.n_shadows)."
         )
     return out
 
@@ -190,7 +249,7 @@ def _resolution_caveat(m: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _model_entry(r: Mapping[str, Any]) -> dict[str, Any]:
+def _model_entry(r: Mapping[str, Any], user_level_epsilon: float | None = None) -> dict[str, Any]:
     attacks = [_attack_row(a, s) for a, s in r["attacks"].items()]
     control = r["control"]
     canaries = _canary_row(r.get("canaries"))
@@ -223,13 +282,17 @@ def _model_entry(r: Mapping[str, Any]) -> dict[str, Any]:
             [a["epsilon_lower_bound"] for a in attacks] + [canaries.get("epsilon_lower_bound", 0.0)]
         ),
     }
-    m["verdict"] = _verdict(m)
+    outcome = control_outcome(m)
+    m["control"]["caught"], m["control"]["caught_by"] = outcome["caught"], outcome["by"]
+    m["verdict"] = _verdict(m, user_level_epsilon)
     return m
 
 
-def audit_section(audit_out: Any) -> dict[str, Any]:
+def audit_section(audit_out: Any, user_level_epsilon: Mapping[str, float | None] | None = None) -> dict[str, Any]:
     """The audit part of the report: per model, the attacks and the canary audit on the released model's
-    training, on the positive control, what the audit could certify at all, and a verdict."""
+    training, on the positive control (and whether the audit caught it, on evidence), what the audit could
+    certify at all, and a verdict. ``user_level_epsilon``: per model, its user-level ε where it was trained with
+    user-level DP (a claim these record-level attacks do not test)."""
     if not isinstance(audit_out, Mapping) or not audit_out.get("enabled"):
         return {
             "ran": False,
@@ -242,7 +305,7 @@ def audit_section(audit_out: Any) -> dict[str, Any]:
         }
     models, caveats = {}, []
     for name, r in audit_out["models"].items():
-        m = _model_entry({**r, "title": r.get("title") or title(name)})
+        m = _model_entry({**r, "title": r.get("title") or title(name)}, (user_level_epsilon or {}).get(name))
         models[name] = m
         caveats += _model_caveats(m) + _resolution_caveat(m)
     return {"ran": True, "how_to_read": HOW_TO_READ_AUDIT, "models": models, "caveats": caveats}

@@ -646,7 +646,12 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
             checks = student_checks(distill_out)
             content["privacy"].setdefault("independent_checks", {}).update(checks)
             content["privacy"]["caveats"] += student_check_caveats(checks)
-    content["audit"] = audit_section(inputs.get("audit"))  # optional input: the audit stage's records
+    user_level = {  # a user-level guarantee is a DP claim the record-level attacks do not test
+        name: (m["training"].get("user_level_privacy") or {}).get("epsilon")
+        for name, m in content["models"].items()
+        if m["training"].get("user_level_privacy")
+    }
+    content["audit"] = audit_section(inputs.get("audit"), user_level)  # optional input: the audit stage's records
     if content["audit"]["ran"] and content["privacy"]["enabled"]:
         content["privacy"]["not_covered"].append(
             "audit/* and the privacy-audit section: per-record attack scores and losses of training records "

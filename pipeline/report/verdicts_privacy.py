@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from auditml_core.models import MODELS
+from pipeline.report.audit import above_chance, control_outcome
 from pipeline.report.verdict_base import (
     CAVEAT,
     FAILED,
@@ -182,16 +183,29 @@ def _best_attack(m: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return max(m.get("attacks") or [], key=lambda a: a.get("auc") or 0.0, default=None)
 
 
-def _above_chance(attack: Mapping[str, Any]) -> bool:
-    """Whether an attack's AUC interval lies wholly above 0.5 (it tells members from non-members)."""
-    lo = (attack.get("auc_ci95") or [None])[0]
-    return isinstance(lo, (int, float)) and lo > 0.5
+def _control_number(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The evidence the positive control was (not) caught: the noise mutant's ε lower bound against the recorded ε,
+    or the overfit control's strongest attack AUC with its interval."""
+    control = m["control"]
+    if control.get("kind") == "noise mutant":
+        bounds = [a.get("epsilon_lower_bound") for a in control["attacks"]]
+        if (control.get("canaries") or {}).get("ran"):
+            bounds.append(control["canaries"].get("epsilon_lower_bound"))
+        bound = max((b for b in bounds if isinstance(b, (int, float))), default=None)
+        return numbers_entry(
+            f"positive control's ε lower bound, {m['title']}", bound, unit=f"must exceed {fmt3(m['claimed_epsilon'])}"
+        )
+    best = control_outcome(m)["best_attack"] or {}
+    return numbers_entry(
+        f"positive control's attack AUC, {m['title']}", best.get("auc"), best.get("auc_ci95"), "must clear 0.5"
+    )
 
 
 def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
-    """From the audit's own verdicts: FAILED refutes a claim; 'no verdict' lacked power; in a run without any DP, an
-    attack AUC whose interval lies above 0.5 means training records are identifiable; a guarantee the audit does not
-    test (user-level DP) is a caveat, never a pass."""
+    """From the audit's own verdicts: FAILED refutes a claim; in a run without any DP, an attack AUC whose interval
+    lies above 0.5 means training records are identifiable; a positive control the audit did not catch (on
+    evidence) leads a caveat, never a pass; 'no verdict' lacked power; a guarantee the audit does not test
+    (user-level DP) is a caveat, never a pass."""
     a = content.get("audit") or {}
     if not a.get("ran"):
         return verdict(
@@ -202,7 +216,8 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
         )
     models = a.get("models") or {}
     failed, weak, leaks, quiet, untested, passed = [], [], [], [], [], []
-    numbers = []
+    blind = [m for m in models.values() if not control_outcome(m)["caught"]]
+    numbers = [_control_number(m) for m in blind]
     # A run with a guarantee the audit does not test (user-level DP: the audit attacks single records, and records
     # no claimed ε) is not a run without DP: its attacks above chance do not contradict the guarantee.
     dp_anywhere = bool(_guarantees(content))
@@ -225,10 +240,10 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             failed.append(m)
         elif kind == "no verdict":
             weak.append(m)
-        elif kind == "no DP claim" and dp_anywhere:
+        elif kind == "no record-level claim" or (kind == "no DP claim" and dp_anywhere):
             untested.append(m)
         elif kind == "no DP claim":
-            above = [x for x in m.get("attacks") or [] if _above_chance(x)]
+            above = [x for x in m.get("attacks") or [] if above_chance(x)]
             (leaks if above else quiet).append(m)
         elif kind == "passed":
             passed.append(m)
@@ -240,13 +255,27 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             numbers,
         )
     if leaks:
-        best = max((x for x in leaks[0]["attacks"] if _above_chance(x)), key=lambda x: x["auc_ci95"][0])
+        above = [x for x in leaks[0]["attacks"] if above_chance(x)]
+        best = max(above, key=lambda x: ((x.get("auc_ci95") or [0.0])[0] or 0.0, x.get("epsilon_lower_bound") or 0.0))
         lo, hi = best.get("auc_ci95") or [None, None]
+        evidence = (
+            f"AUC {fmt3(best.get('auc'))} [{fmt3(lo)}, {fmt3(hi)}]"
+            if isinstance(lo, (int, float)) and lo > 0.5
+            else f"ε lower bound {fmt3(best.get('epsilon_lower_bound'))} > 0"
+        )
         return verdict(
             "privacy-audit",
             FAILED,
-            f"Attacks tell training records of the {leaks[0]['title']} from others better than chance (AUC "
-            f"{fmt3(best.get('auc'))} [{fmt3(lo)}, {fmt3(hi)}]); no DP bounds this.",
+            f"Attacks tell training records of the {leaks[0]['title']} from others better than chance ({evidence}); "
+            "no DP bounds this.",
+            numbers,
+        )
+    if blind:
+        who = " and ".join(m["title"] for m in blind)
+        return verdict(
+            "privacy-audit",
+            CAVEAT,
+            f"The audit could not catch its own planted leak for the {who}, so finding no leak here means nothing.",
             numbers,
         )
     if weak:
@@ -270,8 +299,8 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
         return verdict(
             "privacy-audit",
             CAVEAT,
-            "No attack told training records from others better than chance (no AUC interval lies above 0.5), but "
-            "no DP claim bounds the leakage.",
+            "No attack beat chance on evidence (no AUC interval above 0.5, no ε lower bound above 0), but no DP "
+            "claim bounds the leakage.",
             numbers,
         )
     if passed:

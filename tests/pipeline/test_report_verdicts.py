@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.report.audit import _verdict as audit_verdict
+from pipeline.report.audit import control_outcome
 from pipeline.report.privacy import independent_check
 from pipeline.report.utility import trivial_baseline
 from pipeline.report.verdicts import AREAS, MAX_WORDS, STATUSES, verdicts
@@ -177,17 +178,80 @@ def test_an_audit_that_refutes_the_claimed_epsilon_fails_and_one_without_power_i
     assert by_area(content)["privacy-audit"]["status"] == "not applicable"
 
 
-def test_without_a_dp_claim_an_attack_above_chance_fails_the_audit():
+def _overfit_control(m, auc=0.9, ci=(0.7, 1.0), bound=0.5):
+    """The non-DP positive control (an overfit copy) with one attack's AUC, interval and ε lower bound."""
+    attack = {"attack": "loss", "auc": auc, "auc_ci95": list(ci), "epsilon_lower_bound": bound, "tpr_at_fpr": []}
+    m["control"] = {"kind": "overfit", "attacks": [attack, attack | {"attack": "lira"}]}
+    m["verdict"] = audit_verdict(m)
+    return m
+
+
+def non_dp_content():
+    """good_dp_content without DP: no claimed ε, an overfit positive control the attacks catch."""
     content = good_dp_content()
     content["privacy"] = {"enabled": False, "models": {}}  # a run without DP: nothing bounds the leakage
     for m in content["audit"]["models"].values():
         m["claimed_epsilon"] = None
-        m["verdict"] = audit_verdict(m)
+        _overfit_control(m)
+    return content
+
+
+def test_without_a_dp_claim_an_attack_above_chance_fails_the_audit():
+    content = non_dp_content()
     assert by_area(content)["privacy-audit"]["status"] == "failed"  # AUC interval [0.55, 0.65] lies above 0.5
     for m in content["audit"]["models"].values():
-        m["attacks"][0]["auc_ci95"] = [0.45, 0.65]
+        m["attacks"][0].update(auc_ci95=[0.45, 0.65], epsilon_lower_bound=0.0)
     v = by_area(content)["privacy-audit"]
     assert v["status"] == "holds with caveat" and "no DP claim" in v["sentence"]
+    # A positive ε lower bound is evidence too, although the AUC interval includes 0.5.
+    content["audit"]["models"]["cnn"]["attacks"][0]["epsilon_lower_bound"] = 0.4
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "failed" and "ε lower bound 0.4 > 0" in v["sentence"]
+
+
+def test_a_positive_control_caught_without_evidence_is_not_caught_and_leads_the_audit_verdict():
+    # A tiny non-DP run (n_eval 40): the overfit control scored AUC 0.719 [0.374, 0.946] with an ε bound of 0 and
+    # was counted as caught (point AUC > 0.6); the row said "No attack told training records from others better
+    # than chance" while the audit had no power at all.
+    content = non_dp_content()
+    for m in content["audit"]["models"].values():
+        m["attacks"][0].update(auc_ci95=[0.45, 0.65], epsilon_lower_bound=0.0)
+    _overfit_control(content["audit"]["models"]["cnn"], auc=0.719, ci=(0.374, 0.946), bound=0.0)
+    cnn = content["audit"]["models"]["cnn"]
+    assert not control_outcome(cnn)["caught"]
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "holds with caveat"
+    assert (
+        v["sentence"].startswith("The audit could not catch its own planted leak") and "CNN classifier" in v["sentence"]
+    )
+    assert "means nothing" in v["sentence"] and "MLP regressor" not in v["sentence"]
+    assert v["numbers"][0]["label"] == "positive control's attack AUC, CNN classifier"
+    assert v["numbers"][0]["interval"] == [0.374, 0.946]
+    assert cnn["verdict"]["statement"].startswith("The audit could not catch its own planted leak")
+    # positive control: the same control with an interval above 0.5 (or a positive ε bound) is caught
+    _overfit_control(cnn, auc=0.719, ci=(0.52, 0.946), bound=0.0)
+    assert control_outcome(cnn)["caught"] and control_outcome(cnn)["by"] == ["loss", "lira"]
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "holds with caveat" and v["sentence"].startswith("No attack beat chance on evidence")
+    _overfit_control(cnn, auc=0.6, ci=(0.45, 0.8), bound=0.3)
+    assert control_outcome(cnn)["caught"]
+
+
+def test_a_dp_audit_that_missed_its_control_never_holds_whatever_the_control():
+    content = good_dp_content()
+    claimed = content["privacy"]["models"]["cnn"]["epsilon"]
+    content["audit"]["models"]["cnn"] = _audit_model("CNN classifier", claimed, 0.1, 0.0)  # noise mutant not caught
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "holds with caveat" and v["sentence"].startswith("The audit could not catch its own")
+    assert content["audit"]["models"]["cnn"]["verdict"]["statement"].startswith("The audit could not catch its own")
+    assert v["numbers"][0]["label"] == "positive control's ε lower bound, CNN classifier"
+    # A federated DP model's control is the overfit copy: not caught, the audit used to say "passed" (holds).
+    m = _overfit_control(_audit_model("CNN classifier", claimed, 0.1, 0.0), auc=0.7, ci=(0.4, 0.9), bound=0.0)
+    content["audit"]["models"]["cnn"] = m
+    assert m["verdict"]["verdict"] == "no verdict"
+    assert by_area(content)["privacy-audit"]["status"] == "holds with caveat"
+    content["audit"]["models"]["cnn"] = _overfit_control(m)  # caught: the audit passes
+    assert m["verdict"]["verdict"] == "passed" and by_area(content)["privacy-audit"]["status"] == "holds"
 
 
 def test_subgroup_intervals_that_do_not_overlap_fail_and_no_group_column_is_not_applicable():
@@ -233,7 +297,10 @@ def test_user_level_dp_is_judged_on_its_own_epsilon_and_the_record_level_audit_n
         }
     for m in content["audit"]["models"].values():  # the audit attacks single records: it records no claimed ε
         m["claimed_epsilon"] = None
-        m["verdict"] = audit_verdict(m)
+        _overfit_control(m)  # a federated model's control is the overfit copy
+        m["verdict"] = audit_verdict(m, 2.95)
+        assert m["verdict"]["verdict"] == "no record-level claim" and "no DP claim" not in m["verdict"]["statement"]
+        assert "user level (ε = 2.95 per client)" in m["verdict"]["statement"]
     v = by_area(content)
     assert v["privacy-guarantee"]["status"] == "holds" and "per client" in v["privacy-guarantee"]["sentence"]
     audit = v["privacy-audit"]
