@@ -95,7 +95,7 @@ class BKModule(nn.Module):
         self._params = [p for m in self._layers for p in self._own[m]]
         self._acts: dict[nn.Module, torch.Tensor] = {}
         self._grads: dict[nn.Module, _Record] = {}
-        self._scratch: dict[nn.Module, torch.Tensor] = {}  # per-sample gradient buffers (see _scratch_for)
+        self._scratch = _ScratchBuffers()  # per-sample gradient buffers, reused from step to step
         # A clipped layer whose input needs no gradient (the first) gets its output cut from the graph
         # as a fresh leaf, so backward stops there. If the model modifies that output in place (which
         # autograd refuses on a leaf), BK falls back to letting that layer's weights require a gradient.
@@ -180,22 +180,9 @@ class BKModule(nn.Module):
         assert isinstance(layer, (nn.Linear, nn.Conv2d))
         a = self._acts.pop(layer)
         b = grad.detach()
-        sq, bias_g, weight_g = _layer_sq_norms(layer, a.to(b.dtype), b, self._scratch_for)
+        sq, bias_g, weight_g = _layer_sq_norms(layer, a.to(b.dtype), b, self._scratch)
         keep = weight_g is None
         self._grads[layer] = _Record(sq, bias_g, weight_g, a if keep else None, b if keep else None)
-
-    def _scratch_for(self, layer: nn.Module, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A (shape) tensor for ``layer``'s per-sample gradients, reused from step to step.
-
-        The largest tensor of a step; a fresh one each step came back from the OS as new pages (~5k
-        page faults a step for the 28x28 CNN's second conv at batch 256). Sized with headroom for the
-        Poisson batch's spread; its contents are consumed by :meth:`clipped_sums` within the step.
-        """
-        numel = math.prod(shape)
-        buf = self._scratch.get(layer)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._scratch[layer] = like.new_empty(numel + numel // 4)
-        return buf[:numel].view(shape)
 
     def clear(self) -> None:
         """Forget the recorded activations and gradients."""
@@ -219,11 +206,7 @@ class BKModule(nn.Module):
                 f"pass ({len(self._grads)} of {len(self._layers)}); every trainable layer must be used in the loss"
             )
         records = [self._grads[m] for m in self._layers]
-        sq = torch.stack([r.sq for r in records]).sum(dim=0)  # (B,) squared norm of the mean-loss gradient
-        # the loss averages the real rows only; the padding rows' (see _pad_batch) gradients are exactly 0
-        n = sq.shape[0] if self._rows is None else self._rows
-        sample_norms = sq.sqrt() * n  # (B,): ‖n·g_i‖
-        w = (max_grad_norm / (sample_norms + 1e-6)).clamp(max=1.0) * n  # c_i·n (per-sample grads are n·g_i)
+        w = _clip_weights(records, rows=self._rows, max_grad_norm=max_grad_norm)
         out: dict[torch.Tensor, torch.Tensor] = {}
         for m, r in zip(self._layers, records):
             out.update(_clipped_layer_sum(m, r, w.to(r.sq.dtype)))
@@ -237,6 +220,42 @@ class BKModule(nn.Module):
         self._handles.clear()
         self.clear()
         self._scratch.clear()
+
+
+class _ScratchBuffers:
+    """One (shape) tensor per layer for its per-sample gradients, reused from step to step.
+
+    The largest tensor of a step; a fresh one each step came back from the OS as new pages (~5k
+    page faults a step for the 28x28 CNN's second conv at batch 256). Sized with headroom for the
+    Poisson batch's spread; its contents are consumed by :meth:`BKModule.clipped_sums` within the step.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[nn.Module, torch.Tensor] = {}  # layer -> its buffer
+
+    def __call__(self, layer: nn.Module, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(layer)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[layer] = like.new_empty(numel + numel // 4)
+        return buf[:numel].view(shape)
+
+    def clear(self) -> None:
+        """Free every buffer."""
+        self.buffers.clear()
+
+
+def _clip_weights(records: list[_Record], *, rows: int | None, max_grad_norm: float) -> torch.Tensor:
+    """(B,) ``c_i·n``: Opacus' clipping factor ``min(1, C / (‖n·g_i‖ + 1e-6))`` times the batch size ``n``.
+
+    ``records`` hold the per-layer squared norms of the batch-mean-loss gradients ``g_i``; ``rows`` is the
+    number of real rows when the batch was padded (:func:`_pad_batch`), else None.
+    """
+    sq = torch.stack([r.sq for r in records]).sum(dim=0)  # (B,) squared norm of the mean-loss gradient
+    # the loss averages the real rows only; the padding rows' (see _pad_batch) gradients are exactly 0
+    n = sq.shape[0] if rows is None else rows
+    sample_norms = sq.sqrt() * n  # (B,): ‖n·g_i‖
+    return (max_grad_norm / (sample_norms + 1e-6)).clamp(max=1.0) * n  # c_i·n (per-sample grads are n·g_i)
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,7 @@ def test_consecutive_steps_of_varying_batch_size_match(monkeypatch):
             torch.testing.assert_close(sums[p], r, rtol=1e-4, atol=1e-6)
     rows = -(-30 // bk._BATCH_BUCKET) * bk._BATCH_BUCKET  # the largest batch, padded (bk._pad_batch)
     # conv2's (d = 8·9) grouped route writes into the buffer; conv1 (d = 9) is unfolded, with no buffer
-    assert {tuple(t.shape) for t in wrapped._scratch.values()} == {(rows * 16 * 72 * 5 // 4,)}
+    assert {tuple(t.shape) for t in wrapped._scratch.buffers.values()} == {(rows * 16 * 72 * 5 // 4,)}
 
 
 def test_linear_on_sequences_matches():
