@@ -8,9 +8,9 @@ the manifest, and each teacher and student as an MLflow ONNX model (the graphs t
 with the preprocessing inside) with its input/output signature and its privacy statement. With
 ``tracking.register`` they are also registered, with the run's provenance (run id, manifest SHA-256).
 
-Everything logged is read back from the run directory through :meth:`RunDir.read` (hash-checked), never from
-memory, so MLflow shows exactly what ``verify`` vouches for. No input example is logged: it would copy a
-training or test record out of the run.
+What is logged is computed by :mod:`pipeline.tracking_content` from the run directory, read through
+:meth:`RunDir.read` (hash-checked), never from memory, so MLflow shows exactly what ``verify`` vouches for. No
+input example is logged: it would copy a training or test record out of the run.
 
 A failure never fails or changes the run: one warning line, and the outcome (``off`` / ``skipped`` /
 ``logged`` / ``failed`` with its one-line reason) goes into the invocation's ``tracking`` entry of
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
-import math
 import os
 import re
 import sys
@@ -32,21 +30,21 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 from auditml_core import config as config_mod
 from auditml_core.artifacts import read_json
 from auditml_core.config import Config
 from auditml_core.errors import ConfigError
 from auditml_core.models import MODELS
-from pipeline import distill, predict, runner
-from pipeline.rundir import CONFIG, MANIFEST, RunDir
+from pipeline import predict, runner
+from pipeline import tracking_content as content
+from pipeline.rundir import MANIFEST, RunDir
 
 log = logging.getLogger(__name__)
 
 INSTALL = 'pip install ".[mlflow]"'
 WHICH = ("teacher", "student")
-SPLITS = ("val", "train", "public")  # evaluation entries that are not test metrics
 # MLflow's environment while logging, unless the user set these: its own defaults retry a request 7 times with
 # exponential backoff (an unreachable server took 247 s to fail here, one warning per retry), and it draws a
 # progress bar for every artifact it copies (one per registered model).
@@ -56,7 +54,6 @@ DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
-MAX_TAG = 8000  # MLflow's longest tag value (characters)
 
 
 def check(cfg: Config) -> None:
@@ -266,14 +263,14 @@ def _log(mlflow: Any, cfg: Config, run: RunDir, logged: _Logged) -> None:
         "git_commit": str(run.manifest.get("git_commit")),
         "train.mode": cfg.train.mode,
         "dp.enabled": str(cfg.dp.enabled).lower(),
-        "privacy_statement": _fit(statement, "report.json privacy.statement"),
-        "mlflow.note.content": _fit(f"Run {run_id} of the auditable pipeline. {statement}", "report.json"),
+        "privacy_statement": content.fit(statement, "report.json privacy.statement"),
+        "mlflow.note.content": content.fit(f"Run {run_id} of the auditable pipeline. {statement}", "report.json"),
     }
     for (name, which), s in served.items():
-        tags.update({f"privacy.{name}.{which}.{k}": _fit(str(v), "report.json") for k, v in s.privacy.items()})
+        tags.update({f"privacy.{name}.{which}.{k}": content.fit(str(v), "report.json") for k, v in s.privacy.items()})
     mrun = client.create_run(logged.experiment_id, run_name=run_id, tags={"run_id": run_id})
     logged.run_id = mrun.info.run_id
-    params = [Param(k, _param(v)) for k, v in config_mod.flatten(cfg).items()]
+    params = [Param(k, content.param(v)) for k, v in config_mod.flatten(cfg).items()]
     for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics, 100 tags
         client.log_batch(logged.run_id, params=params[i : i + 100])
     tag_list = [RunTag(k, v) for k, v in tags.items()]
@@ -281,7 +278,7 @@ def _log(mlflow: Any, cfg: Config, run: RunDir, logged: _Logged) -> None:
         client.log_batch(logged.run_id, tags=tag_list[i : i + 100])
     with tempfile.TemporaryDirectory(prefix="mlflow-") as tmp:
         folder = Path(tmp)
-        _stage_files(run, folder / "files")
+        content.stage_files(run, folder / "files")
         client.log_artifacts(logged.run_id, str(folder / "files"))
         cards = report.get("files", {}).get("model_cards", {})
         with _fluent(mlflow, t.mlflow_uri, logged.experiment_id):
@@ -296,7 +293,7 @@ def _log(mlflow: Any, cfg: Config, run: RunDir, logged: _Logged) -> None:
     # The metrics after the models: a model logged into a run copies every metric the run already has, one
     # history query each (~400 metrics x 4 models took 20 s of a 100 s logging here).
     now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in _metrics(run, served).items()]
+    metrics = [Metric(k, v, now, 0) for k, v in content.metrics(run, served).items()]
     for i in range(0, len(metrics), 1000):
         client.log_batch(logged.run_id, metrics=metrics[i : i + 1000])
 
@@ -345,97 +342,6 @@ def _served(run: RunDir, name: str, which: str) -> predict.ServedModel | None:
     return predict.load_served(run.path, name=name, which=which)
 
 
-def _fit(text: str, where: str) -> str:
-    """A tag value within MLflow's limit; a longer one says where the whole text is rather than being cut silently."""
-    if len(text) <= MAX_TAG:
-        return text
-    note = f" ... (cut at {MAX_TAG} characters; the whole text: {where})"
-    return text[: MAX_TAG - len(note)] + note
-
-
-def _param(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _key(text: str) -> str:
-    """A metric key MLflow accepts (letters, digits, ``_ - . / :`` and spaces); user class names may hold more."""
-    return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", text)
-
-
-def _metrics(run: RunDir, served: Mapping[tuple[str, str], predict.ServedModel]) -> dict[str, float]:
-    """Test metrics (``_ci95`` pairs as ``_ci95_low`` / ``_ci95_high``), students' scalars, ε/δ, stage times."""
-    out: dict[str, float] = {}
-    evaluation = read_json(run.read("metrics/evaluation.json"))
-    for name, entry in evaluation.items():
-        for key, value in entry.items():
-            if key in SPLITS:
-                continue
-            _flatten(out, f"test.{name}" if key == "test" else f"test.{name}.{key}", value)
-    for name in MODELS:
-        if f"students/{name}.json" in run.manifest["artifacts"]:
-            record = read_json(run.read(f"students/{name}.json")).get("record", {})
-            for key, value in record.items():
-                if _number(value) and key != "seed":
-                    out[_key(f"student.{name}.{key}")] = float(value)
-    for (name, which), s in served.items():
-        for key in ("epsilon", "delta"):
-            if _number(s.privacy.get(key)):
-                out[f"privacy.{name}.{which}.{key}"] = float(s.privacy[key])
-    for stage, entry in run.manifest["stages"].items():
-        if entry.get("status") == "complete" and _number(entry.get("seconds")):
-            out[f"stage_seconds.{stage}"] = float(entry["seconds"])
-    invocation = run.manifest.get("invocations", [{}])[-1]
-    for key in ("wall_seconds", "peak_rss_mb", "peak_tree_rss_mb"):
-        if _number(invocation.get(key)):
-            out[f"invocation.{key}"] = float(invocation[key])
-    return out
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _flatten(out: dict[str, float], prefix: str, value: Any) -> None:
-    """Numbers under ``prefix`` as dotted keys; ``[lo, hi]`` under a ``*_ci95`` key as two bounds; lists of records
-    by their name (``group`` / ``name`` / ``class`` / ``label``) or position; text and other lists are left out."""
-    if _number(value):
-        out[_key(prefix)] = float(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _flatten(out, f"{prefix}.{key}", item)
-    elif isinstance(value, list):
-        if prefix.endswith(("_ci95", ".ci95")) and len(value) == 2 and all(_number(v) for v in value):
-            out[_key(f"{prefix}_low")], out[_key(f"{prefix}_high")] = float(value[0]), float(value[1])
-        elif value and all(isinstance(v, dict) for v in value):
-            for i, item in enumerate(value):
-                label = next((item[k] for k in ("group", "name", "class", "label") if isinstance(item.get(k), str)), i)
-                _flatten(out, f"{prefix}.{label}", item)
-
-
-def _stage_files(run: RunDir, folder: Path) -> None:
-    """The hash-checked bytes of the report stage's outputs (under report/) and the config, to upload."""
-    files = {f"report/{rel}": rel for rel, a in run.manifest["artifacts"].items() if a.get("stage") == "report"}
-    files[CONFIG] = CONFIG
-    for dest, rel in sorted(files.items()):
-        data = run.read_config().read_bytes() if rel == CONFIG else run.read(rel)
-        target = folder / dest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-
-
-def _signature(s: predict.ServedModel) -> Any:
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    name_in, name_out = distill.ONNX_NAMES[s.task]
-    out_shape = (-1,) if s.task == "regression" else (-1, len(s.class_names))
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *s.input_shape), name_in)]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), out_shape, name_out)]),
-    )
-
-
 def _log_model(
     mlflow: Any, run: RunDir, s: predict.ServedModel, *, run_id: str, mlflow_run_id: str, card: Path | None
 ) -> Any:
@@ -445,12 +351,12 @@ def _log_model(
     data = run.read(s.onnx_file)
     sha = run.manifest["artifacts"][s.onnx_file]["sha256"]
     tags = {"run_id": run_id, "source": s.onnx_file, "source_sha256": sha, "which": s.which}
-    tags |= {f"privacy.{k}": _fit(str(v), "report.json") for k, v in s.privacy.items()}
+    tags |= {f"privacy.{k}": content.fit(str(v), "report.json") for k, v in s.privacy.items()}
     return mlflow.onnx.log_model(
         onnx.load_from_string(data),
         name=f"{s.name}-{s.which}",
         run_id=mlflow_run_id,
-        signature=_signature(s),
+        signature=content.signature(s),
         # CPU: these graphs take microseconds; MLflow's default lists CUDA first and warns on every CPU load.
         onnx_execution_providers=["CPUExecutionProvider"],
         # Named, not inferred: inferring starts a Python process that re-imports the model (9 s per model here).
@@ -476,7 +382,7 @@ def _register(
         if "ALREADY_EXISTS" not in str(getattr(exc, "error_code", "")):
             raise
     tags = {"run_id": run_id, "source": s.onnx_file, "privacy.guarantee": str(s.privacy.get("guarantee", ""))}
-    tags["privacy.statement"] = _fit(str(s.privacy.get("statement", "")), "report.json")
+    tags["privacy.statement"] = content.fit(str(s.privacy.get("statement", "")), "report.json")
     version = client.create_model_version(
         name,
         source=info.model_uri,
