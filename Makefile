@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,notebooks,mlflow]"
+	$(PY) -m pip install -q -e ".[test,notebooks,mlflow,pdf]"
 	touch $@
 
 run: install

@@ -295,6 +295,13 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The report stage's outputs beside report.html and report.json."""
+
+    pdf: bool = True  # also print report.html to report.pdf (WeasyPrint: pip install ".[pdf]"; ~6 s CPU for 36 pages)
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0  # root seed; every stage and client derives its own from it
     data: DataConfig = field(default_factory=DataConfig)
@@ -309,6 +316,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     card: CardConfig = field(default_factory=CardConfig)  # model-card facts only the owner can give
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow tracking and registry (off by default)
+    report: ReportConfig = field(default_factory=ReportConfig)  # report.pdf beside report.html
 
 
 # --------------------------------------------------------------------------- loading

@@ -163,6 +163,13 @@ def rerender(run: RunDir) -> list[str]:
     seed = int(run.manifest["stages"]["report"]["seed"])
     files = module.dump(module.run(cfg, inputs, seed=seed))
     recorded = sorted(r for r, a in run.manifest["artifacts"].items() if a["stage"] == "report")
+    pdf_file = module.pdf.FILE
+    if pdf_file in recorded and pdf_file not in files:  # this environment cannot print it; say so, not just "differs"
+        why = module.pdf.unavailable() or "WeasyPrint could not render it here (report.json says why)"
+        problems.append(
+            f"not reproduced: {pdf_file} (cannot be re-rendered here: {why}; {module.pdf.INSTALL_HINT}); "
+            "report.html and report.json then differ too, as they say whether the PDF exists"
+        )
     problems += [
         f"not reproduced: {rel} (re-rendered bytes differ)" for rel in recorded if files.get(rel) != run.read(rel)
     ]

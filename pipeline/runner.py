@@ -85,7 +85,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "report",
             "pipeline.report",
-            "report.html, report.json (+ schema) and a model card per model, listing every earlier artifact's hash",
+            "report.html (+ report.pdf), report.json (+ schema) and a model card per model, listing every earlier "
+            "artifact's hash",
             requires=("data", "train", "evaluate", "explain"),
             optional=("distill", "audit"),
             provenance=True,

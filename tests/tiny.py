@@ -9,6 +9,7 @@ TRAIN = [
     "cnn.fit.epochs=2",
     "cnn.dp_fit.epochs=2",
     "dp.public_pretrain_epochs=2",
+    "report.pdf=false",  # ~6 s of CPU per report; tests/pipeline/test_report_pdf.py prints and checks report.pdf
 ]
 EXPLAIN = [
     "explain.n_rows=10",

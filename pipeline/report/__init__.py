@@ -1,4 +1,4 @@
-"""Stage ``report``: one self-contained ``report.html``, ``report.json`` and a model card per model.
+"""Stage ``report``: one self-contained ``report.html``, ``report.json``, a model card per model and ``report.pdf``.
 
 The content is built once (:mod:`pipeline.report.content`), ``report.json`` holds it as it
 is (schema: ``pipeline/report/report_schema.json``) and the HTML page and the model cards
@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 from auditml_core.artifacts import json_bytes, read_json
 from auditml_core.config import Config
 from auditml_core.models import MODELS
-from pipeline.report import html_page, model_card
+from pipeline.report import html_page, model_card, pdf
 from pipeline.report.content import FILES, SCHEMA_ID, build_content
 
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
@@ -44,6 +44,7 @@ class Report:
     html: str
     model_cards: Mapping[str, str]  # model -> Markdown
     provenance: bytes = b""  # the manifest as the report read it (written as report_provenance.json)
+    pdf: bytes = b""  # report.pdf (pipeline/report/pdf.py); b"" when none was produced (content says why)
 
 
 def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> Report:
@@ -66,9 +67,16 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     content = build_content(cfg, inputs, seed=seed)
     validate(content)
     figures = html_page.figures(inputs["explain"], inputs["train"])
-    html = html_page.render(content, figures)
+    content, html, pdf_bytes = pdf.with_pdf(  # report.pdf: the same page printed, or the content says why not
+        content,
+        lambda c: html_page.render(c, figures),
+        enabled=cfg.report.pdf,
+        manifest_sha256=inputs["provenance_sha256"],
+        created=(inputs.get("provenance") or {}).get("created"),
+    )
+    validate(content)
     cards = {name: model_card.render(content, name) for name in MODELS}
-    return Report(content=content, html=html, model_cards=cards, provenance=provenance)
+    return Report(content=content, html=html, model_cards=cards, provenance=provenance, pdf=pdf_bytes)
 
 
 def dump(report: Report) -> dict[str, bytes]:
@@ -76,6 +84,8 @@ def dump(report: Report) -> dict[str, bytes]:
     files = {FILES["html"]: report.html.encode("utf-8"), FILES["json"]: json_bytes(report.content)}
     if report.provenance:
         files[PROVENANCE_FILE] = report.provenance
+    if report.pdf:
+        files[pdf.FILE] = report.pdf
     for name, text in report.model_cards.items():
         files[FILES["model_cards"][name]] = text.encode("utf-8")
     return files
@@ -84,11 +94,14 @@ def dump(report: Report) -> dict[str, bytes]:
 def load(read: Callable[[str], bytes]) -> Report:
     """Rebuild the stage output from the run directory."""
     cards = {name: read(rel).decode("utf-8") for name, rel in FILES["model_cards"].items()}
+    content = read_json(read(FILES["json"]))
+    produced = ((content.get("reproducibility") or {}).get("pdf") or {}).get("produced")
     return Report(
-        content=read_json(read(FILES["json"])),
+        content=content,
         html=read(FILES["html"]).decode("utf-8"),
         model_cards=cards,
         provenance=read(PROVENANCE_FILE),
+        pdf=read(pdf.FILE) if produced else b"",
     )
 
 
