@@ -68,52 +68,11 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
     runtime = runtime or Runtime()
     datasets = inputs["data"]
     specs = model_specs(cfg, datasets)
-    tab = datasets["tabular"]
-    ridge = Ridge(alpha=cfg.regressor.ridge_alpha).fit(tab.x["train"], tab.y["train"])
-    baseline = RidgeBaseline(
-        coef=np.asarray(ridge.coef_, dtype=np.float64),
-        intercept=float(ridge.intercept_),
-        alpha=cfg.regressor.ridge_alpha,
-    )
+    baseline = _ridge_baseline(cfg, datasets["tabular"])
     trained: dict[str, TrainedModel] = {}
     device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     if cfg.train.mode == "federated":
-        runtime.record_placement(
-            placement.Placement(
-                "train",
-                device.type,
-                cfg.train.device,
-                "federated: every client resolves train.device itself (auto = CUDA when present); "
-                "the size rule of auditml_core.placement is not applied to clients",
-                0.0,
-                0.0,
-            )
-        )
-        # lazily: Flower and Ray take seconds to import
-        from federated.launch.simulation import train_federated, train_federated_models
-
-        model_seeds = {name: seeds.derive_seed(seed, name) for name in models.MODELS}
-        if seed == seeds.stage_seed(cfg.seed, "train"):  # the runner's seed: the apps derive the same ones
-            # One federation trains every model in turn: Flower's start-up (SuperLink, Ray) is paid once.
-            trained.update(
-                train_federated_models(
-                    cfg,
-                    datasets={name: datasets[entry.dataset] for name, entry in models.MODELS.items()},
-                    specs={name: specs[name] for name in models.MODELS},
-                    seeds=model_seeds,
-                    runtime=runtime,
-                )
-            )
-        else:  # another stage seed: it travels as app.seed, one model per federation
-            for name, entry in models.MODELS.items():
-                trained[name] = train_federated(
-                    cfg,
-                    name=name,
-                    dataset=datasets[entry.dataset],
-                    spec=specs[name],
-                    seed=model_seeds[name],
-                    runtime=runtime,
-                )
+        trained = _train_federated(cfg, datasets, specs, seed=seed, runtime=runtime, device=device)
         return TrainOutput(models=trained, ridge=baseline)
     if cfg.dp.enabled:
         preflight(cfg, datasets)
@@ -135,6 +94,65 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
     if runtime.followers is not None:
         runtime.followers.release(ok=True)  # the other ranks only train: they exit now
     return TrainOutput(models=trained, ridge=baseline, public_only=public_only)
+
+
+def _ridge_baseline(cfg: Config, tab: Dataset) -> RidgeBaseline:
+    """scikit-learn's Ridge on the regressor's training split: the linear baseline the report compares with."""
+    ridge = Ridge(alpha=cfg.regressor.ridge_alpha).fit(tab.x["train"], tab.y["train"])
+    return RidgeBaseline(
+        coef=np.asarray(ridge.coef_, dtype=np.float64),
+        intercept=float(ridge.intercept_),
+        alpha=cfg.regressor.ridge_alpha,
+    )
+
+
+def _train_federated(
+    cfg: Config,
+    datasets: Mapping[str, Dataset],
+    specs: Mapping[str, Mapping[str, Any]],
+    *,
+    seed: int,
+    runtime: Runtime,
+    device: torch.device,
+) -> dict[str, TrainedModel]:
+    """Every registered model trained by a Flower simulation (``train.mode=federated``)."""
+    runtime.record_placement(
+        placement.Placement(
+            "train",
+            device.type,
+            cfg.train.device,
+            "federated: every client resolves train.device itself (auto = CUDA when present); "
+            "the size rule of auditml_core.placement is not applied to clients",
+            0.0,
+            0.0,
+        )
+    )
+    # lazily: Flower and Ray take seconds to import
+    from federated.launch.simulation import train_federated, train_federated_models
+
+    model_seeds = {name: seeds.derive_seed(seed, name) for name in models.MODELS}
+    if seed == seeds.stage_seed(cfg.seed, "train"):  # the runner's seed: the apps derive the same ones
+        # One federation trains every model in turn: Flower's start-up (SuperLink, Ray) is paid once.
+        return dict(
+            train_federated_models(
+                cfg,
+                datasets={name: datasets[entry.dataset] for name, entry in models.MODELS.items()},
+                specs={name: specs[name] for name in models.MODELS},
+                seeds=model_seeds,
+                runtime=runtime,
+            )
+        )
+    trained: dict[str, TrainedModel] = {}
+    for name, entry in models.MODELS.items():  # another stage seed: it travels as app.seed, one model per federation
+        trained[name] = train_federated(
+            cfg,
+            name=name,
+            dataset=datasets[entry.dataset],
+            spec=specs[name],
+            seed=model_seeds[name],
+            runtime=runtime,
+        )
+    return trained
 
 
 def device_placement(
