@@ -36,9 +36,27 @@ __all__ = ["AREAS", "MAX_WORDS", "STATUSES", "verdicts"]
 # --------------------------------------------------------------------------- utility
 
 
+def dead_classes(confusion: Any) -> dict[str, int] | None:
+    """From a test confusion matrix (rows: true class, columns: predicted): how many classes with test examples the
+    classifier never gets right (recall 0), of how many, and the largest number of predictions one class takes.
+    None without a matrix (a regressor)."""
+    if not confusion:
+        return None
+    cm = [[int(v) for v in row] for row in confusion]
+    present = [i for i, row in enumerate(cm) if sum(row) > 0]
+    predicted = [sum(row[j] for row in cm) for j in range(len(cm[0]))]
+    return {
+        "recall_zero": sum(1 for i in present if cm[i][i] == 0),
+        "classes": len(present),
+        "top_predicted": max(predicted, default=0),
+        "n": sum(predicted),
+    }
+
+
 def utility(content: Mapping[str, Any]) -> dict[str, Any]:
-    """Each model's test metric interval against a predictor that ignores its input; Ridge and the public-only
-    model as caveats."""
+    """Each model's test metric interval against a predictor that ignores its input. With caveat: a classifier gets
+    no test example of some class right (recall 0; from its test confusion matrix), the Ridge baseline beats the MLP,
+    a DP model does not beat its public-only twin."""
     numbers, no_better, missing, caveats = [], [], [], []
     for name, m in (content.get("models") or {}).items():
         tb = m.get("trivial_baseline")
@@ -55,6 +73,18 @@ def utility(content: Mapping[str, Any]) -> dict[str, Any]:
         )
         if tb["no_better"]:
             no_better.append((m, tb))
+        dead = dead_classes((((m.get("metrics") or {}).get("test")) or {}).get("confusion_matrix"))
+        if dead and dead["recall_zero"]:
+            numbers.append(
+                numbers_entry(
+                    f"classes with test recall 0, {m['title']}", dead["recall_zero"], unit=f"of {dead['classes']}"
+                )
+            )
+            caveats.insert(
+                sum(1 for c in caveats if "recall 0" in c),  # before the milder caveats
+                f"the {m['title']} has recall 0 on {dead['recall_zero']} of {dead['classes']} classes "
+                f"(one class takes {dead['top_predicted']} of {dead['n']} predictions)",
+            )
         po = m.get("public_only_baseline") or {}
         if po.get("available") and not po.get("private_data_contributed"):
             caveats.append(

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from pipeline.evaluate import classification_metrics
 from pipeline.report.audit import _verdict as audit_verdict
 from pipeline.report.audit import control_outcome
 from pipeline.report.privacy import independent_check
@@ -163,6 +164,52 @@ def test_a_model_at_chance_fails_utility():
     better = {"cnn": {"test": {"accuracy": 0.9, "accuracy_ci95": [0.86, 0.93]}}}
     content["models"]["cnn"]["trivial_baseline"] = trivial_baseline("cnn", ds, better)
     assert by_area(content)["utility"]["status"] == "holds"
+
+
+def _classifier(rng, collapse):
+    """Test metrics (the evaluate stage's own function) of a 10-class classifier: with ``collapse``, it answers class 4
+    for 84% of images and is right on classes 4, 7 and 9 only (the tiny CNN of the reader study: 302 of 359
+    predictions one class, recall 0 on 7 of 10 classes); otherwise it is right on 90% of images of every class."""
+    y = np.repeat(np.arange(10), 36)  # (360,)
+    if collapse:
+        pred = np.where(rng.random(360) < 0.84, 4, rng.choice([7, 9], 360))
+        pred[y == 7] = np.where(rng.random(36) < 0.5, 7, 4)
+    else:
+        pred = np.where(rng.random(360) < 0.9, y, (y + 1) % 10)
+    logits = np.eye(10)[pred]  # (360, 10)
+    return y, classification_metrics(y, logits, tuple(str(i) for i in range(10)), seed=0)
+
+
+def test_a_classifier_with_recall_0_on_most_classes_holds_only_with_a_caveat():
+    # Reader study: the tiny CNN answered one class for 302 of 359 images (recall 0 on 7 of 10 classes) and the row
+    # said "Every model beats a trivial predictor" (holds): its accuracy interval cleared the majority class.
+    rng = np.random.default_rng(0)
+    y, collapsed = _classifier(rng, collapse=True)
+    ds = SimpleNamespace(task="classification", y={"train": np.repeat(np.arange(10), 50), "test": y})
+    content = good_dp_content()
+    content["models"]["cnn"]["metrics"] = {"test": collapsed}
+    content["models"]["cnn"]["trivial_baseline"] = trivial_baseline("cnn", ds, {"cnn": {"test": collapsed}})
+    assert not content["models"]["cnn"]["trivial_baseline"]["no_better"]  # it does beat the majority class
+    zero = sum(1 for r in collapsed["per_class_recall"].values() if r == 0)
+    assert zero >= 7
+    v = by_area(content)["utility"]
+    assert v["status"] == "holds with caveat"
+    assert f"the CNN classifier has recall 0 on {zero} of 10 classes" in v["sentence"]
+    top = int(np.asarray(collapsed["confusion_matrix"]).sum(axis=0).max())  # predictions of the commonest answer
+    assert f"(one class takes {top} of {len(y)} predictions)" in v["sentence"]
+    assert {"label": "classes with test recall 0, CNN classifier", "value": zero} == {
+        k: v["numbers"][-1][k] for k in ("label", "value")
+    }
+    # null: a good classifier (recall > 0 on every class) holds
+    y, good = _classifier(rng, collapse=False)
+    content["models"]["cnn"]["metrics"] = {"test": good}
+    content["models"]["cnn"]["trivial_baseline"] = trivial_baseline("cnn", ds, {"cnn": {"test": good}})
+    v = by_area(content)["utility"]
+    assert v["status"] == "holds" and "recall 0" not in v["sentence"]
+    # the recall caveat comes before a milder one (the Ridge baseline beating the MLP)
+    content["models"]["cnn"]["metrics"] = {"test": collapsed}
+    content["models"]["regressor"]["baseline"] = {"comparison": {"distinguishable": True, "better": "ridge"}}
+    assert "recall 0" in by_area(content)["utility"]["sentence"]
 
 
 def test_an_audit_that_refutes_the_claimed_epsilon_fails_and_one_without_power_is_a_caveat():
