@@ -26,14 +26,14 @@ from typing import Any, Iterator, Mapping
 
 from auditml_core import models
 from auditml_core import seeds as core_seeds
-from auditml_core.config import Config
+from auditml_core.config import Config, federated_schedule
 from auditml_core.data import Dataset
 from auditml_core.errors import USER_ERRORS
 from auditml_core.privacy import dp_sgd as privacy
 from auditml_core.privacy import user_level
 from auditml_core.runtime import Runtime
 from auditml_core.teacher import TrainedModel, fit_config
-from federated.app import workdir
+from federated.app import checkpoint, workdir
 from federated.app.run_config import overrides_for, run_config_toml, to_run_config
 from federated.app.task import Task
 from federated.launch import processes as launcher
@@ -139,12 +139,18 @@ def train_federated_models(
             cfg, work=work, datasets=datasets, specs=specs, seeds=seeds, runtime=runtime, app_settings=settings
         )
 
+        bar = RoundsBar(work, names, cfg, runtime)
+
         def sync() -> None:
             for note in notes:
                 note.sync()
+            bar.update()
 
-        run_flower(work, run_config, n_supernodes=cfg.federated.n_clients, on_poll=sync, ray=ray)
-        sync()
+        try:
+            run_flower(work, run_config, n_supernodes=cfg.federated.n_clients, on_poll=sync, ray=ray)
+            sync()
+        finally:
+            bar.close()
         results = {name: workdir.read_result(work, name) for name in names}
     out = {}
     for name in names:
@@ -480,6 +486,46 @@ class _RunDirNotes:
             if self.seen.get(path) != mtime:
                 note(path)
                 self.seen[path] = mtime
+
+
+HEADER_LIMIT = 64 << 20  # a checkpoint header (the JSON record) larger than this is not one the server wrote
+
+
+class RoundsBar:
+    """A progress bar over the federation's rounds (every model's, in training order), advanced from the
+    completed-round count in each server checkpoint's header as the launcher polls; none without ``progress``."""
+
+    def __init__(self, work: Path, names: list[str], cfg: Config, runtime: Runtime):
+        self.paths = [workdir.checkpoint_path(work, n, checkpoint_dir=runtime.server_checkpoint_dir) for n in names]
+        self.done = dict.fromkeys(self.paths, 0)
+        self.bar = None
+        if runtime.progress:
+            from tqdm.auto import tqdm
+
+            total = sum(federated_schedule(cfg, n).rounds for n in names)
+            self.bar = tqdm(total=total, desc=f"federated rounds ({', '.join(names)})", unit=" rounds", leave=False)
+
+    def update(self) -> None:
+        if self.bar is None:
+            return
+        for path in self.paths:
+            try:
+                with path.open("rb") as fh:  # the header only: the weights are not read
+                    head = fh.read(8)
+                    size = int.from_bytes(head, "little")
+                    if size > HEADER_LIMIT:  # not a checkpoint the server wrote
+                        continue
+                    info = checkpoint.summary(head + fh.read(size))
+            except OSError:
+                continue
+            if info is not None and info["completed_rounds"] != self.done[path]:
+                self.done[path] = info["completed_rounds"]
+        self.bar.n = sum(self.done.values())
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _flwr_version() -> str:
