@@ -10,7 +10,8 @@ from fed_helpers import InProcessGrid, make_cfg, prepare_work_dir, server_contex
 from auditml_core import models
 from auditml_core.errors import PrivacyBudgetError
 from federated.app import checkpoint, client_state, workdir
-from federated.app.server_app import main, schedule_note
+from federated.app.server_app import main
+from federated.app.server_record import schedule_note
 from federated.app.strategies import RoundFailedError
 from federated.app.workdir import read_error, read_result
 
