@@ -177,54 +177,83 @@ def subgroups(content: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- explanations
 
 
+def _checks(q: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """Every check one model's explanations went through: (family, kind, passed). Families: model randomisation
+    and random-logit (each on signed and on |values|), deletion (the output falls faster than for a random order)."""
+    out = []
+    for family, key in (("model randomisation", "randomisation"), ("random-logit", "class_randomisation")):
+        r = q.get(key) or {}
+        if r:
+            out += [(family, "signed", bool(r.get("passed_signed"))), (family, "|value|", bool(r.get("passed_abs")))]
+    f = (q.get("faithfulness") or {}).get(q.get("primary")) or {}
+    if f and f.get("deletion_auc") is not None:
+        out.append(("deletion", "", f["deletion_auc"] < f.get("random_deletion_auc", float("inf"))))
+    return out
+
+
+def _failures(failed: list[tuple[str, str, bool]]) -> str:
+    """'|value| model randomisation, random-logit and deletion': a family failed on both signed and |values| is named
+    without its kind."""
+    items = []
+    for family in dict.fromkeys(f for f, _, _ in failed):
+        kinds = [k for f, k, _ in failed if f == family]
+        items.append(family if len(kinds) != 1 or not kinds[0] else f"{kinds[0]} {family}")
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else items[0]
+
+
 def explanations(content: Mapping[str, Any]) -> dict[str, Any]:
-    """Failed: signed attributions fail the model-randomisation check, or deleting the top-ranked features changes
-    the output no faster than a random order. With caveat: |attribution| or random-logit checks fail, or the primary
-    SHAP values are approximate."""
-    failed, caveats, numbers = [], [], []
+    """Every check's outcome for every model, in the status and the sentence. Failed: signed attributions fail the
+    model-randomisation check, or deleting the top-ranked features changes the output no faster than a random order.
+    With caveat: the |attribution| model-randomisation or either random-logit check fails, or the primary SHAP
+    values are approximate."""
+    severe, failures, approximate, numbers = False, [], [], []
+    n_checks = n_passed = 0
+    families: dict[str, None] = {}
     for name, e in ((content.get("explanations") or {}).get("models") or {}).items():
         q = e.get("quality") or {}
         t = e.get("title", model_title(name))
-        f = (q.get("faithfulness") or {}).get(q.get("primary")) or {}
-        if f:
-            numbers.append(
-                numbers_entry(
-                    f"deletion AUC, {t}", f.get("deletion_auc"), unit=f"random {fmt3(f.get('random_deletion_auc'))}"
-                )
-            )
-        r = q.get("randomisation") or {}
-        if r and not r.get("passed_signed"):
-            failed.append(
-                f"The {t}'s attributions fail the model-randomisation check: they look like a random model's."
-            )
-        if f and f.get("deletion_auc") is not None and f["deletion_auc"] >= f.get("random_deletion_auc", float("inf")):
-            failed.append(
-                f"Deleting the features the {t}'s explanations rank highest changes its output no faster than a "
-                "random order."
-            )
-        if r and r.get("passed_signed") and not r.get("passed_abs"):
-            caveats.append(f"|attribution| rankings of the {t} fail the model-randomisation check")
-        c = q.get("class_randomisation") or {}
-        if c and not (c.get("passed_signed") and c.get("passed_abs")):
-            caveats.append(f"the {t}'s attributions fail the random-logit check")
+        checks = _checks(q)
+        if not checks:
+            continue
+        families.update(dict.fromkeys(f for f, _, _ in checks))
+        failed = [c for c in checks if not c[2]]
+        n_checks, n_passed = n_checks + len(checks), n_passed + len(checks) - len(failed)
+        severe = severe or any(k != "|value|" for f, k, _ in failed if f != "random-logit")
+        if failed:
+            failures.append(f"the {t} fails {_failures(failed)}")
         if q.get("exactness") == "approximate":
-            caveats.append(f"the {t}'s SHAP values are approximate")
-    if not numbers and not failed:
+            approximate.append(t)
+        numbers.append(
+            numbers_entry(
+                f"checks passed, {t}",
+                len(checks) - len(failed),
+                unit=f"of {len(checks)}" + ("; SHAP approximate" if q.get("exactness") == "approximate" else ""),
+            )
+        )
+    if not numbers:
         return verdict("explanations", NOT_APPLICABLE, "No explanation was recorded in this run.", [])
-    if failed:
-        return verdict("explanations", FAILED, failed[0], numbers)
-    if caveats:
+    if failures:
+        text = "; ".join(failures)
+        return verdict(
+            "explanations",
+            FAILED if severe else CAVEAT,
+            f"{text[0].upper()}{text[1:]}; {n_passed} of {n_checks} checks pass.",
+            numbers,
+        )
+    names = [f for f in ("model randomisation", "random-logit", "deletion") if f in families]
+    checks_text = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    if approximate:
         return verdict(
             "explanations",
             CAVEAT,
-            f"Signed attributions pass the randomisation check and beat random deletion, but {caveats[0]}.",
+            f"Every model passes all {n_checks} checks ({checks_text}), but the {approximate[0]}'s SHAP values are "
+            "approximate.",
             numbers,
         )
     return verdict(
         "explanations",
         HOLDS,
-        "For every model, attributions pass the randomisation checks, beat a random deletion order, and the SHAP "
-        "values are exact.",
+        f"Every model passes all {n_checks} checks ({checks_text}), and the SHAP values are exact.",
         numbers,
     )
 

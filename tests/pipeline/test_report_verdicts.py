@@ -4,6 +4,7 @@ the claimed ε, subgroup intervals that do not overlap, attributions that fail t
 without a manifest), and "not applicable" where the area does not apply."""
 
 import copy
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,12 +28,13 @@ def _record(epsilon=None, target=3.0):
     return {**rec, "epsilon": pld if epsilon is None else epsilon, "noise_source": "os-csprng"}
 
 
-def _quality(passed_signed=True, passed_abs=True, deletion=0.2, random=0.4, exactness="exact"):
+def _quality(passed_signed=True, passed_abs=True, deletion=0.2, random=0.4, exactness="exact", logit=None):
+    """One model's explanation quality; ``logit``: (signed, abs) outcomes of the random-logit check, or None."""
     return {
         "primary": "shap-exact",
         "exactness": exactness,
         "randomisation": {"passed_signed": passed_signed, "passed_abs": passed_abs},
-        "class_randomisation": None,
+        "class_randomisation": None if logit is None else {"passed_signed": logit[0], "passed_abs": logit[1]},
         "faithfulness": {"shap-exact": {"deletion_auc": deletion, "random_deletion_auc": random}},
     }
 
@@ -321,6 +323,51 @@ def test_explanations_fail_the_randomisation_or_deletion_check_and_approximate_v
         content = good_dp_content()
         content["explanations"]["models"]["cnn"]["quality"] = quality
         assert by_area(content)["explanations"]["status"] == status, quality
+
+
+def test_the_explanation_row_names_every_failed_check_and_counts_the_rest():
+    # Reader study: the CNN failed |value| model randomisation AND the random-logit check (Sixt et al.); the row
+    # named only the first, and the random-logit failure was left to a table and the caveats.
+    content = good_dp_content()
+    content["explanations"]["models"]["cnn"]["quality"] = _quality(passed_abs=False, logit=(True, False))
+    v = by_area(content)["explanations"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == (
+        "The CNN classifier fails |value| model randomisation and |value| random-logit; 6 of 8 checks pass."
+    )
+    assert [(n["label"], n["value"], n["unit"]) for n in v["numbers"]] == [
+        ("checks passed, MLP regressor", 3, "of 3"),
+        ("checks passed, CNN classifier", 3, "of 5"),
+    ]
+    # null: every check passes, SHAP exact: holds, and the sentence names each kind of check
+    content["explanations"]["models"]["cnn"]["quality"] = _quality(logit=(True, True))
+    v = by_area(content)["explanations"]
+    assert v["status"] == "holds" and "all 8 checks (model randomisation, random-logit and deletion)" in v["sentence"]
+    # a random-logit failure alone is a caveat named in the sentence; a signed model-randomisation failure fails
+    content["explanations"]["models"]["cnn"]["quality"] = _quality(logit=(False, False))
+    v = by_area(content)["explanations"]
+    assert v["status"] == "holds with caveat" and "fails random-logit;" in v["sentence"]
+    content["explanations"]["models"]["regressor"]["quality"] = _quality(passed_signed=False, deletion=0.5)
+    v = by_area(content)["explanations"]
+    assert v["status"] == "failed" and v["sentence"].startswith(
+        "The MLP regressor fails signed model randomisation and deletion; the CNN classifier fails random-logit;"
+    )
+
+
+def test_every_combination_of_check_outcomes_is_said_within_the_word_budget():
+    for a in itertools.product([True, False], repeat=9):  # 8 checks' outcomes and the regressor's exactness
+        content = good_dp_content()
+        content["explanations"]["models"]["regressor"]["quality"] = _quality(
+            a[0], a[1], deletion=0.2 if a[2] else 0.5, exactness="exact" if a[8] else "approximate"
+        )
+        content["explanations"]["models"]["cnn"]["quality"] = _quality(
+            a[3], a[4], deletion=0.2 if a[5] else 0.5, logit=(a[6], a[7]), exactness="approximate"
+        )
+        v = by_area(content)["explanations"]  # checks the word budget
+        failed = {i for i in range(8) if not a[i]}
+        severe = failed & {0, 2, 3, 5}  # signed model randomisation or the deletion test
+        assert v["status"] == ("failed" if severe else "holds with caveat"), a
+        assert not failed or v["sentence"].endswith(f"; {8 - len(failed)} of 8 checks pass."), a
 
 
 def test_provenance_fails_without_a_manifest_and_a_dirty_commit_is_a_caveat():
