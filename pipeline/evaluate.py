@@ -335,7 +335,8 @@ def _metrics(ds: Dataset, split: str, pred: np.ndarray, *, seed: int) -> dict[st
         return out
     out = classification_metrics(ds.y[split], pred, ds.class_names, seed=seed)
     if ds.groups:
-        out["group_metrics"] = {
+        # the same key as the regressor's tables: the report's subgroup verdict reads accuracy rows there too
+        out["subgroups"] = {
             "group": classification_group_metrics(ds.y[split], pred.argmax(axis=1), ds.groups[split], seed=seed)
         }
     return out
@@ -449,7 +450,8 @@ def classification_group_metrics(y: np.ndarray, pred: np.ndarray, groups: np.nda
     -------
     dict
         ``{"kind", "groups": [{"group", "n", "accuracy", "accuracy_ci95", "macro_recall", "macro_recall_ci95"}],
-        "differences", "ratios", "method"}``; ``macro_recall`` is the mean recall over the classes the group has.
+        "accuracy_gap", "differences", "ratios", "method"}``; ``macro_recall`` is the mean recall over the classes
+        the group has, ``accuracy_gap`` (= ``differences["accuracy"]``) the largest minus the smallest group accuracy.
     """
     y, pred = np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)
     labels, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
@@ -475,11 +477,8 @@ def classification_group_metrics(y: np.ndarray, pred: np.ndarray, groups: np.nda
         out.append({"group": str(labels[int(code)]), "n": int(row["n"])})
         for name in CLASSIFICATION_GROUP_METRICS:
             out[-1] |= {name: float(row[name]), f"{name}_ci95": cis[name]}
-    return {
-        "kind": "value",
-        "groups": out,
-        **_frame_summary(mf, ("accuracy", "macro_recall"), ("accuracy", "macro_recall")),
-    }
+    summary = _frame_summary(mf, ("accuracy", "macro_recall"), ("accuracy", "macro_recall"))
+    return {"kind": "value", "groups": out, "accuracy_gap": summary["differences"]["accuracy"], **summary}
 
 
 def _dataset_units(ds: Dataset, split: str) -> np.ndarray:

@@ -123,6 +123,7 @@ def test_classifier_groups_equal_first_principles():
     acc = [g["accuracy"] for g in out["groups"]]
     assert out["differences"]["accuracy"] == pytest.approx(max(acc) - min(acc))
     assert out["ratios"]["accuracy"] == pytest.approx(min(acc) / max(acc))
+    assert out["accuracy_gap"] == out["differences"]["accuracy"]
 
 
 def test_a_classifier_worse_on_one_group_shows_the_gap_and_an_even_one_does_not():
@@ -154,11 +155,11 @@ def test_an_image_group_array_reaches_the_classifier_metrics(tmp_path):
     again = load(lambda rel: dump({"images": ds, "tabular": ds})[rel])["images"]
     assert all((again.groups[s] == ds.groups[s]).all() for s in ds.groups)
     logits = np.eye(2)[ds.y["test"]]  # a perfect classifier
-    out = _metrics(ds, "test", logits, seed=0)["group_metrics"]["group"]
+    out = _metrics(ds, "test", logits, seed=0)["subgroups"]["group"]  # where the report reads group tables
     assert {g["group"] for g in out["groups"]} <= {"site-1", "site-2"} and out["differences"]["accuracy"] == 0.0
     assert ds.summary()["group_counts"]["test"] == dict(zip(*np.unique(ds.groups["test"], return_counts=True)))
     plain = prepare_images(load_images(str(_npz(tmp_path, n=n))), DataConfig(), seed=0)  # no group array
-    assert plain.groups == {} and "group_metrics" not in _metrics(plain, "test", logits, seed=0)
+    assert plain.groups == {} and "subgroups" not in _metrics(plain, "test", logits, seed=0)
 
 
 @pytest.mark.parametrize(
@@ -173,3 +174,55 @@ def test_a_bad_group_array_is_refused_in_one_line(tmp_path, group, message):
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         load_images(str(_npz(tmp_path, group=group)))
     assert "\n" not in str(err.value)
+
+
+def test_the_report_shows_a_classifiers_groups_and_its_subgroup_verdict_reads_them():
+    from pipeline.report import html_page
+    from pipeline.report.verdicts import subgroups as subgroup_verdict
+
+    y, pred, groups = _classifier_rows(wrong_in_b=0.4)
+    groups = np.where(groups == "a", "<b>site a</b>", groups)  # a user's label is text, never markup
+    metrics = {"test": {"subgroups": {"group": classification_group_metrics(y, pred, groups, seed=0)}}}
+    env = html_page._environment()
+    html = env.from_string('{% from "models.html.j2" import subgroups with context %}{{ subgroups(m, False, "cnn") }}')
+    page = html.render(m=metrics, c={"models": {}, "summary": {"verdicts": []}})
+    assert "Test accuracy by <code>group</code>" in page and "&lt;b&gt;site a&lt;/b&gt;" in page and "<b>" not in page
+    assert "Largest accuracy gap between groups" in page and "MAE" not in page
+    content = {"models": {"cnn": {"title": "CNN classifier", "metrics": metrics}}}
+    assert subgroup_verdict(content)["status"] == "failed"  # group b's interval lies below group a's
+    even = classification_group_metrics(*_classifier_rows(wrong_in_b=0.0), seed=0)
+    even_content = {"models": {"cnn": {"title": "CNN classifier", "metrics": {"test": {"subgroups": {"group": even}}}}}}
+    assert subgroup_verdict(even_content)["status"] == "holds with caveat"
+
+
+@pytest.mark.slow  # a tiny pipeline run through the report: ~40-90 s on a loaded 2-core machine
+def test_a_run_with_an_image_group_array_reports_the_cnns_groups(tmp_path):
+    import json
+
+    from sklearn.datasets import load_digits
+
+    from auditml_core import config as config_mod
+    from auditml_core.config import load_config
+    from pipeline import runner
+    from pipeline.rundir import RunDir
+    from tests.tiny import EXPLAIN, TRAIN
+
+    digits = load_digits()
+    site = np.where(np.arange(len(digits.target)) % 3 == 0, "scanner-1", "scanner-2")
+    np.savez(tmp_path / "digits.npz", x=digits.images, y=digits.target, group=site)
+    overrides = [*TRAIN, *EXPLAIN, f'data.images="{tmp_path / "digits.npz"}"']
+    cfg = load_config(None, overrides)
+    run = RunDir.create(tmp_path / "runs", config_toml=config_mod.to_toml(cfg), command=["test"], device="cpu")
+    runner.run_stages(cfg, run, ["data", "train", "evaluate", "explain", "report"])
+    test = json.loads(run.read("metrics/evaluation.json"))["cnn"]["test"]
+    groups = test["subgroups"]["group"]
+    assert [g["group"] for g in groups["groups"]] == ["scanner-1", "scanner-2"]
+    assert sum(g["n"] for g in groups["groups"]) == test["n"]  # the groups partition the test split
+    overall = sum(g["n"] * g["accuracy"] for g in groups["groups"]) / test["n"]
+    assert overall == pytest.approx(test["accuracy"], abs=1e-12)
+    html = run.read("report.html").decode()
+    assert "Test accuracy by <code>group</code>" in html and "scanner-1" in html
+    card = run.read("model_card_cnn.md").decode()
+    assert "the data's `group` array" in card and "not recorded in the data" not in card
+    verdict = next(v for v in json.loads(run.read("report.json"))["summary"]["verdicts"] if v["area"] == "subgroups")
+    assert verdict["status"] in ("failed", "holds with caveat")
