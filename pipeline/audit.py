@@ -293,8 +293,9 @@ def _overfit(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The non-DP positive control: a deliberately overfit copy of the architecture, attacked the same way."""
     a = cfg.audit
-    control, control_fit, xc, yc = audit_training.overfit_control(cfg, name, recipe, x, y, seed=seed)
-    shadow_phi, in_mask = audit_training.overfit_control_shadows(cfg, recipe, control_fit, xc, yc, seed=seed)
+    control, control_fit, xc, yc, shadow_phi, in_mask = audit_training.overfit_control(
+        cfg, name, recipe, x, y, seed=seed
+    )
     k = len(yc) // 2
     members = np.r_[np.ones(k, dtype=bool), np.zeros(k, dtype=bool)]
     summary, scores = _attacks(

@@ -13,8 +13,10 @@ Nothing here reads or writes files; :mod:`pipeline.audit` calls it.
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +28,8 @@ from auditml_core.data import Dataset
 from auditml_core.privacy import canaries as canary_audit
 from auditml_core.privacy import mia
 from auditml_core.teacher import TrainedModel, fit_config, public_pretrain
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,31 @@ def train_like(
 ) -> tuple[nn.Module, dict[str, Any] | None]:
     """Train one model by ``recipe`` on (x, y); with ``canaries`` (DP only) it carries them, and
     ``noise_factor`` != 1 makes it the noise mutant. Returns the plain model (CPU, eval) and its DP record."""
+    return _fit_like(recipe, _start_like(recipe, seed, canaries), x, y, seed=seed, desc=desc, noise_factor=noise_factor)
+
+
+def _start_like(
+    recipe: Recipe, seed: int, canaries: canary_audit.GradientCanaries | None
+) -> tuple[nn.Module, nn.Module, canary_audit.GradientCanaries | None]:
+    """The model, the module to train (with the canaries' side layer, if any) and the canaries.
+
+    Built here, one after the other: construction draws from torch's global generator, the training does not.
+    """
     model = recipe.start(seed)
-    net = canaries.wrap(model) if canaries is not None else model
+    return model, (canaries.wrap(model) if canaries is not None else model), canaries
+
+
+def _fit_like(
+    recipe: Recipe,
+    start: tuple[nn.Module, nn.Module, canary_audit.GradientCanaries | None],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    seed: int,
+    desc: str,
+    noise_factor: float = 1.0,
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    model, net, canaries = start
 
     def on_private(private: Any) -> None:
         if noise_factor != 1.0:
@@ -155,20 +182,80 @@ def train_shadows(
     Returns every shadow's φ on the candidates (S, N), the in-mask (S, N) and shadow 0's DP record.
     """
     in_mask = mia.shadow_assignment(len(x_cand), n_shadows, seed=assignment_seed)  # (S, N)
-    phis, privacy = [], None
-    for i in training.progress_bar(range(n_shadows), progress, desc):
+    starts = [_start_like(recipe, seed_of(i), canaries if i == 0 else None) for i in range(n_shadows)]
+
+    def shadow(i: int) -> tuple[np.ndarray, dict[str, Any] | None]:
         rows = in_mask[i]
-        shadow, record = train_like(
+        model, record = _fit_like(
             recipe,
+            starts[i],
             np.concatenate([x_fill, x_cand[rows]]),
             np.concatenate([y_fill, y_cand[rows]]),
             seed=seed_of(i),
             desc=f"shadow {i}",
-            canaries=canaries if i == 0 else None,
         )
-        privacy = privacy or record
-        phis.append(mia.confidence_logit(training.predict(shadow, x_cand), y_cand, task=recipe.task))
-    return np.stack(phis), in_mask, privacy
+        return mia.confidence_logit(training.predict(model, x_cand), y_cand, task=recipe.task), record
+
+    done = run_concurrently(
+        [lambda i=i: shadow(i) for i in range(n_shadows)], device=recipe.device, progress=progress, desc=desc
+    )
+    privacy = next((record for _, record in done if record), None)
+    return np.stack([phi for phi, _ in done]), in_mask, privacy
+
+
+def concurrent_trainings(device: torch.device) -> int:
+    """How many independent trainings the audit runs at once: one per CPU this process may use (one torch thread
+    each: ``train.num_threads`` is 1 by default), on the CPU only; one on a GPU."""
+    if device.type != "cpu":
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, torch.get_num_threads()))
+
+
+def run_concurrently(
+    jobs: Sequence[Callable[[], T]], *, device: torch.device, progress: bool = False, desc: str = ""
+) -> list[T]:
+    """Run independent trainings, :func:`concurrent_trainings` at a time, and return their results in order.
+
+    Threads, not processes: torch releases the interpreter lock inside its kernels, so two trainings of the
+    audit's CNN overlap on two cores, and each is exactly what it is alone (its own generators, one torch thread;
+    the models are built beforehand, as construction draws from torch's global generator). A failure is raised
+    once every started job has stopped; the threads are daemons, so an interrupt does not wait for them.
+    """
+    workers = min(len(jobs), concurrent_trainings(device))
+    ticks = iter(training.progress_bar(range(len(jobs)), progress, desc))  # advanced once per finished job
+    if workers <= 1:
+        return [jobs[i]() for i in ticks]
+    results: list[Any] = [None] * len(jobs)
+    errors: list[BaseException] = []
+    pending = iter(range(len(jobs)))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = None if errors else next(pending, None)
+            if i is None:
+                return
+            try:
+                results[i] = jobs[i]()
+            except BaseException as exc:  # re-raised below, in the caller's thread
+                with lock:
+                    errors.append(exc)
+                return
+            with lock:
+                next(ticks, None)
+
+    threads = [threading.Thread(target=worker, name=f"audit-training-{k}", daemon=True) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for _ in ticks:  # closes the bar
+        pass
+    if errors:
+        raise errors[0]
+    return results
 
 
 def overfit_control(
@@ -179,11 +266,13 @@ def overfit_control(
     y: np.ndarray,
     *,
     seed: int,
-) -> tuple[nn.Module, FitConfig, np.ndarray, np.ndarray]:
-    """The non-DP positive control: the architecture trained without DP to memorise a few attacked records.
+) -> tuple[nn.Module, FitConfig, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The non-DP positive control and its LiRA shadows: the architecture trained without DP to memorise a few
+    attacked records, and ``audit.n_shadows`` copies trained alike on balanced halves of its records.
 
-    ``x, y`` are the attacked records (members first, then as many non-members). Returns the control,
-    its settings, its records and their membership (k members, k non-members).
+    ``x, y`` are the attacked records (members first, then as many non-members). Returns the control, its
+    settings, its records (k members, k non-members), the shadows' φ on them (S, 2k) and the in-mask (S, 2k).
+    The control and its shadows train concurrently (:func:`run_concurrently`); each is built first, in order.
     """
     a, n = cfg.audit, len(x) // 2
     k = min(a.control_rows, n)
@@ -196,48 +285,35 @@ def overfit_control(
     control_fit = replace(
         base, epochs=a.control_epochs, batch_size=min(base.batch_size, k), weight_decay=0.0, augment_shift=0
     )
-    control_seed = seeds.audit_seed(seed, "control")
-    torch.manual_seed(control_seed)
-    control = models.build(recipe.spec)
-    training.fit(
-        control,
-        x_train=xc[members],
-        y_train=yc[members],
-        x_val=None,
-        y_val=None,
-        task=recipe.task,
-        fit_cfg=control_fit,
-        dp=None,
-        device=recipe.device,
-        seed=control_seed,
-        desc=f"{name} positive control",
-    )
-    return control.cpu().eval(), control_fit, xc, yc
-
-
-def overfit_control_shadows(
-    cfg: Config, recipe: Recipe, control_fit: FitConfig, xc: np.ndarray, yc: np.ndarray, *, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """LiRA shadows of the overfit control: its settings, on balanced halves of its records."""
-    in_mask = mia.shadow_assignment(len(xc), cfg.audit.n_shadows, seed=seeds.audit_seed(seed, "control_shadow", -1))
-    phis = []
-    for i in range(cfg.audit.n_shadows):
-        s = seeds.audit_seed(seed, "control_shadow", i)
-        torch.manual_seed(s)
-        shadow = models.build(recipe.spec)
+    in_mask = mia.shadow_assignment(len(xc), a.n_shadows, seed=seeds.audit_seed(seed, "control_shadow", -1))
+    # (seed, rows, settings, description) of the control, then of each of its shadows
+    plans = [(seeds.audit_seed(seed, "control"), members, control_fit, f"{name} positive control")]
+    for i in range(a.n_shadows):
         rows = in_mask[i]
+        fit_i = replace(control_fit, batch_size=min(control_fit.batch_size, max(int(rows.sum()), 1)))
+        plans.append((seeds.audit_seed(seed, "control_shadow", i), rows, fit_i, f"control shadow {i}"))
+    built = []
+    for s, _, _, _ in plans:
+        torch.manual_seed(s)
+        built.append(models.build(recipe.spec))
+
+    def fit(j: int) -> nn.Module:
+        s, rows, fit_cfg, desc = plans[j]
         training.fit(
-            shadow,
+            built[j],
             x_train=xc[rows],
             y_train=yc[rows],
             x_val=None,
             y_val=None,
             task=recipe.task,
-            fit_cfg=replace(control_fit, batch_size=min(control_fit.batch_size, max(int(rows.sum()), 1))),
+            fit_cfg=fit_cfg,
             dp=None,
             device=recipe.device,
             seed=s,
-            desc=f"control shadow {i}",
+            desc=desc,
         )
-        phis.append(mia.confidence_logit(training.predict(shadow.cpu().eval(), xc), yc, task=recipe.task))
-    return np.stack(phis), in_mask
+        return built[j].cpu().eval()
+
+    trained = run_concurrently([lambda j=j: fit(j) for j in range(len(plans))], device=recipe.device)
+    phis = [mia.confidence_logit(training.predict(shadow, xc), yc, task=recipe.task) for shadow in trained[1:]]
+    return trained[0], control_fit, xc, yc, np.stack(phis), in_mask
