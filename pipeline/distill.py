@@ -36,6 +36,7 @@ from auditml_core.privacy import dp_sgd as privacy
 from auditml_core.seeds import derive_seed
 from auditml_core.teacher import TrainedModel
 from explain import compare_variants
+from pipeline.evaluate import bootstrap_cis, r2
 from pipeline.explain_stage import primary_method
 from pipeline.train import diverged
 
@@ -534,15 +535,41 @@ def _onnx_record(name: str, ds: Dataset, teacher_onnx_diff: float) -> dict[str, 
 def _fidelity_record(
     cfg: Config, name: str, ds: Dataset, transfer, teacher_tm: TrainedModel, t_out, t_test, s_test, *, seed: int
 ) -> dict[str, Any]:
-    """How well the student (and, for the regressor, the depth-limited tree) matches the teacher on test."""
+    """How well the student (and, for the regressor, the depth-limited tree) matches the teacher on test, with 95%
+    bootstrap intervals over the test rows (the evaluate stage's resampling) for the report's students verdict."""
+    boot_seed = derive_seed(seed, "bootstrap")
     if name == "cnn":
+        y, t_pred, s_pred = np.asarray(ds.y["test"]), t_test.argmax(1), s_test.argmax(1)
+        k_classes = t_test.shape[1]
+        cis = bootstrap_cis(
+            lambda idx: {
+                "accuracy": np.mean(s_pred[idx] == y[idx], axis=-1),
+                "agree": np.mean(t_pred[idx] == s_pred[idx], axis=-1),
+            },
+            len(y),
+            seed=boot_seed,
+        )
+        p_t = np.bincount(t_pred, minlength=k_classes) / len(y)
+        p_s = np.bincount(s_pred, minlength=k_classes) / len(y)
         return {
-            "teacher_accuracy": float((t_test.argmax(1) == ds.y["test"]).mean()),
-            "student_accuracy": float((s_test.argmax(1) == ds.y["test"]).mean()),
-            "top1_agreement": float((t_test.argmax(1) == s_test.argmax(1)).mean()),
+            "teacher_accuracy": float((t_pred == y).mean()),
+            "student_accuracy": float((s_pred == y).mean()),
+            "student_accuracy_ci95": cis["accuracy"],
+            "top1_agreement": float((t_pred == s_pred).mean()),
+            "top1_agreement_ci95": cis["agree"],
+            # the agreement of two predictors that answer independently with these answer frequencies
+            "top1_agreement_chance": float(np.dot(p_t, p_s)),
+            "student_confusion_matrix": np.bincount(y * k_classes + s_pred, minlength=k_classes * k_classes)
+            .reshape(k_classes, k_classes)
+            .tolist(),
         }
     k = cfg.distill
     out = _regression_fidelity(ds, t_test, s_test, "student")
+    y = ds.y["test"].astype(np.float64)
+    cis = bootstrap_cis(
+        lambda idx: {"r2": r2(y[idx], s_test[idx]), "fidelity": r2(t_test[idx], s_test[idx])}, len(y), seed=boot_seed
+    )
+    out["student_r2_ci95"], out["student_fidelity_r2_ci95"] = cis["r2"], cis["fidelity"]
     rows, tree_privacy = tree_rows(cfg, ds, transfer, teacher_tm.training.get("privacy"))
     tree = DecisionTreeRegressor(max_depth=k.tree_depth, random_state=seed).fit(transfer.x[rows], t_out[rows])
     out["tree_student"] = {

@@ -26,6 +26,7 @@ from pipeline.report.sentences import (
     replication_cell,
 )
 from pipeline.report.templating import html_environment
+from pipeline.report.verdicts import CLOSE_FIDELITY
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 CSS = """
@@ -50,6 +51,7 @@ table.wrap{display:table;table-layout:fixed;width:100%}table.wrap td,table.wrap 
 section#verdicts h2{margin-top:.5em}table.verdicts{display:table;table-layout:fixed;width:100%;font-size:.92em}
 table.verdicts td,table.verdicts th{padding:.35em .55em;overflow-wrap:break-word}
 table.verdicts td.numbers{font-variant-numeric:tabular-nums;font-size:.9em}table.verdicts td.numbers span.n{display:block}
+table.verdicts details.more{margin:0}table.verdicts details.more>summary{color:#555}
 .badge{display:inline-block;padding:.1em .45em;border-radius:.3em;font-weight:600;white-space:nowrap;font-size:.9em}
 .st-failed .badge{background:#c0392b;color:#fff}.st-caveat .badge{background:#f0b429;color:#1b1b1b}
 .st-holds .badge{background:#2e7d32;color:#fff}.st-na .badge{background:#e0e0e0;color:#333}
@@ -408,6 +410,7 @@ _GLOBALS = {
     "figure_id": figure_id,
     "look_for": look_for,
     "metric_name": metric_name,
+    "close_fidelity": CLOSE_FIDELITY,
 }
 
 
@@ -423,9 +426,7 @@ def _environment():
 def sections(content: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The page's evidence sections (anchor, title) in order, as the table of contents lists them after the
     verdicts."""
-    listed = list(SECTIONS)
-    if "distill" not in content:
-        listed.remove(("distill", "Distillation"))
+    listed = list(SECTIONS)  # Distillation too without a distill stage: the students verdict links to it
     return [s for s in listed if s[0] != "annex-iv" or "annex_iv" in content]
 
 

@@ -18,6 +18,7 @@ AREAS = (  # (area, title, evidence anchor)
     ("utility", "Utility vs baseline", "models"),
     ("subgroups", "Subgroup gaps", "models"),
     ("explanations", "Explanation quality", "explanations"),
+    ("students", "Distilled students", "distill"),
     ("provenance", "Provenance and integrity", "reproducibility"),
 )
 MAX_WORDS = 25  # per sentence, before a user's own column names (tests check it on every kind of run)
@@ -50,6 +51,13 @@ def verdict(area: str, status: str, sentence: str, numbers: list[dict[str, Any]]
         "evidence": "#" + (anchor or default_anchor),
         "anchor": f"verdict-{area}",
     }
+
+
+def lead(numbers: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
+    """``numbers`` with those whose label contains the first key first, then the second key's, ...: the first
+    screen shows a verdict's first numbers, so the decisive one goes first."""
+    rank = [next((i for i, k in enumerate(keys) if k in n["label"]), len(keys)) for n in numbers]
+    return [n for _, n in sorted(zip(rank, numbers), key=lambda rn: rn[0])]
 
 
 def model_title(name: str) -> str:

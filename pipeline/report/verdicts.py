@@ -1,12 +1,12 @@
 """The report's first screen: one verdict per area, each derived from numbers the run computed.
 
 Areas: the privacy guarantee, the privacy audit, utility against a trivial predictor, subgroup gaps,
-explanation quality, and provenance. Each verdict has a status (``failed``, ``holds with caveat``,
+explanation quality, the distilled students, and provenance. Each verdict has a status (``failed``, ``holds with caveat``,
 ``holds`` or ``not applicable``), the number that matters with its interval, one plain sentence of at
 most 25 words and the anchor of its evidence in ``report.html``. Nothing here is a fixed status: every
 branch reads a check the run recorded (an ε against its target and a second accountant, the audit's
 verdicts, a bootstrap interval against a trivial predictor, subgroup intervals, the explanation sanity
-and faithfulness checks, the artifacts' hashes). The verdicts are sorted worst first, so a failed or weak
+and faithfulness checks, the students' intervals and fidelity, the artifacts' hashes). The verdicts are sorted worst first, so a failed or weak
 check is the first thing a reader sees. ``report.json`` holds them as ``summary.verdicts``.
 """
 
@@ -24,6 +24,7 @@ from pipeline.report.verdict_base import (
     NOT_APPLICABLE,
     STATUSES,
     fmt3,
+    lead,
     model_title,
     numbers_entry,
     verdict,
@@ -81,18 +82,24 @@ def utility(content: Mapping[str, Any]) -> dict[str, Any]:
                 )
             )
             caveats.insert(
-                sum(1 for c in caveats if "recall 0" in c),  # before the milder caveats
-                f"the {m['title']} has recall 0 on {dead['recall_zero']} of {dead['classes']} classes "
-                f"(one class takes {dead['top_predicted']} of {dead['n']} predictions)",
+                sum(1 for c, _ in caveats if "recall 0" in c),  # before the milder caveats
+                (
+                    f"the {m['title']} has recall 0 on {dead['recall_zero']} of {dead['classes']} classes "
+                    f"(one class takes {dead['top_predicted']} of {dead['n']} predictions)",
+                    f"recall 0, {m['title']}",
+                ),
             )
         po = m.get("public_only_baseline") or {}
         if po.get("available") and not po.get("private_data_contributed"):
             caveats.append(
-                f"the {m['title']} does not measurably beat the same model trained on the public split alone"
+                (
+                    f"the {m['title']} does not measurably beat the same model trained on the public split alone",
+                    m["title"],
+                )
             )
         cmp = (m.get("baseline") or {}).get("comparison") or {}
         if cmp.get("distinguishable") and cmp.get("better") != "regressor":
-            caveats.append(f"the Ridge baseline beats the {m['title']} on test R²")
+            caveats.append((f"the Ridge baseline beats the {m['title']} on test R²", m["title"]))
     if no_better:
         m, tb = no_better[0]
         lo, hi = tb.get("model_ci95") or [None, None]
@@ -102,12 +109,13 @@ def utility(content: Mapping[str, Any]) -> dict[str, Any]:
             f"The {m['title']} is no better than a trivial predictor: test {METRIC_NAMES.get(tb['metric'], tb['metric'])} "
             f"{fmt3(tb['model'])} "
             f"[{fmt3(lo)}, {fmt3(hi)}] vs {fmt3(tb['trivial'])}.",
-            numbers,
+            lead(numbers, f", {m['title']}"),
         )
     if missing:
         return verdict("utility", CAVEAT, f"The {missing[0]} has no recorded test metric to judge.", numbers)
     if caveats:
-        return verdict("utility", CAVEAT, f"Every model beats a trivial predictor, but {caveats[0]}.", numbers)
+        text, key = caveats[0]
+        return verdict("utility", CAVEAT, f"Every model beats a trivial predictor, but {text}.", lead(numbers, key))
     return verdict(
         "utility",
         HOLDS,
@@ -206,7 +214,7 @@ def explanations(content: Mapping[str, Any]) -> dict[str, Any]:
     model-randomisation check, or deleting the top-ranked features changes the output no faster than a random order.
     With caveat: the |attribution| model-randomisation or either random-logit check fails, or the primary SHAP
     values are approximate."""
-    severe, failures, approximate, numbers = False, [], [], []
+    severe, failures, failed_models, approximate, numbers = False, [], [], [], []
     n_checks = n_passed = 0
     families: dict[str, None] = {}
     for name, e in ((content.get("explanations") or {}).get("models") or {}).items():
@@ -221,6 +229,7 @@ def explanations(content: Mapping[str, Any]) -> dict[str, Any]:
         severe = severe or any(k != "|value|" for f, k, _ in failed if f != "random-logit")
         if failed:
             failures.append(f"the {t} fails {_failures(failed)}")
+            failed_models.append(t)
         if q.get("exactness") == "approximate":
             approximate.append(t)
         numbers.append(
@@ -238,7 +247,7 @@ def explanations(content: Mapping[str, Any]) -> dict[str, Any]:
             "explanations",
             FAILED if severe else CAVEAT,
             f"{text[0].upper()}{text[1:]}; {n_passed} of {n_checks} checks pass.",
-            numbers,
+            lead(numbers, *failed_models),
         )
     names = [f for f in ("model randomisation", "random-logit", "deletion") if f in families]
     checks_text = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
@@ -255,6 +264,106 @@ def explanations(content: Mapping[str, Any]) -> dict[str, Any]:
         HOLDS,
         f"Every model passes all {n_checks} checks ({checks_text}), and the SHAP values are exact.",
         numbers,
+    )
+
+
+# --------------------------------------------------------------------------- students
+
+CLOSE_FIDELITY = 0.9  # a student follows its teacher closely when its fidelity R² / top-1 agreement is at least this
+
+
+def _student_checks(title: str, rec: Mapping[str, Any], trivial: float | None) -> dict[str, Any]:
+    """One student's test metric against the trivial predictor and its fidelity to the teacher: what fails, what is
+    a caveat, and the numbers. An interval's lower end decides 'no better than' (its point value when no interval
+    was recorded, as for the teachers)."""
+    who = f"student of the {title}"
+    classifier = "student_accuracy" in rec
+    metric, fidelity = ("student_accuracy", "top1_agreement") if classifier else ("student_r2", "student_fidelity_r2")
+    shown = "accuracy" if classifier else METRIC_NAMES["r2"]
+    fid_name = "top-1 agreement" if classifier else "fidelity R²"
+    value, ci = rec.get(metric), rec.get(f"{metric}_ci95")
+    fid, fid_ci = rec.get(fidelity), rec.get(f"{fidelity}_ci95")
+    # chance: two predictors answering independently with these answer frequencies; R² 0: the teacher's mean output
+    chance = rec.get("top1_agreement_chance") if classifier else 0.0  # None: a record from before it was kept
+    out: dict[str, Any] = {"failed": [], "caveats": [], "numbers": []}
+    if not isinstance(value, (int, float)) or not isinstance(fid, (int, float)):
+        out["caveats"].append(f"the {who} has no recorded test metric or fidelity")
+        return out
+    out["numbers"] += [
+        numbers_entry(
+            f"test {shown}, {title}'s student", value, ci, f"trivial {fmt3(trivial)}" if trivial is not None else ""
+        ),
+        numbers_entry(
+            f"{fid_name} to its teacher, {title}'s student",
+            fid,
+            fid_ci,
+            f"chance {fmt3(chance)}" if chance is not None else "",
+        ),
+    ]
+
+    def shown_ci(v: float, interval: Any) -> str:
+        return fmt3(v) + (f" [{fmt3(interval[0])}, {fmt3(interval[1])}]" if interval else "")
+
+    if trivial is not None and (ci or [value])[0] <= trivial:
+        out["failed"].append(
+            f"The {who} is no better than a trivial predictor: test {shown} {shown_ci(value, ci)} vs {fmt3(trivial)}."
+        )
+    if chance is not None and (fid_ci or [fid])[0] <= chance:
+        out["failed"].append(
+            f"The {who} does not track its teacher: {fid_name} {shown_ci(fid, fid_ci)}, no better than "
+            f"{fmt3(chance)} by chance."
+        )
+    elif fid < CLOSE_FIDELITY:
+        out["caveats"].append(f"the {who} tracks its teacher loosely ({fid_name} {fmt3(fid)} < {fmt3(CLOSE_FIDELITY)})")
+    if not ci or not fid_ci:
+        out["caveats"].append(f"the {who}'s metrics have no recorded interval")
+    dead = dead_classes(rec.get("student_confusion_matrix"))
+    if dead and dead["recall_zero"]:
+        out["caveats"].append(f"the {who} has recall 0 on {dead['recall_zero']} of {dead['classes']} classes")
+    return out
+
+
+def students(content: Mapping[str, Any]) -> dict[str, Any]:
+    """The distilled students, from the distill stage's records. Failed: a student's test metric interval does not
+    clear the trivial predictor its teacher is judged against, or its fidelity to the teacher is no better than
+    chance (fidelity R²'s interval reaches 0, or top-1 agreement's interval reaches what two independent predictors
+    with these answer frequencies agree on). With caveat: fidelity R² or agreement below 0.9, recall 0 on a class,
+    no interval recorded. Not applicable when the distill stage did not run."""
+    distill = content.get("distill")
+    if not isinstance(distill, Mapping) or not distill:
+        return verdict("students", NOT_APPLICABLE, "No student was distilled in this run.", [])
+    failed, caveats, numbers = [], [], []
+    first = first_caveat = None  # the first student that fails, and the first with a caveat: their numbers lead
+    for name, d in distill.items():
+        rec = (d.get("record") if isinstance(d, Mapping) else None) or {}
+        if not rec:
+            continue
+        tb = ((content.get("models") or {}).get(name) or {}).get("trivial_baseline") or {}
+        out = _student_checks(model_title(name), rec, tb.get("trivial"))
+        failed += out["failed"]
+        caveats += out["caveats"]
+        numbers += out["numbers"]
+        first = first or (model_title(name) if out["failed"] else None)
+        first_caveat = first_caveat or (model_title(name) if out["caveats"] else None)
+    if not numbers and not caveats:
+        return verdict("students", NOT_APPLICABLE, "The distill stage recorded no student.", [])
+    if failed:
+        return verdict("students", FAILED, failed[0], lead(numbers, f"{first}'s student"), "distill")
+    if caveats:
+        return verdict(
+            "students",
+            CAVEAT,
+            f"Every student beats a trivial predictor and chance fidelity, but {caveats[0]}.",
+            lead(numbers, f"{first_caveat}'s student"),
+            "distill",
+        )
+    return verdict(
+        "students",
+        HOLDS,
+        f"Every student beats a trivial predictor and follows its teacher closely (fidelity R² or top-1 agreement "
+        f"at least {fmt3(CLOSE_FIDELITY)}).",
+        numbers,
+        "distill",
     )
 
 
@@ -309,6 +418,7 @@ def verdicts(content: Mapping[str, Any]) -> list[dict[str, Any]]:
         utility(content),
         subgroups(content),
         explanations(content),
+        students(content),
         provenance(content),
     ]
     order = [a for a, _, _ in AREAS]

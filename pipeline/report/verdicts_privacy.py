@@ -193,12 +193,10 @@ def _control_number(m: Mapping[str, Any]) -> dict[str, Any]:
             bounds.append(control["canaries"].get("epsilon_lower_bound"))
         bound = max((b for b in bounds if isinstance(b, (int, float))), default=None)
         return numbers_entry(
-            f"positive control's ε lower bound, {m['title']}", bound, unit=f"must exceed {fmt3(m['claimed_epsilon'])}"
+            f"control's ε bound, {m['title']}", bound, unit=f"must exceed {fmt3(m['claimed_epsilon'])}"
         )
     best = control_outcome(m)["best_attack"] or {}
-    return numbers_entry(
-        f"positive control's attack AUC, {m['title']}", best.get("auc"), best.get("auc_ci95"), "must clear 0.5"
-    )
+    return numbers_entry(f"control's attack AUC, {m['title']}", best.get("auc"), best.get("auc_ci95"), "must clear 0.5")
 
 
 def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:

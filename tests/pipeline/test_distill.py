@@ -2,9 +2,12 @@ import numpy as np
 import pytest
 import torch
 
+from auditml_core import training
 from auditml_core.config import load_config
 from auditml_core.teacher import TrainedModel
 from pipeline import data, distill, train
+from pipeline.report.utility import _majority, _mean_r2
+from pipeline.report.verdicts import students
 
 TINY = [
     "dp.public_pretrain_epochs=2",
@@ -147,6 +150,35 @@ def test_student_agrees_with_teacher_on_embedded_digits():
     cnn, reg = out["cnn"]["record"], out["regressor"]["record"]
     assert cnn["compression_ratio"] >= 10 and cnn["top1_agreement"] >= 0.9
     assert reg["student_fidelity_r2"] >= 0.9
+    # the report's students verdict holds for these students (the null of its failure rules)
+    content = {
+        "distill": {name: {"record": o["record"]} for name, o in out.items()},
+        "models": {
+            "cnn": {"trivial_baseline": {"trivial": _majority(ds["images"])[0]}},
+            "regressor": {"trivial_baseline": {"trivial": _mean_r2(ds["tabular"])}},
+        },
+    }
+    v = students(content)
+    assert v["status"] == "holds", v
+
+
+def test_student_records_carry_intervals_chance_agreement_and_a_confusion_matrix(dp_run):
+    _, ds, trained, out = dp_run
+    cnn, reg = out["cnn"]["record"], out["regressor"]["record"]
+    for rec, key in ((cnn, "student_accuracy"), (cnn, "top1_agreement"), (reg, "student_r2")):
+        lo, hi = rec[f"{key}_ci95"]
+        assert lo <= rec[key] <= hi and lo < hi, (key, rec[key], lo, hi)
+    lo, hi = reg["student_fidelity_r2_ci95"]
+    assert lo <= reg["student_fidelity_r2"] <= hi
+    cm = np.asarray(cnn["student_confusion_matrix"])  # rows: true class, columns: the student's answer
+    y = ds["images"].y["test"]
+    assert cm.sum() == len(y) and np.trace(cm) / len(y) == pytest.approx(cnn["student_accuracy"])
+    assert (cm.sum(axis=1) == np.bincount(y, minlength=cm.shape[0])).all()
+    # chance agreement: two independent predictors with the teacher's and the student's answer frequencies
+    teacher = trained.models["cnn"].build()
+    t_pred = training.predict(teacher, ds["images"].x["test"]).argmax(1)
+    p_t = np.bincount(t_pred, minlength=cm.shape[0]) / len(y)
+    assert cnn["top1_agreement_chance"] == pytest.approx(float(p_t @ (cm.sum(axis=0) / len(y))))
 
 
 def test_dp_image_transfer_set_holds_no_private_row_nor_anything_computed_from_one():

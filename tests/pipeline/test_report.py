@@ -479,7 +479,7 @@ def test_every_area_has_a_verdict_row_in_the_json_and_the_page_and_every_link_la
     verdicts = content["summary"]["verdicts"]
     jsonschema.validate(content, report.schema())
     assert sorted(v["area"] for v in verdicts) == sorted(
-        ["privacy-guarantee", "privacy-audit", "utility", "subgroups", "explanations", "provenance"]
+        ["privacy-guarantee", "privacy-audit", "utility", "subgroups", "explanations", "students", "provenance"]
     )
     ids, links = _ids_and_links(html)
     for v in verdicts:
@@ -521,7 +521,7 @@ def _estimated_first_screen_lines(html):
 
 def test_the_first_screen_holds_every_verdict_by_element_order_and_line_budget(hostile_run):
     html = hostile_run.read("report.html").decode()
-    assert html.count("<tr id=verdict-") == 6
+    assert html.count("<tr id=verdict-") == 7
     lines = _estimated_first_screen_lines(html)
     assert lines <= FIRST_SCREEN_PX[1] / 22, lines  # ~22 px a line at the page's font size
 
@@ -551,4 +551,4 @@ def test_the_first_screen_holds_every_verdict_in_a_headless_browser(hostile_run,
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
     n, bottom = re.search(r"<title>BOTTOM (\d+) (\d+)</title>", dom.stdout).groups()
-    assert int(n) == 6 and int(bottom) <= height, (n, bottom)
+    assert int(n) == 7 and int(bottom) <= height, (n, bottom)

@@ -96,6 +96,28 @@ def good_dp_content():
             }
         },
         "reproducibility": {"git_commit": "0123abc", "artifacts": [{"path": "data/tabular.npz", "sha256": "cd" * 32}]},
+        "distill": {"regressor": {"record": _student_record("regressor")}, "cnn": {"record": _student_record("cnn")}},
+    }
+
+
+def _student_record(name, metric=None, fidelity=None, chance=0.2):
+    """The distill stage's fidelity record of a student: (value, interval) of its test metric and its fidelity."""
+    if name == "cnn":
+        metric, fidelity = metric or (0.95, [0.93, 0.97]), fidelity or (0.97, [0.95, 0.98])
+        return {
+            "student_accuracy": metric[0],
+            "student_accuracy_ci95": metric[1],
+            "top1_agreement": fidelity[0],
+            "top1_agreement_ci95": fidelity[1],
+            "top1_agreement_chance": chance,
+            "student_confusion_matrix": (np.eye(10, dtype=int) * 30 + 1).tolist(),
+        }
+    metric, fidelity = metric or (0.4, [0.3, 0.5]), fidelity or (0.95, [0.92, 0.97])
+    return {
+        "student_r2": metric[0],
+        "student_r2_ci95": metric[1],
+        "student_fidelity_r2": fidelity[0],
+        "student_fidelity_r2_ci95": fidelity[1],
     }
 
 
@@ -117,6 +139,7 @@ def test_every_area_holds_on_a_run_whose_checks_all_pass():
         "utility": "holds",
         "subgroups": "holds with caveat",  # overlapping intervals never prove equal performance
         "explanations": "holds",
+        "students": "holds",
         "provenance": "holds",
     }
     assert v["privacy-guarantee"]["numbers"][0]["value"] == pytest.approx(_record()["epsilon"])
@@ -200,8 +223,8 @@ def test_a_classifier_with_recall_0_on_most_classes_holds_only_with_a_caveat():
     top = int(np.asarray(collapsed["confusion_matrix"]).sum(axis=0).max())  # predictions of the commonest answer
     assert f"(one class takes {top} of {len(y)} predictions)" in v["sentence"]
     assert {"label": "classes with test recall 0, CNN classifier", "value": zero} == {
-        k: v["numbers"][-1][k] for k in ("label", "value")
-    }
+        k: v["numbers"][0][k] for k in ("label", "value")
+    }  # the decisive number first: the first screen shows a row's first number
     # null: a good classifier (recall > 0 on every class) holds
     y, good = _classifier(rng, collapse=False)
     content["models"]["cnn"]["metrics"] = {"test": good}
@@ -274,7 +297,7 @@ def test_a_positive_control_caught_without_evidence_is_not_caught_and_leads_the_
         v["sentence"].startswith("The audit could not catch its own planted leak") and "CNN classifier" in v["sentence"]
     )
     assert "means nothing" in v["sentence"] and "MLP regressor" not in v["sentence"]
-    assert v["numbers"][0]["label"] == "positive control's attack AUC, CNN classifier"
+    assert v["numbers"][0]["label"] == "control's attack AUC, CNN classifier"
     assert v["numbers"][0]["interval"] == [0.374, 0.946]
     assert cnn["verdict"]["statement"].startswith("The audit could not catch its own planted leak")
     # positive control: the same control with an interval above 0.5 (or a positive ε bound) is caught
@@ -293,7 +316,7 @@ def test_a_dp_audit_that_missed_its_control_never_holds_whatever_the_control():
     v = by_area(content)["privacy-audit"]
     assert v["status"] == "holds with caveat" and v["sentence"].startswith("The audit could not catch its own")
     assert content["audit"]["models"]["cnn"]["verdict"]["statement"].startswith("The audit could not catch its own")
-    assert v["numbers"][0]["label"] == "positive control's ε lower bound, CNN classifier"
+    assert v["numbers"][0]["label"] == "control's ε bound, CNN classifier"
     # A federated DP model's control is the overfit copy: not caught, the audit used to say "passed" (holds).
     m = _overfit_control(_audit_model("CNN classifier", claimed, 0.1, 0.0), auc=0.7, ci=(0.4, 0.9), bound=0.0)
     content["audit"]["models"]["cnn"] = m
@@ -301,6 +324,38 @@ def test_a_dp_audit_that_missed_its_control_never_holds_whatever_the_control():
     assert by_area(content)["privacy-audit"]["status"] == "holds with caveat"
     content["audit"]["models"]["cnn"] = _overfit_control(m)  # caught: the audit passes
     assert m["verdict"]["verdict"] == "passed" and by_area(content)["privacy-audit"]["status"] == "holds"
+
+
+def test_a_student_no_better_than_trivial_or_its_teacher_fails_and_a_loose_one_is_a_caveat():
+    # Reader study: the regressor's student had test R² -0.30 and fidelity R² -3.4, the DP CNN's student accuracy
+    # 0.067 below the trivial 0.1, and no verdict said so.
+    content = good_dp_content()
+    content["distill"]["regressor"]["record"] = _student_record(
+        "regressor", metric=(-0.30, [-0.5, -0.1]), fidelity=(-3.4, [-4.6, -2.5])
+    )
+    v = by_area(content)["students"]
+    assert v["status"] == "failed" and v["evidence"] == "#distill"
+    assert v["sentence"] == (
+        "The student of the MLP regressor is no better than a trivial predictor: test R² -0.3 [-0.5, -0.1] vs 0."
+    )
+    assert verdicts(content)[0]["area"] == "students"  # a failure is the first row
+    content["distill"]["regressor"]["record"] = _student_record("regressor", fidelity=(-3.4, [-4.6, -2.5]))
+    assert by_area(content)["students"]["sentence"].startswith("The student of the MLP regressor does not track its")
+    content = good_dp_content()
+    content["distill"]["cnn"]["record"] = _student_record("cnn", metric=(0.067, [0.045, 0.092]))
+    v = by_area(content)["students"]
+    assert v["status"] == "failed" and "student of the CNN classifier is no better than a trivial" in v["sentence"]
+    # agreement no better than two independent predictors with the same answer frequencies: failed
+    content["distill"]["cnn"]["record"] = _student_record("cnn", fidelity=(0.7, [0.62, 0.78]), chance=0.7)
+    assert by_area(content)["students"]["status"] == "failed"
+    # a student that beats both but follows its teacher loosely (below 0.9): a caveat that names the rule
+    content["distill"]["cnn"]["record"] = _student_record("cnn", fidelity=(0.8, [0.75, 0.85]), chance=0.1)
+    v = by_area(content)["students"]
+    assert v["status"] == "holds with caveat" and "loosely (top-1 agreement 0.8 < 0.9)" in v["sentence"]
+    # null: good students hold; without the distill stage the area does not apply
+    assert by_area(good_dp_content())["students"]["status"] == "holds"
+    del content["distill"]
+    assert by_area(content)["students"]["status"] == "not applicable"
 
 
 def test_subgroup_intervals_that_do_not_overlap_fail_and_no_group_column_is_not_applicable():
@@ -336,8 +391,8 @@ def test_the_explanation_row_names_every_failed_check_and_counts_the_rest():
         "The CNN classifier fails |value| model randomisation and |value| random-logit; 6 of 8 checks pass."
     )
     assert [(n["label"], n["value"], n["unit"]) for n in v["numbers"]] == [
+        ("checks passed, CNN classifier", 3, "of 5"),  # the failing model's first
         ("checks passed, MLP regressor", 3, "of 3"),
-        ("checks passed, CNN classifier", 3, "of 5"),
     ]
     # null: every check passes, SHAP exact: holds, and the sentence names each kind of check
     content["explanations"]["models"]["cnn"]["quality"] = _quality(logit=(True, True))
