@@ -118,6 +118,9 @@ class Recording:
                 "the run stops instead of returning an unchanged model. Raise dp.target_epsilon or lower the "
                 f"model's rounds (<model>.federated.rounds). First refusal: {record.refused[0]['reason'] if record.refused else 'none'}"
             )
+        # Flower samples the round's nodes in a random order (Python's unseeded `random`): sum the updates in client
+        # order instead, so that the float sums, and with them a seeded run, do not change between runs.
+        trained.sort(key=lambda m: int(m.content["metrics"]["partition-id"]))
         return super().aggregate_train(absolute, trained)  # type: ignore[misc]
 
 

@@ -53,6 +53,42 @@ def test_only_trained_replies_are_averaged_and_everything_is_recorded():
     assert rec.failed[0]["node_id"] == 4 and rec.failed[0]["reason"].endswith("RuntimeError: disk on fire")
 
 
+def test_the_average_does_not_depend_on_the_order_the_replies_arrive_in():
+    """Flower samples nodes in a random order; float32 sums depend on their order, so the strategy sums the updates
+    in client order (else a seeded federated run is not reproducible: issue 25 item 8's accuracy table)."""
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal(1000).astype(np.float32) * 10.0 ** rng.integers(-3, 4) for _ in range(5)]
+
+    def replies(order):
+        out = []
+        for pid in order:
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(values[pid])}),
+                    "metrics": MetricRecord({"num-examples": 50 + 7 * pid, "partition-id": pid, "refused": 0}),
+                }
+            )
+            out.append(Message(content, reply_to=_sent(pid + 1)))
+        return out
+
+    orders = [[0, 1, 2, 3, 4], [4, 2, 0, 3, 1], [3, 1, 4, 0, 2]]
+    averages = []
+    for order in orders:
+        s = _strategy(min_clients=1, sent=(1, 2, 3, 4, 5))
+        averages.append(s.aggregate_train(1, replies(order))[0]["w"].numpy())
+    assert all(np.array_equal(averages[0], a) for a in averages[1:])  # bit for bit
+
+    # The control: summed in the arrival order, the orders above give different float32 averages.
+    def naive(order):
+        n = np.array([50 + 7 * pid for pid in order], dtype=np.float64)
+        out = None
+        for pid, w in zip(order, n / n.sum()):
+            out = values[pid] * w if out is None else out + values[pid] * w
+        return out
+
+    assert not all(np.array_equal(naive(orders[0]), naive(o)) for o in orders[1:])
+
+
 def test_a_node_that_never_replies_is_a_failure():
     s = _strategy(min_clients=1, sent=(1, 2))
     s.aggregate_train(1, [_trained(1, 1.0, 10, 0)])
