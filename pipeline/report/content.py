@@ -30,6 +30,7 @@ from pipeline.report.privacy import (
     student_statement,
 )
 from pipeline.report.sentences import randomisation_sentence, reference_sentence, survivors
+from pipeline.report.settings import departures
 from pipeline.report.utility import trivial_baseline
 from pipeline.report.verdicts import verdicts
 from pipeline.rundir import git_commit, library_versions
@@ -672,6 +673,7 @@ def build_content(cfg: Config, inputs: Mapping[str, Any], *, seed: int) -> dict[
     content["reproducibility"] = reproducibility_section(cfg, manifest, seed)
     content["annex_iv"] = annex_iv_map(content)  # EU AI Act Annex IV: what this run documents, what it cannot
     content["summary"] = summary_section(content, explain_out)
+    content["summary"]["settings"] = departures(cfg)  # a scaled-down run says so on the first screen
     content["caveats"] = (
         content["privacy"]["caveats"] + content["audit"]["caveats"] + content["explanations"]["caveats"]
     )

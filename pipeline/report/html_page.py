@@ -52,6 +52,7 @@ section#verdicts h2{margin-top:.5em}table.verdicts{display:table;table-layout:fi
 table.verdicts td,table.verdicts th{padding:.35em .55em;overflow-wrap:break-word}
 table.verdicts td.numbers{font-variant-numeric:tabular-nums;font-size:.9em}table.verdicts td.numbers span.n{display:block}
 table.verdicts details.more{margin:0}table.verdicts details.more>summary{color:#555}
+header p.settings{margin:.3em 0 0;font-size:.9em}header p.settings.changed{border-left:4px solid #f0b429;padding-left:.5em}
 .badge{display:inline-block;padding:.1em .45em;border-radius:.3em;font-weight:600;white-space:nowrap;font-size:.9em}
 .st-failed .badge{background:#c0392b;color:#fff}.st-caveat .badge{background:#f0b429;color:#1b1b1b}
 .st-holds .badge{background:#2e7d32;color:#fff}.st-na .badge{background:#e0e0e0;color:#333}

@@ -497,6 +497,18 @@ def test_every_area_has_a_verdict_row_in_the_json_and_the_page_and_every_link_la
     )
 
 
+def test_the_first_screen_names_the_settings_that_depart_from_the_defaults(hostile_run):
+    # #29 reader study: a run with regressor.fit.epochs=3 read like a default run.
+    from html import unescape
+
+    st = json.loads(hostile_run.read("report.json"))["summary"]["settings"]
+    header = hostile_run.read("report.html").decode().split("<main>", 1)[1].split("<section id=verdicts>", 1)[0]
+    assert st["n_changed"] > 3 and st["statement"] in unescape(header) and "href='#settings'" in header
+    assert {"data.tabular_csv", "data.target", "regressor.fit.epochs", "cnn.fit.epochs"} <= {
+        c["key"] for c in st["changed"]
+    }
+
+
 def _estimated_first_screen_lines(html):
     """Lines the page needs down to the last verdict row, at 1280 px: the header, the verdicts heading and note, and
     per row its tallest cell (characters per line of each column at the page's font sizes). An estimate for machines
@@ -514,7 +526,9 @@ def _estimated_first_screen_lines(html):
     for row in re.findall(r"<tr id=verdict-.*?</tr>", section):
         cells = re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)
         status, area, numbers, sentence = (text(c) for c in cells[:4])
-        number_lines = max(1, len(re.findall(r"<span class=n>", cells[2]))) + len(numbers) // 48
+        shown = re.sub(r"<details.*?</details>", "", cells[2])  # folded numbers take one line: "N more"
+        number_lines = max(1, len(re.findall(r"<span class=n>", shown))) + len(text(shown)) // 48
+        number_lines += 1 if "<details" in cells[2] else 0
         lines += max(-(-len(status) // 18), -(-len(area) // 14), number_lines, -(-len(sentence) // 46)) + 0.5
     return lines
 
