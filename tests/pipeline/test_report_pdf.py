@@ -63,7 +63,8 @@ def test_every_page_has_its_number_and_the_manifest_hash_and_the_content_prints(
     pytest.importorskip("pypdf")
     from pypdf import PdfReader
 
-    with caplog.at_level(logging.DEBUG):
+    # the logger's own level too: an earlier in-process `main(["--quiet"])` leaves "pipeline" at WARNING
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="pipeline.report.pdf"):
         data = pdf.render(_page(), manifest_sha256=SHA, created=CREATED)
     # the page's screen-only CSS (overflow-x) draws WeasyPrint warnings: DEBUG lines of ours, not console lines
     assert not [r for r in caplog.records if r.name.startswith(("weasyprint", "fontTools"))]
