@@ -341,7 +341,8 @@ def attack_summary(
     delta : δ used by the empirical ε bound (the run's ``dp.delta``).
     seed : seeds the bootstrap and the held-out split.
     epsilon : the claimed ε of a DP model (adds the DP bound at every FPR), or None.
-    fprs : false-positive rates at which TPR is reported.
+    fprs : false-positive rates at which TPR is reported. Where one is below 1/n (n non-members), the result
+        also holds ``tpr_at_lowest_resolvable_fpr``: the TPR at FPR <= 1/n with the DP bound at 1/n.
     n_resamples : bootstrap resamples of the AUC interval.
     """
     scores = np.asarray(scores, dtype=np.float64)
@@ -355,12 +356,24 @@ def attack_summary(
         "empirical_epsilon": empirical_epsilon(scores, members, delta=delta, seed=seed + 1),
     }
     for f in fprs:
-        row = tpr_at_fpr(scores, members, f)
-        if epsilon is not None:
-            row["dp_bound"] = dp_tpr_bound(f, epsilon=epsilon, delta=delta)
-            # A violation is claimed only when even the lower TPR bound beats the DP bound at the upper FPR
-            # bound: the true FPR of the chosen threshold is only known up to its interval.
-            row["dp_bound_at_fpr_upper"] = dp_tpr_bound(row["fpr_ci95"][1], epsilon=epsilon, delta=delta)
-            row["exceeds_dp_bound"] = bool(row["tpr_ci95"][0] > row["dp_bound_at_fpr_upper"])
-        out["tpr_at_fpr"].append(row)
+        out["tpr_at_fpr"].append(_with_dp_bound(tpr_at_fpr(scores, members, f), epsilon=epsilon, delta=delta))
+    n_non = out["n_non_members"]
+    if n_non and any(f * n_non < 1 for f in fprs):
+        # An FPR below 1/n cannot be measured with n non-members: a TPR "at FPR 0.001" from 40 non-members is the
+        # TPR with no false positive, and printed beside the DP bound at 0.001 it reads like a breach. The lowest
+        # FPR these records resolve is 1/n: the TPR there, with the DP bound at 1/n, is what can be compared.
+        out["tpr_at_lowest_resolvable_fpr"] = _with_dp_bound(
+            tpr_at_fpr(scores, members, 1.0 / n_non), epsilon=epsilon, delta=delta
+        )
     return out
+
+
+def _with_dp_bound(row: dict[str, Any], *, epsilon: float | None, delta: float) -> dict[str, Any]:
+    """``row`` (a :func:`tpr_at_fpr` result) with the DP bound at its target FPR, when a DP claim is audited."""
+    if epsilon is not None:
+        row["dp_bound"] = dp_tpr_bound(row["target_fpr"], epsilon=epsilon, delta=delta)
+        # A violation is claimed only when even the lower TPR bound beats the DP bound at the upper FPR
+        # bound: the true FPR of the chosen threshold is only known up to its interval.
+        row["dp_bound_at_fpr_upper"] = dp_tpr_bound(row["fpr_ci95"][1], epsilon=epsilon, delta=delta)
+        row["exceeds_dp_bound"] = bool(row["tpr_ci95"][0] > row["dp_bound_at_fpr_upper"])
+    return row

@@ -17,8 +17,9 @@ HOW_TO_READ_AUDIT = (
     "Members are training records, non-members are test records the model never saw, in equal numbers. "
     "ROC-AUC 0.5 means the attack does no better than a coin; 1.0 means it separates them perfectly. TPR at a "
     "low FPR is what matters for privacy: the share of members the attacker identifies while wrongly accusing "
-    "at most 1% (or 0.1%) of non-members; with n non-members, an FPR below 1/n can only be read as 'no false "
-    "positive at all'. For a model trained with (ε, δ)-DP no attack can exceed TPR = e^ε·FPR + δ; the audit "
+    "at most 1% (or 0.1%) of non-members. With n non-members an FPR below 1/n cannot be measured (one false "
+    "positive is already 1/n): the report then gives no TPR at that FPR, but the TPR at the lowest FPR the records "
+    "resolve, FPR ≤ 1/n, beside the DP bound at 1/n. For a model trained with (ε, δ)-DP no attack can exceed TPR = e^ε·FPR + δ; the audit "
     "also turns the attack's best (FPR, TPR) into an empirical lower bound on ε (Clopper–Pearson, threshold "
     "chosen on one half of the records and evaluated on the other), which must stay below the claimed ε. Such a "
     "bound can never exceed what its number of records certifies (the 'certifiable ε': a perfect attack's bound): "
@@ -36,6 +37,40 @@ HOW_TO_READ_AUDIT = (
 )
 
 
+_TPR_KEYS = (
+    "target_fpr",
+    "fpr",
+    "fpr_ci95",
+    "tpr",
+    "tpr_ci95",
+    "resolution_limited",
+    "dp_bound",
+    "dp_bound_at_fpr_upper",
+    "exceeds_dp_bound",
+)
+
+
+def _tpr_row(t: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: t.get(k) for k in _TPR_KEYS if k in t}
+
+
+def tpr_rows(a: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What an attack's TPR at low FPR may say: each stated FPR that n non-members resolve (FPR >= 1/n) with its TPR
+    and DP bound; the stated FPRs below 1/n only as 'not resolvable', never a TPR beside a bound at an FPR the
+    records cannot measure; then the TPR at the lowest FPR they resolve, 1/n, with the DP bound at 1/n.
+
+    Returns ``[{"kind": "at" | "unresolvable" | "lowest", ...}]``; "unresolvable" lists ``fprs`` and ``n``.
+    """
+    n = a.get("n_non_members")
+    out: list[dict[str, Any]] = [{"kind": "at", **t} for t in a["tpr_at_fpr"] if not t.get("resolution_limited")]
+    below = [t["target_fpr"] for t in a["tpr_at_fpr"] if t.get("resolution_limited")]
+    if below:
+        out.append({"kind": "unresolvable", "fprs": below, "n": n})
+    if below and a.get("tpr_at_lowest_resolvable_fpr"):
+        out.append({"kind": "lowest", **a["tpr_at_lowest_resolvable_fpr"], "n": n})
+    return out
+
+
 def _attack_row(attack: str, s: Mapping[str, Any]) -> dict[str, Any]:
     e = s["empirical_epsilon"]
     held = e.get("held_out_counts", {})
@@ -48,24 +83,12 @@ def _attack_row(attack: str, s: Mapping[str, Any]) -> dict[str, Any]:
         "auc_ci95": s["auc_ci95"],
         "n_members": s["n_members"],
         "n_non_members": s["n_non_members"],
-        "tpr_at_fpr": [
-            {
-                k: t.get(k)
-                for k in (
-                    "target_fpr",
-                    "fpr",
-                    "fpr_ci95",
-                    "tpr",
-                    "tpr_ci95",
-                    "resolution_limited",
-                    "dp_bound",
-                    "dp_bound_at_fpr_upper",
-                    "exceeds_dp_bound",
-                )
-                if k in t
-            }
-            for t in s["tpr_at_fpr"]
-        ],
+        "tpr_at_fpr": [_tpr_row(t) for t in s["tpr_at_fpr"]],
+        # the TPR at FPR <= 1/n where a stated FPR is below 1/n (None: every stated FPR resolves, or a record from
+        # before the audit kept it)
+        "tpr_at_lowest_resolvable_fpr": _tpr_row(s["tpr_at_lowest_resolvable_fpr"])
+        if s.get("tpr_at_lowest_resolvable_fpr")
+        else None,
         "epsilon_lower_bound": e["epsilon_lower_bound"],
         "epsilon_lower_bound_optimistic": e["optimistic_max_over_thresholds"],
         "epsilon_method": e["method"],
@@ -90,7 +113,7 @@ def _caught(claimed: float | None, attacks: list[Mapping[str, Any]], canaries: M
     out += [
         a["attack"] + " (TPR above the DP bound)"
         for a in attacks
-        if any(t.get("exceeds_dp_bound") for t in a["tpr_at_fpr"])
+        if any(t.get("exceeds_dp_bound") for t in a["tpr_at_fpr"] + [a.get("tpr_at_lowest_resolvable_fpr") or {}])
     ]
     if canaries.get("ran") and canaries["epsilon_lower_bound"] > claimed:
         out.append("canaries")
@@ -243,9 +266,9 @@ def _resolution_caveat(m: Mapping[str, Any]) -> list[str]:
     at_most = f" (at most {number(ceiling, 3)})" if ceiling is not None else ""
     return [
         f"Privacy audit of the {m['title']}: {n_non} non-members, so FPR = {rates} "
-        f"{'is' if len(below) == 1 else 'are'} below the resolution 1/{n_non}: read TPR at "
-        f"{rates} as TPR with no false positive; the empirical ε bound that this many records can certify "
-        f"is limited{at_most}."
+        f"{'is' if len(below) == 1 else 'are'} below the resolution 1/{n_non} ({number(100 / n_non, 3)}%) and "
+        f"cannot be measured: the report gives the TPR at FPR ≤ 1/{n_non} instead, beside the DP bound at that FPR; "
+        f"the empirical ε bound that this many records can certify is limited{at_most}."
     ]
 
 

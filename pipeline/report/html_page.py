@@ -17,6 +17,7 @@ from markupsafe import Markup
 
 from auditml_core.codebook import describe
 from auditml_core.models import MODELS
+from pipeline.report.audit import tpr_rows
 from pipeline.report.fmt import number
 from pipeline.report.sentences import (
     WHY_NOT_RIDGE,
@@ -384,6 +385,7 @@ def people(value: Any) -> str:
 _GLOBALS = {
     "baseline_sentence": baseline_sentence,
     "canary_runs": canary_runs,
+    "tpr_rows": tpr_rows,
     "confusion_peak": confusion_peak,
     "curve_note": curve_note,
     "data_facts": data_facts,

@@ -16,6 +16,7 @@ from markupsafe import Markup
 from auditml_core.codebook import describe
 from auditml_core.models import MODELS, model_entry
 from pipeline.report import card_fields
+from pipeline.report.audit import tpr_rows
 from pipeline.report.fmt import number
 from pipeline.report.sentences import (
     WHY_NOT_RIDGE,
@@ -83,6 +84,7 @@ def _environment():
         env.globals.update(
             {
                 "audit_items": audit_items,
+                "tpr_rows": tpr_rows,
                 "baseline_sentence": baseline_sentence,
                 "card_tags": card_fields.tags,
                 "card_value": card_fields.stated,

@@ -150,6 +150,35 @@ def test_tpr_at_fpr_respects_the_fpr_and_reports_resolution():
     assert row["fpr"] <= 0.1 and row["tpr"] == 0.0
 
 
+def _reader_study_scores(n_non):
+    """40 members, 7 of them (TPR 0.175) scored above every non-member, and one more above all non-members but
+    one; the other 32 below most non-members."""
+    rng = np.random.default_rng(0)
+    non = rng.random(n_non)  # in [0, 1)
+    top2 = np.sort(non)[-2:]
+    members = np.r_[np.full(7, 5.0), [top2.mean()], rng.random(32) * 0.5]
+    return np.r_[members, non], np.r_[np.ones(40, bool), np.zeros(n_non, bool)]
+
+
+def test_a_tpr_below_the_fpr_resolution_comes_with_the_lowest_resolvable_fpr_and_its_dp_bound():
+    # Reader study: "TPR 0.175 (DP bound 0.02) at FPR 0.001" looked like a DP breach; with 40 non-members the
+    # smallest non-zero FPR is 1/40, so the TPR is the one with no false positive, not one at FPR 0.001.
+    scores, members = _reader_study_scores(40)
+    out = mia.attack_summary(scores, members, delta=1e-5, seed=0, epsilon=3.0, n_resamples=50)
+    at_001 = out["tpr_at_fpr"][1]
+    assert at_001["target_fpr"] == 0.001 and at_001["resolution_limited"] and at_001["tpr"] == pytest.approx(0.175)
+    assert at_001["tpr"] > at_001["dp_bound"]  # what the old row printed side by side
+    low = out["tpr_at_lowest_resolvable_fpr"]
+    assert low["target_fpr"] == pytest.approx(1 / 40) and not low["resolution_limited"]
+    assert low["false_positives"] <= 1 and low["tpr"] == pytest.approx(0.2)  # the eighth member costs one FP
+    assert low["dp_bound"] == pytest.approx(mia.dp_tpr_bound(1 / 40, epsilon=3.0, delta=1e-5))
+    assert low["dp_bound"] == pytest.approx(min(1.0, np.exp(3.0) / 40 + 1e-5)) and not low["exceeds_dp_bound"]
+    # null: 2000 non-members resolve FPR 0.001, so no extra row is needed
+    scores, members = _reader_study_scores(2000)
+    out = mia.attack_summary(scores, members, delta=1e-5, seed=0, epsilon=3.0, n_resamples=50)
+    assert "tpr_at_lowest_resolvable_fpr" not in out and not out["tpr_at_fpr"][1]["resolution_limited"]
+
+
 def test_shadow_assignment_is_balanced():
     mask = mia.shadow_assignment(50, 4, seed=0)
     assert mask.shape == (4, 50) and (mask.sum(axis=0) == 2).all()

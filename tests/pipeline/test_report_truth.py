@@ -6,6 +6,7 @@ that named the wrong sections.
 """
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -266,6 +267,48 @@ def test_audit_resolution_caveat_names_every_fpr_below_one_over_n(n_non, below):
     (line,) = caveats
     for rate in below:  # every FPR under 1/n is named: at n = 40, FPR = 1% is no-false-positive too
         assert f"FPR = {rate}" in line or f" and {rate}" in line or f"{rate} and" in line
+
+
+@pytest.mark.parametrize("n_non", [40, 2000])
+def test_no_tpr_is_printed_at_an_fpr_the_non_members_cannot_resolve(n_non):
+    # Reader study: "TPR 0.175 ... (DP bound 0.02) at FPR 0.001" with 40 non-members read as a DP breach.
+    from html import unescape
+
+    from auditml_core.privacy import mia
+    from pipeline.report.audit import audit_section, tpr_rows
+    from pipeline.report.html_page import render_section
+
+    rng = np.random.default_rng(0)
+    scores = np.r_[np.full(7, 5.0), rng.random(33) * 0.5, rng.random(n_non)]
+    members = np.r_[np.ones(40, bool), np.zeros(n_non, bool)]
+    attack = mia.attack_summary(scores, members, delta=1e-5, seed=0, epsilon=3.0, n_resamples=50)
+    control = {"attacks": {"loss": attack, "lira": attack}, "kind": "overfit", "description": "c"}
+    r = {
+        "attacks": {"loss": attack, "lira": attack},
+        "control": control | {"train_loss": 0.0, "test_loss": 1.0},
+        "claimed_epsilon": 3.0,
+        "dp": True,
+        "delta": 1e-5,
+        "n_members": 40,
+        "n_non_members": n_non,
+        "shadows": {"variant": "offline", "n": 2, "trained_by": "a", "epochs": 2, "training_data": "p", "dp": False},
+        "certifiable_epsilon": {"membership_attacks": 1.6, "canaries": None},
+    }
+    section = audit_section({"enabled": True, "models": {"cnn": r}})
+    row = section["models"]["cnn"]["attacks"][0]
+    kinds = [t["kind"] for t in tpr_rows(row)]
+    html = unescape(
+        re.sub(r"<[^>]+>", "", str(render_section("audit", {"audit": section, "summary": {"verdicts": []}})))
+    )
+    bound_001 = f"{mia.dp_tpr_bound(0.001, epsilon=3.0, delta=1e-5):.3g}"
+    if n_non == 40:
+        assert kinds == ["unresolvable", "lowest"]
+        assert "0.01, 0.001: not resolvable with 40 non-members" in html
+        assert f"(DP bound at this FPR {bound_001})" not in html  # never a bound at an FPR 40 records cannot measure
+        assert "≤ 1/40 = 0.025: 0.175" in html
+        assert f"(DP bound at this FPR {mia.dp_tpr_bound(1 / 40, epsilon=3.0, delta=1e-5):.3g})" in html
+    else:  # positive control of the wording: a resolvable FPR keeps its TPR and its bound
+        assert kinds == ["at", "at"] and "0.001: 0.175" in html and f"(DP bound at this FPR {bound_001})" in html
 
 
 def test_a_gain_that_is_not_measurable_is_not_stated_as_proof_of_no_contribution():
