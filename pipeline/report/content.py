@@ -117,7 +117,9 @@ def models_section(
             },
         }
     out["regressor"]["baseline"] = {
-        "title": "Ridge baseline (scikit-learn, not DP)",
+        # "not DP" tells a reader of a DP run which model is outside the guarantee; in a run without DP it would
+        # suggest the other models have one
+        "title": "Ridge baseline (scikit-learn" + (", not DP)" if cfg.dp.enabled or cfg.client_dp.enabled else ")"),
         "alpha": trained.ridge.alpha,
         "metrics": _plain(metrics.get("ridge", {})),
         "comparison": _plain(metrics.get("regressor", {}).get("vs_ridge")),

@@ -509,6 +509,32 @@ def test_the_first_screen_names_the_settings_that_depart_from_the_defaults(hosti
     }
 
 
+def test_dp_wording_follows_the_runs_dp_level(hostile_run):
+    # #29 reader study: "Ridge baseline (not DP)" in a run without DP read as if the other models had DP; a
+    # user-level-DP model's card said "none (no DP)" and "trained without differential privacy".
+    import copy
+
+    from pipeline.report import model_card
+
+    content = json.loads(hostile_run.read("report.json"))
+    html = hostile_run.read("report.html").decode()
+    assert not content["privacy"]["enabled"] and "not DP" not in html
+    assert content["models"]["regressor"]["baseline"]["title"] == "Ridge baseline (scikit-learn)"
+    dp = copy.deepcopy(content)
+    dp["privacy"]["enabled"] = True  # positive control: in a DP run the Ridge row says it is outside the guarantee
+    assert "Ridge baseline (not DP)" in str(report_html.render_section("summary", dp))
+    dp["privacy"]["statement"] = "User-level differential privacy (DP-FedAvg) protects a whole client's data."
+    for name in MODELS:
+        dp["models"][name]["training"]["user_level_privacy"] = {"epsilon": 2.95, "delta": 1e-3}
+    for name in MODELS:
+        card = model_card.render(dp, name)
+        assert "none (no DP)" not in card and "without differential privacy" not in card, name
+        assert (
+            "user-level DP-FedAvg at ε = 2.95" in card and "user-level DP-FedAvg (per client, not per record)" in card
+        )
+    assert "none (no DP)" in model_card.render(content, "cnn")  # the null: a run without DP says so
+
+
 def _estimated_first_screen_lines(html):
     """Lines the page needs down to the last verdict row, at 1280 px: the header, the verdicts heading and note, and
     per row its tallest cell (characters per line of each column at the page's font sizes). An estimate for machines
