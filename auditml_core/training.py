@@ -82,19 +82,50 @@ class TrainingResult:
     released_weights: str = "last iterate"
     early_stopping: str = "off"
 
+    def released(self) -> dict[str, Any]:
+        """Which epoch's weights ``state_dict`` holds, as a number (``released_epoch``) and in words (``released``).
+
+        The last iterate is the weights after epoch ``epochs_run``; a restored best epoch is ``best_epoch``; the EMA
+        averages every step through epoch ``epochs_run`` (no single epoch's weights, so ``released_epoch`` is None).
+        """
+        n = self.epochs_run
+        if self.released_weights == "best epoch":
+            return {
+                "released_epoch": self.best_epoch,
+                "released": f"the weights of epoch {self.best_epoch} of {n}, restored by early stopping (the lowest "
+                "validation loss)",
+            }
+        ema = self.released_weights == "ema"
+        if self.early_stopping.startswith("on"):
+            why = "the EMA replaces early stopping's choice" if ema else "no validation loss to choose on"
+        else:
+            why = f"early stopping {self.early_stopping}"
+        if ema:
+            return {
+                "released_epoch": None,
+                "released": f"an exponential moving average of the weights over every step through epoch {n} of {n}; "
+                f"no best epoch was restored ({why})",
+            }
+        return {
+            "released_epoch": n,
+            "released": f"the weights after the last epoch, {n} of {n}; no best epoch was restored ({why})",
+        }
+
     def summary(self) -> dict[str, Any]:
         """JSON-safe view (without the weights)."""
         secs = [h["seconds"] for h in self.history]
         return {
             "history": releasable_history(self.history, private=self.privacy is not None),
-            "best_epoch": self.best_epoch,
+            # the epoch early stopping restored; None when none was (DP, patience 0, the EMA): then the released
+            # weights are those after the last epoch, and no epoch was chosen on validation data
+            "best_epoch": self.best_epoch if self.released_weights == "best epoch" else None,
             "epochs_run": self.epochs_run,
             "seconds": self.seconds,
             "seconds_per_epoch": float(np.mean(secs)) if secs else 0.0,
             "n_train": self.n_train,
             "privacy": self.privacy,
             "released_weights": self.released_weights,
-            "released_epoch": self.best_epoch if self.released_weights == "best epoch" else None,
+            **self.released(),
             "early_stopping": self.early_stopping,
             **({"ema": self.ema} if self.ema else {}),
         }

@@ -72,9 +72,15 @@ def test_the_record_names_the_restored_best_epoch_as_the_released_weights(rng):
     assert abs(loss - res.history[rec["released_epoch"] - 1]["val_loss"]) < 1e-5
     last = res.history[-1]["val_loss"]
     assert abs(loss - last) > 1e-3  # and not those of the last iterate
+    assert rec["released"].startswith(f"the weights of epoch {res.best_epoch} of {res.epochs_run}, restored")
     _, off = _fit(x, y, epochs=3, patience=0)
-    assert off.summary()["released_weights"] == "last iterate" and off.summary()["released_epoch"] is None
-    assert off.summary()["early_stopping"] == "off (patience 0)"
+    rec = off.summary()  # no early stopping: the last epoch's weights, and no best epoch is claimed
+    assert rec["released_weights"] == "last iterate" and rec["released_epoch"] == 3 and rec["best_epoch"] is None
+    assert rec["early_stopping"] == "off (patience 0)"
+    assert (
+        rec["released"]
+        == "the weights after the last epoch, 3 of 3; no best epoch was restored (early stopping off (patience 0))"
+    )
 
 
 def test_device_resolution():
@@ -246,5 +252,41 @@ def test_ema_off_releases_the_last_iterate_and_on_releases_the_hand_computed_ema
     gap = max(float((on.state_dict[n] - iterates2[-1][n]).abs().max()) for n in ema)
     assert gap > 1e-3  # the EMA is not the last iterate
     assert on.summary()["released_weights"] == "ema" and on.summary()["ema"]["steps"] == len(iterates2)
-    assert on.summary()["early_stopping"].startswith("off under DP") and off.summary()["released_epoch"] is None
+    assert on.summary()["early_stopping"].startswith("off under DP") and on.summary()["released_epoch"] is None
+    assert on.summary()["released"].startswith("an exponential moving average of the weights over every step")
     assert on.privacy["epsilon"] == off.privacy["epsilon"]  # no extra privacy cost
+
+
+def test_under_dp_the_record_names_the_last_epoch_as_released_and_claims_no_best_epoch():
+    # #29 reader study: a DP run's record said "best_epoch 2" and "released_epoch —" (early stopping is off under
+    # DP): which weights were released was not said, and a best epoch seemed to have been chosen.
+    checkpoints = []
+    from auditml_core.config import DPConfig
+
+    x, y = _digits_like(np.random.default_rng(0), 64)
+    torch.manual_seed(0)
+    m = models.build_cnn(input_shape=(1, 8, 8), n_classes=3, channels=(4,), hidden=8)
+    res = training.fit(
+        m,
+        x_train=x,
+        y_train=y,
+        x_val=x[:20],
+        y_val=y[:20],
+        task="classification",
+        fit_cfg=FitConfig(epochs=3, batch_size=16, lr=0.05),
+        dp=DPConfig(enabled=True, noise_multiplier=1.0, target_epsilon=50.0),
+        device=torch.device("cpu"),
+        seed=0,
+        patience=2,  # asked for, but off under DP
+        on_epoch_end=checkpoints.append,
+    )
+    rec = res.summary()
+    assert rec["released_weights"] == "last iterate" and rec["best_epoch"] is None and rec["released_epoch"] == 3
+    assert rec["released"] == (
+        "the weights after the last epoch, 3 of 3; no best epoch was restored (early stopping off under DP (an "
+        "epoch chosen on validation data is not covered by the accountant))"
+    )
+    # the released weights are those the record names: the checkpoint after epoch 3, not an earlier epoch's
+    assert [c.epoch for c in checkpoints] == [1, 2, 3]
+    assert all(torch.equal(res.state_dict[k], checkpoints[-1].model[k]) for k in res.state_dict)
+    assert not all(torch.equal(res.state_dict[k], checkpoints[-2].model[k]) for k in res.state_dict)
