@@ -27,7 +27,7 @@ from pipeline.report.sentences import (
     replication_cell,
 )
 from pipeline.report.templating import html_environment
-from pipeline.report.verdicts import CLOSE_FIDELITY
+from pipeline.report.verdicts_students import CLOSE_FIDELITY
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 CSS = """

@@ -60,5 +60,22 @@ def lead(numbers: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
     return [n for _, n in sorted(zip(rank, numbers), key=lambda rn: rn[0])]
 
 
+def dead_classes(confusion: Any) -> dict[str, int] | None:
+    """From a test confusion matrix (rows: true class, columns: predicted): how many classes with test examples the
+    classifier never gets right (recall 0), of how many, and the largest number of predictions one class takes.
+    None without a matrix (a regressor)."""
+    if not confusion:
+        return None
+    cm = [[int(v) for v in row] for row in confusion]
+    present = [i for i, row in enumerate(cm) if sum(row) > 0]
+    predicted = [sum(row[j] for row in cm) for j in range(len(cm[0]))]
+    return {
+        "recall_zero": sum(1 for i in present if cm[i][i] == 0),
+        "classes": len(present),
+        "top_predicted": max(predicted, default=0),
+        "n": sum(predicted),
+    }
+
+
 def model_title(name: str) -> str:
     return MODELS[name].title if name in MODELS else name

@@ -1,13 +1,14 @@
 """The report's first screen: one verdict per area, each derived from numbers the run computed.
 
-Areas: the privacy guarantee, the privacy audit, utility against a trivial predictor, subgroup gaps,
-explanation quality, the distilled students, and provenance. Each verdict has a status (``failed``, ``holds with caveat``,
-``holds`` or ``not applicable``), the number that matters with its interval, one plain sentence of at
-most 25 words and the anchor of its evidence in ``report.html``. Nothing here is a fixed status: every
-branch reads a check the run recorded (an ε against its target and a second accountant, the audit's
-verdicts, a bootstrap interval against a trivial predictor, subgroup intervals, the explanation sanity
-and faithfulness checks, the students' intervals and fidelity, the artifacts' hashes). The verdicts are sorted worst first, so a failed or weak
-check is the first thing a reader sees. ``report.json`` holds them as ``summary.verdicts``.
+Areas: the privacy guarantee, the privacy audit, utility against a trivial predictor, subgroup gaps, explanation
+quality, the distilled students (:mod:`pipeline.report.verdicts_students`), and provenance. Each verdict has a
+status (``failed``, ``holds with caveat``, ``holds`` or ``not applicable``), the number that matters (first) with
+its interval, one plain sentence of at most 25 words and the anchor of its evidence in ``report.html``. Nothing
+here is a fixed status: every branch reads a check the run recorded (an ε against its target and a second
+accountant, the audit's verdicts and its positive control, a bootstrap interval against a trivial predictor, the
+test confusion matrix, subgroup intervals, the explanation sanity and faithfulness checks, the students' intervals
+and fidelity, the artifacts' hashes). The verdicts are sorted worst first, so a failed or weak check is the first
+thing a reader sees. ``report.json`` holds them as ``summary.verdicts``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.report.verdict_base import (
     METRIC_NAMES,
     NOT_APPLICABLE,
     STATUSES,
+    dead_classes,
     fmt3,
     lead,
     model_title,
@@ -30,28 +32,12 @@ from pipeline.report.verdict_base import (
     verdict,
 )
 from pipeline.report.verdicts_privacy import privacy_audit, privacy_guarantee
+from pipeline.report.verdicts_students import students
 
 __all__ = ["AREAS", "MAX_WORDS", "STATUSES", "verdicts"]
 
 
 # --------------------------------------------------------------------------- utility
-
-
-def dead_classes(confusion: Any) -> dict[str, int] | None:
-    """From a test confusion matrix (rows: true class, columns: predicted): how many classes with test examples the
-    classifier never gets right (recall 0), of how many, and the largest number of predictions one class takes.
-    None without a matrix (a regressor)."""
-    if not confusion:
-        return None
-    cm = [[int(v) for v in row] for row in confusion]
-    present = [i for i, row in enumerate(cm) if sum(row) > 0]
-    predicted = [sum(row[j] for row in cm) for j in range(len(cm[0]))]
-    return {
-        "recall_zero": sum(1 for i in present if cm[i][i] == 0),
-        "classes": len(present),
-        "top_predicted": max(predicted, default=0),
-        "n": sum(predicted),
-    }
 
 
 def utility(content: Mapping[str, Any]) -> dict[str, Any]:
@@ -264,106 +250,6 @@ def explanations(content: Mapping[str, Any]) -> dict[str, Any]:
         HOLDS,
         f"Every model passes all {n_checks} checks ({checks_text}), and the SHAP values are exact.",
         numbers,
-    )
-
-
-# --------------------------------------------------------------------------- students
-
-CLOSE_FIDELITY = 0.9  # a student follows its teacher closely when its fidelity R² / top-1 agreement is at least this
-
-
-def _student_checks(title: str, rec: Mapping[str, Any], trivial: float | None) -> dict[str, Any]:
-    """One student's test metric against the trivial predictor and its fidelity to the teacher: what fails, what is
-    a caveat, and the numbers. An interval's lower end decides 'no better than' (its point value when no interval
-    was recorded, as for the teachers)."""
-    who = f"student of the {title}"
-    classifier = "student_accuracy" in rec
-    metric, fidelity = ("student_accuracy", "top1_agreement") if classifier else ("student_r2", "student_fidelity_r2")
-    shown = "accuracy" if classifier else METRIC_NAMES["r2"]
-    fid_name = "top-1 agreement" if classifier else "fidelity R²"
-    value, ci = rec.get(metric), rec.get(f"{metric}_ci95")
-    fid, fid_ci = rec.get(fidelity), rec.get(f"{fidelity}_ci95")
-    # chance: two predictors answering independently with these answer frequencies; R² 0: the teacher's mean output
-    chance = rec.get("top1_agreement_chance") if classifier else 0.0  # None: a record from before it was kept
-    out: dict[str, Any] = {"failed": [], "caveats": [], "numbers": []}
-    if not isinstance(value, (int, float)) or not isinstance(fid, (int, float)):
-        out["caveats"].append(f"the {who} has no recorded test metric or fidelity")
-        return out
-    out["numbers"] += [
-        numbers_entry(
-            f"test {shown}, {title}'s student", value, ci, f"trivial {fmt3(trivial)}" if trivial is not None else ""
-        ),
-        numbers_entry(
-            f"{fid_name} to its teacher, {title}'s student",
-            fid,
-            fid_ci,
-            f"chance {fmt3(chance)}" if chance is not None else "",
-        ),
-    ]
-
-    def shown_ci(v: float, interval: Any) -> str:
-        return fmt3(v) + (f" [{fmt3(interval[0])}, {fmt3(interval[1])}]" if interval else "")
-
-    if trivial is not None and (ci or [value])[0] <= trivial:
-        out["failed"].append(
-            f"The {who} is no better than a trivial predictor: test {shown} {shown_ci(value, ci)} vs {fmt3(trivial)}."
-        )
-    if chance is not None and (fid_ci or [fid])[0] <= chance:
-        out["failed"].append(
-            f"The {who} does not track its teacher: {fid_name} {shown_ci(fid, fid_ci)}, no better than "
-            f"{fmt3(chance)} by chance."
-        )
-    elif fid < CLOSE_FIDELITY:
-        out["caveats"].append(f"the {who} tracks its teacher loosely ({fid_name} {fmt3(fid)} < {fmt3(CLOSE_FIDELITY)})")
-    if not ci or not fid_ci:
-        out["caveats"].append(f"the {who}'s metrics have no recorded interval")
-    dead = dead_classes(rec.get("student_confusion_matrix"))
-    if dead and dead["recall_zero"]:
-        out["caveats"].append(f"the {who} has recall 0 on {dead['recall_zero']} of {dead['classes']} classes")
-    return out
-
-
-def students(content: Mapping[str, Any]) -> dict[str, Any]:
-    """The distilled students, from the distill stage's records. Failed: a student's test metric interval does not
-    clear the trivial predictor its teacher is judged against, or its fidelity to the teacher is no better than
-    chance (fidelity R²'s interval reaches 0, or top-1 agreement's interval reaches what two independent predictors
-    with these answer frequencies agree on). With caveat: fidelity R² or agreement below 0.9, recall 0 on a class,
-    no interval recorded. Not applicable when the distill stage did not run."""
-    distill = content.get("distill")
-    if not isinstance(distill, Mapping) or not distill:
-        return verdict("students", NOT_APPLICABLE, "No student was distilled in this run.", [])
-    failed, caveats, numbers = [], [], []
-    first = first_caveat = None  # the first student that fails, and the first with a caveat: their numbers lead
-    for name, d in distill.items():
-        rec = (d.get("record") if isinstance(d, Mapping) else None) or {}
-        if not rec:
-            continue
-        tb = ((content.get("models") or {}).get(name) or {}).get("trivial_baseline") or {}
-        out = _student_checks(model_title(name), rec, tb.get("trivial"))
-        failed += out["failed"]
-        caveats += out["caveats"]
-        numbers += out["numbers"]
-        first = first or (model_title(name) if out["failed"] else None)
-        first_caveat = first_caveat or (model_title(name) if out["caveats"] else None)
-    if not numbers and not caveats:
-        return verdict("students", NOT_APPLICABLE, "The distill stage recorded no student.", [])
-    if failed:
-        return verdict("students", FAILED, failed[0], lead(numbers, f"{first}'s student"), "distill")
-    if caveats:
-        return verdict(
-            "students",
-            CAVEAT,
-            f"Every student beats a trivial predictor and chance fidelity, but {caveats[0]}.",
-            lead(numbers, f"{first_caveat}'s student"),
-            "distill",
-        )
-    return verdict(
-        "students",
-        HOLDS,
-        f"Every student beats a trivial predictor and follows its teacher closely (fidelity R² or top-1 agreement "
-        f"at least {fmt3(CLOSE_FIDELITY)}).",
-        numbers,
-        "distill",
     )
 
 

@@ -7,7 +7,7 @@ from auditml_core.config import load_config
 from auditml_core.teacher import TrainedModel
 from pipeline import data, distill, train
 from pipeline.report.utility import _majority, _mean_r2
-from pipeline.report.verdicts import students
+from pipeline.report.verdicts_students import students
 
 TINY = [
     "dp.public_pretrain_epochs=2",
