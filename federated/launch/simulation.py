@@ -152,28 +152,32 @@ def train_federated_models(
         finally:
             bar.close()
         results = {name: workdir.read_result(work, name) for name in names}
-    out = {}
-    for name in names:
-        state_dict, record = results[name]
-        record = dict(record)
-        first = record.get("first_round_started_unix")
-        record.update(
-            {
-                # Of the whole federation (every model of it), from this call to the end.
-                "seconds": time.time() - t0,
-                "federation_models": names,
-                # From this call to this launch's first round of this model (None: no round ran, e.g. resuming a
-                # finished run); the later models of one federation wait for the earlier ones' rounds.
-                "startup_seconds": first - t0 if first is not None else None,
-                "device": cfg.train.device,
-                "flwr_version": _flwr_version(),
-                "fixed_front_end": models.front_end_record(specs[name]),
-            }
-        )
-        model = models.build(specs[name])
-        model.load_state_dict(state_dict)  # checks the weights fit the spec
-        out[name] = TrainedModel(spec=specs[name], state_dict=state_dict, training=record)
-    return out
+    return {name: _trained_model(cfg, results[name], spec=specs[name], names=names, t0=t0) for name in names}
+
+
+def _trained_model(
+    cfg: Config, result: tuple[Any, Mapping[str, Any]], *, spec: Mapping[str, Any], names: list[str], t0: float
+) -> TrainedModel:
+    """One model's (weights, server record) with what the launcher adds to the record: timings, versions, front end."""
+    state_dict, record = result
+    record = dict(record)
+    first = record.get("first_round_started_unix")
+    record.update(
+        {
+            # Of the whole federation (every model of it), from this call to the end.
+            "seconds": time.time() - t0,
+            "federation_models": names,
+            # From this call to this launch's first round of this model (None: no round ran, e.g. resuming a
+            # finished run); the later models of one federation wait for the earlier ones' rounds.
+            "startup_seconds": first - t0 if first is not None else None,
+            "device": cfg.train.device,
+            "flwr_version": _flwr_version(),
+            "fixed_front_end": models.front_end_record(spec),
+        }
+    )
+    model = models.build(spec)
+    model.load_state_dict(state_dict)  # checks the weights fit the spec
+    return TrainedModel(spec=spec, state_dict=state_dict, training=record)
 
 
 def _seed_setting(
