@@ -44,7 +44,7 @@ def _student_checks(title: str, rec: Mapping[str, Any], trivial: float | None) -
             f"test {shown}, {title}'s student", value, ci, f"trivial {fmt3(trivial)}" if trivial is not None else ""
         ),
         numbers_entry(
-            f"{fid_name} to its teacher, {title}'s student",
+            f"{fid_name} {'with' if classifier else 'to'} its teacher, {title}'s student",
             fid,
             fid_ci,
             f"chance {fmt3(chance)}" if chance is not None else "",
@@ -60,8 +60,7 @@ def _student_checks(title: str, rec: Mapping[str, Any], trivial: float | None) -
         )
     if chance is not None and (fid_ci or [fid])[0] <= chance:
         out["failed"].append(
-            f"The {who} does not track its teacher: {fid_name} {shown_ci(fid, fid_ci)}, no better than "
-            f"{fmt3(chance)} by chance."
+            f"The {who} does not track its teacher: {fid_name} {shown_ci(fid, fid_ci)} vs {fmt3(chance)} by chance."
         )
     elif fid < CLOSE_FIDELITY:
         out["caveats"].append(f"the {who} tracks its teacher loosely ({fid_name} {fmt3(fid)} < {fmt3(CLOSE_FIDELITY)})")
@@ -98,7 +97,13 @@ def students(content: Mapping[str, Any]) -> dict[str, Any]:
     if not numbers and not caveats:
         return verdict("students", NOT_APPLICABLE, "The distill stage recorded no student.", [])
     if failed:
-        return verdict("students", FAILED, failed[0], lead(numbers, f"{first}'s student"), "distill")
+        more = len(failed) - 1
+        sentence = (
+            failed[0]
+            if not more
+            else failed[0][:-1] + f"; {more} more {'check fails' if more == 1 else 'checks fail'}."
+        )
+        return verdict("students", FAILED, sentence, lead(numbers, f"{first}'s student"), "distill")
     if caveats:
         return verdict(
             "students",

@@ -336,7 +336,8 @@ def test_a_student_no_better_than_trivial_or_its_teacher_fails_and_a_loose_one_i
     v = by_area(content)["students"]
     assert v["status"] == "failed" and v["evidence"] == "#distill"
     assert v["sentence"] == (
-        "The student of the MLP regressor is no better than a trivial predictor: test R² -0.3 [-0.5, -0.1] vs 0."
+        "The student of the MLP regressor is no better than a trivial predictor: test R² -0.3 [-0.5, -0.1] vs 0; "
+        "1 more check fails."  # its fidelity R² -3.4
     )
     assert verdicts(content)[0]["area"] == "students"  # a failure is the first row
     content["distill"]["regressor"]["record"] = _student_record("regressor", fidelity=(-3.4, [-4.6, -2.5]))
@@ -356,6 +357,24 @@ def test_a_student_no_better_than_trivial_or_its_teacher_fails_and_a_loose_one_i
     assert by_area(good_dp_content())["students"]["status"] == "holds"
     del content["distill"]
     assert by_area(content)["students"]["status"] == "not applicable"
+
+
+def test_every_student_failure_is_counted_within_the_word_budget():
+    bad_metric = {"cnn": (0.067, [0.045, 0.1003]), "regressor": (-0.535, [-1.08, -0.224])}
+    bad_fidelity = {"cnn": (0.231, [0.189, 0.276]), "regressor": (-17.5, [-27.9, -12.0])}
+    for a in itertools.product([False, True], repeat=4):
+        content = good_dp_content()
+        for i, name in enumerate(("regressor", "cnn")):
+            content["distill"][name]["record"] = _student_record(
+                name,
+                metric=bad_metric[name] if a[2 * i] else None,
+                fidelity=bad_fidelity[name] if a[2 * i + 1] else None,
+                chance=0.238,
+            )
+        v = by_area(content)["students"]  # checks the word budget
+        n = sum(a)
+        assert v["status"] == ("failed" if n else "holds"), a
+        assert (f"; {n - 1} more check" in v["sentence"]) == (n > 1), (a, v["sentence"])
 
 
 def test_subgroup_intervals_that_do_not_overlap_fail_and_no_group_column_is_not_applicable():
