@@ -121,7 +121,7 @@ def plan_user_dp(cfg: ClientDPConfig, *, rounds: int, n_clients: int) -> UserDPP
         except ValueError as exc:
             raise PrivacyBudgetError(
                 f"no noise multiplier reaches user-level ε={cfg.target_epsilon} at δ={cfg.delta} over {rounds} rounds "
-                f"with sample rate {cfg.sample_rate} ({exc}); raise client_dp.target_epsilon or lower federated.rounds"
+                f"with sample rate {cfg.sample_rate} ({exc}); raise client_dp.target_epsilon or lower the rounds (<model>.federated.rounds)"
             ) from None
     planned = user_epsilon(
         noise_multiplier=sigma, sample_rate=cfg.sample_rate, rounds=rounds, delta=cfg.delta, accountant=cfg.accountant
@@ -143,7 +143,7 @@ def plan_user_dp(cfg: ClientDPConfig, *, rounds: int, n_clients: int) -> UserDPP
         raise PrivacyBudgetError(
             f"the planned federation would spend user-level ε={known:.3f}{against} > client_dp.target_epsilon="
             f"{cfg.target_epsilon} at δ={cfg.delta} (σ={sigma}, q={cfg.sample_rate}, {rounds} rounds); raise "
-            "client_dp.noise_multiplier (or set it to 0 to plan it), lower federated.rounds, or raise the budget"
+            "client_dp.noise_multiplier (or set it to 0 to plan it), lower the rounds (<model>.federated.rounds), or raise the budget"
         )
     return UserDPPlan(
         noise_multiplier=sigma,
