@@ -200,9 +200,11 @@ def auc_bootstrap_ci(scores: np.ndarray, members: np.ndarray, *, seed: int, n_re
     wins = (sp > sn) + 0.5 * (sp == sn)  # (P, N)
     count_pos = np.empty((n_resamples, len(pos)))  # (R, P) how often each member is drawn
     count_neg = np.empty((n_resamples, len(neg)))  # (R, N)
-    for b in range(n_resamples):  # the same draws, in the same order, as resampling the records themselves
-        count_pos[b] = np.bincount(rng.choice(len(pos), len(pos)), minlength=len(pos))
-        count_neg[b] = np.bincount(rng.choice(len(neg), len(neg)), minlength=len(neg))
+    # The same draws, in the same order, as resampling the records themselves; rng.integers(0, n, n) draws exactly
+    # what rng.choice(n, n) draws (tests/core/test_mia.py) without choice's per-call argument checks (~5x faster).
+    for b in range(n_resamples):
+        count_pos[b] = np.bincount(rng.integers(0, len(pos), len(pos)), minlength=len(pos))
+        count_neg[b] = np.bincount(rng.integers(0, len(neg), len(neg)), minlength=len(neg))
     values = np.einsum("rn,rn->r", count_pos @ wins, count_neg) / (len(pos) * len(neg))  # (R,)
     lo, hi = np.percentile(values, [2.5, 97.5])
     return [float(lo), float(hi)]

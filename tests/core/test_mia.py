@@ -124,13 +124,14 @@ def test_what_a_membership_audit_can_certify_is_bounded_by_its_sample_size():
     assert mia.certifiable_epsilon(179, 180, delta=1e-5) == pytest.approx(3.8772, abs=1e-3)
 
 
-def test_the_bootstrap_interval_is_the_one_of_resampling_the_records():
+@pytest.mark.parametrize("n_members", [30, 29])  # equal and unequal (odd) group sizes
+def test_the_bootstrap_interval_is_the_one_of_resampling_the_records(n_members):
     # The vectorised Mann-Whitney bootstrap against resampling the records and calling scikit-learn, same draws.
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(3)
     scores = np.round(rng.normal(size=60), 1)  # ties included
-    members = rng.permutation(np.r_[np.ones(30, bool), np.zeros(30, bool)])
+    members = rng.permutation(np.r_[np.ones(n_members, bool), np.zeros(60 - n_members, bool)])
     draws = np.random.default_rng(5)
     pos, neg = np.flatnonzero(members), np.flatnonzero(~members)
     values = []
