@@ -14,6 +14,7 @@ from pipeline.report.verdict_base import (
     NOT_APPLICABLE,
     TOLERANCE,
     fmt3,
+    lead,
     model_title,
     numbers_entry,
     verdict,
@@ -250,7 +251,7 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             "privacy-audit",
             FAILED,
             f"The audit refutes the claimed ε of the {failed[0]['title']}: an attack's ε lower bound exceeds it.",
-            numbers,
+            lead(numbers, f", {failed[0]['title']}"),
         )
     if leaks:
         above = [x for x in leaks[0]["attacks"] if above_chance(x)]
@@ -266,7 +267,15 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             FAILED,
             f"Attacks tell training records of the {leaks[0]['title']} from others better than chance ({evidence}); "
             "no DP bounds this.",
-            numbers,
+            [  # the evidence first: the attack that tells them apart, not the one with the highest point AUC
+                numbers_entry(
+                    f"{best['attack']} attack AUC, {leaks[0]['title']}",
+                    best.get("auc"),
+                    best.get("auc_ci95"),
+                    f"ε ≥ {fmt3(best.get('epsilon_lower_bound'))}; 0.5 = chance",
+                )
+            ]
+            + [n for n in numbers if not n["label"].endswith(f", {leaks[0]['title']}")],
         )
     if blind:
         who = " and ".join(m["title"] for m in blind)
@@ -281,7 +290,7 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             "privacy-audit",
             CAVEAT,
             f"No verdict for the {weak[0]['title']}: the audit lacked the power to refute its claimed ε.",
-            numbers,
+            lead(numbers, f", {weak[0]['title']}"),
         )
     if untested:
         best = _best_attack(untested[0]) or {}
@@ -291,7 +300,7 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             CAVEAT,
             f"The audit tests no stated ε of the {untested[0]['title']}; its strongest attack reaches AUC "
             f"{fmt3(best.get('auc'))} [{fmt3(lo)}, {fmt3(hi)}] (0.5 = chance).",
-            numbers,
+            lead(numbers, f", {untested[0]['title']}"),
         )
     if quiet:
         return verdict(

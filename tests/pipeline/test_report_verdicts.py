@@ -279,6 +279,11 @@ def test_without_a_dp_claim_an_attack_above_chance_fails_the_audit():
     content["audit"]["models"]["cnn"]["attacks"][0]["epsilon_lower_bound"] = 0.4
     v = by_area(content)["privacy-audit"]
     assert v["status"] == "failed" and "ε lower bound 0.4 > 0" in v["sentence"]
+    # the first number is that evidence, for the model the sentence names (a default run led with the other model's)
+    assert v["numbers"][0]["label"] == "LiRA attack AUC, CNN classifier" and v["numbers"][0]["unit"].startswith(
+        "ε ≥ 0.4"
+    )
+    assert all(not n["label"].endswith(", CNN classifier") for n in v["numbers"][1:])
 
 
 def test_a_positive_control_caught_without_evidence_is_not_caught_and_leads_the_audit_verdict():
