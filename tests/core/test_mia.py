@@ -102,6 +102,20 @@ def test_empirical_epsilon_is_rarely_positive_for_an_uninformative_score():
     assert positives <= 3
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_optimistic_bound_is_the_maximum_over_every_threshold(seed):
+    # It is computed over the undominated (TP, FP) pairs only: the same maximum as over all thresholds.
+    rng = np.random.default_rng(seed)
+    members = rng.random(300) < 0.4
+    scores = np.round(rng.normal(size=300) + 0.8 * members, 1)  # a leaky score, with ties
+    thr, tp, fp, n_mem, n_non = mia._counts(scores, members)
+    brute = max(mia._eps_lb_at(int(t), int(f), n_mem, n_non, delta=1e-5, confidence=0.95) for t, f in zip(tp, fp))
+    got = mia.empirical_epsilon(scores, members, delta=1e-5, seed=seed)["optimistic_max_over_thresholds"]
+    assert got == brute > 0  # the same float; positive: a maximum that could have been missed
+    pairs = mia._undominated(tp, fp)
+    assert len(pairs) < len(set(zip(tp.tolist(), fp.tolist())))  # fewer pairs are evaluated
+
+
 def test_empirical_epsilon_of_a_perfect_attack_is_what_its_sample_size_can_certify():
     n = 100
     scores, members = np.r_[np.ones(n), np.zeros(n)], np.r_[np.ones(n, bool), np.zeros(n, bool)]
