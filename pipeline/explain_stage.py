@@ -374,6 +374,298 @@ def compare_pair(
     return res, record
 
 
+@dataclass
+class _Setup:
+    """One model's explain inputs (rows, background, prediction function) and the way its explainers are run."""
+
+    model: nn.Module
+    ds: Dataset
+    ecfg: ExplainConfig
+    seed: int
+    x: np.ndarray  # the explained test rows
+    row_index: np.ndarray  # their source-row numbers
+    bg: np.ndarray  # the background rows
+    bg_index: np.ndarray
+    baseline: np.ndarray  # the mean background row (deletion, randomisation)
+    predict: Callable[[np.ndarray], np.ndarray]
+    names: list[str] | None  # feature names (tables)
+    k: int  # top-k of agreement and stability
+    bar: Any  # counts explainer runs (a tqdm bar, disabled without progress)
+
+    @property
+    def image(self) -> bool:
+        return self.ds.task == "classification"
+
+    def run(
+        self, method: str, xs: np.ndarray, *, seed_: int, targets: np.ndarray | None, mdl: nn.Module | None = None
+    ) -> Explanation:
+        """One explainer run of ``method`` on ``xs`` (``mdl``: another model than the explained one)."""
+        out = get_explainer(method)(
+            self.model if mdl is None else mdl,
+            xs,
+            background=self.bg,
+            task=self.ds.task,
+            seed=seed_,
+            feature_names=self.names,
+            targets=targets,
+            **_lime_options(method, self.ecfg),
+        )
+        self.bar.update(1)
+        return out
+
+
+def _setup(name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig, *, seed: int, progress: bool) -> _Setup:
+    """The explained rows (the first test rows), the background and the prediction function of one model."""
+    image = ds.task == "classification"
+    n_explain = min(ecfg.n_images if image else ecfg.n_rows, len(ds.y["test"]))
+    if n_explain == 0:
+        raise DataError(f"the test split of the {ds.name} data is empty; raise data.test_fraction")
+    x = ds.x["test"][:n_explain]
+    bg, bg_index = background_rows(ds, ecfg, size=ecfg.background_size, seed=derive_seed(seed, "background"))
+    n_units = int(np.prod(x.shape[2:])) if image else x.shape[1]
+    from tqdm.auto import tqdm
+
+    return _Setup(
+        model=model,
+        ds=ds,
+        ecfg=ecfg,
+        seed=seed,
+        x=x,
+        row_index=ds.index["test"][:n_explain],
+        bg=bg,
+        bg_index=bg_index,
+        baseline=bg.mean(axis=0),
+        predict=make_predict_fn(model, task=ds.task),
+        names=None if image else list(ds.feature_names),
+        k=min(ecfg.top_k_pixels if image else ecfg.top_k, n_units),
+        bar=tqdm(desc=f"explain {name}", unit=" runs", leave=False, disable=not progress),
+    )
+
+
+def _run_methods(
+    name: str, s: _Setup, requested: list[str], notes: list[str], timings: dict[str, float]
+) -> tuple[dict[str, Explanation], str, list[str]]:
+    """Every requested method on the explained rows; returns the explanations, the primary method, the methods run.
+
+    The primary method runs first: its targets (the predicted class) are the ones every other method explains.
+    A failing ``shap-deep`` on the CNN falls back to ``shap-gradient`` (noted).
+    """
+    explanations: dict[str, Explanation] = {}
+    primary_requested = primary = _primary(requested)
+    t0 = time.perf_counter()
+    try:
+        explanations[primary] = s.run(primary, s.x, seed_=derive_seed(s.seed, primary), targets=None)
+    except (ValueError, RuntimeError, AssertionError) as exc:
+        if not (s.image and primary == "shap-deep"):
+            raise
+        notes.append(
+            f"shap-deep failed on the CNN ({str(exc).splitlines()[0][:300]}); fell back to shap-gradient, "
+            "whose values are a sampled, only approximately additive estimate"
+        )
+        log.warning("%s: %s", name, notes[-1])
+        primary = "shap-gradient"
+        explanations[primary] = s.run(primary, s.x, seed_=derive_seed(s.seed, primary), targets=None)
+    timings[primary] = time.perf_counter() - t0
+    targets = explanations[primary].targets
+    methods = [primary] + [m for m in requested if m not in (primary_requested, primary)]
+    for method in methods[1:]:
+        t0 = time.perf_counter()
+        explanations[method] = s.run(method, s.x, seed_=_seeds(s.seed, method, 1)[0], targets=targets)
+        timings[method] = time.perf_counter() - t0
+    return explanations, primary, methods
+
+
+def _accuracy(s: _Setup, shap_expl: Explanation, primary: str) -> dict[str, Any]:
+    """Additivity of the primary SHAP method, what its values are, and their error against a reference."""
+    quality: dict[str, Any] = {}
+    if primary.startswith("shap"):
+        quality["additivity"] = additivity_error(shap_expl, s.predict).to_dict()
+    quality["exactness"] = _exactness(shap_expl)
+    quality["reference"] = _reference(
+        shap_expl, s.model, s.bg, s.ecfg, task=s.ds.task, seed=derive_seed(s.seed, "reference"), k=s.k
+    )
+    return quality
+
+
+def _randomisation(s: _Setup, shap_expl: Explanation, primary: str) -> dict[str, Any]:
+    """The model-randomisation sanity check and, for a classifier, the class-randomisation one."""
+    ecfg, x = s.ecfg, s.x
+    m_rand = min(ecfg.randomisation_rows, len(x))
+    sub = _subset(shap_expl, m_rand)
+    # The trained model's explanation of these rows is the main run's (reused); each seed adds one random model.
+    bounds = {"threshold": ecfg.randomisation_threshold, "max_fraction": ecfg.randomisation_max_fraction}
+    seed_ = derive_seed(s.seed, primary)
+    out = {
+        "randomisation": model_randomisation(
+            lambda mdl: s.run(primary, x[:m_rand], seed_=seed_, targets=sub.targets, mdl=mdl),
+            s.model,
+            sub,
+            seeds=_seeds(s.seed, "randomise", ecfg.randomisation_seeds),
+            baseline=s.baseline,
+            **bounds,
+        ).to_dict()
+    }
+    if sub.targets is not None:
+        out["class_randomisation"] = class_randomisation(
+            lambda tgt: s.run(primary, x[:m_rand], seed_=seed_, targets=tgt),
+            sub,
+            n_classes=int(s.predict(x[:1]).shape[1]),
+            seeds=_seeds(s.seed, "randomise-class", ecfg.randomisation_seeds),
+            baseline=s.baseline,
+            **bounds,
+        ).to_dict()
+    return out
+
+
+def _faithfulness(s: _Setup, explanations: Mapping[str, Explanation]) -> dict[str, Any]:
+    """Deletion/insertion curves of every method against random orders (the results, keyed by method)."""
+    return {
+        method: deletion_insertion(
+            expl,
+            s.predict,
+            baseline=s.baseline,
+            n_steps=s.ecfg.deletion_steps,
+            seed=derive_seed(s.seed, "deletion", method),
+            n_random=s.ecfg.deletion_random_orders,
+        )
+        for method, expl in explanations.items()
+    }
+
+
+def _stability(
+    s: _Setup, explanations: Mapping[str, Explanation], methods: list[str], primary: str
+) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Agreement of every stochastic method with itself across seeds; returns the records and the seeds used."""
+    records: dict[str, Any] = {}
+    m = min(s.ecfg.stability_rows, len(s.x))
+    targets = explanations[primary].targets
+    stability_seeds: dict[str, list[int]] = {}
+    for method in methods:
+        if not _is_stochastic(method):
+            continue
+        seeds = _seeds(s.seed, method, s.ecfg.stability_seeds)
+        stability_seeds[method] = seeds
+        first = _subset(explanations[method], m)
+
+        def rerun(xs: np.ndarray, *, seed: int, method: str = method, first: Explanation = first) -> Explanation:
+            # Each row is seeded from (seed, row), so the first m rows of the main run are the first seed's run.
+            if seed == stability_seeds[method][0] and method != primary:
+                return first
+            return s.run(method, xs, seed_=seed, targets=None if targets is None else targets[: len(xs)])
+
+        segments, resolution = _comparison_segments(first, first)
+        k_stab = s.k if segments is None else _cell_k(s.ecfg.agreement_cell_fraction, segments)
+        records[method] = stability(
+            rerun, s.x[:m], seeds=seeds, k=k_stab, segments=None if segments is None else segments[:m]
+        ).to_dict() | {"resolution": resolution}
+    return records, stability_seeds
+
+
+def _agreement(
+    s: _Setup, explanations: Mapping[str, Explanation], methods: list[str], stability_records: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Agreement of every pair of methods (:func:`compare_pair`): the results and their records, keyed by pair."""
+    records: dict[str, Any] = {}
+    results = {}
+    for a_name, b_name in combinations(methods, 2):
+        key = f"{a_name} vs {b_name}"
+        results[key], records[key] = compare_pair(
+            explanations[a_name], explanations[b_name], ecfg=s.ecfg, stability_records=stability_records, k=s.k
+        )
+    return results, records
+
+
+def _flagged(s: _Setup, pair_results: Mapping[str, Any], targets: np.ndarray | None) -> list[dict[str, Any]]:
+    """The rows each pair of methods disagrees on (the flag rule of :func:`_flag_rule`)."""
+    return [
+        {
+            "pair": key,
+            "row": int(i),
+            "source_index": int(s.row_index[i]),
+            "topk": res.topk[i],
+            "spearman": res.spearman[i],
+            "sign": res.sign[i],
+            **({"class": int(targets[i])} if targets is not None else {}),
+        }
+        for key, res in pair_results.items()
+        for i in res.flagged
+    ]
+
+
+def _figures(
+    name: str,
+    s: _Setup,
+    explanations: Mapping[str, Explanation],
+    primary: str,
+    lime_name: str,
+    faith: Mapping[str, Any],
+    pair_results: Mapping[str, Any],
+) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
+    """Every figure of one model (PNG bytes by file name) and, for a table, its dependence records."""
+    worst = pair_results[next(iter(pair_results))] if pair_results else None
+    shap_expl = explanations[primary]
+    png = _plots(name, s.ds, shap_expl, explanations[lime_name], list(faith.values()), worst, s.ecfg, s.baseline)
+    if s.image:
+        return png | _error_examples(name, s.ds, s.predict, s.ecfg.n_error_examples), []
+    dep_png, dependence = _dependence(name, s.ds, shap_expl, s.predict, s.bg, s.ecfg.n_dependence_plots)
+    return png | dep_png, dependence
+
+
+def _metrics(
+    name: str,
+    s: _Setup,
+    explanations: Mapping[str, Explanation],
+    *,
+    methods: list[str],
+    configured: list[str],
+    primary: str,
+    lime_name: str,
+    quality: dict[str, Any],
+    stability_seeds: dict[str, list[int]],
+    flagged: list[dict[str, Any]],
+    dependence: list[dict[str, Any]],
+    notes: list[str],
+    timings: dict[str, float],
+    plots: list[str],
+) -> dict[str, Any]:
+    """The JSON-safe record of one model's explanations (``explain/metrics.json``)."""
+    return {
+        "model": name,
+        "dataset": s.ds.name,
+        "task": s.ds.task,
+        "feature_names": s.names,
+        "explained_output": "logit of the predicted class"
+        if s.image
+        else "standardised regression output "
+        f"(x {s.ds.preprocessing.get('y_std', 1.0):.6g} + {s.ds.preprocessing.get('y_mean', 0.0):.6g} = target units)",
+        "methods": {"run": methods, "requested": configured, "primary": primary, "shap": primary, "lime": lime_name},
+        "n_explained": int(len(s.x)),
+        "explained_split": "test",
+        "explained_index": s.row_index,
+        "background": {
+            "split": s.ecfg.background_split,
+            "size": int(len(s.bg)),
+            "available": int(len(s.ds.x[s.ecfg.background_split])),
+            "index": s.bg_index,
+            "private": s.ecfg.background_split != "public",
+        },
+        "top_k": int(s.k),
+        "lime_options": {
+            mm: {k_: v for k_, v in _lime_options(mm, s.ecfg).items() if v is not None}
+            for mm in methods
+            if mm.startswith("lime")
+        },
+        "stability_seeds": stability_seeds,
+        "quality": quality,
+        "flagged": flagged,
+        "dependence": dependence,
+        "explanations": {m_: e.to_dict() for m_, e in explanations.items()},
+        "notes": notes,
+        "seconds": timings,
+        "plots": plots,
+    }
+
+
 def explain_model(
     name: str, model: nn.Module, ds: Dataset, ecfg: ExplainConfig, *, seed: int, progress: bool = False
 ) -> ModelExplanations:
@@ -400,221 +692,61 @@ def explain_model(
         If a configured method is not a registered explainer, or does not explain this input kind.
     """
     t_start = time.perf_counter()
-    image = ds.task == "classification"
-    task = ds.task
-    n_explain = min(ecfg.n_images if image else ecfg.n_rows, len(ds.y["test"]))
-    if n_explain == 0:
-        raise DataError(f"the test split of the {ds.name} data is empty; raise data.test_fraction")
-    x = ds.x["test"][:n_explain]
-    row_index = ds.index["test"][:n_explain]
-    bg, bg_index = background_rows(ds, ecfg, size=ecfg.background_size, seed=derive_seed(seed, "background"))
-    baseline = bg.mean(axis=0)
-    predict = make_predict_fn(model, task=task)
-    names = None if image else list(ds.feature_names)
-    n_units = int(np.prod(x.shape[2:])) if image else x.shape[1]
-    k = min(ecfg.top_k_pixels if image else ecfg.top_k, n_units)
+    s = _setup(name, model, ds, ecfg, seed=seed, progress=progress)
     notes: list[str] = []
     timings: dict[str, float] = {}
-    configured = list(ecfg.cnn_methods if image else ecfg.regressor_methods)
+    configured = list(ecfg.cnn_methods if s.image else ecfg.regressor_methods)
     requested = configured
-    if not image:
-        requested, note = tabular_methods(configured, n_units)
+    if not s.image:
+        requested, note = tabular_methods(configured, s.x.shape[1])
         if note is not None:
             notes.append(note)
             log.warning("%s: %s", name, note)
-    primary_requested = _primary(requested)
+    explanations, primary, methods = _run_methods(name, s, requested, notes, timings)
+    shap_expl, targets = explanations[primary], explanations[primary].targets
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc=f"explain {name}", unit=" runs", leave=False, disable=not progress)
-
-    def run_method(method: str, xs: np.ndarray, *, seed_: int, targets: np.ndarray | None, mdl: nn.Module = model):
-        out = get_explainer(method)(
-            mdl,
-            xs,
-            background=bg,
-            task=task,
-            seed=seed_,
-            feature_names=names,
-            targets=targets,
-            **_lime_options(method, ecfg),
-        )
-        bar.update(1)
-        return out
-
-    # The primary method runs first: its targets (the predicted class) are the ones every other method explains.
-    explanations: dict[str, Explanation] = {}
-    primary = primary_requested
     t0 = time.perf_counter()
-    try:
-        explanations[primary] = run_method(primary, x, seed_=derive_seed(seed, primary), targets=None)
-    except (ValueError, RuntimeError, AssertionError) as exc:
-        if not (image and primary == "shap-deep"):
-            raise
-        notes.append(
-            f"shap-deep failed on the CNN ({str(exc).splitlines()[0][:300]}); fell back to shap-gradient, "
-            "whose values are a sampled, only approximately additive estimate"
-        )
-        log.warning("%s: %s", name, notes[-1])
-        primary = "shap-gradient"
-        explanations[primary] = run_method(primary, x, seed_=derive_seed(seed, primary), targets=None)
-    timings[primary] = time.perf_counter() - t0
-    targets = explanations[primary].targets
-    methods = [primary] + [m for m in requested if m not in (primary_requested, primary)]
-    for method in methods[1:]:
-        t0 = time.perf_counter()
-        explanations[method] = run_method(method, x, seed_=_seeds(seed, method, 1)[0], targets=targets)
-        timings[method] = time.perf_counter() - t0
-    shap_expl = explanations[primary]
-
-    quality: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    if primary.startswith("shap"):
-        quality["additivity"] = additivity_error(shap_expl, predict).to_dict()
-    quality["exactness"] = _exactness(shap_expl)
-    quality["reference"] = _reference(shap_expl, model, bg, ecfg, task=task, seed=derive_seed(seed, "reference"), k=k)
+    quality = _accuracy(s, shap_expl, primary)
     timings["reference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    m_rand = min(ecfg.randomisation_rows, n_explain)
-    sub = _subset(shap_expl, m_rand)
-    # The trained model's explanation of these rows is the main run's (reused); each seed adds one random model.
-    bounds = {"threshold": ecfg.randomisation_threshold, "max_fraction": ecfg.randomisation_max_fraction}
-    quality["randomisation"] = model_randomisation(
-        lambda mdl: run_method(primary, x[:m_rand], seed_=derive_seed(seed, primary), targets=sub.targets, mdl=mdl),
-        model,
-        sub,
-        seeds=_seeds(seed, "randomise", ecfg.randomisation_seeds),
-        baseline=baseline,
-        **bounds,
-    ).to_dict()
-    if sub.targets is not None:
-        quality["class_randomisation"] = class_randomisation(
-            lambda tgt: run_method(primary, x[:m_rand], seed_=derive_seed(seed, primary), targets=tgt),
-            sub,
-            n_classes=int(predict(x[:1]).shape[1]),
-            seeds=_seeds(seed, "randomise-class", ecfg.randomisation_seeds),
-            baseline=baseline,
-            **bounds,
-        ).to_dict()
+    quality |= _randomisation(s, shap_expl, primary)
     timings["randomisation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    faith = {
-        method: deletion_insertion(
-            expl,
-            predict,
-            baseline=baseline,
-            n_steps=ecfg.deletion_steps,
-            seed=derive_seed(seed, "deletion", method),
-            n_random=ecfg.deletion_random_orders,
-        )
-        for method, expl in explanations.items()
-    }
+    faith = _faithfulness(s, explanations)
     quality["deletion_insertion"] = {m: r.to_dict() for m, r in faith.items()}
     timings["deletion_insertion"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    quality["stability"] = {}
-    m = min(ecfg.stability_rows, n_explain)
-    stability_seeds: dict[str, list[int]] = {}
-    for method in methods:
-        if not _is_stochastic(method):
-            continue
-        seeds = _seeds(seed, method, ecfg.stability_seeds)
-        stability_seeds[method] = seeds
-        first = _subset(explanations[method], m)
-
-        def rerun(xs: np.ndarray, *, seed: int, method: str = method, first: Explanation = first) -> Explanation:
-            # Each row is seeded from (seed, row), so the first m rows of the main run are the first seed's run.
-            if seed == stability_seeds[method][0] and method != primary:
-                return first
-            return run_method(method, xs, seed_=seed, targets=None if targets is None else targets[: len(xs)])
-
-        segments, resolution = _comparison_segments(first, first)
-        k_stab = k if segments is None else _cell_k(ecfg.agreement_cell_fraction, segments)
-        quality["stability"][method] = stability(
-            rerun, x[:m], seeds=seeds, k=k_stab, segments=None if segments is None else segments[:m]
-        ).to_dict() | {"resolution": resolution}
+    quality["stability"], stability_seeds = _stability(s, explanations, methods, primary)
     timings["stability"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pairs: dict[str, Any] = {}
-    pair_results = {}
-    for a_name, b_name in combinations(methods, 2):
-        key = f"{a_name} vs {b_name}"
-        pair_results[key], pairs[key] = compare_pair(
-            explanations[a_name], explanations[b_name], ecfg=ecfg, stability_records=quality["stability"], k=k
-        )
-    quality["agreement"] = pairs
+    pair_results, quality["agreement"] = _agreement(s, explanations, methods, quality["stability"])
     timings["agreement"] = time.perf_counter() - t0
     quality["lime_fidelity"] = {
         method: _lime_fidelity(expl) for method, expl in explanations.items() if "score" in expl.extras
     }
-
-    flagged = [
-        {
-            "pair": key,
-            "row": int(i),
-            "source_index": int(row_index[i]),
-            "topk": res.topk[i],
-            "spearman": res.spearman[i],
-            "sign": res.sign[i],
-            **({"class": int(targets[i])} if targets is not None else {}),
-        }
-        for key, res in pair_results.items()
-        for i in res.flagged
-    ]
+    flagged = _flagged(s, pair_results, targets)
     lime_name = next((mm for mm in methods if mm.startswith("lime")), methods[-1])
-    worst = pair_results[next(iter(pair_results))] if pair_results else None
     t0 = time.perf_counter()
-    png = _plots(name, ds, shap_expl, explanations[lime_name], list(faith.values()), worst, ecfg, baseline)
-    if image:
-        png |= _error_examples(name, ds, predict, ecfg.n_error_examples)
-        dependence: list[dict[str, Any]] = []
-    else:
-        dep_png, dependence = _dependence(name, ds, shap_expl, predict, bg, ecfg.n_dependence_plots)
-        png |= dep_png
+    png, dependence = _figures(name, s, explanations, primary, lime_name, faith, pair_results)
     timings["plots"] = time.perf_counter() - t0
-    metrics = {
-        "model": name,
-        "dataset": ds.name,
-        "task": task,
-        "feature_names": names,
-        "explained_output": "logit of the predicted class"
-        if image
-        else "standardised regression output "
-        f"(x {ds.preprocessing.get('y_std', 1.0):.6g} + {ds.preprocessing.get('y_mean', 0.0):.6g} = target units)",
-        "methods": {
-            "run": methods,
-            "requested": configured,
-            "primary": primary,
-            "shap": primary,
-            "lime": lime_name,
-        },
-        "n_explained": int(n_explain),
-        "explained_split": "test",
-        "explained_index": row_index,
-        "background": {
-            "split": ecfg.background_split,
-            "size": int(len(bg)),
-            "available": int(len(ds.x[ecfg.background_split])),
-            "index": bg_index,
-            "private": ecfg.background_split != "public",
-        },
-        "top_k": int(k),
-        "lime_options": {
-            mm: {k_: v for k_, v in _lime_options(mm, ecfg).items() if v is not None}
-            for mm in methods
-            if mm.startswith("lime")
-        },
-        "stability_seeds": stability_seeds,
-        "quality": quality,
-        "flagged": flagged,
-        "dependence": dependence,
-        "explanations": {m_: e.to_dict() for m_, e in explanations.items()},
-        "notes": notes,
-        "seconds": timings,
-        "plots": sorted(png),
-    }
+    metrics = _metrics(
+        name,
+        s,
+        explanations,
+        methods=methods,
+        configured=configured,
+        primary=primary,
+        lime_name=lime_name,
+        quality=quality,
+        stability_seeds=stability_seeds,
+        flagged=flagged,
+        dependence=dependence,
+        notes=notes,
+        timings=timings,
+        plots=sorted(png),
+    )
     metrics["seconds"]["total"] = time.perf_counter() - t_start
-    bar.close()
+    s.bar.close()
     return ModelExplanations(model=name, explanations=explanations, metrics=metrics, plots=png)
 
 
