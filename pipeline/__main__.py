@@ -18,7 +18,7 @@ from auditml_core.artifacts import disk_full
 from auditml_core.distributed import die_with_parent, join, launched
 from auditml_core.errors import ConfigError, DiskFullError, UserError
 from auditml_core.training import resolve_device
-from pipeline import console, evidence, predict, ranks, runner, tracking
+from pipeline import console, evidence, ranks, runner
 from pipeline.rundir import RunDir
 
 log = logging.getLogger("pipeline")
@@ -221,6 +221,10 @@ def _run(argv: list[str], *, followers: ranks.Followers | None) -> int:
         cfg = config_mod.load_config(args.config, overrides)
         config_mod.check_pipeline_mode(cfg)  # a privacy switch central training would ignore is refused
         _check_effect(cfg, args.config, overrides, strict=args.strict)
+    # imported for runs only: tracking loads predict and distill (explain, ONNX Runtime, scikit-learn), ~2.3 s of
+    # the start-up of every other command (config, verify, sign, keygen, a refused setting)
+    from pipeline import tracking
+
     tracking.check(cfg)  # tracking on without mlflow installed is refused now, not after training
     if args.run_dir and not (args.start or args.stages):
         names = runner.resume_stages(run)  # resume: from the first stage not complete
@@ -315,12 +319,18 @@ def cmd_serve(argv: list[str]) -> int:
     return pipeline.serve.cmd_serve(argv)
 
 
+def cmd_predict(argv: list[str]) -> int:
+    import pipeline.predict  # lazily: explain, scipy.stats, ONNX Runtime: ~2.3 s of every other command's start-up
+
+    return pipeline.predict.cmd_predict(argv)
+
+
 COMMANDS = {
     "config": cmd_config,
     "verify": cmd_verify,
     "sign": cmd_sign,
     "keygen": cmd_keygen,
-    "predict": predict.cmd_predict,
+    "predict": cmd_predict,
     "serve": cmd_serve,
 }
 
