@@ -143,7 +143,7 @@ def test_composed_student_is_accounted_per_record_with_delta_and_budget_flag():
 
 
 def test_student_agrees_with_teacher_on_embedded_digits():
-    cfg = load_config(None, ["cnn.fit.epochs=15", "regressor.fit.epochs=30", "distill.fit.epochs=60"])
+    cfg = load_config(None, ["cnn.fit.epochs=10", "regressor.fit.epochs=30", "distill.fit.epochs=30"])
     ds = data.run(cfg, {}, seed=0)
     trained = train.run(cfg, {"data": ds}, seed=1)
     out = distill.run(cfg, {"data": ds, "train": trained}, seed=2)
