@@ -25,6 +25,8 @@ EXPLAIN = [
     "explain.reference_images=1",
     "explain.reference_nsamples=200",
     "explain.randomisation_rows=3",
+    "explain.n_dependence_plots=1",  # figures are most of a tiny run's explain stage (3 + 3 PDPs: ~0.8 s)
+    "explain.n_error_examples=1",
 ]
 DISTILL = [
     "distill.fit.epochs=2",

@@ -45,7 +45,10 @@ def hostile_csv(folder):
 def hostile_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
     csv = hostile_csv(folder)
-    overrides = TINY + SMALL_EXPLAIN + [f'data.tabular_csv="{csv}"', f"data.target='{TARGET}'"]
+    # three dependence plots, as by default (tests/tiny.py asks for one): the figures test counts them
+    overrides = (
+        TINY + SMALL_EXPLAIN + [f'data.tabular_csv="{csv}"', f"data.target='{TARGET}'", "explain.n_dependence_plots=3"]
+    )
     cfg = load_config(None, overrides)
     assert cfg.data.target == TARGET
     run = RunDir.create(
