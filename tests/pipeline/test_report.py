@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -349,18 +350,24 @@ def _chromium(*args, profile):
     )
 
 
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     CHROMIUM is None,
     reason="chromium is not installed; `make browser` installs it "
     "(Debian: apt-get install --no-install-recommends chromium)",
 )
+
+
+def _write_probe(html: str, script: str, path: Path) -> None:
+    """The report with ``script`` before </body> and the CSP relaxed for inline scripts only."""
+    probe = html.replace(report_html.CSP, report_html.CSP + "; script-src 'unsafe-inline'", 1)
+    path.write_text(probe.replace("</body>", script + "</body>"))
+
+
+@needs_chromium
 def test_report_opens_in_a_headless_browser_and_every_image_decodes(hostile_run, tmp_path):
     html = hostile_run.read("report.html").decode()
     n_images = html.count("<img ")
-    probe = html.replace(report_html.CSP, report_html.CSP + "; script-src 'unsafe-inline'", 1).replace(
-        "</body>", PROBE + "</body>"
-    )
-    (tmp_path / "probe.html").write_text(probe)
+    _write_probe(html, PROBE, tmp_path / "probe.html")
     dom = _chromium("--dump-dom", (tmp_path / "probe.html").as_uri(), profile=tmp_path / "p1")
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert re.search(r"<title>(.*?)</title>", dom.stdout).group(1) == f"IMAGES {n_images}/{n_images}"
@@ -577,17 +584,10 @@ ROW_PROBE = (
 )
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="chromium is not installed; `make browser` installs it "
-    "(Debian: apt-get install --no-install-recommends chromium)",
-)
+@needs_chromium
 def test_the_first_screen_holds_every_verdict_in_a_headless_browser(hostile_run, tmp_path):
     html = hostile_run.read("report.html").decode()
-    probe = html.replace(report_html.CSP, report_html.CSP + "; script-src 'unsafe-inline'", 1).replace(
-        "</body>", ROW_PROBE + "</body>"
-    )
-    (tmp_path / "probe.html").write_text(probe)
+    _write_probe(html, ROW_PROBE, tmp_path / "probe.html")
     width, height = FIRST_SCREEN_PX
     dom = _chromium(
         f"--window-size={width},{height}", "--dump-dom", (tmp_path / "probe.html").as_uri(), profile=tmp_path
