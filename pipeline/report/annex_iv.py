@@ -156,7 +156,7 @@ def annex_iv_map(content: Mapping[str, Any]) -> dict[str, Any]:
             [f"#models (per-group accuracy: {', '.join(grouped)})" if grouped else "#models"]
             + ["model cards: Risks and mitigations, Input and output formats"],
             "the human oversight and monitoring in operation"
-            + ("" if grouped else "; accuracy per group (no group column was found)"),
+            + ("" if grouped else "; accuracy per group (no table column named sex or age and no image group array)"),
         ),
         _row(
             "4",

@@ -120,6 +120,11 @@ def _caught(claimed: float | None, attacks: list[Mapping[str, Any]], canaries: M
     return out
 
 
+def refuted_by(m: Mapping[str, Any]) -> list[str]:
+    """What refutes an audited model's claimed ε (its attacks and canaries as the audit record holds them)."""
+    return _caught(m.get("claimed_epsilon"), m.get("attacks") or [], m.get("canaries") or {})
+
+
 def above_chance(attack: Mapping[str, Any]) -> bool:
     """Evidence that an attack tells members from non-members: its AUC interval lies wholly above 0.5, or its
     held-out ε lower bound (Clopper–Pearson, 95%) is above 0."""

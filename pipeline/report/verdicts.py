@@ -129,7 +129,7 @@ def subgroups(content: Mapping[str, Any]) -> dict[str, Any]:
         return verdict(
             "subgroups",
             NOT_APPLICABLE,
-            "No subgroup analysis was possible in this run (no group column), so error per group is unknown.",
+            "No subgroup analysis: no table column named sex or age and no image group array, so error per group is unknown.",
             [],
         )
     resolved, largest = [], None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from auditml_core.models import MODELS
-from pipeline.report.audit import above_chance, control_outcome
+from pipeline.report.audit import above_chance, control_outcome, refuted_by
 from pipeline.report.verdict_base import (
     CAVEAT,
     FAILED,
@@ -200,6 +200,14 @@ def _control_number(m: Mapping[str, Any]) -> dict[str, Any]:
     return numbers_entry(f"control's attack AUC, {m['title']}", best.get("auc"), best.get("auc_ci95"), "must clear 0.5")
 
 
+def _refutations(m: Mapping[str, Any]) -> str:
+    """What refuted a FAILED model's ε (an attack's bound, a TPR above the DP bound, the canaries), briefly."""
+    what = refuted_by(m) or ["an attack"]
+    if len(what) == 1:
+        return f"{what[0]} contradicts it"
+    return f"{what[0]} and {len(what) - 1} more checks contradict it"
+
+
 def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
     """From the audit's own verdicts: FAILED refutes a claim; in a run without any DP, an attack AUC whose interval
     lies above 0.5 means training records are identifiable; a positive control the audit did not catch (on
@@ -217,9 +225,6 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
     failed, weak, leaks, quiet, untested, passed = [], [], [], [], [], []
     blind = [m for m in models.values() if not control_outcome(m)["caught"]]
     numbers = [_control_number(m) for m in blind]
-    # A run with a guarantee the audit does not test (user-level DP: the audit attacks single records, and records
-    # no claimed ε) is not a run without DP: its attacks above chance do not contradict the guarantee.
-    dp_anywhere = bool(_guarantees(content))
     for name, m in models.items():
         kind = (m.get("verdict") or {}).get("verdict")
         best = _best_attack(m)
@@ -239,7 +244,7 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             failed.append(m)
         elif kind == "no verdict":
             weak.append(m)
-        elif kind == "no record-level claim" or (kind == "no DP claim" and dp_anywhere):
+        elif kind == "no record-level claim":  # user-level DP: the record-level attacks do not test its ε
             untested.append(m)
         elif kind == "no DP claim":
             above = [x for x in m.get("attacks") or [] if above_chance(x)]
@@ -250,7 +255,7 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
         return verdict(
             "privacy-audit",
             FAILED,
-            f"The audit refutes the claimed ε of the {failed[0]['title']}: an attack's ε lower bound exceeds it.",
+            f"The audit refutes the claimed ε of the {failed[0]['title']}: {_refutations(failed[0])}.",
             lead(numbers, f", {failed[0]['title']}"),
         )
     if leaks:

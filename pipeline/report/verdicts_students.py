@@ -73,7 +73,8 @@ def _student_checks(title: str, rec: Mapping[str, Any], trivial: float | None) -
 
 
 def students(content: Mapping[str, Any]) -> dict[str, Any]:
-    """The distilled students, from the distill stage's records. Failed: a student's test metric interval does not
+    """The distilled network students, from the distill stage's records (the regressor's depth-limited tree is a
+    readable surrogate, judged in the Distillation section by its own fidelity, not here). Failed: a student's test metric interval does not
     clear the trivial predictor its teacher is judged against, or its fidelity to the teacher is no better than
     chance (fidelity R²'s interval reaches 0, or top-1 agreement's interval reaches what two independent predictors
     with these answer frequencies agree on). With caveat: fidelity R² or agreement below 0.9, recall 0 on a class,
@@ -108,15 +109,15 @@ def students(content: Mapping[str, Any]) -> dict[str, Any]:
         return verdict(
             "students",
             CAVEAT,
-            f"Every student beats a trivial predictor and chance fidelity, but {caveats[0]}.",
+            f"Network students beat a trivial predictor and chance fidelity, but {caveats[0]}.",
             lead(numbers, f"{first_caveat}'s student"),
             "distill",
         )
     return verdict(
         "students",
         HOLDS,
-        f"Every student beats a trivial predictor and follows its teacher closely (fidelity R² or top-1 agreement "
-        f"at least {fmt3(CLOSE_FIDELITY)}).",
+        f"Network students beat a trivial predictor and follow their teachers closely (fidelity R² or top-1 "
+        f"agreement at least {fmt3(CLOSE_FIDELITY)}).",
         numbers,
         "distill",
     )

@@ -123,7 +123,7 @@ def _student_record(name, metric=None, fidelity=None, chance=0.2):
 
 def by_area(content):
     out = verdicts(content)
-    assert [v["area"] for v in out if True] and sorted(v["area"] for v in out) == sorted(a for a, _, _ in AREAS)
+    assert sorted(v["area"] for v in out) == sorted(a for a, _, _ in AREAS)
     for v in out:
         assert v["status"] in STATUSES and len(v["sentence"].split()) <= MAX_WORDS, v
     ranks = [STATUSES.index(v["status"]) for v in out]
@@ -248,6 +248,30 @@ def test_an_audit_that_refutes_the_claimed_epsilon_fails_and_one_without_power_i
     assert by_area(content)["privacy-audit"]["status"] == "holds with caveat"
     content["audit"] = {"ran": False, "models": {}}
     assert by_area(content)["privacy-audit"]["status"] == "not applicable"
+
+
+def test_a_failed_audit_names_what_refuted_the_claim():
+    """The sentence says what contradicted ε: an attack's bound, or the canaries alone (not always 'an attack')."""
+    content = good_dp_content()
+    claimed = content["privacy"]["models"]["cnn"]["epsilon"]
+    content["audit"]["models"]["cnn"] = _audit_model("CNN classifier", claimed, claimed + 1.0, 9.0)
+    assert by_area(content)["privacy-audit"]["sentence"].endswith(": LiRA contradicts it.")
+    m = _audit_model("CNN classifier", claimed, 0.1, 9.0)  # the attack's bound is below the claim ...
+    m["canaries"] = {"ran": True, "epsilon_lower_bound": claimed + 2.0}  # ... the canaries refute it
+    m["verdict"] = audit_verdict(m)
+    content["audit"]["models"]["cnn"] = m
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "failed" and v["sentence"].endswith(": canaries contradicts it."), v["sentence"]
+    assert "ε lower bound exceeds" not in v["sentence"]
+
+
+def test_a_model_without_dp_beside_a_dp_model_is_judged_on_its_own_attacks():
+    """Another model's guarantee does not cover this one: its attacks above chance fail the audit."""
+    content = good_dp_content()
+    content["audit"]["models"]["regressor"] = non_dp_content()["audit"]["models"]["regressor"]  # AUC [0.55, 0.65]
+    assert content["audit"]["models"]["regressor"]["verdict"]["verdict"] == "no DP claim"
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "failed" and "better than chance" in v["sentence"], v["sentence"]
 
 
 def _overfit_control(m, auc=0.9, ci=(0.7, 1.0), bound=0.5):
