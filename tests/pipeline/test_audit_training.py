@@ -1,5 +1,8 @@
 """The audit's models train concurrently (one thread each) exactly as they would one after the other."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +42,6 @@ def _audit_cnn(cfg, outputs):
 )
 def test_concurrent_trainings_give_the_sequential_results(tmp_path, monkeypatch, extra):
     cfg, outputs = _trained(tmp_path, TRAIN + AUDIT + extra)
-    assert audit_training.concurrent_trainings(torch.device("cpu")) >= 1
     monkeypatch.setattr(audit_training, "concurrent_trainings", lambda device: 2)  # two at once, on any machine
     together = _audit_cnn(cfg, outputs)
     monkeypatch.setattr(audit_training, "concurrent_trainings", lambda device: 1)
@@ -53,19 +55,40 @@ def test_concurrent_trainings_give_the_sequential_results(tmp_path, monkeypatch,
     }
 
 
-def test_a_failing_training_is_raised_in_the_caller_after_the_others_stop():
-    finished = []
+def test_concurrent_trainings_counts_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(audit_training.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(audit_training.torch, "get_num_threads", lambda: 2)
+    assert audit_training.concurrent_trainings(torch.device("cpu")) == 2
+    assert audit_training.concurrent_trainings(torch.device("cuda")) == 1
+    monkeypatch.setattr(audit_training.torch, "get_num_threads", lambda: 8)
+    assert audit_training.concurrent_trainings(torch.device("cpu")) == 1  # never 0
+
+
+def test_a_failing_training_is_raised_in_the_caller_after_the_others_stop(monkeypatch):
+    monkeypatch.setattr(audit_training, "concurrent_trainings", lambda device: 2)  # the threaded path on any machine
+    started, finished = [], []
+    failed = threading.Event()
 
     def ok(i):
+        started.append(i)
+        time.sleep(0.2)  # still running when the other thread's job fails
         finished.append(i)
         return i
 
     def boom():
+        started.append(1)
+        failed.set()
         raise RuntimeError("training diverged")
 
     jobs = [lambda: ok(0), boom, lambda: ok(2), lambda: ok(3)]
     with pytest.raises(RuntimeError, match="training diverged"):
         audit_training.run_concurrently(jobs, device=torch.device("cpu"))
-    assert audit_training.run_concurrently([lambda i=i: ok(i) for i in range(5)], device=torch.device("cpu")) == list(
-        range(5)
-    )
+    assert failed.is_set()
+    assert finished == [0] and sorted(started) == [0, 1]  # job 0 ran to its end first; no job started after the failure
+    assert audit_training.run_concurrently([lambda i=i: i * i for i in range(5)], device=torch.device("cpu")) == [
+        0,
+        1,
+        4,
+        9,
+        16,
+    ]

@@ -316,18 +316,40 @@ def test_an_incomplete_run_is_not_logged_and_tracking_off_imports_no_mlflow(tmp_
     assert not (tmp_path / "store.db").exists() and not (tmp_path / "mlruns").exists()
 
 
+# What switches MLflow 3's telemetry off without us (mlflow/telemetry/utils.py: the user's settings and its CI list).
+TELEMETRY_OFF_SIGNALS = {
+    "MLFLOW_DISABLE_TELEMETRY",
+    "DO_NOT_TRACK",
+    "PYTEST_CURRENT_TEST",
+    "GITHUB_ACTIONS",
+    "CI",
+    "CIRCLECI",
+    "GITLAB_CI",
+    "JENKINS_URL",
+    "TRAVIS",
+    "TF_BUILD",
+    "BITBUCKET_BUILD_NUMBER",
+    "CODEBUILD_BUILD_ARN",
+    "BUILDKITE",
+    "TEAMCITY_VERSION",
+    "CLOUD_RUN_EXECUTION",
+}
+
+
 @pytest.mark.slow  # three fresh interpreters importing torch and mlflow: ~20 CPU-s
 def test_the_pipeline_switches_mlflow_telemetry_off_unless_the_user_set_it():
     probe = (
         "from mlflow.telemetry.client import get_telemetry_client as c; "
         "from mlflow.telemetry.utils import is_telemetry_disabled as off; print(c() is None, off())"
     )
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"} | {"PYTHONPATH": str(ROOT)}
+    # Without the variables MLflow reads as "a CI or a test is running" (it then switches telemetry off by itself,
+    # and this test could not fail): the control, plain mlflow, must then have telemetry on.
+    env = {k: v for k, v in os.environ.items() if k not in TELEMETRY_OFF_SIGNALS and not k.startswith("RUNBOT_")}
+    env |= {"PYTHONPATH": str(ROOT)}
     run = [sys.executable, "-c", f"from pipeline import tracking; tracking._import_mlflow(); {probe}"]
     assert subprocess.run(run, env=env, capture_output=True, text=True, timeout=300).stdout.split() == ["True", "True"]
     control = subprocess.run([sys.executable, "-c", f"import mlflow; {probe}"], env=env, capture_output=True, text=True)
-    if control.stdout.split()[1] == "False":  # MLflow's own CI detection did not switch it off: plain mlflow would send
-        assert control.stdout.split() == ["False", "False"]
+    assert control.stdout.split() == ["False", "False"], control.stderr[-2000:]
     mine = subprocess.run(run, env=env | {"MLFLOW_DISABLE_TELEMETRY": "false"}, capture_output=True, text=True)
     assert mine.stdout.split() == control.stdout.split()  # the user's own setting wins
 
