@@ -30,16 +30,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from auditml_core import config as config_mod
 from auditml_core.artifacts import read_json
 from auditml_core.config import Config
 from auditml_core.errors import ConfigError
 from auditml_core.models import MODELS
-from pipeline import predict, runner
-from pipeline import tracking_content as content
+from pipeline import runner
 from pipeline.rundir import MANIFEST, RunDir
+
+if TYPE_CHECKING:  # predict and tracking_content load distill, explain, ONNX Runtime and scikit-learn (~2 s): they
+    # are imported where a run is logged, so a run with tracking off (and a train.processes launcher) never pays
+    from pipeline import predict
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +247,8 @@ def _log(mlflow: Any, cfg: Config, run: RunDir, logged: _Logged) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
+    from pipeline import tracking_content as content
+
     t = cfg.tracking
     client = MlflowClient(tracking_uri=t.mlflow_uri, registry_uri=t.mlflow_uri)
     experiment = client.get_experiment_by_name(t.experiment)
@@ -336,6 +341,8 @@ def _fluent(mlflow: Any, uri: str, experiment_id: str) -> Iterator[None]:
 
 def _served(run: RunDir, name: str, which: str) -> predict.ServedModel | None:
     """The model as ``predict`` serves it (verified run, its privacy statement), or None if it has no ONNX graph."""
+    from pipeline import predict
+
     folder = "students" if which == "student" else "models"
     if f"{folder}/{name}.onnx" not in run.manifest["artifacts"]:
         return None
@@ -347,6 +354,8 @@ def _log_model(
 ) -> Any:
     """One served ONNX graph (raw inputs, preprocessing inside) as an MLflow ONNX model with its signature."""
     import onnx
+
+    from pipeline import tracking_content as content
 
     data = run.read(s.onnx_file)
     sha = run.manifest["artifacts"][s.onnx_file]["sha256"]
@@ -372,6 +381,8 @@ def _register(
 ) -> None:
     """A registry version of one logged model, tagged with the run's provenance and privacy statement."""
     from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking_content as content
 
     name = registered_name(experiment, s.name, s.which)
     try:

@@ -144,7 +144,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
     # raises DataError early if a client's share is below the batch size (per-site mode: checked in site.agree)
     parts = task.partition() if task.sites is None else None
     ck_path = workdir.checkpoint_path(task.work_dir, task.name, checkpoint_dir=task.checkpoint_dir)
-    ck, record, done, arrays = _start_or_resume(task, settings, parts, ck_path=ck_path, run_config=run_config)
+    ck, record, done, arrays = _start_or_resume(task, parts, ck_path=ck_path, run_config=run_config)
     record["server_started_unix"] = t_start
     record.pop("first_round_started_unix", None)  # a resumed record carries the previous launch's
     if task.sites is not None:  # per-site mode: only agreed sites train; a returning site is checked first
@@ -194,7 +194,7 @@ def run_server(grid: Grid, task: Task, settings: AppSettings, *, run_config: dic
 
 
 def _start_or_resume(
-    task: Task, settings: AppSettings, parts: list[np.ndarray] | None, *, ck_path: Path, run_config: dict[str, Any]
+    task: Task, parts: list[np.ndarray] | None, *, ck_path: Path, run_config: dict[str, Any]
 ) -> tuple[checkpoint.ServerCheckpoint | None, dict[str, Any], int, ArrayRecord]:
     """(checkpoint, record, completed rounds, global weights) to start from: the checkpoint's, else a new record.
 
@@ -215,7 +215,7 @@ def _start_or_resume(
         record["resumed_from_round"].append(done)
         log.info("resuming %s after round %d of %d", task.name, done, task.schedule.rounds)
         return ck, record, done, ArrayRecord({k: _array(v) for k, v in ck.weights.items()})
-    record = server_record.new_record(task, settings, parts, fp)
+    record = server_record.new_record(task, parts, fp)
     initial, record["public_pretraining"] = _initial_weights(task)
     return None, record, 0, ArrayRecord(initial)
 

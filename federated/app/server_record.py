@@ -17,7 +17,6 @@ from auditml_core.config import Config, federated_schedule
 from auditml_core.privacy import dp_sgd as privacy
 from federated.app import site
 from federated.app.partition import label_histograms
-from federated.app.run_config import AppSettings
 from federated.app.task import Task
 
 NO_DP = "no DP (dp.enabled=false): the clients train without DP-SGD, so no per-client ε bounds them"
@@ -50,7 +49,7 @@ def schedule_note(cfg: Config, model: str) -> str:
     )
 
 
-def new_record(task: Task, settings: AppSettings, parts: list[np.ndarray] | None, fp: str) -> dict[str, Any]:
+def new_record(task: Task, parts: list[np.ndarray] | None, fp: str) -> dict[str, Any]:
     """The record of a federation before its first round: clients, schedule, strategy, partition, fit settings."""
     cfg, ds = task.cfg, task.dataset
     f = cfg.federated
