@@ -290,15 +290,14 @@ def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multipr
         As :func:`load_models`; an unreadable or too short API key file.
     """
     key_digest = read_key(settings.api_key_file) if settings.api_key_file else None
-    loaded = loaded or load_models(settings)
-    served = loaded  # a non-optional name for the closures below
-    hashes = {name: m.weights_sha256 for name, m in loaded.models.items()}
+    served: Loaded = loaded or load_models(settings)
+    hashes = {name: m.weights_sha256 for name, m in served.models.items()}
     metrics = Metrics(several_processes=multiprocess_metrics)
     setup_access_log()
     app = FastAPI(
         title="auditable-pipeline model server",
         version="1",
-        description=f"Run {loaded.run_id}: the {settings.which} models on {settings.engine}. "
+        description=f"Run {served.run_id}: the {settings.which} models on {settings.engine}. "
         "Every refusal is a 4xx with a one-line `error`.",
     )
     _install_error_handlers(app)

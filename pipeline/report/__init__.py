@@ -65,7 +65,7 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     provenance = json_bytes(inputs.get("provenance") or {})
     inputs = {**inputs, "provenance_sha256": hashlib.sha256(provenance).hexdigest()}
     content = build_content(cfg, inputs, seed=seed)
-    validate(content)
+    validate(content)  # before the page and its PDF (seconds) are made; again below with the PDF's fields
     figures = html_page.figures(inputs["explain"], inputs["train"])
     content, html, pdf_bytes = pdf.with_pdf(  # report.pdf: the same page printed, or the content says why not
         content,

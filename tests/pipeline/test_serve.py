@@ -173,14 +173,12 @@ def test_a_worker_whose_parent_already_died_exits_before_loading(monkeypatch):
     """The parent-death signal is asked for inside the worker; a parent SIGKILLed before that sends none, so the
     worker checks it still has the parent that started it (otherwise it would serve on, orphaned)."""
     import pipeline.serve as serve
-    from pipeline.serve_app import ServeSettings
 
     settings = json.dumps({"run_dir": "/nonexistent", "which": "student", "engine": "onnx"})
     monkeypatch.setattr(serve, "create_app", lambda *a, **k: pytest.fail("an orphaned worker loaded the models"))
     monkeypatch.setattr(serve.processes, "_die_with_parent", lambda: None)  # not on the test process itself
     monkeypatch.setenv(serve.SETTINGS_ENV, settings)
     monkeypatch.setenv(serve.PARENT_ENV, str(os.getppid() + 1_000_000))  # not our parent
-    assert ServeSettings(**json.loads(settings)).run_dir == "/nonexistent"
     if serve.processes._PRCTL is None:
         pytest.skip("no parent-death signal on this platform")
     with pytest.raises(SystemExit):
