@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # public pretraining). A rank that dies is noticed at once (its connections close), not after this.
 COLLECTIVE_TIMEOUT = dt.timedelta(minutes=30)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+SETTLE_TIMEOUT = dt.timedelta(seconds=60)  # the barrier before leaving, when every rank ends normally
 LOST_WAIT_S = 3.0  # how long a rank whose collective failed waits to see which local peer died
 
 
@@ -187,10 +188,20 @@ class World:
             dist.gather_object(obj, out, dst=0, group=self.control)
         return out
 
-    def close(self) -> None:
-        """Leave the process group (every rank, at the end)."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, *, settled: bool = False) -> None:
+        """Leave the process group (every rank, at the end; a second call does nothing).
+
+        ``settled``: every rank reached this point on the same normal path. The ranks then meet at a
+        barrier first, so that none tears down its gloo connections while a peer's last message is
+        still in flight (a rank doing so aborts with "terminate called without an active exception",
+        seen once in CI after a gather). After a failure no barrier is attempted: a peer may be gone.
+        """
+        if not dist.is_initialized():
+            return
+        if settled:
+            with contextlib.suppress(RuntimeError, dist.DistError):
+                dist.monitored_barrier(group=self.control, timeout=SETTLE_TIMEOUT)
+        dist.destroy_process_group()
 
 
 def _alive(pid: int) -> bool:

@@ -104,12 +104,14 @@ class Followers:
         if self.released:
             return
         self.released = True
+        settled = False
         if not self.busy:
             try:
                 self.world.broadcast(Release(ok))
+                settled = True  # every follower leaves through the same barrier (follow)
             except RankLostError:
                 pass  # they are gone already
-        self.world.close()
+        self.world.close(settled=settled)
 
 
 def follow(world: World) -> int:
@@ -124,6 +126,7 @@ def follow(world: World) -> int:
         while True:
             message = world.broadcast()
             if isinstance(message, Release):
+                world.close(settled=True)  # meets rank 0's barrier (Followers.release)
                 return 0
             arrays = world.broadcast_arrays(None)
             _train(world, message, arrays)

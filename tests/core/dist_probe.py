@@ -240,7 +240,7 @@ def main() -> None:
     if gathered is not None:
         out.write_text(json.dumps({"world_size": world.size if world else 1, "ranks": gathered}))
     if world is not None:
-        world.close()
+        world.close(settled=True)
 
 
 if __name__ == "__main__":
