@@ -498,11 +498,12 @@ def channels_last(model: nn.Module, on: bool = True) -> Iterator[nn.Module]:
     keep the default layout (their weights are the run's record). Callers pass ``on=False`` under DP: the
     engines' per-sample gradient code expects the default layout. A model without 4-D weights is unchanged.
     """
-    model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+    # nn.Module.to takes memory_format (its stubs do not say so)
+    model.to(memory_format=torch.channels_last if on else torch.contiguous_format)  # type: ignore[call-overload]
     try:
         yield model
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 
 def _optimizer(
