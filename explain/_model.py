@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -238,18 +239,34 @@ class Prepared:
     outputs: np.ndarray  # (n,) explained output per row
     targets: np.ndarray | None  # (n,) class per row, None for regression
     n_classes: int | None
+    started: float  # time.perf_counter() when prepare() was called: the explainer's clock
 
     @property
     def output_kind(self) -> str:
         """What an attribution explains: the regression value, or the target class's logit."""
         return "regression value" if self.task == "regression" else "class logit"
 
-    def explanation(
-        self, method: str, values: np.ndarray, base_values: np.ndarray, *, seconds: float, **extras: Any
-    ) -> Explanation:
+    def elapsed(self) -> float:
+        """Seconds since :func:`prepare` was called (the explainer's wall time so far)."""
+        return time.perf_counter() - self.started
+
+    def target_groups(self) -> Iterator[tuple[Any, np.ndarray]]:
+        """Rows by explained output: ``(None, every row)`` for regression, else ``(class, its rows)`` per class.
+
+        Classes come in increasing order. The shap explainers build one explainer per group, on the
+        model cut to that output.
+        """
+        if self.targets is None:
+            yield None, np.arange(self.x.shape[0])
+            return
+        for target in np.unique(self.targets):
+            yield target, np.flatnonzero(self.targets == target)
+
+    def explanation(self, method: str, values: np.ndarray, base_values: np.ndarray, **extras: Any) -> Explanation:
         """The :class:`Explanation` of these rows: every explainer's result is assembled here.
 
-        ``extras`` follow the seed, in the order given (the report lists them in that order).
+        ``seconds`` is the time since :func:`prepare`; ``extras`` follow the seed, in the order given (the report
+        lists them in that order).
         """
         return Explanation(
             method=method,
@@ -259,7 +276,7 @@ class Prepared:
             outputs=self.outputs,
             targets=self.targets,
             feature_names=self.feature_names,
-            seconds=seconds,
+            seconds=self.elapsed(),
             extras={"seed": self.seed, **extras},
         )
 
@@ -276,13 +293,14 @@ def prepare(
     ndims: tuple[int, ...] = (2, 4),
     method: str = "",
 ) -> Prepared:
-    """Check the common explainer arguments and compute outputs and targets.
+    """Check the common explainer arguments and compute outputs and targets; starts the explainer's clock.
 
     Raises
     ------
     ValueError
         On any invalid argument; the message names it and the fix.
     """
+    started = time.perf_counter()
     check_task(task)
     seed = check_seed(seed)
     check_model(model)
@@ -311,4 +329,5 @@ def prepare(
         outputs=outputs,
         targets=tgt,
         n_classes=n_outputs(predict, bg, task=task),
+        started=started,
     )

@@ -20,14 +20,15 @@ hidden), ``extras["score"]`` the surrogate's R^2 per image.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from torch import nn
 
 from explain._checks import check_positive_int, row_seed
-from explain._model import prepare
+from explain._lime import SurrogateFits
+from explain._model import Prepared, prepare
 from explain.types import Explanation
 
 NAME = "lime-image"
@@ -160,7 +161,6 @@ def explain(
     ValueError
         On invalid inputs, non-image inputs or ``task="regression"``.
     """
-    start = time.perf_counter()
     if task == "regression":
         raise ValueError("lime-image explains classifiers; use task='classification' (or lime-tabular for regression).")
     p = prepare(
@@ -177,23 +177,69 @@ def explain(
     num_samples = check_positive_int("num_samples", num_samples, minimum=10)
     segment = _segmenter(segmentation, cell_size=cell_size, n_segments=n_segments)
     baseline_hwc = _hidden_value(hide, p.background, p.x.shape[1:])  # (H, W, C)
+    values, all_segments, fits = _explain_images(
+        p, segment, baseline_hwc, num_samples=num_samples, kernel_width=kernel_width
+    )
+    return p.explanation(  # images: p.feature_names is None
+        NAME,
+        values,
+        fits.intercept,
+        num_samples=num_samples,
+        **_segmentation_extras(segmentation, all_segments, hide=hide),
+        **fits.extras(),
+        output=p.output_kind,
+    )
+
+
+def _segmentation_extras(
+    segmentation: str | Segmenter, all_segments: np.ndarray, *, hide: str | float
+) -> dict[str, Any]:
+    """How the images were cut and hidden: the segmentation's name, segments per image, the label maps, ``hide``."""
+    return {
+        "segmentation": segmentation
+        if isinstance(segmentation, str)
+        else getattr(segmentation, "__name__", "callable"),
+        "n_segments": [int(s.max()) + 1 for s in all_segments],
+        "segments": all_segments,
+        "hide": hide,
+    }
+
+
+def _shifted_classifier(
+    predict: Callable[[np.ndarray], np.ndarray], baseline_hwc: np.ndarray
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The model on lime's images: lime works on baseline-shifted (S, H, W, C) images; undo both for the model."""
 
     def classifier_fn(images_hwc: np.ndarray) -> np.ndarray:
-        # lime works on shifted HWC images; undo both for the model.
         chw = np.transpose(images_hwc + baseline_hwc, (0, 3, 1, 2))  # (S, C, H, W)
-        return p.predict(chw)
+        return predict(chw)
 
+    return classifier_fn
+
+
+def _label_map(segment: Segmenter, image_hwc: np.ndarray) -> np.ndarray:
+    """``segment``'s labels for one (H, W, C) image, renumbered 0..S-1 (lime assumes contiguous labels)."""
+    _, seg = np.unique(np.asarray(segment(image_hwc)), return_inverse=True)
+    return seg.reshape(image_hwc.shape[:2])
+
+
+def _explain_images(
+    p: Prepared, segment: Segmenter, baseline_hwc: np.ndarray, *, num_samples: int, kernel_width: float
+) -> tuple[np.ndarray, np.ndarray, SurrogateFits]:
+    """LIME at every image, each with its own explainer seeded from ``(seed, image)``.
+
+    Returns the pixel values ``(n, C, H, W)``, each image's label map ``(n, H, W)`` and the surrogates' fits.
+    """
+    classifier_fn = _shifted_classifier(p.predict, baseline_hwc)
     explainer_cls = _lime_explainer_class()
     n, n_channels, height, width = p.x.shape
     values = np.zeros(p.x.shape)
-    base, score, local_pred = np.zeros(n), np.zeros(n), np.zeros(n)
+    fits = SurrogateFits(n)
     all_segments = np.zeros((n, height, width), dtype=np.int64)
     for i in range(n):
         image_hwc = np.transpose(p.x[i], (1, 2, 0)).astype(np.float64)
-        # Segment the original image (not the shifted one) and relabel 0..S-1,
-        # as lime assumes contiguous labels.
-        _, seg = np.unique(np.asarray(segment(image_hwc)), return_inverse=True)
-        seg = seg.reshape(height, width)
+        # Segment the original image, not the shifted one.
+        seg = _label_map(segment, image_hwc)
         rs = row_seed(p.seed, i)
         explainer = explainer_cls(kernel_width=kernel_width, feature_selection="none", random_state=rs)
         target = int(p.targets[i])
@@ -209,21 +255,6 @@ def explain(
             random_seed=rs,
         )
         values[i] = _pixel_values(exp.local_exp[target], seg, n_channels)
-        base[i] = float(exp.intercept[target])
-        score[i] = float(exp.score)
-        local_pred[i] = float(np.asarray(exp.local_pred).reshape(-1)[0])
+        fits.record(i, exp, label=target)
         all_segments[i] = seg
-    return p.explanation(  # images: p.feature_names is None
-        NAME,
-        values,
-        base,
-        seconds=time.perf_counter() - start,
-        num_samples=num_samples,
-        segmentation=(segmentation if isinstance(segmentation, str) else getattr(segmentation, "__name__", "callable")),
-        n_segments=[int(s.max()) + 1 for s in all_segments],
-        segments=all_segments,
-        hide=hide,
-        score=score,
-        local_pred=local_pred,
-        output=p.output_kind,
-    )
+    return values, all_segments, fits

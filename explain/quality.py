@@ -174,37 +174,65 @@ def deletion_insertion(
     n_steps = check_positive_int("n_steps", n_steps)
     n_random = check_positive_int("n_random", n_random)
     rng = np.random.default_rng(check_seed(seed))
-    shape = expl.feature_shape
+    base = _feature_baseline(baseline, expl.feature_shape)
+    scores = unit_attributions(expl)  # (n, U)
+    n_steps = min(n_steps, scores.shape[1])
+    fractions = np.linspace(0.0, 1.0, n_steps + 1)
+    curves = np.zeros((expl.n, 2, 1 + n_random, n_steps + 1))  # (row, del/ins, order, step)
+    for i in range(expl.n):
+        orders = [np.argsort(-scores[i], kind="stable")] + [rng.permutation(scores.shape[1]) for _ in range(n_random)]
+        curves[i] = _row_curves(expl, i, predict=predict, base=base, orders=orders, fractions=fractions)
+    return _summary(expl, curves, fractions, n_random=n_random, seed=seed)
+
+
+def _feature_baseline(baseline: float | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``baseline`` broadcast to the feature shape, float64; a ValueError naming the shapes if it does not fit."""
     try:
-        base = np.broadcast_to(np.asarray(baseline, dtype=np.float64), shape)
+        return np.broadcast_to(np.asarray(baseline, dtype=np.float64), shape)
     except ValueError as err:
         raise ValueError(
             f"baseline of shape {np.shape(baseline)} does not broadcast to the feature shape {shape}; "
             "pass a scalar or e.g. background.mean(axis=0)."
         ) from err
-    scores = unit_attributions(expl)  # (n, U)
-    n_units = scores.shape[1]
-    n_steps = min(n_steps, n_units)
-    fractions = np.linspace(0.0, 1.0, n_steps + 1)
+
+
+def _row_curves(
+    expl: Explanation,
+    i: int,
+    *,
+    predict: PredictFn,
+    base: np.ndarray,
+    orders: list[np.ndarray],
+    fractions: np.ndarray,
+) -> np.ndarray:
+    """Row ``i``'s explained output as the first units of each order are removed (deletion) or restored (insertion).
+
+    Returns ``(2, orders, steps)``: deletion then insertion, orders as given, one point per fraction.
+    """
+    shape = expl.feature_shape
+    n_units = len(orders[0])
     counts = np.round(fractions * n_units).astype(int)  # units removed at each step
-    x_units = expl.inputs.reshape((expl.n,) + ((shape[0], -1) if expl.is_image else (-1,)))
+    x_units = expl.inputs[i].reshape((shape[0], -1) if expl.is_image else (-1,))
     b_units = base.reshape((shape[0], -1) if expl.is_image else (-1,))
-    curves = np.zeros((expl.n, 2, 1 + n_random, n_steps + 1))  # (row, del/ins, order, step)
-    for i in range(expl.n):
-        orders = [np.argsort(-scores[i], kind="stable")] + [rng.permutation(n_units) for _ in range(n_random)]
-        batch = []
-        for order in orders:
-            rank = np.empty(n_units, dtype=int)
-            rank[order] = np.arange(n_units)
-            top = rank[None, :] < counts[:, None]  # (steps, U): unit among the first `count`
-            if expl.is_image:
-                top = top[:, None, :]  # same pixel in every channel
-            batch.append(np.where(top, b_units, x_units[i]))  # deletion
-            batch.append(np.where(top, x_units[i], b_units))  # insertion
-        inputs = np.concatenate(batch).reshape((-1,) + shape)
-        tgt = None if expl.targets is None else expl.targets[i]
-        out = explained_output(predict, inputs, tgt).reshape(len(orders), 2, n_steps + 1)
-        curves[i] = out.transpose(1, 0, 2)
+    batch = []
+    for order in orders:
+        rank = np.empty(n_units, dtype=int)
+        rank[order] = np.arange(n_units)
+        top = rank[None, :] < counts[:, None]  # (steps, U): unit among the first `count`
+        if expl.is_image:
+            top = top[:, None, :]  # same pixel in every channel
+        batch.append(np.where(top, b_units, x_units))  # deletion
+        batch.append(np.where(top, x_units, b_units))  # insertion
+    inputs = np.concatenate(batch).reshape((-1,) + shape)
+    tgt = None if expl.targets is None else expl.targets[i]
+    out = explained_output(predict, inputs, tgt).reshape(len(orders), 2, len(fractions))
+    return out.transpose(1, 0, 2)
+
+
+def _summary(
+    expl: Explanation, curves: np.ndarray, fractions: np.ndarray, *, n_random: int, seed: int
+) -> DeletionInsertionResult:
+    """AUCs, gains over the random orders, win rates and mean curves from the per-row ``curves``."""
     auc = np.trapezoid(curves, fractions, axis=-1)  # (n, 2, orders)
     rand = auc[:, :, 1:].mean(axis=2)  # (n, 2)
     mean_curve = curves.mean(axis=0)
@@ -212,7 +240,7 @@ def deletion_insertion(
     return DeletionInsertionResult(
         method=expl.method,
         n=expl.n,
-        n_steps=n_steps,
+        n_steps=len(fractions) - 1,
         n_random=n_random,
         seed=int(seed),
         deletion_auc=float(auc[:, 0, 0].mean()),

@@ -24,14 +24,13 @@ Deterministic: ``seed`` is recorded but unused.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 
 import numpy as np
 from torch import nn
 
 from explain._checks import check_positive_int
-from explain._model import prepare
+from explain._model import Prepared, prepare
 from explain.types import Explanation
 
 NAME = "shap-exact"
@@ -76,7 +75,6 @@ def explain(
     ValueError
         On invalid inputs, image inputs, or more than ``max_features`` features.
     """
-    start = time.perf_counter()
     p = prepare(
         model,
         x,
@@ -88,20 +86,42 @@ def explain(
         ndims=(2,),
         method=NAME,
     )
-    max_features = check_positive_int("max_features", max_features)
-    n, f = p.x.shape
-    if f > max_features:
-        raise ValueError(
-            f"shap-exact enumerates 2**F coalitions and F={f} exceeds max_features={max_features} "
-            f"({2**f:,} coalitions per row); use shap-kernel or shap-deep, or raise max_features."
-        )
+    f = _check_width(p.x.shape[1], max_features)
     bg = p.background.astype(np.float64)
-    n_bg = bg.shape[0]
     masks = ((np.arange(2**f)[:, None] >> np.arange(f)[None, :]) & 1).astype(bool)  # (2^F, F): bit j = feature j in S
-    sizes = masks.sum(axis=1)
-    weights = coalition_weights(f)
+    v_all = _coalition_values(p, bg, masks)  # (n, 2^F)
+    values = _shapley_values(v_all, masks)  # (n, F)
+    base = v_all[:, 0]  # empty coalition: mean output over the background
+    return p.explanation(
+        NAME,
+        values,
+        base,
+        n_coalitions=2**f,
+        background_size=int(bg.shape[0]),
+        output=p.output_kind,
+        max_additivity_gap=float(np.abs(base + values.sum(axis=1) - v_all[:, -1]).max()),
+    )
+
+
+def _check_width(n_features: int, max_features: int) -> int:
+    """``n_features`` if ``2**n_features`` coalitions are within ``max_features``; else a ValueError naming the fix."""
+    max_features = check_positive_int("max_features", max_features)
+    if n_features > max_features:
+        raise ValueError(
+            f"shap-exact enumerates 2**F coalitions and F={n_features} exceeds max_features={max_features} "
+            f"({2**n_features:,} coalitions per row); use shap-kernel or shap-deep, or raise max_features."
+        )
+    return n_features
+
+
+def _coalition_values(p: Prepared, bg: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """``v(S)`` of every coalition at every row, ``(n, 2^F)``: the mean explained output over the background.
+
+    Rows are evaluated in groups of at most ``_MAX_EVALS_PER_BATCH`` model rows (bounded memory).
+    """
+    n, f = p.x.shape
+    n_bg = bg.shape[0]
     per_batch = max(1, _MAX_EVALS_PER_BATCH // (2**f * n_bg))
-    values = np.zeros((n, f), dtype=np.float64)
     v_all = np.zeros((n, 2**f), dtype=np.float64)
     for lo in range(0, n, per_batch):
         rows = np.arange(lo, min(n, lo + per_batch))
@@ -111,18 +131,17 @@ def explain(
         if p.targets is not None:
             out = out.reshape(len(rows), 2**f * n_bg, -1)[np.arange(len(rows)), :, p.targets[rows]]
         v_all[rows] = out.reshape(len(rows), 2**f, n_bg).mean(axis=2)
+    return v_all
+
+
+def _shapley_values(v_all: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """``phi_j = sum_{S not containing j} w(|S|) (v(S + j) - v(S))`` for every row and feature, ``(n, F)``."""
+    f = masks.shape[1]
+    sizes = masks.sum(axis=1)
+    weights = coalition_weights(f)
+    values = np.zeros((v_all.shape[0], f), dtype=np.float64)
     for j in range(f):
         without = np.flatnonzero(~masks[:, j])  # coalitions S not containing j
         with_j = without | (1 << j)
         values[:, j] = (v_all[:, with_j] - v_all[:, without]) @ weights[sizes[without]]
-    base = v_all[:, 0]  # empty coalition: mean output over the background
-    return p.explanation(
-        NAME,
-        values,
-        base,
-        seconds=time.perf_counter() - start,
-        n_coalitions=2**f,
-        background_size=int(n_bg),
-        output=p.output_kind,
-        max_additivity_gap=float(np.abs(base + values.sum(axis=1) - v_all[:, -1]).max()),
-    )
+    return values

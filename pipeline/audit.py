@@ -142,10 +142,8 @@ def audit_model(
     n = min(a.n_eval, len(ds.y["train"]), len(ds.y["test"]))
     x, y, x_fill, y_fill = _candidates(ds, n, seed=seed)
     members = np.r_[np.ones(n, dtype=bool), np.zeros(n, dtype=bool)]
-    privacy = tm.training.get("privacy") or None
     recipe = audit_training.recipe_of(cfg, name, ds, tm, public_only=public_only, device=device)
-    dp_on = recipe.dp is not None
-    epsilon = privacy.get("epsilon") if dp_on and privacy else None
+    epsilon = _claimed_epsilon(recipe, tm)
     can = _canaries(cfg, recipe, tm, seed=seeds.audit_seed(seed, "canaries", 0))
     shadow_phi, in_mask, shadow_privacy = audit_training.train_shadows(
         recipe,
@@ -165,41 +163,105 @@ def audit_model(
     )
     stats_seed = seeds.audit_seed(seed, "statistics")
     target, target_scores = _attacks(released=tm.build(), members=members, epsilon=epsilon, seed=stats_seed, **attack)
-    why_not = _why_no_canaries(cfg, recipe, tm)
     canaries, canary_scores = _canary_record(
-        can, delta=cfg.dp.delta, trained="LiRA shadow 0 (trained like the audited model)", why_not=why_not
+        can,
+        delta=cfg.dp.delta,
+        trained="LiRA shadow 0 (trained like the audited model)",
+        why_not=_why_no_canaries(cfg, recipe, tm),
     )
-    if dp_on and tm.training.get("mode", "central") == "central":
-        control, control_scores = _mutant(cfg, recipe, ds, epsilon=epsilon, members=members, attack=attack, seed=seed)
-    else:
-        control, control_scores = _overfit(cfg, name, recipe, x=x, y=y, seed=seed)
-    record = {
+    control, control_scores = _positive_control(
+        cfg, name, recipe, ds, tm, epsilon=epsilon, members=members, attack=attack, seed=seed
+    )
+    record = _model_record(
+        cfg,
+        name,
+        ds,
+        n=n,
+        dp=recipe.dp is not None,
+        epsilon=epsilon,
+        shadows=_shadow_record(cfg, recipe, tm, shadow_privacy, rows=len(y_fill) + n),
+        attacks=target,
+        canaries=canaries,
+        control=control,
+        seconds=time.perf_counter() - t0,
+    )
+    return {"record": record, "scores": _score_arrays(members, target_scores, canary_scores, control_scores)}
+
+
+def _claimed_epsilon(recipe: Recipe, tm: TrainedModel) -> float | None:
+    """The ε the model's training record claims, when it was trained with DP (None otherwise)."""
+    privacy = tm.training.get("privacy") or None
+    return privacy.get("epsilon") if recipe.dp is not None and privacy else None
+
+
+def _positive_control(
+    cfg: Config,
+    name: str,
+    recipe: Recipe,
+    ds: Dataset,
+    tm: TrainedModel,
+    *,
+    epsilon: float | None,
+    members: np.ndarray,
+    attack: Mapping[str, Any],
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The control the audit must fail: the noise mutant for central DP-SGD, else the overfit copy."""
+    if recipe.dp is not None and tm.training.get("mode", "central") == "central":
+        return _mutant(cfg, recipe, ds, epsilon=epsilon, members=members, attack=attack, seed=seed)
+    return _overfit(cfg, name, recipe, x=attack["x"], y=attack["y"], seed=seed)
+
+
+def _model_record(
+    cfg: Config,
+    name: str,
+    ds: Dataset,
+    *,
+    n: int,
+    dp: bool,
+    epsilon: float | None,
+    shadows: dict[str, Any],
+    attacks: dict[str, Any],
+    canaries: dict[str, Any],
+    control: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """One model's audit record (``audit/membership_inference.json``): who was attacked, the claim, every result."""
+    return {
         "title": models.title(name),
         "task": ds.task,
         "member_split": "train",
         "non_member_split": "test",
         "n_members": n,
         "n_non_members": n,
-        "dp": dp_on,
+        "dp": dp,
         "claimed_epsilon": epsilon,
         "delta": cfg.dp.delta,
-        "shadows": _shadow_record(cfg, recipe, tm, shadow_privacy, rows=len(y_fill) + n),
-        "attacks": target,
+        "shadows": shadows,
+        "attacks": attacks,
         "certifiable_epsilon": {
-            "membership_attacks": max(s["empirical_epsilon"]["certifiable_epsilon"] for s in target.values()),
+            "membership_attacks": max(s["empirical_epsilon"]["certifiable_epsilon"] for s in attacks.values()),
             "canaries": canaries.get("certifiable_epsilon"),
         },
         "canaries": canaries,
         "control": control,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
     }
-    scores = {
+
+
+def _score_arrays(
+    members: np.ndarray,
+    target_scores: Mapping[str, np.ndarray],
+    canary_scores: Mapping[str, np.ndarray],
+    control_scores: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The raw scores behind the record (``audit/<model>_scores.npz``): who is a member, then every attack's scores."""
+    return {
         "members": members,
         **{f"target_{k}": v for k, v in target_scores.items()},
         **{f"canary_{k}": v for k, v in canary_scores.items()},
         **control_scores,
     }
-    return {"record": record, "scores": scores}
 
 
 def _why_no_canaries(cfg: Config, recipe: Recipe, tm: TrainedModel) -> str:

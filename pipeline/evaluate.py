@@ -535,35 +535,12 @@ def cohort_errors(
     tree = DecisionTreeRegressor(max_depth=max_depth, min_samples_leaf=min_leaf, random_state=seed % 2**32)
     tree.fit(x, abs_err)
     leaves = tree.apply(x)
-    t = tree.tree_
-    conditions: dict[int, list[dict[str, Any]]] = {0: []}
-    for node in range(t.node_count):  # parents come before children in sklearn's node order
-        left, right = t.children_left[node], t.children_right[node]
-        if left == -1:
-            continue
-        f, thr = int(t.feature[node]), float(t.threshold[node])
-        conditions[left] = conditions[node] + [{"feature": names[f], "feature_index": f, "op": "<=", "threshold": thr}]
-        conditions[right] = conditions[node] + [{"feature": names[f], "feature_index": f, "op": ">", "threshold": thr}]
+    conditions = _leaf_conditions(tree.tree_, names)
     overall = float(abs_err.mean())
-    cohorts = []
-    for leaf in np.unique(leaves):
-        mask = leaves == leaf
-        e = abs_err[mask]
-        cohorts.append(
-            {
-                "rule": " and ".join(
-                    show_condition(codebook, c["feature"], c["op"], c["threshold"]) for c in conditions[int(leaf)]
-                )
-                or "all rows",
-                "conditions": conditions[int(leaf)],
-                "n": int(mask.sum()),
-                "share": float(mask.mean()),
-                "mae": float(e.mean()),
-                "mae_ci95": bootstrap_cis(lambda idx, e=e: {"m": e[idx].mean(axis=-1)}, len(e), seed=seed)["m"],
-                "mae_ratio": float(e.mean() / overall) if overall > 0 else None,
-                "bias": float(np.mean(pred[mask] - y[mask])),
-            }
-        )
+    cohorts = [
+        _cohort(leaves == leaf, conditions[int(leaf)], y=y, pred=pred, overall=overall, seed=seed, codebook=codebook)
+        for leaf in np.unique(leaves)
+    ]
     cohorts.sort(key=lambda c: -c["mae"])
     return {
         "method": "scikit-learn DecisionTreeRegressor on the features, predicting |target - prediction|",
@@ -574,6 +551,44 @@ def cohort_errors(
         "cohorts": cohorts,
         "descriptive": "found on the same rows it describes: a description of where the errors of this split lie, "
         "not a tested finding; confirm a cohort on new data before acting on it",
+    }
+
+
+def _leaf_conditions(t: Any, names: list[str]) -> dict[int, list[dict[str, Any]]]:
+    """The path to every node of a fitted sklearn tree (``tree_``): its conditions, root first, by node id."""
+    conditions: dict[int, list[dict[str, Any]]] = {0: []}
+    for node in range(t.node_count):  # parents come before children in sklearn's node order
+        left, right = t.children_left[node], t.children_right[node]
+        if left == -1:
+            continue
+        f, thr = int(t.feature[node]), float(t.threshold[node])
+        conditions[left] = conditions[node] + [{"feature": names[f], "feature_index": f, "op": "<=", "threshold": thr}]
+        conditions[right] = conditions[node] + [{"feature": names[f], "feature_index": f, "op": ">", "threshold": thr}]
+    return conditions
+
+
+def _cohort(
+    mask: np.ndarray,
+    conditions: list[dict[str, Any]],
+    *,
+    y: np.ndarray,
+    pred: np.ndarray,
+    overall: float,
+    seed: int,
+    codebook: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """One leaf's cohort (rows ``mask``): its rule, size, MAE with a bootstrap CI, MAE over the overall MAE, bias."""
+    e = np.abs(y[mask] - pred[mask])
+    return {
+        "rule": " and ".join(show_condition(codebook, c["feature"], c["op"], c["threshold"]) for c in conditions)
+        or "all rows",
+        "conditions": conditions,
+        "n": int(mask.sum()),
+        "share": float(mask.mean()),
+        "mae": float(e.mean()),
+        "mae_ci95": bootstrap_cis(lambda idx: {"m": e[idx].mean(axis=-1)}, len(e), seed=seed)["m"],
+        "mae_ratio": float(e.mean() / overall) if overall > 0 else None,
+        "bias": float(np.mean(pred[mask] - y[mask])),
     }
 
 

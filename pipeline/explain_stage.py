@@ -23,12 +23,13 @@ variants of a model (teacher and student) attribute the same inputs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 from torch import nn
@@ -695,40 +696,13 @@ def explain_model(
     s = _setup(name, model, ds, ecfg, seed=seed, progress=progress)
     notes: list[str] = []
     timings: dict[str, float] = {}
-    configured = list(ecfg.cnn_methods if s.image else ecfg.regressor_methods)
-    requested = configured
-    if not s.image:
-        requested, note = tabular_methods(configured, s.x.shape[1])
-        if note is not None:
-            notes.append(note)
-            log.warning("%s: %s", name, note)
+    configured, requested = _requested_methods(name, s, notes)
     explanations, primary, methods = _run_methods(name, s, requested, notes, timings)
-    shap_expl, targets = explanations[primary], explanations[primary].targets
-
-    t0 = time.perf_counter()
-    quality = _accuracy(s, shap_expl, primary)
-    timings["reference"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    quality |= _randomisation(s, shap_expl, primary)
-    timings["randomisation"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    faith = _faithfulness(s, explanations)
-    quality["deletion_insertion"] = {m: r.to_dict() for m, r in faith.items()}
-    timings["deletion_insertion"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    quality["stability"], stability_seeds = _stability(s, explanations, methods, primary)
-    timings["stability"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pair_results, quality["agreement"] = _agreement(s, explanations, methods, quality["stability"])
-    timings["agreement"] = time.perf_counter() - t0
-    quality["lime_fidelity"] = {
-        method: _lime_fidelity(expl) for method, expl in explanations.items() if "score" in expl.extras
-    }
-    flagged = _flagged(s, pair_results, targets)
+    quality, faith, stability_seeds, pair_results = _quality(s, explanations, primary, methods, timings)
+    flagged = _flagged(s, pair_results, explanations[primary].targets)
     lime_name = next((mm for mm in methods if mm.startswith("lime")), methods[-1])
-    t0 = time.perf_counter()
-    png, dependence = _figures(name, s, explanations, primary, lime_name, faith, pair_results)
-    timings["plots"] = time.perf_counter() - t0
+    with _timed(timings, "plots"):
+        png, dependence = _figures(name, s, explanations, primary, lime_name, faith, pair_results)
     metrics = _metrics(
         name,
         s,
@@ -748,6 +722,52 @@ def explain_model(
     metrics["seconds"]["total"] = time.perf_counter() - t_start
     s.bar.close()
     return ModelExplanations(model=name, explanations=explanations, metrics=metrics, plots=png)
+
+
+def _requested_methods(name: str, s: _Setup, notes: list[str]) -> tuple[list[str], list[str]]:
+    """The configured methods and those to run: a table too wide for ``shap-exact`` gets another (noted)."""
+    configured = list(s.ecfg.cnn_methods if s.image else s.ecfg.regressor_methods)
+    requested = configured
+    if not s.image:
+        requested, note = tabular_methods(configured, s.x.shape[1])
+        if note is not None:
+            notes.append(note)
+            log.warning("%s: %s", name, note)
+    return configured, requested
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the block's wall time as ``timings[key]`` (nothing when it raises)."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
+
+
+def _quality(
+    s: _Setup, explanations: Mapping[str, Explanation], primary: str, methods: list[str], timings: dict[str, float]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[int]], dict[str, Any]]:
+    """Every check of how far to trust the explanations, each timed into ``timings``.
+
+    Returns the quality record (reference error, randomisation, deletion/insertion, stability, agreement, LIME's
+    fidelity, in that order), the deletion/insertion results, the stability seeds and the pairs' agreement results.
+    """
+    shap_expl = explanations[primary]
+    with _timed(timings, "reference"):
+        quality = _accuracy(s, shap_expl, primary)
+    with _timed(timings, "randomisation"):
+        quality |= _randomisation(s, shap_expl, primary)
+    with _timed(timings, "deletion_insertion"):
+        faith = _faithfulness(s, explanations)
+        quality["deletion_insertion"] = {m: r.to_dict() for m, r in faith.items()}
+    with _timed(timings, "stability"):
+        quality["stability"], stability_seeds = _stability(s, explanations, methods, primary)
+    with _timed(timings, "agreement"):
+        pair_results, quality["agreement"] = _agreement(s, explanations, methods, quality["stability"])
+    quality["lime_fidelity"] = {
+        method: _lime_fidelity(expl) for method, expl in explanations.items() if "score" in expl.extras
+    }
+    return quality, faith, stability_seeds, pair_results
 
 
 def _seeds(seed: int, method: str, n: int) -> list[int]:
