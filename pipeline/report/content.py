@@ -361,6 +361,74 @@ def _quality_caveats(name: str, summary: Mapping[str, Any], m: Mapping[str, Any]
     return [c for c in caveats if c]
 
 
+_DEPENDENCE_FIELDS = (  # what report.json keeps of each recorded dependence/PDP entry of explain/metrics.json
+    "rank",
+    "feature",
+    "mean_abs_shap",
+    "interaction",
+    "pdp_rows",
+    "pdp_grid_points",
+    "pdp_range",
+    "pdp_monotone",
+    "ice_spread",
+)
+
+
+def _explanation_plots(name: str, m: Mapping[str, Any], artifacts: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One entry per plot of a model (file, hash, kind, title, how to read); dependence and PDP plots are titled by
+    their feature's rank."""
+    plots = []
+    for fname in m["plots"]:
+        rel = f"explain/plots/{fname}"
+        kind = _plot_kind(fname)
+        plots.append(
+            {
+                "file": rel,
+                "sha256": artifacts.get(rel, {}).get("sha256"),
+                "kind": kind,
+                "title": _plot_title(name, fname, kind),
+                "how_to_read": HOW_TO_READ[kind],
+            }
+        )
+    dependence = {d_[f]: d_ for d_ in m.get("dependence", []) for f in ("dependence_plot", "pdp_plot")}
+    for plot in plots:
+        dep = dependence.get(plot["file"].rsplit("/", 1)[-1])
+        if dep is not None:
+            partner = (
+                f", coloured by {dep['interaction']}" if plot["kind"] == "dependence" and dep["interaction"] else ""
+            )
+            what = "SHAP dependence" if plot["kind"] == "dependence" else "Partial dependence and ICE"
+            plot["title"] = f"{what}: {dep['feature']} (top feature #{dep['rank'] + 1} by mean |SHAP|{partner})"
+    return plots
+
+
+def _explained_model(
+    name: str, m: Mapping[str, Any], summary: Mapping[str, Any], plots: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One model's entry of the explanations section, from its explain metrics and quality summary."""
+    importance = m["explanations"][summary["primary"]].get("mean_abs_attribution")
+    return {
+        "title": title(name),
+        "methods": m["methods"],
+        "dependence": [{k: d_[k] for k in _DEPENDENCE_FIELDS} for d_ in m.get("dependence", [])],
+        "explained_output": m["explained_output"],
+        "n_explained": m["n_explained"],
+        "explained_split": m["explained_split"],
+        "background": {k: v for k, v in m["background"].items() if k != "index"}
+        | {"index_recorded_in": "explain/metrics.json"},
+        "top_k": m["top_k"],
+        "quality": summary,
+        "flagged": m["flagged"][:50],
+        "mean_abs_shap": importance,
+        "mean_abs_shap_units": "standardised target units (1 = one standard deviation of the target)"
+        if importance
+        else None,
+        "notes": m["notes"],
+        "seconds": m["seconds"],
+        "plots": plots,
+    }
+
+
 def explanations_section(
     cfg: Config, explain_out: Any, manifest: Mapping[str, Any] | None, variants: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -371,65 +439,7 @@ def explanations_section(
     for name, me in explain_out.models.items():
         m = me.metrics
         summary = _quality_summary(m)
-        plots = []
-        for fname in m["plots"]:
-            rel = f"explain/plots/{fname}"
-            kind = _plot_kind(fname)
-            plots.append(
-                {
-                    "file": rel,
-                    "sha256": artifacts.get(rel, {}).get("sha256"),
-                    "kind": kind,
-                    "title": _plot_title(name, fname, kind),
-                    "how_to_read": HOW_TO_READ[kind],
-                }
-            )
-        importance = m["explanations"][summary["primary"]].get("mean_abs_attribution")
-        dependence = {d_[f]: d_ for d_ in m.get("dependence", []) for f in ("dependence_plot", "pdp_plot")}
-        for plot in plots:
-            dep = dependence.get(plot["file"].rsplit("/", 1)[-1])
-            if dep is not None:
-                partner = (
-                    f", coloured by {dep['interaction']}" if plot["kind"] == "dependence" and dep["interaction"] else ""
-                )
-                what = "SHAP dependence" if plot["kind"] == "dependence" else "Partial dependence and ICE"
-                plot["title"] = f"{what}: {dep['feature']} (top feature #{dep['rank'] + 1} by mean |SHAP|{partner})"
-        models[name] = {
-            "title": title(name),
-            "methods": m["methods"],
-            "dependence": [
-                {
-                    k: d_[k]
-                    for k in (
-                        "rank",
-                        "feature",
-                        "mean_abs_shap",
-                        "interaction",
-                        "pdp_rows",
-                        "pdp_grid_points",
-                        "pdp_range",
-                        "pdp_monotone",
-                        "ice_spread",
-                    )
-                }
-                for d_ in m.get("dependence", [])
-            ],
-            "explained_output": m["explained_output"],
-            "n_explained": m["n_explained"],
-            "explained_split": m["explained_split"],
-            "background": {k: v for k, v in m["background"].items() if k != "index"}
-            | {"index_recorded_in": "explain/metrics.json"},
-            "top_k": m["top_k"],
-            "quality": summary,
-            "flagged": m["flagged"][:50],
-            "mean_abs_shap": importance,
-            "mean_abs_shap_units": "standardised target units (1 = one standard deviation of the target)"
-            if importance
-            else None,
-            "notes": m["notes"],
-            "seconds": m["seconds"],
-            "plots": plots,
-        }
+        models[name] = _explained_model(name, m, summary, _explanation_plots(name, m, artifacts))
         caveats += [f"{title(name)}: {n}" for n in m["notes"]]
         caveats += _quality_caveats(title(name), summary, m)
     caveats += [f"While explaining: {w}" for w in explain_out.summary.get("warnings", [])]

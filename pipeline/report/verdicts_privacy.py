@@ -3,6 +3,7 @@ and the membership-inference audit (its own verdicts; without a DP claim, attack
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from auditml_core.models import MODELS
@@ -184,20 +185,42 @@ def _best_attack(m: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return max(m.get("attacks") or [], key=lambda a: a.get("auc") or 0.0, default=None)
 
 
+def _largest_bound(attacks: list[Mapping[str, Any]], canaries: Mapping[str, Any] | None) -> float | None:
+    """The largest ε lower bound of the attacks and, when they ran, the canaries (None when none has one)."""
+    bounds = [a.get("epsilon_lower_bound") for a in attacks]
+    if canaries and canaries.get("ran"):
+        bounds.append(canaries.get("epsilon_lower_bound"))
+    return max((b for b in bounds if isinstance(b, (int, float))), default=None)
+
+
+def _auc_with_interval(attack: Mapping[str, Any]) -> str:
+    """``AUC a [lo, hi]`` of one attack (its 95% interval)."""
+    lo, hi = attack.get("auc_ci95") or [None, None]
+    return f"AUC {fmt3(attack.get('auc'))} [{fmt3(lo)}, {fmt3(hi)}]"
+
+
 def _control_number(m: Mapping[str, Any]) -> dict[str, Any]:
     """The evidence the positive control was (not) caught: the noise mutant's ε lower bound against the recorded ε,
     or the overfit control's strongest attack AUC with its interval."""
     control = m["control"]
     if control.get("kind") == "noise mutant":
-        bounds = [a.get("epsilon_lower_bound") for a in control["attacks"]]
-        if (control.get("canaries") or {}).get("ran"):
-            bounds.append(control["canaries"].get("epsilon_lower_bound"))
-        bound = max((b for b in bounds if isinstance(b, (int, float))), default=None)
+        bound = _largest_bound(control["attacks"], control.get("canaries"))
         return numbers_entry(
             f"control's ε bound, {m['title']}", bound, unit=f"must exceed {fmt3(m['claimed_epsilon'])}"
         )
     best = control_outcome(m)["best_attack"] or {}
     return numbers_entry(f"control's attack AUC, {m['title']}", best.get("auc"), best.get("auc_ci95"), "must clear 0.5")
+
+
+def _model_number(m: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An audited model's figure: its largest ε lower bound beside a claimed ε, else its strongest attack's AUC."""
+    if m.get("claimed_epsilon") is not None:
+        bound = _largest_bound(m.get("attacks") or [], m.get("canaries"))
+        return numbers_entry(f"ε lower bound, {m['title']}", bound, unit=f"claimed ε {fmt3(m['claimed_epsilon'])}")
+    best = _best_attack(m)
+    if best is not None:
+        return numbers_entry(f"attack AUC, {m['title']}", best.get("auc"), best.get("auc_ci95"), "0.5 = chance")
+    return None
 
 
 def _refutations(m: Mapping[str, Any]) -> str:
@@ -206,6 +229,120 @@ def _refutations(m: Mapping[str, Any]) -> str:
     if len(what) == 1:
         return f"{what[0]} contradicts it"
     return f"{what[0]} and {len(what) - 1} more checks contradict it"
+
+
+@dataclass
+class _ByVerdict:
+    """The audited models grouped by the audit's own verdict (each list in the audit's model order)."""
+
+    failed: list[Mapping[str, Any]] = field(default_factory=list)  # FAILED: the claimed ε is refuted
+    weak: list[Mapping[str, Any]] = field(default_factory=list)  # no verdict: the audit lacked power
+    leaks: list[Mapping[str, Any]] = field(default_factory=list)  # no DP claim, an attack above chance
+    quiet: list[Mapping[str, Any]] = field(default_factory=list)  # no DP claim, no attack above chance
+    untested: list[Mapping[str, Any]] = field(default_factory=list)  # user-level DP: no record-level claim to test
+    passed: list[Mapping[str, Any]] = field(default_factory=list)
+
+
+def _by_verdict(models: Mapping[str, Mapping[str, Any]]) -> _ByVerdict:
+    """Sort the audited models by their verdict; a model without DP is split by whether any attack beat chance."""
+    out = _ByVerdict()
+    for m in models.values():
+        kind = (m.get("verdict") or {}).get("verdict")
+        if kind == "FAILED":
+            out.failed.append(m)
+        elif kind == "no verdict":
+            out.weak.append(m)
+        elif kind == "no record-level claim":  # user-level DP: the record-level attacks do not test its ε
+            out.untested.append(m)
+        elif kind == "no DP claim":
+            above = [x for x in m.get("attacks") or [] if above_chance(x)]
+            (out.leaks if above else out.quiet).append(m)
+        elif kind == "passed":
+            out.passed.append(m)
+    return out
+
+
+def _leak_verdict(m: Mapping[str, Any], numbers: list[dict[str, Any]]) -> dict[str, Any]:
+    """FAILED for a model without DP whose attacks beat chance, led by the attack that tells records apart."""
+    above = [x for x in m["attacks"] if above_chance(x)]
+    best = max(above, key=lambda x: ((x.get("auc_ci95") or [0.0])[0] or 0.0, x.get("epsilon_lower_bound") or 0.0))
+    lo, _ = best.get("auc_ci95") or [None, None]
+    evidence = (
+        _auc_with_interval(best)
+        if isinstance(lo, (int, float)) and lo > 0.5
+        else f"ε lower bound {fmt3(best.get('epsilon_lower_bound'))} > 0"
+    )
+    return verdict(
+        "privacy-audit",
+        FAILED,
+        f"Attacks tell training records of the {m['title']} from others better than chance ({evidence}); "
+        "no DP bounds this.",
+        [  # the evidence first: the attack that tells them apart, not the one with the highest point AUC
+            numbers_entry(
+                f"{best['attack']} attack AUC, {m['title']}",
+                best.get("auc"),
+                best.get("auc_ci95"),
+                f"ε ≥ {fmt3(best.get('epsilon_lower_bound'))}; 0.5 = chance",
+            )
+        ]
+        + [n for n in numbers if not n["label"].endswith(f", {m['title']}")],
+    )
+
+
+def _audit_verdict(groups: _ByVerdict, blind: list[Mapping[str, Any]], numbers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first verdict that applies: a refuted claim, a leak without DP, a positive control the audit missed, too
+    little power, an untested user-level claim, no DP claim, then passed."""
+    if groups.failed:
+        m = groups.failed[0]
+        return verdict(
+            "privacy-audit",
+            FAILED,
+            f"The audit refutes the claimed ε of the {m['title']}: {_refutations(m)}.",
+            lead(numbers, f", {m['title']}"),
+        )
+    if groups.leaks:
+        return _leak_verdict(groups.leaks[0], numbers)
+    if blind:
+        who = " and ".join(m["title"] for m in blind)
+        return verdict(
+            "privacy-audit",
+            CAVEAT,
+            f"The audit could not catch its own planted leak for the {who}, so finding no leak here means nothing.",
+            numbers,
+        )
+    if groups.weak:
+        return verdict(
+            "privacy-audit",
+            CAVEAT,
+            f"No verdict for the {groups.weak[0]['title']}: the audit lacked the power to refute its claimed ε.",
+            lead(numbers, f", {groups.weak[0]['title']}"),
+        )
+    if groups.untested:
+        m = groups.untested[0]
+        return verdict(
+            "privacy-audit",
+            CAVEAT,
+            f"The audit tests no stated ε of the {m['title']}; its strongest attack reaches "
+            f"{_auc_with_interval(_best_attack(m) or {})} (0.5 = chance).",
+            lead(numbers, f", {m['title']}"),
+        )
+    if groups.quiet:
+        return verdict(
+            "privacy-audit",
+            CAVEAT,
+            "No attack beat chance on evidence (no AUC interval above 0.5, no ε lower bound above 0), but no DP "
+            "claim bounds the leakage.",
+            numbers,
+        )
+    if groups.passed:
+        return verdict(
+            "privacy-audit",
+            HOLDS,
+            "Passed for every model: no attack's ε lower bound exceeds the claimed ε, and the audit could have "
+            "refuted it.",
+            numbers,
+        )
+    return verdict("privacy-audit", NOT_APPLICABLE, "The audit ran but recorded no model to judge.", numbers)
 
 
 def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,105 +359,7 @@ def privacy_audit(content: Mapping[str, Any]) -> dict[str, Any]:
             [],
         )
     models = a.get("models") or {}
-    failed, weak, leaks, quiet, untested, passed = [], [], [], [], [], []
     blind = [m for m in models.values() if not control_outcome(m)["caught"]]
-    numbers = [_control_number(m) for m in blind]
-    for name, m in models.items():
-        kind = (m.get("verdict") or {}).get("verdict")
-        best = _best_attack(m)
-        if m.get("claimed_epsilon") is not None:
-            bounds = [x.get("epsilon_lower_bound") for x in m.get("attacks") or []]
-            if (m.get("canaries") or {}).get("ran"):
-                bounds.append(m["canaries"].get("epsilon_lower_bound"))
-            bound = max((b for b in bounds if isinstance(b, (int, float))), default=None)
-            numbers.append(
-                numbers_entry(f"ε lower bound, {m['title']}", bound, unit=f"claimed ε {fmt3(m['claimed_epsilon'])}")
-            )
-        elif best is not None:
-            numbers.append(
-                numbers_entry(f"attack AUC, {m['title']}", best.get("auc"), best.get("auc_ci95"), "0.5 = chance")
-            )
-        if kind == "FAILED":
-            failed.append(m)
-        elif kind == "no verdict":
-            weak.append(m)
-        elif kind == "no record-level claim":  # user-level DP: the record-level attacks do not test its ε
-            untested.append(m)
-        elif kind == "no DP claim":
-            above = [x for x in m.get("attacks") or [] if above_chance(x)]
-            (leaks if above else quiet).append(m)
-        elif kind == "passed":
-            passed.append(m)
-    if failed:
-        return verdict(
-            "privacy-audit",
-            FAILED,
-            f"The audit refutes the claimed ε of the {failed[0]['title']}: {_refutations(failed[0])}.",
-            lead(numbers, f", {failed[0]['title']}"),
-        )
-    if leaks:
-        above = [x for x in leaks[0]["attacks"] if above_chance(x)]
-        best = max(above, key=lambda x: ((x.get("auc_ci95") or [0.0])[0] or 0.0, x.get("epsilon_lower_bound") or 0.0))
-        lo, hi = best.get("auc_ci95") or [None, None]
-        evidence = (
-            f"AUC {fmt3(best.get('auc'))} [{fmt3(lo)}, {fmt3(hi)}]"
-            if isinstance(lo, (int, float)) and lo > 0.5
-            else f"ε lower bound {fmt3(best.get('epsilon_lower_bound'))} > 0"
-        )
-        return verdict(
-            "privacy-audit",
-            FAILED,
-            f"Attacks tell training records of the {leaks[0]['title']} from others better than chance ({evidence}); "
-            "no DP bounds this.",
-            [  # the evidence first: the attack that tells them apart, not the one with the highest point AUC
-                numbers_entry(
-                    f"{best['attack']} attack AUC, {leaks[0]['title']}",
-                    best.get("auc"),
-                    best.get("auc_ci95"),
-                    f"ε ≥ {fmt3(best.get('epsilon_lower_bound'))}; 0.5 = chance",
-                )
-            ]
-            + [n for n in numbers if not n["label"].endswith(f", {leaks[0]['title']}")],
-        )
-    if blind:
-        who = " and ".join(m["title"] for m in blind)
-        return verdict(
-            "privacy-audit",
-            CAVEAT,
-            f"The audit could not catch its own planted leak for the {who}, so finding no leak here means nothing.",
-            numbers,
-        )
-    if weak:
-        return verdict(
-            "privacy-audit",
-            CAVEAT,
-            f"No verdict for the {weak[0]['title']}: the audit lacked the power to refute its claimed ε.",
-            lead(numbers, f", {weak[0]['title']}"),
-        )
-    if untested:
-        best = _best_attack(untested[0]) or {}
-        lo, hi = best.get("auc_ci95") or [None, None]
-        return verdict(
-            "privacy-audit",
-            CAVEAT,
-            f"The audit tests no stated ε of the {untested[0]['title']}; its strongest attack reaches AUC "
-            f"{fmt3(best.get('auc'))} [{fmt3(lo)}, {fmt3(hi)}] (0.5 = chance).",
-            lead(numbers, f", {untested[0]['title']}"),
-        )
-    if quiet:
-        return verdict(
-            "privacy-audit",
-            CAVEAT,
-            "No attack beat chance on evidence (no AUC interval above 0.5, no ε lower bound above 0), but no DP "
-            "claim bounds the leakage.",
-            numbers,
-        )
-    if passed:
-        return verdict(
-            "privacy-audit",
-            HOLDS,
-            "Passed for every model: no attack's ε lower bound exceeds the claimed ε, and the audit could have "
-            "refuted it.",
-            numbers,
-        )
-    return verdict("privacy-audit", NOT_APPLICABLE, "The audit ran but recorded no model to judge.", numbers)
+    numbers = [_control_number(m) for m in blind]  # the evidence that the audit was blind comes first
+    numbers += [n for m in models.values() if (n := _model_number(m)) is not None]
+    return _audit_verdict(_by_verdict(models), blind, numbers)
