@@ -305,6 +305,16 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class StagesConfig:
+    """How the stages run (pipeline.stage_workers)."""
+
+    # Stages that read only the recorded data and models (evaluate, explain, distill, audit) run at once in up to
+    # this many forked worker processes; 0 = one per CPU this process may use (in one process on CUDA), 1 = one
+    # after another in this process; in [0, 64]. Their outputs are the same either way.
+    workers: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0  # root seed; every stage and client derives its own from it
     data: DataConfig = field(default_factory=DataConfig)
@@ -320,6 +330,7 @@ class Config:
     card: CardConfig = field(default_factory=CardConfig)  # model-card facts only the owner can give
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow tracking and registry (off by default)
     report: ReportConfig = field(default_factory=ReportConfig)  # report.pdf beside report.html
+    stages: StagesConfig = field(default_factory=StagesConfig)  # independent stages side by side
 
 
 # --------------------------------------------------------------------------- loading
@@ -537,6 +548,7 @@ def validate(cfg: Config) -> None:
     _validate_client_dp(cfg)
     _validate_secagg(cfg)
     _validate_tracking(cfg.tracking)
+    check_ranges(cfg.stages, "stages", checks.STAGES)
 
 
 # The MLflow stores `tracking.mlflow_uri` may name (pipeline/tracking.py); a database URI MLflow also takes

@@ -102,6 +102,8 @@ TRAIN: tuple[Rule, ...] = (
     ("processes", lambda v: 1 <= v <= 256, "in [1, 256]"),
 )
 
+STAGES: tuple[Rule, ...] = (("workers", lambda v: 0 <= v <= 64, "in [0, 64] (0 = one per CPU, 1 = one at a time)"),)
+
 DP: tuple[Rule, ...] = (
     ("target_epsilon", lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),
     ("target_epsilon", lambda v: v <= MAX_EPSILON, f"<= {MAX_EPSILON:g}"),

@@ -90,6 +90,11 @@ CONDITIONAL: tuple[CountsOnlyIf, ...] = (
         lambda c: c.federated.local_epochs == 0,
         "federated.local_epochs=0 (above 0 it sets every model's local epochs)",
     ),
+    CountsOnlyIf(
+        ("stages.workers",),
+        lambda c: c.train.processes == 1,
+        "train.processes=1 (a multi-process training runs its later stages in rank 0 alone)",
+    ),
     CountsOnlyIf(("federated.proximal_mu",), lambda c: c.federated.strategy == "fedprox", "federated.strategy=fedprox"),
     CountsOnlyIf(("federated.server_lr",), lambda c: c.federated.strategy == "fedadam", "federated.strategy=fedadam"),
     CountsOnlyIf(

@@ -25,6 +25,7 @@ from auditml_core.config import Config
 from auditml_core.errors import ConfigError, DiskFullError, RunDirError, UserError
 from auditml_core.runtime import Runtime
 from auditml_core.seeds import stage_seed
+from pipeline import stage_workers
 from pipeline.rundir import LEDGER_DIR, SERVER_CHECKPOINT_DIR, RunDir, damaged
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,9 @@ def run_stages(
 ) -> dict[str, Any]:
     """Run ``names`` in order inside ``run``; later recorded stages become stale.
 
+    Consecutive stages that read none of each other's outputs (evaluate, explain, distill, audit) run at
+    once in forked workers where :func:`pipeline.stage_workers.workers` allows, else one after another.
+
     ``followers``: rank 0's link to the other ranks (``pipeline.ranks.Followers``) when this is rank 0 of
     a multi-process training; only the train stage uses them.
 
@@ -220,42 +224,127 @@ def run_stages(
     """
     check_inputs(run, names)
     outputs: dict[str, Any] = {}
-    order = list(STAGES)
-    for name in names:
-        seed = stage_seed(cfg.seed, name)
-        if run.stage_status(name) == "complete":
-            # An explicit re-run starts afresh (no checkpoints); its old outputs stay until the new ones are complete.
-            run.drop_intermediates(name)
-        stage = STAGES[name]
-        inputs = _inputs(stage, outputs, run)
-        run.begin_stage(name, seed=seed)
-        runtime = stage_runtime(cfg, run, name, seed=seed, progress=progress, followers=followers)
-        log.debug("stage %s: %s", name, stage.description)
-        t0 = time.perf_counter()
-        module = stage_module(name)
-        try:
-            out = module.run(cfg, inputs, seed=seed, runtime=runtime)
-            files = module.dump(out)
-            run.complete_stage(name, files, seed=seed, seconds=time.perf_counter() - t0, device=runtime.placement)
-        except UserError as exc:
-            run.fail_stage(name, str(exc))
-            raise
-        except OSError as exc:
-            if (full := disk_full(exc)) is None:
-                run.fail_stage(name, f"{type(exc).__name__}: {exc}")
-                raise
-            raise _disk_full_stage(run, name, full) from None
-        except BaseException as exc:
-            run.fail_stage(name, f"{type(exc).__name__}: {exc}")
-            raise
-        outputs[name] = out
-        log.info("stage %-8s done in %6.1f s", name, time.perf_counter() - t0)  # the console's one line per stage
-        # Only now are the later recorded stages stale: a stage that fails above leaves them (and its own
-        # earlier outputs) as they were, so a failed re-run loses nothing.
-        for later in order[order.index(name) + 1 :]:
-            if later not in names and run.stage_status(later) == "complete":
-                run.invalidate(later)
+    i = 0
+    while i < len(names):
+        group = independent_stages(names[i:])
+        n_workers = stage_workers.workers(cfg, len(group))
+        if n_workers > 1:
+            _run_group(cfg, run, group, outputs, n_workers=n_workers, names=names)
+        else:
+            group = group[:1]
+            _run_one(cfg, run, group[0], outputs, names=names, progress=progress, followers=followers)
+        i += len(group)
     return outputs
+
+
+def independent_stages(names: list[str]) -> list[str]:
+    """The longest head of ``names`` whose stages read none of each other's outputs (nor the manifest)."""
+    group = [names[0]]
+    for name in names[1:]:
+        stage = STAGES[name]
+        if STAGES[group[0]].provenance or stage.provenance or set(stage.requires + stage.optional) & set(group):
+            break
+        group.append(name)
+    return group
+
+
+def _begin(cfg: Config, run: RunDir, name: str, outputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Stage ``name``'s inputs and seed; it is marked running."""
+    seed = stage_seed(cfg.seed, name)
+    if run.stage_status(name) == "complete":
+        # An explicit re-run starts afresh (no checkpoints); its old outputs stay until the new ones are complete.
+        run.drop_intermediates(name)
+    inputs = _inputs(STAGES[name], outputs, run)
+    run.begin_stage(name, seed=seed)
+    log.debug("stage %s: %s", name, STAGES[name].description)
+    return inputs, seed
+
+
+def _finish(run: RunDir, name: str, names: list[str], seconds: float) -> None:
+    log.info("stage %-8s done in %6.1f s", name, seconds)  # the console's one line per stage
+    # Only now are the later recorded stages stale: a stage that fails leaves them (and its own earlier
+    # outputs) as they were, so a failed re-run loses nothing.
+    order = list(STAGES)
+    for later in order[order.index(name) + 1 :]:
+        if later not in names and run.stage_status(later) == "complete":
+            run.invalidate(later)
+
+
+def _failure(run: RunDir, name: str, exc: BaseException) -> BaseException:
+    """Mark stage ``name`` failed for ``exc``; the exception to raise."""
+    if isinstance(exc, UserError):
+        run.fail_stage(name, str(exc))
+    elif isinstance(exc, OSError) and (full := disk_full(exc)) is not None:
+        return _disk_full_stage(run, name, full)
+    else:
+        run.fail_stage(name, f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def _run_one(
+    cfg: Config, run: RunDir, name: str, outputs: dict[str, Any], *, names: list[str], progress: bool, followers: Any
+) -> None:
+    inputs, seed = _begin(cfg, run, name, outputs)
+    runtime = stage_runtime(cfg, run, name, seed=seed, progress=progress, followers=followers)
+    t0 = time.perf_counter()
+    module = stage_module(name)
+    try:
+        out = module.run(cfg, inputs, seed=seed, runtime=runtime)
+        files = module.dump(out)
+        run.complete_stage(name, files, seed=seed, seconds=time.perf_counter() - t0, device=runtime.placement)
+    except BaseException as exc:
+        raised = _failure(run, name, exc)
+        if raised is exc:
+            raise
+        raise raised from None
+    outputs[name] = out
+    _finish(run, name, names, time.perf_counter() - t0)
+
+
+def _run_group(
+    cfg: Config, run: RunDir, group: list[str], outputs: dict[str, Any], *, n_workers: int, names: list[str]
+) -> None:
+    """Run ``group`` (independent stages) in forked workers; the first failure is raised once all have ended."""
+    log.info("stages %s: %d at once in worker processes", ",".join(group), n_workers)
+    prepared: dict[str, tuple[dict[str, Any], int]] = {}
+    errors: list[BaseException] = []
+
+    def start(name: str) -> None:
+        prepared[name] = _begin(cfg, run, name, outputs)
+
+    def job(name: str, runtime: Runtime) -> tuple[dict[str, bytes], dict[str, Any] | None]:  # in the worker
+        inputs, seed = prepared[name]
+        module = stage_module(name)
+        files = module.dump(module.run(cfg, inputs, seed=seed, runtime=runtime))
+        return files, runtime.placement
+
+    def done(d: stage_workers.Done) -> None:
+        seed = prepared.pop(d.name)[1]
+        try:
+            if d.error is not None:
+                raise d.error
+            run.complete_stage(d.name, d.files or {}, seed=seed, seconds=d.seconds, device=d.placement)
+            outputs[d.name] = load_recorded(d.name, run)
+        except BaseException as exc:
+            errors.append(_failure(run, d.name, exc))
+            return
+        _finish(run, d.name, names, d.seconds)
+
+    try:
+        stage_workers.run_concurrently(
+            group,
+            n_workers=n_workers,
+            job=job,
+            runtime_of=lambda name: stage_runtime(cfg, run, name, seed=prepared[name][1]),
+            on_start=start,
+            on_done=done,
+        )
+    except BaseException as exc:  # SIGTERM, Ctrl-C: the workers are gone; so are the stages they ran
+        for name in list(prepared):
+            _failure(run, name, exc)
+        raise
+    if errors:
+        raise errors[0]
 
 
 def _disk_full_stage(run: RunDir, name: str, what: str) -> DiskFullError:

@@ -50,6 +50,7 @@ LAZY_ALLOWED = {
     ("pipeline.tracking", "pipeline"),
     ("pipeline.tracking", "pipeline.predict"),
     ("pipeline.tracking", "pipeline.tracking_content"),
+    ("pipeline.stage_workers", "auditml_core.distributed"),  # torch: the runner's import stays light
     ("auditml_core.privacy.dp_sgd", "auditml_core.privacy.accounting"),
     ("auditml_core.privacy.dp_sgd", "auditml_core.privacy.bk"),
     ("auditml_core.privacy.dp_sgd", "auditml_core.privacy.ghost_conv"),

@@ -1,0 +1,152 @@
+"""Stages that read only what training recorded run side by side, in forked worker processes.
+
+Once the data and the trained models are recorded, evaluate, explain, distill and audit depend on nothing but
+them: their outputs are pure functions of (config, inputs, stage seed), which the resume tests already rely on
+(a stage resumed alone gives the same bytes as one run after its predecessors). On a machine with several CPUs
+the runner therefore starts them at once, each in a child forked from the runner (multiprocessing's ``fork``
+context, as torch's DataLoader workers are: the child shares the loaded libraries and the in-memory inputs,
+without re-importing or re-reading anything). A child runs its stage's ``run`` and ``dump`` and hands the files
+back through a pipe; only the runner writes the run directory, so the manifest keeps one writer and a stage
+is marked complete only once its files are written, exactly as in one process.
+
+Not used (the stages then run one after another in the runner's process): with ``stages.workers=1``, for a
+single stage, where ``fork`` is unavailable or unsafe (not Linux; CUDA initialised in the runner, which a
+forked child cannot use), and under a multi-process training (``train.processes``; its ranks are released
+first anyway). Every child dies with the runner (``PR_SET_PDEATHSIG``), also after ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable
+
+from auditml_core.config import Config
+from auditml_core.errors import UserError
+from auditml_core.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+_DEFERRED = {signal.SIGTERM, signal.SIGINT}  # signals held back while a worker is forked
+
+
+@dataclass
+class Done:
+    """What a worker hands back: its stage's files, placement and seconds, or the exception it raised."""
+
+    name: str
+    files: dict[str, bytes] | None = None
+    placement: dict[str, Any] | None = None
+    seconds: float = 0.0
+    error: BaseException | None = None
+
+
+def workers(cfg: Config, n_stages: int) -> int:
+    """How many of ``n_stages`` independent stages run at once (1 = in this process, one after another)."""
+    if cfg.stages.workers == 1 or n_stages < 2 or cfg.train.processes > 1:
+        return 1
+    if not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
+        return 1
+    torch = sys.modules.get("torch")  # not imported: no CUDA context either
+    if torch is not None and torch.cuda.is_initialized():  # a forked child cannot use the CUDA context it inherits
+        return 1
+    limit = cfg.stages.workers or len(os.sched_getaffinity(0))
+    return max(1, min(limit, n_stages))
+
+
+def run_concurrently(
+    names: list[str],
+    *,
+    n_workers: int,
+    job: Callable[[str, Runtime], tuple[dict[str, bytes], dict[str, Any] | None]],
+    runtime_of: Callable[[str], Runtime],
+    on_start: Callable[[str], None],
+    on_done: Callable[[Done], None],
+) -> None:
+    """Run ``job(name, runtime)`` for every stage in ``names`` in forked children, at most ``n_workers`` at once.
+
+    ``on_start`` runs in this process before a child is forked, ``on_done`` when its result arrives (in order
+    of arrival). After a stage fails, no further stage starts; those already running finish and are handed
+    to ``on_done`` (their results are valid). Children still running when this returns or raises (SIGTERM,
+    Ctrl-C) are killed.
+    """
+    ctx = mp.get_context("fork")
+    pending = list(names)
+    running: dict[Connection, tuple[str, Any]] = {}
+    failed = False
+    try:
+        while running or (pending and not failed):
+            while pending and not failed and len(running) < n_workers:
+                name = pending.pop(0)
+                on_start(name)
+                receive, send = ctx.Pipe(duplex=False)
+                child = ctx.Process(target=_child, args=(send, name, job, runtime_of(name)), name=f"stage {name}")
+                # A signal handled while fork runs its at-fork hooks (logging's lock) is lost ("Exception
+                # ignored"): SIGTERM and SIGINT wait until the child exists, then arrive here as usual.
+                signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+                try:
+                    child.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)
+                send.close()  # the child holds the sending end: EOF here once it is gone
+                running[receive] = (name, child)
+            for conn in wait(list(running)):
+                name, child = running.pop(conn)  # type: ignore[index]
+                done = _receive(conn, name, child)
+                failed = failed or done.error is not None
+                on_done(done)
+    finally:
+        for conn, (_, child) in running.items():
+            child.kill()
+            child.join()
+            conn.close()
+
+
+def _receive(conn: Connection, name: str, child: Any) -> Done:
+    try:
+        done = conn.recv()
+    except EOFError:  # it died without a word (killed, out of memory)
+        child.join()
+        done = Done(name, error=RuntimeError(f"the worker of stage {name!r} died (exit code {child.exitcode})"))
+    conn.close()
+    child.join()
+    return done
+
+
+def _child(
+    conn: Connection,
+    name: str,
+    job: Callable[[str, Runtime], tuple[dict[str, bytes], dict[str, Any] | None]],
+    runtime: Runtime,
+) -> None:
+    from auditml_core.distributed import die_with_parent  # torch: loaded already (the stages use it)
+
+    die_with_parent()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)  # blocked by the runner around the fork
+    t0 = time.perf_counter()
+    try:
+        files, placement = job(name, runtime)
+        done = Done(name, files=files, placement=placement, seconds=time.perf_counter() - t0)
+    except BaseException as exc:  # handed to the runner, which records and raises it as in one process
+        if not isinstance(exc, (UserError, KeyboardInterrupt)):  # a bug: keep where it happened
+            exc.add_note(f"(in the worker process of stage {name!r})\n" + "".join(traceback.format_exception(exc)))
+        done = Done(name, error=_portable(exc))
+    conn.send(done)
+    conn.close()
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` itself when it survives pickling (the project's errors do), else a RuntimeError with its traceback."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}\n" + "\n".join(getattr(exc, "__notes__", [])))

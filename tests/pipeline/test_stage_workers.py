@@ -1,0 +1,237 @@
+"""Independent stages in forked workers (pipeline.stage_workers): the same outputs as one process, failures
+recorded as in one process, and no worker outliving the runner."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from auditml_core import config as config_mod
+from auditml_core.config import StagesConfig, load_config
+from auditml_core.errors import ConfigError
+from pipeline import runner, stage_workers
+from pipeline.rundir import RunDir
+from tests.tiny import ALL, AUDIT, DISTILL, EXPLAIN, TRAIN
+
+ROOT = Path(__file__).resolve().parents[2]
+_TIMING = re.compile(r"seconds|_ms$|_s$|latency")
+
+
+def _with_workers(cfg, n: int):
+    return dataclasses.replace(cfg, stages=StagesConfig(workers=n))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run with its data and models recorded (the inputs every independent stage reads)."""
+    cfg = load_config(None, TRAIN + EXPLAIN + DISTILL + AUDIT)
+    run = RunDir.create(
+        tmp_path_factory.mktemp("workers") / "runs", config_toml=config_mod.to_toml(cfg), command=["t"], device="cpu"
+    )
+    runner.run_stages(_with_workers(cfg, 1), run, ["data", "train"])
+    return cfg, run.path
+
+
+def _copy(trained, dest: Path) -> RunDir:
+    shutil.copytree(trained[1], dest)
+    return RunDir.open(dest)
+
+
+def _untimed(node):
+    if isinstance(node, dict):
+        return {k: _untimed(v) for k, v in node.items() if not _TIMING.search(k)}
+    if isinstance(node, list):
+        return [_untimed(v) for v in node]
+    return node
+
+
+def _same_outputs(a: RunDir, b: RunDir, stages: list[str]) -> int:
+    """Every file the stages wrote is equal in both runs (JSON: apart from wall-clock timings); how many."""
+    files = [rel for rel, rec in a.manifest["artifacts"].items() if rec.get("stage") in stages]
+    assert sorted(files) == sorted(rel for rel, rec in b.manifest["artifacts"].items() if rec.get("stage") in stages)
+    for rel in files:
+        left, right = a.read(rel), b.read(rel)
+        if rel.endswith(".json"):
+            assert _untimed(json.loads(left)) == _untimed(json.loads(right)), rel
+        else:
+            assert left == right, rel
+    return len(files)
+
+
+# --------------------------------------------------------------------------- the decision
+
+
+def test_independent_stages_stop_at_the_first_stage_that_reads_one_of_them():
+    order = list(runner.STAGES)
+    assert runner.independent_stages(order) == ["data"]  # train reads data
+    assert runner.independent_stages(order[2:]) == ["evaluate", "explain", "distill", "audit"]  # report reads them
+    assert runner.independent_stages(["explain", "report"]) == ["explain"]
+    assert runner.independent_stages(["report"]) == ["report"]
+
+
+def test_workers_follow_the_setting_the_cpus_and_cuda(monkeypatch):
+    cfg = load_config(None, [])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert stage_workers.workers(cfg, 4) == 3  # one per CPU
+    assert stage_workers.workers(cfg, 2) == 2  # never more than the stages
+    assert stage_workers.workers(cfg, 1) == 1
+    assert stage_workers.workers(_with_workers(cfg, 1), 4) == 1
+    assert stage_workers.workers(_with_workers(cfg, 8), 4) == 4
+    multi = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, processes=2))
+    assert stage_workers.workers(multi, 4) == 1
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert stage_workers.workers(cfg, 4) == 1  # a forked child cannot use the runner's CUDA context
+
+
+def test_stages_workers_is_range_checked():
+    with pytest.raises(ConfigError, match="stages.workers"):
+        load_config(None, ["stages.workers=-1"])
+    with pytest.raises(ConfigError, match="stages.workers"):
+        load_config(None, ["stages.workers=65"])
+
+
+# --------------------------------------------------------------------------- same outputs
+
+
+def test_workers_write_what_one_process_writes(trained, tmp_path):
+    """Evaluate and audit (the two cheap ones; the slow test below adds explain and distill) in two workers and
+    in one process: the same files."""
+    cfg, _ = trained
+    one, two = _copy(trained, tmp_path / "one"), _copy(trained, tmp_path / "two")
+    stages = ["evaluate", "audit"]
+    outputs = runner.run_stages(_with_workers(cfg, 2), two, stages)  # first: see the test below
+    runner.run_stages(_with_workers(cfg, 1), one, stages)
+    assert _same_outputs(one, two, stages) >= 2
+    assert set(stages) <= set(outputs)  # rebuilt from the recorded files, as a resume does
+    assert all(two.stage_status(s) == "complete" for s in stages)
+
+
+@pytest.mark.slow  # explain and distill twice: ~40 CPU-s
+def test_every_independent_stage_in_workers_writes_what_one_process_writes(trained, tmp_path):
+    cfg, _ = trained
+    one, four = _copy(trained, tmp_path / "one"), _copy(trained, tmp_path / "four")
+    stages = ["evaluate", "explain", "distill", "audit"]
+    # Workers first: a library's import-time warning, recorded by explain, shows once per process; the workers
+    # start from this process as it is now, and so does the run after them (what they import stays theirs).
+    runner.run_stages(_with_workers(cfg, 4), four, stages)
+    runner.run_stages(_with_workers(cfg, 1), one, stages)
+    assert _same_outputs(one, four, stages) >= 20  # figures, arrays, students, ONNX graphs, records
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_failing_worker_fails_its_stage_and_starts_no_other(trained, tmp_path, monkeypatch):
+    """Two workers for three stages: distill fails (a user error), evaluate (beside it) completes, audit
+    (queued) never starts; the error is raised as in one process."""
+    cfg, _ = trained
+    run = _copy(trained, tmp_path / "run")
+    from pipeline import distill
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("distill.fit.epochs: deliberately refused")
+
+    monkeypatch.setattr(distill, "run", refuse)
+    with pytest.raises(ConfigError, match="deliberately refused"):
+        runner.run_stages(_with_workers(cfg, 2), run, ["evaluate", "distill", "audit"])
+    run = RunDir.open(run.path)
+    assert run.stage_status("distill") == "failed"
+    assert "deliberately refused" in run.manifest["stages"]["distill"]["error"]
+    assert run.stage_status("evaluate") == "complete"
+    assert "audit" not in run.manifest["stages"]  # queued behind the failure: never begun
+
+
+def test_a_bug_in_a_worker_keeps_its_traceback_and_a_dead_worker_is_named(trained, tmp_path, monkeypatch):
+    cfg, _ = trained
+    from pipeline import audit, evaluate
+
+    def bug(*args, **kwargs):
+        return {}["missing key"]
+
+    monkeypatch.setattr(evaluate, "run", bug)
+    run = _copy(trained, tmp_path / "bug")
+    with pytest.raises(KeyError) as raised:
+        runner.run_stages(_with_workers(cfg, 2), run, ["evaluate", "audit"])
+    notes = "\n".join(getattr(raised.value, "__notes__", []))
+    assert "in the worker process of stage 'evaluate'" in notes and ", in bug" in notes  # the worker's traceback
+    assert RunDir.open(run.path).stage_status("evaluate") == "failed"
+
+    monkeypatch.undo()
+    monkeypatch.setattr(audit, "run", lambda *a, **k: os._exit(3))  # dies without a word
+    run = _copy(trained, tmp_path / "dead")
+    with pytest.raises(RuntimeError, match=r"the worker of stage 'audit' died \(exit code 3\)"):
+        runner.run_stages(_with_workers(cfg, 2), run, ["evaluate", "audit"])
+    assert RunDir.open(run.path).stage_status("audit") == "failed"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _start_and_wait_for_workers(tmp_path: Path) -> tuple[subprocess.Popen, Path, list[int]]:
+    """A tiny run with a long explain stage; returns once its independent stages run in workers."""
+    args = [sys.executable, "-m", "pipeline", "--out", str(tmp_path), "--quiet", *ALL, "stages.workers=3"]
+    args += ["explain.lime_image_num_samples=20000", "explain.stability_rows=4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        children = _children(proc.pid)
+        if len(children) >= 2:
+            return proc, next(tmp_path.glob("*/manifest.json")).parent, children
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no workers appeared: {proc.communicate()[1][-2000:]}")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _gone(pids: list[int], within: float) -> bool:
+    deadline = time.time() + within
+    while time.time() < deadline:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        if not alive:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+@pytest.mark.slow  # a whole tiny run up to its workers, twice
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+def test_no_worker_outlives_its_runner_killed_or_terminated(tmp_path):
+    proc, _, workers = _start_and_wait_for_workers(tmp_path / "kill")
+    proc.kill()  # kill -9: nothing of ours runs in the runner any more
+    proc.wait()
+    assert _gone(workers, within=5.0), workers
+
+    proc, run, workers = _start_and_wait_for_workers(tmp_path / "term")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "has no effect" not in ln]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("terminated (SIGTERM)"), err
+    assert _gone(workers, within=5.0), workers
+    stages = RunDir.open(run).manifest["stages"]
+    assert "running" not in {s["status"] for s in stages.values()}, stages  # what ran is marked failed
+    assert stages["explain"]["status"] == "failed"
