@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -301,6 +301,17 @@ def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multipr
         "Every refusal is a 4xx with a one-line `error`.",
     )
     _install_error_handlers(app)
+    protected = _key_dependency(key_digest)
+    app.include_router(_info_routes(settings, served, metrics, protected))
+    app.include_router(_model_routes(settings, served, protected))
+    app.add_middleware(Observe, metrics=metrics, hashes=hashes)
+    return app
+
+
+def _key_dependency(key_digest: bytes | None) -> list[Any]:
+    """The dependency that checks the API key (none without a key file: nothing to solve per request)."""
+    if key_digest is None:
+        return []
     bearer, header_key = HTTPBearer(auto_error=False), APIKeyHeader(name="X-API-Key", auto_error=False)
 
     async def require_key(
@@ -311,13 +322,18 @@ def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multipr
         if not given or not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), key_digest):
             raise BadInput(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
 
-    protected = [Depends(require_key)] if key_digest is not None else []  # no dependency to solve without a key
+    return [Depends(require_key)]
 
-    @app.get("/healthz", summary="the process is alive")
+
+def _info_routes(settings: ServeSettings, served: Loaded, metrics: Metrics, protected: list[Any]) -> APIRouter:
+    """/healthz, /readyz, /metadata and /metrics."""
+    router = APIRouter()
+
+    @router.get("/healthz", summary="the process is alive")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="the models are loaded and verified")
+    @router.get("/readyz", summary="the models are loaded and verified")
     async def readyz() -> dict[str, Any]:
         return {
             "ready": True,
@@ -327,17 +343,24 @@ def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multipr
             "pid": os.getpid(),  # which worker answered (--workers N)
         }
 
-    @app.get(
+    @router.get(
         "/metadata", dependencies=protected, summary="run, hashes, input schema, units, privacy, explanation method"
     )
     async def metadata() -> dict[str, Any]:
         return serve_docs.metadata(settings, served)
 
-    @app.get("/metrics", dependencies=protected, summary="Prometheus text format")
+    @router.get("/metrics", dependencies=protected, summary="Prometheus text format")
     async def metrics_text() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post(
+    return router
+
+
+def _model_routes(settings: ServeSettings, served: Loaded, protected: list[Any]) -> APIRouter:
+    """/predict/{model} and /explain/{model}."""
+    router = APIRouter()
+
+    @router.post(
         "/predict/{model}",
         dependencies=protected,
         response_model=serve_docs.PredictResponse,
@@ -352,7 +375,7 @@ def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multipr
         request.state.rows = len(raw)
         return _json_response(_predict_payload(settings, m, raw, y) | {"request_id": request.state.request_id})
 
-    @app.post(
+    @router.post(
         "/explain/{model}",
         dependencies=protected,
         response_model=serve_docs.ExplainResponse,
@@ -376,5 +399,4 @@ def create_app(settings: ServeSettings, *, loaded: Loaded | None = None, multipr
         payload = _explain_payload(m, y, values, base, targets)
         return _json_response(payload | {"request_id": request.state.request_id})
 
-    app.add_middleware(Observe, metrics=metrics, hashes=hashes)
-    return app
+    return router
