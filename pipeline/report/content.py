@@ -20,9 +20,9 @@ from auditml_core.models import MODELS, title
 from pipeline.report.annex_iv import annex_iv_map
 from pipeline.report.audit import audit_section, public_only_baseline
 from pipeline.report.fmt import number
-from pipeline.report.privacy import (
-    federated_privacy,
-    privacy_section,
+from pipeline.report.privacy import privacy_section
+from pipeline.report.privacy_federated import federated_privacy
+from pipeline.report.privacy_students import (
     student_caveats,
     student_check_caveats,
     student_checks,

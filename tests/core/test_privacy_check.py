@@ -77,7 +77,7 @@ def test_rdp_orders_dp_accounting_cannot_evaluate_are_recorded_not_printed(caplo
     assert check["rdp_optimal_order"] == 2.0 and check["rdp_may_be_loose"]
     assert check["pld_epsilon"] <= check["rdp_epsilon"]  # still an upper bound
     # The report's caveat for the check says so.
-    assert "may be loose" in privacy_report._check_caveat("cnn", chk)
+    assert "may be loose" in privacy_report.check_caveat("cnn", chk)
     # Other absl warnings still pass (only the non-convergence lines are dropped, only during the call).
     with caplog.at_level(logging.WARNING):
         logging.getLogger("absl").warning("failed to converge elsewhere")

@@ -114,7 +114,8 @@ def test_the_record_keeps_the_estimate_and_the_report_repeats_it_when_the_noise_
 
     from auditml_core.config import ClientDPConfig
     from auditml_core.models import MODELS
-    from pipeline.report.privacy import federated_privacy, privacy_section
+    from pipeline.report.privacy import privacy_section
+    from pipeline.report.privacy_federated import federated_privacy
 
     plan = user_level.plan_user_dp(ClientDPConfig(enabled=True, delta=1e-3), rounds=10, n_clients=n_clients)
     rec = user_level.user_privacy_record(plan, completed_rounds=10, n_parameters=REGRESSOR_WEIGHTS)

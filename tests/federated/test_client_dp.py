@@ -286,7 +286,7 @@ def test_a_run_over_the_user_budget_fails_before_any_round(tmp_path, digits_data
 def test_report_states_threat_model_unit_and_both_levels():
     from types import SimpleNamespace
 
-    from pipeline.report.privacy import federated_privacy
+    from pipeline.report.privacy_federated import federated_privacy
 
     plan = plan_user_dp(ClientDPConfig(enabled=True, delta=1e-3), rounds=5, n_clients=10)
     rec = user_privacy_record(plan, completed_rounds=5)

@@ -282,7 +282,7 @@ def test_report_states_client_noise_the_server_facing_epsilon_and_what_is_not_co
     from auditml_core.config import load_config
     from auditml_core.privacy.user_level import user_privacy_record
     from pipeline.report.fmt import number
-    from pipeline.report.privacy import federated_privacy
+    from pipeline.report.privacy_federated import federated_privacy
 
     cfg = load_config(
         None,

@@ -231,7 +231,7 @@ def _check_secagg_user_dp_record(training: dict, *, completed: list[int], droppe
 def test_pipeline_simulation_runs_secure_aggregation_with_user_level_dp(tmp_path):
     from auditml_core.config import load_config
     from pipeline import train as train_stage
-    from pipeline.report.privacy import federated_privacy
+    from pipeline.report.privacy_federated import federated_privacy
 
     overrides = [
         *[o for o in TINY if not o.startswith("federated.n_clients")],

@@ -234,7 +234,7 @@ def test_config_refuses_settings_secagg_cannot_run():
 
 def test_report_says_what_secure_aggregation_hides_and_from_whom():
     from auditml_core.config import load_config
-    from pipeline.report.privacy import federated_privacy
+    from pipeline.report.privacy_federated import federated_privacy
 
     params = secagg.SecAggParams.from_config(make_cfg(*SECAGG).federated.secagg, max_weight=300)
     rec = secagg.secagg_record(params, n_clients=3)

@@ -113,7 +113,7 @@ def test_private_transfer_without_student_dp_says_no_guarantee():
 
 
 def test_composed_student_is_accounted_per_record_with_delta_and_budget_flag():
-    from pipeline.report.privacy import student_caveats, student_privacy
+    from pipeline.report.privacy_students import student_caveats, student_privacy
 
     cfg = load_config(
         None, TINY + ["dp.enabled=true", "dp.target_epsilon=8", 'distill.transfer="private"', "distill.student_dp=true"]

@@ -345,7 +345,7 @@ def test_user_level_only_run_drops_dp_is_off_and_says_what_the_server_sees(secag
     """dp.enabled = false with client_dp on: 'DP is off, no guarantee for any artifact' contradicted the statement."""
     from auditml_core.config import ClientDPConfig
     from auditml_core.privacy.user_level import plan_user_dp, user_privacy_record
-    from pipeline.report.privacy import federated_privacy
+    from pipeline.report.privacy_federated import federated_privacy
 
     rec = user_privacy_record(
         plan_user_dp(ClientDPConfig(enabled=True, delta=1e-3), rounds=5, n_clients=10), completed_rounds=5
@@ -367,7 +367,7 @@ def test_user_level_only_run_drops_dp_is_off_and_says_what_the_server_sees(secag
 
 def test_failed_and_refused_client_updates_reach_the_caveats():
     """The server logs failed nodes and budget refusals as warnings; the report used to drop them."""
-    from pipeline.report.privacy import federated_privacy
+    from pipeline.report.privacy_federated import federated_privacy
 
     rounds = [
         {"round": 1, "trained": [{}, {}], "refused": [], "failed": []},
@@ -433,7 +433,7 @@ def test_a_slice_that_would_make_the_reports_inputs_stale_is_refused_before_any_
 
 
 def test_composed_delta_not_below_one_over_n_is_a_caveat_and_teacher_onnx_is_listed():
-    from pipeline.report.privacy import student_caveats, student_privacy
+    from pipeline.report.privacy_students import student_caveats, student_privacy
 
     record = {
         "privacy": {"guarantee": "composed", "epsilon": 5.0, "delta": 2e-2, "target_epsilon": 8.0},
