@@ -16,7 +16,7 @@ predictions carry.
 
 The parts ``serve`` shares live beside this command: the served model (:mod:`pipeline.predict_model`),
 the input checks (:mod:`pipeline.predict_inputs`) and the SHAP explanations (:mod:`pipeline.predict_explain`);
-their names that other code uses are importable from here too.
+import them from there.
 """
 
 from __future__ import annotations
@@ -38,16 +38,10 @@ from auditml_core.codebook import units
 from auditml_core.errors import DataError, DiskFullError, UserError
 from pipeline.outputs import OutputSet, check_output_paths
 from pipeline.predict_explain import Explainer
-from pipeline.predict_explain import exactness as _exactness
 from pipeline.predict_inputs import (
     DEFAULT_CHUNK_ROWS,
-    check_columns,
-    check_field_counts,
-    check_images,
-    finite_table,
     iter_images,
     iter_table,
-    table_values,
 )
 from pipeline.predict_model import (
     ENGINES,
@@ -57,31 +51,8 @@ from pipeline.predict_model import (
     load_served,
     open_onnx,
     predict_raw,
-    predict_torch,
 )
 from pipeline.rundir import RunDir, library_versions, sha256_file
-
-__all__ = [  # the command, and what serve, tracking, the scripts and the tests use of its modules
-    "DEFAULT_CHUNK_ROWS",
-    "ENGINES",
-    "WHICH",
-    "Explainer",
-    "ServedModel",
-    "_exactness",
-    "check_columns",
-    "check_field_counts",
-    "check_images",
-    "check_outputs",
-    "cmd_predict",
-    "finite_table",
-    "load_served",
-    "open_onnx",
-    "parser",
-    "predict_file",
-    "predict_raw",
-    "predict_torch",
-    "table_values",
-]
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import uvicorn
 from auditml_core import models
 from auditml_core.errors import ConfigError, RunDirError, UserError
 from federated.launch import processes, tls
-from pipeline import predict
+from pipeline import predict_model
 from pipeline.serve_app import ServeSettings, create_app, load_models, read_key
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument(
-        "--model", choices=predict.WHICH, default="student", help="the distilled students (default) or teachers"
+        "--model", choices=predict_model.WHICH, default="student", help="the distilled students (default) or teachers"
     )
     p.add_argument(
-        "--engine", choices=predict.ENGINES, default="onnx", help="onnx (default: the run's graphs) or torch"
+        "--engine", choices=predict_model.ENGINES, default="onnx", help="onnx (default: the run's graphs) or torch"
     )
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where torch/ONNX run (default cpu)"

@@ -1,10 +1,10 @@
 """The FastAPI application of ``python -m pipeline serve``: endpoints, API key, metrics, access log.
 
 :func:`load_models` verifies the run and loads its models exactly as ``predict`` does
-(:func:`pipeline.predict.load_served`, read-only, hash-checked); :func:`create_app` builds the
+(:func:`pipeline.predict_model.load_served`, read-only, hash-checked); :func:`create_app` builds the
 application around them, so tests and ``uvicorn`` workers build the same thing. Predictions go
-through :func:`pipeline.predict.predict_raw`, explanations through
-:class:`pipeline.predict.Explainer`: the service answers with ``predict``'s numbers.
+through :func:`pipeline.predict_model.predict_raw`, explanations through
+:class:`pipeline.predict_explain.Explainer`: the service answers with ``predict``'s numbers.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from auditml_core import models, training
 from auditml_core.errors import ConfigError, DataError, RunDirError
-from pipeline import predict, serve_docs
-from pipeline.predict import Explainer, ServedModel
+from pipeline import predict_explain, predict_model, serve_docs
+from pipeline.predict_explain import Explainer
+from pipeline.predict_model import ServedModel
 from pipeline.rundir import RunDir
 from pipeline.serve_inputs import (
     CSV,
@@ -100,8 +101,10 @@ def load_models(settings: ServeSettings) -> Loaded:
     ConfigError
         An unknown ``which`` or ``engine``.
     """
-    if settings.engine not in predict.ENGINES:
-        raise ConfigError(f"--engine {settings.engine!r} is not valid; choose one of: {', '.join(predict.ENGINES)}")
+    if settings.engine not in predict_model.ENGINES:
+        raise ConfigError(
+            f"--engine {settings.engine!r} is not valid; choose one of: {', '.join(predict_model.ENGINES)}"
+        )
     device = training.resolve_device(settings.device, num_threads=1)
     before = RunDir.open(settings.run_dir).manifest_sha256()
     if settings.manifest_sha256 and before != settings.manifest_sha256:
@@ -111,9 +114,9 @@ def load_models(settings: ServeSettings) -> Loaded:
         )
     loaded: dict[str, LoadedModel] = {}
     for name in models.MODELS:
-        served = predict.load_served(settings.run_dir, name=name, which=settings.which)  # verifies the run
+        served = predict_model.load_served(settings.run_dir, name=name, which=settings.which)  # verifies the run
         run = RunDir.open(settings.run_dir)
-        session = predict.open_onnx(run, served, device=device, threads=1) if settings.engine == "onnx" else None
+        session = predict_model.open_onnx(run, served, device=device, threads=1) if settings.engine == "onnx" else None
         explainer, why = None, ""
         try:
             explainer = Explainer(
@@ -182,10 +185,10 @@ async def _raw_inputs(
 
 def _outputs(loaded: Loaded, m: LoadedModel, raw: np.ndarray) -> np.ndarray:
     """predict's numbers for ``raw``; a non-finite output is a 422 naming the row, as predict refuses it."""
-    y = predict.predict_raw(m.served, raw, session=m.session, device=loaded.device)
+    y = predict_model.predict_raw(m.served, raw, session=m.session, device=loaded.device)
     ids = None if m.served.task == "regression" else list(range(len(raw)))
     try:
-        predict.check_outputs(y, ids=ids, first_row=0, where=f"the {m.served.which} {m.served.name}")
+        predict_model.check_outputs(y, ids=ids, first_row=0, where=f"the {m.served.which} {m.served.name}")
     except DataError as exc:
         raise BadInput(422, str(exc)) from None
     return y
@@ -227,7 +230,7 @@ def _explain_payload(
     if m.served.task == "regression":
         err = float(np.max(np.abs(base + values.sum(axis=1) - y))) if base is not None else None
         return payload | {
-            "exactness": predict._exactness(e.method, err, "original target units"),
+            "exactness": predict_explain.exactness(e.method, err, "original target units"),
             "explained_output": "prediction in the target's original units",
             "shap_values": values.tolist(),
             "base_values": base.tolist() if base is not None else None,
@@ -236,7 +239,7 @@ def _explain_payload(
             "additivity_max_abs_error": err,
         }
     return payload | {
-        "exactness": predict._exactness(e.method, None, "logits"),
+        "exactness": predict_explain.exactness(e.method, None, "logits"),
         "explained_output": "logit of the predicted class",
         "shap_values": values.tolist(),  # (N, C, H, W) per-pixel attributions
         "targets": targets.tolist() if targets is not None else None,

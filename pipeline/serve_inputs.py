@@ -3,8 +3,8 @@
 Everything a client sends is untrusted: the body's size, encoding, JSON nesting, types and
 shapes are checked here before a model sees them, and every refusal names the field, row or
 column and says how to fix it. The table and image checks themselves are :mod:`pipeline.predict`'s
-(:func:`~pipeline.predict.check_columns`, :func:`~pipeline.predict.table_values`,
-:func:`~pipeline.predict.check_images`), so ``serve`` accepts exactly what ``predict`` accepts.
+(:func:`~pipeline.predict_inputs.check_columns`, :func:`~pipeline.predict_inputs.table_values`,
+:func:`~pipeline.predict_inputs.check_images`), so ``serve`` accepts exactly what ``predict`` accepts.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 from starlette.requests import ClientDisconnect
 
 from auditml_core.errors import DataError
-from pipeline import predict
-from pipeline.predict import ServedModel
+from pipeline import predict_inputs
+from pipeline.predict_model import ServedModel
 
 JSON = "application/json"
 CSV = "text/csv"
@@ -154,7 +154,7 @@ def _check_count(n: int, max_rows: int, what: str, flag: str) -> None:
 
 
 def rows_from_json(obj: Any, served: ServedModel, *, max_rows: int, limit_flag: str = "--max-rows") -> np.ndarray:
-    """``{"rows": [{column: number}]}`` -> (n, F) float64 raw rows, checked by :func:`pipeline.predict.finite_table`.
+    """``{"rows": [{column: number}]}`` -> (n, F) float64 raw rows, checked by :func:`pipeline.predict_inputs.finite_table`.
 
     ``null`` is a missing value: imputed when the run was trained with ``data.nan_policy='impute'``,
     refused otherwise (as an empty CSV cell is by ``predict``).
@@ -180,7 +180,9 @@ def rows_from_json(obj: Any, served: ServedModel, *, max_rows: int, limit_flag: 
                     f"rows[{i}] has a {len(long)}-character column name; the {served.name} needs: {', '.join(features)}",
                 )
             try:
-                predict.check_columns(list(row), served, where=f"rows[{i}]", extra_fix="remove them from the row")
+                predict_inputs.check_columns(
+                    list(row), served, where=f"rows[{i}]", extra_fix="remove them from the row"
+                )
             except DataError as exc:
                 raise BadInput(422, str(exc)) from None
     get = operator.itemgetter(*features)
@@ -198,7 +200,7 @@ def rows_from_json(obj: Any, served: ServedModel, *, max_rows: int, limit_flag: 
             i, c = map(int, bad[0])
             raise BadInput(422, _bad_cell(f"rows[{i}][{features[c]!r}]", float(x[i, c]), impute))
     try:  # imputation and range, as predict checks a CSV's numbers
-        return predict.finite_table(x, served, where="the JSON rows (data row 1 is rows[0])")
+        return predict_inputs.finite_table(x, served, where="the JSON rows (data row 1 is rows[0])")
     except DataError as exc:
         raise BadInput(422, str(exc)) from None
 
@@ -217,7 +219,7 @@ def rows_from_csv(body: bytes, served: ServedModel, *, max_rows: int, limit_flag
     """A ``text/csv`` body (a header with the training columns, in any order) -> (n, F) float64 raw rows.
 
     Parsed by pandas as ``predict`` parses a CSV file (the same numbers), after
-    :func:`pipeline.predict.check_field_counts` has checked every line has as many fields as the header.
+    :func:`pipeline.predict_inputs.check_field_counts` has checked every line has as many fields as the header.
 
     Raises
     ------
@@ -228,7 +230,7 @@ def rows_from_csv(body: bytes, served: ServedModel, *, max_rows: int, limit_flag
 
     text = _text(body).removeprefix("\ufeff")  # a byte-order mark is not part of the first column's name
     try:
-        predict.check_field_counts(io.StringIO(text, newline=""), where="the CSV body")
+        predict_inputs.check_field_counts(io.StringIO(text, newline=""), where="the CSV body")
         records = csv.reader(io.StringIO(text, newline=""))
         header = next(records, None)
         n = sum(1 for r in records if r)  # data rows (blank lines skipped, as pandas does)
@@ -248,15 +250,15 @@ def rows_from_csv(body: bytes, served: ServedModel, *, max_rows: int, limit_flag
     if dup is not None:
         raise BadInput(422, f"column {dup!r} appears twice in the CSV header; send each column once")
     try:
-        predict.check_columns(header, served, where="the CSV body", extra_fix="remove them from the body")
+        predict_inputs.check_columns(header, served, where="the CSV body", extra_fix="remove them from the body")
     except DataError as exc:
         raise BadInput(422, str(exc)) from None
     if n == 0:
         raise BadInput(422, "the CSV body has a header but no rows; send at least one row")
     _check_count(n, max_rows, "rows", limit_flag)
     try:
-        frame = pd.read_csv(io.StringIO(text), usecols=list(served.feature_names))  # as predict.iter_table reads
-        return predict.table_values(frame, served, where="the CSV body")
+        frame = pd.read_csv(io.StringIO(text), usecols=list(served.feature_names))  # as predict_inputs.iter_table reads
+        return predict_inputs.table_values(frame, served, where="the CSV body")
     except DataError as exc:
         raise BadInput(422, str(exc)) from None
     except (pd.errors.ParserError, ValueError) as exc:
@@ -292,7 +294,7 @@ def images_from_json(obj: Any, served: ServedModel, *, max_rows: int, limit_flag
         kind = {"U": "strings", "b": "booleans"}.get(x.dtype.kind, f"values of type {x.dtype}")
         raise BadInput(422, f"'images' holds {kind}; pixels are numbers")
     try:  # shape, channels, NaN/inf (imputed or refused) and range, as predict checks an image file
-        return predict.check_images(x, served, what="'images'", first_index=0)
+        return predict_inputs.check_images(x, served, what="'images'", first_index=0)
     except DataError as exc:
         raise BadInput(422, str(exc)) from None
 

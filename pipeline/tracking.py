@@ -42,7 +42,7 @@ from pipeline.rundir import MANIFEST, RunDir
 
 if TYPE_CHECKING:  # predict and tracking_content load distill, explain, ONNX Runtime and scikit-learn (~2 s): they
     # are imported where a run is logged, so a run with tracking off (and a train.processes launcher) never pays
-    from pipeline import predict
+    from pipeline import predict_model
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class _Logged:
     run_id: str = ""
     models: dict[str, str] = field(default_factory=dict)  # "regressor-teacher" -> models:/m-...
     registered: dict[str, str] = field(default_factory=dict)  # registered name -> version
-    versions: list[tuple[str, str, predict.ServedModel]] = field(default_factory=list)  # (name, version, model)
+    versions: list[tuple[str, str, predict_model.ServedModel]] = field(default_factory=list)  # (name, version, model)
 
 
 def record(cfg: Config, run: RunDir, *, verbose: bool = False) -> dict[str, Any]:
@@ -339,18 +339,18 @@ def _fluent(mlflow: Any, uri: str, experiment_id: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _served(run: RunDir, name: str, which: str) -> predict.ServedModel | None:
+def _served(run: RunDir, name: str, which: str) -> predict_model.ServedModel | None:
     """The model as ``predict`` serves it (verified run, its privacy statement), or None if it has no ONNX graph."""
-    from pipeline import predict
+    from pipeline import predict_model
 
     folder = "students" if which == "student" else "models"
     if f"{folder}/{name}.onnx" not in run.manifest["artifacts"]:
         return None
-    return predict.load_served(run.path, name=name, which=which)
+    return predict_model.load_served(run.path, name=name, which=which)
 
 
 def _log_model(
-    mlflow: Any, run: RunDir, s: predict.ServedModel, *, run_id: str, mlflow_run_id: str, card: Path | None
+    mlflow: Any, run: RunDir, s: predict_model.ServedModel, *, run_id: str, mlflow_run_id: str, card: Path | None
 ) -> Any:
     """One served ONNX graph (raw inputs, preprocessing inside) as an MLflow ONNX model with its signature."""
     import onnx
@@ -377,7 +377,14 @@ def _log_model(
 
 
 def _register(
-    client: Any, experiment: str, s: predict.ServedModel, info: Any, *, run_id: str, mlflow_run_id: str, logged: _Logged
+    client: Any,
+    experiment: str,
+    s: predict_model.ServedModel,
+    info: Any,
+    *,
+    run_id: str,
+    mlflow_run_id: str,
+    logged: _Logged,
 ) -> None:
     """A registry version of one logged model, tagged with the run's provenance and privacy statement."""
     from mlflow.exceptions import MlflowException
@@ -411,7 +418,7 @@ def registered_name(experiment: str, name: str, which: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "-", f"{experiment}-{name}-{which}").strip("-")
 
 
-def _description(run_id: str, manifest_sha256: str | None, s: predict.ServedModel) -> str:
+def _description(run_id: str, manifest_sha256: str | None, s: predict_model.ServedModel) -> str:
     anchor = f", manifest SHA-256 {manifest_sha256}" if manifest_sha256 else ""
     return f"From run {run_id}{anchor} ({s.onnx_file}). {s.privacy.get('statement', '')}"
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from auditml_core.artifacts import read_json
 from auditml_core.models import MODELS
-from pipeline import distill, predict
+from pipeline import distill, predict_model
 from pipeline.rundir import CONFIG, RunDir
 
 SPLITS = ("val", "train", "public")  # evaluation entries that are not test metrics
@@ -41,7 +41,7 @@ def metric_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", text)
 
 
-def metrics(run: RunDir, served: Mapping[tuple[str, str], predict.ServedModel]) -> dict[str, float]:
+def metrics(run: RunDir, served: Mapping[tuple[str, str], predict_model.ServedModel]) -> dict[str, float]:
     """Test metrics (``_ci95`` pairs as ``_ci95_low`` / ``_ci95_high``), students' scalars, ε/δ, stage times."""
     out: dict[str, float] = {}
     evaluation = read_json(run.read("metrics/evaluation.json"))
@@ -102,7 +102,7 @@ def stage_files(run: RunDir, folder: Path) -> None:
         target.write_bytes(data)
 
 
-def signature(s: predict.ServedModel) -> Any:
+def signature(s: predict_model.ServedModel) -> Any:
     """The served graph's MLflow signature: raw float32 inputs (N, F) / (N, C, H, W) -> (N,) or (N, K) outputs."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec

@@ -28,11 +28,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from auditml_core import models, training  # noqa: E402
-from pipeline import distill, predict  # noqa: E402
+from pipeline import distill, predict_inputs, predict_model  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 
 
-def synthetic(served: predict.ServedModel, n: int, rng: np.random.Generator) -> np.ndarray:
+def synthetic(served: predict_model.ServedModel, n: int, rng: np.random.Generator) -> np.ndarray:
     p = served.preprocessing
     if served.task == "regression":
         return rng.normal(np.asarray(p["x_mean"]), np.asarray(p["x_std"]), size=(n, *served.input_shape))
@@ -57,10 +57,10 @@ def bench_models(run_dir: str, *, rows: int, images: int, chunk: int, device: to
     out = []
     for name in models.MODELS:
         for which in ("teacher", "student"):
-            served = predict.load_served(run_dir, name=name, which=which)
+            served = predict_model.load_served(run_dir, name=name, which=which)
             total = rows if served.task == "regression" else images
             x = synthetic(served, min(chunk, total), rng)
-            torch_rate = throughput(lambda v: predict.predict_torch(served, v, device=device), x, total)
+            torch_rate = throughput(lambda v: predict_model.predict_torch(served, v, device=device), x, total)
             session = distill.onnx_session(run.read(served.onnx_file), device=device.type)
             key = distill.ONNX_NAMES[served.task][0]
             x32 = x.astype(np.float32)
@@ -71,7 +71,7 @@ def bench_models(run_dir: str, *, rows: int, images: int, chunk: int, device: to
 
 def bench_csv(run_dir: str, n: int, *, chunk: int, device: str) -> tuple[float, float, float]:
     """Seconds, rows/s and peak RSS (MB) of ``python -m pipeline predict`` on an ``n``-row CSV (student)."""
-    served = predict.load_served(run_dir, name="regressor", which="student")
+    served = predict_model.load_served(run_dir, name="regressor", which="student")
     rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "x.csv"
@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("run_dir")
     p.add_argument("--rows", type=int, default=1_000_000, help="tabular rows per measurement")
     p.add_argument("--images", type=int, default=100_000, help="images per measurement")
-    p.add_argument("--chunk-rows", type=int, default=predict.DEFAULT_CHUNK_ROWS)
+    p.add_argument("--chunk-rows", type=int, default=predict_inputs.DEFAULT_CHUNK_ROWS)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (ONNX Runtime uses its default)")
     p.add_argument("--csv-rows", type=int, default=0, help="also time the CLI on a CSV of this many rows")

@@ -48,7 +48,7 @@ LAZY_ALLOWED = {
     ("pipeline.__main__", "pipeline.tracking"),
     # where a run is logged: ~2 s of predict/distill/explain imports a run with tracking off never pays
     ("pipeline.tracking", "pipeline"),
-    ("pipeline.tracking", "pipeline.predict"),
+    ("pipeline.tracking", "pipeline.predict_model"),
     ("pipeline.tracking", "pipeline.tracking_content"),
     ("pipeline.stage_workers", "auditml_core.distributed"),  # torch: the runner's import stays light
     ("auditml_core.privacy.dp_sgd", "auditml_core.privacy.accounting"),

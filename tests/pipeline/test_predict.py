@@ -17,7 +17,7 @@ from sklearn.datasets import load_diabetes, load_digits
 from auditml_core import config as config_mod
 from auditml_core.artifacts import read_json
 from auditml_core.errors import DataError
-from pipeline import predict, runner
+from pipeline import predict, predict_inputs, predict_model, runner
 from pipeline.__main__ import main
 from pipeline.rundir import RunDir
 from tests.tiny import ALL
@@ -51,7 +51,7 @@ def raw_test(run_dir, tmp_path_factory):
 
 
 def _served_model(run_dir, name, which):
-    return predict.load_served(run_dir, name=name, which=which).model
+    return predict_model.load_served(run_dir, name=name, which=which).model
 
 
 @pytest.mark.parametrize("which", ["teacher", "student"])
@@ -103,8 +103,8 @@ def test_onnx_graph_alone_reproduces_predict_on_raw_inputs(run_dir, raw_test, wh
         assert [i.name for i in session.get_inputs()] == [key]
         assert session.get_inputs()[0].shape[0] == "batch"  # dynamic batch axis
         onnx_out = session.run(None, {key: x.astype(np.float32)})[0]
-        served = predict.load_served(run_dir, name=name, which=which)
-        torch_out = predict.predict_torch(served, x)
+        served = predict_model.load_served(run_dir, name=name, which=which)
+        torch_out = predict_model.predict_torch(served, x)
         assert onnx_out.shape == torch_out.shape
         assert float(np.max(np.abs(onnx_out - torch_out))) <= 1e-4
     record = json.loads((run_dir / "students" / "cnn.json").read_text())["record"]
@@ -272,11 +272,11 @@ def test_inputs_training_would_refuse_are_refused_by_name_and_index(
 
 def test_images_with_nan_pixels_take_the_channel_mean_when_the_run_imputed(run_dir, raw_test):
     """Item 3: like tables, images follow the run's nan_policy (impute: the train-split channel mean)."""
-    served = predict.load_served(run_dir, name="cnn", which="teacher")
+    served = predict_model.load_served(run_dir, name="cnn", which="teacher")
     imputing = dataclasses.replace(served, preprocessing={**served.preprocessing, "nan_policy": "impute"})
     x = np.load(raw_test["npz"])["x"][:3].astype(np.float64)[:, None]
     x[1, 0, 2, 2] = np.nan
-    got = predict.check_images(x, imputing, what="x")
+    got = predict_inputs.check_images(x, imputing, what="x")
     assert got[1, 0, 2, 2] == imputing.preprocessing["channel_mean"][0] and np.isfinite(got).all()
 
 
@@ -311,10 +311,10 @@ def test_field_counts_follow_csv_quoting(text, line):
     import io
 
     if line is None:
-        predict.check_field_counts(io.StringIO(text, newline=""), where="t")
+        predict_inputs.check_field_counts(io.StringIO(text, newline=""), where="t")
         return
     with pytest.raises(DataError, match=rf"^line {line} of t has \d+ fields but the header has 2;"):
-        predict.check_field_counts(io.StringIO(text, newline=""), where="t")
+        predict_inputs.check_field_counts(io.StringIO(text, newline=""), where="t")
 
 
 def test_out_may_be_neither_the_input_nor_inside_a_run_directory(run_dir, raw_test, tmp_path, capsys):

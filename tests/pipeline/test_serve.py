@@ -32,7 +32,7 @@ from sklearn.datasets import load_diabetes, load_digits
 from auditml_core import config as config_mod
 from federated.launch.processes import free_port, stop_trees
 from federated.launch.watchdog import alive, all_pids
-from pipeline import predict, runner
+from pipeline import predict, predict_model, runner
 from pipeline.__main__ import main
 from pipeline.rundir import RunDir
 from tests.tiny import ALL
@@ -274,7 +274,7 @@ def test_a_bug_is_a_500_that_logs_no_input_and_request_ids_are_kept_or_replaced(
         async with httpx.AsyncClient(transport=transport, base_url="http://serve") as c:
             ok = await c.get("/healthz", headers={"X-Request-ID": "abc-123"})
             odd = await c.get("/healthz", headers={"X-Request-ID": "x" * 65})
-            monkeypatch.setattr(predict, "predict_raw", broken)
+            monkeypatch.setattr(predict_model, "predict_raw", broken)
             bug = await c.post("/predict/regressor", json={"rows": inputs["rows"][:1]})
             return [ok, odd, bug]
 

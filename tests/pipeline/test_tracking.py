@@ -29,7 +29,7 @@ from auditml_core import config as config_mod
 from auditml_core.config_effect import inert_settings
 from auditml_core.errors import ConfigError
 from federated.launch.processes import free_port
-from pipeline import predict, tracking
+from pipeline import predict_model, tracking
 from pipeline.__main__ import main
 from pipeline.rundir import RunDir
 from tests.tiny import DISTILL, EXPLAIN, TRAIN
@@ -129,7 +129,7 @@ def test_epsilon_and_delta_of_every_model_are_metrics_and_tags_from_the_report(t
     report = json.loads((run / "report.json").read_text())
     assert data.tags["privacy_statement"] == report["privacy"]["statement"]
     for name, which in MODELS:
-        served = predict.load_served(run, name=name, which=which)
+        served = predict_model.load_served(run, name=name, which=which)
         eps = served.privacy["epsilon"]
         if which == "teacher":
             assert eps == report["privacy"]["models"][name]["epsilon"]
@@ -182,7 +182,7 @@ def test_teachers_and_students_load_from_mlflow_and_predict_what_the_run_predict
     mlflow.set_tracking_uri(tracked["uri"])
     try:
         for name, which in MODELS:
-            served = predict.load_served(run, name=name, which=which)
+            served = predict_model.load_served(run, name=name, which=which)
             raw = _raw_rows(run, served.dataset)
             loaded = mlflow.pyfunc.load_model(models[f"{name}-{which}"])
             inputs = loaded.metadata.get_input_schema().inputs[0]
@@ -190,9 +190,11 @@ def test_teachers_and_students_load_from_mlflow_and_predict_what_the_run_predict
             assert tuple(inputs.shape) == (-1, *served.input_shape)
             out = loaded.predict(raw)
             got = np.asarray(out[next(iter(out))] if isinstance(out, dict) else out)
-            session = predict.open_onnx(RunDir.open(run), served)
-            np.testing.assert_array_equal(got, predict.predict_raw(served, raw, session=session))  # the same graph
-            torch_out = predict.predict_raw(served, raw)  # the run's own torch model
+            session = predict_model.open_onnx(RunDir.open(run), served)
+            np.testing.assert_array_equal(
+                got, predict_model.predict_raw(served, raw, session=session)
+            )  # the same graph
+            torch_out = predict_model.predict_raw(served, raw)  # the run's own torch model
             np.testing.assert_allclose(got, torch_out.reshape(got.shape), rtol=1e-4, atol=1e-4)
             assert loaded.metadata.metadata["privacy"]["statement"] == served.privacy["statement"]
     finally:
@@ -205,7 +207,7 @@ def test_registered_versions_carry_the_runs_provenance_and_privacy_statement(tra
     assert tracked["record"]["registered"] == {f"tracked-{n}-{w}": "1" for n, w in MODELS}
     for name, which in MODELS:
         version = client.get_model_version(f"tracked-{name}-{which}", "1")
-        served = predict.load_served(run, name=name, which=which)
+        served = predict_model.load_served(run, name=name, which=which)
         assert version.run_id == tracked["mlflow_run"].info.run_id
         assert version.source == tracked["record"]["models"][f"{name}-{which}"]
         assert version.tags["run_id"] == run.name and version.tags["manifest_sha256"] == digest
@@ -217,7 +219,7 @@ def test_read_only_commands_log_nothing(tracked, tmp_path):
     client, run = _client(tracked["uri"]), tracked["run"]
     experiment = client.get_experiment_by_name("tracked")
     before = (len(client.search_runs([experiment.experiment_id])), _sha256(run / "manifest.json"))
-    columns = predict.load_served(run, name="regressor", which="student").feature_names
+    columns = predict_model.load_served(run, name="regressor", which="student").feature_names
     pd.DataFrame(_raw_rows(run, "tabular").astype(np.float64), columns=columns).to_csv(tmp_path / "in.csv", index=False)
     assert main(["verify", str(run)]) == 0
     assert main(["predict", str(run), "--input", str(tmp_path / "in.csv"), "--out", str(tmp_path / "p.csv")]) == 0
@@ -534,10 +536,10 @@ def test_readme_mlflow_ui_serves_an_embedded_run_and_a_run_logged_over_http(tmp_
             model = mlflow.pyfunc.load_model("models:/served-regressor-student/1")
             raw = _raw_rows(run, "tabular")
             out = model.predict(raw)
-            served_model = predict.load_served(run, name="regressor", which="student")
-            session = predict.open_onnx(RunDir.open(run), served_model)
+            served_model = predict_model.load_served(run, name="regressor", which="student")
+            session = predict_model.open_onnx(RunDir.open(run), served_model)
             np.testing.assert_array_equal(
-                np.asarray(out["prediction"]), predict.predict_raw(served_model, raw, session=session)
+                np.asarray(out["prediction"]), predict_model.predict_raw(served_model, raw, session=session)
             )
         finally:
             mlflow.set_tracking_uri(None)
