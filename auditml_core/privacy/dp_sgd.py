@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import types
 import warnings
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from auditml_core.errors import PrivacyBudgetError
 History = list[tuple[float, float, int]]  # Opacus accountant history: (noise_multiplier, sample_rate, steps)
 HistoryLike = Sequence[tuple[float, float, int]]  # any read-only history (a list, a tuple, ())
 NoiseSource = Literal["os-csprng", "seeded"]
+_WARNING_FILTERS = threading.Lock()  # held around warnings.catch_warnings (see _privacy_engine)
 
 
 @dataclass(frozen=True)
@@ -347,7 +349,9 @@ def _privacy_engine(plan: PrivacyPlan, history: HistoryLike) -> Any:
     """Opacus' ``PrivacyEngine`` with the plan's accountant, continuing ``history``."""
     from opacus import PrivacyEngine
 
-    with warnings.catch_warnings():
+    # catch_warnings saves and restores the process's filter list: two threads inside it at once (the audit's
+    # concurrent DP shadows) can restore each other's filter for good; the lock keeps them one at a time.
+    with _WARNING_FILTERS, warnings.catch_warnings():
         # Opacus warns that its torchcsprng route (secure_mode) is off; our noise comes instead from
         # generators whose state is drawn from the OS's CSPRNG (dp_generators); the report says which source.
         warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)

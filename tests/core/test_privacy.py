@@ -351,3 +351,52 @@ def test_empty_poisson_batches_still_take_noisy_steps(rng):
     model, res = _fit(x, y, dp=dp, fit=fit)
     assert res.privacy["total_steps"] == 24  # every planned step accounted, empty ones included
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_concurrent_privacy_engines_leave_the_warning_filters_as_they_were(monkeypatch):
+    """The audit builds its DP shadows' PrivacyEngines in threads; catch_warnings saves and restores the process's
+    filter list, so two threads inside it at once restore each other's filter for good unless they take turns.
+    The engine is slowed down so that the threads overlap inside it every time; the control drops the lock."""
+    import contextlib
+    import threading
+    import time
+    import warnings
+
+    import opacus
+
+    from auditml_core.privacy import dp_sgd
+
+    real = opacus.PrivacyEngine
+
+    def slow_engine(*args, **kwargs):
+        time.sleep(0.05)  # every other thread reaches catch_warnings meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(opacus, "PrivacyEngine", slow_engine)
+    plan = dp_sgd.PrivacyPlan(
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=0.1,
+        steps=10,
+        delta=1e-5,
+        target_epsilon=10.0,
+        planned_epsilon=0.0,
+        accountant="rdp",
+        noise_source="os-csprng",
+        grad_sample_mode="hooks",
+    )
+
+    def leaked() -> bool:
+        before = list(warnings.filters)
+        threads = [threading.Thread(target=dp_sgd._privacy_engine, args=(plan, ())) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        changed = list(warnings.filters) != before
+        warnings.filters[:] = before
+        return changed
+
+    assert not leaked()
+    monkeypatch.setattr(dp_sgd, "_WARNING_FILTERS", contextlib.nullcontext())  # the control: no turns
+    assert leaked()
