@@ -5,14 +5,16 @@ without a manifest), and "not applicable" where the area does not apply."""
 
 import copy
 import itertools
+import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from auditml_core.privacy.mia import dp_tpr_bound
 from pipeline.evaluate import classification_metrics
 from pipeline.report.audit import _verdict as audit_verdict
-from pipeline.report.audit import control_outcome
+from pipeline.report.audit import control_outcome, refuted_by
 from pipeline.report.privacy import independent_check
 from pipeline.report.utility import trivial_baseline
 from pipeline.report.verdicts import AREAS, MAX_WORDS, STATUSES, verdicts
@@ -506,3 +508,261 @@ def test_user_level_dp_is_judged_on_its_own_epsilon_and_the_record_level_audit_n
     for m in content["models"].values():
         m["training"]["user_level_privacy"]["independent_check"] = check | {"agrees": False}
     assert by_area(content)["privacy-guarantee"]["status"] == "failed"
+
+
+# --------------------------------------------------------------------------- branches the review found undriven
+
+
+def test_seeded_noise_holds_only_with_the_caveat_that_the_seed_must_stay_secret():
+    # dp.reproducible_noise = true: the run directory records the seed the noise came from, so the guarantee holds
+    # only while that seed stays secret (the privacy section's wording); the row must never say "holds".
+    content = good_dp_content()
+    rec = content["privacy"]["models"]["regressor"] | {"noise_source": "seeded"}
+    content["privacy"]["models"]["regressor"] = rec
+    v = by_area(content)["privacy-guarantee"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == (
+        "Every stated ε is within its target, but the MLP regressor's noise is seeded: DP holds only while the seed "
+        "stays secret."
+    )
+    assert rec["epsilon"] <= rec["target_epsilon"]  # "within its target" is true of this input
+    assert v["numbers"][0] == {
+        "label": "ε, MLP regressor",
+        "value": pytest.approx(rec["epsilon"]),
+        "interval": None,
+        "unit": "target 3, δ = 1e-05",
+    }
+    # a record from before noise_source was kept came from seeded generators: read as seeded, as the privacy section
+    content["privacy"]["models"]["regressor"] = {k: x for k, x in rec.items() if k != "noise_source"}
+    assert "noise is seeded" in by_area(content)["privacy-guarantee"]["sentence"]
+    # control: the same record with OS-CSPRNG noise holds
+    content["privacy"]["models"]["regressor"] = rec | {"noise_source": "os-csprng"}
+    assert by_area(content)["privacy-guarantee"]["status"] == "holds"
+
+
+def test_delta_not_below_one_over_n_never_holds():
+    # δ = 1e-5 and n = 100,000 training records: δ = 1/n exactly, which permits leaking whole records.
+    n = 100_000
+    assert DELTA >= 1.0 / n  # the fact the row states, checked on the input
+    content = good_dp_content()
+    content["models"]["regressor"]["training"]["n_train"] = n
+    v = by_area(content)["privacy-guarantee"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == "Every stated ε is within its target, but δ of the MLP regressor is not below 1/n."
+    assert v["numbers"][0]["label"] == "ε, MLP regressor" and v["numbers"][0]["unit"].endswith("δ = 1e-05")
+    # control: one record fewer puts δ below 1/n
+    assert DELTA < 1.0 / (n - 1)
+    content["models"]["regressor"]["training"]["n_train"] = n - 1
+    assert by_area(content)["privacy-guarantee"]["status"] == "holds"
+    # n from the data section when the training record has none (a record from before n_train was kept)
+    del content["models"]["regressor"]["training"]["n_train"]
+    content["data"] = {"tabular": {"sizes": {"train": n}}}
+    assert by_area(content)["privacy-guarantee"]["sentence"].endswith("δ of the MLP regressor is not below 1/n.")
+    content["data"]["tabular"]["sizes"]["train"] = n - 1
+    assert by_area(content)["privacy-guarantee"]["status"] == "holds"
+
+
+def test_a_student_without_a_dp_guarantee_beside_a_dp_teacher_is_a_caveat():
+    content = good_dp_content()
+    content["distill"]["cnn"]["record"]["privacy"] = {"guarantee": "none", "reason": "read private rows without DP"}
+    v = by_area(content)["privacy-guarantee"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == (
+        "Every stated ε is within its target, but the student of the CNN classifier has no DP guarantee."
+    )
+    # control: a student that inherits its teacher's guarantee (post-processing) holds
+    content["distill"]["cnn"]["record"]["privacy"] = {"guarantee": "inherited", "epsilon": 1.0, "delta": DELTA}
+    assert by_area(content)["privacy-guarantee"]["status"] == "holds"
+
+
+def _tpr_row(claimed, tpr_ci95, *, fpr_ci95=(0.002, 0.03), target_fpr=0.01):
+    """A TPR-at-low-FPR row as the audit records it, with its DP bound and whether the TPR's lower end exceeds it."""
+    bound = dp_tpr_bound(fpr_ci95[1], epsilon=claimed, delta=DELTA)
+    # the bound by hand (Kairouz et al.'s region): what the verdict's "contradicts" rests on
+    by_hand = min(1.0, math.exp(claimed) * fpr_ci95[1] + DELTA, 1 - math.exp(-claimed) * (1 - DELTA - fpr_ci95[1]))
+    assert bound == pytest.approx(by_hand, rel=1e-12)
+    return {
+        "target_fpr": target_fpr,
+        "fpr": target_fpr,
+        "fpr_ci95": list(fpr_ci95),
+        "tpr": sum(tpr_ci95) / 2,
+        "tpr_ci95": list(tpr_ci95),
+        "resolution_limited": False,
+        "dp_bound": dp_tpr_bound(target_fpr, epsilon=claimed, delta=DELTA),
+        "dp_bound_at_fpr_upper": bound,
+        "exceeds_dp_bound": tpr_ci95[0] > bound,
+    }
+
+
+def test_a_failed_audit_through_a_tpr_above_the_dp_bound_names_the_tpr():
+    content = good_dp_content()
+    claimed = content["privacy"]["models"]["cnn"]["epsilon"]  # ≈ 1.52: TPR ≤ e^ε·0.03 + δ ≈ 0.137 at FPR ≤ 0.03
+    m = _audit_model("CNN classifier", claimed, 0.3, 9.0)  # the attack's ε bound 0.3 is below the claim
+    m["attacks"][0]["tpr_at_fpr"] = [_tpr_row(claimed, (0.4, 0.6))]  # TPR ≥ 0.4 at FPR ≤ 0.03
+    assert m["attacks"][0]["tpr_at_fpr"][0]["exceeds_dp_bound"]
+    m["verdict"] = audit_verdict(m)
+    assert m["verdict"]["verdict"] == "FAILED" and refuted_by(m) == ["LiRA (TPR above the DP bound)"]
+    content["audit"]["models"]["cnn"] = m
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "failed"
+    assert v["sentence"] == (
+        "The audit refutes the claimed ε of the CNN classifier: LiRA (TPR above the DP bound) contradicts it."
+    )
+    # the first number is the named model's (its attack ε bound, below the claim: not what refuted it)
+    assert (v["numbers"][0]["label"], v["numbers"][0]["value"]) == ("ε lower bound, CNN classifier", 0.3)
+    # the same refutation through the TPR at the lowest FPR n non-members resolve (1/n)
+    m["attacks"][0]["tpr_at_fpr"] = [_tpr_row(claimed, (0.01, 0.05)) | {"resolution_limited": True}]
+    m["attacks"][0]["tpr_at_lowest_resolvable_fpr"] = _tpr_row(claimed, (0.4, 0.6), target_fpr=0.025)
+    m["verdict"] = audit_verdict(m)
+    assert by_area(content)["privacy-audit"]["sentence"].endswith(": LiRA (TPR above the DP bound) contradicts it.")
+    # control: a TPR whose lower end stays under the DP bound refutes nothing; the audit passes
+    m["attacks"][0]["tpr_at_fpr"] = [_tpr_row(claimed, (0.1, 0.2))]
+    m["attacks"][0]["tpr_at_lowest_resolvable_fpr"] = None
+    assert not m["attacks"][0]["tpr_at_fpr"][0]["exceeds_dp_bound"]
+    m["verdict"] = audit_verdict(m)
+    assert m["verdict"]["verdict"] == "passed" and by_area(content)["privacy-audit"]["status"] == "holds"
+
+
+def test_a_claim_refuted_by_several_checks_names_the_first_and_counts_the_rest():
+    content = good_dp_content()
+    claimed = content["privacy"]["models"]["cnn"]["epsilon"]
+    m = _audit_model("CNN classifier", claimed, claimed + 1.0, 9.0)  # the attack's ε bound refutes ...
+    m["attacks"][0]["tpr_at_fpr"] = [_tpr_row(claimed, (0.4, 0.6))]  # ... and its TPR ...
+    m["canaries"] = {"ran": True, "epsilon_lower_bound": claimed + 2.0}  # ... and the canaries
+    m["verdict"] = audit_verdict(m)
+    assert len(refuted_by(m)) == 3
+    content["audit"]["models"]["cnn"] = m
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "failed" and v["sentence"].endswith(": LiRA and 2 more checks contradict it."), v["sentence"]
+
+
+def test_an_audit_that_cannot_certify_the_claimed_epsilon_is_a_caveat_and_one_without_models_does_not_apply():
+    content = good_dp_content()
+    claimed = content["privacy"]["models"]["cnn"]["epsilon"]
+    m = _audit_model("CNN classifier", claimed, 0.1, 9.0)  # the control is caught ...
+    m["certifiable_epsilon"] = {"membership_attacks": 1.0, "canaries": None}  # ... but no bound can exceed 1.0
+    assert m["certifiable_epsilon"]["membership_attacks"] <= claimed  # so the audit could not refute the claim
+    m["verdict"] = audit_verdict(m)
+    assert m["verdict"]["verdict"] == "no verdict" and control_outcome(m)["caught"]
+    content["audit"]["models"]["cnn"] = m
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == "No verdict for the CNN classifier: the audit lacked the power to refute its claimed ε."
+    assert (v["numbers"][0]["label"], v["numbers"][0]["value"]) == ("ε lower bound, CNN classifier", 0.1)
+    # control: an audit that can certify above the claim passes
+    m["certifiable_epsilon"]["membership_attacks"] = claimed + 1.0
+    m["verdict"] = audit_verdict(m)
+    assert by_area(content)["privacy-audit"]["status"] == "holds"
+    content["audit"] = {"ran": True, "models": {}}
+    v = by_area(content)["privacy-audit"]
+    assert v["status"] == "not applicable" and v["sentence"] == "The audit ran but recorded no model to judge."
+
+
+def test_provenance_with_an_artifact_without_a_hash_never_holds():
+    content = good_dp_content()
+    hashed = {"path": "config.toml", "sha256": "ef" * 32, "stage": "config"}
+    content["reproducibility"]["artifacts"] = [
+        hashed,
+        {"path": "models/cnn.safetensors", "sha256": None, "stage": "train"},  # listed, hash empty
+        {"path": "models/cnn.json", "stage": "train"},  # an entry without its hash field
+    ]
+    v = by_area(content)["provenance"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == "2 of 3 artifacts the report lists have no recorded SHA-256."
+    assert v["numbers"] == [{"label": "artifacts with SHA-256", "value": 1, "interval": None, "unit": "of 3"}]
+    content["reproducibility"]["artifacts"][1]["sha256"] = ""  # an empty string is no hash either
+    assert by_area(content)["provenance"]["status"] == "holds with caveat"
+    # control: every entry hashed holds
+    for a in content["reproducibility"]["artifacts"]:
+        a["sha256"] = "12" * 32
+    v = by_area(content)["provenance"]
+    assert v["status"] == "holds" and v["sentence"].startswith("All 3 artifacts are listed with SHA-256 and the code's")
+    assert v["numbers"][0]["value"] == 3
+    # an unknown commit leaves the code unpinned
+    content["reproducibility"]["git_commit"] = None
+    v = by_area(content)["provenance"]
+    assert v["status"] == "holds with caveat" and v["sentence"] == (
+        "All 3 artifacts are listed with SHA-256, but the code's git commit is unknown, so the code is not pinned."
+    )
+
+
+def test_a_model_without_a_test_metric_or_no_better_than_its_public_only_twin_is_a_utility_caveat():
+    content = good_dp_content()
+    content["models"]["cnn"]["trivial_baseline"] = None  # the evaluate stage recorded no test metric for it
+    v = by_area(content)["utility"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == "The CNN classifier has no recorded test metric to judge."
+    assert [n["label"] for n in v["numbers"]] == ["test R², MLP regressor"]
+    content = good_dp_content()
+    content["models"]["cnn"]["public_only_baseline"] = {"available": True, "private_data_contributed": False}
+    v = by_area(content)["utility"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == (
+        "Every model beats a trivial predictor, but the CNN classifier does not measurably beat the same model "
+        "trained on the public split alone."
+    )
+    # control: a measurable gain from the private data holds
+    content["models"]["cnn"]["public_only_baseline"]["private_data_contributed"] = True
+    assert by_area(content)["utility"]["status"] == "holds"
+
+
+def test_no_recorded_explanation_does_not_apply():
+    content = good_dp_content()
+    content["explanations"] = {"models": {}}
+    v = by_area(content)["explanations"]
+    assert v["status"] == "not applicable" and v["sentence"] == "No explanation was recorded in this run."
+    assert v["numbers"] == []
+
+
+def test_a_student_without_intervals_or_with_a_dead_class_is_a_caveat_and_none_recorded_does_not_apply():
+    content = good_dp_content()
+    rec = content["distill"]["regressor"]["record"]
+    rec["student_r2_ci95"] = None
+    v = by_area(content)["students"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == (
+        "Network students beat a trivial predictor and chance fidelity, but the student of the MLP regressor's "
+        "metrics have no recorded interval."
+    )
+    assert rec["student_r2"] > 0.0 and rec["student_fidelity_r2_ci95"][0] > 0.0  # true of this input
+    content = good_dp_content()
+    cm = (np.eye(10, dtype=int) * 30 + 1).tolist()
+    cm[3][3] = 0  # class 3: no test image right
+    content["distill"]["cnn"]["record"]["student_confusion_matrix"] = cm
+    v = by_area(content)["students"]
+    assert v["status"] == "holds with caveat" and v["sentence"].endswith(
+        "but the student of the CNN classifier has recall 0 on 1 of 10 classes."
+    )
+    content["distill"] = {"cnn": {"record": {}}, "regressor": {"record": None}}
+    v = by_area(content)["students"]
+    assert v["status"] == "not applicable" and v["sentence"] == "The distill stage recorded no student."
+
+
+def test_a_student_that_was_not_judged_is_never_said_to_beat_anything():
+    # A record without metrics (written before the distill stage kept them), a teacher without a test metric (no
+    # trivial predictor to judge the student against) and a record without the chance agreement: the row said
+    # "Network students beat a trivial predictor and chance fidelity, but ..." or "holds", of checks never made.
+    content = good_dp_content()
+    content["distill"] = {"cnn": {"record": {"privacy": {"guarantee": "inherited", "epsilon": 1.0, "delta": DELTA}}}}
+    v = by_area(content)["students"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == "The student of the CNN classifier has no recorded test metric or fidelity to judge."
+    content = good_dp_content()
+    content["models"]["cnn"]["trivial_baseline"] = None
+    v = by_area(content)["students"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == (
+        "The student of the CNN classifier is not judged against a trivial predictor: its teacher has no recorded "
+        "test metric."
+    )
+    assert v["numbers"][0]["label"] == "test accuracy, CNN classifier's student" and v["numbers"][0]["unit"] == ""
+    content = good_dp_content()
+    content["distill"]["cnn"]["record"] = _student_record("cnn", chance=None)
+    v = by_area(content)["students"]
+    assert v["status"] == "holds with caveat"
+    assert v["sentence"] == (
+        "The student of the CNN classifier's top-1 agreement is not judged against chance: its record holds no "
+        "chance agreement."
+    )
+    # control: the same students, judged on every check, hold
+    assert by_area(good_dp_content())["students"]["status"] == "holds"
