@@ -335,7 +335,8 @@ def _run_group(
             group,
             n_workers=n_workers,
             job=job,
-            runtime_of=lambda name: stage_runtime(cfg, run, name, seed=prepared[name][1]),
+            # No run-directory writers in a worker (checkpoints stay in its memory): only the runner writes the run.
+            runtime_of=lambda name: Runtime(checkpoint_every_s=cfg.train.checkpoint_every_s),
             on_start=start,
             on_done=done,
         )
