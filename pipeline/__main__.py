@@ -254,8 +254,6 @@ def _run(argv: list[str], *, followers: ranks.Followers | None) -> int:
     run.manifest.setdefault("invocations", []).append(
         {"stages": names, "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak_mb, 1), "device": str(device)}
         | ({"peak_tree_rss_mb": round(tree_mb, 1)} if (tree_mb := _peak_tree_rss_mb()) else {})
-        # the largest of its children (stage workers, Flower's processes); each ran beside the runner
-        | ({"peak_child_rss_mb": round(child_mb, 1)} if (child_mb := _peak_child_rss_mb()) else {})
         | ({"world_size": followers.world.size} if followers is not None else {})
     )
     run.save_manifest()
@@ -372,11 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _peak_child_rss_mb() -> float:
-    """Peak RSS of the largest child process this run has waited for; 0 if none."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def _peak_tree_rss_mb() -> float:

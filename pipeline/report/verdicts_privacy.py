@@ -226,9 +226,11 @@ def _model_number(m: Mapping[str, Any]) -> dict[str, Any] | None:
 def _refutations(m: Mapping[str, Any]) -> str:
     """What refuted a FAILED model's ε (an attack's bound, a TPR above the DP bound, the canaries), briefly."""
     what = refuted_by(m) or ["an attack"]
+    first = "the canaries" if what[0] == "canaries" else what[0]
     if len(what) == 1:
-        return f"{what[0]} contradicts it"
-    return f"{what[0]} and {len(what) - 1} more checks contradict it"
+        return f"{first} {'contradict' if what[0] == 'canaries' else 'contradicts'} it"
+    more = len(what) - 1
+    return f"{first} and {more} more check{'s' if more > 1 else ''} contradict it"
 
 
 @dataclass

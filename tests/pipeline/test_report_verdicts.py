@@ -263,7 +263,7 @@ def test_a_failed_audit_names_what_refuted_the_claim():
     m["verdict"] = audit_verdict(m)
     content["audit"]["models"]["cnn"] = m
     v = by_area(content)["privacy-audit"]
-    assert v["status"] == "failed" and v["sentence"].endswith(": canaries contradicts it."), v["sentence"]
+    assert v["status"] == "failed" and v["sentence"].endswith(": the canaries contradict it."), v["sentence"]
     assert "ε lower bound exceeds" not in v["sentence"]
 
 
@@ -634,6 +634,11 @@ def test_a_claim_refuted_by_several_checks_names_the_first_and_counts_the_rest()
     content["audit"]["models"]["cnn"] = m
     v = by_area(content)["privacy-audit"]
     assert v["status"] == "failed" and v["sentence"].endswith(": LiRA and 2 more checks contradict it."), v["sentence"]
+    m["canaries"] = {"ran": True, "epsilon_lower_bound": claimed - 0.5}  # the canaries no longer refute it
+    m["verdict"] = audit_verdict(m)
+    assert len(refuted_by(m)) == 2
+    v = by_area(content)["privacy-audit"]
+    assert v["sentence"].endswith(": LiRA and 1 more check contradict it."), v["sentence"]
 
 
 def test_an_audit_that_cannot_certify_the_claimed_epsilon_is_a_caveat_and_one_without_models_does_not_apply():
