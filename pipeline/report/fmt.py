@@ -20,6 +20,19 @@ def number(value: Any, digits: int = 4, *, none: str = "—") -> str:
     return str(value)
 
 
+def sig3(value: Any) -> str:
+    """A number for prose: 3 significant digits (full precision stays in report.json)."""
+    return number(value, 3)
+
+
+METRIC_NAMES = {"r2": "R²", "mae": "MAE", "rmse": "RMSE", "macro_f1": "macro-F1"}  # keys as people write them
+
+
+def metric_name(key: str) -> str:
+    """A metric key as people write it (r2 -> R², mae -> MAE); other keys (accuracy, recall) as they are."""
+    return METRIC_NAMES.get(key, key)
+
+
 def esc(value: Any) -> str:
     """HTML-escape any value (quotes too): the one way text enters the HTML page."""
     return html.escape(str(value), quote=True)

@@ -18,7 +18,7 @@ from markupsafe import Markup
 from auditml_core.codebook import describe
 from auditml_core.models import MODELS
 from pipeline.report.audit import tpr_rows
-from pipeline.report.fmt import number
+from pipeline.report.fmt import metric_name, sig3
 from pipeline.report.sentences import (
     WHY_NOT_RIDGE,
     baseline_sentence,
@@ -370,16 +370,6 @@ def look_for(kind: str) -> str:
     return LOOK_FOR.get(kind, "")
 
 
-def metric_name(key: str) -> str:
-    """A metric key as people write it (r2 -> R²)."""
-    return {"r2": "R²", "mae": "MAE", "rmse": "RMSE", "macro_f1": "macro-F1"}.get(key, key)
-
-
-def people(value: Any) -> str:
-    """A number for prose: 3 significant digits (full precision stays in report.json)."""
-    return number(value, 3)
-
-
 # --------------------------------------------------------------------------- rendering
 
 _GLOBALS = {
@@ -421,7 +411,7 @@ def _environment():
     env = html_environment()
     if "data_uri" not in env.filters:
         env.filters["data_uri"] = data_uri
-        env.filters["people"] = people
+        env.filters["people"] = sig3
         env.globals.update(_GLOBALS)
     return env
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from auditml_core.models import MODELS
-from pipeline.report.fmt import number
 
 FAILED, CAVEAT, HOLDS, NOT_APPLICABLE = "failed", "holds with caveat", "holds", "not applicable"
 STATUSES = (FAILED, CAVEAT, HOLDS, NOT_APPLICABLE)  # worst first: the order of the first screen
@@ -22,13 +21,7 @@ AREAS = (  # (area, title, evidence anchor)
     ("provenance", "Provenance and integrity", "reproducibility"),
 )
 MAX_WORDS = 25  # per sentence, before a user's own column names (tests check it on every kind of run)
-METRIC_NAMES = {"r2": "R²"}  # metric keys as people write them
 TOLERANCE = 1e-9  # the privacy section's own tolerance for "ε exceeds the target"
-
-
-def fmt3(value: Any) -> str:
-    """A number for a sentence: 3 significant digits."""
-    return number(value, 3)
 
 
 def numbers_entry(label: str, value: Any, interval: Any = None, unit: str = "") -> dict[str, Any]:

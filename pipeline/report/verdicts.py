@@ -15,17 +15,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from pipeline.report.fmt import metric_name, sig3
 from pipeline.report.verdict_base import (
     AREAS,
     CAVEAT,
     FAILED,
     HOLDS,
     MAX_WORDS,
-    METRIC_NAMES,
     NOT_APPLICABLE,
     STATUSES,
     dead_classes,
-    fmt3,
     lead,
     model_title,
     numbers_entry,
@@ -52,10 +51,10 @@ def utility(content: Mapping[str, Any]) -> dict[str, Any]:
             continue
         numbers.append(
             numbers_entry(
-                f"test {METRIC_NAMES.get(tb['metric'], tb['metric'])}, {m['title']}",
+                f"test {metric_name(tb['metric'])}, {m['title']}",
                 tb["model"],
                 tb.get("model_ci95"),
-                f"trivial {fmt3(tb['trivial'])}",
+                f"trivial {sig3(tb['trivial'])}",
             )
         )
         if tb["no_better"]:
@@ -92,9 +91,9 @@ def utility(content: Mapping[str, Any]) -> dict[str, Any]:
         return verdict(
             "utility",
             FAILED,
-            f"The {m['title']} is no better than a trivial predictor: test {METRIC_NAMES.get(tb['metric'], tb['metric'])} "
-            f"{fmt3(tb['model'])} "
-            f"[{fmt3(lo)}, {fmt3(hi)}] vs {fmt3(tb['trivial'])}.",
+            f"The {m['title']} is no better than a trivial predictor: test {metric_name(tb['metric'])} "
+            f"{sig3(tb['model'])} "
+            f"[{sig3(lo)}, {sig3(hi)}] vs {sig3(tb['trivial'])}.",
             lead(numbers, f", {m['title']}"),
         )
     if missing:
@@ -152,18 +151,18 @@ def subgroups(content: Mapping[str, Any]) -> dict[str, Any]:
         return verdict(
             "subgroups",
             FAILED,
-            f"The {m['title']}'s test {key.upper()} differs by {feat} ({fmt3(a[key])} vs {fmt3(b[key])} between two "
+            f"The {m['title']}'s test {metric_name(key)} differs by {feat} ({sig3(a[key])} vs {sig3(b[key])} between two "
             "groups): their 95% intervals do not overlap.",
-            [numbers_entry(f"{key.upper()} gap by {feat}, {m['title']}", gap)],
+            [numbers_entry(f"{metric_name(key)} gap by {feat}, {m['title']}", gap)],
             anchor,
         )
     gap, name, m, feat, key = largest[:5] if largest else (None, tables[0][0], tables[0][1], tables[0][2], "mae")
     return verdict(
         "subgroups",
         CAVEAT,
-        f"No gap between groups is resolved on this test split (largest {key.upper()} gap {fmt3(gap)}, by {feat}); "
+        f"No gap between groups is resolved on this test split (largest {metric_name(key)} gap {sig3(gap)}, by {feat}); "
         "small groups give wide intervals.",
-        [numbers_entry(f"largest {key.upper()} gap, by {feat}", gap)],
+        [numbers_entry(f"largest {metric_name(key)} gap, by {feat}", gap)],
         anchor,
     )
 

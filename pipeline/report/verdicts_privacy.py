@@ -8,13 +8,13 @@ from typing import Any, Mapping
 
 from auditml_core.models import MODELS
 from pipeline.report.audit import above_chance, control_outcome, refuted_by
+from pipeline.report.fmt import sig3
 from pipeline.report.verdict_base import (
     CAVEAT,
     FAILED,
     HOLDS,
     NOT_APPLICABLE,
     TOLERANCE,
-    fmt3,
     lead,
     model_title,
     numbers_entry,
@@ -115,7 +115,7 @@ def privacy_guarantee(content: Mapping[str, Any]) -> dict[str, Any]:
             numbers_entry(
                 f"ε, {worst['who']}",
                 worst["epsilon"],
-                unit=f"target {fmt3(worst['target'])}, δ = {fmt3(worst['delta'])}",
+                unit=f"target {sig3(worst['target'])}, δ = {sig3(worst['delta'])}",
             )
         ]
         if worst
@@ -136,7 +136,7 @@ def privacy_guarantee(content: Mapping[str, Any]) -> dict[str, Any]:
         return verdict(
             "privacy-guarantee",
             FAILED,
-            f"The {g['who']} spends ε = {fmt3(g['epsilon'])}, over its target {fmt3(g['target'])}: the configured "
+            f"The {g['who']} spends ε = {sig3(g['epsilon'])}, over its target {sig3(g['target'])}: the configured "
             "guarantee does not hold.",
             numbers,
         )
@@ -172,7 +172,7 @@ def privacy_guarantee(content: Mapping[str, Any]) -> dict[str, Any]:
     return verdict(
         "privacy-guarantee",
         HOLDS,
-        f"Every model is within its ε target ({unit}; worst ε = {fmt3(worst['epsilon'] if worst else None)}), and a "
+        f"Every model is within its ε target ({unit}; worst ε = {sig3(worst['epsilon'] if worst else None)}), and a "
         "second accountant agrees with every recorded ε.",
         numbers,
     )
@@ -196,7 +196,7 @@ def _largest_bound(attacks: list[Mapping[str, Any]], canaries: Mapping[str, Any]
 def _auc_with_interval(attack: Mapping[str, Any]) -> str:
     """``AUC a [lo, hi]`` of one attack (its 95% interval)."""
     lo, hi = attack.get("auc_ci95") or [None, None]
-    return f"AUC {fmt3(attack.get('auc'))} [{fmt3(lo)}, {fmt3(hi)}]"
+    return f"AUC {sig3(attack.get('auc'))} [{sig3(lo)}, {sig3(hi)}]"
 
 
 def _control_number(m: Mapping[str, Any]) -> dict[str, Any]:
@@ -206,7 +206,7 @@ def _control_number(m: Mapping[str, Any]) -> dict[str, Any]:
     if control.get("kind") == "noise mutant":
         bound = _largest_bound(control["attacks"], control.get("canaries"))
         return numbers_entry(
-            f"control's ε bound, {m['title']}", bound, unit=f"must exceed {fmt3(m['claimed_epsilon'])}"
+            f"control's ε bound, {m['title']}", bound, unit=f"must exceed {sig3(m['claimed_epsilon'])}"
         )
     best = control_outcome(m)["best_attack"] or {}
     return numbers_entry(f"control's attack AUC, {m['title']}", best.get("auc"), best.get("auc_ci95"), "must clear 0.5")
@@ -216,7 +216,7 @@ def _model_number(m: Mapping[str, Any]) -> dict[str, Any] | None:
     """An audited model's figure: its largest ε lower bound beside a claimed ε, else its strongest attack's AUC."""
     if m.get("claimed_epsilon") is not None:
         bound = _largest_bound(m.get("attacks") or [], m.get("canaries"))
-        return numbers_entry(f"ε lower bound, {m['title']}", bound, unit=f"claimed ε {fmt3(m['claimed_epsilon'])}")
+        return numbers_entry(f"ε lower bound, {m['title']}", bound, unit=f"claimed ε {sig3(m['claimed_epsilon'])}")
     best = _best_attack(m)
     if best is not None:
         return numbers_entry(f"attack AUC, {m['title']}", best.get("auc"), best.get("auc_ci95"), "0.5 = chance")
@@ -272,7 +272,7 @@ def _leak_verdict(m: Mapping[str, Any], numbers: list[dict[str, Any]]) -> dict[s
     evidence = (
         _auc_with_interval(best)
         if isinstance(lo, (int, float)) and lo > 0.5
-        else f"ε lower bound {fmt3(best.get('epsilon_lower_bound'))} > 0"
+        else f"ε lower bound {sig3(best.get('epsilon_lower_bound'))} > 0"
     )
     return verdict(
         "privacy-audit",
@@ -284,7 +284,7 @@ def _leak_verdict(m: Mapping[str, Any], numbers: list[dict[str, Any]]) -> dict[s
                 f"{best['attack']} attack AUC, {m['title']}",
                 best.get("auc"),
                 best.get("auc_ci95"),
-                f"ε ≥ {fmt3(best.get('epsilon_lower_bound'))}; 0.5 = chance",
+                f"ε ≥ {sig3(best.get('epsilon_lower_bound'))}; 0.5 = chance",
             )
         ]
         + [n for n in numbers if not n["label"].endswith(f", {m['title']}")],

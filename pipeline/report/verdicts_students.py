@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from pipeline.report.fmt import metric_name, sig3
 from pipeline.report.verdict_base import (
     CAVEAT,
     FAILED,
     HOLDS,
-    METRIC_NAMES,
     NOT_APPLICABLE,
     dead_classes,
-    fmt3,
     lead,
     model_title,
     numbers_entry,
@@ -30,7 +29,7 @@ def _student_checks(title: str, rec: Mapping[str, Any], trivial: float | None) -
     who = f"student of the {title}"
     classifier = "student_accuracy" in rec
     metric, fidelity = ("student_accuracy", "top1_agreement") if classifier else ("student_r2", "student_fidelity_r2")
-    shown = "accuracy" if classifier else METRIC_NAMES["r2"]
+    shown = "accuracy" if classifier else metric_name("r2")
     fid_name = "top-1 agreement" if classifier else "fidelity R²"
     value, ci = rec.get(metric), rec.get(f"{metric}_ci95")
     fid, fid_ci = rec.get(fidelity), rec.get(f"{fidelity}_ci95")
@@ -43,29 +42,29 @@ def _student_checks(title: str, rec: Mapping[str, Any], trivial: float | None) -
         return out
     out["numbers"] += [
         numbers_entry(
-            f"test {shown}, {title}'s student", value, ci, f"trivial {fmt3(trivial)}" if trivial is not None else ""
+            f"test {shown}, {title}'s student", value, ci, f"trivial {sig3(trivial)}" if trivial is not None else ""
         ),
         numbers_entry(
             f"{fid_name} {'with' if classifier else 'to'} its teacher, {title}'s student",
             fid,
             fid_ci,
-            f"chance {fmt3(chance)}" if chance is not None else "",
+            f"chance {sig3(chance)}" if chance is not None else "",
         ),
     ]
 
     def shown_ci(v: float, interval: Any) -> str:
-        return fmt3(v) + (f" [{fmt3(interval[0])}, {fmt3(interval[1])}]" if interval else "")
+        return sig3(v) + (f" [{sig3(interval[0])}, {sig3(interval[1])}]" if interval else "")
 
     if trivial is not None and (ci or [value])[0] <= trivial:
         out["failed"].append(
-            f"The {who} is no better than a trivial predictor: test {shown} {shown_ci(value, ci)} vs {fmt3(trivial)}."
+            f"The {who} is no better than a trivial predictor: test {shown} {shown_ci(value, ci)} vs {sig3(trivial)}."
         )
     if chance is not None and (fid_ci or [fid])[0] <= chance:
         out["failed"].append(
-            f"The {who} does not track its teacher: {fid_name} {shown_ci(fid, fid_ci)} vs {fmt3(chance)} by chance."
+            f"The {who} does not track its teacher: {fid_name} {shown_ci(fid, fid_ci)} vs {sig3(chance)} by chance."
         )
     elif fid < CLOSE_FIDELITY:
-        out["caveats"].append(f"the {who} tracks its teacher loosely ({fid_name} {fmt3(fid)} < {fmt3(CLOSE_FIDELITY)})")
+        out["caveats"].append(f"the {who} tracks its teacher loosely ({fid_name} {sig3(fid)} < {sig3(CLOSE_FIDELITY)})")
     if trivial is None:  # the teacher has no test metric, so no trivial predictor was scored
         out["unjudged"].append(
             f"The {who} is not judged against a trivial predictor: its teacher has no recorded test metric."
@@ -133,7 +132,7 @@ def students(content: Mapping[str, Any]) -> dict[str, Any]:
         "students",
         HOLDS,
         f"Network students beat a trivial predictor and follow their teachers closely (fidelity R² or top-1 "
-        f"agreement at least {fmt3(CLOSE_FIDELITY)}).",
+        f"agreement at least {sig3(CLOSE_FIDELITY)}).",
         numbers,
         "distill",
     )

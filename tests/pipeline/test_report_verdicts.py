@@ -414,7 +414,18 @@ def test_subgroup_intervals_that_do_not_overlap_fail_and_no_group_column_is_not_
     groups[1].update(mae=70.0, mae_ci95=[60.0, 80.0])
     v = by_area(content)["subgroups"]
     assert v["status"] == "failed" and "by sex" in v["sentence"] and v["numbers"][0]["value"] == pytest.approx(30.0)
+    assert v["sentence"].startswith("The MLP regressor's test MAE differs by sex") and v["numbers"][0]["label"] == (
+        "MAE gap by sex, MLP regressor"
+    )
+    # a classifier's group metric reads as people write it ("accuracy", not "ACCURACY")
+    cnn_groups = {
+        "groups": [{"accuracy": 0.95, "accuracy_ci95": [0.9, 0.99]}, {"accuracy": 0.5, "accuracy_ci95": [0.4, 0.6]}]
+    }
     content["models"]["regressor"]["metrics"] = {"test": {}}
+    content["models"]["cnn"]["metrics"] = {"test": {"subgroups": {"site": cnn_groups}}}
+    v = by_area(content)["subgroups"]
+    assert v["status"] == "failed" and "test accuracy differs by site" in v["sentence"], v["sentence"]
+    content["models"]["cnn"]["metrics"] = {"test": {}}
     assert by_area(content)["subgroups"]["status"] == "not applicable"
 
 
