@@ -220,7 +220,8 @@ def _run(argv: list[str], *, followers: ranks.Followers | None) -> int:
             raise ConfigError("--from re-runs part of an existing run: add --run-dir runs/<run>")
         cfg = config_mod.load_config(args.config, overrides)
         config_mod.check_pipeline_mode(cfg)  # a privacy switch central training would ignore is refused
-        _check_effect(cfg, args.config, overrides, strict=args.strict)
+        if not (followers is not None and ranks.launched_here()):  # our launcher has warned (or refused) already
+            _check_effect(cfg, args.config, overrides, strict=args.strict)
     # imported for runs only: tracking loads predict and distill (explain, ONNX Runtime, scikit-learn), ~2.3 s of
     # the start-up of every other command (config, verify, sign, keygen, a refused setting)
     from pipeline import tracking

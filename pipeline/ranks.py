@@ -164,6 +164,11 @@ def _train(world: World, order: Order, arrays: Mapping[str, np.ndarray]) -> None
     )
 
 
+def launched_here() -> bool:
+    """Whether this rank was started by :func:`launch` (``train.processes``), not by a torchrun of the user's."""
+    return RUN_NOTE in os.environ
+
+
 def note_run_dir(path: Path) -> None:
     """Rank 0: tell the launcher (``train.processes``) where the run directory is, for its resume hint."""
     note = os.environ.get(RUN_NOTE)

@@ -364,3 +364,24 @@ def test_kill_9_of_the_launcher_takes_every_rank_with_it(tmp_path):
         print(f"no rank left {gone:.1f} s after the launcher's kill -9")
     finally:
         _kill_job(marker)
+
+
+def test_rank_0_of_our_launcher_does_not_repeat_the_launchers_warnings(tmp_path, monkeypatch, caplog):
+    """`train.processes=2 dp.target_epsilon=3` warned twice ("has no effect"): once from the launcher, once from
+    rank 0 of the job it started. Rank 0 of our launcher stays quiet; rank 0 of a user's own torchrun (no launcher
+    of ours to warn) still warns."""
+    from pipeline import __main__ as entry
+
+    followers = SimpleNamespace(world=SimpleNamespace(size=2), release=lambda ok: None)
+    argv = ["--stages", "data", "dp.target_epsilon=3"]
+
+    def warnings_of_rank_0(out: str) -> int:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pipeline"):
+            assert entry._run([*argv, "--out", str(tmp_path / out)], followers=followers) == 0
+        return sum("setting dp.target_epsilon has no effect" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setenv(ranks.RUN_NOTE, str(tmp_path / "note"))
+    assert warnings_of_rank_0("ours") == 0
+    monkeypatch.delenv(ranks.RUN_NOTE)
+    assert warnings_of_rank_0("torchrun") == 1  # the control
