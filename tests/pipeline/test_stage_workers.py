@@ -187,12 +187,21 @@ def _start_and_wait_for_workers(tmp_path: Path) -> tuple[subprocess.Popen, Path,
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        children = _children(proc.pid)
-        if len(children) >= 2:
-            return proc, next(tmp_path.glob("*/manifest.json")).parent, children
+        children = _children(proc.pid)  # the workers (a git subprocess at start-up is a child too: hence the manifest)
+        if len(children) >= 2 and _status(tmp_path, "explain") == "running":
+            return proc, next(tmp_path.glob("*/manifest.json")).parent, _children(proc.pid)
         time.sleep(0.1)
     proc.kill()
     raise AssertionError(f"no workers appeared: {proc.communicate()[1][-2000:]}")
+
+
+def _status(out: Path, stage: str) -> str | None:
+    for manifest in out.glob("*/manifest.json"):
+        try:
+            return json.loads(manifest.read_text())["stages"].get(stage, {}).get("status")
+        except ValueError:
+            return None  # caught mid-replace
+    return None
 
 
 def _children(pid: int) -> list[int]:
