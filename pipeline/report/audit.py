@@ -105,13 +105,16 @@ def _canary_row(c: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"ran": True, **{k: c[k] for k in keys}, "method": c["method"], "kind": c["kind"], "trained": c["trained"]}
 
 
+TPR_REFUTATION = " (TPR above the DP bound)"  # how a refutation through a TPR at low FPR is named
+
+
 def _caught(claimed: float | None, attacks: list[Mapping[str, Any]], canaries: Mapping[str, Any]) -> list[str]:
     """What refutes ``claimed``: each attack or canary audit whose ε lower bound exceeds it."""
     if claimed is None:
         return []
     out = [a["attack"] for a in attacks if a["epsilon_lower_bound"] > claimed]
     out += [
-        a["attack"] + " (TPR above the DP bound)"
+        a["attack"] + TPR_REFUTATION
         for a in attacks
         if any(t.get("exceeds_dp_bound") for t in a["tpr_at_fpr"] + [a.get("tpr_at_lowest_resolvable_fpr") or {}])
     ]

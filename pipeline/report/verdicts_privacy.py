@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from auditml_core.models import MODELS
-from pipeline.report.audit import above_chance, control_outcome, refuted_by
+from pipeline.report.audit import TPR_REFUTATION, above_chance, control_outcome, refuted_by
 from pipeline.report.fmt import sig3
 from pipeline.report.verdict_base import (
     CAVEAT,
@@ -213,7 +213,22 @@ def _control_number(m: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _model_number(m: Mapping[str, Any]) -> dict[str, Any] | None:
-    """An audited model's figure: its largest ε lower bound beside a claimed ε, else its strongest attack's AUC."""
+    """An audited model's figure: its largest ε lower bound beside a claimed ε (or, when only a TPR above the DP
+    bound refutes the claim, that TPR beside its bound), else its strongest attack's AUC."""
+    refuted = refuted_by(m)
+    if refuted and all(r.endswith(TPR_REFUTATION) for r in refuted):
+        row = next(
+            t
+            for a in m.get("attacks") or []
+            for t in a["tpr_at_fpr"] + [a.get("tpr_at_lowest_resolvable_fpr") or {}]
+            if t.get("exceeds_dp_bound")
+        )
+        return numbers_entry(
+            f"TPR at FPR ≤ {sig3(row['fpr_ci95'][1])}, {m['title']}",
+            row["tpr"],
+            row["tpr_ci95"],
+            unit=f"DP bound {sig3(row['dp_bound_at_fpr_upper'])}",
+        )
     if m.get("claimed_epsilon") is not None:
         bound = _largest_bound(m.get("attacks") or [], m.get("canaries"))
         return numbers_entry(f"ε lower bound, {m['title']}", bound, unit=f"claimed ε {sig3(m['claimed_epsilon'])}")

@@ -619,8 +619,16 @@ def test_a_failed_audit_through_a_tpr_above_the_dp_bound_names_the_tpr():
     assert v["sentence"] == (
         "The audit refutes the claimed ε of the CNN classifier: LiRA (TPR above the DP bound) contradicts it."
     )
-    # the first number is the named model's (its attack ε bound, below the claim: not what refuted it)
-    assert (v["numbers"][0]["label"], v["numbers"][0]["value"]) == ("ε lower bound, CNN classifier", 0.3)
+    # the first number is what refuted the claim: the TPR beside its DP bound (the attack's ε bound, 0.3, is below
+    # the claim and refutes nothing)
+    row = m["attacks"][0]["tpr_at_fpr"][0]
+    assert v["numbers"][0] == {
+        "label": "TPR at FPR ≤ 0.03, CNN classifier",
+        "value": row["tpr"],
+        "interval": [0.4, 0.6],
+        "unit": f"DP bound {row['dp_bound_at_fpr_upper']:.3g}",
+    }
+    assert row["tpr_ci95"][0] > row["dp_bound_at_fpr_upper"]  # the figure shows the refutation
     # the same refutation through the TPR at the lowest FPR n non-members resolve (1/n)
     m["attacks"][0]["tpr_at_fpr"] = [_tpr_row(claimed, (0.01, 0.05)) | {"resolution_limited": True}]
     m["attacks"][0]["tpr_at_lowest_resolvable_fpr"] = _tpr_row(claimed, (0.4, 0.6), target_fpr=0.025)
