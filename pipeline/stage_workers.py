@@ -11,8 +11,9 @@ is marked complete only once its files are written, exactly as in one process.
 
 Not used (the stages then run one after another in the runner's process): with ``stages.workers=1``, for a
 single stage, where ``fork`` is unavailable or unsafe (not Linux; CUDA initialised in the runner, which a
-forked child cannot use), and under a multi-process training (``train.processes``; its ranks are released
-first anyway). Every child dies with the runner (``PR_SET_PDEATHSIG``), also after ``kill -9``.
+forked child cannot use; another thread running in the runner, whose locks a child would inherit held), and
+under a multi-process training (``train.processes``). Every child dies with the runner
+(``PR_SET_PDEATHSIG``), also after ``kill -9``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -54,6 +56,8 @@ def workers(cfg: Config, n_stages: int) -> int:
     if cfg.stages.workers == 1 or n_stages < 2 or cfg.train.processes > 1:
         return 1
     if not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
+        return 1
+    if threading.active_count() > 1:  # fork copies only this thread: a lock another one holds would stay held
         return 1
     torch = sys.modules.get("torch")  # not imported: no CUDA context either
     if torch is not None and torch.cuda.is_initialized():  # a forked child cannot use the CUDA context it inherits

@@ -27,6 +27,13 @@ ROOT = Path(__file__).resolve().parents[2]
 _TIMING = re.compile(r"seconds|_ms$|_s$|latency")
 
 
+@pytest.fixture(autouse=True)
+def single_threaded(monkeypatch):
+    """Workers are forked only from a single-threaded runner; a thread an earlier test left in this pytest
+    process (a server, a progress monitor) must not turn these tests into one-process runs."""
+    monkeypatch.setattr(stage_workers.threading, "active_count", lambda: 1)
+
+
 def _with_workers(cfg, n: int):
     return dataclasses.replace(cfg, stages=StagesConfig(workers=n))
 
@@ -89,6 +96,9 @@ def test_workers_follow_the_setting_the_cpus_and_cuda(monkeypatch):
     assert stage_workers.workers(_with_workers(cfg, 8), 4) == 4
     multi = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, processes=2))
     assert stage_workers.workers(multi, 4) == 1
+    monkeypatch.setattr(stage_workers.threading, "active_count", lambda: 2)
+    assert stage_workers.workers(cfg, 4) == 1  # fork copies one thread: another one's locks would stay held
+    monkeypatch.setattr(stage_workers.threading, "active_count", lambda: 1)
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
