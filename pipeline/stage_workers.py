@@ -135,6 +135,7 @@ def _child(
 
     die_with_parent()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)  # blocked by the runner around the fork
+    _renew_torch_thread_pool()
     t0 = time.perf_counter()
     try:
         files, placement = job(name, runtime)
@@ -145,6 +146,19 @@ def _child(
         done = Done(name, error=_portable(exc))
     conn.send(done)
     conn.close()
+
+
+def _renew_torch_thread_pool() -> None:
+    """Let this one thread re-create torch's intra-op thread pool, which fork marks corrupt in the child.
+
+    The first call that needs the pool re-creates it. If two threads of a stage make that call at once (the
+    audit trains its shadows in threads), one can find no pool at all: "pool INTERNAL ASSERT FAILED at
+    ParallelOpenMP.cpp:64 ... Invalid thread pool!", seen once in the slow tier. Making the call here, before
+    the stage starts any thread, removes the race.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(torch.get_num_threads())
 
 
 def _portable(exc: BaseException) -> BaseException:
