@@ -170,6 +170,7 @@ def test_a_bug_in_a_worker_keeps_its_traceback_and_a_dead_worker_is_named(traine
     def bug(*args, **kwargs):
         return {}["missing key"]
 
+    original = evaluate.run
     monkeypatch.setattr(evaluate, "run", bug)
     run = _copy(trained, tmp_path / "bug")
     with pytest.raises(KeyError) as raised:
@@ -178,8 +179,14 @@ def test_a_bug_in_a_worker_keeps_its_traceback_and_a_dead_worker_is_named(traine
     assert "in the worker process of stage 'evaluate'" in notes and ", in bug" in notes  # the worker's traceback
     assert RunDir.open(run.path).stage_status("evaluate") == "failed"
 
-    monkeypatch.undo()
-    monkeypatch.setattr(audit, "run", lambda *a, **k: os._exit(3))  # dies without a word
+    monkeypatch.setattr(evaluate, "run", original)  # (not monkeypatch.undo(): it would drop single_threaded too)
+    pytest_pid = os.getpid()
+
+    def die(*args, **kwargs):
+        assert os.getpid() != pytest_pid, "audit ran in this process, not in a worker"
+        os._exit(3)  # dies without a word
+
+    monkeypatch.setattr(audit, "run", die)
     run = _copy(trained, tmp_path / "dead")
     with pytest.raises(RuntimeError, match=r"the worker of stage 'audit' died \(exit code 3\)"):
         runner.run_stages(_with_workers(cfg, 2), run, ["evaluate", "audit"])
