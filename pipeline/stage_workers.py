@@ -151,10 +151,10 @@ def _child(
 def _renew_torch_thread_pool() -> None:
     """Let this one thread re-create torch's intra-op thread pool, which fork marks corrupt in the child.
 
-    The first call that needs the pool re-creates it. If two threads of a stage make that call at once (the
-    audit trains its shadows in threads), one can find no pool at all: "pool INTERNAL ASSERT FAILED at
-    ParallelOpenMP.cpp:64 ... Invalid thread pool!", seen once in the slow tier. Making the call here, before
-    the stage starts any thread, removes the race.
+    The first call that needs the pool re-creates it; each thread's first parallel op makes one. If two threads
+    of a stage make it at once (the audit trains its shadows in threads), one can find no pool at all: "pool
+    INTERNAL ASSERT FAILED at ParallelOpenMP.cpp:64 ... Invalid thread pool!", seen once in the slow tier, inside
+    a shadow thread's ``mask.nonzero()``. Making the call here, before the stage starts any thread, removes the race.
     """
     torch = sys.modules.get("torch")
     if torch is not None:
