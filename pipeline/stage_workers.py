@@ -18,7 +18,6 @@ under a multi-process training (``train.processes``). Every child dies with the 
 
 from __future__ import annotations
 
-import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -34,8 +33,6 @@ from typing import Any, Callable
 from auditml_core.config import Config
 from auditml_core.errors import UserError
 from auditml_core.runtime import Runtime
-
-log = logging.getLogger(__name__)
 
 _DEFERRED = {signal.SIGTERM, signal.SIGINT}  # signals held back while a worker is forked
 
