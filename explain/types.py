@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -161,6 +161,11 @@ class Explanation:
         object.__setattr__(self, "feature_names", names)
         object.__setattr__(self, "seconds", float(self.seconds))
         object.__setattr__(self, "extras", MappingProxyType(dict(self.extras)))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled as its constructor arguments (a mappingproxy does not pickle); rebuilt read-only as made."""
+        args = (getattr(self, f.name) for f in fields(self))
+        return (type(self), tuple(dict(a) if isinstance(a, MappingProxyType) else a for a in args))
 
     @property
     def n(self) -> int:

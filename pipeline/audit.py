@@ -423,38 +423,54 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     -------
     ``{"enabled": bool, "models": {name: record}, "scores": {name: {array name: array}}, "fprs": [...]}``
     """
-    if not cfg.audit.enabled:
-        return {"enabled": False, "models": {}, "scores": {}, "fprs": list(FPRS)}
+    return combine(cfg, {name: run_part(cfg, inputs, name, seed=seed, runtime=runtime) for name in parts(cfg)})
+
+
+def parts(cfg: Config) -> tuple[str, ...]:
+    """The stage's independent parts, one per model (none with the audit off): the runner may run them apart."""
+    return tuple(models.MODELS) if cfg.audit.enabled else ()
+
+
+def run_part(cfg: Config, inputs: Mapping[str, Any], name: str, *, seed: int, runtime: Any = None) -> dict[str, Any]:
+    """Audit model ``name`` (one of :func:`parts`): ``{"record": ..., "scores": ...}``."""
     datasets, trained = inputs["data"], inputs["train"]
-    records, scores = {}, {}
     where = device_placement(cfg, datasets, {n: trained.models[n].build for n in models.MODELS})
     if runtime is not None:
         runtime.record_placement(where)
-    for name, entry in models.MODELS.items():
-        result = audit_model(
-            cfg,
-            name,
-            datasets[entry.dataset],
-            trained.models[name],
-            seed=seeds.derive_seed(seed, name),
-            device=where.torch_device,
-            progress=bool(runtime is not None and runtime.progress),
-            public_only=getattr(trained, "public_only", {}).get(name),
-        )
-        records[name], scores[name] = result["record"], result["scores"]
-        rec = result["record"]
-        log.info(
-            "audit %s: loss AUC %.3f, LiRA AUC %.3f; control (%s) %.3f / %.3f; canary ε >= %s, control's %s",
-            name,
-            rec["attacks"]["loss"]["auc"],
-            rec["attacks"]["lira"]["auc"],
-            rec["control"]["kind"],
-            rec["control"]["attacks"]["loss"]["auc"],
-            rec["control"]["attacks"]["lira"]["auc"],
-            rec["canaries"].get("epsilon_lower_bound", "-"),
-            rec["control"].get("canaries", {}).get("epsilon_lower_bound", "-"),
-        )
-    return {"enabled": True, "models": records, "scores": scores, "fprs": list(FPRS)}
+    result = audit_model(
+        cfg,
+        name,
+        datasets[models.MODELS[name].dataset],
+        trained.models[name],
+        seed=seeds.derive_seed(seed, name),
+        device=where.torch_device,
+        progress=bool(runtime is not None and runtime.progress),
+        public_only=getattr(trained, "public_only", {}).get(name),
+    )
+    rec = result["record"]
+    log.info(
+        "audit %s: loss AUC %.3f, LiRA AUC %.3f; control (%s) %.3f / %.3f; canary ε >= %s, control's %s",
+        name,
+        rec["attacks"]["loss"]["auc"],
+        rec["attacks"]["lira"]["auc"],
+        rec["control"]["kind"],
+        rec["control"]["attacks"]["loss"]["auc"],
+        rec["control"]["attacks"]["lira"]["auc"],
+        rec["canaries"].get("epsilon_lower_bound", "-"),
+        rec["control"].get("canaries", {}).get("epsilon_lower_bound", "-"),
+    )
+    return {"record": rec, "scores": result["scores"]}
+
+
+def combine(cfg: Config, done: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The stage output from every part, in :func:`parts` order (the audit off: none, and it says so)."""
+    names = parts(cfg)
+    return {
+        "enabled": cfg.audit.enabled,
+        "models": {name: done[name]["record"] for name in names},
+        "scores": {name: done[name]["scores"] for name in names},
+        "fprs": list(FPRS),
+    }
 
 
 def dump(out: Mapping[str, Any]) -> dict[str, bytes]:

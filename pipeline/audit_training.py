@@ -13,7 +13,6 @@ Nothing here reads or writes files; :mod:`pipeline.audit` calls it.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -28,6 +27,7 @@ from auditml_core.data import Dataset
 from auditml_core.privacy import canaries as canary_audit
 from auditml_core.privacy import mia
 from auditml_core.teacher import TrainedModel, fit_config, public_pretrain
+from pipeline import stage_workers
 
 T = TypeVar("T")
 
@@ -205,12 +205,12 @@ def train_shadows(
 
 
 def concurrent_trainings(device: torch.device) -> int:
-    """How many independent trainings the audit runs at once: one per CPU this process may use (one torch thread
-    each: ``train.num_threads`` is 1 by default), on the CPU only; one on a GPU."""
+    """How many independent trainings the audit runs at once: one per CPU this process may keep busy (one torch
+    thread each: ``train.num_threads`` is 1 by default; in a stage worker, its share: ``stage_workers.cpus``), on
+    the CPU only; one on a GPU."""
     if device.type != "cpu":
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, torch.get_num_threads()))
+    return max(1, stage_workers.cpus() // max(1, torch.get_num_threads()))
 
 
 def run_concurrently(

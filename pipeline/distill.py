@@ -722,21 +722,27 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     (served graphs: raw inputs, preprocessing inside; see :class:`ServedModel`) and the
     source-row indices of its real transfer rows.
     """
+    return combine(cfg, {name: run_part(cfg, inputs, name, seed=seed, runtime=runtime) for name in parts(cfg)})
+
+
+def parts(cfg: Config) -> tuple[str, ...]:
+    """The stage's independent parts, one per teacher: the runner may run them in separate workers."""
+    return tuple(models.MODELS)
+
+
+def run_part(cfg: Config, inputs: Mapping[str, Any], name: str, *, seed: int, runtime: Any = None) -> dict[str, Any]:
+    """Distil teacher ``name`` (one of :func:`parts`): its entry of :func:`run`'s output."""
     datasets, trained = inputs["data"], inputs["train"]
     where = device_placement(cfg, datasets, {n: trained.models[n].build for n in models.MODELS})
     if runtime is not None:
         runtime.record_placement(where)
-    return {
-        name: _distill_one(
-            cfg,
-            name,
-            datasets[entry.dataset],
-            trained.models[name],
-            seed=derive_seed(seed, name),
-            device=where.torch_device,
-        )
-        for name, entry in models.MODELS.items()
-    }
+    ds = datasets[models.MODELS[name].dataset]
+    return _distill_one(cfg, name, ds, trained.models[name], seed=derive_seed(seed, name), device=where.torch_device)
+
+
+def combine(cfg: Config, done: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The stage output from every part, in :func:`parts` order."""
+    return {name: done[name] for name in parts(cfg)}
 
 
 def dump(out: Mapping[str, Any]) -> dict[str, bytes]:

@@ -971,39 +971,60 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = Non
     DataError
         If the background split is too small (see :func:`background_rows`).
     """
+    return combine(cfg, {name: run_part(cfg, inputs, name, seed=seed, runtime=runtime) for name in parts(cfg)})
+
+
+def parts(cfg: Config) -> tuple[str, ...]:
+    """The stage's independent parts, one per model: the runner may run them in separate workers."""
+    return tuple(MODELS)
+
+
+@dataclass(frozen=True)
+class ExplainPart:
+    """One model's explanations, the warnings raised while making them and the seconds it took."""
+
+    explanations: ModelExplanations
+    warnings: tuple[tuple[bool, str], ...]  # (a library deprecation notice?, "Category: message"), in order
+    seconds: float
+
+
+def run_part(cfg: Config, inputs: Mapping[str, Any], name: str, *, seed: int, runtime: Any = None) -> ExplainPart:
+    """Explain model ``name`` (one of :func:`parts`); :func:`combine` makes the stage output of all parts."""
     t0 = time.perf_counter()
     datasets, trained = inputs["data"], inputs["train"]
     where = device_placement(cfg, datasets, {n: trained.models[n].build for n in MODELS})
     if runtime is not None:
         runtime.record_placement(where)
-    out: dict[str, ModelExplanations] = {}
     with warnings.catch_warnings(record=True) as caught:
-        # Recorded, not silenced: each is logged now and copied into the report's caveats.
+        # Recorded, not silenced: each is logged and copied into the report's caveats (see combine).
         warnings.simplefilter("always")
-        for name, entry in MODELS.items():
-            model = trained.models[name].build()  # a fresh copy: no Opacus hooks
-            out[name] = explain_model(
-                name,
-                model,
-                datasets[entry.dataset],
-                cfg.explain,
-                seed=derive_seed(seed, name),
-                progress=bool(runtime is not None and runtime.progress),
-            )
+        out = explain_model(
+            name,
+            trained.models[name].build(),  # a fresh copy: no Opacus hooks
+            datasets[MODELS[name].dataset],
+            cfg.explain,
+            seed=derive_seed(seed, name),
+            progress=bool(runtime is not None and runtime.progress),
+        )
     # Deprecation notices (e.g. matplotlib's, raised inside shap's plots) say nothing about the explanations;
     # they are kept apart from the warnings the report copies into its caveats.
     maintenance = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
-    messages = list(
-        dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, maintenance))
-    )
-    deprecations = list(
-        dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, maintenance))
-    )
+    noted = tuple((issubclass(w.category, maintenance), f"{w.category.__name__}: {w.message}") for w in caught)
+    return ExplainPart(explanations=out, warnings=noted, seconds=time.perf_counter() - t0)
+
+
+def combine(cfg: Config, done: Mapping[str, ExplainPart]) -> ExplainResult:
+    """The stage output from every part (in :func:`parts` order); ``seconds`` is the parts' total."""
+    ordered = [done[name] for name in parts(cfg)]
+    noted = [w for part in ordered for w in part.warnings]
+    messages = list(dict.fromkeys(text for maintenance, text in noted if not maintenance))
+    deprecations = list(dict.fromkeys(text for maintenance, text in noted if maintenance))
     for msg in messages:
         log.warning("while explaining: %s", msg)
     for msg in deprecations:
         log.debug("while explaining: %s", msg)
-    seconds = time.perf_counter() - t0
+    out = {name: part.explanations for name, part in zip(parts(cfg), ordered)}
+    seconds = sum(part.seconds for part in ordered)
     log.info(
         "explain: %s in %.1f s (target for 100 rows and 100 images: 30 s)",
         ", ".join(f"{n} {m.metrics['n_explained']} inputs" for n, m in out.items()),

@@ -3,11 +3,13 @@
 Once the data and the trained models are recorded, evaluate, explain, distill and audit depend on nothing but
 them: their outputs are pure functions of (config, inputs, stage seed), which the resume tests already rely on
 (a stage resumed alone gives the same bytes as one run after its predecessors). On a machine with several CPUs
-the runner therefore starts them at once, each in a child forked from the runner (multiprocessing's ``fork``
-context, as torch's DataLoader workers are: the child shares the loaded libraries and the in-memory inputs,
-without re-importing or re-reading anything). A child runs its stage's ``run`` and ``dump`` and hands the files
-back through a pipe; only the runner writes the run directory, so the manifest keeps one writer and a stage
-is marked complete only once its files are written, exactly as in one process.
+the runner therefore runs them at once as jobs: one per stage, or one per model for a stage whose module has
+``parts`` (explain, distill and audit: ``run_part`` per model, ``combine`` to the stage output, which is what
+their ``run`` does in one process). Each job runs in a child forked from the runner (multiprocessing's
+``fork`` context, as torch's DataLoader workers are: the child shares the loaded libraries and the in-memory
+inputs, without re-importing or re-reading anything) and hands its output back through a pipe; the runner
+combines a stage's parts and writes its files. Only the runner writes the run directory, so the manifest
+keeps one writer and a stage is marked complete only once its files are written, exactly as in one process.
 
 Not used (the stages then run one after another in the runner's process): with ``stages.workers=1``, for a
 single stage, where ``fork`` is unavailable or unsafe (not Linux; CUDA initialised in the runner, which a
@@ -35,21 +37,32 @@ from auditml_core.errors import UserError
 from auditml_core.runtime import Runtime
 
 _DEFERRED = {signal.SIGTERM, signal.SIGINT}  # signals held back while a worker is forked
+_share: int | None = None  # in a worker: the CPUs it may keep busy (the runner's, divided among the workers)
+
+
+def cpus() -> int:
+    """CPUs this process may keep busy: in a worker, its share of the runner's; else every CPU it may use.
+
+    The audit trains its shadows this many at a time: two workers on two cores each training two at once would
+    run four trainings on two cores, each slowing the others (measured: explain's CNN part 8 s alone, 16.6 s
+    beside an audit that trained two shadows at once).
+    """
+    return _share or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 @dataclass
 class Done:
-    """What a worker hands back: its stage's files, placement and seconds, or the exception it raised."""
+    """What a worker hands back: its job's output, placement and seconds, or the exception it raised."""
 
-    name: str
-    files: dict[str, bytes] | None = None
+    name: str  # the job: "stage" or "stage:part"
+    output: Any = None
     placement: dict[str, Any] | None = None
     seconds: float = 0.0
     error: BaseException | None = None
 
 
 def workers(cfg: Config, n_stages: int) -> int:
-    """How many of ``n_stages`` independent stages run at once (1 = in this process, one after another)."""
+    """How many workers run ``n_stages`` independent stages' jobs at once (1 = in this process, one after another)."""
     if cfg.stages.workers == 1 or n_stages < 2 or cfg.train.processes > 1:
         return 1
     if not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
@@ -67,19 +80,20 @@ def run_concurrently(
     names: list[str],
     *,
     n_workers: int,
-    job: Callable[[str, Runtime], tuple[dict[str, bytes], dict[str, Any] | None]],
+    job: Callable[[str, Runtime], tuple[Any, dict[str, Any] | None]],
     runtime_of: Callable[[str], Runtime],
     on_start: Callable[[str], None],
     on_done: Callable[[Done], None],
 ) -> None:
-    """Run ``job(name, runtime)`` for every stage in ``names`` in forked children, at most ``n_workers`` at once.
+    """Run ``job(name, runtime)`` for every job in ``names`` in forked children, at most ``n_workers`` at once.
 
     ``on_start`` runs in this process before a child is forked, ``on_done`` when its result arrives (in order
-    of arrival). After a stage fails, no further stage starts; those already running finish and are handed
+    of arrival). After a job fails, no further job starts; those already running finish and are handed
     to ``on_done`` (their results are valid). Children still running when this returns or raises (SIGTERM,
     Ctrl-C) are killed.
     """
     ctx = mp.get_context("fork")
+    share = max(1, cpus() // n_workers)
     pending = list(names)
     running: dict[Connection, tuple[str, Any]] = {}
     failed = False
@@ -89,7 +103,7 @@ def run_concurrently(
                 name = pending.pop(0)
                 on_start(name)
                 receive, send = ctx.Pipe(duplex=False)
-                child = ctx.Process(target=_child, args=(send, name, job, runtime_of(name)), name=f"stage {name}")
+                child = ctx.Process(target=_child, args=(send, name, job, runtime_of(name), share), name=f"job {name}")
                 # A signal handled while fork runs its at-fork hooks (logging's lock) is lost ("Exception
                 # ignored"): SIGTERM and SIGINT wait until the child exists, then arrive here as usual.
                 signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
@@ -113,10 +127,10 @@ def run_concurrently(
 
 def _receive(conn: Connection, name: str, child: Any) -> Done:
     try:
-        done = conn.recv()
+        done = pickle.loads(conn.recv_bytes())  # from our own forked child (see _child)
     except EOFError:  # it died without a word (killed, out of memory)
         child.join()
-        done = Done(name, error=RuntimeError(f"the worker of stage {name!r} died (exit code {child.exitcode})"))
+        done = Done(name, error=RuntimeError(f"the worker of {describe(name)} died (exit code {child.exitcode})"))
     conn.close()
     child.join()
     return done
@@ -125,24 +139,40 @@ def _receive(conn: Connection, name: str, child: Any) -> Done:
 def _child(
     conn: Connection,
     name: str,
-    job: Callable[[str, Runtime], tuple[dict[str, bytes], dict[str, Any] | None]],
+    job: Callable[[str, Runtime], tuple[Any, dict[str, Any] | None]],
     runtime: Runtime,
+    share: int,
 ) -> None:
     from auditml_core.distributed import die_with_parent  # torch: loaded already (the stages use it)
+
+    global _share
+    _share = share
 
     die_with_parent()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)  # blocked by the runner around the fork
     _renew_torch_thread_pool()
     t0 = time.perf_counter()
     try:
-        files, placement = job(name, runtime)
-        done = Done(name, files=files, placement=placement, seconds=time.perf_counter() - t0)
+        output, placement = job(name, runtime)
+        done = Done(name, output=output, placement=placement, seconds=time.perf_counter() - t0)
     except BaseException as exc:  # handed to the runner, which records and raises it as in one process
         if not isinstance(exc, (UserError, KeyboardInterrupt)):  # a bug: keep where it happened
-            exc.add_note(f"(in the worker process of stage {name!r})\n" + "".join(traceback.format_exception(exc)))
+            exc.add_note(f"(in the worker process of {describe(name)})\n" + "".join(traceback.format_exception(exc)))
         done = Done(name, error=_portable(exc))
-    conn.send(done)
+    # Plain pickle, not multiprocessing's: torch's reductions for that one pass tensors as shared-memory handles
+    # that the receiver fetches from this process, which exits once the bytes are sent.
+    try:
+        data = pickle.dumps(done)
+    except Exception as exc:  # an output that does not pickle: a bug, named as such rather than a silent death
+        data = pickle.dumps(Done(name, error=RuntimeError(f"{describe(name)} could not hand back its output: {exc!r}")))
+    conn.send_bytes(data)
     conn.close()
+
+
+def describe(job: str) -> str:
+    """A job in words: ``"audit:cnn"`` -> "stage 'audit' (cnn)"."""
+    stage, _, part = job.partition(":")
+    return f"stage {stage!r}" + (f" ({part})" if part else "")
 
 
 def _renew_torch_thread_pool() -> None:

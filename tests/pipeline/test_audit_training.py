@@ -1,5 +1,6 @@
 """The audit's models train concurrently (one thread each) exactly as they would one after the other."""
 
+import os
 import threading
 import time
 
@@ -9,7 +10,7 @@ import torch
 
 from auditml_core import config as config_mod
 from auditml_core.config import load_config
-from pipeline import audit, audit_training, runner
+from pipeline import audit, audit_training, runner, stage_workers
 from pipeline.rundir import RunDir
 from tests.tiny import AUDIT, TRAIN
 
@@ -56,10 +57,13 @@ def test_concurrent_trainings_give_the_sequential_results(tmp_path, monkeypatch,
 
 
 def test_concurrent_trainings_counts_the_cpus_this_process_may_use(monkeypatch):
-    monkeypatch.setattr(audit_training.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(audit_training.torch, "get_num_threads", lambda: 2)
     assert audit_training.concurrent_trainings(torch.device("cpu")) == 2
     assert audit_training.concurrent_trainings(torch.device("cuda")) == 1
+    monkeypatch.setattr(stage_workers, "_share", 2)  # in a stage worker: its share of the CPUs, not all of them
+    assert audit_training.concurrent_trainings(torch.device("cpu")) == 1
+    monkeypatch.setattr(stage_workers, "_share", None)
     monkeypatch.setattr(audit_training.torch, "get_num_threads", lambda: 8)
     assert audit_training.concurrent_trainings(torch.device("cpu")) == 1  # never 0
 

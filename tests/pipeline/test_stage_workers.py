@@ -149,23 +149,43 @@ def test_every_independent_stage_in_workers_writes_what_one_process_writes(train
 
 
 def test_a_failing_worker_fails_its_stage_and_starts_no_other(trained, tmp_path, monkeypatch):
-    """Two workers for three stages: distill fails (a user error), evaluate (beside it) completes, audit
-    (queued) never starts; the error is raised as in one process."""
+    """Two workers for five jobs (audit and distill one per model, evaluate): the regressor's distillation fails
+    (a user error) while the CNN's audit runs beside it. That audit finishes, but the audit's other part and the
+    queued jobs never start: distill is failed with the error, audit as not finished, evaluate never begun; the
+    error is raised as in one process."""
     cfg, _ = trained
     run = _copy(trained, tmp_path / "run")
     from pipeline import distill
 
-    def refuse(*args, **kwargs):
-        raise ConfigError("distill.fit.epochs: deliberately refused")
+    assert list(runner._jobs(cfg, ["evaluate", "distill", "audit"]))[:2] == ["audit:cnn", "distill:regressor"]
 
-    monkeypatch.setattr(distill, "run", refuse)
-    with pytest.raises(ConfigError, match="deliberately refused"):
+    def refuse(cfg, inputs, name, **kwargs):
+        raise ConfigError(f"distill.fit.epochs: deliberately refused for the {name}")
+
+    monkeypatch.setattr(distill, "run_part", refuse)
+    with pytest.raises(ConfigError, match="deliberately refused for the regressor"):
         runner.run_stages(_with_workers(cfg, 2), run, ["evaluate", "distill", "audit"])
     run = RunDir.open(run.path)
     assert run.stage_status("distill") == "failed"
     assert "deliberately refused" in run.manifest["stages"]["distill"]["error"]
-    assert run.stage_status("evaluate") == "complete"
-    assert "audit" not in run.manifest["stages"]  # queued behind the failure: never begun
+    assert run.stage_status("audit") == "failed"
+    assert "not finished" in run.manifest["stages"]["audit"]["error"]
+    assert not any(rel.startswith(("audit/", "students/")) for rel in run.manifest["artifacts"])  # nothing half-written
+    assert "evaluate" not in run.manifest["stages"]  # queued behind the failure: never begun
+
+
+def test_a_stage_in_parts_is_recorded_once_all_are_back_and_as_one_process_records_it(trained, tmp_path):
+    """Audit's two parts in two workers: one stage record, the seconds of both parts, the same files."""
+    cfg, _ = trained
+    one, two = _copy(trained, tmp_path / "one"), _copy(trained, tmp_path / "two")
+    assert runner.stage_parts(cfg, "audit") == ("regressor", "cnn") and runner.stage_parts(cfg, "evaluate") == (None,)
+    runner.run_stages(_with_workers(cfg, 2), two, ["audit"])
+    runner.run_stages(_with_workers(cfg, 1), one, ["audit"])
+    assert _same_outputs(one, two, ["audit"]) >= 3
+    record = json.loads((two.path / "audit" / "membership_inference.json").read_text())
+    assert set(record["models"]) == {"regressor", "cnn"}
+    assert two.manifest["stages"]["audit"]["attempt"] == 1  # begun once, for its first part
+    assert two.manifest["stages"]["audit"]["seconds"] >= sum(m["seconds"] for m in record["models"].values())
 
 
 def test_a_bug_in_a_worker_keeps_its_traceback_and_a_dead_worker_is_named(trained, tmp_path, monkeypatch):
@@ -191,9 +211,9 @@ def test_a_bug_in_a_worker_keeps_its_traceback_and_a_dead_worker_is_named(traine
         assert os.getpid() != pytest_pid, "audit ran in this process, not in a worker"
         os._exit(3)  # dies without a word
 
-    monkeypatch.setattr(audit, "run", die)
+    monkeypatch.setattr(audit, "run_part", die)
     run = _copy(trained, tmp_path / "dead")
-    with pytest.raises(RuntimeError, match=r"the worker of stage 'audit' died \(exit code 3\)"):
+    with pytest.raises(RuntimeError, match=r"the worker of stage 'audit' \((cnn|regressor)\) died \(exit code 3\)"):
         runner.run_stages(_with_workers(cfg, 2), run, ["evaluate", "audit"])
     assert RunDir.open(run.path).stage_status("audit") == "failed"
 
