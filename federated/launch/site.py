@@ -19,7 +19,9 @@ process per message (39-52 s rounds before, per site). Process hygiene, as in th
   its own takes the site down with a non-zero exit, rather than leave a SuperNode that accepts rounds
   nobody runs;
 - the worker takes tasks only with a fresh per-site secret (Flower's SuperExec auth on the Runtime API, a
-  loopback port), kept in an owner-only temporary folder that is removed on the way out.
+  loopback port). It is never on disk: an anonymous in-memory file (``memfd_create``) that both read by its
+  ``/proc/self/fd`` path (the worker inherits the descriptor), gone with the site, ``kill -9`` included. (It
+  was an owner-only temporary folder, left behind, secret and all, by every site killed with ``-9``.)
 
 On a Flower version the worker was not checked against (:mod:`federated.patches.flower_api`) the site
 runs Flower's stock ``--isolation subprocess`` instead, with one warning. :mod:`federated.launch.deploy`
@@ -32,11 +34,9 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -134,8 +134,9 @@ def supernode_args(args: argparse.Namespace, *, isolation: str, runtime_port: in
     return out
 
 
-def start_worker(*, runtime_port: int, secret: Path, log_path: Path | None = None) -> subprocess.Popen:
-    """This site's ClientApp worker, as a child that the kernel kills when this process dies."""
+def start_worker(*, runtime_port: int, secret_fd: int, log_path: Path | None = None) -> subprocess.Popen:
+    """This site's ClientApp worker, as a child that the kernel kills when this process dies; it reads the
+    secret from the descriptor ``secret_fd`` (see :func:`superexec_secret`), which it inherits."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(launcher.REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     out = log_path.open("ab") if log_path is not None else None
@@ -151,8 +152,9 @@ def start_worker(*, runtime_port: int, secret: Path, log_path: Path | None = Non
                 "--parent-pid",
                 str(os.getpid()),
                 "--superexec-auth-secret-file",
-                str(secret),
+                _fd_path(secret_fd),
             ],
+            pass_fds=(secret_fd,),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -173,26 +175,33 @@ def _watch_worker(worker: subprocess.Popen, died: threading.Event) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def superexec_secret() -> int:
+    """A fresh 32-byte secret in an anonymous in-memory file (never on disk; gone with this process); its fd."""
+    fd = os.memfd_create("superexec-secret", os.MFD_CLOEXEC)
+    os.write(fd, os.urandom(32))
+    return fd
+
+
+def _fd_path(fd: int) -> str:
+    """The path by which this process (or a child that inherited ``fd``) reads the file behind ``fd``."""
+    return f"/proc/self/fd/{fd}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the site until it is stopped; the exit code (non-zero when the worker died under it)."""
     isolation = flower_api.clientapp_isolation(args.isolation)
-    private = Path(tempfile.mkdtemp(prefix="auditable-site-"))  # 0700: the SuperExec secret lives here
+    secret_fd = superexec_secret() if isolation == "process" else None
     worker: subprocess.Popen | None = None
     died = threading.Event()
     try:
-        secret = None
-        if isolation == "process":
-            secret = private / "superexec.secret"
-            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(os.urandom(32))
         runtime_port = args.runtime_port or launcher.free_port()
+        secret = Path(_fd_path(secret_fd)) if secret_fd is not None else None
         argv = supernode_args(args, isolation=isolation, runtime_port=runtime_port, secret=secret)
         fast_poll.patch_supernode()
         fast_poll.patch_object_pulls()
         fast_poll.patch_heartbeat()
-        if secret is not None:
-            worker = start_worker(runtime_port=runtime_port, secret=secret)
+        if secret_fd is not None:
+            worker = start_worker(runtime_port=runtime_port, secret_fd=secret_fd)
             threading.Thread(target=_watch_worker, args=(worker, died), name="worker-watch", daemon=True).start()
         from flwr.supernode.cli import flower_supernode
 
@@ -207,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
         if worker is not None and worker.poll() is None:
             died.set()  # our own stop, not the worker's death
             launcher.stop_trees([worker.pid], timeout_s=5.0, reap=worker.poll)
-        shutil.rmtree(private, ignore_errors=True)
+        if secret_fd is not None:
+            os.close(secret_fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -67,6 +67,22 @@ def test_bad_site_options_are_refused_in_one_line(extra, message, capsys):
         site.node_config(partition_id=3, num_partitions=3, data=None)
 
 
+def test_the_superexec_secret_is_never_on_disk_and_reaches_only_the_child_given_it():
+    fd = site.superexec_secret()
+    try:
+        assert os.fstat(fd).st_nlink == 0  # no name in any file system: nothing is left behind, even after kill -9
+        secret = Path(site._fd_path(fd)).read_bytes()
+        assert len(secret) == 32
+        read = [sys.executable, "-c", f"import sys; sys.stdout.buffer.write(open({site._fd_path(fd)!r}, 'rb').read())"]
+        assert subprocess.run(read, pass_fds=(fd,), capture_output=True, check=True).stdout == secret  # the worker
+        assert subprocess.run(read, capture_output=True).returncode != 0  # control: a child not given it cannot
+        other = site.superexec_secret()
+        assert Path(site._fd_path(other)).read_bytes() != secret  # fresh per site
+        os.close(other)
+    finally:
+        os.close(fd)
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -114,6 +130,8 @@ def test_kill_9_of_a_sites_supernode_alone_ends_its_clientapp_worker(tmp_path):
         log = tmp_path / "logs" / "site-0.log"
         _wait_for(lambda: b"serving the ClientApp tasks" in log.read_bytes(), 120, "the worker never served")
         _wait_for(lambda: b"SuperNode ID:" in log.read_bytes(), 60, "the SuperNode never joined the SuperLink")
+        secret_arg = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0--superexec-auth-secret-file\0")[1]
+        assert secret_arg.startswith(b"/proc/self/fd/")  # the secret is an inherited descriptor, not a file
         os.kill(node.pid, signal.SIGKILL)  # the SuperNode alone; not reaped yet: a zombie while we look
         took = _wait_for(lambda: not _alive(worker), 5, "the ClientApp worker outlived its SuperNode")
         print(f"worker gone {took:.2f} s after kill -9 of its SuperNode")
