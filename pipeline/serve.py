@@ -37,6 +37,20 @@ SETTINGS_ENV = "AUDITML_SERVE_SETTINGS"  # JSON of ServeSettings, for the worker
 PARENT_ENV = "AUDITML_SERVE_PARENT"  # the supervisor's pid: a worker started after it died exits at once
 GRACEFUL_SHUTDOWN_S = 30  # in-flight requests get this long to finish after SIGTERM
 WORKER_FAILED = "worker-failed"  # written in the workers' scratch folder by a worker that cannot load the run
+METRICS_PREFIX = "auditml-serve-metrics-"  # the workers' scratch folder: METRICS_PREFIX<server pid>-<random>
+
+
+def metrics_scratch() -> str:
+    """A fresh scratch folder for the workers' shared metrics, named after this server's pid; first removes
+    those that servers killed with ``-9`` left behind (ours, named after a pid that no longer runs)."""
+    for old in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*"):
+        pid = old.name[len(METRICS_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not old.is_symlink() and old.is_dir() and old.stat().st_uid == os.getuid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:  # (PermissionError: alive, another user's)
+                shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -197,7 +211,7 @@ def cmd_serve(argv: list[str]) -> int:
             uvicorn.run(app, **common)
         else:
             del app, loaded  # each worker loads its own copy
-            metrics_dir = tempfile.mkdtemp(prefix="auditml-serve-metrics-")  # outside the run directory
+            metrics_dir = metrics_scratch()  # outside the run directory
             os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
             os.environ[PARENT_ENV] = str(os.getpid())
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

@@ -188,6 +188,24 @@ def test_a_worker_whose_parent_already_died_exits_before_loading(monkeypatch):
     assert serve.app_from_env() == "app"
 
 
+def test_the_workers_scratch_folder_sweeps_only_what_dead_servers_left(tmp_path, monkeypatch):
+    """A server killed with -9 cannot remove its workers' metrics folder; the next one removes it, and nothing else."""
+    import pipeline.serve as serve
+
+    monkeypatch.setattr(serve.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs (reaped)
+    left = tmp_path / f"{serve.METRICS_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{serve.METRICS_PREFIX}{os.getpid()}-def"  # a running server's: the control, kept
+    other = tmp_path / f"{serve.METRICS_PREFIX}notapid"
+    for folder in (left, live, other):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"x")
+    new = Path(serve.metrics_scratch())
+    assert not left.exists() and live.exists() and other.exists()
+    assert new.parent == tmp_path and new.name.startswith(f"{serve.METRICS_PREFIX}{os.getpid()}-")
+
+
 def test_tree_digest_sees_what_a_server_could_leave(tmp_path):
     """The read-only check's controls: a hidden temp file, a folder touched, equal bytes rewritten; and its null."""
     folder, f = tmp_path / "a", tmp_path / "a" / "f.json"
