@@ -145,21 +145,20 @@ def _fit_like(
         if canaries is not None:  # last: it reads the noisy gradient the optimizer gets
             canaries.install(private)
 
-    with training.channels_last(net, recipe.dp is None):
-        result = training.fit(
-            net,
-            x_train=x,
-            y_train=y,
-            x_val=None,
-            y_val=None,
-            task=recipe.task,
-            fit_cfg=recipe.fit_cfg,
-            dp=recipe.dp,
-            device=recipe.device,
-            seed=seed,
-            desc=desc,
-            on_private=on_private if (canaries is not None or noise_factor != 1.0) else None,
-        )
+    result = training.fit(
+        net,
+        x_train=x,
+        y_train=y,
+        x_val=None,
+        y_val=None,
+        task=recipe.task,
+        fit_cfg=recipe.fit_cfg,
+        dp=recipe.dp,
+        device=recipe.device,
+        seed=seed,
+        desc=desc,
+        on_private=on_private if (canaries is not None or noise_factor != 1.0) else None,
+    )
     net.cpu()
     return model.eval(), result.privacy
 
@@ -300,20 +299,19 @@ def overfit_control(
 
     def fit(j: int) -> nn.Module:
         s, rows, fit_cfg, desc = plans[j]
-        with training.channels_last(built[j]):
-            training.fit(
-                built[j],
-                x_train=xc[rows],
-                y_train=yc[rows],
-                x_val=None,
-                y_val=None,
-                task=recipe.task,
-                fit_cfg=fit_cfg,
-                dp=None,
-                device=recipe.device,
-                seed=s,
-                desc=desc,
-            )
+        training.fit(
+            built[j],
+            x_train=xc[rows],
+            y_train=yc[rows],
+            x_val=None,
+            y_val=None,
+            task=recipe.task,
+            fit_cfg=fit_cfg,
+            dp=None,
+            device=recipe.device,
+            seed=s,
+            desc=desc,
+        )
         return built[j].cpu().eval()
 
     trained = run_concurrently([lambda j=j: fit(j) for j in range(len(plans))], device=recipe.device)

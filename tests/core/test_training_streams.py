@@ -66,7 +66,14 @@ def _private(model, optimizer, xt, yt, dp, fit_cfg, criterion):
 
 
 def _reference_fit(model, x, y, fit_cfg, dp=None, stats=None):
-    """The per-batch loop of auditml_core.training before this change (no validation, no EMA)."""
+    """The per-batch loop of auditml_core.training before this change (no validation, no EMA), in the layout
+    ``fit`` trains in: channels-last weights without DP (``training.channels_last``), the default under DP."""
+    with training.channels_last(model, dp is None):
+        out = _reference_steps(model, x, y, fit_cfg, dp, stats)
+    return privacy.unwrap_state_dict(model), out
+
+
+def _reference_steps(model, x, y, fit_cfg, dp, stats):
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     data_generator = seeds.make_generator("cpu", SEED)
     optimizer = training.make_optimizer(model, fit_cfg)
@@ -101,7 +108,7 @@ def _reference_fit(model, x, y, fit_cfg, dp=None, stats=None):
         losses.append(total / max(count, 1))
     if run is not None:
         run.close()
-    return privacy.unwrap_state_dict(model), losses
+    return losses
 
 
 def _fit(model, x, y, fit_cfg, dp=None):
