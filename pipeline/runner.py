@@ -305,10 +305,10 @@ def _run_one(
     _finish(run, name, names, time.perf_counter() - t0)
 
 
-# The jobs of a stage group that take longest on the default run, longest first (seconds alone on 2 cores:
-# audit cnn 14.2 with its shadows in two threads, explain cnn 8.0, distill regressor 6.5, explain regressor 5.2,
-# distill cnn 3.9, audit regressor 1.5, evaluate 0.4): started in this order the two workers finish within a
-# few seconds of each other. Jobs not named here follow in stage order.
+# The jobs of a stage group that take longest on the default run, longest first (seconds in one of two workers
+# on 2 cores: audit cnn 17.4, explain cnn 10.3, distill regressor 5.6, explain regressor 5.0, distill cnn 5.7,
+# audit regressor 1.8, evaluate 0.6): started in this order the two workers finished 0.3 s apart (23.2 and
+# 23.5 s). Jobs not named here follow in stage order.
 LONGEST_FIRST = ("audit:cnn", "explain:cnn", "distill:regressor", "explain:regressor", "distill:cnn")
 
 
