@@ -2,7 +2,9 @@
 
 A stage is a module with ``run(cfg, inputs, *, seed, runtime)``, ``dump(outputs) -> {relpath: bytes}``
 and ``load(read) -> outputs``; its :class:`Stage` entry declares which earlier stages it
-reads. Only the runner touches files: it writes what ``dump`` returns into the run
+reads. A stage with independent pieces (one per model) also has ``parts(cfg)``, ``run_part(cfg, inputs, part,
+*, seed, runtime)`` and ``combine(cfg, {part: output})``; its ``run`` is ``combine`` over ``run_part``, and the
+stage workers run each part as its own job. Only the runner touches files: it writes what ``dump`` returns into the run
 directory and, when a stage needs an earlier stage's output that this invocation did
 not compute, rebuilds it with ``load`` from the recorded (hash-checked) files. A slice
 whose inputs are neither computed now nor complete in the run directory is refused
