@@ -19,6 +19,7 @@ import pytest
 from auditml_core import config as config_mod
 from auditml_core.config import StagesConfig, load_config
 from auditml_core.errors import ConfigError
+from auditml_core.models import MODELS
 from pipeline import runner, stage_workers
 from pipeline.rundir import RunDir
 from tests.tiny import ALL, AUDIT, DISTILL, EXPLAIN, TRAIN
@@ -103,6 +104,18 @@ def test_workers_follow_the_setting_the_cpus_and_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert stage_workers.workers(cfg, 4) == 1  # a forked child cannot use the runner's CUDA context
+
+
+def test_every_stage_in_parts_has_the_whole_contract():
+    cfg = load_config(None, [])
+    split = {name for name in runner.STAGES if hasattr(runner.stage_module(name), "parts")}
+    assert split == {"explain", "distill", "audit"}
+    for name in split:
+        module = runner.stage_module(name)
+        assert callable(module.run_part) and callable(module.combine), name
+        assert module.parts(cfg) == tuple(MODELS), name  # one per model, in the registry's order
+    assert runner.stage_parts(load_config(None, ["audit.enabled=false"]), "audit") == (None,)  # one job: the record
+    assert set(runner.LONGEST_FIRST) <= set(runner._jobs(cfg, ["evaluate", *sorted(split)]))  # no stale job names
 
 
 def test_stages_workers_is_range_checked():
