@@ -233,7 +233,7 @@ def run_stages(
     i = 0
     while i < len(names):
         group = independent_stages(names[i:])
-        n_workers = stage_workers.workers(cfg, len(group))
+        n_workers = stage_workers.workers(cfg, len(_jobs(cfg, group)))  # explain alone: two jobs, one per model
         if n_workers > 1:
             _run_group(cfg, run, group, outputs, n_workers=n_workers, names=names)
         else:

@@ -12,7 +12,7 @@ combines a stage's parts and writes its files. Only the runner writes the run di
 keeps one writer and a stage is marked complete only once its files are written, exactly as in one process.
 
 Not used (the stages then run one after another in the runner's process): with ``stages.workers=1``, for a
-single stage, where ``fork`` is unavailable or unsafe (not Linux; CUDA initialised in the runner, which a
+single job (a stage alone that has no parts), where ``fork`` is unavailable or unsafe (not Linux; CUDA initialised in the runner, which a
 forked child cannot use; another thread running in the runner, whose locks a child would inherit held), and
 under a multi-process training (``train.processes``). Every child dies with the runner
 (``PR_SET_PDEATHSIG``), also after ``kill -9``.
@@ -61,9 +61,10 @@ class Done:
     error: BaseException | None = None
 
 
-def workers(cfg: Config, n_stages: int) -> int:
-    """How many workers run ``n_stages`` independent stages' jobs at once (1 = in this process, one after another)."""
-    if cfg.stages.workers == 1 or n_stages < 2 or cfg.train.processes > 1:
+def workers(cfg: Config, n_jobs: int) -> int:
+    """How many workers run ``n_jobs`` independent jobs (stages or their parts) at once (1 = in this process, one
+    after another)."""
+    if cfg.stages.workers == 1 or n_jobs < 2 or cfg.train.processes > 1:
         return 1
     if not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
         return 1
@@ -73,7 +74,7 @@ def workers(cfg: Config, n_stages: int) -> int:
     if torch is not None and torch.cuda.is_initialized():  # a forked child cannot use the CUDA context it inherits
         return 1
     limit = cfg.stages.workers or len(os.sched_getaffinity(0))
-    return max(1, min(limit, n_stages))
+    return max(1, min(limit, n_jobs))
 
 
 def run_concurrently(

@@ -91,7 +91,7 @@ def test_workers_follow_the_setting_the_cpus_and_cuda(monkeypatch):
     cfg = load_config(None, [])
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
     assert stage_workers.workers(cfg, 4) == 3  # one per CPU
-    assert stage_workers.workers(cfg, 2) == 2  # never more than the stages
+    assert stage_workers.workers(cfg, 2) == 2  # never more than the jobs
     assert stage_workers.workers(cfg, 1) == 1
     assert stage_workers.workers(_with_workers(cfg, 1), 4) == 1
     assert stage_workers.workers(_with_workers(cfg, 8), 4) == 4
@@ -187,12 +187,14 @@ def test_a_failing_worker_fails_its_stage_and_starts_no_other(trained, tmp_path,
     assert "evaluate" not in run.manifest["stages"]  # queued behind the failure: never begun
 
 
-def test_a_stage_in_parts_is_recorded_once_all_are_back_and_as_one_process_records_it(trained, tmp_path):
-    """Audit's two parts in two workers: one stage record, the seconds of both parts, the same files."""
+def test_a_stage_in_parts_is_recorded_once_all_are_back_and_as_one_process_records_it(trained, tmp_path, caplog):
+    """Audit alone, its two parts in two workers: one stage record, the seconds of both parts, the same files."""
     cfg, _ = trained
     one, two = _copy(trained, tmp_path / "one"), _copy(trained, tmp_path / "two")
     assert runner.stage_parts(cfg, "audit") == ("regressor", "cnn") and runner.stage_parts(cfg, "evaluate") == (None,)
-    runner.run_stages(_with_workers(cfg, 2), two, ["audit"])
+    with caplog.at_level("INFO", logger="pipeline.runner"):
+        runner.run_stages(_with_workers(cfg, 2), two, ["audit"])
+    assert "stages audit: 2 jobs, 2 at once in worker processes" in caplog.text  # a stage alone, split
     runner.run_stages(_with_workers(cfg, 1), one, ["audit"])
     assert _same_outputs(one, two, ["audit"]) >= 3
     record = json.loads((two.path / "audit" / "membership_inference.json").read_text())
