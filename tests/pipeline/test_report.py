@@ -75,6 +75,11 @@ def test_report_files_are_recorded_and_json_validates(hostile_run):
     assert content["summary"]["privacy"].startswith("No formal privacy guarantee")
     assert content["explanations"]["background_split"] == "public"
     assert content["reproducibility"]["seeds"]["explain"] == run.manifest["stages"]["explain"]["seed"]
+    # The explain time is the models' times added (parts may run side by side): as the stage records it.
+    parts = json.loads(run.read("explain/metrics.json"))["models"]
+    added = sum(e["seconds"] for m in parts.values() for e in m["explanations"].values())
+    assert content["explanations"]["seconds"] >= added
+    assert "the models' times added" in run.read("report.html").decode()
 
 
 def test_broken_report_json_fails_the_schema(hostile_run):
