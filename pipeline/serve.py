@@ -27,7 +27,7 @@ import uvicorn
 
 from auditml_core import models
 from auditml_core.errors import ConfigError, RunDirError, UserError
-from federated.launch import processes, tls
+from federated.launch import processes, tls, watchdog
 from pipeline import predict_model
 from pipeline.serve_app import ServeSettings, create_app, load_models, read_key
 
@@ -46,9 +46,7 @@ def metrics_scratch() -> str:
     for old in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*"):
         pid = old.name[len(METRICS_PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not old.is_symlink() and old.is_dir() and old.stat().st_uid == os.getuid():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:  # (PermissionError: alive, another user's)
+            if not watchdog.alive(int(pid)):
                 shutil.rmtree(old, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
 
