@@ -233,9 +233,10 @@ def run_stages(
     i = 0
     while i < len(names):
         group = independent_stages(names[i:])
-        n_workers = stage_workers.workers(cfg, len(_jobs(cfg, group)))  # explain alone: two jobs, one per model
+        jobs = _jobs(cfg, group)
+        n_workers = stage_workers.workers(cfg, len(jobs))  # explain alone: two jobs, one per model
         if n_workers > 1:
-            _run_group(cfg, run, group, outputs, n_workers=n_workers, names=names)
+            _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names)
         else:
             group = group[:1]
             _run_one(cfg, run, group[0], outputs, names=names, progress=progress, followers=followers)
@@ -328,11 +329,17 @@ def _jobs(cfg: Config, group: list[str]) -> dict[str, tuple[str, str | None]]:
 
 
 def _run_group(
-    cfg: Config, run: RunDir, group: list[str], outputs: dict[str, Any], *, n_workers: int, names: list[str]
+    cfg: Config,
+    run: RunDir,
+    jobs: dict[str, tuple[str, str | None]],
+    outputs: dict[str, Any],
+    *,
+    n_workers: int,
+    names: list[str],
 ) -> None:
-    """Run ``group`` (independent stages) as jobs, one per stage part, in forked workers; a stage is recorded
-    once all its parts are back (its module's ``combine``). The first failure is raised once all have ended."""
-    jobs = _jobs(cfg, group)
+    """Run ``jobs`` (:func:`_jobs` of independent stages) in forked workers; a stage is recorded once all its
+    parts are back (its module's ``combine``). The first failure is raised once all have ended."""
+    group = list(dict.fromkeys(name for name, _ in jobs.values()))
     log.info("stages %s: %d jobs, %d at once in worker processes", ",".join(group), len(jobs), n_workers)
     prepared: dict[str, tuple[dict[str, Any], int]] = {}  # stages begun and not yet recorded: inputs, seed
     arrived: dict[str, dict[str | None, stage_workers.Done]] = {name: {} for name in group}
