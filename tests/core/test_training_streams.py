@@ -65,10 +65,11 @@ def _private(model, optimizer, xt, yt, dp, fit_cfg, criterion):
     )
 
 
-def _reference_fit(model, x, y, fit_cfg, dp=None, stats=None):
+def _reference_fit(model, x, y, fit_cfg, dp=None, stats=None, layout=True):
     """The per-batch loop of auditml_core.training before this change (no validation, no EMA), in the layout
-    ``fit`` trains in: channels-last weights without DP (``training.channels_last``), the default under DP."""
-    with training.channels_last(model, dp is None):
+    ``fit`` trains in: channels-last weights without DP (``training.channels_last``), the default under DP
+    (``layout=False``: the default layout always, the control that shows the comparison sees the layout)."""
+    with training.channels_last(model, layout and dp is None):
         out = _reference_steps(model, x, y, fit_cfg, dp, stats)
     return privacy.unwrap_state_dict(model), out
 
@@ -140,6 +141,8 @@ def test_fit_is_bit_identical_to_the_per_batch_loop(rng, shift):
     x, y = _data(rng)
     fit_cfg = FitConfig(epochs=2, batch_size=16, lr=1e-2, augment_shift=shift)  # 70 rows: a short last batch
     _assert_identical(_fit(_cnn(), x, y, fit_cfg), _reference_fit(_cnn(), x, y, fit_cfg))
+    with pytest.raises(AssertionError):  # the same steps in the default layout round differently: caught
+        _assert_identical(_fit(_cnn(), x, y, fit_cfg), _reference_fit(_cnn(), x, y, fit_cfg, layout=False))
 
 
 @pytest.mark.parametrize("mode", ["bk", "hooks"])

@@ -77,8 +77,10 @@ def test_report_files_are_recorded_and_json_validates(hostile_run):
     assert content["reproducibility"]["seeds"]["explain"] == run.manifest["stages"]["explain"]["seed"]
     # The explain time is the models' times added (parts may run side by side): as the stage records it.
     parts = json.loads(run.read("explain/metrics.json"))["models"]
-    added = sum(e["seconds"] for m in parts.values() for e in m["explanations"].values())
+    per_model = {name: sum(e["seconds"] for e in m["explanations"].values()) for name, m in parts.items()}
+    added = sum(per_model.values())
     assert content["explanations"]["seconds"] >= added
+    assert all(0 < seconds < added for seconds in per_model.values())  # one model's time alone would not pass
     assert "the models' times added" in run.read("report.html").decode()
 
 
