@@ -1,5 +1,7 @@
 """Membership-inference attacks and audit statistics (auditml_core.privacy.mia) on generated data."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,16 +12,58 @@ from auditml_core.config import FitConfig
 from auditml_core.privacy import mia
 
 
-@pytest.mark.parametrize("n", [1, 7, 88, 359])
-def test_clopper_pearson_matches_scipy_beta_quantiles(n):
-    # The textbook formula (beta quantiles) is an implementation independent of mia's bisection on binomial tails.
-    for k in sorted({0, 1, n // 3, n // 2, n - 1, n} - {-1}):
-        if not 0 <= k <= n:
-            continue
-        lo, hi = mia.clopper_pearson(k, n, confidence=0.95)
-        exp_lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
-        exp_hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
-        assert lo == pytest.approx(exp_lo, abs=1e-9) and hi == pytest.approx(exp_hi, abs=1e-9), (k, n)
+def _tail_bisection(k, n, confidence):
+    """Clopper–Pearson by its definition, apart from mia's beta quantiles: the p at which a binomial tail sum
+    (in log space, from math.lgamma) equals alpha, found by bisection to the last bit."""
+    alpha = (1 - confidence) / 2
+
+    def tail(ks, p):  # P(X in ks), X ~ Binomial(n, p), each tail summed directly (no 1 - cdf cancellation)
+        logs = [
+            math.lgamma(n + 1)
+            - math.lgamma(i + 1)
+            - math.lgamma(n - i + 1)
+            + i * math.log(p)
+            + (n - i) * math.log1p(-p)
+            for i in ks
+        ]
+        top = max(logs)
+        return math.exp(top) * math.fsum(math.exp(v - top) for v in logs)
+
+    def solve(f):  # f increasing in p on (0, 1)
+        lo, hi = 0.0, 1.0
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+        return 0.5 * (lo + hi)
+
+    lower = 0.0 if k == 0 else solve(lambda p: tail(range(k, n + 1), p) - alpha)  # P(X >= k) grows with p
+    upper = 1.0 if k == n else solve(lambda p: alpha - tail(range(k + 1), p))  # P(X <= k) falls with p
+    return lower, upper
+
+
+@pytest.mark.parametrize("n", [1, 7, 44, 88, 359, 500])
+def test_clopper_pearson_is_the_binomial_tail_definition(n):
+    # Two implementations apart from mia's betaincinv: bisection on binomial tail sums (the definition) and scipy's
+    # beta distribution; at the confidences the audit uses (0.95) and a stricter one.
+    for confidence in (0.95, 0.999):
+        for k in sorted({0, 1, 2, n // 3, n // 2, n - 2, n - 1, n}):
+            if not 0 <= k <= n:
+                continue
+            lo, hi = mia.clopper_pearson(k, n, confidence=confidence)
+            ref_lo, ref_hi = _tail_bisection(k, n, confidence)
+            assert lo == pytest.approx(ref_lo, abs=1e-12) and hi == pytest.approx(ref_hi, abs=1e-12), (k, n)
+            a = (1 - confidence) / 2
+            exp_lo = 0.0 if k == 0 else beta.ppf(a, k, n - k + 1)
+            exp_hi = 1.0 if k == n else beta.ppf(1 - a, k + 1, n - k)
+            assert lo == pytest.approx(exp_lo, abs=1e-12) and hi == pytest.approx(exp_hi, abs=1e-12), (k, n)
+
+
+def test_clopper_pearson_reference_catches_a_wrong_interval():
+    # Positive control: the one-sided alpha used for both sides (a 90% interval called 95%) is far outside 1e-12
+    # of the definition, so the comparison above would catch it.
+    lo90, hi90 = mia.clopper_pearson(10, 88, confidence=0.90)
+    ref_lo, ref_hi = _tail_bisection(10, 88, 0.95)
+    assert abs(lo90 - ref_lo) > 1e-3 and abs(hi90 - ref_hi) > 1e-3
 
 
 def test_clopper_pearson_rejects_impossible_counts():
