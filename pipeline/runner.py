@@ -229,6 +229,8 @@ def run_stages(
         From any stage; the failing stage is marked ``failed`` in the manifest first.
     """
     check_inputs(run, names)
+    if progress:
+        stage_workers.no_tqdm_monitor()  # before the first bar: its thread would keep every stage out of workers
     outputs: dict[str, Any] = {}
     i = 0
     while i < len(names):

@@ -61,6 +61,18 @@ class Done:
     error: BaseException | None = None
 
 
+def no_tqdm_monitor() -> None:
+    """Keep tqdm from starting its monitor thread in this process (for every later bar).
+
+    tqdm starts that thread with its first bar and keeps it for the life of the process (tqdm 4.70), and
+    :func:`workers` forks nothing beside a second thread: a run in a terminal (progress bars on) ran every stage
+    one after another, measured. The thread only makes a stalled bar redraw less often.
+    """
+    from tqdm import std
+
+    std.tqdm.monitor_interval = 0
+
+
 def workers(cfg: Config, n_jobs: int) -> int:
     """How many workers run ``n_jobs`` independent jobs (stages or their parts) at once (1 = in this process, one
     after another)."""

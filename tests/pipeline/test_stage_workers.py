@@ -301,3 +301,67 @@ def test_no_worker_outlives_its_runner_killed_or_terminated(tmp_path):
     stages = RunDir.open(run).manifest["stages"]
     assert "running" not in {s["status"] for s in stages.values()}, stages  # what ran is marked failed
     assert stages["explain"]["status"] == "failed"
+
+
+# --------------------------------------------------------------------------- a run in a terminal
+
+_BAR_THEN_WORKERS = """
+import sys
+from auditml_core.config import load_config
+from auditml_core.epoch import progress_bar
+from pipeline import stage_workers
+if sys.argv[1] == "fixed":
+    stage_workers.no_tqdm_monitor()
+for _ in progress_bar(range(3), True, "a training bar"):
+    pass
+print(stage_workers.workers(load_config(None, ["stages.workers=2"]), 3))
+"""
+
+
+@pytest.mark.parametrize("setting, forks", [("fixed", "2"), ("tqdm's default", "1")])
+def test_a_progress_bar_leaves_no_thread_that_keeps_the_stages_out_of_workers(setting, forks):
+    # In a fresh interpreter (this one may hold threads of other tests): tqdm's monitor thread, started with the
+    # first bar, made workers() refuse to fork. The positive control is tqdm's default, which must still refuse.
+    out = subprocess.run(
+        [sys.executable, "-c", _BAR_THEN_WORKERS, setting], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == forks, out.stderr[-2000:]
+
+
+def test_a_run_in_a_terminal_runs_its_independent_stages_in_workers(tmp_path):
+    """With a terminal on stderr the pipeline shows progress bars; it ran every stage in one process (tqdm's
+    monitor thread, see above) until the runner turned that thread off."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 0 columns: tqdm draws nothing
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "--out", str(tmp_path), "--stages", "data,train,evaluate,explain"]
+        + [*TRAIN, *EXPLAIN, "stages.workers=2"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    chunks = []
+    try:
+        while True:  # read as it writes (a full terminal buffer would block it) until its end closes
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the other end is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        proc.wait(timeout=300)
+    finally:
+        os.close(main)
+        if proc.poll() is None:
+            proc.kill()
+    log = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, log[-3000:]
+    assert "%|" in log  # the bars were drawn: a terminal, as a user's
+    assert re.search(r"stages [a-z,]+: 3 jobs, 2 at once in worker processes", log), log[-3000:]
