@@ -6,8 +6,9 @@ Nothing here knows of Flower or of stages: :mod:`pipeline.train` (central) and
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -101,6 +102,12 @@ def model_spec(cfg: Config, name: str, ds: Dataset) -> dict[str, Any]:
 def model_specs(cfg: Config, datasets: Mapping[str, Dataset]) -> dict[str, dict[str, Any]]:
     """The architecture of every registered model for these data."""
     return {name: model_spec(cfg, name, datasets[entry.dataset]) for name, entry in models.MODELS.items()}
+
+
+def planned_builders(cfg: Config, datasets: Mapping[str, Dataset]) -> dict[str, Callable[[], torch.nn.Module]]:
+    """A fresh, untrained module per registered model, of the architecture planned for these data: all a stage
+    needs to decide where it runs (its models' sizes), also before every model is trained."""
+    return {name: functools.partial(models.build, spec) for name, spec in model_specs(cfg, datasets).items()}
 
 
 def fit_config(cfg: Config, name: str) -> FitConfig:

@@ -46,7 +46,7 @@ from auditml_core.config import Config
 from auditml_core.data import Dataset
 from auditml_core.privacy import canaries as canary_audit
 from auditml_core.privacy import mia
-from auditml_core.teacher import TrainedModel, fit_config
+from auditml_core.teacher import TrainedModel, fit_config, planned_builders
 from pipeline import audit_training
 from pipeline.audit_training import Recipe
 
@@ -434,7 +434,7 @@ def parts(cfg: Config) -> tuple[str, ...]:
 def run_part(cfg: Config, inputs: Mapping[str, Any], name: str, *, seed: int, runtime: Any = None) -> dict[str, Any]:
     """Audit model ``name`` (one of :func:`parts`): ``{"record": ..., "scores": ...}``."""
     datasets, trained = inputs["data"], inputs["train"]
-    where = device_placement(cfg, datasets, {n: trained.models[n].build for n in models.MODELS})
+    where = device_placement(cfg, datasets, planned_builders(cfg, datasets))
     if runtime is not None:
         runtime.record_placement(where)
     result = audit_model(

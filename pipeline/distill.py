@@ -34,7 +34,7 @@ from auditml_core.data import Dataset
 from auditml_core.errors import DataError, TrainingDivergedError
 from auditml_core.privacy import dp_sgd as privacy
 from auditml_core.seeds import derive_seed
-from auditml_core.teacher import TrainedModel
+from auditml_core.teacher import TrainedModel, planned_builders
 from explain import compare_variants
 from pipeline.evaluate import bootstrap_cis, r2
 from pipeline.explain_stage import primary_method
@@ -730,7 +730,7 @@ def parts(cfg: Config) -> tuple[str, ...]:
 def run_part(cfg: Config, inputs: Mapping[str, Any], name: str, *, seed: int, runtime: Any = None) -> dict[str, Any]:
     """Distil teacher ``name`` (one of :func:`parts`): its entry of :func:`run`'s output."""
     datasets, trained = inputs["data"], inputs["train"]
-    where = device_placement(cfg, datasets, {n: trained.models[n].build for n in models.MODELS})
+    where = device_placement(cfg, datasets, planned_builders(cfg, datasets))
     if runtime is not None:
         runtime.record_placement(where)
     ds = datasets[models.MODELS[name].dataset]

@@ -41,6 +41,7 @@ from auditml_core.data import Dataset
 from auditml_core.errors import DataError
 from auditml_core.models import MODELS
 from auditml_core.seeds import derive_seed
+from auditml_core.teacher import planned_builders
 from explain import (
     Explanation,
     additivity_error,
@@ -992,7 +993,7 @@ def run_part(cfg: Config, inputs: Mapping[str, Any], name: str, *, seed: int, ru
     """Explain model ``name`` (one of :func:`parts`); :func:`combine` makes the stage output of all parts."""
     t0 = time.perf_counter()
     datasets, trained = inputs["data"], inputs["train"]
-    where = device_placement(cfg, datasets, {n: trained.models[n].build for n in MODELS})
+    where = device_placement(cfg, datasets, planned_builders(cfg, datasets))
     if runtime is not None:
         runtime.record_placement(where)
     with warnings.catch_warnings(record=True) as caught:

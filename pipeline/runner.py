@@ -212,7 +212,9 @@ def run_stages(
     """Run ``names`` in order inside ``run``; later recorded stages become stale.
 
     Consecutive stages that read none of each other's outputs (evaluate, explain, distill, audit) run at
-    once in forked workers where :func:`pipeline.stage_workers.workers` allows, else one after another.
+    once in forked workers where :func:`pipeline.stage_workers.workers` allows, else one after another. Central
+    training then runs here model by model, and a model's parts of those stages start as soon as it is trained,
+    beside the next model's training (:func:`_early_jobs`).
 
     ``followers``: rank 0's link to the other ranks (``pipeline.ranks.Followers``) when this is rank 0 of
     a multi-process training; only the train stage uses them.
@@ -237,8 +239,12 @@ def run_stages(
         group = independent_stages(names[i:])
         jobs = _jobs(cfg, group)
         n_workers = stage_workers.workers(cfg, len(jobs))  # explain alone: two jobs, one per model
-        if n_workers > 1:
+        if n_workers > 1 and not set(group) & set(IN_PARTS_HERE):
             _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names)
+        elif ahead := _early_jobs(cfg, names, i):  # train, model by model, each model's later jobs started early
+            group, jobs, n_workers = ahead
+            _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names, first=names[i], progress=progress)
+            group = [names[i], *group]
         else:
             group = group[:1]
             _run_one(cfg, run, group[0], outputs, names=names, progress=progress, followers=followers)
@@ -310,6 +316,40 @@ def _run_one(
     _finish(run, name, names, time.perf_counter() - t0)
 
 
+IN_PARTS_HERE = ("train",)  # stages with parts run in this process, one part after another (they write checkpoints)
+
+
+def _run_in_parts(
+    cfg: Config, run: RunDir, name: str, outputs: dict[str, Any], *, names: list[str], progress: bool, each: Any
+) -> None:
+    """Stage ``name`` in this process, as :func:`_run_one` runs it, but part by part: after each part but the
+    last, ``outputs[name]`` is the stage output of the parts so far (its module's ``combine``) and ``each(part)``
+    is called."""
+    inputs, seed = _begin(cfg, run, name, outputs)
+    runtime = stage_runtime(cfg, run, name, seed=seed, progress=progress)
+    t0 = time.perf_counter()
+    module, order = stage_module(name), stage_parts(cfg, name)
+    done: dict[str, Any] = {}
+    try:
+        for part in order:
+            done[part] = module.run_part(cfg, inputs, part, seed=seed, runtime=runtime)
+            if part != order[-1]:
+                outputs[name] = module.combine(cfg, done)
+                each(part)
+        out = module.combine(cfg, done)
+        run.complete_stage(
+            name, module.dump(out), seed=seed, seconds=time.perf_counter() - t0, device=runtime.placement
+        )
+    except BaseException as exc:
+        outputs.pop(name, None)
+        raised = _failure(run, name, exc)
+        if raised is exc:
+            raise
+        raise raised from None
+    outputs[name] = out
+    _finish(run, name, names, time.perf_counter() - t0)
+
+
 # The jobs of a stage group that take longest on the default run, longest first (seconds in one of two workers
 # on 2 cores: audit cnn 17.4, explain cnn 10.3, distill regressor 5.6, explain regressor 5.0, distill cnn 5.7,
 # audit regressor 1.8, evaluate 0.6): started in this order the two workers finished 0.3 s apart (23.2 and
@@ -330,6 +370,28 @@ def _jobs(cfg: Config, group: list[str]) -> dict[str, tuple[str, str | None]]:
     return {job: jobs[job] for job in sorted(jobs, key=lambda job: rank.get(job, len(rank)))}  # stable: stage order
 
 
+def _early_jobs(
+    cfg: Config, names: list[str], i: int
+) -> tuple[list[str], dict[str, tuple[str, str | None]], int] | None:
+    """When ``names[i]`` is a stage this process runs part by part (:data:`IN_PARTS_HERE`) and the stages after it
+    run in workers: those stages, their jobs and the number of workers; else None.
+
+    Not on a machine with CUDA unless ``train.device=cpu``: a model trained on the GPU initialises CUDA in this
+    process, and a child forked after that cannot use it (:func:`pipeline.stage_workers.workers`).
+    """
+    if names[i] not in IN_PARTS_HERE or len(stage_parts(cfg, names[i])) < 2 or i + 1 == len(names):
+        return None
+    if cfg.train.device != "cpu":
+        import torch  # loaded already: the train stage's inputs are tensors
+
+        if torch.cuda.is_available():
+            return None
+    group = independent_stages(names[i + 1 :])
+    jobs = _jobs(cfg, group)
+    n_workers = stage_workers.workers(cfg, len(jobs))
+    return (group, jobs, n_workers) if n_workers > 1 else None
+
+
 def _run_group(
     cfg: Config,
     run: RunDir,
@@ -338,16 +400,26 @@ def _run_group(
     *,
     n_workers: int,
     names: list[str],
+    first: str | None = None,
+    progress: bool = False,
 ) -> None:
     """Run ``jobs`` (:func:`_jobs` of independent stages) in forked workers; a stage is recorded once all its
-    parts are back (its module's ``combine``). The first failure is raised once all have ended."""
+    parts are back (its module's ``combine``). The first failure is raised once all have ended.
+
+    ``first`` (the train stage) runs here before them, part by part (:func:`_run_in_parts`): once a model is
+    trained, that model's jobs start at once on the CPUs the next model's training leaves idle
+    (``Pool.start_early``); they see the train stage's output of the models trained so far.
+    """
     group = list(dict.fromkeys(name for name, _ in jobs.values()))
-    log.info("stages %s: %d jobs, %d at once in worker processes", ",".join(group), len(jobs), n_workers)
+    early = f", {'/'.join(stage_parts(cfg, first)[:-1])} jobs during {first}" if first else ""
+    log.info("stages %s: %d jobs, %d at once in worker processes%s", ",".join(group), len(jobs), n_workers, early)
     prepared: dict[str, tuple[dict[str, Any], int]] = {}  # stages begun and not yet recorded: inputs, seed
     arrived: dict[str, dict[str | None, stage_workers.Done]] = {name: {} for name in group}
     errors: list[BaseException] = []
+    started: set[str] = set()
 
     def start(job: str) -> None:
+        started.add(job)
         name = jobs[job][0]
         if name not in prepared:
             prepared[name] = _begin(cfg, run, name, outputs)
@@ -362,6 +434,7 @@ def _run_group(
 
     def done(d: stage_workers.Done) -> None:
         name, part = jobs[d.name]
+        log.debug("job %s back after %.1f s of work", d.name, d.seconds)
         if name not in prepared:  # another part of it failed: the stage is recorded failed already
             return
         try:
@@ -377,16 +450,29 @@ def _run_group(
             return
         _finish(run, name, names, seconds)
 
+    def trained(part: str) -> None:  # a model of `first` is trained: its jobs start
+        pool.start_early([job for job, (_, p) in jobs.items() if p == part])
+
     try:
-        stage_workers.run_concurrently(
-            list(jobs),
+        with stage_workers.Pool(
             n_workers=n_workers,
             job=work,
             # No run-directory writers in a worker (checkpoints stay in its memory): only the runner writes the run.
             runtime_of=lambda job: Runtime(checkpoint_every_s=cfg.train.checkpoint_every_s),
             on_start=start,
             on_done=done,
-        )
+        ) as pool:
+            if first is not None:
+                try:
+                    _run_in_parts(cfg, run, first, outputs, names=names, progress=progress, each=trained)
+                except BaseException:
+                    for name in prepared:  # begun early; their workers are killed as the pool closes
+                        run.fail_stage(name, f"not finished: the run stopped at the failed stage {first!r}")
+                    prepared.clear()
+                    raise
+                for inputs, _ in prepared.values():  # begun early, with the models trained then: now all of them
+                    inputs[first] = outputs[first]
+            pool.run([job for job in jobs if job not in started])
     except BaseException as exc:  # SIGTERM, Ctrl-C: the workers are gone; so are the stages they ran
         for name in list(prepared):
             _failure(run, name, exc)

@@ -10,6 +10,8 @@ their ``run`` does in one process). Each job runs in a child forked from the run
 inputs, without re-importing or re-reading anything) and hands its output back through a pipe; the runner
 combines a stage's parts and writes its files. Only the runner writes the run directory, so the manifest
 keeps one writer and a stage is marked complete only once its files are written, exactly as in one process.
+A model's jobs may also start before the next model is trained (:meth:`Pool.start_early`): the runner trains
+the models one after another itself, and the CPUs its training leaves idle run the trained ones' jobs.
 
 Not used (the stages then run one after another in the runner's process): with ``stages.workers=1``, for a
 single job (a stage alone that has no parts), where ``fork`` is unavailable or unsafe (not Linux; CUDA initialised in the runner, which a
@@ -23,6 +25,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
@@ -89,71 +92,98 @@ def workers(cfg: Config, n_jobs: int) -> int:
     return max(1, min(limit, n_jobs))
 
 
-def run_concurrently(
-    names: list[str],
-    *,
-    n_workers: int,
-    job: Callable[[str, Runtime], tuple[Any, dict[str, Any] | None]],
-    runtime_of: Callable[[str], Runtime],
-    on_start: Callable[[str], None],
-    on_done: Callable[[Done], None],
-) -> None:
-    """Run ``job(name, runtime)`` for every job in ``names`` in forked children, at most ``n_workers`` at once.
+class Pool:
+    """Jobs in forked children: ``job(name, runtime)`` runs in the child; its :class:`Done` arrives in this process.
 
-    ``on_start`` runs in this process before a child is forked, ``on_done`` when its result arrives (in order
-    of arrival). After a job fails, no further job starts; those already running finish and are handed
-    to ``on_done`` (their results are valid). Children still running when this returns or raises (SIGTERM,
-    Ctrl-C) are killed.
+    ``on_start`` runs here before a job's child is forked, ``on_done`` when its result arrives (in order of
+    arrival). Used as a context manager: children still running when it closes (an error, SIGTERM, Ctrl-C) are
+    killed.
     """
-    ctx = mp.get_context("fork")
-    share = max(1, cpus() // n_workers)
-    pending = list(names)
-    running: dict[Connection, tuple[str, Any]] = {}
-    failed = False
-    try:
-        while running or (pending and not failed):
-            while pending and not failed and len(running) < n_workers:
-                name = pending.pop(0)
-                on_start(name)
-                receive, send = ctx.Pipe(duplex=False)
-                child = ctx.Process(target=_child, args=(send, name, job, runtime_of(name), share), name=f"job {name}")
-                # A signal handled while fork runs its at-fork hooks (logging's lock) is lost ("Exception
-                # ignored"): SIGTERM and SIGINT wait until the child exists, then arrive here as usual.
-                signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
-                try:
-                    child.start()
-                finally:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)
-                send.close()  # the child holds the sending end: EOF here once it is gone
-                running[receive] = (name, child)
-            for conn in wait(list(running)):
-                name, child = running.pop(conn)  # type: ignore[index]
-                done = _receive(conn, name, child)
-                failed = failed or done.error is not None
-                on_done(done)
-    finally:
-        for conn, (_, child) in running.items():
+
+    def __init__(
+        self,
+        *,
+        n_workers: int,
+        job: Callable[[str, Runtime], tuple[Any, dict[str, Any] | None]],
+        runtime_of: Callable[[str], Runtime],
+        on_start: Callable[[str], None],
+        on_done: Callable[[Done], None],
+    ) -> None:
+        self.n_workers, self.job, self.runtime_of = n_workers, job, runtime_of
+        self.on_start, self.on_done = on_start, on_done
+        self.share = max(1, cpus() // n_workers)
+        self.running: dict[Connection, tuple[list[str], Any]] = {}  # each child's jobs not yet back, in order
+        self.failed = False
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for conn, (_, child) in self.running.items():
             child.kill()
             child.join()
             conn.close()
+        self.running.clear()
+
+    def start_early(self, names: list[str]) -> None:
+        """Start ``names`` now, while this process goes on with one job of its own (the runner trains the next
+        model): in ``n_workers - 1`` children at most, each running its share one after another, so that with this
+        process they keep ``n_workers`` CPUs busy and no more (their times stay what they would be alone)."""
+        lanes = max(1, min(len(names), self.n_workers - 1))
+        for k in range(lanes):
+            self._fork(names[k::lanes])
+
+    def run(self, names: list[str]) -> None:
+        """Run ``names`` at most ``n_workers`` children at once (those started early count), and wait for every
+        child. After a job fails, no further job starts; those already running finish and are handed to
+        ``on_done``."""
+        pending = list(names)
+        while self.running or (pending and not self.failed):
+            while pending and not self.failed and len(self.running) < self.n_workers:
+                self._fork([pending.pop(0)])
+            for conn in wait(list(self.running)):
+                todo, child = self.running[conn]  # type: ignore[index]
+                done = _receive(conn, todo[0], child)
+                del todo[0]
+                if not todo or done.error is not None:  # its last job, or it stopped at a failure
+                    del self.running[conn]  # type: ignore[arg-type]
+                    conn.close()
+                    child.join()
+                self.failed = self.failed or done.error is not None
+                self.on_done(done)
+
+    def _fork(self, names: list[str]) -> None:
+        for name in names:
+            self.on_start(name)
+        ctx = mp.get_context("fork")
+        receive, send = ctx.Pipe(duplex=False)
+        args = (send, names, self.job, [self.runtime_of(name) for name in names], self.share)
+        child = ctx.Process(target=_child, args=args, name=f"job {'+'.join(names)}")
+        # A signal handled while fork runs its at-fork hooks (logging's lock) is lost ("Exception
+        # ignored"): SIGTERM and SIGINT wait until the child exists, then arrive here as usual.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+        try:
+            child.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)
+        send.close()  # the child holds the sending end: EOF here once it is gone
+        self.running[receive] = (list(names), child)
 
 
 def _receive(conn: Connection, name: str, child: Any) -> Done:
+    """The next result from ``child``: job ``name``'s."""
     try:
-        done = pickle.loads(conn.recv_bytes())  # from our own forked child (see _child)
+        return pickle.loads(conn.recv_bytes())  # from our own forked child (see _child)
     except EOFError:  # it died without a word (killed, out of memory)
         child.join()
-        done = Done(name, error=RuntimeError(f"the worker of {describe(name)} died (exit code {child.exitcode})"))
-    conn.close()
-    child.join()
-    return done
+        return Done(name, error=RuntimeError(f"the worker of {describe(name)} died (exit code {child.exitcode})"))
 
 
 def _child(
     conn: Connection,
-    name: str,
+    names: list[str],
     job: Callable[[str, Runtime], tuple[Any, dict[str, Any] | None]],
-    runtime: Runtime,
+    runtimes: list[Runtime],
     share: int,
 ) -> None:
     from auditml_core.distributed import die_with_parent  # torch: loaded already (the stages use it)
@@ -164,22 +194,45 @@ def _child(
     die_with_parent()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)  # blocked by the runner around the fork
     _renew_torch_thread_pool()
+    # Results go out from a thread: the runner may read them only once its own training is over, and a job's
+    # bytes fill the pipe; the next job must not wait for that.
+    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    sender = threading.Thread(target=_send_all, args=(conn, outbox), name="results", daemon=True)
+    sender.start()
+    for name, runtime in zip(names, runtimes):
+        done = _run_job(name, job, runtime)
+        outbox.put(_pickled(done))
+        if done.error is not None:
+            break
+    outbox.put(None)
+    sender.join()
+    conn.close()
+
+
+def _run_job(name: str, job: Callable[[str, Runtime], tuple[Any, dict[str, Any] | None]], runtime: Runtime) -> Done:
     t0 = time.perf_counter()
     try:
         output, placement = job(name, runtime)
-        done = Done(name, output=output, placement=placement, seconds=time.perf_counter() - t0)
+        return Done(name, output=output, placement=placement, seconds=time.perf_counter() - t0)
     except BaseException as exc:  # handed to the runner, which records and raises it as in one process
         if not isinstance(exc, (UserError, KeyboardInterrupt)):  # a bug: keep where it happened
             exc.add_note(f"(in the worker process of {describe(name)})\n" + "".join(traceback.format_exception(exc)))
-        done = Done(name, error=_portable(exc))
-    # Plain pickle, not multiprocessing's: torch's reductions for that one pass tensors as shared-memory handles
-    # that the receiver fetches from this process, which exits once the bytes are sent.
+        return Done(name, error=_portable(exc))
+
+
+def _pickled(done: Done) -> bytes:
+    """Plain pickle, not multiprocessing's: torch's reductions for that one pass tensors as shared-memory handles
+    that the receiver fetches from this process, which exits once the bytes are sent."""
     try:
-        data = pickle.dumps(done)
+        return pickle.dumps(done)
     except Exception as exc:  # an output that does not pickle: a bug, named as such rather than a silent death
-        data = pickle.dumps(Done(name, error=RuntimeError(f"{describe(name)} could not hand back its output: {exc!r}")))
-    conn.send_bytes(data)
-    conn.close()
+        message = f"{describe(done.name)} could not hand back its output: {exc!r}"
+        return pickle.dumps(Done(done.name, error=RuntimeError(message)))
+
+
+def _send_all(conn: Connection, outbox: "queue.SimpleQueue[bytes | None]") -> None:
+    while (data := outbox.get()) is not None:
+        conn.send_bytes(data)
 
 
 def describe(job: str) -> str:

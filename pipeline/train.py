@@ -67,33 +67,74 @@ def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Runtime |
     """
     runtime = runtime or Runtime()
     datasets = inputs["data"]
-    specs = model_specs(cfg, datasets)
-    baseline = _ridge_baseline(cfg, datasets["tabular"])
-    trained: dict[str, TrainedModel] = {}
-    device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     if cfg.train.mode == "federated":
-        trained = _train_federated(cfg, datasets, specs, seed=seed, runtime=runtime, device=device)
-        return TrainOutput(models=trained, ridge=baseline)
-    if cfg.dp.enabled:
+        device = training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
+        trained = _train_federated(cfg, datasets, model_specs(cfg, datasets), seed=seed, runtime=runtime, device=device)
+        return TrainOutput(models=trained, ridge=_ridge_baseline(cfg, datasets["tabular"]))
+    out = combine(cfg, {name: run_part(cfg, inputs, name, seed=seed, runtime=runtime) for name in models.MODELS})
+    if runtime.followers is not None:
+        runtime.followers.release(ok=True)  # the other ranks only train: they exit now
+    return out
+
+
+def parts(cfg: Config) -> tuple[str, ...]:
+    """One part per model for central training in one process, which the runner runs in its own process (they
+    write checkpoints) and, as each model is trained, starts that model's parts of the later stages beside the
+    next one's training. None for a federated run (one federation trains every model) or several ranks."""
+    return tuple(models.MODELS) if cfg.train.mode == "central" and cfg.train.processes == 1 else ()
+
+
+@dataclass(frozen=True)
+class TrainPart:
+    """One model trained centrally; the Ridge baseline comes with the model trained on the tabular data."""
+
+    model: TrainedModel
+    public_only: Mapping[str, torch.Tensor] | None  # its weights after public pretraining, when it had some
+    ridge: RidgeBaseline | None
+
+
+def run_part(
+    cfg: Config, inputs: Mapping[str, Any], name: str, *, seed: int, runtime: Runtime | None = None
+) -> TrainPart:
+    """Train model ``name`` centrally (one of :func:`parts`, or every model of :func:`run`); the first model
+    checks every model's DP plan first, so that an impossible one is refused before anything trains."""
+    runtime = runtime or Runtime()
+    datasets = inputs["data"]
+    if cfg.dp.enabled and name == next(iter(models.MODELS)):
         preflight(cfg, datasets)
+    specs = model_specs(cfg, datasets)
+    training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
     where = device_placement(cfg, datasets, {n: (lambda spec=specs[n]: models.build(spec)) for n in models.MODELS})
     runtime.record_placement(where)
     device = training.resolve_device(where.device, num_threads=cfg.train.num_threads)
+    entry = models.MODELS[name]
     public_only: dict[str, dict[str, torch.Tensor]] = {}
-    for name, entry in models.MODELS.items():
-        trained[name] = _train_central(
-            cfg,
-            name,
-            datasets[entry.dataset],
-            specs[name],
-            device=device,
-            seed=seeds.derive_seed(seed, name),
-            runtime=runtime,
-            public_only=public_only,
-        )
-    if runtime.followers is not None:
-        runtime.followers.release(ok=True)  # the other ranks only train: they exit now
-    return TrainOutput(models=trained, ridge=baseline, public_only=public_only)
+    trained = _train_central(
+        cfg,
+        name,
+        datasets[entry.dataset],
+        specs[name],
+        device=device,
+        seed=seeds.derive_seed(seed, name),
+        runtime=runtime,
+        public_only=public_only,
+    )
+    ridge = _ridge_baseline(cfg, datasets["tabular"]) if entry.dataset == "tabular" else None
+    return TrainPart(model=trained, public_only=public_only.get(name), ridge=ridge)
+
+
+def combine(cfg: Config, done: Mapping[str, TrainPart]) -> TrainOutput:
+    """The stage output from its parts: all of them, or (the runner, while the others train) the first ones in
+    :func:`parts` order, which bring the Ridge baseline with the regressor."""
+    ridges = [part.ridge for part in done.values() if part.ridge is not None]
+    if len(ridges) != 1:
+        raise ValueError(f"the train stage's Ridge baseline comes with the tabular model's part; parts: {list(done)}")
+    names = [name for name in models.MODELS if name in done]
+    return TrainOutput(
+        models={name: done[name].model for name in names},
+        ridge=ridges[0],
+        public_only={name: done[name].public_only for name in names if done[name].public_only is not None},
+    )
 
 
 def _ridge_baseline(cfg: Config, tab: Dataset) -> RidgeBaseline:

@@ -64,16 +64,23 @@ def _untimed(node):
 
 
 def _same_outputs(a: RunDir, b: RunDir, stages: list[str]) -> int:
-    """Every file the stages wrote is equal in both runs (JSON: apart from wall-clock timings); how many."""
-    files = [rel for rel, rec in a.manifest["artifacts"].items() if rec.get("stage") in stages]
-    assert sorted(files) == sorted(rel for rel, rec in b.manifest["artifacts"].items() if rec.get("stage") in stages)
-    for rel in files:
+    """Every file the stages wrote is equal in both runs (JSON: apart from wall-clock timings); how many.
+
+    Training checkpoints are left out: intermediates, written every ``train.checkpoint_every_s`` seconds, whose
+    training history holds each epoch's seconds (the trained models and their records are compared)."""
+
+    def files(run: RunDir) -> list[str]:
+        recorded = run.manifest["artifacts"].items()
+        return sorted(rel for rel, rec in recorded if rec.get("stage") in stages and not rel.startswith("checkpoints/"))
+
+    assert files(a) == files(b)
+    for rel in files(a):
         left, right = a.read(rel), b.read(rel)
         if rel.endswith(".json"):
             assert _untimed(json.loads(left)) == _untimed(json.loads(right)), rel
         else:
             assert left == right, rel
-    return len(files)
+    return len(files(a))
 
 
 # --------------------------------------------------------------------------- the decision
@@ -109,13 +116,17 @@ def test_workers_follow_the_setting_the_cpus_and_cuda(monkeypatch):
 def test_every_stage_in_parts_has_the_whole_contract():
     cfg = load_config(None, [])
     split = {name for name in runner.STAGES if hasattr(runner.stage_module(name), "parts")}
-    assert split == {"explain", "distill", "audit"}
+    assert split == {"train", "explain", "distill", "audit"}
     for name in split:
         module = runner.stage_module(name)
         assert callable(module.run_part) and callable(module.combine), name
         assert module.parts(cfg) == tuple(MODELS), name  # one per model, in the registry's order
     assert runner.stage_parts(load_config(None, ["audit.enabled=false"]), "audit") == (None,)  # one job: the record
-    assert set(runner.LONGEST_FIRST) <= set(runner._jobs(cfg, ["evaluate", *sorted(split)]))  # no stale job names
+    # One federation trains every model, and ranks train together: the train stage is then whole.
+    assert runner.stage_parts(load_config(None, ["train.mode=federated"]), "train") == (None,)
+    assert runner.stage_parts(load_config(None, ["train.processes=2"]), "train") == (None,)
+    assert runner.IN_PARTS_HERE == ("train",)  # its parts checkpoint: never in a worker
+    assert set(runner.LONGEST_FIRST) <= set(runner._jobs(cfg, ["evaluate", *sorted(split - {"train"})]))
 
 
 def test_stages_workers_is_range_checked():
@@ -231,6 +242,103 @@ def test_a_bug_in_a_worker_keeps_its_traceback_and_a_dead_worker_is_named(traine
     with pytest.raises(RuntimeError, match=r"the worker of stage 'audit' \((cnn|regressor)\) died \(exit code 3\)"):
         runner.run_stages(_with_workers(cfg, 2), run, ["evaluate", "audit"])
     assert RunDir.open(run.path).stage_status("audit") == "failed"
+
+
+# --------------------------------------------------------------------------- training beside the workers
+
+_EARLY = ["data", "train", "evaluate", "explain", "audit"]
+
+
+def _fresh_run(tmp_path: Path, name: str) -> tuple[object, RunDir]:
+    cfg = load_config(None, TRAIN + EXPLAIN + AUDIT)
+    run = RunDir.create(tmp_path / name, config_toml=config_mod.to_toml(cfg), command=["t"], device="cpu")
+    return cfg, run
+
+
+def test_a_model_s_jobs_run_while_the_next_model_trains_and_write_what_one_process_writes(
+    tmp_path, monkeypatch, caplog
+):
+    """The regressor's explain and audit start once it is trained, while the CNN trains in the runner: the CNN's
+    training waits here until the regressor's explanation has begun in a worker (it never would have, before).
+    Every file of every stage equals one process's."""
+    from pipeline import explain_stage, train
+
+    began = tmp_path / "regressor explained"
+    explain_part, train_part = explain_stage.run_part, train.run_part
+
+    def explain_and_say_so(cfg, inputs, name, **kwargs):
+        if name == "regressor":
+            assert set(inputs["train"].models) <= {"regressor", "cnn"}
+            began.touch()
+        return explain_part(cfg, inputs, name, **kwargs)
+
+    def train_cnn_after_it(cfg, inputs, name, **kwargs):
+        if name == "cnn" and kwargs["runtime"] is not None and stage_workers._share is None:  # the runner's
+            deadline = time.monotonic() + 60
+            while not began.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert began.exists(), "the regressor's explain did not start while the CNN trained"
+        return train_part(cfg, inputs, name, **kwargs)
+
+    monkeypatch.setattr(explain_stage, "run_part", explain_and_say_so)
+    monkeypatch.setattr(train, "run_part", train_cnn_after_it)
+    cfg, two = _fresh_run(tmp_path, "two")
+    with caplog.at_level("INFO", logger="pipeline.runner"):
+        runner.run_stages(_with_workers(cfg, 2), two, _EARLY)
+    assert "regressor jobs during train" in caplog.text
+    began.unlink()
+    _, one = _fresh_run(tmp_path, "one")
+    monkeypatch.setattr(train, "run_part", train_part)  # one process: nothing can start beside it
+    runner.run_stages(_with_workers(cfg, 1), one, _EARLY)
+    assert _same_outputs(one, two, _EARLY[1:]) >= 10
+    assert two.manifest["stages"]["train"]["status"] == "complete" and two.manifest["stages"]["train"]["attempt"] == 1
+
+
+def test_a_failed_training_stops_the_jobs_started_beside_it(tmp_path, monkeypatch):
+    """The CNN's training fails while the regressor's jobs run: train is failed with the error, the stages begun
+    early are 'not finished' with nothing written, the rest never begun, and no worker is left."""
+    from pipeline import train
+
+    train_part = train.run_part
+
+    def refuse_the_cnn(cfg, inputs, name, **kwargs):
+        if name == "cnn":
+            raise ConfigError("cnn.fit.lr: deliberately refused")
+        return train_part(cfg, inputs, name, **kwargs)
+
+    monkeypatch.setattr(train, "run_part", refuse_the_cnn)
+    cfg, run = _fresh_run(tmp_path, "run")
+    with pytest.raises(ConfigError, match="deliberately refused"):
+        runner.run_stages(_with_workers(cfg, 2), run, _EARLY)
+    stages = RunDir.open(run.path).manifest["stages"]
+    assert stages["train"]["status"] == "failed" and "deliberately refused" in stages["train"]["error"]
+    for name in ("explain", "audit"):  # the regressor's parts began beside the CNN's training
+        assert stages[name]["status"] == "failed", name
+        assert "not finished: the run stopped at the failed stage 'train'" in stages[name]["error"]
+    assert "evaluate" not in stages  # needs every model: never begun
+    assert not any(rel.startswith(("explain/", "audit/", "models/")) for rel in run.manifest["artifacts"])
+    assert _gone(_children(os.getpid()), within=5.0)
+
+
+def test_a_failing_early_job_fails_its_stage_once_training_is_recorded(tmp_path, monkeypatch):
+    """The regressor's explanation fails in its worker while the CNN trains: training completes and is recorded,
+    explain is failed with the error, the audit's regressor part (queued behind it in the same worker) and every
+    CNN job never run, and the error is raised as in one process."""
+    from pipeline import explain_stage
+
+    def refuse(cfg, inputs, name, **kwargs):
+        raise ConfigError(f"explain.n_rows: deliberately refused for the {name}")
+
+    monkeypatch.setattr(explain_stage, "run_part", refuse)
+    cfg, run = _fresh_run(tmp_path, "run")
+    with pytest.raises(ConfigError, match="deliberately refused for the regressor"):
+        runner.run_stages(_with_workers(cfg, 2), run, _EARLY)
+    stages = RunDir.open(run.path).manifest["stages"]
+    assert stages["train"]["status"] == "complete"
+    assert stages["explain"]["status"] == "failed" and "deliberately refused" in stages["explain"]["error"]
+    assert stages["audit"]["status"] == "failed" and "not finished" in stages["audit"]["error"]
+    assert "evaluate" not in stages
+    assert not any(rel.startswith(("explain/", "audit/")) for rel in run.manifest["artifacts"])
 
 
 # --------------------------------------------------------------------------- processes
