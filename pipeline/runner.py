@@ -240,10 +240,14 @@ def run_stages(
         jobs = _jobs(cfg, group)
         n_workers = stage_workers.workers(cfg, len(jobs))  # explain alone: two jobs, one per model
         if n_workers > 1 and not set(group) & set(IN_PARTS_HERE):
-            _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names)
+            then = _after(names, i + len(group))
+            _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names, then=then)
         elif ahead := _early_jobs(cfg, names, i):  # train, model by model, each model's later jobs started early
             group, jobs, n_workers = ahead
-            _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names, first=names[i], progress=progress)
+            then = _after(names, i + 1 + len(group))
+            _run_group(
+                cfg, run, jobs, outputs, n_workers=n_workers, names=names, first=names[i], progress=progress, then=then
+            )
             group = [names[i], *group]
         else:
             group = group[:1]
@@ -370,6 +374,11 @@ def _jobs(cfg: Config, group: list[str]) -> dict[str, tuple[str, str | None]]:
     return {job: jobs[job] for job in sorted(jobs, key=lambda job: rank.get(job, len(rank)))}  # stable: stage order
 
 
+def _after(names: list[str], i: int) -> str | None:
+    """The stage that follows a group of workers (``names[i]``), or None."""
+    return names[i] if i < len(names) else None
+
+
 def _early_jobs(
     cfg: Config, names: list[str], i: int
 ) -> tuple[list[str], dict[str, tuple[str, str | None]], int] | None:
@@ -402,6 +411,7 @@ def _run_group(
     names: list[str],
     first: str | None = None,
     progress: bool = False,
+    then: str | None = None,
 ) -> None:
     """Run ``jobs`` (:func:`_jobs` of independent stages) in forked workers; a stage is recorded once all its
     parts are back (its module's ``combine``). The first failure is raised once all have ended.
@@ -409,6 +419,9 @@ def _run_group(
     ``first`` (the train stage) runs here before them, part by part (:func:`_run_in_parts`): once a model is
     trained, that model's jobs start at once on the CPUs the next model's training leaves idle
     (``Pool.start_early``); they see the train stage's output of the models trained so far.
+
+    ``then``: the stage after the group; its module's optional ``prepare(cfg)`` (imports) runs here once the last
+    jobs have started and a CPU is free.
     """
     group = list(dict.fromkeys(name for name, _ in jobs.values()))
     early = f", {'/'.join(stage_parts(cfg, first)[:-1])} jobs during {first}" if first else ""
@@ -472,7 +485,9 @@ def _run_group(
                     raise
                 for inputs, _ in prepared.values():  # begun early, with the models trained then: now all of them
                     inputs[first] = outputs[first]
-            pool.run([job for job in jobs if job not in started])
+            prepare = getattr(stage_module(then), "prepare", None) if then else None  # e.g. the report's imports
+            on_idle = (lambda: prepare(cfg)) if prepare else None
+            pool.run([job for job in jobs if job not in started], on_idle=on_idle)
     except BaseException as exc:  # SIGTERM, Ctrl-C: the workers are gone; so are the stages they ran
         for name in list(prepared):
             _failure(run, name, exc)

@@ -133,14 +133,17 @@ class Pool:
         for k in range(lanes):
             self._fork(names[k::lanes])
 
-    def run(self, names: list[str]) -> None:
+    def run(self, names: list[str], *, on_idle: Callable[[], None] | None = None) -> None:
         """Run ``names`` at most ``n_workers`` children at once (those started early count), and wait for every
         child. After a job fails, no further job starts; those already running finish and are handed to
-        ``on_done``."""
+        ``on_done``. ``on_idle`` runs here once, when every job has started and a CPU is free (no fork follows)."""
         pending = list(names)
         while self.running or (pending and not self.failed):
             while pending and not self.failed and len(self.running) < self.n_workers:
                 self._fork([pending.pop(0)])
+            if on_idle is not None and not pending and len(self.running) < self.n_workers:
+                on_idle()
+                on_idle = None
             for conn in wait(list(self.running)):
                 todo, child = self.running[conn]  # type: ignore[index]
                 done = _receive(conn, todo[0], child)

@@ -30,6 +30,7 @@ __all__ = [
     "build_content",
     "dump",
     "load",
+    "prepare",
     "run",
     "schema",
     "validate",
@@ -45,6 +46,14 @@ class Report:
     model_cards: Mapping[str, str]  # model -> Markdown
     provenance: bytes = b""  # the manifest as the report read it (written as report_provenance.json)
     pdf: bytes = b""  # report.pdf (pipeline/report/pdf.py); b"" when none was produced (content says why)
+
+
+def prepare(cfg: Config) -> None:
+    """Import what the stage loads lazily (WeasyPrint with Pango, jsonschema: ~0.8 s on the default run's
+    machine); the runner calls it while it waits for the last jobs before this stage, on a CPU they leave idle."""
+    if cfg.report.pdf:
+        pdf.unavailable()  # imports WeasyPrint (and records why not, once)
+    import jsonschema  # noqa: F401
 
 
 def run(cfg: Config, inputs: Mapping[str, Any], *, seed: int, runtime: Any = None) -> Report:

@@ -20,6 +20,7 @@ from auditml_core import config as config_mod
 from auditml_core.config import StagesConfig, load_config
 from auditml_core.errors import ConfigError
 from auditml_core.models import MODELS
+from auditml_core.runtime import Runtime
 from pipeline import runner, stage_workers
 from pipeline.rundir import RunDir
 from tests.tiny import ALL, AUDIT, DISTILL, EXPLAIN, TRAIN
@@ -339,6 +340,35 @@ def test_a_failing_early_job_fails_its_stage_once_training_is_recorded(tmp_path,
     assert stages["audit"]["status"] == "failed" and "not finished" in stages["audit"]["error"]
     assert "evaluate" not in stages
     assert not any(rel.startswith(("explain/", "audit/")) for rel in run.manifest["artifacts"])
+
+
+def test_the_next_stage_prepares_on_the_cpu_the_last_jobs_leave_idle(trained, tmp_path, monkeypatch):
+    """The report's imports (WeasyPrint: ~0.7 s) run in the runner once every job of the group before it has
+    started and a worker slot is free, once, before the report itself."""
+    from pipeline import report
+
+    cfg, _ = trained
+    run = _copy(trained, tmp_path / "run")
+    calls = []
+    monkeypatch.setattr(report, "prepare", lambda cfg: calls.append(sorted(RunDir.open(run.path).manifest["stages"])))
+    report_run = report.run
+    monkeypatch.setattr(report, "run", lambda *a, **k: calls.append("report") or report_run(*a, **k))
+    runner.run_stages(_with_workers(cfg, 2), run, ["evaluate", "explain", "audit", "report"])
+    assert len(calls) == 2 and calls[1] == "report", calls
+    assert {"evaluate", "explain", "audit"} <= set(calls[0]) and "report" not in calls[0]  # the group begun, not it
+
+
+def test_on_idle_runs_once_after_the_last_job_started():
+    started, idle = [], []
+    with stage_workers.Pool(
+        n_workers=2,
+        job=lambda name, runtime: (name, None),
+        runtime_of=lambda name: Runtime(),
+        on_start=started.append,
+        on_done=lambda done: None,
+    ) as pool:
+        pool.run(["a", "b", "c"], on_idle=lambda: idle.append(list(started)))
+    assert idle == [["a", "b", "c"]]
 
 
 # --------------------------------------------------------------------------- processes
