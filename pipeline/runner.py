@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from auditml_core.artifacts import disk_full, json_bytes, read_json
 from auditml_core.config import Config
@@ -301,17 +301,38 @@ def _failure(run: RunDir, name: str, exc: BaseException) -> BaseException:
 
 
 def _run_one(
-    cfg: Config, run: RunDir, name: str, outputs: dict[str, Any], *, names: list[str], progress: bool, followers: Any
+    cfg: Config,
+    run: RunDir,
+    name: str,
+    outputs: dict[str, Any],
+    *,
+    names: list[str],
+    progress: bool,
+    followers: Any = None,
+    each: Callable[[str], None] | None = None,
 ) -> None:
+    """Run stage ``name`` in this process and record it. With ``each``, part by part (a stage of
+    :data:`IN_PARTS_HERE`): after each part but the last, ``outputs[name]`` is the stage output of the parts so
+    far (its module's ``combine``) and ``each(part)`` is called."""
     inputs, seed = _begin(cfg, run, name, outputs)
     runtime = stage_runtime(cfg, run, name, seed=seed, progress=progress, followers=followers)
     t0 = time.perf_counter()
     module = stage_module(name)
     try:
-        out = module.run(cfg, inputs, seed=seed, runtime=runtime)
+        if each is None:
+            out = module.run(cfg, inputs, seed=seed, runtime=runtime)
+        else:
+            order, done = stage_parts(cfg, name), {}
+            for part in order:
+                done[part] = module.run_part(cfg, inputs, part, seed=seed, runtime=runtime)
+                if part != order[-1]:
+                    outputs[name] = module.combine(cfg, done)
+                    each(part)
+            out = module.combine(cfg, done)
         files = module.dump(out)
         run.complete_stage(name, files, seed=seed, seconds=time.perf_counter() - t0, device=runtime.placement)
     except BaseException as exc:
+        outputs.pop(name, None)  # the parts so far
         raised = _failure(run, name, exc)
         if raised is exc:
             raise
@@ -321,37 +342,6 @@ def _run_one(
 
 
 IN_PARTS_HERE = ("train",)  # stages with parts run in this process, one part after another (they write checkpoints)
-
-
-def _run_in_parts(
-    cfg: Config, run: RunDir, name: str, outputs: dict[str, Any], *, names: list[str], progress: bool, each: Any
-) -> None:
-    """Stage ``name`` in this process, as :func:`_run_one` runs it, but part by part: after each part but the
-    last, ``outputs[name]`` is the stage output of the parts so far (its module's ``combine``) and ``each(part)``
-    is called."""
-    inputs, seed = _begin(cfg, run, name, outputs)
-    runtime = stage_runtime(cfg, run, name, seed=seed, progress=progress)
-    t0 = time.perf_counter()
-    module, order = stage_module(name), stage_parts(cfg, name)
-    done: dict[str, Any] = {}
-    try:
-        for part in order:
-            done[part] = module.run_part(cfg, inputs, part, seed=seed, runtime=runtime)
-            if part != order[-1]:
-                outputs[name] = module.combine(cfg, done)
-                each(part)
-        out = module.combine(cfg, done)
-        run.complete_stage(
-            name, module.dump(out), seed=seed, seconds=time.perf_counter() - t0, device=runtime.placement
-        )
-    except BaseException as exc:
-        outputs.pop(name, None)
-        raised = _failure(run, name, exc)
-        if raised is exc:
-            raise
-        raise raised from None
-    outputs[name] = out
-    _finish(run, name, names, time.perf_counter() - t0)
 
 
 # The jobs of a stage group that take longest on the default run, longest first (seconds in one of two workers
@@ -372,6 +362,18 @@ def _jobs(cfg: Config, group: list[str]) -> dict[str, tuple[str, str | None]]:
     jobs = {(f"{name}:{part}" if part else name): (name, part) for name in group for part in stage_parts(cfg, name)}
     rank = {job: i for i, job in enumerate(LONGEST_FIRST)}
     return {job: jobs[job] for job in sorted(jobs, key=lambda job: rank.get(job, len(rank)))}  # stable: stage order
+
+
+def _prepare(cfg: Config, name: str | None) -> None:
+    """Stage ``name``'s optional ``prepare(cfg)`` (what it imports lazily, e.g. the report's WeasyPrint). Never
+    fails the stages still running: whatever it could not do, the stage meets again, and reports, itself."""
+    prepare = getattr(stage_module(name), "prepare", None) if name else None
+    if prepare is None:
+        return
+    try:
+        prepare(cfg)
+    except Exception as exc:  # the stage raises it again, in its own words
+        log.debug("preparing stage %s: %s: %s", name, type(exc).__name__, exc)
 
 
 def _after(names: list[str], i: int) -> str | None:
@@ -416,7 +418,7 @@ def _run_group(
     """Run ``jobs`` (:func:`_jobs` of independent stages) in forked workers; a stage is recorded once all its
     parts are back (its module's ``combine``). The first failure is raised once all have ended.
 
-    ``first`` (the train stage) runs here before them, part by part (:func:`_run_in_parts`): once a model is
+    ``first`` (the train stage) runs here before them, part by part (:func:`_run_one`): once a model is
     trained, that model's jobs start at once on the CPUs the next model's training leaves idle
     (``Pool.start_early``); they see the train stage's output of the models trained so far.
 
@@ -477,7 +479,7 @@ def _run_group(
         ) as pool:
             if first is not None:
                 try:
-                    _run_in_parts(cfg, run, first, outputs, names=names, progress=progress, each=trained)
+                    _run_one(cfg, run, first, outputs, names=names, progress=progress, each=trained)
                 except BaseException:
                     for name in prepared:  # begun early; their workers are killed as the pool closes
                         run.fail_stage(name, f"not finished: the run stopped at the failed stage {first!r}")
@@ -485,9 +487,7 @@ def _run_group(
                     raise
                 for inputs, _ in prepared.values():  # begun early, with the models trained then: now all of them
                     inputs[first] = outputs[first]
-            prepare = getattr(stage_module(then), "prepare", None) if then else None  # e.g. the report's imports
-            on_idle = (lambda: prepare(cfg)) if prepare else None
-            pool.run([job for job in jobs if job not in started], on_idle=on_idle)
+            pool.run([job for job in jobs if job not in started], on_idle=lambda: _prepare(cfg, then))
     except BaseException as exc:  # SIGTERM, Ctrl-C: the workers are gone; so are the stages they ran
         for name in list(prepared):
             _failure(run, name, exc)

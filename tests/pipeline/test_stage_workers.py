@@ -358,6 +358,17 @@ def test_the_next_stage_prepares_on_the_cpu_the_last_jobs_leave_idle(trained, tm
     assert {"evaluate", "explain", "audit"} <= set(calls[0]) and "report" not in calls[0]  # the group begun, not it
 
 
+def test_a_failing_prepare_fails_no_stage(trained, tmp_path, monkeypatch):
+    # A prepare that fails (an import) leaves the group's stages alone: the stage meets the problem again itself.
+    from pipeline import report
+
+    cfg, _ = trained
+    run = _copy(trained, tmp_path / "run")
+    monkeypatch.setattr(report, "prepare", lambda cfg: 1 / 0)
+    runner.run_stages(_with_workers(cfg, 2), run, ["evaluate", "explain", "audit", "report"])
+    assert all(RunDir.open(run.path).stage_status(s) == "complete" for s in ("evaluate", "explain", "audit", "report"))
+
+
 def test_on_idle_runs_once_after_the_last_job_started():
     started, idle = [], []
     with stage_workers.Pool(
