@@ -453,6 +453,25 @@ def test_no_worker_outlives_its_runner_killed_or_terminated(tmp_path):
     assert stages["explain"]["status"] == "failed"
 
 
+@pytest.mark.slow  # a tiny run up to its CNN's training (made long)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+def test_no_worker_started_beside_the_training_outlives_its_runner_killed(tmp_path):
+    """kill -9 of the runner while the CNN trains and the regressor's jobs run in a worker beside it."""
+    args = [sys.executable, "-m", "pipeline", "--out", str(tmp_path), "--quiet", *ALL, "stages.workers=2"]
+    args += ["cnn.fit.epochs=2000", "train.patience=0"]  # the CNN trains for minutes: the kill lands in it
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, workers = time.time() + 240, []
+    while time.time() < deadline and proc.poll() is None and not workers:
+        if _status(tmp_path, "train") == "running" and _status(tmp_path, "explain") == "running":
+            workers = _children(proc.pid)  # explain begun while train runs: the regressor's worker is forked
+        time.sleep(0.1)
+    assert workers, f"no worker beside the training: {proc.communicate()[1][-2000:] if proc.poll() is not None else ''}"
+    proc.kill()
+    proc.wait()
+    assert _gone(workers, within=5.0), workers
+
+
 # --------------------------------------------------------------------------- a run in a terminal
 
 _BAR_THEN_WORKERS = """
