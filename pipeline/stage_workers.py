@@ -203,9 +203,9 @@ def _child(
     sender = threading.Thread(target=_send_all, args=(conn, outbox), name="results", daemon=True)
     sender.start()
     for name, runtime in zip(names, runtimes):
-        done = _run_job(name, job, runtime)
-        outbox.put(_pickled(done))
-        if done.error is not None:
+        data, failed = _pickled(_run_job(name, job, runtime))
+        outbox.put(data)
+        if failed:  # the runner starts nothing after a failure, and stops reading from this child
             break
     outbox.put(None)
     sender.join()
@@ -223,14 +223,16 @@ def _run_job(name: str, job: Callable[[str, Runtime], tuple[Any, dict[str, Any] 
         return Done(name, error=_portable(exc))
 
 
-def _pickled(done: Done) -> bytes:
-    """Plain pickle, not multiprocessing's: torch's reductions for that one pass tensors as shared-memory handles
+def _pickled(done: Done) -> tuple[bytes, bool]:
+    """``done`` as bytes, and whether it reports a failure.
+
+    Plain pickle, not multiprocessing's: torch's reductions for that one pass tensors as shared-memory handles
     that the receiver fetches from this process, which exits once the bytes are sent."""
     try:
-        return pickle.dumps(done)
+        return pickle.dumps(done), done.error is not None
     except Exception as exc:  # an output that does not pickle: a bug, named as such rather than a silent death
         message = f"{describe(done.name)} could not hand back its output: {exc!r}"
-        return pickle.dumps(Done(done.name, error=RuntimeError(message)))
+        return pickle.dumps(Done(done.name, error=RuntimeError(message))), True
 
 
 def _send_all(conn: Connection, outbox: "queue.SimpleQueue[bytes | None]") -> None:

@@ -370,6 +370,23 @@ def test_a_failing_prepare_fails_no_stage(trained, tmp_path, monkeypatch):
     assert all(RunDir.open(run.path).stage_status(s) == "complete" for s in ("evaluate", "explain", "audit", "report"))
 
 
+def test_an_output_that_does_not_pickle_is_named_and_its_worker_runs_nothing_after_it(tmp_path):
+    # Two jobs in one worker, started early: the first hands back a lambda (unpicklable); the runner gets a named
+    # error, and the worker stops there, as after any failure (the second job never runs).
+    def job(name, runtime):
+        (tmp_path / name).touch()
+        return (lambda: 0) if name == "a" else name, None
+
+    back = []
+    with stage_workers.Pool(
+        n_workers=2, job=job, runtime_of=lambda name: Runtime(), on_start=lambda name: None, on_done=back.append
+    ) as pool:
+        pool.start_early(["a", "b"])  # one worker (n_workers - 1) runs both, one after the other
+        pool.run([])
+    assert [d.name for d in back] == ["a"] and "could not hand back its output" in str(back[0].error)
+    assert (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_on_idle_runs_once_after_the_last_job_started():
     started, idle = [], []
     with stage_workers.Pool(
