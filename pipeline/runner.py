@@ -239,15 +239,11 @@ def run_stages(
         group = independent_stages(names[i:])
         jobs = _jobs(cfg, group)
         n_workers = stage_workers.workers(cfg, len(jobs))  # explain alone: two jobs, one per model
-        if n_workers > 1 and not set(group) & set(IN_PARTS_HERE):
-            then = _after(names, i + len(group))
-            _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names, then=then)
+        if n_workers > 1:
+            _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names)
         elif ahead := _early_jobs(cfg, names, i):  # train, model by model, each model's later jobs started early
             group, jobs, n_workers = ahead
-            then = _after(names, i + 1 + len(group))
-            _run_group(
-                cfg, run, jobs, outputs, n_workers=n_workers, names=names, first=names[i], progress=progress, then=then
-            )
+            _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names, first=names[i], progress=progress)
             group = [names[i], *group]
         else:
             group = group[:1]
@@ -358,8 +354,13 @@ def stage_parts(cfg: Config, name: str) -> tuple[str | None, ...]:
 
 
 def _jobs(cfg: Config, group: list[str]) -> dict[str, tuple[str, str | None]]:
-    """The group's jobs, ``"stage:part"`` (or ``"stage"``) -> (stage, part), in the order they start."""
-    jobs = {(f"{name}:{part}" if part else name): (name, part) for name in group for part in stage_parts(cfg, name)}
+    """The group's jobs, ``"stage:part"`` (or ``"stage"``) -> (stage, part), in the order they start. A stage of
+    :data:`IN_PARTS_HERE` is one job: its parts never run in a worker."""
+    jobs = {
+        (f"{name}:{part}" if part else name): (name, part)
+        for name in group
+        for part in ((None,) if name in IN_PARTS_HERE else stage_parts(cfg, name))
+    }
     rank = {job: i for i, job in enumerate(LONGEST_FIRST)}
     return {job: jobs[job] for job in sorted(jobs, key=lambda job: rank.get(job, len(rank)))}  # stable: stage order
 
@@ -374,11 +375,6 @@ def _prepare(cfg: Config, name: str | None) -> None:
         prepare(cfg)
     except Exception as exc:  # the stage raises it again, in its own words
         log.debug("preparing stage %s: %s: %s", name, type(exc).__name__, exc)
-
-
-def _after(names: list[str], i: int) -> str | None:
-    """The stage that follows a group of workers (``names[i]``), or None."""
-    return names[i] if i < len(names) else None
 
 
 def _early_jobs(
@@ -413,7 +409,6 @@ def _run_group(
     names: list[str],
     first: str | None = None,
     progress: bool = False,
-    then: str | None = None,
 ) -> None:
     """Run ``jobs`` (:func:`_jobs` of independent stages) in forked workers; a stage is recorded once all its
     parts are back (its module's ``combine``). The first failure is raised once all have ended.
@@ -422,8 +417,8 @@ def _run_group(
     trained, that model's jobs start at once on the CPUs the next model's training leaves idle
     (``Pool.start_early``); they see the train stage's output of the models trained so far.
 
-    ``then``: the stage after the group; its module's optional ``prepare(cfg)`` (imports) runs here once the last
-    jobs have started and a CPU is free.
+    The stage after the group prepares here (its module's optional ``prepare(cfg)``: imports) once the last jobs
+    have started and a CPU is free.
     """
     group = list(dict.fromkeys(name for name, _ in jobs.values()))
     early = f", {'/'.join(stage_parts(cfg, first)[:-1])} jobs during {first}" if first else ""
@@ -487,6 +482,8 @@ def _run_group(
                     raise
                 for inputs, _ in prepared.values():  # begun early, with the models trained then: now all of them
                     inputs[first] = outputs[first]
+            last = max(names.index(name) for name in group)
+            then = names[last + 1] if last + 1 < len(names) else None
             pool.run([job for job in jobs if job not in started], on_idle=lambda: _prepare(cfg, then))
     except BaseException as exc:  # SIGTERM, Ctrl-C: the workers are gone; so are the stages they ran
         for name in list(prepared):
