@@ -27,6 +27,7 @@ from auditml_core.teacher import (
     fit_config,
     fit_section,
     model_specs,
+    planned_builders,
     preflight,
     public_pretrain,
 )
@@ -104,7 +105,7 @@ def run_part(
         preflight(cfg, datasets)
     specs = model_specs(cfg, datasets)
     training.resolve_device(cfg.train.device, num_threads=cfg.train.num_threads)
-    where = device_placement(cfg, datasets, {n: (lambda spec=specs[n]: models.build(spec)) for n in models.MODELS})
+    where = device_placement(cfg, datasets, planned_builders(cfg, datasets))
     runtime.record_placement(where)
     device = training.resolve_device(where.device, num_threads=cfg.train.num_threads)
     entry = models.MODELS[name]

@@ -245,6 +245,27 @@ def test_a_bug_in_a_worker_keeps_its_traceback_and_a_dead_worker_is_named(traine
     assert RunDir.open(run.path).stage_status("audit") == "failed"
 
 
+def test_stages_place_themselves_from_the_planned_architectures_as_from_the_trained_models(trained):
+    """explain, distill and audit decide their device before every model is trained (the jobs started beside the
+    training): from the planned architectures, which must give the decision the trained models give."""
+    from auditml_core.teacher import planned_builders
+    from pipeline import audit, distill, explain_stage, train
+
+    cfg, path = trained
+    run = RunDir.open(path)
+    data, models = runner.load_recorded("data", run), runner.load_recorded("train", run).models
+    from_trained = {name: models[name].build for name in MODELS}
+    for module in (train, explain_stage, distill, audit):
+        decided = module.device_placement(cfg, data, planned_builders(cfg, data))
+        assert decided == module.device_placement(cfg, data, from_trained), module.__name__
+        assert decided.stage_macs > 0
+    # the comparison can fail: a wider CNN is other work
+    wider = load_config(None, TRAIN + EXPLAIN + DISTILL + AUDIT + ["cnn.channels=[16]"])
+    assert audit.device_placement(wider, data, planned_builders(wider, data)) != audit.device_placement(
+        cfg, data, from_trained
+    )
+
+
 # --------------------------------------------------------------------------- training beside the workers
 
 _EARLY = ["data", "train", "evaluate", "explain", "audit"]
