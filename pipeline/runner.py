@@ -14,6 +14,7 @@ before any work.
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import logging
 import time
@@ -233,6 +234,13 @@ def run_stages(
     check_inputs(run, names)
     if progress:
         stage_workers.no_tqdm_monitor()  # before the first bar: its thread would keep every stage out of workers
+    try:
+        return _run_stages(cfg, run, names, progress=progress, followers=followers)
+    finally:
+        gc.unfreeze()  # what the stages froze (:func:`_begin`) is the collector's again: a caller may run many
+
+
+def _run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool, followers: Any) -> dict[str, Any]:
     outputs: dict[str, Any] = {}
     i = 0
     while i < len(names):
@@ -264,7 +272,14 @@ def independent_stages(names: list[str]) -> list[str]:
 
 
 def _begin(cfg: Config, run: RunDir, name: str, outputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """Stage ``name``'s inputs and seed; it is marked running."""
+    """Stage ``name``'s inputs and seed; it is marked running.
+
+    What is alive now (the libraries loaded, the earlier stages' outputs) stays alive until the run ends, so it is
+    frozen out of the garbage collector's full passes, which walked all of it again and again: 13 of them took
+    2.5 s of the runner's 41 s on a default run (measured with ``gc.callbacks``); 1.0 s with this. Frozen objects
+    are still freed when their last reference goes; :func:`run_stages` unfreezes them when it returns.
+    """
+    gc.freeze()
     seed = stage_seed(cfg.seed, name)
     if run.stage_status(name) == "complete":
         # An explicit re-run starts afresh (no checkpoints); its old outputs stay until the new ones are complete.

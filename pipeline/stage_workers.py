@@ -22,6 +22,7 @@ under a multi-process training (``train.processes``). Every child dies with the 
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -158,6 +159,9 @@ class Pool:
     def _fork(self, names: list[str]) -> None:
         for name in names:
             self.on_start(name)
+        # Python's advice for fork without exec: the child's collector then never walks (and so never copies, page
+        # by page) the runner's objects it inherits; the runner's :func:`pipeline.runner.run_stages` unfreezes them.
+        gc.freeze()
         ctx = mp.get_context("fork")
         receive, send = ctx.Pipe(duplex=False)
         args = (send, names, self.job, [self.runtime_of(name) for name in names], self.share)

@@ -4,6 +4,7 @@ recorded as in one process, and no worker outliving the runner."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -406,6 +407,37 @@ def test_an_output_that_does_not_pickle_is_named_and_its_worker_runs_nothing_aft
         pool.run([])
     assert [d.name for d in back] == ["a"] and "could not hand back its output" in str(back[0].error)
     assert (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_run_keeps_what_lives_through_it_out_of_the_collector_and_gives_it_back(trained, tmp_path, monkeypatch):
+    # A stage runs with what was alive at its start frozen (gc.freeze), and a worker inherits its runner's objects
+    # frozen; once the run returns, also after a failed stage, nothing is left frozen for its caller.
+    from pipeline import evaluate
+
+    cfg, _ = trained
+    seen = []
+    real = evaluate.run
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: seen.append(gc.get_freeze_count()) or real(*a, **k))
+    gc.unfreeze()
+    runner.run_stages(cfg, _copy(trained, tmp_path / "run"), ["evaluate"])
+    assert seen[0] > 10_000 and gc.get_freeze_count() == 0, (seen, gc.get_freeze_count())
+
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        runner.run_stages(cfg, _copy(trained, tmp_path / "failed"), ["evaluate"])
+    assert gc.get_freeze_count() == 0
+
+    back = []
+    with stage_workers.Pool(
+        n_workers=2,
+        job=lambda name, runtime: (gc.get_freeze_count(), None),
+        runtime_of=lambda name: Runtime(),
+        on_start=lambda name: None,
+        on_done=back.append,
+    ) as pool:
+        pool.run(["a"])
+    assert back[0].output > 10_000
+    gc.unfreeze()
 
 
 def test_on_idle_runs_once_after_the_last_job_started():
