@@ -13,6 +13,8 @@ or of R² x 100, at the rounds of ``--show``; then, per round count, how many se
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_schedule.py --model cnn --partitioner dirichlet \\
         --local-epochs 3 --rounds 100 --seeds 0 1 2
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_schedule.py --model regressor --local-epochs 4 --rounds 40
+    PYTHONPATH=$PWD .venv/bin/python scripts/bench_schedule.py --model regressor --local-epochs 4 --rounds 13 \
+        --seeds 0 1 2 3 4 5 6 7 --data-seed 1   # one split, 8 trainings of each side: their spread and paired gap
 
 Extra ``KEY=VALUE`` arguments are pipeline config overrides (e.g. ``federated.strategy=fedprox``).
 """
@@ -26,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -119,6 +122,13 @@ def main() -> None:
     p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="hold the data split at this seed: --seeds then move only the training (initialisation, batches, "
+        "the clients' partition), of central and federated alike",
+    )
     p.add_argument("--tolerance", type=float, default=None, help="points; default 0.5 IID, 1.5 otherwise")
     p.add_argument("--show", type=int, nargs="+", default=[10, 20, 30, 40, 60, 80, 100])
     args = p.parse_args()
@@ -126,6 +136,7 @@ def main() -> None:
     torch.set_num_threads(1)
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 7, 1, 1  # Messages read these
     gaps: dict[int, list[float]] = {}
+    finals: dict[int, tuple[float, float | None]] = {}  # seed -> (central, federated after the last round)
     for seed in args.seeds:
         cfg = load_config(
             None,
@@ -139,11 +150,14 @@ def main() -> None:
                 *args.overrides,
             ],
         )
-        datasets = core_data.prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))
+        split = seed if args.data_seed is None else args.data_seed
+        datasets = core_data.prepare(cfg, seed=seeds.stage_seed(split, "data"))
         central = central_metric(cfg, args.model, datasets)
+        finals[seed] = (central, None)
         t0 = time.process_time()
         curve, record = federated_curve(cfg, args.model, datasets)
         gaps[seed] = [100 * (m - central) for m in curve]
+        finals[seed] = (central, curve[-1])
         shown = {r: round(gaps[seed][r], 2) for r in args.show if r < len(curve)}
         print(
             json.dumps(
@@ -163,6 +177,14 @@ def main() -> None:
         f"{args.model}, {args.partitioner}, {args.local_epochs} local epochs: at most {best} of {len(gaps)} seeds "
         f"within {tolerance} points, at rounds {[r for r, n in within.items() if n == best]}"
     )
+    if len(finals) > 1:  # the spread of each side over the seeds: what a gap at one seed can be told apart from
+        central, federated = (np.array([f[k] for f in finals.values()]) for k in (0, 1))
+        diff = 100 * (federated - central)
+        print(
+            f"over {len(finals)} seeds (points): central mean {100 * central.mean():.2f} sd {100 * central.std(ddof=1):.2f}, "
+            f"federated after round {args.rounds} mean {100 * federated.mean():.2f} sd {100 * federated.std(ddof=1):.2f}; "
+            f"paired gap mean {diff.mean():+.2f} (standard error {diff.std(ddof=1) / np.sqrt(len(diff)):.2f})"
+        )
 
 
 if __name__ == "__main__":

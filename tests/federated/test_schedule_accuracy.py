@@ -44,11 +44,11 @@ def central():
     return out
 
 
-def federated_test_metrics(tmp_path, cfg) -> dict[str, float]:
-    """Each model's test metric after the train stage's federation (every model, one run) under ``cfg``."""
-    datasets = core_data.prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))
+def federated_test_metrics(tmp_path, cfg, *, datasets=None, names=tuple(models.MODELS)) -> dict[str, float]:
+    """Each model's test metric after the train stage's federation (of ``names``, one run) under ``cfg``, on
+    ``datasets`` (default: the split of ``cfg.seed``)."""
+    datasets = datasets or core_data.prepare(cfg, seed=seeds.stage_seed(cfg.seed, "data"))
     specs = model_specs(cfg, datasets)
-    names = list(models.MODELS)
     for name in names:
         write_inputs(tmp_path, name=name, dataset=datasets[models.model_entry(name).dataset], spec=specs[name])
     rc = to_run_config(cfg, work_dir=str(tmp_path), model=",".join(names), node_wait_s=2.0)
@@ -64,3 +64,37 @@ def test_the_default_schedules_reach_central(tmp_path, central, partitioner):
     federated = federated_test_metrics(tmp_path, cfg)
     gaps = {name: round(federated[name] - central[name], 4) for name in federated}
     assert all(gap >= -TOLERANCE[partitioner] for gap in gaps.values()), (partitioner, central, federated, gaps)
+
+
+def _paired_regressor_gap(tmp_path, *overrides: str, split: int, training_seeds: range) -> tuple[float, list[float]]:
+    """The regressor's federated-minus-central test R² (points), per training seed, on the data split of seed
+    ``split``: both sides start from the same seed (``seed=N`` moves the initialisation, batches and partition)."""
+    from pipeline import train as train_stage
+
+    gaps = []
+    for s in training_seeds:
+        cfg = load_config(None, [f"seed={s}", "train.mode=federated", *overrides])
+        datasets = core_data.prepare(cfg, seed=seeds.stage_seed(split, "data"))
+        ds = datasets[models.model_entry("regressor").dataset]
+        central = train_stage.run_part(cfg, {"data": datasets}, "regressor", seed=seeds.stage_seed(s, "train"))
+        r2 = training.evaluate(central.model.build(), ds.x["test"], ds.y["test"], task=ds.task)["r2"]
+        work = tmp_path / f"{'-'.join(overrides) or 'default'}-{s}"
+        work.mkdir()
+        fed = federated_test_metrics(work, cfg, datasets=datasets, names=("regressor",))["regressor"]
+        gaps.append(100 * (fed - r2))
+    return sum(gaps) / len(gaps), gaps
+
+
+@pytest.mark.slow
+def test_the_federated_regressor_reaches_central_on_average_where_one_seed_fell_short(tmp_path):
+    """Issue 25 item 8, the regressor on IID at the seed where one comparison fell short (seed 1: -0.99 points).
+
+    One central training differs from another by its initialisation alone by 1.2-2.0 points of R² (the standard
+    deviation over 8 initialisations on each of the splits of seeds 0-2; scripts/bench_schedule.py --data-seed),
+    so a single pair cannot resolve a 0.5-point tolerance. Paired over 8 training seeds on that split, the default
+    schedule's mean gap is within it; 5 rounds instead of 13 (the control) must not be.
+    """
+    mean, gaps = _paired_regressor_gap(tmp_path, split=1, training_seeds=range(8))
+    assert mean >= -TOLERANCE["iid"] * 100, (mean, gaps)
+    short, short_gaps = _paired_regressor_gap(tmp_path, "regressor.federated.rounds=5", split=1, training_seeds=range(8))
+    assert short < -TOLERANCE["iid"] * 100, (short, short_gaps)
