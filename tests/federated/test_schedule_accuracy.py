@@ -96,5 +96,7 @@ def test_the_federated_regressor_reaches_central_on_average_where_one_seed_fell_
     """
     mean, gaps = _paired_regressor_gap(tmp_path, split=1, training_seeds=range(8))
     assert mean >= -TOLERANCE["iid"] * 100, (mean, gaps)
-    short, short_gaps = _paired_regressor_gap(tmp_path, "regressor.federated.rounds=5", split=1, training_seeds=range(8))
+    short, short_gaps = _paired_regressor_gap(
+        tmp_path, "regressor.federated.rounds=5", split=1, training_seeds=range(8)
+    )
     assert short < -TOLERANCE["iid"] * 100, (short, short_gaps)
