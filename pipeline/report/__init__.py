@@ -50,9 +50,10 @@ class Report:
 
 def prepare(cfg: Config) -> None:
     """Import what the stage loads lazily (WeasyPrint with Pango, jsonschema: ~0.8 s on the default run's
-    machine); the runner calls it while it waits for the last jobs before this stage, on a CPU they leave idle."""
-    if cfg.report.pdf:
-        pdf.unavailable()  # imports WeasyPrint (and records why not, once)
+    machine) and warm WeasyPrint up (:func:`pdf.warm_up`); the runner calls it while it waits for the last jobs
+    before this stage, on a CPU they leave idle."""
+    if cfg.report.pdf and pdf.unavailable() is None:  # imports WeasyPrint (and records why not, once)
+        pdf.warm_up()
     import jsonschema  # noqa: F401
 
 
