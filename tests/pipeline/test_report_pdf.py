@@ -118,6 +118,30 @@ def test_another_process_with_another_hash_seed_renders_the_same_bytes_cold_as_t
     assert out.stdout == hashlib.sha256(pdf.render(page, manifest_sha256=SHA, created=CREATED)).hexdigest()
 
 
+def test_the_collector_is_paused_for_a_render_and_resumed_after_it_also_when_it_fails(monkeypatch):
+    import gc
+
+    seen = []
+    monkeypatch.setattr(pdf, "unavailable", lambda: None)
+    monkeypatch.setattr(pdf, "_render", lambda *a: seen.append(gc.isenabled()) or b"%PDF")
+    assert gc.isenabled()
+    assert pdf.render("<p>x</p>", manifest_sha256=SHA, created=None) == b"%PDF"
+    assert seen == [False] and gc.isenabled()
+
+    monkeypatch.setattr(pdf, "_render", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        pdf.render("<p>x</p>", manifest_sha256=SHA, created=None)
+    assert gc.isenabled()
+
+    gc.disable()  # a caller that paused it itself finds it paused still
+    try:
+        monkeypatch.setattr(pdf, "_render", lambda *a: b"%PDF")
+        pdf.render("<p>x</p>", manifest_sha256=SHA, created=None)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 @needs_weasyprint
 @pytest.mark.parametrize(
     "extra",
