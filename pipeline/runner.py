@@ -234,29 +234,25 @@ def run_stages(
     check_inputs(run, names)
     if progress:
         stage_workers.no_tqdm_monitor()  # before the first bar: its thread would keep every stage out of workers
-    try:
-        return _run_stages(cfg, run, names, progress=progress, followers=followers)
-    finally:
-        gc.unfreeze()  # what the stages froze (:func:`_begin`) is the collector's again: a caller may run many
-
-
-def _run_stages(cfg: Config, run: RunDir, names: list[str], *, progress: bool, followers: Any) -> dict[str, Any]:
     outputs: dict[str, Any] = {}
     i = 0
-    while i < len(names):
-        group = independent_stages(names[i:])
-        jobs = _jobs(cfg, group)
-        n_workers = stage_workers.workers(cfg, len(jobs))  # explain alone: two jobs, one per model
-        if n_workers > 1:
-            _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names)
-        elif ahead := _early_jobs(cfg, names, i):  # train, model by model, each model's later jobs started early
-            group, jobs, n_workers = ahead
-            _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names, first=names[i], progress=progress)
-            group = [names[i], *group]
-        else:
-            group = group[:1]
-            _run_one(cfg, run, group[0], outputs, names=names, progress=progress, followers=followers)
-        i += len(group)
+    try:
+        while i < len(names):
+            group = independent_stages(names[i:])
+            jobs = _jobs(cfg, group)
+            n_workers = stage_workers.workers(cfg, len(jobs))  # explain alone: two jobs, one per model
+            if n_workers > 1:
+                _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names)
+            elif ahead := _early_jobs(cfg, names, i):  # train, model by model, each model's later jobs started early
+                group, jobs, n_workers = ahead
+                _run_group(cfg, run, jobs, outputs, n_workers=n_workers, names=names, first=names[i], progress=progress)
+                group = [names[i], *group]
+            else:
+                group = group[:1]
+                _run_one(cfg, run, group[0], outputs, names=names, progress=progress, followers=followers)
+            i += len(group)
+    finally:
+        gc.unfreeze()  # what the stages and their forks froze (:func:`_begin`) is the collector's again: a caller may run many
     return outputs
 
 

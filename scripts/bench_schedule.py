@@ -136,7 +136,7 @@ def main() -> None:
     torch.set_num_threads(1)
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 7, 1, 1  # Messages read these
     gaps: dict[int, list[float]] = {}
-    finals: dict[int, tuple[float, float | None]] = {}  # seed -> (central, federated after the last round)
+    finals: dict[int, tuple[float, float]] = {}  # seed -> (central, federated after the last round)
     for seed in args.seeds:
         cfg = load_config(
             None,
@@ -153,7 +153,6 @@ def main() -> None:
         split = seed if args.data_seed is None else args.data_seed
         datasets = core_data.prepare(cfg, seed=seeds.stage_seed(split, "data"))
         central = central_metric(cfg, args.model, datasets)
-        finals[seed] = (central, None)
         t0 = time.process_time()
         curve, record = federated_curve(cfg, args.model, datasets)
         gaps[seed] = [100 * (m - central) for m in curve]
