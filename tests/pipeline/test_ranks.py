@@ -6,6 +6,7 @@ The slow tests start real ranks (gloo on this machine) as a user would and compa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -95,6 +96,56 @@ def test_more_ranks_than_gpus_is_refused_before_anything_is_sent(monkeypatch):
     )
     with pytest.raises(ConfigError, match="2 ranks on this host but 1 CUDA device"):
         ranks.Followers(NoCollective()).train(order, x_train=None, y_train=None)
+
+
+def test_a_follower_trains_with_rank_0s_process_settings(monkeypatch):
+    """Rank 0 sets its torch threads and glibc's malloc thresholds (resolve_device); a follower set only the threads,
+    so its steps came back to fresh pages and it set the pace of both ranks (bench_scale --processes 1,2: non-DP
+    efficiency 0.58 -> 0.80). Here a follower's training must ask for the thresholds; the control is the old
+    follower, which set the threads alone and must fail."""
+    import numpy as np
+    import torch
+
+    from auditml_core import allocator, models
+    from auditml_core.distributed import World
+
+    cfg = load_config()
+    spec = {"kind": "regressor", "kwargs": {"n_features": 3, "hidden_sizes": [4]}}
+    order = ranks.Order(
+        name="regressor",
+        spec=spec,
+        initial_state=models.build(spec).state_dict(),
+        task="regression",
+        fit_cfg=dataclasses.replace(cfg.regressor.fit, epochs=1),
+        dp=dataclasses.replace(cfg.dp, enabled=False),
+        device_type="cpu",
+        seed=0,
+        patience=0,
+        resume=None,
+    )
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(16, 3)).astype(np.float32), "y": rng.normal(size=16).astype(np.float32)}
+    world = World(rank=1, size=1, local_rank=0)  # a world of one: fit's collectives are skipped
+
+    def settings_asked(train) -> int:
+        asked: list[int] = []
+        monkeypatch.setattr(allocator, "_done", None)
+        monkeypatch.setattr(allocator, "_set_thresholds", lambda: asked.append(1) or True)
+        threads = torch.get_num_threads()
+        try:
+            train(world, order, arrays)
+        finally:
+            torch.set_num_threads(threads)
+        return len(asked)
+
+    assert settings_asked(ranks._train) == 1
+
+    def old_train(world, order, arrays):  # the control: threads only
+        torch.set_num_threads(order.num_threads)
+        model = models.build(order.spec)
+        model.load_state_dict(dict(order.initial_state))
+
+    assert settings_asked(old_train) == 0
 
 
 # --------------------------------------------------------------------------- ranks
