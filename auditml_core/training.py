@@ -263,6 +263,32 @@ def _start(
     return _Progress(resume.epoch, list(resume.history), list(resume.accountant_history), stopping, resume.done)
 
 
+def _starting_point(
+    model: nn.Module,
+    fit_cfg: FitConfig,
+    resume: Checkpoint | None,
+    *,
+    share_over: World | None,
+    mu: float,
+    data_generator: torch.Generator,
+    privacy_history: HistoryLike,
+    patience: int,
+) -> tuple[torch.optim.Optimizer, GradientShare | None, _Progress, _EMA | None]:
+    """Where :func:`fit` starts: the optimizer with its step hooks (:func:`_optimizer`), the progress so far (fresh,
+    or ``resume``'s restored in place) and the iterates' average when ``fit_cfg.ema_decay`` asks for one."""
+    optimizer, gradient_share = _optimizer(model, fit_cfg, share_over=share_over, mu=mu)
+    state = _start(
+        resume,
+        model=model,
+        optimizer=optimizer,
+        data_generator=data_generator,
+        privacy_history=privacy_history,
+        patience=patience,
+    )
+    ema = _attach_ema(model, optimizer, fit_cfg.ema_decay, resume) if fit_cfg.ema_decay > 0 else None
+    return optimizer, gradient_share, state, ema
+
+
 def _make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -279,8 +305,10 @@ def _make_private(
     criterion: nn.Module,
     n_records: int | None = None,
     world: World | None = None,
+    on_private: Callable[[privacy.PrivateTraining], None] | None = None,
 ) -> privacy.PrivateTraining:
-    """Plan the DP-SGD call (refusing one that overspends) and wrap model, optimizer and data.
+    """Plan the DP-SGD call (refusing one that overspends) and wrap model, optimizer and data; ``on_private``
+    (:func:`fit`'s) sees the wrapping before the first step.
 
     σ is derived for the whole planned training (``total_epochs``), so a resumed run or a later
     federated round gets the same σ; what was spent before is in ``history`` and counts.
@@ -325,6 +353,8 @@ def _make_private(
     )
     if world is not None:
         dp_ranks.spread(private.optimizer, world=world, n_records=n_records, sample_rate=the_plan.sample_rate)
+    if on_private is not None:
+        on_private(private)
     return private
 
 
@@ -434,19 +464,17 @@ def fit(
     # Without DP, 4-D weights train channels-last (see channels_last); the default layout is back before
     # the weights are read (the state dict, safetensors, are contiguous). Under DP the engines expect the default.
     with channels_last(model, private_dp is None):
-        optimizer, gradient_share = _optimizer(
-            model, fit_cfg, share_over=world if private_dp is None else None, mu=proximal_mu
-        )
-        state = _start(
+        optimizer, gradient_share, state, ema = _starting_point(
+            model,
+            fit_cfg,
             resume,
-            model=model,
-            optimizer=optimizer,
+            share_over=world if private_dp is None else None,
+            mu=proximal_mu,
             data_generator=data_generator,
             privacy_history=privacy_history,
             patience=0 if private_dp is not None else patience,
         )
         remaining = 0 if state.done else epochs - state.epoch
-        ema = _attach_ema(model, optimizer, fit_cfg.ema_decay, resume) if fit_cfg.ema_decay > 0 else None
         xt, yt, n_records = _device_tensors(x_train, y_train, device=device, shard=private_dp is not None, world=world)
         private_run = None
         if private_dp is not None and remaining > 0:
@@ -465,14 +493,13 @@ def fit(
                 seed=seed,
                 resume=resume,
                 criterion=criterion or loss_fn(task),
+                on_private=on_private,
             )
-            if on_private is not None:
-                on_private(private_run)
         loop = _Loop(
             model=model,
-            run_model=private_run.model if private_run is not None else model,
-            optimizer=private_run.optimizer if private_run is not None else optimizer,
+            optimizer=optimizer,
             private_run=private_run,
+            criterion=criterion,
             xt=xt,
             yt=yt,
             task=task,
@@ -480,7 +507,6 @@ def fit(
             device=device,
             epochs=epochs,
             data_generator=data_generator,
-            criterion=(private_run.criterion if private_run is not None else None) or criterion,  # ghost: Opacus' wrap
             desc=desc,
             ema=ema,
             world=world,
@@ -568,8 +594,7 @@ class _Loop:
     """What stays fixed through the epochs of one :func:`fit` call, and one epoch of it."""
 
     model: nn.Module  # the plain module (evaluation, checkpoints)
-    run_model: nn.Module  # what trains: the Opacus wrapper under DP, else ``model``
-    optimizer: torch.optim.Optimizer  # the DP optimizer under DP
+    optimizer: torch.optim.Optimizer  # the plain optimizer; under DP the loop steps private_run's
     private_run: privacy.PrivateTraining | None
     xt: torch.Tensor  # training inputs on the device
     yt: torch.Tensor  # training targets on the device
@@ -584,6 +609,14 @@ class _Loop:
     world: World | None = None  # the ranks training together (None: this process alone)
     gradient_share: GradientShare | None = None  # non-DP across ranks: weights each rank's share of a batch
     rows: int = 0  # rows this process trained on in the current epoch
+    run_model: nn.Module = field(init=False)  # what trains: the Opacus wrapper under DP, else ``model``
+
+    def __post_init__(self) -> None:
+        self.run_model = self.model
+        if self.private_run is not None:  # through the DP wrapping: module, optimizer, loss (ghost clipping wraps it)
+            self.run_model = self.private_run.model
+            self.optimizer = self.private_run.optimizer
+            self.criterion = self.private_run.criterion or self.criterion
 
     def run(
         self,

@@ -18,7 +18,7 @@ import gc
 import importlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterable
@@ -410,6 +410,64 @@ def _early_jobs(
     return (group, jobs, n_workers) if n_workers > 1 else None
 
 
+@dataclass
+class _Group:
+    """The bookkeeping of one group of jobs (:func:`_run_group`): each stage begun once, recorded once all its
+    parts are back (its module's ``combine``), the first failure kept to be raised once all have ended."""
+
+    cfg: Config
+    run: RunDir
+    jobs: dict[str, tuple[str, str | None]]  # job -> (stage, part)
+    outputs: dict[str, Any]
+    names: list[str]
+    prepared: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict)  # stages begun: inputs, seed
+    arrived: dict[str, dict[str | None, stage_workers.Done]] = field(default_factory=dict)
+    errors: list[BaseException] = field(default_factory=list)
+    started: set[str] = field(default_factory=set)
+
+    def start(self, job: str) -> None:
+        """A job is about to start: its stage begins (once)."""
+        self.started.add(job)
+        name = self.jobs[job][0]
+        if name not in self.prepared:
+            self.prepared[name] = _begin(self.cfg, self.run, name, self.outputs)
+
+    def work(self, job: str, runtime: Runtime) -> tuple[Any, dict[str, Any] | None]:
+        """The job itself (in the worker)."""
+        name, part = self.jobs[job]
+        inputs, seed = self.prepared[name]
+        module = stage_module(name)
+        if part is None:
+            return module.run(self.cfg, inputs, seed=seed, runtime=runtime), runtime.placement
+        return module.run_part(self.cfg, inputs, part, seed=seed, runtime=runtime), runtime.placement
+
+    def done(self, d: stage_workers.Done) -> None:
+        """A job is back: its stage is recorded once every part is (or recorded failed)."""
+        name, part = self.jobs[d.name]
+        log.debug("job %s back after %.1f s of work", d.name, d.seconds)
+        if name not in self.prepared:  # another part of it failed: the stage is recorded failed already
+            return
+        try:
+            if d.error is not None:
+                raise d.error
+            arrived = self.arrived.setdefault(name, {})
+            arrived[part] = d
+            if len(arrived) < len(stage_parts(self.cfg, name)):
+                return
+            seconds = _record(self.cfg, self.run, name, arrived, seed=self.prepared.pop(name)[1])
+        except BaseException as exc:
+            self.prepared.pop(name, None)
+            self.errors.append(_failure(self.run, name, exc))
+            return
+        _finish(self.run, name, self.names, seconds)
+
+    def fail_begun(self, reason: str) -> None:
+        """Record every stage begun and not recorded as failed (``reason``)."""
+        for name in self.prepared:
+            self.run.fail_stage(name, reason)
+        self.prepared.clear()
+
+
 def _run_group(
     cfg: Config,
     run: RunDir,
@@ -434,76 +492,45 @@ def _run_group(
     group = list(dict.fromkeys(name for name, _ in jobs.values()))
     early = f", {'/'.join(stage_parts(cfg, first)[:-1])} jobs during {first}" if first else ""
     log.info("stages %s: %d jobs, %d at once in worker processes%s", ",".join(group), len(jobs), n_workers, early)
-    prepared: dict[str, tuple[dict[str, Any], int]] = {}  # stages begun and not yet recorded: inputs, seed
-    arrived: dict[str, dict[str | None, stage_workers.Done]] = {name: {} for name in group}
-    errors: list[BaseException] = []
-    started: set[str] = set()
-
-    def start(job: str) -> None:
-        started.add(job)
-        name = jobs[job][0]
-        if name not in prepared:
-            prepared[name] = _begin(cfg, run, name, outputs)
-
-    def work(job: str, runtime: Runtime) -> tuple[Any, dict[str, Any] | None]:  # in the worker
-        name, part = jobs[job]
-        inputs, seed = prepared[name]
-        module = stage_module(name)
-        if part is None:
-            return module.run(cfg, inputs, seed=seed, runtime=runtime), runtime.placement
-        return module.run_part(cfg, inputs, part, seed=seed, runtime=runtime), runtime.placement
-
-    def done(d: stage_workers.Done) -> None:
-        name, part = jobs[d.name]
-        log.debug("job %s back after %.1f s of work", d.name, d.seconds)
-        if name not in prepared:  # another part of it failed: the stage is recorded failed already
-            return
-        try:
-            if d.error is not None:
-                raise d.error
-            arrived[name][part] = d
-            if len(arrived[name]) < len(stage_parts(cfg, name)):
-                return
-            seconds = _record(cfg, run, name, arrived[name], seed=prepared.pop(name)[1])
-        except BaseException as exc:
-            prepared.pop(name, None)
-            errors.append(_failure(run, name, exc))
-            return
-        _finish(run, name, names, seconds)
-
-    def trained(part: str) -> None:  # a model of `first` is trained: its jobs start
-        pool.start_early([job for job, (_, p) in jobs.items() if p == part])
-
+    book = _Group(cfg, run, jobs, outputs, names)
+    last = max(names.index(name) for name in group)
+    then = names[last + 1] if last + 1 < len(names) else None
     try:
         with stage_workers.Pool(
             n_workers=n_workers,
-            job=work,
+            job=book.work,
             # No run-directory writers in a worker (checkpoints stay in its memory): only the runner writes the run.
             runtime_of=lambda job: Runtime(checkpoint_every_s=cfg.train.checkpoint_every_s),
-            on_start=start,
-            on_done=done,
+            on_start=book.start,
+            on_done=book.done,
         ) as pool:
             if first is not None:
-                try:
-                    _run_one(cfg, run, first, outputs, names=names, progress=progress, each=trained)
-                except BaseException:
-                    for name in prepared:  # begun early; their workers are killed as the pool closes
-                        run.fail_stage(name, f"not finished: the run stopped at the failed stage {first!r}")
-                    prepared.clear()
-                    raise
-                for inputs, _ in prepared.values():  # begun early, with the models trained then: now all of them
-                    inputs[first] = outputs[first]
-            last = max(names.index(name) for name in group)
-            then = names[last + 1] if last + 1 < len(names) else None
-            pool.run([job for job in jobs if job not in started], on_idle=lambda: _prepare(cfg, then))
+                _train_first(book, pool, first, progress=progress)
+            pool.run([job for job in jobs if job not in book.started], on_idle=lambda: _prepare(cfg, then))
     except BaseException as exc:  # SIGTERM, Ctrl-C: the workers are gone; so are the stages they ran
-        for name in list(prepared):
+        for name in list(book.prepared):
             _failure(run, name, exc)
         raise
-    for name in prepared:  # begun, but a part was never started after another stage failed
-        run.fail_stage(name, "not finished: the run stopped at the first failed stage")
-    if errors:
-        raise errors[0]
+    # begun, but a part was never started after another stage failed
+    book.fail_begun("not finished: the run stopped at the first failed stage")
+    if book.errors:
+        raise book.errors[0]
+
+
+def _train_first(book: _Group, pool: stage_workers.Pool, first: str, *, progress: bool) -> None:
+    """Run stage ``first`` (train) here, part by part; each trained model's jobs start in the pool at once."""
+
+    def trained(part: str) -> None:
+        pool.start_early([job for job, (_, p) in book.jobs.items() if p == part])
+
+    try:
+        _run_one(book.cfg, book.run, first, book.outputs, names=book.names, progress=progress, each=trained)
+    except BaseException:
+        # begun early; their workers are killed as the pool closes
+        book.fail_begun(f"not finished: the run stopped at the failed stage {first!r}")
+        raise
+    for inputs, _ in book.prepared.values():  # begun early, with the models trained then: now all of them
+        inputs[first] = book.outputs[first]
 
 
 def _record(cfg: Config, run: RunDir, name: str, parts: dict[str | None, stage_workers.Done], *, seed: int) -> float:
