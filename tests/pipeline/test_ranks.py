@@ -18,9 +18,13 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
+from auditml_core import allocator, models
 from auditml_core.config import load_config
+from auditml_core.distributed import World
 from auditml_core.errors import ConfigError
 from pipeline import ranks
 from tests.tiny import TRAIN
@@ -103,12 +107,6 @@ def test_a_follower_trains_with_rank_0s_process_settings(monkeypatch):
     so its steps came back to fresh pages and it set the pace of both ranks (bench_scale --processes 1,2: non-DP
     efficiency 0.58 -> 0.80). Here a follower's training must ask for the thresholds; the control is the old
     follower, which set the threads alone and must fail."""
-    import numpy as np
-    import torch
-
-    from auditml_core import allocator, models
-    from auditml_core.distributed import World
-
     cfg = load_config()
     spec = {"kind": "regressor", "kwargs": {"n_features": 3, "hidden_sizes": [4]}}
     order = ranks.Order(
