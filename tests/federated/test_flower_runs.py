@@ -311,7 +311,7 @@ def test_a_dp_federated_run_killed_mid_round_resumes_and_completes_within_budget
         *("federated.n_clients=3", "federated.min_clients=1", f"federated.rounds={rounds}"),
         # 200 local epochs keep a regressor client training well past the ~0.2 s its processes outlive a kill -9
         # (the watchdog's poll): the kill lands while one trains and it dies before it finishes. At 40 epochs, on
-        # a fast machine, every client finished its round after the kill in 2 of ~7 runs (ledgers written
+        # a fast machine, clients finished their round after the kill in 4 of 10 runs (ledgers written
         # 0.10-0.21 s after it); the CNN's 4 epochs keep the test's time as it was (~45 s)
         *("regressor.federated.local_epochs=200", "cnn.federated.local_epochs=4"),
         *("regressor.hidden_sizes=[8]", "cnn.channels=[4]", "cnn.hidden=8"),
