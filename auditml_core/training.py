@@ -594,7 +594,7 @@ class _Loop:
     """What stays fixed through the epochs of one :func:`fit` call, and one epoch of it."""
 
     model: nn.Module  # the plain module (evaluation, checkpoints)
-    optimizer: torch.optim.Optimizer  # the plain optimizer; under DP the loop steps private_run's
+    optimizer: torch.optim.Optimizer  # what steps: given the plain one; under DP, private_run's (__post_init__)
     private_run: privacy.PrivateTraining | None
     xt: torch.Tensor  # training inputs on the device
     yt: torch.Tensor  # training targets on the device
