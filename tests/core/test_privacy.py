@@ -358,6 +358,7 @@ def test_concurrent_privacy_engines_leave_the_warning_filters_as_they_were(monke
     filter list, so two threads inside it at once restore each other's filter for good unless they take turns.
     The engine is slowed down so that the threads overlap inside it every time; the control drops the lock."""
     import contextlib
+    import itertools
     import threading
     import time
     import warnings
@@ -367,9 +368,14 @@ def test_concurrent_privacy_engines_leave_the_warning_filters_as_they_were(monke
     from auditml_core.privacy import dp_sgd
 
     real = opacus.PrivacyEngine
+    entered = itertools.count()
 
     def slow_engine(*args, **kwargs):
-        time.sleep(0.05)  # every other thread reaches catch_warnings meanwhile
+        # Every other thread reaches catch_warnings meanwhile, and the k-th to get here leaves after the ones before
+        # it: without turns the first (which saved the list without the filter) never restores last, so the control
+        # leaks every time (with one sleep for all, the exits' order was left to the scheduler: under load the
+        # control once did not leak)
+        time.sleep(0.1 + 0.03 * next(entered))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(opacus, "PrivacyEngine", slow_engine)
